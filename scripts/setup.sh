@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs everything vmferry needs on a fresh Debian 12 machine (run as root),
+# then the npm dependencies, then the test guest. Safe to run again: each step
+# checks first and stays quiet when there is nothing to do.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Every system package the project uses, and why.
+packages=(
+  qemu-system-x86 qemu-utils       # the hypervisor, qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon
+  linux-image-amd64 busybox-static # the test guest's kernel and userland
+  gcc libc6-dev cpio kmod          # build the test guest (static workload binary, initramfs, module order)
+  make g++ python3                 # native npm modules (better-sqlite3) when no prebuilt binary matches
+  iproute2                         # network namespaces and veth pairs for test hosts
+  libnbd-bin nbdkit fio            # NBD peers: nbdinfo, nbdcopy, nbdkit, fio's nbd engine
+)
+
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# npm ci wipes node_modules, so run it only when the lock file changed since the last run.
+lock_hash=$(sha256sum package-lock.json | cut -d' ' -f1)
+if [[ ! -f node_modules/.vmferry-lock-hash || "$(cat node_modules/.vmferry-lock-hash)" != "$lock_hash" ]]; then
+  echo "setup: npm ci"
+  npm ci --no-audit --no-fund --loglevel=error
+  echo "$lock_hash" > node_modules/.vmferry-lock-hash
+fi
+
+scripts/build-test-guest.sh

@@ -1,0 +1,42 @@
+/**
+ * One root error class for everything vmferry raises on purpose. Each failure
+ * has a stable code (`VMF_…`) that scripts and the HTTP API can rely on, a
+ * message a user can act on, and the underlying `cause` when there is one.
+ * docs/ERRORS.md lists every code; test/unit/errors.test.ts keeps the two in step.
+ */
+export const errorCodes = {
+  VMF_INVALID_SPEC: 'A VM specification is invalid; the message names the field.',
+  VMF_INVALID_ARGUMENT: 'A command-line argument or API parameter is invalid.',
+  VMF_QMP_CONNECT: 'Could not connect to the QMP socket of a QEMU process.',
+  VMF_QMP_PROTOCOL: 'A QMP peer sent something that is not valid QMP.',
+  VMF_QMP_COMMAND: 'QEMU answered a QMP command with an error.',
+  VMF_QMP_CLOSED: 'The QMP connection closed while commands or waits were pending.',
+  VMF_TIMEOUT: 'An operation did not finish within its time limit.',
+  VMF_ABORTED: 'An operation was cancelled.',
+  VMF_QEMU_START: 'A QEMU process failed to start.',
+  VMF_QEMU_EXITED: 'A QEMU process exited unexpectedly.',
+  VMF_TOOL_MISSING: 'A required external program is not installed (run scripts/setup.sh).',
+} as const;
+
+export type ErrorCode = keyof typeof errorCodes;
+
+export class VmferryError extends Error {
+  readonly code: ErrorCode;
+
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'VmferryError';
+    this.code = code;
+  }
+}
+
+/** True when `err` is a VmferryError with the given code. */
+export function hasCode(err: unknown, code: ErrorCode): err is VmferryError {
+  return err instanceof VmferryError && err.code === code;
+}
+
+/** A readable one-line description of any thrown value, for logs and error chains. */
+export function describeError(err: unknown): string {
+  if (err instanceof Error) return err.message;
+  return String(err);
+}
