@@ -1,0 +1,193 @@
+/**
+ * A VM as vmferry describes it: what QEMU needs to start it, and nothing about
+ * where it runs. The same spec starts the VM on a source host and its
+ * `-incoming` twin on a destination host, so everything that must match on both
+ * sides (device ids, node names, PCI addresses) is derived from it.
+ */
+import { VmferryError } from '../errors.ts';
+
+export type CacheMode = 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe';
+
+export type NbdServerAddress =
+  | { type: 'inet'; host: string; port: number }
+  | { type: 'unix'; path: string };
+
+/** Where a disk's bytes live. */
+export type DiskSource =
+  /** An image file on this host: local data, copied when the VM moves. */
+  | { kind: 'file'; path: string; format: 'qcow2' | 'raw' }
+  /** An export on a storage server every host reaches: shared data, re-attached when the VM moves. */
+  | { kind: 'nbd'; server: NbdServerAddress; export: string };
+
+export interface DiskSpec {
+  /** Stable id: the guest sees it as the disk's serial; migration addresses the disk by it. */
+  id: string;
+  source: DiskSource;
+  readOnly?: boolean;
+  /** Host cache mode; default 'none' (O_DIRECT, flushes reach the disk). */
+  cache?: CacheMode;
+}
+
+export type BootSpec =
+  | { kind: 'kernel'; kernel: string; initrd?: string; append?: string }
+  | { kind: 'disk'; diskId: string };
+
+export interface VmSpec {
+  name: string;
+  vcpus: number;
+  memoryMiB: number;
+  /** QEMU machine type; both ends of a migration must use the same one. Default 'q35'. */
+  machine?: string;
+  boot: BootSpec;
+  disks: DiskSpec[];
+  /** Log files for the guest's serial ports, in order: the first is ttyS0 (the console). */
+  serialLogs?: string[];
+}
+
+const namePattern = /^[a-z0-9][a-z0-9._-]{0,62}$/;
+// virtio-blk serials hold 20 bytes; QMP node names must start with a letter.
+const diskIdPattern = /^[a-z][a-z0-9_-]{0,19}$/;
+const cacheModes: readonly CacheMode[] = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'];
+export const maxDisks = 16;
+export const maxSerialPorts = 4;
+
+function invalid(field: string, problem: string): never {
+  throw new VmferryError('VMF_INVALID_SPEC', `invalid VM spec: ${field} ${problem}`);
+}
+
+function isRecord(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+function requireString(value: unknown, field: string): string {
+  if (typeof value !== 'string' || value.length === 0) invalid(field, 'must be a non-empty string');
+  return value;
+}
+
+function requireInteger(value: unknown, field: string, min: number, max: number): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) {
+    invalid(field, `must be an integer from ${min} to ${max} (got ${JSON.stringify(value)})`);
+  }
+  return value;
+}
+
+function requireAbsolutePath(value: unknown, field: string): string {
+  const path = requireString(value, field);
+  if (!path.startsWith('/')) invalid(field, `must be an absolute path (got "${path}")`);
+  if (path.includes(',')) invalid(field, `must not contain a comma (got "${path}")`);
+  return path;
+}
+
+function validateNbdServer(value: unknown, field: string): NbdServerAddress {
+  if (!isRecord(value)) invalid(field, 'must be an object');
+  if (value.type === 'inet') {
+    const host = requireString(value.host, `${field}.host`);
+    const port = requireInteger(value.port, `${field}.port`, 1, 65535);
+    return { type: 'inet', host, port };
+  }
+  if (value.type === 'unix') return { type: 'unix', path: requireAbsolutePath(value.path, `${field}.path`) };
+  return invalid(`${field}.type`, `must be "inet" or "unix" (got ${JSON.stringify(value.type)})`);
+}
+
+function validateDiskSource(value: unknown, field: string): DiskSource {
+  if (!isRecord(value)) invalid(field, 'must be an object');
+  if (value.kind === 'file') {
+    const path = requireAbsolutePath(value.path, `${field}.path`);
+    if (value.format !== 'qcow2' && value.format !== 'raw') {
+      invalid(`${field}.format`, `must be "qcow2" or "raw" (got ${JSON.stringify(value.format)})`);
+    }
+    return { kind: 'file', path, format: value.format };
+  }
+  if (value.kind === 'nbd') {
+    const server = validateNbdServer(value.server, `${field}.server`);
+    const exportName = requireString(value.export, `${field}.export`);
+    if (Buffer.byteLength(exportName) > 4096) invalid(`${field}.export`, 'must be at most 4096 bytes');
+    return { kind: 'nbd', server, export: exportName };
+  }
+  return invalid(`${field}.kind`, `must be "file" or "nbd" (got ${JSON.stringify(value.kind)})`);
+}
+
+function validateDisk(value: unknown, field: string): DiskSpec {
+  if (!isRecord(value)) invalid(field, 'must be an object');
+  const id = requireString(value.id, `${field}.id`);
+  if (!diskIdPattern.test(id)) {
+    invalid(`${field}.id`, `must be 1-20 characters of a-z, 0-9, '-', '_', starting with a letter (got "${id}")`);
+  }
+  const source = validateDiskSource(value.source, `${field}.source`);
+  if (value.readOnly !== undefined && typeof value.readOnly !== 'boolean') invalid(`${field}.readOnly`, 'must be a boolean');
+  if (value.cache !== undefined && !cacheModes.includes(value.cache as CacheMode)) {
+    invalid(`${field}.cache`, `must be one of ${cacheModes.join(', ')} (got ${JSON.stringify(value.cache)})`);
+  }
+  const disk: DiskSpec = { id, source };
+  if (value.readOnly !== undefined) disk.readOnly = value.readOnly;
+  if (value.cache !== undefined) disk.cache = value.cache as CacheMode;
+  return disk;
+}
+
+function validateBoot(value: unknown, diskIds: Set<string>): BootSpec {
+  if (!isRecord(value)) invalid('boot', 'must be an object');
+  if (value.kind === 'kernel') {
+    const boot: BootSpec = { kind: 'kernel', kernel: requireAbsolutePath(value.kernel, 'boot.kernel') };
+    if (value.initrd !== undefined) boot.initrd = requireAbsolutePath(value.initrd, 'boot.initrd');
+    if (value.append !== undefined) {
+      if (typeof value.append !== 'string') invalid('boot.append', 'must be a string');
+      boot.append = value.append;
+    }
+    return boot;
+  }
+  if (value.kind === 'disk') {
+    const diskId = requireString(value.diskId, 'boot.diskId');
+    if (!diskIds.has(diskId)) invalid('boot.diskId', `names no disk of this VM (got "${diskId}")`);
+    return { kind: 'disk', diskId };
+  }
+  return invalid('boot.kind', `must be "kernel" or "disk" (got ${JSON.stringify(value.kind)})`);
+}
+
+/**
+ * Checks an untrusted value (a config file, an API body) and returns it as a
+ * VmSpec, or throws VMF_INVALID_SPEC naming the first field that is wrong.
+ */
+export function validateVmSpec(value: unknown): VmSpec {
+  if (!isRecord(value)) invalid('(root)', 'must be an object');
+  const name = requireString(value.name, 'name');
+  if (!namePattern.test(name)) {
+    invalid('name', `must be 1-63 characters of a-z, 0-9, '.', '-', '_', starting with a letter or digit (got "${name}")`);
+  }
+  const vcpus = requireInteger(value.vcpus, 'vcpus', 1, 64);
+  const memoryMiB = requireInteger(value.memoryMiB, 'memoryMiB', 16, 1024 * 1024);
+  if (value.machine !== undefined && (typeof value.machine !== 'string' || !/^[a-z0-9._-]+$/.test(value.machine))) {
+    invalid('machine', `must be a QEMU machine type such as "q35" (got ${JSON.stringify(value.machine)})`);
+  }
+  if (!Array.isArray(value.disks)) invalid('disks', 'must be an array');
+  if (value.disks.length > maxDisks) invalid('disks', `must have at most ${maxDisks} entries`);
+  const disks = value.disks.map((disk, i) => validateDisk(disk, `disks[${i}]`));
+  const ids = new Set<string>();
+  disks.forEach((disk, i) => {
+    if (ids.has(disk.id)) invalid(`disks[${i}].id`, `repeats "${disk.id}"; disk ids must be unique`);
+    ids.add(disk.id);
+  });
+  const boot = validateBoot(value.boot, ids);
+  const spec: VmSpec = { name, vcpus, memoryMiB, boot, disks };
+  if (value.machine !== undefined) spec.machine = value.machine as string;
+  if (value.serialLogs !== undefined) {
+    if (!Array.isArray(value.serialLogs)) invalid('serialLogs', 'must be an array of paths');
+    if (value.serialLogs.length > maxSerialPorts) invalid('serialLogs', `must have at most ${maxSerialPorts} entries`);
+    spec.serialLogs = value.serialLogs.map((path, i) => requireAbsolutePath(path, `serialLogs[${i}]`));
+  }
+  return spec;
+}
+
+/** Node name of the disk's top block node: what the device uses and what migration mirrors. */
+export function diskNodeName(diskId: string): string {
+  return `disk-${diskId}`;
+}
+
+/** Node name of the file protocol node under a file disk's format node. */
+export function diskFileNodeName(diskId: string): string {
+  return `disk-${diskId}-file`;
+}
+
+/** A disk is local data when it lives in a file on this host. */
+export function isLocalDisk(disk: DiskSpec): boolean {
+  return disk.source.kind === 'file';
+}
