@@ -1,0 +1,23 @@
+/**
+ * The `vmferry` command. Each area registers its own subcommands; this file only
+ * wires them together and turns a thrown VmferryError into one clear line and a
+ * non-zero exit.
+ */
+import { Command, CommanderError } from 'commander';
+import { VmferryError, describeError } from '../errors.ts';
+
+const program = new Command('vmferry')
+  .description('Live-migrate QEMU/KVM virtual machines whose disks are partly local, partly shared')
+  .showHelpAfterError()
+  .exitOverride();
+
+// Subcommand registrations go here, one line per area.
+
+try {
+  await program.parseAsync(process.argv);
+} catch (err) {
+  if (err instanceof CommanderError) process.exit(err.exitCode);
+  const code = err instanceof VmferryError ? ` [${err.code}]` : '';
+  console.error(`vmferry: ${describeError(err)}${code}`);
+  process.exit(1);
+}
