@@ -1,0 +1,216 @@
+/**
+ * One VM as a QEMU process: started from a VmSpec, controlled over QMP,
+ * stopped gracefully or by force, and watched so that a QEMU that dies is
+ * noticed and reported with the tail of what it printed.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdir, open, readFile, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import { VmferryError, describeError } from '../errors.ts';
+import { QmpClient } from '../qmp/client.ts';
+import { QemuMonitor, type StatusInfo } from '../qmp/commands.ts';
+import { qemuArguments, type StartMode } from './command-line.ts';
+import type { VmSpec } from './spec.ts';
+
+export interface QemuStartOptions {
+  mode?: StartMode;
+  /** A private directory for the QMP socket, pidfile and QEMU's own log. */
+  runDir: string;
+  accel?: 'tcg' | 'kvm';
+  binary?: string;
+  logger?: Logger;
+  /** How long QEMU may take to open its monitor. */
+  startTimeoutMs?: number;
+}
+
+export interface QemuExit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  /** True when vmferry asked for the exit (stop or kill); false when QEMU died on its own. */
+  expected: boolean;
+  /** The last lines QEMU wrote to stderr: usually the reason it died. */
+  stderrTail: string;
+}
+
+export interface QemuStopOptions {
+  /** Ask the guest to power off (ACPI) and wait this long before quitting QEMU. 0 skips the guest. */
+  guestTimeoutMs?: number;
+  /** After `quit`, wait this long before SIGKILL. */
+  quitTimeoutMs?: number;
+}
+
+export const defaultQemuBinary = 'qemu-system-x86_64';
+const stderrTailBytes = 4096;
+
+async function readTail(path: string): Promise<string> {
+  try {
+    const text = await readFile(path, 'utf8');
+    return text.slice(-stderrTailBytes).trim();
+  } catch {
+    return '';
+  }
+}
+
+function waitForExit(child: ChildProcess): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+  return new Promise((resolve) => {
+    if (child.exitCode !== null || child.signalCode !== null) {
+      resolve({ code: child.exitCode, signal: child.signalCode });
+      return;
+    }
+    child.once('exit', (code, signal) => resolve({ code, signal }));
+  });
+}
+
+export class QemuProcess {
+  readonly spec: VmSpec;
+  readonly pid: number;
+  readonly runDir: string;
+  readonly monitor: QemuMonitor;
+  /** Settles when QEMU exits, however that happens. Never rejects. */
+  readonly exited: Promise<QemuExit>;
+  readonly #child: ChildProcess;
+  readonly #logger: Logger | undefined;
+  #exitRequested = false;
+  #exitInfo: QemuExit | undefined;
+
+  private constructor(spec: VmSpec, child: ChildProcess, monitor: QemuMonitor, runDir: string, exited: Promise<QemuExit>, logger?: Logger) {
+    this.spec = spec;
+    this.#child = child;
+    this.pid = child.pid as number;
+    this.monitor = monitor;
+    this.runDir = runDir;
+    this.#logger = logger;
+    this.exited = exited.then((exit) => {
+      const info = { ...exit, expected: this.#exitRequested };
+      this.#exitInfo = info;
+      if (!info.expected) {
+        logger?.error({ code: info.code, signal: info.signal, stderr: info.stderrTail }, `QEMU of VM ${spec.name} exited unexpectedly`);
+      }
+      return info;
+    });
+  }
+
+  static async start(spec: VmSpec, options: QemuStartOptions): Promise<QemuProcess> {
+    const mode = options.mode ?? 'run';
+    await mkdir(options.runDir, { recursive: true });
+    const qmpSocket = join(options.runDir, 'qmp.sock');
+    const pidFile = join(options.runDir, 'qemu.pid');
+    const stderrPath = join(options.runDir, 'qemu.log');
+    await rm(qmpSocket, { force: true });
+    const args = qemuArguments(spec, { mode, qmpSocket, pidFile, accel: options.accel ?? 'tcg' });
+    const binary = options.binary ?? defaultQemuBinary;
+    const logger = options.logger?.child({ vm: spec.name });
+    logger?.debug({ binary, args }, 'starting QEMU');
+
+    const stderrFile = await open(stderrPath, 'a');
+    let child: ChildProcess;
+    try {
+      // Its own process group: a Ctrl-C aimed at vmferry must not take the guests down with it.
+      child = spawn(binary, args, { stdio: ['ignore', stderrFile.fd, stderrFile.fd], detached: true });
+    } finally {
+      await stderrFile.close();
+    }
+    const spawnError = new Promise<never>((_, reject) => {
+      child.once('error', (err) => {
+        const code = (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'VMF_TOOL_MISSING' : 'VMF_QEMU_START';
+        reject(new VmferryError(code, `cannot run ${binary} for VM ${spec.name}: ${err.message}`, { cause: err }));
+      });
+    });
+    spawnError.catch(() => undefined);
+    const exited = waitForExit(child).then(async (exit) => ({ ...exit, expected: false, stderrTail: await readTail(stderrPath) }));
+
+    const died = exited.then((exit) => {
+      throw new VmferryError(
+        'VMF_QEMU_START',
+        `QEMU for VM ${spec.name} exited during start (code ${exit.code}, signal ${exit.signal}): ${exit.stderrTail || 'no output'}`,
+      );
+    });
+    died.catch(() => undefined);
+    const connectAbort = new AbortController();
+    try {
+      const client = await Promise.race([
+        QmpClient.connect(qmpSocket, { timeoutMs: options.startTimeoutMs ?? 30_000, signal: connectAbort.signal, logger }),
+        died,
+        spawnError,
+      ]);
+      const vm = new QemuProcess(spec, child, new QemuMonitor(client), options.runDir, exited, logger);
+      logger?.info({ pid: vm.pid, mode }, 'QEMU started');
+      return vm;
+    } catch (err) {
+      connectAbort.abort();
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+      await exited;
+      if (err instanceof VmferryError && err.code !== 'VMF_QMP_CONNECT') throw err;
+      throw new VmferryError('VMF_QEMU_START', `QEMU for VM ${spec.name} did not open its monitor: ${describeError(err)}`, { cause: err });
+    }
+  }
+
+  /** True until the process has exited. */
+  get isAlive(): boolean {
+    return this.#exitInfo === undefined && this.#child.exitCode === null && this.#child.signalCode === null;
+  }
+
+  status(): Promise<StatusInfo> {
+    return this.qmp('query-status', (monitor) => monitor.queryStatus());
+  }
+
+  /**
+   * Stops the VM: an ACPI power-off request to the guest first (when asked),
+   * then QMP quit, then SIGKILL, each after its timeout. Safe to call twice.
+   */
+  async stop(options: QemuStopOptions = {}): Promise<QemuExit> {
+    if (!this.isAlive) return this.exited;
+    this.#exitRequested = true;
+    const guestTimeoutMs = options.guestTimeoutMs ?? 0;
+    if (guestTimeoutMs > 0 && (await this.#tryExit(() => this.monitor.systemPowerdown(), guestTimeoutMs))) return this.exited;
+    if (await this.#tryExit(() => this.monitor.quit(), options.quitTimeoutMs ?? 5_000)) return this.exited;
+    this.#logger?.warn(`QEMU of VM ${this.spec.name} ignored quit; killing it`);
+    return this.kill();
+  }
+
+  /** SIGKILL: for a QEMU that no longer answers, or for tests that simulate a crash. */
+  async kill(): Promise<QemuExit> {
+    this.#exitRequested = true;
+    if (this.isAlive) this.#child.kill('SIGKILL');
+    return this.exited;
+  }
+
+  /** Removes the run directory (socket, pidfile, log) once QEMU is gone. */
+  async cleanup(): Promise<void> {
+    await this.exited;
+    this.monitor.client.close();
+    await rm(this.runDir, { recursive: true, force: true });
+  }
+
+  async #tryExit(request: () => Promise<void>, timeoutMs: number): Promise<boolean> {
+    try {
+      await request();
+    } catch (err) {
+      // A closed monitor during quit means QEMU is already on its way out.
+      this.#logger?.debug({ err: describeError(err) }, 'stop request failed');
+    }
+    const timer = new Promise<false>((resolve) => setTimeout(resolve, timeoutMs, false).unref());
+    return Promise.race([this.exited.then(() => true), timer]);
+  }
+
+  /**
+   * Runs QMP calls; if they fail because QEMU is gone, the error becomes
+   * VMF_QEMU_EXITED with QEMU's last words instead of a bare "socket closed".
+   */
+  async qmp<T>(what: string, call: (monitor: QemuMonitor) => Promise<T>): Promise<T> {
+    try {
+      return await call(this.monitor);
+    } catch (err) {
+      if (!this.isAlive || this.monitor.client.isClosed) {
+        const exit = await this.exited;
+        throw new VmferryError(
+          'VMF_QEMU_EXITED',
+          `QEMU of VM ${this.spec.name} exited (code ${exit.code}, signal ${exit.signal}) during ${what}: ${exit.stderrTail || 'no output'}`,
+          { cause: err },
+        );
+      }
+      throw err;
+    }
+  }
+}

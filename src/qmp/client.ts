@@ -1,0 +1,352 @@
+/**
+ * A QMP client: connects to a QEMU monitor socket, reads the greeting,
+ * negotiates capabilities, runs commands concurrently (replies matched by id)
+ * and delivers events to listeners. Listeners are opened *before* the command
+ * that triggers their event, so no event can slip past between the two.
+ */
+import { connect, type Socket } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Logger } from 'pino';
+import { VmferryError, describeError } from '../errors.ts';
+import { Deadline, abortError, raceAbort } from '../util/abort.ts';
+import { MessageStream, type JsonObject } from './message-stream.ts';
+
+export interface QmpEvent {
+  event: string;
+  data: JsonObject;
+  /** QEMU's timestamp of the event, in microseconds since the epoch. */
+  timestampUs: number;
+}
+
+export interface QmpGreeting {
+  version: { qemu: { major: number; minor: number; micro: number }; package: string };
+  capabilities: string[];
+}
+
+/** QEMU answered a command with an error; `errorClass` is QMP's class (GenericError, DeviceNotFound, …). */
+export class QmpCommandError extends VmferryError {
+  readonly errorClass: string;
+  readonly command: string;
+
+  constructor(command: string, errorClass: string, description: string) {
+    super('VMF_QMP_COMMAND', `QMP ${command} failed: ${description} (${errorClass})`);
+    this.name = 'QmpCommandError';
+    this.command = command;
+    this.errorClass = errorClass;
+  }
+}
+
+export interface ConnectOptions {
+  /** How long to keep retrying while QEMU has not created its socket yet, and to wait for the greeting. */
+  timeoutMs?: number;
+  signal?: AbortSignal;
+  logger?: Logger;
+  /** Default time limit for each command; individual calls may override it. */
+  commandTimeoutMs?: number;
+}
+
+export interface ExecuteOptions {
+  timeoutMs?: number;
+  signal?: AbortSignal;
+}
+
+interface PendingCommand {
+  command: string;
+  resolve(value: unknown): void;
+  reject(err: Error): void;
+}
+
+const defaultConnectTimeoutMs = 10_000;
+const defaultCommandTimeoutMs = 30_000;
+const connectRetryDelayMs = 50;
+/** A listener nobody reads from must not grow without bound during a long migration. */
+const maxBufferedEvents = 10_000;
+
+function isRetryableConnectError(err: unknown): boolean {
+  const code = (err as NodeJS.ErrnoException).code;
+  return code === 'ENOENT' || code === 'ECONNREFUSED';
+}
+
+function openSocket(path: string): Promise<Socket> {
+  return new Promise((resolve, reject) => {
+    const socket = connect(path);
+    const onError = (err: Error): void => {
+      socket.destroy();
+      reject(err);
+    };
+    socket.once('error', onError);
+    socket.once('connect', () => {
+      socket.off('error', onError);
+      resolve(socket);
+    });
+  });
+}
+
+async function connectWithRetry(path: string, signal: AbortSignal): Promise<Socket> {
+  for (;;) {
+    try {
+      return await raceAbort(openSocket(path), signal, `connecting to QMP socket ${path}`);
+    } catch (err) {
+      if (signal.aborted || !isRetryableConnectError(err)) {
+        throw new VmferryError('VMF_QMP_CONNECT', `cannot connect to QMP socket ${path}: ${describeError(err)}`, { cause: err });
+      }
+    }
+    await sleep(connectRetryDelayMs, undefined, { signal }).catch(() => undefined);
+  }
+}
+
+export class QmpClient {
+  readonly greeting: QmpGreeting;
+  readonly #stream: MessageStream;
+  readonly #pending = new Map<number, PendingCommand>();
+  readonly #listeners = new Set<QmpEventListener>();
+  readonly #logger: Logger | undefined;
+  readonly #commandTimeoutMs: number;
+  #nextId = 1;
+  #closeError: Error | undefined;
+  #closedResolve!: (error: Error | undefined) => void;
+  /** Settles when the connection ends, with the reason if it was not closed by us. */
+  readonly closed: Promise<Error | undefined>;
+
+  private constructor(stream: MessageStream, greeting: QmpGreeting, options: ConnectOptions) {
+    this.#stream = stream;
+    this.greeting = greeting;
+    this.#logger = options.logger;
+    this.#commandTimeoutMs = options.commandTimeoutMs ?? defaultCommandTimeoutMs;
+    this.closed = new Promise((resolve) => (this.#closedResolve = resolve));
+  }
+
+  /** Connects (retrying while the socket does not exist yet), reads the greeting, negotiates capabilities. */
+  static async connect(path: string, options: ConnectOptions = {}): Promise<QmpClient> {
+    const timeoutMs = options.timeoutMs ?? defaultConnectTimeoutMs;
+    const deadline = new Deadline(`connecting to QMP socket ${path}`, timeoutMs, options.signal);
+    try {
+      const socket = await connectWithRetry(path, deadline.signal);
+      const client = await QmpClient.#handshake(socket, path, deadline.signal, options);
+      await client.execute('qmp_capabilities', undefined, { signal: deadline.signal });
+      return client;
+    } finally {
+      deadline.dispose();
+    }
+  }
+
+  static #handshake(socket: Socket, path: string, signal: AbortSignal, options: ConnectOptions): Promise<QmpClient> {
+    return new Promise((resolve, reject) => {
+      let client: QmpClient | undefined;
+      const fail = (err: Error): void => {
+        signal.removeEventListener('abort', onAbort);
+        stream.destroy();
+        reject(err);
+      };
+      const onAbort = (): void => fail(abortError(signal, `waiting for the QMP greeting on ${path}`));
+      const stream = new MessageStream(socket, {
+        onMessage: (message) => {
+          if (client) {
+            client.#dispatch(message);
+            return;
+          }
+          const greeting = message.QMP as QmpGreeting | undefined;
+          if (typeof greeting !== 'object' || greeting === null || !Array.isArray(greeting.capabilities)) {
+            fail(new VmferryError('VMF_QMP_PROTOCOL', `expected a QMP greeting on ${path}, got ${JSON.stringify(message).slice(0, 200)}`));
+            return;
+          }
+          signal.removeEventListener('abort', onAbort);
+          client = new QmpClient(stream, greeting, options);
+          resolve(client);
+        },
+        onClose: (error) => {
+          if (client) {
+            client.#onClose(error);
+            return;
+          }
+          fail(new VmferryError('VMF_QMP_CONNECT', `QMP socket ${path} closed before the greeting`, { cause: error }));
+        },
+      });
+      if (signal.aborted) onAbort();
+      else signal.addEventListener('abort', onAbort, { once: true });
+    });
+  }
+
+  get isClosed(): boolean {
+    return this.#stream.closed;
+  }
+
+  /** Runs a command and resolves with its `return` value; QMP errors reject with QmpCommandError. */
+  execute<T = unknown>(command: string, args?: JsonObject, options: ExecuteOptions = {}): Promise<T> {
+    if (this.#stream.closed) {
+      return Promise.reject(
+        new VmferryError('VMF_QMP_CLOSED', `QMP ${command} not sent: the connection is closed`, { cause: this.#closeError }),
+      );
+    }
+    const id = this.#nextId++;
+    const deadline = new Deadline(`QMP ${command}`, options.timeoutMs ?? this.#commandTimeoutMs, options.signal);
+    const reply = new Promise<T>((resolve, reject) => {
+      this.#pending.set(id, { command, resolve: resolve as (value: unknown) => void, reject });
+    });
+    const message: JsonObject = { execute: command, id };
+    if (args !== undefined) message.arguments = args;
+    this.#logger?.debug({ qmp: message }, 'qmp send');
+    this.#stream.send(message);
+    return raceAbort(reply, deadline.signal, `QMP ${command}`).finally(() => {
+      // A late reply after a timeout finds no entry and is dropped.
+      this.#pending.delete(id);
+      deadline.dispose();
+    });
+  }
+
+  /**
+   * Starts buffering events from now on. Open it before the command that
+   * causes the event you wait for, and close it when done.
+   */
+  listen(): QmpEventListener {
+    const listener = new QmpEventListener((l) => this.#listeners.delete(l));
+    if (this.#stream.closed) listener.end(this.#closedError('listening for events'));
+    else this.#listeners.add(listener);
+    return listener;
+  }
+
+  /** Waits for one event from now on; shorthand for a listener used once. */
+  async waitFor(event: string, predicate?: (e: QmpEvent) => boolean, options: ExecuteOptions = {}): Promise<QmpEvent> {
+    const listener = this.listen();
+    try {
+      return await listener.waitFor(event, predicate, options);
+    } finally {
+      listener.close();
+    }
+  }
+
+  /** Closes the connection; pending commands and waits reject with VMF_QMP_CLOSED. */
+  close(): void {
+    this.#stream.destroy();
+  }
+
+  #dispatch(message: JsonObject): void {
+    this.#logger?.debug({ qmp: message }, 'qmp receive');
+    if (typeof message.event === 'string') {
+      const ts = message.timestamp as { seconds?: number; microseconds?: number } | undefined;
+      const event: QmpEvent = {
+        event: message.event,
+        data: (message.data as JsonObject | undefined) ?? {},
+        timestampUs: (ts?.seconds ?? 0) * 1_000_000 + (ts?.microseconds ?? 0),
+      };
+      for (const listener of this.#listeners) listener.push(event);
+      return;
+    }
+    const id = message.id;
+    const pending = typeof id === 'number' ? this.#pending.get(id) : undefined;
+    if (!pending) {
+      // A reply to a command that already timed out, or a peer that is not QEMU.
+      this.#logger?.warn({ qmp: message }, 'QMP reply with an unknown id ignored');
+      return;
+    }
+    this.#pending.delete(id as number);
+    if ('return' in message) {
+      pending.resolve(message.return);
+    } else if (typeof message.error === 'object' && message.error !== null) {
+      const error = message.error as { class?: unknown; desc?: unknown };
+      pending.reject(new QmpCommandError(pending.command, String(error.class ?? 'GenericError'), String(error.desc ?? 'no description')));
+    } else {
+      pending.reject(new VmferryError('VMF_QMP_PROTOCOL', `QMP reply to ${pending.command} has neither return nor error`));
+    }
+  }
+
+  #closedError(what: string): VmferryError {
+    const why = this.#closeError ? `: ${describeError(this.#closeError)}` : '';
+    return new VmferryError('VMF_QMP_CLOSED', `QMP connection closed while ${what}${why}`, { cause: this.#closeError });
+  }
+
+  #onClose(error: Error | undefined): void {
+    this.#closeError = error;
+    for (const pending of this.#pending.values()) pending.reject(this.#closedError(`waiting for the reply to ${pending.command}`));
+    this.#pending.clear();
+    for (const listener of this.#listeners) listener.end(this.#closedError('waiting for an event'));
+    this.#listeners.clear();
+    this.#closedResolve(error);
+  }
+}
+
+interface EventWaiter {
+  matches(event: QmpEvent): boolean;
+  resolve(event: QmpEvent): void;
+  reject(err: Error): void;
+}
+
+/** Events from the moment of listen(), in order, until closed. */
+export class QmpEventListener implements AsyncIterable<QmpEvent> {
+  readonly #onClose: (listener: QmpEventListener) => void;
+  readonly #buffer: QmpEvent[] = [];
+  #waiter: EventWaiter | undefined;
+  #endError: Error | undefined;
+  #dropped = 0;
+
+  constructor(onClose: (listener: QmpEventListener) => void) {
+    this.#onClose = onClose;
+  }
+
+  /** Delivers an event; called by the client. */
+  push(event: QmpEvent): void {
+    if (this.#waiter?.matches(event)) {
+      const waiter = this.#waiter;
+      this.#waiter = undefined;
+      waiter.resolve(event);
+      return;
+    }
+    if (this.#buffer.length >= maxBufferedEvents) {
+      this.#buffer.shift();
+      this.#dropped++;
+    }
+    this.#buffer.push(event);
+  }
+
+  /** Ends the listener: waits reject with `error`. Called by the client when the connection closes. */
+  end(error: Error): void {
+    this.#endError ??= error;
+    const waiter = this.#waiter;
+    this.#waiter = undefined;
+    waiter?.reject(error);
+  }
+
+  /** Events dropped because nobody read them (the buffer is bounded). */
+  get dropped(): number {
+    return this.#dropped;
+  }
+
+  /** Takes the first buffered or future event named `event` (any event if '*') that satisfies `predicate`. */
+  waitFor(event: string, predicate: (e: QmpEvent) => boolean = () => true, options: ExecuteOptions = {}): Promise<QmpEvent> {
+    const matches = (e: QmpEvent): boolean => (event === '*' || e.event === event) && predicate(e);
+    const index = this.#buffer.findIndex(matches);
+    if (index >= 0) return Promise.resolve(this.#buffer.splice(index, 1)[0] as QmpEvent);
+    if (this.#endError) return Promise.reject(this.#endError);
+    if (this.#waiter) return Promise.reject(new Error('QmpEventListener supports one wait at a time'));
+    const what = `waiting for QMP event ${event}`;
+    const deadline = new Deadline(what, options.timeoutMs, options.signal);
+    const wait = new Promise<QmpEvent>((resolve, reject) => {
+      this.#waiter = { matches, resolve, reject };
+    });
+    return raceAbort(wait, deadline.signal, what).finally(() => {
+      this.#waiter = undefined;
+      deadline.dispose();
+    });
+  }
+
+  /** The next event of any kind. */
+  next(options: ExecuteOptions = {}): Promise<QmpEvent> {
+    return this.waitFor('*', undefined, options);
+  }
+
+  close(): void {
+    this.end(new VmferryError('VMF_QMP_CLOSED', 'event listener closed'));
+    this.#onClose(this);
+  }
+
+  async *[Symbol.asyncIterator](): AsyncIterator<QmpEvent> {
+    for (;;) {
+      try {
+        yield await this.next();
+      } catch (err) {
+        if (this.#endError && err === this.#endError) return;
+        throw err;
+      }
+    }
+  }
+}

@@ -1,0 +1,82 @@
+/**
+ * AbortSignal plumbing shared by every wait in vmferry: deadlines whose reason
+ * says what timed out, and races that remove their listener afterwards.
+ */
+import { VmferryError } from '../errors.ts';
+
+/** The error an aborted signal stands for; a bare abort() becomes VMF_ABORTED. */
+export function abortError(signal: AbortSignal, what: string): Error {
+  const reason: unknown = signal.reason;
+  if (reason instanceof Error && reason.name !== 'AbortError') return reason;
+  return new VmferryError('VMF_ABORTED', `${what} was cancelled`, { cause: reason });
+}
+
+/**
+ * A signal that aborts when `parent` does or after `timeoutMs`, with a
+ * VMF_TIMEOUT reason naming `what`. Call dispose() when the guarded work ends,
+ * so neither the timer nor the parent listener outlives it.
+ */
+export class Deadline {
+  readonly signal: AbortSignal;
+  readonly #controller = new AbortController();
+  readonly #timer: NodeJS.Timeout | undefined;
+  readonly #parent: AbortSignal | undefined;
+  readonly #onParentAbort = (): void => {
+    this.#controller.abort(this.#parent?.reason);
+  };
+
+  constructor(what: string, timeoutMs: number | undefined, parent?: AbortSignal) {
+    this.signal = this.#controller.signal;
+    this.#parent = parent;
+    if (parent?.aborted) {
+      this.#controller.abort(parent.reason);
+      return;
+    }
+    parent?.addEventListener('abort', this.#onParentAbort, { once: true });
+    if (timeoutMs !== undefined && Number.isFinite(timeoutMs)) {
+      this.#timer = setTimeout(() => {
+        this.#controller.abort(new VmferryError('VMF_TIMEOUT', `${what} did not finish within ${timeoutMs} ms`));
+      }, timeoutMs);
+    }
+  }
+
+  dispose(): void {
+    clearTimeout(this.#timer);
+    this.#parent?.removeEventListener('abort', this.#onParentAbort);
+  }
+}
+
+/** Settles like `promise`, or rejects with the signal's reason if it aborts first. */
+export function raceAbort<T>(promise: Promise<T>, signal: AbortSignal | undefined, what: string): Promise<T> {
+  if (!signal) return promise;
+  if (signal.aborted) return Promise.reject(abortError(signal, what));
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = (): void => reject(abortError(signal, what));
+    signal.addEventListener('abort', onAbort, { once: true });
+    promise.then(
+      (value) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(value);
+      },
+      (err: unknown) => {
+        signal.removeEventListener('abort', onAbort);
+        reject(err instanceof Error ? err : new Error(String(err)));
+      },
+    );
+  });
+}
+
+/** Runs `work` under a deadline, disposing of it however `work` ends. */
+export async function withDeadline<T>(
+  what: string,
+  timeoutMs: number | undefined,
+  parent: AbortSignal | undefined,
+  work: (signal: AbortSignal) => Promise<T>,
+): Promise<T> {
+  const deadline = new Deadline(what, timeoutMs, parent);
+  try {
+    return await raceAbort(work(deadline.signal), deadline.signal, what);
+  } finally {
+    deadline.dispose();
+  }
+}
