@@ -133,10 +133,14 @@ export class QmpClient {
   static #handshake(socket: Socket, path: string, signal: AbortSignal, options: ConnectOptions): Promise<QmpClient> {
     return new Promise((resolve, reject) => {
       let client: QmpClient | undefined;
+      let settled = false;
+      // The first failure is the one reported; the close it causes is not news.
       const fail = (err: Error): void => {
+        if (settled) return;
+        settled = true;
         signal.removeEventListener('abort', onAbort);
-        stream.destroy();
         reject(err);
+        stream.destroy();
       };
       const onAbort = (): void => fail(abortError(signal, `waiting for the QMP greeting on ${path}`));
       const stream = new MessageStream(socket, {
@@ -150,16 +154,14 @@ export class QmpClient {
             fail(new VmferryError('VMF_QMP_PROTOCOL', `expected a QMP greeting on ${path}, got ${JSON.stringify(message).slice(0, 200)}`));
             return;
           }
+          settled = true;
           signal.removeEventListener('abort', onAbort);
           client = new QmpClient(stream, greeting, options);
           resolve(client);
         },
         onClose: (error) => {
-          if (client) {
-            client.#onClose(error);
-            return;
-          }
-          fail(new VmferryError('VMF_QMP_CONNECT', `QMP socket ${path} closed before the greeting`, { cause: error }));
+          if (client) client.#onClose(error);
+          else fail(error ?? new VmferryError('VMF_QMP_CONNECT', `QMP socket ${path} closed before the greeting`));
         },
       });
       if (signal.aborted) onAbort();

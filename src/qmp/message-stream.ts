@@ -48,13 +48,17 @@ export class MessageStream {
   }
 
   #receive(chunk: string): void {
-    this.#pending += chunk;
+    // Only the new chunk is searched for line ends, so a long message costs linear time.
+    let start = 0;
     let newline: number;
-    while (!this.#closed && (newline = this.#pending.indexOf('\n')) >= 0) {
-      const line = this.#pending.slice(0, newline).trim();
-      this.#pending = this.#pending.slice(newline + 1);
+    while (!this.#closed && (newline = chunk.indexOf('\n', start)) >= 0) {
+      const line = (this.#pending + chunk.slice(start, newline)).trim();
+      this.#pending = '';
+      start = newline + 1;
       if (line.length > 0) this.#parse(line);
     }
+    if (this.#closed) return;
+    this.#pending += chunk.slice(start);
     if (this.#pending.length > maxMessageBytes) {
       this.destroy(new VmferryError('VMF_QMP_PROTOCOL', `QMP peer sent a line longer than ${maxMessageBytes} bytes`));
     }

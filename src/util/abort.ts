@@ -49,7 +49,11 @@ export class Deadline {
 /** Settles like `promise`, or rejects with the signal's reason if it aborts first. */
 export function raceAbort<T>(promise: Promise<T>, signal: AbortSignal | undefined, what: string): Promise<T> {
   if (!signal) return promise;
-  if (signal.aborted) return Promise.reject(abortError(signal, what));
+  if (signal.aborted) {
+    // The work was started anyway; its outcome no longer matters, but must not go unhandled.
+    promise.catch(() => undefined);
+    return Promise.reject(abortError(signal, what));
+  }
   return new Promise<T>((resolve, reject) => {
     const onAbort = (): void => reject(abortError(signal, what));
     signal.addEventListener('abort', onAbort, { once: true });
