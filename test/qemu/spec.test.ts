@@ -1,0 +1,92 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { validateVmSpec } from '../../src/qemu/spec.ts';
+import { qemuArguments } from '../../src/qemu/command-line.ts';
+import { hasCode } from '../../src/errors.ts';
+
+const valid = {
+  name: 'web-1',
+  vcpus: 1,
+  memoryMiB: 256,
+  boot: { kind: 'kernel', kernel: '/guest/vmlinuz', initrd: '/guest/initrd', append: 'console=ttyS0' },
+  disks: [
+    { id: 'root', source: { kind: 'file', path: '/pool/web-1-root.qcow2', format: 'qcow2' } },
+    { id: 'data', source: { kind: 'nbd', server: { type: 'inet', host: '127.0.0.1', port: 10809 }, export: 'data' }, cache: 'writeback' },
+    { id: 'iso', source: { kind: 'nbd', server: { type: 'unix', path: '/run/storage.sock' }, export: 'iso' }, readOnly: true },
+  ],
+  serialLogs: ['/run/web-1/console.log'],
+};
+
+function withChange(path: (string | number)[], value: unknown): unknown {
+  const copy = structuredClone(valid) as Record<string, unknown>;
+  let target = copy as Record<string | number, unknown>;
+  for (const key of path.slice(0, -1)) target = target[key] as Record<string | number, unknown>;
+  const last = path[path.length - 1] as string | number;
+  if (value === undefined) delete target[last];
+  else target[last] = value;
+  return copy;
+}
+
+test('a valid spec comes back unchanged', () => {
+  assert.deepEqual(validateVmSpec(valid), valid);
+});
+
+const invalidCases: { change: [(string | number)[], unknown]; field: RegExp }[] = [
+  { change: [['name'], '../etc'], field: /^invalid VM spec: name must be 1-63 characters.*"\.\.\/etc"/ },
+  { change: [['name'], undefined], field: /^invalid VM spec: name must be a non-empty string/ },
+  { change: [['vcpus'], 0], field: /^invalid VM spec: vcpus must be an integer from 1 to 64 \(got 0\)/ },
+  { change: [['memoryMiB'], '256'], field: /^invalid VM spec: memoryMiB must be an integer/ },
+  { change: [['machine'], 'q35; rm -rf /'], field: /^invalid VM spec: machine must be a QEMU machine type/ },
+  { change: [['disks'], 'root'], field: /^invalid VM spec: disks must be an array/ },
+  { change: [['disks', 0, 'id'], 'Root Disk'], field: /^invalid VM spec: disks\[0\]\.id must be 1-20 characters/ },
+  { change: [['disks', 1, 'id'], 'root'], field: /^invalid VM spec: disks\[1\]\.id repeats "root"/ },
+  { change: [['disks', 0, 'source', 'path'], 'relative.qcow2'], field: /^invalid VM spec: disks\[0\]\.source\.path must be an absolute path/ },
+  { change: [['disks', 0, 'source', 'path'], '/a,b.qcow2'], field: /^invalid VM spec: disks\[0\]\.source\.path must not contain a comma/ },
+  { change: [['disks', 0, 'source', 'format'], 'vmdk'], field: /^invalid VM spec: disks\[0\]\.source\.format must be "qcow2" or "raw" \(got "vmdk"\)/ },
+  { change: [['disks', 0, 'source', 'kind'], 'iscsi'], field: /^invalid VM spec: disks\[0\]\.source\.kind must be "file" or "nbd"/ },
+  { change: [['disks', 1, 'source', 'server', 'port'], 70000], field: /^invalid VM spec: disks\[1\]\.source\.server\.port must be an integer from 1 to 65535/ },
+  { change: [['disks', 2, 'source', 'server', 'type'], 'vsock'], field: /^invalid VM spec: disks\[2\]\.source\.server\.type must be "inet" or "unix"/ },
+  { change: [['disks', 1, 'cache'], 'fast'], field: /^invalid VM spec: disks\[1\]\.cache must be one of none, writeback/ },
+  { change: [['disks', 2, 'readOnly'], 'yes'], field: /^invalid VM spec: disks\[2\]\.readOnly must be a boolean/ },
+  { change: [['boot', 'kind'], 'pxe'], field: /^invalid VM spec: boot\.kind must be "kernel" or "disk"/ },
+  { change: [['boot'], { kind: 'disk', diskId: 'nope' }], field: /^invalid VM spec: boot\.diskId names no disk of this VM/ },
+  { change: [['serialLogs', 0], 'console.log'], field: /^invalid VM spec: serialLogs\[0\] must be an absolute path/ },
+];
+
+for (const { change, field } of invalidCases) {
+  test(`rejects ${change[0].join('.')} = ${JSON.stringify(change[1])} naming the field`, () => {
+    assert.throws(
+      () => validateVmSpec(withChange(...change)),
+      (err: unknown) => hasCode(err, 'VMF_INVALID_SPEC') && field.test((err as Error).message),
+    );
+  });
+}
+
+test('rejects something that is not an object at all', () => {
+  assert.throws(() => validateVmSpec(null), /invalid VM spec: \(root\) must be an object/);
+  assert.throws(() => validateVmSpec([valid]), /invalid VM spec: \(root\) must be an object/);
+});
+
+test('the command line derives node names, serials and PCI slots from disk ids', () => {
+  const args = qemuArguments(validateVmSpec(valid), { mode: 'incoming', qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'tcg' });
+  const devices = args.flatMap((arg, i) => (args[i - 1] === '-device' ? [JSON.parse(arg) as Record<string, unknown>] : []));
+  assert.deepEqual(
+    devices.map((d) => [d.id, d.drive, d.serial, d.addr]),
+    [
+      ['root', 'disk-root', 'root', '0x10'],
+      ['data', 'disk-data', 'data', '0x11'],
+      ['iso', 'disk-iso', 'iso', '0x12'],
+    ],
+  );
+  const nodes = args.flatMap((arg, i) => (args[i - 1] === '-blockdev' ? [JSON.parse(arg) as Record<string, unknown>] : []));
+  assert.deepEqual(nodes.map((n) => [n['node-name'], n.driver]), [
+    ['disk-root-file', 'file'],
+    ['disk-root', 'qcow2'],
+    ['disk-data', 'nbd'],
+    ['disk-iso', 'nbd'],
+  ]);
+  assert.equal(nodes[3]?.['read-only'], true);
+  assert.deepEqual(args.slice(-3), ['-incoming', 'defer', '-S']);
+  assert.ok(args.includes('-nodefaults'));
+  assert.deepEqual(args.slice(args.indexOf('-accel'), args.indexOf('-accel') + 2), ['-accel', 'tcg']);
+});
