@@ -15,6 +15,11 @@ export const errorCodes = {
   VMF_ABORTED: 'An operation was cancelled.',
   VMF_QEMU_START: 'A QEMU process failed to start.',
   VMF_QEMU_EXITED: 'A QEMU process exited unexpectedly.',
+  VMF_COMMAND_FAILED: 'An external program (qemu-img, …) failed; the message carries its output.',
+  VMF_VOLUME_EXISTS: 'A volume of that name already exists.',
+  VMF_VOLUME_NOT_FOUND: 'No volume of that name exists.',
+  VMF_MIGRATION_REFUSED: 'The migration plan was refused before anything moved; the message gives the reasons.',
+  VMF_MIGRATION_FAILED: 'A migration step failed; the VM still runs on the source.',
   VMF_TOOL_MISSING: 'A required external program is not installed (run scripts/setup.sh).',
 } as const;
 

@@ -1,0 +1,256 @@
+/**
+ * Runs one migration plan over a source and a destination side, step by step
+ * as in ARCHITECTURE.md:
+ *
+ *   1. prepare the destination   (volumes, incoming QEMU, NBD exports)
+ *   2. copy local data           (one mirror per local disk, until all READY)
+ *   3. move RAM and device state (pre-copy; escalate when it stalls)
+ *   4. switch over               (drain mirrors at pre-switchover, continue, resume on the destination)
+ *   5. report
+ *
+ * Each step registers its undo before it acts. A failure or a cancel before
+ * the destination resumes runs the undos in reverse: the VM keeps running on
+ * the source as before and nothing is left on the destination. Once the
+ * destination has resumed, the source never runs again.
+ */
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Logger } from 'pino';
+import { VmferryError, describeError } from '../errors.ts';
+import type { VmSpec } from '../qemu/spec.ts';
+import type { MigrationInfo } from '../qmp/commands.ts';
+import { Deadline } from '../util/abort.ts';
+import { ConvergenceWatch } from './convergence.ts';
+import type { MigrationEvent, MigrationPhase, MigrationReport, PhaseTiming, RamProgress } from './phases.ts';
+import type { MigrationPlan } from './plan.ts';
+import type { DestinationSide, MigrationMilestone, SourceSide } from './sides.ts';
+
+export interface RunMigrationInput {
+  spec: VmSpec;
+  plan: MigrationPlan;
+  source: SourceSide;
+  destination: DestinationSide;
+  /** Cancels the migration; the VM stays on the source. */
+  signal?: AbortSignal;
+  onEvent?: (event: MigrationEvent) => void;
+  logger?: Logger;
+  /** How often progress is sampled. */
+  pollIntervalMs?: number;
+  /** Test hook: runs as each phase begins; a throw there is a fault injected at that step. */
+  beforePhase?: (phase: MigrationPhase) => Promise<void> | void;
+}
+
+const mib = 1024 * 1024;
+
+/** Phase changes with their timestamps, emitted as they happen. */
+class Timeline {
+  readonly phases: PhaseTiming[] = [];
+  readonly startedAt = Date.now();
+  readonly #emit: (event: MigrationEvent) => void;
+  readonly #logger: Logger | undefined;
+
+  constructor(emit: (event: MigrationEvent) => void, logger: Logger | undefined) {
+    this.#emit = emit;
+    this.#logger = logger;
+  }
+
+  get current(): MigrationPhase {
+    return this.phases.at(-1)?.phase ?? 'pending';
+  }
+
+  enter(phase: MigrationPhase): void {
+    const now = Date.now();
+    const previous = this.phases.at(-1);
+    if (previous) previous.durationMs = now - previous.startedAt;
+    this.phases.push({ phase, startedAt: now, durationMs: 0 });
+    this.#logger?.info({ phase }, `migration phase ${phase}`);
+    this.#emit({ type: 'phase', phase, at: now });
+  }
+}
+
+function ramProgress(info: MigrationInfo): RamProgress | undefined {
+  const ram = info.ram;
+  if (!ram) return undefined;
+  return {
+    transferredBytes: ram.transferred,
+    remainingBytes: ram.remaining,
+    totalBytes: ram.total,
+    dirtyRateBytes: ram['dirty-pages-rate'] * ram['page-size'],
+    expectedDowntimeMs: info['expected-downtime'],
+    iteration: ram['dirty-sync-count'],
+  };
+}
+
+export async function runMigration(input: RunMigrationInput): Promise<MigrationReport> {
+  const { spec, plan, source, destination, logger } = input;
+  if (plan.refusals.length > 0) {
+    throw new VmferryError('VMF_MIGRATION_REFUSED', `migration of ${plan.vm} to ${plan.to} refused: ${plan.refusals.join('; ')}`);
+  }
+  const emit = (event: MigrationEvent): void => input.onEvent?.(event);
+  const pollMs = input.pollIntervalMs ?? 250;
+  const timeline = new Timeline(emit, logger);
+  const deadline = new Deadline(`migration of ${plan.vm} to ${plan.to}`, plan.options.timeoutS * 1000, input.signal);
+  const signal = deadline.signal;
+  const undo: { what: string; run: () => Promise<void> }[] = [];
+  const bytesSent = new Map<string, number>();
+  let lastInfo: MigrationInfo = {};
+
+  const enter = async (phase: MigrationPhase): Promise<void> => {
+    timeline.enter(phase);
+    await input.beforePhase?.(phase);
+  };
+
+  try {
+    // 1. Destination: target volumes, the VM started with -incoming, targets exported over NBD.
+    await enter('preparing');
+    undo.push({ what: `roll back destination ${destination.hostId}`, run: () => destination.rollback() });
+    const prepared = await destination.prepare(spec, plan, signal);
+
+    // 2. Source: mirror every local disk into its target, all at once, until each is READY.
+    await enter('mirroring');
+    undo.push({ what: `roll back source ${source.hostId}`, run: () => source.rollback() });
+    const bandwidthBytes = plan.ram.bandwidthMiBs === undefined ? undefined : plan.ram.bandwidthMiBs * mib;
+    if (prepared.mirrorTargets.length > 0) {
+      await source.startMirrors(prepared.mirrorTargets, plan.options.copyMode, bandwidthBytes, signal);
+      await waitMirrorsReady(source, plan, pollMs, signal, emit);
+    }
+
+    // 3. RAM and device state: pre-copy until QEMU pauses the source before switch-over.
+    await enter('migrating');
+    await source.startMigration(
+      prepared.migrationUri,
+      {
+        maxBandwidthBytes: bandwidthBytes,
+        downtimeLimitMs: ConvergenceWatch.initialDowntimeLimit(plan.ram.maxDowntimeMs),
+        allowPostcopy: plan.ram.allowPostcopy,
+      },
+      signal,
+    );
+    const milestone = await convergeRam(source, plan, pollMs, signal, emit, (info) => (lastInfo = info));
+    if (milestone !== 'pre-switchover') {
+      throw new VmferryError('VMF_MIGRATION_FAILED', `RAM migration ended as "${milestone}" before switch-over: ${lastInfo['error-desc'] ?? 'no reason given'}`);
+    }
+
+    // 4. Switch over: mirrors drain in sync while the images are still active, then the destination takes over.
+    await enter('switching-over');
+    for (const { diskId, bytesSent: sent } of await source.finishMirrors(signal)) bytesSent.set(diskId, sent);
+    await source.continueSwitchover(signal);
+    await destination.waitIncomingCompleted(signal);
+    await destination.resume(signal);
+    // The guest now runs on the destination: nothing may bring the source back.
+    undo.length = 0;
+    lastInfo = await source.completedInfo(AbortSignal.timeout(10_000)).catch((err: unknown) => {
+      logger?.warn({ err: describeError(err) }, 'could not read final migration figures');
+      return lastInfo;
+    });
+    await source.retire(plan.options.keepSource).catch((err: unknown) => {
+      logger?.error({ err: describeError(err) }, `source ${source.hostId} did not retire cleanly; the guest runs on ${destination.hostId}`);
+    });
+    timeline.enter('completed');
+    return report(plan, timeline, 'completed', bytesSent, lastInfo, undefined);
+  } catch (err) {
+    const cancelled = input.signal?.aborted === true;
+    logger?.warn({ err: describeError(err), phase: timeline.current }, cancelled ? 'migration cancelled' : 'migration failed');
+    timeline.enter('rolling-back');
+    const undoFailures: string[] = [];
+    for (const step of undo.reverse()) {
+      try {
+        await step.run();
+      } catch (undoErr) {
+        undoFailures.push(`${step.what}: ${describeError(undoErr)}`);
+      }
+    }
+    timeline.enter(cancelled ? 'cancelled' : 'failed');
+    const code = err instanceof VmferryError ? err.code : 'VMF_MIGRATION_FAILED';
+    const undoText = undoFailures.length ? `; rollback problems: ${undoFailures.join('; ')}` : '';
+    return report(plan, timeline, cancelled ? 'cancelled' : 'failed', bytesSent, lastInfo, { code, message: `${describeError(err)}${undoText}` });
+  } finally {
+    deadline.dispose();
+  }
+}
+
+async function waitMirrorsReady(
+  source: SourceSide,
+  plan: MigrationPlan,
+  pollMs: number,
+  signal: AbortSignal,
+  emit: (event: MigrationEvent) => void,
+): Promise<void> {
+  for (;;) {
+    const statuses = await source.mirrorStatus(signal);
+    const failed = statuses.find((s) => s.error);
+    if (failed) throw new VmferryError('VMF_MIGRATION_FAILED', `mirror of disk ${failed.diskId} failed: ${failed.error}`);
+    emit({
+      type: 'disks',
+      disks: plan.disks.map((disk) => {
+        const status = statuses.find((s) => s.diskId === disk.id);
+        return {
+          id: disk.id,
+          operation: disk.operation,
+          bytesDone: status?.offset ?? 0,
+          bytesTotal: status?.len ?? 0,
+          ready: status?.ready ?? disk.operation === 'reattach',
+        };
+      }),
+    });
+    if (statuses.every((s) => s.ready)) return;
+    await sleep(pollMs, undefined, { signal });
+  }
+}
+
+/** Samples RAM progress and escalates on stalls until QEMU reaches a milestone. */
+async function convergeRam(
+  source: SourceSide,
+  plan: MigrationPlan,
+  pollMs: number,
+  signal: AbortSignal,
+  emit: (event: MigrationEvent) => void,
+  remember: (info: MigrationInfo) => void,
+): Promise<MigrationMilestone> {
+  const watch = new ConvergenceWatch(plan.ram.maxDowntimeMs, plan.ram.allowPostcopy);
+  let reached: MigrationMilestone | undefined;
+  const milestone = source.waitMilestone(signal).then((m) => (reached = m));
+  for (;;) {
+    await Promise.race([milestone, sleep(pollMs, undefined, { signal })]);
+    if (reached !== undefined) return reached;
+    const info = await source.migrationInfo(signal);
+    remember(info);
+    const ram = ramProgress(info);
+    if (ram) emit({ type: 'ram', ram });
+    const escalation = watch.observe(info);
+    if (escalation?.action === 'downtime-limit') {
+      emit({ type: 'escalation', action: 'downtime-limit', detail: `not converging: downtime limit raised to ${escalation.downtimeLimitMs} ms` });
+      await source.setDowntimeLimit(escalation.downtimeLimitMs, signal);
+    } else if (escalation?.action === 'postcopy') {
+      emit({ type: 'escalation', action: 'postcopy', detail: 'not converging at the largest downtime limit: switching to post-copy' });
+      await source.startPostcopy(signal);
+    }
+  }
+}
+
+function report(
+  plan: MigrationPlan,
+  timeline: Timeline,
+  outcome: MigrationReport['outcome'],
+  bytesSent: Map<string, number>,
+  info: MigrationInfo,
+  error: MigrationReport['error'],
+): MigrationReport {
+  const result: MigrationReport = {
+    vm: plan.vm,
+    from: plan.from,
+    to: plan.to,
+    outcome,
+    disks: plan.disks.map((disk) => ({
+      id: disk.id,
+      operation: disk.operation,
+      bytesSent: bytesSent.get(disk.id) ?? 0,
+      virtualSize: disk.virtualSize,
+    })),
+    ram: { transferredBytes: info.ram?.transferred ?? 0, totalBytes: info.ram?.total ?? 0 },
+    phases: timeline.phases,
+    totalMs: Date.now() - timeline.startedAt,
+    downtimeMs: outcome === 'completed' ? info.downtime : undefined,
+  };
+  if (error) result.error = error;
+  return result;
+}

@@ -1,0 +1,73 @@
+/**
+ * What a migration is doing, as a union of named phases, and the progress
+ * events and final report it produces. A phase advances only on what QEMU
+ * reported (an event or a query), never on a sleep.
+ */
+import type { DiskOperation } from './plan.ts';
+
+export type MigrationPhase =
+  /** Accepted; nothing has moved yet. */
+  | 'pending'
+  /** Destination: target volumes created, incoming QEMU started, mirror targets exported over NBD. */
+  | 'preparing'
+  /** Source: every local disk is being copied into its target while the guest runs. */
+  | 'mirroring'
+  /** Mirrors are in sync; RAM and device state stream to the destination. */
+  | 'migrating'
+  /** Source paused: mirrors drained and cancelled, the destination takes over and resumes. */
+  | 'switching-over'
+  /** The guest runs on the destination; the source QEMU has quit. */
+  | 'completed'
+  /** Undoing after a cancel or a failure; the source keeps (or gets back) the guest. */
+  | 'rolling-back'
+  /** Cancelled on request; the VM runs on the source as before. */
+  | 'cancelled'
+  /** A step failed; the VM runs on the source as before. */
+  | 'failed';
+
+export const finalPhases: readonly MigrationPhase[] = ['completed', 'cancelled', 'failed'];
+
+export interface DiskProgress {
+  id: string;
+  operation: DiskOperation;
+  bytesDone: number;
+  bytesTotal: number;
+  ready: boolean;
+}
+
+export interface RamProgress {
+  transferredBytes: number;
+  remainingBytes: number;
+  totalBytes: number;
+  /** Bytes per second the guest dirties, as QEMU measured it. */
+  dirtyRateBytes: number;
+  expectedDowntimeMs: number | undefined;
+  iteration: number;
+}
+
+export type MigrationEvent =
+  | { type: 'phase'; phase: MigrationPhase; at: number }
+  | { type: 'disks'; disks: DiskProgress[] }
+  | { type: 'ram'; ram: RamProgress }
+  | { type: 'escalation'; action: 'downtime-limit' | 'postcopy'; detail: string };
+
+export interface PhaseTiming {
+  phase: MigrationPhase;
+  startedAt: number;
+  durationMs: number;
+}
+
+export interface MigrationReport {
+  vm: string;
+  from: string;
+  to: string;
+  outcome: 'completed' | 'cancelled' | 'failed';
+  /** Why it did not complete: the first error, with undo failures attached. */
+  error?: { code: string; message: string };
+  disks: { id: string; operation: DiskOperation; bytesSent: number; virtualSize: number }[];
+  ram: { transferredBytes: number; totalBytes: number };
+  phases: PhaseTiming[];
+  totalMs: number;
+  /** The guest's pause at switch-over, as QEMU measured it; undefined unless completed. */
+  downtimeMs: number | undefined;
+}

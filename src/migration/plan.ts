@@ -1,0 +1,181 @@
+/**
+ * The planner: for one VM and one destination, decide per piece of data which
+ * operation moves it — `mirror` for local disks, `reattach` for shared volumes
+ * the destination reaches — or refuse with the reason, before anything moves.
+ * Pure: every fact about the destination comes in as data, probed beforehand.
+ */
+import type { DiskSpec, NbdServerAddress, VmSpec } from '../qemu/spec.ts';
+
+export type CopyMode = 'background' | 'write-blocking';
+
+export interface MigrationOptions {
+  /** Cap on RAM and mirror bandwidth, in MiB/s; unlimited when absent. */
+  bandwidthMiBs?: number;
+  /** Longest acceptable pause at switch-over, in ms. */
+  maxDowntimeMs: number;
+  /** Give up (and roll back) when the migration has not completed after this many seconds. */
+  timeoutS: number;
+  /** Switch to post-copy when pre-copy does not converge. */
+  allowPostcopy: boolean;
+  /** Keep the source's local disk files after success instead of deleting them. */
+  keepSource: boolean;
+  /** write-blocking makes guest writes wait for the mirror: lower downtime under heavy writes. */
+  copyMode: CopyMode;
+}
+
+export const defaultMigrationOptions: MigrationOptions = {
+  maxDowntimeMs: 300,
+  timeoutS: 600,
+  allowPostcopy: false,
+  keepSource: false,
+  copyMode: 'write-blocking',
+};
+
+/** Facts about a local disk on the source, read from its image. */
+export interface LocalDiskFacts {
+  virtualSize: number;
+  /** Bytes that hold data: what a mirror must send. */
+  allocatedBytes: number;
+}
+
+/** What the destination reported when probed. */
+export interface DestinationFacts {
+  hostId: string;
+  qemuVersion: string;
+  /** Machine types the destination's QEMU supports (aliases resolved, e.g. q35 → pc-q35-7.2). */
+  machineTypes: string[];
+  freeMemoryMiB: number;
+  poolFreeBytes: number;
+  /** Shared exports the destination actually connected to, keyed by exportKey(); value is the size it saw. */
+  reachableExports: Record<string, number>;
+  /** VM names already present on the destination. */
+  vmNames: string[];
+}
+
+export interface SourceFacts {
+  hostId: string;
+  qemuVersion: string;
+  /** The machine type the running VM uses, resolved (pc-q35-7.2, not q35). */
+  machineType: string;
+  localDisks: Record<string, LocalDiskFacts>;
+}
+
+export type DiskOperation = 'mirror' | 'reattach';
+
+export interface DiskPlan {
+  id: string;
+  operation: DiskOperation;
+  kind: 'local' | 'shared';
+  readOnly: boolean;
+  virtualSize: number;
+  /** Bytes the operation must copy: allocated bytes for a mirror, 0 for a reattach. */
+  bytesToCopy: number;
+  /** Why this operation was chosen, for the dry-run table. */
+  reason: string;
+}
+
+export interface MigrationPlan {
+  vm: string;
+  from: string;
+  to: string;
+  disks: DiskPlan[];
+  ram: { memoryMiB: number; maxDowntimeMs: number; bandwidthMiBs: number | undefined; allowPostcopy: boolean };
+  options: MigrationOptions;
+  /** Reasons the migration must not start; empty when it may. */
+  refusals: string[];
+}
+
+export function exportKey(server: NbdServerAddress, exportName: string): string {
+  const where = server.type === 'inet' ? `nbd://${server.host}:${server.port}` : `nbd+unix://${server.path}`;
+  return `${where}/${exportName}`;
+}
+
+/** Memory the destination needs beyond the guest's RAM: QEMU's own overhead, generously. */
+const qemuOverheadMiB = 64;
+
+function planDisk(disk: DiskSpec, source: SourceFacts, destination: DestinationFacts, refusals: string[]): DiskPlan {
+  const readOnly = disk.readOnly ?? false;
+  if (disk.source.kind === 'file') {
+    const facts = source.localDisks[disk.id];
+    if (!facts) {
+      refusals.push(`disk ${disk.id}: no facts about its image ${disk.source.path} on ${source.hostId}`);
+      return { id: disk.id, operation: 'mirror', kind: 'local', readOnly, virtualSize: 0, bytesToCopy: 0, reason: 'local image' };
+    }
+    return {
+      id: disk.id,
+      operation: 'mirror',
+      kind: 'local',
+      readOnly,
+      virtualSize: facts.virtualSize,
+      bytesToCopy: facts.allocatedBytes,
+      reason: `local ${disk.source.format} on ${source.hostId}: copied while the guest runs`,
+    };
+  }
+  const key = exportKey(disk.source.server, disk.source.export);
+  const seenSize = destination.reachableExports[key];
+  const plan: DiskPlan = {
+    id: disk.id,
+    operation: 'reattach',
+    kind: 'shared',
+    readOnly,
+    virtualSize: seenSize ?? 0,
+    bytesToCopy: 0,
+    reason: `${readOnly ? 'read-only ' : ''}shared volume ${key}, reachable from ${destination.hostId}: re-attached, nothing copied`,
+  };
+  if (seenSize === undefined) {
+    refusals.push(`disk ${disk.id}: ${destination.hostId} cannot reach shared volume ${key}`);
+    plan.reason = `shared volume ${key} is NOT reachable from ${destination.hostId}`;
+  }
+  return plan;
+}
+
+export function planMigration(
+  spec: VmSpec,
+  source: SourceFacts,
+  destination: DestinationFacts,
+  options: MigrationOptions,
+): MigrationPlan {
+  const refusals: string[] = [];
+  if (source.hostId === destination.hostId) refusals.push(`the VM already runs on ${destination.hostId}`);
+  if (destination.vmNames.includes(spec.name)) refusals.push(`${destination.hostId} already has a VM named ${spec.name}`);
+  if (!destination.machineTypes.includes(source.machineType)) {
+    refusals.push(`${destination.hostId} (QEMU ${destination.qemuVersion}) does not support machine type ${source.machineType}`);
+  }
+  const disks = spec.disks.map((disk) => planDisk(disk, source, destination, refusals));
+
+  const neededMiB = spec.memoryMiB + qemuOverheadMiB;
+  if (destination.freeMemoryMiB < neededMiB) {
+    refusals.push(`${destination.hostId} has ${destination.freeMemoryMiB} MiB of free memory; the VM needs ${neededMiB} MiB`);
+  }
+  // A mirror target grows to the source's allocation (and may reach its virtual size as the guest writes).
+  const neededPoolBytes = disks.filter((d) => d.operation === 'mirror').reduce((sum, d) => sum + d.bytesToCopy, 0);
+  if (destination.poolFreeBytes < neededPoolBytes) {
+    refusals.push(`${destination.hostId}'s pool has ${formatBytes(destination.poolFreeBytes)} free; the local disks need ${formatBytes(neededPoolBytes)}`);
+  }
+  if (options.maxDowntimeMs < 1) refusals.push('max downtime must be at least 1 ms');
+  return {
+    vm: spec.name,
+    from: source.hostId,
+    to: destination.hostId,
+    disks,
+    ram: {
+      memoryMiB: spec.memoryMiB,
+      maxDowntimeMs: options.maxDowntimeMs,
+      bandwidthMiBs: options.bandwidthMiBs,
+      allowPostcopy: options.allowPostcopy,
+    },
+    options,
+    refusals,
+  };
+}
+
+export function formatBytes(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return `${unit === 0 ? value : value.toFixed(1)} ${units[unit]}`;
+}

@@ -1,0 +1,154 @@
+/**
+ * The destination half of a migration, on the host that receives the VM:
+ * creates the mirror targets in its pool, starts the VM with `-incoming defer`
+ * (same devices, same disk ids; shared disks point at the same exports) and
+ * exports the targets writable over NBD for the source's mirrors.
+ */
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import { VmferryError } from '../errors.ts';
+import { QemuProcess } from '../qemu/process.ts';
+import type { VmSpec } from '../qemu/spec.ts';
+import type { QmpEventListener } from '../qmp/client.ts';
+import type { LocalPool } from '../storage/local-pool.ts';
+import { findFreePort } from '../util/ports.ts';
+import type { MigrationPlan } from './plan.ts';
+import type { DestinationSide, MirrorTarget, PreparedDestination } from './sides.ts';
+
+export interface QemuDestinationOptions {
+  hostId: string;
+  pool: LocalPool;
+  /** Parent directory of each VM's run directory (QMP socket, QEMU log, serial logs). */
+  runDir: string;
+  /** The address the source reaches this host at, for the migration stream and the NBD exports. */
+  address: string;
+  logger?: Logger;
+}
+
+/** Name of the mirror target volume for a VM's disk in the destination pool. */
+export function targetVolumeName(vm: string, diskId: string, format: string): string {
+  return `${vm}-${diskId}.${format}`;
+}
+
+export class QemuDestination implements DestinationSide {
+  readonly hostId: string;
+  readonly #options: QemuDestinationOptions;
+  #vm: QemuProcess | undefined;
+  #events: QmpEventListener | undefined;
+  #createdVolumes: string[] = [];
+  #exportIds: string[] = [];
+  #nbdServerStarted = false;
+  #resumed = false;
+
+  constructor(options: QemuDestinationOptions) {
+    this.hostId = options.hostId;
+    this.#options = options;
+  }
+
+  /** The running VM once prepared; after resume it is the migrated guest. */
+  get vm(): QemuProcess | undefined {
+    return this.#vm;
+  }
+
+  async prepare(spec: VmSpec, plan: MigrationPlan, signal: AbortSignal): Promise<PreparedDestination> {
+    const { pool, address } = this.#options;
+    const vmRunDir = join(this.#options.runDir, spec.name);
+    const destinationSpec: VmSpec = structuredClone(spec);
+    destinationSpec.serialLogs = (spec.serialLogs ?? []).map((_, i) => join(vmRunDir, `serial${i}.log`));
+
+    for (const disk of destinationSpec.disks) {
+      const planned = plan.disks.find((d) => d.id === disk.id);
+      if (planned?.operation !== 'mirror' || disk.source.kind !== 'file') continue;
+      const name = targetVolumeName(spec.name, disk.id, disk.source.format);
+      disk.source.path = await pool.create(name, disk.source.format, planned.virtualSize);
+      this.#createdVolumes.push(name);
+    }
+    signal.throwIfAborted();
+
+    const vm = await QemuProcess.start(destinationSpec, { mode: 'incoming', runDir: vmRunDir, logger: this.#options.logger });
+    this.#vm = vm;
+    // Opened before migrate-incoming, so the completion event cannot be missed.
+    this.#events = vm.monitor.client.listen();
+    await vm.qmp('setting up the incoming migration', async (qmp) => {
+      await qmp.migrateSetCapabilities(
+        { events: true, 'late-block-activate': true, 'return-path': true, 'postcopy-ram': plan.ram.allowPostcopy },
+        { signal },
+      );
+      await qmp.migrateIncoming(`tcp:${address}:0`, { signal });
+    });
+    const migrationPort = await this.#incomingPort(signal);
+
+    const mirrorTargets: MirrorTarget[] = [];
+    const mirrored = plan.disks.filter((d) => d.operation === 'mirror');
+    if (mirrored.length > 0) {
+      const nbdPort = await findFreePort(address);
+      await vm.qmp('exporting mirror targets', async (qmp) => {
+        await qmp.nbdServerStart({ type: 'inet', host: address, port: String(nbdPort) }, { signal });
+        this.#nbdServerStarted = true;
+        for (const disk of mirrored) {
+          const exportId = `mirror-${disk.id}`;
+          await qmp.blockExportAdd({ id: exportId, nodeName: `disk-${disk.id}`, name: disk.id, writable: true }, { signal });
+          this.#exportIds.push(exportId);
+          mirrorTargets.push({ diskId: disk.id, server: { type: 'inet', host: address, port: nbdPort }, exportName: disk.id });
+        }
+      });
+    }
+    return { migrationUri: `tcp:${address}:${migrationPort}`, mirrorTargets };
+  }
+
+  async waitIncomingCompleted(signal: AbortSignal): Promise<void> {
+    const events = this.#requireEvents();
+    const event = await events.waitFor('MIGRATION', (e) => ['completed', 'failed', 'cancelled'].includes(String(e.data.status)), { signal });
+    if (event.data.status !== 'completed') {
+      throw new VmferryError('VMF_MIGRATION_FAILED', `incoming migration on ${this.hostId} ended as "${String(event.data.status)}"`);
+    }
+  }
+
+  async resume(signal: AbortSignal): Promise<void> {
+    const vm = this.#requireVm();
+    await vm.qmp('resuming the migrated guest', async (qmp) => {
+      for (const id of this.#exportIds) await qmp.blockExportDel(id, 'safe', { signal });
+      this.#exportIds = [];
+      if (this.#nbdServerStarted) await qmp.nbdServerStop({ signal });
+      this.#nbdServerStarted = false;
+      await qmp.cont({ signal });
+    });
+    this.#resumed = true;
+    const status = await vm.status();
+    if (!status.running) throw new VmferryError('VMF_MIGRATION_FAILED', `guest on ${this.hostId} is "${status.status}" after cont`);
+    this.#events?.close();
+  }
+
+  async rollback(): Promise<void> {
+    if (this.#resumed) throw new VmferryError('VMF_MIGRATION_FAILED', `the guest already runs on ${this.hostId}; refusing to roll back`);
+    this.#events?.close();
+    if (this.#vm) {
+      await this.#vm.kill();
+      await this.#vm.cleanup();
+      this.#vm = undefined;
+    }
+    for (const name of this.#createdVolumes) await this.#options.pool.remove(name);
+    this.#createdVolumes = [];
+  }
+
+  async #incomingPort(signal: AbortSignal): Promise<number> {
+    const info = await this.#requireVm().qmp('reading the incoming port', (qmp) =>
+      qmp.client.execute<{ 'socket-address'?: { port?: string }[] }>('query-migrate', undefined, { signal }),
+    );
+    const port = Number(info['socket-address']?.[0]?.port);
+    if (!Number.isInteger(port) || port <= 0) {
+      throw new VmferryError('VMF_MIGRATION_FAILED', `destination QEMU on ${this.hostId} did not report its incoming migration port`);
+    }
+    return port;
+  }
+
+  #requireVm(): QemuProcess {
+    if (!this.#vm) throw new VmferryError('VMF_MIGRATION_FAILED', `destination ${this.hostId} is not prepared`);
+    return this.#vm;
+  }
+
+  #requireEvents(): QmpEventListener {
+    if (!this.#events) throw new VmferryError('VMF_MIGRATION_FAILED', `destination ${this.hostId} is not prepared`);
+    return this.#events;
+  }
+}

@@ -1,0 +1,252 @@
+/**
+ * The source half of a migration, on the host where the VM runs: mirrors its
+ * local disks into the destination's exports, streams RAM and device state,
+ * and at the switch-over point drains the mirrors in libvirt 9.0's order
+ * (ARCHITECTURE.md, "Facts about QEMU 7.2").
+ */
+import { rm } from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Logger } from 'pino';
+import { VmferryError, describeError } from '../errors.ts';
+import type { QemuProcess } from '../qemu/process.ts';
+import { diskNodeName } from '../qemu/spec.ts';
+import type { QmpEventListener } from '../qmp/client.ts';
+import type { MigrationInfo, MigrationStatus, QemuMonitor } from '../qmp/commands.ts';
+import type { CopyMode } from './plan.ts';
+import type { MigrationMilestone, MigrationSettings, MirrorStatus, MirrorTarget, SourceSide } from './sides.ts';
+
+export interface QemuSourceOptions {
+  hostId: string;
+  vm: QemuProcess;
+  logger?: Logger;
+}
+
+interface MirrorJob {
+  diskId: string;
+  jobId: string;
+  targetNode: string;
+  /** Bytes the job copied, known once it completed. */
+  bytesSent?: number;
+  /** The NBD target node is still attached on the source. */
+  targetAttached: boolean;
+}
+
+const milestones: readonly string[] = ['pre-switchover', 'postcopy-active', 'completed', 'failed', 'cancelled'];
+/** Statuses from which migrate_cancel brings the guest back on the source. */
+const cancellable: readonly (MigrationStatus | undefined)[] = ['setup', 'active', 'pre-switchover', 'device', 'wait-unplug'];
+/** QEMU's own default caps migration at 32 MiB/s; "unlimited" needs an explicit large value. */
+const unlimitedBandwidth = 1e12;
+
+export class QemuSource implements SourceSide {
+  readonly hostId: string;
+  readonly #vm: QemuProcess;
+  readonly #logger: Logger | undefined;
+  readonly #mirrors: MirrorJob[] = [];
+  #events: QmpEventListener | undefined;
+  #wasRunning: boolean | undefined;
+
+  constructor(options: QemuSourceOptions) {
+    this.hostId = options.hostId;
+    this.#vm = options.vm;
+    this.#logger = options.logger;
+  }
+
+  async startMirrors(targets: MirrorTarget[], copyMode: CopyMode, bandwidthBytes: number | undefined, signal: AbortSignal): Promise<void> {
+    await this.#rememberRunState();
+    await this.#qmp('starting mirrors', async (qmp) => {
+      for (const target of targets) {
+        const job: MirrorJob = { diskId: target.diskId, jobId: `mirror-${target.diskId}`, targetNode: `mirror-target-${target.diskId}`, targetAttached: false };
+        const server =
+          target.server.type === 'inet'
+            ? { type: 'inet', host: target.server.host, port: String(target.server.port) }
+            : { type: 'unix', path: target.server.path };
+        // No format layer over the target and discard=unmap: unallocated areas then cost a
+        // zero-write, not a copy, and the job does not walk the whole virtual size.
+        await qmp.blockdevAdd({ driver: 'nbd', 'node-name': job.targetNode, server, export: target.exportName, discard: 'unmap' }, { signal });
+        job.targetAttached = true;
+        this.#mirrors.push(job);
+        await qmp.blockdevMirror(
+          {
+            'job-id': job.jobId,
+            device: diskNodeName(target.diskId),
+            target: job.targetNode,
+            sync: 'full',
+            'copy-mode': copyMode,
+            'auto-dismiss': false,
+            ...(bandwidthBytes === undefined ? {} : { speed: bandwidthBytes }),
+          },
+          { signal },
+        );
+      }
+    });
+  }
+
+  async mirrorStatus(signal: AbortSignal): Promise<MirrorStatus[]> {
+    const jobs = await this.#qmp('reading mirror progress', (qmp) => qmp.queryBlockJobs({ signal }));
+    return this.#mirrors.map((mirror) => {
+      const job = jobs.find((j) => j.device === mirror.jobId);
+      if (!job) return { diskId: mirror.diskId, offset: 0, len: 0, ready: false, error: 'the mirror job disappeared' };
+      const status: MirrorStatus = { diskId: mirror.diskId, offset: job.offset, len: job.len, ready: job.ready };
+      if (job.error) status.error = job.error;
+      else if (job.status === 'concluded' || job.status === 'aborting') status.error = `the mirror job ended early (${job.status})`;
+      return status;
+    });
+  }
+
+  async startMigration(uri: string, settings: MigrationSettings, signal: AbortSignal): Promise<void> {
+    await this.#rememberRunState();
+    await this.#qmp('starting the migration', async (qmp) => {
+      await qmp.migrateSetCapabilities(
+        {
+          events: true,
+          'pause-before-switchover': true,
+          'return-path': true,
+          'auto-converge': true,
+          'postcopy-ram': settings.allowPostcopy,
+        },
+        { signal },
+      );
+      await qmp.migrateSetParameters(
+        { 'downtime-limit': settings.downtimeLimitMs, 'max-bandwidth': settings.maxBandwidthBytes ?? unlimitedBandwidth },
+        { signal },
+      );
+      // Opened before migrate, so no MIGRATION event can slip past.
+      this.#events = qmp.client.listen();
+      await qmp.migrate(uri, { signal });
+    });
+  }
+
+  migrationInfo(signal: AbortSignal): Promise<MigrationInfo> {
+    return this.#qmp('reading migration progress', (qmp) => qmp.queryMigrate({ signal }));
+  }
+
+  async waitMilestone(signal: AbortSignal): Promise<MigrationMilestone> {
+    if (!this.#events) throw new VmferryError('VMF_MIGRATION_FAILED', `no migration was started on ${this.hostId}`);
+    const event = await this.#events.waitFor('MIGRATION', (e) => milestones.includes(String(e.data.status)), { signal });
+    return event.data.status as MigrationMilestone;
+  }
+
+  async setDowntimeLimit(ms: number, signal: AbortSignal): Promise<void> {
+    await this.#qmp('raising the downtime limit', (qmp) => qmp.migrateSetParameters({ 'downtime-limit': ms }, { signal }));
+  }
+
+  async startPostcopy(signal: AbortSignal): Promise<void> {
+    await this.#qmp('starting post-copy', (qmp) => qmp.migrateStartPostcopy({ signal }));
+  }
+
+  async finishMirrors(signal: AbortSignal): Promise<{ diskId: string; bytesSent: number }[]> {
+    const listener = this.#vm.monitor.client.listen();
+    try {
+      await Promise.all(this.#mirrors.map((mirror) => this.#drainAndCancel(mirror, listener, signal)));
+    } finally {
+      listener.close();
+    }
+    await this.#removeTargets(signal);
+    return this.#mirrors.map((m) => ({ diskId: m.diskId, bytesSent: m.bytesSent ?? 0 }));
+  }
+
+  async continueSwitchover(signal: AbortSignal): Promise<void> {
+    await this.#qmp('continuing the switch-over', (qmp) => qmp.migrateContinue('pre-switchover', { signal }));
+  }
+
+  async completedInfo(signal: AbortSignal): Promise<MigrationInfo> {
+    // Right after completion query-migrate may still report downtime 0 for a moment.
+    for (;;) {
+      const info = await this.migrationInfo(signal);
+      if (info.status === 'failed' || info.status === 'cancelled') {
+        throw new VmferryError('VMF_MIGRATION_FAILED', `migration on ${this.hostId} ended as "${info.status}": ${info['error-desc'] ?? ''}`);
+      }
+      if (info.status === 'completed' && info.downtime !== undefined && info.downtime > 0) return info;
+      await sleep(20, undefined, { signal });
+    }
+  }
+
+  async retire(keepLocalDisks: boolean): Promise<void> {
+    this.#events?.close();
+    await this.#vm.stop({ quitTimeoutMs: 10_000 });
+    await this.#vm.cleanup();
+    if (keepLocalDisks) return;
+    for (const disk of this.#vm.spec.disks) {
+      if (disk.source.kind === 'file' && !disk.readOnly) await rm(disk.source.path, { force: true });
+    }
+  }
+
+  async rollback(): Promise<void> {
+    const signal = AbortSignal.timeout(60_000);
+    const info = await this.migrationInfo(signal);
+    if (info.status === 'postcopy-active' || info.status === 'postcopy-paused') {
+      throw new VmferryError('VMF_MIGRATION_FAILED', `post-copy already started on ${this.hostId}: the guest's memory is split and cannot return`);
+    }
+    if (cancellable.includes(info.status)) {
+      await this.#qmp('cancelling the migration', (qmp) => qmp.migrateCancel({ signal }));
+      await this.#waitMigrationSettled(signal);
+    }
+    const listener = this.#vm.monitor.client.listen();
+    try {
+      await Promise.all(this.#mirrors.map((mirror) => this.#forceCancel(mirror, listener, signal)));
+    } finally {
+      listener.close();
+    }
+    await this.#removeTargets(signal);
+    this.#events?.close();
+    const status = await this.#vm.status();
+    // After a completed migration the images are inactive; cont re-activates them.
+    if (this.#wasRunning && !status.running) await this.#qmp('resuming the guest on the source', (qmp) => qmp.cont({ signal }));
+  }
+
+  async #drainAndCancel(mirror: MirrorJob, listener: QmpEventListener, signal: AbortSignal): Promise<void> {
+    // Cancelling a READY mirror completes it without pivoting: it first copies what is still dirty.
+    await this.#qmp(`cancelling mirror of disk ${mirror.diskId}`, (qmp) => qmp.blockJobCancel(mirror.jobId, false, { signal }));
+    const done = await listener.waitFor('BLOCK_JOB_COMPLETED', (e) => e.data.device === mirror.jobId, { signal });
+    const offset = Number(done.data.offset);
+    const len = Number(done.data.len);
+    if (done.data.error !== undefined || offset !== len) {
+      throw new VmferryError(
+        'VMF_MIGRATION_FAILED',
+        `mirror of disk ${mirror.diskId} did not finish in sync (offset ${offset} of ${len}${done.data.error ? `: ${String(done.data.error)}` : ''})`,
+      );
+    }
+    mirror.bytesSent = offset;
+    await this.#qmp(`dismissing mirror of disk ${mirror.diskId}`, (qmp) => qmp.jobDismiss(mirror.jobId, { signal }));
+  }
+
+  async #forceCancel(mirror: MirrorJob, listener: QmpEventListener, signal: AbortSignal): Promise<void> {
+    const jobs = await this.#qmp('reading mirror jobs', (qmp) => qmp.queryBlockJobs({ signal }));
+    const job = jobs.find((j) => j.device === mirror.jobId);
+    if (!job) return;
+    if (job.status !== 'concluded') {
+      await this.#qmp(`cancelling mirror of disk ${mirror.diskId}`, (qmp) => qmp.blockJobCancel(mirror.jobId, true, { signal }));
+      await listener.waitFor('JOB_STATUS_CHANGE', (e) => e.data.id === mirror.jobId && e.data.status === 'concluded', { signal });
+    }
+    await this.#qmp(`dismissing mirror of disk ${mirror.diskId}`, (qmp) => qmp.jobDismiss(mirror.jobId, { signal }));
+  }
+
+  /** The NBD target nodes go before the destination deletes its exports (which fails while a client is attached). */
+  async #removeTargets(signal: AbortSignal): Promise<void> {
+    for (const mirror of this.#mirrors) {
+      if (!mirror.targetAttached) continue;
+      await this.#qmp(`removing mirror target of disk ${mirror.diskId}`, (qmp) => qmp.blockdevDel(mirror.targetNode, { signal }));
+      mirror.targetAttached = false;
+    }
+  }
+
+  async #waitMigrationSettled(signal: AbortSignal): Promise<void> {
+    for (;;) {
+      const info = await this.migrationInfo(signal);
+      if (!cancellable.includes(info.status) && info.status !== 'cancelling') return;
+      await sleep(50, undefined, { signal });
+    }
+  }
+
+  async #rememberRunState(): Promise<void> {
+    if (this.#wasRunning !== undefined) return;
+    this.#wasRunning = (await this.#vm.status()).running;
+  }
+
+  #qmp<T>(what: string, call: (qmp: QemuMonitor) => Promise<T>): Promise<T> {
+    return this.#vm.qmp(what, call).catch((err: unknown) => {
+      this.#logger?.debug({ err: describeError(err) }, `${what} failed on ${this.hostId}`);
+      throw err;
+    });
+  }
+}

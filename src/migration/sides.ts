@@ -1,0 +1,76 @@
+/**
+ * The two halves of a migration as the executor sees them. The executor does
+ * not know whether a side is a QEMU in this process or an agent behind HTTP:
+ * every argument and result is plain data.
+ */
+import type { MigrationInfo } from '../qmp/commands.ts';
+import type { NbdServerAddress, VmSpec } from '../qemu/spec.ts';
+import type { CopyMode, MigrationPlan } from './plan.ts';
+
+/** Where the source sends one local disk's bytes. */
+export interface MirrorTarget {
+  diskId: string;
+  server: NbdServerAddress;
+  exportName: string;
+}
+
+export interface PreparedDestination {
+  /** QEMU migration URI the destination listens on, e.g. tcp:10.0.0.2:49152. */
+  migrationUri: string;
+  mirrorTargets: MirrorTarget[];
+}
+
+export interface MirrorStatus {
+  diskId: string;
+  offset: number;
+  len: number;
+  ready: boolean;
+  error?: string;
+}
+
+export interface MigrationSettings {
+  maxBandwidthBytes: number | undefined;
+  downtimeLimitMs: number;
+  allowPostcopy: boolean;
+}
+
+/** Statuses at which the executor must act; the RAM phase waits for one of them. */
+export type MigrationMilestone = 'pre-switchover' | 'postcopy-active' | 'completed' | 'failed' | 'cancelled';
+
+export interface DestinationSide {
+  readonly hostId: string;
+  /** Target volumes for mirrored disks, the VM started with -incoming, targets exported writable over NBD. */
+  prepare(spec: VmSpec, plan: MigrationPlan, signal: AbortSignal): Promise<PreparedDestination>;
+  /** Resolves when the destination QEMU itself reports the incoming migration completed. */
+  waitIncomingCompleted(signal: AbortSignal): Promise<void>;
+  /** Stops the NBD exports and resumes the guest; from here on the guest lives on the destination. */
+  resume(signal: AbortSignal): Promise<void>;
+  /** Undoes prepare: no QEMU, no target volume left. Idempotent. */
+  rollback(): Promise<void>;
+}
+
+export interface SourceSide {
+  readonly hostId: string;
+  startMirrors(targets: MirrorTarget[], copyMode: CopyMode, bandwidthBytes: number | undefined, signal: AbortSignal): Promise<void>;
+  mirrorStatus(signal: AbortSignal): Promise<MirrorStatus[]>;
+  startMigration(uri: string, settings: MigrationSettings, signal: AbortSignal): Promise<void>;
+  migrationInfo(signal: AbortSignal): Promise<MigrationInfo>;
+  /** Resolves with the first milestone QEMU reports from now on (or one already reached). */
+  waitMilestone(signal: AbortSignal): Promise<MigrationMilestone>;
+  setDowntimeLimit(ms: number, signal: AbortSignal): Promise<void>;
+  startPostcopy(signal: AbortSignal): Promise<void>;
+  /**
+   * At pre-switchover: cancel every READY mirror so it drains in sync while the
+   * images are still active, check each copied everything, drop the NBD targets.
+   * Returns the bytes each mirror sent.
+   */
+  finishMirrors(signal: AbortSignal): Promise<{ diskId: string; bytesSent: number }[]>;
+  /** Lets the paused migration finish (migrate-continue pre-switchover). */
+  continueSwitchover(signal: AbortSignal): Promise<void>;
+  /** Final figures once completed (downtime appears a moment after completion). */
+  completedInfo(signal: AbortSignal): Promise<MigrationInfo>;
+  /** After the destination resumed: quit QEMU, and delete local disks unless kept. */
+  retire(keepLocalDisks: boolean): Promise<void>;
+  /** Undoes everything done on the source: migration cancelled, mirrors and targets gone, guest running as before. */
+  rollback(): Promise<void>;
+}

@@ -1,0 +1,74 @@
+/**
+ * A host's local pool: a directory of image files, managed with qemu-img.
+ * Local disks live here, and mirror targets are created here on a destination.
+ */
+import { rm, statfs, access } from 'node:fs/promises';
+import { join } from 'node:path';
+import { VmferryError } from '../errors.ts';
+import { runProgram } from '../util/run.ts';
+
+export interface ImageInfo {
+  virtualSize: number;
+  /** Bytes of guest data: the sum of the extents that hold data (what a mirror sends). */
+  allocatedBytes: number;
+  format: string;
+}
+
+interface QemuImgMapExtent {
+  start: number;
+  length: number;
+  data: boolean;
+  zero: boolean;
+}
+
+const volumeNamePattern = /^[a-z0-9][a-z0-9._-]{0,127}$/;
+
+/** Reads size and allocation of an image, also while a QEMU has it open (-U). */
+export async function imageInfo(path: string, format: string): Promise<ImageInfo> {
+  const info = JSON.parse(await runProgram('qemu-img', ['info', '-U', '--output=json', '-f', format, path])) as {
+    'virtual-size': number;
+    format: string;
+  };
+  const extents = JSON.parse(await runProgram('qemu-img', ['map', '-U', '--output=json', '-f', format, path])) as QemuImgMapExtent[];
+  const allocatedBytes = extents.filter((e) => e.data && !e.zero).reduce((sum, e) => sum + e.length, 0);
+  return { virtualSize: info['virtual-size'], allocatedBytes, format: info.format };
+}
+
+export class LocalPool {
+  readonly dir: string;
+
+  constructor(dir: string) {
+    this.dir = dir;
+  }
+
+  pathOf(name: string): string {
+    if (!volumeNamePattern.test(name)) {
+      throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid volume name "${name}": use a-z, 0-9, '.', '-', '_' (at most 128)`);
+    }
+    return join(this.dir, name);
+  }
+
+  async exists(name: string): Promise<boolean> {
+    return access(this.pathOf(name)).then(
+      () => true,
+      () => false,
+    );
+  }
+
+  /** Creates an empty (sparse) image; refuses to overwrite one that exists. */
+  async create(name: string, format: 'qcow2' | 'raw', sizeBytes: number): Promise<string> {
+    const path = this.pathOf(name);
+    if (await this.exists(name)) throw new VmferryError('VMF_VOLUME_EXISTS', `volume ${name} already exists in pool ${this.dir}`);
+    await runProgram('qemu-img', ['create', '-q', '-f', format, path, String(sizeBytes)]);
+    return path;
+  }
+
+  async remove(name: string): Promise<void> {
+    await rm(this.pathOf(name), { force: true });
+  }
+
+  async freeBytes(): Promise<number> {
+    const stats = await statfs(this.dir);
+    return stats.bavail * stats.bsize;
+  }
+}
