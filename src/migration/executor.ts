@@ -18,7 +18,7 @@ import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { MigrationInfo } from '../qmp/commands.ts';
-import { Deadline } from '../util/abort.ts';
+import { Deadline, abortError } from '../util/abort.ts';
 import { ConvergenceWatch } from './convergence.ts';
 import type { MigrationEvent, MigrationPhase, MigrationReport, PhaseTiming, RamProgress } from './phases.ts';
 import type { MigrationPlan } from './plan.ts';
@@ -160,9 +160,11 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       }
     }
     timeline.enter(cancelled ? 'cancelled' : 'failed');
-    const code = err instanceof VmferryError ? err.code : 'VMF_MIGRATION_FAILED';
+    // A cancel surfaces as whatever wait it interrupted; report it as the cancel it was.
+    const cause = cancelled && input.signal ? abortError(input.signal, `migration of ${plan.vm}`) : err;
+    const code = cancelled ? 'VMF_ABORTED' : err instanceof VmferryError ? err.code : 'VMF_MIGRATION_FAILED';
     const undoText = undoFailures.length ? `; rollback problems: ${undoFailures.join('; ')}` : '';
-    return report(plan, timeline, cancelled ? 'cancelled' : 'failed', bytesSent, lastInfo, { code, message: `${describeError(err)}${undoText}` });
+    return report(plan, timeline, cancelled ? 'cancelled' : 'failed', bytesSent, lastInfo, { code, message: `${describeError(cause)}${undoText}` });
   } finally {
     deadline.dispose();
   }

@@ -1,0 +1,183 @@
+// The executor's state machine with fake sides (no QEMU): exact phase order,
+// rollback order, and cancel/timeout/fault at every phase. The same executor
+// runs against real QEMUs in test/migration/live.test.ts.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { runMigration } from '../../src/migration/executor.ts';
+import type { MigrationEvent, MigrationPhase } from '../../src/migration/phases.ts';
+import { defaultMigrationOptions, planMigration, type MigrationPlan } from '../../src/migration/plan.ts';
+import type { DestinationSide, MigrationMilestone, SourceSide } from '../../src/migration/sides.ts';
+import type { MigrationInfo } from '../../src/qmp/commands.ts';
+import type { VmSpec } from '../../src/qemu/spec.ts';
+
+const spec: VmSpec = {
+  name: 'web',
+  vcpus: 1,
+  memoryMiB: 128,
+  boot: { kind: 'kernel', kernel: '/k' },
+  disks: [
+    { id: 'root', source: { kind: 'file', path: '/pool/root.qcow2', format: 'qcow2' } },
+    { id: 'data', source: { kind: 'nbd', server: { type: 'unix', path: '/s.sock' }, export: 'data' } },
+  ],
+};
+
+function plan(timeoutS = 60): MigrationPlan {
+  return planMigration(
+    spec,
+    { hostId: 'A', qemuVersion: '7.2', machineType: 'q35', localDisks: { root: { virtualSize: 1 << 20, allocatedBytes: 1 << 19 } } },
+    {
+      hostId: 'B',
+      qemuVersion: '7.2',
+      machineTypes: ['q35'],
+      freeMemoryMiB: 4096,
+      poolFreeBytes: 1 << 30,
+      reachableExports: { 'nbd+unix:///s.sock/data': 1 << 20 },
+      vmNames: [],
+    },
+    { ...defaultMigrationOptions, timeoutS },
+  );
+}
+
+/** Fake sides that log every call; `hang` makes one call wait until the signal aborts. */
+function fakeSides(options: { hang?: string; fail?: string } = {}) {
+  const calls: string[] = [];
+  let mirrorPolls = 0;
+  const act = async (name: string, signal?: AbortSignal): Promise<void> => {
+    calls.push(name);
+    if (options.fail === name) throw new Error(`${name} broke`);
+    if (options.hang === name) {
+      await new Promise((_, reject) => signal?.addEventListener('abort', () => reject(signal.reason as Error), { once: true }));
+    }
+  };
+  const info: MigrationInfo = {
+    status: 'completed',
+    downtime: 42,
+    ram: { transferred: 1000, remaining: 0, total: 2000, duplicate: 0, normal: 0, 'normal-bytes': 0, 'dirty-pages-rate': 0, 'dirty-sync-count': 1, 'page-size': 4096, mbps: 1 },
+  };
+  const destination: DestinationSide = {
+    hostId: 'B',
+    prepare: async (_s, _p, signal) => {
+      await act('dst.prepare', signal);
+      return { migrationUri: 'tcp:127.0.0.1:1', mirrorTargets: [{ diskId: 'root', server: { type: 'unix', path: '/n' }, exportName: 'root' }] };
+    },
+    waitIncomingCompleted: (signal) => act('dst.waitIncomingCompleted', signal),
+    resume: (signal) => act('dst.resume', signal),
+    rollback: () => act('dst.rollback'),
+  };
+  const source: SourceSide = {
+    hostId: 'A',
+    startMirrors: (_t, _m, _b, signal) => act('src.startMirrors', signal),
+    mirrorStatus: async (signal) => {
+      await act('src.mirrorStatus', signal);
+      mirrorPolls++;
+      return [{ diskId: 'root', offset: mirrorPolls * 100, len: 200, ready: mirrorPolls >= 2 }];
+    },
+    startMigration: (_u, _s, signal) => act('src.startMigration', signal),
+    migrationInfo: async () => info,
+    waitMilestone: async (signal): Promise<MigrationMilestone> => {
+      await act('src.waitMilestone', signal);
+      return 'pre-switchover';
+    },
+    setDowntimeLimit: (_ms, signal) => act('src.setDowntimeLimit', signal),
+    startPostcopy: (signal) => act('src.startPostcopy', signal),
+    finishMirrors: async (signal) => {
+      await act('src.finishMirrors', signal);
+      return [{ diskId: 'root', bytesSent: 200 }];
+    },
+    continueSwitchover: (signal) => act('src.continueSwitchover', signal),
+    completedInfo: async (signal) => {
+      await act('src.completedInfo', signal);
+      return info;
+    },
+    retire: () => act('src.retire'),
+    rollback: () => act('src.rollback'),
+  };
+  return { calls, source, destination };
+}
+
+function phasesOf(events: MigrationEvent[]): MigrationPhase[] {
+  return events.flatMap((e) => (e.type === 'phase' ? [e.phase] : []));
+}
+
+test('a successful migration walks the phases in order and reports per-disk operations', async () => {
+  const { calls, source, destination } = fakeSides();
+  const events: MigrationEvent[] = [];
+  const report = await runMigration({ spec, plan: plan(), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1 });
+  assert.deepEqual(phasesOf(events), ['preparing', 'mirroring', 'migrating', 'switching-over', 'completed']);
+  assert.deepEqual(
+    calls.filter((c) => c !== 'src.mirrorStatus'),
+    ['dst.prepare', 'src.startMirrors', 'src.startMigration', 'src.waitMilestone', 'src.finishMirrors', 'src.continueSwitchover',
+      'dst.waitIncomingCompleted', 'dst.resume', 'src.completedInfo', 'src.retire'],
+  );
+  assert.equal(report.outcome, 'completed');
+  assert.equal(report.downtimeMs, 42);
+  assert.deepEqual(report.disks.map((d) => [d.id, d.operation, d.bytesSent]), [['root', 'mirror', 200], ['data', 'reattach', 0]]);
+  assert.deepEqual(report.phases.map((p) => p.phase), ['preparing', 'mirroring', 'migrating', 'switching-over', 'completed']);
+  const diskEvents = events.filter((e) => e.type === 'disks');
+  assert.ok(diskEvents.length >= 2, 'mirror progress was reported');
+});
+
+const steps: { step: string; phase: MigrationPhase; undo: string[] }[] = [
+  { step: 'dst.prepare', phase: 'preparing', undo: ['dst.rollback'] },
+  { step: 'src.startMirrors', phase: 'mirroring', undo: ['src.rollback', 'dst.rollback'] },
+  { step: 'src.waitMilestone', phase: 'migrating', undo: ['src.rollback', 'dst.rollback'] },
+  { step: 'src.finishMirrors', phase: 'switching-over', undo: ['src.rollback', 'dst.rollback'] },
+  { step: 'dst.waitIncomingCompleted', phase: 'switching-over', undo: ['src.rollback', 'dst.rollback'] },
+];
+
+for (const { step, phase, undo } of steps) {
+  test(`a failure in ${step} rolls back in reverse order and reports failed`, async () => {
+    const { calls, source, destination } = fakeSides({ fail: step });
+    const events: MigrationEvent[] = [];
+    const report = await runMigration({ spec, plan: plan(), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1 });
+    assert.equal(report.outcome, 'failed');
+    assert.match(report.error?.message ?? '', new RegExp(`${step} broke`));
+    assert.deepEqual(calls.slice(calls.indexOf(step) + 1), undo);
+    assert.deepEqual(phasesOf(events).slice(-3), [phase, 'rolling-back', 'failed']);
+    assert.ok(!calls.includes('src.retire'), 'the source is never retired after a failure');
+  });
+
+  test(`a cancel while in ${step} rolls back and reports cancelled`, async () => {
+    const { calls, source, destination } = fakeSides({ hang: step });
+    const controller = new AbortController();
+    const running = runMigration({ spec, plan: plan(), source, destination, signal: controller.signal, pollIntervalMs: 1 });
+    while (!calls.includes(step)) await new Promise((resolve) => setImmediate(resolve));
+    controller.abort();
+    const report = await running;
+    assert.equal(report.outcome, 'cancelled');
+    assert.equal(report.error?.code, 'VMF_ABORTED');
+    assert.deepEqual(calls.slice(calls.indexOf(step) + 1), undo);
+  });
+}
+
+test('past the timeout the migration rolls back and says it timed out', async () => {
+  const { calls, source, destination } = fakeSides({ hang: 'src.waitMilestone' });
+  const report = await runMigration({ spec, plan: plan(0.2), source, destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'failed');
+  assert.equal(report.error?.code, 'VMF_TIMEOUT');
+  assert.match(report.error?.message ?? '', /migration of web to B did not finish within 200 ms/);
+  assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
+});
+
+test('after the destination resumed, nothing is rolled back even if the source fails to retire', async () => {
+  const { calls, source, destination } = fakeSides({ fail: 'src.retire' });
+  const report = await runMigration({ spec, plan: plan(), source, destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'completed');
+  assert.ok(!calls.includes('src.rollback') && !calls.includes('dst.rollback'));
+});
+
+test('rollback failures are attached to the first error, not instead of it', async () => {
+  const sides = fakeSides({ fail: 'src.finishMirrors' });
+  sides.source.rollback = () => Promise.reject(new Error('QEMU gone'));
+  const report = await runMigration({ spec, plan: plan(), source: sides.source, destination: sides.destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'failed');
+  assert.match(report.error?.message ?? '', /^src\.finishMirrors broke; rollback problems: roll back source A: QEMU gone$/);
+  assert.ok(sides.calls.includes('dst.rollback'), 'the other undo still ran');
+});
+
+test('a refused plan throws before any side is touched', async () => {
+  const { calls, source, destination } = fakeSides();
+  const refused = { ...plan(), refusals: ['disk data: B cannot reach shared volume x'] };
+  await assert.rejects(runMigration({ spec, plan: refused, source, destination }), /refused: disk data: B cannot reach/);
+  assert.deepEqual(calls, []);
+});

@@ -1,0 +1,105 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { defaultMigrationOptions, exportKey, planMigration, type DestinationFacts, type SourceFacts } from '../../src/migration/plan.ts';
+import type { DiskSpec, VmSpec } from '../../src/qemu/spec.ts';
+
+const gib = 1024 ** 3;
+const storage = { type: 'inet', host: '127.0.0.1', port: 10809 } as const;
+
+const localRoot: DiskSpec = { id: 'root', source: { kind: 'file', path: '/pool/a/root.qcow2', format: 'qcow2' } };
+const localScratch: DiskSpec = { id: 'scratch', source: { kind: 'file', path: '/pool/a/scratch.raw', format: 'raw' } };
+const sharedData: DiskSpec = { id: 'data', source: { kind: 'nbd', server: storage, export: 'data' } };
+const sharedIso: DiskSpec = { id: 'iso', source: { kind: 'nbd', server: storage, export: 'iso' }, readOnly: true };
+
+function vm(disks: DiskSpec[], memoryMiB = 512): VmSpec {
+  return { name: 'web', vcpus: 1, memoryMiB, boot: { kind: 'kernel', kernel: '/k' }, disks };
+}
+
+const source: SourceFacts = {
+  hostId: 'A',
+  qemuVersion: '7.2.0',
+  machineType: 'pc-q35-7.2',
+  localDisks: {
+    root: { virtualSize: 2 * gib, allocatedBytes: 600 * 1024 ** 2 },
+    scratch: { virtualSize: gib, allocatedBytes: 100 * 1024 ** 2 },
+  },
+};
+
+function destination(overrides: Partial<DestinationFacts> = {}): DestinationFacts {
+  return {
+    hostId: 'B',
+    qemuVersion: '7.2.0',
+    machineTypes: ['pc-q35-7.2', 'pc-i440fx-7.2'],
+    freeMemoryMiB: 8192,
+    poolFreeBytes: 100 * gib,
+    reachableExports: { [exportKey(storage, 'data')]: 4 * gib, [exportKey(storage, 'iso')]: gib },
+    vmNames: [],
+    ...overrides,
+  };
+}
+
+const operations = (plan: ReturnType<typeof planMigration>): [string, string, number][] =>
+  plan.disks.map((d) => [d.id, d.operation, d.bytesToCopy]);
+
+test('local disks only: every disk is mirrored with its allocated bytes to copy', () => {
+  const plan = planMigration(vm([localRoot, localScratch]), source, destination(), defaultMigrationOptions);
+  assert.deepEqual(plan.refusals, []);
+  assert.deepEqual(operations(plan), [
+    ['root', 'mirror', 600 * 1024 ** 2],
+    ['scratch', 'mirror', 100 * 1024 ** 2],
+  ]);
+});
+
+test('shared disks only: re-attached, nothing to copy', () => {
+  const plan = planMigration(vm([sharedData]), source, destination(), defaultMigrationOptions);
+  assert.deepEqual(plan.refusals, []);
+  assert.deepEqual(operations(plan), [['data', 'reattach', 0]]);
+  assert.equal(plan.disks[0]?.virtualSize, 4 * gib);
+});
+
+test('mixed disks and read-only shared media: one operation per disk', () => {
+  const plan = planMigration(vm([localRoot, sharedData, sharedIso, localScratch]), source, destination(), defaultMigrationOptions);
+  assert.deepEqual(plan.refusals, []);
+  assert.deepEqual(operations(plan), [
+    ['root', 'mirror', 600 * 1024 ** 2],
+    ['data', 'reattach', 0],
+    ['iso', 'reattach', 0],
+    ['scratch', 'mirror', 100 * 1024 ** 2],
+  ]);
+  assert.match(plan.disks[2]?.reason ?? '', /^read-only shared volume/);
+});
+
+test('a shared volume the destination cannot reach is refused with the reason', () => {
+  const plan = planMigration(vm([localRoot, sharedData]), source, destination({ reachableExports: {} }), defaultMigrationOptions);
+  assert.deepEqual(plan.refusals, ['disk data: B cannot reach shared volume nbd://127.0.0.1:10809/data']);
+});
+
+test('not enough pool space on the destination is refused', () => {
+  const plan = planMigration(vm([localRoot]), source, destination({ poolFreeBytes: 100 * 1024 ** 2 }), defaultMigrationOptions);
+  assert.deepEqual(plan.refusals, ["B's pool has 100.0 MiB free; the local disks need 600.0 MiB"]);
+});
+
+test('not enough memory on the destination is refused', () => {
+  const plan = planMigration(vm([sharedData], 4096), source, destination({ freeMemoryMiB: 2048 }), defaultMigrationOptions);
+  assert.deepEqual(plan.refusals, ['B has 2048 MiB of free memory; the VM needs 4160 MiB']);
+});
+
+test('another machine type, a name already taken, the same host: each refused', () => {
+  const plan = planMigration(
+    vm([sharedData]),
+    source,
+    destination({ hostId: 'A', machineTypes: ['pc-q35-8.0'], vmNames: ['web'], qemuVersion: '8.0.0' }),
+    defaultMigrationOptions,
+  );
+  assert.deepEqual(plan.refusals, [
+    'the VM already runs on A',
+    'A already has a VM named web',
+    'A (QEMU 8.0.0) does not support machine type pc-q35-7.2',
+  ]);
+});
+
+test('the RAM settings carry the options through', () => {
+  const options = { ...defaultMigrationOptions, maxDowntimeMs: 120, bandwidthMiBs: 200, allowPostcopy: true };
+  const plan = planMigration(vm([sharedData]), source, destination(), options);
+  assert.deepEqual(plan.ram, { memoryMiB: 512, maxDowntimeMs: 120, bandwidthMiBs: 200, allowPostcopy: true });
+});
