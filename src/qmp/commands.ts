@@ -174,7 +174,9 @@ export class QemuMonitor {
   }
 
   nbdServerStart(addr: SocketAddress, options?: ExecuteOptions): Promise<void> {
-    return this.client.execute('nbd-server-start', { addr }, options);
+    // nbd-server-start still takes the legacy (nested "data") socket address form.
+    const { type, ...data } = addr;
+    return this.client.execute('nbd-server-start', { addr: { type, data } }, options);
   }
 
   nbdServerStop(options?: ExecuteOptions): Promise<void> {
