@@ -203,7 +203,7 @@ export class QemuSource implements SourceSide {
     if (done.data.error !== undefined || offset !== len) {
       throw new VmferryError(
         'VMF_MIGRATION_FAILED',
-        `mirror of disk ${mirror.diskId} did not finish in sync (offset ${offset} of ${len}${done.data.error ? `: ${String(done.data.error)}` : ''})`,
+        `mirror of disk ${mirror.diskId} did not finish in sync (offset ${offset} of ${len}${typeof done.data.error === 'string' ? `: ${done.data.error}` : ''})`,
       );
     }
     mirror.bytesSent = offset;

@@ -168,7 +168,7 @@ export function validateVmSpec(value: unknown): VmSpec {
   });
   const boot = validateBoot(value.boot, ids);
   const spec: VmSpec = { name, vcpus, memoryMiB, boot, disks };
-  if (value.machine !== undefined) spec.machine = value.machine as string;
+  if (value.machine !== undefined) spec.machine = value.machine;
   if (value.serialLogs !== undefined) {
     if (!Array.isArray(value.serialLogs)) invalid('serialLogs', 'must be an array of paths');
     if (value.serialLogs.length > maxSerialPorts) invalid('serialLogs', `must have at most ${maxSerialPorts} entries`);

@@ -183,7 +183,7 @@ export class QmpClient {
     const id = this.#nextId++;
     const deadline = new Deadline(`QMP ${command}`, options.timeoutMs ?? this.#commandTimeoutMs, options.signal);
     const reply = new Promise<T>((resolve, reject) => {
-      this.#pending.set(id, { command, resolve: resolve as (value: unknown) => void, reject });
+      this.#pending.set(id, { command, resolve: resolve, reject: reject });
     });
     const message: JsonObject = { execute: command, id };
     if (args !== undefined) message.arguments = args;
@@ -246,7 +246,9 @@ export class QmpClient {
       pending.resolve(message.return);
     } else if (typeof message.error === 'object' && message.error !== null) {
       const error = message.error as { class?: unknown; desc?: unknown };
-      pending.reject(new QmpCommandError(pending.command, String(error.class ?? 'GenericError'), String(error.desc ?? 'no description')));
+      const errorClass = typeof error.class === 'string' ? error.class : 'GenericError';
+      const description = typeof error.desc === 'string' ? error.desc : 'no description';
+      pending.reject(new QmpCommandError(pending.command, errorClass, description));
     } else {
       pending.reject(new VmferryError('VMF_QMP_PROTOCOL', `QMP reply to ${pending.command} has neither return nor error`));
     }

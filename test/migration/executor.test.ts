@@ -73,7 +73,7 @@ function fakeSides(options: { hang?: string; fail?: string } = {}) {
       return [{ diskId: 'root', offset: mirrorPolls * 100, len: 200, ready: mirrorPolls >= 2 }];
     },
     startMigration: (_u, _s, signal) => act('src.startMigration', signal),
-    migrationInfo: async () => info,
+    migrationInfo: () => Promise.resolve(info),
     waitMilestone: async (signal): Promise<MigrationMilestone> => {
       await act('src.waitMilestone', signal);
       return 'pre-switchover';

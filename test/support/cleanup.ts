@@ -3,9 +3,9 @@
  * in reverse order even when the test fails, with every failure reported.
  */
 export class Cleanup {
-  readonly #actions: { what: string; run: () => Promise<unknown> | unknown }[] = [];
+  readonly #actions: { what: string; run: () => unknown }[] = [];
 
-  add(what: string, run: () => Promise<unknown> | unknown): void {
+  add(what: string, run: () => unknown): void {
     this.#actions.push({ what, run });
   }
 
