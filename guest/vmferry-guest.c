@@ -1,0 +1,391 @@
+/*
+ * vmferry's test guest: the judge of every end-to-end test.
+ *
+ * workload: for every writable virtio disk, writes numbered 4 KiB records
+ *   (record k carries k, the disk's name, its slot and a checksum; the slot
+ *   cycles through the record area), each made durable (O_DIRECT + fdatasync,
+ *   so a FLUSH reaches the storage) before "ACK <disk> <k>" goes to ttyS1.
+ *   Optionally dirties memory and writes unacknowledged bulk data.
+ * verify: reads every disk's record area back and prints, per disk,
+ *   "VERIFY <disk> highest=<k> intact=<n> corrupt=<m> missing=<x>", then
+ *   "VERIFY-DONE", and powers off.
+ *
+ * Options come from the kernel command line: vmferry.mode=, vmferry.span_mib=,
+ * vmferry.dirty_mib=, vmferry.dirty_rate_mib=, vmferry.bulk_mib_s=,
+ * vmferry.bulk_disks=, vmferry.interval_ms=.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/reboot.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/fs.h>
+
+#define RECORD_SIZE 4096
+#define MAGIC "VMFREC01"
+#define MAX_DISKS 16
+#define NAME_LEN 32
+
+struct record_header {
+	char magic[8];
+	uint64_t k;
+	uint64_t slot;
+	char disk[NAME_LEN];
+};
+
+struct disk {
+	char dev[64];
+	char name[NAME_LEN];
+	int readonly;
+	uint64_t size;
+	uint64_t slots; /* records in the record area */
+	int bulk;
+};
+
+static struct disk disks[MAX_DISKS];
+static int ndisks;
+static int report_fd = -1;
+static pthread_mutex_t report_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static struct {
+	char mode[16];
+	uint64_t span_mib, dirty_mib, dirty_rate_mib, bulk_mib_s, interval_ms;
+	char bulk_disks[256];
+} opt = { "workload", 64, 0, 8, 0, 0, "" };
+
+static void report(const char *fmt, ...)
+{
+	char line[512];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(line, sizeof(line) - 1, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	if (n > (int)sizeof(line) - 2)
+		n = sizeof(line) - 2;
+	line[n++] = '\n';
+	/* One write per line: the host parses whole lines. */
+	pthread_mutex_lock(&report_lock);
+	if (write(report_fd, line, n) < 0) {
+		/* Nothing better to do than keep going; the host times out on silence. */
+	}
+	pthread_mutex_unlock(&report_lock);
+}
+
+static void power_off(void)
+{
+	sync();
+	reboot(RB_POWER_OFF);
+	for (;;)
+		pause();
+}
+
+static _Noreturn void fail(const char *what)
+{
+	report("GUEST-ERROR %s: %s", what, strerror(errno));
+	power_off();
+	exit(1);
+}
+
+/* FNV-1a 64 over the record with the checksum field (last 8 bytes) excluded. */
+static uint64_t checksum(const unsigned char *buf)
+{
+	uint64_t h = 1469598103934665603ULL;
+	for (size_t i = 0; i < RECORD_SIZE - 8; i++) {
+		h ^= buf[i];
+		h *= 1099511628211ULL;
+	}
+	return h;
+}
+
+static void fill_record(unsigned char *buf, const struct disk *d, uint64_t k, uint64_t slot)
+{
+	struct record_header h;
+	memset(&h, 0, sizeof(h));
+	memcpy(h.magic, MAGIC, 8);
+	h.k = k;
+	h.slot = slot;
+	memcpy(h.disk, d->name, strnlen(d->name, NAME_LEN - 1));
+	memcpy(buf, &h, sizeof(h));
+	/* A payload that depends on k and the disk, so a stale or misplaced block is caught. */
+	uint64_t x = k * 0x9E3779B97F4A7C15ULL ^ (uint64_t)d->name[0] << 32;
+	for (size_t i = sizeof(h); i < RECORD_SIZE - 8; i += 8) {
+		x ^= x << 13;
+		x ^= x >> 7;
+		x ^= x << 17;
+		memcpy(buf + i, &x, 8);
+	}
+	uint64_t sum = checksum(buf);
+	memcpy(buf + RECORD_SIZE - 8, &sum, 8);
+}
+
+static void parse_cmdline(void)
+{
+	char buf[4096];
+	int fd = open("/proc/cmdline", O_RDONLY);
+	if (fd < 0)
+		fail("open /proc/cmdline");
+	ssize_t n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n < 0)
+		fail("read /proc/cmdline");
+	buf[n] = 0;
+	for (char *tok = strtok(buf, " \n"); tok; tok = strtok(NULL, " \n")) {
+		if (strncmp(tok, "vmferry.", 8))
+			continue;
+		char *key = tok + 8, *val = strchr(key, '=');
+		if (!val)
+			continue;
+		*val++ = 0;
+		if (!strcmp(key, "mode"))
+			snprintf(opt.mode, sizeof(opt.mode), "%s", val);
+		else if (!strcmp(key, "span_mib"))
+			opt.span_mib = strtoull(val, NULL, 10);
+		else if (!strcmp(key, "dirty_mib"))
+			opt.dirty_mib = strtoull(val, NULL, 10);
+		else if (!strcmp(key, "dirty_rate_mib"))
+			opt.dirty_rate_mib = strtoull(val, NULL, 10);
+		else if (!strcmp(key, "bulk_mib_s"))
+			opt.bulk_mib_s = strtoull(val, NULL, 10);
+		else if (!strcmp(key, "bulk_disks"))
+			snprintf(opt.bulk_disks, sizeof(opt.bulk_disks), "%s", val);
+		else if (!strcmp(key, "interval_ms"))
+			opt.interval_ms = strtoull(val, NULL, 10);
+	}
+}
+
+static int read_sysfs(const char *dev, const char *attr, char *out, size_t len)
+{
+	char path[256];
+	snprintf(path, sizeof(path), "/sys/block/%s/%s", dev, attr);
+	int fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return -1;
+	ssize_t n = read(fd, out, len - 1);
+	close(fd);
+	if (n < 0)
+		return -1;
+	out[n] = 0;
+	out[strcspn(out, "\n")] = 0;
+	return 0;
+}
+
+static int listed(const char *list, const char *name)
+{
+	if (!*list)
+		return 1;
+	char copy[256];
+	snprintf(copy, sizeof(copy), "%s", list);
+	for (char *t = strtok(copy, ","); t; t = strtok(NULL, ","))
+		if (!strcmp(t, name))
+			return 1;
+	return 0;
+}
+
+static void find_disks(void)
+{
+	DIR *dir = opendir("/sys/block");
+	if (!dir)
+		fail("opendir /sys/block");
+	struct dirent *e;
+	while ((e = readdir(dir)) && ndisks < MAX_DISKS) {
+		if (strncmp(e->d_name, "vd", 2) || strlen(e->d_name) > 16)
+			continue;
+		struct disk *d = &disks[ndisks];
+		char value[64];
+		snprintf(d->dev, sizeof(d->dev), "/dev/%.16s", e->d_name);
+		if (read_sysfs(e->d_name, "serial", d->name, sizeof(d->name)) || !d->name[0])
+			snprintf(d->name, sizeof(d->name), "%.16s", e->d_name);
+		d->readonly = read_sysfs(e->d_name, "ro", value, sizeof(value)) == 0 && value[0] == '1';
+		if (read_sysfs(e->d_name, "size", value, sizeof(value)))
+			continue;
+		d->size = strtoull(value, NULL, 10) * 512;
+		uint64_t span = opt.span_mib * 1024 * 1024;
+		if (span == 0 || span > d->size)
+			span = d->size;
+		d->slots = span / RECORD_SIZE;
+		d->bulk = opt.bulk_mib_s > 0 && !d->readonly && listed(opt.bulk_disks, d->name) && d->size > span;
+		if (d->slots > 0)
+			ndisks++;
+	}
+	closedir(dir);
+}
+
+static void *write_records(void *arg)
+{
+	struct disk *d = arg;
+	int fd = open(d->dev, O_RDWR | O_DIRECT);
+	if (fd < 0)
+		fail(d->dev);
+	unsigned char *buf;
+	if (posix_memalign((void **)&buf, RECORD_SIZE, RECORD_SIZE))
+		fail("posix_memalign");
+	for (uint64_t k = 1;; k++) {
+		uint64_t slot = (k - 1) % d->slots;
+		fill_record(buf, d, k, slot);
+		if (pwrite(fd, buf, RECORD_SIZE, (off_t)(slot * RECORD_SIZE)) != RECORD_SIZE)
+			fail("pwrite record");
+		if (fdatasync(fd))
+			fail("fdatasync");
+		report("ACK %s %" PRIu64, d->name, k);
+		if (opt.interval_ms)
+			usleep(opt.interval_ms * 1000);
+	}
+	return NULL;
+}
+
+static void sleep_ms(uint64_t ms)
+{
+	struct timespec ts = { ms / 1000, (ms % 1000) * 1000000 };
+	nanosleep(&ts, NULL);
+}
+
+/* Unacknowledged writes after the record area: the load under which a wrong switch-over order breaks. */
+static void *write_bulk(void *arg)
+{
+	struct disk *d = arg;
+	const size_t chunk = 1024 * 1024;
+	uint64_t start = d->slots * RECORD_SIZE, area = d->size - start, pos = 0;
+	int fd = open(d->dev, O_RDWR | O_DIRECT);
+	if (fd < 0)
+		fail(d->dev);
+	unsigned char *buf;
+	if (posix_memalign((void **)&buf, 4096, chunk))
+		fail("posix_memalign");
+	for (uint64_t n = 0;; n++) {
+		memset(buf, (int)(n & 0xff), chunk);
+		if (pos + chunk > area)
+			pos = 0;
+		if (pwrite(fd, buf, chunk, (off_t)(start + pos)) < 0)
+			fail("pwrite bulk");
+		pos += chunk;
+		sleep_ms(1000 / opt.bulk_mib_s);
+	}
+	return NULL;
+}
+
+static void *dirty_memory(void *arg)
+{
+	(void)arg;
+	size_t len = opt.dirty_mib * 1024 * 1024;
+	unsigned char *mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+	if (mem == MAP_FAILED)
+		fail("mmap");
+	size_t step = opt.dirty_rate_mib * 1024 * 1024 / 10, pos = 0;
+	if (step == 0)
+		step = 4096;
+	for (unsigned char v = 1;; v++) {
+		/* Touch one byte per page: enough to dirty it for the migration. */
+		for (size_t i = 0; i < step; i += 4096, pos += 4096) {
+			if (pos >= len)
+				pos = 0;
+			mem[pos] = v;
+		}
+		sleep_ms(100);
+	}
+	return NULL;
+}
+
+static void workload(void)
+{
+	pthread_t t;
+	char names[512] = "";
+	for (int i = 0; i < ndisks; i++) {
+		if (disks[i].readonly)
+			continue;
+		strncat(names, " ", sizeof(names) - strlen(names) - 1);
+		strncat(names, disks[i].name, sizeof(names) - strlen(names) - 1);
+	}
+	report("READY%s", names);
+	if (opt.dirty_mib && pthread_create(&t, NULL, dirty_memory, NULL))
+		fail("pthread_create");
+	for (int i = 0; i < ndisks; i++) {
+		if (disks[i].readonly)
+			continue;
+		if (pthread_create(&t, NULL, write_records, &disks[i]))
+			fail("pthread_create");
+		if (disks[i].bulk && pthread_create(&t, NULL, write_bulk, &disks[i]))
+			fail("pthread_create");
+	}
+	for (;;)
+		pause();
+}
+
+static void verify_disk(struct disk *d)
+{
+	int fd = open(d->dev, O_RDONLY | O_DIRECT);
+	if (fd < 0)
+		fail(d->dev);
+	const size_t chunk = 1024 * 1024;
+	unsigned char *buf;
+	if (posix_memalign((void **)&buf, 4096, chunk))
+		fail("posix_memalign");
+	uint64_t *found = calloc(d->slots, sizeof(uint64_t)); /* intact record k per slot, 0 if none */
+	if (!found)
+		fail("calloc");
+	uint64_t highest = 0, intact = 0, corrupt = 0;
+	for (uint64_t off = 0; off < d->slots * RECORD_SIZE; off += chunk) {
+		size_t len = d->slots * RECORD_SIZE - off < chunk ? d->slots * RECORD_SIZE - off : chunk;
+		if (pread(fd, buf, len, (off_t)off) != (ssize_t)len)
+			fail("pread");
+		for (size_t i = 0; i < len; i += RECORD_SIZE) {
+			unsigned char *rec = buf + i;
+			uint64_t slot = (off + i) / RECORD_SIZE, sum;
+			struct record_header h;
+			memcpy(&h, rec, sizeof(h));
+			if (memcmp(h.magic, MAGIC, 8))
+				continue;
+			memcpy(&sum, rec + RECORD_SIZE - 8, 8);
+			if (sum != checksum(rec) || h.slot != slot || strncmp(h.disk, d->name, NAME_LEN) ||
+			    h.k == 0 || (h.k - 1) % d->slots != slot) {
+				corrupt++;
+				continue;
+			}
+			found[slot] = h.k;
+			intact++;
+			if (h.k > highest)
+				highest = h.k;
+		}
+	}
+	uint64_t missing = 0;
+	uint64_t first = highest > d->slots ? highest - d->slots + 1 : 1;
+	for (uint64_t k = first; highest && k <= highest; k++)
+		if (found[(k - 1) % d->slots] != k)
+			missing++;
+	report("VERIFY %s highest=%" PRIu64 " intact=%" PRIu64 " corrupt=%" PRIu64 " missing=%" PRIu64, d->name, highest,
+	       intact, corrupt, missing);
+	free(found);
+	free(buf);
+	close(fd);
+}
+
+int main(void)
+{
+	report_fd = open("/dev/ttyS1", O_WRONLY | O_NOCTTY);
+	if (report_fd < 0)
+		report_fd = STDOUT_FILENO;
+	parse_cmdline();
+	find_disks();
+	if (!strcmp(opt.mode, "verify")) {
+		for (int i = 0; i < ndisks; i++)
+			verify_disk(&disks[i]);
+		report("VERIFY-DONE");
+		power_off();
+	}
+	if (!strcmp(opt.mode, "workload"))
+		workload();
+	errno = EINVAL;
+	fail(opt.mode);
+}
