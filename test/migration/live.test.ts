@@ -1,0 +1,153 @@
+// Hybrid live migration between two real QEMUs, the test guest writing to every
+// disk throughout; the guest's own verify mode is the judge afterwards.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { checkVerify } from '../../src/guest/test-guest.ts';
+import { imageInfo } from '../../src/storage/local-pool.ts';
+import { hasCode } from '../../src/errors.ts';
+import { MigrationRig, type RigLayout } from '../support/migration-rig.ts';
+import type { MigrationEvent } from '../../src/migration/phases.ts';
+
+const guest = { mode: 'workload', spanMiB: 8 } as const;
+
+/** Migrates with the guest writing, then checks it kept writing on B and that every acked record is intact. */
+async function migrateAndJudge(name: string, layout: RigLayout, guestOptions = {}) {
+  const rig = await MigrationRig.start(name, layout, { ...guest, ...guestOptions });
+  try {
+    await rig.waitForAcks(20);
+    const plan = await rig.plan();
+    assert.deepEqual(plan.refusals, []);
+    const report = await rig.migrate(plan);
+    assert.equal(report.outcome, 'completed', report.error?.message);
+    assert.equal(rig.source.isAlive, false, 'the source QEMU quit');
+    assert.equal((await rig.destination?.vm?.status())?.status, 'running');
+    // The guest keeps acknowledging records on the destination.
+    const before = (await rig.waitForAcks(0)).acks;
+    const after = await rig.waitForAcks(10, before);
+    const destinationDisks = rig.destination?.vm?.spec.disks ?? [];
+    const verify = await rig.verify(destinationDisks);
+    const acked = (await rig.waitForAcks(0)).acks;
+    assert.ok([...acked.values()].every((k) => k >= 10), `acks: ${JSON.stringify([...after.acks])}`);
+    assert.deepEqual(checkVerify(verify, acked), []);
+    return { rig, report, destinationDisks };
+  } catch (err) {
+    await rig.cleanup.run();
+    throw err;
+  }
+}
+
+test('one local and one shared disk under heavy writes: every acked record intact, shared bytes 0, local bytes near the allocation', async () => {
+  const { rig, report, destinationDisks } = await migrateAndJudge(
+    'mixed',
+    { local: [{ id: 'local0', sizeMiB: 256, fillMiB: 48 }], shared: [{ id: 'shared0', sizeMiB: 64 }] },
+    { bulkMiBs: 8, bulkDisks: ['local0'], dirtyMiB: 32 },
+  );
+  try {
+    const local = report.disks.find((d) => d.id === 'local0');
+    const shared = report.disks.find((d) => d.id === 'shared0');
+    assert.equal(shared?.operation, 'reattach');
+    assert.equal(shared?.bytesSent, 0);
+    assert.equal(local?.operation, 'mirror');
+    const target = destinationDisks.find((d) => d.id === 'local0');
+    assert.ok(target?.source.kind === 'file');
+    const allocated = (await imageInfo(target.source.path, 'qcow2')).allocatedBytes;
+    assert.ok((local?.bytesSent ?? 0) <= 1.1 * allocated, `mirror sent ${local?.bytesSent} bytes for ${allocated} allocated`);
+    assert.ok((local?.bytesSent ?? 0) >= 48 * 1024 * 1024, 'the prefilled data was sent');
+    assert.ok(report.downtimeMs !== undefined && report.downtimeMs > 0);
+    assert.deepEqual(rig.poolBFiles(), ['mixed-local0.qcow2']);
+  } finally {
+    await rig.cleanup.run();
+  }
+});
+
+test('two local and two shared disks, one of them read-only', async () => {
+  const { rig, report } = await migrateAndJudge('many', {
+    local: [
+      { id: 'local0', sizeMiB: 64, fillMiB: 8 },
+      { id: 'local1', sizeMiB: 64 },
+    ],
+    shared: [
+      { id: 'shared0', sizeMiB: 64 },
+      { id: 'iso0', sizeMiB: 16, readOnly: true },
+    ],
+  });
+  try {
+    assert.deepEqual(
+      report.disks.map((d) => [d.id, d.operation]),
+      [['local0', 'mirror'], ['local1', 'mirror'], ['shared0', 'reattach'], ['iso0', 'reattach']],
+    );
+    assert.deepEqual(report.disks.filter((d) => d.operation === 'reattach').map((d) => d.bytesSent), [0, 0]);
+  } finally {
+    await rig.cleanup.run();
+  }
+});
+
+test('shared disks only: nothing is mirrored and nothing lands in the destination pool', async () => {
+  const { rig, report } = await migrateAndJudge('sharedonly', { local: [], shared: [{ id: 'shared0', sizeMiB: 64 }] });
+  try {
+    assert.deepEqual(report.disks.map((d) => [d.id, d.operation, d.bytesSent]), [['shared0', 'reattach', 0]]);
+    assert.deepEqual(rig.poolBFiles(), []);
+  } finally {
+    await rig.cleanup.run();
+  }
+});
+
+test('local disks only', async () => {
+  const { rig, report } = await migrateAndJudge('localonly', { local: [{ id: 'local0', sizeMiB: 64, fillMiB: 8 }], shared: [] });
+  try {
+    assert.deepEqual(report.disks.map((d) => [d.id, d.operation]), [['local0', 'mirror']]);
+  } finally {
+    await rig.cleanup.run();
+  }
+});
+
+/** Cancels when `when` first holds for an event; checks the guest still runs on A and B is clean. */
+async function cancelAndCheck(name: string, when: (e: MigrationEvent) => boolean) {
+  const rig = await MigrationRig.start(name, { local: [{ id: 'local0', sizeMiB: 128, fillMiB: 32 }], shared: [{ id: 'shared0', sizeMiB: 64 }] }, guest);
+  try {
+    await rig.waitForAcks(20);
+    // A low bandwidth cap keeps each phase open long enough to cancel inside it.
+    const plan = await rig.plan({ bandwidthMiBs: 4 });
+    const controller = new AbortController();
+    const report = await rig.migrate(plan, { signal: controller.signal, onEvent: (e) => when(e) && controller.abort() });
+    assert.equal(report.outcome, 'cancelled');
+    assert.equal(report.error?.code, 'VMF_ABORTED');
+    assert.equal((await rig.source.status()).status, 'running');
+    assert.equal(rig.destination?.vm, undefined, 'no destination QEMU left');
+    assert.deepEqual(rig.poolBFiles(), [], 'no target volume left');
+    const before = (await rig.waitForAcks(0)).acks;
+    await rig.waitForAcks(10, before);
+    const verify = await rig.verify(rig.spec.disks);
+    assert.deepEqual(checkVerify(verify, (await rig.waitForAcks(0)).acks), []);
+    return report;
+  } finally {
+    await rig.cleanup.run();
+  }
+}
+
+test('cancel during the mirror: the guest keeps running on the source, the destination is clean', async () => {
+  const report = await cancelAndCheck('cancelmirror', (e) => e.type === 'disks' && e.disks.some((d) => d.bytesDone > 0 && !d.ready));
+  assert.deepEqual(report.phases.map((p) => p.phase).slice(-3), ['mirroring', 'rolling-back', 'cancelled']);
+});
+
+test('cancel during the RAM phase: the guest keeps running on the source, the destination is clean', async () => {
+  const report = await cancelAndCheck('cancelram', (e) => e.type === 'ram' && e.ram.transferredBytes > 0);
+  assert.deepEqual(report.phases.map((p) => p.phase).slice(-3), ['migrating', 'rolling-back', 'cancelled']);
+});
+
+test('a shared volume the destination cannot reach: refused with the reason, nothing touched', async () => {
+  const rig = await MigrationRig.start('refused', { local: [{ id: 'local0', sizeMiB: 64 }], shared: [] }, guest);
+  try {
+    await rig.waitForAcks(5);
+    const unreachable = structuredClone(rig.spec);
+    unreachable.disks.push({ id: 'gone', source: { kind: 'nbd', server: { type: 'inet', host: '127.0.0.1', port: 1 }, export: 'gone' } });
+    const plan = await rig.plan({}, unreachable);
+    assert.deepEqual(plan.refusals, ['disk gone: B cannot reach shared volume nbd://127.0.0.1:1/gone']);
+    await assert.rejects(rig.migrate(plan), (err: unknown) => hasCode(err, 'VMF_MIGRATION_REFUSED') && /cannot reach shared volume/.test(String(err)));
+    assert.equal(rig.destination?.vm, undefined);
+    assert.deepEqual(rig.poolBFiles(), []);
+    assert.equal((await rig.source.status()).status, 'running');
+  } finally {
+    await rig.cleanup.run();
+  }
+});

@@ -1,0 +1,124 @@
+/**
+ * Two "hosts" in one process for migration tests: host A runs the test guest
+ * from its pool, host B has an empty pool, and shared volumes are served by an
+ * NBD server both reach. Everything is real QEMU; the hosts differ only in
+ * their directories.
+ */
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { reportLogOf, testGuestSpec, waitForAcks, type GuestOptions, type GuestReport } from '../../src/guest/test-guest.ts';
+import { verifyDisks } from '../../src/guest/verify.ts';
+import { runMigration } from '../../src/migration/executor.ts';
+import type { MigrationEvent, MigrationReport } from '../../src/migration/phases.ts';
+import { defaultMigrationOptions, planMigration, type MigrationOptions, type MigrationPlan } from '../../src/migration/plan.ts';
+import { probeDestination, probeSource, qemuCapabilities } from '../../src/migration/probe.ts';
+import { QemuDestination } from '../../src/migration/qemu-destination.ts';
+import { QemuSource } from '../../src/migration/qemu-source.ts';
+import { QemuProcess } from '../../src/qemu/process.ts';
+import type { DiskSpec, VmSpec } from '../../src/qemu/spec.ts';
+import { LocalPool } from '../../src/storage/local-pool.ts';
+import { Cleanup } from './cleanup.ts';
+import { serveWithQemuNbd } from './qemu-nbd.ts';
+import { makeTempDir } from './temp.ts';
+
+export interface RigLayout {
+  local: { id: string; sizeMiB: number; fillMiB?: number }[];
+  shared: { id: string; sizeMiB: number; readOnly?: boolean }[];
+}
+
+export class MigrationRig {
+  readonly cleanup = new Cleanup();
+  dir = '';
+  poolA!: LocalPool;
+  poolB!: LocalPool;
+  spec!: VmSpec;
+  source!: QemuProcess;
+  destination: QemuDestination | undefined;
+
+  static async start(name: string, layout: RigLayout, guest: GuestOptions): Promise<MigrationRig> {
+    const rig = new MigrationRig();
+    try {
+      await rig.#start(name, layout, guest);
+    } catch (err) {
+      await rig.cleanup.run();
+      throw err;
+    }
+    return rig;
+  }
+
+  async #start(name: string, layout: RigLayout, guest: GuestOptions): Promise<void> {
+    const temp = await makeTempDir(`migrate-${name}`);
+    this.cleanup.add('remove temp dir', () => temp.remove());
+    this.dir = temp.path;
+    for (const sub of ['poolA', 'poolB', 'shared', 'runA', 'runB', 'logs']) mkdirSync(join(this.dir, sub));
+    this.poolA = new LocalPool(join(this.dir, 'poolA'));
+    this.poolB = new LocalPool(join(this.dir, 'poolB'));
+    const disks: DiskSpec[] = [];
+    for (const local of layout.local) {
+      const path = await this.poolA.create(`${name}-${local.id}.qcow2`, 'qcow2', local.sizeMiB * 1024 * 1024);
+      // Data beyond the guest's record area, so the mirror has real bytes to carry.
+      if (local.fillMiB) execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x6b ${local.sizeMiB - local.fillMiB}M ${local.fillMiB}M`, path], { stdio: 'ignore' });
+      disks.push({ id: local.id, source: { kind: 'file', path, format: 'qcow2' } });
+    }
+    for (const shared of layout.shared) {
+      const image = join(this.dir, 'shared', `${shared.id}.raw`);
+      execFileSync('qemu-img', ['create', '-q', '-f', 'raw', image, `${shared.sizeMiB}M`]);
+      const server = await serveWithQemuNbd(image, 'raw', join(this.dir, 'shared'), shared.id);
+      this.cleanup.add(`stop NBD server of ${shared.id}`, () => server.stop());
+      disks.push({ id: shared.id, source: { kind: 'nbd', server: { type: 'unix', path: server.socket }, export: shared.id }, readOnly: shared.readOnly ?? false });
+    }
+    // Host write-back of fresh images would compete with the mirror.
+    execFileSync('sync');
+    this.spec = testGuestSpec(name, disks, join(this.dir, 'logs'), guest);
+    this.source = await QemuProcess.start(this.spec, { runDir: join(this.dir, 'runA', name) });
+    this.cleanup.add('stop source QEMU', () => this.source.kill());
+    this.cleanup.add('stop destination QEMU', () => this.destination?.vm?.kill());
+  }
+
+  writableDiskIds(): string[] {
+    return this.spec.disks.filter((d) => !d.readOnly).map((d) => d.id);
+  }
+
+  /** Report logs in order: the source's, then the destination's once there is one. */
+  reportLogs(): string[] {
+    const logs = [reportLogOf(this.spec)];
+    const destinationSpec = this.destination?.vm?.spec;
+    if (destinationSpec) logs.push(reportLogOf(destinationSpec));
+    return logs;
+  }
+
+  waitForAcks(atLeast: number, since?: Map<string, number>): Promise<GuestReport> {
+    return waitForAcks(this.reportLogs(), this.writableDiskIds(), { atLeast, since, timeoutMs: 90_000 });
+  }
+
+  async plan(options: Partial<MigrationOptions> = {}, spec: VmSpec = this.spec): Promise<MigrationPlan> {
+    const qemu = await qemuCapabilities();
+    const sourceFacts = await probeSource('A', spec, qemu);
+    const destinationFacts = await probeDestination('B', spec, this.poolB, [], qemu);
+    return planMigration(spec, sourceFacts, destinationFacts, { ...defaultMigrationOptions, ...options });
+  }
+
+  async migrate(plan: MigrationPlan, extra: { signal?: AbortSignal; onEvent?: (e: MigrationEvent) => void } = {}): Promise<MigrationReport> {
+    this.destination = new QemuDestination({ hostId: 'B', pool: this.poolB, runDir: join(this.dir, 'runB'), address: '127.0.0.1' });
+    return runMigration({
+      spec: this.spec,
+      plan,
+      source: new QemuSource({ hostId: 'A', vm: this.source }),
+      destination: this.destination,
+      ...extra,
+    });
+  }
+
+  poolBFiles(): string[] {
+    return readdirSync(this.poolB.dir);
+  }
+
+  /** Kills whichever QEMU runs the guest, then boots verify mode on `disks`. */
+  async verify(disks: DiskSpec[]): Promise<ReturnType<typeof verifyDisks>> {
+    await this.source.kill();
+    await this.destination?.vm?.kill();
+    mkdirSync(join(this.dir, 'verify'), { recursive: true });
+    return verifyDisks(disks, join(this.dir, 'verify'), { spanMiB: 8 });
+  }
+}
