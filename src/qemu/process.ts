@@ -4,6 +4,7 @@
  * noticed and reported with the tail of what it printed.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { mkdir, open, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
@@ -62,6 +63,22 @@ function waitForExit(child: ChildProcess): Promise<{ code: number | null; signal
   });
 }
 
+function isProcessAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Exit of a process that is not our child (adopted): known only by its disappearance. */
+async function waitForAdoptedExit(pid: number, monitorClosed: Promise<unknown>, stderrPath: string): Promise<Omit<QemuExit, 'expected'>> {
+  await monitorClosed;
+  while (isProcessAlive(pid)) await sleep(50);
+  return { code: null, signal: null, stderrTail: await readTail(stderrPath) };
+}
+
 export class QemuProcess {
   readonly spec: VmSpec;
   readonly pid: number;
@@ -69,15 +86,13 @@ export class QemuProcess {
   readonly monitor: QemuMonitor;
   /** Settles when QEMU exits, however that happens. Never rejects. */
   readonly exited: Promise<QemuExit>;
-  readonly #child: ChildProcess;
   readonly #logger: Logger | undefined;
   #exitRequested = false;
   #exitInfo: QemuExit | undefined;
 
-  private constructor(spec: VmSpec, child: ChildProcess, monitor: QemuMonitor, runDir: string, exited: Promise<QemuExit>, logger?: Logger) {
+  private constructor(spec: VmSpec, pid: number, monitor: QemuMonitor, runDir: string, exited: Promise<QemuExit>, logger?: Logger) {
     this.spec = spec;
-    this.#child = child;
-    this.pid = child.pid as number;
+    this.pid = pid;
     this.monitor = monitor;
     this.runDir = runDir;
     this.#logger = logger;
@@ -134,7 +149,7 @@ export class QemuProcess {
         died,
         spawnError,
       ]);
-      const vm = new QemuProcess(spec, child, new QemuMonitor(client), options.runDir, exited, logger);
+      const vm = new QemuProcess(spec, child.pid as number, new QemuMonitor(client), options.runDir, exited, logger);
       logger?.info({ pid: vm.pid, mode }, 'QEMU started');
       return vm;
     } catch (err) {
@@ -146,9 +161,24 @@ export class QemuProcess {
     }
   }
 
+  /**
+   * Takes over a QEMU started earlier (by a previous agent process) from its
+   * run directory: the pidfile says which process, the QMP socket reconnects.
+   * Returns undefined when that QEMU is no longer running.
+   */
+  static async adopt(spec: VmSpec, runDir: string, logger?: Logger): Promise<QemuProcess | undefined> {
+    const pid = Number((await readFile(join(runDir, 'qemu.pid'), 'utf8').catch(() => '')).trim());
+    if (!Number.isInteger(pid) || pid <= 0 || !isProcessAlive(pid)) return undefined;
+    const client = await QmpClient.connect(join(runDir, 'qmp.sock'), { timeoutMs: 5_000, logger }).catch(() => undefined);
+    if (!client) return undefined;
+    const exited = waitForAdoptedExit(pid, client.closed, join(runDir, 'qemu.log')).then((exit) => ({ ...exit, expected: false }));
+    logger?.info({ pid, vm: spec.name }, 'adopted running QEMU');
+    return new QemuProcess(spec, pid, new QemuMonitor(client), runDir, exited, logger);
+  }
+
   /** True until the process has exited. */
   get isAlive(): boolean {
-    return this.#exitInfo === undefined && this.#child.exitCode === null && this.#child.signalCode === null;
+    return this.#exitInfo === undefined && isProcessAlive(this.pid);
   }
 
   status(): Promise<StatusInfo> {
@@ -172,7 +202,7 @@ export class QemuProcess {
   /** SIGKILL: for a QEMU that no longer answers, or for tests that simulate a crash. */
   async kill(): Promise<QemuExit> {
     this.#exitRequested = true;
-    if (this.isAlive) this.#child.kill('SIGKILL');
+    if (this.isAlive) process.kill(this.pid, 'SIGKILL');
     return this.exited;
   }
 
