@@ -4,6 +4,7 @@
  * (same devices, same disk ids; shared disks point at the same exports) and
  * exports the targets writable over NBD for the source's mirrors.
  */
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { VmferryError } from '../errors.ts';
@@ -18,8 +19,8 @@ import type { DestinationSide, MirrorTarget, PreparedDestination } from './sides
 export interface QemuDestinationOptions {
   hostId: string;
   pool: LocalPool;
-  /** Parent directory of each VM's run directory (QMP socket, QEMU log, serial logs). */
-  runDir: string;
+  /** The directory of a VM on this host: its serial logs, and QEMU's run files under qemu/. */
+  vmDir: (vm: string) => string;
   /** The address the source reaches this host at, for the migration stream and the NBD exports. */
   address: string;
   logger?: Logger;
@@ -39,6 +40,7 @@ export class QemuDestination implements DestinationSide {
   #exportIds: string[] = [];
   #nbdServerStarted = false;
   #resumed = false;
+  #vmName: string | undefined;
 
   constructor(options: QemuDestinationOptions) {
     this.hostId = options.hostId;
@@ -52,9 +54,10 @@ export class QemuDestination implements DestinationSide {
 
   async prepare(spec: VmSpec, plan: MigrationPlan, signal: AbortSignal): Promise<PreparedDestination> {
     const { pool, address } = this.#options;
-    const vmRunDir = join(this.#options.runDir, spec.name);
+    this.#vmName = spec.name;
+    const vmDir = this.#options.vmDir(spec.name);
     const destinationSpec: VmSpec = structuredClone(spec);
-    destinationSpec.serialLogs = (spec.serialLogs ?? []).map((_, i) => join(vmRunDir, `serial${i}.log`));
+    destinationSpec.serialLogs = (spec.serialLogs ?? []).map((_, i) => join(vmDir, `serial${i}.log`));
 
     for (const disk of destinationSpec.disks) {
       const planned = plan.disks.find((d) => d.id === disk.id);
@@ -65,7 +68,7 @@ export class QemuDestination implements DestinationSide {
     }
     signal.throwIfAborted();
 
-    const vm = await QemuProcess.start(destinationSpec, { mode: 'incoming', runDir: vmRunDir, logger: this.#options.logger });
+    const vm = await QemuProcess.start(destinationSpec, { mode: 'incoming', runDir: join(vmDir, 'qemu'), logger: this.#options.logger });
     this.#vm = vm;
     // Opened before migrate-incoming, so the completion event cannot be missed.
     this.#events = vm.monitor.client.listen();
@@ -129,6 +132,7 @@ export class QemuDestination implements DestinationSide {
     }
     for (const name of this.#createdVolumes) await this.#options.pool.remove(name);
     this.#createdVolumes = [];
+    if (this.#vmName) await rm(this.#options.vmDir(this.#vmName), { recursive: true, force: true });
   }
 
   async #incomingPort(signal: AbortSignal): Promise<number> {

@@ -7,7 +7,7 @@
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { reportLogOf, testGuestSpec, waitForAcks, type GuestOptions, type GuestReport } from '../../src/guest/test-guest.ts';
+import { reportLogOf, testGuestSpec, waitForAcks, type GuestOptions, type GuestReport, type VerifyResult } from '../../src/guest/test-guest.ts';
 import { verifyDisks } from '../../src/guest/verify.ts';
 import { runMigration } from '../../src/migration/executor.ts';
 import type { MigrationEvent, MigrationReport } from '../../src/migration/phases.ts';
@@ -100,7 +100,7 @@ export class MigrationRig {
   }
 
   async migrate(plan: MigrationPlan, extra: { signal?: AbortSignal; onEvent?: (e: MigrationEvent) => void } = {}): Promise<MigrationReport> {
-    this.destination = new QemuDestination({ hostId: 'B', pool: this.poolB, runDir: join(this.dir, 'runB'), address: '127.0.0.1' });
+    this.destination = new QemuDestination({ hostId: 'B', pool: this.poolB, vmDir: (vm) => join(this.dir, 'runB', vm), address: '127.0.0.1' });
     return runMigration({
       spec: this.spec,
       plan,
@@ -115,7 +115,7 @@ export class MigrationRig {
   }
 
   /** Kills whichever QEMU runs the guest, then boots verify mode on `disks`. */
-  async verify(disks: DiskSpec[]): Promise<ReturnType<typeof verifyDisks>> {
+  async verify(disks: DiskSpec[]): Promise<Map<string, VerifyResult>> {
     await this.source.kill();
     await this.destination?.vm?.kill();
     mkdirSync(join(this.dir, 'verify'), { recursive: true });
