@@ -5,6 +5,8 @@
  */
 import { Command, CommanderError } from 'commander';
 import { VmferryError, describeError } from '../errors.ts';
+import { registerClusterCommands } from './cluster.ts';
+import { registerDaemonCommands } from './daemons.ts';
 
 const program = new Command('vmferry')
   .description('Live-migrate QEMU/KVM virtual machines whose disks are partly local, partly shared')
@@ -12,6 +14,8 @@ const program = new Command('vmferry')
   .exitOverride();
 
 // Subcommand registrations go here, one line per area.
+registerDaemonCommands(program);
+registerClusterCommands(program);
 
 try {
   await program.parseAsync(process.argv);

@@ -1,0 +1,163 @@
+/**
+ * The agent's API from the outside: a typed client, and the two migration
+ * sides implemented over it, so the executor drives agents exactly as it
+ * drives in-process QEMUs.
+ */
+import type { CreateVmRequest, HostInfo, VmInfo } from '../api/agent-types.ts';
+import { requestJson } from '../http/errors.ts';
+import type { DestinationFacts, MigrationPlan, SourceFacts, CopyMode } from '../migration/plan.ts';
+import type {
+  DestinationSide,
+  MigrationMilestone,
+  MigrationSettings,
+  MirrorStatus,
+  MirrorTarget,
+  PreparedDestination,
+  SourceSide,
+} from '../migration/sides.ts';
+import type { VmSpec } from '../qemu/spec.ts';
+import type { MigrationInfo } from '../qmp/commands.ts';
+
+/** Waits that last as long as a phase of a migration: the migration's own deadline governs them. */
+const longWaitMs = 24 * 3600 * 1000;
+
+export class AgentClient {
+  readonly url: string;
+
+  constructor(url: string) {
+    this.url = url;
+  }
+
+  request<T>(method: string, path: string, body?: unknown, options: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<T> {
+    return requestJson<T>(this.url, method, path, { body, ...options });
+  }
+
+  host(signal?: AbortSignal): Promise<HostInfo> {
+    return this.request('GET', '/v1/host', undefined, { signal, timeoutMs: 5_000 });
+  }
+
+  listVms(): Promise<VmInfo[]> {
+    return this.request('GET', '/v1/vms');
+  }
+
+  getVm(name: string): Promise<VmInfo> {
+    return this.request('GET', `/v1/vms/${encodeURIComponent(name)}`);
+  }
+
+  createVm(request: CreateVmRequest): Promise<VmInfo> {
+    return this.request('POST', '/v1/vms', request);
+  }
+
+  startVm(name: string): Promise<VmInfo> {
+    return this.request('POST', `/v1/vms/${encodeURIComponent(name)}/start`, {}, { timeoutMs: 60_000 });
+  }
+
+  stopVm(name: string, force = false): Promise<VmInfo> {
+    return this.request('POST', `/v1/vms/${encodeURIComponent(name)}/stop${force ? '?force=true' : ''}`, {}, { timeoutMs: 60_000 });
+  }
+
+  deleteVm(name: string): Promise<void> {
+    return this.request('DELETE', `/v1/vms/${encodeURIComponent(name)}`);
+  }
+
+  probeSource(vm: string): Promise<SourceFacts> {
+    return this.request('POST', `/v1/vms/${encodeURIComponent(vm)}/probe-source`, {}, { timeoutMs: 60_000 });
+  }
+
+  probeDestination(spec: VmSpec): Promise<DestinationFacts> {
+    return this.request('POST', '/v1/probe-destination', { spec }, { timeoutMs: 60_000 });
+  }
+}
+
+export class RemoteDestination implements DestinationSide {
+  readonly hostId: string;
+  readonly #agent: AgentClient;
+  readonly #path: string;
+
+  constructor(hostId: string, agent: AgentClient, migrationId: string) {
+    this.hostId = hostId;
+    this.#agent = agent;
+    this.#path = `/v1/migrations/${encodeURIComponent(migrationId)}/destination`;
+  }
+
+  prepare(spec: VmSpec, plan: MigrationPlan, signal: AbortSignal): Promise<PreparedDestination> {
+    return this.#agent.request('POST', `${this.#path}/prepare`, { spec, plan }, { signal, timeoutMs: 120_000 });
+  }
+
+  async waitIncomingCompleted(signal: AbortSignal): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/wait-incoming`, {}, { signal, timeoutMs: longWaitMs });
+  }
+
+  async resume(signal: AbortSignal): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/resume`, {}, { signal, timeoutMs: 60_000 });
+  }
+
+  async rollback(): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/rollback`, {}, { timeoutMs: 120_000 });
+  }
+}
+
+export class RemoteSource implements SourceSide {
+  readonly hostId: string;
+  readonly #agent: AgentClient;
+  readonly #path: string;
+
+  constructor(hostId: string, agent: AgentClient, migrationId: string) {
+    this.hostId = hostId;
+    this.#agent = agent;
+    this.#path = `/v1/migrations/${encodeURIComponent(migrationId)}/source`;
+  }
+
+  async begin(vm: string): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/begin`, { vm });
+  }
+
+  async startMirrors(targets: MirrorTarget[], copyMode: CopyMode, bandwidthBytes: number | undefined, signal: AbortSignal): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/mirrors`, { targets, copyMode, bandwidthBytes }, { signal, timeoutMs: 60_000 });
+  }
+
+  mirrorStatus(signal: AbortSignal): Promise<MirrorStatus[]> {
+    return this.#agent.request('GET', `${this.#path}/mirrors`, undefined, { signal });
+  }
+
+  async startMigration(uri: string, settings: MigrationSettings, signal: AbortSignal): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/migrate`, { uri, settings }, { signal });
+  }
+
+  migrationInfo(signal: AbortSignal): Promise<MigrationInfo> {
+    return this.#agent.request('GET', `${this.#path}/info`, undefined, { signal });
+  }
+
+  async waitMilestone(signal: AbortSignal): Promise<MigrationMilestone> {
+    const reply = await this.#agent.request<{ milestone: MigrationMilestone }>('POST', `${this.#path}/wait-milestone`, {}, { signal, timeoutMs: longWaitMs });
+    return reply.milestone;
+  }
+
+  async setDowntimeLimit(ms: number, signal: AbortSignal): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/downtime-limit`, { ms }, { signal });
+  }
+
+  async startPostcopy(signal: AbortSignal): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/postcopy`, {}, { signal });
+  }
+
+  finishMirrors(signal: AbortSignal): Promise<{ diskId: string; bytesSent: number }[]> {
+    return this.#agent.request('POST', `${this.#path}/finish-mirrors`, {}, { signal, timeoutMs: longWaitMs });
+  }
+
+  async continueSwitchover(signal: AbortSignal): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/continue`, {}, { signal });
+  }
+
+  completedInfo(signal: AbortSignal): Promise<MigrationInfo> {
+    return this.#agent.request('GET', `${this.#path}/completed-info`, undefined, { signal });
+  }
+
+  async retire(keepLocalDisks: boolean): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/retire`, { keepLocalDisks }, { timeoutMs: 60_000 });
+  }
+
+  async rollback(): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/rollback`, {}, { timeoutMs: 120_000 });
+  }
+}

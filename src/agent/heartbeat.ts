@@ -1,0 +1,26 @@
+/** Tells the controller every few seconds that this agent is alive and where it is. */
+import type { Logger } from 'pino';
+import { describeError } from '../errors.ts';
+import { requestJson } from '../http/errors.ts';
+
+export const heartbeatIntervalMs = 3_000;
+
+export function startHeartbeat(controllerUrl: string, host: { id: string; url: string; address: string }, logger: Logger): () => void {
+  let failing = false;
+  const beat = (): void => {
+    requestJson(controllerUrl, 'POST', '/v1/hosts/heartbeat', { body: host, timeoutMs: 2_000 }).then(
+      () => {
+        if (failing) logger.info(`controller ${controllerUrl} reachable again`);
+        failing = false;
+      },
+      (err: unknown) => {
+        // Logged once per outage, not every beat.
+        if (!failing) logger.warn({ err: describeError(err) }, `cannot reach controller ${controllerUrl}`);
+        failing = true;
+      },
+    );
+  };
+  beat();
+  const timer = setInterval(beat, heartbeatIntervalMs);
+  return () => clearInterval(timer);
+}

@@ -1,0 +1,159 @@
+/**
+ * The agent's HTTP API: VMs on this host, its pool, and both halves of the
+ * migrations it takes part in. Routes validate with typebox and hand typed
+ * requests to the VmRegistry and MigrationSides services.
+ */
+import { statfs } from 'node:fs/promises';
+import { Type } from '@sinclair/typebox';
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+import swagger from '@fastify/swagger';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import type { Logger } from 'pino';
+import { CreateVmRequestSchema, MigrationParamsSchema, VmNameParamsSchema, type HostInfo } from '../api/agent-types.ts';
+import { installErrorHandler } from '../http/errors.ts';
+import { replySignal } from '../http/request-signal.ts';
+import type { MigrationPlan } from '../migration/plan.ts';
+import type { MigrationSettings, MirrorTarget } from '../migration/sides.ts';
+import { validateVmSpec } from '../qemu/spec.ts';
+import { MigrationSides } from './migration-sides.ts';
+import { VmRegistry } from './vm-registry.ts';
+import { readFile } from 'node:fs/promises';
+
+export interface AgentOptions {
+  hostId: string;
+  dataDir: string;
+  /** The address other hosts use to reach this one (migration stream, NBD exports). */
+  address: string;
+  logger: Logger;
+}
+
+const MirrorsBody = Type.Object({
+  targets: Type.Array(Type.Unknown(), { maxItems: 16 }),
+  copyMode: Type.Union([Type.Literal('background'), Type.Literal('write-blocking')]),
+  bandwidthBytes: Type.Optional(Type.Integer({ minimum: 1 })),
+});
+const MigrateBody = Type.Object({
+  uri: Type.String({ pattern: '^tcp:' }),
+  settings: Type.Object({
+    maxBandwidthBytes: Type.Optional(Type.Integer({ minimum: 1 })),
+    downtimeLimitMs: Type.Integer({ minimum: 1 }),
+    allowPostcopy: Type.Boolean(),
+  }),
+});
+
+async function availableMemoryMiB(): Promise<number> {
+  const meminfo = await readFile('/proc/meminfo', 'utf8');
+  return Math.floor(Number(/^MemAvailable:\s+(\d+) kB/m.exec(meminfo)?.[1] ?? 0) / 1024);
+}
+
+export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyInstance; registry: VmRegistry }> {
+  const registry = new VmRegistry(options.hostId, options.dataDir, options.logger);
+  await registry.init();
+  const sides = new MigrationSides(registry, options.address, options.logger);
+  // Widened to fastify's logger type, so the instance is the plain FastifyInstance the helpers take.
+  const loggerInstance: FastifyBaseLogger = options.logger;
+  const base = Fastify({ loggerInstance, bodyLimit: 1024 * 1024 });
+  installErrorHandler(base);
+  const app = base.withTypeProvider<TypeBoxTypeProvider>();
+  await app.register(swagger, { openapi: { info: { title: 'vmferry agent', version: '0.1.0' } } });
+  app.get('/openapi.json', { schema: { hide: true } }, () => app.swagger());
+
+  app.get('/v1/host', async (): Promise<HostInfo> => {
+    const fs = await statfs(registry.pool.dir);
+    return {
+      hostId: options.hostId,
+      address: options.address,
+      qemuVersion: (await sides.capabilities()).version,
+      freeMemoryMiB: await availableMemoryMiB(),
+      poolFreeBytes: fs.bavail * fs.bsize,
+      vms: registry.names().length,
+    };
+  });
+
+  app.get('/v1/vms', () => registry.list());
+  app.post('/v1/vms', { schema: { body: CreateVmRequestSchema } }, async (request, reply) => {
+    const info = await registry.create(request.body);
+    return reply.status(201).send(info);
+  });
+  app.get('/v1/vms/:name', { schema: { params: VmNameParamsSchema } }, (request) => registry.info(request.params.name));
+  app.post('/v1/vms/:name/start', { schema: { params: VmNameParamsSchema } }, (request) => registry.start(request.params.name));
+  app.post(
+    '/v1/vms/:name/stop',
+    { schema: { params: VmNameParamsSchema, querystring: Type.Object({ force: Type.Optional(Type.Boolean()) }) } },
+    (request) => registry.stop(request.params.name, request.query.force ?? false),
+  );
+  app.delete('/v1/vms/:name', { schema: { params: VmNameParamsSchema } }, async (request, reply) => {
+    await registry.remove(request.params.name);
+    return reply.status(204).send();
+  });
+  app.post('/v1/vms/:name/probe-source', { schema: { params: VmNameParamsSchema } }, (request) => sides.probeSource(request.params.name));
+  app.post('/v1/probe-destination', { schema: { body: Type.Object({ spec: Type.Unknown() }) } }, (request) =>
+    sides.probeDestination(validateVmSpec(request.body.spec)),
+  );
+
+  // Destination half of a migration.
+  const params = MigrationParamsSchema;
+  app.post('/v1/migrations/:id/destination/prepare', { schema: { params, body: Type.Object({ spec: Type.Unknown(), plan: Type.Unknown() }) } }, (request, reply) =>
+    sides.prepareDestination(request.params.id, validateVmSpec(request.body.spec), request.body.plan as MigrationPlan, replySignal(reply)),
+  );
+  app.post('/v1/migrations/:id/destination/wait-incoming', { schema: { params } }, async (request, reply) => {
+    await sides.destination(request.params.id).waitIncomingCompleted(replySignal(reply));
+    return {};
+  });
+  app.post('/v1/migrations/:id/destination/resume', { schema: { params } }, async (request, reply) => {
+    await sides.resumeDestination(request.params.id, replySignal(reply));
+    return {};
+  });
+  app.post('/v1/migrations/:id/destination/rollback', { schema: { params } }, async (request) => {
+    await sides.rollbackDestination(request.params.id);
+    return {};
+  });
+
+  // Source half of a migration.
+  app.post('/v1/migrations/:id/source/begin', { schema: { params, body: Type.Object({ vm: VmNameParamsSchema.properties.name }) } }, (request) => {
+    sides.beginSource(request.params.id, request.body.vm);
+    return {};
+  });
+  app.post('/v1/migrations/:id/source/mirrors', { schema: { params, body: MirrorsBody } }, async (request, reply) => {
+    const { targets, copyMode, bandwidthBytes } = request.body;
+    await sides.source(request.params.id).startMirrors(targets as MirrorTarget[], copyMode, bandwidthBytes, replySignal(reply));
+    return {};
+  });
+  app.get('/v1/migrations/:id/source/mirrors', { schema: { params } }, (request, reply) => sides.source(request.params.id).mirrorStatus(replySignal(reply)));
+  app.post('/v1/migrations/:id/source/migrate', { schema: { params, body: MigrateBody } }, async (request, reply) => {
+    await sides.source(request.params.id).startMigration(request.body.uri, request.body.settings as MigrationSettings, replySignal(reply));
+    return {};
+  });
+  app.get('/v1/migrations/:id/source/info', { schema: { params } }, (request, reply) => sides.source(request.params.id).migrationInfo(replySignal(reply)));
+  app.post('/v1/migrations/:id/source/wait-milestone', { schema: { params } }, async (request, reply) => ({
+    milestone: await sides.source(request.params.id).waitMilestone(replySignal(reply)),
+  }));
+  app.post('/v1/migrations/:id/source/downtime-limit', { schema: { params, body: Type.Object({ ms: Type.Integer({ minimum: 1 }) }) } }, async (request, reply) => {
+    await sides.source(request.params.id).setDowntimeLimit(request.body.ms, replySignal(reply));
+    return {};
+  });
+  app.post('/v1/migrations/:id/source/postcopy', { schema: { params } }, async (request, reply) => {
+    await sides.source(request.params.id).startPostcopy(replySignal(reply));
+    return {};
+  });
+  app.post('/v1/migrations/:id/source/finish-mirrors', { schema: { params } }, (request, reply) =>
+    sides.source(request.params.id).finishMirrors(replySignal(reply)),
+  );
+  app.post('/v1/migrations/:id/source/continue', { schema: { params } }, async (request, reply) => {
+    await sides.source(request.params.id).continueSwitchover(replySignal(reply));
+    return {};
+  });
+  app.get('/v1/migrations/:id/source/completed-info', { schema: { params } }, (request, reply) =>
+    sides.source(request.params.id).completedInfo(replySignal(reply)),
+  );
+  app.post('/v1/migrations/:id/source/retire', { schema: { params, body: Type.Object({ keepLocalDisks: Type.Boolean() }) } }, async (request) => {
+    await sides.retireSource(request.params.id, request.body.keepLocalDisks);
+    return {};
+  });
+  app.post('/v1/migrations/:id/source/rollback', { schema: { params } }, async (request) => {
+    await sides.rollbackSource(request.params.id);
+    return {};
+  });
+
+  return { app: base, registry };
+}

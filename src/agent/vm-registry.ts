@@ -1,0 +1,193 @@
+/**
+ * The VMs of one host: their specs persisted in the agent's data directory,
+ * their QEMU processes started, stopped, and re-adopted when the agent
+ * restarts (an agent restart never kills a guest).
+ *
+ *   DATA/pool/                 local disk images
+ *   DATA/vms/NAME/spec.json    the VM's spec (with this host's paths)
+ *   DATA/vms/NAME/serialN.log  serial port logs
+ *   DATA/vms/NAME/qemu/        QMP socket, pidfile, QEMU's own log
+ */
+import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import { VmferryError } from '../errors.ts';
+import { guestKernelAppend, testGuestPaths } from '../guest/test-guest.ts';
+import { QemuProcess } from '../qemu/process.ts';
+import { validateVmSpec, type DiskSpec, type VmSpec } from '../qemu/spec.ts';
+import { LocalPool } from '../storage/local-pool.ts';
+import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
+
+interface VmEntry {
+  spec: VmSpec;
+  qemu: QemuProcess | undefined;
+  /** Set while a migration uses this VM; start/stop/delete are refused meanwhile. */
+  migrating: boolean;
+}
+
+export class VmRegistry {
+  readonly hostId: string;
+  readonly pool: LocalPool;
+  readonly #dataDir: string;
+  readonly #logger: Logger;
+  readonly #vms = new Map<string, VmEntry>();
+
+  constructor(hostId: string, dataDir: string, logger: Logger) {
+    this.hostId = hostId;
+    this.#dataDir = dataDir;
+    this.#logger = logger;
+    this.pool = new LocalPool(join(dataDir, 'pool'));
+  }
+
+  vmDir(name: string): string {
+    return join(this.#dataDir, 'vms', name);
+  }
+
+  /** Loads persisted VMs and re-adopts the QEMUs still running. */
+  async init(): Promise<void> {
+    await mkdir(this.pool.dir, { recursive: true });
+    await mkdir(join(this.#dataDir, 'vms'), { recursive: true });
+    for (const name of await readdir(join(this.#dataDir, 'vms'))) {
+      const text = await readFile(join(this.vmDir(name), 'spec.json'), 'utf8').catch(() => undefined);
+      if (text === undefined) continue;
+      const spec = validateVmSpec(JSON.parse(text));
+      const qemu = await QemuProcess.adopt(spec, join(this.vmDir(name), 'qemu'), this.#logger);
+      this.#vms.set(name, { spec, qemu, migrating: false });
+      this.#logger.info({ vm: name, running: qemu !== undefined }, qemu ? 're-adopted running VM' : 'loaded stopped VM');
+    }
+  }
+
+  list(): Promise<VmInfo[]> {
+    return Promise.all([...this.#vms.keys()].sort().map((name) => this.info(name)));
+  }
+
+  names(): string[] {
+    return [...this.#vms.keys()];
+  }
+
+  async info(name: string): Promise<VmInfo> {
+    const entry = this.#require(name);
+    let state: VmInfo['state'] = 'stopped';
+    if (entry.qemu?.isAlive) {
+      const status = await entry.qemu.status().catch(() => undefined);
+      state = status?.running ? 'running' : 'paused';
+    }
+    return { name, host: this.hostId, state, pid: entry.qemu?.isAlive ? entry.qemu.pid : null, migrating: entry.migrating, spec: entry.spec };
+  }
+
+  /** The running QEMU of a VM, for the source side of a migration. */
+  running(name: string): QemuProcess {
+    const qemu = this.#require(name).qemu;
+    if (!qemu?.isAlive) throw new VmferryError('VMF_CONFLICT', `VM ${name} is not running on ${this.hostId}`);
+    return qemu;
+  }
+
+  setMigrating(name: string, migrating: boolean): void {
+    const entry = this.#require(name);
+    if (migrating && entry.migrating) throw new VmferryError('VMF_CONFLICT', `VM ${name} is already migrating`);
+    entry.migrating = migrating;
+  }
+
+  async create(request: CreateVmRequest): Promise<VmInfo> {
+    if (this.#vms.has(request.name)) throw new VmferryError('VMF_CONFLICT', `VM ${request.name} already exists on ${this.hostId}`);
+    const vmDir = this.vmDir(request.name);
+    const disks: DiskSpec[] = [];
+    const created: string[] = [];
+    try {
+      for (const disk of request.disks) {
+        if (disk.local) {
+          const format = disk.local.format ?? 'qcow2';
+          const volume = `${request.name}-${disk.id}.${format}`;
+          const path = await this.pool.create(volume, format, disk.local.sizeBytes);
+          created.push(volume);
+          disks.push({ id: disk.id, source: { kind: 'file', path, format }, readOnly: disk.readOnly ?? false, cache: disk.cache ?? 'none' });
+        } else if (disk.shared) {
+          disks.push({ id: disk.id, source: { kind: 'nbd', server: disk.shared.server, export: disk.shared.export }, readOnly: disk.readOnly ?? false, cache: disk.cache ?? 'none' });
+        } else {
+          throw new VmferryError('VMF_INVALID_SPEC', `invalid VM spec: disks.${disk.id} needs "local" or "shared"`);
+        }
+      }
+      const boot =
+        request.boot.kind === 'test-guest'
+          ? { kind: 'kernel' as const, ...testGuestPaths(), append: guestKernelAppend({ mode: 'workload', ...request.boot.options }) }
+          : request.boot;
+      const serialPorts = request.serialPorts ?? (request.boot.kind === 'test-guest' ? 2 : 1);
+      const spec = validateVmSpec({
+        name: request.name,
+        vcpus: request.vcpus ?? 1,
+        memoryMiB: request.memoryMiB ?? 256,
+        ...(request.machine ? { machine: request.machine } : {}),
+        boot,
+        disks,
+        serialLogs: Array.from({ length: serialPorts }, (_, i) => join(vmDir, `serial${i}.log`)),
+      });
+      await this.#persist(spec);
+      this.#vms.set(spec.name, { spec, qemu: undefined, migrating: false });
+      return await this.info(spec.name);
+    } catch (err) {
+      for (const volume of created) await this.pool.remove(volume);
+      await rm(vmDir, { recursive: true, force: true });
+      throw err;
+    }
+  }
+
+  async start(name: string): Promise<VmInfo> {
+    const entry = this.#idle(name);
+    if (entry.qemu?.isAlive) throw new VmferryError('VMF_CONFLICT', `VM ${name} is already running on ${this.hostId}`);
+    entry.qemu = await QemuProcess.start(entry.spec, { runDir: join(this.vmDir(name), 'qemu'), logger: this.#logger });
+    return this.info(name);
+  }
+
+  async stop(name: string, force = false): Promise<VmInfo> {
+    const entry = this.#idle(name);
+    if (entry.qemu) {
+      if (force) await entry.qemu.kill();
+      else await entry.qemu.stop({ guestTimeoutMs: 10_000 });
+      await entry.qemu.cleanup();
+      entry.qemu = undefined;
+    }
+    return this.info(name);
+  }
+
+  async remove(name: string): Promise<void> {
+    const entry = this.#idle(name);
+    if (entry.qemu?.isAlive) throw new VmferryError('VMF_CONFLICT', `VM ${name} is running on ${this.hostId}; stop it first`);
+    for (const disk of entry.spec.disks) {
+      if (disk.source.kind === 'file' && disk.source.path.startsWith(this.pool.dir)) await rm(disk.source.path, { force: true });
+    }
+    await rm(this.vmDir(name), { recursive: true, force: true });
+    this.#vms.delete(name);
+  }
+
+  /** After a migration into this host: the destination QEMU becomes this host's VM. */
+  async adoptMigrated(qemu: QemuProcess): Promise<void> {
+    await this.#persist(qemu.spec);
+    this.#vms.set(qemu.spec.name, { spec: qemu.spec, qemu, migrating: false });
+  }
+
+  /** After a migration away from this host: the VM (whose QEMU has quit) is no longer ours. */
+  async forgetMigrated(name: string): Promise<void> {
+    await rm(this.vmDir(name), { recursive: true, force: true });
+    this.#vms.delete(name);
+  }
+
+  async #persist(spec: VmSpec): Promise<void> {
+    const dir = this.vmDir(spec.name);
+    await mkdir(dir, { recursive: true });
+    // Write then rename: a crash never leaves a half-written spec.
+    await writeFile(join(dir, 'spec.json.tmp'), JSON.stringify(spec, null, 2));
+    await rename(join(dir, 'spec.json.tmp'), join(dir, 'spec.json'));
+  }
+
+  #require(name: string): VmEntry {
+    const entry = this.#vms.get(name);
+    if (!entry) throw new VmferryError('VMF_NOT_FOUND', `no VM named ${name} on ${this.hostId}`);
+    return entry;
+  }
+
+  #idle(name: string): VmEntry {
+    const entry = this.#require(name);
+    if (entry.migrating) throw new VmferryError('VMF_CONFLICT', `VM ${name} is migrating; wait or cancel the migration`);
+    return entry;
+  }
+}

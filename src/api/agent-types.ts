@@ -1,0 +1,92 @@
+/**
+ * The agent's HTTP API types, as typebox schemas: the agent validates requests
+ * with them, and the controller's client is typed by them. Neither side
+ * imports the other's code.
+ */
+import { Type, type Static } from '@sinclair/typebox';
+
+const name = Type.String({ pattern: '^[a-z0-9][a-z0-9._-]{0,62}$', description: 'VM name: a-z, 0-9, ".", "-", "_"' });
+const diskId = Type.String({ pattern: '^[a-z][a-z0-9_-]{0,19}$' });
+
+export const NbdServerSchema = Type.Union([
+  Type.Object({ type: Type.Literal('inet'), host: Type.String({ minLength: 1, maxLength: 255 }), port: Type.Integer({ minimum: 1, maximum: 65535 }) }, { additionalProperties: false }),
+  Type.Object({ type: Type.Literal('unix'), path: Type.String({ pattern: '^/[^,]*$', maxLength: 4096 }) }, { additionalProperties: false }),
+]);
+
+export const CreateVmRequestSchema = Type.Object(
+  {
+    name,
+    vcpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 64 })),
+    memoryMiB: Type.Optional(Type.Integer({ minimum: 16, maximum: 1024 * 1024 })),
+    machine: Type.Optional(Type.String({ pattern: '^[a-z0-9._-]+$' })),
+    boot: Type.Union([
+      Type.Object(
+        { kind: Type.Literal('kernel'), kernel: Type.String({ pattern: '^/' }), initrd: Type.Optional(Type.String({ pattern: '^/' })), append: Type.Optional(Type.String({ maxLength: 4096 })) },
+        { additionalProperties: false },
+      ),
+      Type.Object(
+        {
+          kind: Type.Literal('test-guest'),
+          options: Type.Optional(
+            Type.Object(
+              {
+                spanMiB: Type.Optional(Type.Integer({ minimum: 1, maximum: 1 << 20 })),
+                dirtyMiB: Type.Optional(Type.Integer({ minimum: 0, maximum: 1 << 20 })),
+                dirtyRateMiBs: Type.Optional(Type.Integer({ minimum: 0, maximum: 1 << 20 })),
+                bulkMiBs: Type.Optional(Type.Integer({ minimum: 0, maximum: 1 << 20 })),
+                intervalMs: Type.Optional(Type.Integer({ minimum: 0, maximum: 60_000 })),
+              },
+              { additionalProperties: false },
+            ),
+          ),
+        },
+        { additionalProperties: false },
+      ),
+    ]),
+    disks: Type.Array(
+      Type.Object(
+        {
+          id: diskId,
+          local: Type.Optional(
+            Type.Object(
+              { sizeBytes: Type.Integer({ minimum: 1 << 20, maximum: 2 ** 50 }), format: Type.Optional(Type.Union([Type.Literal('qcow2'), Type.Literal('raw')])) },
+              { additionalProperties: false },
+            ),
+          ),
+          shared: Type.Optional(Type.Object({ server: NbdServerSchema, export: Type.String({ maxLength: 4096 }) }, { additionalProperties: false })),
+          readOnly: Type.Optional(Type.Boolean()),
+          cache: Type.Optional(
+            Type.Union([Type.Literal('none'), Type.Literal('writeback'), Type.Literal('writethrough'), Type.Literal('directsync'), Type.Literal('unsafe')]),
+          ),
+        },
+        { additionalProperties: false },
+      ),
+      { maxItems: 16 },
+    ),
+    serialPorts: Type.Optional(Type.Integer({ minimum: 0, maximum: 4 })),
+  },
+  { additionalProperties: false },
+);
+export type CreateVmRequest = Static<typeof CreateVmRequestSchema>;
+
+export const VmNameParamsSchema = Type.Object({ name });
+export const MigrationParamsSchema = Type.Object({ id: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$' }) });
+
+export interface VmInfo {
+  name: string;
+  host: string;
+  state: 'running' | 'paused' | 'stopped';
+  pid: number | null;
+  migrating: boolean;
+  spec: import('../qemu/spec.ts').VmSpec;
+}
+
+export interface HostInfo {
+  hostId: string;
+  /** The address other hosts reach this one at, for migration streams and NBD exports. */
+  address: string;
+  qemuVersion: string;
+  freeMemoryMiB: number;
+  poolFreeBytes: number;
+  vms: number;
+}

@@ -1,0 +1,204 @@
+/** CLI commands that talk to the controller: hosts, VMs, migrations. */
+import type { Command } from 'commander';
+import type { CreateVmRequest } from '../api/agent-types.ts';
+import { VmferryError } from '../errors.ts';
+import { defaultControllerUrl, parseListen, parsePositive, parseSize, printJson } from './common.ts';
+import { ControllerClient } from './controller-client.ts';
+import { followMigration } from './progress.ts';
+import { renderPlan, renderReport, table } from './render.ts';
+
+interface GlobalOptions {
+  controller: string;
+  json?: boolean;
+}
+
+function client(command: Command): { api: ControllerClient; json: boolean } {
+  const opts = command.optsWithGlobals<GlobalOptions>();
+  return { api: new ControllerClient(opts.controller), json: opts.json ?? false };
+}
+
+function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+function parseDiskArg(value: string, flag: string): [string, string] {
+  const at = value.indexOf(':');
+  if (at <= 0 || at === value.length - 1) throw new VmferryError('VMF_INVALID_ARGUMENT', `${flag} must be ID:VALUE (got "${value}")`);
+  return [value.slice(0, at), value.slice(at + 1)];
+}
+
+export function registerClusterCommands(program: Command): void {
+  program.option('--controller <url>', 'controller URL (or VMFERRY_CONTROLLER)', defaultControllerUrl).option('--json', 'machine-readable output');
+
+  program
+    .command('host')
+    .description('hosts of the cluster')
+    .command('list')
+    .description('list hosts and whether their agents report')
+    .action(async (_opts, command: Command) => {
+      const { api, json } = client(command);
+      const hosts = await api.hosts();
+      if (json) printJson(hosts);
+      else console.log(table(['host', 'state', 'agent', 'address', 'last seen'], hosts.map((h) => [h.id, h.state, h.url, h.address, `${Math.round((Date.now() - h.lastSeen) / 1000)} s ago`])));
+    });
+
+  const vm = program.command('vm').description('virtual machines');
+  vm.command('list')
+    .description('list VMs on every reachable host')
+    .action(async (_opts, command: Command) => {
+      const { api, json } = client(command);
+      const vms = await api.vms();
+      if (json) printJson(vms);
+      else console.log(table(['vm', 'host', 'state', 'memory', 'disks'], vms.map((v) => [v.name, v.host, v.migrating ? `${v.state} (migrating)` : v.state, `${v.spec.memoryMiB} MiB`, v.spec.disks.map((d) => `${d.id}:${d.source.kind === 'file' ? 'local' : 'shared'}`).join(' ')])));
+    });
+  vm.command('show <name>')
+    .description('show one VM and its spec')
+    .action(async (name: string, _opts, command: Command) => {
+      const { api } = client(command);
+      console.log(JSON.stringify(await api.vm(name), null, 2));
+    });
+  vm.command('create <name>')
+    .description('create a VM on a host (its local disks are created in the host\'s pool)')
+    .requiredOption('--host <host>', 'host to create it on')
+    .option('--memory <MiB>', 'memory in MiB', '256')
+    .option('--vcpus <n>', 'virtual CPUs', '1')
+    .option('--local-disk <id:size>', 'a local disk in the host\'s pool, e.g. root:1G (repeatable)', collect, [])
+    .option('--shared-disk <id:volume>', 'a shared volume on the storage server (repeatable)', collect, [])
+    .option('--ro-shared-disk <id:volume>', 'a read-only shared volume (repeatable)', collect, [])
+    .option('--storage-nbd <host:port>', 'NBD address of the storage server', '127.0.0.1:10809')
+    .option('--kernel <path>', 'boot this kernel (direct kernel boot)')
+    .option('--initrd <path>', 'initrd for --kernel')
+    .option('--append <cmdline>', 'kernel command line for --kernel')
+    .option('--test-guest', 'boot vmferry\'s test guest, writing checkable records to every disk')
+    .action(async (name: string, opts: Record<string, string | string[] | boolean | undefined>, command: Command) => {
+      const { api, json } = client(command);
+      const storage = parseListen(opts.storageNbd as string, '--storage-nbd');
+      const server = { type: 'inet' as const, host: storage.host, port: storage.port };
+      const disks: CreateVmRequest['disks'] = [
+        ...(opts.localDisk as string[]).map((arg) => {
+          const [id, size] = parseDiskArg(arg, '--local-disk');
+          return { id, local: { sizeBytes: parseSize(size, `--local-disk ${id}`) } };
+        }),
+        ...(opts.sharedDisk as string[]).map((arg) => {
+          const [id, volume] = parseDiskArg(arg, '--shared-disk');
+          return { id, shared: { server, export: volume } };
+        }),
+        ...(opts.roSharedDisk as string[]).map((arg) => {
+          const [id, volume] = parseDiskArg(arg, '--ro-shared-disk');
+          return { id, shared: { server, export: volume }, readOnly: true };
+        }),
+      ];
+      let boot: CreateVmRequest['boot'];
+      if (opts.testGuest) boot = { kind: 'test-guest' };
+      else if (typeof opts.kernel === 'string') {
+        boot = { kind: 'kernel', kernel: opts.kernel };
+        if (typeof opts.initrd === 'string') boot.initrd = opts.initrd;
+        if (typeof opts.append === 'string') boot.append = opts.append;
+      } else throw new VmferryError('VMF_INVALID_ARGUMENT', 'say what to boot: --test-guest or --kernel PATH');
+      const created = await api.createVm(opts.host as string, {
+        name,
+        memoryMiB: parsePositive(opts.memory as string, '--memory'),
+        vcpus: parsePositive(opts.vcpus as string, '--vcpus'),
+        boot,
+        disks,
+      });
+      if (json) printJson(created);
+      else console.log(`created VM ${created.name} on ${created.host}`);
+    });
+  vm.command('start <name>')
+    .description('start a VM')
+    .action(async (name: string, _opts, command: Command) => {
+      const { api, json } = client(command);
+      const info = await api.startVm(name);
+      if (json) printJson(info);
+      else console.log(`VM ${name} ${info.state} on ${info.host} (pid ${info.pid})`);
+    });
+  vm.command('stop <name>')
+    .description('stop a VM (ACPI power-off, then quit)')
+    .option('--force', 'kill QEMU at once')
+    .action(async (name: string, opts: { force?: boolean }, command: Command) => {
+      const { api, json } = client(command);
+      const info = await api.stopVm(name, opts.force ?? false);
+      if (json) printJson(info);
+      else console.log(`VM ${name} ${info.state} on ${info.host}`);
+    });
+  vm.command('rm <name>')
+    .description('delete a stopped VM and its local disks')
+    .action(async (name: string, _opts, command: Command) => {
+      const { api, json } = client(command);
+      await api.deleteVm(name);
+      if (json) printJson({ deleted: name });
+      else console.log(`deleted VM ${name}`);
+    });
+
+  program
+    .command('migrate <vm>')
+    .description('live-migrate a VM: local disks are mirrored, shared volumes re-attached, RAM streamed')
+    .requiredOption('--to <host>', 'destination host')
+    .option('--dry-run', 'print the plan and stop')
+    .option('--bandwidth <MiB/s>', 'bandwidth cap for disks and RAM')
+    .option('--max-downtime <ms>', 'longest acceptable pause at switch-over')
+    .option('--timeout <s>', 'give up and roll back after this many seconds')
+    .option('--allow-postcopy', 'switch to post-copy if pre-copy does not converge')
+    .option('--keep-source', 'keep the source\'s local disk files after success')
+    .option('--copy-mode <mode>', 'mirror copy mode: write-blocking (default) or background')
+    .action(async (vmName: string, opts: Record<string, string | boolean | undefined>, command: Command) => {
+      const { api, json } = client(command);
+      const request = {
+        vm: vmName,
+        to: opts.to as string,
+        dryRun: opts.dryRun === true,
+        ...(opts.bandwidth !== undefined ? { bandwidthMiBs: parsePositive(opts.bandwidth as string, '--bandwidth') } : {}),
+        ...(opts.maxDowntime !== undefined ? { maxDowntimeMs: Math.round(parsePositive(opts.maxDowntime as string, '--max-downtime')) } : {}),
+        ...(opts.timeout !== undefined ? { timeoutS: parsePositive(opts.timeout as string, '--timeout') } : {}),
+        ...(opts.allowPostcopy ? { allowPostcopy: true } : {}),
+        ...(opts.keepSource ? { keepSource: true } : {}),
+        ...(opts.copyMode !== undefined ? { copyMode: opts.copyMode as 'background' | 'write-blocking' } : {}),
+      };
+      if (request.copyMode && !['background', 'write-blocking'].includes(request.copyMode)) {
+        throw new VmferryError('VMF_INVALID_ARGUMENT', `--copy-mode must be background or write-blocking (got "${request.copyMode}")`);
+      }
+      const result = await api.migrate(request);
+      if (!result.id) {
+        if (json) printJson({ plan: result.plan });
+        else console.log(renderPlan(result.plan));
+        return;
+      }
+      if (!json) console.log(`migration ${result.id} started\n${renderPlan(result.plan)}`);
+      const report = await followMigration(api, result.id, json ? 'silent' : process.stdout.isTTY ? 'bars' : 'plain');
+      if (json) printJson({ id: result.id, report });
+      else console.log(renderReport(report));
+      if (report.outcome !== 'completed') process.exitCode = 1;
+    });
+
+  const migration = program.command('migration').description('migration records');
+  migration
+    .command('list')
+    .description('recent migrations')
+    .action(async (_opts, command: Command) => {
+      const { api, json } = client(command);
+      const records = await api.migrations();
+      if (json) printJson(records);
+      else console.log(table(['id', 'vm', 'from', 'to', 'phase', 'started', 'downtime'], records.map((r) => [r.id, r.vm, r.from, r.to, r.phase, new Date(r.createdAt).toISOString(), r.report?.downtimeMs === undefined ? '' : `${r.report.downtimeMs} ms`])));
+    });
+  migration
+    .command('show <id>')
+    .description('one migration with its plan and report')
+    .action(async (id: string, _opts, command: Command) => {
+      const { api, json } = client(command);
+      const record = await api.migration(id);
+      if (json) printJson(record);
+      else console.log([`migration ${record.id}: ${record.vm} ${record.from} → ${record.to}, ${record.phase}`, renderPlan(record.plan), record.report ? renderReport(record.report) : '(running)'].join('\n'));
+    });
+  migration
+    .command('cancel <id>')
+    .description('cancel a running migration (the VM stays on the source)')
+    .action(async (id: string, _opts, command: Command) => {
+      const { api, json } = client(command);
+      const record = await api.cancel(id);
+      if (json) printJson(record);
+      else console.log(`cancel requested for migration ${id} (${record.phase})`);
+    });
+}
+
+

@@ -1,0 +1,65 @@
+/** The controller's API as the CLI uses it. */
+import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
+import type { HostStatus } from '../controller/inventory.ts';
+import { requestJson } from '../http/errors.ts';
+import type { MigrationPlan } from '../migration/plan.ts';
+import type { MigrationReport } from '../migration/phases.ts';
+import type { MigrationRecord, StoredEvent } from '../store/store.ts';
+import type { Static } from '@sinclair/typebox';
+import type { MigrateRequestSchema } from '../controller/server.ts';
+
+export class ControllerClient {
+  readonly #url: string;
+
+  constructor(url: string) {
+    this.#url = url;
+  }
+
+  hosts(): Promise<HostStatus[]> {
+    return requestJson(this.#url, 'GET', '/v1/hosts');
+  }
+
+  vms(): Promise<VmInfo[]> {
+    return requestJson(this.#url, 'GET', '/v1/vms');
+  }
+
+  vm(name: string): Promise<VmInfo> {
+    return requestJson(this.#url, 'GET', `/v1/vms/${encodeURIComponent(name)}`);
+  }
+
+  createVm(host: string, vm: CreateVmRequest): Promise<VmInfo> {
+    return requestJson(this.#url, 'POST', '/v1/vms', { body: { host, vm } });
+  }
+
+  startVm(name: string): Promise<VmInfo> {
+    return requestJson(this.#url, 'POST', `/v1/vms/${encodeURIComponent(name)}/start`, { body: {}, timeoutMs: 60_000 });
+  }
+
+  stopVm(name: string, force: boolean): Promise<VmInfo> {
+    return requestJson(this.#url, 'POST', `/v1/vms/${encodeURIComponent(name)}/stop${force ? '?force=true' : ''}`, { body: {}, timeoutMs: 60_000 });
+  }
+
+  deleteVm(name: string): Promise<void> {
+    return requestJson(this.#url, 'DELETE', `/v1/vms/${encodeURIComponent(name)}`);
+  }
+
+  migrate(request: Static<typeof MigrateRequestSchema>): Promise<{ plan: MigrationPlan; id?: string }> {
+    return requestJson(this.#url, 'POST', '/v1/migrations', { body: request, timeoutMs: 120_000 });
+  }
+
+  migrations(): Promise<MigrationRecord[]> {
+    return requestJson(this.#url, 'GET', '/v1/migrations');
+  }
+
+  migration(id: string): Promise<MigrationRecord> {
+    return requestJson(this.#url, 'GET', `/v1/migrations/${encodeURIComponent(id)}`);
+  }
+
+  events(id: string, after: number): Promise<{ phase: string; events: StoredEvent[]; report: MigrationReport | null }> {
+    return requestJson(this.#url, 'GET', `/v1/migrations/${encodeURIComponent(id)}/events?after=${after}`);
+  }
+
+  cancel(id: string): Promise<MigrationRecord> {
+    return requestJson(this.#url, 'POST', `/v1/migrations/${encodeURIComponent(id)}/cancel`, { body: {} });
+  }
+}

@@ -1,0 +1,45 @@
+/** `vmferry agent` and `vmferry controller`: the two long-running processes. */
+import type { Command } from 'commander';
+import { buildAgent } from '../agent/server.ts';
+import { startHeartbeat } from '../agent/heartbeat.ts';
+import { buildController } from '../controller/server.ts';
+import { daemonLogger, parseListen, untilSignal } from './common.ts';
+
+export function registerDaemonCommands(program: Command): void {
+  program
+    .command('agent')
+    .description('run the per-host agent: VMs on this host and its half of each migration')
+    .requiredOption('--host-id <name>', 'this host\'s name in the cluster')
+    .requiredOption('--listen <host:port>', 'address of the agent\'s HTTP API')
+    .requiredOption('--data-dir <dir>', 'where VM specs, logs and the local pool live')
+    .option('--address <ip>', 'address other hosts reach this one at (default: the --listen host)')
+    .option('--controller <url>', 'controller to register with and heartbeat to')
+    .action(async (opts: { hostId: string; listen: string; dataDir: string; address?: string; controller?: string }) => {
+      const listen = parseListen(opts.listen, '--listen');
+      const logger = daemonLogger(`agent-${opts.hostId}`);
+      const address = opts.address ?? listen.host;
+      const { app } = await buildAgent({ hostId: opts.hostId, dataDir: opts.dataDir, address, logger });
+      const url = await app.listen({ host: listen.host, port: listen.port });
+      logger.info({ url }, `agent ${opts.hostId} listening`);
+      const stopHeartbeat = opts.controller ? startHeartbeat(opts.controller, { id: opts.hostId, url, address }, logger) : undefined;
+      await untilSignal();
+      // Guests keep running: they are re-adopted when the agent starts again.
+      stopHeartbeat?.();
+      await app.close();
+    });
+
+  program
+    .command('controller')
+    .description('run the controller: inventory, placement checks, migrations through the agents')
+    .requiredOption('--listen <host:port>', 'address of the controller\'s HTTP API')
+    .requiredOption('--db <file>', 'SQLite database file')
+    .action(async (opts: { listen: string; db: string }) => {
+      const listen = parseListen(opts.listen, '--listen');
+      const logger = daemonLogger('controller');
+      const { app } = await buildController({ dbPath: opts.db, logger });
+      const url = await app.listen({ host: listen.host, port: listen.port });
+      logger.info({ url }, 'controller listening');
+      await untilSignal();
+      await app.close();
+    });
+}

@@ -1,0 +1,75 @@
+/**
+ * The cluster as the controller knows it: hosts (agents register and
+ * heartbeat; a silent one is marked unreachable) and where each VM runs.
+ */
+import { VmferryError } from '../errors.ts';
+import { AgentClient } from '../agent/client.ts';
+import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
+import type { HostRecord, Store } from '../store/store.ts';
+
+/** A host that has not reported for this long is unreachable. */
+export const heartbeatTimeoutMs = 15_000;
+
+export interface HostStatus extends HostRecord {
+  state: 'reachable' | 'unreachable';
+}
+
+export class Inventory {
+  readonly #store: Store;
+
+  constructor(store: Store) {
+    this.#store = store;
+  }
+
+  async heartbeat(host: Omit<HostRecord, 'lastSeen'>): Promise<void> {
+    await this.#store.upsertHost({ ...host, lastSeen: Date.now() });
+  }
+
+  async hosts(): Promise<HostStatus[]> {
+    const now = Date.now();
+    return (await this.#store.listHosts()).map((host) => ({ ...host, state: now - host.lastSeen <= heartbeatTimeoutMs ? 'reachable' : 'unreachable' }));
+  }
+
+  /** The agent of a host, refusing hosts that are unknown or silent. */
+  async agent(hostId: string): Promise<AgentClient> {
+    const host = (await this.hosts()).find((h) => h.id === hostId);
+    if (!host) throw new VmferryError('VMF_NOT_FOUND', `no host named ${hostId} (known: ${(await this.hosts()).map((h) => h.id).join(', ') || 'none'})`);
+    if (host.state === 'unreachable') {
+      throw new VmferryError('VMF_UNREACHABLE', `host ${hostId} has not reported for ${Math.round((Date.now() - host.lastSeen) / 1000)} s; its agent at ${host.url} is unreachable`);
+    }
+    return new AgentClient(host.url);
+  }
+
+  /** Every VM on every reachable host, as the agents report them now. */
+  async vms(): Promise<VmInfo[]> {
+    const reachable = (await this.hosts()).filter((h) => h.state === 'reachable');
+    const lists = await Promise.all(reachable.map((h) => new AgentClient(h.url).listVms().catch(() => [] as VmInfo[])));
+    const vms = lists.flat();
+    for (const vm of vms) await this.#store.setVmLocation({ name: vm.name, hostId: vm.host });
+    return vms.sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  async locateVm(name: string): Promise<string> {
+    const known = await this.#store.getVmLocation(name);
+    if (known) return known.hostId;
+    const found = (await this.vms()).find((vm) => vm.name === name);
+    if (!found) throw new VmferryError('VMF_NOT_FOUND', `no VM named ${name} on any reachable host`);
+    return found.host;
+  }
+
+  async vm(name: string): Promise<VmInfo> {
+    return (await this.agent(await this.locateVm(name))).getVm(name);
+  }
+
+  async createVm(hostId: string, request: CreateVmRequest): Promise<VmInfo> {
+    if (await this.#store.getVmLocation(request.name)) throw new VmferryError('VMF_CONFLICT', `a VM named ${request.name} already exists`);
+    const vm = await (await this.agent(hostId)).createVm(request);
+    await this.#store.setVmLocation({ name: vm.name, hostId });
+    return vm;
+  }
+
+  async deleteVm(name: string): Promise<void> {
+    await (await this.agent(await this.locateVm(name))).deleteVm(name);
+    await this.#store.deleteVmLocation(name);
+  }
+}

@@ -1,0 +1,117 @@
+/**
+ * Drives migrations through the two agents: plans with facts probed from both
+ * hosts, refuses a second migration of the same VM, runs the executor over
+ * remote sides, and records every event and the final report.
+ */
+import { randomUUID } from 'node:crypto';
+import type { Logger } from 'pino';
+import { VmferryError, describeError } from '../errors.ts';
+import { RemoteDestination, RemoteSource } from '../agent/client.ts';
+import { runMigration } from '../migration/executor.ts';
+import { finalPhases } from '../migration/phases.ts';
+import { defaultMigrationOptions, planMigration, type MigrationOptions, type MigrationPlan } from '../migration/plan.ts';
+import type { MigrationRecord, Store } from '../store/store.ts';
+import type { Inventory } from './inventory.ts';
+
+export interface MigrationRequest {
+  vm: string;
+  to: string;
+  options: Partial<MigrationOptions>;
+  dryRun: boolean;
+}
+
+export class MigrationService {
+  readonly #store: Store;
+  readonly #inventory: Inventory;
+  readonly #logger: Logger;
+  readonly #running = new Map<string, { abort: AbortController; done: Promise<void> }>();
+
+  constructor(store: Store, inventory: Inventory, logger: Logger) {
+    this.#store = store;
+    this.#inventory = inventory;
+    this.#logger = logger;
+  }
+
+  /** Plans the migration; unless a dry run, starts it and returns its id. */
+  async start(request: MigrationRequest): Promise<{ plan: MigrationPlan; id?: string }> {
+    const active = await this.#store.activeMigration(request.vm);
+    if (active) throw new VmferryError('VMF_CONFLICT', `VM ${request.vm} is already migrating (${active.id}, ${active.from} → ${active.to}, ${active.phase})`);
+    const from = await this.#inventory.locateVm(request.vm);
+    const sourceAgent = await this.#inventory.agent(from);
+    const destinationAgent = await this.#inventory.agent(request.to);
+    const vm = await sourceAgent.getVm(request.vm);
+    if (vm.state !== 'running') throw new VmferryError('VMF_CONFLICT', `VM ${request.vm} is ${vm.state} on ${from}; only a running VM migrates live`);
+    const [sourceFacts, destinationFacts] = await Promise.all([sourceAgent.probeSource(request.vm), destinationAgent.probeDestination(vm.spec)]);
+    const plan = planMigration(vm.spec, sourceFacts, destinationFacts, { ...defaultMigrationOptions, ...request.options });
+    if (request.dryRun) return { plan };
+    if (plan.refusals.length) {
+      throw new VmferryError('VMF_MIGRATION_REFUSED', `migration of ${request.vm} to ${request.to} refused: ${plan.refusals.join('; ')}`);
+    }
+
+    const id = randomUUID();
+    const now = Date.now();
+    await this.#store.createMigration({ id, vm: request.vm, from, to: request.to, phase: 'pending', plan, report: null, createdAt: now, updatedAt: now });
+    const source = new RemoteSource(from, sourceAgent, id);
+    const destination = new RemoteDestination(request.to, destinationAgent, id);
+    const abort = new AbortController();
+    const logger = this.#logger.child({ migration: id, vm: request.vm });
+    try {
+      await source.begin(request.vm);
+    } catch (err) {
+      await this.#store.updateMigration(id, { phase: 'failed' });
+      throw err;
+    }
+    const done = runMigration({
+      spec: vm.spec,
+      plan,
+      source,
+      destination,
+      signal: abort.signal,
+      logger,
+      onEvent: (event) => {
+        this.#store.appendEvent(id, event).catch((err: unknown) => logger.error({ err: describeError(err) }, 'could not store event'));
+        if (event.type === 'phase') {
+          this.#store.updateMigration(id, { phase: event.phase }).catch((err: unknown) => logger.error({ err: describeError(err) }, 'could not store phase'));
+        }
+      },
+    })
+      .then(async (report) => {
+        await this.#store.updateMigration(id, { phase: report.phases.at(-1)?.phase ?? 'failed', report });
+        if (report.outcome === 'completed') await this.#store.setVmLocation({ name: request.vm, hostId: request.to });
+      })
+      .catch(async (err: unknown) => {
+        logger.error({ err: describeError(err) }, 'migration crashed');
+        await this.#store.updateMigration(id, { phase: 'failed' });
+      })
+      .finally(() => this.#running.delete(id));
+    this.#running.set(id, { abort, done });
+    return { plan, id };
+  }
+
+  /** Cancels a running migration; cancelling a finished one is a no-op that returns its record. */
+  async cancel(id: string): Promise<MigrationRecord> {
+    const record = await this.get(id);
+    this.#running.get(id)?.abort.abort();
+    return record;
+  }
+
+  async get(id: string): Promise<MigrationRecord> {
+    const record = await this.#store.getMigration(id);
+    if (!record) throw new VmferryError('VMF_NOT_FOUND', `no migration ${id}`);
+    return record;
+  }
+
+  list(): Promise<MigrationRecord[]> {
+    return this.#store.listMigrations(100);
+  }
+
+  isFinal(record: MigrationRecord): boolean {
+    return finalPhases.includes(record.phase);
+  }
+
+  /** Waits for running migrations to settle (on shutdown, after cancelling them). */
+  async drain(): Promise<void> {
+    for (const { abort } of this.#running.values()) abort.abort(new VmferryError('VMF_ABORTED', 'the controller is shutting down'));
+    await Promise.all([...this.#running.values()].map((r) => r.done));
+  }
+}

@@ -1,0 +1,108 @@
+/**
+ * The controller's HTTP API, for the CLI and the dashboard: hosts, VMs (through
+ * their agents), and migrations with their events and reports.
+ */
+import { Type } from '@sinclair/typebox';
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+import swagger from '@fastify/swagger';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import type { Logger } from 'pino';
+import { CreateVmRequestSchema, MigrationParamsSchema, VmNameParamsSchema } from '../api/agent-types.ts';
+import { installErrorHandler } from '../http/errors.ts';
+import { SqliteStore } from '../store/sqlite-store.ts';
+import type { Store } from '../store/store.ts';
+import { Inventory } from './inventory.ts';
+import { MigrationService } from './migrations.ts';
+
+export const MigrateRequestSchema = Type.Object(
+  {
+    vm: VmNameParamsSchema.properties.name,
+    to: Type.String({ minLength: 1, maxLength: 64 }),
+    dryRun: Type.Optional(Type.Boolean()),
+    bandwidthMiBs: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 1e6 })),
+    maxDowntimeMs: Type.Optional(Type.Integer({ minimum: 1, maximum: 60_000 })),
+    timeoutS: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 7 * 24 * 3600 })),
+    allowPostcopy: Type.Optional(Type.Boolean()),
+    keepSource: Type.Optional(Type.Boolean()),
+    copyMode: Type.Optional(Type.Union([Type.Literal('background'), Type.Literal('write-blocking')])),
+  },
+  { additionalProperties: false },
+);
+
+export interface ControllerOptions {
+  dbPath: string;
+  logger: Logger;
+  store?: Store;
+}
+
+export async function buildController(options: ControllerOptions): Promise<{ app: FastifyInstance; migrations: MigrationService; store: Store }> {
+  const store = options.store ?? new SqliteStore(options.dbPath);
+  const inventory = new Inventory(store);
+  const migrations = new MigrationService(store, inventory, options.logger);
+  // Widened to fastify's logger type, so the instance is the plain FastifyInstance the helpers take.
+  const loggerInstance: FastifyBaseLogger = options.logger;
+  const base = Fastify({ loggerInstance, bodyLimit: 1024 * 1024 });
+  installErrorHandler(base);
+  const app = base.withTypeProvider<TypeBoxTypeProvider>();
+  await app.register(swagger, { openapi: { info: { title: 'vmferry controller', version: '0.1.0' } } });
+  app.get('/openapi.json', { schema: { hide: true } }, () => app.swagger());
+  app.addHook('onClose', async () => {
+    await migrations.drain();
+    await store.close();
+  });
+
+  app.post(
+    '/v1/hosts/heartbeat',
+    {
+      schema: {
+        body: Type.Object(
+          { id: Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' }), url: Type.String({ pattern: '^https?://' }), address: Type.String({ minLength: 1 }) },
+          { additionalProperties: false },
+        ),
+      },
+    },
+    async (request) => {
+      await inventory.heartbeat(request.body);
+      return {};
+    },
+  );
+  app.get('/v1/hosts', () => inventory.hosts());
+
+  const nameParams = { params: VmNameParamsSchema };
+  app.get('/v1/vms', () => inventory.vms());
+  app.post(
+    '/v1/vms',
+    { schema: { body: Type.Object({ host: Type.String({ minLength: 1 }), vm: CreateVmRequestSchema }, { additionalProperties: false }) } },
+    async (request, reply) => reply.status(201).send(await inventory.createVm(request.body.host, request.body.vm)),
+  );
+  app.get('/v1/vms/:name', { schema: nameParams }, (request) => inventory.vm(request.params.name));
+  app.post('/v1/vms/:name/start', { schema: nameParams }, async (request) =>
+    (await inventory.agent(await inventory.locateVm(request.params.name))).startVm(request.params.name),
+  );
+  app.post('/v1/vms/:name/stop', { schema: { ...nameParams, querystring: Type.Object({ force: Type.Optional(Type.Boolean()) }) } }, async (request) =>
+    (await inventory.agent(await inventory.locateVm(request.params.name))).stopVm(request.params.name, request.query.force ?? false),
+  );
+  app.delete('/v1/vms/:name', { schema: nameParams }, async (request, reply) => {
+    await inventory.deleteVm(request.params.name);
+    return reply.status(204).send();
+  });
+
+  app.post('/v1/migrations', { schema: { body: MigrateRequestSchema } }, async (request, reply) => {
+    const { vm, to, dryRun, ...rest } = request.body;
+    const options = Object.fromEntries(Object.entries(rest).filter(([, v]) => v !== undefined));
+    const result = await migrations.start({ vm, to, dryRun: dryRun ?? false, options });
+    return reply.status(result.id ? 202 : 200).send(result);
+  });
+  app.get('/v1/migrations', () => migrations.list());
+  app.get('/v1/migrations/:id', { schema: { params: MigrationParamsSchema } }, (request) => migrations.get(request.params.id));
+  app.get(
+    '/v1/migrations/:id/events',
+    { schema: { params: MigrationParamsSchema, querystring: Type.Object({ after: Type.Optional(Type.Integer({ minimum: 0 })) }) } },
+    async (request) => {
+      const record = await migrations.get(request.params.id);
+      return { phase: record.phase, events: await store.eventsSince(request.params.id, request.query.after ?? 0), report: record.report };
+    },
+  );
+  app.post('/v1/migrations/:id/cancel', { schema: { params: MigrationParamsSchema } }, (request) => migrations.cancel(request.params.id));
+  return { app: base, migrations, store };
+}

@@ -1,0 +1,59 @@
+/**
+ * The controller's persistent state behind one interface, so a second engine
+ * (PostgreSQL, for several controllers) can stand in for the default SQLite file.
+ */
+import type { MigrationEvent, MigrationPhase, MigrationReport } from '../migration/phases.ts';
+import type { MigrationPlan } from '../migration/plan.ts';
+
+export interface HostRecord {
+  id: string;
+  /** The agent's API URL. */
+  url: string;
+  /** The address other hosts reach this one at. */
+  address: string;
+  lastSeen: number;
+}
+
+export interface VmLocation {
+  name: string;
+  hostId: string;
+}
+
+export interface MigrationRecord {
+  id: string;
+  vm: string;
+  from: string;
+  to: string;
+  phase: MigrationPhase;
+  plan: MigrationPlan;
+  report: MigrationReport | null;
+  createdAt: number;
+  updatedAt: number;
+}
+
+export interface StoredEvent {
+  seq: number;
+  at: number;
+  event: MigrationEvent;
+}
+
+export interface Store {
+  upsertHost(host: HostRecord): Promise<void>;
+  listHosts(): Promise<HostRecord[]>;
+  getHost(id: string): Promise<HostRecord | undefined>;
+
+  setVmLocation(location: VmLocation): Promise<void>;
+  getVmLocation(name: string): Promise<VmLocation | undefined>;
+  deleteVmLocation(name: string): Promise<void>;
+
+  createMigration(record: MigrationRecord): Promise<void>;
+  updateMigration(id: string, patch: { phase?: MigrationPhase; report?: MigrationReport }): Promise<void>;
+  getMigration(id: string): Promise<MigrationRecord | undefined>;
+  listMigrations(limit: number): Promise<MigrationRecord[]>;
+  /** The migration of `vm` that has not reached a final phase, if any. */
+  activeMigration(vm: string): Promise<MigrationRecord | undefined>;
+  appendEvent(migrationId: string, event: MigrationEvent): Promise<void>;
+  eventsSince(migrationId: string, afterSeq: number): Promise<StoredEvent[]>;
+
+  close(): Promise<void>;
+}
