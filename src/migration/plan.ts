@@ -36,6 +36,8 @@ export interface LocalDiskFacts {
   virtualSize: number;
   /** Bytes that hold data: what a mirror must send. */
   allocatedBytes: number;
+  /** An overlay's backing chain must be copied too (sync full); a standalone image needs only its own data. */
+  backingFile: string | undefined;
 }
 
 /** What the destination reported when probed. */
@@ -70,6 +72,14 @@ export interface DiskPlan {
   virtualSize: number;
   /** Bytes the operation must copy: allocated bytes for a mirror, 0 for a reattach. */
   bytesToCopy: number;
+  /**
+   * Mirror sync mode. 'top' for a standalone image: only its allocated data is
+   * copied into the fresh (all-zero) target, which is then not pre-zeroed either
+   * (sync 'full' would turn every unallocated cluster of the target into an
+   * explicit zero cluster, and the next migration would walk them all).
+   * 'full' for an overlay, whose backing chain the destination does not have.
+   */
+  mirrorSync?: 'full' | 'top';
   /** Why this operation was chosen, for the dry-run table. */
   reason: string;
 }
@@ -108,6 +118,7 @@ function planDisk(disk: DiskSpec, source: SourceFacts, destination: DestinationF
       readOnly,
       virtualSize: facts.virtualSize,
       bytesToCopy: facts.allocatedBytes,
+      mirrorSync: facts.backingFile ? 'full' : 'top',
       reason: `local ${disk.source.format} on ${source.hostId}: copied while the guest runs`,
     };
   }

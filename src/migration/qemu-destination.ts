@@ -92,7 +92,7 @@ export class QemuDestination implements DestinationSide {
           const exportId = `mirror-${disk.id}`;
           await qmp.blockExportAdd({ id: exportId, nodeName: `disk-${disk.id}`, name: disk.id, writable: true }, { signal });
           this.#exportIds.push(exportId);
-          mirrorTargets.push({ diskId: disk.id, server: { type: 'inet', host: address, port: nbdPort }, exportName: disk.id });
+          mirrorTargets.push({ diskId: disk.id, sync: disk.mirrorSync ?? 'full', server: { type: 'inet', host: address, port: nbdPort }, exportName: disk.id });
         }
       });
     }

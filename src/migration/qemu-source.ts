@@ -70,7 +70,7 @@ export class QemuSource implements SourceSide {
             'job-id': job.jobId,
             device: diskNodeName(target.diskId),
             target: job.targetNode,
-            sync: 'full',
+            sync: target.sync,
             'copy-mode': copyMode,
             'auto-dismiss': false,
             ...(bandwidthBytes === undefined ? {} : { speed: bandwidthBytes }),

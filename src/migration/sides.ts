@@ -10,6 +10,8 @@ import type { CopyMode, MigrationPlan } from './plan.ts';
 /** Where the source sends one local disk's bytes. */
 export interface MirrorTarget {
   diskId: string;
+  /** What the mirror copies: see DiskPlan.mirrorSync. */
+  sync: 'full' | 'top';
   server: NbdServerAddress;
   exportName: string;
 }

@@ -12,6 +12,8 @@ export interface ImageInfo {
   /** Bytes of guest data: the sum of the extents that hold data (what a mirror sends). */
   allocatedBytes: number;
   format: string;
+  /** The image's backing file, when it is an overlay. */
+  backingFile: string | undefined;
 }
 
 interface QemuImgMapExtent {
@@ -28,10 +30,11 @@ export async function imageInfo(path: string, format: string): Promise<ImageInfo
   const info = JSON.parse(await runProgram('qemu-img', ['info', '-U', '--output=json', '-f', format, path])) as {
     'virtual-size': number;
     format: string;
+    'backing-filename'?: string;
   };
   const extents = JSON.parse(await runProgram('qemu-img', ['map', '-U', '--output=json', '-f', format, path])) as QemuImgMapExtent[];
   const allocatedBytes = extents.filter((e) => e.data && !e.zero).reduce((sum, e) => sum + e.length, 0);
-  return { virtualSize: info['virtual-size'], allocatedBytes, format: info.format };
+  return { virtualSize: info['virtual-size'], allocatedBytes, format: info.format, backingFile: info['backing-filename'] };
 }
 
 export class LocalPool {

@@ -24,7 +24,7 @@ const spec: VmSpec = {
 function plan(timeoutS = 60): MigrationPlan {
   return planMigration(
     spec,
-    { hostId: 'A', qemuVersion: '7.2', machineType: 'q35', localDisks: { root: { virtualSize: 1 << 20, allocatedBytes: 1 << 19 } } },
+    { hostId: 'A', qemuVersion: '7.2', machineType: 'q35', localDisks: { root: { virtualSize: 1 << 20, allocatedBytes: 1 << 19, backingFile: undefined } } },
     {
       hostId: 'B',
       qemuVersion: '7.2',
@@ -58,7 +58,7 @@ function fakeSides(options: { hang?: string; fail?: string } = {}) {
     hostId: 'B',
     prepare: async (_s, _p, signal) => {
       await act('dst.prepare', signal);
-      return { migrationUri: 'tcp:127.0.0.1:1', mirrorTargets: [{ diskId: 'root', server: { type: 'unix', path: '/n' }, exportName: 'root' }] };
+      return { migrationUri: 'tcp:127.0.0.1:1', mirrorTargets: [{ diskId: 'root', sync: 'top', server: { type: 'unix', path: '/n' }, exportName: 'root' }] };
     },
     waitIncomingCompleted: (signal) => act('dst.waitIncomingCompleted', signal),
     resume: (signal) => act('dst.resume', signal),

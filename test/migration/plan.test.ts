@@ -20,8 +20,8 @@ const source: SourceFacts = {
   qemuVersion: '7.2.0',
   machineType: 'pc-q35-7.2',
   localDisks: {
-    root: { virtualSize: 2 * gib, allocatedBytes: 600 * 1024 ** 2 },
-    scratch: { virtualSize: gib, allocatedBytes: 100 * 1024 ** 2 },
+    root: { virtualSize: 2 * gib, allocatedBytes: 600 * 1024 ** 2, backingFile: undefined },
+    scratch: { virtualSize: gib, allocatedBytes: 100 * 1024 ** 2, backingFile: '/images/base.raw' },
   },
 };
 
@@ -48,6 +48,11 @@ test('local disks only: every disk is mirrored with its allocated bytes to copy'
     ['root', 'mirror', 600 * 1024 ** 2],
     ['scratch', 'mirror', 100 * 1024 ** 2],
   ]);
+});
+
+test('a standalone image mirrors its top layer only; an overlay mirrors its whole chain', () => {
+  const plan = planMigration(vm([localRoot, localScratch]), source, destination(), defaultMigrationOptions);
+  assert.deepEqual(plan.disks.map((d) => [d.id, d.mirrorSync]), [['root', 'top'], ['scratch', 'full']]);
 });
 
 test('shared disks only: re-attached, nothing to copy', () => {
