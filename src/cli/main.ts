@@ -7,6 +7,7 @@ import { Command, CommanderError } from 'commander';
 import { VmferryError, describeError } from '../errors.ts';
 import { registerClusterCommands } from './cluster.ts';
 import { registerDaemonCommands } from './daemons.ts';
+import { registerStorageCommands } from './storage.ts';
 
 const program = new Command('vmferry')
   .description('Live-migrate QEMU/KVM virtual machines whose disks are partly local, partly shared')
@@ -16,6 +17,7 @@ const program = new Command('vmferry')
 // Subcommand registrations go here, one line per area.
 registerDaemonCommands(program);
 registerClusterCommands(program);
+registerStorageCommands(program);
 
 try {
   await program.parseAsync(process.argv);

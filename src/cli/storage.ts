@@ -1,0 +1,78 @@
+/** `vmferry storage serve` and `vmferry volume …`. */
+import type { Command } from 'commander';
+import { requestJson } from '../http/errors.ts';
+import { formatBytes } from '../migration/plan.ts';
+import { StorageServer } from '../storage/server.ts';
+import type { Volume } from '../storage/volumes.ts';
+import { daemonLogger, parseListen, parseSize, printJson, untilSignal } from './common.ts';
+import { table } from './render.ts';
+
+const defaultStorageUrl = process.env.VMFERRY_STORAGE ?? 'http://127.0.0.1:10810';
+
+export function registerStorageCommands(program: Command): void {
+  program
+    .command('storage')
+    .description('the shared storage server')
+    .command('serve')
+    .description('serve shared volumes over NBD, with an admin HTTP API')
+    .requiredOption('--data-dir <dir>', 'where volumes and the catalog live')
+    .option('--listen <host:port>', 'NBD over TCP', '127.0.0.1:10809')
+    .option('--socket <path>', 'NBD over a unix socket as well')
+    .option('--admin <host:port>', 'admin HTTP API', '127.0.0.1:10810')
+    .action(async (opts: { dataDir: string; listen: string; socket?: string; admin: string }) => {
+      const logger = daemonLogger('storage');
+      const server = await StorageServer.start({
+        dataDir: opts.dataDir,
+        logger,
+        nbd: parseListen(opts.listen, '--listen'),
+        admin: parseListen(opts.admin, '--admin'),
+        ...(opts.socket ? { socket: opts.socket } : {}),
+      });
+      logger.info(server.addresses, 'storage server ready');
+      const signal = await untilSignal();
+      logger.info({ signal }, 'shutting down: draining NBD clients');
+      await server.close();
+    });
+
+  const volume = program.command('volume').description('shared volumes on the storage server');
+  const storageOption = ['--storage <url>', 'storage server admin URL (or VMFERRY_STORAGE)', defaultStorageUrl] as const;
+  volume
+    .command('create <name>')
+    .description('create a shared volume')
+    .requiredOption('--size <size>', 'size, e.g. 4G or 512M')
+    .option('--read-only', 'export it read-only')
+    .option(...storageOption)
+    .action(async (name: string, opts: { size: string; readOnly?: boolean; storage: string }, command: Command) => {
+      const created = await requestJson<Volume>(opts.storage, 'POST', '/v1/volumes', {
+        body: { name, sizeBytes: parseSize(opts.size, '--size'), readOnly: opts.readOnly ?? false },
+      });
+      if (command.optsWithGlobals<{ json?: boolean }>().json) printJson(created);
+      else console.log(`created volume ${created.name} (${formatBytes(created.sizeBytes)}${created.readOnly ? ', read-only' : ''})`);
+    });
+  volume
+    .command('list')
+    .description('list shared volumes and their clients')
+    .option(...storageOption)
+    .action(async (opts: { storage: string }, command: Command) => {
+      const volumes = await requestJson<Volume[]>(opts.storage, 'GET', '/v1/volumes');
+      if (command.optsWithGlobals<{ json?: boolean }>().json) printJson(volumes);
+      else console.log(table(['volume', 'size', 'read-only', 'created', 'clients'], volumes.map((v) => [v.name, formatBytes(v.sizeBytes), v.readOnly ? 'yes' : 'no', new Date(v.createdAt).toISOString(), v.attachments.join(' ') || '-'])));
+    });
+  volume
+    .command('resize <name>')
+    .description('change a volume\'s size (new connections see it)')
+    .requiredOption('--size <size>', 'new size')
+    .option(...storageOption)
+    .action(async (name: string, opts: { size: string; storage: string }) => {
+      const resized = await requestJson<Volume>(opts.storage, 'PATCH', `/v1/volumes/${encodeURIComponent(name)}`, { body: { sizeBytes: parseSize(opts.size, '--size') } });
+      console.log(`volume ${resized.name} is now ${formatBytes(resized.sizeBytes)}`);
+    });
+  volume
+    .command('rm <name>')
+    .description('delete a volume (refused while clients are attached)')
+    .option(...storageOption)
+    .action(async (name: string, opts: { storage: string }) => {
+      await requestJson(opts.storage, 'DELETE', `/v1/volumes/${encodeURIComponent(name)}`);
+      console.log(`deleted volume ${name}`);
+    });
+}

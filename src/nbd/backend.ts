@@ -1,0 +1,48 @@
+/**
+ * What the NBD server asks of the storage behind an export. The protocol code
+ * knows nothing else about volumes; read-only, fencing or fault injection are
+ * layers that implement this same interface around another backend.
+ */
+
+export interface Extent {
+  length: number;
+  /** base:allocation flags: STATE_HOLE | STATE_ZERO. */
+  flags: number;
+}
+
+/** An error a backend raises on purpose, carried to the client as this NBD errno. */
+export class NbdBackendError extends Error {
+  readonly errno: number;
+
+  constructor(errno: number, message: string) {
+    super(message);
+    this.name = 'NbdBackendError';
+    this.errno = errno;
+  }
+}
+
+export interface NbdBackend {
+  readonly size: number;
+  readonly readOnly: boolean;
+  read(offset: number, length: number): Promise<Buffer>;
+  write(offset: number, data: Buffer, fua: boolean): Promise<void>;
+  writeZeroes(offset: number, length: number, fua: boolean): Promise<void>;
+  trim(offset: number, length: number, fua: boolean): Promise<void>;
+  /** Makes every completed write durable, whichever connection made it. */
+  flush(): Promise<void>;
+  blockStatus(offset: number, length: number): Promise<Extent[]>;
+}
+
+export interface ExportInfo {
+  name: string;
+  description: string;
+}
+
+/** The exports a server offers; the storage server implements it over its volume catalog. */
+export interface ExportProvider {
+  list(): ExportInfo[];
+  /** Opens an export for a new connection, or undefined if there is none of that name. */
+  open(name: string, client: string): Promise<NbdBackend | undefined>;
+  /** The connection that opened `name` has ended. */
+  release(name: string, client: string): void;
+}

@@ -1,0 +1,126 @@
+/**
+ * An NBD server: accepts connections on TCP and/or a unix socket, runs the
+ * handshake and then transmission for each, and keeps serving everyone else
+ * whatever one client does.
+ */
+import { createServer, type Server, type Socket } from 'node:net';
+import { rm } from 'node:fs/promises';
+import type { Logger } from 'pino';
+import type { ExportProvider } from './backend.ts';
+import { negotiate } from './handshake.ts';
+import { ConnectionClosedError, SocketReader } from './socket-reader.ts';
+import { serveTransmission, type TransmissionLimits } from './transmission.ts';
+
+export interface ConnectionInfo {
+  id: number;
+  client: string;
+  export: string | undefined;
+  connectedAt: number;
+}
+
+export const defaultLimits: TransmissionLimits = {
+  minimum: 1,
+  preferred: 4096,
+  maximum: 32 * 1024 * 1024,
+  maxInFlightRequests: 64,
+  maxInFlightBytes: 64 * 1024 * 1024,
+};
+
+/** How long a client may take over the handshake before it is dropped. */
+const handshakeTimeoutMs = 30_000;
+
+export class NbdServer {
+  readonly #exports: ExportProvider;
+  readonly #logger: Logger;
+  readonly #limits: TransmissionLimits;
+  readonly #servers: Server[] = [];
+  readonly #connections = new Map<number, { info: ConnectionInfo; socket: Socket; done: Promise<void> }>();
+  #nextId = 1;
+
+  constructor(exports: ExportProvider, logger: Logger, limits: TransmissionLimits = defaultLimits) {
+    this.#exports = exports;
+    this.#logger = logger;
+    this.#limits = limits;
+  }
+
+  /** Listens on TCP; resolves with the bound port (useful with port 0). */
+  async listenTcp(host: string, port: number): Promise<number> {
+    const server = this.#createServer();
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen({ host, port }, () => resolve());
+    });
+    const address = server.address();
+    return typeof address === 'object' && address ? address.port : port;
+  }
+
+  async listenUnix(path: string): Promise<void> {
+    await rm(path, { force: true });
+    const server = this.#createServer();
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(path, () => resolve());
+    });
+  }
+
+  connections(): ConnectionInfo[] {
+    return [...this.#connections.values()].map((c) => ({ ...c.info }));
+  }
+
+  /** Stops accepting, lets in-flight requests finish, then closes every connection. */
+  async close(): Promise<void> {
+    await Promise.all(this.#servers.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
+    for (const connection of this.#connections.values()) connection.socket.end();
+    const timer = setTimeout(() => {
+      for (const connection of this.#connections.values()) connection.socket.destroy();
+    }, 5_000);
+    await Promise.allSettled([...this.#connections.values()].map((c) => c.done));
+    clearTimeout(timer);
+  }
+
+  #createServer(): Server {
+    const server = createServer({ noDelay: true }, (socket) => this.#accept(socket));
+    server.on('error', (err) => this.#logger.error({ err }, 'NBD listener error'));
+    this.#servers.push(server);
+    return server;
+  }
+
+  #accept(socket: Socket): void {
+    const id = this.#nextId++;
+    const client = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : `unix#${id}`;
+    const info: ConnectionInfo = { id, client, export: undefined, connectedAt: Date.now() };
+    const log = this.#logger.child({ connection: id, client });
+    const done = this.#serve(socket, info, log).finally(() => {
+      this.#connections.delete(id);
+      socket.destroy();
+    });
+    this.#connections.set(id, { info, socket, done });
+  }
+
+  async #serve(socket: Socket, info: ConnectionInfo, log: Logger): Promise<void> {
+    socket.on('error', () => undefined);
+    const reader = new SocketReader(socket, this.#limits.maximum + 1024 * 1024);
+    const handshakeTimer = setTimeout(() => {
+      log.warn('NBD handshake timed out');
+      socket.destroy();
+    }, handshakeTimeoutMs);
+    try {
+      const session = await negotiate(reader, socket, this.#exports, this.#limits, info.client, log).finally(() => clearTimeout(handshakeTimer));
+      if (!session) return;
+      info.export = session.exportName;
+      log.info({ export: session.exportName, structured: session.structuredReplies }, 'NBD client attached');
+      try {
+        await serveTransmission(reader, socket, session, this.#limits, log);
+      } finally {
+        this.#exports.release(session.exportName, info.client);
+        log.info({ export: session.exportName }, 'NBD client detached');
+      }
+    } catch (err) {
+      if (err instanceof ConnectionClosedError) {
+        log.debug('NBD connection closed by the client');
+        return;
+      }
+      log.error({ err }, 'NBD connection failed');
+    }
+  }
+}

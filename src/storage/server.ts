@@ -1,0 +1,90 @@
+/**
+ * vmferry's storage server: shared volumes exported over NBD (TCP and/or a
+ * unix socket), and an admin HTTP API to manage them.
+ */
+import { Type } from '@sinclair/typebox';
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import type { Logger } from 'pino';
+import { installErrorHandler } from '../http/errors.ts';
+import { NbdServer } from '../nbd/server.ts';
+import { VolumeService, maxVolumeBytes } from './volumes.ts';
+
+export interface StorageServerOptions {
+  dataDir: string;
+  logger: Logger;
+  /** NBD over TCP; port 0 picks a free one. */
+  nbd?: { host: string; port: number };
+  /** NBD over a unix socket. */
+  socket?: string;
+  /** Admin HTTP API; port 0 picks a free one. */
+  admin?: { host: string; port: number };
+}
+
+const VolumeName = Type.String({ pattern: '^[a-z0-9][a-z0-9._-]{0,62}$', description: "1-63 characters of a-z, 0-9, '.', '-', '_'" });
+const SizeBytes = Type.Integer({ minimum: 512, maximum: maxVolumeBytes, multipleOf: 512 });
+
+function adminApi(volumes: VolumeService, nbd: NbdServer, logger: Logger): FastifyInstance {
+  const loggerInstance: FastifyBaseLogger = logger;
+  const base = Fastify({ loggerInstance, bodyLimit: 64 * 1024 });
+  installErrorHandler(base);
+  const app = base.withTypeProvider<TypeBoxTypeProvider>();
+  const nameParams = Type.Object({ name: VolumeName });
+  app.get('/v1/volumes', () => volumes.volumes());
+  app.post(
+    '/v1/volumes',
+    { schema: { body: Type.Object({ name: VolumeName, sizeBytes: SizeBytes, readOnly: Type.Optional(Type.Boolean()) }, { additionalProperties: false }) } },
+    async (request, reply) => reply.status(201).send(await volumes.create(request.body.name, request.body.sizeBytes, request.body.readOnly ?? false)),
+  );
+  app.get('/v1/volumes/:name', { schema: { params: nameParams } }, (request) => volumes.get(request.params.name));
+  app.patch(
+    '/v1/volumes/:name',
+    { schema: { params: nameParams, body: Type.Object({ sizeBytes: SizeBytes }, { additionalProperties: false }) } },
+    (request) => volumes.resize(request.params.name, request.body.sizeBytes),
+  );
+  app.delete('/v1/volumes/:name', { schema: { params: nameParams } }, async (request, reply) => {
+    await volumes.remove(request.params.name);
+    return reply.status(204).send();
+  });
+  app.get('/v1/connections', () => nbd.connections());
+  return base;
+}
+
+export class StorageServer {
+  readonly volumes: VolumeService;
+  readonly nbd: NbdServer;
+  readonly admin: FastifyInstance;
+  /** Where it listens, with ports resolved. */
+  readonly addresses: { nbdPort?: number; socket?: string; adminUrl?: string } = {};
+
+  private constructor(volumes: VolumeService, nbd: NbdServer, admin: FastifyInstance) {
+    this.volumes = volumes;
+    this.nbd = nbd;
+    this.admin = admin;
+  }
+
+  static async start(options: StorageServerOptions): Promise<StorageServer> {
+    const volumes = await VolumeService.open(options.dataDir, options.logger);
+    const nbd = new NbdServer(volumes, options.logger.child({ component: 'nbd' }));
+    const server = new StorageServer(volumes, nbd, adminApi(volumes, nbd, options.logger.child({ component: 'admin' })));
+    try {
+      if (options.nbd) server.addresses.nbdPort = await nbd.listenTcp(options.nbd.host, options.nbd.port);
+      if (options.socket) {
+        await nbd.listenUnix(options.socket);
+        server.addresses.socket = options.socket;
+      }
+      if (options.admin) server.addresses.adminUrl = await server.admin.listen({ host: options.admin.host, port: options.admin.port });
+    } catch (err) {
+      await server.close();
+      throw err;
+    }
+    return server;
+  }
+
+  /** Drains NBD clients (their in-flight writes complete), then syncs and closes every volume. */
+  async close(): Promise<void> {
+    await this.admin.close();
+    await this.nbd.close();
+    await this.volumes.close();
+  }
+}

@@ -1,0 +1,195 @@
+/**
+ * The storage server's volumes: sparse raw files in DATA/volumes, described by
+ * a SQLite catalog (name, size, read-only, created, current attachments).
+ * A volume exists once its catalog row does; the file is made durable first,
+ * so a crash never leaves a row without its file. Also the NBD server's
+ * ExportProvider: an export's name is its volume's name.
+ */
+import Database from 'better-sqlite3';
+import { mkdir, open, readdir, rm, type FileHandle } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import { VmferryError } from '../errors.ts';
+import type { ExportInfo, ExportProvider, NbdBackend } from '../nbd/backend.ts';
+import { FileBackend, ReadOnlyBackend } from './volume-backends.ts';
+
+export interface Volume {
+  name: string;
+  sizeBytes: number;
+  readOnly: boolean;
+  createdAt: number;
+  /** Clients attached right now (host:port of each NBD connection). */
+  attachments: string[];
+}
+
+interface VolumeRow {
+  name: string;
+  size_bytes: number;
+  read_only: number;
+  created_at: number;
+}
+
+export const volumeNamePattern = /^[a-z0-9][a-z0-9._-]{0,62}$/;
+/** Largest volume: 2^50 bytes is far beyond these machines and still exact in a JS number. */
+export const maxVolumeBytes = 2 ** 50;
+
+export class VolumeService implements ExportProvider {
+  readonly #db: Database.Database;
+  readonly #dir: string;
+  readonly #logger: Logger;
+  readonly #files = new Map<string, { file: FileHandle; users: number }>();
+
+  private constructor(db: Database.Database, dir: string, logger: Logger) {
+    this.#db = db;
+    this.#dir = dir;
+    this.#logger = logger;
+  }
+
+  static async open(dataDir: string, logger: Logger): Promise<VolumeService> {
+    const dir = join(dataDir, 'volumes');
+    await mkdir(dir, { recursive: true });
+    const db = new Database(join(dataDir, 'catalog.db'));
+    db.pragma('journal_mode = WAL');
+    db.pragma('synchronous = FULL');
+    db.exec(`
+      CREATE TABLE IF NOT EXISTS volumes (name TEXT PRIMARY KEY, size_bytes INTEGER NOT NULL, read_only INTEGER NOT NULL, created_at INTEGER NOT NULL);
+      CREATE TABLE IF NOT EXISTS attachments (volume TEXT NOT NULL, client TEXT NOT NULL, since INTEGER NOT NULL, PRIMARY KEY (volume, client));
+      DELETE FROM attachments;
+    `);
+    const service = new VolumeService(db, dir, logger);
+    await service.#removeOrphanFiles();
+    return service;
+  }
+
+  list(): ExportInfo[] {
+    return this.volumes().map((v) => ({ name: v.name, description: `${v.sizeBytes} bytes${v.readOnly ? ', read-only' : ''}` }));
+  }
+
+  volumes(): Volume[] {
+    const rows = this.#db.prepare('SELECT * FROM volumes ORDER BY name').all() as VolumeRow[];
+    return rows.map((row) => this.#toVolume(row));
+  }
+
+  get(name: string): Volume {
+    const row = this.#db.prepare('SELECT * FROM volumes WHERE name = ?').get(name) as VolumeRow | undefined;
+    if (!row) throw new VmferryError('VMF_VOLUME_NOT_FOUND', `no volume named "${name}"`);
+    return this.#toVolume(row);
+  }
+
+  async create(name: string, sizeBytes: number, readOnly = false): Promise<Volume> {
+    if (!volumeNamePattern.test(name)) {
+      throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid volume name "${name}": 1-63 characters of a-z, 0-9, '.', '-', '_', starting with a letter or digit`);
+    }
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 512 || sizeBytes > maxVolumeBytes || sizeBytes % 512 !== 0) {
+      throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid size ${sizeBytes}: a multiple of 512 bytes from 512 B to 1 PiB`);
+    }
+    if (this.#db.prepare('SELECT 1 FROM volumes WHERE name = ?').get(name)) {
+      throw new VmferryError('VMF_VOLUME_EXISTS', `volume "${name}" already exists`);
+    }
+    const file = await open(this.#path(name), 'wx');
+    try {
+      await file.truncate(sizeBytes);
+      await file.sync();
+    } finally {
+      await file.close();
+    }
+    await this.#syncDir();
+    this.#db.prepare('INSERT INTO volumes (name, size_bytes, read_only, created_at) VALUES (?, ?, ?, ?)').run(name, sizeBytes, readOnly ? 1 : 0, Date.now());
+    this.#logger.info({ volume: name, sizeBytes, readOnly }, 'volume created');
+    return this.get(name);
+  }
+
+  async resize(name: string, sizeBytes: number): Promise<Volume> {
+    const volume = this.get(name);
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 512 || sizeBytes > maxVolumeBytes || sizeBytes % 512 !== 0) {
+      throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid size ${sizeBytes}: a multiple of 512 bytes from 512 B to 1 PiB`);
+    }
+    if (sizeBytes < volume.sizeBytes && volume.attachments.length > 0) {
+      throw new VmferryError('VMF_CONFLICT', `volume "${name}" has clients (${volume.attachments.join(', ')}); it cannot shrink under them`);
+    }
+    const file = await open(this.#path(name), 'r+');
+    try {
+      await file.truncate(sizeBytes);
+      await file.sync();
+    } finally {
+      await file.close();
+    }
+    this.#db.prepare('UPDATE volumes SET size_bytes = ? WHERE name = ?').run(sizeBytes, name);
+    this.#logger.info({ volume: name, from: volume.sizeBytes, to: sizeBytes }, 'volume resized (new connections see the new size)');
+    return this.get(name);
+  }
+
+  async remove(name: string): Promise<void> {
+    const volume = this.get(name);
+    if (volume.attachments.length > 0) {
+      throw new VmferryError('VMF_CONFLICT', `volume "${name}" has clients (${volume.attachments.join(', ')}); detach them first`);
+    }
+    this.#db.prepare('DELETE FROM volumes WHERE name = ?').run(name);
+    await rm(this.#path(name), { force: true });
+    await this.#syncDir();
+    this.#logger.info({ volume: name }, 'volume deleted');
+  }
+
+  async open(name: string, client: string): Promise<NbdBackend | undefined> {
+    const row = this.#db.prepare('SELECT * FROM volumes WHERE name = ?').get(name) as VolumeRow | undefined;
+    if (!row) return undefined;
+    let entry = this.#files.get(name);
+    if (!entry) {
+      entry = { file: await open(this.#path(name), 'r+'), users: 0 };
+      this.#files.set(name, entry);
+    }
+    entry.users++;
+    this.#db.prepare('INSERT OR REPLACE INTO attachments (volume, client, since) VALUES (?, ?, ?)').run(name, client, Date.now());
+    const backend = new FileBackend(entry.file, row.size_bytes);
+    return row.read_only ? new ReadOnlyBackend(backend) : backend;
+  }
+
+  release(name: string, client: string): void {
+    this.#db.prepare('DELETE FROM attachments WHERE volume = ? AND client = ?').run(name, client);
+    const entry = this.#files.get(name);
+    if (!entry) return;
+    entry.users--;
+    if (entry.users === 0) {
+      this.#files.delete(name);
+      entry.file.close().catch((err: unknown) => this.#logger.error({ err, volume: name }, 'closing volume file failed'));
+    }
+  }
+
+  async close(): Promise<void> {
+    for (const entry of this.#files.values()) {
+      await entry.file.datasync();
+      await entry.file.close();
+    }
+    this.#files.clear();
+    this.#db.close();
+  }
+
+  #toVolume(row: VolumeRow): Volume {
+    const attachments = (this.#db.prepare('SELECT client FROM attachments WHERE volume = ? ORDER BY since').all(row.name) as { client: string }[]).map((a) => a.client);
+    return { name: row.name, sizeBytes: row.size_bytes, readOnly: row.read_only === 1, createdAt: row.created_at, attachments };
+  }
+
+  #path(name: string): string {
+    return join(this.#dir, `${name}.raw`);
+  }
+
+  async #syncDir(): Promise<void> {
+    const dir = await open(this.#dir, 'r');
+    try {
+      await dir.sync();
+    } finally {
+      await dir.close();
+    }
+  }
+
+  /** Files without a catalog row are creations a crash interrupted: they never existed. */
+  async #removeOrphanFiles(): Promise<void> {
+    const known = new Set(this.volumes().map((v) => `${v.name}.raw`));
+    for (const file of await readdir(this.#dir)) {
+      if (!known.has(file)) {
+        this.#logger.warn({ file }, 'removing a volume file with no catalog entry (interrupted creation)');
+        await rm(join(this.#dir, file), { force: true });
+      }
+    }
+  }
+}
