@@ -23,7 +23,8 @@ export const defaultLimits: TransmissionLimits = {
   preferred: 4096,
   maximum: 32 * 1024 * 1024,
   maxInFlightRequests: 64,
-  maxInFlightBytes: 64 * 1024 * 1024,
+  maxInFlightBytes: 32 * 1024 * 1024,
+  maxQueuedReplyBytes: 16 * 1024 * 1024,
 };
 
 /** How long a client may take over the handshake before it is dropped. */
@@ -99,7 +100,7 @@ export class NbdServer {
 
   async #serve(socket: Socket, info: ConnectionInfo, log: Logger): Promise<void> {
     socket.on('error', () => undefined);
-    const reader = new SocketReader(socket, this.#limits.maximum + 1024 * 1024);
+    const reader = new SocketReader(socket, this.#limits.maximum + 64 * 1024);
     const handshakeTimer = setTimeout(() => {
       log.warn('NBD handshake timed out');
       socket.destroy();

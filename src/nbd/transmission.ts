@@ -31,7 +31,23 @@ interface Request {
 
 export interface TransmissionLimits extends BlockSizeLimits {
   maxInFlightRequests: number;
+  /** Bytes of READ/WRITE requests being executed at once. */
   maxInFlightBytes: number;
+  /** Reply bytes queued for a client that does not read them; no new request is read past this. */
+  maxQueuedReplyBytes: number;
+}
+
+/** Resolves once the socket's queued output has drained (or the socket is gone). */
+function drained(socket: Socket): Promise<void> {
+  return new Promise((resolve) => {
+    const done = (): void => {
+      socket.off('drain', done);
+      socket.off('close', done);
+      resolve();
+    };
+    socket.on('drain', done);
+    socket.on('close', done);
+  });
 }
 
 const commandNames: Record<number, string> = Object.fromEntries(Object.entries(Command).map(([name, value]) => [value, name]));
@@ -227,6 +243,7 @@ export async function serveTransmission(
         await new Promise<void>((resolve) => (slotFreed = resolve));
         slotFreed = undefined;
       }
+      while (socket.writableLength > limits.maxQueuedReplyBytes && !socket.destroyed) await drained(socket);
       const header = await reader.read(REQUEST_HEADER_BYTES);
       if (header.readUInt32BE(0) !== REQUEST_MAGIC) {
         log.warn({ magic: header.readUInt32BE(0).toString(16) }, 'NBD request with a wrong magic: disconnecting');
