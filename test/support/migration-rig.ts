@@ -1,7 +1,7 @@
 /**
  * Two "hosts" in one process for migration tests: host A runs the test guest
- * from its pool, host B has an empty pool, and shared volumes are served by an
- * NBD server both reach. Everything is real QEMU; the hosts differ only in
+ * from its pool, host B has an empty pool, and shared volumes live on a
+ * vmferry storage server both reach. Everything is real QEMU; the hosts differ only in
  * their directories.
  */
 import { execFileSync } from 'node:child_process';
@@ -19,7 +19,7 @@ import { QemuProcess } from '../../src/qemu/process.ts';
 import type { DiskSpec, VmSpec } from '../../src/qemu/spec.ts';
 import { LocalPool } from '../../src/storage/local-pool.ts';
 import { Cleanup } from './cleanup.ts';
-import { serveWithQemuNbd } from './qemu-nbd.ts';
+import { startTestStorage } from './storage.ts';
 import { makeTempDir } from './temp.ts';
 
 export interface RigLayout {
@@ -51,7 +51,7 @@ export class MigrationRig {
     const temp = await makeTempDir(`migrate-${name}`);
     this.cleanup.add('remove temp dir', () => temp.remove());
     this.dir = temp.path;
-    for (const sub of ['poolA', 'poolB', 'shared', 'runA', 'runB', 'logs']) mkdirSync(join(this.dir, sub));
+    for (const sub of ['poolA', 'poolB', 'runA', 'runB', 'logs']) mkdirSync(join(this.dir, sub));
     this.poolA = new LocalPool(join(this.dir, 'poolA'));
     this.poolB = new LocalPool(join(this.dir, 'poolB'));
     const disks: DiskSpec[] = [];
@@ -61,12 +61,13 @@ export class MigrationRig {
       if (local.fillMiB) execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x6b ${local.sizeMiB - local.fillMiB}M ${local.fillMiB}M`, path], { stdio: 'ignore' });
       disks.push({ id: local.id, source: { kind: 'file', path, format: 'qcow2' } });
     }
-    for (const shared of layout.shared) {
-      const image = join(this.dir, 'shared', `${shared.id}.raw`);
-      execFileSync('qemu-img', ['create', '-q', '-f', 'raw', image, `${shared.sizeMiB}M`]);
-      const server = await serveWithQemuNbd(image, 'raw', join(this.dir, 'shared'), shared.id);
-      this.cleanup.add(`stop NBD server of ${shared.id}`, () => server.stop());
-      disks.push({ id: shared.id, source: { kind: 'nbd', server: { type: 'unix', path: server.socket }, export: shared.id }, readOnly: shared.readOnly ?? false });
+    if (layout.shared.length > 0) {
+      const storage = await startTestStorage();
+      this.cleanup.add('stop the storage server', () => storage.stop());
+      for (const shared of layout.shared) {
+        await storage.server.volumes.create(shared.id, shared.sizeMiB * 1024 * 1024, shared.readOnly ?? false);
+        disks.push({ id: shared.id, source: { kind: 'nbd', server: { type: 'inet', host: '127.0.0.1', port: storage.nbdPort }, export: shared.id }, readOnly: shared.readOnly ?? false });
+      }
     }
     // Host write-back of fresh images would compete with the mirror.
     execFileSync('sync');
