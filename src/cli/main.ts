@@ -8,6 +8,7 @@ import { VmferryError, describeError } from '../errors.ts';
 import { registerClusterCommands } from './cluster.ts';
 import { registerDaemonCommands } from './daemons.ts';
 import { registerStorageCommands } from './storage.ts';
+import { registerDemoCommand } from './demo.ts';
 
 const program = new Command('vmferry')
   .description('Live-migrate QEMU/KVM virtual machines whose disks are partly local, partly shared')
@@ -18,6 +19,7 @@ const program = new Command('vmferry')
 registerDaemonCommands(program);
 registerClusterCommands(program);
 registerStorageCommands(program);
+registerDemoCommand(program);
 
 try {
   await program.parseAsync(process.argv);

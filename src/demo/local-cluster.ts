@@ -1,0 +1,163 @@
+/**
+ * A whole vmferry cluster on one machine: a storage server and a controller in
+ * this process, and one agent process per host, each host in its own network
+ * namespace (as root) or on its own loopback address (otherwise). The demo and
+ * the end-to-end tests run on it.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdir, rm } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { FastifyInstance } from 'fastify';
+import type { Logger } from 'pino';
+import { VmferryError, describeError } from '../errors.ts';
+import { ControllerClient } from '../cli/controller-client.ts';
+import { buildController } from '../controller/server.ts';
+import { StorageServer } from '../storage/server.ts';
+import { findFreePort } from '../util/ports.ts';
+import { runProgram } from '../util/run.ts';
+import { canUseNamespaces, createNamespaceNetwork, type NamespaceNetwork } from './netns.ts';
+
+const cliPath = resolve(import.meta.dirname, '../../bin/vmferry.js');
+const agentPort = 10801;
+
+export interface ClusterHost {
+  id: string;
+  address: string;
+  dataDir: string;
+  agentUrl: string;
+  process: ChildProcess;
+  namespace: string | undefined;
+}
+
+export interface LocalClusterOptions {
+  workDir: string;
+  hostIds: string[];
+  logger: Logger;
+  /** Put each host in a network namespace; default: when running as root. */
+  namespaces?: boolean;
+}
+
+export class LocalCluster {
+  readonly hosts: ClusterHost[] = [];
+  readonly workDir: string;
+  storage!: StorageServer;
+  controllerUrl = '';
+  /** Where QEMU on every host reaches the storage server's NBD port. */
+  storageNbd!: { host: string; port: number };
+  network: NamespaceNetwork | undefined;
+  readonly #logger: Logger;
+  #controller: FastifyInstance | undefined;
+
+  private constructor(workDir: string, logger: Logger) {
+    this.workDir = workDir;
+    this.#logger = logger;
+  }
+
+  static async start(options: LocalClusterOptions): Promise<LocalCluster> {
+    const cluster = new LocalCluster(options.workDir, options.logger);
+    try {
+      await cluster.#start(options);
+    } catch (err) {
+      await cluster.stop();
+      throw err;
+    }
+    return cluster;
+  }
+
+  get api(): ControllerClient {
+    return new ControllerClient(this.controllerUrl);
+  }
+
+  host(id: string): ClusterHost {
+    const host = this.hosts.find((h) => h.id === id);
+    if (!host) throw new VmferryError('VMF_NOT_FOUND', `no host ${id} in this cluster`);
+    return host;
+  }
+
+  async #start(options: LocalClusterOptions): Promise<void> {
+    await mkdir(this.workDir, { recursive: true });
+    const useNamespaces = options.namespaces ?? canUseNamespaces();
+    if (useNamespaces) this.network = await createNamespaceNetwork('vmfd', options.hostIds);
+    // Services of the "core" listen where every host reaches them: the bridge, or loopback.
+    const serviceHost = this.network?.gateway ?? '127.0.0.1';
+
+    this.storage = await StorageServer.start({
+      dataDir: join(this.workDir, 'storage'),
+      logger: this.#logger.child({ component: 'storage' }),
+      nbd: { host: serviceHost, port: await findFreePort(serviceHost) },
+      admin: { host: '127.0.0.1', port: 0 },
+    });
+    this.storageNbd = { host: serviceHost, port: this.storage.addresses.nbdPort as number };
+
+    const controller = await buildController({ dbPath: join(this.workDir, 'controller.db'), logger: this.#logger.child({ component: 'controller' }) });
+    this.#controller = controller.app;
+    this.controllerUrl = await controller.app.listen({ host: serviceHost, port: await findFreePort(serviceHost) });
+
+    for (const [index, id] of options.hostIds.entries()) {
+      const namespaceHost = this.network?.hosts[index];
+      const address = namespaceHost?.address ?? `127.0.0.${index + 2}`;
+      const dataDir = join(this.workDir, `host-${id}`);
+      const args = [cliPath, '--controller', this.controllerUrl, 'agent', '--host-id', id, '--listen', `${address}:${agentPort}`, '--data-dir', dataDir];
+      const command = namespaceHost ? 'ip' : process.execPath;
+      const commandArgs = namespaceHost ? ['netns', 'exec', namespaceHost.namespace, process.execPath, ...args] : args;
+      const child = spawn(command, commandArgs, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, VMFERRY_LOG: process.env.VMFERRY_LOG ?? 'warn' } });
+      child.stderr?.on('data', (chunk: Buffer) => this.#logger.debug({ host: id }, chunk.toString().trimEnd()));
+      this.hosts.push({ id, address, dataDir, agentUrl: `http://${address}:${agentPort}`, process: child, namespace: namespaceHost?.namespace });
+    }
+    await this.waitForHosts(options.hostIds, 30_000);
+  }
+
+  /** Waits until the controller sees every host as reachable. */
+  async waitForHosts(ids: string[], timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const reachable = new Set((await this.api.hosts()).filter((h) => h.state === 'reachable').map((h) => h.id));
+      if (ids.every((id) => reachable.has(id))) return;
+      const dead = this.hosts.find((h) => h.process.exitCode !== null);
+      if (dead) throw new VmferryError('VMF_UNREACHABLE', `the agent of host ${dead.id} exited with code ${dead.process.exitCode}`);
+      if (Date.now() > deadline) throw new VmferryError('VMF_TIMEOUT', `hosts ${ids.join(', ')} did not all report within ${timeoutMs} ms`);
+      await sleep(200);
+    }
+  }
+
+  /** Restarts one host's agent process (its guests keep running and are re-adopted). */
+  async restartAgent(id: string): Promise<void> {
+    const host = this.host(id);
+    await stopProcess(host.process);
+    const args = host.process.spawnargs.slice(1);
+    host.process = spawn(host.process.spawnfile, args, { stdio: ['ignore', 'ignore', 'pipe'], env: process.env });
+    await sleep(500);
+    await this.waitForHosts([id], 30_000);
+  }
+
+  /** Deletes every VM (killing its QEMU), stops agents, controller and storage, removes the network. */
+  async stop(): Promise<void> {
+    if (this.controllerUrl) {
+      const vms = await this.api.vms().catch(() => []);
+      for (const vm of vms) {
+        await this.api.stopVm(vm.name, true).catch((err: unknown) => this.#logger.warn({ err: describeError(err) }, `could not stop VM ${vm.name}`));
+        await this.api.deleteVm(vm.name).catch((err: unknown) => this.#logger.warn({ err: describeError(err) }, `could not delete VM ${vm.name}`));
+      }
+    }
+    for (const host of this.hosts) await stopProcess(host.process);
+    // Anything still running in a host's namespace (a QEMU whose agent died) goes with it.
+    for (const host of this.hosts.filter((h) => h.namespace)) {
+      const pids = await runProgram('ip', ['netns', 'pids', host.namespace as string]).catch(() => '');
+      for (const pid of pids.split('\n').map(Number).filter((p) => p > 0)) process.kill(pid, 'SIGKILL');
+    }
+    await this.#controller?.close();
+    await this.storage?.close().catch(() => undefined);
+    await this.network?.remove();
+    await rm(this.workDir, { recursive: true, force: true });
+  }
+}
+
+async function stopProcess(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  child.kill('SIGTERM');
+  const timer = setTimeout(() => child.kill('SIGKILL'), 5_000);
+  await exited;
+  clearTimeout(timer);
+}
