@@ -10,7 +10,7 @@ import swagger from '@fastify/swagger';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { CreateVmRequestSchema, MigrationParamsSchema, VmNameParamsSchema, type HostInfo } from '../api/agent-types.ts';
-import { installErrorHandler } from '../http/errors.ts';
+import { installErrorHandler, strictValidation } from '../http/errors.ts';
 import { replySignal } from '../http/request-signal.ts';
 import type { MigrationPlan } from '../migration/plan.ts';
 import type { MigrationSettings, MirrorTarget } from '../migration/sides.ts';
@@ -52,7 +52,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   const sides = new MigrationSides(registry, options.address, options.logger);
   // Widened to fastify's logger type, so the instance is the plain FastifyInstance the helpers take.
   const loggerInstance: FastifyBaseLogger = options.logger;
-  const base = Fastify({ loggerInstance, bodyLimit: 1024 * 1024 });
+  const base = Fastify({ loggerInstance, bodyLimit: 1024 * 1024, ajv: strictValidation });
   installErrorHandler(base);
   const app = base.withTypeProvider<TypeBoxTypeProvider>();
   await app.register(swagger, { openapi: { info: { title: 'vmferry agent', version: '0.1.0' } } });

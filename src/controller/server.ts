@@ -8,7 +8,7 @@ import swagger from '@fastify/swagger';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { CreateVmRequestSchema, MigrationParamsSchema, VmNameParamsSchema } from '../api/agent-types.ts';
-import { installErrorHandler } from '../http/errors.ts';
+import { installErrorHandler, strictValidation } from '../http/errors.ts';
 import { SqliteStore } from '../store/sqlite-store.ts';
 import type { Store } from '../store/store.ts';
 import { Inventory } from './inventory.ts';
@@ -41,7 +41,7 @@ export async function buildController(options: ControllerOptions): Promise<{ app
   const migrations = new MigrationService(store, inventory, options.logger);
   // Widened to fastify's logger type, so the instance is the plain FastifyInstance the helpers take.
   const loggerInstance: FastifyBaseLogger = options.logger;
-  const base = Fastify({ loggerInstance, bodyLimit: 1024 * 1024 });
+  const base = Fastify({ loggerInstance, bodyLimit: 1024 * 1024, ajv: strictValidation });
   installErrorHandler(base);
   const app = base.withTypeProvider<TypeBoxTypeProvider>();
   await app.register(swagger, { openapi: { info: { title: 'vmferry controller', version: '0.1.0' } } });

@@ -18,6 +18,12 @@ const statusByCode: Partial<Record<ErrorCode, number>> = {
   VMF_TIMEOUT: 504,
 };
 
+/**
+ * Fastify's default validator silently drops unknown properties; a typo in a
+ * request field must be an error instead, so every server uses these options.
+ */
+export const strictValidation = { customOptions: { removeAdditional: false, coerceTypes: 'array' as const, allErrors: false } };
+
 export interface ErrorBody {
   code: string;
   message: string;

@@ -6,7 +6,7 @@ import { Type } from '@sinclair/typebox';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
-import { installErrorHandler } from '../http/errors.ts';
+import { installErrorHandler, strictValidation } from '../http/errors.ts';
 import { NbdServer } from '../nbd/server.ts';
 import { VolumeService, maxVolumeBytes } from './volumes.ts';
 
@@ -26,7 +26,7 @@ const SizeBytes = Type.Integer({ minimum: 512, maximum: maxVolumeBytes, multiple
 
 function adminApi(volumes: VolumeService, nbd: NbdServer, logger: Logger): FastifyInstance {
   const loggerInstance: FastifyBaseLogger = logger;
-  const base = Fastify({ loggerInstance, bodyLimit: 64 * 1024 });
+  const base = Fastify({ loggerInstance, bodyLimit: 64 * 1024, ajv: strictValidation });
   installErrorHandler(base);
   const app = base.withTypeProvider<TypeBoxTypeProvider>();
   const nameParams = Type.Object({ name: VolumeName });

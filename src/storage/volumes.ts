@@ -37,7 +37,8 @@ export class VolumeService implements ExportProvider {
   readonly #db: Database.Database;
   readonly #dir: string;
   readonly #logger: Logger;
-  readonly #files = new Map<string, { file: FileHandle; users: number }>();
+  /** One open file per volume, shared by its connections; the promise is stored at once so concurrent opens share it. */
+  readonly #files = new Map<string, { file: Promise<FileHandle>; users: number }>();
 
   private constructor(db: Database.Database, dir: string, logger: Logger) {
     this.#db = db;
@@ -135,12 +136,19 @@ export class VolumeService implements ExportProvider {
     if (!row) return undefined;
     let entry = this.#files.get(name);
     if (!entry) {
-      entry = { file: await open(this.#path(name), 'r+'), users: 0 };
+      entry = { file: open(this.#path(name), 'r+'), users: 0 };
       this.#files.set(name, entry);
     }
     entry.users++;
+    let file: FileHandle;
+    try {
+      file = await entry.file;
+    } catch (err) {
+      this.release(name, client);
+      throw err;
+    }
     this.#db.prepare('INSERT OR REPLACE INTO attachments (volume, client, since) VALUES (?, ?, ?)').run(name, client, Date.now());
-    const backend = new FileBackend(entry.file, row.size_bytes);
+    const backend = new FileBackend(file, row.size_bytes);
     return row.read_only ? new ReadOnlyBackend(backend) : backend;
   }
 
@@ -151,14 +159,15 @@ export class VolumeService implements ExportProvider {
     entry.users--;
     if (entry.users === 0) {
       this.#files.delete(name);
-      entry.file.close().catch((err: unknown) => this.#logger.error({ err, volume: name }, 'closing volume file failed'));
+      entry.file.then((file) => file.close()).catch((err: unknown) => this.#logger.error({ err, volume: name }, 'closing volume file failed'));
     }
   }
 
   async close(): Promise<void> {
     for (const entry of this.#files.values()) {
-      await entry.file.datasync();
-      await entry.file.close();
+      const file = await entry.file;
+      await file.datasync();
+      await file.close();
     }
     this.#files.clear();
     this.#db.close();

@@ -1,0 +1,112 @@
+// Bad requests to every endpoint of the agent and the controller (real HTTP,
+// in-process servers): each gets a clear error naming the problem, and the
+// server keeps serving.
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import type { FastifyInstance } from 'fastify';
+import pino from 'pino';
+import { buildAgent } from '../../src/agent/server.ts';
+import { buildController } from '../../src/controller/server.ts';
+
+let dir: string;
+let agent: FastifyInstance;
+let controller: FastifyInstance;
+let agentUrl: string;
+let controllerUrl: string;
+
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'vmferry-api-'));
+  const logger = pino({ level: 'silent' });
+  agent = (await buildAgent({ hostId: 'A', dataDir: join(dir, 'agent'), address: '127.0.0.1', logger })).app;
+  agentUrl = await agent.listen({ host: '127.0.0.1', port: 0 });
+  controller = (await buildController({ dbPath: join(dir, 'controller.db'), logger })).app;
+  controllerUrl = await controller.listen({ host: '127.0.0.1', port: 0 });
+  await fetch(`${controllerUrl}/v1/hosts/heartbeat`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ id: 'A', url: agentUrl, address: '127.0.0.1' }) });
+});
+
+after(async () => {
+  await agent.close();
+  await controller.close();
+  await rm(dir, { recursive: true, force: true });
+});
+
+interface BadRequest {
+  server: 'agent' | 'controller';
+  method: string;
+  path: string;
+  body?: unknown;
+  raw?: string;
+  status: number;
+  code: string;
+  message: RegExp;
+}
+
+const validVm = { name: 'ok', boot: { kind: 'test-guest' }, disks: [] };
+
+const cases: BadRequest[] = [
+  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, name: '../x' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /name/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, memoryMiB: 'lots' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /memoryMiB/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'Root Disk', local: { sizeBytes: 1 << 20 } }] }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /disks\/0\/id/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'd', shared: { server: { type: 'inet', host: 'x', port: 99999 }, export: 'e' } }] }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /port|server/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'd' }] }, status: 400, code: 'VMF_INVALID_SPEC', message: /needs "local" or "shared"/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, extra: 1 }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /additional properties|extra/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms', raw: '{"name": ', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /JSON/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms', raw: JSON.stringify({ ...validVm, pad: 'x'.repeat(2 * 1024 * 1024) }), status: 413, code: 'VMF_INVALID_ARGUMENT', message: /too large/ },
+  { server: 'agent', method: 'GET', path: '/v1/vms/nope', status: 404, code: 'VMF_NOT_FOUND', message: /no VM named nope on A/ },
+  { server: 'agent', method: 'GET', path: '/v1/vms/..%2Fetc', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /name/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms/nope/start', status: 404, code: 'VMF_NOT_FOUND', message: /no VM named nope/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms/nope/stop?force=maybe', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /force/ },
+  { server: 'agent', method: 'DELETE', path: '/v1/vms/nope', status: 404, code: 'VMF_NOT_FOUND', message: /no VM named nope/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms/nope/probe-source', status: 404, code: 'VMF_NOT_FOUND', message: /no VM named nope/ },
+  { server: 'agent', method: 'POST', path: '/v1/probe-destination', body: { spec: { name: 'x' } }, status: 400, code: 'VMF_INVALID_SPEC', message: /vcpus/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/prepare', body: { spec: { vcpus: 1 }, plan: {} }, status: 400, code: 'VMF_INVALID_SPEC', message: /name/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/resume', status: 404, code: 'VMF_NOT_FOUND', message: /migration m1 has no destination/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/wait-incoming', status: 404, code: 'VMF_NOT_FOUND', message: /no destination/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/begin', body: { vm: 'nope' }, status: 404, code: 'VMF_NOT_FOUND', message: /no VM named nope/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/mirrors', body: { targets: [], copyMode: 'fast' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /copyMode/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/migrate', body: { uri: 'exec:rm -rf /', settings: { downtimeLimitMs: 1, allowPostcopy: false } }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /uri/ },
+  { server: 'agent', method: 'GET', path: '/v1/migrations/m1/source/info', status: 404, code: 'VMF_NOT_FOUND', message: /migration m1 has no source/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/downtime-limit', body: { ms: -5 }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /ms/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/bad%20id/source/retire', body: { keepLocalDisks: false }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /id/ },
+  { server: 'agent', method: 'GET', path: '/v1/nothing-here', status: 404, code: 'VMF_NOT_FOUND', message: /no route GET \/v1\/nothing-here/ },
+  { server: 'controller', method: 'POST', path: '/v1/hosts/heartbeat', body: { id: 'B', url: 'ftp://x', address: 'b' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /url/ },
+  { server: 'controller', method: 'POST', path: '/v1/vms', body: { host: 'A' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /vm/ },
+  { server: 'controller', method: 'POST', path: '/v1/vms', body: { host: 'Z', vm: validVm }, status: 404, code: 'VMF_NOT_FOUND', message: /no host named Z/ },
+  { server: 'controller', method: 'GET', path: '/v1/vms/nope', status: 404, code: 'VMF_NOT_FOUND', message: /no VM named nope/ },
+  { server: 'controller', method: 'POST', path: '/v1/vms/nope/start', status: 404, code: 'VMF_NOT_FOUND', message: /no VM named nope/ },
+  { server: 'controller', method: 'POST', path: '/v1/vms/nope/stop', status: 404, code: 'VMF_NOT_FOUND', message: /no VM named nope/ },
+  { server: 'controller', method: 'DELETE', path: '/v1/vms/nope', status: 404, code: 'VMF_NOT_FOUND', message: /no VM named nope/ },
+  { server: 'controller', method: 'POST', path: '/v1/migrations', body: { vm: 'web' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /to/ },
+  { server: 'controller', method: 'POST', path: '/v1/migrations', body: { vm: 'web', to: 'A', maxDowntimeMs: 0 }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /maxDowntimeMs/ },
+  { server: 'controller', method: 'POST', path: '/v1/migrations', body: { vm: 'web', to: 'A', copyMode: 'turbo' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /copyMode/ },
+  { server: 'controller', method: 'POST', path: '/v1/migrations', body: { vm: 'nope', to: 'A' }, status: 404, code: 'VMF_NOT_FOUND', message: /no VM named nope/ },
+  { server: 'controller', method: 'GET', path: '/v1/migrations/nope', status: 404, code: 'VMF_NOT_FOUND', message: /no migration nope/ },
+  { server: 'controller', method: 'GET', path: '/v1/migrations/nope/events?after=-1', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /after/ },
+  { server: 'controller', method: 'POST', path: '/v1/migrations/nope/cancel', status: 404, code: 'VMF_NOT_FOUND', message: /no migration nope/ },
+];
+
+for (const c of cases) {
+  test(`${c.server} ${c.method} ${c.path} with ${c.raw !== undefined ? 'a raw body' : JSON.stringify(c.body ?? null).slice(0, 60)} → ${c.status} ${c.code}`, async () => {
+    const base = c.server === 'agent' ? agentUrl : controllerUrl;
+    const hasBody = c.raw !== undefined || c.body !== undefined || c.method === 'POST';
+    const response = await fetch(`${base}${c.path}`, {
+      method: c.method,
+      headers: hasBody ? { 'content-type': 'application/json' } : {},
+      body: c.raw ?? (hasBody ? JSON.stringify(c.body ?? {}) : null),
+    });
+    const body = (await response.json()) as { code: string; message: string };
+    assert.equal(response.status, c.status, body.message);
+    assert.equal(body.code, c.code, body.message);
+    assert.match(body.message, c.message);
+  });
+}
+
+test('both servers still answer after all of that', async () => {
+  assert.equal((await fetch(`${agentUrl}/v1/vms`)).status, 200);
+  assert.equal((await fetch(`${controllerUrl}/v1/hosts`)).status, 200);
+  const openapi = (await (await fetch(`${agentUrl}/openapi.json`)).json()) as { paths: Record<string, unknown> };
+  assert.ok('/v1/vms' in openapi.paths, 'the agent serves its OpenAPI document');
+});

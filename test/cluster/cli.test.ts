@@ -1,0 +1,142 @@
+// The cluster end to end, as a user drives it: the vmferry CLI against a
+// controller and two agent processes (loopback hosts), with a VM running the
+// test guest on a local and a shared disk.
+import assert from 'node:assert/strict';
+import { execFile as execFileCallback } from 'node:child_process';
+import { mkdtemp } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { after, before, test } from 'node:test';
+import pino from 'pino';
+import { LocalCluster } from '../../src/demo/local-cluster.ts';
+import { waitForAcks } from '../../src/guest/test-guest.ts';
+import type { MigrationReport } from '../../src/migration/phases.ts';
+
+const execFile = promisify(execFileCallback);
+const cli = join(import.meta.dirname, '../../bin/vmferry.js');
+let cluster: LocalCluster;
+
+interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+async function vmferry(...args: string[]): Promise<CliResult> {
+  try {
+    const { stdout, stderr } = await execFile(process.execPath, [cli, '--controller', cluster.controllerUrl, ...args], { timeout: 180_000 });
+    return { code: 0, stdout, stderr };
+  } catch (err) {
+    const failed = err as { code: number; stdout: string; stderr: string };
+    return { code: failed.code, stdout: failed.stdout, stderr: failed.stderr };
+  }
+}
+
+function reportLogs(vm: string): string[] {
+  return cluster.hosts.map((h) => join(h.dataDir, 'vms', vm, 'serial1.log'));
+}
+
+before(async () => {
+  cluster = await LocalCluster.start({
+    workDir: await mkdtemp(join(tmpdir(), 'vmferry-cluster-')),
+    hostIds: ['A', 'B'],
+    logger: pino({ level: 'silent' }),
+    namespaces: false,
+  });
+  await cluster.storage.volumes.create('web-data', 64 * 1024 * 1024);
+});
+
+after(() => cluster.stop());
+
+test('host list shows both hosts reporting', async () => {
+  const result = await vmferry('--json', 'host', 'list');
+  assert.equal(result.code, 0, result.stderr);
+  const hosts = JSON.parse(result.stdout) as { id: string; state: string }[];
+  assert.deepEqual(hosts.map((h) => [h.id, h.state]), [['A', 'reachable'], ['B', 'reachable']]);
+});
+
+test('create, start, list and show a VM with a local and a shared disk', async () => {
+  const { host, port } = cluster.storageNbd;
+  let result = await vmferry('vm', 'create', 'web', '--host', 'A', '--memory', '256', '--local-disk', 'root:256M', '--shared-disk', 'data:web-data', '--storage-nbd', `${host}:${port}`, '--test-guest');
+  assert.equal(result.code, 0, result.stderr);
+  assert.match(result.stdout, /created VM web on A/);
+  result = await vmferry('vm', 'start', 'web');
+  assert.match(result.stdout, /VM web running on A \(pid \d+\)/);
+  await waitForAcks(reportLogs('web'), ['root', 'data'], { atLeast: 20, timeoutMs: 90_000 });
+  result = await vmferry('vm', 'list');
+  assert.match(result.stdout, /web\s+│ A\s+│ running/);
+  const shown = JSON.parse((await vmferry('vm', 'show', 'web')).stdout) as { spec: { disks: { id: string }[] } };
+  assert.deepEqual(shown.spec.disks.map((d) => d.id), ['root', 'data']);
+});
+
+test('a second VM of the same name, an unknown VM, an unknown host: one clear line and a non-zero exit', async () => {
+  let result = await vmferry('vm', 'create', 'web', '--host', 'B', '--local-disk', 'root:64M', '--test-guest');
+  assert.notEqual(result.code, 0);
+  assert.match(result.stderr, /^vmferry: a VM named web already exists \[VMF_CONFLICT\]\n$/);
+  result = await vmferry('migrate', 'nope', '--to', 'B');
+  assert.notEqual(result.code, 0);
+  assert.match(result.stderr, /^vmferry: no VM named nope on any reachable host \[VMF_NOT_FOUND\]\n$/);
+  result = await vmferry('migrate', 'web', '--to', 'Z');
+  assert.match(result.stderr, /^vmferry: no host named Z \(known: A, B\) \[VMF_NOT_FOUND\]\n$/);
+  result = await vmferry('migrate', 'web', '--to', 'B', '--max-downtime', 'soon');
+  assert.match(result.stderr, /--max-downtime must be a positive number \(got "soon"\)/);
+});
+
+test('migrate --dry-run prints the plan and moves nothing', async () => {
+  const result = await vmferry('migrate', 'web', '--to', 'B', '--dry-run');
+  assert.equal(result.code, 0, result.stderr);
+  assert.match(result.stdout, /root\s+│ local\s+│ mirror/);
+  assert.match(result.stdout, /data\s+│ shared\s+│ reattach/);
+  assert.match((await vmferry('vm', 'list')).stdout, /web\s+│ A\s+│ running/);
+});
+
+test('migrate to B and back through the CLI; records and reports are kept', async () => {
+  for (const to of ['B', 'A']) {
+    const before = (await waitForAcks(reportLogs('web'), ['root', 'data'], { atLeast: 0, timeoutMs: 1000 })).acks;
+    const result = await vmferry('--json', 'migrate', 'web', '--to', to);
+    assert.equal(result.code, 0, result.stderr);
+    const { id, report } = JSON.parse(result.stdout) as { id: string; report: MigrationReport };
+    assert.equal(report.outcome, 'completed');
+    assert.deepEqual(report.disks.map((d) => [d.id, d.operation]), [['root', 'mirror'], ['data', 'reattach']]);
+    assert.equal(report.disks[1]?.bytesSent, 0);
+    assert.match((await vmferry('vm', 'list')).stdout, new RegExp(`web\\s+│ ${to}\\s+│ running`));
+    await waitForAcks(reportLogs('web'), ['root', 'data'], { atLeast: 10, since: before, timeoutMs: 60_000 });
+    const shown = await vmferry('migration', 'show', id);
+    assert.match(shown.stdout, new RegExp(`migration ${id}: web .* → ${to}, completed`));
+  }
+  const list = JSON.parse((await vmferry('--json', 'migration', 'list')).stdout) as { phase: string }[];
+  assert.deepEqual(list.map((m) => m.phase), ['completed', 'completed']);
+});
+
+test('a second migration of a migrating VM is refused; cancel leaves it running where it was', async () => {
+  // A 1 MiB/s cap keeps the first migration busy long enough.
+  const started = await cluster.api.migrate({ vm: 'web', to: 'B', bandwidthMiBs: 1 });
+  const second = await vmferry('migrate', 'web', '--to', 'B');
+  assert.notEqual(second.code, 0);
+  assert.match(second.stderr, /VM web is already migrating .* \[VMF_CONFLICT\]/);
+  const cancel = await vmferry('migration', 'cancel', started.id as string);
+  assert.equal(cancel.code, 0, cancel.stderr);
+  let record = await cluster.api.migration(started.id as string);
+  for (let i = 0; i < 100 && !record.report; i++) {
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    record = await cluster.api.migration(started.id as string);
+  }
+  assert.equal(record.report?.outcome, 'cancelled');
+  assert.equal(record.phase, 'cancelled');
+  assert.match((await vmferry('vm', 'list')).stdout, /web\s+│ A\s+│ running/);
+  const again = await vmferry('migration', 'cancel', started.id as string);
+  assert.equal(again.code, 0, 'cancel is idempotent');
+});
+
+test('restarting the agent leaves the guest running and re-adopts it', async () => {
+  const before = await cluster.api.vm('web');
+  await cluster.restartAgent('A');
+  const after = await cluster.api.vm('web');
+  assert.equal(after.state, 'running');
+  assert.equal(after.pid, before.pid, 'the same QEMU process');
+  const acks = (await waitForAcks(reportLogs('web'), ['root'], { atLeast: 0, timeoutMs: 1000 })).acks;
+  await waitForAcks(reportLogs('web'), ['root', 'data'], { atLeast: 10, since: acks, timeoutMs: 60_000 });
+  const result = await vmferry('vm', 'stop', 'web');
+  assert.match(result.stdout, /VM web stopped on A/);
+});
