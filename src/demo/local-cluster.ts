@@ -11,6 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
+import { AgentClient } from '../agent/client.ts';
 import { ControllerClient } from '../cli/controller-client.ts';
 import { buildController } from '../controller/server.ts';
 import { StorageServer } from '../storage/server.ts';
@@ -125,10 +126,17 @@ export class LocalCluster {
   async restartAgent(id: string): Promise<void> {
     const host = this.host(id);
     await stopProcess(host.process);
-    const args = host.process.spawnargs.slice(1);
-    host.process = spawn(host.process.spawnfile, args, { stdio: ['ignore', 'ignore', 'pipe'], env: process.env });
-    await sleep(500);
-    await this.waitForHosts([id], 30_000);
+    host.process = spawn(host.process.spawnfile, host.process.spawnargs.slice(1), { stdio: ['ignore', 'ignore', 'pipe'], env: process.env });
+    // The controller may still count the old agent's last heartbeat: ask the new one itself.
+    const agent = new AgentClient(host.agentUrl);
+    const deadline = Date.now() + 30_000;
+    for (;;) {
+      const answered = await agent.host().then(() => true, () => false);
+      if (answered) return;
+      if (host.process.exitCode !== null) throw new VmferryError('VMF_UNREACHABLE', `the restarted agent of host ${id} exited with code ${host.process.exitCode}`);
+      if (Date.now() > deadline) throw new VmferryError('VMF_TIMEOUT', `the restarted agent of host ${id} did not answer within 30 s`);
+      await sleep(200);
+    }
   }
 
   /** Deletes every VM (killing its QEMU), stops agents, controller and storage, removes the network. */
