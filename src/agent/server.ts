@@ -3,14 +3,12 @@
  * migrations it takes part in. Routes validate with typebox and hand typed
  * requests to the VmRegistry and MigrationSides services.
  */
+import { createApiServer } from '../http/api-server.ts';
 import { statfs } from 'node:fs/promises';
 import { Type } from '@sinclair/typebox';
-import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
-import swagger from '@fastify/swagger';
-import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { CreateVmRequestSchema, MigrationParamsSchema, VmNameParamsSchema, type HostInfo } from '../api/agent-types.ts';
-import { installErrorHandler, strictValidation } from '../http/errors.ts';
 import { replySignal } from '../http/request-signal.ts';
 import type { MigrationPlan } from '../migration/plan.ts';
 import type { MigrationSettings, MirrorTarget } from '../migration/sides.ts';
@@ -50,13 +48,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   const registry = new VmRegistry(options.hostId, options.dataDir, options.logger);
   await registry.init();
   const sides = new MigrationSides(registry, options.address, options.logger);
-  // Widened to fastify's logger type, so the instance is the plain FastifyInstance the helpers take.
-  const loggerInstance: FastifyBaseLogger = options.logger;
-  const base = Fastify({ loggerInstance, bodyLimit: 1024 * 1024, ajv: strictValidation });
-  installErrorHandler(base);
-  const app = base.withTypeProvider<TypeBoxTypeProvider>();
-  await app.register(swagger, { openapi: { info: { title: 'vmferry agent', version: '0.1.0' } } });
-  app.get('/openapi.json', { schema: { hide: true } }, () => app.swagger());
+  const { base, app } = await createApiServer('vmferry agent', options.logger, 1024 * 1024);
 
   app.get('/v1/host', async (): Promise<HostInfo> => {
     const fs = await statfs(registry.pool.dir);

@@ -2,13 +2,11 @@
  * The controller's HTTP API, for the CLI and the dashboard: hosts, VMs (through
  * their agents), and migrations with their events and reports.
  */
+import { createApiServer } from '../http/api-server.ts';
 import { Type } from '@sinclair/typebox';
-import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
-import swagger from '@fastify/swagger';
-import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { CreateVmRequestSchema, MigrationParamsSchema, VmNameParamsSchema } from '../api/agent-types.ts';
-import { installErrorHandler, strictValidation } from '../http/errors.ts';
 import { SqliteStore } from '../store/sqlite-store.ts';
 import type { Store } from '../store/store.ts';
 import { Inventory } from './inventory.ts';
@@ -39,13 +37,7 @@ export async function buildController(options: ControllerOptions): Promise<{ app
   const store = options.store ?? new SqliteStore(options.dbPath);
   const inventory = new Inventory(store);
   const migrations = new MigrationService(store, inventory, options.logger);
-  // Widened to fastify's logger type, so the instance is the plain FastifyInstance the helpers take.
-  const loggerInstance: FastifyBaseLogger = options.logger;
-  const base = Fastify({ loggerInstance, bodyLimit: 1024 * 1024, ajv: strictValidation });
-  installErrorHandler(base);
-  const app = base.withTypeProvider<TypeBoxTypeProvider>();
-  await app.register(swagger, { openapi: { info: { title: 'vmferry controller', version: '0.1.0' } } });
-  app.get('/openapi.json', { schema: { hide: true } }, () => app.swagger());
+  const { base, app } = await createApiServer('vmferry controller', options.logger, 1024 * 1024);
   app.addHook('onClose', async () => {
     await migrations.drain();
     await store.close();

@@ -2,11 +2,10 @@
  * vmferry's storage server: shared volumes exported over NBD (TCP and/or a
  * unix socket), and an admin HTTP API to manage them.
  */
+import { createApiServer } from '../http/api-server.ts';
 import { Type } from '@sinclair/typebox';
-import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
-import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
-import { installErrorHandler, strictValidation } from '../http/errors.ts';
 import { NbdServer } from '../nbd/server.ts';
 import { VolumeService, maxVolumeBytes } from './volumes.ts';
 
@@ -24,11 +23,8 @@ export interface StorageServerOptions {
 const VolumeName = Type.String({ pattern: '^[a-z0-9][a-z0-9._-]{0,62}$', description: "1-63 characters of a-z, 0-9, '.', '-', '_'" });
 const SizeBytes = Type.Integer({ minimum: 512, maximum: maxVolumeBytes, multipleOf: 512 });
 
-function adminApi(volumes: VolumeService, nbd: NbdServer, logger: Logger): FastifyInstance {
-  const loggerInstance: FastifyBaseLogger = logger;
-  const base = Fastify({ loggerInstance, bodyLimit: 64 * 1024, ajv: strictValidation });
-  installErrorHandler(base);
-  const app = base.withTypeProvider<TypeBoxTypeProvider>();
+async function adminApi(volumes: VolumeService, nbd: NbdServer, logger: Logger): Promise<FastifyInstance> {
+  const { base, app } = await createApiServer('vmferry storage', logger, 64 * 1024);
   const nameParams = Type.Object({ name: VolumeName });
   app.get('/v1/volumes', () => volumes.volumes());
   app.post(
@@ -66,7 +62,7 @@ export class StorageServer {
   static async start(options: StorageServerOptions): Promise<StorageServer> {
     const volumes = await VolumeService.open(options.dataDir, options.logger);
     const nbd = new NbdServer(volumes, options.logger.child({ component: 'nbd' }));
-    const server = new StorageServer(volumes, nbd, adminApi(volumes, nbd, options.logger.child({ component: 'admin' })));
+    const server = new StorageServer(volumes, nbd, await adminApi(volumes, nbd, options.logger.child({ component: 'admin' })));
     try {
       if (options.nbd) server.addresses.nbdPort = await nbd.listenTcp(options.nbd.host, options.nbd.port);
       if (options.socket) {

@@ -33,6 +33,12 @@ export const volumeNamePattern = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 /** Largest volume: 2^50 bytes is far beyond these machines and still exact in a JS number. */
 export const maxVolumeBytes = 2 ** 50;
 
+function checkVolumeSize(sizeBytes: number): void {
+  if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 512 || sizeBytes > maxVolumeBytes || sizeBytes % 512 !== 0) {
+    throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid size ${sizeBytes}: a multiple of 512 bytes from 512 B to 1 PiB`);
+  }
+}
+
 export class VolumeService implements ExportProvider {
   readonly #db: Database.Database;
   readonly #dir: string;
@@ -81,9 +87,7 @@ export class VolumeService implements ExportProvider {
     if (!volumeNamePattern.test(name)) {
       throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid volume name "${name}": 1-63 characters of a-z, 0-9, '.', '-', '_', starting with a letter or digit`);
     }
-    if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 512 || sizeBytes > maxVolumeBytes || sizeBytes % 512 !== 0) {
-      throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid size ${sizeBytes}: a multiple of 512 bytes from 512 B to 1 PiB`);
-    }
+    checkVolumeSize(sizeBytes);
     if (this.#db.prepare('SELECT 1 FROM volumes WHERE name = ?').get(name)) {
       throw new VmferryError('VMF_VOLUME_EXISTS', `volume "${name}" already exists`);
     }
@@ -102,9 +106,7 @@ export class VolumeService implements ExportProvider {
 
   async resize(name: string, sizeBytes: number): Promise<Volume> {
     const volume = this.get(name);
-    if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 512 || sizeBytes > maxVolumeBytes || sizeBytes % 512 !== 0) {
-      throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid size ${sizeBytes}: a multiple of 512 bytes from 512 B to 1 PiB`);
-    }
+    checkVolumeSize(sizeBytes);
     if (sizeBytes < volume.sizeBytes && volume.attachments.length > 0) {
       throw new VmferryError('VMF_CONFLICT', `volume "${name}" has clients (${volume.attachments.join(', ')}); it cannot shrink under them`);
     }
