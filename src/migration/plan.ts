@@ -106,6 +106,10 @@ const qemuOverheadMiB = 64;
 function planDisk(disk: DiskSpec, source: SourceFacts, destination: DestinationFacts, refusals: string[]): DiskPlan {
   const readOnly = disk.readOnly ?? false;
   if (disk.source.kind === 'file') {
+    if (readOnly) {
+      // A read-only local image would have to be copied into a target the destination opens read-only.
+      refusals.push(`disk ${disk.id}: read-only local images are not migrated yet; put read-only media on the storage server`);
+    }
     const facts = source.localDisks[disk.id];
     if (!facts) {
       refusals.push(`disk ${disk.id}: no facts about its image ${disk.source.path} on ${source.hostId}`);

@@ -103,6 +103,11 @@ test('another machine type, a name already taken, the same host: each refused', 
   ]);
 });
 
+test('a read-only local image is refused with a way out', () => {
+  const plan = planMigration(vm([{ ...localRoot, readOnly: true }]), source, destination(), defaultMigrationOptions);
+  assert.deepEqual(plan.refusals, ['disk root: read-only local images are not migrated yet; put read-only media on the storage server']);
+});
+
 test('the RAM settings carry the options through', () => {
   const options = { ...defaultMigrationOptions, maxDowntimeMs: 120, bandwidthMiBs: 200, allowPostcopy: true };
   const plan = planMigration(vm([sharedData]), source, destination(), options);
