@@ -25,7 +25,8 @@ export interface NbdBackend {
   readonly size: number;
   readonly readOnly: boolean;
   read(offset: number, length: number): Promise<Buffer>;
-  write(offset: number, data: Buffer, fua: boolean): Promise<void>;
+  /** `data` is the payload as it arrived, in pieces: written with one writev, never concatenated. */
+  write(offset: number, data: readonly Buffer[], fua: boolean): Promise<void>;
   writeZeroes(offset: number, length: number, fua: boolean): Promise<void>;
   trim(offset: number, length: number, fua: boolean): Promise<void>;
   /** Makes every completed write durable, whichever connection made it. */

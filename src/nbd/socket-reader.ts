@@ -17,7 +17,7 @@ export class SocketReader {
   readonly #highWaterBytes: number;
   #chunks: Buffer[] = [];
   #buffered = 0;
-  #waiter: { bytes: number; resolve: (buf: Buffer) => void; reject: (err: Error) => void } | undefined;
+  #waiter: { bytes: number; resolve: (chunks: Buffer[]) => void; reject: (err: Error) => void } | undefined;
   #ended: Error | undefined;
 
   constructor(socket: Socket, highWaterBytes: number) {
@@ -34,7 +34,13 @@ export class SocketReader {
   }
 
   /** Resolves with exactly `bytes` bytes, or rejects with ConnectionClosedError if the stream ends first. */
-  read(bytes: number): Promise<Buffer> {
+  async read(bytes: number): Promise<Buffer> {
+    const chunks = await this.readChunks(bytes);
+    return chunks.length === 1 ? (chunks[0] as Buffer) : Buffer.concat(chunks, bytes);
+  }
+
+  /** Like read, but as the chunks they arrived in: a large payload is never copied into one buffer. */
+  readChunks(bytes: number): Promise<Buffer[]> {
     if (this.#buffered >= bytes) return Promise.resolve(this.#take(bytes));
     if (this.#ended) return Promise.reject(this.#ended);
     return new Promise((resolve, reject) => {
@@ -48,7 +54,7 @@ export class SocketReader {
     let left = bytes;
     while (left > 0) {
       const step = Math.min(left, this.#highWaterBytes);
-      await this.read(step);
+      await this.readChunks(step);
       left -= step;
     }
   }
@@ -64,26 +70,21 @@ export class SocketReader {
     if (this.#buffered > this.#highWaterBytes && !this.#waiter) this.#socket.pause();
   }
 
-  #take(bytes: number): Buffer {
+  #take(bytes: number): Buffer[] {
     this.#buffered -= bytes;
-    const first = this.#chunks[0] as Buffer;
-    if (first.length === bytes) {
-      this.#chunks.shift();
-      return first;
-    }
-    if (first.length > bytes) {
-      this.#chunks[0] = first.subarray(bytes);
-      return first.subarray(0, bytes);
-    }
-    const out = Buffer.allocUnsafe(bytes);
-    let filled = 0;
-    while (filled < bytes) {
+    const out: Buffer[] = [];
+    let left = bytes;
+    while (left > 0) {
       const chunk = this.#chunks[0] as Buffer;
-      const used = Math.min(chunk.length, bytes - filled);
-      chunk.copy(out, filled, 0, used);
-      filled += used;
-      if (used === chunk.length) this.#chunks.shift();
-      else this.#chunks[0] = chunk.subarray(used);
+      if (chunk.length <= left) {
+        out.push(chunk);
+        this.#chunks.shift();
+        left -= chunk.length;
+      } else {
+        out.push(chunk.subarray(0, left));
+        this.#chunks[0] = chunk.subarray(left);
+        left = 0;
+      }
     }
     return out;
   }

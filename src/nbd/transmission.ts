@@ -186,7 +186,7 @@ export async function serveTransmission(
   let inFlightBytes = 0;
   let slotFreed: (() => void) | undefined;
 
-  const run = (request: Request, payload: Buffer | undefined): void => {
+  const run = (request: Request, payload: Buffer[] | undefined): void => {
     const cost = request.type === Command.READ || request.type === Command.WRITE ? request.length : 0;
     inFlightBytes += cost;
     const work = execute(request, payload).finally(() => {
@@ -197,7 +197,7 @@ export async function serveTransmission(
     inFlight.add(work);
   };
 
-  const execute = async (request: Request, payload: Buffer | undefined): Promise<void> => {
+  const execute = async (request: Request, payload: Buffer[] | undefined): Promise<void> => {
     const fua = (request.flags & CommandFlag.FUA) !== 0;
     try {
       switch (request.type) {
@@ -205,7 +205,7 @@ export async function serveTransmission(
           replies.read(request.handle, request.offset, await backend.read(request.offset, request.length));
           return;
         case Command.WRITE:
-          await backend.write(request.offset, payload as Buffer, fua);
+          await backend.write(request.offset, payload ?? [], fua);
           break;
         case Command.FLUSH:
           await backend.flush();
@@ -263,7 +263,7 @@ export async function serveTransmission(
           log.warn({ length: request.length }, 'NBD write larger than the maximum block size: disconnecting');
           return;
         }
-        const payload = await reader.read(request.length);
+        const payload = await reader.readChunks(request.length);
         if (problem) {
           log.warn({ command: 'WRITE', why: problem.why }, 'NBD request refused');
           replies.done(request.handle, problem.errno, problem.why);

@@ -35,11 +35,15 @@ export class FileBackend implements NbdBackend {
     return buffer;
   }
 
-  async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
-    let written = 0;
-    while (written < data.length) {
-      const { bytesWritten } = await this.#file.write(data, written, data.length - written, offset + written);
-      written += bytesWritten;
+  async write(offset: number, data: readonly Buffer[], fua: boolean): Promise<void> {
+    const pending = [...data];
+    let position = offset;
+    while (pending.length > 0) {
+      let { bytesWritten } = await this.#file.writev(pending, position);
+      position += bytesWritten;
+      // A short writev leaves the rest for another round.
+      while (pending.length > 0 && bytesWritten >= (pending[0] as Buffer).length) bytesWritten -= (pending.shift() as Buffer).length;
+      if (pending.length > 0 && bytesWritten > 0) pending[0] = (pending[0] as Buffer).subarray(bytesWritten);
     }
     if (fua) await this.#file.datasync();
   }
@@ -48,7 +52,7 @@ export class FileBackend implements NbdBackend {
     // Node has no fallocate(PUNCH_HOLE): zeroes are written out.
     for (let done = 0; done < length; done += zeroChunk.length) {
       const step = Math.min(zeroChunk.length, length - done);
-      await this.write(offset + done, zeroChunk.subarray(0, step), false);
+      await this.write(offset + done, [zeroChunk.subarray(0, step)], false);
     }
     if (fua) await this.#file.datasync();
   }
