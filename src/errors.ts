@@ -25,6 +25,11 @@ export const errorCodes = {
   VMF_UNREACHABLE: 'A vmferry server (agent, controller, storage) could not be reached.',
   VMF_INTERNAL: 'An unexpected server error; the log has the details.',
   VMF_TOOL_MISSING: 'A required external program is not installed (run scripts/setup.sh).',
+  VMF_NBD_PROTOCOL: 'An NBD peer sent something that is not valid NBD.',
+  VMF_NBD_NO_EXPORT: 'The NBD server has no export of that name.',
+  VMF_NBD_REFUSED: 'The NBD server refused an option (TLS required, policy, meta context, …); the message carries its reply.',
+  VMF_NBD_REQUEST: 'The NBD server answered a request with an error; the message names the NBD errno.',
+  VMF_NBD_CLOSED: 'The NBD connection closed while requests were in flight, or was used after close.',
 } as const;
 
 export type ErrorCode = keyof typeof errorCodes;

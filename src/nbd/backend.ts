@@ -4,11 +4,9 @@
  * layers that implement this same interface around another backend.
  */
 
-export interface Extent {
-  length: number;
-  /** base:allocation flags: STATE_HOLE | STATE_ZERO. */
-  flags: number;
-}
+import type { Extent } from './codec.ts';
+
+export type { Extent };
 
 /** An error a backend raises on purpose, carried to the client as this NBD errno. */
 export class NbdBackendError extends Error {

@@ -6,6 +6,19 @@ import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
 import type { ExportProvider, NbdBackend } from './backend.ts';
 import {
+  NbdDecodeError,
+  decodeInfoRequest,
+  decodeMetaContextRequest,
+  decodeOptionHeader,
+  encodeInfoBlockSize,
+  encodeInfoExport,
+  encodeInfoName,
+  encodeMetaContextReply,
+  encodeOptionReply,
+  encodeServerReply,
+  type BlockSizeLimits,
+} from './codec.ts';
+import {
   CLIENT_FLAG_FIXED_NEWSTYLE,
   CLIENT_FLAG_NO_ZEROES,
   FLAG_FIXED_NEWSTYLE,
@@ -14,18 +27,13 @@ import {
   Info,
   META_CONTEXT_BASE_ALLOCATION,
   NBDMAGIC,
-  OPTION_REPLY_MAGIC,
   Option,
   OptionReply,
   TransmissionFlag,
 } from './constants.ts';
 import type { SocketReader } from './socket-reader.ts';
 
-export interface BlockSizeLimits {
-  minimum: number;
-  preferred: number;
-  maximum: number;
-}
+export type { BlockSizeLimits };
 
 export interface NegotiatedSession {
   exportName: string;
@@ -38,8 +46,6 @@ export interface NegotiatedSession {
 /** An option's data beyond this is refused: names and queries are at most a few KiB. */
 const maxOptionBytes = 64 * 1024;
 const baseAllocationContextId = 1;
-
-class HandshakeError extends Error {}
 
 export function transmissionFlags(backend: NbdBackend): number {
   let flags =
@@ -55,25 +61,10 @@ export function transmissionFlags(backend: NbdBackend): number {
   return flags;
 }
 
-function optionReply(option: number, type: number, data: Buffer = Buffer.alloc(0)): Buffer {
-  const header = Buffer.alloc(20);
-  header.writeBigUInt64BE(OPTION_REPLY_MAGIC, 0);
-  header.writeUInt32BE(option, 8);
-  header.writeUInt32BE(type, 12);
-  header.writeUInt32BE(data.length, 16);
-  return Buffer.concat([header, data]);
-}
+const optionReply = encodeOptionReply;
 
 function errorReply(option: number, type: number, message: string): Buffer {
-  return optionReply(option, type, Buffer.from(message, 'utf8'));
-}
-
-/** Parses "u32 length + bytes" at `offset`; throws HandshakeError when it does not fit. */
-function readString(data: Buffer, offset: number, what: string): { value: string; next: number } {
-  if (offset + 4 > data.length) throw new HandshakeError(`${what}: length missing`);
-  const length = data.readUInt32BE(offset);
-  if (offset + 4 + length > data.length) throw new HandshakeError(`${what}: ${length} bytes announced, ${data.length - offset - 4} sent`);
-  return { value: data.toString('utf8', offset + 4, offset + 4 + length), next: offset + 4 + length };
+  return encodeOptionReply(option, type, Buffer.from(message, 'utf8'));
 }
 
 /** Matches meta context queries against the one context we serve. */
@@ -108,13 +99,11 @@ export async function negotiate(
   let selectedContexts: string[] = [];
 
   for (;;) {
-    const header = await reader.read(16);
-    if (header.readBigUInt64BE(0) !== IHAVEOPT) {
+    const { magic, option, length } = decodeOptionHeader(await reader.read(16));
+    if (magic !== IHAVEOPT) {
       log.warn('NBD option without IHAVEOPT magic: disconnecting');
       return undefined;
     }
-    const option = header.readUInt32BE(8);
-    const length = header.readUInt32BE(12);
     if (length > maxOptionBytes) {
       log.warn({ option, length }, 'NBD option data too large');
       if (option === Option.EXPORT_NAME) return undefined;
@@ -148,13 +137,7 @@ export async function negotiate(
             socket.write(errorReply(option, OptionReply.ERR_INVALID, 'NBD_OPT_LIST takes no data'));
             break;
           }
-          for (const info of exports.list()) {
-            const name = Buffer.from(info.name, 'utf8');
-            const entry = Buffer.alloc(4 + name.length);
-            entry.writeUInt32BE(name.length, 0);
-            name.copy(entry, 4);
-            socket.write(optionReply(option, OptionReply.SERVER, Buffer.concat([entry, Buffer.from(info.description, 'utf8')])));
-          }
+          for (const info of exports.list()) socket.write(optionReply(option, OptionReply.SERVER, encodeServerReply(info.name, info.description)));
           socket.write(optionReply(option, OptionReply.ACK));
           break;
         case Option.STRUCTURED_REPLY:
@@ -172,65 +155,33 @@ export async function negotiate(
             socket.write(errorReply(option, OptionReply.ERR_INVALID, 'meta contexts need structured replies first'));
             break;
           }
-          const name = readString(data, 0, 'export name');
-          if (name.next + 4 > data.length) throw new HandshakeError('query count missing');
-          const count = data.readUInt32BE(name.next);
-          const queries: string[] = [];
-          let next = name.next + 4;
-          for (let i = 0; i < count; i++) {
-            const query = readString(data, next, `query ${i}`);
-            queries.push(query.value);
-            next = query.next;
-          }
-          if (!exports.list().some((e) => e.name === name.value)) {
-            socket.write(errorReply(option, OptionReply.ERR_UNKNOWN, `no export named "${name.value}"`));
+          const { exportName, queries } = decodeMetaContextRequest(data);
+          if (!exports.list().some((e) => e.name === exportName)) {
+            socket.write(errorReply(option, OptionReply.ERR_UNKNOWN, `no export named "${exportName}"`));
             break;
           }
           const matches = matchContexts(queries, list);
           if (!list) selectedContexts = matches;
-          for (const context of matches) {
-            const body = Buffer.alloc(4);
-            body.writeUInt32BE(baseAllocationContextId, 0);
-            socket.write(optionReply(option, OptionReply.META_CONTEXT, Buffer.concat([body, Buffer.from(context, 'utf8')])));
-          }
+          for (const context of matches) socket.write(optionReply(option, OptionReply.META_CONTEXT, encodeMetaContextReply(baseAllocationContextId, context)));
           socket.write(optionReply(option, OptionReply.ACK));
           break;
         }
         case Option.INFO:
         case Option.GO: {
-          const name = readString(data, 0, 'export name');
-          if (name.next + 2 > data.length) throw new HandshakeError('information request count missing');
-          const count = data.readUInt16BE(name.next);
-          if (name.next + 2 + count * 2 !== data.length) throw new HandshakeError('information request list has the wrong length');
-          const requests = Array.from({ length: count }, (_, i) => data.readUInt16BE(name.next + 2 + i * 2));
-          const backend = await exports.open(name.value, client);
+          const { exportName, infos } = decodeInfoRequest(data);
+          const backend = await exports.open(exportName, client);
           if (!backend) {
-            socket.write(errorReply(option, OptionReply.ERR_UNKNOWN, `no export named "${name.value}"`));
+            socket.write(errorReply(option, OptionReply.ERR_UNKNOWN, `no export named "${exportName}"`));
             break;
           }
-          const exportInfo = Buffer.alloc(12);
-          exportInfo.writeUInt16BE(Info.EXPORT, 0);
-          exportInfo.writeBigUInt64BE(BigInt(backend.size), 2);
-          exportInfo.writeUInt16BE(transmissionFlags(backend), 10);
-          socket.write(optionReply(option, OptionReply.INFO, exportInfo));
-          if (requests.includes(Info.BLOCK_SIZE)) {
-            const blockSize = Buffer.alloc(14);
-            blockSize.writeUInt16BE(Info.BLOCK_SIZE, 0);
-            blockSize.writeUInt32BE(limits.minimum, 2);
-            blockSize.writeUInt32BE(limits.preferred, 6);
-            blockSize.writeUInt32BE(limits.maximum, 10);
-            socket.write(optionReply(option, OptionReply.INFO, blockSize));
-          }
-          if (requests.includes(Info.NAME)) {
-            const nameInfo = Buffer.alloc(2);
-            nameInfo.writeUInt16BE(Info.NAME, 0);
-            socket.write(optionReply(option, OptionReply.INFO, Buffer.concat([nameInfo, Buffer.from(name.value, 'utf8')])));
-          }
+          socket.write(optionReply(option, OptionReply.INFO, encodeInfoExport(backend.size, transmissionFlags(backend))));
+          if (infos.includes(Info.BLOCK_SIZE)) socket.write(optionReply(option, OptionReply.INFO, encodeInfoBlockSize(limits)));
+          if (infos.includes(Info.NAME)) socket.write(optionReply(option, OptionReply.INFO, encodeInfoName(exportName)));
           socket.write(optionReply(option, OptionReply.ACK));
           if (option === Option.GO) {
-            return { exportName: name.value, backend, structuredReplies, baseAllocationId: selectedContexts.length ? baseAllocationContextId : undefined };
+            return { exportName, backend, structuredReplies, baseAllocationId: selectedContexts.length ? baseAllocationContextId : undefined };
           }
-          exports.release(name.value, client);
+          exports.release(exportName, client);
           break;
         }
         case Option.STARTTLS:
@@ -241,7 +192,7 @@ export async function negotiate(
           socket.write(errorReply(option, OptionReply.ERR_UNSUP, `option ${option} is not supported`));
       }
     } catch (err) {
-      if (!(err instanceof HandshakeError)) throw err;
+      if (!(err instanceof NbdDecodeError)) throw err;
       log.warn({ option, problem: err.message }, 'malformed NBD option');
       socket.write(errorReply(option, OptionReply.ERR_INVALID, err.message));
     }

@@ -27,6 +27,27 @@ export const defaultLimits: TransmissionLimits = {
   maxQueuedReplyBytes: 16 * 1024 * 1024,
 };
 
+/** What a connection's pending read rejects with when the server shuts down. */
+export class ServerShutdownError extends Error {
+  constructor() {
+    super('the NBD server is shutting down');
+    this.name = 'ServerShutdownError';
+  }
+}
+
+/** Ends a socket after its queued replies are sent; destroys it if the peer does not close within a second. */
+function endSocket(socket: Socket): Promise<void> {
+  if (socket.destroyed) return Promise.resolve();
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => socket.destroy(), 1_000);
+    socket.once('close', () => {
+      clearTimeout(timer);
+      resolve();
+    });
+    socket.end();
+  });
+}
+
 /** How long a client may take over the handshake before it is dropped. */
 const handshakeTimeoutMs = 30_000;
 
@@ -35,8 +56,9 @@ export class NbdServer {
   readonly #logger: Logger;
   readonly #limits: TransmissionLimits;
   readonly #servers: Server[] = [];
-  readonly #connections = new Map<number, { info: ConnectionInfo; socket: Socket; done: Promise<void> }>();
+  readonly #connections = new Map<number, { info: ConnectionInfo; socket: Socket; reader: SocketReader; done: Promise<void> }>();
   #nextId = 1;
+  #closing = false;
 
   constructor(exports: ExportProvider, logger: Logger, limits: TransmissionLimits = defaultLimits) {
     this.#exports = exports;
@@ -68,15 +90,22 @@ export class NbdServer {
     return [...this.#connections.values()].map((c) => ({ ...c.info }));
   }
 
-  /** Stops accepting, lets in-flight requests finish, then closes every connection. */
-  async close(): Promise<void> {
-    await Promise.all(this.#servers.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
-    for (const connection of this.#connections.values()) connection.socket.end();
+  /**
+   * Stops accepting, stops reading new requests, lets the requests in flight
+   * finish and send their replies, then closes every connection. Clients still
+   * there after `graceMs` are cut off.
+   */
+  async close(graceMs = 5_000): Promise<void> {
+    // net.Server.close() calls back only once every connection has gone, so it is awaited last.
+    const listenersClosed = Promise.all(this.#servers.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
+    this.#closing = true;
+    for (const connection of this.#connections.values()) connection.reader.cancel(new ServerShutdownError());
     const timer = setTimeout(() => {
       for (const connection of this.#connections.values()) connection.socket.destroy();
-    }, 5_000);
+    }, graceMs);
     await Promise.allSettled([...this.#connections.values()].map((c) => c.done));
     clearTimeout(timer);
+    await listenersClosed;
   }
 
   #createServer(): Server {
@@ -87,20 +116,21 @@ export class NbdServer {
   }
 
   #accept(socket: Socket): void {
+    if (this.#closing) {
+      socket.destroy();
+      return;
+    }
     const id = this.#nextId++;
     const client = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : `unix#${id}`;
     const info: ConnectionInfo = { id, client, export: undefined, connectedAt: Date.now() };
     const log = this.#logger.child({ connection: id, client });
-    const done = this.#serve(socket, info, log).finally(() => {
-      this.#connections.delete(id);
-      socket.destroy();
-    });
-    this.#connections.set(id, { info, socket, done });
-  }
-
-  async #serve(socket: Socket, info: ConnectionInfo, log: Logger): Promise<void> {
     socket.on('error', () => undefined);
     const reader = new SocketReader(socket, this.#limits.maximum + 64 * 1024);
+    const done = this.#serve(socket, reader, info, log).finally(() => endSocket(socket).finally(() => this.#connections.delete(id)));
+    this.#connections.set(id, { info, socket, reader, done });
+  }
+
+  async #serve(socket: Socket, reader: SocketReader, info: ConnectionInfo, log: Logger): Promise<void> {
     const handshakeTimer = setTimeout(() => {
       log.warn('NBD handshake timed out');
       socket.destroy();
@@ -117,6 +147,10 @@ export class NbdServer {
         log.info({ export: session.exportName }, 'NBD client detached');
       }
     } catch (err) {
+      if (err instanceof ServerShutdownError) {
+        log.info('NBD connection closed: the server is shutting down');
+        return;
+      }
       if (err instanceof ConnectionClosedError) {
         log.debug('NBD connection closed by the client');
         return;

@@ -49,6 +49,11 @@ export class SocketReader {
     });
   }
 
+  /** Ends the reader: a read waiting now, and every later one, rejects with `error` (the socket stays open). */
+  cancel(error: Error): void {
+    this.#end(error);
+  }
+
   /** Reads and drops `bytes` bytes without holding them all in memory. */
   async skip(bytes: number): Promise<void> {
     let left = bytes;

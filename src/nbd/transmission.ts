@@ -6,28 +6,21 @@
  */
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
-import { NbdBackendError } from './backend.ts';
 import {
-  Command,
-  CommandFlag,
-  NbdErrno,
-  REQUEST_HEADER_BYTES,
-  REQUEST_MAGIC,
-  ReplyFlag,
-  ReplyType,
-  SIMPLE_REPLY_MAGIC,
-  STRUCTURED_REPLY_MAGIC,
-} from './constants.ts';
+  decodeRequest,
+  encodeBlockStatus,
+  encodeChunkHeader,
+  encodeErrorPayload,
+  encodeSimpleReplyHeader,
+  type Extent,
+  type RequestHeader,
+} from './codec.ts';
+import { Command, CommandFlag, NbdErrno, REQUEST_HEADER_BYTES, REQUEST_MAGIC, ReplyFlag, ReplyType } from './constants.ts';
+import { nbdErrnoOf } from './errno.ts';
 import type { BlockSizeLimits, NegotiatedSession } from './handshake.ts';
 import type { SocketReader } from './socket-reader.ts';
 
-interface Request {
-  flags: number;
-  type: number;
-  handle: Buffer;
-  offset: number;
-  length: number;
-}
+type Request = RequestHeader;
 
 export interface TransmissionLimits extends BlockSizeLimits {
   maxInFlightRequests: number;
@@ -98,78 +91,41 @@ class ReplyWriter {
   /** A successful reply with no payload (or an error). */
   done(handle: Buffer, errno = 0, message = ''): void {
     if (!this.#structured) {
-      this.#socket.write(this.#simpleHeader(handle, errno));
+      this.#socket.write(encodeSimpleReplyHeader(handle, errno));
       return;
     }
     if (errno === 0) {
-      this.#socket.write(this.#chunkHeader(handle, ReplyFlag.DONE, ReplyType.NONE, 0));
+      this.#socket.write(encodeChunkHeader(handle, ReplyFlag.DONE, ReplyType.NONE, 0));
       return;
     }
-    const text = Buffer.from(message.slice(0, 1024), 'utf8');
-    const body = Buffer.alloc(6);
-    body.writeUInt32BE(errno, 0);
-    body.writeUInt16BE(text.length, 4);
+    const body = encodeErrorPayload(errno, message);
     this.#socket.cork();
-    this.#socket.write(this.#chunkHeader(handle, ReplyFlag.DONE, ReplyType.ERROR, 6 + text.length));
+    this.#socket.write(encodeChunkHeader(handle, ReplyFlag.DONE, ReplyType.ERROR, body.length));
     this.#socket.write(body);
-    this.#socket.write(text);
     this.#socket.uncork();
   }
 
   read(handle: Buffer, offset: number, data: Buffer): void {
     this.#socket.cork();
     if (!this.#structured) {
-      this.#socket.write(this.#simpleHeader(handle, 0));
+      this.#socket.write(encodeSimpleReplyHeader(handle, 0));
     } else {
-      const header = this.#chunkHeader(handle, ReplyFlag.DONE, ReplyType.OFFSET_DATA, 8 + data.length);
-      const at = Buffer.alloc(8);
-      at.writeBigUInt64BE(BigInt(offset), 0);
+      // One buffer for the chunk header and the data chunk's offset prefix.
+      const header = encodeChunkHeader(handle, ReplyFlag.DONE, ReplyType.OFFSET_DATA, 8 + data.length, 8);
+      header.writeBigUInt64BE(BigInt(offset), 20);
       this.#socket.write(header);
-      this.#socket.write(at);
     }
     this.#socket.write(data);
     this.#socket.uncork();
   }
 
-  blockStatus(handle: Buffer, contextId: number, extents: { length: number; flags: number }[]): void {
-    const body = Buffer.alloc(4 + extents.length * 8);
-    body.writeUInt32BE(contextId, 0);
-    extents.forEach((extent, i) => {
-      body.writeUInt32BE(extent.length, 4 + i * 8);
-      body.writeUInt32BE(extent.flags, 8 + i * 8);
-    });
+  blockStatus(handle: Buffer, contextId: number, extents: readonly Extent[]): void {
+    const body = encodeBlockStatus(contextId, extents);
     this.#socket.cork();
-    this.#socket.write(this.#chunkHeader(handle, ReplyFlag.DONE, ReplyType.BLOCK_STATUS, body.length));
+    this.#socket.write(encodeChunkHeader(handle, ReplyFlag.DONE, ReplyType.BLOCK_STATUS, body.length));
     this.#socket.write(body);
     this.#socket.uncork();
   }
-
-  #simpleHeader(handle: Buffer, errno: number): Buffer {
-    const header = Buffer.allocUnsafe(16);
-    header.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
-    header.writeUInt32BE(errno, 4);
-    handle.copy(header, 8);
-    return header;
-  }
-
-  #chunkHeader(handle: Buffer, flags: number, type: number, length: number): Buffer {
-    const header = Buffer.allocUnsafe(20);
-    header.writeUInt32BE(STRUCTURED_REPLY_MAGIC, 0);
-    header.writeUInt16BE(flags, 4);
-    header.writeUInt16BE(type, 6);
-    handle.copy(header, 8);
-    header.writeUInt32BE(length, 16);
-    return header;
-  }
-}
-
-function errnoOf(err: unknown): number {
-  if (err instanceof NbdBackendError) return err.errno;
-  const code = (err as NodeJS.ErrnoException).code;
-  if (code === 'ENOSPC') return NbdErrno.ENOSPC;
-  if (code === 'EPERM' || code === 'EACCES' || code === 'EROFS') return NbdErrno.EPERM;
-  if (code === 'ENOMEM') return NbdErrno.ENOMEM;
-  return NbdErrno.EIO;
 }
 
 /** Serves requests until the client disconnects (DISC or EOF) or breaks the protocol. */
@@ -231,7 +187,7 @@ export async function serveTransmission(
       }
       replies.done(request.handle);
     } catch (err) {
-      const errno = errnoOf(err);
+      const errno = nbdErrnoOf(err);
       log.warn({ command: commandNames[request.type], offset: request.offset, length: request.length, err: (err as Error).message }, 'NBD request failed');
       replies.done(request.handle, errno, (err as Error).message);
     }
@@ -244,18 +200,11 @@ export async function serveTransmission(
         slotFreed = undefined;
       }
       while (socket.writableLength > limits.maxQueuedReplyBytes && !socket.destroyed) await drained(socket);
-      const header = await reader.read(REQUEST_HEADER_BYTES);
-      if (header.readUInt32BE(0) !== REQUEST_MAGIC) {
-        log.warn({ magic: header.readUInt32BE(0).toString(16) }, 'NBD request with a wrong magic: disconnecting');
+      const { magic, ...request } = decodeRequest(await reader.read(REQUEST_HEADER_BYTES));
+      if (magic !== REQUEST_MAGIC) {
+        log.warn({ magic: magic.toString(16) }, 'NBD request with a wrong magic: disconnecting');
         return;
       }
-      const request: Request = {
-        flags: header.readUInt16BE(4),
-        type: header.readUInt16BE(6),
-        handle: Buffer.from(header.subarray(8, 16)),
-        offset: Number(header.readBigUInt64BE(16)),
-        length: header.readUInt32BE(24),
-      };
       const problem = validateRequest(request, session, limits);
       if (request.type === Command.WRITE && request.length > 0) {
         if (request.length > limits.maximum) {
