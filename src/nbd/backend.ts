@@ -25,7 +25,8 @@ export interface NbdBackend {
   read(offset: number, length: number): Promise<Buffer>;
   /** `data` is the payload as it arrived, in pieces: written with one writev, never concatenated. */
   write(offset: number, data: readonly Buffer[], fua: boolean): Promise<void>;
-  writeZeroes(offset: number, length: number, fua: boolean): Promise<void>;
+  /** Zeroes a range; it may become a hole unless `noHole` (NBD_CMD_FLAG_NO_HOLE) asks to keep it allocated. */
+  writeZeroes(offset: number, length: number, fua: boolean, noHole: boolean): Promise<void>;
   trim(offset: number, length: number, fua: boolean): Promise<void>;
   /** Makes every completed write durable, whichever connection made it. */
   flush(): Promise<void>;

@@ -175,7 +175,7 @@ export async function serveTransmission(
             replies.done(request.handle, NbdErrno.ENOTSUP, 'fast zeroing is not supported');
             return;
           }
-          await backend.writeZeroes(request.offset, request.length, fua);
+          await backend.writeZeroes(request.offset, request.length, fua, (request.flags & CommandFlag.NO_HOLE) !== 0);
           break;
         case Command.BLOCK_STATUS: {
           const length = Math.min(request.length, backend.size - request.offset);

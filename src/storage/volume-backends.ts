@@ -6,18 +6,32 @@
 import type { FileHandle } from 'node:fs/promises';
 import { NbdBackendError, type Extent, type NbdBackend } from '../nbd/backend.ts';
 import { NbdErrno, STATE_HOLE, STATE_ZERO } from '../nbd/constants.ts';
+import { FsHelperError, type FsHelper } from './fs-helper.ts';
 
 const zeroChunk = Buffer.alloc(1024 * 1024);
 
-/** A volume's file; one handle shared by all connections, so FLUSH covers every connection's writes. */
+/** True when the helper cannot do this here (gone, or the file system lacks the operation): fall back. */
+function helperUnusable(err: unknown, helper: FsHelper): boolean {
+  return !helper.available || (err instanceof FsHelperError && (err.code === 'EOPNOTSUPP' || err.code === 'ENOSYS'));
+}
+
+/**
+ * A volume's file; one handle shared by all connections, so FLUSH (fdatasync)
+ * covers every connection's writes. Holes, zeroing and the allocation map go
+ * through the file-system helper when there is one.
+ */
 export class FileBackend implements NbdBackend {
   readonly size: number;
   readonly readOnly = false;
   readonly #file: FileHandle;
+  readonly #path: string;
+  readonly #helper: FsHelper | undefined;
 
-  constructor(file: FileHandle, size: number) {
+  constructor(file: FileHandle, size: number, path: string, helper: FsHelper | undefined) {
     this.#file = file;
     this.size = size;
+    this.#path = path;
+    this.#helper = helper;
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
@@ -48,17 +62,25 @@ export class FileBackend implements NbdBackend {
     if (fua) await this.#file.datasync();
   }
 
-  async writeZeroes(offset: number, length: number, fua: boolean): Promise<void> {
-    // Node has no fallocate(PUNCH_HOLE): zeroes are written out.
-    for (let done = 0; done < length; done += zeroChunk.length) {
-      const step = Math.min(zeroChunk.length, length - done);
-      await this.write(offset + done, [zeroChunk.subarray(0, step)], false);
+  async writeZeroes(offset: number, length: number, fua: boolean, noHole: boolean): Promise<void> {
+    if (!(await this.#zeroWithHelper(offset, length, noHole))) {
+      for (let done = 0; done < length; done += zeroChunk.length) {
+        const step = Math.min(zeroChunk.length, length - done);
+        await this.write(offset + done, [zeroChunk.subarray(0, step)], false);
+      }
     }
     if (fua) await this.#file.datasync();
   }
 
-  async trim(_offset: number, _length: number, fua: boolean): Promise<void> {
-    // TRIM is advisory; keeping the data is a valid answer.
+  async trim(offset: number, length: number, fua: boolean): Promise<void> {
+    // TRIM is advisory: where holes cannot be punched, keeping the data is a valid answer.
+    if (this.#helper?.available) {
+      try {
+        await this.#helper.punchHole(this.#path, offset, length);
+      } catch (err) {
+        if (!helperUnusable(err, this.#helper)) throw err;
+      }
+    }
     if (fua) await this.#file.datasync();
   }
 
@@ -66,10 +88,31 @@ export class FileBackend implements NbdBackend {
     await this.#file.datasync();
   }
 
-  async blockStatus(_offset: number, length: number): Promise<Extent[]> {
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    if (this.#helper?.available) {
+      try {
+        const extents = await this.#helper.map(this.#path, offset, length);
+        if (extents.length > 0) return extents;
+      } catch (err) {
+        if (!helperUnusable(err, this.#helper)) throw err;
+      }
+    }
     // Without SEEK_DATA we know holes only for a file with no blocks at all.
     const stats = await this.#file.stat();
     return [{ length, flags: stats.blocks === 0 ? STATE_HOLE | STATE_ZERO : 0 }];
+  }
+
+  /** Punches a hole (or zeroes in place, for NO_HOLE); false when the helper cannot, so zeros must be written. */
+  async #zeroWithHelper(offset: number, length: number, noHole: boolean): Promise<boolean> {
+    if (!this.#helper?.available) return false;
+    try {
+      if (noHole) await this.#helper.zeroRange(this.#path, offset, length);
+      else await this.#helper.punchHole(this.#path, offset, length);
+      return true;
+    } catch (err) {
+      if (helperUnusable(err, this.#helper)) return false;
+      throw err;
+    }
   }
 }
 

@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { VmferryError } from '../errors.ts';
 import type { ExportInfo, ExportProvider, NbdBackend } from '../nbd/backend.ts';
+import { FsHelper } from './fs-helper.ts';
 import { FileBackend, ReadOnlyBackend } from './volume-backends.ts';
 
 export interface Volume {
@@ -43,13 +44,15 @@ export class VolumeService implements ExportProvider {
   readonly #db: Database.Database;
   readonly #dir: string;
   readonly #logger: Logger;
+  readonly #helper: FsHelper | undefined;
   /** One open file per volume, shared by its connections; the promise is stored at once so concurrent opens share it. */
   readonly #files = new Map<string, { file: Promise<FileHandle>; users: number }>();
 
-  private constructor(db: Database.Database, dir: string, logger: Logger) {
+  private constructor(db: Database.Database, dir: string, logger: Logger, helper: FsHelper | undefined) {
     this.#db = db;
     this.#dir = dir;
     this.#logger = logger;
+    this.#helper = helper;
   }
 
   static async open(dataDir: string, logger: Logger): Promise<VolumeService> {
@@ -63,7 +66,7 @@ export class VolumeService implements ExportProvider {
       CREATE TABLE IF NOT EXISTS attachments (volume TEXT NOT NULL, client TEXT NOT NULL, since INTEGER NOT NULL, PRIMARY KEY (volume, client));
       DELETE FROM attachments;
     `);
-    const service = new VolumeService(db, dir, logger);
+    const service = new VolumeService(db, dir, logger, await FsHelper.start(logger));
     await service.#removeOrphanFiles();
     return service;
   }
@@ -150,7 +153,7 @@ export class VolumeService implements ExportProvider {
       throw err;
     }
     this.#db.prepare('INSERT OR REPLACE INTO attachments (volume, client, since) VALUES (?, ?, ?)').run(name, client, Date.now());
-    const backend = new FileBackend(file, row.size_bytes);
+    const backend = new FileBackend(file, row.size_bytes, this.#path(name), this.#helper);
     return row.read_only ? new ReadOnlyBackend(backend) : backend;
   }
 
@@ -172,6 +175,7 @@ export class VolumeService implements ExportProvider {
       await file.close();
     }
     this.#files.clear();
+    this.#helper?.close();
     this.#db.close();
   }
 

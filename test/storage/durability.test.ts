@@ -92,6 +92,27 @@ test('flushed writes survive a clean restart and a kill -9', async () => {
   assert.deepEqual(volumes.map((v) => [v.name, v.sizeBytes, v.attachments]), [['data', 32 * 1024 * 1024, []]]);
 });
 
+test('SIGTERM with a client attached: the server drains, exits, and comes back with the data', async () => {
+  const holder = spawn('qemu-io', ['-f', 'raw', uri('data')], { stdio: ['pipe', 'pipe', 'ignore'] });
+  try {
+    holder.stdin?.write('write -P 0x44 4M 1M\nflush\n');
+    for (let i = 0; i < 100; i++) {
+      const volumes = (await (await fetch(`http://127.0.0.1:${adminPort}/v1/volumes`)).json()) as { attachments: string[] }[];
+      if (volumes[0]?.attachments.length) break;
+      await sleep(50);
+    }
+    await sleep(300);
+    const started = Date.now();
+    await stopServer('SIGTERM');
+    assert.ok(Date.now() - started < 8000, `shutdown took ${Date.now() - started} ms`);
+  } finally {
+    holder.kill('SIGKILL');
+  }
+  await startServer();
+  const { stdout } = await execFile('qemu-io', ['-f', 'raw', '-c', 'read -P 0x44 4M 1M', uri('data')]);
+  assert.doesNotMatch(stdout, /Pattern verification failed/);
+});
+
 test('the admin API answers bad bodies with a 400 naming the field, and keeps serving', async () => {
   const post = (body: unknown): Promise<Response> =>
     fetch(`http://127.0.0.1:${adminPort}/v1/volumes`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });

@@ -50,7 +50,7 @@ export class MemoryBackend implements NbdBackend {
     });
   }
 
-  writeZeroes(offset: number, length: number): Promise<void> {
+  writeZeroes(offset: number, length: number, _fua: boolean, _noHole: boolean): Promise<void> {
     return this.#op('zero', offset, length, () => void this.data.fill(0, offset, offset + length));
   }
 
