@@ -50,6 +50,31 @@ test('a truncated handshake is dropped without disturbing the server', async () 
   c.close();
 });
 
+test('an option cut off mid-data, and a request cut off mid-header, only end their own connection', async () => {
+  const c = await RawNbdConnection.open(storage.nbdPort);
+  await c.read(18);
+  c.write(u32(3));
+  c.write(Buffer.concat([u64(0x49484156454f5054n), u32(7), u32(100), Buffer.alloc(10)]));
+  c.close();
+  const d = await attached();
+  d.write(Buffer.alloc(10, 0x25));
+  d.close();
+  for (let i = 0; i < 50 && storage.server.nbd.connections().length > 0; i++) await new Promise((resolve) => setTimeout(resolve, 20));
+  assert.deepEqual(storage.server.nbd.connections(), []);
+  assert.deepEqual(storage.server.volumes.get('vol').attachments, []);
+});
+
+test('option data over the 64 KiB limit gets NBD_REP_ERR_TOO_BIG and the handshake goes on', async () => {
+  const c = await RawNbdConnection.open(storage.nbdPort);
+  await c.read(18);
+  c.write(u32(3));
+  c.write(Buffer.concat([u64(0x49484156454f5054n), u32(6), u32(100_000), Buffer.alloc(100_000)]));
+  const reply = await c.read(20);
+  assert.equal(reply?.readUInt32BE(12), 2 ** 31 + 9);
+  await c.read(reply?.readUInt32BE(16) ?? 0);
+  c.close();
+});
+
 test('an option without the IHAVEOPT magic is disconnected', async () => {
   const c = await RawNbdConnection.open(storage.nbdPort);
   await c.read(18);
