@@ -1,0 +1,55 @@
+// Writes docs/RELIABILITY.md from the rows the fault and bad-input tests recorded
+// under build/reliability/ (test/support/reliability.ts). Run by `npm run reliability`.
+import { existsSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { reliabilityDir, type ReliabilityRecord } from '../test/support/reliability.ts';
+
+type Row = ReliabilityRecord & { file: string; at: string };
+
+const files = existsSync(reliabilityDir) ? readdirSync(reliabilityDir).filter((f) => f.endsWith('.jsonl')).sort() : [];
+const rows: Row[] = files.flatMap((f) =>
+  readFileSync(join(reliabilityDir, f), 'utf8')
+    .split('\n')
+    .filter((line) => line.trim() !== '')
+    .map((line) => JSON.parse(line) as Row),
+);
+if (rows.length === 0) {
+  console.error(`no records under ${reliabilityDir}: run the fault and bad-input tests first (npm run reliability)`);
+  process.exit(1);
+}
+
+const cell = (text: string) => text.replaceAll('|', '\\|').replaceAll('\n', ' ');
+const table = (kind: Row['kind']) => {
+  const selected = rows.filter((r) => r.kind === kind);
+  if (selected.length === 0) return '_none recorded_\n';
+  return [
+    '| where | tried | what happened | held |',
+    '| --- | --- | --- | --- |',
+    ...selected.map((r) => `| ${cell(r.target)} | ${cell(r.tried)} | ${cell(r.observed)} | ${r.ok ? 'yes' : '**NO**'} |`),
+  ].join('\n') + '\n';
+};
+const failed = rows.filter((r) => !r.ok).length;
+const dates = rows.map((r) => r.at).sort();
+
+const doc = `# Reliability tally
+
+Every fault and every piece of bad input the tests inject, and what vmferry did about it. The
+tests write these rows themselves (\`test/support/reliability.ts\`); nothing here is typed by hand.
+"Held" means the outcome a user relies on was observed: the VM runs on exactly one host, every
+acknowledged guest write is intact, nothing is left behind, the error names the problem and the
+server keeps serving.
+
+Rerun everything and regenerate this page with:
+
+    npm run reliability
+
+Last run: ${dates[0]} to ${dates[dates.length - 1]}, ${rows.length} rows from ${files.length} test files, ${failed === 0 ? 'all held' : `${failed} did NOT hold`}.
+
+## Faults
+
+${table('fault')}
+## Bad input
+
+${table('bad-input')}`;
+writeFileSync(new URL('../docs/RELIABILITY.md', import.meta.url), doc);
+console.log(`docs/RELIABILITY.md: ${rows.length} rows, ${failed} not held`);
