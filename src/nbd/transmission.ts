@@ -71,7 +71,9 @@ export function validateRequest(request: Request, session: NegotiatedSession, li
   if ((request.type === Command.READ || request.type === Command.WRITE) && request.length > limits.maximum) {
     return { errno: NbdErrno.EINVAL, why: `length ${request.length} exceeds the maximum block size ${limits.maximum}` };
   }
-  if (request.length === 0 && request.type !== Command.BLOCK_STATUS) return { errno: NbdErrno.EINVAL, why: 'zero length' };
+  // Zero-length ranges are invalid for every command (nbdkit's rule too): a BLOCK_STATUS of 0 bytes
+  // would otherwise be answered with a 0-byte extent, which the protocol forbids and a client may loop on.
+  if (request.length === 0) return { errno: NbdErrno.EINVAL, why: 'zero length' };
   if (request.offset + request.length > backend.size) {
     const errno = request.type === Command.WRITE || request.type === Command.WRITE_ZEROES ? NbdErrno.ENOSPC : NbdErrno.EINVAL;
     return { errno, why: `offset ${request.offset} + length ${request.length} is past the end (${backend.size})` };
