@@ -44,6 +44,12 @@ export function installErrorHandler(app: FastifyInstance): void {
       void reply.status(400).send({ code: 'VMF_INVALID_ARGUMENT', message: `invalid request: ${fastifyError.message}` });
       return;
     }
+    if (fastifyError.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') {
+      // fastify's own message is a bare "Unsupported Media Type": say which type, and what to send.
+      const type = request.headers['content-type'] ?? '(none)';
+      void reply.status(415).send({ code: 'VMF_INVALID_ARGUMENT', message: `unsupported content-type "${type.slice(0, 100)}": send the body as application/json` });
+      return;
+    }
     const status = fastifyError.statusCode ?? 500;
     if (status >= 500) request.log.error({ err }, 'request failed');
     void reply.status(status).send({ code: status >= 500 ? 'VMF_INTERNAL' : 'VMF_INVALID_ARGUMENT', message: err.message });
