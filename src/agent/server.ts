@@ -8,7 +8,7 @@ import { statfs } from 'node:fs/promises';
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
-import { CreateVmRequestSchema, MigrationParamsSchema, VmNameParamsSchema, type HostInfo } from '../api/agent-types.ts';
+import { CreateVmRequestSchema, MigrationParamsSchema, MigrationPlanSchema, VmNameParamsSchema, type HostInfo } from '../api/agent-types.ts';
 import { replySignal } from '../http/request-signal.ts';
 import type { MigrationPlan } from '../migration/plan.ts';
 import type { MigrationSettings, MirrorTarget } from '../migration/sides.ts';
@@ -25,19 +25,24 @@ export interface AgentOptions {
   logger: Logger;
 }
 
+/** A misspelt field is an error, not silently ignored (see strictValidation in src/http/errors.ts). */
+const strict = { additionalProperties: false };
+/** QEMU refuses a downtime-limit above 2000 s; a larger number would fail only deep in the migration. */
+const maxDowntimeLimitMs = 2_000_000;
+
 const MirrorsBody = Type.Object({
   targets: Type.Array(Type.Unknown(), { maxItems: 16 }),
   copyMode: Type.Union([Type.Literal('background'), Type.Literal('write-blocking')]),
-  bandwidthBytes: Type.Optional(Type.Integer({ minimum: 1 })),
-});
+  bandwidthBytes: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER })),
+}, strict);
 const MigrateBody = Type.Object({
   uri: Type.String({ pattern: '^tcp:' }),
   settings: Type.Object({
-    maxBandwidthBytes: Type.Optional(Type.Integer({ minimum: 1 })),
-    downtimeLimitMs: Type.Integer({ minimum: 1 }),
+    maxBandwidthBytes: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER })),
+    downtimeLimitMs: Type.Integer({ minimum: 1, maximum: maxDowntimeLimitMs }),
     allowPostcopy: Type.Boolean(),
-  }),
-});
+  }, strict),
+}, strict);
 
 async function availableMemoryMiB(): Promise<number> {
   const meminfo = await readFile('/proc/meminfo', 'utf8');
@@ -71,7 +76,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   app.post('/v1/vms/:name/start', { schema: { params: VmNameParamsSchema } }, (request) => registry.start(request.params.name));
   app.post(
     '/v1/vms/:name/stop',
-    { schema: { params: VmNameParamsSchema, querystring: Type.Object({ force: Type.Optional(Type.Boolean()) }) } },
+    { schema: { params: VmNameParamsSchema, querystring: Type.Object({ force: Type.Optional(Type.Boolean()) }, strict) } },
     (request) => registry.stop(request.params.name, request.query.force ?? false),
   );
   app.delete('/v1/vms/:name', { schema: { params: VmNameParamsSchema } }, async (request, reply) => {
@@ -79,13 +84,13 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     return reply.status(204).send();
   });
   app.post('/v1/vms/:name/probe-source', { schema: { params: VmNameParamsSchema } }, (request) => sides.probeSource(request.params.name));
-  app.post('/v1/probe-destination', { schema: { body: Type.Object({ spec: Type.Unknown() }) } }, (request) =>
+  app.post('/v1/probe-destination', { schema: { body: Type.Object({ spec: Type.Unknown() }, strict) } }, (request) =>
     sides.probeDestination(validateVmSpec(request.body.spec)),
   );
 
   // Destination half of a migration.
   const params = MigrationParamsSchema;
-  app.post('/v1/migrations/:id/destination/prepare', { schema: { params, body: Type.Object({ spec: Type.Unknown(), plan: Type.Unknown() }) } }, (request, reply) =>
+  app.post('/v1/migrations/:id/destination/prepare', { schema: { params, body: Type.Object({ spec: Type.Unknown(), plan: MigrationPlanSchema }, strict) } }, (request, reply) =>
     sides.prepareDestination(request.params.id, validateVmSpec(request.body.spec), request.body.plan as MigrationPlan, replySignal(reply)),
   );
   app.post('/v1/migrations/:id/destination/wait-incoming', { schema: { params } }, async (request, reply) => {
@@ -102,7 +107,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   });
 
   // Source half of a migration.
-  app.post('/v1/migrations/:id/source/begin', { schema: { params, body: Type.Object({ vm: VmNameParamsSchema.properties.name }) } }, (request) => {
+  app.post('/v1/migrations/:id/source/begin', { schema: { params, body: Type.Object({ vm: VmNameParamsSchema.properties.name }, strict) } }, (request) => {
     sides.beginSource(request.params.id, request.body.vm);
     return {};
   });
@@ -120,7 +125,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   app.post('/v1/migrations/:id/source/wait-milestone', { schema: { params } }, async (request, reply) => ({
     milestone: await sides.source(request.params.id).waitMilestone(replySignal(reply)),
   }));
-  app.post('/v1/migrations/:id/source/downtime-limit', { schema: { params, body: Type.Object({ ms: Type.Integer({ minimum: 1 }) }) } }, async (request, reply) => {
+  app.post('/v1/migrations/:id/source/downtime-limit', { schema: { params, body: Type.Object({ ms: Type.Integer({ minimum: 1, maximum: maxDowntimeLimitMs }) }, strict) } }, async (request, reply) => {
     await sides.source(request.params.id).setDowntimeLimit(request.body.ms, replySignal(reply));
     return {};
   });
@@ -138,7 +143,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   app.get('/v1/migrations/:id/source/completed-info', { schema: { params } }, (request, reply) =>
     sides.source(request.params.id).completedInfo(replySignal(reply)),
   );
-  app.post('/v1/migrations/:id/source/retire', { schema: { params, body: Type.Object({ keepLocalDisks: Type.Boolean() }) } }, async (request) => {
+  app.post('/v1/migrations/:id/source/retire', { schema: { params, body: Type.Object({ keepLocalDisks: Type.Boolean() }, strict) } }, async (request) => {
     await sides.retireSource(request.params.id, request.body.keepLocalDisks);
     return {};
   });

@@ -90,3 +90,36 @@ export interface HostInfo {
   poolFreeBytes: number;
   vms: number;
 }
+
+/**
+ * The plan a destination is prepared with. The controller computes it, so this
+ * only checks the shape the destination relies on: without it a malformed plan
+ * reached QEMU's start before anything looked at it. Extra fields are allowed,
+ * so the planner can add some without breaking agents of the previous version.
+ */
+export const MigrationPlanSchema = Type.Object({
+  vm: name,
+  from: Type.String({ minLength: 1, maxLength: 64 }),
+  to: Type.String({ minLength: 1, maxLength: 64 }),
+  disks: Type.Array(
+    Type.Object({
+      id: diskId,
+      operation: Type.Union([Type.Literal('mirror'), Type.Literal('reattach')]),
+      kind: Type.Union([Type.Literal('local'), Type.Literal('shared')]),
+      readOnly: Type.Boolean(),
+      virtualSize: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER }),
+      bytesToCopy: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER }),
+      mirrorSync: Type.Optional(Type.Union([Type.Literal('full'), Type.Literal('top')])),
+      reason: Type.String({ maxLength: 4096 }),
+    }),
+    { maxItems: 16 },
+  ),
+  ram: Type.Object({
+    memoryMiB: Type.Integer({ minimum: 1 }),
+    maxDowntimeMs: Type.Number({ exclusiveMinimum: 0 }),
+    bandwidthMiBs: Type.Optional(Type.Number({ exclusiveMinimum: 0 })),
+    allowPostcopy: Type.Boolean(),
+  }),
+  options: Type.Object({}),
+  refusals: Type.Array(Type.String()),
+});
