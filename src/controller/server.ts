@@ -3,6 +3,7 @@
  * their agents), and migrations with their events and reports.
  */
 import { createApiServer } from '../http/api-server.ts';
+import { VmferryError } from '../errors.ts';
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
@@ -71,7 +72,7 @@ export async function buildController(options: ControllerOptions): Promise<{ app
   app.post('/v1/vms/:name/start', { schema: nameParams }, async (request) =>
     (await inventory.agent(await inventory.locateVm(request.params.name))).startVm(request.params.name),
   );
-  app.post('/v1/vms/:name/stop', { schema: { ...nameParams, querystring: Type.Object({ force: Type.Optional(Type.Boolean()) }) } }, async (request) =>
+  app.post('/v1/vms/:name/stop', { schema: { ...nameParams, querystring: Type.Object({ force: Type.Optional(Type.Boolean()) }, { additionalProperties: false }) } }, async (request) =>
     (await inventory.agent(await inventory.locateVm(request.params.name))).stopVm(request.params.name, request.query.force ?? false),
   );
   app.delete('/v1/vms/:name', { schema: nameParams }, async (request, reply) => {
@@ -89,10 +90,13 @@ export async function buildController(options: ControllerOptions): Promise<{ app
   app.get('/v1/migrations/:id', { schema: { params: MigrationParamsSchema } }, (request) => migrations.get(request.params.id));
   app.get(
     '/v1/migrations/:id/events',
-    { schema: { params: MigrationParamsSchema, querystring: Type.Object({ after: Type.Optional(Type.Integer({ minimum: 0 })) }) } },
+    { schema: { params: MigrationParamsSchema, querystring: Type.Object({ after: Type.Optional(Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER })) }, { additionalProperties: false }) } },
     async (request) => {
+      const after = request.query.after ?? 0;
+      // ajv coerces "1e400" to Infinity and lets it through every integer check.
+      if (!Number.isSafeInteger(after)) throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid request: querystring/after must be an integer from 0 to ${Number.MAX_SAFE_INTEGER}`);
       const record = await migrations.get(request.params.id);
-      return { phase: record.phase, events: await store.eventsSince(request.params.id, request.query.after ?? 0), report: record.report };
+      return { phase: record.phase, events: await store.eventsSince(request.params.id, after), report: record.report };
     },
   );
   app.post('/v1/migrations/:id/cancel', { schema: { params: MigrationParamsSchema } }, (request) => migrations.cancel(request.params.id));
