@@ -10,6 +10,7 @@ import type { FastifyInstance } from 'fastify';
 import pino from 'pino';
 import { buildAgent } from '../../src/agent/server.ts';
 import { buildController } from '../../src/controller/server.ts';
+import { recordReliability } from '../support/reliability.ts';
 
 let dir: string;
 let agent: FastifyInstance;
@@ -39,12 +40,14 @@ interface BadRequest {
   path: string;
   body?: unknown;
   raw?: string;
+  contentType?: string;
   status: number;
   code: string;
   message: RegExp;
 }
 
 const validVm = { name: 'ok', boot: { kind: 'test-guest' }, disks: [] };
+const validPlan = { vm: 'ok', from: 'A', to: 'B', disks: [], ram: { memoryMiB: 64, maxDowntimeMs: 300, allowPostcopy: false }, options: {}, refusals: [] };
 
 const cases: BadRequest[] = [
   { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, name: '../x' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /name/ },
@@ -62,7 +65,7 @@ const cases: BadRequest[] = [
   { server: 'agent', method: 'DELETE', path: '/v1/vms/nope', status: 404, code: 'VMF_NOT_FOUND', message: /no VM named nope/ },
   { server: 'agent', method: 'POST', path: '/v1/vms/nope/probe-source', status: 404, code: 'VMF_NOT_FOUND', message: /no VM named nope/ },
   { server: 'agent', method: 'POST', path: '/v1/probe-destination', body: { spec: { name: 'x' } }, status: 400, code: 'VMF_INVALID_SPEC', message: /vcpus/ },
-  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/prepare', body: { spec: { vcpus: 1 }, plan: {} }, status: 400, code: 'VMF_INVALID_SPEC', message: /name/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/prepare', body: { spec: { vcpus: 1 }, plan: validPlan }, status: 400, code: 'VMF_INVALID_SPEC', message: /name/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/resume', status: 404, code: 'VMF_NOT_FOUND', message: /migration m1 has no destination/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/wait-incoming', status: 404, code: 'VMF_NOT_FOUND', message: /no destination/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/begin', body: { vm: 'nope' }, status: 404, code: 'VMF_NOT_FOUND', message: /no VM named nope/ },
@@ -86,6 +89,16 @@ const cases: BadRequest[] = [
   { server: 'controller', method: 'GET', path: '/v1/migrations/nope', status: 404, code: 'VMF_NOT_FOUND', message: /no migration nope/ },
   { server: 'controller', method: 'GET', path: '/v1/migrations/nope/events?after=-1', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /after/ },
   { server: 'controller', method: 'POST', path: '/v1/migrations/nope/cancel', status: 404, code: 'VMF_NOT_FOUND', message: /no migration nope/ },
+  // Found by test/fuzz/api-fuzz.test.ts:
+  { server: 'controller', method: 'POST', path: '/v1/hosts/heartbeat', body: { id: 123, url: 'http://x', address: 'b' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /body\/id must be string/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/retire', body: { keepLocalDisks: 'yes' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /keepLocalDisks must be boolean/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/retire', body: { keepLocalDisks: false, keepLocalDisk: true }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /additional properties/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/prepare', body: { spec: {}, plan: 'garbage' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /plan must be object/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/downtime-limit', body: { ms: 2 ** 64 }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /ms must be <=/ },
+  { server: 'agent', method: 'GET', path: `/v1/vms/${'a'.repeat(5000)}`, status: 414, code: 'VMF_INVALID_ARGUMENT', message: /longer than 100 characters/ },
+  { server: 'agent', method: 'GET', path: '/v1/vms/%C0%AE', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /not a valid url component/ },
+  { server: 'controller', method: 'POST', path: '/v1/migrations', raw: '<vm/>', contentType: 'application/xml', status: 415, code: 'VMF_INVALID_ARGUMENT', message: /unsupported content-type "application\/xml"/ },
+  { server: 'controller', method: 'GET', path: '/v1/migrations/nope/events?after=1e400', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /after must be an integer/ },
 ];
 
 for (const c of cases) {
@@ -94,10 +107,18 @@ for (const c of cases) {
     const hasBody = c.raw !== undefined || c.body !== undefined || c.method === 'POST';
     const response = await fetch(`${base}${c.path}`, {
       method: c.method,
-      headers: hasBody ? { 'content-type': 'application/json' } : {},
+      headers: hasBody ? { 'content-type': c.contentType ?? 'application/json' } : {},
       body: c.raw ?? (hasBody ? JSON.stringify(c.body ?? {}) : null),
     });
     const body = (await response.json()) as { code: string; message: string };
+    const held = response.status === c.status && body.code === c.code && c.message.test(body.message);
+    recordReliability(import.meta.url, {
+      kind: 'bad-input',
+      target: c.server === 'agent' ? 'agent API' : 'controller API',
+      tried: `${c.method} ${c.path.slice(0, 80)} with ${c.raw !== undefined ? `raw body ${JSON.stringify(c.raw.slice(0, 40))}${c.raw.length > 40 ? ` (${c.raw.length} bytes)` : ''}` : JSON.stringify(c.body ?? null).slice(0, 100)}`,
+      observed: `${response.status} ${body.code}: ${body.message.slice(0, 160)}`,
+      ok: held,
+    });
     assert.equal(response.status, c.status, body.message);
     assert.equal(body.code, c.code, body.message);
     assert.match(body.message, c.message);

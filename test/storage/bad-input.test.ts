@@ -6,6 +6,7 @@ import { execFile as execFileCallback } from 'node:child_process';
 import { promisify } from 'node:util';
 import { after, afterEach, before, test } from 'node:test';
 import { RawNbdConnection, u32, u64 } from '../support/raw-nbd.ts';
+import { recordReliability } from '../support/reliability.ts';
 import { startTestStorage, type TestStorage } from '../support/storage.ts';
 
 const execFile = promisify(execFileCallback);
@@ -30,27 +31,40 @@ afterEach(async () => {
   assert.doesNotMatch(stdout, /failed/);
 });
 
+/** A test of one bad input, recorded in the reliability tally with whether the server's answer held. */
+function badInput(tried: string, answer: string, fn: () => Promise<void>): void {
+  test(`${tried}: ${answer}`, async () => {
+    try {
+      await fn();
+      recordReliability(import.meta.url, { kind: 'bad-input', target: 'NBD', tried, observed: `${answer}; a well-behaved client is still served`, ok: true });
+    } catch (err) {
+      recordReliability(import.meta.url, { kind: 'bad-input', target: 'NBD', tried, observed: `not as expected: ${(err as Error).message.split('\n')[0]}`, ok: false });
+      throw err;
+    }
+  });
+}
+
 async function attached(exportName = 'vol'): Promise<RawNbdConnection> {
   const connection = await RawNbdConnection.open(storage.nbdPort);
   await connection.handshake(exportName);
   return connection;
 }
 
-test('a wrong greeting reply (unknown client flags) is disconnected', async () => {
+badInput('unknown client flags in the greeting reply', 'disconnected, as the protocol says', async () => {
   const c = await RawNbdConnection.open(storage.nbdPort);
   await c.read(18);
   c.write(u32(0xff00));
   assert.equal(await c.read(1), undefined, 'the server hung up');
 });
 
-test('a truncated handshake is dropped without disturbing the server', async () => {
+badInput('a handshake cut off after 2 bytes of client flags', 'connection dropped, server undisturbed', async () => {
   const c = await RawNbdConnection.open(storage.nbdPort);
   await c.read(18);
   c.write(Buffer.from([0, 0]));
   c.close();
 });
 
-test('an option cut off mid-data, and a request cut off mid-header, only end their own connection', async () => {
+badInput('an option cut off mid-data, and a request cut off mid-header', 'only their own connection ends; no connection or attachment left', async () => {
   const c = await RawNbdConnection.open(storage.nbdPort);
   await c.read(18);
   c.write(u32(3));
@@ -64,7 +78,7 @@ test('an option cut off mid-data, and a request cut off mid-header, only end the
   assert.deepEqual(storage.server.volumes.get('vol').attachments, []);
 });
 
-test('option data over the 64 KiB limit gets NBD_REP_ERR_TOO_BIG and the handshake goes on', async () => {
+badInput('100,000 bytes of option data (limit 64 KiB)', 'NBD_REP_ERR_TOO_BIG and the handshake goes on', async () => {
   const c = await RawNbdConnection.open(storage.nbdPort);
   await c.read(18);
   c.write(u32(3));
@@ -75,7 +89,7 @@ test('option data over the 64 KiB limit gets NBD_REP_ERR_TOO_BIG and the handsha
   c.close();
 });
 
-test('an option without the IHAVEOPT magic is disconnected', async () => {
+badInput('an option without the IHAVEOPT magic', 'disconnected', async () => {
   const c = await RawNbdConnection.open(storage.nbdPort);
   await c.read(18);
   c.write(u32(3));
@@ -83,7 +97,7 @@ test('an option without the IHAVEOPT magic is disconnected', async () => {
   assert.equal(await c.read(1), undefined);
 });
 
-test('an unknown option gets NBD_REP_ERR_UNSUP and the handshake goes on', async () => {
+badInput('unknown option 99', 'NBD_REP_ERR_UNSUP "option 99 is not supported", handshake goes on', async () => {
   const c = await RawNbdConnection.open(storage.nbdPort);
   await c.read(18);
   c.write(u32(3));
@@ -95,13 +109,13 @@ test('an unknown option gets NBD_REP_ERR_UNSUP and the handshake goes on', async
   c.close();
 });
 
-test('an unknown export in GO gets NBD_REP_ERR_UNKNOWN naming it', async () => {
+badInput('NBD_OPT_GO for an unknown export', 'NBD_REP_ERR_UNKNOWN naming the export', async () => {
   const c = await RawNbdConnection.open(storage.nbdPort);
   await assert.rejects(c.handshake('nope'), /option error 2147483654: no export named "nope"/);
   c.close();
 });
 
-test('an unknown command, a past-the-end read, an oversized read: EINVAL, connection still usable', async () => {
+badInput('unknown command, past-the-end read, 64 MiB read, unknown flag', 'EINVAL for each, the connection stays usable', async () => {
   const c = await attached();
   assert.equal(await c.request(42, 0n, 4096), EINVAL);
   assert.equal(await c.request(READ, BigInt(size - 1024), 4096), EINVAL);
@@ -111,7 +125,7 @@ test('an unknown command, a past-the-end read, an oversized read: EINVAL, connec
   c.close();
 });
 
-test('a write past the end gets ENOSPC; a write to a read-only export gets EPERM and changes nothing', async () => {
+badInput('a write past the end; a write to a read-only export', 'ENOSPC; EPERM with the volume unchanged', async () => {
   const c = await attached();
   assert.equal(await c.request(WRITE, BigInt(size), 512, { payload: Buffer.alloc(512, 1) }), ENOSPC);
   c.close();
@@ -122,17 +136,17 @@ test('a write past the end gets ENOSPC; a write to a read-only export gets EPERM
   assert.doesNotMatch(stdout, /failed/);
 });
 
-test('a write larger than the advertised maximum is disconnected (its payload cannot be skipped safely)', async () => {
+badInput('a 64 MiB write (maximum 32 MiB)', 'disconnected (its payload cannot be skipped safely)', async () => {
   const c = await attached();
   assert.equal(await c.request(WRITE, 0n, 64 * 1024 * 1024), undefined);
 });
 
-test('a request with a wrong magic is disconnected', async () => {
+badInput('a request with a wrong magic', 'disconnected', async () => {
   const c = await attached();
   assert.equal(await c.request(READ, 0n, 4096, { magic: 0xdeadbeef }), undefined);
 });
 
-test('many clients flooding pipelined reads do not stop the server from answering others', async () => {
+badInput('8 clients each pipelining 200 × 1 MiB reads without reading replies', 'backpressure holds them; nbdinfo is answered meanwhile', async () => {
   const clients = await Promise.all(Array.from({ length: 8 }, () => attached()));
   for (const c of clients) {
     // 200 pipelined 1 MiB reads nobody reads the answers of: backpressure must hold them.
