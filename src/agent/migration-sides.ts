@@ -65,6 +65,7 @@ export class MigrationSides {
       pool: this.#registry.pool,
       vmDir: (name) => this.#registry.vmDir(name),
       address: this.#address,
+      ...(this.#registry.fence ? { fence: this.#registry.fence } : {}),
       logger: this.#logger.child({ migration: id }),
     });
     this.#destinations.set(id, destination);

@@ -16,6 +16,7 @@ import { guestKernelAppend, testGuestPaths } from '../guest/test-guest.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import { validateVmSpec, type DiskSpec, type VmSpec } from '../qemu/spec.ts';
 import { LocalPool } from '../storage/local-pool.ts';
+import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
 
 interface VmEntry {
@@ -28,12 +29,15 @@ interface VmEntry {
 export class VmRegistry {
   readonly hostId: string;
   readonly pool: LocalPool;
+  /** The one-writer fence of shared volumes, when the agent knows the storage server's admin API. */
+  readonly fence: SharedWriterFence | undefined;
   readonly #dataDir: string;
   readonly #logger: Logger;
   readonly #vms = new Map<string, VmEntry>();
 
-  constructor(hostId: string, dataDir: string, logger: Logger) {
+  constructor(hostId: string, dataDir: string, logger: Logger, fence?: SharedWriterFence) {
     this.hostId = hostId;
+    this.fence = fence;
     this.#dataDir = dataDir;
     this.#logger = logger;
     this.pool = new LocalPool(join(dataDir, 'pool'));
@@ -134,6 +138,13 @@ export class VmRegistry {
   async start(name: string): Promise<VmInfo> {
     const entry = this.#idle(name);
     if (entry.qemu?.isAlive) throw new VmferryError('VMF_CONFLICT', `VM ${name} is already running on ${this.hostId}`);
+    if (this.fence) {
+      // A new QEMU instance, new writer tokens: whatever ran this VM before, here or elsewhere, can no longer write.
+      const spec = await this.fence.tokenize(entry.spec);
+      await this.fence.claim(spec);
+      await this.#persist(spec);
+      entry.spec = spec;
+    }
     entry.qemu = await QemuProcess.start(entry.spec, { runDir: join(this.vmDir(name), 'qemu'), logger: this.#logger });
     return this.info(name);
   }

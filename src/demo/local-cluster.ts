@@ -87,7 +87,7 @@ export class LocalCluster {
       dataDir: join(this.workDir, 'storage'),
       logger: this.#logger.child({ component: 'storage' }),
       nbd: { host: serviceHost, port: await findFreePort(serviceHost) },
-      admin: { host: '127.0.0.1', port: 0 },
+      admin: { host: serviceHost, port: 0 },
     });
     this.storageNbd = { host: serviceHost, port: this.storage.addresses.nbdPort as number };
 
@@ -99,7 +99,7 @@ export class LocalCluster {
       const namespaceHost = this.network?.hosts[index];
       const address = namespaceHost?.address ?? `127.0.0.${index + 2}`;
       const dataDir = join(this.workDir, `host-${id}`);
-      const args = [cliPath, '--controller', this.controllerUrl, 'agent', '--host-id', id, '--listen', `${address}:${agentPort}`, '--data-dir', dataDir];
+      const args = [cliPath, '--controller', this.controllerUrl, 'agent', '--host-id', id, '--listen', `${address}:${agentPort}`, '--data-dir', dataDir, '--storage', this.storage.addresses.adminUrl as string];
       const command = namespaceHost ? 'ip' : process.execPath;
       const commandArgs = namespaceHost ? ['netns', 'exec', namespaceHost.namespace, process.execPath, ...args] : args;
       const child = spawn(command, commandArgs, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, VMFERRY_LOG: process.env.VMFERRY_LOG ?? 'warn' } });
