@@ -102,6 +102,8 @@ test('migrate to B and back through the CLI; records and reports are kept', asyn
     assert.equal(report.disks[1]?.bytesSent, 0);
     assert.match((await vmferry('vm', 'list')).stdout, new RegExp(`web\\s+│ ${to}\\s+│ running`));
     await waitForAcks(reportLogs('web'), ['root', 'data'], { atLeast: 10, since: before, timeoutMs: 60_000 });
+    // The shared volume's one-writer lease followed the guest: the old source could no longer write to it.
+    assert.match(cluster.storage.volumes.get('web-data').writer?.holder ?? 'none', new RegExp(`^${to}\\.\\d+$`));
     const shown = await vmferry('migration', 'show', id);
     assert.match(shown.stdout, new RegExp(`migration ${id}: web .* → ${to}, completed`));
   }
