@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { VmferryError } from '../errors.ts';
 import { guestKernelAppend, testGuestPaths } from '../guest/test-guest.ts';
-import { QemuProcess } from '../qemu/process.ts';
+import { QemuProcess, killOrphanQemu } from '../qemu/process.ts';
 import { validateVmSpec, type DiskSpec, type VmSpec } from '../qemu/spec.ts';
 import { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
@@ -51,14 +51,33 @@ export class VmRegistry {
   async init(): Promise<void> {
     await mkdir(this.pool.dir, { recursive: true });
     await mkdir(join(this.#dataDir, 'vms'), { recursive: true });
+    const interrupted: string[] = [];
     for (const name of await readdir(join(this.#dataDir, 'vms'))) {
       const text = await readFile(join(this.vmDir(name), 'spec.json'), 'utf8').catch(() => undefined);
-      if (text === undefined) continue;
+      if (text === undefined) {
+        interrupted.push(name);
+        continue;
+      }
       const spec = validateVmSpec(JSON.parse(text));
       const qemu = await QemuProcess.adopt(spec, join(this.vmDir(name), 'qemu'), this.#logger);
       this.#vms.set(name, { spec, qemu, migrating: false });
       this.#logger.info({ vm: name, running: qemu !== undefined }, qemu ? 're-adopted running VM' : 'loaded stopped VM');
     }
+    for (const name of interrupted) await this.#removeInterruptedIncoming(name);
+  }
+
+  /**
+   * A VM directory without a spec is the destination half of a migration that
+   * never finished (the spec is written only when the guest is adopted): its
+   * QEMU, if the agent died and left it, and its target volumes go.
+   */
+  async #removeInterruptedIncoming(name: string): Promise<void> {
+    const pid = await killOrphanQemu(join(this.vmDir(name), 'qemu'));
+    const inUse = new Set([...this.#vms.values()].flatMap((e) => e.spec.disks.flatMap((d) => (d.source.kind === 'file' ? [d.source.path] : []))));
+    const targets = (await readdir(this.pool.dir)).filter((file) => file.startsWith(`${name}-`) && !inUse.has(join(this.pool.dir, file)));
+    for (const file of targets) await this.pool.remove(file);
+    await rm(this.vmDir(name), { recursive: true, force: true });
+    this.#logger.warn({ vm: name, killedPid: pid, removedVolumes: targets }, 'cleaned up an interrupted incoming migration');
   }
 
   list(): Promise<VmInfo[]> {

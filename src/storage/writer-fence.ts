@@ -7,6 +7,8 @@
  * source QEMU stopped and flushed and before the destination resumes, so the
  * old source, should it somehow run on, can no longer write.
  */
+import { setTimeout as sleep } from 'node:timers/promises';
+import { VmferryError } from '../errors.ts';
 import { requestJson } from '../http/errors.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { Volume } from './volumes.ts';
@@ -46,17 +48,35 @@ export class SharedWriterFence {
         continue;
       }
       leases.push(
-        await requestJson<WriterLease>(this.adminUrl, 'PUT', `/v1/volumes/${encodeURIComponent(volume)}/writer`, {
-          body: { holder: token, generation: (current.writer?.generation ?? 0) + 1 },
-          signal,
-          timeoutMs: 40_000,
-        }),
+        await whileRestarting(signal, () =>
+          requestJson<WriterLease>(this.adminUrl, 'PUT', `/v1/volumes/${encodeURIComponent(volume)}/writer`, {
+            body: { holder: token, generation: (current.writer?.generation ?? 0) + 1 },
+            signal,
+            timeoutMs: 40_000,
+          }),
+        ),
       );
     }
     return leases;
   }
 
   #volume(name: string, signal: AbortSignal | undefined): Promise<Volume> {
-    return requestJson<Volume>(this.adminUrl, 'GET', `/v1/volumes/${encodeURIComponent(name)}`, { signal, timeoutMs: 10_000 });
+    return whileRestarting(signal, () => requestJson<Volume>(this.adminUrl, 'GET', `/v1/volumes/${encodeURIComponent(name)}`, { signal, timeoutMs: 10_000 }));
+  }
+}
+
+/** How long a storage server that refuses connections counts as restarting rather than down. */
+const restartGraceMs = 15_000;
+
+/** Retries `request` while the storage server is unreachable, for at most restartGraceMs: a restart must not fail a switch-over. */
+async function whileRestarting<T>(signal: AbortSignal | undefined, request: () => Promise<T>): Promise<T> {
+  const deadline = Date.now() + restartGraceMs;
+  for (;;) {
+    try {
+      return await request();
+    } catch (err) {
+      if (!(err instanceof VmferryError && err.code === 'VMF_UNREACHABLE') || Date.now() > deadline) throw err;
+      await sleep(250, undefined, { signal });
+    }
   }
 }
