@@ -5,7 +5,7 @@
  * alternate within each round (and swap order between rounds) so the machine's
  * noise falls on both. What each column counts: bench/lib/migration-run.ts.
  *
- *   node --import tsx bench/migration.ts [--small] [--rounds 2] [--json out.json]
+ *   node --import tsx bench/migration.ts [--small] [--rounds 3] [--json out.json]
  *
  * --small: 256 MiB RAM, 512 MiB local disk with 150 MiB written, 1 GiB shared, one round.
  */
@@ -130,6 +130,6 @@ if (isMain(import.meta.url)) {
     options: { small: { type: 'boolean', default: false }, rounds: { type: 'string' }, json: { type: 'string' } },
   });
   const small = values.small ?? false;
-  const results = await migrationBench({ small, rounds: Number(values.rounds ?? (small ? 1 : 2)) });
+  const results = await migrationBench({ small, rounds: Number(values.rounds ?? (small ? 1 : 3)) });
   if (values.json) await writeFile(values.json, JSON.stringify(results, null, 1));
 }
