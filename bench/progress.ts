@@ -31,7 +31,7 @@ export function progressChart(run: RunResult, subtitle: string): string {
     if (sample.ram && sample.ram.total > 0) ram.points.push({ x: at(sample.t), y: sample.ram.remaining / mib });
   }
   const end = at(run.totalMs);
-  const shared: Series = { name: 'shared0 (re-attached)', color: '#2ca02c', dashed: true, points: [{ x: 0, y: 0 }, { x: end, y: 0 }] };
+  const shared: Series = { name: 'shared0 (re-attached, 0 B)', color: '#2ca02c', dashed: true, points: [{ x: 0, y: 0 }, { x: end, y: 0 }] };
   const markers = run.marks.filter((m) => m.label !== 'planned').map((m) => ({ x: at(m.t), label: m.label }));
   return lineChart({
     title: 'vmferry: bytes remaining during one live migration',
@@ -50,8 +50,8 @@ export async function progressBench(options: { small: boolean; out: string }): P
   const machine = await machineLine();
   console.log(machine);
   const run = await runOnce('vmferry', scenario, { sampleMs: 50 });
-  const subtitle = `${scenario.memoryMiB} MiB RAM · local qcow2 ${scenario.localFillMiB} MiB written · shared ${scenario.sharedSizeMiB / 1024} GiB · guest writing · ` +
-    `total ${seconds(run.totalMs)} s, downtime ${Math.round(run.downtimeMs)} ms · ${machine.slice(0, 10)}, 2-core TCG`;
+  const subtitle = `${scenario.memoryMiB} MiB RAM, local qcow2 with ${scenario.localFillMiB} MiB written, shared volume ${scenario.sharedSizeMiB / 1024} GiB, guest writing to both\n` +
+    `total ${seconds(run.totalMs)} s, downtime ${Math.round(run.downtimeMs)} ms · sampled every 50 ms on the source · ${machine.slice(0, 10)}, 2-core TCG`;
   await writeFile(options.out, progressChart(run, subtitle));
   // A coarse text version of the same data, every ~250 ms.
   const rows: (string | number)[][] = [];

@@ -18,6 +18,7 @@ export interface Marker {
 
 export interface Chart {
   title: string;
+  /** One or more lines, separated by \n. */
   subtitle?: string;
   xLabel: string;
   yLabel: string;
@@ -45,7 +46,8 @@ export function ticks(max: number, count = 6): number[] {
 export function lineChart(chart: Chart): string {
   const width = chart.width ?? 820;
   const height = chart.height ?? 440;
-  const margin = { left: 70, right: 170, top: 56, bottom: 50 };
+  const subtitleLines = chart.subtitle ? chart.subtitle.split('\n') : [];
+  const margin = { left: 70, right: 210, top: 44 + 16 * subtitleLines.length, bottom: 50 };
   const plotW = width - margin.left - margin.right;
   const plotH = height - margin.top - margin.bottom;
   const all = chart.series.flatMap((s) => s.points);
@@ -59,7 +61,7 @@ export function lineChart(chart: Chart): string {
   out.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" font-family="sans-serif" font-size="12">`);
   out.push(`<rect width="${width}" height="${height}" fill="white"/>`);
   out.push(`<text x="${margin.left}" y="22" font-size="15" font-weight="bold">${escape(chart.title)}</text>`);
-  if (chart.subtitle) out.push(`<text x="${margin.left}" y="40" fill="#555">${escape(chart.subtitle)}</text>`);
+  subtitleLines.forEach((line, i) => out.push(`<text x="${margin.left}" y="${40 + 16 * i}" fill="#555">${escape(line)}</text>`));
   for (const y of yTicks) {
     out.push(`<line x1="${margin.left}" x2="${margin.left + plotW}" y1="${sy(y).toFixed(1)}" y2="${sy(y).toFixed(1)}" stroke="#e4e4e4"/>`);
     out.push(`<text x="${margin.left - 6}" y="${(sy(y) + 4).toFixed(1)}" text-anchor="end">${y}</text>`);
