@@ -32,9 +32,9 @@ import { table } from '../src/cli/render.ts';
 import { testGuestSpec, reportLogOf, waitForAcks } from '../src/guest/test-guest.ts';
 import { QemuProcess } from '../src/qemu/process.ts';
 import type { DiskSpec } from '../src/qemu/spec.ts';
-import { Cleanup } from '../test/support/cleanup.ts';
+import type { Cleanup } from '../test/support/cleanup.ts';
 import { makeTempDir } from '../test/support/temp.ts';
-import { cpuSecondsOf, execFile, freePort, hostSync, isMain, machineLine, mib, median, ratio } from './lib/common.ts';
+import { cpuSecondsOf, execFile, freePort, hostSync, isMain, machineLine, mib, median, ratio, withCleanup } from './lib/common.ts';
 
 type PathName = 'user-space NBD' | 'kernel (nbdfuse)';
 
@@ -129,9 +129,8 @@ async function writtenBytes(vm: QemuProcess): Promise<number> {
   return stats.find((s) => s.qdev?.includes('/io0/'))?.stats.wr_bytes ?? 0;
 }
 
-async function measurePath(path: PathName, dir: string, server: { pid: number; nbdPort: number }, sizeBytes: number, measureS: number): Promise<PathResult> {
-  const cleanup = new Cleanup();
-  try {
+function measurePath(path: PathName, dir: string, server: { pid: number; nbdPort: number }, sizeBytes: number, measureS: number): Promise<PathResult> {
+  return withCleanup(async (cleanup) => {
     let disk: DiskSpec;
     let fusePid: number | undefined;
     if (path === 'user-space NBD') {
@@ -177,9 +176,7 @@ async function measurePath(path: PathName, dir: string, server: { pid: number; n
       server: (after.server - before.server) / gib,
       fuse: (after.fuse - before.fuse) / gib,
     };
-  } finally {
-    await cleanup.run();
-  }
+  });
 }
 
 export async function ioPathBench(options: { small: boolean; seconds: number; rounds: number }): Promise<PathResult[]> {
@@ -188,9 +185,8 @@ export async function ioPathBench(options: { small: boolean; seconds: number; ro
   console.log(await machineLine());
   const fuseUsable = existsSync('/dev/fuse') && (await execFile('which', ['nbdfuse']).then(() => true, () => false));
   if (!fuseUsable) console.log('nbdfuse or /dev/fuse is missing: only the user-space path runs (apt-get install libnbd-bin fuse3)');
-  const cleanup = new Cleanup();
   const results: PathResult[] = [];
-  try {
+  await withCleanup(async (cleanup) => {
     const temp = await makeTempDir('bench-io');
     cleanup.add('remove temp dir', () => temp.remove());
     const server = await startServer(temp.path, cleanup);
@@ -210,9 +206,7 @@ export async function ioPathBench(options: { small: boolean; seconds: number; ro
         results.push(result);
       }
     }
-  } finally {
-    await cleanup.run();
-  }
+  });
   const byPath = (path: PathName): PathResult[] => results.filter((r) => r.path === path);
   const summary = (['user-space NBD', 'kernel (nbdfuse)'] as PathName[]).filter((p) => byPath(p).length > 0).map((path) => {
     const runs = byPath(path);

@@ -6,6 +6,7 @@ import { createServer } from 'node:net';
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
+import { Cleanup } from '../../test/support/cleanup.ts';
 
 export const execFile = promisify(execFileCallback);
 export const mib = 1024 * 1024;
@@ -113,4 +114,35 @@ export async function machineLine(): Promise<string> {
 /** True when the module at `url` is the script node was started with (run alone, not imported by run-all). */
 export function isMain(url: string): boolean {
   return process.argv[1] !== undefined && resolve(process.argv[1]) === fileURLToPath(url);
+}
+
+const live = new Set<Cleanup>();
+let handlersInstalled = false;
+
+/**
+ * Runs `fn` with a Cleanup that runs afterwards, pass or fail, and also when
+ * the benchmark is interrupted (SIGINT, SIGTERM): QEMUs started by vmferry sit
+ * in their own process groups and would outlive a plain exit.
+ */
+export async function withCleanup<T>(fn: (cleanup: Cleanup) => Promise<T>): Promise<T> {
+  if (!handlersInstalled) {
+    handlersInstalled = true;
+    for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+      process.once(signal, () => {
+        console.error(`\n${signal}: cleaning up`);
+        void (async () => {
+          for (const cleanup of live) await cleanup.run().catch((err: unknown) => console.error(String(err)));
+          process.exit(130);
+        })();
+      });
+    }
+  }
+  const cleanup = new Cleanup();
+  live.add(cleanup);
+  try {
+    return await fn(cleanup);
+  } finally {
+    live.delete(cleanup);
+    await cleanup.run();
+  }
 }

@@ -40,10 +40,10 @@ import { QemuProcess } from '../../src/qemu/process.ts';
 import type { DiskSpec, VmSpec } from '../../src/qemu/spec.ts';
 import type { QmpEventListener } from '../../src/qmp/client.ts';
 import { imageInfo, LocalPool } from '../../src/storage/local-pool.ts';
-import { Cleanup } from '../../test/support/cleanup.ts';
+import type { Cleanup } from '../../test/support/cleanup.ts';
 import { startTestStorage } from '../../test/support/storage.ts';
 import { makeTempDir } from '../../test/support/temp.ts';
-import { execFile, guestRamInUse, hostSync, mib } from './common.ts';
+import { execFile, guestRamInUse, hostSync, mib, withCleanup } from './common.ts';
 import { plainMigration, spawnPlainQemu } from './plain-qmp.ts';
 
 export type Method = 'vmferry' | 'plain';
@@ -293,16 +293,13 @@ async function runPlain(host: Host, scenario: Scenario, options: RunOptions): Pr
 }
 
 /** Sets up host A and B from scratch, runs one migration by `method`, tears everything down. */
-export async function runOnce(method: Method, scenario: Scenario, options: RunOptions = {}): Promise<RunResult> {
-  const cleanup = new Cleanup();
-  try {
+export function runOnce(method: Method, scenario: Scenario, options: RunOptions = {}): Promise<RunResult> {
+  return withCleanup(async (cleanup) => {
     const host = await prepareHost(scenario, cleanup);
     // Host write-back of fresh images would compete with the mirror.
     await hostSync();
     return method === 'vmferry' ? await runVmferry(host, scenario, options) : await runPlain(host, scenario, options);
-  } finally {
-    await cleanup.run();
-  }
+  });
 }
 
 export type { MigrationPhase };
