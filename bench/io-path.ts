@@ -20,7 +20,7 @@
  * storage server (its own process here) and nbdfuse. Kernel work done in other
  * threads (kworkers) is not counted. Paths alternate, each on a fresh boot.
  *
- *   node --import tsx bench/io-path.ts [--small] [--seconds 20] [--rounds 2]
+ *   node --import tsx bench/io-path.ts [--small] [--seconds 15] [--rounds 3]
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, openSync, closeSync } from 'node:fs';
@@ -34,7 +34,7 @@ import { QemuProcess } from '../src/qemu/process.ts';
 import type { DiskSpec } from '../src/qemu/spec.ts';
 import type { Cleanup } from '../test/support/cleanup.ts';
 import { makeTempDir } from '../test/support/temp.ts';
-import { cpuSecondsOf, execFile, freePort, hostSync, isMain, machineLine, mib, median, ratio, withCleanup } from './lib/common.ts';
+import { cpuSecondsOf, cpuTimesOf, execFile, freePort, hostSync, isMain, machineLine, mib, median, ratio, withCleanup } from './lib/common.ts';
 
 type PathName = 'user-space NBD' | 'kernel (nbdfuse)';
 
@@ -45,6 +45,8 @@ interface PathResult {
   qemuVcpu: number;
   qemuIo: number;
   server: number;
+  /** Of which in the kernel (system time). */
+  serverSystem: number;
   fuse: number;
 }
 
@@ -153,7 +155,7 @@ function measurePath(path: PathName, dir: string, server: { pid: number; nbdPort
       bytes: await writtenBytes(vm),
       qemu: await cpuSecondsOf(vm.pid),
       vcpu: await vcpuSeconds(vm.pid),
-      server: await cpuSecondsOf(server.pid),
+      server: await cpuTimesOf(server.pid),
       fuse: fusePid ? await cpuSecondsOf(fusePid) : 0,
     };
     await sleep(measureS * 1000);
@@ -162,7 +164,7 @@ function measurePath(path: PathName, dir: string, server: { pid: number; nbdPort
       bytes: await writtenBytes(vm),
       qemu: await cpuSecondsOf(vm.pid),
       vcpu: await vcpuSeconds(vm.pid),
-      server: await cpuSecondsOf(server.pid),
+      server: await cpuTimesOf(server.pid),
       fuse: fusePid ? await cpuSecondsOf(fusePid) : 0,
     };
     const gib = (after.bytes - before.bytes) / (1024 * mib);
@@ -173,7 +175,8 @@ function measurePath(path: PathName, dir: string, server: { pid: number; nbdPort
       gib,
       qemuVcpu: vcpu / gib,
       qemuIo: (after.qemu - before.qemu - vcpu) / gib,
-      server: (after.server - before.server) / gib,
+      server: (after.server.user + after.server.system - before.server.user - before.server.system) / gib,
+      serverSystem: (after.server.system - before.server.system) / gib,
       fuse: (after.fuse - before.fuse) / gib,
     };
   });
@@ -211,15 +214,15 @@ export async function ioPathBench(options: { small: boolean; seconds: number; ro
   const summary = (['user-space NBD', 'kernel (nbdfuse)'] as PathName[]).filter((p) => byPath(p).length > 0).map((path) => {
     const runs = byPath(path);
     const m = (f: (r: PathResult) => number): number => median(runs.map(f));
-    return { path, mibs: m((r) => r.mibs), vcpu: m((r) => r.qemuVcpu), io: m((r) => r.qemuIo), server: m((r) => r.server), fuse: m((r) => r.fuse) };
+    return { path, mibs: m((r) => r.mibs), vcpu: m((r) => r.qemuVcpu), io: m((r) => r.qemuIo), server: m((r) => r.server), serverSystem: m((r) => r.serverSystem), fuse: m((r) => r.fuse) };
   });
   const user = summary.find((s) => s.path === 'user-space NBD');
   console.log(table(
-    ['path', 'guest MiB/s', 'QEMU vCPU s/GiB', 'QEMU I/O threads s/GiB', 'server s/GiB', 'nbdfuse s/GiB', 'I/O path s/GiB (no vCPU)', 'throughput ÷ user-space', 'I/O CPU ÷ user-space'],
+    ['path', 'guest MiB/s', 'QEMU vCPU s/GiB', 'QEMU I/O threads s/GiB', 'server s/GiB (kernel part)', 'nbdfuse s/GiB', 'I/O path s/GiB (no vCPU)', 'throughput ÷ user-space', 'I/O CPU ÷ user-space'],
     summary.map((s) => {
       const ioPath = s.io + s.server + s.fuse;
       const userIo = user ? user.io + user.server + user.fuse : Number.NaN;
-      return [s.path, s.mibs.toFixed(0), s.vcpu.toFixed(2), s.io.toFixed(2), s.server.toFixed(2), s.fuse.toFixed(2), ioPath.toFixed(2), ratio(s.mibs, user?.mibs ?? 0), ratio(ioPath, userIo)];
+      return [s.path, s.mibs.toFixed(0), s.vcpu.toFixed(2), s.io.toFixed(2), `${s.server.toFixed(2)} (${s.serverSystem.toFixed(2)})`, s.fuse.toFixed(2), ioPath.toFixed(2), ratio(s.mibs, user?.mibs ?? 0), ratio(ioPath, userIo)];
     }),
   ));
   console.log('medians over rounds; per-run throughput: ' + results.map((r) => `${r.path} ${r.mibs.toFixed(0)}`).join(', '));
@@ -229,5 +232,5 @@ export async function ioPathBench(options: { small: boolean; seconds: number; ro
 if (isMain(import.meta.url)) {
   const { values } = parseArgs({ options: { small: { type: 'boolean', default: false }, seconds: { type: 'string' }, rounds: { type: 'string' } } });
   const small = values.small ?? false;
-  await ioPathBench({ small, seconds: Number(values.seconds ?? (small ? 8 : 20)), rounds: Number(values.rounds ?? (small ? 1 : 2)) });
+  await ioPathBench({ small, seconds: Number(values.seconds ?? (small ? 8 : 15)), rounds: Number(values.rounds ?? (small ? 1 : 3)) });
 }

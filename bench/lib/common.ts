@@ -29,18 +29,23 @@ export function freePort(host = '127.0.0.1'): Promise<number> {
   });
 }
 
-/** CPU seconds (user + system) a process has used so far, from /proc; 0 once it is gone. */
-export async function cpuSecondsOf(pid: number): Promise<number> {
+/** CPU seconds in user and system mode a process has used so far, from /proc; 0 once it is gone. */
+export async function cpuTimesOf(pid: number): Promise<{ user: number; system: number }> {
   try {
     const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
     // Fields after the command name (which may hold spaces) start after the last ')'.
     const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
-    const ticks = Number(fields[11]) + Number(fields[12]);
-    return ticks / 100; // USER_HZ is 100 on Linux
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name. USER_HZ is 100 on Linux.
+    return { user: Number(fields[11]) / 100, system: Number(fields[12]) / 100 };
   } catch {
-    return 0;
+    return { user: 0, system: 0 };
   }
+}
+
+/** CPU seconds (user + system) a process has used so far; 0 once it is gone. */
+export async function cpuSecondsOf(pid: number): Promise<number> {
+  const { user, system } = await cpuTimesOf(pid);
+  return user + system;
 }
 
 /** Bytes in 4 KiB pages that are not all zero, in a file. */

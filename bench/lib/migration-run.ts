@@ -11,9 +11,10 @@
  * line. Host A and host B are two directories; everything is on loopback.
  *
  * What is measured, the same way for both:
- *   total     wall time from the first step of the method (vmferry: probing and
- *             planning; plain: creating the target image) until the guest runs
- *             on B and A's QEMU has exited
+ *   total     wall time from the first step of the method (vmferry: probing both
+ *             hosts and planning, as the controller does it: both probes at once,
+ *             QEMU's capabilities cached as the agent caches them; plain: creating
+ *             the target image) until the guest runs on B and A's QEMU has exited
  *   downtime  QEMU's own figure (query-migrate "downtime" on A), and the pause
  *             the guest saw: QEMU's timestamp of A's STOP event to that of
  *             B's RESUME event (includes B's export teardown and cont)
@@ -33,7 +34,7 @@ import { reportLogOf, testGuestSpec, waitForAcks, type GuestOptions } from '../.
 import { runMigration } from '../../src/migration/executor.ts';
 import type { MigrationEvent, MigrationPhase } from '../../src/migration/phases.ts';
 import { defaultMigrationOptions, planMigration, type MigrationOptions } from '../../src/migration/plan.ts';
-import { probeDestination, probeSource, qemuCapabilities } from '../../src/migration/probe.ts';
+import { probeDestination, probeSource, qemuCapabilities, type QemuCapabilities } from '../../src/migration/probe.ts';
 import { QemuDestination } from '../../src/migration/qemu-destination.ts';
 import { QemuSource } from '../../src/migration/qemu-source.ts';
 import { QemuProcess } from '../../src/qemu/process.ts';
@@ -153,8 +154,12 @@ async function prepareHost(scenario: Scenario, cleanup: Cleanup): Promise<Host> 
   const localPath = await poolA.create(`${scenario.name}-${localId}.qcow2`, 'qcow2', scenario.localSizeMiB * mib);
   if (scenario.localFillMiB > 0) {
     // Right after the record area, where the guest's bulk writes land too: they overwrite data, not grow it.
-    const offset = scenario.guest.spanMiB ?? 64;
-    await execFile('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x6b ${offset}M ${scenario.localFillMiB}M`, localPath], { timeout: 600_000 });
+    // qemu-io writes at most 2 GiB per request: 1 GiB pieces.
+    const commands: string[] = [];
+    for (let done = 0; done < scenario.localFillMiB; done += 1024) {
+      commands.push('-c', `write -P 0x6b ${(scenario.guest.spanMiB ?? 64) + done}M ${Math.min(1024, scenario.localFillMiB - done)}M`);
+    }
+    await execFile('qemu-io', ['-f', 'qcow2', ...commands, localPath], { timeout: 600_000 });
   }
   const storage = await startTestStorage();
   cleanup.add('stop the storage server', () => storage.stop());
@@ -201,7 +206,16 @@ function summarize(
   return { method, scenario: scenario.name, ...figures, sharedBytes, samples, guestAlive };
 }
 
+let capabilities: Promise<QemuCapabilities> | undefined;
+
+/** QEMU's version and machine types, read once per benchmark process like an agent does (src/agent/migration-sides.ts). */
+export function cachedCapabilities(): Promise<QemuCapabilities> {
+  capabilities ??= qemuCapabilities();
+  return capabilities;
+}
+
 async function runVmferry(host: Host, scenario: Scenario, options: RunOptions): Promise<RunResult> {
+  await cachedCapabilities();
   const source = await QemuProcess.start(host.spec, { runDir: join(host.dir, 'runA', scenario.name) });
   host.cleanup.add('stop source QEMU', () => source.kill());
   await warmUp(host, scenario);
@@ -218,13 +232,10 @@ async function runVmferry(host: Host, scenario: Scenario, options: RunOptions): 
   const sampler = startSampler((command) => source.monitor.client.execute(command), t0, options.sampleMs ?? 100);
   let samples: Sample[] = [];
   try {
-    const qemu = await qemuCapabilities();
-    const plan = planMigration(
-      host.spec,
-      await probeSource('A', host.spec, qemu),
-      await probeDestination('B', host.spec, poolB, [], qemu),
-      { ...defaultMigrationOptions, ...options.vmferry, keepSource: true },
-    );
+    // As in production: the agent caches QEMU's capabilities, the controller probes both hosts at once.
+    const qemu = await cachedCapabilities();
+    const [sourceFacts, destinationFacts] = await Promise.all([probeSource('A', host.spec, qemu), probeDestination('B', host.spec, poolB, [], qemu)]);
+    const plan = planMigration(host.spec, sourceFacts, destinationFacts, { ...defaultMigrationOptions, ...options.vmferry, keepSource: true });
     marks.push({ label: 'planned', t: performance.now() - t0 });
     const onEvent = (event: MigrationEvent): void => {
       if (event.type !== 'phase') return;
