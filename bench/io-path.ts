@@ -226,6 +226,17 @@ export async function ioPathBench(options: { small: boolean; seconds: number; ro
     }),
   ));
   console.log('medians over rounds; per-run throughput: ' + results.map((r) => `${r.path} ${r.mibs.toFixed(0)}`).join(', '));
+  // Paired within each round (the two runs were back to back): the machine's load moves both, the ratio less.
+  const perRound: string[] = [];
+  for (let round = 0; round * 2 + 1 < results.length; round++) {
+    const pair = results.slice(round * 2, round * 2 + 2);
+    const u = pair.find((r) => r.path === 'user-space NBD');
+    const k = pair.find((r) => r.path === 'kernel (nbdfuse)');
+    if (!u || !k) continue;
+    const io = (r: PathResult): number => r.qemuIo + r.server + r.fuse;
+    perRound.push(`round ${round + 1}: user-space ÷ kernel throughput ${ratio(u.mibs, k.mibs)}, I/O CPU per GiB kernel ÷ user-space ${ratio(io(k), io(u))}`);
+  }
+  if (perRound.length) console.log(perRound.join('\n'));
   return results;
 }
 
