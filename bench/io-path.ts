@@ -110,6 +110,8 @@ async function mountFuse(dir: string, uri: string, sizeBytes: number, cleanup: C
   const file = join(mountpoint, 'io0');
   const unmount = async (): Promise<void> => {
     await execFile('umount', [mountpoint]).catch(() => undefined);
+    // nbdfuse leaves on its own once unmounted; a signal only if it does not.
+    await Promise.race([waitExit(child), sleep(3000)]);
     await stopChild(child);
   };
   try {
