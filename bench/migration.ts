@@ -5,19 +5,24 @@
  * alternate within each round (and swap order between rounds) so the machine's
  * noise falls on both. What each column counts: bench/lib/migration-run.ts.
  *
- *   node --import tsx bench/migration.ts [--small] [--rounds 3] [--json out.json]
+ *   node --import tsx bench/migration.ts [--small] [--rounds 3] [--json out.json] [--no-libvirt]
+ *
+ * libvirt 9.0 runs as a third method when it is installed (bench/lib/libvirt.ts says what it needs).
  *
  * --small: 256 MiB RAM, 512 MiB local disk with 150 MiB written, 1 GiB shared, one round.
  */
 import { writeFile } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
 import { table } from '../src/cli/render.ts';
-import { aim, isMain, machineLine, median, ratio, seconds, toMiB } from './lib/common.ts';
+import { aim, isMain, machineLine, median, ratio, seconds, toMiB, withCleanup } from './lib/common.ts';
+import { libvirtMissing, startLibvirtHosts } from './lib/libvirt.ts';
 import { runOnce, type Method, type RunResult, type Scenario } from './lib/migration-run.ts';
 
 export interface MigrationBenchOptions {
   small: boolean;
   rounds: number;
+  /** Also run libvirt 9.0 where it can run here (see bench/lib/libvirt.ts). */
+  libvirt: boolean;
 }
 
 export function migrationScenarios(small: boolean): Scenario[] {
@@ -47,13 +52,13 @@ function rowOf(r: RunResult): (string | number)[] {
     r.method,
     seconds(r.totalMs),
     Math.round(r.downtimeMs),
-    Math.round(r.pauseMs),
+    Number.isNaN(r.pauseMs) ? '-' : Math.round(r.pauseMs),
     toMiB(r.ramBytes),
     toMiB(r.mirrorBytes),
     toMiB(wire),
     `${toMiB(r.localAllocatedBytes)} + ${toMiB(r.ramInUseBytes)}`,
     ratio(wire, floor),
-    r.sharedBytes,
+    Number.isNaN(r.sharedBytes) ? '- (vda only)' : r.sharedBytes,
     r.guestAlive ? 'yes' : 'NO',
   ];
 }
@@ -61,22 +66,29 @@ function rowOf(r: RunResult): (string | number)[] {
 export async function migrationBench(options: MigrationBenchOptions): Promise<RunResult[]> {
   const results: RunResult[] = [];
   const scenarios = migrationScenarios(options.small);
+  const missing = options.libvirt ? await libvirtMissing() : 'not asked for (--no-libvirt)';
+  const methods: Method[] = missing ? ['vmferry', 'plain'] : ['vmferry', 'plain', 'libvirt'];
   const first = scenarios[0] as Scenario;
   console.log(`\n== Migration: vmferry vs plain QMP (${options.small ? 'small' : 'full'} sizes: ${first.memoryMiB} MiB RAM, ` +
     `local ${first.localSizeMiB} MiB qcow2 with ${first.localFillMiB} MiB written, shared ${first.sharedSizeMiB} MiB; ${options.rounds} round(s))`);
   console.log(await machineLine());
-  for (let round = 0; round < options.rounds; round++) {
-    for (const scenario of scenarios) {
-      const order: Method[] = round % 2 === 0 ? ['vmferry', 'plain'] : ['plain', 'vmferry'];
-      for (const method of order) {
-        const started = Date.now();
-        const result = await runOnce(method, scenario);
-        results.push(result);
-        console.log(`  round ${round + 1} ${scenario.name} ${method}: total ${seconds(result.totalMs)} s, downtime ${Math.round(result.downtimeMs)} ms ` +
-          `(run with setup ${((Date.now() - started) / 1000).toFixed(0)} s)`);
+  if (missing) console.log(`libvirt: not run, ${missing}`);
+  await withCleanup(async (cleanup) => {
+    const libvirt = missing ? undefined : await startLibvirtHosts(cleanup);
+    for (let round = 0; round < options.rounds; round++) {
+      for (const scenario of scenarios) {
+        // Each round rotates the order, so no method always runs first (or right after the same one).
+        const order = methods.map((_, i) => methods[(i + round) % methods.length] as Method);
+        for (const method of order) {
+          const started = Date.now();
+          const result = await runOnce(method, scenario, { libvirt });
+          results.push(result);
+          console.log(`  round ${round + 1} ${scenario.name} ${method}: total ${seconds(result.totalMs)} s, downtime ${Math.round(result.downtimeMs)} ms ` +
+            `(run with setup ${((Date.now() - started) / 1000).toFixed(0)} s)`);
+        }
       }
     }
-  }
+  });
   console.log(table(
     ['scenario', 'method', 'total s', 'downtime ms (QEMU)', 'pause ms (STOP→RESUME)', 'RAM MiB', 'mirror MiB', 'wire MiB', 'floor MiB (local + RAM)', 'wire ÷ floor', 'shared B', 'guest goes on'],
     results.map(rowOf),
@@ -118,6 +130,13 @@ export async function migrationBench(options: MigrationBenchOptions): Promise<Ru
     lines.push(`  ${aim(downtime <= downtimeAim, `downtime (QEMU, worst) ${Math.round(downtime)} ms ≤ ${downtimeAim} ms`)}; guest-visible pause (worst) ${Math.round(pause)} ms`);
     lines.push(`  ${aim(wireRatio <= 1.1, `bytes on the wire ÷ floor (worst) ${wireRatio.toFixed(2)} ≤ 1.1`)}`);
     lines.push(`  ${aim(v.every((r) => r.sharedBytes === 0), 'shared bytes copied: 0')}`);
+    const l = of('libvirt');
+    if (l.length) {
+      const libvirtRatio = median(v.map((r) => r.totalMs)) / median(l.map((r) => r.totalMs));
+      lines.push(`  ${aim(libvirtRatio < 1, `total time vmferry ÷ libvirt (medians) ${libvirtRatio.toFixed(2)} < 1`)}`);
+      lines.push(`  libvirt for reference: downtime ${l.map((r) => Math.round(r.downtimeMs)).join(', ')} ms; wire ÷ floor ` +
+        `${l.map((r) => ratio(r.ramBytes + r.mirrorBytes, r.localAllocatedBytes + r.ramInUseBytes)).join(', ')}`);
+    }
     lines.push(`  plain QMP for reference: downtime ${p.map((r) => Math.round(r.downtimeMs)).join(', ')} ms; wire ÷ floor ` +
       `${p.map((r) => ratio(r.ramBytes + r.mirrorBytes, r.localAllocatedBytes + r.ramInUseBytes)).join(', ')}`);
   }
@@ -127,9 +146,9 @@ export async function migrationBench(options: MigrationBenchOptions): Promise<Ru
 
 if (isMain(import.meta.url)) {
   const { values } = parseArgs({
-    options: { small: { type: 'boolean', default: false }, rounds: { type: 'string' }, json: { type: 'string' } },
+    options: { small: { type: 'boolean', default: false }, rounds: { type: 'string' }, json: { type: 'string' }, 'no-libvirt': { type: 'boolean', default: false } },
   });
   const small = values.small ?? false;
-  const results = await migrationBench({ small, rounds: Number(values.rounds ?? (small ? 1 : 3)) });
+  const results = await migrationBench({ small, rounds: Number(values.rounds ?? (small ? 1 : 3)), libvirt: !values['no-libvirt'] });
   if (values.json) await writeFile(values.json, JSON.stringify(results, null, 1));
 }

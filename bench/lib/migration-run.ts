@@ -45,9 +45,10 @@ import type { Cleanup } from '../../test/support/cleanup.ts';
 import { startTestStorage } from '../../test/support/storage.ts';
 import { makeTempDir } from '../../test/support/temp.ts';
 import { execFile, guestRamInUse, hostSync, mib, withCleanup } from './common.ts';
+import { runLibvirtOnce, type LibvirtHosts } from './libvirt.ts';
 import { plainMigration, spawnPlainQemu } from './plain-qmp.ts';
 
-export type Method = 'vmferry' | 'plain';
+export type Method = 'vmferry' | 'plain' | 'libvirt';
 
 export interface Scenario {
   /** VM name (also the guest's) and label in tables. */
@@ -96,6 +97,8 @@ export interface RunOptions {
   /** vmferry only: options over the defaults (keepSource is always on, to measure A's image). */
   vmferry?: Partial<MigrationOptions>;
   sampleMs?: number;
+  /** libvirt only: the two daemons, started once per benchmark. */
+  libvirt?: LibvirtHosts;
 }
 
 const localId = 'local0';
@@ -306,6 +309,10 @@ async function runPlain(host: Host, scenario: Scenario, options: RunOptions): Pr
 /** Sets up host A and B from scratch, runs one migration by `method`, tears everything down. */
 export function runOnce(method: Method, scenario: Scenario, options: RunOptions = {}): Promise<RunResult> {
   return withCleanup(async (cleanup) => {
+    if (method === 'libvirt') {
+      if (!options.libvirt) throw new Error('libvirt runs need the libvirt hosts');
+      return runLibvirtOnce(options.libvirt, scenario, cleanup);
+    }
     const host = await prepareHost(scenario, cleanup);
     // Host write-back of fresh images would compete with the mirror.
     await hostSync();
