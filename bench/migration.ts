@@ -134,8 +134,9 @@ export async function migrationBench(options: MigrationBenchOptions): Promise<Ru
     if (l.length) {
       const libvirtRatio = median(v.map((r) => r.totalMs)) / median(l.map((r) => r.totalMs));
       lines.push(`  ${aim(libvirtRatio < 1, `total time vmferry ÷ libvirt (medians) ${libvirtRatio.toFixed(2)} < 1`)}`);
-      lines.push(`  libvirt for reference: downtime ${l.map((r) => Math.round(r.downtimeMs)).join(', ')} ms; wire ÷ floor ` +
-        `${l.map((r) => ratio(r.ramBytes + r.mirrorBytes, r.localAllocatedBytes + r.ramInUseBytes)).join(', ')}`);
+      lines.push(`  libvirt for reference: downtime ${l.map((r) => Math.round(r.downtimeMs)).join(', ')} ms; wire ÷ floor by QEMU's counters ` +
+        `${l.map((r) => ratio(r.ramBytes + r.mirrorBytes, r.localAllocatedBytes + r.ramInUseBytes)).join(', ')}; ` +
+        `bytes the bridge sent to B ÷ floor ${l.map((r) => ratio(r.bridgeToDestinationBytes ?? Number.NaN, r.localAllocatedBytes + r.ramInUseBytes)).join(', ')}`);
     }
     lines.push(`  plain QMP for reference: downtime ${p.map((r) => Math.round(r.downtimeMs)).join(', ')} ms; wire ÷ floor ` +
       `${p.map((r) => ratio(r.ramBytes + r.mirrorBytes, r.localAllocatedBytes + r.ramInUseBytes)).join(', ')}`);

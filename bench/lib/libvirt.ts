@@ -242,9 +242,13 @@ export async function runLibvirtOnce(lv: LibvirtHosts, scenario: Scenario, clean
   const ramInUseBeforeBytes = await ramInUseVia('a', name, scenario.memoryMiB);
   await hostSync();
 
+  // What the bridge hands to B's namespace: the RAM stream and the mirror's NBD writes (and B's few shared-disk replies).
+  const txBytes = (): Promise<number> => readFile(`/sys/class/net/${hosts[1].outside}/statistics/tx_bytes`, 'utf8').then(Number);
+  const txBefore = await txBytes();
   const t0 = performance.now();
   await virsh('a', 'migrate', '--live', '--copy-storage-all', '--migrate-disks', 'vda', name, `qemu+tcp://${hosts[1].address}/system`, `tcp://${hosts[1].address}`);
   const totalMs = performance.now() - t0;
+  const bridgeToDestinationBytes = (await txBytes()) - txBefore;
   const stats = rawStats(await virsh('a', 'domjobinfo', name, '--completed', '--rawstats', '--keep-completed'));
   const ramInUseBytes = await ramInUseVia('b', name, scenario.memoryMiB);
   const before = (await waitForAcks([report], ['local0', 'shared0'], { atLeast: 0, timeoutMs: 1000 })).acks;
@@ -265,5 +269,6 @@ export async function runLibvirtOnce(lv: LibvirtHosts, scenario: Scenario, clean
     samples: [],
     marks: [],
     guestAlive,
+    bridgeToDestinationBytes,
   };
 }

@@ -91,6 +91,8 @@ export interface RunResult {
   marks: { label: string; t: number }[];
   /** The guest acknowledged new records on B after the migration. */
   guestAlive: boolean;
+  /** libvirt only: bytes the bridge sent to B's namespace during the migration (its veth's tx counter). */
+  bridgeToDestinationBytes?: number;
 }
 
 export interface RunOptions {
