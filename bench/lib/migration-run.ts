@@ -1,16 +1,18 @@
 /**
- * One hybrid live migration, measured, by either method:
+ * One hybrid live migration, measured, by one of three methods:
  *
  *   vmferry  the planner and executor (src/migration), as the agents run them;
  *   plain    a hand-written QMP sequence (plain-qmp.ts) with no vmferry code in
- *            the migration's path.
+ *            the migration's path;
+ *   libvirt  virsh migrate between two libvirtd (libvirt.ts, which says how it
+ *            measures: libvirt has its own VM definition and job statistics).
  *
- * Both get the same setup, made with vmferry's helpers: a local qcow2 in host
+ * vmferry and plain get the same setup, made with vmferry's helpers: a local qcow2 in host
  * A's pool with data written into it, a shared volume on an in-process vmferry
  * storage server, the test guest booted on both disks from the same command
  * line. Host A and host B are two directories; everything is on loopback.
  *
- * What is measured, the same way for both:
+ * What is measured, the same way for vmferry and plain:
  *   total     wall time from the first step of the method (vmferry: probing both
  *             hosts and planning, as the controller does it: both probes at once,
  *             QEMU's capabilities cached as the agent caches them; plain: creating
