@@ -45,6 +45,23 @@ Rerun everything and regenerate this page with:
 
 Last run: ${dates[0]} to ${dates[dates.length - 1]}, ${rows.length} rows from ${files.length} test files, ${failed === 0 ? 'all held' : `${failed} did NOT hold`}.
 
+## Known problems found by these tests, not yet fixed
+
+- **Guest kernel crash after a long pre-copy between agents.** A cluster migration capped at
+  2-4 MiB/s (RAM phase of about 20 s) completes, but the guest kernel on the destination oopses
+  in virtio-blk completion (\`blk_mq_complete_request_remote\`, NULL pointer) and reboots; the
+  test guest then starts over, so records acknowledged before the migration are overwritten and
+  verify reports them missing. Uncapped migrations (under 1 s) do not show it, with or without
+  the one-writer fence. The fault tests that complete a migration therefore run uncapped until
+  this is understood.
+- **Link cut during the RAM phase.** The stall watch notices within its timeout, but the source's
+  rollback then finds QEMU's monitor unresponsive (\`query-migrate\` does not answer within 30 s:
+  the main loop waits on the dead migration socket). The fix is an out-of-band \`yank\` of the
+  migration, which needs the QMP client to negotiate OOB. A cut during the mirror is handled.
+- Not covered yet: the destination pool filling up during the mirror (the mirror of the test VM
+  finishes before a filler file can take the space), and a controller restart in the middle of a
+  migration (no recovery from agents' state exists yet).
+
 ## Faults
 
 ${table('fault')}

@@ -65,6 +65,7 @@ export class MigrationSides {
       pool: this.#registry.pool,
       vmDir: (name) => this.#registry.vmDir(name),
       address: this.#address,
+      ...(this.#registry.fence ? { fence: this.#registry.fence } : {}),
       logger: this.#logger.child({ migration: id }),
     });
     this.#destinations.set(id, destination);
@@ -102,9 +103,13 @@ export class MigrationSides {
   async rollbackSource(id: string): Promise<void> {
     const half = this.#sources.get(id);
     if (!half) return;
-    await half.side.rollback();
-    this.#registry.setMigrating(half.vm, false);
-    this.#sources.delete(id);
+    try {
+      await half.side.rollback();
+    } finally {
+      // Even a rollback that failed half-way hands the VM back: its owner must be able to stop or inspect it.
+      this.#registry.setMigrating(half.vm, false);
+      this.#sources.delete(id);
+    }
   }
 
   #requireSource(id: string): SourceHalf {

@@ -15,6 +15,7 @@ import type { MigrationSettings, MirrorTarget } from '../migration/sides.ts';
 import { validateVmSpec } from '../qemu/spec.ts';
 import { MigrationSides } from './migration-sides.ts';
 import { VmRegistry } from './vm-registry.ts';
+import { SharedWriterFence } from '../storage/writer-fence.ts';
 import { readFile } from 'node:fs/promises';
 
 export interface AgentOptions {
@@ -22,6 +23,8 @@ export interface AgentOptions {
   dataDir: string;
   /** The address other hosts use to reach this one (migration stream, NBD exports). */
   address: string;
+  /** The storage server's admin API: with it, shared volumes are fenced to one writer (see storage/writer-fence.ts). */
+  storageUrl?: string;
   logger: Logger;
 }
 
@@ -50,7 +53,9 @@ async function availableMemoryMiB(): Promise<number> {
 }
 
 export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyInstance; registry: VmRegistry }> {
-  const registry = new VmRegistry(options.hostId, options.dataDir, options.logger);
+  const fence = options.storageUrl ? new SharedWriterFence(options.storageUrl, options.hostId) : undefined;
+  if (!fence) options.logger.warn('no storage admin URL: shared volumes are not fenced, a stale QEMU could still write to them');
+  const registry = new VmRegistry(options.hostId, options.dataDir, options.logger, fence);
   await registry.init();
   const sides = new MigrationSides(registry, options.address, options.logger);
   const { base, app } = await createApiServer('vmferry agent', options.logger, 1024 * 1024);

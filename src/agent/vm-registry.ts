@@ -13,9 +13,10 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { VmferryError } from '../errors.ts';
 import { guestKernelAppend, testGuestPaths } from '../guest/test-guest.ts';
-import { QemuProcess } from '../qemu/process.ts';
+import { QemuProcess, killOrphanQemu } from '../qemu/process.ts';
 import { validateVmSpec, type DiskSpec, type VmSpec } from '../qemu/spec.ts';
 import { LocalPool } from '../storage/local-pool.ts';
+import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
 
 interface VmEntry {
@@ -28,12 +29,15 @@ interface VmEntry {
 export class VmRegistry {
   readonly hostId: string;
   readonly pool: LocalPool;
+  /** The one-writer fence of shared volumes, when the agent knows the storage server's admin API. */
+  readonly fence: SharedWriterFence | undefined;
   readonly #dataDir: string;
   readonly #logger: Logger;
   readonly #vms = new Map<string, VmEntry>();
 
-  constructor(hostId: string, dataDir: string, logger: Logger) {
+  constructor(hostId: string, dataDir: string, logger: Logger, fence?: SharedWriterFence) {
     this.hostId = hostId;
+    this.fence = fence;
     this.#dataDir = dataDir;
     this.#logger = logger;
     this.pool = new LocalPool(join(dataDir, 'pool'));
@@ -47,14 +51,33 @@ export class VmRegistry {
   async init(): Promise<void> {
     await mkdir(this.pool.dir, { recursive: true });
     await mkdir(join(this.#dataDir, 'vms'), { recursive: true });
+    const interrupted: string[] = [];
     for (const name of await readdir(join(this.#dataDir, 'vms'))) {
       const text = await readFile(join(this.vmDir(name), 'spec.json'), 'utf8').catch(() => undefined);
-      if (text === undefined) continue;
+      if (text === undefined) {
+        interrupted.push(name);
+        continue;
+      }
       const spec = validateVmSpec(JSON.parse(text));
       const qemu = await QemuProcess.adopt(spec, join(this.vmDir(name), 'qemu'), this.#logger);
       this.#vms.set(name, { spec, qemu, migrating: false });
       this.#logger.info({ vm: name, running: qemu !== undefined }, qemu ? 're-adopted running VM' : 'loaded stopped VM');
     }
+    for (const name of interrupted) await this.#removeInterruptedIncoming(name);
+  }
+
+  /**
+   * A VM directory without a spec is the destination half of a migration that
+   * never finished (the spec is written only when the guest is adopted): its
+   * QEMU, if the agent died and left it, and its target volumes go.
+   */
+  async #removeInterruptedIncoming(name: string): Promise<void> {
+    const pid = await killOrphanQemu(join(this.vmDir(name), 'qemu'));
+    const inUse = new Set([...this.#vms.values()].flatMap((e) => e.spec.disks.flatMap((d) => (d.source.kind === 'file' ? [d.source.path] : []))));
+    const targets = (await readdir(this.pool.dir)).filter((file) => file.startsWith(`${name}-`) && !inUse.has(join(this.pool.dir, file)));
+    for (const file of targets) await this.pool.remove(file);
+    await rm(this.vmDir(name), { recursive: true, force: true });
+    this.#logger.warn({ vm: name, killedPid: pid, removedVolumes: targets }, 'cleaned up an interrupted incoming migration');
   }
 
   list(): Promise<VmInfo[]> {
@@ -134,6 +157,13 @@ export class VmRegistry {
   async start(name: string): Promise<VmInfo> {
     const entry = this.#idle(name);
     if (entry.qemu?.isAlive) throw new VmferryError('VMF_CONFLICT', `VM ${name} is already running on ${this.hostId}`);
+    if (this.fence) {
+      // A new QEMU instance, new writer tokens: whatever ran this VM before, here or elsewhere, can no longer write.
+      const spec = await this.fence.tokenize(entry.spec);
+      await this.fence.claim(spec);
+      await this.#persist(spec);
+      entry.spec = spec;
+    }
     entry.qemu = await QemuProcess.start(entry.spec, { runDir: join(this.vmDir(name), 'qemu'), logger: this.#logger });
     return this.info(name);
   }

@@ -139,6 +139,7 @@ export function registerClusterCommands(program: Command): void {
     .option('--bandwidth <MiB/s>', 'bandwidth cap for disks and RAM')
     .option('--max-downtime <ms>', 'longest acceptable pause at switch-over')
     .option('--timeout <s>', 'give up and roll back after this many seconds')
+    .option('--stall-timeout <s>', 'give up and roll back when nothing moved for this many seconds (default 30)')
     .option('--allow-postcopy', 'switch to post-copy if pre-copy does not converge')
     .option('--keep-source', 'keep the source\'s local disk files after success')
     .option('--copy-mode <mode>', 'mirror copy mode: write-blocking (default) or background')
@@ -151,6 +152,7 @@ export function registerClusterCommands(program: Command): void {
         ...(opts.bandwidth !== undefined ? { bandwidthMiBs: parsePositive(opts.bandwidth as string, '--bandwidth') } : {}),
         ...(opts.maxDowntime !== undefined ? { maxDowntimeMs: Math.round(parsePositive(opts.maxDowntime as string, '--max-downtime')) } : {}),
         ...(opts.timeout !== undefined ? { timeoutS: parsePositive(opts.timeout as string, '--timeout') } : {}),
+        ...(opts.stallTimeout !== undefined ? { stallTimeoutS: parsePositive(opts.stallTimeout as string, '--stall-timeout') } : {}),
         ...(opts.allowPostcopy ? { allowPostcopy: true } : {}),
         ...(opts.keepSource ? { keepSource: true } : {}),
         ...(opts.copyMode !== undefined ? { copyMode: opts.copyMode as 'background' | 'write-blocking' } : {}),

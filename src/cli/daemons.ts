@@ -13,13 +13,14 @@ export function registerDaemonCommands(program: Command): void {
     .requiredOption('--listen <host:port>', 'address of the agent\'s HTTP API')
     .requiredOption('--data-dir <dir>', 'where VM specs, logs and the local pool live')
     .option('--address <ip>', 'address other hosts reach this one at (default: the --listen host)')
+    .option('--storage <url>', 'the storage server\'s admin URL, to fence shared volumes to one writer (or VMFERRY_STORAGE)', process.env.VMFERRY_STORAGE)
     .action(async (_opts, command: Command) => {
       // --controller is the global option: the controller this agent registers with and heartbeats to.
-      const opts = command.optsWithGlobals<{ hostId: string; listen: string; dataDir: string; address?: string; controller: string }>();
+      const opts = command.optsWithGlobals<{ hostId: string; listen: string; dataDir: string; address?: string; storage?: string; controller: string }>();
       const listen = parseListen(opts.listen, '--listen');
       const logger = daemonLogger(`agent-${opts.hostId}`);
       const address = opts.address ?? listen.host;
-      const { app } = await buildAgent({ hostId: opts.hostId, dataDir: opts.dataDir, address, logger });
+      const { app } = await buildAgent({ hostId: opts.hostId, dataDir: opts.dataDir, address, logger, ...(opts.storage ? { storageUrl: opts.storage } : {}) });
       const url = await app.listen({ host: listen.host, port: listen.port });
       logger.info({ url }, `agent ${opts.hostId} listening`);
       const stopHeartbeat = startHeartbeat(opts.controller, { id: opts.hostId, url, address }, logger);

@@ -21,6 +21,7 @@ export const MigrateRequestSchema = Type.Object(
     bandwidthMiBs: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 1e6 })),
     maxDowntimeMs: Type.Optional(Type.Integer({ minimum: 1, maximum: 60_000 })),
     timeoutS: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 7 * 24 * 3600 })),
+    stallTimeoutS: Type.Optional(Type.Number({ minimum: 1, maximum: 24 * 3600 })),
     allowPostcopy: Type.Optional(Type.Boolean()),
     keepSource: Type.Optional(Type.Boolean()),
     copyMode: Type.Optional(Type.Union([Type.Literal('background'), Type.Literal('write-blocking')])),

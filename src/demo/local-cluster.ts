@@ -27,6 +27,8 @@ export interface ClusterHost {
   address: string;
   dataDir: string;
   agentUrl: string;
+  /** The agent's command line, to start it again after a kill. */
+  command: string[];
   process: ChildProcess;
   namespace: string | undefined;
 }
@@ -37,6 +39,8 @@ export interface LocalClusterOptions {
   logger: Logger;
   /** Put each host in a network namespace; default: when running as root. */
   namespaces?: boolean;
+  /** Names and addresses of the namespaces, so several clusters can coexist (default vmfd, 10.213.7). */
+  network?: { prefix: string; subnet: string; hostLinkSubnet?: string };
 }
 
 export class LocalCluster {
@@ -79,7 +83,10 @@ export class LocalCluster {
   async #start(options: LocalClusterOptions): Promise<void> {
     await mkdir(this.workDir, { recursive: true });
     const useNamespaces = options.namespaces ?? canUseNamespaces();
-    if (useNamespaces) this.network = await createNamespaceNetwork('vmfd', options.hostIds);
+    if (useNamespaces) {
+      const { prefix, ...network } = options.network ?? { prefix: 'vmfd', subnet: '10.213.7' };
+      this.network = await createNamespaceNetwork(prefix, options.hostIds, network);
+    }
     // Services of the "core" listen where every host reaches them: the bridge, or loopback.
     const serviceHost = this.network?.gateway ?? '127.0.0.1';
 
@@ -87,7 +94,7 @@ export class LocalCluster {
       dataDir: join(this.workDir, 'storage'),
       logger: this.#logger.child({ component: 'storage' }),
       nbd: { host: serviceHost, port: await findFreePort(serviceHost) },
-      admin: { host: '127.0.0.1', port: 0 },
+      admin: { host: serviceHost, port: 0 },
     });
     this.storageNbd = { host: serviceHost, port: this.storage.addresses.nbdPort as number };
 
@@ -99,12 +106,11 @@ export class LocalCluster {
       const namespaceHost = this.network?.hosts[index];
       const address = namespaceHost?.address ?? `127.0.0.${index + 2}`;
       const dataDir = join(this.workDir, `host-${id}`);
-      const args = [cliPath, '--controller', this.controllerUrl, 'agent', '--host-id', id, '--listen', `${address}:${agentPort}`, '--data-dir', dataDir];
-      const command = namespaceHost ? 'ip' : process.execPath;
-      const commandArgs = namespaceHost ? ['netns', 'exec', namespaceHost.namespace, process.execPath, ...args] : args;
-      const child = spawn(command, commandArgs, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, VMFERRY_LOG: process.env.VMFERRY_LOG ?? 'warn' } });
-      child.stderr?.on('data', (chunk: Buffer) => this.#logger.debug({ host: id }, chunk.toString().trimEnd()));
-      this.hosts.push({ id, address, dataDir, agentUrl: `http://${address}:${agentPort}`, process: child, namespace: namespaceHost?.namespace });
+      const args = [cliPath, '--controller', this.controllerUrl, 'agent', '--host-id', id, '--listen', `${address}:${agentPort}`, '--data-dir', dataDir, '--storage', this.storage.addresses.adminUrl as string];
+      // Migration streams and mirror exports go over the direct link when there is one.
+      if (namespaceHost?.linkAddress) args.push('--address', namespaceHost.linkAddress);
+      const command = namespaceHost ? ['ip', 'netns', 'exec', namespaceHost.namespace, process.execPath, ...args] : [process.execPath, ...args];
+      this.hosts.push({ id, address, dataDir, agentUrl: `http://${address}:${agentPort}`, command, process: this.#spawnAgent(id, command), namespace: namespaceHost?.namespace });
     }
     await this.waitForHosts(options.hostIds, 30_000);
   }
@@ -122,11 +128,46 @@ export class LocalCluster {
     }
   }
 
+  #spawnAgent(id: string, [command, ...args]: string[]): ChildProcess {
+    const child = spawn(command as string, args, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, VMFERRY_LOG: process.env.VMFERRY_LOG ?? 'warn' } });
+    // Always read stderr: an unread pipe fills up and blocks the agent on its next log line.
+    child.stderr?.on('data', (chunk: Buffer) => this.#logger.debug({ host: id }, chunk.toString().trimEnd()));
+    return child;
+  }
+
+  /** Kills one host's agent with SIGKILL, as a crash would (its QEMUs keep running). */
+  async killAgent(id: string): Promise<void> {
+    const child = this.host(id).process;
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    const exited = new Promise((resolve) => child.once('exit', resolve));
+    child.kill('SIGKILL');
+    await exited;
+  }
+
+  /** Stops the storage server and starts it again on the same ports and data; QEMU's NBD clients reconnect. */
+  async restartStorage(outageMs = 0): Promise<void> {
+    const adminPort = Number(new URL(this.storage.addresses.adminUrl as string).port);
+    await this.storage.close();
+    if (outageMs > 0) await sleep(outageMs);
+    this.storage = await StorageServer.start({
+      dataDir: join(this.workDir, 'storage'),
+      logger: this.#logger.child({ component: 'storage' }),
+      nbd: this.storageNbd,
+      admin: { host: this.network?.gateway ?? '127.0.0.1', port: adminPort },
+    });
+  }
+
   /** Restarts one host's agent process (its guests keep running and are re-adopted). */
   async restartAgent(id: string): Promise<void> {
     const host = this.host(id);
     await stopProcess(host.process);
-    host.process = spawn(host.process.spawnfile, host.process.spawnargs.slice(1), { stdio: ['ignore', 'ignore', 'pipe'], env: process.env });
+    await this.startAgent(id);
+  }
+
+  /** Starts a host's agent again after it stopped or was killed, and waits until it answers. */
+  async startAgent(id: string): Promise<void> {
+    const host = this.host(id);
+    host.process = this.#spawnAgent(id, host.command);
     // The controller may still count the old agent's last heartbeat: ask the new one itself.
     const agent = new AgentClient(host.agentUrl);
     const deadline = Date.now() + 30_000;

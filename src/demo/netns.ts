@@ -1,7 +1,9 @@
 /**
  * Test hosts in their own network namespaces, joined by a bridge: each host
  * has a private address that exists only on links vmferry created itself.
- * Needs root and iproute2.
+ * Optionally the first two hosts also get a direct veth pair of their own, a
+ * "migration network" that can be cut while the bridge (controller, storage)
+ * stays up. Needs root and iproute2.
  */
 import { runProgram } from '../util/run.ts';
 
@@ -9,16 +11,26 @@ export interface NamespaceHost {
   name: string;
   namespace: string;
   address: string;
+  /** Address on the direct host-to-host link, when there is one. */
+  linkAddress?: string;
+  linkDevice?: string;
 }
 
 export interface NamespaceNetwork {
   /** Address of the bridge: services in the root namespace listen here. */
   gateway: string;
   hosts: NamespaceHost[];
+  /** Takes the direct host-to-host link down (both ends) or up again. */
+  setHostLink(up: boolean): Promise<void>;
   remove(): Promise<void>;
 }
 
-const subnet = '10.213.7';
+export interface NamespaceNetworkOptions {
+  /** First three octets of the bridge's /24 (default 10.213.7). */
+  subnet?: string;
+  /** First three octets of a direct link's /24 between the first two hosts. */
+  hostLinkSubnet?: string;
+}
 
 async function ip(...args: string[]): Promise<void> {
   await runProgram('ip', args, { timeoutMs: 10_000 });
@@ -29,7 +41,8 @@ export function canUseNamespaces(): boolean {
 }
 
 /** Creates one namespace per host name (prefix-a, prefix-b, …), all on one bridge. */
-export async function createNamespaceNetwork(prefix: string, hostNames: string[]): Promise<NamespaceNetwork> {
+export async function createNamespaceNetwork(prefix: string, hostNames: string[], options: NamespaceNetworkOptions = {}): Promise<NamespaceNetwork> {
+  const subnet = options.subnet ?? '10.213.7';
   const bridge = `${prefix}br`;
   const created: (() => Promise<void>)[] = [];
   const remove = async (): Promise<void> => {
@@ -61,7 +74,23 @@ export async function createNamespaceNetwork(prefix: string, hostNames: string[]
       await ip('-n', namespace, 'link', 'set', 'lo', 'up');
       hosts.push({ name, namespace, address });
     }
-    return { gateway: `${subnet}.1`, hosts, remove };
+    const [first, second] = hosts;
+    if (options.hostLinkSubnet && first && second) {
+      first.linkDevice = `${prefix}l0`;
+      second.linkDevice = `${prefix}l1`;
+      await ip('-n', first.namespace, 'link', 'add', first.linkDevice, 'type', 'veth', 'peer', 'name', second.linkDevice, 'netns', second.namespace);
+      for (const [index, host] of [first, second].entries()) {
+        host.linkAddress = `${options.hostLinkSubnet}.${index + 1}`;
+        await ip('-n', host.namespace, 'addr', 'add', `${host.linkAddress}/24`, 'dev', host.linkDevice as string);
+        await ip('-n', host.namespace, 'link', 'set', host.linkDevice as string, 'up');
+      }
+    }
+    const setHostLink = async (up: boolean): Promise<void> => {
+      for (const host of [first, second]) {
+        if (host?.linkDevice) await ip('-n', host.namespace, 'link', 'set', host.linkDevice, up ? 'up' : 'down');
+      }
+    };
+    return { gateway: `${subnet}.1`, hosts, setHostLink, remove };
   } catch (err) {
     await remove();
     throw err;

@@ -97,7 +97,8 @@ export async function requestJson<T>(baseUrl: string, method: string, path: stri
   }
   if (!response.ok) {
     const error = body as Partial<ErrorBody> | undefined;
-    const code = isErrorCode(error?.code) ? error.code : 'VMF_INTERNAL';
+    // A 503 without a vmferry code is a server closing or restarting, not a fault of its own.
+    const code = isErrorCode(error?.code) ? error.code : response.status === 503 ? 'VMF_UNREACHABLE' : 'VMF_INTERNAL';
     throw new VmferryError(code, error?.message ?? `${method} ${url.pathname} failed with HTTP ${response.status}`);
   }
   return body as T;

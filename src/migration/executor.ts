@@ -19,6 +19,7 @@ import { VmferryError, describeError } from '../errors.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { MigrationInfo } from '../qmp/commands.ts';
 import { Deadline, abortError } from '../util/abort.ts';
+import { StallWatch } from './stall-watch.ts';
 import { ConvergenceWatch } from './convergence.ts';
 import type { MigrationEvent, MigrationPhase, MigrationReport, PhaseTiming, RamProgress } from './phases.ts';
 import type { MigrationPlan } from './plan.ts';
@@ -177,10 +178,14 @@ async function waitMirrorsReady(
   signal: AbortSignal,
   emit: (event: MigrationEvent) => void,
 ): Promise<void> {
+  const stall = new StallWatch('the disk mirrors', plan.options.stallTimeoutS);
   for (;;) {
     const statuses = await source.mirrorStatus(signal);
     const failed = statuses.find((s) => s.error);
     if (failed) throw new VmferryError('VMF_MIGRATION_FAILED', `mirror of disk ${failed.diskId} failed: ${failed.error}`);
+    // A READY mirror stands still when the guest writes nothing: only the ones still copying must move.
+    const copying = statuses.filter((s) => !s.ready);
+    if (copying.length > 0) stall.observe(copying.reduce((sum, s) => sum + s.offset, 0));
     emit({
       type: 'disks',
       disks: plan.disks.map((disk) => {
@@ -209,6 +214,7 @@ async function convergeRam(
   remember: (info: MigrationInfo) => void,
 ): Promise<MigrationMilestone> {
   const watch = new ConvergenceWatch(plan.ram.maxDowntimeMs, plan.ram.allowPostcopy);
+  const stall = new StallWatch('the RAM migration', plan.options.stallTimeoutS);
   let reached: MigrationMilestone | undefined;
   const milestone = source.waitMilestone(signal).then((m) => (reached = m));
   for (;;) {
@@ -218,6 +224,7 @@ async function convergeRam(
     remember(info);
     const ram = ramProgress(info);
     if (ram) emit({ type: 'ram', ram });
+    stall.observe(ram?.transferredBytes ?? 0);
     const escalation = watch.observe(info);
     if (escalation?.action === 'downtime-limit') {
       emit({ type: 'escalation', action: 'downtime-limit', detail: `not converging: downtime limit raised to ${escalation.downtimeLimitMs} ms` });

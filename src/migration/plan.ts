@@ -15,6 +15,8 @@ export interface MigrationOptions {
   maxDowntimeMs: number;
   /** Give up (and roll back) when the migration has not completed after this many seconds. */
   timeoutS: number;
+  /** Give up (and roll back) when neither the mirrors nor RAM moved a byte for this many seconds: a cut link, a hung peer. */
+  stallTimeoutS: number;
   /** Switch to post-copy when pre-copy does not converge. */
   allowPostcopy: boolean;
   /** Keep the source's local disk files after success instead of deleting them. */
@@ -26,6 +28,7 @@ export interface MigrationOptions {
 export const defaultMigrationOptions: MigrationOptions = {
   maxDowntimeMs: 300,
   timeoutS: 600,
+  stallTimeoutS: 30,
   allowPostcopy: false,
   keepSource: false,
   copyMode: 'write-blocking',

@@ -12,6 +12,7 @@ import { QemuProcess } from '../qemu/process.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { QmpEventListener } from '../qmp/client.ts';
 import type { LocalPool } from '../storage/local-pool.ts';
+import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import { findFreePort } from '../util/ports.ts';
 import type { MigrationPlan } from './plan.ts';
 import type { DestinationSide, MirrorTarget, PreparedDestination } from './sides.ts';
@@ -23,6 +24,8 @@ export interface QemuDestinationOptions {
   vmDir: (vm: string) => string;
   /** The address the source reaches this host at, for the migration stream and the NBD exports. */
   address: string;
+  /** The one-writer fence of shared volumes; without it they are not fenced. */
+  fence?: SharedWriterFence;
   logger?: Logger;
 }
 
@@ -41,6 +44,9 @@ export class QemuDestination implements DestinationSide {
   #nbdServerStarted = false;
   #resumed = false;
   #vmName: string | undefined;
+  /** The source's spec, whose writer tokens get the shared volumes back if we claimed them and then failed. */
+  #sourceSpec: VmSpec | undefined;
+  #claimed = false;
 
   constructor(options: QemuDestinationOptions) {
     this.hostId = options.hostId;
@@ -55,8 +61,10 @@ export class QemuDestination implements DestinationSide {
   async prepare(spec: VmSpec, plan: MigrationPlan, signal: AbortSignal): Promise<PreparedDestination> {
     const { pool, address } = this.#options;
     this.#vmName = spec.name;
+    this.#sourceSpec = spec;
     const vmDir = this.#options.vmDir(spec.name);
-    const destinationSpec: VmSpec = structuredClone(spec);
+    // The destination QEMU opens shared volumes under its own writer tokens: it may read now, write only once it claims them.
+    const destinationSpec: VmSpec = this.#options.fence ? await this.#options.fence.tokenize(spec, signal) : structuredClone(spec);
     destinationSpec.serialLogs = (spec.serialLogs ?? []).map((_, i) => join(vmDir, `serial${i}.log`));
 
     for (const disk of destinationSpec.disks) {
@@ -114,6 +122,11 @@ export class QemuDestination implements DestinationSide {
       this.#exportIds = [];
       if (this.#nbdServerStarted) await qmp.nbdServerStop({ signal });
       this.#nbdServerStarted = false;
+      // The source has stopped and flushed (its images went inactive at completion): the shared volumes' writer moves here.
+      if (this.#options.fence) {
+        this.#claimed = true;
+        await this.#options.fence.claim(vm.spec, signal);
+      }
       await qmp.cont({ signal });
     });
     this.#resumed = true;
@@ -127,6 +140,9 @@ export class QemuDestination implements DestinationSide {
     this.#events?.close();
     if (this.#vm) {
       await this.#vm.kill();
+      // Killed first, so it cannot write, then the source (which rollback resumes) gets the volumes back.
+      if (this.#claimed && this.#options.fence && this.#sourceSpec) await this.#options.fence.claim(this.#sourceSpec);
+      this.#claimed = false;
       await this.#vm.cleanup();
       this.#vm = undefined;
     }

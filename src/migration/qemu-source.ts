@@ -181,6 +181,7 @@ export class QemuSource implements SourceSide {
       await this.#qmp('cancelling the migration', (qmp) => qmp.migrateCancel({ signal }));
       await this.#waitMigrationSettled(signal);
     }
+    await this.#yankTargets(signal);
     const listener = this.#vm.monitor.client.listen();
     try {
       await Promise.all(this.#mirrors.map((mirror) => this.#forceCancel(mirror, listener, signal)));
@@ -219,6 +220,22 @@ export class QemuSource implements SourceSide {
       await listener.waitFor('JOB_STATUS_CHANGE', (e) => e.data.id === mirror.jobId && e.data.status === 'concluded', { signal });
     }
     await this.#qmp(`dismissing mirror of disk ${mirror.diskId}`, (qmp) => qmp.jobDismiss(mirror.jobId, { signal }));
+  }
+
+  /**
+   * Mirror requests stuck on a dead link (a cut cable retransmits for many
+   * minutes) would hold the job's cancel and the target's removal: yank
+   * shuts the targets' sockets down so they fail at once. The data on them is
+   * being abandoned anyway.
+   */
+  async #yankTargets(signal: AbortSignal): Promise<void> {
+    const attached = new Set(this.#mirrors.filter((m) => m.targetAttached).map((m) => m.targetNode));
+    if (attached.size === 0) return;
+    await this.#qmp('yanking mirror targets', async (qmp) => {
+      const yankable = await qmp.client.execute<{ type: string; 'node-name'?: string }[]>('query-yank', undefined, { signal });
+      const instances = yankable.filter((i) => i.type === 'block-node' && attached.has(i['node-name'] ?? ''));
+      if (instances.length > 0) await qmp.client.execute('yank', { instances }, { signal });
+    });
   }
 
   /** The NBD target nodes go before the destination deletes its exports (which fails while a client is attached). */

@@ -41,6 +41,8 @@ export interface ExportInfo {
 /** The exports a server offers; the storage server implements it over its volume catalog. */
 export interface ExportProvider {
   list(): ExportInfo[];
+  /** Whether a client may open `name`: a listed export, or a name the provider derives from one. */
+  has(name: string): boolean;
   /** Opens an export for a new connection, or undefined if there is none of that name. */
   open(name: string, client: string): Promise<NbdBackend | undefined>;
   /** The connection that opened `name` has ended. */

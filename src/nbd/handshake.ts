@@ -156,7 +156,7 @@ export async function negotiate(
             break;
           }
           const { exportName, queries } = decodeMetaContextRequest(data);
-          if (!exports.list().some((e) => e.name === exportName)) {
+          if (!exports.has(exportName)) {
             socket.write(errorReply(option, OptionReply.ERR_UNKNOWN, `no export named "${exportName}"`));
             break;
           }

@@ -39,6 +39,8 @@ const cacheFlags: Record<CacheMode, CacheFlags> = {
   unsafe: { direct: false, noFlush: true, writeCache: true },
 };
 
+const sharedReconnectDelayS = 15;
+
 function blockdevArgs(disk: DiskSpec): string[] {
   const cache = cacheFlags[disk.cache ?? 'none'];
   const readOnly = disk.readOnly ?? false;
@@ -53,6 +55,9 @@ function blockdevArgs(disk: DiskSpec): string[] {
       'node-name': diskNodeName(disk.id),
       server,
       export: source.export,
+      // A storage server restart or a short network outage is ridden through: requests wait up to
+      // this many seconds for QEMU to reconnect instead of failing the guest's I/O at once.
+      'reconnect-delay': sharedReconnectDelayS,
       'read-only': readOnly,
       // The page cache is the storage server's business; only no-flush applies to a network node.
       cache: { 'no-flush': cache.noFlush },

@@ -79,6 +79,22 @@ async function waitForAdoptedExit(pid: number, monitorClosed: Promise<unknown>, 
   return { code: null, signal: null, stderrTail: await readTail(stderrPath) };
 }
 
+/**
+ * Kills the QEMU whose run directory is `runDir`, if one still runs: an
+ * orphan left by an agent that died mid-migration. The pid is trusted only
+ * when that process's command line names this run directory (pids are reused).
+ * Returns the pid it killed.
+ */
+export async function killOrphanQemu(runDir: string): Promise<number | undefined> {
+  const pid = Number((await readFile(join(runDir, 'qemu.pid'), 'utf8').catch(() => '')).trim());
+  if (!Number.isInteger(pid) || pid <= 0) return undefined;
+  const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+  if (!cmdline.includes(runDir)) return undefined;
+  process.kill(pid, 'SIGKILL');
+  for (let i = 0; i < 200 && isProcessAlive(pid); i++) await sleep(25);
+  return pid;
+}
+
 export class QemuProcess {
   readonly spec: VmSpec;
   readonly pid: number;

@@ -42,6 +42,23 @@ async function adminApi(volumes: VolumeService, nbd: NbdServer, logger: Logger):
     await volumes.remove(request.params.name);
     return reply.status(204).send();
   });
+  // The one-writer fence: the migration's switch-over moves a shared volume's lease to the destination.
+  app.put(
+    '/v1/volumes/:name/writer',
+    {
+      schema: {
+        params: nameParams,
+        body: Type.Object(
+          {
+            holder: Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$', description: 'the writer token the new writer put after @ in its export name' }),
+            generation: Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER, description: 'must be higher than the current lease generation' }),
+          },
+          { additionalProperties: false },
+        ),
+      },
+    },
+    (request) => volumes.grantWriter(request.params.name, request.body.holder, request.body.generation),
+  );
   app.get('/v1/connections', () => nbd.connections());
   return base;
 }

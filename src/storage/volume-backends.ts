@@ -1,12 +1,13 @@
 /**
  * Backends for shared volumes: a sparse raw file, and thin layers over any
- * backend (read-only). Each is a few lines because the NBD server validated
+ * backend (read-only, writer fencing). Each is a few lines because the NBD server validated
  * every request before it gets here.
  */
 import type { FileHandle } from 'node:fs/promises';
 import { NbdBackendError, type Extent, type NbdBackend } from '../nbd/backend.ts';
 import { NbdErrno, STATE_HOLE, STATE_ZERO } from '../nbd/constants.ts';
 import { FsHelperError, type FsHelper } from './fs-helper.ts';
+import type { WriterLeases } from './writer-leases.ts';
 
 const zeroChunk = Buffer.alloc(1024 * 1024);
 
@@ -143,6 +144,53 @@ export class ReadOnlyBackend implements NbdBackend {
 
   trim(): Promise<void> {
     return this.write();
+  }
+
+  flush(): Promise<void> {
+    return this.#next.flush();
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return this.#next.blockStatus(offset, length);
+  }
+}
+
+/** Lets a write through only while this connection's token holds the volume's writer lease (see writer-leases.ts). */
+export class FencedBackend implements NbdBackend {
+  readonly #next: NbdBackend;
+  readonly #leases: WriterLeases;
+  readonly #volume: string;
+  readonly #token: string | undefined;
+
+  constructor(next: NbdBackend, leases: WriterLeases, volume: string, token: string | undefined) {
+    this.#next = next;
+    this.#leases = leases;
+    this.#volume = volume;
+    this.#token = token;
+  }
+
+  get size(): number {
+    return this.#next.size;
+  }
+
+  get readOnly(): boolean {
+    return this.#next.readOnly;
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.#next.read(offset, length);
+  }
+
+  write(offset: number, data: readonly Buffer[], fua: boolean): Promise<void> {
+    return this.#leases.write(this.#volume, this.#token, () => this.#next.write(offset, data, fua));
+  }
+
+  writeZeroes(offset: number, length: number, fua: boolean, noHole: boolean): Promise<void> {
+    return this.#leases.write(this.#volume, this.#token, () => this.#next.writeZeroes(offset, length, fua, noHole));
+  }
+
+  trim(offset: number, length: number, fua: boolean): Promise<void> {
+    return this.#leases.write(this.#volume, this.#token, () => this.#next.trim(offset, length, fua));
   }
 
   flush(): Promise<void> {

@@ -3,7 +3,8 @@
  * a SQLite catalog (name, size, read-only, created, current attachments).
  * A volume exists once its catalog row does; the file is made durable first,
  * so a crash never leaves a row without its file. Also the NBD server's
- * ExportProvider: an export's name is its volume's name.
+ * ExportProvider: an export's name is its volume's name, optionally followed
+ * by `@TOKEN`, the client's name for the one-writer fence (writer-leases.ts).
  */
 import Database from 'better-sqlite3';
 import { mkdir, open, readdir, rm, type FileHandle } from 'node:fs/promises';
@@ -12,15 +13,18 @@ import type { Logger } from 'pino';
 import { VmferryError } from '../errors.ts';
 import type { ExportInfo, ExportProvider, NbdBackend } from '../nbd/backend.ts';
 import { FsHelper } from './fs-helper.ts';
-import { FileBackend, ReadOnlyBackend } from './volume-backends.ts';
+import { FencedBackend, FileBackend, ReadOnlyBackend } from './volume-backends.ts';
+import { WriterLeases, parseExportName, writerTokenPattern, type WriterLease } from './writer-leases.ts';
 
 export interface Volume {
   name: string;
   sizeBytes: number;
   readOnly: boolean;
   createdAt: number;
-  /** Clients attached right now (host:port of each NBD connection). */
+  /** Clients attached right now (host:port of each NBD connection, and its writer token if it gave one). */
   attachments: string[];
+  /** Who may write, once a writer was granted; until then every client may. */
+  writer: WriterLease | null;
 }
 
 interface VolumeRow {
@@ -45,6 +49,7 @@ export class VolumeService implements ExportProvider {
   readonly #dir: string;
   readonly #logger: Logger;
   readonly #helper: FsHelper | undefined;
+  readonly leases: WriterLeases;
   /** One open file per volume, shared by its connections; the promise is stored at once so concurrent opens share it. */
   readonly #files = new Map<string, { file: Promise<FileHandle>; users: number }>();
 
@@ -53,6 +58,7 @@ export class VolumeService implements ExportProvider {
     this.#dir = dir;
     this.#logger = logger;
     this.#helper = helper;
+    this.leases = new WriterLeases(db);
   }
 
   static async open(dataDir: string, logger: Logger): Promise<VolumeService> {
@@ -73,6 +79,12 @@ export class VolumeService implements ExportProvider {
 
   list(): ExportInfo[] {
     return this.volumes().map((v) => ({ name: v.name, description: `${v.sizeBytes} bytes${v.readOnly ? ', read-only' : ''}` }));
+  }
+
+  has(exportName: string): boolean {
+    const { volume, token } = parseExportName(exportName);
+    if (token !== undefined && !writerTokenPattern.test(token)) return false;
+    return this.#db.prepare('SELECT 1 FROM volumes WHERE name = ?').get(volume) !== undefined;
   }
 
   volumes(): Volume[] {
@@ -131,12 +143,21 @@ export class VolumeService implements ExportProvider {
       throw new VmferryError('VMF_CONFLICT', `volume "${name}" has clients (${volume.attachments.join(', ')}); detach them first`);
     }
     this.#db.prepare('DELETE FROM volumes WHERE name = ?').run(name);
+    this.leases.forget(name);
     await rm(this.#path(name), { force: true });
     await this.#syncDir();
     this.#logger.info({ volume: name }, 'volume deleted');
   }
 
-  async open(name: string, client: string): Promise<NbdBackend | undefined> {
+  /** Moves a volume's writer lease (see writer-leases.ts); resolves once the old writer's writes have finished. */
+  grantWriter(name: string, holder: string, generation: number): Promise<WriterLease> {
+    this.get(name);
+    return this.leases.grant(name, holder, generation);
+  }
+
+  async open(exportName: string, client: string): Promise<NbdBackend | undefined> {
+    const { volume: name, token } = parseExportName(exportName);
+    if (token !== undefined && !writerTokenPattern.test(token)) return undefined;
     const row = this.#db.prepare('SELECT * FROM volumes WHERE name = ?').get(name) as VolumeRow | undefined;
     if (!row) return undefined;
     let entry = this.#files.get(name);
@@ -152,13 +173,14 @@ export class VolumeService implements ExportProvider {
       this.release(name, client);
       throw err;
     }
-    this.#db.prepare('INSERT OR REPLACE INTO attachments (volume, client, since) VALUES (?, ?, ?)').run(name, client, Date.now());
+    this.#db.prepare('INSERT OR REPLACE INTO attachments (volume, client, since) VALUES (?, ?, ?)').run(name, attachmentName(client, token), Date.now());
     const backend = new FileBackend(file, row.size_bytes, this.#path(name), this.#helper);
-    return row.read_only ? new ReadOnlyBackend(backend) : backend;
+    return row.read_only ? new ReadOnlyBackend(backend) : new FencedBackend(backend, this.leases, name, token);
   }
 
-  release(name: string, client: string): void {
-    this.#db.prepare('DELETE FROM attachments WHERE volume = ? AND client = ?').run(name, client);
+  release(exportName: string, client: string): void {
+    const { volume: name, token } = parseExportName(exportName);
+    this.#db.prepare('DELETE FROM attachments WHERE volume = ? AND client = ?').run(name, attachmentName(client, token));
     const entry = this.#files.get(name);
     if (!entry) return;
     entry.users--;
@@ -181,7 +203,7 @@ export class VolumeService implements ExportProvider {
 
   #toVolume(row: VolumeRow): Volume {
     const attachments = (this.#db.prepare('SELECT client FROM attachments WHERE volume = ? ORDER BY since').all(row.name) as { client: string }[]).map((a) => a.client);
-    return { name: row.name, sizeBytes: row.size_bytes, readOnly: row.read_only === 1, createdAt: row.created_at, attachments };
+    return { name: row.name, sizeBytes: row.size_bytes, readOnly: row.read_only === 1, createdAt: row.created_at, attachments, writer: this.leases.get(row.name) ?? null };
   }
 
   #path(name: string): string {
@@ -207,4 +229,8 @@ export class VolumeService implements ExportProvider {
       }
     }
   }
+}
+
+function attachmentName(client: string, token: string | undefined): string {
+  return token === undefined ? client : `${client} (${token})`;
 }

@@ -3,7 +3,7 @@
 // test guest on a local and a shared disk.
 import assert from 'node:assert/strict';
 import { execFile as execFileCallback } from 'node:child_process';
-import { mkdtemp } from 'node:fs/promises';
+import { mkdtemp, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -102,6 +102,11 @@ test('migrate to B and back through the CLI; records and reports are kept', asyn
     assert.equal(report.disks[1]?.bytesSent, 0);
     assert.match((await vmferry('vm', 'list')).stdout, new RegExp(`web\\s+│ ${to}\\s+│ running`));
     await waitForAcks(reportLogs('web'), ['root', 'data'], { atLeast: 10, since: before, timeoutMs: 60_000 });
+    // A migrated guest carries on: had it crashed and rebooted on the destination, its workload would announce READY again.
+    const destinationLog = await readFile(join(cluster.host(to).dataDir, 'vms', 'web', 'serial1.log'), 'utf8');
+    assert.doesNotMatch(destinationLog, /READY/, 'the guest rebooted on the destination');
+    // The shared volume's one-writer lease followed the guest: the old source could no longer write to it.
+    assert.match(cluster.storage.volumes.get('web-data').writer?.holder ?? 'none', new RegExp(`^${to}\\.\\d+$`));
     const shown = await vmferry('migration', 'show', id);
     assert.match(shown.stdout, new RegExp(`migration ${id}: web .* → ${to}, completed`));
   }

@@ -159,6 +159,26 @@ test('past the timeout the migration rolls back and says it timed out', async ()
   assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
 });
 
+test('a mirror that stops moving (a cut link) fails the migration after the stall timeout, long before the overall one', async () => {
+  const { calls, source, destination } = fakeSides();
+  source.mirrorStatus = () => Promise.resolve([{ diskId: 'root', offset: 100, len: 200, ready: false }]);
+  const stalled = { ...plan(60), options: { ...plan(60).options, stallTimeoutS: 0.2 } };
+  const started = Date.now();
+  const report = await runMigration({ spec, plan: stalled, source, destination, pollIntervalMs: 10 });
+  assert.equal(report.outcome, 'failed');
+  assert.match(report.error?.message ?? '', /the disk mirrors made no progress/);
+  assert.ok(Date.now() - started < 5_000);
+  assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
+});
+
+test('RAM that stops moving fails the migration after the stall timeout', async () => {
+  const { source, destination } = fakeSides({ hang: 'src.waitMilestone' });
+  const stalled = { ...plan(60), options: { ...plan(60).options, stallTimeoutS: 0.2 } };
+  const report = await runMigration({ spec, plan: stalled, source, destination, pollIntervalMs: 10 });
+  assert.equal(report.outcome, 'failed');
+  assert.match(report.error?.message ?? '', /the RAM migration made no progress/);
+});
+
 test('after the destination resumed, nothing is rolled back even if the source fails to retire', async () => {
   const { calls, source, destination } = fakeSides({ fail: 'src.retire' });
   const report = await runMigration({ spec, plan: plan(), source, destination, pollIntervalMs: 1 });

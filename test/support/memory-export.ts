@@ -88,6 +88,10 @@ export class MemoryExports implements ExportProvider {
     return [...this.backends.keys()].map((name) => ({ name, description: `memory ${name}` }));
   }
 
+  has(name: string): boolean {
+    return this.backends.has(name);
+  }
+
   open(name: string, client: string): Promise<NbdBackend | undefined> {
     const backend = this.backends.get(name);
     if (backend) this.attached.push(`${name} ${client}`);

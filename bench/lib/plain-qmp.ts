@@ -1,0 +1,183 @@
+/**
+ * The baseline: a hybrid live migration issued by hand over raw QMP, with no
+ * vmferry code in its path (RawQmp is the whole client). It is the minimal
+ * sequence that is correct on QEMU 7.2 (ARCHITECTURE.md, "Facts about QEMU
+ * 7.2"), so the comparison measures what vmferry adds, not a known-bad order:
+ *
+ *   B: qemu-img create the target; start QEMU -incoming defer -S (same command
+ *      line as A but for the target's path); late-block-activate, events,
+ *      return-path; migrate-incoming tcp:127.0.0.1:0; nbd-server-start;
+ *      block-export-add the target writable
+ *   A: blockdev-add an NBD node on B's export (discard unmap, no format layer);
+ *      blockdev-mirror sync top (A's image is standalone: only its data moves),
+ *      QEMU's default copy mode (background); wait BLOCK_JOB_READY
+ *   A: events, pause-before-switchover, return-path; max-bandwidth unlimited
+ *      (QEMU's default caps it at 32 MiB/s); downtime-limit left at QEMU's 300 ms;
+ *      migrate
+ *   A at pre-switchover: block-job-cancel, wait BLOCK_JOB_COMPLETED,
+ *      job-dismiss, blockdev-del the NBD node; migrate-continue
+ *   B on MIGRATION completed: block-export-del, nbd-server-stop, cont
+ *   A: query-migrate until downtime is reported; quit
+ *
+ * The shared volume needs nothing: B's command line already points at it.
+ * Only the QEMU command line comes from vmferry (qemuArguments): it is the VM's
+ * definition, and both ends of a migration must be started from the same one.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { closeSync, mkdirSync, openSync } from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { qemuArguments } from '../../src/qemu/command-line.ts';
+import type { VmSpec } from '../../src/qemu/spec.ts';
+import { execFile, freePort } from './common.ts';
+import type { Host, RunResult } from './migration-run.ts';
+import { RawQmp } from './raw-qmp.ts';
+
+/** A QEMU monitored by RawQmp only. */
+export interface PlainQemu {
+  child: ChildProcess;
+  qmp: RawQmp;
+  exited: Promise<void>;
+  kill(): Promise<void>;
+}
+
+export async function spawnPlainQemu(spec: VmSpec, mode: 'run' | 'incoming', runDir: string): Promise<PlainQemu> {
+  mkdirSync(runDir, { recursive: true });
+  const qmpSocket = join(runDir, 'qmp.sock');
+  const log = openSync(join(runDir, 'qemu.log'), 'a');
+  let child: ChildProcess;
+  try {
+    child = spawn('qemu-system-x86_64', qemuArguments(spec, { mode, qmpSocket, pidFile: join(runDir, 'qemu.pid'), accel: 'tcg' }), {
+      stdio: ['ignore', log, log],
+    });
+  } finally {
+    closeSync(log);
+  }
+  const exited = new Promise<void>((resolve) => {
+    if (child.exitCode !== null || child.signalCode !== null) resolve();
+    else child.once('exit', () => resolve());
+  });
+  const kill = async (): Promise<void> => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+    await exited;
+  };
+  try {
+    const qmp = await RawQmp.connect(qmpSocket);
+    return { child, qmp, exited, kill };
+  } catch (err) {
+    await kill();
+    throw err;
+  }
+}
+
+const caps = (names: string[]): { capabilities: { capability: string; state: boolean }[] } => ({
+  capabilities: names.map((capability) => ({ capability, state: true })),
+});
+
+interface QueryMigrate {
+  status?: string;
+  downtime?: number;
+  'error-desc'?: string;
+  ram?: { transferred: number };
+  'socket-address'?: { port?: string }[];
+}
+
+/** Migrates the guest running in `source` (host A) to a new QEMU on host B. */
+export async function plainMigration(
+  host: Host,
+  source: PlainQemu,
+  localId: string,
+  t0: number,
+): Promise<Pick<RunResult, 'totalMs' | 'downtimeMs' | 'pauseMs' | 'ramBytes' | 'mirrorBytes' | 'marks'> & { destination: PlainQemu }> {
+  const marks: { label: string; t: number }[] = [];
+  // Each mark is the start of a phase, named as vmferry's executor names them.
+  const mark = (label: string): void => void marks.push({ label, t: performance.now() - t0 });
+  mark('preparing');
+  const a = source.qmp;
+  const localDisk = host.spec.disks.find((d) => d.id === localId);
+  if (localDisk?.source.kind !== 'file') throw new Error(`no local disk ${localId}`);
+
+  // B: target image and the incoming QEMU.
+  const target = join(host.poolB, `${host.spec.name}-${localId}.qcow2`);
+  const { stdout } = await execFile('qemu-img', ['info', '-U', '--output=json', localDisk.source.path]);
+  const virtualSize = (JSON.parse(stdout) as { 'virtual-size': number })['virtual-size'];
+  await execFile('qemu-img', ['create', '-q', '-f', 'qcow2', target, String(virtualSize)]);
+  const runB = join(host.runB, host.spec.name);
+  const destinationSpec: VmSpec = structuredClone(host.spec);
+  destinationSpec.disks = destinationSpec.disks.map((d) => (d.id === localId ? { ...d, source: { kind: 'file', path: target, format: 'qcow2' } } : d));
+  destinationSpec.serialLogs = [join(runB, 'serial0.log'), join(runB, 'serial1.log')];
+  mkdirSync(runB, { recursive: true });
+  const destination = await spawnPlainQemu(destinationSpec, 'incoming', join(runB, 'qemu'));
+  host.cleanup.add('stop destination QEMU', () => destination.kill());
+  host.destinationReportLog = destinationSpec.serialLogs[1];
+  const b = destination.qmp;
+  await b.execute('migrate-set-capabilities', caps(['events', 'late-block-activate', 'return-path']));
+  await b.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
+  const incomingPort = Number((await b.execute<QueryMigrate>('query-migrate'))['socket-address']?.[0]?.port);
+  const nbdPort = await freePort();
+  await b.execute('nbd-server-start', { addr: { type: 'inet', data: { host: '127.0.0.1', port: String(nbdPort) } } });
+  await b.execute('block-export-add', { type: 'nbd', id: `export-${localId}`, 'node-name': `disk-${localId}`, name: localId, writable: true });
+
+  // A: mirror the local disk until it is in sync.
+  const job = `mirror-${localId}`;
+  const targetNode = `target-${localId}`;
+  mark('mirroring');
+  await a.execute('blockdev-add', {
+    driver: 'nbd',
+    'node-name': targetNode,
+    server: { type: 'inet', host: '127.0.0.1', port: String(nbdPort) },
+    export: localId,
+    discard: 'unmap',
+  });
+  await a.execute('blockdev-mirror', { 'job-id': job, device: `disk-${localId}`, target: targetNode, sync: 'top', 'auto-dismiss': false });
+  await a.waitEvent('BLOCK_JOB_READY', (d) => d.device === job, 30 * 60_000);
+
+  // A: RAM and device state, paused before the switch-over.
+  mark('migrating');
+  await a.execute('migrate-set-capabilities', caps(['events', 'pause-before-switchover', 'return-path']));
+  await a.execute('migrate-set-parameters', { 'max-bandwidth': 1e12 });
+  await a.execute('migrate', { uri: `tcp:127.0.0.1:${incomingPort}` });
+  const paused = await a.waitEvent('MIGRATION', (d) => ['pre-switchover', 'failed', 'cancelled'].includes(String(d.status)), 30 * 60_000);
+  if (paused.data.status !== 'pre-switchover') throw new Error(`plain migration ended as ${String(paused.data.status)}`);
+
+  // A at the switch-over point: drain and cancel the mirror while the images are still active.
+  mark('switching-over');
+  await a.execute('block-job-cancel', { device: job });
+  const done = await a.waitEvent('BLOCK_JOB_COMPLETED', (d) => d.device === job, 10 * 60_000);
+  if (done.data.error !== undefined || done.data.offset !== done.data.len) throw new Error(`plain mirror did not finish in sync: ${JSON.stringify(done.data)}`);
+  await a.execute('job-dismiss', { id: job });
+  await a.execute('blockdev-del', { 'node-name': targetNode });
+  await a.execute('migrate-continue', { state: 'pre-switchover' });
+
+  // B: once its own side completed, drop the export and run the guest.
+  const completed = await b.waitEvent('MIGRATION', (d) => ['completed', 'failed'].includes(String(d.status)), 10 * 60_000);
+  if (completed.data.status !== 'completed') throw new Error('plain migration failed on B');
+  await b.execute('block-export-del', { id: `export-${localId}` });
+  await b.execute('nbd-server-stop');
+  await b.execute('cont');
+
+  // A: the downtime figure appears a moment after completion.
+  let info: QueryMigrate = {};
+  for (let i = 0; i < 500; i++) {
+    info = await a.execute<QueryMigrate>('query-migrate');
+    if (info.status === 'failed') throw new Error(`plain migration failed on A: ${info['error-desc'] ?? ''}`);
+    if (info.status === 'completed' && (info.downtime ?? 0) > 0) break;
+    await sleep(20);
+  }
+  await a.execute('quit').catch(() => undefined); // the reply may be lost as QEMU closes the socket
+  await source.exited;
+  const totalMs = performance.now() - t0;
+  mark('completed');
+
+  const stop = a.events.filter((e) => e.event === 'STOP').at(-1);
+  const resume = b.events.find((e) => e.event === 'RESUME');
+  return {
+    totalMs,
+    downtimeMs: info.downtime ?? Number.NaN,
+    pauseMs: stop && resume ? (resume.us - stop.us) / 1000 : Number.NaN,
+    ramBytes: info.ram?.transferred ?? 0,
+    mirrorBytes: Number(done.data.offset),
+    marks,
+    destination,
+  };
+}

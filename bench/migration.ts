@@ -1,0 +1,155 @@
+/**
+ * Migration: vmferry against the plain hand-written QMP sequence, on the same
+ * VM (512 MiB RAM, a 2 GiB local qcow2 with 600 MiB written, a 4 GiB shared
+ * volume), idle and with the guest writing to both disks, in one run. Methods
+ * alternate within each round (and swap order between rounds) so the machine's
+ * noise falls on both. What each column counts: bench/lib/migration-run.ts.
+ *
+ *   node --import tsx bench/migration.ts [--small] [--rounds 3] [--json out.json] [--no-libvirt]
+ *
+ * libvirt 9.0 runs as a third method when it is installed (bench/lib/libvirt.ts says what it needs).
+ *
+ * --small: 256 MiB RAM, 512 MiB local disk with 150 MiB written, 1 GiB shared, one round.
+ */
+import { writeFile } from 'node:fs/promises';
+import { parseArgs } from 'node:util';
+import { table } from '../src/cli/render.ts';
+import { aim, isMain, machineLine, median, ratio, seconds, toMiB, withCleanup } from './lib/common.ts';
+import { libvirtMissing, startLibvirtHosts } from './lib/libvirt.ts';
+import { runOnce, type Method, type RunResult, type Scenario } from './lib/migration-run.ts';
+
+export interface MigrationBenchOptions {
+  small: boolean;
+  rounds: number;
+  /** Also run libvirt 9.0 where it can run here (see bench/lib/libvirt.ts). */
+  libvirt: boolean;
+}
+
+export function migrationScenarios(small: boolean): Scenario[] {
+  const size = small
+    ? { memoryMiB: 256, localSizeMiB: 512, localFillMiB: 150, sharedSizeMiB: 1024 }
+    : { memoryMiB: 512, localSizeMiB: 2048, localFillMiB: 600, sharedSizeMiB: 4096 };
+  return [
+    // Idle: one durable 4 KiB record per disk per second, nothing else.
+    { name: 'idle', ...size, guest: { mode: 'workload', spanMiB: 8, intervalMs: 1000 }, warmupAcks: 3 },
+    // Writing: records as fast as fdatasync allows, 8 MiB/s of bulk writes on each disk, 64 MiB of RAM dirtied at 8 MiB/s.
+    // The 8 s warm-up lets the guest touch its whole dirty area before the migration starts.
+    {
+      name: 'writing',
+      ...size,
+      guest: { mode: 'workload', spanMiB: 8, bulkMiBs: 8, bulkDisks: ['local0', 'shared0'], dirtyMiB: 64 },
+      warmupAcks: 20,
+      warmupMs: 8000,
+    },
+  ];
+}
+
+function rowOf(r: RunResult): (string | number)[] {
+  const wire = r.ramBytes + r.mirrorBytes;
+  const floor = r.localAllocatedBytes + r.ramInUseBytes;
+  return [
+    r.scenario,
+    r.method,
+    seconds(r.totalMs),
+    Math.round(r.downtimeMs),
+    Number.isNaN(r.pauseMs) ? '-' : Math.round(r.pauseMs),
+    toMiB(r.ramBytes),
+    toMiB(r.mirrorBytes),
+    toMiB(wire),
+    `${toMiB(r.localAllocatedBytes)} + ${toMiB(r.ramInUseBytes)}`,
+    ratio(wire, floor),
+    Number.isNaN(r.sharedBytes) ? '- (vda only)' : r.sharedBytes,
+    r.guestAlive ? 'yes' : 'NO',
+  ];
+}
+
+export async function migrationBench(options: MigrationBenchOptions): Promise<RunResult[]> {
+  const results: RunResult[] = [];
+  const scenarios = migrationScenarios(options.small);
+  const missing = options.libvirt ? await libvirtMissing() : 'not asked for (--no-libvirt)';
+  const methods: Method[] = missing ? ['vmferry', 'plain'] : ['vmferry', 'plain', 'libvirt'];
+  const first = scenarios[0] as Scenario;
+  console.log(`\n== Migration: vmferry vs plain QMP (${options.small ? 'small' : 'full'} sizes: ${first.memoryMiB} MiB RAM, ` +
+    `local ${first.localSizeMiB} MiB qcow2 with ${first.localFillMiB} MiB written, shared ${first.sharedSizeMiB} MiB; ${options.rounds} round(s))`);
+  console.log(await machineLine());
+  if (missing) console.log(`libvirt: not run, ${missing}`);
+  await withCleanup(async (cleanup) => {
+    const libvirt = missing ? undefined : await startLibvirtHosts(cleanup);
+    for (let round = 0; round < options.rounds; round++) {
+      for (const scenario of scenarios) {
+        // Each round rotates the order, so no method always runs first (or right after the same one).
+        const order = methods.map((_, i) => methods[(i + round) % methods.length] as Method);
+        for (const method of order) {
+          const started = Date.now();
+          const result = await runOnce(method, scenario, { libvirt });
+          results.push(result);
+          console.log(`  round ${round + 1} ${scenario.name} ${method}: total ${seconds(result.totalMs)} s, downtime ${Math.round(result.downtimeMs)} ms ` +
+            `(run with setup ${((Date.now() - started) / 1000).toFixed(0)} s)`);
+        }
+      }
+    }
+  });
+  console.log(table(
+    ['scenario', 'method', 'total s', 'downtime ms (QEMU)', 'pause ms (STOP→RESUME)', 'RAM MiB', 'mirror MiB', 'wire MiB', 'floor MiB (local + RAM)', 'wire ÷ floor', 'shared B', 'guest goes on'],
+    results.map(rowOf),
+  ));
+
+  // Where the time goes: each phase from its start mark to the next (medians over rounds).
+  const phases = ['planned', 'preparing', 'mirroring', 'migrating', 'switching-over', 'completed'];
+  const phaseRows: (string | number)[][] = [];
+  for (const scenario of scenarios) {
+    for (const method of ['vmferry', 'plain'] as Method[]) {
+      const runs = results.filter((r) => r.scenario === scenario.name && r.method === method);
+      const at = (r: RunResult, label: string): number | undefined => r.marks.find((m) => m.label === label)?.t;
+      const cells = phases.slice(0, -1).map((label, i) => {
+        const spans = runs.flatMap((r) => {
+          const start = label === 'planned' ? 0 : at(r, label);
+          const end = label === 'planned' ? at(r, 'planned') : at(r, phases[i + 1] as string);
+          return start !== undefined && end !== undefined ? [end - start] : [];
+        });
+        return spans.length ? seconds(median(spans)) : '-';
+      });
+      phaseRows.push([scenario.name, method, ...cells, seconds(median(runs.map((r) => r.totalMs)))]);
+    }
+  }
+  console.log('Phases, seconds (medians): probe+plan is vmferry only; switching-over runs to the source QEMU\'s exit');
+  console.log(table(['scenario', 'method', 'probe+plan', 'preparing B', 'mirroring', 'RAM pre-copy', 'switching-over', 'total'], phaseRows));
+
+  const lines: string[] = [];
+  for (const scenario of scenarios) {
+    const of = (method: Method): RunResult[] => results.filter((r) => r.scenario === scenario.name && r.method === method);
+    const v = of('vmferry');
+    const p = of('plain');
+    const totalRatio = median(v.map((r) => r.totalMs)) / median(p.map((r) => r.totalMs));
+    const downtime = Math.max(...v.map((r) => r.downtimeMs));
+    const pause = Math.max(...v.map((r) => r.pauseMs));
+    const wireRatio = Math.max(...v.map((r) => (r.ramBytes + r.mirrorBytes) / (r.localAllocatedBytes + r.ramInUseBytes)));
+    const downtimeAim = scenario.name === 'idle' ? 100 : 300;
+    lines.push(`${scenario.name}:`);
+    lines.push(`  ${aim(totalRatio <= 1.05, `total time vmferry ÷ plain (medians) ${totalRatio.toFixed(2)} ≤ 1.05`)}`);
+    lines.push(`  ${aim(downtime <= downtimeAim, `downtime (QEMU, worst) ${Math.round(downtime)} ms ≤ ${downtimeAim} ms`)}; guest-visible pause (worst) ${Math.round(pause)} ms`);
+    lines.push(`  ${aim(wireRatio <= 1.1, `bytes on the wire ÷ floor (worst) ${wireRatio.toFixed(2)} ≤ 1.1`)}`);
+    lines.push(`  ${aim(v.every((r) => r.sharedBytes === 0), 'shared bytes copied: 0')}`);
+    const l = of('libvirt');
+    if (l.length) {
+      const libvirtRatio = median(v.map((r) => r.totalMs)) / median(l.map((r) => r.totalMs));
+      lines.push(`  ${aim(libvirtRatio < 1, `total time vmferry ÷ libvirt (medians) ${libvirtRatio.toFixed(2)} < 1`)}`);
+      lines.push(`  libvirt for reference: downtime ${l.map((r) => Math.round(r.downtimeMs)).join(', ')} ms; wire ÷ floor by QEMU's counters ` +
+        `${l.map((r) => ratio(r.ramBytes + r.mirrorBytes, r.localAllocatedBytes + r.ramInUseBytes)).join(', ')}; ` +
+        `bytes the bridge sent to B ÷ floor ${l.map((r) => ratio(r.bridgeToDestinationBytes ?? Number.NaN, r.localAllocatedBytes + r.ramInUseBytes)).join(', ')}`);
+    }
+    lines.push(`  plain QMP for reference: downtime ${p.map((r) => Math.round(r.downtimeMs)).join(', ')} ms; wire ÷ floor ` +
+      `${p.map((r) => ratio(r.ramBytes + r.mirrorBytes, r.localAllocatedBytes + r.ramInUseBytes)).join(', ')}`);
+  }
+  console.log(lines.join('\n'));
+  return results;
+}
+
+if (isMain(import.meta.url)) {
+  const { values } = parseArgs({
+    options: { small: { type: 'boolean', default: false }, rounds: { type: 'string' }, json: { type: 'string' }, 'no-libvirt': { type: 'boolean', default: false } },
+  });
+  const small = values.small ?? false;
+  const results = await migrationBench({ small, rounds: Number(values.rounds ?? (small ? 1 : 3)), libvirt: !values['no-libvirt'] });
+  if (values.json) await writeFile(values.json, JSON.stringify(results, null, 1));
+}

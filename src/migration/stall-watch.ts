@@ -1,0 +1,34 @@
+/**
+ * Notices a migration that has stopped moving: no mirror offset and no RAM
+ * byte advanced for a while. A cut network link does not fail QEMU's sockets
+ * for many minutes (TCP keeps retransmitting), so without this the migration
+ * would sit until its overall timeout.
+ */
+import { VmferryError } from '../errors.ts';
+
+export class StallWatch {
+  readonly #limitMs: number;
+  readonly #what: string;
+  #lastProgress = -1;
+  #since = Date.now();
+
+  constructor(what: string, limitS: number) {
+    this.#what = what;
+    this.#limitMs = limitS * 1000;
+  }
+
+  /** Feeds the current progress counter (bytes done); throws once it has not moved for the limit. */
+  observe(progress: number, now = Date.now()): void {
+    if (progress !== this.#lastProgress) {
+      this.#lastProgress = progress;
+      this.#since = now;
+      return;
+    }
+    if (now - this.#since >= this.#limitMs) {
+      throw new VmferryError(
+        'VMF_MIGRATION_FAILED',
+        `${this.#what} made no progress for ${Math.round((now - this.#since) / 1000)} s (is the network between the hosts down, or the destination hung?)`,
+      );
+    }
+  }
+}
