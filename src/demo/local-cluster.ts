@@ -90,12 +90,7 @@ export class LocalCluster {
     // Services of the "core" listen where every host reaches them: the bridge, or loopback.
     const serviceHost = this.network?.gateway ?? '127.0.0.1';
 
-    this.storage = await StorageServer.start({
-      dataDir: join(this.workDir, 'storage'),
-      logger: this.#logger.child({ component: 'storage' }),
-      nbd: { host: serviceHost, port: await findFreePort(serviceHost) },
-      admin: { host: serviceHost, port: 0 },
-    });
+    this.storage = await this.#startStorage({ host: serviceHost, port: await findFreePort(serviceHost) }, { host: serviceHost, port: 0 });
     this.storageNbd = { host: serviceHost, port: this.storage.addresses.nbdPort as number };
 
     const controller = await buildController({ dbPath: join(this.workDir, 'controller.db'), logger: this.#logger.child({ component: 'controller' }) });
@@ -146,15 +141,14 @@ export class LocalCluster {
 
   /** Stops the storage server and starts it again on the same ports and data; QEMU's NBD clients reconnect. */
   async restartStorage(outageMs = 0): Promise<void> {
-    const adminPort = Number(new URL(this.storage.addresses.adminUrl as string).port);
+    const admin = new URL(this.storage.addresses.adminUrl as string);
     await this.storage.close();
     if (outageMs > 0) await sleep(outageMs);
-    this.storage = await StorageServer.start({
-      dataDir: join(this.workDir, 'storage'),
-      logger: this.#logger.child({ component: 'storage' }),
-      nbd: this.storageNbd,
-      admin: { host: this.network?.gateway ?? '127.0.0.1', port: adminPort },
-    });
+    this.storage = await this.#startStorage(this.storageNbd, { host: admin.hostname, port: Number(admin.port) });
+  }
+
+  #startStorage(nbd: { host: string; port: number }, admin: { host: string; port: number }): Promise<StorageServer> {
+    return StorageServer.start({ dataDir: join(this.workDir, 'storage'), logger: this.#logger.child({ component: 'storage' }), nbd, admin });
   }
 
   /** Restarts one host's agent process (its guests keep running and are re-adopted). */

@@ -82,9 +82,7 @@ export class VolumeService implements ExportProvider {
   }
 
   has(exportName: string): boolean {
-    const { volume, token } = parseExportName(exportName);
-    if (token !== undefined && !writerTokenPattern.test(token)) return false;
-    return this.#db.prepare('SELECT 1 FROM volumes WHERE name = ?').get(volume) !== undefined;
+    return this.#resolveExport(exportName) !== undefined;
   }
 
   volumes(): Volume[] {
@@ -156,10 +154,10 @@ export class VolumeService implements ExportProvider {
   }
 
   async open(exportName: string, client: string): Promise<NbdBackend | undefined> {
-    const { volume: name, token } = parseExportName(exportName);
-    if (token !== undefined && !writerTokenPattern.test(token)) return undefined;
-    const row = this.#db.prepare('SELECT * FROM volumes WHERE name = ?').get(name) as VolumeRow | undefined;
-    if (!row) return undefined;
+    const resolved = this.#resolveExport(exportName);
+    if (!resolved) return undefined;
+    const { row, token } = resolved;
+    const name = row.name;
     let entry = this.#files.get(name);
     if (!entry) {
       entry = { file: open(this.#path(name), 'r+'), users: 0 };
@@ -199,6 +197,14 @@ export class VolumeService implements ExportProvider {
     this.#files.clear();
     this.#helper?.close();
     this.#db.close();
+  }
+
+  /** The volume an export name designates and the writer token it carries; undefined for no volume or a malformed token. */
+  #resolveExport(exportName: string): { row: VolumeRow; token: string | undefined } | undefined {
+    const { volume, token } = parseExportName(exportName);
+    if (token !== undefined && !writerTokenPattern.test(token)) return undefined;
+    const row = this.#db.prepare('SELECT * FROM volumes WHERE name = ?').get(volume) as VolumeRow | undefined;
+    return row ? { row, token } : undefined;
   }
 
   #toVolume(row: VolumeRow): Volume {
