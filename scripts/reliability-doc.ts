@@ -60,8 +60,6 @@ Last run: ${dates[0]} to ${dates[dates.length - 1]}, ${rows.length} rows from ${
   out-of-band \`yank\` of the migration, which needs the QMP client to negotiate OOB. The link-cut
   test is out of the suite until then (a cut during the mirror alone was handled in every run, but
   the test VM's mirror can finish before the cut lands).
-- **No server-wide memory budget for NBD connections.** Each connection is bounded (about 48 MiB of
-  work and queued replies), the total is not: see the "NO" row under bad input.
 - Not covered yet: the destination pool filling up during the mirror (the mirror of the test VM
   finishes before a filler file can take the space), and a controller restart in the middle of a
   migration (no recovery from agents' state exists yet).

@@ -2,11 +2,13 @@
 import type { Command } from 'commander';
 import { requestJson } from '../http/errors.ts';
 import { formatBytes } from '../migration/plan.ts';
+import { defaultLimits } from '../nbd/server.ts';
 import { StorageServer } from '../storage/server.ts';
 import type { Volume } from '../storage/volumes.ts';
-import { daemonLogger, parseListen, parseSize, printJson, untilSignal } from './common.ts';
+import { daemonLogger, parseListen, parsePositive, parseSize, printJson, untilSignal } from './common.ts';
 import { table } from './render.ts';
 
+const MiB = 1024 * 1024;
 const defaultStorageUrl = process.env.VMFERRY_STORAGE ?? 'http://127.0.0.1:10810';
 
 export function registerStorageCommands(program: Command): void {
@@ -19,13 +21,15 @@ export function registerStorageCommands(program: Command): void {
     .option('--listen <host:port>', 'NBD over TCP', '127.0.0.1:10809')
     .option('--socket <path>', 'NBD over a unix socket as well')
     .option('--admin <host:port>', 'admin HTTP API', '127.0.0.1:10810')
-    .action(async (opts: { dataDir: string; listen: string; socket?: string; admin: string }) => {
+    .option('--memory-budget-mib <MiB>', 'memory all NBD clients together may hold for requests and unsent replies; past it, they are read more slowly', String(defaultLimits.memoryBudgetBytes / MiB))
+    .action(async (opts: { dataDir: string; listen: string; socket?: string; admin: string; memoryBudgetMib: string }) => {
       const logger = daemonLogger('storage');
       const server = await StorageServer.start({
         dataDir: opts.dataDir,
         logger,
         nbd: parseListen(opts.listen, '--listen'),
         admin: parseListen(opts.admin, '--admin'),
+        memoryBudgetBytes: Math.round(parsePositive(opts.memoryBudgetMib, '--memory-budget-mib') * MiB),
         ...(opts.socket ? { socket: opts.socket } : {}),
       });
       logger.info(server.addresses, 'storage server ready');

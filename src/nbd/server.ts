@@ -8,6 +8,7 @@ import { rm } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import type { ExportProvider } from './backend.ts';
 import { negotiate } from './handshake.ts';
+import { MemoryBudget, type BudgetAccount } from './memory-budget.ts';
 import { ConnectionClosedError, SocketReader } from './socket-reader.ts';
 import { serveTransmission, type TransmissionLimits } from './transmission.ts';
 
@@ -18,14 +19,31 @@ export interface ConnectionInfo {
   connectedAt: number;
 }
 
-export const defaultLimits: TransmissionLimits = {
+export interface ServerLimits extends TransmissionLimits {
+  /**
+   * Bytes of READ/WRITE requests in flight plus read replies not yet sent,
+   * summed over every connection (see memory-budget.ts). Past it, connections
+   * stop reading new requests until some is given back.
+   */
+  memoryBudgetBytes: number;
+}
+
+export const defaultLimits: ServerLimits = {
   minimum: 1,
   preferred: 4096,
   maximum: 32 * 1024 * 1024,
   maxInFlightRequests: 64,
   maxInFlightBytes: 32 * 1024 * 1024,
   maxQueuedReplyBytes: 16 * 1024 * 1024,
+  memoryBudgetBytes: 256 * 1024 * 1024,
 };
+
+/**
+ * Input a connection reads ahead of the request it is working on. Small, since
+ * it is outside the memory budget: a connection waiting for budget stops
+ * reading at this point. A payload being read is paid for first and may exceed it.
+ */
+const readAheadBytes = 256 * 1024;
 
 /** What a connection's pending read rejects with when the server shuts down. */
 export class ServerShutdownError extends Error {
@@ -55,15 +73,17 @@ export class NbdServer {
   readonly #exports: ExportProvider;
   readonly #logger: Logger;
   readonly #limits: TransmissionLimits;
+  readonly #budget: MemoryBudget;
   readonly #servers: Server[] = [];
-  readonly #connections = new Map<number, { info: ConnectionInfo; socket: Socket; reader: SocketReader; done: Promise<void> }>();
+  readonly #connections = new Map<number, { info: ConnectionInfo; socket: Socket; reader: SocketReader; budget: BudgetAccount; done: Promise<void> }>();
   #nextId = 1;
   #closing = false;
 
-  constructor(exports: ExportProvider, logger: Logger, limits: TransmissionLimits = defaultLimits) {
+  constructor(exports: ExportProvider, logger: Logger, limits: ServerLimits = defaultLimits) {
     this.#exports = exports;
     this.#logger = logger;
     this.#limits = limits;
+    this.#budget = new MemoryBudget(limits.memoryBudgetBytes);
   }
 
   /** Listens on TCP; resolves with the bound port (useful with port 0). */
@@ -90,6 +110,12 @@ export class NbdServer {
     return [...this.#connections.values()].map((c) => ({ ...c.info }));
   }
 
+  /** The server-wide memory budget right now: its size, what connections hold, how many wait for it. */
+  memoryBudget(): { capacityBytes: number; usedBytes: number; waitingConnections: number } {
+    const { capacityBytes, usedBytes, waitingConnections } = this.#budget;
+    return { capacityBytes, usedBytes, waitingConnections };
+  }
+
   /**
    * Stops accepting, stops reading new requests, lets the requests in flight
    * finish and send their replies, then closes every connection. Clients still
@@ -99,7 +125,10 @@ export class NbdServer {
     // net.Server.close() calls back only once every connection has gone, so it is awaited last.
     const listenersClosed = Promise.all(this.#servers.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
     this.#closing = true;
-    for (const connection of this.#connections.values()) connection.reader.cancel(new ServerShutdownError());
+    for (const connection of this.#connections.values()) {
+      connection.reader.cancel(new ServerShutdownError());
+      connection.budget.cancel(new ServerShutdownError());
+    }
     const timer = setTimeout(() => {
       for (const connection of this.#connections.values()) connection.socket.destroy();
     }, graceMs);
@@ -125,12 +154,18 @@ export class NbdServer {
     const info: ConnectionInfo = { id, client, export: undefined, connectedAt: Date.now() };
     const log = this.#logger.child({ connection: id, client });
     socket.on('error', () => undefined);
-    const reader = new SocketReader(socket, this.#limits.maximum + 64 * 1024);
-    const done = this.#serve(socket, reader, info, log).finally(() => endSocket(socket).finally(() => this.#connections.delete(id)));
-    this.#connections.set(id, { info, socket, reader, done });
+    const reader = new SocketReader(socket, readAheadBytes);
+    const budget = this.#budget.account();
+    const done = this.#serve(socket, reader, budget, info, log).finally(() =>
+      endSocket(socket).finally(() => {
+        budget.close();
+        this.#connections.delete(id);
+      }),
+    );
+    this.#connections.set(id, { info, socket, reader, budget, done });
   }
 
-  async #serve(socket: Socket, reader: SocketReader, info: ConnectionInfo, log: Logger): Promise<void> {
+  async #serve(socket: Socket, reader: SocketReader, budget: BudgetAccount, info: ConnectionInfo, log: Logger): Promise<void> {
     const handshakeTimer = setTimeout(() => {
       log.warn('NBD handshake timed out');
       socket.destroy();
@@ -141,7 +176,7 @@ export class NbdServer {
       info.export = session.exportName;
       log.info({ export: session.exportName, structured: session.structuredReplies }, 'NBD client attached');
       try {
-        await serveTransmission(reader, socket, session, this.#limits, log);
+        await serveTransmission(reader, socket, session, this.#limits, budget, log);
       } finally {
         this.#exports.release(session.exportName, info.client);
         log.info({ export: session.exportName }, 'NBD client detached');

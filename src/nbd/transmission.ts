@@ -2,7 +2,9 @@
  * The transmission phase: requests are read in order, checked by one
  * validator, run concurrently against the backend, and answered as each
  * finishes (replies may overtake each other, as the protocol allows).
- * In-flight work per connection is bounded in count and bytes.
+ * In-flight work per connection is bounded in count and bytes, and the bytes
+ * of reads and writes, until a read's reply has left, are charged to the
+ * server-wide memory budget: past it, no new request is read.
  */
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
@@ -18,6 +20,7 @@ import {
 import { Command, CommandFlag, NbdErrno, REQUEST_HEADER_BYTES, REQUEST_MAGIC, ReplyFlag, ReplyType } from './constants.ts';
 import { nbdErrnoOf } from './errno.ts';
 import type { BlockSizeLimits, NegotiatedSession } from './handshake.ts';
+import type { BudgetAccount } from './memory-budget.ts';
 import type { SocketReader } from './socket-reader.ts';
 
 type Request = RequestHeader;
@@ -107,7 +110,8 @@ class ReplyWriter {
     this.#socket.uncork();
   }
 
-  read(handle: Buffer, offset: number, data: Buffer): void {
+  /** `sent` is called once the data has been handed to the kernel (or the socket is gone). */
+  read(handle: Buffer, offset: number, data: Buffer, sent: () => void): void {
     this.#socket.cork();
     if (!this.#structured) {
       this.#socket.write(encodeSimpleReplyHeader(handle, 0));
@@ -117,7 +121,7 @@ class ReplyWriter {
       header.writeBigUInt64BE(BigInt(offset), 20);
       this.#socket.write(header);
     }
-    this.#socket.write(data);
+    this.#socket.write(data, () => sent());
     this.#socket.uncork();
   }
 
@@ -136,6 +140,7 @@ export async function serveTransmission(
   socket: Socket,
   session: NegotiatedSession,
   limits: TransmissionLimits,
+  budget: BudgetAccount,
   log: Logger,
 ): Promise<void> {
   const replies = new ReplyWriter(socket, session.structuredReplies);
@@ -144,24 +149,37 @@ export async function serveTransmission(
   let inFlightBytes = 0;
   let slotFreed: (() => void) | undefined;
 
-  const run = (request: Request, payload: Buffer[] | undefined): void => {
-    const cost = request.type === Command.READ || request.type === Command.WRITE ? request.length : 0;
+  /**
+   * A read's reply can no longer be sent once the client has gone (or sent EOF:
+   * we do not keep half-open sockets), so such reads are not run at all: a flood
+   * of reads from clients that hung up would only churn memory. Writes before
+   * a DISC still run, as the protocol says.
+   */
+  const replyUndeliverable = (): boolean => !socket.writable;
+
+  /** Runs a request whose `cost` bytes (READ/WRITE length, else 0) are already taken from the budget. */
+  const run = (request: Request, payload: Buffer[] | undefined, cost: number): void => {
     inFlightBytes += cost;
-    const work = execute(request, payload).finally(() => {
+    const work = execute(request, payload, cost).then((replyHoldsBudget) => {
       inFlight.delete(work);
       inFlightBytes -= cost;
+      if (!replyHoldsBudget) budget.release(cost);
       slotFreed?.();
     });
     inFlight.add(work);
   };
 
-  const execute = async (request: Request, payload: Buffer[] | undefined): Promise<void> => {
+  /** Never rejects; resolves true when a read's reply holds on to its budget until it is sent. */
+  const execute = async (request: Request, payload: Buffer[] | undefined, cost: number): Promise<boolean> => {
     const fua = (request.flags & CommandFlag.FUA) !== 0;
     try {
       switch (request.type) {
-        case Command.READ:
-          replies.read(request.handle, request.offset, await backend.read(request.offset, request.length));
-          return;
+        case Command.READ: {
+          const data = await backend.read(request.offset, request.length);
+          // Replies a client does not read pile up in our memory, so they count until the kernel has them.
+          replies.read(request.handle, request.offset, data, () => budget.release(cost));
+          return true;
+        }
         case Command.WRITE:
           await backend.write(request.offset, payload ?? [], fua);
           break;
@@ -175,7 +193,7 @@ export async function serveTransmission(
           if (request.flags & CommandFlag.FAST_ZERO) {
             // Zeroing here costs a full write, so a client asking for fast zeroes is told to do it itself.
             replies.done(request.handle, NbdErrno.ENOTSUP, 'fast zeroing is not supported');
-            return;
+            return false;
           }
           await backend.writeZeroes(request.offset, request.length, fua, (request.flags & CommandFlag.NO_HOLE) !== 0);
           break;
@@ -184,7 +202,7 @@ export async function serveTransmission(
           let extents = await backend.blockStatus(request.offset, length);
           if (request.flags & CommandFlag.REQ_ONE) extents = extents.slice(0, 1);
           replies.blockStatus(request.handle, session.baseAllocationId as number, extents);
-          return;
+          return false;
         }
       }
       replies.done(request.handle);
@@ -193,6 +211,7 @@ export async function serveTransmission(
       log.warn({ command: commandNames[request.type], offset: request.offset, length: request.length, err: (err as Error).message }, 'NBD request failed');
       replies.done(request.handle, errno, (err as Error).message);
     }
+    return false;
   };
 
   try {
@@ -214,11 +233,14 @@ export async function serveTransmission(
           log.warn({ length: request.length }, 'NBD write larger than the maximum block size: disconnecting');
           return;
         }
+        // The payload is held from the moment it is read, so it is paid for first; waiting here is the backpressure.
+        await budget.acquire(request.length);
         const payload = await reader.readChunks(request.length);
         if (problem) {
+          budget.release(request.length);
           log.warn({ command: 'WRITE', why: problem.why }, 'NBD request refused');
           replies.done(request.handle, problem.errno, problem.why);
-        } else run(request, payload);
+        } else run(request, payload, request.length);
         continue;
       }
       if (problem) {
@@ -227,7 +249,14 @@ export async function serveTransmission(
         continue;
       }
       if (request.type === Command.DISC) return;
-      run(request, undefined);
+      if (request.type !== Command.READ) {
+        run(request, undefined, 0);
+        continue;
+      }
+      if (replyUndeliverable()) continue;
+      await budget.acquire(request.length);
+      if (replyUndeliverable()) budget.release(request.length);
+      else run(request, undefined, request.length);
     }
   } finally {
     // Requests already accepted still complete (and reply, if the socket is open) before the connection ends.

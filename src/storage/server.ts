@@ -6,7 +6,7 @@ import { createApiServer } from '../http/api-server.ts';
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
-import { NbdServer } from '../nbd/server.ts';
+import { NbdServer, defaultLimits } from '../nbd/server.ts';
 import { VolumeService, maxVolumeBytes } from './volumes.ts';
 
 export interface StorageServerOptions {
@@ -18,6 +18,8 @@ export interface StorageServerOptions {
   socket?: string;
   /** Admin HTTP API; port 0 picks a free one. */
   admin?: { host: string; port: number };
+  /** Memory all NBD connections together may hold for requests and unsent replies (default 256 MiB). */
+  memoryBudgetBytes?: number;
 }
 
 const VolumeName = Type.String({ pattern: '^[a-z0-9][a-z0-9._-]{0,62}$', description: "1-63 characters of a-z, 0-9, '.', '-', '_'" });
@@ -78,7 +80,8 @@ export class StorageServer {
 
   static async start(options: StorageServerOptions): Promise<StorageServer> {
     const volumes = await VolumeService.open(options.dataDir, options.logger);
-    const nbd = new NbdServer(volumes, options.logger.child({ component: 'nbd' }));
+    const limits = { ...defaultLimits, memoryBudgetBytes: options.memoryBudgetBytes ?? defaultLimits.memoryBudgetBytes };
+    const nbd = new NbdServer(volumes, options.logger.child({ component: 'nbd' }), limits);
     const server = new StorageServer(volumes, nbd, await adminApi(volumes, nbd, options.logger.child({ component: 'admin' })));
     try {
       if (options.nbd) server.addresses.nbdPort = await nbd.listenTcp(options.nbd.host, options.nbd.port);
