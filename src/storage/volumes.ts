@@ -52,6 +52,11 @@ export class VolumeService implements ExportProvider {
   readonly leases: WriterLeases;
   /** One open file per volume, shared by its connections; the promise is stored at once so concurrent opens share it. */
   readonly #files = new Map<string, { file: Promise<FileHandle>; users: number }>();
+  /**
+   * Names whose file is being created or deleted. A creation's catalog row comes last and a
+   * deletion's goes first, so the catalog alone cannot keep concurrent requests for a name apart.
+   */
+  readonly #changing = new Map<string, 'creating' | 'deleting'>();
 
   private constructor(db: Database.Database, dir: string, logger: Logger, helper: FsHelper | undefined) {
     this.#db = db;
@@ -101,20 +106,39 @@ export class VolumeService implements ExportProvider {
       throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid volume name "${name}": 1-63 characters of a-z, 0-9, '.', '-', '_', starting with a letter or digit`);
     }
     checkVolumeSize(sizeBytes);
+    const change = this.#changing.get(name);
+    if (change === 'creating') throw new VmferryError('VMF_VOLUME_EXISTS', `volume "${name}" is being created by another request`);
+    if (change === 'deleting') throw new VmferryError('VMF_CONFLICT', `volume "${name}" is being deleted; create it again once that is done`);
     if (this.#db.prepare('SELECT 1 FROM volumes WHERE name = ?').get(name)) {
       throw new VmferryError('VMF_VOLUME_EXISTS', `volume "${name}" already exists`);
     }
-    const file = await open(this.#path(name), 'wx');
+    this.#changing.set(name, 'creating');
     try {
-      await file.truncate(sizeBytes);
-      await file.sync();
+      await this.#createFile(name, sizeBytes);
+      this.#db.prepare('INSERT INTO volumes (name, size_bytes, read_only, created_at) VALUES (?, ?, ?, ?)').run(name, sizeBytes, readOnly ? 1 : 0, Date.now());
     } finally {
-      await file.close();
+      this.#changing.delete(name);
     }
-    await this.#syncDir();
-    this.#db.prepare('INSERT INTO volumes (name, size_bytes, read_only, created_at) VALUES (?, ?, ?, ?)').run(name, sizeBytes, readOnly ? 1 : 0, Date.now());
     this.#logger.info({ volume: name, sizeBytes, readOnly }, 'volume created');
     return this.get(name);
+  }
+
+  /** The volume's file, sized and durable; removed again if that fails, so the name stays free. */
+  async #createFile(name: string, sizeBytes: number): Promise<void> {
+    const path = this.#path(name);
+    const file = await open(path, 'wx');
+    try {
+      try {
+        await file.truncate(sizeBytes);
+        await file.sync();
+      } finally {
+        await file.close();
+      }
+      await this.#syncDir();
+    } catch (err) {
+      await rm(path, { force: true });
+      throw err;
+    }
   }
 
   async resize(name: string, sizeBytes: number): Promise<Volume> {
@@ -142,8 +166,13 @@ export class VolumeService implements ExportProvider {
     }
     this.#db.prepare('DELETE FROM volumes WHERE name = ?').run(name);
     this.leases.forget(name);
-    await rm(this.#path(name), { force: true });
-    await this.#syncDir();
+    this.#changing.set(name, 'deleting');
+    try {
+      await rm(this.#path(name), { force: true });
+      await this.#syncDir();
+    } finally {
+      this.#changing.delete(name);
+    }
     this.#logger.info({ volume: name }, 'volume deleted');
   }
 

@@ -1,5 +1,7 @@
 // Bugs the fuzz campaigns found, each pinned by the smallest input that showed it.
 import assert from 'node:assert/strict';
+import { readdir, stat } from 'node:fs/promises';
+import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { NbdClient, NbdRequestError } from '../../src/nbd/client.ts';
 import { recordReliability } from '../support/reliability.ts';
@@ -55,6 +57,55 @@ test('agent API: a destination prepare with a malformed plan is a 400, and a rea
     target: 'agent API',
     tried: 'destination/prepare with a valid spec and a malformed plan ("garbage", {}, disks "x")',
     observed: '400 "body/plan must be object" / "must have required property \'vm\'" (was: QEMU started for it and the prepare failed with a 500, after which the id answered 409 "already prepared")',
+    ok: true,
+  });
+});
+
+/** One admin API request: its status and JSON body. */
+async function adminRequest(method: string, path: string, body?: unknown): Promise<{ status: number; body: { code?: string; message?: string; sizeBytes?: number } }> {
+  const response = await fetch(`${storage.adminUrl}${path}`, {
+    method,
+    signal: AbortSignal.timeout(10_000),
+    ...(body === undefined ? {} : { headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) }),
+  });
+  const text = await response.text();
+  return { status: response.status, body: text ? (JSON.parse(text) as { code?: string }) : {} };
+}
+
+/** The catalog's volumes by name and size, and the volume files by name and size: they must describe the same volumes. */
+async function catalogAndFiles(): Promise<{ catalog: string[]; files: string[] }> {
+  const listed = await adminRequest('GET', '/v1/volumes');
+  const catalog = (listed.body as unknown as { name: string; sizeBytes: number }[]).map((v) => `${v.name}.raw ${v.sizeBytes}`).sort();
+  const dir = join(storage.dataDir, 'volumes');
+  const files = await Promise.all((await readdir(dir)).map(async (file) => `${file} ${(await stat(join(dir, file))).size}`));
+  return { catalog, files: files.sort() };
+}
+
+test('storage API: simultaneous creations of one volume give one 201 and 409 VMF_VOLUME_EXISTS for the rest', async () => {
+  const MiB = 1024 * 1024;
+  const sizes = [1, 2, 3, 4, 5, 6, 7, 8].map((k) => k * MiB);
+  const answers = await Promise.all(sizes.map((sizeBytes) => adminRequest('POST', '/v1/volumes', { name: 'twin', sizeBytes })));
+  const statuses = answers.map((a) => a.status);
+  assert.deepEqual([...statuses].sort(), [201, 409, 409, 409, 409, 409, 409, 409], JSON.stringify(answers));
+  for (const refused of answers.filter((a) => a.status === 409)) {
+    assert.equal(refused.body.code, 'VMF_VOLUME_EXISTS');
+    assert.match(refused.body.message ?? '', /volume "twin"/);
+  }
+  const created = sizes[statuses.indexOf(201)] as number;
+  assert.deepEqual(await catalogAndFiles(), { catalog: [`twin.raw ${created}`, `vol.raw ${MiB}`], files: [`twin.raw ${created}`, `vol.raw ${MiB}`] });
+
+  // A deletion racing a creation of the same name: never a 500, and the catalog still matches the files.
+  const [deleted, recreated] = await Promise.all([adminRequest('DELETE', '/v1/volumes/twin'), adminRequest('POST', '/v1/volumes', { name: 'twin', sizeBytes: MiB })]);
+  assert.equal(deleted.status, 204);
+  assert.ok([201, 409].includes(recreated.status), JSON.stringify(recreated));
+  const expected = recreated.status === 201 ? [`twin.raw ${MiB}`, `vol.raw ${MiB}`] : [`vol.raw ${MiB}`];
+  assert.deepEqual(await catalogAndFiles(), { catalog: expected, files: expected });
+  if (recreated.status === 409) assert.equal(recreated.body.code, 'VMF_CONFLICT');
+  recordReliability(import.meta.url, {
+    kind: 'bad-input',
+    target: 'storage API',
+    tried: '8 simultaneous POST /v1/volumes for one name (different sizes), then a DELETE and a POST of that name at once',
+    observed: `one 201 and seven 409 VMF_VOLUME_EXISTS, catalog and volume file agree on the winner's size; the DELETE/POST race: 204 and ${recreated.status}${recreated.body.code ? ` ${recreated.body.code}` : ''}, catalog and files agree (was: 500 with EEXIST for the losers)`,
     ok: true,
   });
 });
