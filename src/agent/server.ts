@@ -8,10 +8,10 @@ import { statfs } from 'node:fs/promises';
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
-import { CreateVmRequestSchema, MigrationParamsSchema, MigrationPlanSchema, VmNameParamsSchema, type HostInfo } from '../api/agent-types.ts';
+import { CreateVmRequestSchema, MigrationParamsSchema, MigrationPlanSchema, MirrorTargetSchema, VmNameParamsSchema, type HostInfo } from '../api/agent-types.ts';
 import { replySignal } from '../http/request-signal.ts';
 import type { MigrationPlan } from '../migration/plan.ts';
-import type { MigrationSettings, MirrorTarget } from '../migration/sides.ts';
+import type { MigrationSettings } from '../migration/sides.ts';
 import { validateVmSpec } from '../qemu/spec.ts';
 import { MigrationSides } from './migration-sides.ts';
 import { VmRegistry } from './vm-registry.ts';
@@ -34,7 +34,7 @@ const strict = { additionalProperties: false };
 const maxDowntimeLimitMs = 2_000_000;
 
 const MirrorsBody = Type.Object({
-  targets: Type.Array(Type.Unknown(), { maxItems: 16 }),
+  targets: Type.Array(MirrorTargetSchema, { maxItems: 16 }),
   copyMode: Type.Union([Type.Literal('background'), Type.Literal('write-blocking')]),
   bandwidthBytes: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER })),
 }, strict);
@@ -118,7 +118,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   });
   app.post('/v1/migrations/:id/source/mirrors', { schema: { params, body: MirrorsBody } }, async (request, reply) => {
     const { targets, copyMode, bandwidthBytes } = request.body;
-    await sides.source(request.params.id).startMirrors(targets as MirrorTarget[], copyMode, bandwidthBytes, replySignal(reply));
+    await sides.source(request.params.id).startMirrors(targets, copyMode, bandwidthBytes, replySignal(reply));
     return {};
   });
   app.get('/v1/migrations/:id/source/mirrors', { schema: { params } }, (request, reply) => sides.source(request.params.id).mirrorStatus(replySignal(reply)));

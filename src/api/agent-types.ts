@@ -13,6 +13,22 @@ export const NbdServerSchema = Type.Union([
   Type.Object({ type: Type.Literal('unix'), path: Type.String({ pattern: '^/[^,]*$', maxLength: 4096 }) }, { additionalProperties: false }),
 ]);
 
+/**
+ * Where the source mirrors one local disk (MirrorTarget in migration/sides.ts):
+ * what the destination's prepare returned, passed on by the controller. Checked
+ * here so a malformed target is a 400 naming its field, not a QMP error from
+ * blockdev-add halfway through starting the mirrors.
+ */
+export const MirrorTargetSchema = Type.Object(
+  {
+    diskId,
+    sync: Type.Union([Type.Literal('full'), Type.Literal('top')]),
+    server: NbdServerSchema,
+    exportName: Type.String({ maxLength: 4096 }),
+  },
+  { additionalProperties: false },
+);
+
 export const CreateVmRequestSchema = Type.Object(
   {
     name,

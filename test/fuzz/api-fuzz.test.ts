@@ -341,6 +341,55 @@ test('every route of the storage, controller and agent APIs refuses bad input wi
   assert.deepEqual(failures.slice(0, 40), [], `${failures.length} bad answers`);
 });
 
+// The generic probes above stop at a body's top-level fields; a mirror target is nested, and
+// used to pass unchecked (Type.Unknown) into blockdev-add.
+test('agent API: source/mirrors refuses malformed mirror targets with a 400 naming the field', async () => {
+  const agent = servers[2] as Server;
+  const good = { diskId: 'root', sync: 'full', server: { type: 'inet', host: '127.0.0.1', port: 10809 }, exportName: 'root' };
+  const { server: _, ...withoutServer } = good;
+  const cases: [string, unknown, RegExp][] = [
+    ['a string', 'root', /targets\/0 must be object/],
+    ['no server', withoutServer, /targets\/0 must have required property 'server'/],
+    ['server type "tcp"', { ...good, server: { type: 'tcp', host: '127.0.0.1', port: 10809 } }, /targets\/0\/server/],
+    ['port 0', { ...good, server: { type: 'inet', host: '127.0.0.1', port: 0 } }, /targets\/0\/server/],
+    ['port "10809"', { ...good, server: { type: 'inet', host: '127.0.0.1', port: '10809' } }, /targets\/0\/server/],
+    ['a relative unix socket path', { ...good, server: { type: 'unix', path: 'nbd.sock' } }, /targets\/0\/server/],
+    ['sync "incremental"', { ...good, sync: 'incremental' }, /targets\/0\/sync/],
+    ['diskId "../x"', { ...good, diskId: '../x' }, /targets\/0\/diskId/],
+    ['exportName 123', { ...good, exportName: 123 }, /targets\/0\/exportName/],
+    ['an extra field', { ...good, node: 'x' }, /targets\/0 must NOT have additional properties/],
+  ];
+  const wrong: string[] = [];
+  for (const [what, target, names] of cases) {
+    const response = await fetch(`${agent.url}/v1/migrations/m1/source/mirrors`, {
+      method: 'POST',
+      headers: json,
+      body: JSON.stringify({ targets: [target], copyMode: 'background' }),
+      signal: AbortSignal.timeout(requestTimeoutMs),
+    });
+    const body = (await response.json()) as { code?: string; message?: string };
+    if (response.status !== 400 || body.code !== 'VMF_INVALID_ARGUMENT' || !names.test(body.message ?? '')) wrong.push(`${what}: HTTP ${response.status} ${JSON.stringify(body)}`);
+  }
+  // What a destination's prepare really hands out passes the schema: the answer is about the unknown migration.
+  const accepted = await fetch(`${agent.url}/v1/migrations/m1/source/mirrors`, {
+    method: 'POST',
+    headers: json,
+    body: JSON.stringify({ targets: [good, { ...good, diskId: 'data', sync: 'top', server: { type: 'unix', path: '/run/nbd.sock' } }], copyMode: 'write-blocking' }),
+    signal: AbortSignal.timeout(requestTimeoutMs),
+  });
+  const acceptedBody = (await accepted.json()) as { code?: string };
+  recordReliability(import.meta.url, {
+    kind: 'bad-input',
+    target: 'agent API',
+    tried: `POST /v1/migrations/ID/source/mirrors with malformed targets: ${cases.map(([what]) => what).join(', ')}`,
+    observed: wrong.length === 0 ? `each a 400 VMF_INVALID_ARGUMENT naming the field (e.g. body/targets/0/sync); well-formed targets reach the handler (${accepted.status} ${acceptedBody.code}) (was: any JSON accepted and cast to MirrorTarget)` : `${wrong.length} wrong answers, e.g. ${wrong[0]}`,
+    ok: wrong.length === 0,
+  });
+  assert.deepEqual(wrong, []);
+  assert.equal(accepted.status, 404, JSON.stringify(acceptedBody));
+  assert.equal(acceptedBody.code, 'VMF_NOT_FOUND');
+});
+
 test('nothing was created by the rejected requests, and every server still serves', async () => {
   const [storage, controller, agent] = servers as [Server, Server, Server];
   const volumes = (await (await fetch(`${storage.url}/v1/volumes`)).json()) as { name: string }[];
