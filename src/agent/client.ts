@@ -15,11 +15,14 @@ import type {
   PreparedDestination,
   SourceSide,
 } from '../migration/sides.ts';
+import type { MemoryDigest } from '../qemu/memory-digest.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { MigrationInfo } from '../qmp/commands.ts';
 
 /** Waits that last as long as a phase of a migration: the migration's own deadline governs them. */
 const longWaitMs = 24 * 3600 * 1000;
+/** Dumping and hashing up to 2 GiB of guest memory. */
+const memoryDigestTimeoutMs = 120_000;
 
 export class AgentClient {
   readonly url: string;
@@ -88,6 +91,10 @@ export class RemoteDestination implements DestinationSide {
     await this.#agent.request('POST', `${this.#path}/wait-incoming`, {}, { signal, timeoutMs: longWaitMs });
   }
 
+  memoryDigest(signal: AbortSignal): Promise<MemoryDigest> {
+    return this.#agent.request('POST', `${this.#path}/memory-digest`, {}, { signal, timeoutMs: memoryDigestTimeoutMs });
+  }
+
   async resume(signal: AbortSignal): Promise<void> {
     await this.#agent.request('POST', `${this.#path}/resume`, {}, { signal, timeoutMs: 60_000 });
   }
@@ -147,6 +154,10 @@ export class RemoteSource implements SourceSide {
 
   async continueSwitchover(signal: AbortSignal): Promise<void> {
     await this.#agent.request('POST', `${this.#path}/continue`, {}, { signal });
+  }
+
+  memoryDigest(signal: AbortSignal): Promise<MemoryDigest> {
+    return this.#agent.request('POST', `${this.#path}/memory-digest`, {}, { signal, timeoutMs: memoryDigestTimeoutMs });
   }
 
   completedInfo(signal: AbortSignal): Promise<MigrationInfo> {

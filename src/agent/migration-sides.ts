@@ -39,7 +39,7 @@ export class MigrationSides {
   }
 
   async probeSource(vm: string): Promise<SourceFacts> {
-    return probeSource(this.#registry.hostId, this.#registry.running(vm).spec, await this.capabilities());
+    return probeSource(this.#registry.hostId, this.#registry.running(vm), await this.capabilities());
   }
 
   async probeDestination(spec: VmSpec): Promise<DestinationFacts> {

@@ -102,6 +102,9 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     await sides.destination(request.params.id).waitIncomingCompleted(replySignal(reply));
     return {};
   });
+  app.post('/v1/migrations/:id/destination/memory-digest', { schema: { params } }, (request, reply) =>
+    sides.destination(request.params.id).memoryDigest(replySignal(reply)),
+  );
   app.post('/v1/migrations/:id/destination/resume', { schema: { params } }, async (request, reply) => {
     await sides.resumeDestination(request.params.id, replySignal(reply));
     return {};
@@ -145,6 +148,9 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     await sides.source(request.params.id).continueSwitchover(replySignal(reply));
     return {};
   });
+  app.post('/v1/migrations/:id/source/memory-digest', { schema: { params } }, (request, reply) =>
+    sides.source(request.params.id).memoryDigest(replySignal(reply)),
+  );
   app.get('/v1/migrations/:id/source/completed-info', { schema: { params } }, (request, reply) =>
     sides.source(request.params.id).completedInfo(replySignal(reply)),
   );

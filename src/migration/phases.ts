@@ -65,7 +65,8 @@ export interface MigrationReport {
   /** Why it did not complete: the first error, with undo failures attached. */
   error?: { code: string; message: string };
   disks: { id: string; operation: DiskOperation; bytesSent: number; virtualSize: number }[];
-  ram: { transferredBytes: number; totalBytes: number };
+  /** memoryCompared: both ends' guest memory was found identical before the destination resumed. */
+  ram: { transferredBytes: number; totalBytes: number; memoryCompared: boolean };
   phases: PhaseTiming[];
   totalMs: number;
   /** The guest's pause at switch-over, as QEMU measured it; undefined unless completed. */

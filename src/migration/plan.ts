@@ -4,6 +4,7 @@
  * the destination reaches — or refuse with the reason, before anything moves.
  * Pure: every fact about the destination comes in as data, probed beforehand.
  */
+import { memoryDigestMaxMiB } from '../qemu/memory-digest.ts';
 import type { DiskSpec, NbdServerAddress, VmSpec } from '../qemu/spec.ts';
 
 export type CopyMode = 'background' | 'write-blocking';
@@ -62,6 +63,8 @@ export interface SourceFacts {
   qemuVersion: string;
   /** The machine type the running VM uses, resolved (pc-q35-7.2, not q35). */
   machineType: string;
+  /** What runs the guest's vCPUs: the kernel (kvm) or QEMU's own translator (tcg). */
+  accelerator: 'kvm' | 'tcg';
   localDisks: Record<string, LocalDiskFacts>;
 }
 
@@ -92,7 +95,19 @@ export interface MigrationPlan {
   from: string;
   to: string;
   disks: DiskPlan[];
-  ram: { memoryMiB: number; maxDowntimeMs: number; bandwidthMiBs: number | undefined; allowPostcopy: boolean };
+  ram: {
+    memoryMiB: number;
+    maxDowntimeMs: number;
+    bandwidthMiBs: number | undefined;
+    allowPostcopy: boolean;
+    /**
+     * Compare the guest's memory on both ends before the destination runs. Set
+     * for TCG guests: QEMU 7.2 under TCG can lose memory writes in pre-copy
+     * (src/qemu/memory-digest.ts), and a guest resumed on corrupt memory
+     * crashes or corrupts its disks.
+     */
+    compareMemory: boolean;
+  };
   options: MigrationOptions;
   /** Reasons the migration must not start; empty when it may. */
   refusals: string[];
@@ -181,6 +196,7 @@ export function planMigration(
       maxDowntimeMs: options.maxDowntimeMs,
       bandwidthMiBs: options.bandwidthMiBs,
       allowPostcopy: options.allowPostcopy,
+      compareMemory: source.accelerator === 'tcg' && spec.memoryMiB <= memoryDigestMaxMiB,
     },
     options,
     refusals,

@@ -5,7 +5,7 @@
  */
 import { readFile } from 'node:fs/promises';
 import { VmferryError } from '../errors.ts';
-import { defaultQemuBinary } from '../qemu/process.ts';
+import { defaultQemuBinary, type QemuProcess } from '../qemu/process.ts';
 import type { NbdServerAddress, VmSpec } from '../qemu/spec.ts';
 import type { LocalPool } from '../storage/local-pool.ts';
 import { imageInfo } from '../storage/local-pool.ts';
@@ -55,13 +55,15 @@ async function availableMemoryMiB(): Promise<number> {
   return Math.floor(kib / 1024);
 }
 
-export async function probeSource(hostId: string, spec: VmSpec, qemu: QemuCapabilities): Promise<SourceFacts> {
+export async function probeSource(hostId: string, vm: QemuProcess, qemu: QemuCapabilities): Promise<SourceFacts> {
+  const spec = vm.spec;
+  const kvm = await vm.qmp('asking which accelerator runs the guest', (qmp) => qmp.queryKvm());
   const localDisks: Record<string, LocalDiskFacts> = {};
   for (const disk of spec.disks) {
     if (disk.source.kind === 'file') localDisks[disk.id] = await imageInfo(disk.source.path, disk.source.format);
   }
   const requested = spec.machine ?? 'q35';
-  return { hostId, qemuVersion: qemu.version, machineType: qemu.machines[requested] ?? requested, localDisks };
+  return { hostId, qemuVersion: qemu.version, machineType: qemu.machines[requested] ?? requested, accelerator: kvm.enabled ? 'kvm' : 'tcg', localDisks };
 }
 
 /** Facts about this host as the destination for `spec`; run on the destination host. */

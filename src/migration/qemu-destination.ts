@@ -8,6 +8,7 @@ import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { VmferryError } from '../errors.ts';
+import { memoryDigest, type MemoryDigest } from '../qemu/memory-digest.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { QmpEventListener } from '../qmp/client.ts';
@@ -113,6 +114,10 @@ export class QemuDestination implements DestinationSide {
     if (event.data.status !== 'completed') {
       throw new VmferryError('VMF_MIGRATION_FAILED', `incoming migration on ${this.hostId} ended as "${String(event.data.status)}"`);
     }
+  }
+
+  memoryDigest(signal: AbortSignal): Promise<MemoryDigest> {
+    return memoryDigest(this.#requireVm(), signal);
   }
 
   async resume(signal: AbortSignal): Promise<void> {

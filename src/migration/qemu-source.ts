@@ -8,6 +8,7 @@ import { rm } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
+import { memoryDigest, type MemoryDigest } from '../qemu/memory-digest.ts';
 import type { QemuProcess } from '../qemu/process.ts';
 import { diskNodeName } from '../qemu/spec.ts';
 import type { QmpEventListener } from '../qmp/client.ts';
@@ -147,6 +148,10 @@ export class QemuSource implements SourceSide {
 
   async continueSwitchover(signal: AbortSignal): Promise<void> {
     await this.#qmp('continuing the switch-over', (qmp) => qmp.migrateContinue('pre-switchover', { signal }));
+  }
+
+  memoryDigest(signal: AbortSignal): Promise<MemoryDigest> {
+    return memoryDigest(this.#vm, signal);
   }
 
   async completedInfo(signal: AbortSignal): Promise<MigrationInfo> {

@@ -3,6 +3,7 @@
  * not know whether a side is a QEMU in this process or an agent behind HTTP:
  * every argument and result is plain data.
  */
+import type { MemoryDigest } from '../qemu/memory-digest.ts';
 import type { MigrationInfo } from '../qmp/commands.ts';
 import type { NbdServerAddress, VmSpec } from '../qemu/spec.ts';
 import type { CopyMode, MigrationPlan } from './plan.ts';
@@ -45,6 +46,8 @@ export interface DestinationSide {
   prepare(spec: VmSpec, plan: MigrationPlan, signal: AbortSignal): Promise<PreparedDestination>;
   /** Resolves when the destination QEMU itself reports the incoming migration completed. */
   waitIncomingCompleted(signal: AbortSignal): Promise<void>;
+  /** Digest of the incoming guest's memory, once the incoming migration completed and before resume. */
+  memoryDigest(signal: AbortSignal): Promise<MemoryDigest>;
   /** Stops the NBD exports and resumes the guest; from here on the guest lives on the destination. */
   resume(signal: AbortSignal): Promise<void>;
   /** Undoes prepare: no QEMU, no target volume left. Idempotent. */
@@ -69,6 +72,8 @@ export interface SourceSide {
   finishMirrors(signal: AbortSignal): Promise<{ diskId: string; bytesSent: number }[]>;
   /** Lets the paused migration finish (migrate-continue pre-switchover). */
   continueSwitchover(signal: AbortSignal): Promise<void>;
+  /** Digest of the guest's memory once the migration completed (the source is stopped then). */
+  memoryDigest(signal: AbortSignal): Promise<MemoryDigest>;
   /** Final figures once completed (downtime appears a moment after completion). */
   completedInfo(signal: AbortSignal): Promise<MigrationInfo>;
   /** After the destination resumed: quit QEMU, and delete local disks unless kept. */

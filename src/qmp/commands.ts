@@ -125,6 +125,10 @@ export class QemuMonitor {
     return this.client.execute('stop', undefined, options);
   }
 
+  queryKvm(options?: ExecuteOptions): Promise<{ enabled: boolean; present: boolean }> {
+    return this.client.execute('query-kvm', undefined, options);
+  }
+
   cont(options?: ExecuteOptions): Promise<void> {
     return this.client.execute('cont', undefined, options);
   }

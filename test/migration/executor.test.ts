@@ -24,7 +24,7 @@ const spec: VmSpec = {
 function plan(timeoutS = 60): MigrationPlan {
   return planMigration(
     spec,
-    { hostId: 'A', qemuVersion: '7.2', machineType: 'q35', localDisks: { root: { virtualSize: 1 << 20, allocatedBytes: 1 << 19, backingFile: undefined } } },
+    { hostId: 'A', qemuVersion: '7.2', machineType: 'q35', accelerator: 'tcg', localDisks: { root: { virtualSize: 1 << 20, allocatedBytes: 1 << 19, backingFile: undefined } } },
     {
       hostId: 'B',
       qemuVersion: '7.2',
@@ -39,7 +39,7 @@ function plan(timeoutS = 60): MigrationPlan {
 }
 
 /** Fake sides that log every call; `hang` makes one call wait until the signal aborts. */
-function fakeSides(options: { hang?: string; fail?: string } = {}) {
+function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: string[] } = {}) {
   const calls: string[] = [];
   let mirrorPolls = 0;
   const act = async (name: string, signal?: AbortSignal): Promise<void> => {
@@ -49,6 +49,7 @@ function fakeSides(options: { hang?: string; fail?: string } = {}) {
       await new Promise((_, reject) => signal?.addEventListener('abort', () => reject(signal.reason as Error), { once: true }));
     }
   };
+  const memory = ['a0', 'b1', 'c2', 'd3'];
   const info: MigrationInfo = {
     status: 'completed',
     downtime: 42,
@@ -61,6 +62,10 @@ function fakeSides(options: { hang?: string; fail?: string } = {}) {
       return { migrationUri: 'tcp:127.0.0.1:1', mirrorTargets: [{ diskId: 'root', sync: 'top', server: { type: 'unix', path: '/n' }, exportName: 'root' }] };
     },
     waitIncomingCompleted: (signal) => act('dst.waitIncomingCompleted', signal),
+    memoryDigest: async (signal) => {
+      await act('dst.memoryDigest', signal);
+      return { chunkBytes: 1 << 20, chunks: options.destinationMemory ?? memory };
+    },
     resume: (signal) => act('dst.resume', signal),
     rollback: () => act('dst.rollback'),
   };
@@ -85,6 +90,10 @@ function fakeSides(options: { hang?: string; fail?: string } = {}) {
       return [{ diskId: 'root', bytesSent: 200 }];
     },
     continueSwitchover: (signal) => act('src.continueSwitchover', signal),
+    memoryDigest: async (signal) => {
+      await act('src.memoryDigest', signal);
+      return { chunkBytes: 1 << 20, chunks: memory };
+    },
     completedInfo: async (signal) => {
       await act('src.completedInfo', signal);
       return info;
@@ -107,14 +116,34 @@ test('a successful migration walks the phases in order and reports per-disk oper
   assert.deepEqual(
     calls.filter((c) => c !== 'src.mirrorStatus'),
     ['dst.prepare', 'src.startMirrors', 'src.startMigration', 'src.waitMilestone', 'src.finishMirrors', 'src.continueSwitchover',
-      'dst.waitIncomingCompleted', 'dst.resume', 'src.completedInfo', 'src.retire'],
+      'dst.waitIncomingCompleted', 'src.memoryDigest', 'dst.memoryDigest', 'dst.resume', 'src.completedInfo', 'src.retire'],
   );
   assert.equal(report.outcome, 'completed');
+  assert.equal(report.ram.memoryCompared, true, 'a TCG guest has its memory compared before it resumes');
   assert.equal(report.downtimeMs, 42);
   assert.deepEqual(report.disks.map((d) => [d.id, d.operation, d.bytesSent]), [['root', 'mirror', 200], ['data', 'reattach', 0]]);
   assert.deepEqual(report.phases.map((p) => p.phase), ['preparing', 'mirroring', 'migrating', 'switching-over', 'completed']);
   const diskEvents = events.filter((e) => e.type === 'disks');
   assert.ok(diskEvents.length >= 2, 'mirror progress was reported');
+});
+
+test('memory that differs between the ends keeps the guest on the source: the destination is never resumed', async () => {
+  const { calls, source, destination } = fakeSides({ destinationMemory: ['a0', 'XX', 'c2', 'YY'] });
+  const report = await runMigration({ spec, plan: plan(), source, destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'failed');
+  assert.equal(report.error?.code, 'VMF_MEMORY_MISMATCH');
+  assert.match(report.error?.message ?? '', /memory on B differs from A in 2 of 4 1 MiB chunks \(at 1 MiB, 3 MiB\)/);
+  assert.ok(!calls.includes('dst.resume'), 'the destination never ran');
+  assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
+  assert.equal(report.ram.memoryCompared, false);
+});
+
+test('a KVM guest skips the memory comparison', async () => {
+  const { calls, source, destination } = fakeSides({ destinationMemory: ['would', 'not', 'match'] });
+  const kvmPlan = { ...plan(), ram: { ...plan().ram, compareMemory: false } };
+  const report = await runMigration({ spec, plan: kvmPlan, source, destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'completed');
+  assert.ok(!calls.some((c) => c.endsWith('memoryDigest')));
 });
 
 const steps: { step: string; phase: MigrationPhase; undo: string[] }[] = [
@@ -123,6 +152,7 @@ const steps: { step: string; phase: MigrationPhase; undo: string[] }[] = [
   { step: 'src.waitMilestone', phase: 'migrating', undo: ['src.rollback', 'dst.rollback'] },
   { step: 'src.finishMirrors', phase: 'switching-over', undo: ['src.rollback', 'dst.rollback'] },
   { step: 'dst.waitIncomingCompleted', phase: 'switching-over', undo: ['src.rollback', 'dst.rollback'] },
+  { step: 'dst.memoryDigest', phase: 'switching-over', undo: ['src.rollback', 'dst.rollback'] },
 ];
 
 for (const { step, phase, undo } of steps) {

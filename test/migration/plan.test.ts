@@ -19,6 +19,7 @@ const source: SourceFacts = {
   hostId: 'A',
   qemuVersion: '7.2.0',
   machineType: 'pc-q35-7.2',
+  accelerator: 'tcg',
   localDisks: {
     root: { virtualSize: 2 * gib, allocatedBytes: 600 * 1024 ** 2, backingFile: undefined },
     scratch: { virtualSize: gib, allocatedBytes: 100 * 1024 ** 2, backingFile: '/images/base.raw' },
@@ -111,5 +112,14 @@ test('a read-only local image is refused with a way out', () => {
 test('the RAM settings carry the options through', () => {
   const options = { ...defaultMigrationOptions, maxDowntimeMs: 120, bandwidthMiBs: 200, allowPostcopy: true };
   const plan = planMigration(vm([sharedData]), source, destination(), options);
-  assert.deepEqual(plan.ram, { memoryMiB: 512, maxDowntimeMs: 120, bandwidthMiBs: 200, allowPostcopy: true });
+  assert.deepEqual(plan.ram, { memoryMiB: 512, maxDowntimeMs: 120, bandwidthMiBs: 200, allowPostcopy: true, compareMemory: true });
+});
+
+test('TCG guests up to 2 GiB have their memory compared at switch-over; KVM guests and larger ones do not', () => {
+  const compares = (memoryMiB: number, accelerator: 'kvm' | 'tcg'): boolean =>
+    planMigration(vm([localRoot], memoryMiB), { ...source, accelerator }, destination(), defaultMigrationOptions).ram.compareMemory;
+  assert.equal(compares(512, 'tcg'), true);
+  assert.equal(compares(2048, 'tcg'), true);
+  assert.equal(compares(4096, 'tcg'), false);
+  assert.equal(compares(512, 'kvm'), false);
 });

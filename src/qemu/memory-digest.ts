@@ -1,0 +1,75 @@
+/**
+ * A digest of a stopped guest's RAM, one hash per MiB, to compare the two ends
+ * of a migration before the destination runs.
+ *
+ * Why: QEMU 7.2 under TCG loses guest memory writes when pre-copy needs more
+ * than a few passes. The destination's RAM then differs from the source's in
+ * a few dozen pages and the guest crashes or corrupts data once it resumes
+ * (docs/QEMU-TCG-PRECOPY.md has the reproduction). KVM tracks dirty pages in
+ * the kernel and is not affected.
+ */
+import { createHash } from 'node:crypto';
+import { open, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { VmferryError } from '../errors.ts';
+import type { QemuProcess } from './process.ts';
+
+export const memoryDigestChunkBytes = 1024 * 1024;
+
+/**
+ * Guests up to this size have their RAM at guest-physical [0, size) on both
+ * q35 and pc; larger ones are split around the PCI hole below 4 GiB.
+ */
+export const memoryDigestMaxMiB = 2048;
+
+export interface MemoryDigest {
+  chunkBytes: number;
+  /** One hex hash per chunk, in address order. */
+  chunks: string[];
+}
+
+/** Digest of the guest RAM of a VM whose vCPUs are stopped. */
+export async function memoryDigest(vm: QemuProcess, signal: AbortSignal): Promise<MemoryDigest> {
+  const size = vm.spec.memoryMiB * 1024 * 1024;
+  if (vm.spec.memoryMiB > memoryDigestMaxMiB) {
+    throw new VmferryError('VMF_INVALID_ARGUMENT', `VM ${vm.spec.name} has ${vm.spec.memoryMiB} MiB of RAM; memory digests cover guests up to ${memoryDigestMaxMiB} MiB`);
+  }
+  const status = await vm.status();
+  if (status.running) throw new VmferryError('VMF_MIGRATION_FAILED', `VM ${vm.spec.name} is running: its memory can only be compared while stopped`);
+  const dump = join(vm.runDir, 'memory.dump');
+  try {
+    // pmemsave writes the whole range before it replies; QEMU's main loop is busy meanwhile, but the guest is stopped.
+    await vm.qmp('dumping guest memory', (qmp) => qmp.client.execute('pmemsave', { val: 0, size, filename: dump }, { signal }));
+    return await hashChunks(dump, signal);
+  } finally {
+    await rm(dump, { force: true });
+  }
+}
+
+async function hashChunks(path: string, signal: AbortSignal): Promise<MemoryDigest> {
+  const chunks: string[] = [];
+  const buffer = Buffer.alloc(memoryDigestChunkBytes);
+  const file = await open(path, 'r');
+  try {
+    for (;;) {
+      signal.throwIfAborted();
+      const { bytesRead } = await file.read(buffer, 0, buffer.length, null);
+      if (bytesRead === 0) break;
+      // A short read happens only at the end of the dump.
+      chunks.push(createHash('sha256').update(buffer.subarray(0, bytesRead)).digest('hex').slice(0, 32));
+    }
+  } finally {
+    await file.close();
+  }
+  return { chunkBytes: memoryDigestChunkBytes, chunks };
+}
+
+/** Indexes of the chunks that differ (a length mismatch counts the missing chunks as different). */
+export function differingChunks(a: MemoryDigest, b: MemoryDigest): number[] {
+  if (a.chunkBytes !== b.chunkBytes) throw new VmferryError('VMF_INVALID_ARGUMENT', `memory digests use different chunk sizes (${a.chunkBytes}, ${b.chunkBytes})`);
+  const differing: number[] = [];
+  for (let i = 0; i < Math.max(a.chunks.length, b.chunks.length); i++) {
+    if (a.chunks[i] !== b.chunks[i]) differing.push(i);
+  }
+  return differing;
+}
