@@ -47,13 +47,13 @@ Last run: ${dates[0]} to ${dates[dates.length - 1]}, ${rows.length} rows from ${
 
 ## Known problems found by these tests, not yet fixed
 
-- **Guest kernel crash after a long pre-copy between agents.** A cluster migration capped at
-  2-4 MiB/s (RAM phase of about 20 s) completes, but the guest kernel on the destination oopses
-  in virtio-blk completion (\`blk_mq_complete_request_remote\`, NULL pointer) and reboots; the
-  test guest then starts over, so records acknowledged before the migration are overwritten and
-  verify reports them missing. Uncapped migrations (under 1 s) do not show it, with or without
-  the one-writer fence. The fault tests that complete a migration therefore run uncapped until
-  this is understood.
+- **QEMU 7.2 under TCG loses guest memory writes when pre-copy takes several passes** (a
+  capped migration of a busy guest): the destination's RAM differs from the stopped source's in a
+  few dozen pages and the guest crashes there. It is QEMU's, reproduced without vmferry
+  (\`bench/qemu-tcg-precopy.ts\`, docs/QEMU-TCG-PRECOPY.md). vmferry now compares both ends'
+  memory before a TCG destination resumes and rolls back on a mismatch (the row "pre-copy of a
+  busy TCG guest" below), so the guest is safe, but such a guest cannot be migrated live until
+  pre-copy needs fewer passes: a stop-and-copy RAM mode is not built.
 - **A cut link between the hosts.** The stall watch notices within its timeout, but when the cut
   lands in the RAM phase the source's rollback finds QEMU's monitor unresponsive (\`query-migrate\`
   does not answer within 30 s: the main loop waits on the dead migration socket). The fix is an

@@ -7,6 +7,7 @@ import { checkVerify, reportLogOf } from '../../src/guest/test-guest.ts';
 import { imageInfo } from '../../src/storage/local-pool.ts';
 import { hasCode } from '../../src/errors.ts';
 import { MigrationRig, type RigLayout } from '../support/migration-rig.ts';
+import { recordReliability } from '../support/reliability.ts';
 import type { MigrationEvent } from '../../src/migration/phases.ts';
 
 const guest = { mode: 'workload', spanMiB: 8 } as const;
@@ -183,6 +184,16 @@ test('a slow pre-copy of a TCG guest never resumes a destination whose memory di
     const disks = rig.destination?.vm?.spec.disks ?? rig.spec.disks;
     const verify = await rig.verify(disks);
     assert.deepEqual(checkVerify(verify, (await rig.waitForAcks(0)).acks), []);
+    recordReliability(import.meta.url, {
+      kind: 'fault',
+      target: 'migration',
+      tried: 'pre-copy of a busy TCG guest capped at 4 MiB/s (QEMU 7.2 loses memory writes after several passes)',
+      observed:
+        report.outcome === 'completed'
+          ? 'completed: memory identical at both ends, guest carried on at B without a reboot, every acked record intact'
+          : `failed: "${report.error?.message.slice(0, 110)}…"; guest carried on at A, B clean, every acked record intact`,
+      ok: true,
+    });
   } finally {
     await rig.cleanup.run();
   }
