@@ -3,6 +3,11 @@
  * negotiates capabilities, runs commands concurrently (replies matched by id)
  * and delivers events to listeners. Listeners are opened *before* the command
  * that triggers their event, so no event can slip past between the two.
+ *
+ * When QEMU offers it, out-of-band execution is switched on: a command sent
+ * with `{ oob: true }` runs at once on the monitor's own thread, even while
+ * QEMU's main loop is stuck (a migration blocked on a dead socket), and its
+ * reply may overtake replies to earlier commands.
  */
 import { connect, type Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -50,10 +55,26 @@ export interface ExecuteOptions {
   signal?: AbortSignal;
 }
 
+export interface CommandOptions extends ExecuteOptions {
+  /**
+   * Send as `exec-oob`: QEMU runs it on the monitor thread without waiting
+   * for its main loop. Only for commands QEMU marks allow-oob (yank,
+   * query-yank, migrate-pause, migrate-recover, …) and only when the monitor
+   * offered OOB (`oobEnabled`).
+   */
+  oob?: boolean;
+}
+
 interface PendingCommand {
   command: string;
   resolve(value: unknown): void;
   reject(err: Error): void;
+}
+
+/** An in-band command held back until QEMU has room in its queue; see maxInBandAtQemu. */
+interface HeldCommand {
+  id: number;
+  message: JsonObject;
 }
 
 const defaultConnectTimeoutMs = 10_000;
@@ -61,6 +82,14 @@ const defaultCommandTimeoutMs = 30_000;
 const connectRetryDelayMs = 50;
 /** A listener nobody reads from must not grow without bound during a long migration. */
 const maxBufferedEvents = 10_000;
+/**
+ * With OOB on, QEMU queues in-band commands while its main loop is busy, but
+ * stops reading the socket once 8 wait (QMP_REQ_QUEUE_LEN_MAX in
+ * monitor/monitor-internal.h), and then would not see an OOB command either.
+ * Keeping at most 7 unanswered (counting those a caller gave up on: QEMU
+ * still holds them) means an OOB command is always read.
+ */
+const maxInBandAtQemu = 7;
 
 function isRetryableConnectError(err: unknown): boolean {
   const code = (err as NodeJS.ErrnoException).code;
@@ -102,6 +131,10 @@ export class QmpClient {
   readonly #listeners = new Set<QmpEventListener>();
   readonly #logger: Logger | undefined;
   readonly #commandTimeoutMs: number;
+  /** In-band commands QEMU has and has not answered yet, by id. */
+  readonly #inBandAtQemu = new Set<number>();
+  readonly #heldInBand: HeldCommand[] = [];
+  #oobEnabled = false;
   #nextId = 1;
   #closeError: Error | undefined;
   #closedResolve!: (error: Error | undefined) => void;
@@ -123,7 +156,9 @@ export class QmpClient {
     try {
       const socket = await connectWithRetry(path, deadline.signal);
       const client = await QmpClient.#handshake(socket, path, deadline.signal, options);
-      await client.execute('qmp_capabilities', undefined, { signal: deadline.signal });
+      const offersOob = client.greeting.capabilities.includes('oob');
+      await client.execute('qmp_capabilities', offersOob ? { enable: ['oob'] } : undefined, { signal: deadline.signal });
+      client.#oobEnabled = offersOob;
       return client;
     } finally {
       deadline.dispose();
@@ -173,11 +208,21 @@ export class QmpClient {
     return this.#stream.closed;
   }
 
+  /** True when QEMU offered out-of-band execution and it was switched on: `execute(…, { oob: true })` works. */
+  get oobEnabled(): boolean {
+    return this.#oobEnabled;
+  }
+
   /** Runs a command and resolves with its `return` value; QMP errors reject with QmpCommandError. */
-  execute<T = unknown>(command: string, args?: JsonObject, options: ExecuteOptions = {}): Promise<T> {
+  execute<T = unknown>(command: string, args?: JsonObject, options: CommandOptions = {}): Promise<T> {
     if (this.#stream.closed) {
       return Promise.reject(
         new VmferryError('VMF_QMP_CLOSED', `QMP ${command} not sent: the connection is closed`, { cause: this.#closeError }),
+      );
+    }
+    if (options.oob && !this.#oobEnabled) {
+      return Promise.reject(
+        new VmferryError('VMF_QMP_PROTOCOL', `QMP ${command} cannot be sent out of band: this monitor did not offer the oob capability`),
       );
     }
     const id = this.#nextId++;
@@ -185,13 +230,15 @@ export class QmpClient {
     const reply = new Promise<T>((resolve, reject) => {
       this.#pending.set(id, { command, resolve: resolve, reject: reject });
     });
-    const message: JsonObject = { execute: command, id };
+    const message: JsonObject = { [options.oob ? 'exec-oob' : 'execute']: command, id };
     if (args !== undefined) message.arguments = args;
-    this.#logger?.debug({ qmp: message }, 'qmp send');
-    this.#stream.send(message);
+    if (options.oob) this.#send(message);
+    else this.#sendInBand({ id, message });
     return raceAbort(reply, deadline.signal, `QMP ${command}`).finally(() => {
-      // A late reply after a timeout finds no entry and is dropped.
+      // A late reply after a timeout finds no entry and is dropped; a command still held back is never sent.
       this.#pending.delete(id);
+      const held = this.#heldInBand.findIndex((h) => h.id === id);
+      if (held >= 0) this.#heldInBand.splice(held, 1);
       deadline.dispose();
     });
   }
@@ -222,6 +269,20 @@ export class QmpClient {
     this.#stream.destroy();
   }
 
+  #send(message: JsonObject): void {
+    this.#logger?.debug({ qmp: message }, 'qmp send');
+    this.#stream.send(message);
+  }
+
+  #sendInBand(command: HeldCommand): void {
+    if (this.#inBandAtQemu.size >= maxInBandAtQemu) {
+      this.#heldInBand.push(command);
+      return;
+    }
+    this.#inBandAtQemu.add(command.id);
+    this.#send(command.message);
+  }
+
   #dispatch(message: JsonObject): void {
     this.#logger?.debug({ qmp: message }, 'qmp receive');
     if (typeof message.event === 'string') {
@@ -235,6 +296,10 @@ export class QmpClient {
       return;
     }
     const id = message.id;
+    if (typeof id === 'number' && this.#inBandAtQemu.delete(id)) {
+      const next = this.#heldInBand.shift();
+      if (next) this.#sendInBand(next);
+    }
     const pending = typeof id === 'number' ? this.#pending.get(id) : undefined;
     if (!pending) {
       // A reply to a command that already timed out, or a peer that is not QEMU.
@@ -263,6 +328,8 @@ export class QmpClient {
     this.#closeError = error;
     for (const pending of this.#pending.values()) pending.reject(this.#closedError(`waiting for the reply to ${pending.command}`));
     this.#pending.clear();
+    this.#heldInBand.length = 0;
+    this.#inBandAtQemu.clear();
     for (const listener of this.#listeners) listener.end(this.#closedError('waiting for an event'));
     this.#listeners.clear();
     this.#closedResolve(error);
