@@ -202,7 +202,7 @@ async function waitMirrorsReady(
 ): Promise<void> {
   const stall = new StallWatch('the disk mirrors', plan.options.stallTimeoutS);
   for (;;) {
-    const statuses = await source.mirrorStatus(signal);
+    const statuses = await stall.read((s) => source.mirrorStatus(s), signal);
     const failed = statuses.find((s) => s.error);
     if (failed) throw new VmferryError('VMF_MIGRATION_FAILED', `mirror of disk ${failed.diskId} failed: ${failed.error}`);
     // A READY mirror stands still when the guest writes nothing: only the ones still copying must move.
@@ -242,7 +242,7 @@ async function convergeRam(
   for (;;) {
     await Promise.race([milestone, sleep(pollMs, undefined, { signal })]);
     if (reached !== undefined) return reached;
-    const info = await source.migrationInfo(signal);
+    const info = await stall.read((s) => source.migrationInfo(s), signal);
     remember(info);
     const ram = ramProgress(info);
     if (ram) emit({ type: 'ram', ram });

@@ -11,7 +11,7 @@ import { VmferryError, describeError } from '../errors.ts';
 import { memoryDigest, type MemoryDigest } from '../qemu/memory-digest.ts';
 import type { QemuProcess } from '../qemu/process.ts';
 import { diskNodeName } from '../qemu/spec.ts';
-import type { QmpEventListener } from '../qmp/client.ts';
+import { QmpCommandError, type QmpEventListener } from '../qmp/client.ts';
 import type { MigrationInfo, MigrationStatus, QemuMonitor } from '../qmp/commands.ts';
 import type { CopyMode } from './plan.ts';
 import type { MigrationMilestone, MigrationSettings, MirrorStatus, MirrorTarget, SourceSide } from './sides.ts';
@@ -37,6 +37,19 @@ const milestones: readonly string[] = ['pre-switchover', 'postcopy-active', 'com
 const cancellable: readonly (MigrationStatus | undefined)[] = ['setup', 'active', 'pre-switchover', 'device', 'wait-unplug'];
 /** QEMU's own default caps migration at 32 MiB/s; "unlimited" needs an explicit large value. */
 const unlimitedBandwidth = 1e12;
+/** A query-migrate unanswered this long in a rollback means the main loop is stuck on the dead link. */
+const unresponsiveMs = 3_000;
+/** yank runs on the monitor thread and answers at once, unless the monitor itself is gone. */
+const yankTimeoutMs = 5_000;
+
+type YankKind = 'migration' | 'block-node';
+
+/** An entry of query-yank (qapi/yank.json). */
+interface YankInstance {
+  type: 'block-node' | 'chardev' | 'migration';
+  'node-name'?: string;
+  id?: string;
+}
 
 export class QemuSource implements SourceSide {
   readonly hostId: string;
@@ -45,6 +58,8 @@ export class QemuSource implements SourceSide {
   readonly #mirrors: MirrorJob[] = [];
   #events: QmpEventListener | undefined;
   #wasRunning: boolean | undefined;
+  /** Once post-copy may have begun the migration is never yanked: the guest's memory would be split. */
+  #postcopyRequested = false;
 
   constructor(options: QemuSourceOptions) {
     this.hostId = options.hostId;
@@ -132,6 +147,7 @@ export class QemuSource implements SourceSide {
   }
 
   async startPostcopy(signal: AbortSignal): Promise<void> {
+    this.#postcopyRequested = true;
     await this.#qmp('starting post-copy', (qmp) => qmp.migrateStartPostcopy({ signal }));
   }
 
@@ -178,7 +194,11 @@ export class QemuSource implements SourceSide {
 
   async rollback(): Promise<void> {
     const signal = AbortSignal.timeout(60_000);
-    const info = await this.migrationInfo(signal);
+    // First, out of band: after a cut link, requests stuck on the mirror targets hold QEMU's main loop (a
+    // migrate_cancel sent before this yank left it stuck for ~50 s in test/faults/link-cut.test.ts).
+    // What they carry is abandoned anyway.
+    await this.#yankTargets(signal);
+    const info = await this.#migrationInfoUnstuck(signal);
     if (info.status === 'postcopy-active' || info.status === 'postcopy-paused') {
       throw new VmferryError('VMF_MIGRATION_FAILED', `post-copy already started on ${this.hostId}: the guest's memory is split and cannot return`);
     }
@@ -186,7 +206,6 @@ export class QemuSource implements SourceSide {
       await this.#qmp('cancelling the migration', (qmp) => qmp.migrateCancel({ signal }));
       await this.#waitMigrationSettled(signal);
     }
-    await this.#yankTargets(signal);
     const listener = this.#vm.monitor.client.listen();
     try {
       await Promise.all(this.#mirrors.map((mirror) => this.#forceCancel(mirror, listener, signal)));
@@ -228,18 +247,57 @@ export class QemuSource implements SourceSide {
   }
 
   /**
+   * query-migrate for the rollback. After a cut link QEMU's main loop can
+   * stall for a minute on what it still sends to the destination (TCP
+   * retransmits), and every in-band command with it. When the answer does not come
+   * promptly, the migration stream and the mirror targets are yanked out of
+   * band: the monitor thread shuts their sockets down without the main loop,
+   * so what waits on them fails at once and the main loop answers.
+   */
+  async #migrationInfoUnstuck(signal: AbortSignal): Promise<MigrationInfo> {
+    const info = this.migrationInfo(signal);
+    const answered = await Promise.race([info.then(() => true, () => true), sleep(unresponsiveMs, false, { signal })]);
+    if (!answered) {
+      const kinds: YankKind[] = this.#postcopyRequested ? ['block-node'] : ['migration', 'block-node'];
+      this.#logger?.warn(`QEMU on ${this.hostId} did not answer query-migrate within ${unresponsiveMs} ms: yanking ${kinds.join(' and ')} connections`);
+      // If the yank fails, the answer may still come; its own timeout says what went wrong.
+      await this.#yank(kinds, signal).catch((err: unknown) => {
+        this.#logger?.warn({ err: describeError(err) }, `yanking on ${this.hostId} failed`);
+      });
+    }
+    return info;
+  }
+
+  /**
    * Mirror requests stuck on a dead link (a cut cable retransmits for many
    * minutes) would hold the job's cancel and the target's removal: yank
    * shuts the targets' sockets down so they fail at once. The data on them is
    * being abandoned anyway.
    */
   async #yankTargets(signal: AbortSignal): Promise<void> {
-    const attached = new Set(this.#mirrors.filter((m) => m.targetAttached).map((m) => m.targetNode));
-    if (attached.size === 0) return;
-    await this.#qmp('yanking mirror targets', async (qmp) => {
-      const yankable = await qmp.client.execute<{ type: string; 'node-name'?: string }[]>('query-yank', undefined, { signal });
-      const instances = yankable.filter((i) => i.type === 'block-node' && attached.has(i['node-name'] ?? ''));
-      if (instances.length > 0) await qmp.client.execute('yank', { instances }, { signal });
+    await this.#yank(['block-node'], signal);
+  }
+
+  /**
+   * Yanks what of `kinds` QEMU lists as yankable: the migration stream, and of
+   * the block nodes only the mirror targets still attached (never the VM's own
+   * disks). Out of band when the monitor allows it, so it works while the main
+   * loop is stuck.
+   */
+  async #yank(kinds: YankKind[], signal: AbortSignal): Promise<void> {
+    const targets = new Set(this.#mirrors.filter((m) => m.targetAttached).map((m) => m.targetNode));
+    if (!kinds.includes('migration') && targets.size === 0) return;
+    await this.#qmp(`yanking ${kinds.join(' and ')} connections`, async (qmp) => {
+      const options = { signal, oob: qmp.client.oobEnabled, timeoutMs: yankTimeoutMs };
+      const yankable = await qmp.client.execute<YankInstance[]>('query-yank', undefined, options);
+      const instances = yankable.filter(
+        (i) => (i.type === 'migration' && kinds.includes('migration')) || (i.type === 'block-node' && kinds.includes('block-node') && targets.has(i['node-name'] ?? '')),
+      );
+      if (instances.length === 0) return;
+      await qmp.client.execute('yank', { instances }, options).catch((err: unknown) => {
+        // An instance that went away since query-yank (the migration failed by itself) has nothing left to yank.
+        if (!(err instanceof QmpCommandError && err.errorClass === 'DeviceNotFound')) throw err;
+      });
     });
   }
 
@@ -254,7 +312,7 @@ export class QemuSource implements SourceSide {
 
   async #waitMigrationSettled(signal: AbortSignal): Promise<void> {
     for (;;) {
-      const info = await this.migrationInfo(signal);
+      const info = await this.#migrationInfoUnstuck(signal);
       if (!cancellable.includes(info.status) && info.status !== 'cancelling') return;
       await sleep(50, undefined, { signal });
     }

@@ -209,6 +209,20 @@ test('RAM that stops moving fails the migration after the stall timeout', async 
   assert.match(report.error?.message ?? '', /the RAM migration made no progress/);
 });
 
+test('a progress query QEMU never answers (its main loop stuck on a dead link) is a stall too', async () => {
+  const { calls, source, destination } = fakeSides({ hang: 'src.waitMilestone' });
+  source.migrationInfo = (signal) =>
+    new Promise((_, reject) => signal.addEventListener('abort', () => reject(signal.reason as Error), { once: true }));
+  const stalled = { ...plan(60), options: { ...plan(60).options, stallTimeoutS: 0.2 } };
+  const started = Date.now();
+  const report = await runMigration({ spec, plan: stalled, source, destination, pollIntervalMs: 10 });
+  assert.equal(report.outcome, 'failed');
+  assert.equal(report.error?.code, 'VMF_MIGRATION_FAILED');
+  assert.match(report.error?.message ?? '', /the RAM migration made no progress: QEMU did not report any for 0.2 s \(is the network/);
+  assert.ok(Date.now() - started < 5_000);
+  assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
+});
+
 test('after the destination resumed, nothing is rolled back even if the source fails to retire', async () => {
   const { calls, source, destination } = fakeSides({ fail: 'src.retire' });
   const report = await runMigration({ spec, plan: plan(), source, destination, pollIntervalMs: 1 });
