@@ -1,0 +1,127 @@
+/**
+ * What the end-to-end fault tests share: a VM running the test guest on a
+ * LocalCluster's host A (a local and a shared disk), waits on a migration
+ * record, and the checks a user relies on after a fault: the VM runs on one
+ * host only, its guest keeps writing, nothing is left on the other host, and
+ * verify mode finds every acknowledged record.
+ */
+import assert from 'node:assert/strict';
+import { readdir, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { LocalCluster } from '../../src/demo/local-cluster.ts';
+import { checkVerify, readGuestReport, waitForAcks, type GuestOptions } from '../../src/guest/test-guest.ts';
+import { verifyDisks } from '../../src/guest/verify.ts';
+import type { MigrationRecord } from '../../src/store/store.ts';
+
+const MiB = 1024 * 1024;
+/** The record area of each disk; verify mode reads the same span. */
+const spanMiB = 8;
+const terminalPhases = ['completed', 'failed', 'cancelled'];
+
+export class FaultCluster {
+  readonly cluster: LocalCluster;
+  /** Where verify mode puts its scratch files. */
+  readonly #workDir: string;
+
+  constructor(cluster: LocalCluster, workDir: string) {
+    this.cluster = cluster;
+    this.#workDir = workDir;
+  }
+
+  /** The guest's report channel of `vm` on every host (only the one it runs on grows). */
+  reportLogs(vm: string): string[] {
+    return this.cluster.hosts.map((h) => join(h.dataDir, 'vms', vm, 'serial1.log'));
+  }
+
+  /** Pids of every QEMU of this VM, by host (its run directory lies in the host's data directory). */
+  async qemuPids(vm: string): Promise<Map<string, number[]>> {
+    const found = new Map<string, number[]>(this.cluster.hosts.map((h) => [h.id, []]));
+    for (const entry of await readdir('/proc')) {
+      if (!/^\d+$/.test(entry)) continue;
+      const cmdline = await readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '');
+      if (!cmdline.startsWith('qemu-system')) continue;
+      for (const host of this.cluster.hosts) {
+        if (cmdline.includes(join(host.dataDir, 'vms', vm, 'qemu'))) found.get(host.id)?.push(Number(entry));
+      }
+    }
+    return found;
+  }
+
+  /** Creates `vm` on A (64 MiB local disk root, 64 MiB shared volume data), starts it and waits until its guest writes. */
+  async startVm(vm: string, guest: Omit<GuestOptions, 'mode' | 'spanMiB' | 'bulkDisks'> = { intervalMs: 0 }): Promise<void> {
+    await this.cluster.storage.volumes.create(`${vm}-data`, 64 * MiB);
+    const { host, port } = this.cluster.storageNbd;
+    await this.cluster.api.createVm('A', {
+      name: vm,
+      memoryMiB: 192,
+      boot: { kind: 'test-guest', options: { spanMiB, ...guest } },
+      disks: [
+        { id: 'root', local: { sizeBytes: 64 * MiB } },
+        { id: 'data', shared: { server: { type: 'inet', host, port }, export: `${vm}-data` } },
+      ],
+    });
+    await this.cluster.api.startVm(vm);
+    await waitForAcks(this.reportLogs(vm), ['root', 'data'], { atLeast: 20, timeoutMs: 90_000 });
+  }
+
+  async waitForPhase(id: string, phases: string[], timeoutMs: number): Promise<MigrationRecord> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const record = await this.cluster.api.migration(id);
+      if (phases.includes(record.phase)) return record;
+      if (terminalPhases.includes(record.phase)) {
+        throw new Error(`migration ${id} ended "${record.phase}" while waiting for ${phases.join('/')}: ${record.report?.error?.message ?? ''}`);
+      }
+      if (Date.now() > deadline) throw new Error(`migration ${id} is "${record.phase}", not ${phases.join('/')}, after ${timeoutMs} ms`);
+      await sleep(100);
+    }
+  }
+
+  /** The record once the migration has ended, however it ended. */
+  async finalRecord(id: string, timeoutMs = 180_000): Promise<MigrationRecord> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const record = await this.cluster.api.migration(id);
+      if (terminalPhases.includes(record.phase)) return record;
+      if (Date.now() > deadline) throw new Error(`migration ${id} is still "${record.phase}" after ${timeoutMs} ms`);
+      await sleep(100);
+    }
+  }
+
+  /**
+   * The VM runs on `host` and nowhere else, its guest keeps acknowledging
+   * writes, and the other host has neither a QEMU nor a volume of it.
+   */
+  async assertRunsOnlyOn(vm: string, host: string): Promise<void> {
+    const info = await this.cluster.api.vm(vm);
+    assert.equal(info.host, host, `the controller places ${vm} on ${host}`);
+    assert.equal(info.state, 'running');
+    const pids = await this.qemuPids(vm);
+    const other = host === 'A' ? 'B' : 'A';
+    assert.equal(pids.get(host)?.length, 1, `exactly one QEMU of ${vm} on ${host}`);
+    assert.deepEqual(pids.get(other), [], `no QEMU of ${vm} left on ${other}`);
+    const otherPool = await readdir(join(this.cluster.host(other).dataDir, 'pool'));
+    assert.deepEqual(otherPool.filter((f) => f.startsWith(`${vm}-`)), [], `no volume of ${vm} left in ${other}'s pool`);
+    const before = (await readGuestReport(this.reportLogs(vm))).acks;
+    await waitForAcks(this.reportLogs(vm), ['root', 'data'], { atLeast: 10, since: before, timeoutMs: 60_000 });
+  }
+
+  /**
+   * assertRunsOnlyOn, then a forced stop and verify mode: every acknowledged
+   * record is intact. The VM and its volume are removed afterwards. Returns
+   * the outcome in words, for the reliability tally.
+   */
+  async assertSettled(vm: string, host: string): Promise<string> {
+    await this.assertRunsOnlyOn(vm, host);
+    await this.cluster.api.stopVm(vm, true);
+    const report = await readGuestReport(this.reportLogs(vm));
+    const spec = (await this.cluster.api.vm(vm)).spec;
+    const verify = await verifyDisks(spec.disks, join(this.#workDir, `verify-${vm}`), { spanMiB });
+    assert.deepEqual(checkVerify(verify, report.acks), [], 'every acknowledged record is intact');
+    await this.cluster.api.deleteVm(vm);
+    await this.cluster.storage.volumes.remove(`${vm}-data`);
+    const acked = [...report.acks.values()].reduce((a, b) => a + b, 0);
+    return `VM on ${host} only, guest kept writing, ${acked} acked records intact, nothing left on ${host === 'A' ? 'B' : 'A'}`;
+  }
+}
