@@ -54,12 +54,6 @@ Last run: ${dates[0]} to ${dates[dates.length - 1]}, ${rows.length} rows from ${
   memory before a TCG destination resumes and rolls back on a mismatch (the row "pre-copy of a
   busy TCG guest" below), so the guest is safe, but such a guest cannot be migrated live until
   pre-copy needs fewer passes: a stop-and-copy RAM mode is not built.
-- **A cut link between the hosts.** The stall watch notices within its timeout, but when the cut
-  lands in the RAM phase the source's rollback finds QEMU's monitor unresponsive (\`query-migrate\`
-  does not answer within 30 s: the main loop waits on the dead migration socket). The fix is an
-  out-of-band \`yank\` of the migration, which needs the QMP client to negotiate OOB. The link-cut
-  test is out of the suite until then (a cut during the mirror alone was handled in every run, but
-  the test VM's mirror can finish before the cut lands).
 - Not covered yet: the destination pool filling up during the mirror (the mirror of the test VM
   finishes before a filler file can take the space), and a controller restart in the middle of a
   migration (no recovery from agents' state exists yet).
