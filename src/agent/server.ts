@@ -95,6 +95,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
 
   // Destination half of a migration.
   const params = MigrationParamsSchema;
+  app.get('/v1/migrations/:id', { schema: { params } }, (request) => sides.describe(request.params.id));
   app.post('/v1/migrations/:id/destination/prepare', { schema: { params, body: Type.Object({ spec: Type.Unknown(), plan: MigrationPlanSchema }, strict) } }, (request, reply) =>
     sides.prepareDestination(request.params.id, validateVmSpec(request.body.spec), request.body.plan as MigrationPlan, replySignal(reply)),
   );
@@ -105,8 +106,9 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   app.post('/v1/migrations/:id/destination/memory-digest', { schema: { params } }, (request, reply) =>
     sides.destination(request.params.id).memoryDigest(replySignal(reply)),
   );
-  app.post('/v1/migrations/:id/destination/resume', { schema: { params } }, async (request, reply) => {
-    await sides.resumeDestination(request.params.id, replySignal(reply));
+  app.post('/v1/migrations/:id/destination/resume', { schema: { params } }, async (request) => {
+    // Not cancelled when the caller goes away: a resume stopped half-way (lease taken, cont sent) is the one state nobody can settle.
+    await sides.resumeDestination(request.params.id, AbortSignal.timeout(60_000));
     return {};
   });
   app.post('/v1/migrations/:id/destination/rollback', { schema: { params } }, async (request) => {

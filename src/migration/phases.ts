@@ -71,4 +71,6 @@ export interface MigrationReport {
   totalMs: number;
   /** The guest's pause at switch-over, as QEMU measured it; undefined unless completed. */
   downtimeMs: number | undefined;
+  /** Set when a restarted controller settled the migration from what the agents reported. */
+  recovery?: string;
 }

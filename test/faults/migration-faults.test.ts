@@ -11,6 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, test } from 'node:test';
 import pino from 'pino';
 import type { VmInfo } from '../../src/api/agent-types.ts';
+import { AgentClient } from '../../src/agent/client.ts';
 import { LocalCluster } from '../../src/demo/local-cluster.ts';
 import { checkVerify, readGuestReport, waitForAcks } from '../../src/guest/test-guest.ts';
 import { verifyDisks } from '../../src/guest/verify.ts';
@@ -31,6 +32,8 @@ before(async () => {
     logger: pino({ level: process.env.VMFERRY_TEST_LOG ?? 'silent' }),
     namespaces: true,
     network: { prefix: 'vmff', subnet: '10.213.17', hostLinkSubnet: '10.213.18' },
+    // Its own process, so a test can kill it as a crash would.
+    controllerProcess: true,
   });
 });
 after(async () => {
@@ -162,6 +165,59 @@ test('destination agent killed mid-migration: the VM stays on the source; the re
     target: 'migration',
     tried: 'destination agent killed (SIGKILL) during the mirror, then restarted',
     observed: `failed: "${record.report?.error?.message.slice(0, 140)}"; the restarted agent killed the orphan incoming QEMU and its volume; ${outcome}`,
+    ok: true,
+  });
+});
+
+for (const phase of ['mirroring', 'migrating'] as const) {
+  test(`controller killed while ${phase} and restarted: it finds the migration unfinished, rolls it back, the VM runs on the source`, async () => {
+    const vm = `ctl-${phase.slice(0, 3)}`;
+    await startVm(vm);
+    const { id } = await cluster.api.migrate({ vm, to: 'B', bandwidthMiBs: 2 });
+    await waitForPhase(id as string, [phase], 60_000);
+    await sleep(500);
+    await cluster.killController();
+    // Nothing drives the migration meanwhile; QEMU's own pre-copy carries on.
+    await sleep(3_000);
+    await cluster.startController();
+    const record = await finalRecord(id as string);
+    assert.equal(record.phase, 'failed');
+    assert.match(record.report?.recovery ?? '', new RegExp(`the controller restarted while the migration was ${phase}; rolled back: ${vm} runs on A`));
+    const outcome = await assertSettled(vm, 'A');
+    recordReliability(import.meta.url, {
+      kind: 'fault',
+      target: 'controller',
+      tried: `controller killed (SIGKILL) while ${phase}, restarted 3 s later`,
+      observed: `the restarted controller asked the agents and rolled back: "${record.report?.recovery}"; ${outcome}`,
+      ok: true,
+    });
+  });
+}
+
+test('controller killed just after the destination resumed: the restarted controller finishes the migration', async () => {
+  const vm = 'ctl-resumed';
+  await startVm(vm);
+  const destinationAgent = new AgentClient(cluster.host('B').agentUrl);
+  // Uncapped: a long TCG pre-copy would be refused at switch-over (docs/QEMU-TCG-PRECOPY.md).
+  const { id } = await cluster.api.migrate({ vm, to: 'B' });
+  const deadline = Date.now() + 120_000;
+  while (!(await destinationAgent.getVm(vm).then((info) => info.state === 'running', () => false))) {
+    assert.ok(Date.now() < deadline, 'the guest never came up on B');
+    await sleep(5);
+  }
+  await cluster.killController();
+  await cluster.startController();
+  const record = await finalRecord(id as string);
+  assert.equal(record.phase, 'completed', record.report?.error?.message);
+  // The kill lands between the resume and the source's retirement nearly always; if the old controller got there first, it finished on its own.
+  const path = record.report?.recovery ? 'finished by the restarted controller' : 'completed before the kill landed';
+  if (record.report?.recovery) assert.match(record.report.recovery, /the guest already ran on B, so the source was retired/);
+  const outcome = await assertSettled(vm, 'B');
+  recordReliability(import.meta.url, {
+    kind: 'fault',
+    target: 'controller',
+    tried: 'controller killed (SIGKILL) right after the destination resumed, before the source retired',
+    observed: `completed, ${path}: "${record.report?.recovery ?? ''}"; ${outcome}`,
     ok: true,
   });
 });
