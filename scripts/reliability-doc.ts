@@ -61,8 +61,11 @@ Last run: ${dates[0]} to ${dates[dates.length - 1]}, ${rows.length} rows from ${
   test is out of the suite until then (a cut during the mirror alone was handled in every run, but
   the test VM's mirror can finish before the cut lands).
 - Not covered yet: the destination pool filling up during the mirror (the mirror of the test VM
-  finishes before a filler file can take the space), and a controller restart in the middle of a
-  migration (no recovery from agents' state exists yet).
+  finishes before a filler file can take the space).
+- **A controller that stays down** leaves its migrations where QEMU got to on its own: mirrors keep
+  running, and a source that reached pre-switchover keeps its guest paused until a controller
+  starts again and settles the migration (the "controller killed" rows). The agents do not yet roll
+  back on their own after a timeout.
 
 ## Faults
 
