@@ -133,8 +133,8 @@ export class RemoteSource implements SourceSide {
     await this.#agent.request('POST', `${this.#path}/mirrors`, { targets, copyMode, bandwidthBytes }, { signal, timeoutMs: 60_000 });
   }
 
-  mirrorStatus(signal: AbortSignal): Promise<MirrorStatus[]> {
-    return this.#agent.request('GET', `${this.#path}/mirrors`, undefined, { signal });
+  mirrorStatus(signal: AbortSignal, waitMs = 0): Promise<MirrorStatus[]> {
+    return this.#agent.request('GET', `${this.#path}/mirrors?waitMs=${waitMs}`, undefined, { signal, timeoutMs: waitMs + 30_000 });
   }
 
   async startMigration(uri: string, settings: MigrationSettings, signal: AbortSignal): Promise<void> {

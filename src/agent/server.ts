@@ -32,6 +32,8 @@ export interface AgentOptions {
 const strict = { additionalProperties: false };
 /** QEMU refuses a downtime-limit above 2000 s; a larger number would fail only deep in the migration. */
 const maxDowntimeLimitMs = 2_000_000;
+/** The longest a mirror progress query may wait for a mirror event. */
+const maxMirrorWaitMs = 10_000;
 
 const MirrorsBody = Type.Object({
   targets: Type.Array(MirrorTargetSchema, { maxItems: 16 }),
@@ -126,7 +128,11 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     await sides.source(request.params.id).startMirrors(targets, copyMode, bandwidthBytes, replySignal(reply));
     return {};
   });
-  app.get('/v1/migrations/:id/source/mirrors', { schema: { params } }, (request, reply) => sides.source(request.params.id).mirrorStatus(replySignal(reply)));
+  app.get(
+    '/v1/migrations/:id/source/mirrors',
+    { schema: { params, querystring: Type.Object({ waitMs: Type.Optional(Type.Integer({ minimum: 0, maximum: maxMirrorWaitMs })) }, strict) } },
+    (request, reply) => sides.source(request.params.id).mirrorStatus(replySignal(reply), request.query.waitMs ?? 0),
+  );
   app.post('/v1/migrations/:id/source/migrate', { schema: { params, body: MigrateBody } }, async (request, reply) => {
     await sides.source(request.params.id).startMigration(request.body.uri, request.body.settings as MigrationSettings, replySignal(reply));
     return {};

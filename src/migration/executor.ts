@@ -42,6 +42,8 @@ export interface RunMigrationInput {
 }
 
 const mib = 1024 * 1024;
+/** The least time between two mirror progress queries. */
+const minPollGapMs = 10;
 
 /** Phase changes with their timestamps, emitted as they happen. */
 class Timeline {
@@ -201,8 +203,9 @@ async function waitMirrorsReady(
   emit: (event: MigrationEvent) => void,
 ): Promise<void> {
   const stall = new StallWatch('the disk mirrors', plan.options.stallTimeoutS);
-  for (;;) {
-    const statuses = await source.mirrorStatus(signal);
+  for (let first = true; ; first = false) {
+    // Each query after the first waits up to pollMs for a mirror event, so READY is seen as it happens.
+    const statuses = await source.mirrorStatus(signal, first ? 0 : pollMs);
     const failed = statuses.find((s) => s.error);
     if (failed) throw new VmferryError('VMF_MIGRATION_FAILED', `mirror of disk ${failed.diskId} failed: ${failed.error}`);
     // A READY mirror stands still when the guest writes nothing: only the ones still copying must move.
@@ -222,7 +225,8 @@ async function waitMirrorsReady(
       }),
     });
     if (statuses.every((s) => s.ready)) return;
-    await sleep(pollMs, undefined, { signal });
+    // A side that answers at once (an agent without event waits) must not be polled in a hot loop.
+    await sleep(minPollGapMs, undefined, { signal });
   }
 }
 
