@@ -129,7 +129,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       },
       signal,
     );
-    const milestone = await convergeRam(source, plan, pollMs, signal, emit, (info) => (lastInfo = info));
+    const milestone = await convergeRam(source, plan, prepared.mirrorTargets.length > 0, pollMs, signal, emit, (info) => (lastInfo = info));
     if (milestone !== 'pre-switchover') {
       throw new VmferryError('VMF_MIGRATION_FAILED', `RAM migration ended as "${milestone}" before switch-over: ${lastInfo['error-desc'] ?? 'no reason given'}`);
     }
@@ -234,6 +234,7 @@ async function waitMirrorsReady(
 async function convergeRam(
   source: SourceSide,
   plan: MigrationPlan,
+  mirroring: boolean,
   pollMs: number,
   signal: AbortSignal,
   emit: (event: MigrationEvent) => void,
@@ -248,6 +249,11 @@ async function convergeRam(
     if (reached !== undefined) return reached;
     const info = await source.migrationInfo(signal);
     remember(info);
+    // A mirror that fails now (its target's pool full, say) would otherwise surface only at switch-over, after all of RAM.
+    if (mirroring) {
+      const failed = (await source.mirrorStatus(signal)).find((s) => s.error);
+      if (failed) throw new VmferryError('VMF_MIGRATION_FAILED', `mirror of disk ${failed.diskId} failed during the RAM phase: ${failed.error}`);
+    }
     const ram = ramProgress(info);
     if (ram) emit({ type: 'ram', ram });
     stall.observe(ram?.transferredBytes ?? 0);

@@ -16,6 +16,7 @@ import { LocalCluster } from '../../src/demo/local-cluster.ts';
 import { checkVerify, readGuestReport, waitForAcks } from '../../src/guest/test-guest.ts';
 import { verifyDisks } from '../../src/guest/verify.ts';
 import type { MigrationRecord } from '../../src/store/store.ts';
+import { runProgram } from '../../src/util/run.ts';
 import { recordReliability } from '../support/reliability.ts';
 import { makeTempDir } from '../support/temp.ts';
 
@@ -59,15 +60,15 @@ async function qemuPids(vm: string): Promise<Map<string, number[]>> {
   return found;
 }
 
-async function startVm(vm: string): Promise<void> {
+async function startVm(vm: string, options: { rootMiB?: number; bulkMiBs?: number } = {}): Promise<void> {
   await cluster.storage.volumes.create(`${vm}-data`, 64 * MiB);
   const { host, port } = cluster.storageNbd;
   await cluster.api.createVm('A', {
     name: vm,
     memoryMiB: 192,
-    boot: { kind: 'test-guest', options: { spanMiB: 8, intervalMs: 0 } },
+    boot: { kind: 'test-guest', options: { spanMiB: 8, intervalMs: 0, ...(options.bulkMiBs ? { bulkMiBs: options.bulkMiBs } : {}) } },
     disks: [
-      { id: 'root', local: { sizeBytes: 64 * MiB } },
+      { id: 'root', local: { sizeBytes: (options.rootMiB ?? 64) * MiB } },
       { id: 'data', shared: { server: { type: 'inet', host, port }, export: `${vm}-data` } },
     ],
   });
@@ -220,6 +221,40 @@ test('controller killed just after the destination resumed: the restarted contro
     observed: `completed, ${path}: "${record.report?.recovery ?? ''}"; ${outcome}`,
     ok: true,
   });
+});
+
+/** Runs a command in the mount namespace of host `id`'s agent (`ip netns exec` gives each its own). */
+function inAgentMounts(id: string, command: string[]): Promise<string> {
+  return runProgram('nsenter', ['-t', String(cluster.host(id).process.pid), '-m', ...command]);
+}
+
+test('destination pool full during the mirror: the migration fails, the guest on the source never sees an error', async () => {
+  const vm = 'pool-full';
+  // The guest keeps writing new data to its local disk (bulk, 4 MiB/s), so the mirror's target keeps growing.
+  await startVm(vm, { rootMiB: 256, bulkMiBs: 4 });
+  const pool = join(cluster.host('B').dataDir, 'pool');
+  // Room for what the disk holds now (the plan checks that), not for what the guest writes during the mirror.
+  await inAgentMounts('B', ['mount', '-t', 'tmpfs', '-o', 'size=96m', 'vmferry-pool-full', pool]);
+  try {
+    const { id } = await cluster.api.migrate({ vm, to: 'B', bandwidthMiBs: 2 });
+    const record = await finalRecord(id as string);
+    assert.equal(record.phase, 'failed');
+    assert.match(record.report?.error?.message ?? '', /no space left on device/i);
+    assert.equal((await inAgentMounts('B', ['ls', '-A', pool])).trim(), '', "nothing left in B's (full) pool");
+    const guestLog = await readFile(reportLogs(vm)[0] as string, 'utf8');
+    assert.doesNotMatch(guestLog, /GUEST-ERROR/, 'the guest never saw a write error');
+    const outcome = await assertSettled(vm, 'A');
+    recordReliability(import.meta.url, {
+      kind: 'fault',
+      target: 'migration',
+      tried: "destination pool (a 96 MiB tmpfs) filled up during the mirror while the guest kept writing new data",
+      observed: `failed: "${record.report?.error?.message.slice(0, 140)}"; no guest I/O error; ${outcome}`,
+      ok: true,
+    });
+  } finally {
+    // Lazily: after a failure a QEMU may still hold the mount, and the failure is the news.
+    await inAgentMounts('B', ['umount', '--lazy', pool]);
+  }
 });
 
 // The link cut between the hosts is not in the suite yet: when the cut lands in the RAM phase (the
