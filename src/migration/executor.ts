@@ -190,8 +190,8 @@ async function compareMemory(source: SourceSide, destination: DestinationSide, s
   throw new VmferryError(
     'VMF_MEMORY_MISMATCH',
     `the guest's memory on ${destination.hostId} differs from ${source.hostId} in ${differing.length} of ${sourceDigest.chunks.length} ${mib} MiB chunks (at ${where}${differing.length > 8 ? ', …' : ''}): ` +
-      'QEMU lost memory writes during pre-copy (a known defect of QEMU 7.2 under TCG when pre-copy takes several passes); ' +
-      'the destination was not resumed. Retry with a higher --bandwidth or a quieter guest so pre-copy needs fewer passes',
+      'QEMU lost memory writes during pre-copy (a known defect of QEMU 7.2 under TCG, likelier the more passes pre-copy takes); ' +
+      'the destination was not resumed and the guest runs on the source. Retry, with a higher --bandwidth or a quieter guest so pre-copy needs fewer passes',
   );
 }
 
