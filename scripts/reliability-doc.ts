@@ -55,8 +55,11 @@ Last run: ${dates[0]} to ${dates[dates.length - 1]}, ${rows.length} rows from ${
   busy TCG guest" below), so the guest is safe, but such a guest cannot be migrated live until
   pre-copy needs fewer passes: a stop-and-copy RAM mode is not built.
 - Not covered yet: the destination pool filling up during the mirror (the mirror of the test VM
-  finishes before a filler file can take the space), and a controller restart in the middle of a
-  migration (no recovery from agents' state exists yet).
+  finishes before a filler file can take the space).
+- **A controller that stays down** leaves its migrations where QEMU got to on its own: mirrors keep
+  running, and a source that reached pre-switchover keeps its guest paused until a controller
+  starts again and settles the migration (the "controller killed" rows). The agents do not yet roll
+  back on their own after a timeout.
 
 ## Faults
 

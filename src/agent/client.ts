@@ -21,6 +21,11 @@ import type { MigrationInfo } from '../qmp/commands.ts';
 
 /** Waits that last as long as a phase of a migration: the migration's own deadline governs them. */
 const longWaitMs = 24 * 3600 * 1000;
+
+export interface MigrationHalves {
+  source: { vm: string } | null;
+  destination: { state: 'prepared' | 'resuming' | 'resumed' } | null;
+}
 /** Dumping and hashing up to 2 GiB of guest memory. */
 const memoryDigestTimeoutMs = 120_000;
 
@@ -41,6 +46,11 @@ export class AgentClient {
 
   listVms(): Promise<VmInfo[]> {
     return this.request('GET', '/v1/vms');
+  }
+
+  /** What this host holds of a migration (its source or destination half, if any). */
+  migrationHalves(id: string): Promise<MigrationHalves> {
+    return this.request('GET', `/v1/migrations/${encodeURIComponent(id)}`, undefined, { timeoutMs: 10_000 });
   }
 
   getVm(name: string): Promise<VmInfo> {
@@ -123,8 +133,8 @@ export class RemoteSource implements SourceSide {
     await this.#agent.request('POST', `${this.#path}/mirrors`, { targets, copyMode, bandwidthBytes }, { signal, timeoutMs: 60_000 });
   }
 
-  mirrorStatus(signal: AbortSignal): Promise<MirrorStatus[]> {
-    return this.#agent.request('GET', `${this.#path}/mirrors`, undefined, { signal });
+  mirrorStatus(signal: AbortSignal, waitMs = 0): Promise<MirrorStatus[]> {
+    return this.#agent.request('GET', `${this.#path}/mirrors?waitMs=${waitMs}`, undefined, { signal, timeoutMs: waitMs + 30_000 });
   }
 
   async startMigration(uri: string, settings: MigrationSettings, signal: AbortSignal): Promise<void> {

@@ -78,6 +78,13 @@ export class MigrationSides {
     return destination;
   }
 
+  /** What this host holds of migration `id`, for a controller settling it after a restart. */
+  describe(id: string): { source: { vm: string } | null; destination: { state: QemuDestination['state'] } | null } {
+    const source = this.#sources.get(id);
+    const destination = this.#destinations.get(id);
+    return { source: source ? { vm: source.vm } : null, destination: destination ? { state: destination.state } : null };
+  }
+
   async resumeDestination(id: string, signal: AbortSignal): Promise<void> {
     const destination = this.destination(id);
     await destination.resume(signal);

@@ -32,6 +32,8 @@ export interface AgentOptions {
 const strict = { additionalProperties: false };
 /** QEMU refuses a downtime-limit above 2000 s; a larger number would fail only deep in the migration. */
 const maxDowntimeLimitMs = 2_000_000;
+/** The longest a mirror progress query may wait for a mirror event. */
+const maxMirrorWaitMs = 10_000;
 
 const MirrorsBody = Type.Object({
   targets: Type.Array(MirrorTargetSchema, { maxItems: 16 }),
@@ -95,6 +97,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
 
   // Destination half of a migration.
   const params = MigrationParamsSchema;
+  app.get('/v1/migrations/:id', { schema: { params } }, (request) => sides.describe(request.params.id));
   app.post('/v1/migrations/:id/destination/prepare', { schema: { params, body: Type.Object({ spec: Type.Unknown(), plan: MigrationPlanSchema }, strict) } }, (request, reply) =>
     sides.prepareDestination(request.params.id, validateVmSpec(request.body.spec), request.body.plan as MigrationPlan, replySignal(reply)),
   );
@@ -105,8 +108,9 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   app.post('/v1/migrations/:id/destination/memory-digest', { schema: { params } }, (request, reply) =>
     sides.destination(request.params.id).memoryDigest(replySignal(reply)),
   );
-  app.post('/v1/migrations/:id/destination/resume', { schema: { params } }, async (request, reply) => {
-    await sides.resumeDestination(request.params.id, replySignal(reply));
+  app.post('/v1/migrations/:id/destination/resume', { schema: { params } }, async (request) => {
+    // Not cancelled when the caller goes away: a resume stopped half-way (lease taken, cont sent) is the one state nobody can settle.
+    await sides.resumeDestination(request.params.id, AbortSignal.timeout(60_000));
     return {};
   });
   app.post('/v1/migrations/:id/destination/rollback', { schema: { params } }, async (request) => {
@@ -124,7 +128,11 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     await sides.source(request.params.id).startMirrors(targets, copyMode, bandwidthBytes, replySignal(reply));
     return {};
   });
-  app.get('/v1/migrations/:id/source/mirrors', { schema: { params } }, (request, reply) => sides.source(request.params.id).mirrorStatus(replySignal(reply)));
+  app.get(
+    '/v1/migrations/:id/source/mirrors',
+    { schema: { params, querystring: Type.Object({ waitMs: Type.Optional(Type.Integer({ minimum: 0, maximum: maxMirrorWaitMs })) }, strict) } },
+    (request, reply) => sides.source(request.params.id).mirrorStatus(replySignal(reply), request.query.waitMs ?? 0),
+  );
   app.post('/v1/migrations/:id/source/migrate', { schema: { params, body: MigrateBody } }, async (request, reply) => {
     await sides.source(request.params.id).startMigration(request.body.uri, request.body.settings as MigrationSettings, replySignal(reply));
     return {};

@@ -11,7 +11,12 @@ export function table(head: string[], rows: (string | number)[][]): string {
 
 export function renderPlan(plan: MigrationPlan): string {
   const rows = plan.disks.map((d) => [d.id, d.kind, d.operation, formatBytes(d.virtualSize), formatBytes(d.bytesToCopy), d.reason]);
-  rows.push(['(RAM)', 'memory', 'migrate', `${plan.ram.memoryMiB} MiB`, `≤ ${plan.ram.memoryMiB} MiB`, `pre-copy, max downtime ${plan.ram.maxDowntimeMs} ms${plan.ram.allowPostcopy ? ', post-copy allowed' : ''}`]);
+  const ramHow = [
+    `pre-copy, max downtime ${plan.ram.maxDowntimeMs} ms`,
+    ...(plan.ram.allowPostcopy ? ['post-copy allowed'] : []),
+    ...(plan.ram.compareMemory ? ['both ends compared before B runs (TCG)'] : []),
+  ].join(', ');
+  rows.push(['(RAM)', 'memory', 'migrate', `${plan.ram.memoryMiB} MiB`, `≤ ${plan.ram.memoryMiB} MiB`, ramHow]);
   const lines = [`Plan: ${plan.vm} from ${plan.from} to ${plan.to}`, table(['disk', 'kind', 'operation', 'size', 'to copy', 'why'], rows)];
   if (plan.refusals.length) lines.push('Refused:', ...plan.refusals.map((r) => `  - ${r}`));
   return lines.join('\n');
@@ -23,6 +28,8 @@ export function renderReport(report: MigrationReport): string {
       (report.outcome === 'completed' ? ` in ${(report.totalMs / 1000).toFixed(1)} s, downtime ${report.downtimeMs ?? '?'} ms` : ''),
   ];
   if (report.error) lines.push(`  reason: ${report.error.message} [${report.error.code}]`);
+  if (report.recovery && report.outcome === 'completed') lines.push(`  settled after a restart: ${report.recovery}`);
+  if (report.ram.memoryCompared) lines.push('  guest memory identical at both ends before the destination ran (checked: TCG guest)');
   lines.push(
     table(
       ['disk', 'operation', 'size', 'bytes sent'],

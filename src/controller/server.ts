@@ -12,6 +12,7 @@ import { SqliteStore } from '../store/sqlite-store.ts';
 import type { Store } from '../store/store.ts';
 import { Inventory } from './inventory.ts';
 import { MigrationService } from './migrations.ts';
+import { settleUnfinishedMigrations } from './recovery.ts';
 
 export const MigrateRequestSchema = Type.Object(
   {
@@ -35,12 +36,19 @@ export interface ControllerOptions {
   store?: Store;
 }
 
-export async function buildController(options: ControllerOptions): Promise<{ app: FastifyInstance; migrations: MigrationService; store: Store }> {
+export async function buildController(
+  options: ControllerOptions,
+): Promise<{ app: FastifyInstance; migrations: MigrationService; store: Store; settled: Promise<void> }> {
   const store = options.store ?? new SqliteStore(options.dbPath);
   const inventory = new Inventory(store);
   const migrations = new MigrationService(store, inventory, options.logger);
   const { base, app } = await createApiServer('vmferry controller', options.logger, 1024 * 1024);
+  // Migrations a previous controller process left behind: settled in the background while the API serves.
+  const stopSettling = new AbortController();
+  const settled = settleUnfinishedMigrations(store, inventory, options.logger, stopSettling.signal);
   app.addHook('onClose', async () => {
+    stopSettling.abort();
+    await settled;
     await migrations.drain();
     await store.close();
   });
@@ -101,5 +109,5 @@ export async function buildController(options: ControllerOptions): Promise<{ app
     },
   );
   app.post('/v1/migrations/:id/cancel', { schema: { params: MigrationParamsSchema } }, (request) => migrations.cancel(request.params.id));
-  return { app: base, migrations, store };
+  return { app: base, migrations, store, settled };
 }

@@ -1,6 +1,6 @@
 /**
  * A whole vmferry cluster on one machine: a storage server and a controller in
- * this process, and one agent process per host, each host in its own network
+ * this process (or the controller in its own), and one agent process per host, each host in its own network
  * namespace (as root) or on its own loopback address (otherwise). The demo and
  * the end-to-end tests run on it.
  */
@@ -41,6 +41,8 @@ export interface LocalClusterOptions {
   namespaces?: boolean;
   /** Names and addresses of the namespaces, so several clusters can coexist (default vmfd, 10.213.7). */
   network?: { prefix: string; subnet: string; hostLinkSubnet?: string };
+  /** Run the controller as its own process, so it can be killed like a crash would (default: in this process). */
+  controllerProcess?: boolean;
 }
 
 export class LocalCluster {
@@ -53,6 +55,7 @@ export class LocalCluster {
   network: NamespaceNetwork | undefined;
   readonly #logger: Logger;
   #controller: FastifyInstance | undefined;
+  #controllerProcess: { command: string[]; child: ChildProcess } | undefined;
 
   private constructor(workDir: string, logger: Logger) {
     this.workDir = workDir;
@@ -93,9 +96,18 @@ export class LocalCluster {
     this.storage = await this.#startStorage({ host: serviceHost, port: await findFreePort(serviceHost) }, { host: serviceHost, port: 0 });
     this.storageNbd = { host: serviceHost, port: this.storage.addresses.nbdPort as number };
 
-    const controller = await buildController({ dbPath: join(this.workDir, 'controller.db'), logger: this.#logger.child({ component: 'controller' }) });
-    this.#controller = controller.app;
-    this.controllerUrl = await controller.app.listen({ host: serviceHost, port: await findFreePort(serviceHost) });
+    const dbPath = join(this.workDir, 'controller.db');
+    const controllerPort = await findFreePort(serviceHost);
+    if (options.controllerProcess) {
+      const command = [process.execPath, cliPath, 'controller', '--listen', `${serviceHost}:${controllerPort}`, '--db', dbPath];
+      this.#controllerProcess = { command, child: this.#spawnDaemon('controller', command) };
+      this.controllerUrl = `http://${serviceHost}:${controllerPort}`;
+      await this.#waitController();
+    } else {
+      const controller = await buildController({ dbPath, logger: this.#logger.child({ component: 'controller' }) });
+      this.#controller = controller.app;
+      this.controllerUrl = await controller.app.listen({ host: serviceHost, port: controllerPort });
+    }
 
     for (const [index, id] of options.hostIds.entries()) {
       const namespaceHost = this.network?.hosts[index];
@@ -105,7 +117,7 @@ export class LocalCluster {
       // Migration streams and mirror exports go over the direct link when there is one.
       if (namespaceHost?.linkAddress) args.push('--address', namespaceHost.linkAddress);
       const command = namespaceHost ? ['ip', 'netns', 'exec', namespaceHost.namespace, process.execPath, ...args] : [process.execPath, ...args];
-      this.hosts.push({ id, address, dataDir, agentUrl: `http://${address}:${agentPort}`, command, process: this.#spawnAgent(id, command), namespace: namespaceHost?.namespace });
+      this.hosts.push({ id, address, dataDir, agentUrl: `http://${address}:${agentPort}`, command, process: this.#spawnDaemon(`host ${id}`, command), namespace: namespaceHost?.namespace });
     }
     await this.waitForHosts(options.hostIds, 30_000);
   }
@@ -123,11 +135,39 @@ export class LocalCluster {
     }
   }
 
-  #spawnAgent(id: string, [command, ...args]: string[]): ChildProcess {
+  #spawnDaemon(label: string, [command, ...args]: string[]): ChildProcess {
     const child = spawn(command as string, args, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, VMFERRY_LOG: process.env.VMFERRY_LOG ?? 'warn' } });
-    // Always read stderr: an unread pipe fills up and blocks the agent on its next log line.
-    child.stderr?.on('data', (chunk: Buffer) => this.#logger.debug({ host: id }, chunk.toString().trimEnd()));
+    // Always read stderr: an unread pipe fills up and blocks the daemon on its next log line.
+    child.stderr?.on('data', (chunk: Buffer) => this.#logger.debug({ daemon: label }, chunk.toString().trimEnd()));
     return child;
+  }
+
+  /** Kills the controller process with SIGKILL, as a crash would; agents and guests carry on. */
+  async killController(): Promise<void> {
+    if (!this.#controllerProcess) throw new VmferryError('VMF_INVALID_ARGUMENT', 'this cluster runs its controller in-process (start it with controllerProcess: true)');
+    const child = this.#controllerProcess.child;
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    const exited = new Promise((resolve) => child.once('exit', resolve));
+    child.kill('SIGKILL');
+    await exited;
+  }
+
+  /** Starts the controller process again on the same address and database, and waits until it answers. */
+  async startController(): Promise<void> {
+    if (!this.#controllerProcess) throw new VmferryError('VMF_INVALID_ARGUMENT', 'this cluster runs its controller in-process (start it with controllerProcess: true)');
+    this.#controllerProcess.child = this.#spawnDaemon('controller', this.#controllerProcess.command);
+    await this.#waitController();
+  }
+
+  async #waitController(): Promise<void> {
+    const child = this.#controllerProcess?.child;
+    const deadline = Date.now() + 30_000;
+    for (;;) {
+      if (await this.api.hosts().then(() => true, () => false)) return;
+      if (child && child.exitCode !== null) throw new VmferryError('VMF_UNREACHABLE', `the controller exited with code ${child.exitCode}`);
+      if (Date.now() > deadline) throw new VmferryError('VMF_TIMEOUT', 'the controller did not answer within 30 s');
+      await sleep(200);
+    }
   }
 
   /** Kills one host's agent with SIGKILL, as a crash would (its QEMUs keep running). */
@@ -161,7 +201,7 @@ export class LocalCluster {
   /** Starts a host's agent again after it stopped or was killed, and waits until it answers. */
   async startAgent(id: string): Promise<void> {
     const host = this.host(id);
-    host.process = this.#spawnAgent(id, host.command);
+    host.process = this.#spawnDaemon(`host ${id}`, host.command);
     // The controller may still count the old agent's last heartbeat: ask the new one itself.
     const agent = new AgentClient(host.agentUrl);
     const deadline = Date.now() + 30_000;
@@ -190,6 +230,7 @@ export class LocalCluster {
       for (const pid of pids.split('\n').map(Number).filter((p) => p > 0)) process.kill(pid, 'SIGKILL');
     }
     await this.#controller?.close();
+    if (this.#controllerProcess) await stopProcess(this.#controllerProcess.child);
     await this.storage?.close().catch(() => undefined);
     await this.network?.remove();
     await rm(this.workDir, { recursive: true, force: true });

@@ -42,6 +42,8 @@ export interface RunMigrationInput {
 }
 
 const mib = 1024 * 1024;
+/** The least time between two mirror progress queries. */
+const minPollGapMs = 10;
 
 /** Phase changes with their timestamps, emitted as they happen. */
 class Timeline {
@@ -127,7 +129,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       },
       signal,
     );
-    const milestone = await convergeRam(source, plan, pollMs, signal, emit, (info) => (lastInfo = info));
+    const milestone = await convergeRam(source, plan, prepared.mirrorTargets.length > 0, pollMs, signal, emit, (info) => (lastInfo = info));
     if (milestone !== 'pre-switchover') {
       throw new VmferryError('VMF_MIGRATION_FAILED', `RAM migration ended as "${milestone}" before switch-over: ${lastInfo['error-desc'] ?? 'no reason given'}`);
     }
@@ -188,8 +190,8 @@ async function compareMemory(source: SourceSide, destination: DestinationSide, s
   throw new VmferryError(
     'VMF_MEMORY_MISMATCH',
     `the guest's memory on ${destination.hostId} differs from ${source.hostId} in ${differing.length} of ${sourceDigest.chunks.length} ${mib} MiB chunks (at ${where}${differing.length > 8 ? ', …' : ''}): ` +
-      'QEMU lost memory writes during pre-copy (a known defect of QEMU 7.2 under TCG when pre-copy takes several passes); ' +
-      'the destination was not resumed. Retry with a higher --bandwidth or a quieter guest so pre-copy needs fewer passes',
+      'QEMU lost memory writes during pre-copy (a known defect of QEMU 7.2 under TCG, likelier the more passes pre-copy takes); ' +
+      'the destination was not resumed and the guest runs on the source. Retry, with a higher --bandwidth or a quieter guest so pre-copy needs fewer passes',
   );
 }
 
@@ -201,8 +203,10 @@ async function waitMirrorsReady(
   emit: (event: MigrationEvent) => void,
 ): Promise<void> {
   const stall = new StallWatch('the disk mirrors', plan.options.stallTimeoutS);
-  for (;;) {
-    const statuses = await stall.read((s) => source.mirrorStatus(s), signal);
+  for (let first = true; ; first = false) {
+    // Each query after the first waits up to pollMs for a mirror event, so READY is seen as it happens.
+    const waitMs = first ? 0 : pollMs;
+    const statuses = await stall.read((s) => source.mirrorStatus(s, waitMs), signal);
     const failed = statuses.find((s) => s.error);
     if (failed) throw new VmferryError('VMF_MIGRATION_FAILED', `mirror of disk ${failed.diskId} failed: ${failed.error}`);
     // A READY mirror stands still when the guest writes nothing: only the ones still copying must move.
@@ -222,7 +226,8 @@ async function waitMirrorsReady(
       }),
     });
     if (statuses.every((s) => s.ready)) return;
-    await sleep(pollMs, undefined, { signal });
+    // A side that answers at once (an agent without event waits) must not be polled in a hot loop.
+    await sleep(minPollGapMs, undefined, { signal });
   }
 }
 
@@ -230,6 +235,7 @@ async function waitMirrorsReady(
 async function convergeRam(
   source: SourceSide,
   plan: MigrationPlan,
+  mirroring: boolean,
   pollMs: number,
   signal: AbortSignal,
   emit: (event: MigrationEvent) => void,
@@ -244,6 +250,11 @@ async function convergeRam(
     if (reached !== undefined) return reached;
     const info = await stall.read((s) => source.migrationInfo(s), signal);
     remember(info);
+    // A mirror that fails now (its target's pool full, say) would otherwise surface only at switch-over, after all of RAM.
+    if (mirroring) {
+      const failed = (await stall.read((s) => source.mirrorStatus(s), signal)).find((s) => s.error);
+      if (failed) throw new VmferryError('VMF_MIGRATION_FAILED', `mirror of disk ${failed.diskId} failed during the RAM phase: ${failed.error}`);
+    }
     const ram = ramProgress(info);
     if (ram) emit({ type: 'ram', ram });
     stall.observe(ram?.transferredBytes ?? 0);

@@ -49,7 +49,7 @@ export type MigrationEvent =
   | { type: 'phase'; phase: MigrationPhase; at: number }
   | { type: 'disks'; disks: DiskProgress[] }
   | { type: 'ram'; ram: RamProgress }
-  | { type: 'escalation'; action: 'downtime-limit' | 'postcopy'; detail: string };
+  | { type: 'escalation'; action: 'downtime-limit' | 'postcopy' | 'retry'; detail: string };
 
 export interface PhaseTiming {
   phase: MigrationPhase;
@@ -71,4 +71,8 @@ export interface MigrationReport {
   totalMs: number;
   /** The guest's pause at switch-over, as QEMU measured it; undefined unless completed. */
   downtimeMs: number | undefined;
+  /** Attempts it took, when more than one (a rollback for a memory mismatch is retried). */
+  attempts?: number;
+  /** Set when a restarted controller settled the migration from what the agents reported. */
+  recovery?: string;
 }

@@ -44,6 +44,7 @@ export class QemuDestination implements DestinationSide {
   #exportIds: string[] = [];
   #nbdServerStarted = false;
   #resumed = false;
+  #resuming = false;
   #vmName: string | undefined;
   /** The source's spec, whose writer tokens get the shared volumes back if we claimed them and then failed. */
   #sourceSpec: VmSpec | undefined;
@@ -120,7 +121,21 @@ export class QemuDestination implements DestinationSide {
     return memoryDigest(this.#requireVm(), signal);
   }
 
+  /** Where this side stands, for a restarted controller deciding whether to finish or roll back. */
+  get state(): 'prepared' | 'resuming' | 'resumed' {
+    return this.#resumed ? 'resumed' : this.#resuming ? 'resuming' : 'prepared';
+  }
+
   async resume(signal: AbortSignal): Promise<void> {
+    this.#resuming = true;
+    try {
+      await this.#resume(signal);
+    } finally {
+      this.#resuming = false;
+    }
+  }
+
+  async #resume(signal: AbortSignal): Promise<void> {
     const vm = this.#requireVm();
     await vm.qmp('resuming the migrated guest', async (qmp) => {
       for (const id of this.#exportIds) await qmp.blockExportDel(id, 'safe', { signal });
@@ -141,7 +156,9 @@ export class QemuDestination implements DestinationSide {
   }
 
   async rollback(): Promise<void> {
-    if (this.#resumed) throw new VmferryError('VMF_MIGRATION_FAILED', `the guest already runs on ${this.hostId}; refusing to roll back`);
+    // A cont whose reply was lost still counts: the guest's own state decides, not our bookkeeping.
+    const running = this.#resumed || (this.#vm?.isAlive === true && (await this.#vm.status().catch(() => undefined))?.running === true);
+    if (running) throw new VmferryError('VMF_MIGRATION_FAILED', `the guest already runs on ${this.hostId}; refusing to roll back`);
     this.#events?.close();
     if (this.#vm) {
       await this.#vm.kill();

@@ -7,11 +7,11 @@
 import { rm } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
-import { VmferryError, describeError } from '../errors.ts';
+import { VmferryError, describeError, hasCode } from '../errors.ts';
 import { memoryDigest, type MemoryDigest } from '../qemu/memory-digest.ts';
 import type { QemuProcess } from '../qemu/process.ts';
 import { diskNodeName } from '../qemu/spec.ts';
-import { QmpCommandError, type QmpEventListener } from '../qmp/client.ts';
+import { QmpCommandError, type QmpEvent, type QmpEventListener } from '../qmp/client.ts';
 import type { MigrationInfo, MigrationStatus, QemuMonitor } from '../qmp/commands.ts';
 import type { CopyMode } from './plan.ts';
 import type { MigrationMilestone, MigrationSettings, MirrorStatus, MirrorTarget, SourceSide } from './sides.ts';
@@ -32,6 +32,8 @@ interface MirrorJob {
   targetAttached: boolean;
 }
 
+/** Mirror job events after which progress is worth reading at once. */
+const mirrorEvents: readonly string[] = ['BLOCK_JOB_READY', 'BLOCK_JOB_ERROR', 'BLOCK_JOB_COMPLETED'];
 const milestones: readonly string[] = ['pre-switchover', 'postcopy-active', 'completed', 'failed', 'cancelled'];
 /** Statuses from which migrate_cancel brings the guest back on the source. */
 const cancellable: readonly (MigrationStatus | undefined)[] = ['setup', 'active', 'pre-switchover', 'device', 'wait-unplug'];
@@ -57,6 +59,8 @@ export class QemuSource implements SourceSide {
   readonly #logger: Logger | undefined;
   readonly #mirrors: MirrorJob[] = [];
   #events: QmpEventListener | undefined;
+  /** Mirror job events since the mirrors started, so none slips between two progress queries. */
+  #mirrorEvents: QmpEventListener | undefined;
   #wasRunning: boolean | undefined;
   /** Once post-copy may have begun the migration is never yanked: the guest's memory would be split. */
   #postcopyRequested = false;
@@ -70,6 +74,7 @@ export class QemuSource implements SourceSide {
   async startMirrors(targets: MirrorTarget[], copyMode: CopyMode, bandwidthBytes: number | undefined, signal: AbortSignal): Promise<void> {
     await this.#rememberRunState();
     await this.#qmp('starting mirrors', async (qmp) => {
+      this.#mirrorEvents ??= qmp.client.listen();
       for (const target of targets) {
         const job: MirrorJob = { diskId: target.diskId, jobId: `mirror-${target.diskId}`, targetNode: `mirror-target-${target.diskId}`, targetAttached: false };
         const server =
@@ -97,7 +102,8 @@ export class QemuSource implements SourceSide {
     });
   }
 
-  async mirrorStatus(signal: AbortSignal): Promise<MirrorStatus[]> {
+  async mirrorStatus(signal: AbortSignal, waitMs = 0): Promise<MirrorStatus[]> {
+    if (waitMs > 0) await this.#waitMirrorEvent(signal, waitMs);
     const jobs = await this.#qmp('reading mirror progress', (qmp) => qmp.queryBlockJobs({ signal }));
     return this.#mirrors.map((mirror) => {
       const job = jobs.find((j) => j.device === mirror.jobId);
@@ -106,6 +112,15 @@ export class QemuSource implements SourceSide {
       if (job.error) status.error = job.error;
       else if (job.status === 'concluded' || job.status === 'aborting') status.error = `the mirror job ended early (${job.status})`;
       return status;
+    });
+  }
+
+  async #waitMirrorEvent(signal: AbortSignal, waitMs: number): Promise<void> {
+    const jobIds = new Set(this.#mirrors.map((m) => m.jobId));
+    const telling = (e: QmpEvent): boolean => mirrorEvents.includes(e.event) && jobIds.has(String(e.data.device));
+    await this.#mirrorEvents?.waitFor('*', telling, { signal, timeoutMs: waitMs }).catch((err: unknown) => {
+      // Quiet for waitMs: the caller reads progress anyway.
+      if (!hasCode(err, 'VMF_TIMEOUT')) throw err;
     });
   }
 
@@ -159,6 +174,7 @@ export class QemuSource implements SourceSide {
       listener.close();
     }
     await this.#removeTargets(signal);
+    this.#mirrorEvents?.close();
     return this.#mirrors.map((m) => ({ diskId: m.diskId, bytesSent: m.bytesSent ?? 0 }));
   }
 
@@ -214,6 +230,7 @@ export class QemuSource implements SourceSide {
     }
     await this.#removeTargets(signal);
     this.#events?.close();
+    this.#mirrorEvents?.close();
     const status = await this.#vm.status();
     // After a completed migration the images are inactive; cont re-activates them.
     if (this.#wasRunning && !status.running) await this.#qmp('resuming the guest on the source', (qmp) => qmp.cont({ signal }));

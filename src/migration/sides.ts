@@ -57,7 +57,12 @@ export interface DestinationSide {
 export interface SourceSide {
   readonly hostId: string;
   startMirrors(targets: MirrorTarget[], copyMode: CopyMode, bandwidthBytes: number | undefined, signal: AbortSignal): Promise<void>;
-  mirrorStatus(signal: AbortSignal): Promise<MirrorStatus[]>;
+  /**
+   * Progress of every mirror. With `waitMs`, answers as soon as a mirror turns
+   * READY, fails or ends, and at the latest after `waitMs`: the executor learns
+   * of READY when it happens, not at its next poll.
+   */
+  mirrorStatus(signal: AbortSignal, waitMs?: number): Promise<MirrorStatus[]>;
   startMigration(uri: string, settings: MigrationSettings, signal: AbortSignal): Promise<void>;
   migrationInfo(signal: AbortSignal): Promise<MigrationInfo>;
   /** Resolves with the first milestone QEMU reports from now on (or one already reached). */

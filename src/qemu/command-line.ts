@@ -97,11 +97,18 @@ function deviceArgs(disk: DiskSpec, index: number, bootDiskId: string | undefine
   return ['-device', JSON.stringify(device)];
 }
 
+/** The id of the guest RAM's memfd backend of TCG guests (memory-digest.ts reads it). */
+export const guestRamBackendId = 'vmferry-ram';
+
 /** The argument list for qemu-system-x86_64 (without the program name). */
 export function qemuArguments(spec: VmSpec, options: CommandLineOptions): string[] {
+  const machine = spec.machine ?? 'q35';
+  // TCG guests keep their RAM in a memfd, so the agent can read it for the memory comparison at switch-over without QEMU's help.
+  const ramBackend = options.accel === 'tcg' ? ['-object', `memory-backend-memfd,id=${guestRamBackendId},size=${spec.memoryMiB}M,share=on`] : [];
   const args = [
     '-name', `${spec.name},debug-threads=on`,
-    '-machine', spec.machine ?? 'q35',
+    '-machine', options.accel === 'tcg' ? `${machine},memory-backend=${guestRamBackendId}` : machine,
+    ...ramBackend,
     '-accel', options.accel,
     '-nodefaults',
     '-no-user-config',

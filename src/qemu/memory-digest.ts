@@ -9,7 +9,7 @@
  * the kernel and is not affected.
  */
 import { createHash } from 'node:crypto';
-import { open, rm } from 'node:fs/promises';
+import { open, readdir, readlink, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { VmferryError } from '../errors.ts';
 import type { QemuProcess } from './process.ts';
@@ -28,14 +28,33 @@ export interface MemoryDigest {
   chunks: string[];
 }
 
-/** Digest of the guest RAM of a VM whose vCPUs are stopped. */
+/**
+ * Digest of the guest RAM of a VM whose vCPUs are stopped: read straight from
+ * the memfd that holds it (qemuArguments gives TCG guests one), or, for a QEMU
+ * started without one, from a pmemsave dump (slower: QEMU copies 1 KiB at a time).
+ */
 export async function memoryDigest(vm: QemuProcess, signal: AbortSignal): Promise<MemoryDigest> {
-  const size = vm.spec.memoryMiB * 1024 * 1024;
   if (vm.spec.memoryMiB > memoryDigestMaxMiB) {
     throw new VmferryError('VMF_INVALID_ARGUMENT', `VM ${vm.spec.name} has ${vm.spec.memoryMiB} MiB of RAM; memory digests cover guests up to ${memoryDigestMaxMiB} MiB`);
   }
   const status = await vm.status();
   if (status.running) throw new VmferryError('VMF_MIGRATION_FAILED', `VM ${vm.spec.name} is running: its memory can only be compared while stopped`);
+  const memfd = await guestRamMemfd(vm.pid);
+  return memfd ? hashChunks(memfd, signal) : dumpAndHash(vm, signal);
+}
+
+/** QEMU names the memfd of a memory-backend-memfd after the backend type; a guest has one. */
+async function guestRamMemfd(pid: number): Promise<string | undefined> {
+  const fdDir = `/proc/${pid}/fd`;
+  for (const fd of await readdir(fdDir).catch(() => [])) {
+    const target = await readlink(join(fdDir, fd)).catch(() => '');
+    if (target.startsWith('/memfd:memory-backend-memfd')) return join(fdDir, fd);
+  }
+  return undefined;
+}
+
+async function dumpAndHash(vm: QemuProcess, signal: AbortSignal): Promise<MemoryDigest> {
+  const size = vm.spec.memoryMiB * 1024 * 1024;
   const dump = join(vm.runDir, 'memory.dump');
   try {
     // pmemsave writes the whole range before it replies; QEMU's main loop is busy meanwhile, but the guest is stopped.

@@ -110,6 +110,12 @@ export class SqliteStore implements Store {
     return Promise.resolve(row && toRecord(row));
   }
 
+  unfinishedMigrations(): Promise<MigrationRecord[]> {
+    const placeholders = finalPhases.map(() => '?').join(', ');
+    const rows = this.#db.prepare(`SELECT * FROM migrations WHERE phase NOT IN (${placeholders}) ORDER BY created_at`).all(...finalPhases) as MigrationRow[];
+    return Promise.resolve(rows.map(toRecord));
+  }
+
   appendEvent(migrationId: string, event: MigrationEvent): Promise<void> {
     this.#db
       .prepare('INSERT INTO migration_events (migration_id, seq, at, event) SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ? FROM migration_events WHERE migration_id = ?')

@@ -52,6 +52,8 @@ export interface Store {
   listMigrations(limit: number): Promise<MigrationRecord[]>;
   /** The migration of `vm` that has not reached a final phase, if any. */
   activeMigration(vm: string): Promise<MigrationRecord | undefined>;
+  /** Every migration that has not reached a final phase, oldest first: what a restarted controller must settle. */
+  unfinishedMigrations(): Promise<MigrationRecord[]>;
   appendEvent(migrationId: string, event: MigrationEvent): Promise<void>;
   eventsSince(migrationId: string, afterSeq: number): Promise<StoredEvent[]>;
 

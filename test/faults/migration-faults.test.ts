@@ -11,10 +11,12 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, test } from 'node:test';
 import pino from 'pino';
 import type { VmInfo } from '../../src/api/agent-types.ts';
+import { AgentClient } from '../../src/agent/client.ts';
 import { LocalCluster } from '../../src/demo/local-cluster.ts';
 import { checkVerify, readGuestReport, waitForAcks } from '../../src/guest/test-guest.ts';
 import { verifyDisks } from '../../src/guest/verify.ts';
 import type { MigrationRecord } from '../../src/store/store.ts';
+import { runProgram } from '../../src/util/run.ts';
 import { recordReliability } from '../support/reliability.ts';
 import { makeTempDir } from '../support/temp.ts';
 
@@ -31,6 +33,8 @@ before(async () => {
     logger: pino({ level: process.env.VMFERRY_TEST_LOG ?? 'silent' }),
     namespaces: true,
     network: { prefix: 'vmff', subnet: '10.213.17', hostLinkSubnet: '10.213.18' },
+    // Its own process, so a test can kill it as a crash would.
+    controllerProcess: true,
   });
 });
 after(async () => {
@@ -56,15 +60,15 @@ async function qemuPids(vm: string): Promise<Map<string, number[]>> {
   return found;
 }
 
-async function startVm(vm: string): Promise<void> {
+async function startVm(vm: string, options: { rootMiB?: number; bulkMiBs?: number } = {}): Promise<void> {
   await cluster.storage.volumes.create(`${vm}-data`, 64 * MiB);
   const { host, port } = cluster.storageNbd;
   await cluster.api.createVm('A', {
     name: vm,
     memoryMiB: 192,
-    boot: { kind: 'test-guest', options: { spanMiB: 8, intervalMs: 0 } },
+    boot: { kind: 'test-guest', options: { spanMiB: 8, intervalMs: 0, ...(options.bulkMiBs ? { bulkMiBs: options.bulkMiBs } : {}) } },
     disks: [
-      { id: 'root', local: { sizeBytes: 64 * MiB } },
+      { id: 'root', local: { sizeBytes: (options.rootMiB ?? 64) * MiB } },
       { id: 'data', shared: { server: { type: 'inet', host, port }, export: `${vm}-data` } },
     ],
   });
@@ -164,6 +168,93 @@ test('destination agent killed mid-migration: the VM stays on the source; the re
     observed: `failed: "${record.report?.error?.message.slice(0, 140)}"; the restarted agent killed the orphan incoming QEMU and its volume; ${outcome}`,
     ok: true,
   });
+});
+
+for (const phase of ['mirroring', 'migrating'] as const) {
+  test(`controller killed while ${phase} and restarted: it finds the migration unfinished, rolls it back, the VM runs on the source`, async () => {
+    const vm = `ctl-${phase.slice(0, 3)}`;
+    await startVm(vm);
+    const { id } = await cluster.api.migrate({ vm, to: 'B', bandwidthMiBs: 2 });
+    await waitForPhase(id as string, [phase], 60_000);
+    await sleep(500);
+    await cluster.killController();
+    // Nothing drives the migration meanwhile; QEMU's own pre-copy carries on.
+    await sleep(3_000);
+    await cluster.startController();
+    const record = await finalRecord(id as string);
+    assert.equal(record.phase, 'failed');
+    assert.match(record.report?.recovery ?? '', new RegExp(`the controller restarted while the migration was ${phase}; rolled back: ${vm} runs on A`));
+    const outcome = await assertSettled(vm, 'A');
+    recordReliability(import.meta.url, {
+      kind: 'fault',
+      target: 'controller',
+      tried: `controller killed (SIGKILL) while ${phase}, restarted 3 s later`,
+      observed: `the restarted controller asked the agents and rolled back: "${record.report?.recovery}"; ${outcome}`,
+      ok: true,
+    });
+  });
+}
+
+test('controller killed just after the destination resumed: the restarted controller finishes the migration', async () => {
+  const vm = 'ctl-resumed';
+  await startVm(vm);
+  const destinationAgent = new AgentClient(cluster.host('B').agentUrl);
+  // Uncapped: a long TCG pre-copy would be refused at switch-over (docs/QEMU-TCG-PRECOPY.md).
+  const { id } = await cluster.api.migrate({ vm, to: 'B' });
+  const deadline = Date.now() + 120_000;
+  while (!(await destinationAgent.getVm(vm).then((info) => info.state === 'running', () => false))) {
+    assert.ok(Date.now() < deadline, 'the guest never came up on B');
+    await sleep(5);
+  }
+  await cluster.killController();
+  await cluster.startController();
+  const record = await finalRecord(id as string);
+  assert.equal(record.phase, 'completed', record.report?.error?.message);
+  // The kill lands between the resume and the source's retirement nearly always; if the old controller got there first, it finished on its own.
+  const path = record.report?.recovery ? 'finished by the restarted controller' : 'completed before the kill landed';
+  if (record.report?.recovery) assert.match(record.report.recovery, /the guest already ran on B, so the source was retired/);
+  const outcome = await assertSettled(vm, 'B');
+  recordReliability(import.meta.url, {
+    kind: 'fault',
+    target: 'controller',
+    tried: 'controller killed (SIGKILL) right after the destination resumed, before the source retired',
+    observed: `completed, ${path}: "${record.report?.recovery ?? ''}"; ${outcome}`,
+    ok: true,
+  });
+});
+
+/** Runs a command in the mount namespace of host `id`'s agent (`ip netns exec` gives each its own). */
+function inAgentMounts(id: string, command: string[]): Promise<string> {
+  return runProgram('nsenter', ['-t', String(cluster.host(id).process.pid), '-m', ...command]);
+}
+
+test('destination pool full during the mirror: the migration fails, the guest on the source never sees an error', async () => {
+  const vm = 'pool-full';
+  // The guest keeps writing new data to its local disk (bulk, 4 MiB/s), so the mirror's target keeps growing.
+  await startVm(vm, { rootMiB: 256, bulkMiBs: 4 });
+  const pool = join(cluster.host('B').dataDir, 'pool');
+  // Room for what the disk holds now (the plan checks that), not for what the guest writes during the mirror.
+  await inAgentMounts('B', ['mount', '-t', 'tmpfs', '-o', 'size=96m', 'vmferry-pool-full', pool]);
+  try {
+    const { id } = await cluster.api.migrate({ vm, to: 'B', bandwidthMiBs: 2 });
+    const record = await finalRecord(id as string);
+    assert.equal(record.phase, 'failed');
+    assert.match(record.report?.error?.message ?? '', /no space left on device/i);
+    assert.equal((await inAgentMounts('B', ['ls', '-A', pool])).trim(), '', "nothing left in B's (full) pool");
+    const guestLog = await readFile(reportLogs(vm)[0] as string, 'utf8');
+    assert.doesNotMatch(guestLog, /GUEST-ERROR/, 'the guest never saw a write error');
+    const outcome = await assertSettled(vm, 'A');
+    recordReliability(import.meta.url, {
+      kind: 'fault',
+      target: 'migration',
+      tried: "destination pool (a 96 MiB tmpfs) filled up during the mirror while the guest kept writing new data",
+      observed: `failed: "${record.report?.error?.message.slice(0, 140)}"; no guest I/O error; ${outcome}`,
+      ok: true,
+    });
+  } finally {
+    // Lazily: after a failure a QEMU may still hold the mount, and the failure is the news.
+    await inAgentMounts('B', ['umount', '--lazy', pool]);
+  }
 });
 
 // The link cut between the hosts is not in the suite yet: when the cut lands in the RAM phase (the

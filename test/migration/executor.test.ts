@@ -201,6 +201,21 @@ test('a mirror that stops moving (a cut link) fails the migration after the stal
   assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
 });
 
+test('a mirror that fails during the RAM phase (its target full) fails the migration then, not at switch-over', async () => {
+  const { calls, source, destination } = fakeSides({ hang: 'src.waitMilestone' });
+  let polls = 0;
+  source.mirrorStatus = () => {
+    polls++;
+    const error = polls > 1 ? { error: 'No space left on device' } : {};
+    return Promise.resolve([{ diskId: 'root', offset: 200, len: 200, ready: true, ...error }]);
+  };
+  const report = await runMigration({ spec, plan: plan(), source, destination, pollIntervalMs: 5 });
+  assert.equal(report.outcome, 'failed');
+  assert.equal(report.error?.message, 'mirror of disk root failed during the RAM phase: No space left on device');
+  assert.ok(!calls.includes('src.finishMirrors'));
+  assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
+});
+
 test('RAM that stops moving fails the migration after the stall timeout', async () => {
   const { source, destination } = fakeSides({ hang: 'src.waitMilestone' });
   const stalled = { ...plan(60), options: { ...plan(60).options, stallTimeoutS: 0.2 } };

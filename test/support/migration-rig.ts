@@ -100,15 +100,21 @@ export class MigrationRig {
     return planMigration(spec, sourceFacts, destinationFacts, { ...defaultMigrationOptions, ...options });
   }
 
-  async migrate(plan: MigrationPlan, extra: { signal?: AbortSignal; onEvent?: (e: MigrationEvent) => void } = {}): Promise<MigrationReport> {
-    this.destination = new QemuDestination({ hostId: 'B', pool: this.poolB, vmDir: (vm) => join(this.dir, 'runB', vm), address: '127.0.0.1' });
-    return runMigration({
-      spec: this.spec,
-      plan,
-      source: new QemuSource({ hostId: 'A', vm: this.source }),
-      destination: this.destination,
-      ...extra,
-    });
+  /**
+   * Migrates A → B. A rollback for a memory mismatch (QEMU's TCG defect,
+   * docs/QEMU-TCG-PRECOPY.md) is retried, as the controller does, unless
+   * `memoryMismatchRetries` is 0.
+   */
+  async migrate(
+    plan: MigrationPlan,
+    extra: { signal?: AbortSignal; onEvent?: (e: MigrationEvent) => void; memoryMismatchRetries?: number } = {},
+  ): Promise<MigrationReport> {
+    const { memoryMismatchRetries = 2, ...input } = extra;
+    for (let attempt = 0; ; attempt++) {
+      this.destination = new QemuDestination({ hostId: 'B', pool: this.poolB, vmDir: (vm) => join(this.dir, 'runB', vm), address: '127.0.0.1' });
+      const report = await runMigration({ spec: this.spec, plan, source: new QemuSource({ hostId: 'A', vm: this.source }), destination: this.destination, ...input });
+      if (report.error?.code !== 'VMF_MEMORY_MISMATCH' || attempt >= memoryMismatchRetries) return report;
+    }
   }
 
   poolBFiles(): string[] {
