@@ -173,10 +173,10 @@ test('destination agent killed mid-migration: the VM stays on the source; the re
 for (const phase of ['mirroring', 'migrating'] as const) {
   test(`controller killed while ${phase} and restarted: it finds the migration unfinished, rolls it back, the VM runs on the source`, async () => {
     const vm = `ctl-${phase.slice(0, 3)}`;
-    await startVm(vm);
+    // New data on the local disk keeps the (capped) mirror busy for seconds, long enough to kill the controller inside it.
+    await startVm(vm, { rootMiB: 256, bulkMiBs: 4 });
     const { id } = await cluster.api.migrate({ vm, to: 'B', bandwidthMiBs: 2 });
     await waitForPhase(id as string, [phase], 60_000);
-    await sleep(500);
     await cluster.killController();
     // Nothing drives the migration meanwhile; QEMU's own pre-copy carries on.
     await sleep(3_000);
