@@ -3,6 +3,7 @@
  * migrations it takes part in. Routes validate with typebox and hand typed
  * requests to the VmRegistry and MigrationSides services.
  */
+import { VmferryError } from '../errors.ts';
 import { createApiServer } from '../http/api-server.ts';
 import { statfs } from 'node:fs/promises';
 import { Type } from '@sinclair/typebox';
@@ -131,7 +132,12 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   app.get(
     '/v1/migrations/:id/source/mirrors',
     { schema: { params, querystring: Type.Object({ waitMs: Type.Optional(Type.Integer({ minimum: 0, maximum: maxMirrorWaitMs })) }, strict) } },
-    (request, reply) => sides.source(request.params.id).mirrorStatus(replySignal(reply), request.query.waitMs ?? 0),
+    (request, reply) => {
+      const waitMs = request.query.waitMs ?? 0;
+      // ajv coerces "1e400" to Infinity and lets it through every integer check.
+      if (!Number.isSafeInteger(waitMs)) throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid request: querystring/waitMs must be an integer from 0 to ${maxMirrorWaitMs}`);
+      return sides.source(request.params.id).mirrorStatus(replySignal(reply), waitMs);
+    },
   );
   app.post('/v1/migrations/:id/source/migrate', { schema: { params, body: MigrateBody } }, async (request, reply) => {
     await sides.source(request.params.id).startMigration(request.body.uri, request.body.settings as MigrationSettings, replySignal(reply));
