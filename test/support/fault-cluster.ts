@@ -48,8 +48,8 @@ export class FaultCluster {
     return found;
   }
 
-  /** Creates `vm` on A (64 MiB local disk root, 64 MiB shared volume data), starts it and waits until its guest writes. */
-  async startVm(vm: string, guest: Omit<GuestOptions, 'mode' | 'spanMiB' | 'bulkDisks'> = { intervalMs: 0 }): Promise<void> {
+  /** Creates `vm` on A (local disk root, 64 MiB by default; 64 MiB shared volume data), starts it and waits until its guest writes. */
+  async startVm(vm: string, guest: Omit<GuestOptions, 'mode' | 'spanMiB' | 'bulkDisks'> = { intervalMs: 0 }, rootMiB = 64): Promise<void> {
     await this.cluster.storage.volumes.create(`${vm}-data`, 64 * MiB);
     const { host, port } = this.cluster.storageNbd;
     await this.cluster.api.createVm('A', {
@@ -57,7 +57,7 @@ export class FaultCluster {
       memoryMiB: 192,
       boot: { kind: 'test-guest', options: { spanMiB, ...guest } },
       disks: [
-        { id: 'root', local: { sizeBytes: 64 * MiB } },
+        { id: 'root', local: { sizeBytes: rootMiB * MiB } },
         { id: 'data', shared: { server: { type: 'inet', host, port }, export: `${vm}-data` } },
       ],
     });
