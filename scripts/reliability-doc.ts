@@ -52,10 +52,10 @@ Last run: ${dates[0]} to ${dates[dates.length - 1]}, ${rows.length} rows from ${
   few dozen pages and the guest crashes there. It is QEMU's, reproduced without vmferry
   (\`bench/qemu-tcg-precopy.ts\`, docs/QEMU-TCG-PRECOPY.md). vmferry now compares both ends'
   memory before a TCG destination resumes and rolls back on a mismatch (the row "pre-copy of a
-  busy TCG guest" below), so the guest is safe, but such a guest cannot be migrated live until
-  pre-copy needs fewer passes: a stop-and-copy RAM mode is not built.
-- Not covered yet: the destination pool filling up during the mirror (the mirror of the test VM
-  finishes before a filler file can take the space).
+  busy TCG guest" below), so the guest is safe. Busy guests hit it even uncapped (about one
+  migration in three in the heavy-writes test), so the controller retries a mismatch up to twice;
+  a guest that cannot converge in few passes cannot be migrated live under TCG, and a
+  stop-and-copy RAM mode is not built.
 - **A controller that stays down** leaves its migrations where QEMU got to on its own: mirrors keep
   running, and a source that reached pre-switchover keeps its guest paused until a controller
   starts again and settles the migration (the "controller killed" rows). The agents do not yet roll
