@@ -152,23 +152,17 @@ function measurePath(path: PathName, dir: string, server: { pid: number; nbdPort
     cleanup.add('stop QEMU', () => vm.kill());
     await waitForAcks([reportLogOf(spec)], ['io0'], { atLeast: 2, timeoutMs: 120_000 });
     await sleep(2000); // bulk writes in full swing
-    const before = {
+    const sample = async () => ({
       t: performance.now(),
       bytes: await writtenBytes(vm),
       qemu: await cpuSecondsOf(vm.pid),
       vcpu: await vcpuSeconds(vm.pid),
       server: await cpuTimesOf(server.pid),
       fuse: fusePid ? await cpuSecondsOf(fusePid) : 0,
-    };
+    });
+    const before = await sample();
     await sleep(measureS * 1000);
-    const after = {
-      t: performance.now(),
-      bytes: await writtenBytes(vm),
-      qemu: await cpuSecondsOf(vm.pid),
-      vcpu: await vcpuSeconds(vm.pid),
-      server: await cpuTimesOf(server.pid),
-      fuse: fusePid ? await cpuSecondsOf(fusePid) : 0,
-    };
+    const after = await sample();
     const gib = (after.bytes - before.bytes) / (1024 * mib);
     const vcpu = after.vcpu - before.vcpu;
     return {
