@@ -17,7 +17,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
 import type { VmSpec } from '../qemu/spec.ts';
-import { differingChunks } from '../qemu/memory-digest.ts';
+import { differingChunks, type MemoryDigest } from '../qemu/memory-digest.ts';
 import type { MigrationInfo } from '../qmp/commands.ts';
 import { Deadline, abortError } from '../util/abort.ts';
 import { StallWatch } from './stall-watch.ts';
@@ -136,10 +136,16 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
 
     // 4. Switch over: mirrors drain in sync while the images are still active, then the destination takes over.
     await enter('switching-over');
-    for (const { diskId, bytesSent: sent } of await source.finishMirrors(signal)) bytesSent.set(diskId, sent);
-    await source.continueSwitchover(signal);
-    await destination.waitIncomingCompleted(signal);
-    if (plan.ram.compareMemory) await compareMemory(source, destination, signal);
+    // The source's vCPUs stopped at pre-switchover, so its RAM is final: its digest overlaps the rest of the switch-over.
+    const sourceDigest = plan.ram.compareMemory ? new PendingDigest(source, signal) : undefined;
+    try {
+      for (const { diskId, bytesSent: sent } of await source.finishMirrors(signal)) bytesSent.set(diskId, sent);
+      await source.continueSwitchover(signal);
+      await destination.waitIncomingCompleted(signal);
+      if (sourceDigest) await compareMemory(sourceDigest, destination, signal);
+    } finally {
+      sourceDigest?.abandon();
+    }
     await destination.resume(signal);
     // The guest now runs on the destination: nothing may bring the source back.
     undo.length = 0;
@@ -175,14 +181,37 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
   }
 }
 
+/** The source's memory digest, started before it is needed and abandoned if the switch-over fails first. */
+class PendingDigest {
+  readonly hostId: string;
+  readonly #controller = new AbortController();
+  readonly #digest: Promise<MemoryDigest>;
+
+  constructor(source: SourceSide, signal: AbortSignal) {
+    this.hostId = source.hostId;
+    this.#digest = source.memoryDigest(AbortSignal.any([signal, this.#controller.signal]));
+    // Awaited in compareMemory; until then a failure must not count as unhandled.
+    this.#digest.catch(() => undefined);
+  }
+
+  get digest(): Promise<MemoryDigest> {
+    return this.#digest;
+  }
+
+  /** No-op once the digest is in; otherwise the source stops reading (a rollback is about to resume its guest). */
+  abandon(): void {
+    this.#controller.abort(new Error('the switch-over ended before the memory comparison'));
+  }
+}
+
 /**
  * Both guests are stopped here: the source after its final pass, the
  * destination before its first instruction. Any difference is memory the
  * migration lost, and resuming on it would crash the guest or corrupt its
  * disks; failing instead rolls back to the intact source.
  */
-async function compareMemory(source: SourceSide, destination: DestinationSide, signal: AbortSignal): Promise<void> {
-  const [sourceDigest, destinationDigest] = await Promise.all([source.memoryDigest(signal), destination.memoryDigest(signal)]);
+async function compareMemory(source: PendingDigest, destination: DestinationSide, signal: AbortSignal): Promise<void> {
+  const [sourceDigest, destinationDigest] = await Promise.all([source.digest, destination.memoryDigest(signal)]);
   const differing = differingChunks(sourceDigest, destinationDigest);
   if (differing.length === 0) return;
   const mib = sourceDigest.chunkBytes / (1024 * 1024);

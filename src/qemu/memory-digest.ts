@@ -8,9 +8,9 @@
  * (docs/QEMU-TCG-PRECOPY.md has the reproduction). KVM tracks dirty pages in
  * the kernel and is not affected.
  */
-import { createHash } from 'node:crypto';
 import { open, readdir, readlink, rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import xxhash from 'xxhash-wasm';
 import { VmferryError } from '../errors.ts';
 import type { QemuProcess } from './process.ts';
 
@@ -22,11 +22,27 @@ export const memoryDigestChunkBytes = 1024 * 1024;
  */
 export const memoryDigestMaxMiB = 2048;
 
+/**
+ * XXH64: the comparison looks for accidental differences (pages QEMU failed to
+ * resend), not for an adversary, and it runs while the guest is paused, where
+ * SHA-256 cost 6 times as much (0.58 against 0.1 ms per MiB here).
+ */
+export const memoryDigestAlgorithm = 'xxh64';
+
 export interface MemoryDigest {
+  algorithm: string;
   chunkBytes: number;
   /** One hex hash per chunk, in address order. */
   chunks: string[];
 }
+
+/**
+ * Chunk reads kept in flight: each is a copy out of the memfd on one of libuv's
+ * threads, so reads overlap each other and the hashing on the main thread.
+ */
+const readsInFlight = 4;
+
+let hasher: ReturnType<typeof xxhash> | undefined;
 
 /**
  * Digest of the guest RAM of a VM whose vCPUs are stopped: read straight from
@@ -66,26 +82,34 @@ async function dumpAndHash(vm: QemuProcess, signal: AbortSignal): Promise<Memory
 }
 
 async function hashChunks(path: string, signal: AbortSignal): Promise<MemoryDigest> {
-  const chunks: string[] = [];
-  const buffer = Buffer.alloc(memoryDigestChunkBytes);
+  const { h64Raw } = await (hasher ??= xxhash());
   const file = await open(path, 'r');
   try {
-    for (;;) {
-      signal.throwIfAborted();
-      const { bytesRead } = await file.read(buffer, 0, buffer.length, null);
-      if (bytesRead === 0) break;
-      // A short read happens only at the end of the dump.
-      chunks.push(createHash('sha256').update(buffer.subarray(0, bytesRead)).digest('hex').slice(0, 32));
-    }
+    const { size } = await file.stat();
+    const chunks = new Array<string>(Math.ceil(size / memoryDigestChunkBytes));
+    let next = 0;
+    const reader = async (): Promise<void> => {
+      const buffer = Buffer.allocUnsafe(memoryDigestChunkBytes);
+      for (let index = next++; index < chunks.length; index = next++) {
+        signal.throwIfAborted();
+        const { bytesRead } = await file.read(buffer, 0, buffer.length, index * memoryDigestChunkBytes);
+        // Only the last chunk of a dump can be short.
+        chunks[index] = h64Raw(buffer.subarray(0, bytesRead)).toString(16).padStart(16, '0');
+      }
+    };
+    await Promise.all(Array.from({ length: readsInFlight }, reader));
+    return { algorithm: memoryDigestAlgorithm, chunkBytes: memoryDigestChunkBytes, chunks };
   } finally {
     await file.close();
   }
-  return { chunkBytes: memoryDigestChunkBytes, chunks };
 }
 
 /** Indexes of the chunks that differ (a length mismatch counts the missing chunks as different). */
 export function differingChunks(a: MemoryDigest, b: MemoryDigest): number[] {
-  if (a.chunkBytes !== b.chunkBytes) throw new VmferryError('VMF_INVALID_ARGUMENT', `memory digests use different chunk sizes (${a.chunkBytes}, ${b.chunkBytes})`);
+  if (a.algorithm !== b.algorithm || a.chunkBytes !== b.chunkBytes) {
+    // Agents of different versions: a comparison would call every chunk different and blame QEMU.
+    throw new VmferryError('VMF_INVALID_ARGUMENT', `memory digests are not comparable (${a.algorithm} per ${a.chunkBytes} bytes against ${b.algorithm} per ${b.chunkBytes} bytes)`);
+  }
   const differing: number[] = [];
   for (let i = 0; i < Math.max(a.chunks.length, b.chunks.length); i++) {
     if (a.chunks[i] !== b.chunks[i]) differing.push(i);

@@ -39,7 +39,7 @@ function plan(timeoutS = 60): MigrationPlan {
 }
 
 /** Fake sides that log every call; `hang` makes one call wait until the signal aborts. */
-function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: string[] } = {}) {
+function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: string[]; sourceAlgorithm?: string } = {}) {
   const calls: string[] = [];
   let mirrorPolls = 0;
   const act = async (name: string, signal?: AbortSignal): Promise<void> => {
@@ -64,7 +64,7 @@ function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: 
     waitIncomingCompleted: (signal) => act('dst.waitIncomingCompleted', signal),
     memoryDigest: async (signal) => {
       await act('dst.memoryDigest', signal);
-      return { chunkBytes: 1 << 20, chunks: options.destinationMemory ?? memory };
+      return { algorithm: 'xxh64', chunkBytes: 1 << 20, chunks: options.destinationMemory ?? memory };
     },
     resume: (signal) => act('dst.resume', signal),
     rollback: () => act('dst.rollback'),
@@ -92,7 +92,7 @@ function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: 
     continueSwitchover: (signal) => act('src.continueSwitchover', signal),
     memoryDigest: async (signal) => {
       await act('src.memoryDigest', signal);
-      return { chunkBytes: 1 << 20, chunks: memory };
+      return { algorithm: options.sourceAlgorithm ?? 'xxh64', chunkBytes: 1 << 20, chunks: memory };
     },
     completedInfo: async (signal) => {
       await act('src.completedInfo', signal);
@@ -115,8 +115,9 @@ test('a successful migration walks the phases in order and reports per-disk oper
   assert.deepEqual(phasesOf(events), ['preparing', 'mirroring', 'migrating', 'switching-over', 'completed']);
   assert.deepEqual(
     calls.filter((c) => c !== 'src.mirrorStatus'),
-    ['dst.prepare', 'src.startMirrors', 'src.startMigration', 'src.waitMilestone', 'src.finishMirrors', 'src.continueSwitchover',
-      'dst.waitIncomingCompleted', 'src.memoryDigest', 'dst.memoryDigest', 'dst.resume', 'src.completedInfo', 'src.retire'],
+    // The source's digest starts as soon as its vCPUs stop, so it overlaps the mirror drain and the final RAM pass.
+    ['dst.prepare', 'src.startMirrors', 'src.startMigration', 'src.waitMilestone', 'src.memoryDigest', 'src.finishMirrors', 'src.continueSwitchover',
+      'dst.waitIncomingCompleted', 'dst.memoryDigest', 'dst.resume', 'src.completedInfo', 'src.retire'],
   );
   assert.equal(report.outcome, 'completed');
   assert.equal(report.ram.memoryCompared, true, 'a TCG guest has its memory compared before it resumes');
@@ -136,6 +137,39 @@ test('memory that differs between the ends keeps the guest on the source: the de
   assert.ok(!calls.includes('dst.resume'), 'the destination never ran');
   assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
   assert.equal(report.ram.memoryCompared, false);
+});
+
+test('digests from agents that hash differently are refused, not read as a memory mismatch', async () => {
+  const { calls, source, destination } = fakeSides({ sourceAlgorithm: 'sha256' });
+  const report = await runMigration({ spec, plan: plan(), source, destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'failed');
+  assert.equal(report.error?.code, 'VMF_INVALID_ARGUMENT');
+  assert.match(report.error?.message ?? '', /memory digests are not comparable \(sha256 per 1048576 bytes against xxh64/);
+  assert.ok(!calls.includes('dst.resume'));
+});
+
+test('a switch-over that fails while the source is still hashing stops the hashing before the rollback resumes the guest', async () => {
+  const { calls, source, destination } = fakeSides({ hang: 'src.memoryDigest', fail: 'src.continueSwitchover' });
+  let digestAborted = false;
+  const digest = source.memoryDigest.bind(source);
+  source.memoryDigest = (signal) => {
+    signal.addEventListener('abort', () => (digestAborted = true), { once: true });
+    return digest(signal);
+  };
+  const report = await runMigration({ spec, plan: plan(), source, destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'failed');
+  assert.match(report.error?.message ?? '', /src.continueSwitchover broke/);
+  assert.ok(digestAborted, 'the source digest was abandoned');
+  assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
+});
+
+test('a source digest that fails fails the migration at the comparison, and the guest stays on the source', async () => {
+  const { calls, source, destination } = fakeSides({ fail: 'src.memoryDigest' });
+  const report = await runMigration({ spec, plan: plan(), source, destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'failed');
+  assert.match(report.error?.message ?? '', /src.memoryDigest broke/);
+  assert.ok(!calls.includes('dst.resume'));
+  assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
 });
 
 test('a KVM guest skips the memory comparison', async () => {
