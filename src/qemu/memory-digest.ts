@@ -82,7 +82,7 @@ async function dumpAndHash(vm: QemuProcess, signal: AbortSignal): Promise<Memory
 }
 
 async function hashChunks(path: string, signal: AbortSignal): Promise<MemoryDigest> {
-  const { h64Raw } = await (hasher ??= xxhash());
+  const hashes = await (hasher ??= xxhash());
   const file = await open(path, 'r');
   try {
     const { size } = await file.stat();
@@ -94,7 +94,7 @@ async function hashChunks(path: string, signal: AbortSignal): Promise<MemoryDige
         signal.throwIfAborted();
         const { bytesRead } = await file.read(buffer, 0, buffer.length, index * memoryDigestChunkBytes);
         // Only the last chunk of a dump can be short.
-        chunks[index] = h64Raw(buffer.subarray(0, bytesRead)).toString(16).padStart(16, '0');
+        chunks[index] = hashes.h64Raw(buffer.subarray(0, bytesRead)).toString(16).padStart(16, '0');
       }
     };
     await Promise.all(Array.from({ length: readsInFlight }, reader));
