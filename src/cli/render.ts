@@ -12,7 +12,7 @@ export function table(head: string[], rows: (string | number)[][]): string {
 export function renderPlan(plan: MigrationPlan): string {
   const rows = plan.disks.map((d) => [d.id, d.kind, d.operation, formatBytes(d.virtualSize), formatBytes(d.bytesToCopy), d.reason]);
   const ramHow = [
-    `pre-copy, max downtime ${plan.ram.maxDowntimeMs} ms`,
+    `pre-copy, downtime limit ${plan.ram.downtimeLimitsMs.join(' → ')} ms`,
     ...(plan.ram.allowPostcopy ? ['post-copy allowed'] : []),
     ...(plan.ram.compareMemory ? ['both ends compared before B runs (TCG)'] : []),
   ].join(', ');

@@ -15,6 +15,7 @@ const improvement = 0.9;
 
 /** Downtime limits to try, smallest first: the migration switches over as soon as it fits under one. */
 export function downtimeSteps(maxDowntimeMs: number): number[] {
+  if (maxDowntimeMs < 1) return [maxDowntimeMs];
   const steps = [Math.round(maxDowntimeMs / 4), Math.round(maxDowntimeMs / 2), maxDowntimeMs].filter((ms) => ms >= 1);
   return [...new Set(steps)];
 }
@@ -25,15 +26,11 @@ export class ConvergenceWatch {
   #bestRemaining = Number.POSITIVE_INFINITY;
   #passesWithoutProgress = 0;
 
-  constructor(maxDowntimeMs: number, allowPostcopy: boolean) {
-    const [, ...higher] = downtimeSteps(maxDowntimeMs);
+  /** `downtimeLimitsMs`: the plan's steps; the migration starts at the first, the rest are escalations. */
+  constructor(downtimeLimitsMs: number[], allowPostcopy: boolean) {
+    const [, ...higher] = downtimeLimitsMs;
     this.#ladder = higher.map((ms): Escalation => ({ action: 'downtime-limit', downtimeLimitMs: ms }));
     if (allowPostcopy) this.#ladder.push({ action: 'postcopy' });
-  }
-
-  /** The downtime limit to start with. */
-  static initialDowntimeLimit(maxDowntimeMs: number): number {
-    return downtimeSteps(maxDowntimeMs)[0] ?? maxDowntimeMs;
   }
 
   /** Feeds one query-migrate result; returns the escalation to apply now, if any. */

@@ -124,7 +124,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       prepared.migrationUri,
       {
         maxBandwidthBytes: bandwidthBytes,
-        downtimeLimitMs: ConvergenceWatch.initialDowntimeLimit(plan.ram.maxDowntimeMs),
+        downtimeLimitMs: plan.ram.downtimeLimitsMs[0] ?? plan.ram.maxDowntimeMs,
         allowPostcopy: plan.ram.allowPostcopy,
       },
       signal,
@@ -270,7 +270,7 @@ async function convergeRam(
   emit: (event: MigrationEvent) => void,
   remember: (info: MigrationInfo) => void,
 ): Promise<MigrationMilestone> {
-  const watch = new ConvergenceWatch(plan.ram.maxDowntimeMs, plan.ram.allowPostcopy);
+  const watch = new ConvergenceWatch(plan.ram.downtimeLimitsMs, plan.ram.allowPostcopy);
   const stall = new StallWatch('the RAM migration', plan.options.stallTimeoutS);
   let reached: MigrationMilestone | undefined;
   const milestone = source.waitMilestone(signal).then((m) => (reached = m));

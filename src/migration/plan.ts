@@ -5,6 +5,7 @@
  * Pure: every fact about the destination comes in as data, probed beforehand.
  */
 import { memoryDigestMaxMiB } from '../qemu/memory-digest.ts';
+import { downtimeSteps } from './convergence.ts';
 import type { DiskSpec, NbdServerAddress, VmSpec } from '../qemu/spec.ts';
 
 export type CopyMode = 'background' | 'write-blocking';
@@ -98,6 +99,15 @@ export interface MigrationPlan {
   ram: {
     memoryMiB: number;
     maxDowntimeMs: number;
+    /**
+     * QEMU's downtime limit, raised step by step while pre-copy stops
+     * converging, up to maxDowntimeMs. Several steps buy a shorter pause for
+     * guests that converge; a TCG guest gets only the last, because every extra
+     * pass is another chance for QEMU 7.2's TCG defect to lose a write
+     * (docs/QEMU-TCG-PRECOPY.md: 3 of 6 busy migrations differed starting at
+     * 75 ms, none of 6 starting at 300 ms).
+     */
+    downtimeLimitsMs: number[];
     bandwidthMiBs: number | undefined;
     allowPostcopy: boolean;
     /**
@@ -194,6 +204,7 @@ export function planMigration(
     ram: {
       memoryMiB: spec.memoryMiB,
       maxDowntimeMs: options.maxDowntimeMs,
+      downtimeLimitsMs: source.accelerator === 'tcg' ? [options.maxDowntimeMs] : downtimeSteps(options.maxDowntimeMs),
       bandwidthMiBs: options.bandwidthMiBs,
       allowPostcopy: options.allowPostcopy,
       compareMemory: source.accelerator === 'tcg' && spec.memoryMiB <= memoryDigestMaxMiB,

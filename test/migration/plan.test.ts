@@ -112,7 +112,7 @@ test('a read-only local image is refused with a way out', () => {
 test('the RAM settings carry the options through', () => {
   const options = { ...defaultMigrationOptions, maxDowntimeMs: 120, bandwidthMiBs: 200, allowPostcopy: true };
   const plan = planMigration(vm([sharedData]), source, destination(), options);
-  assert.deepEqual(plan.ram, { memoryMiB: 512, maxDowntimeMs: 120, bandwidthMiBs: 200, allowPostcopy: true, compareMemory: true });
+  assert.deepEqual(plan.ram, { memoryMiB: 512, maxDowntimeMs: 120, downtimeLimitsMs: [120], bandwidthMiBs: 200, allowPostcopy: true, compareMemory: true });
 });
 
 test('TCG guests up to 2 GiB have their memory compared at switch-over; KVM guests and larger ones do not', () => {
@@ -122,4 +122,12 @@ test('TCG guests up to 2 GiB have their memory compared at switch-over; KVM gues
   assert.equal(compares(2048, 'tcg'), true);
   assert.equal(compares(4096, 'tcg'), false);
   assert.equal(compares(512, 'kvm'), false);
+});
+
+test('a KVM guest climbs a ladder of downtime limits; a TCG guest starts at the maximum to keep pre-copy short', () => {
+  const limits = (accelerator: 'kvm' | 'tcg', maxDowntimeMs: number): number[] =>
+    planMigration(vm([localRoot]), { ...source, accelerator }, destination(), { ...defaultMigrationOptions, maxDowntimeMs }).ram.downtimeLimitsMs;
+  assert.deepEqual(limits('kvm', 300), [75, 150, 300]);
+  assert.deepEqual(limits('tcg', 300), [300]);
+  assert.deepEqual(limits('kvm', 2), [1, 2], 'steps below 1 ms are dropped, equal steps merged');
 });
