@@ -30,6 +30,7 @@ const benches: Bench[] = [
   // Small runs keep the committed full-size plot in docs/ as it is.
   { name: 'progress', script: 'progress.ts', args: small ? ['--small', '--out', join(scratch, 'migration-progress-small.svg')] : ['--out', join(root, 'docs/migration-progress.svg')] },
   { name: 'io-path', script: 'io-path.ts', args: small ? ['--small'] : [] },
+  { name: 'tcg-downtime-start', script: 'tcg-downtime-start.ts', args: small ? ['--runs', '1'] : [] },
 ];
 
 function run(bench: Bench): Promise<number> {

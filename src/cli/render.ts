@@ -35,7 +35,7 @@ export function renderReport(report: MigrationReport): string {
       ['disk', 'operation', 'size', 'bytes sent'],
       [
         ...report.disks.map((d) => [d.id, d.operation, formatBytes(d.virtualSize), formatBytes(d.bytesSent)]),
-        ['(RAM)', 'migrate', formatBytes(report.ram.totalBytes), formatBytes(report.ram.transferredBytes)],
+        ['(RAM)', report.ram.passes > 0 ? `migrate (${report.ram.passes} passes)` : 'migrate', formatBytes(report.ram.totalBytes), formatBytes(report.ram.transferredBytes)],
       ],
     ),
     table(['phase', 'duration'], report.phases.filter((p) => p.durationMs > 0).map((p) => [p.phase, `${p.durationMs} ms`])),

@@ -86,7 +86,7 @@ async function finish(store: Store, record: MigrationRecord, outcome: 'completed
     to: record.to,
     outcome,
     disks: record.plan.disks.map((disk) => ({ id: disk.id, operation: disk.operation, bytesSent: 0, virtualSize: disk.virtualSize })),
-    ram: { transferredBytes: 0, totalBytes: 0, memoryCompared: false },
+    ram: { transferredBytes: 0, totalBytes: 0, passes: 0, memoryCompared: false },
     phases: [],
     totalMs: Date.now() - record.createdAt,
     downtimeMs: undefined,

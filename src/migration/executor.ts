@@ -317,7 +317,7 @@ function report(
       bytesSent: bytesSent.get(disk.id) ?? 0,
       virtualSize: disk.virtualSize,
     })),
-    ram: { transferredBytes: info.ram?.transferred ?? 0, totalBytes: info.ram?.total ?? 0, memoryCompared: outcome === 'completed' && plan.ram.compareMemory },
+    ram: { transferredBytes: info.ram?.transferred ?? 0, totalBytes: info.ram?.total ?? 0, passes: info.ram?.['dirty-sync-count'] ?? 0, memoryCompared: outcome === 'completed' && plan.ram.compareMemory },
     phases: timeline.phases,
     totalMs: Date.now() - timeline.startedAt,
     downtimeMs: outcome === 'completed' ? info.downtime : undefined,

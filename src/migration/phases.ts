@@ -66,7 +66,13 @@ export interface MigrationReport {
   error?: { code: string; message: string };
   disks: { id: string; operation: DiskOperation; bytesSent: number; virtualSize: number }[];
   /** memoryCompared: both ends' guest memory was found identical before the destination resumed. */
-  ram: { transferredBytes: number; totalBytes: number; memoryCompared: boolean };
+  ram: {
+    transferredBytes: number;
+    totalBytes: number;
+    /** Passes over memory (QEMU's dirty-sync-count): each one while the guest ran is a chance for TCG to lose a write. */
+    passes: number;
+    memoryCompared: boolean;
+  };
   phases: PhaseTiming[];
   totalMs: number;
   /** The guest's pause at switch-over, as QEMU measured it; undefined unless completed. */

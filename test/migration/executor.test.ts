@@ -122,6 +122,7 @@ test('a successful migration walks the phases in order and reports per-disk oper
   assert.equal(report.outcome, 'completed');
   assert.equal(report.ram.memoryCompared, true, 'a TCG guest has its memory compared before it resumes');
   assert.equal(report.downtimeMs, 42);
+  assert.equal(report.ram.passes, 1, "QEMU's dirty-sync-count");
   assert.deepEqual(report.disks.map((d) => [d.id, d.operation, d.bytesSent]), [['root', 'mirror', 200], ['data', 'reattach', 0]]);
   assert.deepEqual(report.phases.map((p) => p.phase), ['preparing', 'mirroring', 'migrating', 'switching-over', 'completed']);
   const diskEvents = events.filter((e) => e.type === 'disks');
