@@ -3,21 +3,48 @@
  * controller drives them over HTTP; each half is the same QemuSource or
  * QemuDestination the in-process tests use. A finished half updates the VM
  * registry: the destination adopts the migrated guest, the source forgets it.
+ *
+ * A half the controller has not touched for `abandonAfterMs` lost its
+ * controller (crashed, or cut off). Where it is safe without the other side,
+ * the agent settles it alone: a source whose migration has not been told to
+ * continue rolls back, so a guest paused at pre-switchover runs again; a
+ * destination whose QEMU has exited is removed. A half past that point stays
+ * for the controller's recovery, since only both sides together know which
+ * copy of the guest may run.
  */
 import type { Logger } from 'pino';
-import { VmferryError } from '../errors.ts';
+import { VmferryError, describeError } from '../errors.ts';
+import type { MigrationStatus } from '../qmp/commands.ts';
 import { probeDestination, probeSource, qemuCapabilities, type QemuCapabilities } from '../migration/probe.ts';
 import type { DestinationFacts, MigrationPlan, SourceFacts } from '../migration/plan.ts';
 import { QemuDestination } from '../migration/qemu-destination.ts';
 import { QemuSource } from '../migration/qemu-source.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { PreparedDestination } from '../migration/sides.ts';
+import { ContactLog } from './contact-log.ts';
 import type { VmRegistry } from './vm-registry.ts';
 
 interface SourceHalf {
   vm: string;
   side: QemuSource;
+  /** The agent is settling it alone: the controller's requests are refused. */
+  settling?: boolean;
 }
+
+/**
+ * Source statuses from which a rollback cannot lose the guest: the migration
+ * never got past pre-switchover (QEMU waits there for migrate-continue), so
+ * no destination can have the whole guest.
+ */
+const sourceSafeToRollBack: readonly (MigrationStatus | undefined)[] = [undefined, 'none', 'setup', 'active', 'pre-switchover', 'failed', 'cancelled'];
+
+export interface MigrationSidesOptions {
+  /** After this long without a request from the controller, a half is settled here where that is safe; 0: never. */
+  abandonAfterMs: number;
+}
+
+/** 60 s: far beyond any gap between the controller's requests, short enough for a guest paused at pre-switchover. */
+export const defaultAbandonAfterMs = 60_000;
 
 export class MigrationSides {
   readonly #registry: VmRegistry;
@@ -25,12 +52,31 @@ export class MigrationSides {
   readonly #logger: Logger;
   readonly #sources = new Map<string, SourceHalf>();
   readonly #destinations = new Map<string, QemuDestination>();
+  readonly #contact = new ContactLog();
+  /** Why a half is gone, for the controller's requests that come after the agent settled it alone. */
+  readonly #settledHere = new Map<string, string>();
+  readonly #warned = new Set<string>();
+  readonly #abandonAfterMs: number;
+  readonly #sweeper: NodeJS.Timeout | undefined;
+  #sweeping = false;
   #qemu: QemuCapabilities | undefined;
 
-  constructor(registry: VmRegistry, address: string, logger: Logger) {
+  constructor(registry: VmRegistry, address: string, logger: Logger, options: MigrationSidesOptions = { abandonAfterMs: defaultAbandonAfterMs }) {
     this.#registry = registry;
     this.#address = address;
     this.#logger = logger;
+    this.#abandonAfterMs = options.abandonAfterMs;
+    if (this.#abandonAfterMs > 0) {
+      const everyMs = Math.min(5_000, Math.max(250, this.#abandonAfterMs / 4));
+      this.#sweeper = setInterval(() => {
+        this.#settleAbandoned().catch((err: unknown) => this.#logger.error({ err: describeError(err) }, 'checking for abandoned migrations failed'));
+      }, everyMs);
+      this.#sweeper.unref();
+    }
+  }
+
+  close(): void {
+    clearInterval(this.#sweeper);
   }
 
   async capabilities(): Promise<QemuCapabilities> {
@@ -48,17 +94,31 @@ export class MigrationSides {
 
   /** Binds a migration id to a running VM on this host, as its source. */
   beginSource(id: string, vm: string): void {
-    if (this.#sources.has(id)) return;
-    this.#registry.setMigrating(vm, true);
-    const side = new QemuSource({ hostId: this.#registry.hostId, vm: this.#registry.running(vm), logger: this.#logger.child({ migration: id }) });
-    this.#sources.set(id, { vm, side });
+    if (!this.#sources.has(id)) {
+      const running = this.#registry.running(vm);
+      this.#registry.setMigrating(vm, true);
+      this.#sources.set(id, { vm, side: new QemuSource({ hostId: this.#registry.hostId, vm: running, logger: this.#logger.child({ migration: id }) }) });
+    }
+    this.#contact.touch(sourceKey(id));
   }
 
-  source(id: string): QemuSource {
-    return this.#requireSource(id).side;
+  /** Runs one request of the controller's on the source half of `id`. */
+  useSource<T>(id: string, call: (side: QemuSource) => Promise<T>): Promise<T> {
+    const half = this.#requireSource(id);
+    return this.#contact.during(sourceKey(id), () => call(half.side));
   }
 
-  async prepareDestination(id: string, spec: VmSpec, plan: MigrationPlan, signal: AbortSignal): Promise<PreparedDestination> {
+  /** Runs one request of the controller's on the destination half of `id`. */
+  useDestination<T>(id: string, call: (side: QemuDestination) => Promise<T>): Promise<T> {
+    const destination = this.#requireDestination(id);
+    return this.#contact.during(destinationKey(id), () => call(destination));
+  }
+
+  prepareDestination(id: string, spec: VmSpec, plan: MigrationPlan, signal: AbortSignal): Promise<PreparedDestination> {
+    return this.#contact.during(destinationKey(id), () => this.#prepareDestination(id, spec, plan, signal));
+  }
+
+  async #prepareDestination(id: string, spec: VmSpec, plan: MigrationPlan, signal: AbortSignal): Promise<PreparedDestination> {
     if (this.#destinations.has(id)) throw new VmferryError('VMF_CONFLICT', `migration ${id} is already prepared on ${this.#registry.hostId}`);
     const destination = new QemuDestination({
       hostId: this.#registry.hostId,
@@ -72,9 +132,13 @@ export class MigrationSides {
     return destination.prepare(spec, plan, signal);
   }
 
-  destination(id: string): QemuDestination {
+  #requireDestination(id: string): QemuDestination {
     const destination = this.#destinations.get(id);
-    if (!destination) throw new VmferryError('VMF_NOT_FOUND', `migration ${id} has no destination on ${this.#registry.hostId}`);
+    if (!destination) {
+      const settled = this.#settledHere.get(destinationKey(id));
+      if (settled) throw new VmferryError('VMF_CONFLICT', settled);
+      throw new VmferryError('VMF_NOT_FOUND', `migration ${id} has no destination on ${this.#registry.hostId}`);
+    }
     return destination;
   }
 
@@ -86,42 +150,129 @@ export class MigrationSides {
   }
 
   async resumeDestination(id: string, signal: AbortSignal): Promise<void> {
-    const destination = this.destination(id);
-    await destination.resume(signal);
-    if (destination.vm) await this.#registry.adoptMigrated(destination.vm);
-    this.#destinations.delete(id);
+    await this.useDestination(id, async (destination) => {
+      await destination.resume(signal);
+      if (destination.vm) await this.#registry.adoptMigrated(destination.vm);
+      this.#forgetDestination(id);
+    });
   }
 
   async rollbackDestination(id: string): Promise<void> {
-    // Idempotent: a rollback of a migration this host never prepared is nothing to do.
+    // Idempotent: a rollback of a migration this host never prepared (or already settled) is nothing to do.
     const destination = this.#destinations.get(id);
     if (!destination) return;
-    await destination.rollback();
-    this.#destinations.delete(id);
+    await this.#contact.during(destinationKey(id), () => destination.rollback());
+    this.#forgetDestination(id);
   }
 
   async retireSource(id: string, keepLocalDisks: boolean): Promise<void> {
-    const half = this.#requireSource(id);
-    await half.side.retire(keepLocalDisks);
-    await this.#registry.forgetMigrated(half.vm);
-    this.#sources.delete(id);
+    await this.useSource(id, async (side) => {
+      await side.retire(keepLocalDisks);
+      await this.#registry.forgetMigrated(this.#requireSource(id).vm);
+      this.#forgetSource(id);
+    });
   }
 
   async rollbackSource(id: string): Promise<void> {
     const half = this.#sources.get(id);
     if (!half) return;
+    await this.#contact.during(sourceKey(id), () => this.#rollBackSource(id, half));
+  }
+
+  async #rollBackSource(id: string, half: SourceHalf): Promise<void> {
     try {
       await half.side.rollback();
     } finally {
       // Even a rollback that failed half-way hands the VM back: its owner must be able to stop or inspect it.
       this.#registry.setMigrating(half.vm, false);
-      this.#sources.delete(id);
+      this.#forgetSource(id);
     }
   }
 
   #requireSource(id: string): SourceHalf {
     const half = this.#sources.get(id);
-    if (!half) throw new VmferryError('VMF_NOT_FOUND', `migration ${id} has no source on ${this.#registry.hostId}`);
+    if (!half) {
+      const settled = this.#settledHere.get(sourceKey(id));
+      if (settled) throw new VmferryError('VMF_CONFLICT', settled);
+      throw new VmferryError('VMF_NOT_FOUND', `migration ${id} has no source on ${this.#registry.hostId}`);
+    }
+    if (half.settling) throw new VmferryError('VMF_CONFLICT', `the agent on ${this.#registry.hostId} is settling migration ${id} itself: no controller had touched it for ${this.#abandonAfterMs / 1000} s`);
     return half;
   }
+
+  #forgetSource(id: string): void {
+    this.#sources.delete(id);
+    this.#contact.forget(sourceKey(id));
+  }
+
+  #forgetDestination(id: string): void {
+    this.#destinations.delete(id);
+    this.#contact.forget(destinationKey(id));
+  }
+
+  async #settleAbandoned(): Promise<void> {
+    // A sweep that outlasts the interval must not meet the next one on the same half.
+    if (this.#sweeping) return;
+    this.#sweeping = true;
+    try {
+      await this.#settleAbandonedHalves();
+    } finally {
+      this.#sweeping = false;
+    }
+  }
+
+  async #settleAbandonedHalves(): Promise<void> {
+    for (const [id, half] of this.#sources) {
+      if (!half.settling && this.#contact.idleMs(sourceKey(id)) >= this.#abandonAfterMs) await this.#settleAbandonedSource(id, half);
+    }
+    for (const [id, destination] of this.#destinations) {
+      if (destination.state === 'prepared' && this.#contact.idleMs(destinationKey(id)) >= this.#abandonAfterMs) await this.#settleAbandonedDestination(id, destination);
+    }
+  }
+
+  async #settleAbandonedSource(id: string, half: SourceHalf): Promise<void> {
+    // Marked before the first await: from here the controller's requests are refused, so none can continue the migration under us.
+    half.settling = true;
+    const silentFor = `no controller had touched it for ${Math.round(this.#contact.idleMs(sourceKey(id)) / 1000)} s`;
+    try {
+      const { status } = await half.side.migrationInfo(AbortSignal.timeout(10_000));
+      if (!sourceSafeToRollBack.includes(status)) {
+        this.#warnOnce(sourceKey(id), `migration ${id} of ${half.vm} is "${status}" on its source and ${silentFor}; only the controller can settle it now (start it again)`);
+        return;
+      }
+      this.#logger.warn({ migration: id, vm: half.vm, status }, `rolling back the source half of migration ${id}: ${silentFor}`);
+      await this.#rollBackSource(id, half);
+      this.#settledHere.set(sourceKey(id), `the agent on ${this.#registry.hostId} rolled back its half of migration ${id} (${silentFor}): ${half.vm} runs here`);
+    } finally {
+      half.settling = false;
+    }
+  }
+
+  /**
+   * Only a destination whose QEMU is gone: the controller does not poll the
+   * destination while the mirrors and RAM move, so silence says nothing there.
+   * Its QEMU exits by itself when the source cancels (a rollback, or the
+   * source's agent settling alone), and then nothing of the guest is here.
+   */
+  async #settleAbandonedDestination(id: string, destination: QemuDestination): Promise<void> {
+    if (destination.vm?.isAlive === true) return;
+    this.#logger.warn({ migration: id }, `removing the destination half of migration ${id}: its QEMU has exited and no controller has touched it since`);
+    await this.#contact.during(destinationKey(id), () => destination.rollback());
+    this.#forgetDestination(id);
+    this.#settledHere.set(destinationKey(id), `the agent on ${this.#registry.hostId} removed its half of migration ${id} after its QEMU exited`);
+  }
+
+  #warnOnce(key: string, message: string): void {
+    if (this.#warned.has(key)) return;
+    this.#warned.add(key);
+    this.#logger.error(message);
+  }
+}
+
+function sourceKey(id: string): string {
+  return `source:${id}`;
+}
+
+function destinationKey(id: string): string {
+  return `destination:${id}`;
 }

@@ -14,7 +14,7 @@ import { replySignal } from '../http/request-signal.ts';
 import type { MigrationPlan } from '../migration/plan.ts';
 import type { MigrationSettings } from '../migration/sides.ts';
 import { validateVmSpec } from '../qemu/spec.ts';
-import { MigrationSides } from './migration-sides.ts';
+import { MigrationSides, defaultAbandonAfterMs } from './migration-sides.ts';
 import { VmRegistry } from './vm-registry.ts';
 import { SharedWriterFence } from '../storage/writer-fence.ts';
 import { readFile } from 'node:fs/promises';
@@ -26,6 +26,8 @@ export interface AgentOptions {
   address: string;
   /** The storage server's admin API: with it, shared volumes are fenced to one writer (see storage/writer-fence.ts). */
   storageUrl?: string;
+  /** A migration half no controller has touched for this long is settled by the agent where that is safe (default 60 s; 0: never). */
+  abandonAfterMs?: number;
   logger: Logger;
 }
 
@@ -60,8 +62,9 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   if (!fence) options.logger.warn('no storage admin URL: shared volumes are not fenced, a stale QEMU could still write to them');
   const registry = new VmRegistry(options.hostId, options.dataDir, options.logger, fence);
   await registry.init();
-  const sides = new MigrationSides(registry, options.address, options.logger);
+  const sides = new MigrationSides(registry, options.address, options.logger, { abandonAfterMs: options.abandonAfterMs ?? defaultAbandonAfterMs });
   const { base, app } = await createApiServer('vmferry agent', options.logger, 1024 * 1024);
+  base.addHook('onClose', () => sides.close());
 
   app.get('/v1/host', async (): Promise<HostInfo> => {
     const fs = await statfs(registry.pool.dir);
@@ -103,11 +106,11 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     sides.prepareDestination(request.params.id, validateVmSpec(request.body.spec), request.body.plan as MigrationPlan, replySignal(reply)),
   );
   app.post('/v1/migrations/:id/destination/wait-incoming', { schema: { params } }, async (request, reply) => {
-    await sides.destination(request.params.id).waitIncomingCompleted(replySignal(reply));
+    await sides.useDestination(request.params.id, (side) => side.waitIncomingCompleted(replySignal(reply)));
     return {};
   });
   app.post('/v1/migrations/:id/destination/memory-digest', { schema: { params } }, (request, reply) =>
-    sides.destination(request.params.id).memoryDigest(replySignal(reply)),
+    sides.useDestination(request.params.id, (side) => side.memoryDigest(replySignal(reply))),
   );
   app.post('/v1/migrations/:id/destination/resume', { schema: { params } }, async (request) => {
     // Not cancelled when the caller goes away: a resume stopped half-way (lease taken, cont sent) is the one state nobody can settle.
@@ -126,7 +129,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   });
   app.post('/v1/migrations/:id/source/mirrors', { schema: { params, body: MirrorsBody } }, async (request, reply) => {
     const { targets, copyMode, bandwidthBytes } = request.body;
-    await sides.source(request.params.id).startMirrors(targets, copyMode, bandwidthBytes, replySignal(reply));
+    await sides.useSource(request.params.id, (side) => side.startMirrors(targets, copyMode, bandwidthBytes, replySignal(reply)));
     return {};
   });
   app.get(
@@ -136,37 +139,37 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
       const waitMs = request.query.waitMs ?? 0;
       // ajv coerces "1e400" to Infinity and lets it through every integer check.
       if (!Number.isSafeInteger(waitMs)) throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid request: querystring/waitMs must be an integer from 0 to ${maxMirrorWaitMs}`);
-      return sides.source(request.params.id).mirrorStatus(replySignal(reply), waitMs);
+      return sides.useSource(request.params.id, (side) => side.mirrorStatus(replySignal(reply), waitMs));
     },
   );
   app.post('/v1/migrations/:id/source/migrate', { schema: { params, body: MigrateBody } }, async (request, reply) => {
-    await sides.source(request.params.id).startMigration(request.body.uri, request.body.settings as MigrationSettings, replySignal(reply));
+    await sides.useSource(request.params.id, (side) => side.startMigration(request.body.uri, request.body.settings as MigrationSettings, replySignal(reply)));
     return {};
   });
-  app.get('/v1/migrations/:id/source/info', { schema: { params } }, (request, reply) => sides.source(request.params.id).migrationInfo(replySignal(reply)));
+  app.get('/v1/migrations/:id/source/info', { schema: { params } }, (request, reply) => sides.useSource(request.params.id, (side) => side.migrationInfo(replySignal(reply))));
   app.post('/v1/migrations/:id/source/wait-milestone', { schema: { params } }, async (request, reply) => ({
-    milestone: await sides.source(request.params.id).waitMilestone(replySignal(reply)),
+    milestone: await sides.useSource(request.params.id, (side) => side.waitMilestone(replySignal(reply))),
   }));
   app.post('/v1/migrations/:id/source/downtime-limit', { schema: { params, body: Type.Object({ ms: Type.Integer({ minimum: 1, maximum: maxDowntimeLimitMs }) }, strict) } }, async (request, reply) => {
-    await sides.source(request.params.id).setDowntimeLimit(request.body.ms, replySignal(reply));
+    await sides.useSource(request.params.id, (side) => side.setDowntimeLimit(request.body.ms, replySignal(reply)));
     return {};
   });
   app.post('/v1/migrations/:id/source/postcopy', { schema: { params } }, async (request, reply) => {
-    await sides.source(request.params.id).startPostcopy(replySignal(reply));
+    await sides.useSource(request.params.id, (side) => side.startPostcopy(replySignal(reply)));
     return {};
   });
   app.post('/v1/migrations/:id/source/finish-mirrors', { schema: { params } }, (request, reply) =>
-    sides.source(request.params.id).finishMirrors(replySignal(reply)),
+    sides.useSource(request.params.id, (side) => side.finishMirrors(replySignal(reply))),
   );
   app.post('/v1/migrations/:id/source/continue', { schema: { params } }, async (request, reply) => {
-    await sides.source(request.params.id).continueSwitchover(replySignal(reply));
+    await sides.useSource(request.params.id, (side) => side.continueSwitchover(replySignal(reply)));
     return {};
   });
   app.post('/v1/migrations/:id/source/memory-digest', { schema: { params } }, (request, reply) =>
-    sides.source(request.params.id).memoryDigest(replySignal(reply)),
+    sides.useSource(request.params.id, (side) => side.memoryDigest(replySignal(reply))),
   );
   app.get('/v1/migrations/:id/source/completed-info', { schema: { params } }, (request, reply) =>
-    sides.source(request.params.id).completedInfo(replySignal(reply)),
+    sides.useSource(request.params.id, (side) => side.completedInfo(replySignal(reply))),
   );
   app.post('/v1/migrations/:id/source/retire', { schema: { params, body: Type.Object({ keepLocalDisks: Type.Boolean() }, strict) } }, async (request) => {
     await sides.retireSource(request.params.id, request.body.keepLocalDisks);

@@ -3,6 +3,7 @@ import type { Command } from 'commander';
 import { buildAgent } from '../agent/server.ts';
 import { startHeartbeat } from '../agent/heartbeat.ts';
 import { buildController } from '../controller/server.ts';
+import { VmferryError } from '../errors.ts';
 import { daemonLogger, parseListen, untilSignal } from './common.ts';
 
 export function registerDaemonCommands(program: Command): void {
@@ -14,13 +15,23 @@ export function registerDaemonCommands(program: Command): void {
     .requiredOption('--data-dir <dir>', 'where VM specs, logs and the local pool live')
     .option('--address <ip>', 'address other hosts reach this one at (default: the --listen host)')
     .option('--storage <url>', 'the storage server\'s admin URL, to fence shared volumes to one writer (or VMFERRY_STORAGE)', process.env.VMFERRY_STORAGE)
+    .option('--abandon-after <seconds>', 'settle a migration half alone once no controller has touched it this long, where that is safe (0: never)', '60')
     .action(async (_opts, command: Command) => {
       // --controller is the global option: the controller this agent registers with and heartbeats to.
-      const opts = command.optsWithGlobals<{ hostId: string; listen: string; dataDir: string; address?: string; storage?: string; controller: string }>();
+      const opts = command.optsWithGlobals<{ hostId: string; listen: string; dataDir: string; address?: string; storage?: string; abandonAfter: string; controller: string }>();
       const listen = parseListen(opts.listen, '--listen');
+      const abandonAfterS = Number(opts.abandonAfter);
+      if (!Number.isFinite(abandonAfterS) || abandonAfterS < 0) throw new VmferryError('VMF_INVALID_ARGUMENT', `--abandon-after must be a number of seconds, 0 or more (got "${opts.abandonAfter}")`);
       const logger = daemonLogger(`agent-${opts.hostId}`);
       const address = opts.address ?? listen.host;
-      const { app } = await buildAgent({ hostId: opts.hostId, dataDir: opts.dataDir, address, logger, ...(opts.storage ? { storageUrl: opts.storage } : {}) });
+      const { app } = await buildAgent({
+        hostId: opts.hostId,
+        dataDir: opts.dataDir,
+        address,
+        logger,
+        abandonAfterMs: abandonAfterS * 1000,
+        ...(opts.storage ? { storageUrl: opts.storage } : {}),
+      });
       const url = await app.listen({ host: listen.host, port: listen.port });
       logger.info({ url }, `agent ${opts.hostId} listening`);
       const stopHeartbeat = startHeartbeat(opts.controller, { id: opts.hostId, url, address }, logger);

@@ -43,6 +43,8 @@ export interface LocalClusterOptions {
   network?: { prefix: string; subnet: string; hostLinkSubnet?: string };
   /** Run the controller as its own process, so it can be killed like a crash would (default: in this process). */
   controllerProcess?: boolean;
+  /** The agents' --abandon-after, in seconds (default: the agent's own, 60). */
+  abandonAfterS?: number;
 }
 
 export class LocalCluster {
@@ -116,6 +118,7 @@ export class LocalCluster {
       const args = [cliPath, '--controller', this.controllerUrl, 'agent', '--host-id', id, '--listen', `${address}:${agentPort}`, '--data-dir', dataDir, '--storage', this.storage.addresses.adminUrl as string];
       // Migration streams and mirror exports go over the direct link when there is one.
       if (namespaceHost?.linkAddress) args.push('--address', namespaceHost.linkAddress);
+      if (options.abandonAfterS !== undefined) args.push('--abandon-after', String(options.abandonAfterS));
       const command = namespaceHost ? ['ip', 'netns', 'exec', namespaceHost.namespace, process.execPath, ...args] : [process.execPath, ...args];
       this.hosts.push({ id, address, dataDir, agentUrl: `http://${address}:${agentPort}`, command, process: this.#spawnDaemon(`host ${id}`, command), namespace: namespaceHost?.namespace });
     }

@@ -19,6 +19,7 @@ import { recordReliability } from '../support/reliability.ts';
 import { makeTempDir } from '../support/temp.ts';
 
 let cluster: LocalCluster;
+const abandonAfterS = 15;
 let faults: FaultCluster;
 let work: { path: string; remove(): Promise<void> };
 
@@ -33,6 +34,8 @@ before(async () => {
     network: { prefix: 'vmff', subnet: '10.213.17', hostLinkSubnet: '10.213.18' },
     // Its own process, so a test can kill it as a crash would.
     controllerProcess: true,
+    // Longer than any restart the controller tests below make, short enough to wait for in one.
+    abandonAfterS: abandonAfterS,
   });
   faults = new FaultCluster(cluster, work.path);
 });
@@ -115,6 +118,45 @@ for (const phase of ['mirroring', 'migrating'] as const) {
     });
   });
 }
+
+test('controller killed for good while the RAM moves: the agents settle alone, the guest keeps running on the source', async () => {
+  const vm = 'ctl-gone';
+  await faults.startVm(vm, { intervalMs: 0, bulkMiBs: 4 }, 256);
+  const { id } = await cluster.api.migrate({ vm, to: 'B', bandwidthMiBs: 2 });
+  await faults.waitForPhase(id as string, ['migrating'], 60_000);
+  await cluster.killController();
+  const killedAt = Date.now();
+  // No controller from here on: A's agent must notice the silence, roll its half back, and B's must clear up after its QEMU exits.
+  const sourceAgent = new AgentClient(cluster.host('A').agentUrl);
+  const destinationAgent = new AgentClient(cluster.host('B').agentUrl);
+  const deadline = killedAt + (abandonAfterS + 30) * 1000;
+  for (;;) {
+    const [halvesA, halvesB, pids] = await Promise.all([sourceAgent.migrationHalves(id as string), destinationAgent.migrationHalves(id as string), faults.qemuPids(vm)]);
+    if (!halvesA.source && !halvesB.destination && pids.get('B')?.length === 0) break;
+    assert.ok(Date.now() < deadline, `the agents did not settle migration ${id} alone: A ${JSON.stringify(halvesA)}, B ${JSON.stringify(halvesB)}, QEMUs ${JSON.stringify([...pids])}`);
+    await sleep(500);
+  }
+  const settledAfterS = (Date.now() - killedAt) / 1000;
+  assert.ok(settledAfterS >= abandonAfterS - 1, `settled after ${settledAfterS} s: not before the silence lasted ${abandonAfterS} s`);
+  const onA = await sourceAgent.getVm(vm);
+  assert.equal(onA.state, 'running', 'the guest runs on A, without anyone asking');
+  const acks = (await readGuestReport(faults.reportLogs(vm))).acks;
+  await waitForAcks(faults.reportLogs(vm), ['root', 'data'], { atLeast: 5, since: acks, timeoutMs: 60_000 });
+
+  // The controller's recovery, when it comes back, finds nothing left to do but record it.
+  await cluster.startController();
+  const record = await faults.finalRecord(id as string);
+  assert.equal(record.phase, 'failed');
+  assert.match(record.report?.recovery ?? '', new RegExp(`rolled back: ${vm} runs on A`));
+  const outcome = await faults.assertSettled(vm, 'A');
+  recordReliability(import.meta.url, {
+    kind: 'fault',
+    target: 'controller',
+    tried: `controller killed (SIGKILL) during the RAM phase and not restarted for ${abandonAfterS}+ s (agents with --abandon-after ${abandonAfterS})`,
+    observed: `A's agent rolled its half back after ${settledAfterS.toFixed(0)} s of silence, B's removed its exited QEMU's half; the guest never stopped on A; the restarted controller recorded "${record.report?.recovery}"; ${outcome}`,
+    ok: true,
+  });
+});
 
 test('controller killed just after the destination resumed: the restarted controller finishes the migration', async () => {
   const vm = 'ctl-resumed';
