@@ -104,8 +104,8 @@ export interface MigrationPlan {
      * converging, up to maxDowntimeMs. Several steps buy a shorter pause for
      * guests that converge; a TCG guest gets only the last, because every extra
      * pass is another chance for QEMU 7.2's TCG defect to lose a write
-     * (docs/QEMU-TCG-PRECOPY.md: 3 of 6 busy migrations differed starting at
-     * 75 ms, none of 6 starting at 300 ms).
+     * (bench/tcg-downtime-start.ts: 9 of 18 busy migrations differed starting
+     * at 75 ms, none of 18 starting at 300 ms).
      */
     downtimeLimitsMs: number[];
     bandwidthMiBs: number | undefined;
