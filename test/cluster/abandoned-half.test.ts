@@ -1,0 +1,93 @@
+// The controller vanishes while the source's guest is paused at pre-switchover
+// (QEMU waits there for migrate-continue, which only the controller sends).
+// The source's agent, a real one in this process, must notice the silence and
+// bring the guest back on its host by itself; a controller that turns up
+// later is told what happened. The destination is a plain QemuDestination.
+import assert from 'node:assert/strict';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { after, before, test } from 'node:test';
+import type { FastifyInstance } from 'fastify';
+import pino from 'pino';
+import { AgentClient, RemoteSource } from '../../src/agent/client.ts';
+import { buildAgent } from '../../src/agent/server.ts';
+import { hasCode } from '../../src/errors.ts';
+import { defaultMigrationOptions, planMigration } from '../../src/migration/plan.ts';
+import { probeDestination, qemuCapabilities } from '../../src/migration/probe.ts';
+import { QemuDestination } from '../../src/migration/qemu-destination.ts';
+import { LocalPool } from '../../src/storage/local-pool.ts';
+import { recordReliability } from '../support/reliability.ts';
+
+const abandonAfterMs = 2_000;
+let dir: string;
+let agent: FastifyInstance;
+let client: AgentClient;
+
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'vmferry-abandon-'));
+  agent = (await buildAgent({ hostId: 'A', dataDir: join(dir, 'agent'), address: '127.0.0.1', logger: pino({ level: 'silent' }), abandonAfterMs })).app;
+  client = new AgentClient(await agent.listen({ host: '127.0.0.1', port: 0 }));
+});
+
+after(async () => {
+  await agent.close();
+  await rm(dir, { recursive: true, force: true });
+});
+
+test('a guest paused at pre-switchover whose controller went away runs again on its host after --abandon-after', async () => {
+  const vm = await client.createVm({ name: 'paused', memoryMiB: 128, boot: { kind: 'test-guest', options: { intervalMs: 100 } }, disks: [{ id: 'root', local: { sizeBytes: 64 << 20 } }] });
+  await client.startVm(vm.name);
+  await mkdir(join(dir, 'poolB'));
+  const pool = new LocalPool(join(dir, 'poolB'));
+  const destination = new QemuDestination({ hostId: 'B', pool, vmDir: (name) => join(dir, 'runB', name), address: '127.0.0.1' });
+  try {
+    // What a controller does up to pre-switchover, then nothing: it "crashed".
+    const id = 'm-abandoned';
+    const source = new RemoteSource('A', client, id);
+    await source.begin(vm.name);
+    const qemu = await qemuCapabilities();
+    const plan = planMigration(vm.spec, await client.probeSource(vm.name), await probeDestination('B', vm.spec, pool, [], qemu), defaultMigrationOptions);
+    const signal = AbortSignal.timeout(120_000);
+    const prepared = await destination.prepare(vm.spec, plan, signal);
+    assert.deepEqual(prepared.mirrorTargets.length, 1);
+    await source.startMirrors(prepared.mirrorTargets, 'write-blocking', undefined, signal);
+    while (!(await source.mirrorStatus(signal, 1000)).every((m) => m.ready)) await sleep(10);
+    await source.startMigration(prepared.migrationUri, { maxBandwidthBytes: undefined, downtimeLimitMs: 300, allowPostcopy: false }, signal);
+    assert.equal(await source.waitMilestone(signal), 'pre-switchover');
+    assert.equal((await client.getVm(vm.name)).state, 'paused', 'QEMU paused the guest for the switch-over');
+    const silentSince = Date.now();
+
+    const deadline = silentSince + abandonAfterMs + 15_000;
+    while ((await client.getVm(vm.name)).state !== 'running') {
+      assert.ok(Date.now() < deadline, 'the guest stayed paused: nothing settled the abandoned source');
+      await sleep(100);
+    }
+    const pausedForMs = Date.now() - silentSince;
+    assert.ok(pausedForMs >= abandonAfterMs, `resumed after ${pausedForMs} ms, before the silence lasted ${abandonAfterMs} ms`);
+    const info = await client.getVm(vm.name);
+    assert.equal(info.migrating, false, 'the VM is free for its owner again');
+    assert.equal((await client.migrationHalves(id)).source, null, 'the agent dropped its half');
+    // The destination's incoming migration failed when the source cancelled, so its QEMU exited.
+    const exitDeadline = Date.now() + 10_000;
+    while (destination.vm?.isAlive) {
+      assert.ok(Date.now() < exitDeadline, 'the destination QEMU did not exit after the source cancelled');
+      await sleep(100);
+    }
+    // A controller that comes back and carries on is told, not obeyed.
+    await assert.rejects(source.continueSwitchover(signal), (err: unknown) => hasCode(err, 'VMF_CONFLICT') && /rolled back its half of migration m-abandoned/.test(String(err)));
+    recordReliability(import.meta.url, {
+      kind: 'fault',
+      target: 'controller',
+      tried: `the controller stopped talking while the guest was paused at pre-switchover (agent --abandon-after ${abandonAfterMs / 1000} s)`,
+      observed: `the agent rolled its half back and the guest ran again after ${pausedForMs} ms; a late migrate-continue got 409 VMF_CONFLICT`,
+      ok: true,
+    });
+  } finally {
+    await destination.rollback();
+    // The agent leaves guests running when it closes (it re-adopts them); a stop is refused while the VM is still migrating.
+    const { pid } = await client.getVm(vm.name);
+    if (pid) process.kill(pid, 'SIGKILL');
+  }
+});
