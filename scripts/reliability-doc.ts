@@ -56,10 +56,12 @@ Last run: ${dates[0]} to ${dates[dates.length - 1]}, ${rows.length} rows from ${
   migration in three in the heavy-writes test), so the controller retries a mismatch up to twice;
   a guest that cannot converge in few passes cannot be migrated live under TCG, and a
   stop-and-copy RAM mode is not built.
-- **A controller that stays down** leaves its migrations where QEMU got to on its own: mirrors keep
-  running, and a source that reached pre-switchover keeps its guest paused until a controller
-  starts again and settles the migration (the "controller killed" rows). The agents do not yet roll
-  back on their own after a timeout.
+- **A controller that stays down**: after \`--abandon-after\` (60 s by default) without a request,
+  a source half not yet told to continue rolls back on its own, so a guest paused at
+  pre-switchover runs again, and a destination whose QEMU exited is removed (the "controller
+  stopped talking" and "not restarted" rows). A migration whose source has finished while its
+  destination has not resumed stays as it is, guest stopped on both hosts, until a controller
+  starts again: only both sides together can say which copy may run.
 
 ## Faults
 
