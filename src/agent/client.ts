@@ -146,8 +146,11 @@ export class RemoteSource implements SourceSide {
   }
 
   async waitMilestone(signal: AbortSignal): Promise<MigrationMilestone> {
-    const reply = await this.#agent.request<{ milestone: MigrationMilestone }>('POST', `${this.#path}/wait-milestone`, {}, { signal, timeoutMs: longWaitMs });
-    return reply.milestone;
+    // The agent answers within its own bound (10 s) with a milestone or null; a migration takes as many asks as it needs.
+    for (;;) {
+      const reply = await this.#agent.request<{ milestone: MigrationMilestone | null }>('POST', `${this.#path}/wait-milestone`, {}, { signal, timeoutMs: 60_000 });
+      if (reply.milestone) return reply.milestone;
+    }
   }
 
   async setDowntimeLimit(ms: number, signal: AbortSignal): Promise<void> {

@@ -37,6 +37,12 @@ const strict = { additionalProperties: false };
 const maxDowntimeLimitMs = 2_000_000;
 /** The longest a mirror progress query may wait for a mirror event. */
 const maxMirrorWaitMs = 10_000;
+/**
+ * The longest one wait for a migration milestone lasts. Bounded, so a
+ * controller that vanished without closing its connection stops counting as
+ * contact within this long (migration-sides.ts settles abandoned halves).
+ */
+const maxMilestoneWaitMs = 10_000;
 
 const MirrorsBody = Type.Object({
   targets: Type.Array(MirrorTargetSchema, { maxItems: 16 }),
@@ -147,9 +153,17 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     return {};
   });
   app.get('/v1/migrations/:id/source/info', { schema: { params } }, (request, reply) => sides.useSource(request.params.id, (side) => side.migrationInfo(replySignal(reply))));
-  app.post('/v1/migrations/:id/source/wait-milestone', { schema: { params } }, async (request, reply) => ({
-    milestone: await sides.useSource(request.params.id, (side) => side.waitMilestone(replySignal(reply))),
-  }));
+  app.post(
+    '/v1/migrations/:id/source/wait-milestone',
+    { schema: { params, querystring: Type.Object({ waitMs: Type.Optional(Type.Integer({ minimum: 1, maximum: maxMilestoneWaitMs })) }, strict) } },
+    async (request, reply) => {
+      const waitMs = request.query.waitMs ?? maxMilestoneWaitMs;
+      // ajv coerces "1e400" to Infinity and lets it through every integer check.
+      if (!Number.isSafeInteger(waitMs)) throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid request: querystring/waitMs must be an integer from 1 to ${maxMilestoneWaitMs}`);
+      // null: no milestone yet; ask again.
+      return { milestone: (await sides.useSource(request.params.id, (side) => side.nextMilestone(replySignal(reply), waitMs))) ?? null };
+    },
+  );
   app.post('/v1/migrations/:id/source/downtime-limit', { schema: { params, body: Type.Object({ ms: Type.Integer({ minimum: 1, maximum: maxDowntimeLimitMs }) }, strict) } }, async (request, reply) => {
     await sides.useSource(request.params.id, (side) => side.setDowntimeLimit(request.body.ms, replySignal(reply)));
     return {};

@@ -152,9 +152,28 @@ export class QemuSource implements SourceSide {
   }
 
   async waitMilestone(signal: AbortSignal): Promise<MigrationMilestone> {
+    for (;;) {
+      const milestone = await this.nextMilestone(signal, 60_000);
+      if (milestone) return milestone;
+    }
+  }
+
+  /**
+   * The next milestone, or undefined when none came within `waitMs`. The
+   * agent serves waits in such slices: a wait that lasts as long as the
+   * migration would keep a half "in contact" for as long as a dead
+   * controller's connection looks open (see agent/contact-log.ts).
+   */
+  async nextMilestone(signal: AbortSignal, waitMs: number): Promise<MigrationMilestone | undefined> {
     if (!this.#events) throw new VmferryError('VMF_MIGRATION_FAILED', `no migration was started on ${this.hostId}`);
-    const event = await this.#events.waitFor('MIGRATION', (e) => milestones.includes(String(e.data.status)), { signal });
-    return event.data.status as MigrationMilestone;
+    try {
+      const event = await this.#events.waitFor('MIGRATION', (e) => milestones.includes(String(e.data.status)), { signal, timeoutMs: waitMs });
+      return event.data.status as MigrationMilestone;
+    } catch (err) {
+      // Events that come meanwhile stay in the listener's buffer for the next wait.
+      if (hasCode(err, 'VMF_TIMEOUT')) return undefined;
+      throw err;
+    }
   }
 
   async setDowntimeLimit(ms: number, signal: AbortSignal): Promise<void> {

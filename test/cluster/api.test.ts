@@ -72,6 +72,8 @@ const cases: BadRequest[] = [
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/mirrors', body: { targets: [], copyMode: 'fast' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /copyMode/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/migrate', body: { uri: 'exec:rm -rf /', settings: { downtimeLimitMs: 1, allowPostcopy: false } }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /uri/ },
   { server: 'agent', method: 'GET', path: '/v1/migrations/m1/source/info', status: 404, code: 'VMF_NOT_FOUND', message: /migration m1 has no source/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/wait-milestone?waitMs=1e400', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /waitMs must be an integer from 1 to 10000/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/wait-milestone?waitMs=0', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /waitMs/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/downtime-limit', body: { ms: -5 }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /ms/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/bad%20id/source/retire', body: { keepLocalDisks: false }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /id/ },
   { server: 'agent', method: 'GET', path: '/v1/nothing-here', status: 404, code: 'VMF_NOT_FOUND', message: /no route GET \/v1\/nothing-here/ },
