@@ -27,8 +27,8 @@ import type { VmRegistry } from './vm-registry.ts';
 interface SourceHalf {
   vm: string;
   side: QemuSource;
-  /** The agent is settling it alone: the controller's requests are refused. */
-  settling?: boolean;
+  /** Set while the agent settles it alone: the controller's requests are refused, and its rollback waits for this. */
+  settling?: Promise<void>;
 }
 
 /**
@@ -174,7 +174,12 @@ export class MigrationSides {
   }
 
   async rollbackSource(id: string): Promise<void> {
-    const half = this.#sources.get(id);
+    let half = this.#sources.get(id);
+    if (half?.settling) {
+      // Two rollbacks of one QEMU at once would race on its block jobs: the controller's waits for the agent's, and its error.
+      await half.settling;
+      half = this.#sources.get(id);
+    }
     if (!half) return;
     await this.#contact.during(sourceKey(id), () => this.#rollBackSource(id, half));
   }
@@ -223,29 +228,28 @@ export class MigrationSides {
 
   async #settleAbandonedHalves(): Promise<void> {
     for (const [id, half] of this.#sources) {
-      if (!half.settling && this.#contact.idleMs(sourceKey(id)) >= this.#abandonAfterMs) await this.#settleAbandonedSource(id, half);
+      if (half.settling || this.#contact.idleMs(sourceKey(id)) < this.#abandonAfterMs) continue;
+      half.settling = this.#settleAbandonedSource(id, half).finally(() => {
+        delete half.settling;
+      });
+      await half.settling;
     }
     for (const [id, destination] of this.#destinations) {
       if (destination.state === 'prepared' && this.#contact.idleMs(destinationKey(id)) >= this.#abandonAfterMs) await this.#settleAbandonedDestination(id, destination);
     }
   }
 
+  /** Marked settling by its caller before the first await: from then on the controller's requests are refused, so none can continue the migration under us. */
   async #settleAbandonedSource(id: string, half: SourceHalf): Promise<void> {
-    // Marked before the first await: from here the controller's requests are refused, so none can continue the migration under us.
-    half.settling = true;
     const silentFor = `no controller had touched it for ${Math.round(this.#contact.idleMs(sourceKey(id)) / 1000)} s`;
-    try {
-      const { status } = await half.side.migrationInfo(AbortSignal.timeout(10_000));
-      if (!sourceSafeToRollBack.includes(status)) {
-        this.#warnOnce(sourceKey(id), `migration ${id} of ${half.vm} is "${status}" on its source and ${silentFor}; only the controller can settle it now (start it again)`);
-        return;
-      }
-      this.#logger.warn({ migration: id, vm: half.vm, status }, `rolling back the source half of migration ${id}: ${silentFor}`);
-      await this.#rollBackSource(id, half);
-      this.#settledHere.set(sourceKey(id), `the agent on ${this.#registry.hostId} rolled back its half of migration ${id} (${silentFor}): ${half.vm} runs here`);
-    } finally {
-      half.settling = false;
+    const { status } = await half.side.migrationInfo(AbortSignal.timeout(10_000));
+    if (!sourceSafeToRollBack.includes(status)) {
+      this.#warnOnce(sourceKey(id), `migration ${id} of ${half.vm} is "${status}" on its source and ${silentFor}; only the controller can settle it now (start it again)`);
+      return;
     }
+    this.#logger.warn({ migration: id, vm: half.vm, status }, `rolling back the source half of migration ${id}: ${silentFor}`);
+    await this.#rollBackSource(id, half);
+    this.#settledHere.set(sourceKey(id), `the agent on ${this.#registry.hostId} rolled back its half of migration ${id} (${silentFor}): ${half.vm} runs here`);
   }
 
   /**
