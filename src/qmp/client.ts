@@ -342,11 +342,15 @@ interface EventWaiter {
   reject(err: Error): void;
 }
 
-/** Events from the moment of listen(), in order, until closed. */
+/**
+ * Events from the moment of listen(), in order, until closed. Several waits
+ * may be open at once (one per block job, say): each event goes to the
+ * oldest wait it matches, or else to the buffer for a later wait.
+ */
 export class QmpEventListener implements AsyncIterable<QmpEvent> {
   readonly #onClose: (listener: QmpEventListener) => void;
   readonly #buffer: QmpEvent[] = [];
-  #waiter: EventWaiter | undefined;
+  readonly #waiters: EventWaiter[] = [];
   #endError: Error | undefined;
   #dropped = 0;
 
@@ -356,10 +360,10 @@ export class QmpEventListener implements AsyncIterable<QmpEvent> {
 
   /** Delivers an event; called by the client. */
   push(event: QmpEvent): void {
-    if (this.#waiter?.matches(event)) {
-      const waiter = this.#waiter;
-      this.#waiter = undefined;
-      waiter.resolve(event);
+    const index = this.#waiters.findIndex((waiter) => waiter.matches(event));
+    if (index >= 0) {
+      const [waiter] = this.#waiters.splice(index, 1);
+      waiter?.resolve(event);
       return;
     }
     if (this.#buffer.length >= maxBufferedEvents) {
@@ -372,9 +376,7 @@ export class QmpEventListener implements AsyncIterable<QmpEvent> {
   /** Ends the listener: waits reject with `error`. Called by the client when the connection closes. */
   end(error: Error): void {
     this.#endError ??= error;
-    const waiter = this.#waiter;
-    this.#waiter = undefined;
-    waiter?.reject(error);
+    for (const waiter of this.#waiters.splice(0)) waiter.reject(error);
   }
 
   /** Events dropped because nobody read them (the buffer is bounded). */
@@ -388,14 +390,17 @@ export class QmpEventListener implements AsyncIterable<QmpEvent> {
     const index = this.#buffer.findIndex(matches);
     if (index >= 0) return Promise.resolve(this.#buffer.splice(index, 1)[0] as QmpEvent);
     if (this.#endError) return Promise.reject(this.#endError);
-    if (this.#waiter) return Promise.reject(new Error('QmpEventListener supports one wait at a time'));
     const what = `waiting for QMP event ${event}`;
     const deadline = new Deadline(what, options.timeoutMs, options.signal);
+    let waiter: EventWaiter | undefined;
     const wait = new Promise<QmpEvent>((resolve, reject) => {
-      this.#waiter = { matches, resolve, reject };
+      waiter = { matches, resolve, reject };
+      this.#waiters.push(waiter);
     });
     return raceAbort(wait, deadline.signal, what).finally(() => {
-      this.#waiter = undefined;
+      // A wait that timed out or was aborted must not take a later event from the buffer's next reader.
+      const index = this.#waiters.indexOf(waiter as EventWaiter);
+      if (index >= 0) this.#waiters.splice(index, 1);
       deadline.dispose();
     });
   }

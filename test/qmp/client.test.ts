@@ -68,6 +68,38 @@ describe('QMP client against a real QEMU', () => {
     }
   });
 
+  test('one listener serves several waits at once, each getting the event it asked for', async () => {
+    // As when two mirrors are cancelled together: both waits are open before either event comes.
+    const listener = vm.monitor.client.listen();
+    try {
+      const resume = listener.waitFor('RESUME', undefined, { timeoutMs: 5000 });
+      const stop = listener.waitFor('STOP', undefined, { timeoutMs: 5000 });
+      await vm.monitor.cont();
+      await vm.monitor.stop();
+      const [resumed, stopped] = await Promise.all([resume, stop]);
+      assert.equal(resumed.event, 'RESUME');
+      assert.equal(stopped.event, 'STOP');
+      assert.ok(stopped.timestampUs >= resumed.timestampUs);
+      assert.equal((await vm.status()).status, 'paused');
+    } finally {
+      listener.close();
+    }
+  });
+
+  test('a wait that timed out leaves the next matching event to the waits after it', async () => {
+    const listener = vm.monitor.client.listen();
+    try {
+      await assert.rejects(listener.waitFor('RESUME', undefined, { timeoutMs: 50 }), /RESUME/);
+      const resume = listener.waitFor('RESUME', undefined, { timeoutMs: 5000 });
+      await vm.monitor.cont();
+      assert.equal((await resume).event, 'RESUME');
+      await vm.monitor.stop();
+      await listener.waitFor('STOP', undefined, { timeoutMs: 5000 });
+    } finally {
+      listener.close();
+    }
+  });
+
   test('a wait for an event that never comes times out with a clear error', async () => {
     await assert.rejects(vm.monitor.client.waitFor('SHUTDOWN', undefined, { timeoutMs: 200 }), (err: unknown) => {
       assert.ok(hasCode(err, 'VMF_TIMEOUT'));
