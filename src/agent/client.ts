@@ -23,7 +23,8 @@ import type { MigrationInfo } from '../qmp/commands.ts';
 const longWaitMs = 24 * 3600 * 1000;
 
 export interface MigrationHalves {
-  source: { vm: string } | null;
+  /** settling: the agent is rolling it back by itself (--abandon-after); a rollback sent now waits for that. */
+  source: { vm: string; settling: boolean } | null;
   destination: { state: 'prepared' | 'resuming' | 'resumed' } | null;
 }
 /** Dumping and hashing up to 2 GiB of guest memory. */

@@ -143,10 +143,10 @@ export class MigrationSides {
   }
 
   /** What this host holds of migration `id`, for a controller settling it after a restart. */
-  describe(id: string): { source: { vm: string } | null; destination: { state: QemuDestination['state'] } | null } {
+  describe(id: string): { source: { vm: string; settling: boolean } | null; destination: { state: QemuDestination['state'] } | null } {
     const source = this.#sources.get(id);
     const destination = this.#destinations.get(id);
-    return { source: source ? { vm: source.vm } : null, destination: destination ? { state: destination.state } : null };
+    return { source: source ? { vm: source.vm, settling: source.settling !== undefined } : null, destination: destination ? { state: destination.state } : null };
   }
 
   async resumeDestination(id: string, signal: AbortSignal): Promise<void> {

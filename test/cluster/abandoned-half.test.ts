@@ -2,7 +2,8 @@
 // (QEMU waits there for migrate-continue, which only the controller sends).
 // The source's agent, a real one in this process, must notice the silence and
 // bring the guest back on its host by itself; a controller that turns up
-// later is told what happened. The destination is a plain QemuDestination.
+// later is told what happened, and one that turns up in the middle of it does
+// not race it. The destination is a plain QemuDestination.
 import assert from 'node:assert/strict';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -12,6 +13,7 @@ import { after, before, test } from 'node:test';
 import type { FastifyInstance } from 'fastify';
 import pino from 'pino';
 import { AgentClient, RemoteSource } from '../../src/agent/client.ts';
+import type { VmInfo } from '../../src/api/agent-types.ts';
 import { buildAgent } from '../../src/agent/server.ts';
 import { hasCode } from '../../src/errors.ts';
 import { defaultMigrationOptions, planMigration } from '../../src/migration/plan.ts';
@@ -36,15 +38,21 @@ after(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
-test('a guest paused at pre-switchover whose controller went away runs again on its host after --abandon-after', async () => {
-  const vm = await client.createVm({ name: 'paused', memoryMiB: 128, boot: { kind: 'test-guest', options: { intervalMs: 100 } }, disks: [{ id: 'root', local: { sizeBytes: 64 << 20 } }] });
+interface PausedAtSwitchover {
+  vm: VmInfo;
+  source: RemoteSource;
+  destination: QemuDestination;
+  signal: AbortSignal;
+}
+
+/** What a controller does up to pre-switchover, then nothing: it "crashed". The guest is paused on A. */
+async function pauseAtSwitchover(name: string, id: string, run: (paused: PausedAtSwitchover) => Promise<void>): Promise<void> {
+  const vm = await client.createVm({ name, memoryMiB: 128, boot: { kind: 'test-guest', options: { intervalMs: 100 } }, disks: [{ id: 'root', local: { sizeBytes: 64 << 20 } }] });
   await client.startVm(vm.name);
-  await mkdir(join(dir, 'poolB'));
-  const pool = new LocalPool(join(dir, 'poolB'));
-  const destination = new QemuDestination({ hostId: 'B', pool, vmDir: (name) => join(dir, 'runB', name), address: '127.0.0.1' });
+  await mkdir(join(dir, `pool-${name}`));
+  const pool = new LocalPool(join(dir, `pool-${name}`));
+  const destination = new QemuDestination({ hostId: 'B', pool, vmDir: (vmName) => join(dir, `run-${name}`, vmName), address: '127.0.0.1' });
   try {
-    // What a controller does up to pre-switchover, then nothing: it "crashed".
-    const id = 'm-abandoned';
     const source = new RemoteSource('A', client, id);
     await source.begin(vm.name);
     const qemu = await qemuCapabilities();
@@ -56,9 +64,30 @@ test('a guest paused at pre-switchover whose controller went away runs again on 
     while (!(await source.mirrorStatus(signal, 1000)).every((m) => m.ready)) await sleep(10);
     await source.startMigration(prepared.migrationUri, { maxBandwidthBytes: undefined, downtimeLimitMs: 300, allowPostcopy: false }, signal);
     assert.equal(await source.waitMilestone(signal), 'pre-switchover');
-    assert.equal((await client.getVm(vm.name)).state, 'paused', 'QEMU paused the guest for the switch-over');
-    const silentSince = Date.now();
+    const paused = await client.getVm(vm.name);
+    assert.equal(paused.state, 'paused', 'QEMU paused the guest for the switch-over');
+    await run({ vm: paused, source, destination, signal });
+  } finally {
+    await destination.rollback();
+    // The agent leaves guests running when it closes (it re-adopts them); a stop is refused while the VM is still migrating.
+    const { pid } = await client.getVm(vm.name);
+    if (pid) process.kill(pid, 'SIGKILL');
+  }
+}
 
+async function waitDestinationExit(destination: QemuDestination): Promise<void> {
+  // The destination's incoming migration failed when the source cancelled, so its QEMU exited.
+  const exitDeadline = Date.now() + 10_000;
+  while (destination.vm?.isAlive) {
+    assert.ok(Date.now() < exitDeadline, 'the destination QEMU did not exit after the source cancelled');
+    await sleep(100);
+  }
+}
+
+test('a guest paused at pre-switchover whose controller went away runs again on its host after --abandon-after', async () => {
+  const id = 'm-abandoned';
+  await pauseAtSwitchover('paused', id, async ({ vm, source, destination, signal }) => {
+    const silentSince = Date.now();
     const deadline = silentSince + abandonAfterMs + 15_000;
     while ((await client.getVm(vm.name)).state !== 'running') {
       assert.ok(Date.now() < deadline, 'the guest stayed paused: nothing settled the abandoned source');
@@ -68,13 +97,9 @@ test('a guest paused at pre-switchover whose controller went away runs again on 
     assert.ok(pausedForMs >= abandonAfterMs, `resumed after ${pausedForMs} ms, before the silence lasted ${abandonAfterMs} ms`);
     const info = await client.getVm(vm.name);
     assert.equal(info.migrating, false, 'the VM is free for its owner again');
+    assert.equal(info.pid, vm.pid, 'the same QEMU runs the guest: it was resumed, not restarted');
     assert.equal((await client.migrationHalves(id)).source, null, 'the agent dropped its half');
-    // The destination's incoming migration failed when the source cancelled, so its QEMU exited.
-    const exitDeadline = Date.now() + 10_000;
-    while (destination.vm?.isAlive) {
-      assert.ok(Date.now() < exitDeadline, 'the destination QEMU did not exit after the source cancelled');
-      await sleep(100);
-    }
+    await waitDestinationExit(destination);
     // A controller that comes back and carries on is told, not obeyed.
     await assert.rejects(source.continueSwitchover(signal), (err: unknown) => hasCode(err, 'VMF_CONFLICT') && /rolled back its half of migration m-abandoned/.test(String(err)));
     recordReliability(import.meta.url, {
@@ -84,10 +109,32 @@ test('a guest paused at pre-switchover whose controller went away runs again on 
       observed: `the agent rolled its half back and the guest ran again after ${pausedForMs} ms; a late migrate-continue got 409 VMF_CONFLICT`,
       ok: true,
     });
-  } finally {
-    await destination.rollback();
-    // The agent leaves guests running when it closes (it re-adopts them); a stop is refused while the VM is still migrating.
-    const { pid } = await client.getVm(vm.name);
-    if (pid) process.kill(pid, 'SIGKILL');
-  }
+  });
+});
+
+test('a controller that comes back while the agent is settling the half: its rollback waits for the agent and succeeds', async () => {
+  const id = 'm-returning';
+  await pauseAtSwitchover('returning', id, async ({ vm, source, destination }) => {
+    // Reading the halves is not contact, so polling it does not keep the half alive.
+    const deadline = Date.now() + abandonAfterMs + 15_000;
+    while ((await client.migrationHalves(id)).source?.settling !== true) {
+      assert.ok(Date.now() < deadline, 'the agent never started settling the abandoned source');
+      await sleep(5);
+    }
+    // The controller, restarted, settles what it finds: a rollback of the source.
+    await source.rollback();
+    const info = await client.getVm(vm.name);
+    assert.equal(info.state, 'running', 'the guest runs on its host once the rollback returns');
+    assert.equal(info.migrating, false, 'the VM is free for its owner again');
+    assert.equal(info.pid, vm.pid, 'the same QEMU runs the guest: it was resumed, not restarted');
+    assert.equal((await client.migrationHalves(id)).source, null, 'the half is gone');
+    await waitDestinationExit(destination);
+    recordReliability(import.meta.url, {
+      kind: 'fault',
+      target: 'controller',
+      tried: 'a returning controller rolled back the source half while the agent was already rolling it back by itself',
+      observed: "the controller's rollback waited for the agent's and returned; the guest ran on its host in the same QEMU",
+      ok: true,
+    });
+  });
 });
