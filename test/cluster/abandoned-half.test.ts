@@ -95,10 +95,14 @@ test('a guest paused at pre-switchover whose controller went away runs again on 
     }
     const pausedForMs = Date.now() - silentSince;
     assert.ok(pausedForMs >= abandonAfterMs, `resumed after ${pausedForMs} ms, before the silence lasted ${abandonAfterMs} ms`);
+    // The guest runs a moment before the agent's rollback has returned and let go of the half.
+    while ((await client.migrationHalves(id)).source !== null) {
+      assert.ok(Date.now() < deadline, 'the agent kept its half after the guest ran again');
+      await sleep(20);
+    }
     const info = await client.getVm(vm.name);
     assert.equal(info.migrating, false, 'the VM is free for its owner again');
     assert.equal(info.pid, vm.pid, 'the same QEMU runs the guest: it was resumed, not restarted');
-    assert.equal((await client.migrationHalves(id)).source, null, 'the agent dropped its half');
     await waitDestinationExit(destination);
     // A controller that comes back and carries on is told, not obeyed.
     await assert.rejects(source.continueSwitchover(signal), (err: unknown) => hasCode(err, 'VMF_CONFLICT') && /rolled back its half of migration m-abandoned/.test(String(err)));
@@ -115,19 +119,36 @@ test('a guest paused at pre-switchover whose controller went away runs again on 
 test('a controller that comes back while the agent is settling the half: its rollback waits for the agent and succeeds', async () => {
   const id = 'm-returning';
   await pauseAtSwitchover('returning', id, async ({ vm, source, destination }) => {
-    // Reading the halves is not contact, so polling it does not keep the half alive.
-    const deadline = Date.now() + abandonAfterMs + 15_000;
-    while ((await client.migrationHalves(id)).source?.settling !== true) {
-      assert.ok(Date.now() < deadline, 'the agent never started settling the abandoned source');
-      await sleep(5);
+    // The agent's settle starts with a QMP query: with its QEMU stopped (SIGSTOP) that query waits, which
+    // holds the settle open long enough for the controller's rollback to arrive in the middle of it.
+    const qemuPid = vm.pid as number;
+    process.kill(qemuPid, 'SIGSTOP');
+    let rollback: Promise<void> | undefined;
+    let rolledBack = false;
+    try {
+      // Reading the halves is not contact (and asks QEMU nothing), so polling it does not keep the half alive.
+      const deadline = Date.now() + abandonAfterMs + 15_000;
+      while ((await client.migrationHalves(id)).source?.settling !== true) {
+        assert.ok(Date.now() < deadline, 'the agent never started settling the abandoned source');
+        await sleep(20);
+      }
+      // The controller, restarted, settles what it finds: a rollback of the source.
+      rollback = source.rollback().then(() => {
+        rolledBack = true;
+      });
+      await sleep(300);
+      assert.equal(rolledBack, false, "the controller's rollback returned while the agent's was still in progress");
+    } finally {
+      process.kill(qemuPid, 'SIGCONT');
     }
-    // The controller, restarted, settles what it finds: a rollback of the source.
-    await source.rollback();
+    await rollback;
     const info = await client.getVm(vm.name);
     assert.equal(info.state, 'running', 'the guest runs on its host once the rollback returns');
     assert.equal(info.migrating, false, 'the VM is free for its owner again');
     assert.equal(info.pid, vm.pid, 'the same QEMU runs the guest: it was resumed, not restarted');
     assert.equal((await client.migrationHalves(id)).source, null, 'the half is gone');
+    // The agent's settle had finished when the controller's rollback returned: it left its word for late requests.
+    await assert.rejects(source.continueSwitchover(AbortSignal.timeout(10_000)), (err: unknown) => hasCode(err, 'VMF_CONFLICT') && /rolled back its half of migration m-returning/.test(String(err)));
     await waitDestinationExit(destination);
     recordReliability(import.meta.url, {
       kind: 'fault',
