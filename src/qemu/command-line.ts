@@ -58,6 +58,9 @@ function blockdevArgs(disk: DiskSpec): string[] {
       // A storage server restart or a short network outage is ridden through: requests wait up to
       // this many seconds for QEMU to reconnect instead of failing the guest's I/O at once.
       'reconnect-delay': sharedReconnectDelayS,
+      // The same outage when QEMU starts (a VM's start, or a migration's destination): without this
+      // QEMU tries once and exits, so a storage server restarting at that moment would fail the migration.
+      'open-timeout': sharedReconnectDelayS,
       'read-only': readOnly,
       // The page cache is the storage server's business; only no-flush applies to a network node.
       cache: { 'no-flush': cache.noFlush },
