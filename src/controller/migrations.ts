@@ -8,13 +8,11 @@ import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
 import { RemoteDestination, RemoteSource } from '../agent/client.ts';
 import { runMigration } from '../migration/executor.ts';
-import { finalPhases, type MigrationEvent, type MigrationReport } from '../migration/phases.ts';
+import { finalPhases, type MigrationEvent } from '../migration/phases.ts';
 import { defaultMigrationOptions, planMigration, type MigrationOptions, type MigrationPlan } from '../migration/plan.ts';
 import type { MigrationRecord, Store } from '../store/store.ts';
+import { runAttempts } from './attempts.ts';
 import type { Inventory } from './inventory.ts';
-
-/** New attempts after a rollback for a memory mismatch (src/qemu/memory-digest.ts). */
-const memoryMismatchRetries = 2;
 
 export interface MigrationRequest {
   vm: string;
@@ -70,25 +68,12 @@ export class MigrationService {
         this.#store.updateMigration(id, { phase: event.phase }).catch((err: unknown) => logger.error({ err: describeError(err) }, 'could not store phase'));
       }
     };
-    const attempt = async (): Promise<MigrationReport> => {
-      for (let attempts = 1; ; attempts++) {
-        // An attempt's final phase is held back until it is known to be final: watchers stop at "failed".
-        let final: MigrationEvent | undefined;
-        const attemptEvent = (event: MigrationEvent): void => {
-          if (event.type === 'phase' && (event.phase === 'failed' || event.phase === 'cancelled')) final = event;
-          else onEvent(event);
-        };
-        const report = await runMigration({ spec: vm.spec, plan, source, destination, signal: abort.signal, logger, onEvent: attemptEvent });
-        // QEMU under TCG sometimes loses memory writes in pre-copy; the rollback left the guest intact on the source, and a new attempt usually gets through.
-        if (report.error?.code !== 'VMF_MEMORY_MISMATCH' || attempts > memoryMismatchRetries || abort.signal.aborted) {
-          if (final) onEvent(final);
-          return attempts > 1 ? { ...report, attempts } : report;
-        }
-        onEvent({ type: 'escalation', action: 'retry', detail: `attempt ${attempts} rolled back (${report.error.message.slice(0, 80)}…); trying again` });
-        await source.begin(request.vm);
-      }
-    };
-    const done = attempt()
+    const done = runAttempts({
+      run: (attemptEvent) => runMigration({ spec: vm.spec, plan, source, destination, signal: abort.signal, logger, onEvent: attemptEvent }),
+      beforeRetry: () => source.begin(request.vm),
+      onEvent,
+      signal: abort.signal,
+    })
       .then(async (report) => {
         await this.#store.updateMigration(id, { phase: report.phases.at(-1)?.phase ?? 'failed', report });
         if (report.outcome === 'completed') await this.#store.setVmLocation({ name: request.vm, hostId: request.to });
