@@ -14,6 +14,7 @@ packages=(
   iproute2                         # network namespaces and veth pairs for test hosts
   libnbd-bin nbdkit fio            # NBD peers: nbdinfo, nbdcopy, nbdkit, fio's nbd engine
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients # libvirt 9.0, the migration benchmark's peer (bench/lib/libvirt.ts)
+  libvirt-daemon-system            # ...and the libvirt-qemu user its QEMU driver wants (no service is started here)
 )
 
 missing=()

@@ -12,7 +12,8 @@
  *         --migrate-disks vda VM qemu+tcp://B/system tcp://B
  *
  * Needs root, `libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients` and
- * the libvirt-qemu user and group (Debian's libvirt-daemon-system makes them).
+ * the libvirt-qemu user and group (Debian's libvirt-daemon-system makes them;
+ * scripts/setup.sh installs all four).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, openSync, closeSync, writeFileSync } from 'node:fs';
