@@ -115,8 +115,9 @@ test('a successful migration walks the phases in order and reports per-disk oper
   assert.deepEqual(phasesOf(events), ['preparing', 'mirroring', 'migrating', 'switching-over', 'completed']);
   assert.deepEqual(
     calls.filter((c) => c !== 'src.mirrorStatus'),
-    // The source's digest starts as soon as its vCPUs stop, so it overlaps the mirror drain and the final RAM pass.
-    ['dst.prepare', 'src.startMirrors', 'src.startMigration', 'src.waitMilestone', 'src.memoryDigest', 'src.finishMirrors', 'src.continueSwitchover',
+    // The source's digest starts once the mirrors have drained and the rest of the RAM is on its way: it
+    // overlaps the destination's completion, not the part of the pause QEMU counts as downtime.
+    ['dst.prepare', 'src.startMirrors', 'src.startMigration', 'src.waitMilestone', 'src.finishMirrors', 'src.continueSwitchover', 'src.memoryDigest',
       'dst.waitIncomingCompleted', 'dst.memoryDigest', 'dst.resume', 'src.completedInfo', 'src.retire'],
   );
   assert.equal(report.outcome, 'completed');
@@ -150,7 +151,7 @@ test('digests from agents that hash differently are refused, not read as a memor
 });
 
 test('a switch-over that fails while the source is still hashing stops the hashing before the rollback resumes the guest', async () => {
-  const { calls, source, destination } = fakeSides({ hang: 'src.memoryDigest', fail: 'src.continueSwitchover' });
+  const { calls, source, destination } = fakeSides({ hang: 'src.memoryDigest', fail: 'dst.waitIncomingCompleted' });
   let digestAborted = false;
   const digest = source.memoryDigest.bind(source);
   source.memoryDigest = (signal) => {
@@ -159,7 +160,7 @@ test('a switch-over that fails while the source is still hashing stops the hashi
   };
   const report = await runMigration({ spec, plan: plan(), source, destination, pollIntervalMs: 1 });
   assert.equal(report.outcome, 'failed');
-  assert.match(report.error?.message ?? '', /src.continueSwitchover broke/);
+  assert.match(report.error?.message ?? '', /dst.waitIncomingCompleted broke/);
   assert.ok(digestAborted, 'the source digest was abandoned');
   assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
 });
