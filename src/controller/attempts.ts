@@ -7,7 +7,7 @@
 import type { MigrationEvent, MigrationReport } from '../migration/phases.ts';
 
 /** New attempts after a rollback for a memory mismatch (src/qemu/memory-digest.ts). */
-export const memoryMismatchRetries = 2;
+const memoryMismatchRetries = 2;
 
 export interface AttemptOptions {
   /** Runs one attempt, which reports its events to `onEvent`. */
@@ -17,12 +17,10 @@ export interface AttemptOptions {
   /** Events of the migration as a whole. */
   onEvent(event: MigrationEvent): void;
   signal: AbortSignal;
-  retries?: number;
 }
 
 /** Runs attempts until one is final; the report says how many it took when more than one. */
 export async function runAttempts(options: AttemptOptions): Promise<MigrationReport> {
-  const retries = options.retries ?? memoryMismatchRetries;
   for (let attempts = 1; ; attempts++) {
     // An attempt's final phase is held back until it is known to be final: watchers stop at "failed".
     let final: MigrationEvent | undefined;
@@ -30,7 +28,7 @@ export async function runAttempts(options: AttemptOptions): Promise<MigrationRep
       if (event.type === 'phase' && (event.phase === 'failed' || event.phase === 'cancelled')) final = event;
       else options.onEvent(event);
     });
-    if (report.error?.code !== 'VMF_MEMORY_MISMATCH' || attempts > retries || options.signal.aborted) {
+    if (report.error?.code !== 'VMF_MEMORY_MISMATCH' || attempts > memoryMismatchRetries || options.signal.aborted) {
       if (final) options.onEvent(final);
       return attempts > 1 ? { ...report, attempts } : report;
     }
