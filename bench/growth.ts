@@ -58,7 +58,7 @@ export async function growthBench(options: { small: boolean }): Promise<{ local:
         mirroring.toFixed(2),
         toMiB(run.mirrorBytes),
         (run.mirrorBytes / mib / mirroring).toFixed(0),
-        phaseSeconds(run, 'migrating', 'switching-over').toFixed(2),
+        phaseSeconds(run, 'migrating', 'paused-at-switchover').toFixed(2),
         (run.totalMs / base.totalMs).toFixed(2),
       ];
     }),

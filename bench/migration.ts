@@ -105,7 +105,7 @@ export async function migrationBench(options: MigrationBenchOptions): Promise<Ru
   ));
 
   // Where the time goes: each phase from its start mark to the next (medians over rounds).
-  const phases = ['planned', 'preparing', 'mirroring', 'migrating', 'switching-over', 'completed'];
+  const phases = ['planned', 'preparing', 'mirroring', 'migrating', 'paused-at-switchover', 'completed'];
   const phaseRows: (string | number)[][] = [];
   for (const scenario of scenarios) {
     for (const method of ['vmferry', 'plain'] as Method[]) {
@@ -123,7 +123,7 @@ export async function migrationBench(options: MigrationBenchOptions): Promise<Ru
     }
   }
   console.log('Phases, seconds (medians): probe+plan is vmferry only; switching-over runs to the source QEMU\'s exit');
-  console.log(table(['scenario', 'method', 'probe+plan', 'preparing B', 'mirroring', 'RAM pre-copy', 'switching-over', 'total'], phaseRows));
+  console.log(table(['scenario', 'method', 'probe+plan', 'preparing B', 'mirroring', 'RAM pre-copy', 'paused-at-switchover', 'total'], phaseRows));
 
   const lines: string[] = [];
   for (const scenario of scenarios) {

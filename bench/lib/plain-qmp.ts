@@ -141,7 +141,7 @@ export async function plainMigration(
   if (paused.data.status !== 'pre-switchover') throw new Error(`plain migration ended as ${String(paused.data.status)}`);
 
   // A at the switch-over point: drain and cancel the mirror while the images are still active.
-  mark('switching-over');
+  mark('paused-at-switchover');
   await a.execute('block-job-cancel', { device: job });
   const done = await a.waitEvent('BLOCK_JOB_COMPLETED', (d) => d.device === job, 10 * 60_000);
   if (done.data.error !== undefined || done.data.offset !== done.data.len) throw new Error(`plain mirror did not finish in sync: ${JSON.stringify(done.data)}`);

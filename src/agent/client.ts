@@ -16,6 +16,7 @@ import type {
   SourceSide,
 } from '../migration/sides.ts';
 import type { MemoryDigest } from '../qemu/memory-digest.ts';
+import type { DestinationFate } from '../migration/no-return.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { MigrationInfo } from '../qmp/commands.ts';
 
@@ -108,6 +109,10 @@ export class RemoteDestination implements DestinationSide {
 
   async resume(signal: AbortSignal): Promise<void> {
     await this.#agent.request('POST', `${this.#path}/resume`, {}, { signal, timeoutMs: 60_000 });
+  }
+
+  async fate(signal: AbortSignal): Promise<DestinationFate> {
+    return (await this.#agent.request<{ fate: DestinationFate }>('POST', `${this.#path}/fate`, {}, { signal, timeoutMs: 90_000 })).fate;
   }
 
   async rollback(): Promise<void> {

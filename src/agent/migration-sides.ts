@@ -21,6 +21,10 @@ import { QemuDestination } from '../migration/qemu-destination.ts';
 import { QemuSource } from '../migration/qemu-source.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { PreparedDestination } from '../migration/sides.ts';
+import { settlement, type DestinationFate } from '../migration/no-return.ts';
+import type { MigrationPhase } from '../migration/phases.ts';
+import { mkdir } from 'node:fs/promises';
+import { readOutgoingRecord, removeOutgoingRecord, writeIncomingRecord, writeOutgoingRecord } from './half-records.ts';
 import { ContactLog } from './contact-log.ts';
 import type { VmRegistry } from './vm-registry.ts';
 
@@ -55,6 +59,8 @@ export class MigrationSides {
   readonly #contact = new ContactLog();
   /** Why a half is gone, for the controller's requests that come after the agent settled it alone. */
   readonly #settledHere = new Map<string, string>();
+  /** Destination halves that ended in this process: adopted (the guest ran here) or rolled back (gone). */
+  readonly #endedDestinations = new Map<string, DestinationFate>();
   readonly #warned = new Set<string>();
   readonly #abandonAfterMs: number;
   readonly #sweeper: NodeJS.Timeout | undefined;
@@ -93,13 +99,49 @@ export class MigrationSides {
   }
 
   /** Binds a migration id to a running VM on this host, as its source. */
-  beginSource(id: string, vm: string): void {
+  async beginSource(id: string, vm: string): Promise<void> {
     if (!this.#sources.has(id)) {
       const running = this.#registry.running(vm);
       this.#registry.setMigrating(vm, true);
-      this.#sources.set(id, { vm, side: new QemuSource({ hostId: this.#registry.hostId, vm: running, logger: this.#logger.child({ migration: id }) }) });
+      const half: SourceHalf = { vm, side: new QemuSource({ hostId: this.#registry.hostId, vm: running, ...this.#fenceOption(), logger: this.#logger.child({ migration: id }) }) };
+      this.#sources.set(id, half);
+      try {
+        // Before anything moves: an agent restarted mid-migration must find this half again to roll it back.
+        await writeOutgoingRecord(this.#registry.vmDir(vm), { migration: id, wasRunning: (await running.status()).running });
+      } catch (err) {
+        this.#sources.delete(id);
+        this.#registry.setMigrating(vm, false);
+        throw err;
+      }
     }
     this.#contact.touch(sourceKey(id));
+  }
+
+  /**
+   * Takes back the source halves an earlier agent process left (it crashed or
+   * was restarted mid-migration): their QEMUs were re-adopted by the registry.
+   */
+  async recoverSources(): Promise<void> {
+    for (const vm of this.#registry.names()) {
+      const vmDir = this.#registry.vmDir(vm);
+      const record = await readOutgoingRecord(vmDir);
+      if (!record) continue;
+      const qemu = this.#registry.runningOrUndefined(vm);
+      if (!qemu) {
+        this.#logger.warn({ vm, migration: record.migration }, 'the source QEMU of an unfinished migration is gone; nothing to take back');
+        await removeOutgoingRecord(vmDir);
+        continue;
+      }
+      const side = await QemuSource.recover({ hostId: this.#registry.hostId, vm: qemu, ...this.#fenceOption(), logger: this.#logger.child({ migration: record.migration }) }, record.wasRunning);
+      this.#registry.setMigrating(vm, true);
+      this.#sources.set(record.migration, { vm, side });
+      this.#contact.touch(sourceKey(record.migration));
+      this.#logger.warn({ vm, migration: record.migration }, 'took back the source half of an unfinished migration');
+    }
+  }
+
+  #fenceOption(): { fence?: NonNullable<VmRegistry['fence']> } {
+    return this.#registry.fence ? { fence: this.#registry.fence } : {};
   }
 
   /** Runs one request of the controller's on the source half of `id`. */
@@ -129,6 +171,9 @@ export class MigrationSides {
       logger: this.#logger.child({ migration: id }),
     });
     this.#destinations.set(id, destination);
+    const vmDir = this.#registry.vmDir(spec.name);
+    await mkdir(vmDir, { recursive: true });
+    await writeIncomingRecord(vmDir, { migration: id, phase: 'prepared' });
     return destination.prepare(spec, plan, signal);
   }
 
@@ -151,18 +196,36 @@ export class MigrationSides {
 
   async resumeDestination(id: string, signal: AbortSignal): Promise<void> {
     await this.useDestination(id, async (destination) => {
+      const vm = destination.vm;
+      if (!vm) throw new VmferryError('VMF_CONFLICT', `migration ${id} is not prepared on ${this.#registry.hostId}`);
+      const vmDir = this.#registry.vmDir(vm.spec.name);
+      // Before the cont can leave: a restarted agent then knows this QEMU may run the guest, and with which spec.
+      await writeIncomingRecord(vmDir, { migration: id, phase: 'resume-sent', spec: vm.spec });
       await destination.resume(signal);
-      if (destination.vm) await this.#registry.adoptMigrated(destination.vm);
+      await this.#registry.adoptMigrated(vm);
+      await writeIncomingRecord(vmDir, { migration: id, phase: 'resumed', spec: vm.spec });
       this.#forgetDestination(id);
+      this.#endedDestinations.set(id, 'guest-ran');
     });
+  }
+
+  /** Whether the guest ran here (see no-return.ts); waits for a resume in progress. */
+  async destinationFate(id: string): Promise<DestinationFate> {
+    const destination = this.#destinations.get(id);
+    if (destination) return this.#contact.during(destinationKey(id), () => destination.fate());
+    return this.#endedDestinations.get(id) ?? (await this.#registry.incomingFate(id));
   }
 
   async rollbackDestination(id: string): Promise<void> {
     // Idempotent: a rollback of a migration this host never prepared (or already settled) is nothing to do.
     const destination = this.#destinations.get(id);
-    if (!destination) return;
+    if (!destination) {
+      await this.#registry.rollbackIncoming(id);
+      return;
+    }
     await this.#contact.during(destinationKey(id), () => destination.rollback());
     this.#forgetDestination(id);
+    this.#endedDestinations.set(id, 'gone');
   }
 
   async retireSource(id: string, keepLocalDisks: boolean): Promise<void> {
@@ -191,6 +254,7 @@ export class MigrationSides {
       // Even a rollback that failed half-way hands the VM back: its owner must be able to stop or inspect it.
       this.#registry.setMigrating(half.vm, false);
       this.#forgetSource(id);
+      await removeOutgoingRecord(this.#registry.vmDir(half.vm));
     }
   }
 
@@ -243,7 +307,9 @@ export class MigrationSides {
   async #settleAbandonedSource(id: string, half: SourceHalf): Promise<void> {
     const silentFor = `no controller had touched it for ${Math.round(this.#contact.idleMs(sourceKey(id)) / 1000)} s`;
     const { status } = await half.side.migrationInfo(AbortSignal.timeout(10_000));
-    if (!sourceSafeToRollBack.includes(status)) {
+    // The source cannot ask the destination: past pre-switchover a resume may have been sent, and only the controller settles that.
+    const phase: MigrationPhase = sourceSafeToRollBack.includes(status) ? 'migrating' : 'resume-sent';
+    if (settlement(phase, undefined) !== 'roll-back') {
       this.#warnOnce(sourceKey(id), `migration ${id} of ${half.vm} is "${status}" on its source and ${silentFor}; only the controller can settle it now (start it again)`);
       return;
     }

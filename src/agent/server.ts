@@ -69,6 +69,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   const registry = new VmRegistry(options.hostId, options.dataDir, options.logger, fence);
   await registry.init();
   const sides = new MigrationSides(registry, options.address, options.logger, { abandonAfterMs: options.abandonAfterMs ?? defaultAbandonAfterMs });
+  await sides.recoverSources();
   const { base, app } = await createApiServer('vmferry agent', options.logger, 1024 * 1024);
   base.addHook('onClose', () => sides.close());
 
@@ -123,14 +124,15 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     await sides.resumeDestination(request.params.id, AbortSignal.timeout(60_000));
     return {};
   });
+  app.post('/v1/migrations/:id/destination/fate', { schema: { params } }, async (request) => ({ fate: await sides.destinationFate(request.params.id) }));
   app.post('/v1/migrations/:id/destination/rollback', { schema: { params } }, async (request) => {
     await sides.rollbackDestination(request.params.id);
     return {};
   });
 
   // Source half of a migration.
-  app.post('/v1/migrations/:id/source/begin', { schema: { params, body: Type.Object({ vm: VmNameParamsSchema.properties.name }, strict) } }, (request) => {
-    sides.beginSource(request.params.id, request.body.vm);
+  app.post('/v1/migrations/:id/source/begin', { schema: { params, body: Type.Object({ vm: VmNameParamsSchema.properties.name }, strict) } }, async (request) => {
+    await sides.beginSource(request.params.id, request.body.vm);
     return {};
   });
   app.post('/v1/migrations/:id/source/mirrors', { schema: { params, body: MirrorsBody } }, async (request, reply) => {

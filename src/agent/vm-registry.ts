@@ -18,6 +18,9 @@ import { validateVmSpec, type DiskSpec, type VmSpec } from '../qemu/spec.ts';
 import { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
+import type { DestinationFate } from '../migration/no-return.ts';
+import { readIncomingRecord } from './half-records.ts';
+import { guestNeverRan } from '../migration/qemu-destination.ts';
 
 interface VmEntry {
   spec: VmSpec;
@@ -103,6 +106,12 @@ export class VmRegistry {
     const qemu = this.#require(name).qemu;
     if (!qemu?.isAlive) throw new VmferryError('VMF_CONFLICT', `VM ${name} is not running on ${this.hostId}`);
     return qemu;
+  }
+
+  /** The live QEMU of a VM, if it has one. */
+  runningOrUndefined(name: string): QemuProcess | undefined {
+    const qemu = this.#vms.get(name)?.qemu;
+    return qemu?.isAlive ? qemu : undefined;
   }
 
   setMigrating(name: string, migrating: boolean): void {
@@ -193,6 +202,51 @@ export class VmRegistry {
   async adoptMigrated(qemu: QemuProcess): Promise<void> {
     await this.#persist(qemu.spec);
     this.#vms.set(qemu.spec.name, { spec: qemu.spec, qemu, migrating: false });
+  }
+
+  /**
+   * Whether the guest of migration `id` ran here, for a migration half this
+   * agent process no longer holds (it restarted, or the half ended): only the
+   * durable record beside a VM and its QEMU's live state answer.
+   */
+  async incomingFate(id: string): Promise<DestinationFate> {
+    const found = await this.#incoming(id);
+    if (!found) return 'gone';
+    if (found.phase === 'resumed') return 'guest-ran';
+    if (!found.entry.qemu?.isAlive) return 'gone';
+    const status = await found.entry.qemu.status();
+    return guestNeverRan(status) ? 'never-ran' : 'guest-ran';
+  }
+
+  /**
+   * Rolls back the destination half of migration `id` that a restarted agent
+   * took over from its durable record: refused once the guest ran here; a
+   * QEMU that never ran it is killed and its disks, copies of the source's,
+   * are removed.
+   */
+  async rollbackIncoming(id: string): Promise<void> {
+    const found = await this.#incoming(id);
+    if (!found) return;
+    const fate = await this.incomingFate(id);
+    if (fate === 'guest-ran') throw new VmferryError('VMF_CONFLICT', `the guest of migration ${id} already ran on ${this.hostId}; refusing to roll back`);
+    const name = found.entry.spec.name;
+    if (found.entry.qemu) {
+      await found.entry.qemu.kill();
+      await found.entry.qemu.cleanup();
+      found.entry.qemu = undefined;
+    }
+    if (fate === 'never-ran') {
+      this.#vms.set(name, { ...found.entry, migrating: false });
+      await this.remove(name);
+    }
+  }
+
+  async #incoming(id: string): Promise<{ entry: VmEntry; phase: 'prepared' | 'resume-sent' | 'resumed' } | undefined> {
+    for (const [name, entry] of this.#vms) {
+      const record = await readIncomingRecord(this.vmDir(name));
+      if (record?.migration === id) return { entry, phase: record.phase };
+    }
+    return undefined;
   }
 
   /** After a migration away from this host: the VM (whose QEMU has quit) is no longer ours. */

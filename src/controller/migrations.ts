@@ -8,10 +8,11 @@ import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
 import { RemoteDestination, RemoteSource } from '../agent/client.ts';
 import { runMigration } from '../migration/executor.ts';
-import { finalPhases, type MigrationEvent } from '../migration/phases.ts';
+import { finalPhases, type MigrationEvent, type MigrationPhase } from '../migration/phases.ts';
 import { defaultMigrationOptions, planMigration, type MigrationOptions, type MigrationPlan } from '../migration/plan.ts';
 import type { MigrationRecord, Store } from '../store/store.ts';
 import { runAttempts } from './attempts.ts';
+import { settleUntilDone } from './recovery.ts';
 import type { Inventory } from './inventory.ts';
 
 export interface MigrationRequest {
@@ -26,6 +27,8 @@ export class MigrationService {
   readonly #inventory: Inventory;
   readonly #logger: Logger;
   readonly #running = new Map<string, { abort: AbortController; done: Promise<void> }>();
+  /** Ends the loops that keep asking about unresolved migrations, on shutdown. */
+  readonly #stopping = new AbortController();
 
   constructor(store: Store, inventory: Inventory, logger: Logger) {
     this.#store = store;
@@ -64,12 +67,11 @@ export class MigrationService {
     }
     const onEvent = (event: MigrationEvent): void => {
       this.#store.appendEvent(id, event).catch((err: unknown) => logger.error({ err: describeError(err) }, 'could not store event'));
-      if (event.type === 'phase') {
-        this.#store.updateMigration(id, { phase: event.phase }).catch((err: unknown) => logger.error({ err: describeError(err) }, 'could not store phase'));
-      }
     };
+    // Awaited before each step acts: a controller that restarts settles the migration from it (recovery.ts).
+    const recordPhase = (phase: MigrationPhase): Promise<void> => this.#store.updateMigration(id, { phase });
     const done = runAttempts({
-      run: (attemptEvent) => runMigration({ spec: vm.spec, plan, source, destination, signal: abort.signal, logger, onEvent: attemptEvent }),
+      run: (attemptEvent) => runMigration({ spec: vm.spec, plan, source, destination, signal: abort.signal, logger, onEvent: attemptEvent, recordPhase }),
       beforeRetry: () => source.begin(request.vm),
       onEvent,
       signal: abort.signal,
@@ -77,6 +79,8 @@ export class MigrationService {
       .then(async (report) => {
         await this.#store.updateMigration(id, { phase: report.phases.at(-1)?.phase ?? 'failed', report });
         if (report.outcome === 'completed') await this.#store.setVmLocation({ name: request.vm, hostId: request.to });
+        // The source stays paused until the destination says whether its guest ran: keep asking.
+        if (report.outcome === 'unresolved') await settleUntilDone(id, this.#store, this.#inventory, logger, this.#stopping.signal, 'a fault came');
       })
       .catch(async (err: unknown) => {
         logger.error({ err: describeError(err) }, 'migration crashed');
@@ -110,6 +114,7 @@ export class MigrationService {
 
   /** Waits for running migrations to settle (on shutdown, after cancelling them). */
   async drain(): Promise<void> {
+    this.#stopping.abort();
     for (const { abort } of this.#running.values()) abort.abort(new VmferryError('VMF_ABORTED', 'the controller is shutting down'));
     await Promise.all([...this.#running.values()].map((r) => r.done));
   }

@@ -1,26 +1,28 @@
 /**
- * Settles the migrations a previous controller process left unfinished. The
- * executor ran in that process, so nothing drives them now: the source may be
- * paused at pre-switchover, mirrors still running, a destination QEMU waiting.
- * The agents know the truth. If the guest already runs on the destination
- * (it resumed there), the migration is finished: the source retires. In every
- * other case it is rolled back, and the guest runs on the source as before.
- * Never two running copies, never none.
+ * Settles migrations no executor is driving any more: those a previous
+ * controller process left unfinished, and those that ended `unresolved`
+ * (the destination could not say whether its guest ran). The stored phase and
+ * the destination's word decide, by the one rule of no-return.ts: before a
+ * resume was sent, roll back (destination first); after it, finish if the
+ * guest ran on the destination, roll back if the destination confirms its
+ * QEMU never ran it and is gone, and otherwise keep the source paused and ask
+ * again. Never two running copies, never none.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
-import { RemoteDestination, RemoteSource, type AgentClient } from '../agent/client.ts';
+import { RemoteDestination, RemoteSource } from '../agent/client.ts';
 import { describeError, hasCode } from '../errors.ts';
+import { resumeMayHaveBeenSent, settlement, type DestinationFate } from '../migration/no-return.ts';
 import type { MigrationPhase, MigrationReport } from '../migration/phases.ts';
 import type { MigrationRecord, Store } from '../store/store.ts';
 import type { Inventory } from './inventory.ts';
 
-/** How long to keep trying when an agent does not answer yet (it may be restarting too). */
-const agentRetryMs = 120_000;
-/** A destination in the middle of its resume is left to finish before anything is decided. */
-const resumeWaitMs = 60_000;
+/** Between two attempts to settle a migration whose hosts do not answer yet (restarting, cut off). */
+const retryGapMs = 2_000;
+/** The destination first waits for a resume still in progress before it answers. */
+const fateTimeoutMs = 90_000;
 
-/** Never rejects: a migration it cannot settle is logged and left as it was. */
+/** Never rejects: a migration it cannot settle is logged and retried until `signal` aborts. */
 export async function settleUnfinishedMigrations(store: Store, inventory: Inventory, logger: Logger, signal: AbortSignal): Promise<void> {
   let unfinished: MigrationRecord[];
   try {
@@ -29,58 +31,95 @@ export async function settleUnfinishedMigrations(store: Store, inventory: Invent
     logger.error({ err: describeError(err) }, 'could not read unfinished migrations');
     return;
   }
-  for (const record of unfinished) {
-    const log = logger.child({ migration: record.id, vm: record.vm });
+  await Promise.all(unfinished.map((record) => settleUntilDone(record.id, store, inventory, logger, signal, 'the controller restarted')));
+}
+
+/**
+ * Settles one migration, asking again every few seconds while a host does not
+ * answer; resolves once it is completed or failed, or when `signal` aborts.
+ */
+export async function settleUntilDone(id: string, store: Store, inventory: Inventory, logger: Logger, signal: AbortSignal, why: string): Promise<void> {
+  let lastProblem = '';
+  while (!signal.aborted) {
+    const record = await store.getMigration(id).catch(() => undefined);
+    const log = logger.child({ migration: id, vm: record?.vm });
     try {
-      await withAgentRetry(() => settle(record, store, inventory, log, signal), signal);
+      if (record) await settle(record, store, inventory, log, why, signal);
+      return;
     } catch (err) {
-      log.error({ err: describeError(err) }, `could not settle migration ${record.id} after the controller restarted; it stays "${record.phase}"`);
+      const problem = describeError(err);
+      // Logged once per new reason: an agent down for an hour must not fill the log.
+      if (problem !== lastProblem) log.error({ err: problem }, `could not settle migration ${id} yet (${record?.phase ?? 'unknown'}); asking again every ${retryGapMs / 1000} s`);
+      lastProblem = problem;
     }
+    await sleep(retryGapMs, undefined, { signal }).catch(() => undefined);
   }
 }
 
-async function settle(record: MigrationRecord, store: Store, inventory: Inventory, logger: Logger, signal: AbortSignal): Promise<void> {
-  const sourceAgent = await inventory.agent(record.from);
-  const destinationAgent = await inventory.agent(record.to);
-  await waitResumeSettled(destinationAgent, record.id, signal);
-  const source = new RemoteSource(record.from, sourceAgent, record.id);
-  const destination = new RemoteDestination(record.to, destinationAgent, record.id);
-  const interrupted = `the controller restarted while the migration was ${record.phase}`;
+async function settle(record: MigrationRecord, store: Store, inventory: Inventory, logger: Logger, why: string, signal: AbortSignal): Promise<void> {
+  const source = new RemoteSource(record.from, await inventory.agent(record.from), record.id);
+  const destination = new RemoteDestination(record.to, await inventory.agent(record.to), record.id);
+  const phase = record.phase;
+  const interrupted = `${why} while the migration was ${phase}`;
 
-  if (await runsOn(destinationAgent, record.vm)) {
-    // The destination resumed: from here on the source must never run again.
+  let fate: DestinationFate | undefined;
+  let fateUnknown = '';
+  if (resumeMayHaveBeenSent(phase)) {
+    try {
+      fate = await destination.fate(AbortSignal.any([signal, AbortSignal.timeout(fateTimeoutMs)]));
+    } catch (err) {
+      fateUnknown = describeError(err);
+    }
+  }
+  const decision = settlement(phase, fate);
+  if (decision === 'wait') {
+    if (phase !== 'unresolved') await markUnresolved(store, record, `${interrupted}; ${record.to} could not say whether the guest ran there: ${fateUnknown}`);
+    throw new Error(`${record.to} could not say whether the guest ran there: ${fateUnknown}`);
+  }
+  if (decision === 'finish') {
+    // The guest ran on the destination: from here on the source must never run again.
     await source.retire(record.plan.options.keepSource).catch((err: unknown) => {
       if (!hasCode(err, 'VMF_NOT_FOUND')) throw err;
       logger.warn(`${record.from} no longer holds the source half of ${record.id}; nothing to retire there`);
     });
     await store.setVmLocation({ name: record.vm, hostId: record.to });
-    await finish(store, record, 'completed', `${interrupted}; the guest already ran on ${record.to}, so the source was retired`);
-    logger.info(`migration ${record.id} finished after a controller restart: ${record.vm} runs on ${record.to}`);
+    await finish(store, record, 'completed', `${interrupted}; ${record.to} confirmed the guest ran there, so the source was retired`);
+    logger.info(`migration ${record.id} finished: ${record.vm} runs on ${record.to}`);
     return;
+  }
+  // Destination first, so the source never runs beside a QEMU that might still resume.
+  try {
+    await destination.rollback();
+  } catch (err) {
+    // Before any resume was sent its QEMU cannot have run the guest: the source may go back regardless.
+    if (resumeMayHaveBeenSent(phase)) throw err;
+    logger.warn({ err: describeError(err) }, `could not roll back ${record.to}'s half of ${record.id}; its agent removes it once its QEMU exits`);
   }
   await store.appendEvent(record.id, { type: 'phase', phase: 'rolling-back', at: Date.now() });
   await source.rollback();
-  await destination.rollback();
   await finish(store, record, 'failed', `${interrupted}; rolled back: ${record.vm} runs on ${record.from}`);
-  logger.info(`migration ${record.id} rolled back after a controller restart: ${record.vm} runs on ${record.from}`);
+  logger.info(`migration ${record.id} rolled back: ${record.vm} runs on ${record.from}`);
 }
 
-async function waitResumeSettled(agent: AgentClient, id: string, signal: AbortSignal): Promise<void> {
-  const deadline = Date.now() + resumeWaitMs;
-  while ((await agent.migrationHalves(id)).destination?.state === 'resuming' && Date.now() < deadline) await sleep(500, undefined, { signal });
-}
-
-async function runsOn(agent: AgentClient, vm: string): Promise<boolean> {
-  try {
-    return (await agent.getVm(vm)).state === 'running';
-  } catch (err) {
-    if (hasCode(err, 'VMF_NOT_FOUND')) return false;
-    throw err;
-  }
+async function markUnresolved(store: Store, record: MigrationRecord, message: string): Promise<void> {
+  const report = emptyReport(record, 'unresolved', message);
+  report.error = { code: 'VMF_UNRESOLVED', message: `${message}. ${record.vm} stays paused on ${record.from}; vmferry keeps asking ${record.to}` };
+  await store.appendEvent(record.id, { type: 'phase', phase: 'unresolved', at: Date.now() });
+  await store.updateMigration(record.id, { phase: 'unresolved', report });
 }
 
 async function finish(store: Store, record: MigrationRecord, outcome: 'completed' | 'failed', recovery: string): Promise<void> {
-  const report: MigrationReport = {
+  // What the executor measured before the fault is kept; only the outcome and how it was reached change.
+  const report = record.report ? { ...record.report, outcome, recovery, totalMs: Date.now() - record.createdAt } : emptyReport(record, outcome, recovery);
+  delete report.error;
+  if (outcome === 'failed') report.error = { code: 'VMF_MIGRATION_FAILED', message: recovery };
+  const phase: MigrationPhase = outcome;
+  await store.appendEvent(record.id, { type: 'phase', phase, at: Date.now() });
+  await store.updateMigration(record.id, { phase, report });
+}
+
+function emptyReport(record: MigrationRecord, outcome: MigrationReport['outcome'], recovery: string): MigrationReport {
+  return {
     vm: record.vm,
     from: record.from,
     to: record.to,
@@ -92,21 +131,4 @@ async function finish(store: Store, record: MigrationRecord, outcome: 'completed
     downtimeMs: undefined,
     recovery,
   };
-  if (outcome === 'failed') report.error = { code: 'VMF_MIGRATION_FAILED', message: recovery };
-  const phase: MigrationPhase = outcome;
-  await store.appendEvent(record.id, { type: 'phase', phase, at: Date.now() });
-  await store.updateMigration(record.id, { phase, report });
-}
-
-async function withAgentRetry(attempt: () => Promise<void>, signal: AbortSignal): Promise<void> {
-  const deadline = Date.now() + agentRetryMs;
-  for (;;) {
-    try {
-      await attempt();
-      return;
-    } catch (err) {
-      if (!hasCode(err, 'VMF_UNREACHABLE') || Date.now() > deadline) throw err;
-      await sleep(2_000, undefined, { signal });
-    }
-  }
 }

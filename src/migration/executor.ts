@@ -1,17 +1,21 @@
 /**
  * Runs one migration plan over a source and a destination side, step by step
- * as in ARCHITECTURE.md:
+ * as in docs/ARCHITECTURE.md:
  *
  *   1. prepare the destination   (volumes, incoming QEMU, NBD exports)
  *   2. copy local data           (one mirror per local disk, until all READY)
  *   3. move RAM and device state (pre-copy; escalate when it stalls)
- *   4. switch over               (drain mirrors at pre-switchover, continue, resume on the destination)
- *   5. report
+ *   4. switch over               (drain mirrors at pre-switchover, continue, compare memory)
+ *   5. resume on the destination (the point of no return), retire the source
+ *   6. report
  *
- * Each step registers its undo before it acts. A failure or a cancel before
- * the destination resumes runs the undos in reverse: the VM keeps running on
- * the source as before and nothing is left on the destination. Once the
- * destination has resumed, the source never runs again.
+ * Each phase is recorded (durably, by the controller) before its step acts.
+ * A failure or a cancel before the resume was sent rolls back, destination
+ * first: the VM keeps running on the source as before and nothing is left on
+ * the destination. From the resume on, the rule of no-return.ts decides:
+ * the source runs again only once the destination confirmed its guest never
+ * ran there and its QEMU is gone; when it cannot tell, the migration is
+ * `unresolved` and the source stays paused.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
@@ -25,6 +29,7 @@ import { ConvergenceWatch } from './convergence.ts';
 import type { MigrationEvent, MigrationPhase, MigrationReport, PhaseTiming, RamProgress } from './phases.ts';
 import type { MigrationPlan } from './plan.ts';
 import type { DestinationSide, MigrationMilestone, SourceSide } from './sides.ts';
+import { resumeMayHaveBeenSent, settlement, type DestinationFate } from './no-return.ts';
 
 export interface RunMigrationInput {
   spec: VmSpec;
@@ -37,6 +42,12 @@ export interface RunMigrationInput {
   logger?: Logger;
   /** How often progress is sampled. */
   pollIntervalMs?: number;
+  /**
+   * Stores a phase before the step it names acts, so whoever settles a fault
+   * later knows whether a resume may have been sent. Awaited; final phases are
+   * stored with the report by the caller.
+   */
+  recordPhase?: (phase: MigrationPhase) => Promise<void>;
   /** Test hook: runs as each phase begins; a throw there is a fault injected at that step. */
   beforePhase?: (phase: MigrationPhase) => Promise<void> | void;
 }
@@ -44,6 +55,11 @@ export interface RunMigrationInput {
 const mib = 1024 * 1024;
 /** The least time between two mirror progress queries. */
 const minPollGapMs = 10;
+/** A resume is a few QMP commands and a lease grant (whose drain the storage server bounds at 30 s). */
+const resumeTimeoutMs = 60_000;
+/** Asking the destination whether its guest ran; it first waits for a resume still in progress. */
+const fateTimeoutMs = 90_000;
+const finalPhases: readonly MigrationPhase[] = ['completed', 'cancelled', 'failed'];
 
 /** Phase changes with their timestamps, emitted as they happen. */
 class Timeline {
@@ -94,24 +110,47 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
   const timeline = new Timeline(emit, logger);
   const deadline = new Deadline(`migration of ${plan.vm} to ${plan.to}`, plan.options.timeoutS * 1000, input.signal);
   const signal = deadline.signal;
-  const undo: { what: string; run: () => Promise<void> }[] = [];
   const bytesSent = new Map<string, number>();
   let lastInfo: MigrationInfo = {};
+  // What a rollback has to undo: set before the step that touches a side acts, so a half-done step is undone too.
+  let destinationTouched = false;
+  let sourceTouched = false;
 
-  const enter = async (phase: MigrationPhase): Promise<void> => {
+  const record = async (phase: MigrationPhase): Promise<void> => {
     timeline.enter(phase);
+    if (!finalPhases.includes(phase)) await input.recordPhase?.(phase);
+  };
+  const enter = async (phase: MigrationPhase): Promise<void> => {
+    await record(phase);
     await input.beforePhase?.(phase);
+  };
+  const finish = async (recovery?: string): Promise<MigrationReport> => {
+    // The guest runs on the destination: nothing may bring the source back.
+    lastInfo = await source.completedInfo(AbortSignal.timeout(10_000)).catch((err: unknown) => {
+      logger?.warn({ err: describeError(err) }, 'could not read final migration figures');
+      return lastInfo;
+    });
+    try {
+      await source.retire(plan.options.keepSource);
+      await record('source-retired');
+    } catch (err) {
+      logger?.error({ err: describeError(err) }, `source ${source.hostId} did not retire cleanly; the guest runs on ${destination.hostId}`);
+    }
+    await record('completed');
+    const done = report(plan, timeline, 'completed', bytesSent, lastInfo, undefined);
+    if (recovery) done.recovery = recovery;
+    return done;
   };
 
   try {
     // 1. Destination: target volumes, the VM started with -incoming, targets exported over NBD.
     await enter('preparing');
-    undo.push({ what: `roll back destination ${destination.hostId}`, run: () => destination.rollback() });
+    destinationTouched = true;
     const prepared = await destination.prepare(spec, plan, signal);
 
     // 2. Source: mirror every local disk into its target, all at once, until each is READY.
     await enter('mirroring');
-    undo.push({ what: `roll back source ${source.hostId}`, run: () => source.rollback() });
+    sourceTouched = true;
     const bandwidthBytes = plan.ram.bandwidthMiBs === undefined ? undefined : plan.ram.bandwidthMiBs * mib;
     if (prepared.mirrorTargets.length > 0) {
       await source.startMirrors(prepared.mirrorTargets, plan.options.copyMode, bandwidthBytes, signal);
@@ -134,8 +173,8 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       throw new VmferryError('VMF_MIGRATION_FAILED', `RAM migration ended as "${milestone}" before switch-over: ${lastInfo['error-desc'] ?? 'no reason given'}`);
     }
 
-    // 4. Switch over: mirrors drain in sync while the images are still active, then the destination takes over.
-    await enter('switching-over');
+    // 4. Switch over: mirrors drain in sync while the images are still active, then the rest of RAM moves.
+    await enter('paused-at-switchover');
     let sourceDigest: PendingDigest | undefined;
     try {
       for (const { diskId, bytesSent: sent } of await source.finishMirrors(signal)) bytesSent.set(diskId, sent);
@@ -149,39 +188,84 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
     } finally {
       sourceDigest?.abandon();
     }
-    await destination.resume(signal);
-    // The guest now runs on the destination: nothing may bring the source back.
-    undo.length = 0;
-    lastInfo = await source.completedInfo(AbortSignal.timeout(10_000)).catch((err: unknown) => {
-      logger?.warn({ err: describeError(err) }, 'could not read final migration figures');
-      return lastInfo;
-    });
-    await source.retire(plan.options.keepSource).catch((err: unknown) => {
-      logger?.error({ err: describeError(err) }, `source ${source.hostId} did not retire cleanly; the guest runs on ${destination.hostId}`);
-    });
-    timeline.enter('completed');
-    return report(plan, timeline, 'completed', bytesSent, lastInfo, undefined);
+
+    // 5. The point of no return, stored before the request leaves. Neither a cancel nor the deadline
+    // interrupts a resume: one stopped half-way (lease moved, cont sent) is what only the rule can settle.
+    await enter('resume-sent');
+    await destination.resume(AbortSignal.timeout(resumeTimeoutMs));
+    await record('resumed');
+    return await finish();
   } catch (err) {
     const cancelled = input.signal?.aborted === true;
-    logger?.warn({ err: describeError(err), phase: timeline.current }, cancelled ? 'migration cancelled' : 'migration failed');
-    timeline.enter('rolling-back');
-    const undoFailures: string[] = [];
-    for (const step of undo.reverse()) {
-      try {
-        await step.run();
-      } catch (undoErr) {
-        undoFailures.push(`${step.what}: ${describeError(undoErr)}`);
-      }
-    }
-    timeline.enter(cancelled ? 'cancelled' : 'failed');
+    const faultPhase = timeline.current;
+    logger?.warn({ err: describeError(err), phase: faultPhase }, cancelled ? 'migration cancelled' : 'migration failed');
     // A cancel surfaces as whatever wait it interrupted; report it as the cancel it was.
     const cause = cancelled && input.signal ? abortError(input.signal, `migration of ${plan.vm}`) : err;
     const code = cancelled ? 'VMF_ABORTED' : err instanceof VmferryError ? err.code : 'VMF_MIGRATION_FAILED';
+    const failure = { code, message: describeError(cause) };
+    const recordQuietly = (phase: MigrationPhase): Promise<void> =>
+      record(phase).catch((recordErr: unknown) => logger?.error({ err: describeError(recordErr) }, `could not record phase ${phase}`));
+
+    let fate: DestinationFate | undefined;
+    let fateUnknown = '';
+    if (resumeMayHaveBeenSent(faultPhase)) {
+      try {
+        fate = await destination.fate(AbortSignal.timeout(fateTimeoutMs));
+      } catch (fateErr) {
+        fateUnknown = describeError(fateErr);
+      }
+    }
+    const decision = settlement(faultPhase, fate);
+    if (decision === 'finish') {
+      await recordQuietly('resumed');
+      return await finish(`${describeError(cause)}; ${destination.hostId} then confirmed that the guest runs there`);
+    }
+    if (decision === 'wait') {
+      await recordQuietly('unresolved');
+      return report(plan, timeline, 'unresolved', bytesSent, lastInfo, {
+        code: 'VMF_UNRESOLVED',
+        message: unresolvedMessage(plan, failure.message, `${destination.hostId} could not say whether the guest ran there: ${fateUnknown}`),
+      });
+    }
+
+    // Destination first: its QEMU killed and reaped, so the source can never run beside it.
+    const undoFailures: string[] = [];
+    if (destinationTouched) {
+      try {
+        await destination.rollback();
+      } catch (undoErr) {
+        if (resumeMayHaveBeenSent(faultPhase)) {
+          // Past the point of no return the source may resume only once the destination is confirmed gone.
+          await recordQuietly('unresolved');
+          return report(plan, timeline, 'unresolved', bytesSent, lastInfo, {
+            code: 'VMF_UNRESOLVED',
+            message: unresolvedMessage(plan, failure.message, `the rollback of ${destination.hostId} failed: ${describeError(undoErr)}`),
+          });
+        }
+        undoFailures.push(`roll back destination ${destination.hostId}: ${describeError(undoErr)}`);
+      }
+    }
+    await recordQuietly('rolling-back');
+    if (sourceTouched) {
+      try {
+        await source.rollback();
+      } catch (undoErr) {
+        undoFailures.push(`roll back source ${source.hostId}: ${describeError(undoErr)}`);
+      }
+    }
+    timeline.enter(cancelled ? 'cancelled' : 'failed');
     const undoText = undoFailures.length ? `; rollback problems: ${undoFailures.join('; ')}` : '';
-    return report(plan, timeline, cancelled ? 'cancelled' : 'failed', bytesSent, lastInfo, { code, message: `${describeError(cause)}${undoText}` });
+    return report(plan, timeline, cancelled ? 'cancelled' : 'failed', bytesSent, lastInfo, { code, message: `${failure.message}${undoText}` });
   } finally {
     deadline.dispose();
   }
+}
+
+function unresolvedMessage(plan: MigrationPlan, fault: string, why: string): string {
+  return (
+    `${fault}; the destination may have been told to resume and ${why}. ` +
+    `${plan.vm} stays paused on ${plan.from} so that it never runs twice; vmferry keeps asking ${plan.to} and settles the migration once it answers`
+  );
 }
 
 /** The source's memory digest, started before it is needed and abandoned if the switch-over fails first. */

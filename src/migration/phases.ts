@@ -14,16 +14,28 @@ export type MigrationPhase =
   | 'mirroring'
   /** Mirrors are in sync; RAM and device state stream to the destination. */
   | 'migrating'
-  /** Source paused: mirrors drained and cancelled, the destination takes over and resumes. */
-  | 'switching-over'
-  /** The guest runs on the destination; the source QEMU has quit. */
+  /** Source paused before switch-over: mirrors drained and cancelled, the rest of RAM moves, memory compared. */
+  | 'paused-at-switchover'
+  /** The destination was asked to resume: past the point of no return (see no-return.ts). */
+  | 'resume-sent'
+  /** The guest runs on the destination; the source is still there, paused. */
+  | 'resumed'
+  /** The source QEMU has quit and its local copies are gone (unless kept). */
+  | 'source-retired'
+  /** The guest runs on the destination; the report is final. */
   | 'completed'
   /** Undoing after a cancel or a failure; the source keeps (or gets back) the guest. */
   | 'rolling-back'
   /** Cancelled on request; the VM runs on the source as before. */
   | 'cancelled'
   /** A step failed; the VM runs on the source as before. */
-  | 'failed';
+  | 'failed'
+  /**
+   * A resume may have reached the destination and the destination has not said
+   * whether its guest ran: the source stays paused and vmferry keeps asking.
+   * Not final: it ends as completed or failed once the destination answers.
+   */
+  | 'unresolved';
 
 export const finalPhases: readonly MigrationPhase[] = ['completed', 'cancelled', 'failed'];
 
@@ -61,8 +73,8 @@ export interface MigrationReport {
   vm: string;
   from: string;
   to: string;
-  outcome: 'completed' | 'cancelled' | 'failed';
-  /** Why it did not complete: the first error, with undo failures attached. */
+  outcome: 'completed' | 'cancelled' | 'failed' | 'unresolved';
+  /** Why it did not complete (or why it is unresolved): the first error, with undo failures attached. */
   error?: { code: string; message: string };
   disks: { id: string; operation: DiskOperation; bytesSent: number; virtualSize: number }[];
   /** memoryCompared: both ends' guest memory was found identical before the destination resumed. */

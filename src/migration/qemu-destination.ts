@@ -15,6 +15,7 @@ import type { QmpEventListener } from '../qmp/client.ts';
 import type { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import { findFreePort } from '../util/ports.ts';
+import type { DestinationFate } from './no-return.ts';
 import type { MigrationPlan } from './plan.ts';
 import type { DestinationSide, MirrorTarget, PreparedDestination } from './sides.ts';
 
@@ -44,7 +45,8 @@ export class QemuDestination implements DestinationSide {
   #exportIds: string[] = [];
   #nbdServerStarted = false;
   #resumed = false;
-  #resuming = false;
+  /** The resume in progress: a rollback or a fate question waits for it instead of racing it on the same QEMU. */
+  #resuming: Promise<void> | undefined;
   #vmName: string | undefined;
   /** The source's spec, whose writer tokens get the shared volumes back if we claimed them and then failed. */
   #sourceSpec: VmSpec | undefined;
@@ -127,12 +129,22 @@ export class QemuDestination implements DestinationSide {
   }
 
   async resume(signal: AbortSignal): Promise<void> {
-    this.#resuming = true;
+    if (this.#resuming) throw new VmferryError('VMF_CONFLICT', `the destination on ${this.hostId} is already resuming`);
+    const resuming = this.#resume(signal);
+    this.#resuming = resuming.catch(() => undefined);
     try {
-      await this.#resume(signal);
+      await resuming;
     } finally {
-      this.#resuming = false;
+      this.#resuming = undefined;
     }
+  }
+
+  async fate(): Promise<DestinationFate> {
+    await this.#resuming;
+    if (this.#resumed) return 'guest-ran';
+    if (this.#vm?.isAlive !== true) return 'gone';
+    const status = await this.#vm.status();
+    return guestNeverRan(status) ? 'never-ran' : 'guest-ran';
   }
 
   async #resume(signal: AbortSignal): Promise<void> {
@@ -156,9 +168,9 @@ export class QemuDestination implements DestinationSide {
   }
 
   async rollback(): Promise<void> {
+    await this.#resuming;
     // A cont whose reply was lost still counts: the guest's own state decides, not our bookkeeping.
-    const running = this.#resumed || (this.#vm?.isAlive === true && (await this.#vm.status().catch(() => undefined))?.running === true);
-    if (running) throw new VmferryError('VMF_MIGRATION_FAILED', `the guest already runs on ${this.hostId}; refusing to roll back`);
+    if ((await this.fate()) === 'guest-ran') throw new VmferryError('VMF_CONFLICT', `the guest already ran on ${this.hostId}; refusing to roll back`);
     this.#events?.close();
     if (this.#vm) {
       await this.#vm.kill();
@@ -193,4 +205,14 @@ export class QemuDestination implements DestinationSide {
     if (!this.#events) throw new VmferryError('VMF_MIGRATION_FAILED', `destination ${this.hostId} is not prepared`);
     return this.#events;
   }
+}
+
+/**
+ * Run states of an incoming QEMU that was never continued (QEMU's RunState):
+ * vmferry never stops a guest that ran, so any other state means it ran.
+ */
+const neverContinued: readonly string[] = ['inmigrate', 'prelaunch', 'paused', 'finish-migrate', 'postmigrate', 'restore-vm'];
+
+export function guestNeverRan(status: { running: boolean; status: string }): boolean {
+  return !status.running && neverContinued.includes(status.status);
 }

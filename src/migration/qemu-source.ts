@@ -13,12 +13,15 @@ import type { QemuProcess } from '../qemu/process.ts';
 import { diskNodeName } from '../qemu/spec.ts';
 import { QmpCommandError, type QmpEvent, type QmpEventListener } from '../qmp/client.ts';
 import type { MigrationInfo, MigrationStatus, QemuMonitor } from '../qmp/commands.ts';
+import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import type { CopyMode } from './plan.ts';
 import type { MigrationMilestone, MigrationSettings, MirrorStatus, MirrorTarget, SourceSide } from './sides.ts';
 
 export interface QemuSourceOptions {
   hostId: string;
   vm: QemuProcess;
+  /** The one-writer fence: a rollback takes the shared volumes' leases back before the guest runs again. */
+  fence?: SharedWriterFence;
   logger?: Logger;
 }
 
@@ -65,10 +68,40 @@ export class QemuSource implements SourceSide {
   /** Once post-copy may have begun the migration is never yanked: the guest's memory would be split. */
   #postcopyRequested = false;
 
+  readonly #fence: SharedWriterFence | undefined;
+
   constructor(options: QemuSourceOptions) {
     this.hostId = options.hostId;
     this.#vm = options.vm;
+    this.#fence = options.fence;
     this.#logger = options.logger;
+  }
+
+  /**
+   * The source half of a migration an earlier agent process was running: what
+   * it had started (mirror jobs and their targets) is read back from QEMU, and
+   * whether the guest ran before comes from the agent's durable record, so a
+   * rollback finds everything to undo and resumes the guest.
+   */
+  static async recover(options: QemuSourceOptions, wasRunning: boolean): Promise<QemuSource> {
+    const source = new QemuSource(options);
+    source.#wasRunning = wasRunning;
+    const [jobs, nodes] = await options.vm.qmp('reading what the migration had started', async (qmp) => [
+      await qmp.queryBlockJobs(),
+      await qmp.client.execute<{ 'node-name': string }[]>('query-named-block-nodes', { flat: true }),
+    ]);
+    const names = new Set(nodes.map((n) => n['node-name']));
+    for (const job of jobs.filter((j) => j.device.startsWith('mirror-'))) {
+      const diskId = job.device.slice('mirror-'.length);
+      source.#mirrors.push({ diskId, jobId: job.device, targetNode: `mirror-target-${diskId}`, targetAttached: names.has(`mirror-target-${diskId}`) });
+    }
+    for (const name of names) {
+      // A target whose job already ended (finished at the switch-over) is still attached until removed.
+      if (!name.startsWith('mirror-target-')) continue;
+      const diskId = name.slice('mirror-target-'.length);
+      if (!source.#mirrors.some((m) => m.diskId === diskId)) source.#mirrors.push({ diskId, jobId: `mirror-${diskId}`, targetNode: name, targetAttached: true });
+    }
+    return source;
   }
 
   async startMirrors(targets: MirrorTarget[], copyMode: CopyMode, bandwidthBytes: number | undefined, signal: AbortSignal): Promise<void> {
@@ -251,8 +284,12 @@ export class QemuSource implements SourceSide {
     this.#events?.close();
     this.#mirrorEvents?.close();
     const status = await this.#vm.status();
-    // After a completed migration the images are inactive; cont re-activates them.
-    if (this.#wasRunning && !status.running) await this.#qmp('resuming the guest on the source', (qmp) => qmp.cont({ signal }));
+    if (this.#wasRunning && !status.running) {
+      // A destination that claimed the shared volumes (then was killed) holds their leases: take them back first.
+      await this.#fence?.claim(this.#vm.spec, signal);
+      // After a completed migration the images are inactive; cont re-activates them.
+      await this.#qmp('resuming the guest on the source', (qmp) => qmp.cont({ signal }));
+    }
   }
 
   async #drainAndCancel(mirror: MirrorJob, listener: QmpEventListener, signal: AbortSignal): Promise<void> {

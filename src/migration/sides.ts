@@ -6,6 +6,7 @@
 import type { MemoryDigest } from '../qemu/memory-digest.ts';
 import type { MigrationInfo } from '../qmp/commands.ts';
 import type { NbdServerAddress, VmSpec } from '../qemu/spec.ts';
+import type { DestinationFate } from './no-return.ts';
 import type { CopyMode, MigrationPlan } from './plan.ts';
 
 /** Where the source sends one local disk's bytes. */
@@ -50,7 +51,16 @@ export interface DestinationSide {
   memoryDigest(signal: AbortSignal): Promise<MemoryDigest>;
   /** Stops the NBD exports and resumes the guest; from here on the guest lives on the destination. */
   resume(signal: AbortSignal): Promise<void>;
-  /** Undoes prepare: no QEMU, no target volume left. Idempotent. */
+  /**
+   * Whether the guest ran here, once a resume may have been sent (see
+   * no-return.ts). A resume still in progress is waited for first. Rejects
+   * when the destination cannot tell (unreachable): the caller must not guess.
+   */
+  fate(signal: AbortSignal): Promise<DestinationFate>;
+  /**
+   * Undoes prepare: no QEMU (killed and reaped), no target volume left. Refuses
+   * when the guest already ran here. Idempotent.
+   */
   rollback(): Promise<void>;
 }
 

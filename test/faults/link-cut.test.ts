@@ -96,7 +96,7 @@ for (const c of cases) {
       assert.doesNotMatch(message, /rollback problems/, message);
       const phases = record.report?.phases.map((p) => p.phase) ?? [];
       assert.ok(phases.includes(c.phase), `the cut landed while ${c.phase}: ${phases.join(', ')}`);
-      assert.ok(!phases.includes(c.phase === 'mirroring' ? 'migrating' : 'switching-over'), `the cut landed while ${c.phase}: ${phases.join(', ')}`);
+      assert.ok(!phases.includes(c.phase === 'mirroring' ? 'migrating' : 'paused-at-switchover'), `the cut landed while ${c.phase}: ${phases.join(', ')}`);
       await faults.assertRunsOnlyOn(vm, 'A');
       recordReliability(import.meta.url, {
         kind: 'fault',

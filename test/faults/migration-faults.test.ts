@@ -233,7 +233,7 @@ test('the storage server restarted under a running VM and during a migration: QE
 
   // No bandwidth cap: see the note on long pre-copy runs in docs/RELIABILITY.md.
   const { id } = await cluster.api.migrate({ vm, to: 'B' });
-  await faults.waitForPhase(id as string, ['preparing', 'mirroring', 'migrating', 'switching-over', 'completed'], 60_000);
+  await faults.waitForPhase(id as string, ['preparing', 'mirroring', 'migrating', 'paused-at-switchover', 'completed'], 60_000);
   await cluster.restartStorage(1_000);
   const record = await faults.finalRecord(id as string);
   assert.equal(record.phase, 'completed', record.report?.error?.message);

@@ -8,6 +8,7 @@ import type { MigrationEvent, MigrationPhase } from '../../src/migration/phases.
 import { defaultMigrationOptions, planMigration, type MigrationPlan } from '../../src/migration/plan.ts';
 import type { DestinationSide, MigrationMilestone, SourceSide } from '../../src/migration/sides.ts';
 import type { MigrationInfo } from '../../src/qmp/commands.ts';
+import type { DestinationFate } from '../../src/migration/no-return.ts';
 import type { VmSpec } from '../../src/qemu/spec.ts';
 
 const spec: VmSpec = {
@@ -39,7 +40,7 @@ function plan(timeoutS = 60): MigrationPlan {
 }
 
 /** Fake sides that log every call; `hang` makes one call wait until the signal aborts. */
-function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: string[]; sourceAlgorithm?: string } = {}) {
+function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: string[]; sourceAlgorithm?: string; fate?: DestinationFate } = {}) {
   const calls: string[] = [];
   let mirrorPolls = 0;
   const act = async (name: string, signal?: AbortSignal): Promise<void> => {
@@ -67,6 +68,10 @@ function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: 
       return { algorithm: 'xxh64', chunkBytes: 1 << 20, chunks: options.destinationMemory ?? memory };
     },
     resume: (signal) => act('dst.resume', signal),
+    fate: async (signal) => {
+      await act('dst.fate', signal);
+      return options.fate ?? 'never-ran';
+    },
     rollback: () => act('dst.rollback'),
   };
   const source: SourceSide = {
@@ -112,7 +117,7 @@ test('a successful migration walks the phases in order and reports per-disk oper
   const { calls, source, destination } = fakeSides();
   const events: MigrationEvent[] = [];
   const report = await runMigration({ spec, plan: plan(), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1 });
-  assert.deepEqual(phasesOf(events), ['preparing', 'mirroring', 'migrating', 'switching-over', 'completed']);
+  assert.deepEqual(phasesOf(events), ['preparing', 'mirroring', 'migrating', 'paused-at-switchover', 'resume-sent', 'resumed', 'source-retired', 'completed']);
   assert.deepEqual(
     calls.filter((c) => c !== 'src.mirrorStatus'),
     // The source's digest starts once the mirrors have drained and the rest of the RAM is on its way: it
@@ -125,7 +130,7 @@ test('a successful migration walks the phases in order and reports per-disk oper
   assert.equal(report.downtimeMs, 42);
   assert.equal(report.ram.passes, 1, "QEMU's dirty-sync-count");
   assert.deepEqual(report.disks.map((d) => [d.id, d.operation, d.bytesSent]), [['root', 'mirror', 200], ['data', 'reattach', 0]]);
-  assert.deepEqual(report.phases.map((p) => p.phase), ['preparing', 'mirroring', 'migrating', 'switching-over', 'completed']);
+  assert.deepEqual(report.phases.map((p) => p.phase), ['preparing', 'mirroring', 'migrating', 'paused-at-switchover', 'resume-sent', 'resumed', 'source-retired', 'completed']);
   const diskEvents = events.filter((e) => e.type === 'disks');
   assert.ok(diskEvents.length >= 2, 'mirror progress was reported');
 });
@@ -137,7 +142,7 @@ test('memory that differs between the ends keeps the guest on the source: the de
   assert.equal(report.error?.code, 'VMF_MEMORY_MISMATCH');
   assert.match(report.error?.message ?? '', /memory on B differs from A in 2 of 4 1 MiB chunks \(at 1 MiB, 3 MiB\)/);
   assert.ok(!calls.includes('dst.resume'), 'the destination never ran');
-  assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
+  assert.deepEqual(calls.slice(-2), ['dst.rollback', 'src.rollback']);
   assert.equal(report.ram.memoryCompared, false);
 });
 
@@ -162,7 +167,7 @@ test('a switch-over that fails while the source is still hashing stops the hashi
   assert.equal(report.outcome, 'failed');
   assert.match(report.error?.message ?? '', /dst.waitIncomingCompleted broke/);
   assert.ok(digestAborted, 'the source digest was abandoned');
-  assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
+  assert.deepEqual(calls.slice(-2), ['dst.rollback', 'src.rollback']);
 });
 
 test('a source digest that fails fails the migration at the comparison, and the guest stays on the source', async () => {
@@ -171,7 +176,7 @@ test('a source digest that fails fails the migration at the comparison, and the 
   assert.equal(report.outcome, 'failed');
   assert.match(report.error?.message ?? '', /src.memoryDigest broke/);
   assert.ok(!calls.includes('dst.resume'));
-  assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
+  assert.deepEqual(calls.slice(-2), ['dst.rollback', 'src.rollback']);
 });
 
 test('a KVM guest skips the memory comparison', async () => {
@@ -184,15 +189,15 @@ test('a KVM guest skips the memory comparison', async () => {
 
 const steps: { step: string; phase: MigrationPhase; undo: string[] }[] = [
   { step: 'dst.prepare', phase: 'preparing', undo: ['dst.rollback'] },
-  { step: 'src.startMirrors', phase: 'mirroring', undo: ['src.rollback', 'dst.rollback'] },
-  { step: 'src.waitMilestone', phase: 'migrating', undo: ['src.rollback', 'dst.rollback'] },
-  { step: 'src.finishMirrors', phase: 'switching-over', undo: ['src.rollback', 'dst.rollback'] },
-  { step: 'dst.waitIncomingCompleted', phase: 'switching-over', undo: ['src.rollback', 'dst.rollback'] },
-  { step: 'dst.memoryDigest', phase: 'switching-over', undo: ['src.rollback', 'dst.rollback'] },
+  { step: 'src.startMirrors', phase: 'mirroring', undo: ['dst.rollback', 'src.rollback'] },
+  { step: 'src.waitMilestone', phase: 'migrating', undo: ['dst.rollback', 'src.rollback'] },
+  { step: 'src.finishMirrors', phase: 'paused-at-switchover', undo: ['dst.rollback', 'src.rollback'] },
+  { step: 'dst.waitIncomingCompleted', phase: 'paused-at-switchover', undo: ['dst.rollback', 'src.rollback'] },
+  { step: 'dst.memoryDigest', phase: 'paused-at-switchover', undo: ['dst.rollback', 'src.rollback'] },
 ];
 
 for (const { step, phase, undo } of steps) {
-  test(`a failure in ${step} rolls back in reverse order and reports failed`, async () => {
+  test(`a failure in ${step} rolls back, destination first, and reports failed`, async () => {
     const { calls, source, destination } = fakeSides({ fail: step });
     const events: MigrationEvent[] = [];
     const report = await runMigration({ spec, plan: plan(), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1 });
@@ -222,7 +227,7 @@ test('past the timeout the migration rolls back and says it timed out', async ()
   assert.equal(report.outcome, 'failed');
   assert.equal(report.error?.code, 'VMF_TIMEOUT');
   assert.match(report.error?.message ?? '', /migration of web to B did not finish within 200 ms/);
-  assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
+  assert.deepEqual(calls.slice(-2), ['dst.rollback', 'src.rollback']);
 });
 
 test('a mirror that stops moving (a cut link) fails the migration after the stall timeout, long before the overall one', async () => {
@@ -234,7 +239,7 @@ test('a mirror that stops moving (a cut link) fails the migration after the stal
   assert.equal(report.outcome, 'failed');
   assert.match(report.error?.message ?? '', /the disk mirrors made no progress/);
   assert.ok(Date.now() - started < 5_000);
-  assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
+  assert.deepEqual(calls.slice(-2), ['dst.rollback', 'src.rollback']);
 });
 
 test('a mirror that fails during the RAM phase (its target full) fails the migration then, not at switch-over', async () => {
@@ -249,7 +254,7 @@ test('a mirror that fails during the RAM phase (its target full) fails the migra
   assert.equal(report.outcome, 'failed');
   assert.equal(report.error?.message, 'mirror of disk root failed during the RAM phase: No space left on device');
   assert.ok(!calls.includes('src.finishMirrors'));
-  assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
+  assert.deepEqual(calls.slice(-2), ['dst.rollback', 'src.rollback']);
 });
 
 test('RAM that stops moving fails the migration after the stall timeout', async () => {
@@ -271,7 +276,7 @@ test('a progress query QEMU never answers (its main loop stuck on a dead link) i
   assert.equal(report.error?.code, 'VMF_MIGRATION_FAILED');
   assert.match(report.error?.message ?? '', /the RAM migration made no progress: QEMU did not report any for 0.2 s \(is the network/);
   assert.ok(Date.now() - started < 5_000);
-  assert.deepEqual(calls.slice(-2), ['src.rollback', 'dst.rollback']);
+  assert.deepEqual(calls.slice(-2), ['dst.rollback', 'src.rollback']);
 });
 
 test('after the destination resumed, nothing is rolled back even if the source fails to retire', async () => {
@@ -295,4 +300,69 @@ test('a refused plan throws before any side is touched', async () => {
   const refused = { ...plan(), refusals: ['disk data: B cannot reach shared volume x'] };
   await assert.rejects(runMigration({ spec, plan: refused, source, destination }), /refused: disk data: B cannot reach/);
   assert.deepEqual(calls, []);
+});
+
+// Faults between the resume and its reply (issue 13, problem 1): the source must never run beside the destination.
+
+test('a resume whose reply is lost, on a destination whose guest runs: the migration completes and the source is never resumed', async () => {
+  const { calls, source, destination } = fakeSides({ fail: 'dst.resume', fate: 'guest-ran' });
+  const report = await runMigration({ spec, plan: plan(), source, destination, pollIntervalMs: 1 });
+  assert.ok(!calls.includes('src.rollback'), 'the source was not resumed beside the destination');
+  assert.ok(!calls.includes('dst.rollback'));
+  assert.equal(report.outcome, 'completed');
+  assert.deepEqual(calls.slice(calls.indexOf('dst.resume')), ['dst.resume', 'dst.fate', 'src.completedInfo', 'src.retire']);
+  assert.match(report.recovery ?? '', /dst.resume broke; B then confirmed that the guest runs there/);
+});
+
+test('a resume that failed on a destination whose guest never ran: the destination is rolled back before the source resumes', async () => {
+  const { calls, source, destination } = fakeSides({ fail: 'dst.resume', fate: 'never-ran' });
+  const report = await runMigration({ spec, plan: plan(), source, destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'failed');
+  assert.deepEqual(calls.slice(calls.indexOf('dst.resume')), ['dst.resume', 'dst.fate', 'dst.rollback', 'src.rollback']);
+});
+
+test('a resume that failed on a destination that cannot tell: unresolved, the source stays paused, nothing is retired', async () => {
+  const sides = fakeSides({ fail: 'dst.resume' });
+  sides.destination.fate = () => Promise.reject(new Error('connect ECONNREFUSED'));
+  const phases: string[] = [];
+  const report = await runMigration({ spec, plan: plan(), source: sides.source, destination: sides.destination, pollIntervalMs: 1, recordPhase: (p) => Promise.resolve(void phases.push(p)) });
+  assert.equal(report.outcome, 'unresolved');
+  assert.equal(report.error?.code, 'VMF_UNRESOLVED');
+  assert.match(report.error?.message ?? '', /B could not say whether the guest ran there: connect ECONNREFUSED\. web stays paused on A/);
+  assert.ok(!sides.calls.some((c) => ['src.rollback', 'src.retire', 'dst.rollback'].includes(c)));
+  assert.equal(phases.at(-1), 'unresolved', 'stored, so that a controller keeps asking');
+});
+
+test('a destination rollback that fails past the point of no return leaves the source paused (unresolved)', async () => {
+  const sides = fakeSides({ fail: 'dst.resume', fate: 'never-ran' });
+  sides.destination.rollback = () => Promise.reject(new Error('agent B gone'));
+  const report = await runMigration({ spec, plan: plan(), source: sides.source, destination: sides.destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'unresolved');
+  assert.ok(!sides.calls.includes('src.rollback'));
+});
+
+test('a cancel while the resume is in flight does not interrupt it: the migration completes, the source is never resumed', async () => {
+  const sides = fakeSides();
+  const controller = new AbortController();
+  let release: () => void = () => undefined;
+  sides.destination.resume = async () => {
+    sides.calls.push('dst.resume');
+    controller.abort();
+    await new Promise<void>((resolve) => (release = resolve));
+  };
+  const running = runMigration({ spec, plan: plan(), source: sides.source, destination: sides.destination, signal: controller.signal, pollIntervalMs: 1 });
+  while (!sides.calls.includes('dst.resume')) await new Promise((resolve) => setImmediate(resolve));
+  release();
+  const report = await running;
+  assert.equal(report.outcome, 'completed');
+  assert.ok(!sides.calls.includes('src.rollback'));
+});
+
+test('the phase is stored before the step it names acts: resume-sent before the resume request', async () => {
+  const { calls, source, destination } = fakeSides();
+  const stored: string[] = [];
+  await runMigration({ spec, plan: plan(), source, destination, pollIntervalMs: 1, recordPhase: (p) => Promise.resolve(void stored.push(`${p}@${calls.length}`)) });
+  const resumeAt = calls.indexOf('dst.resume');
+  assert.ok(stored.includes(`resume-sent@${resumeAt}`), `stored ${stored.join(', ')}; resume was call ${resumeAt}`);
+  assert.deepEqual(stored.map((s) => s.split('@')[0]), ['preparing', 'mirroring', 'migrating', 'paused-at-switchover', 'resume-sent', 'resumed', 'source-retired']);
 });
