@@ -95,6 +95,8 @@ export interface VmInfo {
   pid: number | null;
   migrating: boolean;
   spec: import('../qemu/spec.ts').VmSpec;
+  /** Set by the controller: the VM's migration that has not ended, with why it waits when it is unresolved. */
+  migration?: { id: string; phase: import('../migration/phases.ts').MigrationPhase; reason?: string };
 }
 
 export interface HostInfo {

@@ -1,6 +1,6 @@
 /** CLI commands that talk to the controller: hosts, VMs, migrations. */
 import type { Command } from 'commander';
-import type { CreateVmRequest } from '../api/agent-types.ts';
+import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
 import { VmferryError } from '../errors.ts';
 import { defaultControllerUrl, parseListen, parsePositive, parseSize, printJson } from './common.ts';
 import { ControllerClient } from './controller-client.ts';
@@ -49,7 +49,7 @@ export function registerClusterCommands(program: Command): void {
       const { api, json } = client(command);
       const vms = await api.vms();
       if (json) printJson(vms);
-      else console.log(table(['vm', 'host', 'state', 'memory', 'disks'], vms.map((v) => [v.name, v.host, v.migrating ? `${v.state} (migrating)` : v.state, `${v.spec.memoryMiB} MiB`, v.spec.disks.map((d) => `${d.id}:${d.source.kind === 'file' ? 'local' : 'shared'}`).join(' ')])));
+      else console.log(table(['vm', 'host', 'state', 'memory', 'disks'], vms.map((v) => [v.name, v.host, vmState(v), `${v.spec.memoryMiB} MiB`, v.spec.disks.map((d) => `${d.id}:${d.source.kind === 'file' ? 'local' : 'shared'}`).join(' ')])));
     });
   vm.command('show <name>')
     .description('show one VM and its spec')
@@ -181,7 +181,10 @@ export function registerClusterCommands(program: Command): void {
       const { api, json } = client(command);
       const records = await api.migrations();
       if (json) printJson(records);
-      else console.log(table(['id', 'vm', 'from', 'to', 'phase', 'started', 'downtime'], records.map((r) => [r.id, r.vm, r.from, r.to, r.phase, new Date(r.createdAt).toISOString(), r.report?.downtimeMs === undefined ? '' : `${r.report.downtimeMs} ms`])));
+      else {
+        console.log(table(['id', 'vm', 'from', 'to', 'phase', 'started', 'downtime'], records.map((r) => [r.id, r.vm, r.from, r.to, r.phase, new Date(r.createdAt).toISOString(), r.report?.downtimeMs === undefined ? '' : `${r.report.downtimeMs} ms`])));
+        for (const r of records.filter((r) => r.phase === 'unresolved')) console.log(`unresolved ${r.id}: ${r.report?.error?.message ?? 'waiting for the destination to answer'}`);
+      }
     });
   migration
     .command('show <id>')
@@ -203,4 +206,8 @@ export function registerClusterCommands(program: Command): void {
     });
 }
 
-
+/** A VM's state for people: a migration that holds it, and why when it is unresolved. */
+function vmState(vm: VmInfo): string {
+  if (vm.migration?.phase === 'unresolved') return `${vm.state} (migration ${vm.migration.id} unresolved: ${vm.migration.reason ?? 'waiting for the destination'})`;
+  return vm.migrating ? `${vm.state} (migrating)` : vm.state;
+}

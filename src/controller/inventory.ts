@@ -45,8 +45,16 @@ export class Inventory {
     const reachable = (await this.hosts()).filter((h) => h.state === 'reachable');
     const lists = await Promise.all(reachable.map((h) => new AgentClient(h.url).listVms().catch(() => [] as VmInfo[])));
     const vms = lists.flat();
-    for (const vm of vms) await this.#store.setVmLocation({ name: vm.name, hostId: vm.host });
-    return vms.sort((a, b) => a.name.localeCompare(b.name));
+    // A source that a migration still holds (paused, or waiting to retire) is not where the VM lives.
+    for (const vm of vms.filter((v) => !v.migrating)) await this.#store.setVmLocation({ name: vm.name, hostId: vm.host });
+    for (const vm of vms) await this.#withMigration(vm);
+    return vms.sort((a, b) => a.name.localeCompare(b.name) || a.host.localeCompare(b.host));
+  }
+
+  async #withMigration(vm: VmInfo): Promise<VmInfo> {
+    const active = await this.#store.activeMigration(vm.name);
+    if (active) vm.migration = { id: active.id, phase: active.phase, ...(active.phase === 'unresolved' && active.report?.error ? { reason: active.report.error.message } : {}) };
+    return vm;
   }
 
   async locateVm(name: string): Promise<string> {
@@ -58,7 +66,7 @@ export class Inventory {
   }
 
   async vm(name: string): Promise<VmInfo> {
-    return (await this.agent(await this.locateVm(name))).getVm(name);
+    return this.#withMigration(await (await this.agent(await this.locateVm(name))).getVm(name));
   }
 
   async createVm(hostId: string, request: CreateVmRequest): Promise<VmInfo> {
