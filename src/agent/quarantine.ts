@@ -66,7 +66,8 @@ export class Quarantine {
    */
   async hold(vm: string, reason: string, paths: { kind: QuarantineKind; path: string }[]): Promise<QuarantineEntry> {
     const at = Date.now();
-    const base = `${stamp(at)}-${vm.replace(/[^A-Za-z0-9._-]/g, '_').slice(0, 100)}`;
+    // At most 63 characters of the name (a VM name's limit): ids stay below the servers' 100-character path parameters.
+    const base = `${stamp(at)}-${vm.replace(/[^A-Za-z0-9._-]/g, '_').slice(0, 63)}`;
     let id = base;
     for (let n = 2; await exists(join(this.dir, id)); n++) id = `${base}.${n}`;
     const entryDir = join(this.dir, id);
