@@ -14,6 +14,7 @@ import { after, before, test } from 'node:test';
 import type { FastifyInstance } from 'fastify';
 import pino from 'pino';
 import { AgentClient } from '../../src/agent/client.ts';
+import { startHeartbeat } from '../../src/agent/heartbeat.ts';
 import { buildAgent } from '../../src/agent/server.ts';
 import type { QuarantineEntry } from '../../src/api/agent-types.ts';
 import { buildController } from '../../src/controller/server.ts';
@@ -30,14 +31,18 @@ let dataDir: string;
 let controller: FastifyInstance;
 let controllerUrl: string;
 let agent: FastifyInstance | undefined;
+let stopHeartbeat: (() => void) | undefined;
 let client: AgentClient;
 
-/** (Re)starts the agent on the same data directory and tells the controller where it is. */
+/** (Re)starts the agent on the same data directory, reporting to the controller as `vmferry agent` does. */
 async function startAgent(): Promise<void> {
+  stopHeartbeat?.();
   await agent?.close();
   agent = (await buildAgent({ hostId: 'A', dataDir, address: '127.0.0.1', logger })).app;
   client = new AgentClient(await agent.listen({ host: '127.0.0.1', port: 0 }));
-  await requestJson(controllerUrl, 'POST', '/v1/hosts/heartbeat', { body: { id: 'A', url: client.url, address: '127.0.0.1' } });
+  const host = { id: 'A', url: client.url, address: '127.0.0.1' };
+  await requestJson(controllerUrl, 'POST', '/v1/hosts/heartbeat', { body: host });
+  stopHeartbeat = startHeartbeat(controllerUrl, host, logger);
 }
 
 async function vmferry(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
@@ -80,6 +85,7 @@ before(async () => {
 });
 
 after(async () => {
+  stopHeartbeat?.();
   await agent?.close();
   await controller.close();
   await dir.remove();
