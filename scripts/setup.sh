@@ -13,6 +13,7 @@ packages=(
   make g++ python3                 # native npm modules (better-sqlite3) when no prebuilt binary matches
   iproute2                         # network namespaces and veth pairs for test hosts
   libnbd-bin nbdkit fio            # NBD peers: nbdinfo, nbdcopy, nbdkit, fio's nbd engine
+  strace                           # durability tests: which writes were fsynced before a call returned (test/support/strace.ts)
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients # libvirt 9.0, the migration benchmark's peer (bench/lib/libvirt.ts)
   libvirt-daemon-system            # ...and the libvirt-qemu user its QEMU driver wants (no service is started here)
 )

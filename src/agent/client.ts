@@ -3,7 +3,7 @@
  * sides implemented over it, so the executor drives agents exactly as it
  * drives in-process QEMUs.
  */
-import type { CreateVmRequest, HostInfo, VmInfo } from '../api/agent-types.ts';
+import type { CreateVmRequest, HostInfo, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
 import { requestJson } from '../http/errors.ts';
 import type { DestinationFacts, MigrationPlan, SourceFacts, CopyMode } from '../migration/plan.ts';
 import type {
@@ -73,6 +73,18 @@ export class AgentClient {
 
   deleteVm(name: string): Promise<void> {
     return this.request('DELETE', `/v1/vms/${encodeURIComponent(name)}`);
+  }
+
+  quarantine(): Promise<QuarantineEntry[]> {
+    return this.request('GET', '/v1/quarantine');
+  }
+
+  restoreQuarantined(id: string): Promise<QuarantineEntry> {
+    return this.request('POST', `/v1/quarantine/${encodeURIComponent(id)}/restore`, {});
+  }
+
+  purgeQuarantined(id: string): Promise<void> {
+    return this.request('DELETE', `/v1/quarantine/${encodeURIComponent(id)}`);
   }
 
   probeSource(vm: string): Promise<SourceFacts> {

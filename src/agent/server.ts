@@ -9,7 +9,7 @@ import { statfs } from 'node:fs/promises';
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
-import { CreateVmRequestSchema, MigrationParamsSchema, MigrationPlanSchema, MirrorTargetSchema, VmNameParamsSchema, type HostInfo } from '../api/agent-types.ts';
+import { CreateVmRequestSchema, MigrationParamsSchema, MigrationPlanSchema, MirrorTargetSchema, QuarantineParamsSchema, VmNameParamsSchema, type HostInfo } from '../api/agent-types.ts';
 import { replySignal } from '../http/request-signal.ts';
 import type { MigrationPlan } from '../migration/plan.ts';
 import type { MigrationSettings } from '../migration/sides.ts';
@@ -105,6 +105,14 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   app.post('/v1/probe-destination', { schema: { body: Type.Object({ spec: Type.Unknown() }, strict) } }, (request) =>
     sides.probeDestination(validateVmSpec(request.body.spec)),
   );
+
+  // What start-up could not account for (src/agent/quarantine.ts): listed, restored, or purged by a person.
+  app.get('/v1/quarantine', () => registry.quarantine.list());
+  app.post('/v1/quarantine/:id/restore', { schema: { params: QuarantineParamsSchema } }, (request) => registry.restoreQuarantined(request.params.id));
+  app.delete('/v1/quarantine/:id', { schema: { params: QuarantineParamsSchema } }, async (request, reply) => {
+    await registry.quarantine.purge(request.params.id);
+    return reply.status(204).send();
+  });
 
   // Destination half of a migration.
   const params = MigrationParamsSchema;

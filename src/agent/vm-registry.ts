@@ -7,9 +7,10 @@
  *   DATA/vms/NAME/spec.json    the VM's spec (with this host's paths)
  *   DATA/vms/NAME/serialN.log  serial port logs
  *   DATA/vms/NAME/qemu/        QMP socket, pidfile, QEMU's own log
+ *   DATA/quarantine/           what start-up could not account for (quarantine.ts)
  */
-import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
 import type { Logger } from 'pino';
 import { VmferryError } from '../errors.ts';
 import { guestKernelAppend, testGuestPaths } from '../guest/test-guest.ts';
@@ -17,10 +18,12 @@ import { QemuProcess, killOrphanQemu } from '../qemu/process.ts';
 import { validateVmSpec, type DiskSpec, type VmSpec } from '../qemu/spec.ts';
 import { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
-import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
+import type { CreateVmRequest, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
 import type { DestinationFate } from '../migration/no-return.ts';
-import { readIncomingRecord } from './half-records.ts';
 import { guestNeverRan } from '../migration/qemu-destination.ts';
+import { fsyncDir, fsyncFile, mkdirDurable, writeFileDurable } from '../util/durable-file.ts';
+import { readIncomingRecord } from './half-records.ts';
+import { Quarantine } from './quarantine.ts';
 
 interface VmEntry {
   spec: VmSpec;
@@ -34,6 +37,7 @@ export class VmRegistry {
   readonly pool: LocalPool;
   /** The one-writer fence of shared volumes, when the agent knows the storage server's admin API. */
   readonly fence: SharedWriterFence | undefined;
+  readonly quarantine: Quarantine;
   readonly #dataDir: string;
   readonly #logger: Logger;
   readonly #vms = new Map<string, VmEntry>();
@@ -44,43 +48,90 @@ export class VmRegistry {
     this.#dataDir = dataDir;
     this.#logger = logger;
     this.pool = new LocalPool(join(dataDir, 'pool'));
+    this.quarantine = new Quarantine(dataDir);
   }
 
   vmDir(name: string): string {
     return join(this.#dataDir, 'vms', name);
   }
 
-  /** Loads persisted VMs and re-adopts the QEMUs still running. */
+  /**
+   * Loads persisted VMs and re-adopts the QEMUs still running. A VM directory
+   * without a valid spec never stops the agent: it is settled (below) once
+   * every valid VM is loaded, so their images are known to be in use.
+   */
   async init(): Promise<void> {
     await mkdir(this.pool.dir, { recursive: true });
     await mkdir(join(this.#dataDir, 'vms'), { recursive: true });
-    const interrupted: string[] = [];
+    const unreadable: { name: string; problem: string }[] = [];
     for (const name of await readdir(join(this.#dataDir, 'vms'))) {
-      const text = await readFile(join(this.vmDir(name), 'spec.json'), 'utf8').catch(() => undefined);
-      if (text === undefined) {
-        interrupted.push(name);
-        continue;
-      }
-      const spec = validateVmSpec(JSON.parse(text));
-      const qemu = await QemuProcess.adopt(spec, join(this.vmDir(name), 'qemu'), this.#logger);
-      this.#vms.set(name, { spec, qemu, migrating: false });
-      this.#logger.info({ vm: name, running: qemu !== undefined }, qemu ? 're-adopted running VM' : 'loaded stopped VM');
+      const loaded = await this.#readSpec(name);
+      if ('problem' in loaded) unreadable.push({ name, problem: loaded.problem });
+      else await this.#load(loaded.spec);
     }
-    for (const name of interrupted) await this.#removeInterruptedIncoming(name);
+    for (const { name, problem } of unreadable) await this.#settleInterruptedIncoming(name, problem);
+  }
+
+  /** The spec in vms/NAME/spec.json, or what is wrong with it. */
+  async #readSpec(name: string): Promise<{ spec: VmSpec } | { problem: string }> {
+    let text: string;
+    try {
+      text = await readFile(join(this.vmDir(name), 'spec.json'), 'utf8');
+    } catch (err) {
+      return { problem: (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no spec.json' : `spec.json unreadable: ${(err as Error).message}` };
+    }
+    try {
+      const spec = validateVmSpec(JSON.parse(text));
+      return spec.name === name ? { spec } : { problem: `spec.json names VM ${spec.name}` };
+    } catch (err) {
+      return { problem: text.trim() === '' ? 'spec.json is empty' : `spec.json is invalid: ${(err as Error).message}` };
+    }
+  }
+
+  async #load(spec: VmSpec): Promise<void> {
+    const qemu = await QemuProcess.adopt(spec, join(this.vmDir(spec.name), 'qemu'), this.#logger);
+    this.#vms.set(spec.name, { spec, qemu, migrating: false });
+    this.#logger.info({ vm: spec.name, running: qemu !== undefined }, qemu ? 're-adopted running VM' : 'loaded stopped VM');
   }
 
   /**
-   * A VM directory without a spec is the destination half of a migration that
-   * never finished (the spec is written only when the guest is adopted): its
-   * QEMU, if the agent died and left it, and its target volumes go.
+   * The one place that decides what happens to a VM directory without a valid
+   * spec. It is most likely the destination half of a migration that never
+   * finished (the spec is written only when the guest is adopted), but that is
+   * a guess, and its images may be the only copy of a disk: its QEMU, if the
+   * agent died and left it, is killed, and its directory and the pool images
+   * named after it that no loaded VM uses are moved to the quarantine, where a
+   * person can restore or purge them. Nothing is deleted here.
    */
-  async #removeInterruptedIncoming(name: string): Promise<void> {
-    const pid = await killOrphanQemu(join(this.vmDir(name), 'qemu'));
+  async #settleInterruptedIncoming(name: string, problem: string): Promise<void> {
+    const killedPid = await killOrphanQemu(join(this.vmDir(name), 'qemu'));
     const inUse = new Set([...this.#vms.values()].flatMap((e) => e.spec.disks.flatMap((d) => (d.source.kind === 'file' ? [d.source.path] : []))));
-    const targets = (await readdir(this.pool.dir)).filter((file) => file.startsWith(`${name}-`) && !inUse.has(join(this.pool.dir, file)));
-    for (const file of targets) await this.pool.remove(file);
-    await rm(this.vmDir(name), { recursive: true, force: true });
-    this.#logger.warn({ vm: name, killedPid: pid, removedVolumes: targets }, 'cleaned up an interrupted incoming migration');
+    const images = (await readdir(this.pool.dir)).filter((file) => file.startsWith(`${name}-`) && !inUse.has(join(this.pool.dir, file)));
+    const reason = `at agent start, VM directory ${name} had ${problem}${killedPid === undefined ? '' : ` (its QEMU, pid ${killedPid}, was killed)`}`;
+    try {
+      const entry = await this.quarantine.hold(name, reason, [
+        { kind: 'vm-dir', path: this.vmDir(name) },
+        ...images.map((file) => ({ kind: 'pool-image' as const, path: join(this.pool.dir, file) })),
+      ]);
+      this.#logger.warn({ vm: name, killedPid, quarantine: entry.id, images }, `${reason}: moved to quarantine ${entry.id}`);
+    } catch (err) {
+      // Left where they are: the next start looks at them again.
+      this.#logger.error({ err, vm: name, killedPid, images }, `${reason}: could not move it to the quarantine`);
+    }
+  }
+
+  /**
+   * Puts a quarantine entry back; a VM whose directory comes back with a valid
+   * spec (repaired in the quarantine before the restore) is loaded at once.
+   */
+  async restoreQuarantined(id: string): Promise<QuarantineEntry> {
+    const entry = await this.quarantine.restore(id);
+    if (entry.items.some((item) => item.kind === 'vm-dir') && !this.#vms.has(entry.vm)) {
+      const loaded = await this.#readSpec(entry.vm);
+      if ('spec' in loaded) await this.#load(loaded.spec);
+      else this.#logger.warn({ vm: entry.vm, problem: loaded.problem }, `restored VM directory ${entry.vm} has ${loaded.problem}: not loaded; the next agent start moves it to the quarantine again`);
+    }
+    return entry;
   }
 
   list(): Promise<VmInfo[]> {
@@ -200,6 +251,10 @@ export class VmRegistry {
 
   /** After a migration into this host: the destination QEMU becomes this host's VM. */
   async adoptMigrated(qemu: QemuProcess): Promise<void> {
+    // The source deletes its copies once this returns: the images here, their entries in the pool and the spec must survive a power cut.
+    const images = qemu.spec.disks.flatMap((d) => (d.source.kind === 'file' && dirname(d.source.path) === this.pool.dir ? [d.source.path] : []));
+    for (const image of images) await fsyncFile(image);
+    if (images.length) await fsyncDir(this.pool.dir);
     await this.#persist(qemu.spec);
     this.#vms.set(qemu.spec.name, { spec: qemu.spec, qemu, migrating: false });
   }
@@ -255,12 +310,16 @@ export class VmRegistry {
     this.#vms.delete(name);
   }
 
+  /**
+   * Durable before it resolves (file and every directory entry down from the
+   * data directory): once a migrated VM is adopted the source deletes its
+   * disks, and a spec lost to a power cut would leave this host's images
+   * looking like an interrupted incoming migration.
+   */
   async #persist(spec: VmSpec): Promise<void> {
     const dir = this.vmDir(spec.name);
-    await mkdir(dir, { recursive: true });
-    // Write then rename: a crash never leaves a half-written spec.
-    await writeFile(join(dir, 'spec.json.tmp'), JSON.stringify(spec, null, 2));
-    await rename(join(dir, 'spec.json.tmp'), join(dir, 'spec.json'));
+    await mkdirDurable(dir, this.#dataDir);
+    await writeFileDurable(join(dir, 'spec.json'), JSON.stringify(spec, null, 2));
   }
 
   #require(name: string): VmEntry {

@@ -109,6 +109,25 @@ export interface HostInfo {
   vms: number;
 }
 
+export const QuarantineParamsSchema = Type.Object({ id: Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$' }) });
+
+/** Files an agent could not account for at start, moved aside instead of deleted (src/agent/quarantine.ts). */
+export interface QuarantineEntry {
+  id: string;
+  /** The VM directory name the files belonged to. */
+  vm: string;
+  reason: string;
+  /** When they were moved, ms since the epoch. */
+  at: number;
+  items: {
+    kind: 'pool-image' | 'vm-dir';
+    /** Where it was, and where a restore puts it back. */
+    from: string;
+    /** Bytes (a directory: the sum of its files); null when it is missing from the quarantine. */
+    sizeBytes: number | null;
+  }[];
+}
+
 /**
  * The plan a destination is prepared with. The controller computes it, so this
  * only checks the shape the destination relies on: without it a malformed plan

@@ -5,6 +5,7 @@ import { VmferryError } from '../errors.ts';
 import { defaultControllerUrl, parseListen, parsePositive, parseSize, printJson } from './common.ts';
 import { ControllerClient } from './controller-client.ts';
 import { followMigration } from './progress.ts';
+import { registerQuarantineCommands } from './quarantine.ts';
 import { renderPlan, renderReport, table } from './render.ts';
 
 interface GlobalOptions {
@@ -30,9 +31,8 @@ function parseDiskArg(value: string, flag: string): [string, string] {
 export function registerClusterCommands(program: Command): void {
   program.option('--controller <url>', 'controller URL (or VMFERRY_CONTROLLER)', defaultControllerUrl).option('--json', 'machine-readable output');
 
-  program
-    .command('host')
-    .description('hosts of the cluster')
+  const host = program.command('host').description('hosts of the cluster');
+  host
     .command('list')
     .description('list hosts and whether their agents report')
     .action(async (_opts, command: Command) => {
@@ -41,6 +41,7 @@ export function registerClusterCommands(program: Command): void {
       if (json) printJson(hosts);
       else console.log(table(['host', 'state', 'agent', 'address', 'last seen'], hosts.map((h) => [h.id, h.state, h.url, h.address, `${Math.round((Date.now() - h.lastSeen) / 1000)} s ago`])));
     });
+  registerQuarantineCommands(host);
 
   const vm = program.command('vm').description('virtual machines');
   vm.command('list')

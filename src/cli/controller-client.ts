@@ -1,5 +1,5 @@
 /** The controller's API as the CLI uses it. */
-import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
+import type { CreateVmRequest, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
 import type { HostStatus } from '../controller/inventory.ts';
 import { requestJson } from '../http/errors.ts';
 import type { MigrationPlan } from '../migration/plan.ts';
@@ -17,6 +17,18 @@ export class ControllerClient {
 
   hosts(): Promise<HostStatus[]> {
     return requestJson(this.#url, 'GET', '/v1/hosts');
+  }
+
+  quarantine(host: string): Promise<QuarantineEntry[]> {
+    return requestJson(this.#url, 'GET', `/v1/hosts/${encodeURIComponent(host)}/quarantine`);
+  }
+
+  restoreQuarantined(host: string, id: string): Promise<QuarantineEntry> {
+    return requestJson(this.#url, 'POST', `/v1/hosts/${encodeURIComponent(host)}/quarantine/${encodeURIComponent(id)}/restore`, { body: {} });
+  }
+
+  purgeQuarantined(host: string, id: string): Promise<void> {
+    return requestJson(this.#url, 'DELETE', `/v1/hosts/${encodeURIComponent(host)}/quarantine/${encodeURIComponent(id)}`);
   }
 
   vms(): Promise<VmInfo[]> {

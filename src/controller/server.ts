@@ -7,7 +7,7 @@ import { VmferryError } from '../errors.ts';
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
-import { CreateVmRequestSchema, MigrationParamsSchema, VmNameParamsSchema } from '../api/agent-types.ts';
+import { CreateVmRequestSchema, MigrationParamsSchema, QuarantineParamsSchema, VmNameParamsSchema } from '../api/agent-types.ts';
 import { SqliteStore } from '../store/sqlite-store.ts';
 import type { Store } from '../store/store.ts';
 import { Inventory } from './inventory.ts';
@@ -69,6 +69,17 @@ export async function buildController(
     },
   );
   app.get('/v1/hosts', () => inventory.hosts());
+  // A host's quarantine (files its agent could not account for at start), through its agent.
+  const hostParams = Type.Object({ host: Type.String({ minLength: 1, maxLength: 64 }) });
+  const entryParams = Type.Composite([hostParams, QuarantineParamsSchema]);
+  app.get('/v1/hosts/:host/quarantine', { schema: { params: hostParams } }, async (request) => (await inventory.agent(request.params.host)).quarantine());
+  app.post('/v1/hosts/:host/quarantine/:id/restore', { schema: { params: entryParams } }, async (request) =>
+    (await inventory.agent(request.params.host)).restoreQuarantined(request.params.id),
+  );
+  app.delete('/v1/hosts/:host/quarantine/:id', { schema: { params: entryParams } }, async (request, reply) => {
+    await (await inventory.agent(request.params.host)).purgeQuarantined(request.params.id);
+    return reply.status(204).send();
+  });
 
   const nameParams = { params: VmNameParamsSchema };
   app.get('/v1/vms', () => inventory.vms());

@@ -32,7 +32,7 @@ export async function createApiServer(title: string, logger: Logger, bodyLimit: 
     frameworkErrors: (error, _request, reply: FastifyReply) => {
       const status = error.statusCode && error.statusCode >= 400 && error.statusCode < 500 ? error.statusCode : 400;
       // fastify's own text for an over-long parameter echoes the whole URL first and names the problem last.
-      const message = (error as { code?: string }).code === 'FST_ERR_MAX_PARAM_LENGTH' ? 'a path parameter (a name or an id) is longer than 100 characters' : error.message.slice(0, 300);
+      const message = (error as { code?: string }).code === 'FST_ERR_MAX_PARAM_LENGTH' ? 'a path parameter (a name, a host or an id) is longer than 100 characters' : error.message.slice(0, 300);
       void reply.status(status).send({ code: 'VMF_INVALID_ARGUMENT', message: `invalid request: ${message}` });
     },
   });

@@ -1,4 +1,9 @@
-/** The default store: one SQLite file (better-sqlite3), in WAL mode so readers never block the writer. */
+/**
+ * The default store: one SQLite file (better-sqlite3), in WAL mode so readers
+ * never block the writer, and synchronous = FULL so a commit is on disk when
+ * it returns (NORMAL syncs the WAL only at checkpoints: a power cut could take
+ * back the migration phase recovery relies on).
+ */
 import Database from 'better-sqlite3';
 import { finalPhases, type MigrationEvent, type MigrationPhase } from '../migration/phases.ts';
 import type { HostRecord, MigrationRecord, Store, StoredEvent, VmLocation } from './store.ts';
@@ -46,7 +51,7 @@ export class SqliteStore implements Store {
   constructor(path: string) {
     this.#db = new Database(path);
     this.#db.pragma('journal_mode = WAL');
-    this.#db.pragma('synchronous = NORMAL');
+    this.#db.pragma('synchronous = FULL');
     this.#db.exec(schema);
   }
 

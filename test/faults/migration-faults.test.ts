@@ -73,7 +73,7 @@ for (const phase of ['mirroring', 'migrating'] as const) {
   });
 }
 
-test('destination agent killed mid-migration: the VM stays on the source; the restarted agent removes the orphan', async () => {
+test('destination agent killed mid-migration: the VM stays on the source; the restarted agent kills the orphan and quarantines its target', async () => {
   const vm = 'kill-agent';
   await faults.startVm(vm);
   const { id } = await cluster.api.migrate({ vm, to: 'B', bandwidthMiBs: 2 });
@@ -84,12 +84,18 @@ test('destination agent killed mid-migration: the VM stays on the source; the re
   assert.match(record.report?.error?.message ?? '', /B|unreachable|reach/i);
   await cluster.startAgent('B');
   await cluster.waitForHosts(['A', 'B'], 30_000);
+  // Nothing on B says the target is only a copy, so it is moved aside, not deleted; the operator purges it.
+  const [entry, ...more] = await cluster.api.quarantine('B');
+  assert.ok(entry, "B's quarantine holds the interrupted target");
+  assert.equal(more.length, 0);
+  assert.deepEqual(entry.items.filter((item) => item.kind === 'pool-image').map((item) => item.from), [join(cluster.host('B').dataDir, 'pool', `${vm}-root.qcow2`)]);
+  await cluster.api.purgeQuarantined('B', entry.id);
   const outcome = await faults.assertSettled(vm, 'A');
   recordReliability(import.meta.url, {
     kind: 'fault',
     target: 'migration',
     tried: 'destination agent killed (SIGKILL) during the mirror, then restarted',
-    observed: `failed: "${record.report?.error?.message.slice(0, 140)}"; the restarted agent killed the orphan incoming QEMU and its volume; ${outcome}`,
+    observed: `failed: "${record.report?.error?.message.slice(0, 140)}"; the restarted agent killed the orphan incoming QEMU and moved its target volume to the quarantine (purged); ${outcome}`,
     ok: true,
   });
 });
@@ -175,7 +181,7 @@ test('controller killed just after the destination resumed: the restarted contro
   assert.equal(record.phase, 'completed', record.report?.error?.message);
   // The kill lands between the resume and the source's retirement nearly always; if the old controller got there first, it finished on its own.
   const path = record.report?.recovery ? 'finished by the restarted controller' : 'completed before the kill landed';
-  if (record.report?.recovery) assert.match(record.report.recovery, /the guest already ran on B, so the source was retired/);
+  if (record.report?.recovery) assert.match(record.report.recovery, /B confirmed the guest ran there, so the source was retired/);
   const outcome = await faults.assertSettled(vm, 'B');
   recordReliability(import.meta.url, {
     kind: 'fault',
