@@ -26,6 +26,7 @@ import type { MigrationPhase } from '../migration/phases.ts';
 import { mkdir } from 'node:fs/promises';
 import { readOutgoingRecord, removeOutgoingRecord, writeIncomingRecord, writeOutgoingRecord } from './half-records.ts';
 import { ContactLog } from './contact-log.ts';
+import { faultPoint } from '../util/fault-points.ts';
 import type { VmRegistry } from './vm-registry.ts';
 
 interface SourceHalf {
@@ -202,6 +203,7 @@ export class MigrationSides {
       // Before the cont can leave: a restarted agent then knows this QEMU may run the guest, and with which spec.
       await writeIncomingRecord(vmDir, { migration: id, phase: 'resume-sent', spec: vm.spec });
       await destination.resume(signal);
+      faultPoint('destination-after-cont');
       await this.#registry.adoptMigrated(vm);
       await writeIncomingRecord(vmDir, { migration: id, phase: 'resumed', spec: vm.spec });
       this.#forgetDestination(id);

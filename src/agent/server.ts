@@ -15,6 +15,7 @@ import type { MigrationPlan } from '../migration/plan.ts';
 import type { MigrationSettings } from '../migration/sides.ts';
 import { validateVmSpec } from '../qemu/spec.ts';
 import { MigrationSides, defaultAbandonAfterMs } from './migration-sides.ts';
+import { faultPoint } from '../util/fault-points.ts';
 import { VmRegistry } from './vm-registry.ts';
 import { SharedWriterFence } from '../storage/writer-fence.ts';
 import { readFile } from 'node:fs/promises';
@@ -187,6 +188,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   );
   app.post('/v1/migrations/:id/source/continue', { schema: { params } }, async (request, reply) => {
     await sides.useSource(request.params.id, (side) => side.continueSwitchover(replySignal(reply)));
+    faultPoint('source-after-continue');
     return {};
   });
   app.post('/v1/migrations/:id/source/memory-digest', { schema: { params } }, (request, reply) =>

@@ -104,6 +104,7 @@ export class VmRegistry {
    * person can restore or purge them. Nothing is deleted here.
    */
   async #settleInterruptedIncoming(name: string, problem: string): Promise<void> {
+    if (await this.#takeOverResumedIncoming(name)) return;
     const killedPid = await killOrphanQemu(join(this.vmDir(name), 'qemu'));
     const inUse = new Set([...this.#vms.values()].flatMap((e) => e.spec.disks.flatMap((d) => (d.source.kind === 'file' ? [d.source.path] : []))));
     const images = (await readdir(this.pool.dir)).filter((file) => file.startsWith(`${name}-`) && !inUse.has(join(this.pool.dir, file)));
@@ -118,6 +119,33 @@ export class VmRegistry {
       // Left where they are: the next start looks at them again.
       this.#logger.error({ err, vm: name, killedPid, images }, `${reason}: could not move it to the quarantine`);
     }
+  }
+
+  /**
+   * The destination half of a migration whose resume may have reached its
+   * QEMU (incoming.json says so, written before the cont): a QEMU of it still
+   * alive runs the guest, or may be asked to, so it becomes this host's VM
+   * again instead of being killed. Whether the guest ran is then for the
+   * controller to ask (incomingFate) and settle by no-return.ts; a QEMU that
+   * never ran it is held as migrating until then.
+   */
+  async #takeOverResumedIncoming(name: string): Promise<boolean> {
+    const record = await readIncomingRecord(this.vmDir(name));
+    if (!record?.spec || record.phase === 'prepared') return false;
+    let spec: VmSpec;
+    try {
+      spec = validateVmSpec(record.spec);
+    } catch {
+      return false;
+    }
+    if (spec.name !== name) return false;
+    const qemu = await QemuProcess.adopt(spec, join(this.vmDir(name), 'qemu'), this.#logger);
+    if (!qemu) return false;
+    const ran = !guestNeverRan(await qemu.status());
+    await this.#persist(spec);
+    this.#vms.set(name, { spec, qemu, migrating: !ran });
+    this.#logger.warn({ vm: name, migration: record.migration, guestRan: ran }, `took over the QEMU of migration ${record.migration}, which was ${record.phase} here`);
+    return true;
   }
 
   /**

@@ -1,0 +1,19 @@
+/**
+ * Named places where a test makes this process die as a crash would, at a
+ * moment no outside timing can hit reliably: between an action and its reply
+ * (a `cont` sent, its reply not yet given). Off unless the environment names
+ * them: VMFERRY_FAULT_POINTS=name[,name…]; each fires once per process.
+ */
+const armed = new Set((process.env.VMFERRY_FAULT_POINTS ?? '').split(',').map((s) => s.trim()).filter(Boolean));
+
+export type FaultPoint =
+  /** The destination's QEMU was continued; the agent has not adopted it nor replied. */
+  | 'destination-after-cont'
+  /** The source's migration was told to continue; the agent has not replied. */
+  | 'source-after-continue';
+
+/** SIGKILL of this process when `point` is armed: no handler runs, nothing is flushed. */
+export function faultPoint(point: FaultPoint): void {
+  if (!armed.delete(point)) return;
+  process.kill(process.pid, 'SIGKILL');
+}
