@@ -14,7 +14,10 @@
  * - a rename or an unlink since the directory's last fsync is undone (the file
  *   comes back, with its own last synced content);
  * - a directory made since its parent's last fsync vanishes, with whatever is
- *   in it, unless it holds a file whose entry in it is durable;
+ *   in it, unless it holds durable content: a file whose entry in it is
+ *   durable, or a directory fsynced since it was made that is not empty
+ *   (entries that other programs made, e.g. qemu-img's images, count once
+ *   their directory was fsynced);
  * - files the journal never mentions (those written by other programs, e.g.
  *   QEMU's images, or there before the preload) are left as they are.
  */
@@ -125,8 +128,10 @@ export function dropUnsynced(journalPath: string, root: string): PowerLossReport
 
   // Deepest first, so an enclosing new directory sees what its children kept.
   for (const rel of newDirs.sort((a, b) => depth(b) - depth(a))) {
-    const keeps = [...wanted.keys()].some((file) => file.startsWith(`${rel}/`) && existsSync(abs(file)));
-    if (keeps) continue;
+    const inside = (path: string) => path.startsWith(`${rel}/`);
+    const holdsSyncedFile = [...wanted.keys()].some((file) => inside(file) && existsSync(abs(file)));
+    const holdsSyncedDir = [...model.syncedDirs].some((dir) => (dir === rel || inside(dir)) && existsSync(abs(dir)) && readdirSync(abs(dir)).length > 0);
+    if (holdsSyncedFile || holdsSyncedDir) continue;
     const entries = readdirSync(abs(rel)).length;
     rmSync(abs(rel), { recursive: true, force: true });
     note(rel, `directory gone with its ${entries} entries (made here; ${dirLabel(rel)} not fsynced since)`);

@@ -66,6 +66,8 @@ export class Model {
   readonly files = new Map<string, FileNode>();
   /** Directory -> name -> the entry at the directory's last fsync, for names changed since. */
   readonly pending = new Map<string, Map<string, SyncedEntry>>();
+  /** Directories fsynced since they were made: what was in them then (written by anyone) is durable content. */
+  readonly syncedDirs = new Set<string>();
   readonly warnings: string[] = [];
 
   constructor(root: string) {
@@ -104,6 +106,7 @@ export class Model {
       }
       case 'dirsync':
         this.pending.delete(event.p);
+        this.syncedDirs.add(event.p);
         return;
       case 'rename': {
         const node = this.#nodeAt(event.from);
@@ -134,9 +137,11 @@ export class Model {
       }
       case 'mkdir':
         this.#record(event.p, { kind: 'absent' });
+        this.syncedDirs.delete(event.p);
         return;
       case 'rmdir':
         this.#record(event.p, { kind: 'dir' });
+        this.syncedDirs.delete(event.p);
         return;
       case 'unmodelled':
         this.warnings.push(`${event.fn} on ${event.p} is not modelled: its effect counts as durable`);
@@ -175,5 +180,10 @@ export class Model {
     };
     move(this.files);
     move(this.pending);
+    for (const dir of [...this.syncedDirs]) {
+      if (dir !== from && !dir.startsWith(`${from}/`)) continue;
+      this.syncedDirs.delete(dir);
+      this.syncedDirs.add(join(to, dir.slice(from.length)));
+    }
   }
 }

@@ -23,6 +23,7 @@ interface Host {
 }
 
 const prelude = `
+import { execFileSync } from 'node:child_process';
 import { mkdir, open, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 const at = (p) => join(process.env.VMFERRY_POWERLOSS_ROOT, p);
@@ -133,6 +134,24 @@ test('an agent restarted after a kill -9 carries on the journal: the restarted p
   h.powerLoss();
   assert.equal(read(join(h.root, 'vms', 'state')), 'first, synced');
   assert.equal(read(h.journal), '', 'the journal starts again from a durable state');
+});
+
+// The local pool: a directory the agent makes, images that qemu-img writes
+// into it (no journal sees those), kept once the agent fsynced the directory.
+test("a new directory whose parent was not fsynced keeps another program's files once it was fsynced itself, and loses them otherwise", async () => {
+  const h = await host();
+  await h.runThenKill(`
+    for (const dir of ['pool', 'unsynced-pool']) {
+      await mkdir(at(dir));
+      execFileSync('sh', ['-c', 'echo image > "$0"', at(dir + '/web-root.qcow2')]);
+    }
+    await fsyncPath('pool/web-root.qcow2');
+    await fsyncPath('pool');
+  `);
+  const report = h.powerLoss();
+  assert.equal(read(join(h.root, 'pool', 'web-root.qcow2')), 'image\n');
+  assert.equal(existsSync(join(h.root, 'unsynced-pool')), false);
+  assert.deepEqual(report.changes.map((c) => c.path), [join(h.root, 'unsynced-pool')]);
 });
 
 // VmRegistry#persist's way of writing a VM's spec (issue 13, problem 2): the

@@ -128,7 +128,7 @@ class Tracker {
     const entry = this.#fds.get(fd);
     if (!entry) return;
     if (entry.dir) {
-      if (this.#model.pending.has(entry.path)) this.#emit({ op: 'dirsync', p: entry.path });
+      if (this.#model.pending.has(entry.path) || !this.#model.syncedDirs.has(entry.path)) this.#emit({ op: 'dirsync', p: entry.path });
       return;
     }
     const node = this.#model.files.get(entry.path);
