@@ -24,6 +24,7 @@ interface Host {
 
 const prelude = `
 import { execFileSync } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
 import { mkdir, open, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 const at = (p) => join(process.env.VMFERRY_POWERLOSS_ROOT, p);
@@ -184,6 +185,14 @@ test("a spec written as VmRegistry#persist does (mkdir, writeFile, rename, no fs
   await durable.runThenKill(persistDurably);
   durable.powerLoss();
   assert.deepEqual(JSON.parse(read(join(durable.root, 'vms', 'web', 'spec.json'))), { name: 'web' });
+});
+
+test('a change through an fs function the preload does not model is kept and reported as a warning', async () => {
+  const h = await host();
+  await h.runThenKill(`writeFileSync(at('sync.txt'), 'written with writeFileSync');`);
+  const report = h.powerLoss();
+  assert.equal(read(join(h.root, 'sync.txt')), 'written with writeFileSync');
+  assert.deepEqual(report.warnings, ['fs.writeFileSync on sync.txt is not modelled: its effect counts as durable']);
 });
 
 test('vmferry\'s own command line runs with the preload from powerLossEnv', async () => {

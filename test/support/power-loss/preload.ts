@@ -66,8 +66,13 @@ class Tracker {
     this.#model.apply(event);
   }
 
+  /** What is at `rel`, if anything (undefined too where a parent is not a directory: the operation itself then fails). */
   #stat(rel: string): fs.Stats | undefined {
-    return raw.lstat(this.#abs(rel), { throwIfNoEntry: false });
+    try {
+      return raw.lstat(this.#abs(rel), { throwIfNoEntry: false });
+    } catch {
+      return undefined;
+    }
   }
 
   #shadowName(kind: string): string {
@@ -201,11 +206,11 @@ function install(tracker: Tracker, fileHandle: FileHandle): void {
   const beforeWriteFile = pathWrite('w');
   const beforeAppendFile = pathWrite('a');
 
-  wrap(fsp, 'writeFile', (original) => (file, data, options) => {
+  wrap(fsp, 'writeFile', (original) => async (file, data, options) => {
     beforeWriteFile(file, options);
     return original(file, data, options);
   });
-  wrap(fsp, 'appendFile', (original) => (file, data, options) => {
+  wrap(fsp, 'appendFile', (original) => async (file, data, options) => {
     beforeAppendFile(file, options);
     return original(file, data, options);
   });
@@ -217,48 +222,48 @@ function install(tracker: Tracker, fileHandle: FileHandle): void {
     tracker.opened(target, handle.fd);
     return handle;
   });
-  wrap(fsp, 'truncate', (original) => (path, len) => {
+  wrap(fsp, 'truncate', (original) => async (path, len) => {
     const target = rel(path);
     if (target !== undefined) tracker.beforeWrite(target, false);
     return original(path, len);
   });
-  wrap(fsp, 'copyFile', (original) => (src, dest, mode) => {
+  wrap(fsp, 'copyFile', (original) => async (src, dest, mode) => {
     const target = rel(dest);
     if (target !== undefined) tracker.beforeWrite(target, true);
     return original(src, dest, mode);
   });
-  wrap(fsp, 'rename', (original) => (oldPath, newPath) => {
+  wrap(fsp, 'rename', (original) => async (oldPath, newPath) => {
     const from = rel(oldPath);
     const to = rel(newPath);
     if (from !== undefined && to !== undefined) tracker.beforeRename(from, to);
     else if (from !== undefined || to !== undefined) tracker.unmodelled('rename across ROOT', (from ?? to) as string);
     return original(oldPath, newPath);
   });
-  wrap(fsp, 'unlink', (original) => (path) => {
+  wrap(fsp, 'unlink', (original) => async (path) => {
     const target = rel(path);
     if (target !== undefined) tracker.beforeRemove(target, 'unlink', false);
     return original(path);
   });
-  wrap(fsp, 'rmdir', (original) => (path, options) => {
+  wrap(fsp, 'rmdir', (original) => async (path, options) => {
     const target = rel(path);
     if (target !== undefined) tracker.beforeRemove(target, 'rmdir', options?.recursive ?? false);
     return original(path, options);
   });
-  wrap(fsp, 'rm', (original) => (path, options) => {
+  wrap(fsp, 'rm', (original) => async (path, options) => {
     const target = rel(path);
     if (target !== undefined) tracker.beforeRemove(target, 'rm', options?.recursive ?? false);
     return original(path, options);
   });
-  wrap(fsp, 'mkdir', (original) => ((path: PathLike, options?: fs.MakeDirectoryOptions | fs.Mode | null) => {
+  wrap(fsp, 'mkdir', (original) => (async (path: PathLike, options?: fs.MakeDirectoryOptions | fs.Mode | null) => {
     const target = rel(path);
     if (target !== undefined) tracker.beforeMkdir(target, typeof options === 'object' && options !== null && options.recursive === true);
     return original(path, options);
   }) as typeof original);
 
-  const proto = handleProto as unknown as Record<string, AnyFunction>;
+  const proto = handleProto as unknown as Record<string, (this: FileHandle, ...args: never[]) => Promise<unknown>>;
   for (const name of ['write', 'writev', 'writeFile', 'appendFile', 'truncate']) {
     wrap(proto, name, (original) =>
-      function (this: FileHandle, ...args: never[]) {
+      async function (this: FileHandle, ...args: never[]) {
         tracker.beforeWriteFd(this.fd);
         return original.apply(this, args);
       },
@@ -274,7 +279,7 @@ function install(tracker: Tracker, fileHandle: FileHandle): void {
     );
   }
   wrap(proto, 'close', (original) =>
-    function (this: FileHandle, ...args: never[]) {
+    async function (this: FileHandle, ...args: never[]) {
       tracker.closed(this.fd);
       return original.apply(this, args);
     },
