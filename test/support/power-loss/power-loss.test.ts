@@ -3,7 +3,7 @@
 // what a power loss could: only what was fsynced, file and directory.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { after, test } from 'node:test';
@@ -84,6 +84,7 @@ test('a file written to a temporary name, fsynced, renamed and its directory fsy
     await rename(at('spec.json.tmp'), at('spec.json'));
     await fsyncPath('.');
   `);
+  assert.deepEqual(readdirSync(`${h.journal}.shadow`), [], 'no copy of the replaced spec is kept once the rename is durable');
   const report = h.powerLoss();
   assert.equal(read(join(h.root, 'spec.json')), 'v2');
   assert.equal(existsSync(join(h.root, 'spec.json.tmp')), false);

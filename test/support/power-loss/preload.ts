@@ -13,7 +13,7 @@ import type { FileHandle } from 'node:fs/promises';
 import { syncBuiltinESMExports } from 'node:module';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Model, readJournal, shadowDirOf, type JournalEvent } from './journal.ts';
+import { Model, readJournal, shadowDirOf, type FileNode, type JournalEvent } from './journal.ts';
 
 /** Originals, for the preload's own bookkeeping. */
 const raw = {
@@ -133,7 +133,10 @@ class Tracker {
     const entry = this.#fds.get(fd);
     if (!entry) return;
     if (entry.dir) {
-      if (this.#model.pending.has(entry.path) || !this.#model.syncedDirs.has(entry.path)) this.#emit({ op: 'dirsync', p: entry.path });
+      if (!this.#model.pending.has(entry.path) && this.#model.syncedDirs.has(entry.path)) return;
+      const forgotten = [...(this.#model.pending.get(entry.path)?.values() ?? [])].flatMap((e) => (e.kind === 'file' ? [e.node] : []));
+      this.#emit({ op: 'dirsync', p: entry.path });
+      this.#dropShadows(forgotten);
       return;
     }
     const node = this.#model.files.get(entry.path);
@@ -141,6 +144,18 @@ class Tracker {
     const snap = node.snap;
     this.#emit({ op: 'fsync', p: entry.path });
     if (snap) raw.unlink(join(this.#shadow, snap));
+  }
+
+  /** Shadow copies of files no name can bring back any more (an unlink or a rename over them is durable now). */
+  #dropShadows(nodes: FileNode[]): void {
+    const reachable = new Set(this.#model.files.values());
+    for (const entries of this.#model.pending.values()) for (const e of entries.values()) if (e.kind === 'file') reachable.add(e.node);
+    for (const node of nodes) {
+      if (reachable.has(node)) continue;
+      for (const name of [node.keep, node.snap]) if (name !== null) raw.unlink(join(this.#shadow, name));
+      node.keep = null;
+      node.snap = null;
+    }
   }
 
   beforeRename(from: string, to: string): void {
