@@ -17,8 +17,9 @@
  *      registering it twice is harmless). One journal per root; several
  *      processes in a row (an agent restarted after a kill -9) share it.
  *   2. For the power loss: kill -9 every process of the host (the agent, its
- *      QEMUs), then call dropUnsynced(journal, root). It rewrites root and
- *      returns what it changed, for the run's log, and empties the journal.
+ *      QEMUs) and wait until they are gone, then call dropUnsynced(journal,
+ *      root) (synchronous). It rewrites root, returns what it changed and what
+ *      it could not model, for the run's log, and empties the journal.
  *   3. Start the host again with the same environment.
  *
  * Only the preloaded processes' changes through node:fs/promises and
