@@ -19,7 +19,7 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
-import { VmferryError, describeError } from '../errors.ts';
+import { VmferryError, describeError, hasCode } from '../errors.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import { differingChunks, type MemoryDigest } from '../qemu/memory-digest.ts';
 import type { MigrationInfo } from '../qmp/commands.ts';
@@ -250,6 +250,14 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       try {
         await source.rollback();
       } catch (undoErr) {
+        if (hasCode(undoErr, 'VMF_UNREACHABLE') || hasCode(undoErr, 'VMF_TIMEOUT')) {
+          // The source's guest may be paused with nobody to resume it: the migration is not over until its agent answers.
+          await recordQuietly('unresolved');
+          return report(plan, timeline, 'unresolved', bytesSent, lastInfo, {
+            code: 'VMF_UNRESOLVED',
+            message: `${failure.message}; the rollback of ${source.hostId} could not reach its agent (${describeError(undoErr)}); vmferry keeps trying, and ${plan.vm} runs again on ${plan.from} once it answers`,
+          });
+        }
         undoFailures.push(`roll back source ${source.hostId}: ${describeError(undoErr)}`);
       }
     }

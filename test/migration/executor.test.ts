@@ -3,6 +3,7 @@
 // runs against real QEMUs in test/migration/live.test.ts.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { VmferryError } from '../../src/errors.ts';
 import { runMigration } from '../../src/migration/executor.ts';
 import type { MigrationEvent, MigrationPhase } from '../../src/migration/phases.ts';
 import { defaultMigrationOptions, planMigration, type MigrationPlan } from '../../src/migration/plan.ts';
@@ -365,4 +366,13 @@ test('the phase is stored before the step it names acts: resume-sent before the 
   const resumeAt = calls.indexOf('dst.resume');
   assert.ok(stored.includes(`resume-sent@${resumeAt}`), `stored ${stored.join(', ')}; resume was call ${resumeAt}`);
   assert.deepEqual(stored.map((s) => s.split('@')[0]), ['preparing', 'mirroring', 'migrating', 'paused-at-switchover', 'resume-sent', 'resumed', 'source-retired']);
+});
+
+test('a source whose agent cannot be reached for the rollback: unresolved, not failed, so that someone keeps trying to resume its guest', async () => {
+  const sides = fakeSides({ fail: 'src.continueSwitchover' });
+  sides.source.rollback = () => Promise.reject(new VmferryError('VMF_UNREACHABLE', 'cannot reach http://10.0.0.2:10801: ECONNREFUSED'));
+  const report = await runMigration({ spec, plan: plan(), source: sides.source, destination: sides.destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'unresolved');
+  assert.match(report.error?.message ?? '', /the rollback of A could not reach its agent .*; vmferry keeps trying/);
+  assert.ok(sides.calls.includes('dst.rollback'), 'the destination was rolled back first');
 });

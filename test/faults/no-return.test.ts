@@ -1,0 +1,121 @@
+// Faults between an action and its reply at the switch-over, end to end (issue 13, problem 1): an
+// agent dies right after its QEMU acted (a named fault point, VMFERRY_FAULT_POINTS), so the
+// controller never hears back. The guest must run on exactly one host throughout, stay paused
+// where it must not run while nobody can tell, and end on the right host with every acknowledged
+// record intact once the agent is back.
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { after, before, test } from 'node:test';
+import pino from 'pino';
+import { AgentClient } from '../../src/agent/client.ts';
+import { LocalCluster } from '../../src/demo/local-cluster.ts';
+import { readGuestReport } from '../../src/guest/test-guest.ts';
+import { FaultCluster } from '../support/fault-cluster.ts';
+import { recordReliability } from '../support/reliability.ts';
+import { makeTempDir } from '../support/temp.ts';
+
+let cluster: LocalCluster;
+let faults: FaultCluster;
+let work: { path: string; remove(): Promise<void> };
+
+before(async () => {
+  assert.equal(process.getuid?.(), 0, 'the fault tests build network namespaces and need root (CI runs as root)');
+  work = await makeTempDir('no-return');
+  cluster = await LocalCluster.start({
+    workDir: join(work.path, 'cluster'),
+    hostIds: ['A', 'B'],
+    logger: pino({ level: process.env.VMFERRY_TEST_LOG ?? 'silent' }),
+    namespaces: true,
+    network: { prefix: 'vmfn', subnet: '10.213.27', hostLinkSubnet: '10.213.28' },
+  });
+  faults = new FaultCluster(cluster, work.path);
+});
+after(async () => {
+  await cluster?.stop();
+  await work?.remove();
+});
+
+/** Restarts host `id`'s agent with a fault point armed: it kills itself there, once. */
+async function armFaultPoint(id: string, point: string): Promise<void> {
+  process.env.VMFERRY_FAULT_POINTS = point;
+  try {
+    await cluster.restartAgent(id);
+  } finally {
+    delete process.env.VMFERRY_FAULT_POINTS;
+  }
+}
+
+async function waitAgentDead(id: string, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (cluster.host(id).process.exitCode === null && cluster.host(id).process.signalCode === null) {
+    assert.ok(Date.now() < deadline, `the agent of ${id} did not reach its fault point within ${timeoutMs} ms`);
+    await sleep(50);
+  }
+}
+
+/** Records the guest acknowledged on `host` (its report channel there). */
+async function acksOn(vm: string, host: string): Promise<number> {
+  const report = await readGuestReport([join(cluster.host(host).dataDir, 'vms', vm, 'serial1.log')]);
+  return [...report.acks.values()].reduce((a, b) => a + b, 0);
+}
+
+/** The guest writes on `running` and not on `paused`, over a few seconds. */
+async function assertWritesOnlyOn(vm: string, running: string, paused: string): Promise<void> {
+  const before = { running: await acksOn(vm, running), paused: await acksOn(vm, paused) };
+  await sleep(3_000);
+  assert.ok((await acksOn(vm, running)) > before.running, `the guest keeps acknowledging writes on ${running}`);
+  assert.equal(await acksOn(vm, paused), before.paused, `the guest does not run on ${paused} too`);
+}
+
+test("destination agent killed right after its QEMU's cont: unresolved while it is down, the source stays paused; back, it completes on B", async () => {
+  const vm = 'cont-lost';
+  await faults.startVm(vm);
+  await armFaultPoint('B', 'destination-after-cont');
+  const { id } = await cluster.api.migrate({ vm, to: 'B' });
+  await waitAgentDead('B', 180_000);
+  const unresolved = await faults.waitForPhase(id as string, ['unresolved'], 120_000);
+  assert.match(unresolved.report?.error?.message ?? '', /B could not say whether the guest ran there/);
+  assert.equal((await new AgentClient(cluster.host('A').agentUrl).getVm(vm)).state, 'paused', 'the source is kept paused');
+  // B's QEMU outlived its agent and runs the guest: it must be the only one.
+  await assertWritesOnlyOn(vm, 'B', 'A');
+  const listed = (await cluster.api.vms()).find((v) => v.name === vm && v.host === 'A');
+  assert.equal(listed?.migration?.phase, 'unresolved', 'vm list shows the unresolved migration');
+
+  await cluster.startAgent('B');
+  const record = await faults.finalRecord(id as string);
+  assert.equal(record.phase, 'completed', record.report?.error?.message);
+  assert.match(record.report?.recovery ?? '', /B confirmed the guest ran there, so the source was retired/);
+  const outcome = await faults.assertSettled(vm, 'B');
+  recordReliability(import.meta.url, {
+    kind: 'fault',
+    target: 'agent',
+    tried: "destination agent killed (SIGKILL) right after its QEMU's cont, before it adopted the guest or replied",
+    observed: `unresolved while B's agent was down (A paused, the guest ran on B only); B's restarted agent took its QEMU over from incoming.json and the controller completed the migration; ${outcome}`,
+    ok: true,
+  });
+});
+
+test('source agent killed right after migrate-continue: B is rolled back, the source waits paused; back, its agent resumes the guest on A', async () => {
+  const vm = 'continue-lost';
+  await faults.startVm(vm);
+  await armFaultPoint('A', 'source-after-continue');
+  const { id } = await cluster.api.migrate({ vm, to: 'B' });
+  await waitAgentDead('A', 180_000);
+  const unresolved = await faults.waitForPhase(id as string, ['unresolved'], 120_000);
+  assert.match(unresolved.report?.error?.message ?? '', /the rollback of A could not reach its agent/);
+  assert.deepEqual((await faults.qemuPids(vm)).get('B'), [], "B's QEMU was killed before anything else");
+
+  await cluster.startAgent('A');
+  const record = await faults.finalRecord(id as string);
+  assert.equal(record.phase, 'failed');
+  assert.match(record.report?.recovery ?? '', /rolled back: continue-lost runs on A/);
+  const outcome = await faults.assertSettled(vm, 'A');
+  recordReliability(import.meta.url, {
+    kind: 'fault',
+    target: 'agent',
+    tried: 'source agent killed (SIGKILL) right after migrate-continue, before it replied',
+    observed: `B rolled back first; unresolved while A's agent was down (its guest paused); A's restarted agent took its half back from outgoing.json and the controller resumed the guest there; ${outcome}`,
+    ok: true,
+  });
+});
