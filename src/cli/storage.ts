@@ -91,6 +91,7 @@ export function registerStorageCommands(program: Command): void {
     .action(async (opts: { storage: string }, command: Command) => {
       const files = await requestJson<QuarantinedFile[]>(opts.storage, 'GET', '/v1/quarantine');
       if (command.optsWithGlobals<{ json?: boolean }>().json) printJson(files);
+      else if (files.length === 0) console.log('nothing in quarantine');
       else console.log(table(['name', 'size', 'quarantined'], files.map((f) => [f.name, formatBytes(f.sizeBytes), new Date(f.quarantinedAt).toISOString()])));
     });
   quarantine

@@ -64,7 +64,7 @@ test('an open racing a delete: either the open fails or the delete is refused; a
   const backend = opened.status === 'fulfilled' ? opened.value : undefined;
   if (backend) {
     assert.equal(deleted.status, 'rejected', 'the delete went through under an open client');
-    assert.match(String((deleted).reason), /has clients \(client-1\)/);
+    assert.match(String(deleted.reason), /has clients \(client-1\)/);
     await backend.write(0, [block], true);
     await backend.flush();
     assert.deepEqual(await fileBytes(dataDir, 'twin', 0, 4096), block, 'the acknowledged write is in the volume the client opened');
