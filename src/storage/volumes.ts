@@ -221,7 +221,7 @@ export class VolumeService implements ExportProvider {
       this.#lastDetached.delete(row.id);
       await rm(this.#path(name), { force: true });
       await syncDirectory(this.#dir);
-      this.#logger.info({ volume: name, forced: inUse }, 'volume deleted');
+      this.#logger.info({ volume: name, ...(inUse ? { forcedWhile: inUse } : {}) }, 'volume deleted');
     });
   }
 
@@ -378,8 +378,8 @@ export class VolumeService implements ExportProvider {
   /** Files without a catalog row: an interrupted creation, or a catalog older than its volumes. Kept, out of the way. */
   async #quarantineOrphans(): Promise<void> {
     const known = new Set(this.volumes().map((v) => `${v.name}.raw`));
-    for (const file of await readdir(this.#dir)) {
-      if (known.has(file)) continue;
+    const orphans = (await readdir(this.#dir)).filter((file) => !known.has(file));
+    for (const file of orphans) {
       let name: string;
       try {
         name = await this.quarantine.admit(join(this.#dir, file), file);
@@ -388,6 +388,6 @@ export class VolumeService implements ExportProvider {
       }
       this.#logger.warn({ file, quarantined: name, dir: this.quarantine.dir }, 'a volume file with no catalog entry was moved to quarantine (see vmferry volume quarantine list)');
     }
-    await syncDirectory(this.#dir);
+    if (orphans.length > 0) await syncDirectory(this.#dir);
   }
 }
