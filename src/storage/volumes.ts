@@ -307,6 +307,8 @@ export class VolumeService implements ExportProvider {
     }
     entry.users++;
     this.#connections.set(client, { name, id: row.id });
+    // Again: a forced delete while this open waited took the first one with it, and this may be a new volume of that name.
+    this.#db.prepare('INSERT OR REPLACE INTO attachments (volume, client, since) VALUES (?, ?, ?)').run(name, client, Date.now());
     const file = new FileBackend(entry.file, row.size_bytes, this.#helper);
     const backend = new StickyErrorBackend(this.#options.fileLayer ? this.#options.fileLayer(file, name) : file, entry.health);
     return row.read_only ? new ReadOnlyBackend(backend) : new FencedBackend(backend, this.leases, name, token);
