@@ -4,6 +4,7 @@ import { requestJson } from '../http/errors.ts';
 import { formatBytes } from '../migration/plan.ts';
 import { defaultLimits } from '../nbd/server.ts';
 import { StorageServer } from '../storage/server.ts';
+import type { QuarantinedFile } from '../storage/quarantine.ts';
 import type { Volume } from '../storage/volumes.ts';
 import { daemonLogger, parseListen, parsePositive, parseSize, printJson, untilSignal } from './common.ts';
 import { table } from './render.ts';
@@ -60,7 +61,7 @@ export function registerStorageCommands(program: Command): void {
     .action(async (opts: { storage: string }, command: Command) => {
       const volumes = await requestJson<Volume[]>(opts.storage, 'GET', '/v1/volumes');
       if (command.optsWithGlobals<{ json?: boolean }>().json) printJson(volumes);
-      else console.log(table(['volume', 'size', 'read-only', 'created', 'clients'], volumes.map((v) => [v.name, formatBytes(v.sizeBytes), v.readOnly ? 'yes' : 'no', new Date(v.createdAt).toISOString(), v.attachments.join(' ') || '-'])));
+      else console.log(table(['volume', 'size', 'read-only', 'created', 'writer', 'clients'], volumes.map((v) => [v.name, formatBytes(v.sizeBytes), v.readOnly ? 'yes' : 'no', new Date(v.createdAt).toISOString(), writerOf(v), v.attachments.join(' ') || '-'])));
     });
   volume
     .command('resize <name>')
@@ -72,11 +73,47 @@ export function registerStorageCommands(program: Command): void {
       console.log(`volume ${resized.name} is now ${formatBytes(resized.sizeBytes)}`);
     });
   volume
-    .command('rm <name>')
-    .description('delete a volume (refused while clients are attached)')
+    .command('delete <name>')
+    .alias('rm')
+    .description('delete a volume (refused while clients are attached, a writer holds its lease, or a client may be reconnecting)')
+    .option('--force', 'delete it anyway; clients still attached get I/O errors')
     .option(...storageOption)
-    .action(async (name: string, opts: { storage: string }) => {
-      await requestJson(opts.storage, 'DELETE', `/v1/volumes/${encodeURIComponent(name)}`);
+    .action(async (name: string, opts: { force?: boolean; storage: string }) => {
+      await requestJson(opts.storage, 'DELETE', `/v1/volumes/${encodeURIComponent(name)}${opts.force ? '?force=true' : ''}`);
       console.log(`deleted volume ${name}`);
     });
+
+  const quarantine = volume.command('quarantine').description('volume files the server found without a catalog entry: kept until restored or purged');
+  quarantine
+    .command('list')
+    .description('list quarantined files')
+    .option(...storageOption)
+    .action(async (opts: { storage: string }, command: Command) => {
+      const files = await requestJson<QuarantinedFile[]>(opts.storage, 'GET', '/v1/quarantine');
+      if (command.optsWithGlobals<{ json?: boolean }>().json) printJson(files);
+      else if (files.length === 0) console.log('nothing in quarantine');
+      else console.log(table(['name', 'size', 'quarantined'], files.map((f) => [f.name, formatBytes(f.sizeBytes), new Date(f.quarantinedAt).toISOString()])));
+    });
+  quarantine
+    .command('restore <name>')
+    .description('make a quarantined file a volume of that name again (writable, with the file\'s size)')
+    .option(...storageOption)
+    .action(async (name: string, opts: { storage: string }) => {
+      const restored = await requestJson<Volume>(opts.storage, 'POST', `/v1/quarantine/${encodeURIComponent(name)}/restore`);
+      console.log(`restored volume ${restored.name} (${formatBytes(restored.sizeBytes)})`);
+    });
+  quarantine
+    .command('purge <name>')
+    .description('delete a quarantined file for good')
+    .option(...storageOption)
+    .action(async (name: string, opts: { storage: string }) => {
+      await requestJson(opts.storage, 'DELETE', `/v1/quarantine/${encodeURIComponent(name)}`);
+      console.log(`purged ${name} from quarantine`);
+    });
+}
+
+/** A volume's writer lease as `volume list` shows it: its generation, and whether anyone holds it (never the token). */
+function writerOf(volume: Volume): string {
+  if (!volume.writer) return '-';
+  return volume.writer.held ? `generation ${volume.writer.generation}` : `released (generation ${volume.writer.generation})`;
 }

@@ -39,7 +39,7 @@ const cacheFlags: Record<CacheMode, CacheFlags> = {
   unsafe: { direct: false, noFlush: true, writeCache: true },
 };
 
-const sharedReconnectDelayS = 15;
+export const sharedReconnectDelayS = 15;
 
 function blockdevArgs(disk: DiskSpec): string[] {
   const cache = cacheFlags[disk.cache ?? 'none'];

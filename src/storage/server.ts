@@ -7,7 +7,8 @@ import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { NbdServer, defaultLimits } from '../nbd/server.ts';
-import { VolumeService, maxVolumeBytes } from './volumes.ts';
+import { VolumeService, maxVolumeBytes, type VolumeServiceOptions } from './volumes.ts';
+import { parseExportName } from './writer-leases.ts';
 
 export interface StorageServerOptions {
   dataDir: string;
@@ -20,6 +21,8 @@ export interface StorageServerOptions {
   admin?: { host: string; port: number };
   /** Memory all NBD connections together may hold for requests and unsent replies (default 256 MiB). */
   memoryBudgetBytes?: number;
+  /** Test hooks and tuning of the volumes (volumes.ts). */
+  volumes?: VolumeServiceOptions;
 }
 
 const VolumeName = Type.String({ pattern: '^[a-z0-9][a-z0-9._-]{0,62}$', description: "1-63 characters of a-z, 0-9, '.', '-', '_'" });
@@ -40,31 +43,44 @@ async function adminApi(volumes: VolumeService, nbd: NbdServer, logger: Logger):
     { schema: { params: nameParams, body: Type.Object({ sizeBytes: SizeBytes }, { additionalProperties: false }) } },
     (request) => volumes.resize(request.params.name, request.body.sizeBytes),
   );
-  app.delete('/v1/volumes/:name', { schema: { params: nameParams } }, async (request, reply) => {
-    await volumes.remove(request.params.name);
-    return reply.status(204).send();
-  });
-  // The one-writer fence: the migration's switch-over moves a shared volume's lease to the destination.
-  app.put(
-    '/v1/volumes/:name/writer',
+  app.delete(
+    '/v1/volumes/:name',
     {
       schema: {
         params: nameParams,
-        body: Type.Object(
-          {
-            holder: Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$', description: 'the writer token the new writer put after @ in its export name' }),
-            generation: Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER, description: 'must be higher than the current lease generation' }),
-          },
+        querystring: Type.Object(
+          { force: Type.Optional(Type.Boolean({ description: 'delete even while clients are attached, a writer holds its lease, or a client may be reconnecting' })) },
           { additionalProperties: false },
         ),
       },
     },
-    (request) => volumes.grantWriter(request.params.name, request.body.holder, request.body.generation),
+    async (request, reply) => {
+      await volumes.remove(request.params.name, { force: request.query.force ?? false });
+      return reply.status(204).send();
+    },
   );
-  app.get('/v1/connections', () => nbd.connections());
+  // The one-writer fence (writer-leases.ts): the migration's switch-over moves a shared volume's lease to the destination.
+  const holderBody = Type.Object(
+    { holder: Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$', description: 'the writer token the writer put after @ in its export name' }) },
+    { additionalProperties: false },
+  );
+  app.put('/v1/volumes/:name/writer', { schema: { params: nameParams, body: holderBody } }, (request) =>
+    volumes.grantWriter(request.params.name, request.body.holder),
+  );
+  app.post('/v1/volumes/:name/writer/release', { schema: { params: nameParams, body: holderBody } }, (request) =>
+    volumes.releaseWriter(request.params.name, request.body.holder),
+  );
+  // Volume files the server found without a catalog entry at start (quarantine.ts).
+  app.get('/v1/quarantine', () => volumes.listQuarantine());
+  app.post('/v1/quarantine/:name/restore', { schema: { params: nameParams } }, async (request, reply) => reply.status(201).send(await volumes.restore(request.params.name)));
+  app.delete('/v1/quarantine/:name', { schema: { params: nameParams } }, async (request, reply) => {
+    await volumes.purge(request.params.name);
+    return reply.status(204).send();
+  });
+  // Export names carry writer tokens, which no listing shows.
+  app.get('/v1/connections', () => nbd.connections().map((c) => ({ ...c, export: c.export === undefined ? undefined : parseExportName(c.export).volume })));
   return base;
 }
-
 export class StorageServer {
   readonly volumes: VolumeService;
   readonly nbd: NbdServer;
@@ -79,7 +95,7 @@ export class StorageServer {
   }
 
   static async start(options: StorageServerOptions): Promise<StorageServer> {
-    const volumes = await VolumeService.open(options.dataDir, options.logger);
+    const volumes = await VolumeService.open(options.dataDir, options.logger, options.volumes);
     const limits = { ...defaultLimits, memoryBudgetBytes: options.memoryBudgetBytes ?? defaultLimits.memoryBudgetBytes };
     const nbd = new NbdServer(volumes, options.logger.child({ component: 'nbd' }), limits);
     const server = new StorageServer(volumes, nbd, await adminApi(volumes, nbd, options.logger.child({ component: 'admin' })));
@@ -100,6 +116,7 @@ export class StorageServer {
   /** Drains NBD clients (their in-flight writes complete), then syncs and closes every volume. */
   async close(): Promise<void> {
     await this.admin.close();
+    this.volumes.stopping();
     await this.nbd.close();
     await this.volumes.close();
   }

@@ -1,7 +1,7 @@
 /**
  * Backends for shared volumes: a sparse raw file, and thin layers over any
- * backend (read-only, writer fencing). Each is a few lines because the NBD server validated
- * every request before it gets here.
+ * backend (sticky write errors, read-only, writer fencing). Each is a few
+ * lines because the NBD server validated every request before it gets here.
  */
 import type { FileHandle } from 'node:fs/promises';
 import { NbdBackendError, type Extent, type NbdBackend } from '../nbd/backend.ts';
@@ -19,7 +19,9 @@ function helperUnusable(err: unknown, helper: FsHelper): boolean {
 /**
  * A volume's file; one handle shared by all connections, so FLUSH (fdatasync)
  * covers every connection's writes. Holes, zeroing and the allocation map go
- * through the file-system helper when there is one.
+ * through the file-system helper when there is one; it reaches the file
+ * through this process's descriptor, never its name, so it works on the very
+ * file this handle has open even if the name now belongs to another.
  */
 export class FileBackend implements NbdBackend {
   readonly size: number;
@@ -28,10 +30,10 @@ export class FileBackend implements NbdBackend {
   readonly #path: string;
   readonly #helper: FsHelper | undefined;
 
-  constructor(file: FileHandle, size: number, path: string, helper: FsHelper | undefined) {
+  constructor(file: FileHandle, size: number, helper: FsHelper | undefined) {
     this.#file = file;
     this.size = size;
-    this.#path = path;
+    this.#path = `/proc/${process.pid}/fd/${file.fd}`;
     this.#helper = helper;
   }
 
@@ -112,6 +114,84 @@ export class FileBackend implements NbdBackend {
       return true;
     } catch (err) {
       if (helperUnusable(err, this.#helper)) return false;
+      throw err;
+    }
+  }
+}
+
+/**
+ * What the connections of one open volume share besides its file. Linux
+ * reports a failed writeback to one fdatasync only, and the file handle is
+ * shared: without this, a FLUSH on one connection could consume the error and
+ * the writer's own FLUSH would then succeed over lost data.
+ */
+export class VolumeHealth {
+  /** The first failed write or sync since the volume was opened; every later FLUSH fails with it. */
+  writeError: Error | undefined;
+  /** Set when the volume was deleted (forced) under its connections: nothing reaches the unlinked file any more. */
+  deleted = false;
+}
+
+/**
+ * Makes a failed write or sync sticky: from then on every FLUSH on the volume,
+ * from any connection, fails with EIO until all its connections are gone and it
+ * is opened afresh. Also refuses every request once the volume was deleted.
+ */
+export class StickyErrorBackend implements NbdBackend {
+  readonly #next: NbdBackend;
+  readonly #health: VolumeHealth;
+
+  constructor(next: NbdBackend, health: VolumeHealth) {
+    this.#next = next;
+    this.#health = health;
+  }
+
+  get size(): number {
+    return this.#next.size;
+  }
+
+  get readOnly(): boolean {
+    return this.#next.readOnly;
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.#guard(() => this.#next.read(offset, length));
+  }
+
+  write(offset: number, data: readonly Buffer[], fua: boolean): Promise<void> {
+    return this.#latch(() => this.#next.write(offset, data, fua));
+  }
+
+  writeZeroes(offset: number, length: number, fua: boolean, noHole: boolean): Promise<void> {
+    return this.#latch(() => this.#next.writeZeroes(offset, length, fua, noHole));
+  }
+
+  trim(offset: number, length: number, fua: boolean): Promise<void> {
+    return this.#latch(() => this.#next.trim(offset, length, fua));
+  }
+
+  flush(): Promise<void> {
+    const failed = this.#health.writeError;
+    if (failed) {
+      return Promise.reject(new NbdBackendError(NbdErrno.EIO, `an earlier write to this volume failed (${failed.message}); it cannot be flushed until every client has reconnected`));
+    }
+    return this.#latch(() => this.#next.flush());
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return this.#guard(() => this.#next.blockStatus(offset, length));
+  }
+
+  async #guard<T>(operation: () => Promise<T>): Promise<T> {
+    if (this.#health.deleted) throw new NbdBackendError(NbdErrno.EIO, 'the volume was deleted');
+    return operation();
+  }
+
+  async #latch(operation: () => Promise<void>): Promise<void> {
+    try {
+      await this.#guard(operation);
+    } catch (err) {
+      this.#health.writeError ??= err as Error;
       throw err;
     }
   }

@@ -106,7 +106,7 @@ test('migrate to B and back through the CLI; records and reports are kept', asyn
     const destinationLog = await readFile(join(cluster.host(to).dataDir, 'vms', 'web', 'serial1.log'), 'utf8');
     assert.doesNotMatch(destinationLog, /READY/, 'the guest rebooted on the destination');
     // The shared volume's one-writer lease followed the guest: the old source could no longer write to it.
-    assert.match(cluster.storage.volumes.get('web-data').writer?.holder ?? 'none', new RegExp(`^${to}\\.\\d+$`));
+    assert.match(cluster.storage.volumes.leases.get('web-data')?.holder ?? 'none', new RegExp(`^${to}\\.[0-9a-f]+$`));
     const shown = await vmferry('migration', 'show', id);
     assert.match(shown.stdout, new RegExp(`migration ${id}: web .* → ${to}, completed`));
   }

@@ -56,7 +56,7 @@ after(async () => {
   await dir.remove();
 });
 
-test('volume create, list and rm through the CLI; deleting a volume with a client is refused', async () => {
+test('volume create, list and delete through the CLI; deleting a volume with a client, or one whose client just left, is refused', async () => {
   assert.match((await vmferry('volume', 'create', 'data', '--size', '32M')).stdout, /created volume data \(32\.0 MiB\)/);
   await assert.rejects(vmferry('volume', 'create', '../x', '--size', '1G'), /name must match pattern|invalid/);
   await assert.rejects(vmferry('volume', 'create', 'bad', '--size', 'lots'), /--size must be a size such as 4G or 512M \(got "lots"\)/);
@@ -72,11 +72,18 @@ test('volume create, list and rm through the CLI; deleting a volume with a clien
       if (volumes[0]?.attachments.length) break;
       await sleep(100);
     }
-    await assert.rejects(vmferry('volume', 'rm', 'data'), /has clients .* detach them first \[VMF_CONFLICT\]/);
+    await assert.rejects(vmferry('volume', 'rm', 'data'), /has clients .* detach them first, or delete it anyway with --force .*\[VMF_CONFLICT\]/);
   } finally {
     holder.stdin?.end('quit\n');
     await new Promise((resolve) => holder.once('exit', resolve));
   }
+  // QEMU reconnects a lost NBD connection for 15 s: the volume must still be there when it does.
+  await assert.rejects(vmferry('volume', 'delete', 'data'), /lost a client .* s ago, and QEMU reconnects for up to 15 s.*--force.*\[VMF_CONFLICT\]/);
+  assert.match((await vmferry('volume', 'create', 'scratch', '--size', '1M')).stdout, /created volume scratch/);
+  await execFile('qemu-io', ['-f', 'raw', '-c', 'write 0 4k', uri('scratch')]);
+  await assert.rejects(vmferry('volume', 'delete', 'scratch'), /lost a client/);
+  assert.match((await vmferry('volume', 'delete', 'scratch', '--force')).stdout, /deleted volume scratch/);
+  assert.match((await vmferry('volume', 'quarantine', 'list')).stdout, /^nothing in quarantine$/m);
 });
 
 test('flushed writes survive a clean restart and a kill -9', async () => {

@@ -86,7 +86,7 @@ test('without the helper, zeroes are written and block status says data: slower,
   try {
     await file.truncate(MiB);
     await file.write(Buffer.alloc(MiB, 0x77), 0, MiB, 0);
-    const backend = new FileBackend(file, MiB, path, undefined);
+    const backend = new FileBackend(file, MiB, undefined);
     await backend.writeZeroes(4096, 8192, true, false);
     await backend.trim(0, 4096, false);
     const data = await backend.read(0, 16384);

@@ -120,7 +120,8 @@ export class FaultCluster {
     const verify = await verifyDisks(spec.disks, join(this.#workDir, `verify-${vm}`), { spanMiB });
     assert.deepEqual(checkVerify(verify, report.acks), [], 'every acknowledged record is intact');
     await this.cluster.api.deleteVm(vm);
-    await this.cluster.storage.volumes.remove(`${vm}-data`);
+    // Its QEMU is gone, but its writer lease and the verify run just now would hold the volume for the reconnect window.
+    await this.cluster.storage.volumes.remove(`${vm}-data`, { force: true });
     const acked = [...report.acks.values()].reduce((a, b) => a + b, 0);
     return `VM on ${host} only, guest kept writing, ${acked} acked records intact, nothing left on ${host === 'A' ? 'B' : 'A'}`;
   }
