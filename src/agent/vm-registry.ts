@@ -318,10 +318,20 @@ export class VmRegistry {
       await found.entry.qemu.cleanup();
       found.entry.qemu = undefined;
     }
+    // Its lease, if its resume got as far as claiming, goes with it: the source claims its own before it runs again.
+    await this.fence?.release(found.entry.spec);
     if (fate === 'never-ran') {
       this.#vms.set(name, { ...found.entry, migrating: false });
       await this.remove(name);
+      return;
     }
+    // Its QEMU died without a word: whether it ran the guest is unknown, so its disks are kept, not deleted.
+    const images = found.entry.spec.disks.flatMap((d) => (d.source.kind === 'file' && d.source.path.startsWith(this.pool.dir) ? [d.source.path] : []));
+    await this.quarantine.hold(name, `migration ${id} was rolled back after this host's QEMU of it died during its resume`, [
+      { kind: 'vm-dir', path: this.vmDir(name) },
+      ...images.map((path) => ({ kind: 'pool-image' as const, path })),
+    ]);
+    this.#vms.delete(name);
   }
 
   async #incoming(id: string): Promise<{ entry: VmEntry; phase: 'prepared' | 'resume-sent' | 'resumed' } | undefined> {
