@@ -20,7 +20,7 @@ export const errorCodes = {
   VMF_VOLUME_NOT_FOUND: 'No volume of that name exists.',
   VMF_MIGRATION_REFUSED: 'The migration plan was refused before anything moved; the message gives the reasons.',
   VMF_MIGRATION_FAILED: 'A migration step failed; the VM still runs on the source.',
-  VMF_UNRESOLVED: 'A fault came after the destination may have been told to resume, and the destination has not yet said whether its guest ran: the source stays paused and vmferry keeps asking.',
+  VMF_UNRESOLVED: "A migration could not be settled yet: the destination may have been told to resume and has not said whether its guest ran, or the source's agent could not be reached to resume its guest. The guest never runs on two hosts meanwhile; vmferry keeps asking until it can settle it.",
   VMF_MEMORY_MISMATCH: "The guest's memory differed between source and destination after pre-copy; the destination was not resumed and the VM still runs on the source.",
   VMF_NOT_FOUND: 'No such VM, host, migration or route.',
   VMF_CONFLICT: 'The request conflicts with the current state (a VM already migrating, a name in use, a VM in the wrong state).',
