@@ -51,6 +51,8 @@ export interface RunResult {
   /** The harness itself failed (the run proves nothing either way). */
   error?: string;
   seconds: number;
+  /** Seconds spent in each stage (start, fault, settle, check, clean), to see where a run's time goes. */
+  stages: Record<string, number>;
 }
 
 export interface CampaignSummary {
@@ -164,20 +166,27 @@ export class ChaosCampaign {
 
   async #runOne(draw: RunDraw, seed: number): Promise<RunResult> {
     const started = Date.now();
-    const result: RunResult = { run: draw.run, seed, kind: draw.kind, phase: draw.phase, hitIn: '-', delayMs: draw.delayMs, outageMs: draw.outageMs, note: '', outcome: '-', findings: {}, seconds: 0 };
+    const result: RunResult = { run: draw.run, seed, kind: draw.kind, phase: draw.phase, hitIn: '-', delayMs: draw.delayMs, outageMs: draw.outageMs, note: '', outcome: '-', findings: {}, seconds: 0, stages: {} };
+    let stageStart = started;
+    const stage = (name: string): void => {
+      result.stages[name] = Math.round((Date.now() - stageStart) / 100) / 10;
+      stageStart = Date.now();
+    };
     const vm = `cx${draw.run}`;
     let clean = false;
     try {
       const faults = await this.#ensureCluster();
       await faults.startVm(vm, guest, sizes.rootMiB, sizes);
+      stage('start');
       if (draw.reply) this.#proxies.get(draw.reply.host)?.arm(draw.reply);
-      const { id } = await faults.cluster.api.migrate({ vm, to: 'B', timeoutS: 120, stallTimeoutS: 10 });
-      if (!id) throw new Error('the controller accepted the migration without an id');
+      const id = await startMigration(faults.cluster, vm, result);
       const hit = await this.#inject(faults, draw, vm, id);
       result.hitIn = hit.phase;
-      result.note = hit.note;
-      await this.#check(faults, vm, id, hit.guestMayDieOn, result);
+      result.note += hit.note;
+      stage('fault');
+      await this.#check(faults, vm, id, hit.guestMayDieOn, result, stage);
       clean = await this.#cleanUp(faults, vm);
+      stage('clean');
     } catch (err) {
       result.error = describeError(err);
     } finally {
@@ -252,7 +261,7 @@ export class ChaosCampaign {
   }
 
   /** Waits for the migration to settle, then counts findings into result. */
-  async #check(faults: FaultCluster, vm: string, id: string, guestMayDieOn: string | undefined, result: RunResult): Promise<void> {
+  async #check(faults: FaultCluster, vm: string, id: string, guestMayDieOn: string | undefined, result: RunResult, stage: (name: string) => void): Promise<void> {
     const { cluster } = faults;
     const findings = result.findings;
     const record = await this.#settle(faults, id);
@@ -260,6 +269,7 @@ export class ChaosCampaign {
     const settled = finalPhases.includes(record.phase);
     if (!settled) addFinding(findings, 'unresolved', `migration ${id} still "${record.phase}"${record.report?.error ? `: ${record.report.error.message}` : ''}`);
     await cluster.waitForHosts(['A', 'B'], 30_000);
+    stage('settle');
 
     let reality = await observe(faults, vm, findings);
     let verified = false;
@@ -284,7 +294,9 @@ export class ChaosCampaign {
       await checkLeftovers(faults, vm, id, { ...reality, live: reality.live }, findings);
       await checkReported(faults, vm, record.phase, reality.live, findings);
     }
+    stage('check');
     if (!verified) await this.#verify(faults, vm, await this.#whereItLives(faults, vm, reality.live), findings);
+    stage('verify');
   }
 
   async #settle(faults: FaultCluster, id: string): Promise<MigrationRecord> {
@@ -362,6 +374,24 @@ export class ChaosCampaign {
 function order(phase: string): number {
   const index = phaseOrder.indexOf(phase);
   return index < 0 ? phaseOrder.length : index;
+}
+
+/**
+ * Asks the controller to migrate `vm` to B. A refusal is an outcome, not a
+ * harness failure (a lost reply to the source's begin makes one): the record
+ * the controller made anyway, if any, is the one the run follows.
+ */
+async function startMigration(cluster: LocalCluster, vm: string, result: RunResult): Promise<string> {
+  try {
+    const { id } = await cluster.api.migrate({ vm, to: 'B', timeoutS: 120, stallTimeoutS: 10 });
+    if (id) return id;
+    throw new Error('the controller accepted the migration without an id');
+  } catch (err) {
+    const records = (await cluster.api.migrations()).filter((m) => m.vm === vm).sort((a, b) => b.createdAt - a.createdAt);
+    if (!records[0]) throw err;
+    result.note = `migrate refused: ${describeError(err)}; `;
+    return records[0].id;
+  }
 }
 
 /** Polls the migration's phase (every 25 ms, for at most 3 minutes) until `done`, or until it ended; returns the phase then. */
