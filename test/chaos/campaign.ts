@@ -7,7 +7,7 @@
  * checks what a user relies on (checks.ts). The cluster is reused across
  * runs and rebuilt only when a run could not clean up after itself.
  */
-import { rm } from 'node:fs/promises';
+import { readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
@@ -22,7 +22,7 @@ import { FaultCluster } from '../support/fault-cluster.ts';
 import { addFinding, checkLeftovers, checkReported, findingKinds, observe, type FindingKind, type Findings } from './checks.ts';
 import { drawRun, faultHost, type FaultKind, type RunDraw } from './draw.ts';
 import { FaultProxy } from './fault-proxy.ts';
-import { PowerLoss, pidsUnder } from './power-loss.ts';
+import { PowerLoss, killAndWait, pidsUnder } from './power-loss.ts';
 
 const spanMiB = 8;
 const guest = { intervalMs: 0, bulkMiBs: 2, dirtyMiB: 8, dirtyRateMiBs: 2 };
@@ -231,7 +231,7 @@ export class ChaosCampaign {
       case 'kill-qemu-a':
       case 'kill-qemu-b': {
         const pids = (await faults.qemuPids(vm)).get(host as string) ?? [];
-        for (const pid of pids) process.kill(pid, 'SIGKILL');
+        await killAndWait(pids);
         return { phase, note: pids.length ? `killed QEMU ${pids.join(', ')} on ${host}` : `no QEMU of ${vm} on ${host} to kill`, guestMayDieOn: pids.length ? host : undefined };
       }
       case 'cancel': {
@@ -335,7 +335,7 @@ export class ChaosCampaign {
       return;
     }
     await faults.cluster.api.stopVm(vm, true).catch(() => undefined);
-    for (const pids of (await faults.qemuPids(vm)).values()) for (const pid of pids) process.kill(pid, 'SIGKILL');
+    await killAndWait([...(await faults.qemuPids(vm)).values()].flat());
     const report = await readGuestReport(faults.reportLogs(vm));
     const dir = join(this.#options.workDir, `verify-${vm}`);
     try {
@@ -359,11 +359,18 @@ export class ChaosCampaign {
       await agent.stopVm(vm, true).catch(() => undefined);
       await agent.deleteVm(vm).catch(() => undefined);
     }
-    for (const pids of (await faults.qemuPids(vm)).values()) for (const pid of pids) process.kill(pid, 'SIGKILL');
+    await killAndWait([...(await faults.qemuPids(vm)).values()].flat());
     let removed = false;
     for (let attempt = 0; attempt < 10 && !removed; attempt++) {
       removed = await cluster.removeVolume(`${vm}-data`).then(() => true, () => false);
       if (!removed) await sleep(500);
+    }
+    // What the agents did not remove (the run has counted it already) must not fill the disk over a long campaign.
+    for (const host of cluster.hosts) {
+      await rm(join(host.dataDir, 'vms', vm), { recursive: true, force: true });
+      for (const file of await readdir(join(host.dataDir, 'pool')).catch((): string[] => [])) {
+        if (file.startsWith(`${vm}-`)) await rm(join(host.dataDir, 'pool', file), { force: true });
+      }
     }
     const pids = [...(await faults.qemuPids(vm)).values()].flat();
     const reachable = await cluster.api.hosts().then((hosts) => hosts.filter((h) => h.state === 'reachable').length === 2, () => false);

@@ -35,7 +35,7 @@ async function acksByHost(faults: FaultCluster, vm: string): Promise<number[]> {
  * and up to maxMs while none does (a guest whose shared disk is reconnecting
  * stalls for a while).
  */
-export async function writingHosts(faults: FaultCluster, vm: string, minMs = 3_000, maxMs = 12_000): Promise<string[]> {
+export async function writingHosts(faults: FaultCluster, vm: string, minMs = 2_000, maxMs = 12_000): Promise<string[]> {
   const ids = faults.cluster.hosts.map((h) => h.id);
   const before = await acksByHost(faults, vm);
   const started = Date.now();
@@ -130,6 +130,8 @@ export async function checkReported(faults: FaultCluster, vm: string, phase: str
   if (info.host !== live) addFinding(findings, 'misreported', `the controller places ${vm} on ${info.host}, its guest runs on ${live}`);
   if (info.state !== 'running') addFinding(findings, 'misreported', `the controller says ${vm} is ${info.state}, its guest runs on ${live}`);
   if (info.migrating) addFinding(findings, 'misreported', `the controller says ${vm} is still migrating`);
+  const listed = await faults.cluster.api.vms().then((vms) => vms.filter((v) => v.name === vm).map((v) => `${v.host} (${v.state})`), (err: unknown) => [`error: ${String(err)}`]);
+  if (listed.length !== 1 || !listed[0]?.startsWith(`${live} `)) addFinding(findings, 'misreported', `vm list shows ${vm} as ${listed.join(', ') || 'nowhere'}, its guest runs on ${live}`);
   const expected = phase === 'completed' ? 'B' : phase === 'failed' || phase === 'cancelled' ? 'A' : undefined;
   if (expected && expected !== live) addFinding(findings, 'misreported', `the migration is "${phase}" but the guest runs on ${live}`);
 }

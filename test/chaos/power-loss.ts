@@ -12,7 +12,8 @@
  * that module is absent, a power loss is the kill alone, and each run's
  * record says so.
  */
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { readdir, readFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import type { LocalCluster } from '../../src/demo/local-cluster.ts';
@@ -60,7 +61,7 @@ export class PowerLoss {
     const host = cluster.host(hostId);
     await cluster.killAgent(hostId);
     const qemus = await pidsUnder(host.dataDir);
-    for (const pid of qemus) process.kill(pid, 'SIGKILL');
+    await killAndWait(qemus);
     if (!this.#module) return `killed the agent and ${qemus.length} QEMU(s); unsynced writes kept (test/support/power-loss/ not present)`;
     await this.#module.dropUnsynced(this.#journal(hostId), host.dataDir);
     return `killed the agent and ${qemus.length} QEMU(s); dropped unsynced writes`;
@@ -76,4 +77,28 @@ export async function pidsUnder(dir: string): Promise<number[]> {
     if (cmdline.startsWith('qemu-system') && cmdline.includes(`${dir}/`)) found.push(Number(entry));
   }
   return found;
+}
+
+/**
+ * SIGKILLs the processes and waits (up to 10 s) until they are gone: a
+ * process that was sent SIGKILL still holds its image locks until it exits.
+ */
+export async function killAndWait(pids: number[]): Promise<void> {
+  for (const pid of pids) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // Already gone.
+    }
+  }
+  const deadline = Date.now() + 10_000;
+  while (pids.some((pid) => existsSync(`/proc/${pid}/cmdline`) && !isZombie(pid)) && Date.now() < deadline) await sleep(50);
+}
+
+function isZombie(pid: number): boolean {
+  try {
+    return /^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return true;
+  }
 }
