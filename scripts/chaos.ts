@@ -40,7 +40,7 @@ const campaign = await ChaosCampaign.create({
   workDir: work.path,
   logger: pino({ level: process.env.VMFERRY_TEST_LOG ?? 'silent' }),
   network: { prefix: 'vmfx', subnet: '10.213.47', hostLinkSubnet: '10.213.48' },
-  onRun: (r) => process.stderr.write(`run ${r.run} (seed ${r.seed}): ${r.kind} aimed at ${r.phase}+${r.delayMs} ms, hit in ${r.hitIn}; ${r.outcome}; ${describe(r)} [${r.seconds.toFixed(1)} s: ${JSON.stringify(r.stages)}]\n`),
+  onRun: (r) => process.stderr.write(`run ${r.run} (seed ${r.seed}): ${r.kind} aimed at ${r.phase}+${r.delayMs} ms, hit in ${r.hitIn} (${r.note}); ${r.outcome}; ${describe(r)} [${r.seconds.toFixed(1)} s: ${JSON.stringify(r.stages)}]\n`),
 });
 process.stderr.write(`chaos: seed ${seed}, runs ${from}..${from + runs - 1}${campaign.dropsUnsyncedWrites ? '' : ' (power loss: kill only, test/support/power-loss/ absent)'}\n`);
 let results: RunResult[] = [];

@@ -55,7 +55,7 @@ export interface LocalClusterOptions {
    */
   agentFront?: (host: { id: string; agentUrl: string; gateway: string }) => Promise<string>;
   /** Extra environment of a host's agent process (kept across restarts). */
-  agentEnv?: (hostId: string) => Record<string, string>;
+  agentEnv?: (host: { id: string; dataDir: string }) => Record<string, string>;
 }
 
 export class LocalCluster {
@@ -72,7 +72,7 @@ export class LocalCluster {
   #controllerProcess: { command: string[]; child: ChildProcess } | undefined;
   #storage: StorageServer | undefined;
   #storageProcess: { command: string[]; child: ChildProcess } | undefined;
-  #agentEnv: ((hostId: string) => Record<string, string>) | undefined;
+  #agentEnv: ((host: { id: string; dataDir: string }) => Record<string, string>) | undefined;
 
   private constructor(workDir: string, logger: Logger) {
     this.workDir = workDir;
@@ -153,7 +153,7 @@ export class LocalCluster {
       if (namespaceHost?.linkAddress) args.push('--address', namespaceHost.linkAddress);
       if (options.abandonAfterS !== undefined) args.push('--abandon-after', String(options.abandonAfterS));
       const command = namespaceHost ? ['ip', 'netns', 'exec', namespaceHost.namespace, process.execPath, ...args] : [process.execPath, ...args];
-      this.hosts.push({ id, address, dataDir, agentUrl, command, process: this.#spawnDaemon(`host ${id}`, command, this.#agentEnv?.(id)), namespace: namespaceHost?.namespace });
+      this.hosts.push({ id, address, dataDir, agentUrl, command, process: this.#spawnDaemon(`host ${id}`, command, this.#agentEnv?.({ id, dataDir })), namespace: namespaceHost?.namespace });
     }
     await this.waitForHosts(options.hostIds, 30_000);
   }
@@ -269,7 +269,7 @@ export class LocalCluster {
   /** Starts a host's agent again after it stopped or was killed, and waits until it answers. */
   async startAgent(id: string): Promise<void> {
     const host = this.host(id);
-    host.process = this.#spawnDaemon(`host ${id}`, host.command, this.#agentEnv?.(id));
+    host.process = this.#spawnDaemon(`host ${id}`, host.command, this.#agentEnv?.(host));
     // The controller may still count the old agent's last heartbeat: ask the new one itself.
     const agent = new AgentClient(host.agentUrl);
     const deadline = Date.now() + 30_000;

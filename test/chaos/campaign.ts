@@ -110,7 +110,7 @@ export class ChaosCampaign {
   }
 
   static async create(options: CampaignOptions): Promise<ChaosCampaign> {
-    return new ChaosCampaign(options, await PowerLoss.load(options.workDir));
+    return new ChaosCampaign(options, await PowerLoss.load());
   }
 
   get dropsUnsyncedWrites(): boolean {
@@ -158,7 +158,7 @@ export class ChaosCampaign {
         this.#proxies.set(id, proxy);
         return proxy.url;
       },
-      agentEnv: (id) => this.#powerLoss.agentEnv(id, join(workDir, `host-${id}`)),
+      agentEnv: (host) => this.#powerLoss.agentEnv(host.dataDir),
     });
     this.#faults = new FaultCluster(this.#cluster, this.#options.workDir);
     return this.#faults;

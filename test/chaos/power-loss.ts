@@ -2,15 +2,15 @@
  * A host's power loss: every process of the host dies with SIGKILL (its agent
  * and its QEMUs), then whatever the agent wrote but did not fsync is lost.
  *
- * The second half is test/support/power-loss/ (a preload that journals each
- * write and fsync of the agent process under a root, and dropUnsynced, which
- * reverts what was not synced). The seam: the agent runs with
- *   NODE_OPTIONS=--import=<preload>
- *   VMFERRY_POWERLOSS_JOURNAL=<journal file>
- *   VMFERRY_POWERLOSS_ROOT=<the host's data directory>
- * and after the kill the harness calls dropUnsynced(journal, root). While
- * that module is absent, a power loss is the kill alone, and each run's
- * record says so.
+ * The second half is test/support/power-loss/ (branch powerloss: a preload
+ * that journals each write and fsync of the agent process under a root, and
+ * dropUnsynced, which reverts what was not synced). The seam: the agent runs
+ * with powerLossEnv({ journal, root }) (NODE_OPTIONS=--import=… of the
+ * preload, VMFERRY_POWERLOSS_JOURNAL, VMFERRY_POWERLOSS_ROOT = the host's data
+ * directory), and once the host's processes are gone the harness calls
+ * dropUnsynced(journal, root). While that module is absent (loaded only if
+ * present, so this branch stands alone), a power loss is the kill alone, and
+ * each run's note says so.
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -19,25 +19,24 @@ import { join, resolve } from 'node:path';
 import type { LocalCluster } from '../../src/demo/local-cluster.ts';
 
 const moduleDir = resolve(import.meta.dirname, '../support/power-loss');
-const preloadPath = join(moduleDir, 'preload.ts');
 const indexPath = join(moduleDir, 'index.ts');
 
+/** test/support/power-loss/index.ts, as this harness uses it. */
 interface PowerLossModule {
-  dropUnsynced(journal: string, root: string): Promise<unknown>;
+  powerLossEnv(options: { journal: string; root: string }): Record<string, string>;
+  dropUnsynced(journal: string, root: string): { changes: unknown[]; warnings: string[] };
 }
 
 export class PowerLoss {
-  readonly #workDir: string;
   readonly #module: PowerLossModule | undefined;
 
-  private constructor(workDir: string, module: PowerLossModule | undefined) {
-    this.#workDir = workDir;
+  private constructor(module: PowerLossModule | undefined) {
     this.#module = module;
   }
 
-  static async load(workDir: string): Promise<PowerLoss> {
-    if (!existsSync(preloadPath) || !existsSync(indexPath)) return new PowerLoss(workDir, undefined);
-    return new PowerLoss(workDir, (await import(indexPath)) as PowerLossModule);
+  static async load(): Promise<PowerLoss> {
+    if (!existsSync(indexPath)) return new PowerLoss(undefined);
+    return new PowerLoss((await import(indexPath)) as PowerLossModule);
   }
 
   /** Whether unsynced writes are lost too, or only the processes die. */
@@ -45,15 +44,14 @@ export class PowerLoss {
     return this.#module !== undefined;
   }
 
-  #journal(hostId: string): string {
-    return join(this.#workDir, `powerloss-${hostId}.journal`);
+  /** The journal sits beside the host's data directory: on the same file system, outside what it journals. */
+  static #journal(dataDir: string): string {
+    return `${dataDir}.powerloss-journal`;
   }
 
-  /** The environment of host `hostId`'s agent: the preload that journals its writes, when there is one. */
-  agentEnv(hostId: string, dataDir: string): Record<string, string> {
-    if (!this.#module) return {};
-    const nodeOptions = [process.env.NODE_OPTIONS, `--import=${preloadPath}`].filter(Boolean).join(' ');
-    return { NODE_OPTIONS: nodeOptions, VMFERRY_POWERLOSS_JOURNAL: this.#journal(hostId), VMFERRY_POWERLOSS_ROOT: dataDir };
+  /** The environment of an agent whose data directory is `dataDir`: the preload that journals its writes, when there is one. */
+  agentEnv(dataDir: string): Record<string, string> {
+    return this.#module?.powerLossEnv({ journal: PowerLoss.#journal(dataDir), root: dataDir }) ?? {};
   }
 
   /** Kills every process of the host (agent, then QEMUs) and drops what it had not synced. Returns what it did. */
@@ -63,8 +61,9 @@ export class PowerLoss {
     const qemus = await pidsUnder(host.dataDir);
     await killAndWait(qemus);
     if (!this.#module) return `killed the agent and ${qemus.length} QEMU(s); unsynced writes kept (test/support/power-loss/ not present)`;
-    await this.#module.dropUnsynced(this.#journal(hostId), host.dataDir);
-    return `killed the agent and ${qemus.length} QEMU(s); dropped unsynced writes`;
+    const dropped = this.#module.dropUnsynced(PowerLoss.#journal(host.dataDir), host.dataDir);
+    const warnings = dropped.warnings.length ? ` (not modelled: ${dropped.warnings.join('; ')})` : '';
+    return `killed the agent and ${qemus.length} QEMU(s); dropped ${dropped.changes.length} unsynced change(s)${warnings}`;
   }
 }
 
