@@ -42,6 +42,13 @@ const campaign = await ChaosCampaign.create({
   network: { prefix: 'vmfx', subnet: '10.213.47', hostLinkSubnet: '10.213.48' },
   onRun: (r) => process.stderr.write(`run ${r.run} (seed ${r.seed}): ${r.kind} aimed at ${r.phase}+${r.delayMs} ms, hit in ${r.hitIn} (${r.note}); ${r.outcome}; ${describe(r)} [${r.seconds.toFixed(1)} s: ${JSON.stringify(r.stages)}]\n`),
 });
+// Interrupted: the cluster's processes, namespaces and files go all the same.
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(signal, () => {
+    process.stderr.write(`chaos: ${signal}, cleaning up\n`);
+    void campaign.close().finally(() => work.remove().finally(() => process.exit(130)));
+  });
+}
 process.stderr.write(`chaos: seed ${seed}, runs ${from}..${from + runs - 1}${campaign.dropsUnsyncedWrites ? '' : ' (power loss: kill only, test/support/power-loss/ absent)'}\n`);
 let results: RunResult[] = [];
 try {

@@ -7,7 +7,7 @@
  * checks what a user relies on (checks.ts). The cluster is reused across
  * runs and rebuilt only when a run could not clean up after itself.
  */
-import { readdir, rm } from 'node:fs/promises';
+import { readdir, readFile, readlink, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
@@ -342,7 +342,8 @@ export class ChaosCampaign {
       const verify = await verifyDisks(info.spec.disks, dir, { spanMiB, timeoutMs: 90_000 });
       for (const problem of checkVerify(verify, report.acks)) addFinding(findings, 'lostAcked', problem);
     } catch (err) {
-      addFinding(findings, 'lostAcked', `verify boot on ${info.host}'s disks failed: ${describeError(err)}`);
+      const files = info.spec.disks.flatMap((d) => (d.source.kind === 'file' ? [d.source.path] : []));
+      addFinding(findings, 'lostAcked', `verify boot on ${info.host}'s disks failed: ${describeError(err)}${await holders(files)}`);
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
@@ -376,6 +377,22 @@ export class ChaosCampaign {
     const reachable = await cluster.api.hosts().then((hosts) => hosts.filter((h) => h.state === 'reachable').length === 2, () => false);
     return removed && pids.length === 0 && reachable;
   }
+}
+
+/** Who still has these files open (a QEMU the harness did not know of, say), for the finding's text. */
+async function holders(files: string[]): Promise<string> {
+  const found: string[] = [];
+  for (const pid of (await readdir('/proc')).filter((e) => /^\d+$/.test(e))) {
+    const fds = await readdir(`/proc/${pid}/fd`).catch((): string[] => []);
+    for (const fd of fds) {
+      const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
+      if (!files.includes(target)) continue;
+      const cmdline = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).replaceAll('\0', ' ');
+      found.push(`pid ${pid} (${cmdline.slice(0, 160)})`);
+      break;
+    }
+  }
+  return found.length ? `; held open by ${found.join(', ')}` : '';
 }
 
 function order(phase: string): number {
