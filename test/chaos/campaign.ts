@@ -188,7 +188,9 @@ export class ChaosCampaign {
       clean = await this.#cleanUp(faults, vm);
       stage('clean');
     } catch (err) {
-      result.error = describeError(err);
+      // A host that does not come back is the run's finding (an operator must step in), not the harness's failure.
+      if (err instanceof HostDown) addFinding(result.findings, 'unresolved', err.message);
+      else result.error = describeError(err);
     } finally {
       for (const proxy of this.#proxies.values()) proxy.disarm();
       if (!clean) await this.#teardown();
@@ -216,7 +218,7 @@ export class ChaosCampaign {
       case 'kill-agent-b':
         await cluster.killAgent(host as string);
         await sleep(draw.outageMs);
-        await cluster.startAgent(host as string);
+        await restartAgent(cluster, host as string);
         return { phase, note: `agent ${host} down ${draw.outageMs} ms`, guestMayDieOn: undefined };
       case 'kill-controller':
         await cluster.killController();
@@ -251,7 +253,7 @@ export class ChaosCampaign {
         const hadQemu = (await pidsUnder(cluster.host(host as string).dataDir)).length > 0;
         const what = await this.#powerLoss.cut(cluster, host as string);
         await sleep(draw.outageMs);
-        await cluster.startAgent(host as string);
+        await restartAgent(cluster, host as string);
         return { phase, note: `power loss of ${host} for ${draw.outageMs} ms: ${what}`, guestMayDieOn: hadQemu ? host : undefined };
       }
       case 'lost-reply':
@@ -398,6 +400,16 @@ async function holders(files: string[]): Promise<string> {
 function order(phase: string): number {
   const index = phaseOrder.indexOf(phase);
   return index < 0 ? phaseOrder.length : index;
+}
+
+class HostDown extends Error {}
+
+async function restartAgent(cluster: LocalCluster, id: string): Promise<void> {
+  try {
+    await cluster.startAgent(id);
+  } catch (err) {
+    throw new HostDown(`host ${id}'s agent does not start again after the fault: ${describeError(err)}`);
+  }
 }
 
 /**
