@@ -48,7 +48,8 @@ export interface RunDraw {
   reply?: { host: 'A' | 'B' } & ReplyFault;
 }
 
-export const maxDelayMs = 1_500;
+/** Phases of an uncapped migration of the small chaos VM last about a second or less: longer delays would mostly land after the switch-over. */
+export const maxDelayMs = 800;
 
 export function drawRun(seed: number, run: number, kinds: readonly FaultKind[] = faultKinds): RunDraw {
   const rng = new Rng(seed, 'chaos', run);
