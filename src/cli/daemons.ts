@@ -15,13 +15,15 @@ export function registerDaemonCommands(program: Command): void {
     .requiredOption('--data-dir <dir>', 'where VM specs, logs and the local pool live')
     .option('--address <ip>', 'address other hosts reach this one at (default: the --listen host)')
     .option('--storage <url>', 'the storage server\'s admin URL, to fence shared volumes to one writer (or VMFERRY_STORAGE)', process.env.VMFERRY_STORAGE)
+    .option('--advertise-url <url>', 'the URL the controller reaches this agent at, when not the --listen address (a proxy or NAT in front of it)')
     .option('--abandon-after <seconds>', 'settle a migration half alone once no controller has touched it this long, where that is safe (0: never)', '60')
     .action(async (_opts, command: Command) => {
       // --controller is the global option: the controller this agent registers with and heartbeats to.
-      const opts = command.optsWithGlobals<{ hostId: string; listen: string; dataDir: string; address?: string; storage?: string; abandonAfter: string; controller: string }>();
+      const opts = command.optsWithGlobals<{ hostId: string; listen: string; dataDir: string; address?: string; storage?: string; abandonAfter: string; advertiseUrl?: string; controller: string }>();
       const listen = parseListen(opts.listen, '--listen');
       const abandonAfterS = Number(opts.abandonAfter);
       if (!Number.isFinite(abandonAfterS) || abandonAfterS < 0) throw new VmferryError('VMF_INVALID_ARGUMENT', `--abandon-after must be a number of seconds, 0 or more (got "${opts.abandonAfter}")`);
+      const advertiseUrl = opts.advertiseUrl === undefined ? undefined : parseHttpUrl(opts.advertiseUrl, '--advertise-url');
       const logger = daemonLogger(`agent-${opts.hostId}`);
       const address = opts.address ?? listen.host;
       const { app } = await buildAgent({
@@ -34,7 +36,7 @@ export function registerDaemonCommands(program: Command): void {
       });
       const url = await app.listen({ host: listen.host, port: listen.port });
       logger.info({ url }, `agent ${opts.hostId} listening`);
-      const stopHeartbeat = startHeartbeat(opts.controller, { id: opts.hostId, url, address }, logger);
+      const stopHeartbeat = startHeartbeat(opts.controller, { id: opts.hostId, url: advertiseUrl ?? url, address }, logger);
       await untilSignal();
       // Guests keep running: they are re-adopted when the agent starts again.
       stopHeartbeat();
@@ -55,4 +57,18 @@ export function registerDaemonCommands(program: Command): void {
       await untilSignal();
       await app.close();
     });
+}
+
+/** An http(s) URL without a path, as the controller joins API paths onto it. */
+function parseHttpUrl(text: string, option: string): string {
+  let url: URL;
+  try {
+    url = new URL(text);
+  } catch {
+    throw new VmferryError('VMF_INVALID_ARGUMENT', `${option} must be a URL such as http://10.0.0.2:10801 (got "${text}")`);
+  }
+  if ((url.protocol !== 'http:' && url.protocol !== 'https:') || url.pathname !== '/' || url.search || url.hash) {
+    throw new VmferryError('VMF_INVALID_ARGUMENT', `${option} must be an http(s) URL with no path, such as http://10.0.0.2:10801 (got "${text}")`);
+  }
+  return url.origin;
 }

@@ -1,6 +1,6 @@
 /**
  * A whole vmferry cluster on one machine: a storage server and a controller in
- * this process (or the controller in its own), and one agent process per host, each host in its own network
+ * this process (or either in its own), and one agent process per host, each host in its own network
  * namespace (as root) or on its own loopback address (otherwise). The demo and
  * the end-to-end tests run on it.
  */
@@ -15,6 +15,7 @@ import { AgentClient } from '../agent/client.ts';
 import { ControllerClient } from '../cli/controller-client.ts';
 import { buildController } from '../controller/server.ts';
 import { StorageServer } from '../storage/server.ts';
+import { requestJson } from '../http/errors.ts';
 import { findFreePort } from '../util/ports.ts';
 import { runProgram } from '../util/run.ts';
 import { canUseNamespaces, createNamespaceNetwork, type NamespaceNetwork } from './netns.ts';
@@ -45,12 +46,23 @@ export interface LocalClusterOptions {
   controllerProcess?: boolean;
   /** The agents' --abandon-after, in seconds (default: the agent's own, 60). */
   abandonAfterS?: number;
+  /** Run the storage server as its own process (`vmferry storage serve`), so it can be killed like a crash would. */
+  storageProcess?: boolean;
+  /**
+   * Called once per host before its agent starts: returns the URL the agent
+   * advertises to the controller instead of its own (`--advertise-url`), e.g.
+   * a proxy in front of it.
+   */
+  agentFront?: (host: { id: string; agentUrl: string; gateway: string }) => Promise<string>;
+  /** Extra environment of a host's agent process (kept across restarts). */
+  agentEnv?: (host: { id: string; dataDir: string }) => Record<string, string>;
 }
 
 export class LocalCluster {
   readonly hosts: ClusterHost[] = [];
   readonly workDir: string;
-  storage!: StorageServer;
+  /** The storage server's admin API, wherever it runs. */
+  storageAdminUrl = '';
   controllerUrl = '';
   /** Where QEMU on every host reaches the storage server's NBD port. */
   storageNbd!: { host: string; port: number };
@@ -58,6 +70,9 @@ export class LocalCluster {
   readonly #logger: Logger;
   #controller: FastifyInstance | undefined;
   #controllerProcess: { command: string[]; child: ChildProcess } | undefined;
+  #storage: StorageServer | undefined;
+  #storageProcess: { command: string[]; child: ChildProcess } | undefined;
+  #agentEnv: ((host: { id: string; dataDir: string }) => Record<string, string>) | undefined;
 
   private constructor(workDir: string, logger: Logger) {
     this.workDir = workDir;
@@ -73,6 +88,12 @@ export class LocalCluster {
       throw err;
     }
     return cluster;
+  }
+
+  /** The in-process storage server (a cluster started with storageProcess has none: use its admin URL). */
+  get storage(): StorageServer {
+    if (!this.#storage) throw new VmferryError('VMF_INVALID_ARGUMENT', 'this cluster runs its storage server as a process: use storageAdminUrl');
+    return this.#storage;
   }
 
   get api(): ControllerClient {
@@ -95,8 +116,18 @@ export class LocalCluster {
     // Services of the "core" listen where every host reaches them: the bridge, or loopback.
     const serviceHost = this.network?.gateway ?? '127.0.0.1';
 
-    this.storage = await this.#startStorage({ host: serviceHost, port: await findFreePort(serviceHost) }, { host: serviceHost, port: 0 });
-    this.storageNbd = { host: serviceHost, port: this.storage.addresses.nbdPort as number };
+    this.storageNbd = { host: serviceHost, port: await findFreePort(serviceHost) };
+    if (options.storageProcess) {
+      const admin = `${serviceHost}:${await findFreePort(serviceHost)}`;
+      const command = [process.execPath, cliPath, 'storage', 'serve', '--data-dir', join(this.workDir, 'storage'), '--listen', `${this.storageNbd.host}:${this.storageNbd.port}`, '--admin', admin];
+      this.#storageProcess = { command, child: this.#spawnDaemon('storage', command) };
+      this.storageAdminUrl = `http://${admin}`;
+      await this.#waitStorage();
+    } else {
+      this.#storage = await this.#startStorage(this.storageNbd, { host: serviceHost, port: 0 });
+      this.storageAdminUrl = this.#storage.addresses.adminUrl as string;
+    }
+    this.#agentEnv = options.agentEnv;
 
     const dbPath = join(this.workDir, 'controller.db');
     const controllerPort = await findFreePort(serviceHost);
@@ -115,12 +146,14 @@ export class LocalCluster {
       const namespaceHost = this.network?.hosts[index];
       const address = namespaceHost?.address ?? `127.0.0.${index + 2}`;
       const dataDir = join(this.workDir, `host-${id}`);
-      const args = [cliPath, '--controller', this.controllerUrl, 'agent', '--host-id', id, '--listen', `${address}:${agentPort}`, '--data-dir', dataDir, '--storage', this.storage.addresses.adminUrl as string];
+      const agentUrl = `http://${address}:${agentPort}`;
+      const args = [cliPath, '--controller', this.controllerUrl, 'agent', '--host-id', id, '--listen', `${address}:${agentPort}`, '--data-dir', dataDir, '--storage', this.storageAdminUrl];
+      if (options.agentFront) args.push('--advertise-url', await options.agentFront({ id, agentUrl, gateway: serviceHost }));
       // Migration streams and mirror exports go over the direct link when there is one.
       if (namespaceHost?.linkAddress) args.push('--address', namespaceHost.linkAddress);
       if (options.abandonAfterS !== undefined) args.push('--abandon-after', String(options.abandonAfterS));
       const command = namespaceHost ? ['ip', 'netns', 'exec', namespaceHost.namespace, process.execPath, ...args] : [process.execPath, ...args];
-      this.hosts.push({ id, address, dataDir, agentUrl: `http://${address}:${agentPort}`, command, process: this.#spawnDaemon(`host ${id}`, command), namespace: namespaceHost?.namespace });
+      this.hosts.push({ id, address, dataDir, agentUrl, command, process: this.#spawnDaemon(`host ${id}`, command, this.#agentEnv?.({ id, dataDir })), namespace: namespaceHost?.namespace });
     }
     await this.waitForHosts(options.hostIds, 30_000);
   }
@@ -138,8 +171,8 @@ export class LocalCluster {
     }
   }
 
-  #spawnDaemon(label: string, [command, ...args]: string[]): ChildProcess {
-    const child = spawn(command as string, args, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, VMFERRY_LOG: process.env.VMFERRY_LOG ?? 'warn' } });
+  #spawnDaemon(label: string, [command, ...args]: string[], env: Record<string, string> = {}): ChildProcess {
+    const child = spawn(command as string, args, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, VMFERRY_LOG: process.env.VMFERRY_LOG ?? 'warn', ...env } });
     // Always read stderr: an unread pipe fills up and blocks the daemon on its next log line.
     child.stderr?.on('data', (chunk: Buffer) => this.#logger.debug({ daemon: label }, chunk.toString().trimEnd()));
     return child;
@@ -148,11 +181,7 @@ export class LocalCluster {
   /** Kills the controller process with SIGKILL, as a crash would; agents and guests carry on. */
   async killController(): Promise<void> {
     if (!this.#controllerProcess) throw new VmferryError('VMF_INVALID_ARGUMENT', 'this cluster runs its controller in-process (start it with controllerProcess: true)');
-    const child = this.#controllerProcess.child;
-    if (child.exitCode !== null || child.signalCode !== null) return;
-    const exited = new Promise((resolve) => child.once('exit', resolve));
-    child.kill('SIGKILL');
-    await exited;
+    await killProcess(this.#controllerProcess.child);
   }
 
   /** Starts the controller process again on the same address and database, and waits until it answers. */
@@ -175,19 +204,56 @@ export class LocalCluster {
 
   /** Kills one host's agent with SIGKILL, as a crash would (its QEMUs keep running). */
   async killAgent(id: string): Promise<void> {
-    const child = this.host(id).process;
-    if (child.exitCode !== null || child.signalCode !== null) return;
-    const exited = new Promise((resolve) => child.once('exit', resolve));
-    child.kill('SIGKILL');
-    await exited;
+    await killProcess(this.host(id).process);
   }
 
   /** Stops the storage server and starts it again on the same ports and data; QEMU's NBD clients reconnect. */
   async restartStorage(outageMs = 0): Promise<void> {
-    const admin = new URL(this.storage.addresses.adminUrl as string);
-    await this.storage.close();
+    if (this.#storageProcess) {
+      await stopProcess(this.#storageProcess.child);
+    } else {
+      await this.storage.close();
+    }
     if (outageMs > 0) await sleep(outageMs);
-    this.storage = await this.#startStorage(this.storageNbd, { host: admin.hostname, port: Number(admin.port) });
+    await this.startStorage();
+  }
+
+  /** Kills the storage server process with SIGKILL, as a crash would (storageProcess only). */
+  async killStorage(): Promise<void> {
+    if (!this.#storageProcess) throw new VmferryError('VMF_INVALID_ARGUMENT', 'this cluster runs its storage server in-process (start it with storageProcess: true)');
+    await killProcess(this.#storageProcess.child);
+  }
+
+  /** Starts the storage server again on the same ports and data, and waits until it answers. */
+  async startStorage(): Promise<void> {
+    if (this.#storageProcess) {
+      this.#storageProcess.child = this.#spawnDaemon('storage', this.#storageProcess.command);
+      await this.#waitStorage();
+      return;
+    }
+    const admin = new URL(this.storageAdminUrl);
+    this.#storage = await this.#startStorage(this.storageNbd, { host: admin.hostname, port: Number(admin.port) });
+  }
+
+  async #waitStorage(): Promise<void> {
+    const child = this.#storageProcess?.child;
+    const deadline = Date.now() + 30_000;
+    for (;;) {
+      if (await requestJson(this.storageAdminUrl, 'GET', '/v1/volumes', { timeoutMs: 2_000 }).then(() => true, () => false)) return;
+      if (child && child.exitCode !== null) throw new VmferryError('VMF_UNREACHABLE', `the storage server exited with code ${child.exitCode}`);
+      if (Date.now() > deadline) throw new VmferryError('VMF_TIMEOUT', 'the storage server did not answer within 30 s');
+      await sleep(200);
+    }
+  }
+
+  /** Creates a shared volume on the storage server, wherever it runs. */
+  async createVolume(name: string, sizeBytes: number): Promise<void> {
+    await requestJson(this.storageAdminUrl, 'POST', '/v1/volumes', { body: { name, sizeBytes } });
+  }
+
+  /** `force`: even while a writer lease or a recent client holds it (see storage/volumes.ts). */
+  async removeVolume(name: string, options: { force?: boolean } = {}): Promise<void> {
+    await requestJson(this.storageAdminUrl, 'DELETE', `/v1/volumes/${encodeURIComponent(name)}${options.force ? '?force=true' : ''}`);
   }
 
   #startStorage(nbd: { host: string; port: number }, admin: { host: string; port: number }): Promise<StorageServer> {
@@ -204,7 +270,7 @@ export class LocalCluster {
   /** Starts a host's agent again after it stopped or was killed, and waits until it answers. */
   async startAgent(id: string): Promise<void> {
     const host = this.host(id);
-    host.process = this.#spawnDaemon(`host ${id}`, host.command);
+    host.process = this.#spawnDaemon(`host ${id}`, host.command, this.#agentEnv?.(host));
     // The controller may still count the old agent's last heartbeat: ask the new one itself.
     const agent = new AgentClient(host.agentUrl);
     const deadline = Date.now() + 30_000;
@@ -234,10 +300,18 @@ export class LocalCluster {
     }
     await this.#controller?.close();
     if (this.#controllerProcess) await stopProcess(this.#controllerProcess.child);
-    await this.storage?.close().catch(() => undefined);
+    await this.#storage?.close().catch(() => undefined);
+    if (this.#storageProcess) await stopProcess(this.#storageProcess.child);
     await this.network?.remove();
     await rm(this.workDir, { recursive: true, force: true });
   }
+}
+
+async function killProcess(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  child.kill('SIGKILL');
+  await exited;
 }
 
 async function stopProcess(child: ChildProcess): Promise<void> {

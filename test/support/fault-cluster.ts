@@ -48,13 +48,22 @@ export class FaultCluster {
     return found;
   }
 
-  /** Creates `vm` on A (local disk root, 64 MiB by default; 64 MiB shared volume data), starts it and waits until its guest writes. */
-  async startVm(vm: string, guest: Omit<GuestOptions, 'mode' | 'spanMiB' | 'bulkDisks'> = { intervalMs: 0 }, rootMiB = 64): Promise<void> {
-    await this.cluster.storage.volumes.create(`${vm}-data`, 64 * MiB);
+  /**
+   * Creates `vm` on A (local disk root, 64 MiB by default; shared volume
+   * data, 64 MiB by default; 192 MiB of memory by default), starts it and
+   * waits until its guest writes.
+   */
+  async startVm(
+    vm: string,
+    guest: Omit<GuestOptions, 'mode' | 'spanMiB' | 'bulkDisks'> = { intervalMs: 0 },
+    rootMiB = 64,
+    sizes: { memoryMiB?: number; dataMiB?: number } = {},
+  ): Promise<void> {
+    await this.cluster.createVolume(`${vm}-data`, (sizes.dataMiB ?? 64) * MiB);
     const { host, port } = this.cluster.storageNbd;
     await this.cluster.api.createVm('A', {
       name: vm,
-      memoryMiB: 192,
+      memoryMiB: sizes.memoryMiB ?? 192,
       boot: { kind: 'test-guest', options: { spanMiB, ...guest } },
       disks: [
         { id: 'root', local: { sizeBytes: rootMiB * MiB } },
@@ -121,7 +130,7 @@ export class FaultCluster {
     assert.deepEqual(checkVerify(verify, report.acks), [], 'every acknowledged record is intact');
     await this.cluster.api.deleteVm(vm);
     // Its QEMU is gone, but its writer lease and the verify run just now would hold the volume for the reconnect window.
-    await this.cluster.storage.volumes.remove(`${vm}-data`, { force: true });
+    await this.cluster.removeVolume(`${vm}-data`, { force: true });
     const acked = [...report.acks.values()].reduce((a, b) => a + b, 0);
     return `VM on ${host} only, guest kept writing, ${acked} acked records intact, nothing left on ${host === 'A' ? 'B' : 'A'}`;
   }
