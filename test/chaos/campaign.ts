@@ -28,7 +28,7 @@ const spanMiB = 8;
 const guest = { intervalMs: 0, bulkMiBs: 2, dirtyMiB: 8, dirtyRateMiBs: 2 };
 const sizes = { rootMiB: 32, dataMiB: 32, memoryMiB: 128 };
 /** The order phases come in; anything else (failed, rolling-back, unresolved…) is past every target. */
-const phaseOrder = ['pending', 'preparing', 'mirroring', 'migrating', 'switching-over', 'completed'];
+const phaseOrder = ['pending', 'preparing', 'mirroring', 'migrating', 'paused-at-switchover', 'resume-sent', 'resumed', 'source-retired', 'completed'];
 const finalPhases = ['completed', 'cancelled', 'failed'];
 /** From the fault to a final phase, however slow the recovery (a late reply alone can hold 62 s). */
 const settleTimeoutMs = 240_000;

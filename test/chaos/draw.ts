@@ -24,14 +24,15 @@ export const faultKinds = [
 export type FaultKind = (typeof faultKinds)[number];
 
 /** Phases a fault can be aimed at, in the order a migration goes through them. */
-export const targetPhases = ['preparing', 'mirroring', 'migrating', 'switching-over', 'completed'] as const;
+export const targetPhases = ['preparing', 'mirroring', 'migrating', 'paused-at-switchover', 'resume-sent', 'completed'] as const;
 
 /** Replies worth losing, by the agent that gives them, and how long its caller waits (src/agent/client.ts). */
 export const replyRoutes = [
   { host: 'B', route: '/destination/prepare', callerTimeoutMs: 120_000, phase: 'preparing' },
-  { host: 'B', route: '/destination/resume', callerTimeoutMs: 60_000, phase: 'switching-over' },
-  { host: 'A', route: '/source/continue', callerTimeoutMs: 30_000, phase: 'switching-over' },
-  { host: 'A', route: '/source/retire', callerTimeoutMs: 60_000, phase: 'switching-over' },
+  { host: 'B', route: '/destination/resume', callerTimeoutMs: 60_000, phase: 'paused-at-switchover' },
+  { host: 'B', route: '/destination/fate', callerTimeoutMs: 90_000, phase: 'paused-at-switchover' },
+  { host: 'A', route: '/source/continue', callerTimeoutMs: 30_000, phase: 'paused-at-switchover' },
+  { host: 'A', route: '/source/retire', callerTimeoutMs: 60_000, phase: 'resume-sent' },
   { host: 'A', route: '/source/begin', callerTimeoutMs: 30_000, phase: 'preparing' },
 ] as const;
 
