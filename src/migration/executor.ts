@@ -26,7 +26,7 @@ import type { MigrationInfo } from '../qmp/commands.ts';
 import { Deadline, abortError } from '../util/abort.ts';
 import { StallWatch } from './stall-watch.ts';
 import { ConvergenceWatch } from './convergence.ts';
-import type { MigrationEvent, MigrationPhase, MigrationReport, PhaseTiming, RamProgress } from './phases.ts';
+import { finalPhases, type MigrationEvent, type MigrationPhase, type MigrationReport, type PhaseTiming, type RamProgress } from './phases.ts';
 import type { MigrationPlan } from './plan.ts';
 import type { DestinationSide, MigrationMilestone, SourceSide } from './sides.ts';
 import { resumeMayHaveBeenSent, settlement, type DestinationFate } from './no-return.ts';
@@ -59,7 +59,6 @@ const minPollGapMs = 10;
 const resumeTimeoutMs = 60_000;
 /** Asking the destination whether its guest ran; it first waits for a resume still in progress. */
 const fateTimeoutMs = 90_000;
-const finalPhases: readonly MigrationPhase[] = ['completed', 'cancelled', 'failed'];
 
 /** Phase changes with their timestamps, emitted as they happen. */
 class Timeline {
