@@ -204,6 +204,10 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
     const failure = { code, message: describeError(cause) };
     const recordQuietly = (phase: MigrationPhase): Promise<void> =>
       record(phase).catch((recordErr: unknown) => logger?.error({ err: describeError(recordErr) }, `could not record phase ${phase}`));
+    const unresolved = async (why: string): Promise<MigrationReport> => {
+      await recordQuietly('unresolved');
+      return report(plan, timeline, 'unresolved', bytesSent, lastInfo, { code: 'VMF_UNRESOLVED', message: `${failure.message}; ${why}` });
+    };
 
     let fate: DestinationFate | undefined;
     let fateUnknown = '';
@@ -219,13 +223,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       await recordQuietly('resumed');
       return await finish(`${describeError(cause)}; ${destination.hostId} then confirmed that the guest runs there`);
     }
-    if (decision === 'wait') {
-      await recordQuietly('unresolved');
-      return report(plan, timeline, 'unresolved', bytesSent, lastInfo, {
-        code: 'VMF_UNRESOLVED',
-        message: unresolvedMessage(plan, failure.message, `${destination.hostId} could not say whether the guest ran there: ${fateUnknown}`),
-      });
-    }
+    if (decision === 'wait') return await unresolved(destinationUnknown(plan, `${destination.hostId} could not say whether the guest ran there: ${fateUnknown}`));
 
     // Destination first: its QEMU killed and reaped, so the source can never run beside it.
     const undoFailures: string[] = [];
@@ -233,14 +231,8 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       try {
         await destination.rollback();
       } catch (undoErr) {
-        if (resumeMayHaveBeenSent(faultPhase)) {
-          // Past the point of no return the source may resume only once the destination is confirmed gone.
-          await recordQuietly('unresolved');
-          return report(plan, timeline, 'unresolved', bytesSent, lastInfo, {
-            code: 'VMF_UNRESOLVED',
-            message: unresolvedMessage(plan, failure.message, `the rollback of ${destination.hostId} failed: ${describeError(undoErr)}`),
-          });
-        }
+        // Past the point of no return the source may resume only once the destination is confirmed gone.
+        if (resumeMayHaveBeenSent(faultPhase)) return await unresolved(destinationUnknown(plan, `the rollback of ${destination.hostId} failed: ${describeError(undoErr)}`));
         undoFailures.push(`roll back destination ${destination.hostId}: ${describeError(undoErr)}`);
       }
     }
@@ -249,13 +241,9 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       try {
         await source.rollback();
       } catch (undoErr) {
+        // The source's guest may be paused with nobody to resume it: the migration is not over until its agent answers.
         if (hasCode(undoErr, 'VMF_UNREACHABLE') || hasCode(undoErr, 'VMF_TIMEOUT')) {
-          // The source's guest may be paused with nobody to resume it: the migration is not over until its agent answers.
-          await recordQuietly('unresolved');
-          return report(plan, timeline, 'unresolved', bytesSent, lastInfo, {
-            code: 'VMF_UNRESOLVED',
-            message: `${failure.message}; the rollback of ${source.hostId} could not reach its agent (${describeError(undoErr)}); vmferry keeps trying, and ${plan.vm} runs again on ${plan.from} once it answers`,
-          });
+          return await unresolved(`the rollback of ${source.hostId} could not reach its agent (${describeError(undoErr)}); vmferry keeps trying, and ${plan.vm} runs again on ${plan.from} once it answers`);
         }
         undoFailures.push(`roll back source ${source.hostId}: ${describeError(undoErr)}`);
       }
@@ -268,9 +256,9 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
   }
 }
 
-function unresolvedMessage(plan: MigrationPlan, fault: string, why: string): string {
+function destinationUnknown(plan: MigrationPlan, why: string): string {
   return (
-    `${fault}; the destination may have been told to resume and ${why}. ` +
+    `the destination may have been told to resume and ${why}. ` +
     `${plan.vm} stays paused on ${plan.from} so that it never runs twice; vmferry keeps asking ${plan.to} and settles the migration once it answers`
   );
 }
