@@ -29,6 +29,39 @@ const table = (kind: Row['kind']) => {
   ].join('\n') + '\n';
 };
 const failed = rows.filter((r) => !r.ok).length;
+
+/**
+ * Chaos campaigns kept in docs/chaos/: each file is a campaign's own output (its progress lines,
+ * one per run, then its summary line), saved with
+ * `npm run chaos -- --runs N --seed S --json > docs/chaos/NAME.log 2>&1`.
+ */
+const chaosDir = new URL('../docs/chaos/', import.meta.url);
+const campaigns = existsSync(chaosDir)
+  ? readdirSync(chaosDir)
+      .filter((f) => f.endsWith('.log'))
+      .sort()
+      .map((file) => {
+        const lines = readFileSync(new URL(file, chaosDir), 'utf8').split('\n').filter((l) => l.trim() !== '');
+        const summary = JSON.parse(lines.findLast((l) => l.startsWith('{')) ?? '{}') as Record<string, unknown> & { faults?: Record<string, number> };
+        const runs = lines.filter((l) => l.startsWith('run '));
+        const withFinding = runs.filter((l) => !/; no finding \[/.test(l)).map((l) => `- ${l.replace(/ \[[\d.]+ s: .*\]$/, '')}`);
+        return { file, summary, runs: runs.length, withFinding };
+      })
+  : [];
+const findingColumns = ['doubleRunning', 'noneRunning', 'lostAcked', 'leftovers', 'misreported', 'unresolved'];
+const chaosSection =
+  campaigns.length === 0
+    ? '_no campaign saved in docs/chaos/_\n'
+    : [
+        `| campaign (docs/chaos/) | seed | runs | faults | ${findingColumns.join(' | ')} |`,
+        `| --- | --- | --- | --- | ${findingColumns.map(() => '---').join(' | ')} |`,
+        ...campaigns.map(
+          (c) =>
+            `| ${c.file} | ${String(c.summary.seed)} | ${c.runs} | ${Object.entries(c.summary.faults ?? {}).map(([k, n]) => `${k} ${n}`).join(', ')} | ${findingColumns.map((k) => String(c.summary[k])).join(' | ')} |`,
+        ),
+        '',
+        ...campaigns.flatMap((c) => (c.withFinding.length ? [`Runs of ${c.file} with a finding:`, '', ...c.withFinding, ''] : [])),
+      ].join('\n') + '\n';
 const dates = rows.map((r) => r.at).sort();
 
 const doc = `# Reliability tally
@@ -63,6 +96,16 @@ Last run: ${dates[0]} to ${dates[dates.length - 1]}, ${rows.length} rows from ${
   destination has not resumed stays as it is, guest stopped on both hosts, until a controller
   starts again: only both sides together can say which copy may run.
 
+## Chaos campaigns
+
+Each run of \`npm run chaos\` migrates a VM with a local and a shared disk under heavy guest writes
+and injects one fault drawn from the seed at a random moment of a random phase (agents, controller,
+either QEMU or the storage server killed; a lost or late reply; a cancel; a cut link; a host power
+loss that also drops what the agent did not fsync), then checks that exactly one QEMU runs the guest,
+every acknowledged record is intact, nothing is left behind and vmferry reports what is real. A run
+is replayed with \`npm run chaos -- --seed S --from RUN --runs 1\`.
+
+${chaosSection}
 ## Faults
 
 ${table('fault')}
