@@ -14,6 +14,7 @@ import type { VmSpec } from '../qemu/spec.ts';
 import type { QmpEventListener } from '../qmp/client.ts';
 import type { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
+import { faultPoint } from '../util/fault-points.ts';
 import { findFreePort } from '../util/ports.ts';
 import type { DestinationFate } from './no-return.ts';
 import type { MigrationPlan } from './plan.ts';
@@ -158,6 +159,7 @@ export class QemuDestination implements DestinationSide {
       if (this.#options.fence) {
         this.#claimed = true;
         await this.#options.fence.claim(vm.spec, signal);
+        faultPoint('destination-after-claim');
       }
       await qmp.cont({ signal });
     });

@@ -7,6 +7,8 @@
 const armed = new Set((process.env.VMFERRY_FAULT_POINTS ?? '').split(',').map((s) => s.trim()).filter(Boolean));
 
 export type FaultPoint =
+  /** The destination claimed the shared volumes' writer leases; its QEMU has not been continued. */
+  | 'destination-after-claim'
   /** The destination's QEMU was continued; the agent has not adopted it nor replied. */
   | 'destination-after-cont'
   /** The source's migration was told to continue; the agent has not replied. */

@@ -119,3 +119,27 @@ test('source agent killed right after migrate-continue: B is rolled back, the so
     ok: true,
   });
 });
+
+test("destination agent killed between its lease claim and cont: back, its QEMU that never ran is removed and its lease released; the source takes the shared disk back and writes on", async () => {
+  const vm = 'claim-lost';
+  await faults.startVm(vm);
+  await armFaultPoint('B', 'destination-after-claim');
+  const { id } = await cluster.api.migrate({ vm, to: 'B' });
+  await waitAgentDead('B', 180_000);
+  await faults.waitForPhase(id as string, ['unresolved'], 120_000);
+  assert.equal((await new AgentClient(cluster.host('A').agentUrl).getVm(vm)).state, 'paused', 'the source is kept paused while B cannot say');
+
+  await cluster.startAgent('B');
+  const record = await faults.finalRecord(id as string);
+  assert.equal(record.phase, 'failed');
+  assert.match(record.report?.recovery ?? '', /rolled back: claim-lost runs on A/);
+  // assertSettled waits for new acknowledged records on both disks: the shared one would get EPERM without the lease.
+  const outcome = await faults.assertSettled(vm, 'A');
+  recordReliability(import.meta.url, {
+    kind: 'fault',
+    target: 'agent',
+    tried: "destination agent killed (SIGKILL) after it claimed the shared volume's writer lease and before its QEMU's cont",
+    observed: `unresolved while B's agent was down; B's restarted agent found its QEMU had never run the guest, killed it and released its lease; A claimed the lease back before it resumed, so the guest kept writing its shared disk; ${outcome}`,
+    ok: true,
+  });
+});
