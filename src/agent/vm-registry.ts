@@ -21,7 +21,7 @@ import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import type { CreateVmRequest, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
 import type { DestinationFate } from '../migration/no-return.ts';
 import { guestNeverRan } from '../migration/qemu-destination.ts';
-import { fsyncDir, fsyncFile, mkdirDurable, writeFileDurable } from '../util/durable-file.ts';
+import { fsyncDir, fsyncFile, mkdirDurable, removeDurable, writeFileDurable } from '../util/durable-file.ts';
 import { readIncomingRecord } from './half-records.ts';
 import { Quarantine } from './quarantine.ts';
 
@@ -271,9 +271,9 @@ export class VmRegistry {
     const entry = this.#idle(name);
     if (entry.qemu?.isAlive) throw new VmferryError('VMF_CONFLICT', `VM ${name} is running on ${this.hostId}; stop it first`);
     for (const disk of entry.spec.disks) {
-      if (disk.source.kind === 'file' && disk.source.path.startsWith(this.pool.dir)) await rm(disk.source.path, { force: true });
+      if (disk.source.kind === 'file' && disk.source.path.startsWith(this.pool.dir)) await removeDurable(disk.source.path);
     }
-    await rm(this.vmDir(name), { recursive: true, force: true });
+    await removeDurable(this.vmDir(name));
     this.#vms.delete(name);
   }
 
@@ -344,7 +344,8 @@ export class VmRegistry {
 
   /** After a migration away from this host: the VM (whose QEMU has quit) is no longer ours. */
   async forgetMigrated(name: string): Promise<void> {
-    await rm(this.vmDir(name), { recursive: true, force: true });
+    // Durable: a power loss must not bring back a spec of a VM that now lives on another host.
+    await removeDurable(this.vmDir(name));
     this.#vms.delete(name);
   }
 

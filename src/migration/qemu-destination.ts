@@ -4,7 +4,6 @@
  * (same devices, same disk ids; shared disks point at the same exports) and
  * exports the targets writable over NBD for the source's mirrors.
  */
-import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { VmferryError } from '../errors.ts';
@@ -14,6 +13,7 @@ import type { VmSpec } from '../qemu/spec.ts';
 import type { QmpEventListener } from '../qmp/client.ts';
 import type { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
+import { removeDurable } from '../util/durable-file.ts';
 import { faultPoint } from '../util/fault-points.ts';
 import { findFreePort } from '../util/ports.ts';
 import type { DestinationFate } from './no-return.ts';
@@ -184,7 +184,7 @@ export class QemuDestination implements DestinationSide {
     }
     for (const name of this.#createdVolumes) await this.#options.pool.remove(name);
     this.#createdVolumes = [];
-    if (this.#vmName) await rm(this.#options.vmDir(this.#vmName), { recursive: true, force: true });
+    if (this.#vmName) await removeDurable(this.#options.vmDir(this.#vmName));
   }
 
   async #incomingPort(signal: AbortSignal): Promise<number> {

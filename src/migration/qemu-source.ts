@@ -4,7 +4,6 @@
  * and at the switch-over point drains the mirrors in libvirt 9.0's order
  * (ARCHITECTURE.md, "Facts about QEMU 7.2").
  */
-import { rm } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { VmferryError, describeError, hasCode } from '../errors.ts';
@@ -14,6 +13,7 @@ import { diskNodeName } from '../qemu/spec.ts';
 import { QmpCommandError, type QmpEvent, type QmpEventListener } from '../qmp/client.ts';
 import type { MigrationInfo, MigrationStatus, QemuMonitor } from '../qmp/commands.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
+import { removeDurable } from '../util/durable-file.ts';
 import type { CopyMode } from './plan.ts';
 import type { MigrationMilestone, MigrationSettings, MirrorStatus, MirrorTarget, SourceSide } from './sides.ts';
 
@@ -256,7 +256,8 @@ export class QemuSource implements SourceSide {
     await this.#vm.cleanup();
     if (keepLocalDisks) return;
     for (const disk of this.#vm.spec.disks) {
-      if (disk.source.kind === 'file' && !disk.readOnly) await rm(disk.source.path, { force: true });
+      // Durable: after a power loss the retired source must not come back with its old disks.
+      if (disk.source.kind === 'file' && !disk.readOnly) await removeDurable(disk.source.path);
     }
   }
 

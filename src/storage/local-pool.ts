@@ -2,9 +2,10 @@
  * A host's local pool: a directory of image files, managed with qemu-img.
  * Local disks live here, and mirror targets are created here on a destination.
  */
-import { rm, statfs, access } from 'node:fs/promises';
+import { statfs, access } from 'node:fs/promises';
 import { join } from 'node:path';
 import { VmferryError } from '../errors.ts';
+import { removeDurable } from '../util/durable-file.ts';
 import { runProgram } from '../util/run.ts';
 
 export interface ImageInfo {
@@ -66,8 +67,9 @@ export class LocalPool {
     return path;
   }
 
+  /** Durable: an image deleted here does not come back after a power loss. */
   async remove(name: string): Promise<void> {
-    await rm(this.pathOf(name), { force: true });
+    await removeDurable(this.pathOf(name));
   }
 
   async freeBytes(): Promise<number> {
