@@ -23,7 +23,6 @@ import type { VmSpec } from '../qemu/spec.ts';
 import type { PreparedDestination } from '../migration/sides.ts';
 import { settlement, type DestinationFate } from '../migration/no-return.ts';
 import type { MigrationPhase } from '../migration/phases.ts';
-import { mkdir } from 'node:fs/promises';
 import { readOutgoingRecord, removeOutgoingRecord, writeIncomingRecord, writeOutgoingRecord } from './half-records.ts';
 import { ContactLog } from './contact-log.ts';
 import { faultPoint } from '../util/fault-points.ts';
@@ -172,8 +171,7 @@ export class MigrationSides {
       logger: this.#logger.child({ migration: id }),
     });
     this.#destinations.set(id, destination);
-    const vmDir = this.#registry.vmDir(spec.name);
-    await mkdir(vmDir, { recursive: true });
+    const vmDir = await this.#registry.makeVmDir(spec.name);
     await writeIncomingRecord(vmDir, { migration: id, phase: 'prepared' });
     return destination.prepare(spec, plan, signal);
   }

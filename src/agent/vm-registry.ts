@@ -55,6 +55,13 @@ export class VmRegistry {
     return join(this.#dataDir, 'vms', name);
   }
 
+  /** Creates a VM's directory durably (its entry and its parents'), for records a restart must find. */
+  async makeVmDir(name: string): Promise<string> {
+    const dir = this.vmDir(name);
+    await mkdirDurable(dir, this.#dataDir);
+    return dir;
+  }
+
   /**
    * Loads persisted VMs and re-adopts the QEMUs still running. A VM directory
    * without a valid spec never stops the agent: it is settled (below) once
@@ -356,8 +363,7 @@ export class VmRegistry {
    * looking like an interrupted incoming migration.
    */
   async #persist(spec: VmSpec): Promise<void> {
-    const dir = this.vmDir(spec.name);
-    await mkdirDurable(dir, this.#dataDir);
+    const dir = await this.makeVmDir(spec.name);
     await writeFileDurable(join(dir, 'spec.json'), JSON.stringify(spec, null, 2));
   }
 
