@@ -62,6 +62,8 @@ export class MigrationService {
     try {
       await source.begin(request.vm);
     } catch (err) {
+      // The agent may have bound the half and only its reply was lost: let go of it, or the VM stays "migrating" there.
+      await source.rollback().catch((rollbackErr: unknown) => logger.warn({ err: describeError(rollbackErr) }, `could not release the source half on ${from}; its agent does after --abandon-after`));
       await this.#store.updateMigration(id, { phase: 'failed' });
       throw err;
     }

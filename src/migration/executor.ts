@@ -111,9 +111,9 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
   const signal = deadline.signal;
   const bytesSent = new Map<string, number>();
   let lastInfo: MigrationInfo = {};
-  // What a rollback has to undo: set before the step that touches a side acts, so a half-done step is undone too.
+  // What a rollback has to undo: set before the step that touches it acts, so a half-done step is undone too. The
+  // source is always rolled back: its half was bound to the migration before this ran (an agent's source/begin).
   let destinationTouched = false;
-  let sourceTouched = false;
 
   const record = async (phase: MigrationPhase): Promise<void> => {
     timeline.enter(phase);
@@ -149,7 +149,6 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
 
     // 2. Source: mirror every local disk into its target, all at once, until each is READY.
     await enter('mirroring');
-    sourceTouched = true;
     const bandwidthBytes = plan.ram.bandwidthMiBs === undefined ? undefined : plan.ram.bandwidthMiBs * mib;
     if (prepared.mirrorTargets.length > 0) {
       await source.startMirrors(prepared.mirrorTargets, plan.options.copyMode, bandwidthBytes, signal);
@@ -237,16 +236,14 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       }
     }
     await recordQuietly('rolling-back');
-    if (sourceTouched) {
-      try {
-        await source.rollback();
-      } catch (undoErr) {
-        // The source's guest may be paused with nobody to resume it: the migration is not over until its agent answers.
-        if (hasCode(undoErr, 'VMF_UNREACHABLE') || hasCode(undoErr, 'VMF_TIMEOUT')) {
-          return await unresolved(`the rollback of ${source.hostId} could not reach its agent (${describeError(undoErr)}); vmferry keeps trying, and ${plan.vm} runs again on ${plan.from} once it answers`);
-        }
-        undoFailures.push(`roll back source ${source.hostId}: ${describeError(undoErr)}`);
+    try {
+      await source.rollback();
+    } catch (undoErr) {
+      // The source's guest may be paused with nobody to resume it: the migration is not over until its agent answers.
+      if (hasCode(undoErr, 'VMF_UNREACHABLE') || hasCode(undoErr, 'VMF_TIMEOUT')) {
+        return await unresolved(`the rollback of ${source.hostId} could not reach its agent (${describeError(undoErr)}); vmferry keeps trying, and ${plan.vm} runs again on ${plan.from} once it answers`);
       }
+      undoFailures.push(`roll back source ${source.hostId}: ${describeError(undoErr)}`);
     }
     timeline.enter(cancelled ? 'cancelled' : 'failed');
     const undoText = undoFailures.length ? `; rollback problems: ${undoFailures.join('; ')}` : '';

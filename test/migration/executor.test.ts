@@ -189,7 +189,7 @@ test('a KVM guest skips the memory comparison', async () => {
 });
 
 const steps: { step: string; phase: MigrationPhase; undo: string[] }[] = [
-  { step: 'dst.prepare', phase: 'preparing', undo: ['dst.rollback'] },
+  { step: 'dst.prepare', phase: 'preparing', undo: ['dst.rollback', 'src.rollback'] },
   { step: 'src.startMirrors', phase: 'mirroring', undo: ['dst.rollback', 'src.rollback'] },
   { step: 'src.waitMilestone', phase: 'migrating', undo: ['dst.rollback', 'src.rollback'] },
   { step: 'src.finishMirrors', phase: 'paused-at-switchover', undo: ['dst.rollback', 'src.rollback'] },
