@@ -92,9 +92,13 @@ Last run: ${dates[0]} to ${dates[dates.length - 1]}, ${rows.length} rows from ${
 - **A controller that stays down**: after \`--abandon-after\` (60 s by default) without a request,
   a source half not yet told to continue rolls back on its own, so a guest paused at
   pre-switchover runs again, and a destination whose QEMU exited is removed (the "controller
-  stopped talking" and "not restarted" rows). A migration whose source has finished while its
-  destination has not resumed stays as it is, guest stopped on both hosts, until a controller
-  starts again: only both sides together can say which copy may run.
+  stopped talking" and "not restarted" rows). A migration whose source has continued stays as it
+  is, its guest paused on the source, until a controller starts again: only the destination can say
+  whether its guest ran (docs/ARCHITECTURE.md, the point of no return).
+- **A destination whose QEMU died in the middle of its resume** (a power loss of that host, say)
+  cannot tell whether the guest ran there for a moment. By the rule the source then runs again, and
+  anything the guest wrote on the destination in that moment is lost; the destination's disks are
+  kept in its quarantine.
 
 ## Chaos campaigns
 
