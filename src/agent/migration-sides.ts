@@ -59,6 +59,8 @@ export class MigrationSides {
   readonly #contact = new ContactLog();
   /** Why a half is gone, for the controller's requests that come after the agent settled it alone. */
   readonly #settledHere = new Map<string, string>();
+  /** Prepares still running: a rollback waits for them, or the QEMU they start would outlive it. */
+  readonly #preparing = new Map<string, Promise<void>>();
   /** Destination halves that ended in this process: adopted (the guest ran here) or rolled back (gone). */
   readonly #endedDestinations = new Map<string, DestinationFate>();
   readonly #warned = new Set<string>();
@@ -171,9 +173,13 @@ export class MigrationSides {
       logger: this.#logger.child({ migration: id }),
     });
     this.#destinations.set(id, destination);
-    const vmDir = await this.#registry.makeVmDir(spec.name);
-    await writeIncomingRecord(vmDir, { migration: id, phase: 'prepared' });
-    return destination.prepare(spec, plan, signal);
+    const preparing = (async () => {
+      const vmDir = await this.#registry.makeVmDir(spec.name);
+      await writeIncomingRecord(vmDir, { migration: id, phase: 'prepared' });
+      return destination.prepare(spec, plan, signal);
+    })();
+    this.#preparing.set(id, preparing.then(() => undefined, () => undefined).finally(() => this.#preparing.delete(id)));
+    return preparing;
   }
 
   #requireDestination(id: string): QemuDestination {
@@ -217,6 +223,7 @@ export class MigrationSides {
   }
 
   async rollbackDestination(id: string): Promise<void> {
+    await this.#preparing.get(id);
     // Idempotent: a rollback of a migration this host never prepared (or already settled) is nothing to do.
     const destination = this.#destinations.get(id);
     if (!destination) {
