@@ -6,7 +6,7 @@
  * the source's disks go, a migration half's state) is written with these.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdir, open, rename, rm } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, rm } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
 import { VmferryError } from '../errors.ts';
 
@@ -72,8 +72,21 @@ export async function renameDurable(from: string, to: string): Promise<void> {
   if (dirname(from) !== dirname(to)) await fsyncDir(dirname(from));
 }
 
-/** Removes a file or a directory tree, and makes the removal durable in its parent. */
+/**
+ * Removes a file or a directory tree, and makes the removal durable in its parent.
+ * A tree is emptied and each of its directories fsynced before it goes: POSIX does
+ * not promise that an unlink inside a directory that is never synced stays done,
+ * and a VM's directory that came back after a power loss would be a VM again.
+ */
 export async function removeDurable(path: string): Promise<void> {
+  const entries = await readdir(path, { withFileTypes: true }).catch((err: NodeJS.ErrnoException) => {
+    if (err.code === 'ENOTDIR' || err.code === 'ENOENT') return undefined;
+    throw err;
+  });
+  if (entries) {
+    for (const entry of entries) await (entry.isDirectory() ? removeDurable(join(path, entry.name)) : rm(join(path, entry.name), { force: true }));
+    await fsyncDir(path);
+  }
   await rm(path, { recursive: true, force: true });
   await fsyncDir(dirname(path));
 }
