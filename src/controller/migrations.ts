@@ -12,7 +12,7 @@ import { finalPhases, type MigrationEvent, type MigrationPhase } from '../migrat
 import { defaultMigrationOptions, planMigration, type MigrationOptions, type MigrationPlan } from '../migration/plan.ts';
 import type { MigrationRecord, Store } from '../store/store.ts';
 import { runAttempts } from './attempts.ts';
-import { settleUntilDone } from './recovery.ts';
+import { retireUntilDone, settleUntilDone } from './recovery.ts';
 import type { Inventory } from './inventory.ts';
 
 export interface MigrationRequest {
@@ -81,6 +81,11 @@ export class MigrationService {
       .then(async (report) => {
         await this.#store.updateMigration(id, { phase: report.phases.at(-1)?.phase ?? 'failed', report });
         if (report.outcome === 'completed') await this.#store.setVmLocation({ name: request.vm, hostId: request.to });
+        // The guest runs on the destination, but the source's QEMU sits paused there until it retires.
+        if (report.outcome === 'completed' && !report.phases.some((p) => p.phase === 'source-retired')) {
+          const record = await this.#store.getMigration(id);
+          if (record) await retireUntilDone(record, this.#inventory, logger, this.#stopping.signal);
+        }
         // The source stays paused until the destination says whether its guest ran: keep asking.
         if (report.outcome === 'unresolved') await settleUntilDone(id, this.#store, this.#inventory, logger, this.#stopping.signal, 'a fault came');
       })

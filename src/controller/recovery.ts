@@ -56,6 +56,24 @@ export async function settleUntilDone(id: string, store: Store, inventory: Inven
   }
 }
 
+/**
+ * Retires the source of a completed migration whose retirement failed (its agent was down): until
+ * then its QEMU sits paused on the old host. Asks again every few seconds until done or `signal` aborts.
+ */
+export async function retireUntilDone(record: MigrationRecord, inventory: Inventory, logger: Logger, signal: AbortSignal): Promise<void> {
+  while (!signal.aborted) {
+    try {
+      await new RemoteSource(record.from, await inventory.agent(record.from), record.id).retire(record.plan.options.keepSource);
+      logger.info(`the source of migration ${record.id} on ${record.from} is retired`);
+      return;
+    } catch (err) {
+      // Nothing of it is left there any more (retired already, or never taken back by a restarted agent).
+      if (hasCode(err, 'VMF_NOT_FOUND') || hasCode(err, 'VMF_CONFLICT')) return;
+    }
+    await sleep(retryGapMs, undefined, { signal }).catch(() => undefined);
+  }
+}
+
 async function settle(record: MigrationRecord, store: Store, inventory: Inventory, logger: Logger, why: string, signal: AbortSignal): Promise<void> {
   const source = new RemoteSource(record.from, await inventory.agent(record.from), record.id);
   const destination = new RemoteDestination(record.to, await inventory.agent(record.to), record.id);
