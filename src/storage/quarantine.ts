@@ -5,9 +5,10 @@
  * (`vmferry volume quarantine purge`); `restore` makes a file a volume again.
  * Each file is kept as NAME.raw, NAME being a valid volume name.
  */
-import { mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { VmferryError } from '../errors.ts';
+import { fsyncDir } from '../util/durable-file.ts';
 
 export interface QuarantinedFile {
   /** What restore and purge take; the volume name a restore gives it. */
@@ -18,15 +19,6 @@ export interface QuarantinedFile {
 }
 
 export const quarantineNamePattern = /^[a-z0-9][a-z0-9._-]{0,62}$/;
-
-export async function syncDirectory(path: string): Promise<void> {
-  const dir = await open(path, 'r');
-  try {
-    await dir.sync();
-  } finally {
-    await dir.close();
-  }
-}
 
 export class Quarantine {
   readonly dir: string;
@@ -54,7 +46,7 @@ export class Quarantine {
     let name = stem;
     for (let n = 2; taken.has(`${name}.raw`); n++) name = `${stem.slice(0, 62 - String(n).length)}.${n}`;
     await rename(path, this.path(name));
-    await syncDirectory(this.dir);
+    await fsyncDir(this.dir);
     return name;
   }
 
@@ -69,7 +61,7 @@ export class Quarantine {
   async purge(name: string): Promise<void> {
     const { path } = await this.file(name);
     await rm(path);
-    await syncDirectory(this.dir);
+    await fsyncDir(this.dir);
   }
 
   path(name: string): string {

@@ -25,7 +25,8 @@ import type { ExportInfo, ExportProvider, NbdBackend } from '../nbd/backend.ts';
 import { sharedReconnectDelayS } from '../qemu/command-line.ts';
 import { FsHelper } from './fs-helper.ts';
 import { KeyedQueue } from './keyed-queue.ts';
-import { Quarantine, syncDirectory, type QuarantinedFile } from './quarantine.ts';
+import { Quarantine, type QuarantinedFile } from './quarantine.ts';
+import { fsyncDir } from '../util/durable-file.ts';
 import { FencedBackend, FileBackend, ReadOnlyBackend, StickyErrorBackend, VolumeHealth } from './volume-backends.ts';
 import { WriterLeases, parseExportName, publicLease, writerTokenPattern, type PublicLease } from './writer-leases.ts';
 
@@ -175,7 +176,7 @@ export class VolumeService implements ExportProvider {
       } finally {
         await file.close();
       }
-      await syncDirectory(this.#dir);
+      await fsyncDir(this.#dir);
     } catch (err) {
       await rm(path, { force: true });
       throw err;
@@ -220,7 +221,7 @@ export class VolumeService implements ExportProvider {
       if (open) open.health.deleted = true;
       this.#lastDetached.delete(row.id);
       await rm(this.#path(name), { force: true });
-      await syncDirectory(this.#dir);
+      await fsyncDir(this.#dir);
       this.#logger.info({ volume: name, ...(inUse ? { forcedWhile: inUse } : {}) }, 'volume deleted');
     });
   }
@@ -269,8 +270,8 @@ export class VolumeService implements ExportProvider {
         throw new VmferryError('VMF_CONFLICT', `${this.#path(name)} exists; move it away before restoring "${name}"`);
       }
       await rename(path, this.#path(name));
-      await syncDirectory(this.#dir);
-      await syncDirectory(this.quarantine.dir);
+      await fsyncDir(this.#dir);
+      await fsyncDir(this.quarantine.dir);
       this.#insert(name, sizeBytes, false);
       this.#logger.warn({ volume: name, sizeBytes }, 'volume restored from quarantine');
       return this.get(name);
@@ -390,6 +391,6 @@ export class VolumeService implements ExportProvider {
       }
       this.#logger.warn({ file, quarantined: name, dir: this.quarantine.dir }, 'a volume file with no catalog entry was moved to quarantine (see vmferry volume quarantine list)');
     }
-    if (orphans.length > 0) await syncDirectory(this.#dir);
+    if (orphans.length > 0) await fsyncDir(this.#dir);
   }
 }
