@@ -254,12 +254,14 @@ export class MigrationSides {
     await this.#contact.during(sourceKey(id), () => this.#rollBackSource(id, half));
   }
 
-  async #rollBackSource(id: string, half: SourceHalf): Promise<void> {
+  /** `settledHere` says why, for a controller that asks after the agent settled the half alone; it is recorded before the half is forgotten, so no request sees neither. */
+  async #rollBackSource(id: string, half: SourceHalf, settledHere?: string): Promise<void> {
     try {
       await half.side.rollback();
     } finally {
       // Even a rollback that failed half-way hands the VM back: its owner must be able to stop or inspect it.
       this.#registry.setMigrating(half.vm, false);
+      if (settledHere !== undefined) this.#settledHere.set(sourceKey(id), settledHere);
       this.#forgetSource(id);
       await removeOutgoingRecord(this.#registry.vmDir(half.vm));
     }
@@ -321,8 +323,7 @@ export class MigrationSides {
       return;
     }
     this.#logger.warn({ migration: id, vm: half.vm, status }, `rolling back the source half of migration ${id}: ${silentFor}`);
-    await this.#rollBackSource(id, half);
-    this.#settledHere.set(sourceKey(id), `the agent on ${this.#registry.hostId} rolled back its half of migration ${id} (${silentFor}): ${half.vm} runs here`);
+    await this.#rollBackSource(id, half, `the agent on ${this.#registry.hostId} rolled back its half of migration ${id} (${silentFor}): ${half.vm} runs here`);
   }
 
   /**
