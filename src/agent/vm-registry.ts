@@ -180,11 +180,17 @@ export class VmRegistry {
   async info(name: string): Promise<VmInfo> {
     const entry = this.#require(name);
     let state: VmInfo['state'] = 'stopped';
-    if (entry.qemu?.isAlive) {
-      const status = await entry.qemu.status().catch(() => undefined);
+    let blockJobs: string[] = [];
+    const qemu = entry.qemu;
+    if (qemu?.isAlive) {
+      const status = await qemu.status().catch(() => undefined);
       state = status?.running ? 'running' : 'paused';
+      blockJobs = await qemu.qmp('listing block jobs', (qmp) => qmp.queryBlockJobs()).then(
+        (jobs) => jobs.map((job) => job.device),
+        () => [],
+      );
     }
-    return { name, host: this.hostId, state, pid: entry.qemu?.isAlive ? entry.qemu.pid : null, migrating: entry.migrating, spec: entry.spec };
+    return { name, host: this.hostId, state, pid: qemu?.isAlive ? qemu.pid : null, migrating: entry.migrating, blockJobs, spec: entry.spec };
   }
 
   /** The running QEMU of a VM, for the source side of a migration. */

@@ -94,6 +94,8 @@ export interface VmInfo {
   state: 'running' | 'paused' | 'stopped';
   pid: number | null;
   migrating: boolean;
+  /** Block jobs its QEMU runs (a mirror a migration started); none once no migration is in progress. */
+  blockJobs: string[];
   spec: import('../qemu/spec.ts').VmSpec;
   /** Set by the controller: the VM's migration that has not ended, with why it waits when it is unresolved. */
   migration?: { id: string; phase: import('../migration/phases.ts').MigrationPhase; reason?: string };

@@ -101,7 +101,11 @@ export async function checkLeftovers(faults: FaultCluster, vm: string, migration
     if (exporting.length) addFinding(findings, 'leftovers', `QEMU ${exporting.join(', ')} of ${vm} on ${host.id} still listens (NBD export or migration)`);
     const halves = await new AgentClient(host.agentUrl).migrationHalves(migrationId).catch((err: unknown) => ({ error: String(err) }));
     if (!('source' in halves) || halves.source || halves.destination) addFinding(findings, 'leftovers', `${host.id}'s agent still holds a half of migration ${migrationId}: ${JSON.stringify(halves)}`);
-    if (host.id === reality.live) continue;
+    if (host.id === reality.live) {
+      const jobs = await new AgentClient(host.agentUrl).getVm(vm).then((info) => info.blockJobs, (err: unknown) => [`(unreadable: ${String(err)})`]);
+      if (jobs.length) addFinding(findings, 'leftovers', `block jobs left in ${vm}'s QEMU on ${host.id}: ${jobs.join(', ')}`);
+      continue;
+    }
     if (pids.length) addFinding(findings, 'leftovers', `QEMU ${pids.join(', ')} of ${vm} left on ${host.id}`);
     const pool = await readdir(join(host.dataDir, 'pool')).catch((): string[] => []);
     const files = pool.filter((f) => f.startsWith(`${vm}-`));

@@ -62,6 +62,7 @@ async function pauseAtSwitchover(name: string, id: string, run: (paused: PausedA
     assert.deepEqual(prepared.mirrorTargets.length, 1);
     await source.startMirrors(prepared.mirrorTargets, 'write-blocking', undefined, signal);
     while (!(await source.mirrorStatus(signal, 1000)).every((m) => m.ready)) await sleep(10);
+    assert.deepEqual((await client.getVm(vm.name)).blockJobs, ['mirror-root'], 'the agent lists the mirror its QEMU runs');
     await source.startMigration(prepared.migrationUri, { maxBandwidthBytes: undefined, downtimeLimitMs: 300, allowPostcopy: false }, signal);
     assert.equal(await source.waitMilestone(signal), 'pre-switchover');
     const paused = await client.getVm(vm.name);
@@ -102,6 +103,7 @@ test('a guest paused at pre-switchover whose controller went away runs again on 
     }
     const info = await client.getVm(vm.name);
     assert.equal(info.migrating, false, 'the VM is free for its owner again');
+    assert.deepEqual(info.blockJobs, [], 'no mirror is left running in the guest it resumed');
     assert.equal(info.pid, vm.pid, 'the same QEMU runs the guest: it was resumed, not restarted');
     await waitDestinationExit(destination);
     // A controller that comes back and carries on is told, not obeyed.
@@ -145,6 +147,7 @@ test('a controller that comes back while the agent is settling the half: its rol
     const info = await client.getVm(vm.name);
     assert.equal(info.state, 'running', 'the guest runs on its host once the rollback returns');
     assert.equal(info.migrating, false, 'the VM is free for its owner again');
+    assert.deepEqual(info.blockJobs, [], 'no mirror is left running in the guest it resumed');
     assert.equal(info.pid, vm.pid, 'the same QEMU runs the guest: it was resumed, not restarted');
     assert.equal((await client.migrationHalves(id)).source, null, 'the half is gone');
     // The agent's settle had finished when the controller's rollback returned: it left its word for late requests.
