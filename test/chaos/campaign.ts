@@ -268,6 +268,8 @@ export class ChaosCampaign {
     const findings = result.findings;
     const record = await this.#settle(faults, id);
     result.outcome = record.phase;
+    // What vmferry said went wrong, for reading a finding later (a rollback problem, say).
+    if (record.report?.error) result.note += `; reported: ${record.report.error.message}`;
     const settled = finalPhases.includes(record.phase);
     if (!settled) addFinding(findings, 'unresolved', `migration ${id} still "${record.phase}"${record.report?.error ? `: ${record.report.error.message}` : ''}`);
     await cluster.waitForHosts(['A', 'B'], 30_000);
