@@ -61,7 +61,11 @@ export class MigrationSides {
   readonly #settledHere = new Map<string, string>();
   /** Prepares still running: a rollback waits for them, or the QEMU they start would outlive it. */
   readonly #preparing = new Map<string, Promise<void>>();
-  /** Destination halves that ended in this process: adopted (the guest ran here) or rolled back (gone). */
+  /**
+   * Destination halves that ended in this process: adopted (the guest ran here) or rolled back (gone).
+   * Bounded: the controller asks about a migration only until it settles, and an adopted guest's
+   * `incoming.json` answers for it after the oldest entries are dropped.
+   */
   readonly #endedDestinations = new Map<string, DestinationFate>();
   readonly #warned = new Set<string>();
   readonly #abandonAfterMs: number;
@@ -211,7 +215,7 @@ export class MigrationSides {
       await this.#registry.adoptMigrated(vm);
       await writeIncomingRecord(vmDir, { migration: id, phase: 'resumed', spec: vm.spec });
       this.#forgetDestination(id);
-      this.#endedDestinations.set(id, 'guest-ran');
+      this.#rememberEnded(id, 'guest-ran');
     });
   }
 
@@ -232,7 +236,7 @@ export class MigrationSides {
     }
     await this.#contact.during(destinationKey(id), () => destination.rollback());
     this.#forgetDestination(id);
-    this.#endedDestinations.set(id, 'gone');
+    this.#rememberEnded(id, 'gone');
   }
 
   async retireSource(id: string, keepLocalDisks: boolean): Promise<void> {
@@ -281,6 +285,12 @@ export class MigrationSides {
   #forgetSource(id: string): void {
     this.#sources.delete(id);
     this.#contact.forget(sourceKey(id));
+  }
+
+  #rememberEnded(id: string, fate: DestinationFate): void {
+    this.#endedDestinations.set(id, fate);
+    const oldest = this.#endedDestinations.keys().next().value;
+    if (this.#endedDestinations.size > maxEndedDestinations && oldest !== undefined) this.#endedDestinations.delete(oldest);
   }
 
   #forgetDestination(id: string): void {
@@ -346,6 +356,8 @@ export class MigrationSides {
     this.#logger.error(message);
   }
 }
+
+const maxEndedDestinations = 4096;
 
 function sourceKey(id: string): string {
   return `source:${id}`;
