@@ -4,19 +4,7 @@
  * same code, so scripts see the same codes locally and remotely.
  */
 import type { FastifyError, FastifyInstance } from 'fastify';
-import { errorCodes, VmferryError, type ErrorCode } from '../errors.ts';
-
-const statusByCode: Partial<Record<ErrorCode, number>> = {
-  VMF_INVALID_SPEC: 400,
-  VMF_INVALID_ARGUMENT: 400,
-  VMF_NOT_FOUND: 404,
-  VMF_VOLUME_NOT_FOUND: 404,
-  VMF_VOLUME_EXISTS: 409,
-  VMF_CONFLICT: 409,
-  VMF_MIGRATION_REFUSED: 409,
-  VMF_UNREACHABLE: 502,
-  VMF_TIMEOUT: 504,
-};
+import { errorCodes, httpStatus, VmferryError, type ErrorCode } from '../errors.ts';
 
 /**
  * Fastify's default validator silently drops unknown properties; a typo in a
@@ -33,7 +21,7 @@ export interface ErrorBody {
 export function installErrorHandler(app: FastifyInstance): void {
   app.setErrorHandler((err: FastifyError | VmferryError | Error, request, reply) => {
     if (err instanceof VmferryError) {
-      const status = statusByCode[err.code] ?? 500;
+      const status = httpStatus(err.code);
       if (status >= 500) request.log.error({ err }, err.message);
       void reply.status(status).send({ code: err.code, message: err.message } satisfies ErrorBody);
       return;
