@@ -13,7 +13,8 @@
 import { parseArgs } from 'node:util';
 import { table } from '../src/cli/render.ts';
 import { aim, isMain, machineLine, median, mib, seconds, toMiB } from './lib/common.ts';
-import { runOnce, type RunResult, type Scenario } from './lib/migration-run.ts';
+import { runOnce } from './lib/migration-run.ts';
+import type { RunResult, Scenario } from './lib/run-types.ts';
 
 const idle = { mode: 'workload', spanMiB: 8, intervalMs: 1000 } as const;
 

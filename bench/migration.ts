@@ -16,7 +16,8 @@ import { parseArgs } from 'node:util';
 import { table } from '../src/cli/render.ts';
 import { aim, isMain, machineLine, median, ratio, seconds, toMiB, withCleanup } from './lib/common.ts';
 import { libvirtMissing, startLibvirtHosts } from './lib/libvirt.ts';
-import { runOnce, type Method, type RunResult, type Scenario } from './lib/migration-run.ts';
+import { runOnce } from './lib/migration-run.ts';
+import type { Method, RunResult, Scenario } from './lib/run-types.ts';
 
 export interface MigrationBenchOptions {
   small: boolean;

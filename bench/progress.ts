@@ -10,7 +10,8 @@ import { writeFile } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
 import { table } from '../src/cli/render.ts';
 import { isMain, machineLine, mib, seconds, toMiB } from './lib/common.ts';
-import { runOnce, type RunResult } from './lib/migration-run.ts';
+import { runOnce } from './lib/migration-run.ts';
+import type { RunResult } from './lib/run-types.ts';
 import { lineChart, type Series } from './lib/svg.ts';
 import { migrationScenarios } from './migration.ts';
 

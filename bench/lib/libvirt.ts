@@ -27,7 +27,7 @@ import { StorageServer } from '../../src/storage/server.ts';
 import type { Cleanup } from '../../test/support/cleanup.ts';
 import { makeTempDir } from '../../test/support/temp.ts';
 import { execFile, hostSync, mib, nonZeroPageBytes } from './common.ts';
-import type { RunResult, Scenario } from './migration-run.ts';
+import type { RunResult, Scenario } from './run-types.ts';
 
 const subnet = '10.213.61';
 const bridge = 'vfbbr';

@@ -33,7 +33,7 @@ import { mkdirSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { reportLogOf, testGuestSpec, waitForAcks, type GuestOptions } from '../../src/guest/test-guest.ts';
+import { reportLogOf, testGuestSpec, waitForAcks } from '../../src/guest/test-guest.ts';
 import { runMigration } from '../../src/migration/executor.ts';
 import type { MigrationEvent, MigrationPhase } from '../../src/migration/phases.ts';
 import { defaultMigrationOptions, planMigration, type MigrationOptions } from '../../src/migration/plan.ts';
@@ -41,7 +41,7 @@ import { probeDestination, probeSource, qemuCapabilities, type QemuCapabilities 
 import { QemuDestination } from '../../src/migration/qemu-destination.ts';
 import { QemuSource } from '../../src/migration/qemu-source.ts';
 import { QemuProcess } from '../../src/qemu/process.ts';
-import type { DiskSpec, VmSpec } from '../../src/qemu/spec.ts';
+import type { DiskSpec } from '../../src/qemu/spec.ts';
 import type { QmpEventListener } from '../../src/qmp/client.ts';
 import { imageInfo, LocalPool } from '../../src/storage/local-pool.ts';
 import type { Cleanup } from '../../test/support/cleanup.ts';
@@ -50,53 +50,7 @@ import { makeTempDir } from '../../test/support/temp.ts';
 import { execFile, guestRamInUse, hostSync, mib, withCleanup } from './common.ts';
 import { runLibvirtOnce, type LibvirtHosts } from './libvirt.ts';
 import { plainMigration, spawnPlainQemu } from './plain-qmp.ts';
-
-export type Method = 'vmferry' | 'plain' | 'libvirt';
-
-export interface Scenario {
-  /** VM name (also the guest's) and label in tables. */
-  name: string;
-  memoryMiB: number;
-  localSizeMiB: number;
-  /** MiB written into the local image before boot, right after the guest's record area. */
-  localFillMiB: number;
-  sharedSizeMiB: number;
-  guest: GuestOptions;
-  /** Acks per disk to wait for after boot, so the workload is in full swing. */
-  warmupAcks: number;
-  /** And at least this long after boot (the guest touches its dirty area gradually). */
-  warmupMs?: number;
-}
-
-export interface Sample {
-  /** ms since the method started. */
-  t: number;
-  jobs: { device: string; offset: number; len: number; ready: boolean }[];
-  ram: { status: string; remaining: number; transferred: number; total: number } | undefined;
-}
-
-export interface RunResult {
-  method: Method;
-  scenario: string;
-  totalMs: number;
-  downtimeMs: number;
-  /** STOP on A to RESUME on B, from QEMU's event timestamps. */
-  pauseMs: number;
-  ramBytes: number;
-  mirrorBytes: number;
-  sharedBytes: number;
-  localAllocatedBytes: number;
-  /** Guest RAM in use on B right after the migration (what had to arrive), and on A just before it. */
-  ramInUseBytes: number;
-  ramInUseBeforeBytes: number;
-  samples: Sample[];
-  /** Named moments, ms since the method started (vmferry's phases, the plain script's steps). */
-  marks: { label: string; t: number }[];
-  /** The guest acknowledged new records on B after the migration. */
-  guestAlive: boolean;
-  /** libvirt only: bytes the bridge sent to B's namespace during the migration (its veth's tx counter). */
-  bridgeToDestinationBytes?: number;
-}
+import type { Host, Method, RunResult, Sample, Scenario } from './run-types.ts';
 
 export interface RunOptions {
   /** vmferry only: options over the defaults (keepSource is always on, to measure A's image). */
@@ -111,17 +65,6 @@ const sharedId = 'shared0';
 /** How long after its acks the guest must stay up on B (a crash after a corrupt resume takes a moment). */
 const rebootWatchMs = 5_000;
 
-/** What the methods get: the source QEMU running the guest, and where host B keeps things. */
-export interface Host {
-  dir: string;
-  spec: VmSpec;
-  localPath: string;
-  poolB: string;
-  runB: string;
-  /** Set by the method: the destination's report log, to see the guest go on there. */
-  destinationReportLog?: string;
-  cleanup: Cleanup;
-}
 
 /** Polls the source's block jobs and migration status until stopped (or the source is gone). */
 function startSampler(execute: (command: string) => Promise<unknown>, t0: number, intervalMs: number): { stop(): Promise<Sample[]> } {

@@ -30,7 +30,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { qemuArguments } from '../../src/qemu/command-line.ts';
 import type { VmSpec } from '../../src/qemu/spec.ts';
 import { execFile, freePort } from './common.ts';
-import type { Host, RunResult } from './migration-run.ts';
+import type { Host, RunResult } from './run-types.ts';
 import { RawQmp } from './raw-qmp.ts';
 
 /** A QEMU monitored by RawQmp only. */

@@ -3,7 +3,7 @@ import type { Command } from 'commander';
 import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
 import { VmferryError } from '../errors.ts';
 import { defaultControllerUrl, parseListen, parsePositive, parseSize, printJson } from './common.ts';
-import { ControllerClient } from './controller-client.ts';
+import { ControllerClient } from '../controller/client.ts';
 import { followMigration } from './progress.ts';
 import { registerQuarantineCommands } from './quarantine.ts';
 import { renderPlan, renderReport, table } from './render.ts';

@@ -2,7 +2,7 @@
 import type { Command } from 'commander';
 import { formatBytes } from '../migration/plan.ts';
 import { printJson } from './common.ts';
-import { ControllerClient } from './controller-client.ts';
+import { ControllerClient } from '../controller/client.ts';
 import { table } from './render.ts';
 
 function client(command: Command): { api: ControllerClient; json: boolean } {

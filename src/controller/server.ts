@@ -8,27 +8,12 @@ import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { CreateVmRequestSchema, MigrationParamsSchema, QuarantineParamsSchema, VmNameParamsSchema } from '../api/agent-types.ts';
+import { MigrateRequestSchema } from '../api/controller-types.ts';
 import { SqliteStore } from '../store/sqlite-store.ts';
 import type { Store } from '../store/store.ts';
 import { Inventory } from './inventory.ts';
 import { MigrationService } from './migrations.ts';
 import { settleUnfinishedMigrations } from './recovery.ts';
-
-export const MigrateRequestSchema = Type.Object(
-  {
-    vm: VmNameParamsSchema.properties.name,
-    to: Type.String({ minLength: 1, maxLength: 64 }),
-    dryRun: Type.Optional(Type.Boolean()),
-    bandwidthMiBs: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 1e6 })),
-    maxDowntimeMs: Type.Optional(Type.Integer({ minimum: 1, maximum: 60_000 })),
-    timeoutS: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 7 * 24 * 3600 })),
-    stallTimeoutS: Type.Optional(Type.Number({ minimum: 1, maximum: 24 * 3600 })),
-    allowPostcopy: Type.Optional(Type.Boolean()),
-    keepSource: Type.Optional(Type.Boolean()),
-    copyMode: Type.Optional(Type.Union([Type.Literal('background'), Type.Literal('write-blocking')])),
-  },
-  { additionalProperties: false },
-);
 
 export interface ControllerOptions {
   dbPath: string;

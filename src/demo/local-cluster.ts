@@ -12,7 +12,7 @@ import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
 import { AgentClient } from '../agent/client.ts';
-import { ControllerClient } from '../cli/controller-client.ts';
+import { ControllerClient } from '../controller/client.ts';
 import { buildController } from '../controller/server.ts';
 import { StorageServer } from '../storage/server.ts';
 import { requestJson } from '../http/errors.ts';

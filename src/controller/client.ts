@@ -1,12 +1,11 @@
 /** The controller's API as the CLI uses it. */
 import type { CreateVmRequest, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
-import type { HostStatus } from '../controller/inventory.ts';
+import type { HostStatus } from './inventory.ts';
 import { requestJson } from '../http/errors.ts';
 import type { MigrationPlan } from '../migration/plan.ts';
 import type { MigrationReport } from '../migration/phases.ts';
 import type { MigrationRecord, StoredEvent } from '../store/store.ts';
-import type { Static } from '@sinclair/typebox';
-import type { MigrateRequestSchema } from '../controller/server.ts';
+import type { MigrateRequest } from '../api/controller-types.ts';
 
 export class ControllerClient {
   readonly #url: string;
@@ -55,7 +54,7 @@ export class ControllerClient {
     return requestJson(this.#url, 'DELETE', `/v1/vms/${encodeURIComponent(name)}`);
   }
 
-  migrate(request: Static<typeof MigrateRequestSchema>): Promise<{ plan: MigrationPlan; id?: string }> {
+  migrate(request: MigrateRequest): Promise<{ plan: MigrationPlan; id?: string }> {
     return requestJson(this.#url, 'POST', '/v1/migrations', { body: request, timeoutMs: 120_000 });
   }
 

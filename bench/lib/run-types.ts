@@ -1,0 +1,63 @@
+/** The shapes a benchmark run passes between its methods (migration-run.ts, plain-qmp.ts, libvirt.ts) and reports. */
+import type { GuestOptions } from '../../src/guest/test-guest.ts';
+import type { VmSpec } from '../../src/qemu/spec.ts';
+import type { Cleanup } from '../../test/support/cleanup.ts';
+
+export type Method = 'vmferry' | 'plain' | 'libvirt';
+
+export interface Scenario {
+  /** VM name (also the guest's) and label in tables. */
+  name: string;
+  memoryMiB: number;
+  localSizeMiB: number;
+  /** MiB written into the local image before boot, right after the guest's record area. */
+  localFillMiB: number;
+  sharedSizeMiB: number;
+  guest: GuestOptions;
+  /** Acks per disk to wait for after boot, so the workload is in full swing. */
+  warmupAcks: number;
+  /** And at least this long after boot (the guest touches its dirty area gradually). */
+  warmupMs?: number;
+}
+
+export interface Sample {
+  /** ms since the method started. */
+  t: number;
+  jobs: { device: string; offset: number; len: number; ready: boolean }[];
+  ram: { status: string; remaining: number; transferred: number; total: number } | undefined;
+}
+
+export interface RunResult {
+  method: Method;
+  scenario: string;
+  totalMs: number;
+  downtimeMs: number;
+  /** STOP on A to RESUME on B, from QEMU's event timestamps. */
+  pauseMs: number;
+  ramBytes: number;
+  mirrorBytes: number;
+  sharedBytes: number;
+  localAllocatedBytes: number;
+  /** Guest RAM in use on B right after the migration (what had to arrive), and on A just before it. */
+  ramInUseBytes: number;
+  ramInUseBeforeBytes: number;
+  samples: Sample[];
+  /** Named moments, ms since the method started (vmferry's phases, the plain script's steps). */
+  marks: { label: string; t: number }[];
+  /** The guest acknowledged new records on B after the migration. */
+  guestAlive: boolean;
+  /** libvirt only: bytes the bridge sent to B's namespace during the migration (its veth's tx counter). */
+  bridgeToDestinationBytes?: number;
+}
+
+/** What the methods get: the source QEMU running the guest, and where host B keeps things. */
+export interface Host {
+  dir: string;
+  spec: VmSpec;
+  localPath: string;
+  poolB: string;
+  runB: string;
+  /** Set by the method: the destination's report log, to see the guest go on there. */
+  destinationReportLog?: string;
+  cleanup: Cleanup;
+}

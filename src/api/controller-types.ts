@@ -1,0 +1,20 @@
+/** Request bodies of the controller's API that its clients (the CLI, the demo) build too. */
+import { Type, type Static } from '@sinclair/typebox';
+import { VmNameParamsSchema } from './agent-types.ts';
+
+export const MigrateRequestSchema = Type.Object(
+  {
+    vm: VmNameParamsSchema.properties.name,
+    to: Type.String({ minLength: 1, maxLength: 64 }),
+    dryRun: Type.Optional(Type.Boolean()),
+    bandwidthMiBs: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 1e6 })),
+    maxDowntimeMs: Type.Optional(Type.Integer({ minimum: 1, maximum: 60_000 })),
+    timeoutS: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 7 * 24 * 3600 })),
+    stallTimeoutS: Type.Optional(Type.Number({ minimum: 1, maximum: 24 * 3600 })),
+    allowPostcopy: Type.Optional(Type.Boolean()),
+    keepSource: Type.Optional(Type.Boolean()),
+    copyMode: Type.Optional(Type.Union([Type.Literal('background'), Type.Literal('write-blocking')])),
+  },
+  { additionalProperties: false },
+);
+export type MigrateRequest = Static<typeof MigrateRequestSchema>;
