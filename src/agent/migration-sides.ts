@@ -27,6 +27,7 @@ import { readOutgoingRecord, removeOutgoingRecord, writeIncomingRecord, writeOut
 import { ContactLog } from './contact-log.ts';
 import { faultPoint } from '../util/fault-points.ts';
 import type { VmRegistry } from './vm-registry.ts';
+import { timeoutSignal } from '../util/abort.ts';
 
 interface SourceHalf {
   vm: string;
@@ -325,7 +326,7 @@ export class MigrationSides {
   /** Marked settling by its caller before the first await: from then on the controller's requests are refused, so none can continue the migration under us. */
   async #settleAbandonedSource(id: string, half: SourceHalf): Promise<void> {
     const silentFor = `no controller had touched it for ${Math.round(this.#contact.idleMs(sourceKey(id)) / 1000)} s`;
-    const { status } = await half.side.migrationInfo(AbortSignal.timeout(10_000));
+    const { status } = await half.side.migrationInfo(timeoutSignal(`reading migration ${id} on its source`, 10_000));
     // The source cannot ask the destination: past pre-switchover a resume may have been sent, and only the controller settles that.
     const phase: MigrationPhase = sourceSafeToRollBack.includes(status) ? 'migrating' : 'resume-sent';
     if (settlement(phase, undefined) !== 'roll-back') {

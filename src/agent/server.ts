@@ -19,6 +19,7 @@ import { faultPoint } from '../util/fault-points.ts';
 import { VmRegistry } from './vm-registry.ts';
 import { SharedWriterFence } from '../storage/writer-fence.ts';
 import { readFile } from 'node:fs/promises';
+import { timeoutSignal } from '../util/abort.ts';
 
 export interface AgentOptions {
   hostId: string;
@@ -130,7 +131,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   );
   app.post('/v1/migrations/:id/destination/resume', { schema: { params } }, async (request) => {
     // Not cancelled when the caller goes away: a resume stopped half-way (lease taken, cont sent) is the one state nobody can settle.
-    await sides.resumeDestination(request.params.id, AbortSignal.timeout(60_000));
+    await sides.resumeDestination(request.params.id, timeoutSignal(`the resume of migration ${request.params.id}`, 60_000));
     return {};
   });
   app.post('/v1/migrations/:id/destination/fate', { schema: { params } }, async (request) => ({ fate: await sides.destinationFate(request.params.id) }));

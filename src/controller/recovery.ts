@@ -16,6 +16,7 @@ import { resumeMayHaveBeenSent, settlement, type DestinationFate } from '../migr
 import type { MigrationPhase, MigrationReport } from '../migration/phases.ts';
 import type { MigrationRecord, Store } from '../store/store.ts';
 import type { Inventory } from './inventory.ts';
+import { timeoutSignal } from '../util/abort.ts';
 
 /** Between two attempts to settle a migration whose hosts do not answer yet (restarting, cut off). */
 const retryGapMs = 2_000;
@@ -84,7 +85,7 @@ async function settle(record: MigrationRecord, store: Store, inventory: Inventor
   let fateUnknown = '';
   if (resumeMayHaveBeenSent(phase)) {
     try {
-      fate = await destination.fate(AbortSignal.any([signal, AbortSignal.timeout(fateTimeoutMs)]));
+      fate = await destination.fate(AbortSignal.any([signal, timeoutSignal(`asking ${destination.hostId} whether the guest ran there`, fateTimeoutMs)]));
     } catch (err) {
       fateUnknown = describeError(err);
     }

@@ -5,6 +5,7 @@
  */
 import type { FastifyError, FastifyInstance } from 'fastify';
 import { errorCodes, httpStatus, VmferryError, type ErrorCode } from '../errors.ts';
+import { timeoutSignal } from '../util/abort.ts';
 
 /**
  * Fastify's default validator silently drops unknown properties; a typo in a
@@ -60,7 +61,8 @@ export interface RequestOptions {
 /** A JSON request to a vmferry server; a failure is a VmferryError carrying the server's code. */
 export async function requestJson<T>(baseUrl: string, method: string, path: string, options: RequestOptions = {}): Promise<T> {
   const url = new URL(path, baseUrl);
-  const timeout = AbortSignal.timeout(options.timeoutMs ?? 30_000);
+  // Its reason is a VMF_TIMEOUT: a body still arriving when it fires rejects with that, not a DOMException.
+  const timeout = timeoutSignal(`${method} ${url.href}`, options.timeoutMs ?? 30_000);
   const signal = options.signal ? AbortSignal.any([options.signal, timeout]) : timeout;
   let response: Response;
   try {

@@ -23,7 +23,7 @@ import { VmferryError, describeError, hasCode } from '../errors.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import { differingChunks, type MemoryDigest } from '../qemu/memory-digest.ts';
 import type { MigrationInfo } from '../qmp/commands.ts';
-import { Deadline, abortError } from '../util/abort.ts';
+import { Deadline, abortError, timeoutSignal } from '../util/abort.ts';
 import { StallWatch } from './stall-watch.ts';
 import { ConvergenceWatch } from './convergence.ts';
 import { finalPhases, type MigrationEvent, type MigrationPhase, type MigrationReport, type PhaseTiming, type RamProgress } from './phases.ts';
@@ -125,7 +125,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
   };
   const finish = async (recovery?: string): Promise<MigrationReport> => {
     // The guest runs on the destination: nothing may bring the source back.
-    lastInfo = await source.completedInfo(AbortSignal.timeout(10_000)).catch((err: unknown) => {
+    lastInfo = await source.completedInfo(timeoutSignal('reading the final migration figures', 10_000)).catch((err: unknown) => {
       logger?.warn({ err: describeError(err) }, 'could not read final migration figures');
       return lastInfo;
     });
@@ -190,7 +190,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
     // 5. The point of no return, stored before the request leaves. Neither a cancel nor the deadline
     // interrupts a resume: one stopped half-way (lease moved, cont sent) is what only the rule can settle.
     await enter('resume-sent');
-    await destination.resume(AbortSignal.timeout(resumeTimeoutMs));
+    await destination.resume(timeoutSignal(`the resume on ${destination.hostId}`, resumeTimeoutMs));
     await record('resumed');
     return await finish();
   } catch (err) {
@@ -212,7 +212,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
     let fateUnknown = '';
     if (resumeMayHaveBeenSent(faultPhase)) {
       try {
-        fate = await destination.fate(AbortSignal.timeout(fateTimeoutMs));
+        fate = await destination.fate(timeoutSignal(`asking ${destination.hostId} whether the guest ran there`, fateTimeoutMs));
       } catch (fateErr) {
         fateUnknown = describeError(fateErr);
       }

@@ -16,6 +16,7 @@ import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import { removeDurable } from '../util/durable-file.ts';
 import type { CopyMode } from './plan.ts';
 import type { MigrationMilestone, MigrationSettings, MirrorStatus, MirrorTarget, SourceSide } from './sides.ts';
+import { timeoutSignal } from '../util/abort.ts';
 
 export interface QemuSourceOptions {
   hostId: string;
@@ -262,7 +263,7 @@ export class QemuSource implements SourceSide {
   }
 
   async rollback(): Promise<void> {
-    const signal = AbortSignal.timeout(60_000);
+    const signal = timeoutSignal(`the rollback of the source on ${this.hostId}`, 60_000);
     // First, out of band: after a cut link, requests stuck on the mirror targets hold QEMU's main loop (a
     // migrate_cancel sent before this yank left it stuck for ~50 s in test/faults/link-cut.test.ts).
     // What they carry is abandoned anyway.

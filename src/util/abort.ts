@@ -46,6 +46,17 @@ export class Deadline {
   }
 }
 
+/**
+ * Like AbortSignal.timeout, but its reason is a VMF_TIMEOUT naming `what`: a
+ * DOMException TimeoutError would reach users and HTTP clients as an internal error.
+ * The timer does not keep the process alive.
+ */
+export function timeoutSignal(what: string, timeoutMs: number): AbortSignal {
+  const controller = new AbortController();
+  setTimeout(() => controller.abort(new VmferryError('VMF_TIMEOUT', `${what} did not finish within ${timeoutMs} ms`)), timeoutMs).unref();
+  return controller.signal;
+}
+
 /** Settles like `promise`, or rejects with the signal's reason if it aborts first. */
 export function raceAbort<T>(promise: Promise<T>, signal: AbortSignal | undefined, what: string): Promise<T> {
   if (!signal) return promise;
