@@ -178,8 +178,8 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       for (const { diskId, bytesSent: sent } of await source.finishMirrors(signal)) bytesSent.set(diskId, sent);
       await source.continueSwitchover(signal);
       // The source's RAM is final (its vCPUs stopped at pre-switchover): its digest runs while the rest of the
-      // RAM moves and is ready before the destination's. Started at pre-switchover it competed with the
-      // mirrors' drain, which QEMU counts as downtime (docs/BENCHMARKS.md, 2026-11-29).
+      // RAM moves and is ready before the destination's. Started earlier it would compete with the mirrors'
+      // drain, which QEMU counts as downtime (docs/BENCHMARKS.md).
       sourceDigest = plan.ram.compareMemory ? new PendingDigest(source, signal) : undefined;
       await destination.waitIncomingCompleted(signal);
       if (sourceDigest) await compareMemory(sourceDigest, destination, signal);

@@ -199,12 +199,12 @@ export class QemuDestination implements DestinationSide {
   }
 
   #requireVm(): QemuProcess {
-    if (!this.#vm) throw new VmferryError('VMF_MIGRATION_FAILED', `destination ${this.hostId} is not prepared`);
+    if (!this.#vm) throw new VmferryError('VMF_CONFLICT', `destination ${this.hostId} is not prepared`);
     return this.#vm;
   }
 
   #requireEvents(): QmpEventListener {
-    if (!this.#events) throw new VmferryError('VMF_MIGRATION_FAILED', `destination ${this.hostId} is not prepared`);
+    if (!this.#events) throw new VmferryError('VMF_CONFLICT', `destination ${this.hostId} is not prepared`);
     return this.#events;
   }
 }

@@ -199,7 +199,7 @@ export class QemuSource implements SourceSide {
    * controller's connection looks open (see agent/contact-log.ts).
    */
   async nextMilestone(signal: AbortSignal, waitMs: number): Promise<MigrationMilestone | undefined> {
-    if (!this.#events) throw new VmferryError('VMF_MIGRATION_FAILED', `no migration was started on ${this.hostId}`);
+    if (!this.#events) throw new VmferryError('VMF_CONFLICT', `no migration was started on ${this.hostId}`);
     try {
       const event = await this.#events.waitFor('MIGRATION', (e) => milestones.includes(String(e.data.status)), { signal, timeoutMs: waitMs });
       return event.data.status as MigrationMilestone;
@@ -264,9 +264,9 @@ export class QemuSource implements SourceSide {
 
   async rollback(): Promise<void> {
     const signal = timeoutSignal(`the rollback of the source on ${this.hostId}`, 60_000);
-    // First, out of band: after a cut link, requests stuck on the mirror targets hold QEMU's main loop (a
-    // migrate_cancel sent before this yank left it stuck for ~50 s in test/faults/link-cut.test.ts).
-    // What they carry is abandoned anyway.
+    // First, out of band: after a cut link, requests stuck on the mirror targets hold QEMU's main loop, and a
+    // migrate_cancel sent before this yank waits behind them (test/faults/link-cut.test.ts). What they carry
+    // is abandoned anyway.
     await this.#yankTargets(signal);
     const info = await this.#migrationInfoUnstuck(signal);
     if (info.status === 'postcopy-active' || info.status === 'postcopy-paused') {

@@ -54,7 +54,7 @@ export async function memoryDigest(vm: QemuProcess, signal: AbortSignal): Promis
     throw new VmferryError('VMF_INVALID_ARGUMENT', `VM ${vm.spec.name} has ${vm.spec.memoryMiB} MiB of RAM; memory digests cover guests up to ${memoryDigestMaxMiB} MiB`);
   }
   const status = await vm.status();
-  if (status.running) throw new VmferryError('VMF_MIGRATION_FAILED', `VM ${vm.spec.name} is running: its memory can only be compared while stopped`);
+  if (status.running) throw new VmferryError('VMF_CONFLICT', `VM ${vm.spec.name} is running: its memory can only be compared while stopped`);
   const memfd = await guestRamMemfd(vm.pid);
   return memfd ? hashChunks(memfd, signal) : dumpAndHash(vm, signal);
 }
@@ -108,7 +108,7 @@ async function hashChunks(path: string, signal: AbortSignal): Promise<MemoryDige
 export function differingChunks(a: MemoryDigest, b: MemoryDigest): number[] {
   if (a.algorithm !== b.algorithm || a.chunkBytes !== b.chunkBytes) {
     // Agents of different versions: a comparison would call every chunk different and blame QEMU.
-    throw new VmferryError('VMF_INVALID_ARGUMENT', `memory digests are not comparable (${a.algorithm} per ${a.chunkBytes} bytes against ${b.algorithm} per ${b.chunkBytes} bytes)`);
+    throw new VmferryError('VMF_MIGRATION_FAILED', `memory digests are not comparable (${a.algorithm} per ${a.chunkBytes} bytes against ${b.algorithm} per ${b.chunkBytes} bytes)`);
   }
   const differing: number[] = [];
   for (let i = 0; i < Math.max(a.chunks.length, b.chunks.length); i++) {

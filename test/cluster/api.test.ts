@@ -75,7 +75,7 @@ const cases: BadRequest[] = [
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/wait-milestone?waitMs=1e400', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /waitMs must be an integer from 1 to 10000/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/wait-milestone?waitMs=0', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /waitMs/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/downtime-limit', body: { ms: -5 }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /ms/ },
-  { server: 'agent', method: 'POST', path: '/v1/migrations/bad%20id/source/retire', body: { keepLocalDisks: false }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /id/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/bad%20id/source/retire', body: { keepLocalDisks: false }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /params\/id must match pattern/ },
   { server: 'agent', method: 'GET', path: '/v1/nothing-here', status: 404, code: 'VMF_NOT_FOUND', message: /no route GET \/v1\/nothing-here/ },
   { server: 'controller', method: 'POST', path: '/v1/hosts/heartbeat', body: { id: 'B', url: 'ftp://x', address: 'b' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /url/ },
   { server: 'controller', method: 'POST', path: '/v1/vms', body: { host: 'A' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /vm/ },

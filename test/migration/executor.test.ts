@@ -151,7 +151,7 @@ test('digests from agents that hash differently are refused, not read as a memor
   const { calls, source, destination } = fakeSides({ sourceAlgorithm: 'sha256' });
   const report = await runMigration({ spec, plan: plan(), source, destination, pollIntervalMs: 1 });
   assert.equal(report.outcome, 'failed');
-  assert.equal(report.error?.code, 'VMF_INVALID_ARGUMENT');
+  assert.equal(report.error?.code, 'VMF_MIGRATION_FAILED');
   assert.match(report.error?.message ?? '', /memory digests are not comparable \(sha256 per 1048576 bytes against xxh64/);
   assert.ok(!calls.includes('dst.resume'));
 });

@@ -33,11 +33,3 @@ test('a server answers every code with its registered status, and the client get
     await app.close();
   }
 });
-
-test('an error keeps its code, message and cause', () => {
-  const cause = new Error('socket reset');
-  const err = new VmferryError('VMF_QMP_CLOSED', 'QMP connection closed', { cause });
-  assert.equal(err.code, 'VMF_QMP_CLOSED');
-  assert.equal(err.cause, cause);
-  assert.ok(err instanceof Error);
-});
