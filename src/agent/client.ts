@@ -3,7 +3,7 @@
  * sides implemented over it, so the executor drives agents exactly as it
  * drives in-process QEMUs.
  */
-import type { CreateVmRequest, HostInfo, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
+import type { CreateVmRequest, HostInfo, MigrationHalves, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
 import { requestJson } from '../http/errors.ts';
 import type { DestinationFacts, MigrationPlan, SourceFacts, CopyMode } from '../migration/plan.ts';
 import type {
@@ -23,11 +23,6 @@ import type { MigrationInfo } from '../qmp/commands.ts';
 /** Waits that last as long as a phase of a migration: the migration's own deadline governs them. */
 const longWaitMs = 24 * 3600 * 1000;
 
-export interface MigrationHalves {
-  /** settling: the agent is rolling it back by itself (--abandon-after); a rollback sent now waits for that. */
-  source: { vm: string; settling: boolean } | null;
-  destination: { state: 'prepared' | 'resuming' | 'resumed' } | null;
-}
 /** Dumping and hashing up to 2 GiB of guest memory. */
 const memoryDigestTimeoutMs = 120_000;
 

@@ -12,6 +12,7 @@
  * for the controller's recovery, since only both sides together know which
  * copy of the guest may run.
  */
+import type { MigrationHalves } from '../api/agent-types.ts';
 import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
 import type { MigrationStatus } from '../qmp/commands.ts';
@@ -198,7 +199,7 @@ export class MigrationSides {
   }
 
   /** What this host holds of migration `id`, for a controller settling it after a restart. */
-  describe(id: string): { source: { vm: string; settling: boolean } | null; destination: { state: QemuDestination['state'] } | null } {
+  describe(id: string): MigrationHalves {
     const source = this.#sources.get(id);
     const destination = this.#destinations.get(id);
     return { source: source ? { vm: source.vm, settling: source.settling !== undefined } : null, destination: destination ? { state: destination.state } : null };

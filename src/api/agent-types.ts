@@ -4,8 +4,9 @@
  * imports the other's code.
  */
 import { Type, type Static } from '@sinclair/typebox';
+import { namePatternSource, nameRule } from '../util/names.ts';
 
-const name = Type.String({ pattern: '^[a-z0-9][a-z0-9._-]{0,62}$', description: 'VM name: a-z, 0-9, ".", "-", "_"' });
+const name = Type.String({ pattern: namePatternSource, description: `VM name: ${nameRule}` });
 const diskId = Type.String({ pattern: '^[a-z][a-z0-9_-]{0,19}$' });
 
 export const NbdServerSchema = Type.Union([
@@ -99,6 +100,13 @@ export interface VmInfo {
   spec: import('../qemu/spec.ts').VmSpec;
   /** Set by the controller: the VM's migration that has not ended, with why it waits when it is unresolved. */
   migration?: { id: string; phase: import('../migration/phases.ts').MigrationPhase; reason?: string };
+}
+
+/** What an agent holds of one migration (GET /v1/migrations/:id). */
+export interface MigrationHalves {
+  /** settling: the agent is rolling it back by itself (--abandon-after); a rollback sent now waits for that. */
+  source: { vm: string; settling: boolean } | null;
+  destination: { state: import('../migration/qemu-destination.ts').QemuDestination['state'] } | null;
 }
 
 export interface HostInfo {

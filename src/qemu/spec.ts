@@ -5,6 +5,7 @@
  * sides (device ids, node names, PCI addresses) is derived from it.
  */
 import { VmferryError } from '../errors.ts';
+import { namePattern, nameRule } from '../util/names.ts';
 
 export type CacheMode = 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe';
 
@@ -44,7 +45,6 @@ export interface VmSpec {
   serialLogs?: string[];
 }
 
-const namePattern = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 // virtio-blk serials hold 20 bytes; QMP node names must start with a letter.
 const diskIdPattern = /^[a-z][a-z0-9_-]{0,19}$/;
 const cacheModes: readonly CacheMode[] = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'];
@@ -151,7 +151,7 @@ export function validateVmSpec(value: unknown): VmSpec {
   if (!isRecord(value)) invalid('(root)', 'must be an object');
   const name = requireString(value.name, 'name');
   if (!namePattern.test(name)) {
-    invalid('name', `must be 1-63 characters of a-z, 0-9, '.', '-', '_', starting with a letter or digit (got "${name}")`);
+    invalid('name', `must be ${nameRule} (got "${name}")`);
   }
   const vcpus = requireInteger(value.vcpus, 'vcpus', 1, 64);
   const memoryMiB = requireInteger(value.memoryMiB, 'memoryMiB', 16, 1024 * 1024);

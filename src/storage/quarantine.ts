@@ -9,6 +9,7 @@ import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { VmferryError } from '../errors.ts';
 import { fsyncDir } from '../util/durable-file.ts';
+import { namePattern } from '../util/names.ts';
 
 export interface QuarantinedFile {
   /** What restore and purge take; the volume name a restore gives it. */
@@ -17,8 +18,6 @@ export interface QuarantinedFile {
   /** When it was moved here (the file's change time). */
   quarantinedAt: number;
 }
-
-export const quarantineNamePattern = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 
 export class Quarantine {
   readonly dir: string;
@@ -41,7 +40,7 @@ export class Quarantine {
   async admit(path: string, fileName: string): Promise<string> {
     await mkdir(this.dir, { recursive: true });
     const base = fileName.endsWith('.raw') ? fileName.slice(0, -'.raw'.length) : fileName;
-    const stem = quarantineNamePattern.test(base) ? base : 'orphan';
+    const stem = namePattern.test(base) ? base : 'orphan';
     const taken = new Set(await readdir(this.dir));
     let name = stem;
     for (let n = 2; taken.has(`${name}.raw`); n++) name = `${stem.slice(0, 62 - String(n).length)}.${n}`;
@@ -53,7 +52,7 @@ export class Quarantine {
   /** The file of a quarantined entry; VMF_VOLUME_NOT_FOUND if there is none of that name. */
   async file(name: string): Promise<{ path: string; sizeBytes: number }> {
     const path = this.path(name);
-    const stats = quarantineNamePattern.test(name) ? await stat(path).catch(() => undefined) : undefined;
+    const stats = namePattern.test(name) ? await stat(path).catch(() => undefined) : undefined;
     if (!stats?.isFile()) throw new VmferryError('VMF_VOLUME_NOT_FOUND', `nothing named "${name}" in quarantine (${this.dir})`);
     return { path, sizeBytes: stats.size };
   }

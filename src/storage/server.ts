@@ -9,6 +9,7 @@ import type { Logger } from 'pino';
 import { NbdServer, defaultLimits } from '../nbd/server.ts';
 import { VolumeService, maxVolumeBytes, type VolumeServiceOptions } from './volumes.ts';
 import { parseExportName } from './writer-leases.ts';
+import { namePatternSource, nameRule } from '../util/names.ts';
 
 export interface StorageServerOptions {
   dataDir: string;
@@ -25,7 +26,7 @@ export interface StorageServerOptions {
   volumes?: VolumeServiceOptions;
 }
 
-const VolumeName = Type.String({ pattern: '^[a-z0-9][a-z0-9._-]{0,62}$', description: "1-63 characters of a-z, 0-9, '.', '-', '_'" });
+const VolumeName = Type.String({ pattern: namePatternSource, description: nameRule });
 const SizeBytes = Type.Integer({ minimum: 512, maximum: maxVolumeBytes, multipleOf: 512 });
 
 async function adminApi(volumes: VolumeService, nbd: NbdServer, logger: Logger): Promise<FastifyInstance> {

@@ -29,6 +29,7 @@ import { Quarantine, type QuarantinedFile } from './quarantine.ts';
 import { fsyncDir } from '../util/durable-file.ts';
 import { FencedBackend, FileBackend, ReadOnlyBackend, StickyErrorBackend, VolumeHealth } from './volume-backends.ts';
 import { WriterLeases, parseExportName, publicLease, writerTokenPattern, type PublicLease } from './writer-leases.ts';
+import { namePattern, nameRule } from '../util/names.ts';
 
 export interface Volume {
   name: string;
@@ -73,7 +74,6 @@ interface OpenFile {
   users: number;
 }
 
-export const volumeNamePattern = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 /** Largest volume: 2^50 bytes is far beyond these machines and still exact in a JS number. */
 export const maxVolumeBytes = 2 ** 50;
 
@@ -152,8 +152,8 @@ export class VolumeService implements ExportProvider {
   }
 
   async create(name: string, sizeBytes: number, readOnly = false): Promise<Volume> {
-    if (!volumeNamePattern.test(name)) {
-      throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid volume name "${name}": 1-63 characters of a-z, 0-9, '.', '-', '_', starting with a letter or digit`);
+    if (!namePattern.test(name)) {
+      throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid volume name "${name}": ${nameRule}`);
     }
     checkVolumeSize(sizeBytes);
     return this.#changes.run(name, async () => {
