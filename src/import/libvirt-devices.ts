@@ -23,6 +23,8 @@ export interface MappedDevices {
   disks: RequestDisk[];
   nics: RequestNic[];
   bootOrder: BootEntry[];
+  /** The target dev of the domain's first hard disk, carried or not: what `<boot dev='hd'/>` boots. */
+  firstHardDisk?: string;
 }
 
 // The limits of CreateVmRequestSchema and of the spec (src/qemu/spec.ts).
@@ -296,6 +298,7 @@ export function mapDevices(devices: XmlElement | undefined, storage: NbdServerAd
     const order = bootOrderOf(element);
     let diskId: string | undefined;
     if (element.name === 'disk') {
+      if (mapped.firstHardDisk === undefined && (element.attrs.device ?? 'disk') === 'disk') mapped.firstHardDisk = child(element, 'target')?.attrs.dev ?? '(no target)';
       const disk = mapDisk(element, storage, findings);
       if (disk && mapped.disks.length >= maxDisks) findings.drop(element, `vmferry gives a VM at most ${maxDisks} disks`);
       else if (disk && mapped.disks.some((d) => d.id === disk.id)) findings.drop(element, `another disk already has the id '${disk.id}'`);

@@ -272,16 +272,19 @@ function mapBoot(os: OsSettings, devices: MappedDevices, findings: Findings): Cr
       }
       findings.drop(entry.element, 'vmferry boots from a disk it carried or from a kernel; the VM boots from the next one in order', `boot order ${entry.order}: ${describe(entry.element)}`);
     }
-  } else if (os.bootDevs.length === 0) {
-    diskId = firstDisk;
   } else {
-    for (const boot of os.bootDevs) {
-      const dev = boot.attrs.dev ?? '(none)';
+    // libvirt boots from the first hard disk when <os> names no boot device.
+    const bootDevs = os.bootDevs.length > 0 ? os.bootDevs : [undefined];
+    for (const boot of bootDevs) {
+      const dev = boot?.attrs.dev ?? 'hd';
       if (dev === 'hd' && firstDisk !== undefined) {
         diskId = firstDisk;
+        if (devices.firstHardDisk !== firstDisk && boot !== undefined) {
+          findings.drop(boot, `the disk it boots (${devices.firstHardDisk}) is not carried: the VM boots from ${firstDisk} instead, which may hold no boot loader`, `boot dev='hd'`);
+        }
         break;
       }
-      findings.drop(boot, 'vmferry boots from a disk it carried or from a kernel', `boot dev='${dev}'`);
+      if (boot !== undefined) findings.drop(boot, 'vmferry boots from a disk it carried or from a kernel', `boot dev='${dev}'`);
     }
   }
   if (diskId === undefined) {
@@ -312,6 +315,7 @@ function reportTop(domain: XmlElement, findings: Findings): void {
       if (element.text === defaultLifecycle[element.name]) findings.ignore(element, 'QEMU\'s own behaviour', `${element.name} ${element.text}`);
       else findings.drop(element, 'vmferry\'s VMs stop on power-off and reset on reboot', `${element.name} ${element.text}`);
     } else if (element.name === 'memoryBacking') {
+      if (element.children.length === 0) findings.ignore(element, 'no options in it');
       for (const option of element.children) findings.drop(option, 'vmferry backs guest memory with ordinary host memory', `memoryBacking ${describe(option)}`);
     } else {
       findings.drop(element, topReasons[element.name] ?? 'vmferry has no equivalent; the VM runs without it');
