@@ -8,17 +8,31 @@ export interface NotCarried {
   why: string;
 }
 
+/** Findings in the order of the file, as the user reads it, whatever order the mapping visits it in. */
 export class Findings {
-  readonly notCarried: NotCarried[] = [];
-  readonly ignored: string[] = [];
+  readonly #notCarried: { position: number; item: NotCarried }[] = [];
+  readonly #ignored: { position: number; item: string }[] = [];
 
   /** Something the guest or the user will miss: an element, or `detail` of it. */
   drop(element: XmlElement, why: string, detail?: string): void {
-    this.notCarried.push({ what: `${detail ?? describe(element)} at ${element.path}`, why });
+    this.#notCarried.push({ position: element.position, item: { what: `${detail ?? describe(element)} at ${element.path}`, why } });
   }
 
   /** A harmless default vmferry has its own version of. */
   ignore(element: XmlElement, note: string, detail?: string): void {
-    this.ignored.push(`${detail ?? describe(element)} at ${element.path}: ${note}`);
+    this.#ignored.push({ position: element.position, item: `${detail ?? describe(element)} at ${element.path}: ${note}` });
   }
+
+  get notCarried(): NotCarried[] {
+    return inDocumentOrder(this.#notCarried);
+  }
+
+  get ignored(): string[] {
+    return inDocumentOrder(this.#ignored);
+  }
+}
+
+function inDocumentOrder<T>(entries: { position: number; item: T }[]): T[] {
+  // Array.prototype.sort is stable: findings on one element keep the order they were made in.
+  return [...entries].sort((a, b) => a.position - b.position).map((entry) => entry.item);
 }

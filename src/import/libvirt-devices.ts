@@ -65,7 +65,10 @@ const deviceReasons: Record<string, string> = {
 };
 
 function drop(findings: Findings, element: XmlElement): void {
-  findings.drop(element, deviceReasons[element.name] ?? 'vmferry has no such device; the VM runs without it');
+  // <video>, <sound>, <rng>, <watchdog> and the like say what they are in a model, attribute or child.
+  const model = child(element, 'model')?.attrs.type;
+  const detail = model === undefined ? undefined : `${describe(element)} (model '${model}')`;
+  findings.drop(element, deviceReasons[element.name] ?? 'vmferry has no such device; the VM runs without it', detail);
 }
 
 /** A `<boot order='N'/>` inside a device, if it has one. */

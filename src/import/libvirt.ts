@@ -166,6 +166,8 @@ function mapCpu(cpu: XmlElement | undefined, findings: Findings): string | undef
     } else if (element.name === 'topology') {
       const topology = Object.entries(element.attrs).map(([k, v]) => `${k}=${v}`).join(' ');
       findings.drop(element, 'vmferry passes only the vCPU count and QEMU chooses the topology', `cpu topology ${topology}`);
+    } else if (element.name === 'numa') {
+      findings.drop(element, 'vmferry gives the guest a single NUMA node', `cpu ${describe(element)}`);
     } else {
       findings.drop(element, 'vmferry does not set it', `cpu ${describe(element)}`);
     }
@@ -238,6 +240,9 @@ function mapOs(os: XmlElement | undefined, context: LibvirtImportContext, findin
       case 'bootmenu':
         if (element.attrs.enable === 'yes') findings.drop(element, 'vmferry VMs have no boot menu');
         else findings.ignore(element, 'no boot menu, as in vmferry');
+        break;
+      case 'smbios':
+        findings.drop(element, 'vmferry sets no SMBIOS strings: the guest sees QEMU\'s defaults');
         break;
       default:
         findings.drop(element, 'vmferry does not set it');

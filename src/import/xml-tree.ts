@@ -15,6 +15,8 @@ export interface XmlElement {
   text: string;
   /** Where it is: `/domain/devices/disk[2]`; the index appears only when siblings share the name. */
   path: string;
+  /** Its place in document order (the root is 0). */
+  position: number;
 }
 
 // preserveOrder keeps devices in document order: libvirt's order is what a user reads in `virsh dumpxml`.
@@ -37,7 +39,7 @@ function isRecord(value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null && !Array.isArray(value);
 }
 
-function toElements(nodes: unknown, parentPath: string): XmlElement[] {
+function toElements(nodes: unknown, parentPath: string, counter: { next: number }): XmlElement[] {
   if (!Array.isArray(nodes)) return [];
   const elements: { name: string; node: OrderedNode }[] = [];
   for (const node of nodes as unknown[]) {
@@ -55,6 +57,7 @@ function toElements(nodes: unknown, parentPath: string): XmlElement[] {
     const attrs: Record<string, string> = {};
     const rawAttrs = node[':@'];
     if (isRecord(rawAttrs)) for (const [key, value] of Object.entries(rawAttrs)) attrs[key] = String(value);
+    const position = counter.next++;
     const content = node[name];
     const text = Array.isArray(content)
       ? (content as unknown[])
@@ -63,7 +66,7 @@ function toElements(nodes: unknown, parentPath: string): XmlElement[] {
           .join('')
           .trim()
       : '';
-    return { name, attrs, children: toElements(content, path), text, path };
+    return { name, attrs, children: toElements(content, path, counter), text, path, position };
   });
 }
 
@@ -79,7 +82,7 @@ export function parseXml(xml: string, what: string): XmlElement {
     const where = Number.isInteger(col) ? `line ${line}, column ${col}` : `line ${line}`;
     throw new VmferryError('VMF_INVALID_ARGUMENT', `${what} is not well-formed XML: ${msg} (${where})`);
   }
-  const roots = toElements(parser.parse(xml) as unknown, '');
+  const roots = toElements(parser.parse(xml) as unknown, '', { next: 0 });
   const root = roots[0];
   if (root === undefined) throw new VmferryError('VMF_INVALID_ARGUMENT', `${what} has no XML element in it`);
   return root;
