@@ -46,7 +46,6 @@ export const CreateVmRequestSchema = Type.Object(
       ),
     ),
     boot: Type.Union([
-      Type.Object({ kind: Type.Literal('disk'), diskId }, { additionalProperties: false }),
       Type.Object(
         { kind: Type.Literal('kernel'), kernel: Type.String({ pattern: '^/' }), initrd: Type.Optional(Type.String({ pattern: '^/' })), append: Type.Optional(Type.String({ maxLength: 4096 })) },
         { additionalProperties: false },
@@ -69,6 +68,7 @@ export const CreateVmRequestSchema = Type.Object(
         },
         { additionalProperties: false },
       ),
+      Type.Object({ kind: Type.Literal('disk'), diskId }, { additionalProperties: false }),
     ]),
     disks: Type.Array(
       Type.Object(
