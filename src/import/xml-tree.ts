@@ -85,6 +85,7 @@ export function parseXml(xml: string, what: string): XmlElement {
   const roots = toElements(parser.parse(xml) as unknown, '', { next: 0 });
   const root = roots[0];
   if (root === undefined) throw new VmferryError('VMF_INVALID_ARGUMENT', `${what} has no XML element in it`);
+  if (roots.length > 1) throw new VmferryError('VMF_INVALID_ARGUMENT', `${what} is not well-formed XML: it has ${roots.length} top-level elements (<${roots.map((r) => r.name).join('>, <')}>), not one`);
   return root;
 }
 

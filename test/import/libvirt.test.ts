@@ -208,6 +208,8 @@ test('bad input is one clear error naming the problem', () => {
     [fixture('truncated.xml'), /^truncated\.xml is not well-formed XML: Expected closing tag 'disk' .* \(line 8, column 3\)$/],
     [fixture('network-default.xml'), /^network-default\.xml is a <network>, not a libvirt <domain> definition \(virsh dumpxml NAME gives one\)$/],
     ['', /^empty\.xml is empty$/],
+    [`${domainXml('')}\n${domainXml('')}`, /^empty\.xml is not well-formed XML: Multiple possible root nodes found\. \(line 2, column \d+\)$/],
+    ['<domain/><domain/>', /^empty\.xml is not well-formed XML: it has 2 top-level elements \(<domain>, <domain>\), not one$/],
     ['<domain type="lxc"><name>c</name></domain>', /describes a 'lxc' domain; vmferry runs QEMU\/KVM/],
     [domainXml('').replace('<name>t</name>', '<name>Win10 Pro</name>'), /the domain's name 'Win10 Pro' is not a valid vmferry VM name .*: give one with --name/],
     [domainXml('').replace("arch='x86_64'", "arch='aarch64'"), /arch 'aarch64': vmferry runs x86_64 virtual machines only/],
