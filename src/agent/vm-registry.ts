@@ -220,9 +220,14 @@ export class VmRegistry {
     try {
       for (const disk of request.disks) {
         if (disk.local) {
+          const { sizeBytes } = disk.local;
+          // This agent only creates empty images; one that took import/base for a size would hand the guest a blank disk.
+          if (sizeBytes === undefined || disk.local.import !== undefined || disk.local.base !== undefined) {
+            throw new VmferryError('VMF_INVALID_SPEC', `invalid VM spec: disks.${disk.id}.local needs sizeBytes; this agent cannot create a disk from import or base`);
+          }
           const format = disk.local.format ?? 'qcow2';
           const volume = `${request.name}-${disk.id}.${format}`;
-          const path = await this.pool.create(volume, format, disk.local.sizeBytes);
+          const path = await this.pool.create(volume, format, sizeBytes);
           created.push(volume);
           disks.push({ id: disk.id, source: { kind: 'file', path, format }, readOnly: disk.readOnly ?? false, cache: disk.cache ?? 'none' });
         } else if (disk.shared) {

@@ -36,6 +36,16 @@ export const CreateVmRequestSchema = Type.Object(
     vcpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 64 })),
     memoryMiB: Type.Optional(Type.Integer({ minimum: 16, maximum: 1024 * 1024 })),
     machine: Type.Optional(Type.String({ pattern: '^[a-z0-9._-]+$' })),
+    cpu: Type.Optional(Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$', description: 'QEMU CPU model name' })),
+    nics: Type.Optional(
+      Type.Array(
+        Type.Object(
+          { bridge: Type.String({ pattern: '^[A-Za-z0-9_.-]{1,15}$' }), mac: Type.Optional(Type.String({ pattern: '^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$' })) },
+          { additionalProperties: false },
+        ),
+        { maxItems: 8 },
+      ),
+    ),
     boot: Type.Union([
       Type.Object(
         { kind: Type.Literal('kernel'), kernel: Type.String({ pattern: '^/' }), initrd: Type.Optional(Type.String({ pattern: '^/' })), append: Type.Optional(Type.String({ maxLength: 4096 })) },
@@ -59,6 +69,7 @@ export const CreateVmRequestSchema = Type.Object(
         },
         { additionalProperties: false },
       ),
+      Type.Object({ kind: Type.Literal('disk'), diskId }, { additionalProperties: false }),
     ]),
     disks: Type.Array(
       Type.Object(
@@ -66,7 +77,14 @@ export const CreateVmRequestSchema = Type.Object(
           id: diskId,
           local: Type.Optional(
             Type.Object(
-              { sizeBytes: Type.Integer({ minimum: 1 << 20, maximum: 2 ** 50 }), format: Type.Optional(Type.Union([Type.Literal('qcow2'), Type.Literal('raw')])) },
+              {
+                sizeBytes: Type.Optional(Type.Integer({ minimum: 1 << 20, maximum: 2 ** 50 })),
+                format: Type.Optional(Type.Union([Type.Literal('qcow2'), Type.Literal('raw')])),
+                /** An existing qcow2/raw image on the agent's host to copy into the pool. */
+                import: Type.Optional(Type.String({ pattern: '^/', maxLength: 4096 })),
+                /** A shared volume used as the read-only backing file of a qcow2 overlay in the pool. */
+                base: Type.Optional(Type.String({ minLength: 1, maxLength: 4096 })),
+              },
               { additionalProperties: false },
             ),
           ),

@@ -4,6 +4,7 @@ import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
 import { VmferryError } from '../errors.ts';
 import { defaultControllerUrl, parseListen, parsePositive, parseSize, printJson } from './common.ts';
 import { ControllerClient } from '../controller/client.ts';
+import { registerVmImport } from './import.ts';
 import { followMigration } from './progress.ts';
 import { registerQuarantineCommands } from './quarantine.ts';
 import { renderPlan, renderReport, table } from './render.ts';
@@ -106,6 +107,7 @@ export function registerClusterCommands(program: Command): void {
       if (json) printJson(created);
       else console.log(`created VM ${created.name} on ${created.host}`);
     });
+  registerVmImport(vm);
   vm.command('start <name>')
     .description('start a VM')
     .action(async (name: string, _opts, command: Command) => {
