@@ -314,8 +314,8 @@ export class VmRegistry {
     const found = await this.#incoming(id);
     if (!found) return 'gone';
     if (found.phase === 'resumed') return 'guest-ran';
-    if (!found.entry.qemu?.isAlive) return 'gone';
-    const status = await found.entry.qemu.status();
+    const status = await found.entry.qemu?.statusUnlessExited();
+    if (!status) return 'gone';
     return guestNeverRan(status) ? 'never-ran' : 'guest-ran';
   }
 

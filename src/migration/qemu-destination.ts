@@ -143,8 +143,8 @@ export class QemuDestination implements DestinationSide {
   async fate(): Promise<DestinationFate> {
     await this.#resuming;
     if (this.#resumed) return 'guest-ran';
-    if (this.#vm?.isAlive !== true) return 'gone';
-    const status = await this.#vm.status();
+    const status = await this.#vm?.statusUnlessExited();
+    if (!status) return 'gone';
     return guestNeverRan(status) ? 'never-ran' : 'guest-ran';
   }
 

@@ -8,7 +8,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { mkdir, open, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
-import { VmferryError, describeError } from '../errors.ts';
+import { VmferryError, describeError, hasCode } from '../errors.ts';
 import { QmpClient } from '../qmp/client.ts';
 import { QemuMonitor, type StatusInfo } from '../qmp/commands.ts';
 import { qemuArguments, type StartMode } from './command-line.ts';
@@ -199,6 +199,21 @@ export class QemuProcess {
 
   status(): Promise<StatusInfo> {
     return this.qmp('query-status', (monitor) => monitor.queryStatus());
+  }
+
+  /**
+   * The run state, or undefined when the process has exited. A QEMU killed a
+   * moment ago still looks alive until its exit is reaped; the query then
+   * fails with VMF_QEMU_EXITED, which means the same thing here.
+   */
+  async statusUnlessExited(): Promise<StatusInfo | undefined> {
+    if (!this.isAlive) return undefined;
+    try {
+      return await this.status();
+    } catch (err) {
+      if (hasCode(err, 'VMF_QEMU_EXITED')) return undefined;
+      throw err;
+    }
   }
 
   /**
