@@ -15,6 +15,7 @@ export const errorCodes = {
   VMF_ABORTED: 'An operation was cancelled.',
   VMF_QEMU_START: 'A QEMU process failed to start.',
   VMF_QEMU_EXITED: 'A QEMU process exited unexpectedly.',
+  VMF_ACCEL_UNAVAILABLE: 'The accelerator asked for (`--accel kvm`) cannot run guests on this host; the message says why (no /dev/kvm, a probe guest that hung, …).',
   VMF_COMMAND_FAILED: 'An external program (qemu-img, …) failed; the message carries its output.',
   VMF_VOLUME_EXISTS: 'A volume of that name already exists.',
   VMF_VOLUME_NOT_FOUND: 'No volume of that name exists.',

@@ -4,6 +4,7 @@
  * imports the other's code.
  */
 import { Type, type Static } from '@sinclair/typebox';
+import { cpuModelPattern } from '../qemu/spec.ts';
 
 const name = Type.String({ pattern: '^[a-z0-9][a-z0-9._-]{0,62}$', description: 'VM name: a-z, 0-9, ".", "-", "_"' });
 const diskId = Type.String({ pattern: '^[a-z][a-z0-9_-]{0,19}$' });
@@ -35,6 +36,8 @@ export const CreateVmRequestSchema = Type.Object(
     vcpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 64 })),
     memoryMiB: Type.Optional(Type.Integer({ minimum: 16, maximum: 1024 * 1024 })),
     machine: Type.Optional(Type.String({ pattern: '^[a-z0-9._-]+$' })),
+    /** QEMU CPU model; default qemu64-v1 (defaultCpuModel in src/qemu/cpu-models.ts). */
+    cpu: Type.Optional(Type.String({ pattern: cpuModelPattern.source, description: 'QEMU CPU model name, e.g. qemu64-v1, Westmere-v1' })),
     boot: Type.Union([
       Type.Object(
         { kind: Type.Literal('kernel'), kernel: Type.String({ pattern: '^/' }), initrd: Type.Optional(Type.String({ pattern: '^/' })), append: Type.Optional(Type.String({ maxLength: 4096 })) },
@@ -106,6 +109,9 @@ export interface HostInfo {
   /** The address other hosts reach this one at, for migration streams and NBD exports. */
   address: string;
   qemuVersion: string;
+  /** What runs this host's guests, and why (src/qemu/accel.ts). */
+  accelerator: 'kvm' | 'tcg';
+  acceleratorReason: string;
   freeMemoryMiB: number;
   poolFreeBytes: number;
   vms: number;
