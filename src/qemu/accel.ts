@@ -30,7 +30,7 @@ export interface KvmProbeOptions {
   kvmDevice?: string;
 }
 
-/** A working KVM reaches the marker in well under a second (TCG here: ~0.2 s); a hung guest never does. */
+/** Far beyond what a working KVM needs to reach the marker (even TCG needs less: test/qemu/accel.test.ts); a hung guest never does. */
 export const defaultKvmProbeTimeoutMs = 3_000;
 
 export const probeMarker = 'VMFERRY-KVM-PROBE-OK';

@@ -38,7 +38,7 @@ interface CpuDefinition {
 }
 
 /**
- * Asks a short-lived QEMU (`-machine none`: no guest, no devices, ~0.4 s)
+ * Asks a short-lived QEMU (`-machine none`: no guest, no devices, quick)
  * started with `accel` which CPU models it can run.
  */
 export async function queryCpuModels(accel: Accelerator, binary = defaultQemuBinary): Promise<CpuModels> {
