@@ -21,6 +21,7 @@ export const errorCodes = {
   VMF_QMP_CLOSED: { status: 502, meaning: 'The QMP connection closed while commands or waits were pending.' },
   VMF_TIMEOUT: { status: 504, meaning: 'An operation did not finish within its time limit.' },
   VMF_ABORTED: { status: 409, meaning: 'An operation was cancelled.' },
+  VMF_ACCEL_UNAVAILABLE: { status: 503, meaning: 'The accelerator asked for (`--accel kvm`) cannot run guests on this host; the message says why (no /dev/kvm, a probe guest that hung, …).' },
   VMF_QEMU_START: { status: 502, meaning: 'A QEMU process failed to start.' },
   VMF_QEMU_EXITED: { status: 502, meaning: 'A QEMU process exited unexpectedly.' },
   VMF_COMMAND_FAILED: { status: 502, meaning: 'An external program (qemu-img, …) failed; the message carries its output.' },

@@ -5,7 +5,16 @@ import { requestJson } from '../http/errors.ts';
 
 export const heartbeatIntervalMs = 3_000;
 
-export function startHeartbeat(controllerUrl: string, host: { id: string; url: string; address: string }, logger: Logger): () => void {
+/** What an agent tells the controller about its host (HostRecord in src/store/store.ts, less lastSeen). */
+export interface HeartbeatHost {
+  id: string;
+  url: string;
+  address: string;
+  accelerator?: 'kvm' | 'tcg';
+  acceleratorReason?: string;
+}
+
+export function startHeartbeat(controllerUrl: string, host: HeartbeatHost, logger: Logger): () => void {
   let failing = false;
   const beat = (): void => {
     requestJson(controllerUrl, 'POST', '/v1/hosts/heartbeat', { body: host, timeoutMs: 2_000 }).then(

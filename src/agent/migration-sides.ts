@@ -73,7 +73,8 @@ export class MigrationSides {
   readonly #abandonAfterMs: number;
   readonly #sweeper: NodeJS.Timeout | undefined;
   #sweeping = false;
-  #qemu: QemuCapabilities | undefined;
+  /** Asked once (a short-lived QEMU answers the CPU models); concurrent first callers share the question. */
+  #qemu: Promise<QemuCapabilities> | undefined;
 
   constructor(registry: VmRegistry, address: string, logger: Logger, options: MigrationSidesOptions = { abandonAfterMs: defaultAbandonAfterMs }) {
     this.#registry = registry;
@@ -93,8 +94,12 @@ export class MigrationSides {
     clearInterval(this.#sweeper);
   }
 
-  async capabilities(): Promise<QemuCapabilities> {
-    this.#qemu ??= await qemuCapabilities();
+  capabilities(): Promise<QemuCapabilities> {
+    this.#qemu ??= qemuCapabilities(this.#registry.accelerator.accelerator).catch((err: unknown) => {
+      // A failure is asked again next time, not remembered.
+      this.#qemu = undefined;
+      throw err;
+    });
     return this.#qemu;
   }
 
@@ -175,6 +180,7 @@ export class MigrationSides {
       pool: this.#registry.pool,
       vmDir: (name) => this.#registry.vmDir(name),
       address: this.#address,
+      accel: this.#registry.accelerator.accelerator,
       ...(this.#registry.fence ? { fence: this.#registry.fence } : {}),
       logger: this.#logger.child({ migration: id }),
     });

@@ -13,6 +13,7 @@ import { CreateVmRequestSchema, MigrationParamsSchema, MigrationPlanSchema, Mirr
 import { replySignal } from '../http/request-signal.ts';
 import type { MigrationPlan } from '../migration/plan.ts';
 import type { MigrationSettings } from '../migration/sides.ts';
+import type { HostAccelerator } from '../qemu/accel.ts';
 import { validateVmSpec } from '../qemu/spec.ts';
 import { MigrationSides, defaultAbandonAfterMs } from './migration-sides.ts';
 import { faultPoint } from '../util/fault-points.ts';
@@ -30,6 +31,8 @@ export interface AgentOptions {
   storageUrl?: string;
   /** A migration half no controller has touched for this long is settled by the agent where that is safe (default 60 s; 0: never). */
   abandonAfterMs?: number;
+  /** What runs this host's guests (chooseAccelerator in src/qemu/accel.ts); default TCG, unprobed, for agents built inside tests. */
+  accelerator?: HostAccelerator;
   logger: Logger;
 }
 
@@ -68,7 +71,8 @@ async function availableMemoryMiB(): Promise<number> {
 export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyInstance; registry: VmRegistry }> {
   const fence = options.storageUrl ? new SharedWriterFence(options.storageUrl, options.hostId) : undefined;
   if (!fence) options.logger.warn('no storage admin URL: shared volumes are not fenced, a stale QEMU could still write to them');
-  const registry = new VmRegistry(options.hostId, options.dataDir, options.logger, fence);
+  const accelerator = options.accelerator ?? { accelerator: 'tcg', reason: 'not probed: the embedding program chose no accelerator' };
+  const registry = new VmRegistry(options.hostId, options.dataDir, options.logger, accelerator, fence);
   await registry.init();
   const sides = new MigrationSides(registry, options.address, options.logger, { abandonAfterMs: options.abandonAfterMs ?? defaultAbandonAfterMs });
   await sides.recoverSources();
@@ -81,6 +85,8 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
       hostId: options.hostId,
       address: options.address,
       qemuVersion: (await sides.capabilities()).version,
+      accelerator: accelerator.accelerator,
+      acceleratorReason: accelerator.reason,
       freeMemoryMiB: await availableMemoryMiB(),
       poolFreeBytes: fs.bavail * fs.bsize,
       vms: registry.names().length,

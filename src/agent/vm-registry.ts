@@ -14,6 +14,8 @@ import { dirname, join } from 'node:path';
 import type { Logger } from 'pino';
 import { VmferryError } from '../errors.ts';
 import { guestKernelAppend, testGuestPaths } from '../guest/test-guest.ts';
+import type { HostAccelerator } from '../qemu/accel.ts';
+import { defaultCpuModel } from '../qemu/cpu-models.ts';
 import { QemuProcess, killOrphanQemu } from '../qemu/process.ts';
 import { validateVmSpec, type DiskSpec, type VmSpec } from '../qemu/spec.ts';
 import { LocalPool } from '../storage/local-pool.ts';
@@ -38,12 +40,15 @@ export class VmRegistry {
   /** The one-writer fence of shared volumes, when the agent knows the storage server's admin API. */
   readonly fence: SharedWriterFence | undefined;
   readonly quarantine: Quarantine;
+  /** What runs this host's guests: every QEMU this agent starts, a VM's or a migration's destination, uses it. */
+  readonly accelerator: HostAccelerator;
   readonly #dataDir: string;
   readonly #logger: Logger;
   readonly #vms = new Map<string, VmEntry>();
 
-  constructor(hostId: string, dataDir: string, logger: Logger, fence?: SharedWriterFence) {
+  constructor(hostId: string, dataDir: string, logger: Logger, accelerator: HostAccelerator, fence?: SharedWriterFence) {
     this.hostId = hostId;
+    this.accelerator = accelerator;
     this.fence = fence;
     this.#dataDir = dataDir;
     this.#logger = logger;
@@ -246,6 +251,7 @@ export class VmRegistry {
         vcpus: request.vcpus ?? 1,
         memoryMiB: request.memoryMiB ?? 256,
         ...(request.machine ? { machine: request.machine } : {}),
+        cpu: request.cpu ?? defaultCpuModel,
         boot,
         disks,
         serialLogs: Array.from({ length: serialPorts }, (_, i) => join(vmDir, `serial${i}.log`)),
@@ -270,7 +276,7 @@ export class VmRegistry {
       await this.#persist(spec);
       entry.spec = spec;
     }
-    entry.qemu = await QemuProcess.start(entry.spec, { runDir: join(this.vmDir(name), 'qemu'), logger: this.#logger });
+    entry.qemu = await QemuProcess.start(entry.spec, { runDir: join(this.vmDir(name), 'qemu'), accel: this.accelerator.accelerator, logger: this.#logger });
     return this.info(name);
   }
 

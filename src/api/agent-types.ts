@@ -4,6 +4,7 @@
  * imports the other's code.
  */
 import { Type, type Static } from '@sinclair/typebox';
+import { cpuModelPattern } from '../qemu/spec.ts';
 import { namePatternSource, nameRule } from '../util/names.ts';
 
 const name = Type.String({ pattern: namePatternSource, description: `VM name: ${nameRule}` });
@@ -36,7 +37,8 @@ export const CreateVmRequestSchema = Type.Object(
     vcpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 64 })),
     memoryMiB: Type.Optional(Type.Integer({ minimum: 16, maximum: 1024 * 1024 })),
     machine: Type.Optional(Type.String({ pattern: '^[a-z0-9._-]+$' })),
-    cpu: Type.Optional(Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$', description: 'QEMU CPU model name' })),
+    /** QEMU CPU model; default qemu64-v1 (defaultCpuModel in src/qemu/cpu-models.ts). */
+    cpu: Type.Optional(Type.String({ pattern: cpuModelPattern.source, description: 'QEMU CPU model name, e.g. qemu64-v1, Westmere-v1' })),
     nics: Type.Optional(
       Type.Array(
         Type.Object(
@@ -132,6 +134,9 @@ export interface HostInfo {
   /** The address other hosts reach this one at, for migration streams and NBD exports. */
   address: string;
   qemuVersion: string;
+  /** What runs this host's guests, and why (src/qemu/accel.ts). */
+  accelerator: 'kvm' | 'tcg';
+  acceleratorReason: string;
   freeMemoryMiB: number;
   poolFreeBytes: number;
   vms: number;

@@ -1,7 +1,10 @@
 /** CLI commands that talk to the controller: hosts, VMs, migrations. */
 import type { Command } from 'commander';
 import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
+import type { HostStatus } from '../controller/inventory.ts';
 import { VmferryError } from '../errors.ts';
+import { defaultCpuModel } from '../qemu/cpu-models.ts';
+import { cpuModelPattern } from '../qemu/spec.ts';
 import { defaultControllerUrl, parseListen, parsePositive, parseSize, printJson } from './common.ts';
 import { ControllerClient } from '../controller/client.ts';
 import { registerVmImport } from './import.ts';
@@ -40,7 +43,10 @@ export function registerClusterCommands(program: Command): void {
       const { api, json } = client(command);
       const hosts = await api.hosts();
       if (json) printJson(hosts);
-      else console.log(table(['host', 'state', 'agent', 'address', 'last seen'], hosts.map((h) => [h.id, h.state, h.url, h.address, `${Math.round((Date.now() - h.lastSeen) / 1000)} s ago`])));
+      else {
+        const rows = hosts.map((h) => [h.id, h.state, h.url, h.address, accelColumn(h), `${Math.round((Date.now() - h.lastSeen) / 1000)} s ago`]);
+        console.log(table(['host', 'state', 'agent', 'address', 'accelerator', 'last seen'], rows));
+      }
     });
   registerQuarantineCommands(host);
 
@@ -64,6 +70,7 @@ export function registerClusterCommands(program: Command): void {
     .requiredOption('--host <host>', 'host to create it on')
     .option('--memory <MiB>', 'memory in MiB', '256')
     .option('--vcpus <n>', 'virtual CPUs', '1')
+    .option('--cpu <model>', `QEMU CPU model, the same on every host it moves to (default ${defaultCpuModel}; e.g. Westmere-v1 for x86-64-v2 guests)`)
     .option('--local-disk <id:size>', 'a local disk in the host\'s pool, e.g. root:1G (repeatable)', collect, [])
     .option('--shared-disk <id:volume>', 'a shared volume on the storage server (repeatable)', collect, [])
     .option('--ro-shared-disk <id:volume>', 'a read-only shared volume (repeatable)', collect, [])
@@ -101,6 +108,7 @@ export function registerClusterCommands(program: Command): void {
         name,
         memoryMiB: parsePositive(opts.memory as string, '--memory'),
         vcpus: parsePositive(opts.vcpus as string, '--vcpus'),
+        ...(typeof opts.cpu === 'string' ? { cpu: parseCpuModel(opts.cpu) } : {}),
         boot,
         disks,
       });
@@ -207,6 +215,19 @@ export function registerClusterCommands(program: Command): void {
       if (json) printJson(record);
       else console.log(`cancel requested for migration ${id} (${record.phase})`);
     });
+}
+
+function parseCpuModel(text: string): string {
+  if (!cpuModelPattern.test(text)) {
+    throw new VmferryError('VMF_INVALID_ARGUMENT', `--cpu must be a QEMU CPU model name such as Westmere-v1, without features or options (got "${text}")`);
+  }
+  return text;
+}
+
+/** A host's accelerator with why it was chosen: "tcg (KVM unusable: …)". */
+function accelColumn(host: HostStatus): string {
+  if (!host.accelerator) return 'unknown (agent too old to report it)';
+  return host.acceleratorReason ? `${host.accelerator} (${host.acceleratorReason})` : host.accelerator;
 }
 
 /** A VM's state for people: a migration that holds it, and why when it is unresolved. */

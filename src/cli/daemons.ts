@@ -4,6 +4,7 @@ import { buildAgent } from '../agent/server.ts';
 import { startHeartbeat } from '../agent/heartbeat.ts';
 import { buildController } from '../controller/server.ts';
 import { VmferryError } from '../errors.ts';
+import { chooseAccelerator, parseAccelMode } from '../qemu/accel.ts';
 import { daemonLogger, parseListen, untilSignal } from './common.ts';
 
 export function registerDaemonCommands(program: Command): void {
@@ -16,15 +17,30 @@ export function registerDaemonCommands(program: Command): void {
     .option('--address <ip>', 'address other hosts reach this one at (default: the --listen host)')
     .option('--storage <url>', 'the storage server\'s admin URL, to fence shared volumes to one writer (or VMFERRY_STORAGE)', process.env.VMFERRY_STORAGE)
     .option('--advertise-url <url>', 'the URL the controller reaches this agent at, when not the --listen address (a proxy or NAT in front of it)')
+    .option('--accel <mode>', 'what runs guests: auto (KVM when a probe guest runs under it, else TCG), kvm (refuse to start without it) or tcg', 'auto')
     .option('--abandon-after <seconds>', 'settle a migration half alone once no controller has touched it this long, where that is safe (0: never)', '60')
     .action(async (_opts, command: Command) => {
       // --controller is the global option: the controller this agent registers with and heartbeats to.
-      const opts = command.optsWithGlobals<{ hostId: string; listen: string; dataDir: string; address?: string; storage?: string; abandonAfter: string; advertiseUrl?: string; controller: string }>();
+      const opts = command.optsWithGlobals<{
+        hostId: string;
+        listen: string;
+        dataDir: string;
+        address?: string;
+        storage?: string;
+        accel: string;
+        abandonAfter: string;
+        advertiseUrl?: string;
+        controller: string;
+      }>();
       const listen = parseListen(opts.listen, '--listen');
       const abandonAfterS = Number(opts.abandonAfter);
       if (!Number.isFinite(abandonAfterS) || abandonAfterS < 0) throw new VmferryError('VMF_INVALID_ARGUMENT', `--abandon-after must be a number of seconds, 0 or more (got "${opts.abandonAfter}")`);
       const advertiseUrl = opts.advertiseUrl === undefined ? undefined : parseHttpUrl(opts.advertiseUrl, '--advertise-url');
+      const accelMode = parseAccelMode(opts.accel, '--accel');
       const logger = daemonLogger(`agent-${opts.hostId}`);
+      // Before anything listens: with --accel kvm on a host whose KVM cannot run a guest, the agent does not start at all.
+      const accelerator = await chooseAccelerator(accelMode);
+      logger.info({ accelerator: accelerator.accelerator, reason: accelerator.reason }, `guests run under ${accelerator.accelerator.toUpperCase()}: ${accelerator.reason}`);
       const address = opts.address ?? listen.host;
       const { app } = await buildAgent({
         hostId: opts.hostId,
@@ -32,11 +48,16 @@ export function registerDaemonCommands(program: Command): void {
         address,
         logger,
         abandonAfterMs: abandonAfterS * 1000,
+        accelerator,
         ...(opts.storage ? { storageUrl: opts.storage } : {}),
       });
       const url = await app.listen({ host: listen.host, port: listen.port });
       logger.info({ url }, `agent ${opts.hostId} listening`);
-      const stopHeartbeat = startHeartbeat(opts.controller, { id: opts.hostId, url: advertiseUrl ?? url, address }, logger);
+      const stopHeartbeat = startHeartbeat(
+        opts.controller,
+        { id: opts.hostId, url: advertiseUrl ?? url, address, accelerator: accelerator.accelerator, acceleratorReason: accelerator.reason },
+        logger,
+      );
       await untilSignal();
       // Guests keep running: they are re-adopted when the agent starts again.
       stopHeartbeat();

@@ -76,6 +76,7 @@ async function runDemo(cluster: LocalCluster, say: (line: string) => void, json:
   const [a, b] = [cluster.host('A'), cluster.host('B')];
   say(`  host A at ${a.address}${a.namespace ? ` (namespace ${a.namespace})` : ''}, host B at ${b.address}${b.namespace ? ` (namespace ${b.namespace})` : ''}`);
   say(`  storage server NBD at ${cluster.storageNbd.host}:${cluster.storageNbd.port}, controller at ${cluster.controllerUrl}`);
+  for (const host of await api.hosts()) say(`  host ${host.id} runs guests under ${host.accelerator?.toUpperCase() ?? 'an unreported accelerator'}: ${host.acceleratorReason ?? ''}`);
 
   await cluster.storage.volumes.create('demo-data', 128 * 1024 * 1024);
   await api.createVm('A', {

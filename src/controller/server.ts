@@ -43,7 +43,14 @@ export async function buildController(
     {
       schema: {
         body: Type.Object(
-          { id: Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' }), url: Type.String({ pattern: '^https?://' }), address: Type.String({ minLength: 1 }) },
+          {
+            id: Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' }),
+            url: Type.String({ pattern: '^https?://' }),
+            address: Type.String({ minLength: 1 }),
+            // Optional: an agent of the previous version still registers.
+            accelerator: Type.Optional(Type.Union([Type.Literal('kvm'), Type.Literal('tcg')])),
+            acceleratorReason: Type.Optional(Type.String({ maxLength: 1000 })),
+          },
           { additionalProperties: false },
         ),
       },

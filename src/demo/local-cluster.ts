@@ -16,6 +16,7 @@ import { ControllerClient } from '../controller/client.ts';
 import { buildController } from '../controller/server.ts';
 import { StorageServer } from '../storage/server.ts';
 import { requestJson } from '../http/errors.ts';
+import type { AccelMode } from '../qemu/accel.ts';
 import { findFreePort } from '../util/ports.ts';
 import { runProgram } from '../util/run.ts';
 import { canUseNamespaces, createNamespaceNetwork, type NamespaceNetwork } from './netns.ts';
@@ -46,6 +47,8 @@ export interface LocalClusterOptions {
   controllerProcess?: boolean;
   /** The agents' --abandon-after, in seconds (default: the agent's own, 60). */
   abandonAfterS?: number;
+  /** The agents' --accel (default: the agent's own, auto: a KVM probe of a few seconds at each agent start where KVM hangs). */
+  accel?: AccelMode;
   /** Run the storage server as its own process (`vmferry storage serve`), so it can be killed like a crash would. */
   storageProcess?: boolean;
   /**
@@ -152,6 +155,7 @@ export class LocalCluster {
       // Migration streams and mirror exports go over the direct link when there is one.
       if (namespaceHost?.linkAddress) args.push('--address', namespaceHost.linkAddress);
       if (options.abandonAfterS !== undefined) args.push('--abandon-after', String(options.abandonAfterS));
+      if (options.accel !== undefined) args.push('--accel', options.accel);
       const command = namespaceHost ? ['ip', 'netns', 'exec', namespaceHost.namespace, process.execPath, ...args] : [process.execPath, ...args];
       this.hosts.push({ id, address, dataDir, agentUrl, command, process: this.#spawnDaemon(`host ${id}`, command, this.#agentEnv?.({ id, dataDir })), namespace: namespaceHost?.namespace });
     }

@@ -4,6 +4,7 @@
  * the destination reaches — or refuse with the reason, before anything moves.
  * Pure: every fact about the destination comes in as data, probed beforehand.
  */
+import type { Accelerator } from '../qemu/accel.ts';
 import { memoryDigestMaxMiB } from '../qemu/memory-digest.ts';
 import { downtimeSteps } from './convergence.ts';
 import type { DiskSpec, NbdServerAddress, VmSpec } from '../qemu/spec.ts';
@@ -51,6 +52,10 @@ export interface DestinationFacts {
   qemuVersion: string;
   /** Machine types the destination's QEMU supports (aliases resolved, e.g. q35 → pc-q35-7.2). */
   machineTypes: string[];
+  /** What runs guests on the destination: every QEMU its agent starts uses it. */
+  accelerator: Accelerator;
+  /** The VM's CPU model, and the features the destination's QEMU cannot offer for it under its accelerator (null: it does not know the model). */
+  cpu: { model: string; unavailableFeatures: string[] | null };
   freeMemoryMiB: number;
   poolFreeBytes: number;
   /** Shared exports the destination actually connected to, keyed by exportKey(); value is the size it saw. */
@@ -65,7 +70,7 @@ export interface SourceFacts {
   /** The machine type the running VM uses, resolved (pc-q35-7.2, not q35). */
   machineType: string;
   /** What runs the guest's vCPUs: the kernel (kvm) or QEMU's own translator (tcg). */
-  accelerator: 'kvm' | 'tcg';
+  accelerator: Accelerator;
   localDisks: Record<string, LocalDiskFacts>;
 }
 
@@ -183,6 +188,22 @@ export function planMigration(
   if (destination.vmNames.includes(spec.name)) refusals.push(`${destination.hostId} already has a VM named ${spec.name}`);
   if (!destination.machineTypes.includes(source.machineType)) {
     refusals.push(`${destination.hostId} (QEMU ${destination.qemuVersion}) does not support machine type ${source.machineType}`);
+  }
+  if (source.accelerator !== destination.accelerator) {
+    // QEMU saves a KVM guest's CPU state in KVM's terms; TCG neither restores it faithfully nor keeps the guest's timing.
+    refusals.push(
+      `the VM runs under ${source.accelerator.toUpperCase()} on ${source.hostId} but ${destination.hostId} runs guests under ${destination.accelerator.toUpperCase()}: ` +
+        `QEMU does not move a guest between KVM and TCG (\`vmferry host list\` shows why each host uses its accelerator)`,
+    );
+  }
+  const missingFeatures = destination.cpu.unavailableFeatures;
+  if (missingFeatures === null) {
+    refusals.push(`${destination.hostId} (QEMU ${destination.qemuVersion}) does not know CPU model ${destination.cpu.model}`);
+  } else if (missingFeatures.length > 0) {
+    refusals.push(
+      `${destination.hostId} cannot run CPU model ${destination.cpu.model} under ${destination.accelerator.toUpperCase()}: ` +
+        `its QEMU lacks ${missingFeatures.join(', ')}`,
+    );
   }
   const disks = spec.disks.map((disk) => planDisk(disk, source, destination, refusals));
 

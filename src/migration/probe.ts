@@ -5,6 +5,8 @@
  */
 import { readFile } from 'node:fs/promises';
 import { VmferryError } from '../errors.ts';
+import type { Accelerator } from '../qemu/accel.ts';
+import { queryCpuModels, qemuBuiltinCpuModel, type CpuModels } from '../qemu/cpu-models.ts';
 import { defaultQemuBinary, type QemuProcess } from '../qemu/process.ts';
 import type { NbdServerAddress, VmSpec } from '../qemu/spec.ts';
 import type { LocalPool } from '../storage/local-pool.ts';
@@ -16,9 +18,14 @@ export interface QemuCapabilities {
   version: string;
   /** Every machine type, with aliases resolved: { q35: 'pc-q35-7.2', 'pc-q35-7.2': 'pc-q35-7.2', … }. */
   machines: Record<string, string>;
+  /** The accelerator the host runs guests under: what the CPU models below were asked for. */
+  accelerator: Accelerator;
+  /** Every CPU model, with the features QEMU cannot offer under that accelerator. */
+  cpuModels: CpuModels;
 }
 
-export async function qemuCapabilities(binary = defaultQemuBinary): Promise<QemuCapabilities> {
+/** What this host's QEMU runs under `accel` (default TCG, as tests and benchmarks start QEMU). */
+export async function qemuCapabilities(accel: Accelerator = 'tcg', binary = defaultQemuBinary): Promise<QemuCapabilities> {
   const versionText = await runProgram(binary, ['--version']);
   const version = /version (\S+)/.exec(versionText)?.[1] ?? 'unknown';
   const machines: Record<string, string> = {};
@@ -27,7 +34,7 @@ export async function qemuCapabilities(binary = defaultQemuBinary): Promise<Qemu
     if (!match || match[1] === 'Supported') continue;
     machines[match[1] as string] = match[2] ?? (match[1] as string);
   }
-  return { version, machines };
+  return { version, machines, accelerator: accel, cpuModels: await queryCpuModels(accel, binary) };
 }
 
 function nbdUri(server: NbdServerAddress, exportName: string): string {
@@ -80,10 +87,13 @@ export async function probeDestination(
     const size = await probeExport(disk.source.server, disk.source.export);
     if (size !== undefined) reachableExports[exportKey(disk.source.server, disk.source.export)] = size;
   }
+  const cpuModel = spec.cpu ?? qemuBuiltinCpuModel;
   return {
     hostId,
     qemuVersion: qemu.version,
     machineTypes: [...new Set(Object.values(qemu.machines))],
+    accelerator: qemu.accelerator,
+    cpu: { model: cpuModel, unavailableFeatures: qemu.cpuModels[cpuModel] ?? null },
     freeMemoryMiB: await availableMemoryMiB(),
     poolFreeBytes: await pool.freeBytes(),
     reachableExports,

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { VmferryError } from '../errors.ts';
 import { memoryDigest, type MemoryDigest } from '../qemu/memory-digest.ts';
+import type { Accelerator } from '../qemu/accel.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { QmpEventListener } from '../qmp/client.ts';
@@ -27,6 +28,8 @@ export interface QemuDestinationOptions {
   vmDir: (vm: string) => string;
   /** The address the source reaches this host at, for the migration stream and the NBD exports. */
   address: string;
+  /** The host's accelerator for the incoming QEMU; default TCG, as tests start QEMU directly. */
+  accel?: Accelerator;
   /** The one-writer fence of shared volumes; without it they are not fenced. */
   fence?: SharedWriterFence;
   logger?: Logger;
@@ -81,7 +84,7 @@ export class QemuDestination implements DestinationSide {
     }
     signal.throwIfAborted();
 
-    const vm = await QemuProcess.start(destinationSpec, { mode: 'incoming', runDir: join(vmDir, 'qemu'), logger: this.#options.logger });
+    const vm = await QemuProcess.start(destinationSpec, { mode: 'incoming', runDir: join(vmDir, 'qemu'), accel: this.#options.accel ?? 'tcg', logger: this.#options.logger });
     this.#vm = vm;
     // Opened before migrate-incoming, so the completion event cannot be missed.
     this.#events = vm.monitor.client.listen();

@@ -3,6 +3,7 @@
  * sides (device ids, node names, PCI slots) is derived from the spec alone, so
  * a source VM and its `-incoming` twin built from the same spec line up.
  */
+import type { Accelerator } from './accel.ts';
 import type { CacheMode, DiskSpec, VmSpec } from './spec.ts';
 import { diskFileNodeName, diskNodeName } from './spec.ts';
 
@@ -18,7 +19,7 @@ export interface CommandLineOptions {
   mode: StartMode;
   qmpSocket: string;
   pidFile: string;
-  accel: 'tcg' | 'kvm';
+  accel: Accelerator;
 }
 
 /** First PCI slot for disks; slots below stay free for other devices. */
@@ -116,6 +117,8 @@ export function qemuArguments(spec: VmSpec, options: CommandLineOptions): string
     '-nodefaults',
     '-no-user-config',
     '-display', 'none',
+    // enforce: QEMU refuses to start rather than quietly drop features the host lacks, so a guest always sees its whole model.
+    ...(spec.cpu ? ['-cpu', `${spec.cpu},enforce`] : []),
     '-m', `${spec.memoryMiB}M`,
     '-smp', String(spec.vcpus),
     '-chardev', `socket,id=qmp,path=${options.qmpSocket},server=on,wait=off`,

@@ -11,6 +11,7 @@ import type { Logger } from 'pino';
 import { VmferryError, describeError, hasCode } from '../errors.ts';
 import { QmpClient } from '../qmp/client.ts';
 import { QemuMonitor, type StatusInfo } from '../qmp/commands.ts';
+import type { Accelerator } from './accel.ts';
 import { qemuArguments, type StartMode } from './command-line.ts';
 import type { VmSpec } from './spec.ts';
 
@@ -18,7 +19,8 @@ export interface QemuStartOptions {
   mode?: StartMode;
   /** A private directory for the QMP socket, pidfile and QEMU's own log. */
   runDir: string;
-  accel?: 'tcg' | 'kvm';
+  /** The host's accelerator (src/qemu/accel.ts); default TCG, for tests that start QEMU directly. */
+  accel?: Accelerator;
   binary?: string;
   logger?: Logger;
   /** How long QEMU may take to open its monitor. */

@@ -39,6 +39,12 @@ export interface VmSpec {
   memoryMiB: number;
   /** QEMU machine type; both ends of a migration must use the same one. Default 'q35'. */
   machine?: string;
+  /**
+   * QEMU CPU model (`-cpu MODEL,enforce`), the same on both ends of a
+   * migration. Absent in VMs created before vmferry set one: QEMU's own
+   * default (qemu64) then, unchanged across migrations.
+   */
+  cpu?: string;
   boot: BootSpec;
   disks: DiskSpec[];
   /** Log files for the guest's serial ports, in order: the first is ttyS0 (the console). */
@@ -47,6 +53,8 @@ export interface VmSpec {
 
 // virtio-blk serials hold 20 bytes; QMP node names must start with a letter.
 const diskIdPattern = /^[a-z][a-z0-9_-]{0,19}$/;
+// A bare model name: a comma would smuggle -cpu properties (features, enforce=off) into the command line.
+export const cpuModelPattern = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const cacheModes: readonly CacheMode[] = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'];
 export const maxDisks = 16;
 export const maxSerialPorts = 4;
@@ -158,6 +166,9 @@ export function validateVmSpec(value: unknown): VmSpec {
   if (value.machine !== undefined && (typeof value.machine !== 'string' || !/^[a-z0-9._-]+$/.test(value.machine))) {
     invalid('machine', `must be a QEMU machine type such as "q35" (got ${JSON.stringify(value.machine)})`);
   }
+  if (value.cpu !== undefined && (typeof value.cpu !== 'string' || !cpuModelPattern.test(value.cpu))) {
+    invalid('cpu', `must be a QEMU CPU model name such as "qemu64-v1" or "Westmere-v1", without features (got ${JSON.stringify(value.cpu)})`);
+  }
   if (!Array.isArray(value.disks)) invalid('disks', 'must be an array');
   if (value.disks.length > maxDisks) invalid('disks', `must have at most ${maxDisks} entries`);
   const disks = value.disks.map((disk, i) => validateDisk(disk, `disks[${i}]`));
@@ -169,6 +180,7 @@ export function validateVmSpec(value: unknown): VmSpec {
   const boot = validateBoot(value.boot, ids);
   const spec: VmSpec = { name, vcpus, memoryMiB, boot, disks };
   if (value.machine !== undefined) spec.machine = value.machine;
+  if (value.cpu !== undefined) spec.cpu = value.cpu;
   if (value.serialLogs !== undefined) {
     if (!Array.isArray(value.serialLogs)) invalid('serialLogs', 'must be an array of paths');
     if (value.serialLogs.length > maxSerialPorts) invalid('serialLogs', `must have at most ${maxSerialPorts} entries`);

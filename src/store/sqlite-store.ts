@@ -9,7 +9,8 @@ import { finalPhases, type MigrationEvent, type MigrationPhase } from '../migrat
 import type { HostRecord, MigrationRecord, Store, StoredEvent, VmLocation } from './store.ts';
 
 const schema = `
-CREATE TABLE IF NOT EXISTS hosts (id TEXT PRIMARY KEY, url TEXT NOT NULL, address TEXT NOT NULL, last_seen INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS hosts (
+  id TEXT PRIMARY KEY, url TEXT NOT NULL, address TEXT NOT NULL, last_seen INTEGER NOT NULL, accelerator TEXT, accelerator_reason TEXT);
 CREATE TABLE IF NOT EXISTS vms (name TEXT PRIMARY KEY, host_id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS migrations (
   id TEXT PRIMARY KEY, vm TEXT NOT NULL, from_host TEXT NOT NULL, to_host TEXT NOT NULL, phase TEXT NOT NULL,
@@ -18,6 +19,28 @@ CREATE INDEX IF NOT EXISTS migrations_vm ON migrations (vm, phase);
 CREATE TABLE IF NOT EXISTS migration_events (
   migration_id TEXT NOT NULL, seq INTEGER NOT NULL, at INTEGER NOT NULL, event TEXT NOT NULL, PRIMARY KEY (migration_id, seq));
 `;
+
+/** Columns added after the first release: a database created before gets them on open. */
+const addedColumns: { table: string; column: string; type: string }[] = [
+  { table: 'hosts', column: 'accelerator', type: 'TEXT' },
+  { table: 'hosts', column: 'accelerator_reason', type: 'TEXT' },
+];
+
+interface HostRow {
+  id: string;
+  url: string;
+  address: string;
+  lastSeen: number;
+  accelerator: 'kvm' | 'tcg' | null;
+  acceleratorReason: string | null;
+}
+
+const hostColumns = 'id, url, address, last_seen AS lastSeen, accelerator, accelerator_reason AS acceleratorReason';
+
+function toHost(row: HostRow): HostRecord {
+  const { accelerator, acceleratorReason, ...host } = row;
+  return { ...host, ...(accelerator ? { accelerator } : {}), ...(acceleratorReason !== null ? { acceleratorReason } : {}) };
+}
 
 interface MigrationRow {
   id: string;
@@ -53,22 +76,30 @@ export class SqliteStore implements Store {
     this.#db.pragma('journal_mode = WAL');
     this.#db.pragma('synchronous = FULL');
     this.#db.exec(schema);
+    for (const { table, column, type } of addedColumns) {
+      const columns = this.#db.prepare(`PRAGMA table_info(${table})`).all() as { name: string }[];
+      if (!columns.some((c) => c.name === column)) this.#db.exec(`ALTER TABLE ${table} ADD COLUMN ${column} ${type}`);
+    }
   }
 
   upsertHost(host: HostRecord): Promise<void> {
     this.#db
-      .prepare('INSERT INTO hosts (id, url, address, last_seen) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET url = excluded.url, address = excluded.address, last_seen = excluded.last_seen')
-      .run(host.id, host.url, host.address, host.lastSeen);
+      .prepare(
+        'INSERT INTO hosts (id, url, address, last_seen, accelerator, accelerator_reason) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET ' +
+          'url = excluded.url, address = excluded.address, last_seen = excluded.last_seen, accelerator = excluded.accelerator, accelerator_reason = excluded.accelerator_reason',
+      )
+      .run(host.id, host.url, host.address, host.lastSeen, host.accelerator ?? null, host.acceleratorReason ?? null);
     return Promise.resolve();
   }
 
   listHosts(): Promise<HostRecord[]> {
-    const rows = this.#db.prepare('SELECT id, url, address, last_seen AS lastSeen FROM hosts ORDER BY id').all() as HostRecord[];
-    return Promise.resolve(rows);
+    const rows = this.#db.prepare(`SELECT ${hostColumns} FROM hosts ORDER BY id`).all() as HostRow[];
+    return Promise.resolve(rows.map(toHost));
   }
 
   getHost(id: string): Promise<HostRecord | undefined> {
-    return Promise.resolve(this.#db.prepare('SELECT id, url, address, last_seen AS lastSeen FROM hosts WHERE id = ?').get(id) as HostRecord | undefined);
+    const row = this.#db.prepare(`SELECT ${hostColumns} FROM hosts WHERE id = ?`).get(id) as HostRow | undefined;
+    return Promise.resolve(row && toHost(row));
   }
 
   setVmLocation(location: VmLocation): Promise<void> {

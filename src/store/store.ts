@@ -11,6 +11,9 @@ export interface HostRecord {
   url: string;
   /** The address other hosts reach this one at. */
   address: string;
+  /** What runs the host's guests, and why, as its agent last reported; absent from agents older than this field. */
+  accelerator?: 'kvm' | 'tcg';
+  acceleratorReason?: string;
   lastSeen: number;
 }
 

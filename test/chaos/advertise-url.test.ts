@@ -13,14 +13,14 @@ import { makeTempDir } from '../support/temp.ts';
 
 const cli = resolve(import.meta.dirname, '../../bin/vmferry.js');
 
-test('the agent heartbeats the --advertise-url to the controller, and its own address for migration traffic', async () => {
+test('the agent heartbeats the --advertise-url to the controller, its own address for migration traffic, and its accelerator', async () => {
   const work = await makeTempDir('advertise');
-  const beats: { id: string; url: string; address: string }[] = [];
+  const beats: Record<string, string>[] = [];
   const controller = createServer((req, res) => {
     let body = '';
     req.on('data', (chunk: Buffer) => (body += chunk.toString()));
     req.on('end', () => {
-      if (req.url === '/v1/hosts/heartbeat') beats.push(JSON.parse(body) as { id: string; url: string; address: string });
+      if (req.url === '/v1/hosts/heartbeat') beats.push(JSON.parse(body) as Record<string, string>);
       res.writeHead(204).end();
     });
   });
@@ -28,12 +28,18 @@ test('the agent heartbeats the --advertise-url to the controller, and its own ad
   await once(controller, 'listening');
   const controllerUrl = `http://127.0.0.1:${(controller.address() as AddressInfo).port}`;
   const port = await findFreePort('127.0.0.1');
-  const agent = spawn(process.execPath, [cli, '--controller', controllerUrl, 'agent', '--host-id', 'P', '--listen', `127.0.0.1:${port}`, '--data-dir', work.path, '--advertise-url', 'http://127.0.0.9:18801'], {
+  const agent = spawn(process.execPath, [cli, '--controller', controllerUrl, 'agent', '--host-id', 'P', '--listen', `127.0.0.1:${port}`, '--data-dir', work.path, '--advertise-url', 'http://127.0.0.9:18801', '--accel', 'tcg'], {
     stdio: 'ignore',
   });
   try {
     for (let i = 0; i < 300 && beats.length === 0; i++) await new Promise((r) => setTimeout(r, 100));
-    assert.deepEqual(beats[0], { id: 'P', url: 'http://127.0.0.9:18801', address: '127.0.0.1' });
+    assert.deepEqual(beats[0], {
+      id: 'P',
+      url: 'http://127.0.0.9:18801',
+      address: '127.0.0.1',
+      accelerator: 'tcg',
+      acceleratorReason: 'chosen with --accel tcg (KVM not probed)',
+    });
   } finally {
     if (agent.exitCode === null && agent.signalCode === null) {
       const exited = once(agent, 'exit');

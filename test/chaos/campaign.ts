@@ -153,6 +153,8 @@ export class ChaosCampaign {
       controllerProcess: true,
       storageProcess: true,
       abandonAfterS: 10,
+      // The campaign restarts agents mid-migration: a KVM probe at each start (3 s where KVM hangs, as here) would only shift its timing.
+      accel: 'tcg',
       agentFront: async ({ id, agentUrl, gateway }) => {
         const proxy = await FaultProxy.start(agentUrl, gateway);
         this.#proxies.set(id, proxy);

@@ -53,10 +53,11 @@ async function pauseAtSwitchover(name: string, id: string, run: (paused: PausedA
   const pool = new LocalPool(join(dir, `pool-${name}`));
   const destination = new QemuDestination({ hostId: 'B', pool, vmDir: (vmName) => join(dir, `run-${name}`, vmName), address: '127.0.0.1' });
   try {
-    const source = new RemoteSource('A', client, id);
-    await source.begin(vm.name);
+    // Planned before the source half is bound, as the controller does: from then on the half counts the controller's silence.
     const qemu = await qemuCapabilities();
     const plan = planMigration(vm.spec, await client.probeSource(vm.name), await probeDestination('B', vm.spec, pool, [], qemu), defaultMigrationOptions);
+    const source = new RemoteSource('A', client, id);
+    await source.begin(vm.name);
     const signal = AbortSignal.timeout(120_000);
     const prepared = await destination.prepare(vm.spec, plan, signal);
     assert.deepEqual(prepared.mirrorTargets.length, 1);

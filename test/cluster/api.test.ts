@@ -78,6 +78,8 @@ const cases: BadRequest[] = [
   { server: 'agent', method: 'POST', path: '/v1/migrations/bad%20id/source/retire', body: { keepLocalDisks: false }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /params\/id must match pattern/ },
   { server: 'agent', method: 'GET', path: '/v1/nothing-here', status: 404, code: 'VMF_NOT_FOUND', message: /no route GET \/v1\/nothing-here/ },
   { server: 'controller', method: 'POST', path: '/v1/hosts/heartbeat', body: { id: 'B', url: 'ftp://x', address: 'b' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /url/ },
+  { server: 'controller', method: 'POST', path: '/v1/hosts/heartbeat', body: { id: 'B', url: 'http://x', address: 'b', accelerator: 'hvf' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /accelerator/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, cpu: 'qemu64,+avx2' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /cpu must match pattern/ },
   { server: 'controller', method: 'POST', path: '/v1/vms', body: { host: 'A' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /vm/ },
   { server: 'controller', method: 'POST', path: '/v1/vms', body: { host: 'Z', vm: validVm }, status: 404, code: 'VMF_NOT_FOUND', message: /no host named Z/ },
   { server: 'controller', method: 'GET', path: '/v1/vms/nope', status: 404, code: 'VMF_NOT_FOUND', message: /no VM named nope/ },

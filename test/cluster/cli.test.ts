@@ -2,8 +2,9 @@
 // controller and two agent processes (loopback hosts), with a VM running the
 // test guest on a local and a shared disk.
 import assert from 'node:assert/strict';
-import { execFile as execFileCallback } from 'node:child_process';
-import { mkdtemp, readFile } from 'node:fs/promises';
+import { execFile as execFileCallback, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -12,6 +13,7 @@ import pino from 'pino';
 import { LocalCluster } from '../../src/demo/local-cluster.ts';
 import { waitForAcks } from '../../src/guest/test-guest.ts';
 import type { MigrationReport } from '../../src/migration/phases.ts';
+import { findFreePort } from '../../src/util/ports.ts';
 
 const execFile = promisify(execFileCallback);
 const cli = join(import.meta.dirname, '../../bin/vmferry.js');
@@ -33,6 +35,12 @@ async function vmferry(...args: string[]): Promise<CliResult> {
   }
 }
 
+/** An option of a running QEMU with its value, as the kernel has its command line. */
+async function qemuOption(pid: number, option: string): Promise<string[]> {
+  const args = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0');
+  return args.slice(args.indexOf(option), args.indexOf(option) + 2);
+}
+
 function reportLogs(vm: string): string[] {
   return cluster.hosts.map((h) => join(h.dataDir, 'vms', vm, 'serial1.log'));
 }
@@ -52,13 +60,59 @@ after(() => cluster.stop());
 test('host list shows both hosts reporting', async () => {
   const result = await vmferry('--json', 'host', 'list');
   assert.equal(result.code, 0, result.stderr);
-  const hosts = JSON.parse(result.stdout) as { id: string; state: string }[];
+  const hosts = JSON.parse(result.stdout) as { id: string; state: string; accelerator: string; acceleratorReason: string }[];
   assert.deepEqual(hosts.map((h) => [h.id, h.state]), [['A', 'reachable'], ['B', 'reachable']]);
+  // The agents run with --accel auto; this machine's KVM hangs guests, so each probed it and chose TCG.
+  for (const h of hosts) {
+    assert.equal(h.accelerator, 'tcg', h.acceleratorReason);
+    assert.match(h.acceleratorReason, /^KVM unusable: /);
+  }
+  const shown = await vmferry('host', 'list');
+  assert.match(shown.stdout, /│ accelerator\s/);
+  assert.match(shown.stdout, /│ A\s+│ reachable .*│ tcg \(KVM unusable: /);
+});
+
+test('an agent logs the accelerator it chose; with --accel kvm on a host whose KVM cannot run a guest it refuses to start', async () => {
+  const dataDir = await mkdtemp(join(tmpdir(), 'vmferry-accel-agent-'));
+  const agent = (accel: string, port: number) =>
+    // No controller listens on port 1: this agent must not join the cluster the other tests count hosts of.
+    spawn(process.execPath, [cli, '--controller', 'http://127.0.0.1:1', 'agent', '--host-id', 'X', '--listen', `127.0.0.1:${port}`, '--data-dir', dataDir, '--accel', accel], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
+  try {
+    const tcg = agent('tcg', await findFreePort('127.0.0.1'));
+    let log = '';
+    try {
+      await new Promise<void>((resolve, reject) => {
+        tcg.stderr.on('data', (chunk: Buffer) => {
+          log += chunk.toString();
+          if (log.includes('listening')) resolve();
+        });
+        tcg.once('exit', (code) => reject(new Error(`the agent exited (code ${code}): ${log}`)));
+      });
+    } finally {
+      tcg.kill('SIGTERM');
+    }
+    assert.match(log, /"accelerator":"tcg","reason":"chosen with --accel tcg \(KVM not probed\)","msg":"guests run under TCG: chosen with --accel tcg/);
+
+    // Takes the probe bound (3 s): the probe guest hangs under this machine's KVM.
+    const kvm = agent('kvm', await findFreePort('127.0.0.1'));
+    let stderr = '';
+    kvm.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    const [code] = (await once(kvm, 'exit')) as [number | null];
+    assert.equal(code, 1, stderr);
+    assert.match(stderr, /^vmferry: --accel kvm: KVM cannot run guests on this host: .+; start the agent with --accel auto or --accel tcg \[VMF_ACCEL_UNAVAILABLE\]\n$/m);
+  } finally {
+    await rm(dataDir, { recursive: true, force: true });
+  }
 });
 
 test('create, start, list and show a VM with a local and a shared disk', async () => {
   const { host, port } = cluster.storageNbd;
-  let result = await vmferry('vm', 'create', 'web', '--host', 'A', '--memory', '256', '--local-disk', 'root:256M', '--shared-disk', 'data:web-data', '--storage-nbd', `${host}:${port}`, '--test-guest');
+  let result = await vmferry('vm', 'create', 'web', '--host', 'A', '--cpu', 'bad,+avx', '--local-disk', 'root:256M', '--test-guest');
+  assert.match(result.stderr, /^vmferry: --cpu must be a QEMU CPU model name such as Westmere-v1, without features or options \(got "bad,\+avx"\) \[VMF_INVALID_ARGUMENT\]\n$/);
+  // Not the default model (qemu64-v1), so the test sees the choice carried through to QEMU on every host the VM runs on.
+  result = await vmferry('vm', 'create', 'web', '--host', 'A', '--memory', '256', '--cpu', 'Westmere-v1', '--local-disk', 'root:256M', '--shared-disk', 'data:web-data', '--storage-nbd', `${host}:${port}`, '--test-guest');
   assert.equal(result.code, 0, result.stderr);
   assert.match(result.stdout, /created VM web on A/);
   result = await vmferry('vm', 'start', 'web');
@@ -66,8 +120,11 @@ test('create, start, list and show a VM with a local and a shared disk', async (
   await waitForAcks(reportLogs('web'), ['root', 'data'], { atLeast: 20, timeoutMs: 90_000 });
   result = await vmferry('vm', 'list');
   assert.match(result.stdout, /web\s+│ A\s+│ running/);
-  const shown = JSON.parse((await vmferry('vm', 'show', 'web')).stdout) as { spec: { disks: { id: string }[] } };
+  const shown = JSON.parse((await vmferry('vm', 'show', 'web')).stdout) as { pid: number; spec: { cpu: string; disks: { id: string }[] } };
   assert.deepEqual(shown.spec.disks.map((d) => d.id), ['root', 'data']);
+  assert.equal(shown.spec.cpu, 'Westmere-v1');
+  assert.deepEqual(await qemuOption(shown.pid, '-cpu'), ['-cpu', 'Westmere-v1,enforce']);
+  assert.deepEqual(await qemuOption(shown.pid, '-accel'), ['-accel', 'tcg']);
 });
 
 test('a second VM of the same name, an unknown VM, an unknown host: one clear line and a non-zero exit', async () => {
@@ -107,6 +164,10 @@ test('migrate to B and back through the CLI; records and reports are kept', asyn
     assert.doesNotMatch(destinationLog, /READY/, 'the guest rebooted on the destination');
     // The shared volume's one-writer lease followed the guest: the old source could no longer write to it.
     assert.match(cluster.storage.volumes.leases.get('web-data')?.holder ?? 'none', new RegExp(`^${to}\\.[0-9a-f]+$`));
+    // The destination's QEMU was started with the VM's CPU model, and under the host's accelerator.
+    const moved = await cluster.api.vm('web');
+    assert.deepEqual(await qemuOption(moved.pid as number, '-cpu'), ['-cpu', 'Westmere-v1,enforce']);
+    assert.deepEqual(await qemuOption(moved.pid as number, '-accel'), ['-accel', 'tcg']);
     const shown = await vmferry('migration', 'show', id);
     assert.match(shown.stdout, new RegExp(`migration ${id}: web .* → ${to}, completed`));
   }

@@ -31,6 +31,8 @@ function plan(timeoutS = 60): MigrationPlan {
       hostId: 'B',
       qemuVersion: '7.2',
       machineTypes: ['q35'],
+      accelerator: 'tcg',
+      cpu: { model: 'qemu64', unavailableFeatures: [] },
       freeMemoryMiB: 4096,
       poolFreeBytes: 1 << 30,
       reachableExports: { 'nbd+unix:///s.sock/data': 1 << 20 },

@@ -31,6 +31,8 @@ function destination(overrides: Partial<DestinationFacts> = {}): DestinationFact
     hostId: 'B',
     qemuVersion: '7.2.0',
     machineTypes: ['pc-q35-7.2', 'pc-i440fx-7.2'],
+    accelerator: 'tcg',
+    cpu: { model: 'qemu64', unavailableFeatures: [] },
     freeMemoryMiB: 8192,
     poolFreeBytes: 100 * gib,
     reachableExports: { [exportKey(storage, 'data')]: 4 * gib, [exportKey(storage, 'iso')]: gib },
@@ -117,7 +119,7 @@ test('the RAM settings carry the options through', () => {
 
 test('TCG guests up to 2 GiB have their memory compared at switch-over; KVM guests and larger ones do not', () => {
   const compares = (memoryMiB: number, accelerator: 'kvm' | 'tcg'): boolean =>
-    planMigration(vm([localRoot], memoryMiB), { ...source, accelerator }, destination(), defaultMigrationOptions).ram.compareMemory;
+    planMigration(vm([localRoot], memoryMiB), { ...source, accelerator }, destination({ accelerator }), defaultMigrationOptions).ram.compareMemory;
   assert.equal(compares(512, 'tcg'), true);
   assert.equal(compares(2048, 'tcg'), true);
   assert.equal(compares(4096, 'tcg'), false);
@@ -126,8 +128,28 @@ test('TCG guests up to 2 GiB have their memory compared at switch-over; KVM gues
 
 test('a KVM guest climbs a ladder of downtime limits; a TCG guest starts at the maximum to keep pre-copy short', () => {
   const limits = (accelerator: 'kvm' | 'tcg', maxDowntimeMs: number): number[] =>
-    planMigration(vm([localRoot]), { ...source, accelerator }, destination(), { ...defaultMigrationOptions, maxDowntimeMs }).ram.downtimeLimitsMs;
+    planMigration(vm([localRoot]), { ...source, accelerator }, destination({ accelerator }), { ...defaultMigrationOptions, maxDowntimeMs }).ram.downtimeLimitsMs;
   assert.deepEqual(limits('kvm', 300), [75, 150, 300]);
   assert.deepEqual(limits('tcg', 300), [300]);
   assert.deepEqual(limits('kvm', 2), [1, 2], 'steps below 1 ms are dropped, equal steps merged');
+});
+
+test('a guest never moves between a KVM host and a TCG host, either way, and the refusal says which runs what', () => {
+  const kvmToTcg = planMigration(vm([sharedData]), { ...source, accelerator: 'kvm' }, destination({ accelerator: 'tcg' }), defaultMigrationOptions);
+  assert.equal(kvmToTcg.refusals.length, 1, kvmToTcg.refusals.join('; '));
+  assert.match(kvmToTcg.refusals[0] as string, /the VM runs under KVM on A but B runs guests under TCG: QEMU does not move a guest between KVM and TCG/);
+  const tcgToKvm = planMigration(vm([sharedData]), source, destination({ accelerator: 'kvm' }), defaultMigrationOptions);
+  assert.match(tcgToKvm.refusals.join('; '), /runs under TCG on A but B runs guests under KVM/);
+  assert.deepEqual(planMigration(vm([sharedData]), { ...source, accelerator: 'kvm' }, destination({ accelerator: 'kvm' }), defaultMigrationOptions).refusals, []);
+});
+
+test('a destination whose QEMU lacks features of the CPU model is refused with the features named', () => {
+  const cpu = { model: 'Icelake-Server-v1', unavailableFeatures: ['pcid', 'x2apic', 'avx512f'] };
+  const plan = planMigration({ ...vm([sharedData]), cpu: cpu.model }, source, destination({ cpu }), defaultMigrationOptions);
+  assert.deepEqual(plan.refusals, ['B cannot run CPU model Icelake-Server-v1 under TCG: its QEMU lacks pcid, x2apic, avx512f']);
+});
+
+test('a destination whose QEMU does not know the CPU model is refused', () => {
+  const plan = planMigration({ ...vm([sharedData]), cpu: 'Futurelake-v9' }, source, destination({ cpu: { model: 'Futurelake-v9', unavailableFeatures: null } }), defaultMigrationOptions);
+  assert.deepEqual(plan.refusals, ['B (QEMU 7.2.0) does not know CPU model Futurelake-v9']);
 });

@@ -37,6 +37,8 @@ const invalidCases: { change: [(string | number)[], unknown]; field: RegExp }[] 
   { change: [['vcpus'], 0], field: /^invalid VM spec: vcpus must be an integer from 1 to 64 \(got 0\)/ },
   { change: [['memoryMiB'], '256'], field: /^invalid VM spec: memoryMiB must be an integer/ },
   { change: [['machine'], 'q35; rm -rf /'], field: /^invalid VM spec: machine must be a QEMU machine type/ },
+  { change: [['cpu'], 'qemu64,+avx2'], field: /^invalid VM spec: cpu must be a QEMU CPU model name such as "qemu64-v1".*without features \(got "qemu64,\+avx2"\)/ },
+  { change: [['cpu'], ''], field: /^invalid VM spec: cpu must be a QEMU CPU model name/ },
   { change: [['disks'], 'root'], field: /^invalid VM spec: disks must be an array/ },
   { change: [['disks', 0, 'id'], 'Root Disk'], field: /^invalid VM spec: disks\[0\]\.id must be 1-20 characters/ },
   { change: [['disks', 1, 'id'], 'root'], field: /^invalid VM spec: disks\[1\]\.id repeats "root"/ },
@@ -89,4 +91,12 @@ test('the command line derives node names, serials and PCI slots from disk ids',
   assert.deepEqual(args.slice(-3), ['-incoming', 'defer', '-S']);
   assert.ok(args.includes('-nodefaults'));
   assert.deepEqual(args.slice(args.indexOf('-accel'), args.indexOf('-accel') + 2), ['-accel', 'tcg']);
+});
+
+test('the CPU model is passed as -cpu MODEL,enforce; a spec without one leaves QEMU its own default', () => {
+  const options = { mode: 'run', qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'kvm' } as const;
+  const args = qemuArguments(validateVmSpec({ ...valid, cpu: 'Westmere-v1' }), options);
+  assert.deepEqual(args.slice(args.indexOf('-cpu'), args.indexOf('-cpu') + 2), ['-cpu', 'Westmere-v1,enforce']);
+  assert.deepEqual(args.slice(args.indexOf('-accel'), args.indexOf('-accel') + 2), ['-accel', 'kvm']);
+  assert.equal(qemuArguments(validateVmSpec(valid), options).includes('-cpu'), false);
 });

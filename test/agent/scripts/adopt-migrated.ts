@@ -10,7 +10,7 @@ import type { QemuProcess } from '../../../src/qemu/process.ts';
 import { validateVmSpec } from '../../../src/qemu/spec.ts';
 
 const [dataDir, name] = process.argv.slice(2) as [string, string];
-const registry = new VmRegistry('B', dataDir, pino({ level: 'silent' }));
+const registry = new VmRegistry('B', dataDir, pino({ level: 'silent' }), { accelerator: 'tcg', reason: 'test' });
 await registry.init();
 // The mirror target the destination filled during the migration.
 const image = join(dataDir, 'pool', `${name}-root.qcow2`);
