@@ -4,7 +4,7 @@
  * the destination reaches — or refuse with the reason, before anything moves.
  * Pure: every fact about the destination comes in as data, probed beforehand.
  */
-import type { Accelerator } from '../qemu/accel.ts';
+import type { Accelerator } from '../qemu/command-line.ts';
 import { memoryDigestMaxMiB } from '../qemu/memory-digest.ts';
 import { downtimeSteps } from './convergence.ts';
 import type { DiskSpec, NbdServerAddress, VmSpec } from '../qemu/spec.ts';

@@ -5,9 +5,10 @@
  */
 import { readFile } from 'node:fs/promises';
 import { VmferryError } from '../errors.ts';
-import type { Accelerator } from '../qemu/accel.ts';
+import type { Accelerator } from '../qemu/command-line.ts';
 import { queryCpuModels, qemuBuiltinCpuModel, type CpuModels } from '../qemu/cpu-models.ts';
-import { defaultQemuBinary, type QemuProcess } from '../qemu/process.ts';
+import { defaultQemuBinary } from '../qemu/command-line.ts';
+import type { QemuProcess } from '../qemu/process.ts';
 import type { NbdServerAddress, VmSpec } from '../qemu/spec.ts';
 import type { LocalPool } from '../storage/local-pool.ts';
 import { imageInfo } from '../storage/local-pool.ts';

@@ -11,9 +11,8 @@ import { mkdtemp, open, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { VmferryError, describeError } from '../errors.ts';
-import { defaultQemuBinary } from './process.ts';
+import { defaultQemuBinary, type Accelerator } from './command-line.ts';
 
-export type Accelerator = 'kvm' | 'tcg';
 export type AccelMode = Accelerator | 'auto';
 export const accelModes: readonly AccelMode[] = ['auto', 'kvm', 'tcg'];
 

@@ -3,9 +3,13 @@
  * sides (device ids, node names, PCI slots) is derived from the spec alone, so
  * a source VM and its `-incoming` twin built from the same spec line up.
  */
-import type { Accelerator } from './accel.ts';
 import type { CacheMode, DiskSpec, VmSpec } from './spec.ts';
 import { diskFileNodeName, diskNodeName } from './spec.ts';
+
+export const defaultQemuBinary = 'qemu-system-x86_64';
+
+/** What runs the guest's vCPUs: the host's KVM, or QEMU's own translator (src/qemu/accel.ts chooses). */
+export type Accelerator = 'kvm' | 'tcg';
 
 export type StartMode =
   /** Boot and run. */

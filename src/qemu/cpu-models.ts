@@ -11,8 +11,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { VmferryError, describeError } from '../errors.ts';
 import { QmpClient } from '../qmp/client.ts';
-import type { Accelerator } from './accel.ts';
-import { defaultQemuBinary } from './process.ts';
+import type { Accelerator } from './command-line.ts';
+import { defaultQemuBinary } from './command-line.ts';
 
 /**
  * The model a new VM gets unless `--cpu` names another (README, "CPU model").

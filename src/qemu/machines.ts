@@ -1,7 +1,7 @@
 /** The machine types a QEMU binary knows, from `-machine help`. */
 import { VmferryError } from '../errors.ts';
 import { runProgram } from '../util/run.ts';
-import { defaultQemuBinary } from './process.ts';
+import { defaultQemuBinary } from './command-line.ts';
 
 /** Machine type names (`pc-q35-7.2`, `q35`, …), or undefined when no such QEMU is installed here. */
 export async function qemuMachineTypes(binary = defaultQemuBinary): Promise<string[] | undefined> {

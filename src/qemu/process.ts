@@ -11,8 +11,7 @@ import type { Logger } from 'pino';
 import { VmferryError, describeError, hasCode } from '../errors.ts';
 import { QmpClient } from '../qmp/client.ts';
 import { QemuMonitor, type StatusInfo } from '../qmp/commands.ts';
-import type { Accelerator } from './accel.ts';
-import { qemuArguments, type StartMode } from './command-line.ts';
+import { defaultQemuBinary, qemuArguments, type Accelerator, type StartMode } from './command-line.ts';
 import type { VmSpec } from './spec.ts';
 
 export interface QemuStartOptions {
@@ -43,7 +42,6 @@ export interface QemuStopOptions {
   quitTimeoutMs?: number;
 }
 
-export const defaultQemuBinary = 'qemu-system-x86_64';
 const stderrTailBytes = 4096;
 
 async function readTail(path: string): Promise<string> {
