@@ -18,6 +18,7 @@ export const errorCodes = {
   VMF_COMMAND_FAILED: 'An external program (qemu-img, …) failed; the message carries its output.',
   VMF_VOLUME_EXISTS: 'A volume of that name already exists.',
   VMF_VOLUME_NOT_FOUND: 'No volume of that name exists.',
+  VMF_IMAGE_INVALID: 'A disk image to import, or the shared base volume of an overlay, is missing or unusable; the message says which and why. Nothing was created.',
   VMF_MIGRATION_REFUSED: 'The migration plan was refused before anything moved; the message gives the reasons.',
   VMF_MIGRATION_FAILED: 'A migration step failed; the VM still runs on the source.',
   VMF_UNRESOLVED: "A migration could not be settled yet: the destination may have been told to resume and has not said whether its guest ran, or the source's agent could not be reached to resume its guest. The guest never runs on two hosts meanwhile; vmferry keeps asking until it can settle it.",

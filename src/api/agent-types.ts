@@ -40,6 +40,7 @@ export const CreateVmRequestSchema = Type.Object(
         { kind: Type.Literal('kernel'), kernel: Type.String({ pattern: '^/' }), initrd: Type.Optional(Type.String({ pattern: '^/' })), append: Type.Optional(Type.String({ maxLength: 4096 })) },
         { additionalProperties: false },
       ),
+      Type.Object({ kind: Type.Literal('disk'), diskId }, { additionalProperties: false }),
       Type.Object(
         {
           kind: Type.Literal('test-guest'),
@@ -63,9 +64,20 @@ export const CreateVmRequestSchema = Type.Object(
       Type.Object(
         {
           id: diskId,
+          /**
+           * A disk in the host's pool: empty of `sizeBytes`; a copy of the image file `import` (qcow2 or raw, on
+           * the agent's host; the file is only read); or a qcow2 overlay on the shared volume `base` of the
+           * storage server at `baseServer`, read-only (`sizeBytes`, if given, may make it larger than the base).
+           */
           local: Type.Optional(
             Type.Object(
-              { sizeBytes: Type.Integer({ minimum: 1 << 20, maximum: 2 ** 50 }), format: Type.Optional(Type.Union([Type.Literal('qcow2'), Type.Literal('raw')])) },
+              {
+                sizeBytes: Type.Optional(Type.Integer({ minimum: 1 << 20, maximum: 2 ** 50 })),
+                format: Type.Optional(Type.Union([Type.Literal('qcow2'), Type.Literal('raw')])),
+                import: Type.Optional(Type.String({ pattern: '^/[^,]*$', maxLength: 4096 })),
+                base: Type.Optional(Type.String({ pattern: '^[a-z0-9][a-z0-9._-]{0,62}$', description: 'a volume name of the storage server' })),
+                baseServer: Type.Optional(NbdServerSchema),
+              },
               { additionalProperties: false },
             ),
           ),
@@ -149,7 +161,8 @@ export const MigrationPlanSchema = Type.Object({
       virtualSize: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER }),
       bytesToCopy: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER }),
       mirrorSync: Type.Optional(Type.Union([Type.Literal('full'), Type.Literal('top')])),
-      reason: Type.String({ maxLength: 4096 }),
+      base: Type.Optional(Type.Object({ export: Type.String({ maxLength: 8192 }), virtualSize: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER }), reachable: Type.Boolean() })),
+      reason: Type.String({ maxLength: 8192 }),
     }),
     { maxItems: 16 },
   ),
