@@ -131,3 +131,22 @@ test('a KVM guest climbs a ladder of downtime limits; a TCG guest starts at the 
   assert.deepEqual(limits('tcg', 300), [300]);
   assert.deepEqual(limits('kvm', 2), [1, 2], 'steps below 1 ms are dropped, equal steps merged');
 });
+
+test('an overlay on a shared base: the overlay is mirrored (top only), its base re-attached; a destination that cannot reach the base is refused', () => {
+  const overlay: DiskSpec = { id: 'root', source: { kind: 'file', path: '/pool/a/root.qcow2', format: 'qcow2', backing: { server: storage, export: 'golden' } } };
+  const facts: SourceFacts = { ...source, localDisks: { root: { virtualSize: 2 * gib, allocatedBytes: 30 * 1024 ** 2, backingFile: 'nbd://127.0.0.1:10809/golden' } } };
+  const golden = exportKey(storage, 'golden');
+  const plan = planMigration(vm([overlay, sharedData]), facts, destination({ reachableExports: { [golden]: 2 * gib, [exportKey(storage, 'data')]: 4 * gib } }), defaultMigrationOptions);
+  assert.deepEqual(plan.refusals, []);
+  assert.deepEqual(operations(plan), [
+    ['root', 'mirror', 30 * 1024 ** 2],
+    ['data', 'reattach', 0],
+  ]);
+  assert.equal(plan.disks[0]?.mirrorSync, 'top');
+  assert.deepEqual(plan.disks[0]?.base, { export: golden, virtualSize: 2 * gib, reachable: true });
+  assert.match(plan.disks[0]?.reason ?? '', /its base nbd:\/\/127\.0\.0\.1:10809\/golden re-attached read-only on B/);
+
+  const cut = planMigration(vm([overlay]), facts, destination({ reachableExports: {} }), defaultMigrationOptions);
+  assert.deepEqual(cut.refusals, [`disk root: B cannot reach shared volume ${golden}, the base of its overlay`]);
+  assert.equal(cut.disks[0]?.base?.reachable, false);
+});
