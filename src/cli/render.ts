@@ -13,7 +13,7 @@ export function renderPlan(plan: MigrationPlan): string {
   const rows = plan.disks.flatMap((d) => [
     [d.id, d.kind, d.operation, formatBytes(d.virtualSize), formatBytes(d.bytesToCopy), d.reason],
     // An overlay's base: a row of its own, so the table shows both halves of the one disk.
-    ...(d.base ? [[`${d.id} (base)`, 'shared', 'reattach', formatBytes(d.base.virtualSize), formatBytes(0), `${d.base.export}, read-only${d.base.reachable ? '' : `: NOT reachable from ${plan.to}`}`]] : []),
+    ...(d.base ? [[`${d.id} (base)`, 'shared', 'reattach', formatBytes(d.base.virtualSize), formatBytes(0), `${d.base.export}, read-only: ${d.base.reachable ? `reachable from ${plan.to}: re-attached, nothing copied` : `NOT reachable from ${plan.to}`}`]] : []),
   ]);
   const ramHow = [
     `pre-copy, downtime limit ${plan.ram.downtimeLimitsMs.join(' → ')} ms`,

@@ -163,9 +163,7 @@ function planDisk(disk: DiskSpec, source: SourceFacts, destination: DestinationF
         // The destination's overlay reads through the same base: only the overlay's own data moves.
         mirrorSync: 'top',
         base: { export: key, virtualSize: seenSize ?? 0, reachable: seenSize !== undefined },
-        reason:
-          `local qcow2 overlay on ${source.hostId}: its own data copied while the guest runs; ` +
-          (seenSize === undefined ? `its base ${key} is NOT reachable from ${destination.hostId}` : `its base ${key} re-attached read-only on ${destination.hostId}, nothing copied`),
+        reason: `local qcow2 overlay on ${source.hostId}: its own data copied while the guest runs; its base ${seenSize === undefined ? `is NOT reachable from ${destination.hostId}` : 're-attached'}`,
       };
     }
     return {

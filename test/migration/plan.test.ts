@@ -144,9 +144,10 @@ test('an overlay on a shared base: the overlay is mirrored (top only), its base 
   ]);
   assert.equal(plan.disks[0]?.mirrorSync, 'top');
   assert.deepEqual(plan.disks[0]?.base, { export: golden, virtualSize: 2 * gib, reachable: true });
-  assert.match(plan.disks[0]?.reason ?? '', /its base nbd:\/\/127\.0\.0\.1:10809\/golden re-attached read-only on B/);
+  assert.match(plan.disks[0]?.reason ?? '', /overlay on A: its own data copied while the guest runs; its base re-attached$/);
 
   const cut = planMigration(vm([overlay]), facts, destination({ reachableExports: {} }), defaultMigrationOptions);
   assert.deepEqual(cut.refusals, [`disk root: B cannot reach shared volume ${golden}, the base of its overlay`]);
   assert.equal(cut.disks[0]?.base?.reachable, false);
+  assert.match(cut.disks[0]?.reason ?? '', /its base is NOT reachable from B$/);
 });
