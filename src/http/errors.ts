@@ -9,6 +9,7 @@ import { errorCodes, VmferryError, type ErrorCode } from '../errors.ts';
 const statusByCode: Partial<Record<ErrorCode, number>> = {
   VMF_INVALID_SPEC: 400,
   VMF_INVALID_ARGUMENT: 400,
+  VMF_IMAGE_INVALID: 400,
   VMF_NOT_FOUND: 404,
   VMF_VOLUME_NOT_FOUND: 404,
   VMF_VOLUME_EXISTS: 409,
