@@ -6,6 +6,8 @@
  *   cycles through the record area), each made durable (O_DIRECT + fdatasync,
  *   so a FLUSH reaches the storage) before "ACK <disk> <k>" goes to ttyS1.
  *   Optionally dirties memory and writes unacknowledged bulk data.
+ *   A partitioned disk (the disk the guest booted from) keeps its boot loader
+ *   and file systems: its records go to its last partition.
  * verify: reads every disk's record area back and prints, per disk,
  *   "VERIFY <disk> highest=<k> intact=<n> corrupt=<m> missing=<x>", then
  *   "VERIFY-DONE", and powers off.
@@ -49,6 +51,8 @@ struct disk {
 	char name[NAME_LEN];
 	int readonly;
 	uint64_t size;
+	uint64_t base; /* where the record area starts: 0, or a partitioned disk's last partition */
+	uint64_t room; /* bytes from base on that records and bulk data may use */
 	uint64_t slots; /* records in the record area */
 	int bulk;
 };
@@ -194,6 +198,38 @@ static int listed(const char *list, const char *name)
 	return 0;
 }
 
+static uint32_t le32(const unsigned char *p)
+{
+	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/*
+ * The last partition of an MBR-partitioned disk, as base and room; the whole
+ * disk otherwise. A disk whose first block is a record is a record disk, even
+ * when its random payload happens to end sector 0 with the MBR signature.
+ */
+static void find_record_area(struct disk *d)
+{
+	unsigned char mbr[512];
+	d->base = 0;
+	d->room = d->size;
+	int fd = open(d->dev, O_RDONLY);
+	if (fd < 0)
+		fail(d->dev);
+	ssize_t n = pread(fd, mbr, sizeof(mbr), 0);
+	close(fd);
+	if (n != (ssize_t)sizeof(mbr) || !memcmp(mbr, MAGIC, 8) || mbr[510] != 0x55 || mbr[511] != 0xAA)
+		return;
+	for (int i = 0; i < 4; i++) {
+		const unsigned char *e = mbr + 446 + 16 * i;
+		uint64_t start = (uint64_t)le32(e + 8) * 512, len = (uint64_t)le32(e + 12) * 512;
+		if (e[4] == 0 || start == 0 || len == 0 || start + len > d->size || start <= d->base)
+			continue;
+		d->base = start;
+		d->room = len;
+	}
+}
+
 static void find_disks(void)
 {
 	DIR *dir = opendir("/sys/block");
@@ -212,11 +248,12 @@ static void find_disks(void)
 		if (read_sysfs(e->d_name, "size", value, sizeof(value)))
 			continue;
 		d->size = strtoull(value, NULL, 10) * 512;
+		find_record_area(d);
 		uint64_t span = opt.span_mib * 1024 * 1024;
-		if (span == 0 || span > d->size)
-			span = d->size;
+		if (span == 0 || span > d->room)
+			span = d->room;
 		d->slots = span / RECORD_SIZE;
-		d->bulk = opt.bulk_mib_s > 0 && !d->readonly && listed(opt.bulk_disks, d->name) && d->size > span;
+		d->bulk = opt.bulk_mib_s > 0 && !d->readonly && listed(opt.bulk_disks, d->name) && d->room > span;
 		if (d->slots > 0)
 			ndisks++;
 	}
@@ -235,7 +272,7 @@ static void *write_records(void *arg)
 	for (uint64_t k = 1;; k++) {
 		uint64_t slot = (k - 1) % d->slots;
 		fill_record(buf, d, k, slot);
-		if (pwrite(fd, buf, RECORD_SIZE, (off_t)(slot * RECORD_SIZE)) != RECORD_SIZE)
+		if (pwrite(fd, buf, RECORD_SIZE, (off_t)(d->base + slot * RECORD_SIZE)) != RECORD_SIZE)
 			fail("pwrite record");
 		if (fdatasync(fd))
 			fail("fdatasync");
@@ -257,7 +294,7 @@ static void *write_bulk(void *arg)
 {
 	struct disk *d = arg;
 	const size_t chunk = 1024 * 1024;
-	uint64_t start = d->slots * RECORD_SIZE, area = d->size - start, pos = 0;
+	uint64_t start = d->base + d->slots * RECORD_SIZE, area = d->room - d->slots * RECORD_SIZE, pos = 0;
 	int fd = open(d->dev, O_RDWR | O_DIRECT);
 	if (fd < 0)
 		fail(d->dev);
@@ -338,7 +375,7 @@ static void verify_disk(struct disk *d)
 	uint64_t highest = 0, intact = 0, corrupt = 0;
 	for (uint64_t off = 0; off < d->slots * RECORD_SIZE; off += chunk) {
 		size_t len = d->slots * RECORD_SIZE - off < chunk ? d->slots * RECORD_SIZE - off : chunk;
-		if (pread(fd, buf, len, (off_t)off) != (ssize_t)len)
+		if (pread(fd, buf, len, (off_t)(d->base + off)) != (ssize_t)len)
 			fail("pread");
 		for (size_t i = 0; i < len; i += RECORD_SIZE) {
 			unsigned char *rec = buf + i;

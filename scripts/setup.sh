@@ -10,6 +10,7 @@ packages=(
   qemu-system-x86 qemu-utils       # the hypervisor, qemu-img, qemu-io, qemu-nbd, qemu-storage-daemon
   linux-image-amd64 busybox-static # the test guest's kernel and userland
   gcc libc6-dev cpio kmod          # build the test guest (static workload binary, initramfs, module order)
+  syslinux syslinux-common mtools dosfstools fdisk # the test guest's bootable disk image, built without mounting (build-test-disk.sh)
   make g++ python3                 # native npm modules (better-sqlite3) when no prebuilt binary matches
   iproute2                         # network namespaces and veth pairs for test hosts
   libnbd-bin nbdkit fio            # NBD peers: nbdinfo, nbdcopy, nbdkit, fio's nbd engine
@@ -38,3 +39,4 @@ if [[ ! -f node_modules/.vmferry-lock-hash || "$(cat node_modules/.vmferry-lock-
 fi
 
 scripts/build-test-guest.sh
+scripts/build-test-disk.sh

@@ -25,6 +25,7 @@ export const errorCodes = {
   VMF_QEMU_START: { status: 502, meaning: 'A QEMU process failed to start.' },
   VMF_QEMU_EXITED: { status: 502, meaning: 'A QEMU process exited unexpectedly.' },
   VMF_COMMAND_FAILED: { status: 502, meaning: 'An external program (qemu-img, …) failed; the message carries its output.' },
+  VMF_IMAGE_INVALID: { status: 400, meaning: 'A disk image to import, or the shared base volume of an overlay, is missing or unusable; the message says which and why. Nothing was created.' },
   VMF_VOLUME_EXISTS: { status: 409, meaning: 'A volume of that name already exists.' },
   VMF_VOLUME_NOT_FOUND: { status: 404, meaning: 'No volume of that name exists.' },
   VMF_MIGRATION_REFUSED: { status: 409, meaning: 'The migration plan was refused before anything moved; the message gives the reasons.' },

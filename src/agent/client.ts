@@ -3,6 +3,7 @@
  * sides implemented over it, so the executor drives agents exactly as it
  * drives in-process QEMUs.
  */
+import { importTimeoutMs } from '../storage/disk-images.ts';
 import type { CreateVmRequest, HostInfo, MigrationHalves, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
 import { requestJson } from '../http/errors.ts';
 import type { DestinationFacts, MigrationPlan, SourceFacts, CopyMode } from '../migration/plan.ts';
@@ -55,7 +56,8 @@ export class AgentClient {
   }
 
   createVm(request: CreateVmRequest): Promise<VmInfo> {
-    return this.request('POST', '/v1/vms', request);
+    // An imported image is converted before the agent answers.
+    return this.request('POST', '/v1/vms', request, { timeoutMs: importTimeoutMs });
   }
 
   startVm(name: string): Promise<VmInfo> {

@@ -17,7 +17,8 @@ import { guestKernelAppend, testGuestPaths } from '../guest/test-guest.ts';
 import type { HostAccelerator } from '../qemu/accel.ts';
 import { defaultCpuModel } from '../qemu/cpu-models.ts';
 import { QemuProcess, killOrphanQemu } from '../qemu/process.ts';
-import { validateVmSpec, type DiskSpec, type VmSpec } from '../qemu/spec.ts';
+import { validateVmSpec, type DiskSource, type DiskSpec, type VmSpec } from '../qemu/spec.ts';
+import { createOverlay, importImage } from '../storage/disk-images.ts';
 import { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import type { CreateVmRequest, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
@@ -26,6 +27,8 @@ import { guestNeverRan } from '../migration/qemu-destination.ts';
 import { fsyncDir, fsyncFile, mkdirDurable, removeDurable, writeFileDurable } from '../util/durable-file.ts';
 import { readIncomingRecord } from './half-records.ts';
 import { Quarantine } from './quarantine.ts';
+
+type LocalDiskRequest = NonNullable<CreateVmRequest['disks'][number]['local']>;
 
 interface VmEntry {
   spec: VmSpec;
@@ -225,16 +228,9 @@ export class VmRegistry {
     try {
       for (const disk of request.disks) {
         if (disk.local) {
-          const { sizeBytes } = disk.local;
-          // This agent only creates empty images; one that took import/base for a size would hand the guest a blank disk.
-          if (sizeBytes === undefined || disk.local.import !== undefined || disk.local.base !== undefined) {
-            throw new VmferryError('VMF_INVALID_SPEC', `invalid VM spec: disks.${disk.id}.local needs sizeBytes; this agent cannot create a disk from import or base`);
-          }
-          const format = disk.local.format ?? 'qcow2';
-          const volume = `${request.name}-${disk.id}.${format}`;
-          const path = await this.pool.create(volume, format, sizeBytes);
+          const { volume, source } = await this.#createLocalDisk(request.name, disk.id, disk.local);
           created.push(volume);
-          disks.push({ id: disk.id, source: { kind: 'file', path, format }, readOnly: disk.readOnly ?? false, cache: disk.cache ?? 'none' });
+          disks.push({ id: disk.id, source, readOnly: disk.readOnly ?? false, cache: disk.cache ?? 'none' });
         } else if (disk.shared) {
           disks.push({ id: disk.id, source: { kind: 'nbd', server: disk.shared.server, export: disk.shared.export }, readOnly: disk.readOnly ?? false, cache: disk.cache ?? 'none' });
         } else {
@@ -264,6 +260,33 @@ export class VmRegistry {
       await rm(vmDir, { recursive: true, force: true });
       throw err;
     }
+  }
+
+  /**
+   * A new VM's local disk in the pool: empty, imported from an image file, or
+   * an overlay on a shared base. Each fails without leaving an image behind.
+   */
+  async #createLocalDisk(vm: string, id: string, local: LocalDiskRequest): Promise<{ volume: string; source: DiskSource }> {
+    const invalid = (problem: string): VmferryError => new VmferryError('VMF_INVALID_SPEC', `invalid VM spec: disks.${id}.local ${problem}`);
+    if (local.import !== undefined && local.base !== undefined) throw invalid('takes "import" or "base", not both');
+    if (local.import !== undefined) {
+      if (local.sizeBytes !== undefined) throw invalid('takes no "sizeBytes" with "import": the disk has the image\'s size');
+      const format = local.format ?? 'qcow2';
+      const volume = `${vm}-${id}.${format}`;
+      return { volume, source: { kind: 'file', path: await importImage(this.pool, volume, local.import, format), format } };
+    }
+    if (local.base !== undefined) {
+      if (!local.baseServer) throw invalid('needs "baseServer" with "base": the NBD address of the storage server that has the volume');
+      if (local.format === 'raw') throw invalid('takes no "format": "raw" with "base": an overlay is a qcow2 image');
+      const backing = { server: local.baseServer, export: local.base };
+      const volume = `${vm}-${id}.qcow2`;
+      const path = await createOverlay(this.pool, volume, backing, { ...(local.sizeBytes === undefined ? {} : { sizeBytes: local.sizeBytes }), probe: true });
+      return { volume, source: { kind: 'file', path, format: 'qcow2', backing } };
+    }
+    if (local.sizeBytes === undefined) throw invalid('needs "sizeBytes" (an empty disk), "import" (an image file) or "base" (an overlay on a shared volume)');
+    const format = local.format ?? 'qcow2';
+    const volume = `${vm}-${id}.${format}`;
+    return { volume, source: { kind: 'file', path: await this.pool.create(volume, format, local.sizeBytes), format } };
   }
 
   async start(name: string): Promise<VmInfo> {

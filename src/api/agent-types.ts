@@ -53,6 +53,7 @@ export const CreateVmRequestSchema = Type.Object(
         { kind: Type.Literal('kernel'), kernel: Type.String({ pattern: '^/' }), initrd: Type.Optional(Type.String({ pattern: '^/' })), append: Type.Optional(Type.String({ maxLength: 4096 })) },
         { additionalProperties: false },
       ),
+      Type.Object({ kind: Type.Literal('disk'), diskId }, { additionalProperties: false }),
       Type.Object(
         {
           kind: Type.Literal('test-guest'),
@@ -77,15 +78,22 @@ export const CreateVmRequestSchema = Type.Object(
       Type.Object(
         {
           id: diskId,
+          /**
+           * A disk in the host's pool: empty of `sizeBytes`; a copy of the image file `import` (qcow2 or raw, on
+           * the agent's host; the file is only read); or a qcow2 overlay on the shared volume `base` of the
+           * storage server at `baseServer`, read-only (`sizeBytes`, if given, may make it larger than the base).
+           */
           local: Type.Optional(
             Type.Object(
               {
                 sizeBytes: Type.Optional(Type.Integer({ minimum: 1 << 20, maximum: 2 ** 50 })),
                 format: Type.Optional(Type.Union([Type.Literal('qcow2'), Type.Literal('raw')])),
                 /** An existing qcow2/raw image on the agent's host to copy into the pool. */
-                import: Type.Optional(Type.String({ pattern: '^/', maxLength: 4096 })),
+                import: Type.Optional(Type.String({ pattern: '^/[^,]*$', maxLength: 4096 })),
                 /** A shared volume used as the read-only backing file of a qcow2 overlay in the pool. */
-                base: Type.Optional(Type.String({ minLength: 1, maxLength: 4096 })),
+                base: Type.Optional(Type.String({ pattern: namePatternSource, description: 'a volume name of the storage server' })),
+                /** Where the base volume is served: the storage server's NBD address. */
+                baseServer: Type.Optional(NbdServerSchema),
               },
               { additionalProperties: false },
             ),
@@ -180,7 +188,8 @@ export const MigrationPlanSchema = Type.Object({
       virtualSize: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER }),
       bytesToCopy: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER }),
       mirrorSync: Type.Optional(Type.Union([Type.Literal('full'), Type.Literal('top')])),
-      reason: Type.String({ maxLength: 4096 }),
+      base: Type.Optional(Type.Object({ export: Type.String({ maxLength: 8192 }), virtualSize: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER }), reachable: Type.Boolean() })),
+      reason: Type.String({ maxLength: 8192 }),
     }),
     { maxItems: 16 },
   ),

@@ -4,7 +4,7 @@ import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
 import type { HostStatus } from '../controller/inventory.ts';
 import { VmferryError } from '../errors.ts';
 import { defaultCpuModel } from '../qemu/cpu-models.ts';
-import { cpuModelPattern } from '../qemu/spec.ts';
+import { cpuModelPattern, type NbdServerAddress } from '../qemu/spec.ts';
 import { defaultControllerUrl, parseListen, parsePositive, parseSize, printJson } from './common.ts';
 import { ControllerClient } from '../controller/client.ts';
 import { registerVmImport } from './import.ts';
@@ -32,6 +32,23 @@ function parseDiskArg(value: string, flag: string): [string, string] {
   return [value.slice(0, at), value.slice(at + 1)];
 }
 
+type LocalDiskRequest = NonNullable<CreateVmRequest['disks'][number]['local']>;
+
+/** The value of --local-disk ID:VALUE: SIZE, import=FILE or base=VOLUME[:SIZE]. */
+function parseLocalDisk(id: string, value: string, storage: NbdServerAddress): LocalDiskRequest {
+  if (value.startsWith('import=')) {
+    const file = value.slice('import='.length);
+    if (!file.startsWith('/')) throw new VmferryError('VMF_INVALID_ARGUMENT', `--local-disk ${id}:import= needs an absolute path on the VM's host (got "${file}")`);
+    return { import: file };
+  }
+  if (value.startsWith('base=')) {
+    const [volume = '', size] = value.slice('base='.length).split(':');
+    if (volume === '') throw new VmferryError('VMF_INVALID_ARGUMENT', `--local-disk ${id}:base= needs a shared volume name`);
+    return { base: volume, baseServer: storage, ...(size === undefined ? {} : { sizeBytes: parseSize(size, `--local-disk ${id}:base=${volume}:SIZE`) }) };
+  }
+  return { sizeBytes: parseSize(value, `--local-disk ${id}`) };
+}
+
 export function registerClusterCommands(program: Command): void {
   program.option('--controller <url>', 'controller URL (or VMFERRY_CONTROLLER)', defaultControllerUrl).option('--json', 'machine-readable output');
 
@@ -57,7 +74,7 @@ export function registerClusterCommands(program: Command): void {
       const { api, json } = client(command);
       const vms = await api.vms();
       if (json) printJson(vms);
-      else console.log(table(['vm', 'host', 'state', 'memory', 'disks'], vms.map((v) => [v.name, v.host, vmState(v), `${v.spec.memoryMiB} MiB`, v.spec.disks.map((d) => `${d.id}:${d.source.kind === 'file' ? 'local' : 'shared'}`).join(' ')])));
+      else console.log(table(['vm', 'host', 'state', 'memory', 'disks'], vms.map((v) => [v.name, v.host, vmState(v), `${v.spec.memoryMiB} MiB`, v.spec.disks.map((d) => `${d.id}:${d.source.kind === 'nbd' ? 'shared' : d.source.backing ? `local on ${d.source.backing.export}` : 'local'}`).join(' ')])));
     });
   vm.command('show <name>')
     .description('show one VM and its spec')
@@ -71,7 +88,12 @@ export function registerClusterCommands(program: Command): void {
     .option('--memory <MiB>', 'memory in MiB', '256')
     .option('--vcpus <n>', 'virtual CPUs', '1')
     .option('--cpu <model>', `QEMU CPU model, the same on every host it moves to (default ${defaultCpuModel}; e.g. Westmere-v1 for x86-64-v2 guests)`)
-    .option('--local-disk <id:size>', 'a local disk in the host\'s pool, e.g. root:1G (repeatable)', collect, [])
+    .option(
+      '--local-disk <spec>',
+      'a local disk in the host\'s pool (repeatable): ID:SIZE empty (root:1G), ID:import=FILE a copy of an image file on that host (qcow2 or raw), ID:base=VOLUME[:SIZE] a qcow2 overlay on a shared volume, read-only',
+      collect,
+      [],
+    )
     .option('--shared-disk <id:volume>', 'a shared volume on the storage server (repeatable)', collect, [])
     .option('--ro-shared-disk <id:volume>', 'a read-only shared volume (repeatable)', collect, [])
     .option('--storage-nbd <host:port>', 'NBD address of the storage server', '127.0.0.1:10809')
@@ -79,14 +101,15 @@ export function registerClusterCommands(program: Command): void {
     .option('--initrd <path>', 'initrd for --kernel')
     .option('--append <cmdline>', 'kernel command line for --kernel')
     .option('--test-guest', 'boot vmferry\'s test guest, writing checkable records to every disk')
+    .option('--boot <disk:ID>', 'boot from disk ID with the BIOS (its boot loader), e.g. disk:root')
     .action(async (name: string, opts: Record<string, string | string[] | boolean | undefined>, command: Command) => {
       const { api, json } = client(command);
       const storage = parseListen(opts.storageNbd as string, '--storage-nbd');
       const server = { type: 'inet' as const, host: storage.host, port: storage.port };
       const disks: CreateVmRequest['disks'] = [
         ...(opts.localDisk as string[]).map((arg) => {
-          const [id, size] = parseDiskArg(arg, '--local-disk');
-          return { id, local: { sizeBytes: parseSize(size, `--local-disk ${id}`) } };
+          const [id, value] = parseDiskArg(arg, '--local-disk');
+          return { id, local: parseLocalDisk(id, value, server) };
         }),
         ...(opts.sharedDisk as string[]).map((arg) => {
           const [id, volume] = parseDiskArg(arg, '--shared-disk');
@@ -97,13 +120,20 @@ export function registerClusterCommands(program: Command): void {
           return { id, shared: { server, export: volume }, readOnly: true };
         }),
       ];
+      const bootChoices = [opts.testGuest && '--test-guest', typeof opts.kernel === 'string' && '--kernel', typeof opts.boot === 'string' && '--boot'].filter(Boolean);
+      if (bootChoices.length > 1) throw new VmferryError('VMF_INVALID_ARGUMENT', `say what to boot once: ${bootChoices.join(' and ')} were both given`);
       let boot: CreateVmRequest['boot'];
       if (opts.testGuest) boot = { kind: 'test-guest' };
       else if (typeof opts.kernel === 'string') {
         boot = { kind: 'kernel', kernel: opts.kernel };
         if (typeof opts.initrd === 'string') boot.initrd = opts.initrd;
         if (typeof opts.append === 'string') boot.append = opts.append;
-      } else throw new VmferryError('VMF_INVALID_ARGUMENT', 'say what to boot: --test-guest or --kernel PATH');
+      } else if (typeof opts.boot === 'string') {
+        const diskId = /^disk:(.+)$/.exec(opts.boot)?.[1];
+        if (diskId === undefined) throw new VmferryError('VMF_INVALID_ARGUMENT', `--boot must be disk:ID (got "${opts.boot}")`);
+        if (!disks.some((d) => d.id === diskId)) throw new VmferryError('VMF_INVALID_ARGUMENT', `--boot disk:${diskId} names no disk of this VM`);
+        boot = { kind: 'disk', diskId };
+      } else throw new VmferryError('VMF_INVALID_ARGUMENT', 'say what to boot: --test-guest, --kernel PATH or --boot disk:ID');
       const created = await api.createVm(opts.host as string, {
         name,
         memoryMiB: parsePositive(opts.memory as string, '--memory'),

@@ -10,7 +10,11 @@ export function table(head: string[], rows: (string | number)[][]): string {
 }
 
 export function renderPlan(plan: MigrationPlan): string {
-  const rows = plan.disks.map((d) => [d.id, d.kind, d.operation, formatBytes(d.virtualSize), formatBytes(d.bytesToCopy), d.reason]);
+  const rows = plan.disks.flatMap((d) => [
+    [d.id, d.kind, d.operation, formatBytes(d.virtualSize), formatBytes(d.bytesToCopy), d.reason],
+    // An overlay's base: a row of its own, so the table shows both halves of the one disk.
+    ...(d.base ? [[`${d.id} (base)`, 'shared', 'reattach', formatBytes(d.base.virtualSize), formatBytes(0), `${d.base.export}, read-only: ${d.base.reachable ? `reachable from ${plan.to}: re-attached, nothing copied` : `NOT reachable from ${plan.to}`}`]] : []),
+  ]);
   const ramHow = [
     `pre-copy, downtime limit ${plan.ram.downtimeLimitsMs.join(' → ')} ms`,
     ...(plan.ram.allowPostcopy ? ['post-copy allowed'] : []),
@@ -34,7 +38,7 @@ export function renderReport(report: MigrationReport): string {
     table(
       ['disk', 'operation', 'size', 'bytes sent'],
       [
-        ...report.disks.map((d) => [d.id, d.operation, formatBytes(d.virtualSize), formatBytes(d.bytesSent)]),
+        ...report.disks.flatMap((d) => [[d.id, d.operation, formatBytes(d.virtualSize), formatBytes(d.bytesSent)], ...(d.base ? [[`${d.id} (base ${d.base})`, 'reattach', '-', formatBytes(0)]] : [])]),
         ['(RAM)', report.ram.passes > 0 ? `migrate (${report.ram.passes} passes)` : 'migrate', formatBytes(report.ram.totalBytes), formatBytes(report.ram.transferredBytes)],
       ],
     ),

@@ -2,6 +2,7 @@
 import type { CreateVmRequest, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
 import type { HostStatus } from './inventory.ts';
 import { requestJson } from '../http/errors.ts';
+import { importTimeoutMs } from '../storage/disk-images.ts';
 import type { MigrationPlan } from '../migration/plan.ts';
 import type { MigrationReport } from '../migration/phases.ts';
 import type { MigrationRecord, StoredEvent } from '../store/store.ts';
@@ -39,7 +40,8 @@ export class ControllerClient {
   }
 
   createVm(host: string, vm: CreateVmRequest): Promise<VmInfo> {
-    return requestJson(this.#url, 'POST', '/v1/vms', { body: { host, vm } });
+    // An imported image is converted before the agent answers.
+    return requestJson(this.#url, 'POST', '/v1/vms', { body: { host, vm }, timeoutMs: importTimeoutMs });
   }
 
   startVm(name: string): Promise<VmInfo> {

@@ -29,6 +29,17 @@ export function testGuestPaths(): { kernel: string; initrd: string } {
   return { kernel, initrd };
 }
 
+/**
+ * The test guest as a bootable disk image (scripts/build-test-disk.sh): its
+ * boot loader starts the workload with guestKernelAppend({ mode: 'workload' }),
+ * and the records go to its second partition.
+ */
+export function testGuestDiskImage(): string {
+  const image = join(buildDir, 'disk.qcow2');
+  if (!existsSync(image)) throw new VmferryError('VMF_TOOL_MISSING', `the test guest's disk image is not built (${image}): run scripts/setup.sh`);
+  return image;
+}
+
 export interface GuestOptions {
   mode: 'workload' | 'verify';
   /** Size of the record area at the start of each disk, in MiB (default 64, capped by the disk). */

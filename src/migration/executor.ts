@@ -395,6 +395,7 @@ function report(
       operation: disk.operation,
       bytesSent: bytesSent.get(disk.id) ?? 0,
       virtualSize: disk.virtualSize,
+      ...(disk.base ? { base: disk.base.export } : {}),
     })),
     ram: { transferredBytes: info.ram?.transferred ?? 0, totalBytes: info.ram?.total ?? 0, passes: info.ram?.['dirty-sync-count'] ?? 0, memoryCompared: outcome === 'completed' && plan.ram.compareMemory },
     phases: timeline.phases,

@@ -76,7 +76,8 @@ export interface MigrationReport {
   outcome: 'completed' | 'cancelled' | 'failed' | 'unresolved';
   /** Why it did not complete (or why it is unresolved): the first error, with undo failures attached. */
   error?: { code: string; message: string };
-  disks: { id: string; operation: DiskOperation; bytesSent: number; virtualSize: number }[];
+  /** `base`: an overlay's shared base, re-attached on the destination (nothing of it sent). */
+  disks: { id: string; operation: DiskOperation; bytesSent: number; virtualSize: number; base?: string }[];
   /** memoryCompared: both ends' guest memory was found identical before the destination resumed. */
   ram: {
     transferredBytes: number;

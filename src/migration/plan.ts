@@ -92,6 +92,11 @@ export interface DiskPlan {
    * 'full' for an overlay, whose backing chain the destination does not have.
    */
   mirrorSync?: 'full' | 'top';
+  /**
+   * The shared base of an overlay: re-attached read-only on the destination
+   * (its overlay there is created on it), never copied. Only the overlay is mirrored.
+   */
+  base?: { export: string; virtualSize: number; reachable: boolean };
   /** Why this operation was chosen, for the dry-run table. */
   reason: string;
 }
@@ -147,6 +152,24 @@ function planDisk(disk: DiskSpec, source: SourceFacts, destination: DestinationF
     if (!facts) {
       refusals.push(`disk ${disk.id}: no facts about its image ${disk.source.path} on ${source.hostId}`);
       return { id: disk.id, operation: 'mirror', kind: 'local', readOnly, virtualSize: 0, bytesToCopy: 0, reason: 'local image' };
+    }
+    const backing = disk.source.backing;
+    if (backing) {
+      const key = exportKey(backing.server, backing.export);
+      const seenSize = destination.reachableExports[key];
+      if (seenSize === undefined) refusals.push(`disk ${disk.id}: ${destination.hostId} cannot reach shared volume ${key}, the base of its overlay`);
+      return {
+        id: disk.id,
+        operation: 'mirror',
+        kind: 'local',
+        readOnly,
+        virtualSize: facts.virtualSize,
+        bytesToCopy: facts.allocatedBytes,
+        // The destination's overlay reads through the same base: only the overlay's own data moves.
+        mirrorSync: 'top',
+        base: { export: key, virtualSize: seenSize ?? 0, reachable: seenSize !== undefined },
+        reason: `local qcow2 overlay on ${source.hostId}: its own data copied while the guest runs; its base ${seenSize === undefined ? `is NOT reachable from ${destination.hostId}` : 're-attached'}`,
+      };
     }
     return {
       id: disk.id,

@@ -10,6 +10,7 @@ import { queryCpuModels, qemuBuiltinCpuModel, type CpuModels } from '../qemu/cpu
 import { defaultQemuBinary } from '../qemu/command-line.ts';
 import type { QemuProcess } from '../qemu/process.ts';
 import type { NbdServerAddress, VmSpec } from '../qemu/spec.ts';
+import { nbdUri } from '../storage/disk-images.ts';
 import type { LocalPool } from '../storage/local-pool.ts';
 import { imageInfo } from '../storage/local-pool.ts';
 import { runProgram } from '../util/run.ts';
@@ -38,12 +39,6 @@ export async function qemuCapabilities(accel: Accelerator = 'tcg', binary = defa
   return { version, machines, accelerator: accel, cpuModels: await queryCpuModels(accel, binary) };
 }
 
-function nbdUri(server: NbdServerAddress, exportName: string): string {
-  return server.type === 'inet'
-    ? `nbd://${server.host}:${server.port}/${encodeURIComponent(exportName)}`
-    : `nbd+unix:///${encodeURIComponent(exportName)}?socket=${server.path}`;
-}
-
 /** Connects to a shared export the way QEMU will, and returns its size, or undefined when unreachable. */
 export async function probeExport(server: NbdServerAddress, exportName: string): Promise<number | undefined> {
   try {
@@ -68,7 +63,8 @@ export async function probeSource(hostId: string, vm: QemuProcess, qemu: QemuCap
   const kvm = await vm.qmp('asking which accelerator runs the guest', (qmp) => qmp.queryKvm());
   const localDisks: Record<string, LocalDiskFacts> = {};
   for (const disk of spec.disks) {
-    if (disk.source.kind === 'file') localDisks[disk.id] = await imageInfo(disk.source.path, disk.source.format);
+    // An overlay on a shared base moves alone: its own data is what the mirror sends.
+    if (disk.source.kind === 'file') localDisks[disk.id] = await imageInfo(disk.source.path, disk.source.format, { ownDataOnly: disk.source.backing !== undefined });
   }
   const requested = spec.machine ?? 'q35';
   return { hostId, qemuVersion: qemu.version, machineType: qemu.machines[requested] ?? requested, accelerator: kvm.enabled ? 'kvm' : 'tcg', localDisks };
@@ -83,10 +79,11 @@ export async function probeDestination(
   qemu: QemuCapabilities,
 ): Promise<DestinationFacts> {
   const reachableExports: Record<string, number> = {};
-  for (const disk of spec.disks) {
-    if (disk.source.kind !== 'nbd') continue;
-    const size = await probeExport(disk.source.server, disk.source.export);
-    if (size !== undefined) reachableExports[exportKey(disk.source.server, disk.source.export)] = size;
+  // Shared volumes, and the shared bases of overlays: both are re-attached, not copied.
+  const shared = spec.disks.flatMap((disk) => (disk.source.kind === 'nbd' ? [disk.source] : disk.source.backing ? [disk.source.backing] : []));
+  for (const { server, export: exportName } of shared) {
+    const size = await probeExport(server, exportName);
+    if (size !== undefined) reachableExports[exportKey(server, exportName)] = size;
   }
   const cpuModel = spec.cpu ?? qemuBuiltinCpuModel;
   return {

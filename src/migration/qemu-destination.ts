@@ -12,6 +12,7 @@ import type { Accelerator } from '../qemu/command-line.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { QmpEventListener } from '../qmp/client.ts';
+import { createOverlay } from '../storage/disk-images.ts';
 import type { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import { removeDurable } from '../util/durable-file.ts';
@@ -79,7 +80,10 @@ export class QemuDestination implements DestinationSide {
       const planned = plan.disks.find((d) => d.id === disk.id);
       if (planned?.operation !== 'mirror' || disk.source.kind !== 'file') continue;
       const name = targetVolumeName(spec.name, disk.id, disk.source.format);
-      disk.source.path = await pool.create(name, disk.source.format, planned.virtualSize);
+      // An overlay's target is an overlay on the same base (the planner saw this host reach it), so the mirror sends only the overlay's data.
+      disk.source.path = disk.source.backing
+        ? await createOverlay(pool, name, disk.source.backing, { sizeBytes: planned.virtualSize, probe: false })
+        : await pool.create(name, disk.source.format, planned.virtualSize);
       this.#createdVolumes.push(name);
     }
     signal.throwIfAborted();

@@ -3,8 +3,8 @@
  * sides (device ids, node names, PCI slots) is derived from the spec alone, so
  * a source VM and its `-incoming` twin built from the same spec line up.
  */
-import type { CacheMode, DiskSpec, VmSpec } from './spec.ts';
-import { diskFileNodeName, diskNodeName } from './spec.ts';
+import type { CacheMode, DiskSpec, NbdServerAddress, VmSpec } from './spec.ts';
+import { diskBaseNodeName, diskFileNodeName, diskNodeName } from './spec.ts';
 
 export const defaultQemuBinary = 'qemu-system-x86_64';
 
@@ -46,31 +46,31 @@ const cacheFlags: Record<CacheMode, CacheFlags> = {
 
 export const sharedReconnectDelayS = 15;
 
+/** An NBD client node of the storage server, riding through its restarts. */
+function nbdNode(nodeName: string, server: NbdServerAddress, exportName: string, readOnly: boolean, noFlush: boolean): Record<string, unknown> {
+  return {
+    driver: 'nbd',
+    'node-name': nodeName,
+    server: server.type === 'inet' ? { type: 'inet', host: server.host, port: String(server.port) } : { type: 'unix', path: server.path },
+    export: exportName,
+    // A storage server restart or a short network outage is ridden through: requests wait up to
+    // this many seconds for QEMU to reconnect instead of failing the guest's I/O at once.
+    'reconnect-delay': sharedReconnectDelayS,
+    // The same outage when QEMU starts (a VM's start, or a migration's destination): without this
+    // QEMU tries once and exits, so a storage server restarting at that moment would fail the migration.
+    'open-timeout': sharedReconnectDelayS,
+    'read-only': readOnly,
+    // The page cache is the storage server's business; only no-flush applies to a network node.
+    cache: { 'no-flush': noFlush },
+  };
+}
+
 function blockdevArgs(disk: DiskSpec): string[] {
   const cache = cacheFlags[disk.cache ?? 'none'];
   const readOnly = disk.readOnly ?? false;
   const source = disk.source;
   if (source.kind === 'nbd') {
-    const server =
-      source.server.type === 'inet'
-        ? { type: 'inet', host: source.server.host, port: String(source.server.port) }
-        : { type: 'unix', path: source.server.path };
-    const node = {
-      driver: 'nbd',
-      'node-name': diskNodeName(disk.id),
-      server,
-      export: source.export,
-      // A storage server restart or a short network outage is ridden through: requests wait up to
-      // this many seconds for QEMU to reconnect instead of failing the guest's I/O at once.
-      'reconnect-delay': sharedReconnectDelayS,
-      // The same outage when QEMU starts (a VM's start, or a migration's destination): without this
-      // QEMU tries once and exits, so a storage server restarting at that moment would fail the migration.
-      'open-timeout': sharedReconnectDelayS,
-      'read-only': readOnly,
-      // The page cache is the storage server's business; only no-flush applies to a network node.
-      cache: { 'no-flush': cache.noFlush },
-    };
-    return ['-blockdev', JSON.stringify(node)];
+    return ['-blockdev', JSON.stringify(nbdNode(diskNodeName(disk.id), source.server, source.export, readOnly, cache.noFlush))];
   }
   const fileNode = {
     driver: 'file',
@@ -80,7 +80,7 @@ function blockdevArgs(disk: DiskSpec): string[] {
     cache: { direct: cache.direct, 'no-flush': cache.noFlush },
     discard: 'unmap',
   };
-  const formatNode = {
+  const formatNode: Record<string, unknown> = {
     driver: source.format,
     'node-name': diskNodeName(disk.id),
     file: diskFileNodeName(disk.id),
@@ -88,7 +88,15 @@ function blockdevArgs(disk: DiskSpec): string[] {
     cache: { direct: cache.direct, 'no-flush': cache.noFlush },
     discard: 'unmap',
   };
-  return ['-blockdev', JSON.stringify(fileNode), '-blockdev', JSON.stringify(formatNode)];
+  const args = ['-blockdev', JSON.stringify(fileNode)];
+  if (source.backing) {
+    // The shared base by node, not by the file name in the overlay's header: always read-only, whatever the disk.
+    const baseNode = diskBaseNodeName(disk.id);
+    args.push('-blockdev', JSON.stringify(nbdNode(baseNode, source.backing.server, source.backing.export, true, cache.noFlush)));
+    formatNode.backing = baseNode;
+  }
+  args.push('-blockdev', JSON.stringify(formatNode));
+  return args;
 }
 
 function deviceArgs(disk: DiskSpec, index: number, bootDiskId: string | undefined): string[] {
@@ -101,7 +109,7 @@ function deviceArgs(disk: DiskSpec, index: number, bootDiskId: string | undefine
     addr: `0x${(firstDiskSlot + index).toString(16)}`,
     'write-cache': cacheFlags[disk.cache ?? 'none'].writeCache ? 'on' : 'off',
   };
-  if (disk.id === bootDiskId) device.bootindex = 0;
+  if (disk.id === bootDiskId) device.bootindex = 1;
   return ['-device', JSON.stringify(device)];
 }
 

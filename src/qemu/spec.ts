@@ -13,10 +13,20 @@ export type NbdServerAddress =
   | { type: 'inet'; host: string; port: number }
   | { type: 'unix'; path: string };
 
+/** A shared volume a local overlay reads through: opened read-only, never written, never copied. */
+export interface SharedBase {
+  server: NbdServerAddress;
+  export: string;
+}
+
 /** Where a disk's bytes live. */
 export type DiskSource =
-  /** An image file on this host: local data, copied when the VM moves. */
-  | { kind: 'file'; path: string; format: 'qcow2' | 'raw' }
+  /**
+   * An image file on this host: local data, copied when the VM moves. With a
+   * `backing`, a qcow2 overlay of a shared base: only the overlay is local,
+   * and a migration copies it and re-attaches the base.
+   */
+  | { kind: 'file'; path: string; format: 'qcow2' | 'raw'; backing?: SharedBase }
   /** An export on a storage server every host reaches: shared data, re-attached when the VM moves. */
   | { kind: 'nbd'; server: NbdServerAddress; export: string };
 
@@ -97,6 +107,17 @@ function validateNbdServer(value: unknown, field: string): NbdServerAddress {
   return invalid(`${field}.type`, `must be "inet" or "unix" (got ${JSON.stringify(value.type)})`);
 }
 
+function validateExportName(value: unknown, field: string): string {
+  const exportName = requireString(value, field);
+  if (Buffer.byteLength(exportName) > 4096) invalid(field, 'must be at most 4096 bytes');
+  return exportName;
+}
+
+function validateSharedBase(value: unknown, field: string): SharedBase {
+  if (!isRecord(value)) invalid(field, 'must be an object');
+  return { server: validateNbdServer(value.server, `${field}.server`), export: validateExportName(value.export, `${field}.export`) };
+}
+
 function validateDiskSource(value: unknown, field: string): DiskSource {
   if (!isRecord(value)) invalid(field, 'must be an object');
   if (value.kind === 'file') {
@@ -104,13 +125,13 @@ function validateDiskSource(value: unknown, field: string): DiskSource {
     if (value.format !== 'qcow2' && value.format !== 'raw') {
       invalid(`${field}.format`, `must be "qcow2" or "raw" (got ${JSON.stringify(value.format)})`);
     }
-    return { kind: 'file', path, format: value.format };
+    if (value.backing === undefined) return { kind: 'file', path, format: value.format };
+    if (value.format !== 'qcow2') invalid(`${field}.backing`, 'needs format "qcow2": only a qcow2 overlay has a backing file');
+    return { kind: 'file', path, format: value.format, backing: validateSharedBase(value.backing, `${field}.backing`) };
   }
   if (value.kind === 'nbd') {
     const server = validateNbdServer(value.server, `${field}.server`);
-    const exportName = requireString(value.export, `${field}.export`);
-    if (Buffer.byteLength(exportName) > 4096) invalid(`${field}.export`, 'must be at most 4096 bytes');
-    return { kind: 'nbd', server, export: exportName };
+    return { kind: 'nbd', server, export: validateExportName(value.export, `${field}.export`) };
   }
   return invalid(`${field}.kind`, `must be "file" or "nbd" (got ${JSON.stringify(value.kind)})`);
 }
@@ -197,6 +218,11 @@ export function diskNodeName(diskId: string): string {
 /** Node name of the file protocol node under a file disk's format node. */
 export function diskFileNodeName(diskId: string): string {
   return `disk-${diskId}-file`;
+}
+
+/** Node name of the read-only NBD node under an overlay: its shared base. */
+export function diskBaseNodeName(diskId: string): string {
+  return `disk-${diskId}-base`;
 }
 
 /** A disk is local data when it lives in a file on this host. */

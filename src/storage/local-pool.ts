@@ -26,14 +26,19 @@ interface QemuImgMapExtent {
 
 const volumeNamePattern = /^[a-z0-9][a-z0-9._-]{0,127}$/;
 
-/** Reads size and allocation of an image, also while a QEMU has it open (-U). */
-export async function imageInfo(path: string, format: string): Promise<ImageInfo> {
+/**
+ * Reads size and allocation of an image, also while a QEMU has it open (-U).
+ * `ownDataOnly` counts an overlay's own data and leaves its backing file
+ * closed: what a mirror of the overlay alone sends.
+ */
+export async function imageInfo(path: string, format: string, options: { ownDataOnly?: boolean } = {}): Promise<ImageInfo> {
   const info = JSON.parse(await runProgram('qemu-img', ['info', '-U', '--output=json', '-f', format, path])) as {
     'virtual-size': number;
     format: string;
     'backing-filename'?: string;
   };
-  const extents = JSON.parse(await runProgram('qemu-img', ['map', '-U', '--output=json', '-f', format, path])) as QemuImgMapExtent[];
+  const image = options.ownDataOnly ? [`json:${JSON.stringify({ driver: format, backing: null, file: { driver: 'file', filename: path } })}`] : ['-f', format, path];
+  const extents = JSON.parse(await runProgram('qemu-img', ['map', '-U', '--output=json', ...image])) as QemuImgMapExtent[];
   const allocatedBytes = extents.filter((e) => e.data && !e.zero).reduce((sum, e) => sum + e.length, 0);
   return { virtualSize: info['virtual-size'], allocatedBytes, format: info.format, backingFile: info['backing-filename'] };
 }

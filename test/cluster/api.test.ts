@@ -53,6 +53,8 @@ const cases: BadRequest[] = [
   { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, name: '../x' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /name/ },
   { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, memoryMiB: 'lots' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /memoryMiB/ },
   { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'Root Disk', local: { sizeBytes: 1 << 20 } }] }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /disks\/0\/id/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'root', local: { import: '/nonexistent/web.qcow2' } }] }, status: 400, code: 'VMF_IMAGE_INVALID', message: /cannot import \/nonexistent\/web\.qcow2: no such file/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'root', local: { import: 'web.qcow2' } }] }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /disks\/0\/local\/import/ },
   { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'd', shared: { server: { type: 'inet', host: 'x', port: 99999 }, export: 'e' } }] }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /port|server/ },
   { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'd' }] }, status: 400, code: 'VMF_INVALID_SPEC', message: /needs "local" or "shared"/ },
   { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, extra: 1 }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /additional properties|extra/ },

@@ -153,3 +153,23 @@ test('a destination whose QEMU does not know the CPU model is refused', () => {
   const plan = planMigration({ ...vm([sharedData]), cpu: 'Futurelake-v9' }, source, destination({ cpu: { model: 'Futurelake-v9', unavailableFeatures: null } }), defaultMigrationOptions);
   assert.deepEqual(plan.refusals, ['B (QEMU 7.2.0) does not know CPU model Futurelake-v9']);
 });
+
+test('an overlay on a shared base: the overlay is mirrored (top only), its base re-attached; a destination that cannot reach the base is refused', () => {
+  const overlay: DiskSpec = { id: 'root', source: { kind: 'file', path: '/pool/a/root.qcow2', format: 'qcow2', backing: { server: storage, export: 'golden' } } };
+  const facts: SourceFacts = { ...source, localDisks: { root: { virtualSize: 2 * gib, allocatedBytes: 30 * 1024 ** 2, backingFile: 'nbd://127.0.0.1:10809/golden' } } };
+  const golden = exportKey(storage, 'golden');
+  const plan = planMigration(vm([overlay, sharedData]), facts, destination({ reachableExports: { [golden]: 2 * gib, [exportKey(storage, 'data')]: 4 * gib } }), defaultMigrationOptions);
+  assert.deepEqual(plan.refusals, []);
+  assert.deepEqual(operations(plan), [
+    ['root', 'mirror', 30 * 1024 ** 2],
+    ['data', 'reattach', 0],
+  ]);
+  assert.equal(plan.disks[0]?.mirrorSync, 'top');
+  assert.deepEqual(plan.disks[0]?.base, { export: golden, virtualSize: 2 * gib, reachable: true });
+  assert.match(plan.disks[0]?.reason ?? '', /overlay on A: its own data copied while the guest runs; its base re-attached$/);
+
+  const cut = planMigration(vm([overlay]), facts, destination({ reachableExports: {} }), defaultMigrationOptions);
+  assert.deepEqual(cut.refusals, [`disk root: B cannot reach shared volume ${golden}, the base of its overlay`]);
+  assert.equal(cut.disks[0]?.base?.reachable, false);
+  assert.match(cut.disks[0]?.reason ?? '', /its base is NOT reachable from B$/);
+});

@@ -50,6 +50,8 @@ const invalidCases: { change: [(string | number)[], unknown]; field: RegExp }[] 
   { change: [['disks', 2, 'source', 'server', 'type'], 'vsock'], field: /^invalid VM spec: disks\[2\]\.source\.server\.type must be "inet" or "unix"/ },
   { change: [['disks', 1, 'cache'], 'fast'], field: /^invalid VM spec: disks\[1\]\.cache must be one of none, writeback/ },
   { change: [['disks', 2, 'readOnly'], 'yes'], field: /^invalid VM spec: disks\[2\]\.readOnly must be a boolean/ },
+  { change: [['disks', 0, 'source', 'backing'], { server: { type: 'inet', host: '127.0.0.1', port: 10809 } }], field: /^invalid VM spec: disks\[0\]\.source\.backing\.export must be a non-empty string/ },
+  { change: [['disks', 0, 'source'], { kind: 'file', path: '/pool/r.raw', format: 'raw', backing: { server: { type: 'unix', path: '/s' }, export: 'base' } }], field: /^invalid VM spec: disks\[0\]\.source\.backing needs format "qcow2"/ },
   { change: [['boot', 'kind'], 'pxe'], field: /^invalid VM spec: boot\.kind must be "kernel" or "disk"/ },
   { change: [['boot'], { kind: 'disk', diskId: 'nope' }], field: /^invalid VM spec: boot\.diskId names no disk of this VM/ },
   { change: [['serialLogs', 0], 'console.log'], field: /^invalid VM spec: serialLogs\[0\] must be an absolute path/ },
@@ -99,4 +101,37 @@ test('the CPU model is passed as -cpu MODEL,enforce; a spec without one leaves Q
   assert.deepEqual(args.slice(args.indexOf('-cpu'), args.indexOf('-cpu') + 2), ['-cpu', 'Westmere-v1,enforce']);
   assert.deepEqual(args.slice(args.indexOf('-accel'), args.indexOf('-accel') + 2), ['-accel', 'kvm']);
   assert.equal(qemuArguments(validateVmSpec(valid), options).includes('-cpu'), false);
+});
+
+function blockdevs(args: string[]): Record<string, unknown>[] {
+  return args.flatMap((arg, i) => (args[i - 1] === '-blockdev' ? [JSON.parse(arg) as Record<string, unknown>] : []));
+}
+
+test('an overlay on a shared base: the qcow2 node reads through a read-only NBD node of the base, even on a writable disk', () => {
+  const base = { server: { type: 'inet' as const, host: '10.0.0.1', port: 10809 }, export: 'debian-12' };
+  const spec = validateVmSpec(withChange(['disks', 0, 'source', 'backing'], base));
+  assert.deepEqual(spec.disks[0]?.source, { kind: 'file', path: '/pool/web-1-root.qcow2', format: 'qcow2', backing: base });
+  const nodes = blockdevs(qemuArguments(spec, { mode: 'run', qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'tcg' }));
+  assert.deepEqual(nodes.slice(0, 3).map((n) => [n['node-name'], n.driver]), [
+    ['disk-root-file', 'file'],
+    ['disk-root-base', 'nbd'],
+    ['disk-root', 'qcow2'],
+  ]);
+  assert.equal(nodes[1]?.export, 'debian-12');
+  assert.deepEqual(nodes[1]?.server, { type: 'inet', host: '10.0.0.1', port: '10809' });
+  assert.equal(nodes[1]?.['read-only'], true);
+  assert.equal(nodes[2]?.backing, 'disk-root-base');
+  assert.equal(nodes[2]?.['read-only'], false);
+});
+
+test('booting from a disk: SeaBIOS is pointed at that disk (bootindex 1), no other disk is bootable, no -kernel', () => {
+  const spec = validateVmSpec(withChange(['boot'], { kind: 'disk', diskId: 'data' }));
+  const args = qemuArguments(spec, { mode: 'run', qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'tcg' });
+  const devices = args.flatMap((arg, i) => (args[i - 1] === '-device' ? [JSON.parse(arg) as Record<string, unknown>] : []));
+  assert.deepEqual(devices.map((d) => [d.id, d.bootindex]), [
+    ['root', undefined],
+    ['data', 1],
+    ['iso', undefined],
+  ]);
+  for (const flag of ['-kernel', '-initrd', '-append']) assert.ok(!args.includes(flag), `no ${flag}`);
 });

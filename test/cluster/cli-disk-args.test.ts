@@ -1,0 +1,91 @@
+// `vmferry vm create` with a user's disk images: what the CLI asks the
+// controller for (a stand-in controller records the request), and the clear
+// errors it gives for arguments it cannot make sense of.
+import assert from 'node:assert/strict';
+import { execFile as execFileCallback } from 'node:child_process';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { after, before, test } from 'node:test';
+
+const execFile = promisify(execFileCallback);
+const cli = join(import.meta.dirname, '../../bin/vmferry.js');
+let controller: Server;
+let controllerUrl: string;
+const requests: unknown[] = [];
+
+before(async () => {
+  controller = createServer((req, res) => {
+    let body = '';
+    req.on('data', (chunk: Buffer) => (body += chunk.toString()));
+    req.on('end', () => {
+      const parsed = JSON.parse(body) as { host: string; vm: { name: string } };
+      requests.push(parsed);
+      res.writeHead(201, { 'content-type': 'application/json' }).end(JSON.stringify({ name: parsed.vm.name, host: parsed.host }));
+    });
+  });
+  await new Promise<void>((resolve) => controller.listen(0, '127.0.0.1', resolve));
+  controllerUrl = `http://127.0.0.1:${(controller.address() as AddressInfo).port}`;
+});
+
+after(() => new Promise<void>((resolve) => controller.close(() => resolve())));
+
+async function vmferry(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await execFile(process.execPath, [cli, '--controller', controllerUrl, ...args], { timeout: 60_000 });
+    return { code: 0, stdout, stderr };
+  } catch (err) {
+    const failed = err as { code: number; stdout: string; stderr: string };
+    return { code: failed.code, stdout: failed.stdout, stderr: failed.stderr };
+  }
+}
+
+test('import=, base= and --boot disk:ID become the request the agent acts on', async () => {
+  requests.length = 0;
+  const result = await vmferry(
+    'vm', 'create', 'web', '--host', 'A', '--storage-nbd', '10.0.0.1:10809',
+    '--local-disk', 'root:import=/srv/images/web.qcow2',
+    '--local-disk', 'sys:base=debian-12:20G',
+    '--local-disk', 'tmp:base=debian-12',
+    '--local-disk', 'scratch:1G',
+    '--boot', 'disk:root',
+  );
+  assert.equal(result.code, 0, result.stderr);
+  const server = { type: 'inet', host: '10.0.0.1', port: 10809 };
+  assert.deepEqual(requests, [
+    {
+      host: 'A',
+      vm: {
+        name: 'web',
+        memoryMiB: 256,
+        vcpus: 1,
+        boot: { kind: 'disk', diskId: 'root' },
+        disks: [
+          { id: 'root', local: { import: '/srv/images/web.qcow2' } },
+          { id: 'sys', local: { base: 'debian-12', baseServer: server, sizeBytes: 20 * 1024 ** 3 } },
+          { id: 'tmp', local: { base: 'debian-12', baseServer: server } },
+          { id: 'scratch', local: { sizeBytes: 1024 ** 3 } },
+        ],
+      },
+    },
+  ]);
+});
+
+const badArguments: { args: string[]; message: RegExp }[] = [
+  { args: ['--local-disk', 'root:import=web.qcow2', '--boot', 'disk:root'], message: /--local-disk root:import= needs an absolute path on the VM's host \(got "web\.qcow2"\)/ },
+  { args: ['--local-disk', 'root:base=', '--boot', 'disk:root'], message: /--local-disk root:base= needs a shared volume name/ },
+  { args: ['--local-disk', 'root:1G', '--boot', 'disk:data'], message: /--boot disk:data names no disk of this VM/ },
+  { args: ['--local-disk', 'root:1G', '--boot', 'cdrom'], message: /--boot must be disk:ID \(got "cdrom"\)/ },
+  { args: ['--local-disk', 'root:1G', '--boot', 'disk:root', '--test-guest'], message: /say what to boot once: --test-guest and --boot were both given/ },
+];
+
+for (const { args, message } of badArguments) {
+  test(`vm create ${args.join(' ')}: refused before anything is asked of the controller`, async () => {
+    requests.length = 0;
+    const result = await vmferry('vm', 'create', 'web', '--host', 'A', ...args);
+    assert.notEqual(result.code, 0);
+    assert.match(result.stderr, message);
+    assert.deepEqual(requests, []);
+  });
+}
