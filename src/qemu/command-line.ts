@@ -44,7 +44,16 @@ const cacheFlags: Record<CacheMode, CacheFlags> = {
   unsafe: { direct: false, noFlush: true, writeCache: true },
 };
 
-export const sharedReconnectDelayS = 15;
+/**
+ * How long a guest's I/O to a shared volume waits for the storage server to
+ * come back before it fails. A guest that sees an I/O error on its root disk
+ * typically remounts read-only or powers off, so this covers a storage
+ * server's restart on a busy machine, in the spirit of iSCSI's replacement
+ * timeout; the chaos campaign saw restarts near 15 s under load.
+ */
+export const sharedReconnectDelayS = 60;
+/** How long a QEMU starting up tries to reach the storage server before it gives up. */
+const sharedOpenTimeoutS = 15;
 
 /** An NBD client node of the storage server, riding through its restarts. */
 function nbdNode(nodeName: string, server: NbdServerAddress, exportName: string, readOnly: boolean, noFlush: boolean): Record<string, unknown> {
@@ -58,7 +67,7 @@ function nbdNode(nodeName: string, server: NbdServerAddress, exportName: string,
     'reconnect-delay': sharedReconnectDelayS,
     // The same outage when QEMU starts (a VM's start, or a migration's destination): without this
     // QEMU tries once and exits, so a storage server restarting at that moment would fail the migration.
-    'open-timeout': sharedReconnectDelayS,
+    'open-timeout': sharedOpenTimeoutS,
     'read-only': readOnly,
     // The page cache is the storage server's business; only no-flush applies to a network node.
     cache: { 'no-flush': noFlush },
