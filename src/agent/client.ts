@@ -5,6 +5,7 @@
  */
 import type { CreateVmRequest, HostInfo, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
 import { requestJson } from '../http/errors.ts';
+import type { TlsIdentity } from '../security/tls-files.ts';
 import type { DestinationFacts, MigrationPlan, SourceFacts, CopyMode } from '../migration/plan.ts';
 import type {
   DestinationSide,
@@ -33,13 +34,16 @@ const memoryDigestTimeoutMs = 120_000;
 
 export class AgentClient {
   readonly url: string;
+  readonly #tls: TlsIdentity | undefined;
 
-  constructor(url: string) {
+  /** tls: the identity presented to the agent (the controller's, with mutual TLS). */
+  constructor(url: string, tls?: TlsIdentity) {
     this.url = url;
+    this.#tls = tls;
   }
 
   request<T>(method: string, path: string, body?: unknown, options: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<T> {
-    return requestJson<T>(this.url, method, path, { body, ...options });
+    return requestJson<T>(this.url, method, path, { body, ...options, tls: this.#tls });
   }
 
   host(signal?: AbortSignal): Promise<HostInfo> {

@@ -4,6 +4,7 @@ import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
 import { VmferryError } from '../errors.ts';
 import { defaultControllerUrl, parseListen, parsePositive, parseSize, printJson } from './common.ts';
 import { ControllerClient } from '../controller/client.ts';
+import { commandTls } from './tls-options.ts';
 import { followMigration } from './progress.ts';
 import { registerQuarantineCommands } from './quarantine.ts';
 import { renderPlan, renderReport, table } from './render.ts';
@@ -15,7 +16,7 @@ interface GlobalOptions {
 
 function client(command: Command): { api: ControllerClient; json: boolean } {
   const opts = command.optsWithGlobals<GlobalOptions>();
-  return { api: new ControllerClient(opts.controller), json: opts.json ?? false };
+  return { api: new ControllerClient(opts.controller, commandTls(command, 'client')), json: opts.json ?? false };
 }
 
 function collect(value: string, previous: string[]): string[] {

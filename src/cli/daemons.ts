@@ -5,6 +5,7 @@ import { startHeartbeat } from '../agent/heartbeat.ts';
 import { buildController } from '../controller/server.ts';
 import { VmferryError } from '../errors.ts';
 import { daemonLogger, parseListen, untilSignal } from './common.ts';
+import { commandTls } from './tls-options.ts';
 
 export function registerDaemonCommands(program: Command): void {
   program
@@ -26,6 +27,7 @@ export function registerDaemonCommands(program: Command): void {
       const advertiseUrl = opts.advertiseUrl === undefined ? undefined : parseHttpUrl(opts.advertiseUrl, '--advertise-url');
       const logger = daemonLogger(`agent-${opts.hostId}`);
       const address = opts.address ?? listen.host;
+      const tls = commandTls(command, 'server');
       const { app } = await buildAgent({
         hostId: opts.hostId,
         dataDir: opts.dataDir,
@@ -33,10 +35,11 @@ export function registerDaemonCommands(program: Command): void {
         logger,
         abandonAfterMs: abandonAfterS * 1000,
         ...(opts.storage ? { storageUrl: opts.storage } : {}),
+        ...(tls ? { tls } : {}),
       });
       const url = await app.listen({ host: listen.host, port: listen.port });
       logger.info({ url }, `agent ${opts.hostId} listening`);
-      const stopHeartbeat = startHeartbeat(opts.controller, { id: opts.hostId, url: advertiseUrl ?? url, address }, logger);
+      const stopHeartbeat = startHeartbeat(opts.controller, { id: opts.hostId, url: advertiseUrl ?? url, address }, logger, tls);
       await untilSignal();
       // Guests keep running: they are re-adopted when the agent starts again.
       stopHeartbeat();
@@ -48,10 +51,11 @@ export function registerDaemonCommands(program: Command): void {
     .description('run the controller: inventory, placement checks, migrations through the agents')
     .requiredOption('--listen <host:port>', 'address of the controller\'s HTTP API')
     .requiredOption('--db <file>', 'SQLite database file')
-    .action(async (opts: { listen: string; db: string }) => {
+    .action(async (opts: { listen: string; db: string }, command: Command) => {
       const listen = parseListen(opts.listen, '--listen');
       const logger = daemonLogger('controller');
-      const { app } = await buildController({ dbPath: opts.db, logger });
+      const tls = commandTls(command, 'server');
+      const { app } = await buildController({ dbPath: opts.db, logger, ...(tls ? { tls } : {}) });
       const url = await app.listen({ host: listen.host, port: listen.port });
       logger.info({ url }, 'controller listening');
       await untilSignal();

@@ -4,6 +4,8 @@
  * same code, so scripts see the same codes locally and remotely.
  */
 import type { FastifyError, FastifyInstance } from 'fastify';
+import { Agent, fetch, type Response } from 'undici';
+import type { TlsIdentity } from '../security/tls-files.ts';
 import { errorCodes, httpStatus, VmferryError, type ErrorCode } from '../errors.ts';
 import { timeoutSignal } from '../util/abort.ts';
 
@@ -56,6 +58,24 @@ export interface RequestOptions {
   body?: unknown;
   signal?: AbortSignal;
   timeoutMs?: number;
+  /** Present this certificate and trust only this CA (an https:// URL of a vmferry server with mutual TLS). */
+  tls?: TlsIdentity | undefined;
+}
+
+/**
+ * One connection pool per identity, so a client keeps its TLS sessions open
+ * across requests. undici's own fetch with its own Agent: the fetch built
+ * into Node is another copy of undici, and the two must not be mixed.
+ */
+const dispatchers = new WeakMap<TlsIdentity, Agent>();
+
+function dispatcherFor(tls: TlsIdentity): Agent {
+  let agent = dispatchers.get(tls);
+  if (!agent) {
+    agent = new Agent({ connect: { ca: tls.ca, cert: tls.cert, key: tls.key } });
+    dispatchers.set(tls, agent);
+  }
+  return agent;
 }
 
 /** A JSON request to a vmferry server; a failure is a VmferryError carrying the server's code. */
@@ -68,6 +88,7 @@ export async function requestJson<T>(baseUrl: string, method: string, path: stri
   try {
     response = await fetch(url, {
       method,
+      ...(options.tls ? { dispatcher: dispatcherFor(options.tls) } : {}),
       signal,
       headers: options.body === undefined ? {} : { 'content-type': 'application/json' },
       body: options.body === undefined ? null : JSON.stringify(options.body),
