@@ -97,7 +97,9 @@ export async function requestJson<T>(baseUrl: string, method: string, path: stri
     if (options.signal?.aborted) throw options.signal.reason instanceof Error ? options.signal.reason : err;
     if (timeout.aborted) throw new VmferryError('VMF_TIMEOUT', `${method} ${url.href} did not answer within ${options.timeoutMs ?? 30_000} ms`, { cause: err });
     const reason = (err as { cause?: { code?: string } }).cause?.code ?? (err as Error).message;
-    throw new VmferryError('VMF_UNREACHABLE', `cannot reach ${url.origin}: ${reason}`, { cause: err });
+    // The usual cause of a certificate error: a command run without the cluster's certificates.
+    const hint = url.protocol === 'https:' && !options.tls ? ' (a vmferry server with TLS: give --pki-dir, or --cert/--key/--ca)' : '';
+    throw new VmferryError('VMF_UNREACHABLE', `cannot reach ${url.origin}: ${reason}${hint}`, { cause: err });
   }
   const text = await response.text();
   let body: unknown;
