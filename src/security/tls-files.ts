@@ -23,12 +23,12 @@ export interface TlsFileOptions {
   pkiDir?: string;
 }
 
-function readPem(path: string, what: string): string {
+function readPem(path: string, what: string, hint = ''): string {
   let text: string;
   try {
     text = readFileSync(path, 'utf8');
   } catch (err) {
-    throw new VmferryError('VMF_INVALID_ARGUMENT', `cannot read the ${what} ${path}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`, { cause: err });
+    throw new VmferryError('VMF_INVALID_ARGUMENT', `cannot read the ${what} ${path}: ${(err as NodeJS.ErrnoException).code ?? String(err)}${hint}`, { cause: err });
   }
   if (!text.includes('-----BEGIN ')) throw new VmferryError('VMF_INVALID_ARGUMENT', `the ${what} ${path} is not a PEM file`);
   return text;
@@ -45,10 +45,12 @@ export function loadTlsIdentity(options: TlsFileOptions, end: 'server' | 'client
   if (pkiDir !== undefined && given > 0) throw new VmferryError('VMF_INVALID_ARGUMENT', 'give either --pki-dir or --cert/--key/--ca, not both');
   if (pkiDir !== undefined) {
     const [certName, keyName] = end === 'server' ? [identityFiles.serverCert, identityFiles.serverKey] : [identityFiles.clientCert, identityFiles.clientKey];
+    // An operator's directory has no server files, a storage server's no client files.
+    const hint = ` (--pki-dir must be an identity directory from vmferry pki issue, of a role that acts as a ${end} here)`;
     return {
-      ca: readPem(join(pkiDir, identityFiles.ca), 'CA certificate'),
-      cert: readPem(join(pkiDir, certName), `${end} certificate (is ${pkiDir} an identity that acts as a ${end}?)`),
-      key: readPem(join(pkiDir, keyName), `${end} key`),
+      ca: readPem(join(pkiDir, identityFiles.ca), 'CA certificate', hint),
+      cert: readPem(join(pkiDir, certName), `${end} certificate`, hint),
+      key: readPem(join(pkiDir, keyName), `${end} key`, hint),
     };
   }
   if (given === 0) return undefined;
