@@ -35,15 +35,17 @@ const memoryDigestTimeoutMs = 120_000;
 export class AgentClient {
   readonly url: string;
   readonly #tls: TlsIdentity | undefined;
+  readonly #hostId: string | undefined;
 
-  /** tls: the identity presented to the agent (the controller's, with mutual TLS). */
-  constructor(url: string, tls?: TlsIdentity) {
+  /** tls: the identity presented to the agent (the controller's, with mutual TLS); hostId: the host whose agent's certificate the server must show. */
+  constructor(url: string, tls?: TlsIdentity, hostId?: string) {
     this.url = url;
     this.#tls = tls;
+    this.#hostId = hostId;
   }
 
   request<T>(method: string, path: string, body?: unknown, options: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<T> {
-    return requestJson<T>(this.url, method, path, { body, ...options, tls: this.#tls });
+    return requestJson<T>(this.url, method, path, { body, ...options, tls: this.#tls, server: { role: 'agent', id: this.#hostId } });
   }
 
   host(signal?: AbortSignal): Promise<HostInfo> {

@@ -10,7 +10,7 @@ export const heartbeatIntervalMs = 3_000;
 export function startHeartbeat(controllerUrl: string, host: { id: string; url: string; address: string }, logger: Logger, tls?: TlsIdentity): () => void {
   let failing = false;
   const beat = (): void => {
-    requestJson(controllerUrl, 'POST', '/v1/hosts/heartbeat', { body: host, timeoutMs: 2_000, tls }).then(
+    requestJson(controllerUrl, 'POST', '/v1/hosts/heartbeat', { body: host, timeoutMs: 2_000, tls, server: { role: 'controller' } }).then(
       () => {
         if (failing) logger.info(`controller ${controllerUrl} reachable again`);
         failing = false;

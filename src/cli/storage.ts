@@ -1,6 +1,7 @@
 /** `vmferry storage serve` and `vmferry volume …`. */
 import type { Command } from 'commander';
-import { requestJson } from '../http/errors.ts';
+import { requestJson, type ExpectedServer } from '../http/errors.ts';
+import type { TlsIdentity } from '../security/tls-files.ts';
 import { formatBytes } from '../migration/plan.ts';
 import { defaultLimits } from '../nbd/server.ts';
 import { StorageServer } from '../storage/server.ts';
@@ -12,6 +13,11 @@ import { commandTls } from './tls-options.ts';
 
 const MiB = 1024 * 1024;
 const defaultStorageUrl = process.env.VMFERRY_STORAGE ?? 'http://127.0.0.1:10810';
+
+/** The storage admin API with this command's certificate, if it has one; the server must show a storage certificate. */
+function storageTls(command: Command): { tls: TlsIdentity | undefined; server: ExpectedServer } {
+  return { tls: commandTls(command, 'client'), server: { role: 'storage' } };
+}
 
 export function registerStorageCommands(program: Command): void {
   program
@@ -52,7 +58,7 @@ export function registerStorageCommands(program: Command): void {
     .option(...storageOption)
     .action(async (name: string, opts: { size: string; readOnly?: boolean; storage: string }, command: Command) => {
       const created = await requestJson<Volume>(opts.storage, 'POST', '/v1/volumes', {
-        tls: commandTls(command, 'client'),
+        ...storageTls(command),
         body: { name, sizeBytes: parseSize(opts.size, '--size'), readOnly: opts.readOnly ?? false },
       });
       if (command.optsWithGlobals<{ json?: boolean }>().json) printJson(created);
@@ -63,7 +69,7 @@ export function registerStorageCommands(program: Command): void {
     .description('list shared volumes and their clients')
     .option(...storageOption)
     .action(async (opts: { storage: string }, command: Command) => {
-      const volumes = await requestJson<Volume[]>(opts.storage, 'GET', '/v1/volumes', { tls: commandTls(command, 'client') });
+      const volumes = await requestJson<Volume[]>(opts.storage, 'GET', '/v1/volumes', { ...storageTls(command) });
       if (command.optsWithGlobals<{ json?: boolean }>().json) printJson(volumes);
       else console.log(table(['volume', 'size', 'read-only', 'created', 'writer', 'clients'], volumes.map((v) => [v.name, formatBytes(v.sizeBytes), v.readOnly ? 'yes' : 'no', new Date(v.createdAt).toISOString(), writerOf(v), v.attachments.join(' ') || '-'])));
     });
@@ -73,7 +79,7 @@ export function registerStorageCommands(program: Command): void {
     .requiredOption('--size <size>', 'new size')
     .option(...storageOption)
     .action(async (name: string, opts: { size: string; storage: string }, command: Command) => {
-      const resized = await requestJson<Volume>(opts.storage, 'PATCH', `/v1/volumes/${encodeURIComponent(name)}`, { tls: commandTls(command, 'client'), body: { sizeBytes: parseSize(opts.size, '--size') } });
+      const resized = await requestJson<Volume>(opts.storage, 'PATCH', `/v1/volumes/${encodeURIComponent(name)}`, { ...storageTls(command), body: { sizeBytes: parseSize(opts.size, '--size') } });
       console.log(`volume ${resized.name} is now ${formatBytes(resized.sizeBytes)}`);
     });
   volume
@@ -83,7 +89,7 @@ export function registerStorageCommands(program: Command): void {
     .option('--force', 'delete it anyway; clients still attached get I/O errors')
     .option(...storageOption)
     .action(async (name: string, opts: { force?: boolean; storage: string }, command: Command) => {
-      await requestJson(opts.storage, 'DELETE', `/v1/volumes/${encodeURIComponent(name)}${opts.force ? '?force=true' : ''}`, { tls: commandTls(command, 'client') });
+      await requestJson(opts.storage, 'DELETE', `/v1/volumes/${encodeURIComponent(name)}${opts.force ? '?force=true' : ''}`, { ...storageTls(command) });
       console.log(`deleted volume ${name}`);
     });
 
@@ -93,7 +99,7 @@ export function registerStorageCommands(program: Command): void {
     .description('list quarantined files')
     .option(...storageOption)
     .action(async (opts: { storage: string }, command: Command) => {
-      const files = await requestJson<QuarantinedFile[]>(opts.storage, 'GET', '/v1/quarantine', { tls: commandTls(command, 'client') });
+      const files = await requestJson<QuarantinedFile[]>(opts.storage, 'GET', '/v1/quarantine', { ...storageTls(command) });
       if (command.optsWithGlobals<{ json?: boolean }>().json) printJson(files);
       else if (files.length === 0) console.log('nothing in quarantine');
       else console.log(table(['name', 'size', 'quarantined'], files.map((f) => [f.name, formatBytes(f.sizeBytes), new Date(f.quarantinedAt).toISOString()])));
@@ -103,7 +109,7 @@ export function registerStorageCommands(program: Command): void {
     .description('make a quarantined file a volume of that name again (writable, with the file\'s size)')
     .option(...storageOption)
     .action(async (name: string, opts: { storage: string }, command: Command) => {
-      const restored = await requestJson<Volume>(opts.storage, 'POST', `/v1/quarantine/${encodeURIComponent(name)}/restore`, { tls: commandTls(command, 'client') });
+      const restored = await requestJson<Volume>(opts.storage, 'POST', `/v1/quarantine/${encodeURIComponent(name)}/restore`, { ...storageTls(command) });
       console.log(`restored volume ${restored.name} (${formatBytes(restored.sizeBytes)})`);
     });
   quarantine
@@ -111,7 +117,7 @@ export function registerStorageCommands(program: Command): void {
     .description('delete a quarantined file for good')
     .option(...storageOption)
     .action(async (name: string, opts: { storage: string }, command: Command) => {
-      await requestJson(opts.storage, 'DELETE', `/v1/quarantine/${encodeURIComponent(name)}`, { tls: commandTls(command, 'client') });
+      await requestJson(opts.storage, 'DELETE', `/v1/quarantine/${encodeURIComponent(name)}`, { ...storageTls(command) });
       console.log(`purged ${name} from quarantine`);
     });
 }

@@ -41,13 +41,13 @@ export class Inventory {
     if (host.state === 'unreachable') {
       throw new VmferryError('VMF_UNREACHABLE', `host ${hostId} has not reported for ${Math.round((Date.now() - host.lastSeen) / 1000)} s; its agent at ${host.url} is unreachable`);
     }
-    return new AgentClient(host.url, this.#tls);
+    return new AgentClient(host.url, this.#tls, host.id);
   }
 
   /** Every VM on every reachable host, as the agents report them now. */
   async vms(): Promise<VmInfo[]> {
     const reachable = (await this.hosts()).filter((h) => h.state === 'reachable');
-    const lists = await Promise.all(reachable.map((h) => new AgentClient(h.url, this.#tls).listVms().catch(() => [] as VmInfo[])));
+    const lists = await Promise.all(reachable.map((h) => new AgentClient(h.url, this.#tls, h.id).listVms().catch(() => [] as VmInfo[])));
     const vms = lists.flat();
     // A source that a migration still holds (paused, or waiting to retire) is not where the VM lives.
     for (const vm of vms.filter((v) => !v.migrating)) await this.#store.setVmLocation({ name: vm.name, hostId: vm.host });

@@ -251,7 +251,7 @@ export class LocalCluster {
     const child = this.#storageProcess?.child;
     const deadline = Date.now() + 30_000;
     for (;;) {
-      if (await requestJson(this.storageAdminUrl, 'GET', '/v1/volumes', { timeoutMs: 2_000, tls: this.pki?.controller }).then(() => true, () => false)) return;
+      if (await requestJson(this.storageAdminUrl, 'GET', '/v1/volumes', { timeoutMs: 2_000, tls: this.pki?.controller, server: { role: 'storage' } }).then(() => true, () => false)) return;
       if (child && child.exitCode !== null) throw new VmferryError('VMF_UNREACHABLE', `the storage server exited with code ${child.exitCode}`);
       if (Date.now() > deadline) throw new VmferryError('VMF_TIMEOUT', 'the storage server did not answer within 30 s');
       await sleep(200);
@@ -260,12 +260,12 @@ export class LocalCluster {
 
   /** Creates a shared volume on the storage server, wherever it runs. */
   async createVolume(name: string, sizeBytes: number): Promise<void> {
-    await requestJson(this.storageAdminUrl, 'POST', '/v1/volumes', { body: { name, sizeBytes }, tls: this.pki?.controller });
+    await requestJson(this.storageAdminUrl, 'POST', '/v1/volumes', { body: { name, sizeBytes }, tls: this.pki?.controller, server: { role: 'storage' } });
   }
 
   /** `force`: even while a writer lease or a recent client holds it (see storage/volumes.ts). */
   async removeVolume(name: string, options: { force?: boolean } = {}): Promise<void> {
-    await requestJson(this.storageAdminUrl, 'DELETE', `/v1/volumes/${encodeURIComponent(name)}${options.force ? '?force=true' : ''}`, { tls: this.pki?.controller });
+    await requestJson(this.storageAdminUrl, 'DELETE', `/v1/volumes/${encodeURIComponent(name)}${options.force ? '?force=true' : ''}`, { tls: this.pki?.controller, server: { role: 'storage' } });
   }
 
   #startStorage(nbd: { host: string; port: number }, admin: { host: string; port: number }): Promise<StorageServer> {
@@ -284,7 +284,7 @@ export class LocalCluster {
     const host = this.host(id);
     host.process = this.#spawnDaemon(`host ${id}`, host.command, this.#agentEnv?.(host));
     // The controller may still count the old agent's last heartbeat: ask the new one itself.
-    const agent = new AgentClient(host.agentUrl, this.pki?.controller);
+    const agent = new AgentClient(host.agentUrl, this.pki?.controller, id);
     const deadline = Date.now() + 30_000;
     for (;;) {
       const answered = await agent.host().then(() => true, () => false);

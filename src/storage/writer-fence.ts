@@ -50,7 +50,7 @@ export class SharedWriterFence {
     for (const disk of tokenized.disks) {
       if (disk.source.kind !== 'nbd' || disk.readOnly) continue;
       const { volume } = parseExportName(disk.source.export);
-      await whileRestarting(signal, () => requestJson(this.adminUrl, 'GET', `/v1/volumes/${encodeURIComponent(volume)}`, { signal, timeoutMs: 10_000, tls: this.#tls }));
+      await whileRestarting(signal, () => requestJson(this.adminUrl, 'GET', `/v1/volumes/${encodeURIComponent(volume)}`, { signal, timeoutMs: 10_000, tls: this.#tls, server: { role: 'storage' } }));
       disk.source.export = `${volume}@${token}`;
     }
     return tokenized;
@@ -62,7 +62,7 @@ export class SharedWriterFence {
     for (const { volume, token } of tokenizedVolumes(spec)) {
       leases.push(
         await whileRestarting(signal, () =>
-          requestJson<WriterLease>(this.adminUrl, 'PUT', `/v1/volumes/${encodeURIComponent(volume)}/writer`, { body: { holder: token }, signal, timeoutMs: 40_000, tls: this.#tls }),
+          requestJson<WriterLease>(this.adminUrl, 'PUT', `/v1/volumes/${encodeURIComponent(volume)}/writer`, { body: { holder: token }, signal, timeoutMs: 40_000, tls: this.#tls, server: { role: 'storage' } }),
         ),
       );
     }
@@ -78,7 +78,7 @@ export class SharedWriterFence {
     for (const { volume, token } of tokenizedVolumes(spec)) {
       try {
         await whileRestarting(signal, () =>
-          requestJson(this.adminUrl, 'POST', `/v1/volumes/${encodeURIComponent(volume)}/writer/release`, { body: { holder: token }, signal, timeoutMs: 40_000, tls: this.#tls }),
+          requestJson(this.adminUrl, 'POST', `/v1/volumes/${encodeURIComponent(volume)}/writer/release`, { body: { holder: token }, signal, timeoutMs: 40_000, tls: this.#tls, server: { role: 'storage' } }),
         );
       } catch (err) {
         if (!(err instanceof VmferryError && err.code === 'VMF_VOLUME_NOT_FOUND')) throw err;

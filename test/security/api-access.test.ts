@@ -11,6 +11,8 @@ import type { FastifyInstance } from 'fastify';
 import pino from 'pino';
 import { buildAgent } from '../../src/agent/server.ts';
 import { buildController } from '../../src/controller/server.ts';
+import { ControllerClient } from '../../src/controller/client.ts';
+import { AgentClient } from '../../src/agent/client.ts';
 import { requestJson } from '../../src/http/errors.ts';
 import { hasCode } from '../../src/errors.ts';
 import type { Role } from '../../src/security/identity.ts';
@@ -31,6 +33,9 @@ let dir: string;
 const clients = {} as Record<'controller' | 'agentA' | 'operator' | 'rogueOperator' | 'rogueController' | 'rogueAgent', TlsIdentity>;
 let caPem: string;
 let agent: FastifyInstance;
+/** Host B's agent: a real member of the cluster, at another address than A's. */
+let agentB: FastifyInstance;
+let agentBUrl: string;
 let controller: FastifyInstance;
 let storage: StorageServer;
 const urls = {} as Record<ServerName, string>;
@@ -50,7 +55,7 @@ before(async () => {
   const storageTls = await issued(pki, 'storage', 'storage', 'server');
   const controllerTls = await issued(pki, 'controller', 'controller', 'server');
   const agentTls = await issued(pki, 'agent', 'A', 'server');
-  await issueCertificate(pki, { role: 'agent', id: 'B' });
+  const agentBTls = await issued(pki, 'agent', 'B', 'server');
   clients.controller = controllerTls;
   clients.agentA = agentTls;
   clients.operator = await issued(pki, 'operator', 'alice', 'client');
@@ -65,6 +70,8 @@ before(async () => {
   urls.storage = storage.addresses.adminUrl as string;
   agent = (await buildAgent({ hostId: 'A', dataDir: join(dir, 'agent'), address: '127.0.0.1', logger, storageUrl: urls.storage, tls: agentTls })).app;
   urls.agent = await agent.listen({ host: '127.0.0.1', port: 0 });
+  agentB = (await buildAgent({ hostId: 'B', dataDir: join(dir, 'agent-b'), address: '127.0.0.1', logger, tls: agentBTls })).app;
+  agentBUrl = await agentB.listen({ host: '127.0.0.1', port: 0 });
   controller = (await buildController({ dbPath: join(dir, 'controller.db'), logger, tls: controllerTls })).app;
   urls.controller = await controller.listen({ host: '127.0.0.1', port: 0 });
   await requestJson(urls.controller, 'POST', '/v1/hosts/heartbeat', { body: { id: 'A', url: urls.agent, address: '127.0.0.1' }, tls: clients.agentA });
@@ -72,6 +79,7 @@ before(async () => {
 
 after(async () => {
   await agent?.close();
+  await agentB?.close();
   await controller?.close();
   await storage?.close();
   await rm(dir, { recursive: true, force: true });
@@ -191,4 +199,17 @@ test('an agent cannot heartbeat as another host: the host keeps its URL', async 
 
 test('a client without certificates is told to give them', async () => {
   await assert.rejects(requestJson(urls.controller, 'GET', '/v1/hosts'), (err) => hasCode(err, 'VMF_UNREACHABLE') && /--pki-dir/.test(err.message));
+});
+
+test("a client checks who the server is: host A's URL answered by B's agent, the storage server posing as the controller", async () => {
+  assert.equal((await new AgentClient(agentBUrl, clients.controller, 'B').host()).hostId, 'B');
+  await assert.rejects(new AgentClient(agentBUrl, clients.controller, 'A').host(), (err) => hasCode(err, 'VMF_UNREACHABLE') && /is vmferry:agent:B, not vmferry:agent:A/.test(err.message));
+  await assert.rejects(new ControllerClient(urls.storage, clients.operator).hosts(), (err) => hasCode(err, 'VMF_UNREACHABLE') && /is vmferry:storage:storage, not a controller/.test(err.message));
+  // Through the controller: A re-points itself (its own right) at B's agent, and the controller refuses to drive B as A.
+  await requestJson(urls.controller, 'POST', '/v1/hosts/heartbeat', { body: { id: 'A', url: agentBUrl, address: '127.0.0.1' }, tls: clients.agentA });
+  try {
+    await assert.rejects(requestJson(urls.controller, 'GET', '/v1/hosts/A/quarantine', { tls: clients.operator }), (err) => hasCode(err, 'VMF_UNREACHABLE') && /not vmferry:agent:A/.test(err.message));
+  } finally {
+    await requestJson(urls.controller, 'POST', '/v1/hosts/heartbeat', { body: { id: 'A', url: urls.agent, address: '127.0.0.1' }, tls: clients.agentA });
+  }
 });
