@@ -17,6 +17,7 @@ packages=(
   strace                           # durability tests: which writes were fsynced before a call returned (test/support/strace.ts)
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients # libvirt 9.0, the migration benchmark's peer (bench/lib/libvirt.ts)
   libvirt-daemon-system            # ...and the libvirt-qemu user its QEMU driver wants (no service is started here)
+  openssl                          # the cluster PKI: vmferry pki init/issue (src/security/pki.ts)
 )
 
 missing=()

@@ -8,7 +8,7 @@
  */
 interface ErrorKind {
   /** 4xx: the request cannot succeed as sent; 502/504: a part vmferry drives (QEMU, an agent, a program) failed; 500: vmferry itself. */
-  status: 400 | 404 | 409 | 500 | 502 | 503 | 504;
+  status: 400 | 403 | 404 | 409 | 500 | 502 | 503 | 504;
   meaning: string;
 }
 
@@ -32,6 +32,7 @@ export const errorCodes = {
   VMF_MIGRATION_FAILED: { status: 502, meaning: 'A migration step failed; the VM still runs on the source.' },
   VMF_UNRESOLVED: { status: 409, meaning: "A migration could not be settled yet: the destination may have been told to resume and has not said whether its guest ran, or the source's agent could not be reached to resume its guest. The guest never runs on two hosts meanwhile; vmferry keeps asking until it can settle it." },
   VMF_MEMORY_MISMATCH: { status: 502, meaning: "The guest's memory differed between source and destination after pre-copy; the destination was not resumed and the VM still runs on the source." },
+  VMF_FORBIDDEN: { status: 403, meaning: "The caller's certificate does not carry a role allowed on this route (or names another host than the request); see docs/SECURITY.md." },
   VMF_NOT_FOUND: { status: 404, meaning: 'No such VM, host, migration or route.' },
   VMF_CONFLICT: { status: 409, meaning: 'The request conflicts with the current state (a VM already migrating, a name in use, a VM in the wrong state).' },
   VMF_UNREACHABLE: { status: 502, meaning: 'A vmferry server (agent, controller, storage) could not be reached.' },

@@ -6,6 +6,7 @@
 import { importTimeoutMs } from '../storage/disk-images.ts';
 import type { CreateVmRequest, HostInfo, MigrationHalves, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
 import { requestJson } from '../http/errors.ts';
+import type { TlsIdentity } from '../security/tls-files.ts';
 import type { DestinationFacts, MigrationPlan, SourceFacts, CopyMode } from '../migration/plan.ts';
 import type {
   DestinationSide,
@@ -29,13 +30,18 @@ const memoryDigestTimeoutMs = 120_000;
 
 export class AgentClient {
   readonly url: string;
+  readonly #tls: TlsIdentity | undefined;
+  readonly #hostId: string | undefined;
 
-  constructor(url: string) {
+  /** tls: the identity presented to the agent (the controller's, with mutual TLS); hostId: the host whose agent's certificate the server must show. */
+  constructor(url: string, tls?: TlsIdentity, hostId?: string) {
     this.url = url;
+    this.#tls = tls;
+    this.#hostId = hostId;
   }
 
   request<T>(method: string, path: string, body?: unknown, options: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<T> {
-    return requestJson<T>(this.url, method, path, { body, ...options });
+    return requestJson<T>(this.url, method, path, { body, ...options, tls: this.#tls, server: { role: 'agent', id: this.#hostId } });
   }
 
   host(signal?: AbortSignal): Promise<HostInfo> {

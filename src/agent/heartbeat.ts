@@ -2,6 +2,7 @@
 import type { Logger } from 'pino';
 import { describeError } from '../errors.ts';
 import { requestJson } from '../http/errors.ts';
+import type { TlsIdentity } from '../security/tls-files.ts';
 
 export const heartbeatIntervalMs = 3_000;
 
@@ -14,10 +15,11 @@ export interface HeartbeatHost {
   acceleratorReason?: string;
 }
 
-export function startHeartbeat(controllerUrl: string, host: HeartbeatHost, logger: Logger): () => void {
+/** tls: the agent's identity; the controller accepts a heartbeat only for the host its certificate names. */
+export function startHeartbeat(controllerUrl: string, host: HeartbeatHost, logger: Logger, tls?: TlsIdentity): () => void {
   let failing = false;
   const beat = (): void => {
-    requestJson(controllerUrl, 'POST', '/v1/hosts/heartbeat', { body: host, timeoutMs: 2_000 }).then(
+    requestJson(controllerUrl, 'POST', '/v1/hosts/heartbeat', { body: host, timeoutMs: 2_000, tls, server: { role: 'controller' } }).then(
       () => {
         if (failing) logger.info(`controller ${controllerUrl} reachable again`);
         failing = false;

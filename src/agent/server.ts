@@ -21,6 +21,8 @@ import { VmRegistry } from './vm-registry.ts';
 import { SharedWriterFence } from '../storage/writer-fence.ts';
 import { readFile } from 'node:fs/promises';
 import { timeoutSignal } from '../util/abort.ts';
+import type { TlsIdentity } from '../security/tls-files.ts';
+import type { AccessPolicy } from '../http/access.ts';
 
 export interface AgentOptions {
   hostId: string;
@@ -34,7 +36,12 @@ export interface AgentOptions {
   /** What runs this host's guests (chooseAccelerator in src/qemu/accel.ts); default TCG, unprobed, for agents built inside tests. */
   accelerator?: HostAccelerator;
   logger: Logger;
+  /** Serve with mutual TLS, and present this identity to the storage server and the controller. */
+  tls?: TlsIdentity;
 }
+
+/** Only the controller drives an agent: every route of its API (docs/SECURITY.md). */
+export const agentAccess: AccessPolicy = () => ['controller'];
 
 /** A misspelt field is an error, not silently ignored (see strictValidation in src/http/errors.ts). */
 const strict = { additionalProperties: false };
@@ -69,14 +76,14 @@ async function availableMemoryMiB(): Promise<number> {
 }
 
 export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyInstance; registry: VmRegistry }> {
-  const fence = options.storageUrl ? new SharedWriterFence(options.storageUrl, options.hostId) : undefined;
+  const fence = options.storageUrl ? new SharedWriterFence(options.storageUrl, options.hostId, options.tls) : undefined;
   if (!fence) options.logger.warn('no storage admin URL: shared volumes are not fenced, a stale QEMU could still write to them');
   const accelerator = options.accelerator ?? { accelerator: 'tcg', reason: 'not probed: the embedding program chose no accelerator' };
   const registry = new VmRegistry(options.hostId, options.dataDir, options.logger, accelerator, fence);
   await registry.init();
   const sides = new MigrationSides(registry, options.address, options.logger, { abandonAfterMs: options.abandonAfterMs ?? defaultAbandonAfterMs });
   await sides.recoverSources();
-  const { base, app } = await createApiServer('vmferry agent', options.logger, 1024 * 1024);
+  const { base, app } = await createApiServer('vmferry agent', options.logger, 1024 * 1024, { tls: options.tls, access: agentAccess });
   base.addHook('onClose', () => sides.close());
 
   app.get('/v1/host', async (): Promise<HostInfo> => {

@@ -8,6 +8,7 @@ import { cpuModelPattern, type NbdServerAddress } from '../qemu/spec.ts';
 import { defaultControllerUrl, parseListen, parsePositive, parseSize, printJson } from './common.ts';
 import { ControllerClient } from '../controller/client.ts';
 import { registerVmImport } from './import.ts';
+import { commandTls } from './tls-options.ts';
 import { followMigration } from './progress.ts';
 import { registerQuarantineCommands } from './quarantine.ts';
 import { renderPlan, renderReport, table } from './render.ts';
@@ -19,7 +20,7 @@ interface GlobalOptions {
 
 function client(command: Command): { api: ControllerClient; json: boolean } {
   const opts = command.optsWithGlobals<GlobalOptions>();
-  return { api: new ControllerClient(opts.controller), json: opts.json ?? false };
+  return { api: new ControllerClient(opts.controller, commandTls(command, 'client')), json: opts.json ?? false };
 }
 
 function collect(value: string, previous: string[]): string[] {

@@ -6,6 +6,7 @@ import { buildController } from '../controller/server.ts';
 import { VmferryError } from '../errors.ts';
 import { chooseAccelerator, parseAccelMode } from '../qemu/accel.ts';
 import { daemonLogger, parseListen, untilSignal } from './common.ts';
+import { commandTls } from './tls-options.ts';
 
 export function registerDaemonCommands(program: Command): void {
   program
@@ -42,6 +43,7 @@ export function registerDaemonCommands(program: Command): void {
       const accelerator = await chooseAccelerator(accelMode);
       logger.info({ accelerator: accelerator.accelerator, reason: accelerator.reason }, `guests run under ${accelerator.accelerator.toUpperCase()}: ${accelerator.reason}`);
       const address = opts.address ?? listen.host;
+      const tls = commandTls(command, 'server');
       const { app } = await buildAgent({
         hostId: opts.hostId,
         dataDir: opts.dataDir,
@@ -50,6 +52,7 @@ export function registerDaemonCommands(program: Command): void {
         abandonAfterMs: abandonAfterS * 1000,
         accelerator,
         ...(opts.storage ? { storageUrl: opts.storage } : {}),
+        ...(tls ? { tls } : {}),
       });
       const url = await app.listen({ host: listen.host, port: listen.port });
       logger.info({ url }, `agent ${opts.hostId} listening`);
@@ -57,6 +60,7 @@ export function registerDaemonCommands(program: Command): void {
         opts.controller,
         { id: opts.hostId, url: advertiseUrl ?? url, address, accelerator: accelerator.accelerator, acceleratorReason: accelerator.reason },
         logger,
+        tls,
       );
       await untilSignal();
       // Guests keep running: they are re-adopted when the agent starts again.
@@ -69,10 +73,11 @@ export function registerDaemonCommands(program: Command): void {
     .description('run the controller: inventory, placement checks, migrations through the agents')
     .requiredOption('--listen <host:port>', 'address of the controller\'s HTTP API')
     .requiredOption('--db <file>', 'SQLite database file')
-    .action(async (opts: { listen: string; db: string }) => {
+    .action(async (opts: { listen: string; db: string }, command: Command) => {
       const listen = parseListen(opts.listen, '--listen');
       const logger = daemonLogger('controller');
-      const { app } = await buildController({ dbPath: opts.db, logger });
+      const tls = commandTls(command, 'server');
+      const { app } = await buildController({ dbPath: opts.db, logger, ...(tls ? { tls } : {}) });
       const url = await app.listen({ host: listen.host, port: listen.port });
       logger.info({ url }, 'controller listening');
       await untilSignal();

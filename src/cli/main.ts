@@ -9,6 +9,8 @@ import { registerClusterCommands } from './cluster.ts';
 import { registerDaemonCommands } from './daemons.ts';
 import { registerStorageCommands } from './storage.ts';
 import { registerDemoCommand } from './demo.ts';
+import { registerPkiCommands } from './pki.ts';
+import { registerTlsOptions } from './tls-options.ts';
 
 const program = new Command('vmferry')
   .description('Live-migrate QEMU/KVM virtual machines whose disks are partly local, partly shared')
@@ -20,6 +22,8 @@ registerDaemonCommands(program);
 registerClusterCommands(program);
 registerStorageCommands(program);
 registerDemoCommand(program);
+registerPkiCommands(program);
+registerTlsOptions(program);
 
 try {
   await program.parseAsync(process.argv);

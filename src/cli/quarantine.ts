@@ -3,11 +3,12 @@ import type { Command } from 'commander';
 import { formatBytes } from '../migration/plan.ts';
 import { printJson } from './common.ts';
 import { ControllerClient } from '../controller/client.ts';
+import { commandTls } from './tls-options.ts';
 import { table } from './render.ts';
 
 function client(command: Command): { api: ControllerClient; json: boolean } {
   const opts = command.optsWithGlobals<{ controller: string; json?: boolean }>();
-  return { api: new ControllerClient(opts.controller), json: opts.json ?? false };
+  return { api: new ControllerClient(opts.controller, commandTls(command, 'client')), json: opts.json ?? false };
 }
 
 export function registerQuarantineCommands(host: Command): void {

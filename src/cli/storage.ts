@@ -1,6 +1,7 @@
 /** `vmferry storage serve` and `vmferry volume …`. */
 import type { Command } from 'commander';
-import { requestJson } from '../http/errors.ts';
+import { requestJson, type ExpectedServer } from '../http/errors.ts';
+import type { TlsIdentity } from '../security/tls-files.ts';
 import { formatBytes } from '../migration/plan.ts';
 import { defaultLimits } from '../nbd/server.ts';
 import { StorageServer } from '../storage/server.ts';
@@ -8,9 +9,15 @@ import type { QuarantinedFile } from '../storage/quarantine.ts';
 import type { Volume } from '../storage/volumes.ts';
 import { daemonLogger, parseListen, parsePositive, parseSize, printJson, untilSignal } from './common.ts';
 import { table } from './render.ts';
+import { commandTls } from './tls-options.ts';
 
 const MiB = 1024 * 1024;
 const defaultStorageUrl = process.env.VMFERRY_STORAGE ?? 'http://127.0.0.1:10810';
+
+/** The storage admin API with this command's certificate, if it has one; the server must show a storage certificate. */
+function storageTls(command: Command): { tls: TlsIdentity | undefined; server: ExpectedServer } {
+  return { tls: commandTls(command, 'client'), server: { role: 'storage' } };
+}
 
 export function registerStorageCommands(program: Command): void {
   program
@@ -23,8 +30,9 @@ export function registerStorageCommands(program: Command): void {
     .option('--socket <path>', 'NBD over a unix socket as well')
     .option('--admin <host:port>', 'admin HTTP API', '127.0.0.1:10810')
     .option('--memory-budget-mib <MiB>', 'memory all NBD clients together may hold for requests and unsent replies; past it, they are read more slowly', String(defaultLimits.memoryBudgetBytes / MiB))
-    .action(async (opts: { dataDir: string; listen: string; socket?: string; admin: string; memoryBudgetMib: string }) => {
+    .action(async (opts: { dataDir: string; listen: string; socket?: string; admin: string; memoryBudgetMib: string }, command: Command) => {
       const logger = daemonLogger('storage');
+      const tls = commandTls(command, 'server');
       const server = await StorageServer.start({
         dataDir: opts.dataDir,
         logger,
@@ -32,6 +40,7 @@ export function registerStorageCommands(program: Command): void {
         admin: parseListen(opts.admin, '--admin'),
         memoryBudgetBytes: Math.round(parsePositive(opts.memoryBudgetMib, '--memory-budget-mib') * MiB),
         ...(opts.socket ? { socket: opts.socket } : {}),
+        ...(tls ? { tls } : {}),
       });
       logger.info(server.addresses, 'storage server ready');
       const signal = await untilSignal();
@@ -49,6 +58,7 @@ export function registerStorageCommands(program: Command): void {
     .option(...storageOption)
     .action(async (name: string, opts: { size: string; readOnly?: boolean; storage: string }, command: Command) => {
       const created = await requestJson<Volume>(opts.storage, 'POST', '/v1/volumes', {
+        ...storageTls(command),
         body: { name, sizeBytes: parseSize(opts.size, '--size'), readOnly: opts.readOnly ?? false },
       });
       if (command.optsWithGlobals<{ json?: boolean }>().json) printJson(created);
@@ -59,7 +69,7 @@ export function registerStorageCommands(program: Command): void {
     .description('list shared volumes and their clients')
     .option(...storageOption)
     .action(async (opts: { storage: string }, command: Command) => {
-      const volumes = await requestJson<Volume[]>(opts.storage, 'GET', '/v1/volumes');
+      const volumes = await requestJson<Volume[]>(opts.storage, 'GET', '/v1/volumes', { ...storageTls(command) });
       if (command.optsWithGlobals<{ json?: boolean }>().json) printJson(volumes);
       else console.log(table(['volume', 'size', 'read-only', 'created', 'writer', 'clients'], volumes.map((v) => [v.name, formatBytes(v.sizeBytes), v.readOnly ? 'yes' : 'no', new Date(v.createdAt).toISOString(), writerOf(v), v.attachments.join(' ') || '-'])));
     });
@@ -68,8 +78,8 @@ export function registerStorageCommands(program: Command): void {
     .description('change a volume\'s size (new connections see it)')
     .requiredOption('--size <size>', 'new size')
     .option(...storageOption)
-    .action(async (name: string, opts: { size: string; storage: string }) => {
-      const resized = await requestJson<Volume>(opts.storage, 'PATCH', `/v1/volumes/${encodeURIComponent(name)}`, { body: { sizeBytes: parseSize(opts.size, '--size') } });
+    .action(async (name: string, opts: { size: string; storage: string }, command: Command) => {
+      const resized = await requestJson<Volume>(opts.storage, 'PATCH', `/v1/volumes/${encodeURIComponent(name)}`, { ...storageTls(command), body: { sizeBytes: parseSize(opts.size, '--size') } });
       console.log(`volume ${resized.name} is now ${formatBytes(resized.sizeBytes)}`);
     });
   volume
@@ -78,8 +88,8 @@ export function registerStorageCommands(program: Command): void {
     .description('delete a volume (refused while clients are attached, a writer holds its lease, or a client may be reconnecting)')
     .option('--force', 'delete it anyway; clients still attached get I/O errors')
     .option(...storageOption)
-    .action(async (name: string, opts: { force?: boolean; storage: string }) => {
-      await requestJson(opts.storage, 'DELETE', `/v1/volumes/${encodeURIComponent(name)}${opts.force ? '?force=true' : ''}`);
+    .action(async (name: string, opts: { force?: boolean; storage: string }, command: Command) => {
+      await requestJson(opts.storage, 'DELETE', `/v1/volumes/${encodeURIComponent(name)}${opts.force ? '?force=true' : ''}`, { ...storageTls(command) });
       console.log(`deleted volume ${name}`);
     });
 
@@ -89,7 +99,7 @@ export function registerStorageCommands(program: Command): void {
     .description('list quarantined files')
     .option(...storageOption)
     .action(async (opts: { storage: string }, command: Command) => {
-      const files = await requestJson<QuarantinedFile[]>(opts.storage, 'GET', '/v1/quarantine');
+      const files = await requestJson<QuarantinedFile[]>(opts.storage, 'GET', '/v1/quarantine', { ...storageTls(command) });
       if (command.optsWithGlobals<{ json?: boolean }>().json) printJson(files);
       else if (files.length === 0) console.log('nothing in quarantine');
       else console.log(table(['name', 'size', 'quarantined'], files.map((f) => [f.name, formatBytes(f.sizeBytes), new Date(f.quarantinedAt).toISOString()])));
@@ -98,16 +108,16 @@ export function registerStorageCommands(program: Command): void {
     .command('restore <name>')
     .description('make a quarantined file a volume of that name again (writable, with the file\'s size)')
     .option(...storageOption)
-    .action(async (name: string, opts: { storage: string }) => {
-      const restored = await requestJson<Volume>(opts.storage, 'POST', `/v1/quarantine/${encodeURIComponent(name)}/restore`);
+    .action(async (name: string, opts: { storage: string }, command: Command) => {
+      const restored = await requestJson<Volume>(opts.storage, 'POST', `/v1/quarantine/${encodeURIComponent(name)}/restore`, { ...storageTls(command) });
       console.log(`restored volume ${restored.name} (${formatBytes(restored.sizeBytes)})`);
     });
   quarantine
     .command('purge <name>')
     .description('delete a quarantined file for good')
     .option(...storageOption)
-    .action(async (name: string, opts: { storage: string }) => {
-      await requestJson(opts.storage, 'DELETE', `/v1/quarantine/${encodeURIComponent(name)}`);
+    .action(async (name: string, opts: { storage: string }, command: Command) => {
+      await requestJson(opts.storage, 'DELETE', `/v1/quarantine/${encodeURIComponent(name)}`, { ...storageTls(command) });
       console.log(`purged ${name} from quarantine`);
     });
 }

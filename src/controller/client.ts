@@ -7,72 +7,78 @@ import type { MigrationPlan } from '../migration/plan.ts';
 import type { MigrationReport } from '../migration/phases.ts';
 import type { MigrationRecord, StoredEvent } from '../store/store.ts';
 import type { MigrateRequest } from '../api/controller-types.ts';
+import type { TlsIdentity } from '../security/tls-files.ts';
+
+const controller = { role: 'controller' } as const;
 
 export class ControllerClient {
   readonly #url: string;
+  readonly #tls: TlsIdentity | undefined;
 
-  constructor(url: string) {
+  /** tls: the identity presented to the controller (an operator's, with mutual TLS). */
+  constructor(url: string, tls?: TlsIdentity) {
     this.#url = url;
+    this.#tls = tls;
   }
 
   hosts(): Promise<HostStatus[]> {
-    return requestJson(this.#url, 'GET', '/v1/hosts');
+    return requestJson(this.#url, 'GET', '/v1/hosts', { tls: this.#tls, server: controller });
   }
 
   quarantine(host: string): Promise<QuarantineEntry[]> {
-    return requestJson(this.#url, 'GET', `/v1/hosts/${encodeURIComponent(host)}/quarantine`);
+    return requestJson(this.#url, 'GET', `/v1/hosts/${encodeURIComponent(host)}/quarantine`, { tls: this.#tls, server: controller });
   }
 
   restoreQuarantined(host: string, id: string): Promise<QuarantineEntry> {
-    return requestJson(this.#url, 'POST', `/v1/hosts/${encodeURIComponent(host)}/quarantine/${encodeURIComponent(id)}/restore`, { body: {} });
+    return requestJson(this.#url, 'POST', `/v1/hosts/${encodeURIComponent(host)}/quarantine/${encodeURIComponent(id)}/restore`, { body: {}, tls: this.#tls, server: controller });
   }
 
   purgeQuarantined(host: string, id: string): Promise<void> {
-    return requestJson(this.#url, 'DELETE', `/v1/hosts/${encodeURIComponent(host)}/quarantine/${encodeURIComponent(id)}`);
+    return requestJson(this.#url, 'DELETE', `/v1/hosts/${encodeURIComponent(host)}/quarantine/${encodeURIComponent(id)}`, { tls: this.#tls, server: controller });
   }
 
   vms(): Promise<VmInfo[]> {
-    return requestJson(this.#url, 'GET', '/v1/vms');
+    return requestJson(this.#url, 'GET', '/v1/vms', { tls: this.#tls, server: controller });
   }
 
   vm(name: string): Promise<VmInfo> {
-    return requestJson(this.#url, 'GET', `/v1/vms/${encodeURIComponent(name)}`);
+    return requestJson(this.#url, 'GET', `/v1/vms/${encodeURIComponent(name)}`, { tls: this.#tls, server: controller });
   }
 
   createVm(host: string, vm: CreateVmRequest): Promise<VmInfo> {
     // An imported image is converted before the agent answers.
-    return requestJson(this.#url, 'POST', '/v1/vms', { body: { host, vm }, timeoutMs: importTimeoutMs });
+    return requestJson(this.#url, 'POST', '/v1/vms', { body: { host, vm }, timeoutMs: importTimeoutMs, tls: this.#tls, server: controller });
   }
 
   startVm(name: string): Promise<VmInfo> {
-    return requestJson(this.#url, 'POST', `/v1/vms/${encodeURIComponent(name)}/start`, { body: {}, timeoutMs: 60_000 });
+    return requestJson(this.#url, 'POST', `/v1/vms/${encodeURIComponent(name)}/start`, { body: {}, timeoutMs: 60_000, tls: this.#tls, server: controller });
   }
 
   stopVm(name: string, force: boolean): Promise<VmInfo> {
-    return requestJson(this.#url, 'POST', `/v1/vms/${encodeURIComponent(name)}/stop${force ? '?force=true' : ''}`, { body: {}, timeoutMs: 60_000 });
+    return requestJson(this.#url, 'POST', `/v1/vms/${encodeURIComponent(name)}/stop${force ? '?force=true' : ''}`, { body: {}, timeoutMs: 60_000, tls: this.#tls, server: controller });
   }
 
   deleteVm(name: string): Promise<void> {
-    return requestJson(this.#url, 'DELETE', `/v1/vms/${encodeURIComponent(name)}`);
+    return requestJson(this.#url, 'DELETE', `/v1/vms/${encodeURIComponent(name)}`, { tls: this.#tls, server: controller });
   }
 
   migrate(request: MigrateRequest): Promise<{ plan: MigrationPlan; id?: string }> {
-    return requestJson(this.#url, 'POST', '/v1/migrations', { body: request, timeoutMs: 120_000 });
+    return requestJson(this.#url, 'POST', '/v1/migrations', { body: request, timeoutMs: 120_000, tls: this.#tls, server: controller });
   }
 
   migrations(): Promise<MigrationRecord[]> {
-    return requestJson(this.#url, 'GET', '/v1/migrations');
+    return requestJson(this.#url, 'GET', '/v1/migrations', { tls: this.#tls, server: controller });
   }
 
   migration(id: string): Promise<MigrationRecord> {
-    return requestJson(this.#url, 'GET', `/v1/migrations/${encodeURIComponent(id)}`);
+    return requestJson(this.#url, 'GET', `/v1/migrations/${encodeURIComponent(id)}`, { tls: this.#tls, server: controller });
   }
 
   events(id: string, after: number): Promise<{ phase: string; events: StoredEvent[]; report: MigrationReport | null }> {
-    return requestJson(this.#url, 'GET', `/v1/migrations/${encodeURIComponent(id)}/events?after=${after}`);
+    return requestJson(this.#url, 'GET', `/v1/migrations/${encodeURIComponent(id)}/events?after=${after}`, { tls: this.#tls, server: controller });
   }
 
   cancel(id: string): Promise<MigrationRecord> {
-    return requestJson(this.#url, 'POST', `/v1/migrations/${encodeURIComponent(id)}/cancel`, { body: {} });
+    return requestJson(this.#url, 'POST', `/v1/migrations/${encodeURIComponent(id)}/cancel`, { body: {}, tls: this.#tls, server: controller });
   }
 }

@@ -6,6 +6,7 @@ import { VmferryError } from '../errors.ts';
 import { AgentClient } from '../agent/client.ts';
 import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
 import type { HostRecord, Store } from '../store/store.ts';
+import type { TlsIdentity } from '../security/tls-files.ts';
 
 /** A host that has not reported for this long is unreachable. */
 export const heartbeatTimeoutMs = 15_000;
@@ -16,9 +17,12 @@ export interface HostStatus extends HostRecord {
 
 export class Inventory {
   readonly #store: Store;
+  readonly #tls: TlsIdentity | undefined;
 
-  constructor(store: Store) {
+  /** tls: the controller's identity, presented to every agent. */
+  constructor(store: Store, tls?: TlsIdentity) {
     this.#store = store;
+    this.#tls = tls;
   }
 
   async heartbeat(host: Omit<HostRecord, 'lastSeen'>): Promise<void> {
@@ -37,13 +41,13 @@ export class Inventory {
     if (host.state === 'unreachable') {
       throw new VmferryError('VMF_UNREACHABLE', `host ${hostId} has not reported for ${Math.round((Date.now() - host.lastSeen) / 1000)} s; its agent at ${host.url} is unreachable`);
     }
-    return new AgentClient(host.url);
+    return new AgentClient(host.url, this.#tls, host.id);
   }
 
   /** Every VM on every reachable host, as the agents report them now. */
   async vms(): Promise<VmInfo[]> {
     const reachable = (await this.hosts()).filter((h) => h.state === 'reachable');
-    const lists = await Promise.all(reachable.map((h) => new AgentClient(h.url).listVms().catch(() => [] as VmInfo[])));
+    const lists = await Promise.all(reachable.map((h) => new AgentClient(h.url, this.#tls, h.id).listVms().catch(() => [] as VmInfo[])));
     const vms = lists.flat();
     // A source that a migration still holds (paused, or waiting to retire) is not where the VM lives.
     for (const vm of vms.filter((v) => !v.migrating)) await this.#store.setVmLocation({ name: vm.name, hostId: vm.host });

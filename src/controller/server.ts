@@ -14,20 +14,27 @@ import type { Store } from '../store/store.ts';
 import { Inventory } from './inventory.ts';
 import { MigrationService } from './migrations.ts';
 import { settleUnfinishedMigrations } from './recovery.ts';
+import { requireSameId, type AccessPolicy } from '../http/access.ts';
+import type { TlsIdentity } from '../security/tls-files.ts';
 
 export interface ControllerOptions {
   dbPath: string;
   logger: Logger;
   store?: Store;
+  /** Serve with mutual TLS, and present this identity to the agents. */
+  tls?: TlsIdentity;
 }
+
+/** Agents only heartbeat (as themselves: see the route); operators use everything else (docs/SECURITY.md). */
+export const controllerAccess: AccessPolicy = (method, route) => (method === 'POST' && route === '/v1/hosts/heartbeat' ? ['agent'] : ['operator']);
 
 export async function buildController(
   options: ControllerOptions,
 ): Promise<{ app: FastifyInstance; migrations: MigrationService; store: Store; settled: Promise<void> }> {
   const store = options.store ?? new SqliteStore(options.dbPath);
-  const inventory = new Inventory(store);
+  const inventory = new Inventory(store, options.tls);
   const migrations = new MigrationService(store, inventory, options.logger);
-  const { base, app } = await createApiServer('vmferry controller', options.logger, 1024 * 1024);
+  const { base, app } = await createApiServer('vmferry controller', options.logger, 1024 * 1024, { tls: options.tls, access: controllerAccess });
   // Migrations a previous controller process left behind: settled in the background while the API serves.
   const stopSettling = new AbortController();
   const settled = settleUnfinishedMigrations(store, inventory, options.logger, stopSettling.signal);
@@ -56,6 +63,8 @@ export async function buildController(
       },
     },
     async (request) => {
+      // An agent's certificate names its host: it cannot re-point another host to itself.
+      requireSameId(request, request.body.id);
       await inventory.heartbeat(request.body);
       return {};
     },

@@ -20,6 +20,7 @@ import type { AccelMode } from '../qemu/accel.ts';
 import { findFreePort } from '../util/ports.ts';
 import { runProgram } from '../util/run.ts';
 import { canUseNamespaces, createNamespaceNetwork, type NamespaceNetwork } from './netns.ts';
+import { ClusterPki } from './cluster-pki.ts';
 
 const cliPath = resolve(import.meta.dirname, '../../bin/vmferry.js');
 const agentPort = 10801;
@@ -59,6 +60,8 @@ export interface LocalClusterOptions {
   agentFront?: (host: { id: string; agentUrl: string; gateway: string }) => Promise<string>;
   /** Extra environment of a host's agent process (kept across restarts). */
   agentEnv?: (host: { id: string; dataDir: string }) => Record<string, string>;
+  /** Mutual TLS on every HTTP API, with a throwaway CA under workDir/pki (opt-in until TLS is the default). */
+  tls?: boolean;
 }
 
 export class LocalCluster {
@@ -76,6 +79,8 @@ export class LocalCluster {
   #storage: StorageServer | undefined;
   #storageProcess: { command: string[]; child: ChildProcess } | undefined;
   #agentEnv: ((host: { id: string; dataDir: string }) => Record<string, string>) | undefined;
+  /** With the tls option: the cluster's CA and the identities it calls its daemons with. */
+  pki: ClusterPki | undefined;
 
   private constructor(workDir: string, logger: Logger) {
     this.workDir = workDir;
@@ -100,7 +105,7 @@ export class LocalCluster {
   }
 
   get api(): ControllerClient {
-    return new ControllerClient(this.controllerUrl);
+    return new ControllerClient(this.controllerUrl, this.pki?.operator);
   }
 
   host(id: string): ClusterHost {
@@ -118,13 +123,15 @@ export class LocalCluster {
     }
     // Services of the "core" listen where every host reaches them: the bridge, or loopback.
     const serviceHost = this.network?.gateway ?? '127.0.0.1';
+    if (options.tls) this.pki = await ClusterPki.create(join(this.workDir, 'pki'), serviceHost);
+    const scheme = this.pki ? 'https' : 'http';
 
     this.storageNbd = { host: serviceHost, port: await findFreePort(serviceHost) };
     if (options.storageProcess) {
       const admin = `${serviceHost}:${await findFreePort(serviceHost)}`;
-      const command = [process.execPath, cliPath, 'storage', 'serve', '--data-dir', join(this.workDir, 'storage'), '--listen', `${this.storageNbd.host}:${this.storageNbd.port}`, '--admin', admin];
+      const command = [process.execPath, cliPath, 'storage', 'serve', '--data-dir', join(this.workDir, 'storage'), '--listen', `${this.storageNbd.host}:${this.storageNbd.port}`, '--admin', admin, ...this.#pkiArgs('storage')];
       this.#storageProcess = { command, child: this.#spawnDaemon('storage', command) };
-      this.storageAdminUrl = `http://${admin}`;
+      this.storageAdminUrl = `${scheme}://${admin}`;
       await this.#waitStorage();
     } else {
       this.#storage = await this.#startStorage(this.storageNbd, { host: serviceHost, port: 0 });
@@ -135,12 +142,12 @@ export class LocalCluster {
     const dbPath = join(this.workDir, 'controller.db');
     const controllerPort = await findFreePort(serviceHost);
     if (options.controllerProcess) {
-      const command = [process.execPath, cliPath, 'controller', '--listen', `${serviceHost}:${controllerPort}`, '--db', dbPath];
+      const command = [process.execPath, cliPath, 'controller', '--listen', `${serviceHost}:${controllerPort}`, '--db', dbPath, ...this.#pkiArgs('controller')];
       this.#controllerProcess = { command, child: this.#spawnDaemon('controller', command) };
-      this.controllerUrl = `http://${serviceHost}:${controllerPort}`;
+      this.controllerUrl = `${scheme}://${serviceHost}:${controllerPort}`;
       await this.#waitController();
     } else {
-      const controller = await buildController({ dbPath, logger: this.#logger.child({ component: 'controller' }) });
+      const controller = await buildController({ dbPath, logger: this.#logger.child({ component: 'controller' }), ...(this.pki ? { tls: this.pki.controller } : {}) });
       this.#controller = controller.app;
       this.controllerUrl = await controller.app.listen({ host: serviceHost, port: controllerPort });
     }
@@ -149,13 +156,14 @@ export class LocalCluster {
       const namespaceHost = this.network?.hosts[index];
       const address = namespaceHost?.address ?? `127.0.0.${index + 2}`;
       const dataDir = join(this.workDir, `host-${id}`);
-      const agentUrl = `http://${address}:${agentPort}`;
+      const agentUrl = `${scheme}://${address}:${agentPort}`;
       const args = [cliPath, '--controller', this.controllerUrl, 'agent', '--host-id', id, '--listen', `${address}:${agentPort}`, '--data-dir', dataDir, '--storage', this.storageAdminUrl];
       if (options.agentFront) args.push('--advertise-url', await options.agentFront({ id, agentUrl, gateway: serviceHost }));
       // Migration streams and mirror exports go over the direct link when there is one.
       if (namespaceHost?.linkAddress) args.push('--address', namespaceHost.linkAddress);
       if (options.abandonAfterS !== undefined) args.push('--abandon-after', String(options.abandonAfterS));
       if (options.accel !== undefined) args.push('--accel', options.accel);
+      if (this.pki) args.push('--pki-dir', await this.pki.issueAgent(id, [address, ...(namespaceHost?.linkAddress ? [namespaceHost.linkAddress] : [])]));
       const command = namespaceHost ? ['ip', 'netns', 'exec', namespaceHost.namespace, process.execPath, ...args] : [process.execPath, ...args];
       this.hosts.push({ id, address, dataDir, agentUrl, command, process: this.#spawnDaemon(`host ${id}`, command, this.#agentEnv?.({ id, dataDir })), namespace: namespaceHost?.namespace });
     }
@@ -173,6 +181,10 @@ export class LocalCluster {
       if (Date.now() > deadline) throw new VmferryError('VMF_TIMEOUT', `hosts ${ids.join(', ')} did not all report within ${timeoutMs} ms`);
       await sleep(200);
     }
+  }
+
+  #pkiArgs(role: 'controller' | 'storage'): string[] {
+    return this.pki ? ['--pki-dir', this.pki.daemonDir(role)] : [];
   }
 
   #spawnDaemon(label: string, [command, ...args]: string[], env: Record<string, string> = {}): ChildProcess {
@@ -243,7 +255,7 @@ export class LocalCluster {
     const child = this.#storageProcess?.child;
     const deadline = Date.now() + 30_000;
     for (;;) {
-      if (await requestJson(this.storageAdminUrl, 'GET', '/v1/volumes', { timeoutMs: 2_000 }).then(() => true, () => false)) return;
+      if (await requestJson(this.storageAdminUrl, 'GET', '/v1/volumes', { timeoutMs: 2_000, tls: this.pki?.controller, server: { role: 'storage' } }).then(() => true, () => false)) return;
       if (child && child.exitCode !== null) throw new VmferryError('VMF_UNREACHABLE', `the storage server exited with code ${child.exitCode}`);
       if (Date.now() > deadline) throw new VmferryError('VMF_TIMEOUT', 'the storage server did not answer within 30 s');
       await sleep(200);
@@ -252,16 +264,16 @@ export class LocalCluster {
 
   /** Creates a shared volume on the storage server, wherever it runs. */
   async createVolume(name: string, sizeBytes: number): Promise<void> {
-    await requestJson(this.storageAdminUrl, 'POST', '/v1/volumes', { body: { name, sizeBytes } });
+    await requestJson(this.storageAdminUrl, 'POST', '/v1/volumes', { body: { name, sizeBytes }, tls: this.pki?.controller, server: { role: 'storage' } });
   }
 
   /** `force`: even while a writer lease or a recent client holds it (see storage/volumes.ts). */
   async removeVolume(name: string, options: { force?: boolean } = {}): Promise<void> {
-    await requestJson(this.storageAdminUrl, 'DELETE', `/v1/volumes/${encodeURIComponent(name)}${options.force ? '?force=true' : ''}`);
+    await requestJson(this.storageAdminUrl, 'DELETE', `/v1/volumes/${encodeURIComponent(name)}${options.force ? '?force=true' : ''}`, { tls: this.pki?.controller, server: { role: 'storage' } });
   }
 
   #startStorage(nbd: { host: string; port: number }, admin: { host: string; port: number }): Promise<StorageServer> {
-    return StorageServer.start({ dataDir: join(this.workDir, 'storage'), logger: this.#logger.child({ component: 'storage' }), nbd, admin });
+    return StorageServer.start({ dataDir: join(this.workDir, 'storage'), logger: this.#logger.child({ component: 'storage' }), nbd, admin, ...(this.pki ? { tls: this.pki.storage } : {}) });
   }
 
   /** Restarts one host's agent process (its guests keep running and are re-adopted). */
@@ -276,7 +288,7 @@ export class LocalCluster {
     const host = this.host(id);
     host.process = this.#spawnDaemon(`host ${id}`, host.command, this.#agentEnv?.(host));
     // The controller may still count the old agent's last heartbeat: ask the new one itself.
-    const agent = new AgentClient(host.agentUrl);
+    const agent = new AgentClient(host.agentUrl, this.pki?.controller, id);
     const deadline = Date.now() + 30_000;
     for (;;) {
       const answered = await agent.host().then(() => true, () => false);

@@ -4,6 +4,8 @@ import swagger from '@fastify/swagger';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from 'fastify';
 import type { Logger } from 'pino';
+import type { TlsIdentity } from '../security/tls-files.ts';
+import { installAccessControl, type AccessPolicy } from './access.ts';
 import { installErrorHandler, strictValidation } from './errors.ts';
 
 type ValidatorFactory = NonNullable<NonNullable<NonNullable<Parameters<typeof Fastify>[0]>['schemaController']>['compilersFactory']>['buildValidator'];
@@ -23,10 +25,20 @@ const buildValidator = ((externalSchemas: Parameters<ReturnType<typeof AjvCompil
   return (route: RouteValidation) => (route.httpPart === 'body' ? exact : coercing)(route);
 }) as unknown as ValidatorFactory;
 
-export async function createApiServer(title: string, logger: Logger, bodyLimit: number) {
+export interface ApiSecurity {
+  /** Serve HTTPS, and take only clients with a certificate of this CA (mutual TLS); without it, plain HTTP and no checks. */
+  tls?: TlsIdentity;
+  /** Which roles may call which route, once TLS tells who calls (access.ts). */
+  access: AccessPolicy;
+}
+
+export async function createApiServer(title: string, logger: Logger, bodyLimit: number, security: ApiSecurity) {
   // Widened to fastify's logger type, so the instance is the plain FastifyInstance the helpers take.
   const loggerInstance: FastifyBaseLogger = logger;
-  const base: FastifyInstance = Fastify({ loggerInstance, bodyLimit, ajv: strictValidation, schemaController: { compilersFactory: { buildValidator } },
+  // A client without a certificate of the cluster's CA fails the handshake: it never reaches a route.
+  const https = security.tls ? { ...security.tls, requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.2' as const } : null;
+  // fastify types an HTTPS instance apart from an HTTP one; every route and hook here works on both.
+  const base = Fastify({ loggerInstance, https, bodyLimit, ajv: strictValidation, schemaController: { compilersFactory: { buildValidator } },
     // Errors fastify raises before routing (a malformed URL, a 5000-character path parameter) skip
     // the error handler; without this they leave with fastify's own FST_ERR_* codes.
     frameworkErrors: (error, _request, reply: FastifyReply) => {
@@ -35,8 +47,10 @@ export async function createApiServer(title: string, logger: Logger, bodyLimit: 
       const message = (error as { code?: string }).code === 'FST_ERR_MAX_PARAM_LENGTH' ? 'a path parameter (a name, a host or an id) is longer than 100 characters' : error.message.slice(0, 300);
       void reply.status(status).send({ code: 'VMF_INVALID_ARGUMENT', message: `invalid request: ${message}` });
     },
-  });
+  }) as unknown as FastifyInstance;
   installErrorHandler(base);
+  if (security.tls) installAccessControl(base, security.access);
+  else logger.warn(`${title}: plain HTTP, no client certificates: anyone who reaches this port can use all of it (give --pki-dir; docs/SECURITY.md)`);
   const app = base.withTypeProvider<TypeBoxTypeProvider>();
   await app.register(swagger, { openapi: { info: { title, version: '0.1.0' } } });
   app.get('/openapi.json', { schema: { hide: true } }, () => app.swagger());

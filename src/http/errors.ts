@@ -4,6 +4,10 @@
  * same code, so scripts see the same codes locally and remotely.
  */
 import type { FastifyError, FastifyInstance } from 'fastify';
+import { checkServerIdentity, type PeerCertificate } from 'node:tls';
+import { Agent, fetch, type Response } from 'undici';
+import { identityFromSubjectAltName, identityUri, type Role } from '../security/identity.ts';
+import type { TlsIdentity } from '../security/tls-files.ts';
 import { errorCodes, httpStatus, VmferryError, type ErrorCode } from '../errors.ts';
 import { timeoutSignal } from '../util/abort.ts';
 
@@ -56,6 +60,48 @@ export interface RequestOptions {
   body?: unknown;
   signal?: AbortSignal;
   timeoutMs?: number;
+  /** Present this certificate and trust only this CA (an https:// URL of a vmferry server with mutual TLS). */
+  tls?: TlsIdentity | undefined;
+  /** With tls: who the server must be, from its certificate (the agent of host A, not another host's). */
+  server?: ExpectedServer | undefined;
+}
+
+export interface ExpectedServer {
+  role: Role;
+  /** Any id of that role when absent. */
+  id?: string;
+}
+
+/**
+ * One connection pool per identity and expected server, so a client keeps its
+ * TLS sessions open across requests. undici's own fetch with its own Agent:
+ * the fetch built into Node is another copy of undici, and the two must not be mixed.
+ */
+const dispatchers = new WeakMap<TlsIdentity, Map<string, Agent>>();
+
+function dispatcherFor(tls: TlsIdentity, server: ExpectedServer | undefined): Agent {
+  let byServer = dispatchers.get(tls);
+  if (!byServer) {
+    byServer = new Map();
+    dispatchers.set(tls, byServer);
+  }
+  const key = server ? `${server.role}:${server.id ?? '*'}` : '';
+  let agent = byServer.get(key);
+  if (!agent) {
+    agent = new Agent({ connect: { ca: tls.ca, cert: tls.cert, key: tls.key, checkServerIdentity: (host: string, cert: PeerCertificate) => serverIdentityError(host, cert, server) } });
+    byServer.set(key, agent);
+  }
+  return agent;
+}
+
+/** The address check TLS always makes, then the role and id the caller expects of the server. */
+function serverIdentityError(host: string, cert: PeerCertificate, server: ExpectedServer | undefined): Error | undefined {
+  const addressError = checkServerIdentity(host, cert);
+  if (addressError || !server) return addressError;
+  const found = identityFromSubjectAltName(cert.subjectaltname);
+  if (found && found.role === server.role && (server.id === undefined || found.id === server.id)) return undefined;
+  const wanted = server.id === undefined ? `a ${server.role}` : identityUri({ role: server.role, id: server.id });
+  return new Error(`the server at ${host} is ${found ? identityUri(found) : 'no vmferry identity'}, not ${wanted}`);
 }
 
 /** A JSON request to a vmferry server; a failure is a VmferryError carrying the server's code. */
@@ -68,6 +114,7 @@ export async function requestJson<T>(baseUrl: string, method: string, path: stri
   try {
     response = await fetch(url, {
       method,
+      ...(options.tls ? { dispatcher: dispatcherFor(options.tls, options.server) } : {}),
       signal,
       headers: options.body === undefined ? {} : { 'content-type': 'application/json' },
       body: options.body === undefined ? null : JSON.stringify(options.body),
@@ -75,8 +122,11 @@ export async function requestJson<T>(baseUrl: string, method: string, path: stri
   } catch (err) {
     if (options.signal?.aborted) throw options.signal.reason instanceof Error ? options.signal.reason : err;
     if (timeout.aborted) throw new VmferryError('VMF_TIMEOUT', `${method} ${url.href} did not answer within ${options.timeoutMs ?? 30_000} ms`, { cause: err });
-    const reason = (err as { cause?: { code?: string } }).cause?.code ?? (err as Error).message;
-    throw new VmferryError('VMF_UNREACHABLE', `cannot reach ${url.origin}: ${reason}`, { cause: err });
+    const cause = (err as { cause?: { code?: string; message?: string } }).cause;
+    const reason = cause?.code ?? cause?.message ?? (err as Error).message;
+    // The usual cause of a certificate error: a command run without the cluster's certificates.
+    const hint = url.protocol === 'https:' && !options.tls ? ' (a vmferry server with TLS: give --pki-dir, or --cert/--key/--ca)' : '';
+    throw new VmferryError('VMF_UNREACHABLE', `cannot reach ${url.origin}: ${reason}${hint}`, { cause: err });
   }
   const text = await response.text();
   let body: unknown;

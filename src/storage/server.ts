@@ -10,6 +10,8 @@ import { NbdServer, defaultLimits } from '../nbd/server.ts';
 import { VolumeService, maxVolumeBytes, type VolumeServiceOptions } from './volumes.ts';
 import { parseExportName } from './writer-leases.ts';
 import { namePatternSource, nameRule } from '../util/names.ts';
+import type { AccessPolicy } from '../http/access.ts';
+import type { TlsIdentity } from '../security/tls-files.ts';
 
 export interface StorageServerOptions {
   dataDir: string;
@@ -24,13 +26,18 @@ export interface StorageServerOptions {
   memoryBudgetBytes?: number;
   /** Test hooks and tuning of the volumes (volumes.ts). */
   volumes?: VolumeServiceOptions;
+  /** Serve the admin API with mutual TLS (the NBD port's TLS comes with phase 2 of docs/SECURITY.md). */
+  tls?: TlsIdentity;
 }
+
+/** The controller and the agents (writer leases) manage volumes; operators do not (docs/SECURITY.md). */
+export const storageAccess: AccessPolicy = () => ['controller', 'agent'];
 
 const VolumeName = Type.String({ pattern: namePatternSource, description: nameRule });
 const SizeBytes = Type.Integer({ minimum: 512, maximum: maxVolumeBytes, multipleOf: 512 });
 
-async function adminApi(volumes: VolumeService, nbd: NbdServer, logger: Logger): Promise<FastifyInstance> {
-  const { base, app } = await createApiServer('vmferry storage', logger, 64 * 1024);
+async function adminApi(volumes: VolumeService, nbd: NbdServer, logger: Logger, tls: TlsIdentity | undefined): Promise<FastifyInstance> {
+  const { base, app } = await createApiServer('vmferry storage', logger, 64 * 1024, { tls, access: storageAccess });
   const nameParams = Type.Object({ name: VolumeName });
   app.get('/v1/volumes', () => volumes.volumes());
   app.post(
@@ -99,7 +106,7 @@ export class StorageServer {
     const volumes = await VolumeService.open(options.dataDir, options.logger, options.volumes);
     const limits = { ...defaultLimits, memoryBudgetBytes: options.memoryBudgetBytes ?? defaultLimits.memoryBudgetBytes };
     const nbd = new NbdServer(volumes, options.logger.child({ component: 'nbd' }), limits);
-    const server = new StorageServer(volumes, nbd, await adminApi(volumes, nbd, options.logger.child({ component: 'admin' })));
+    const server = new StorageServer(volumes, nbd, await adminApi(volumes, nbd, options.logger.child({ component: 'admin' }), options.tls));
     try {
       if (options.nbd) server.addresses.nbdPort = await nbd.listenTcp(options.nbd.host, options.nbd.port);
       if (options.socket) {

@@ -14,6 +14,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { VmferryError } from '../errors.ts';
 import { requestJson } from '../http/errors.ts';
 import type { VmSpec } from '../qemu/spec.ts';
+import type { TlsIdentity } from '../security/tls-files.ts';
 import { parseExportName, type WriterLease } from './writer-leases.ts';
 
 /** The writable shared disks of `spec` that carry a writer token, as volume and token. */
@@ -28,10 +29,13 @@ function tokenizedVolumes(spec: VmSpec): { volume: string; token: string }[] {
 export class SharedWriterFence {
   readonly adminUrl: string;
   readonly #hostId: string;
+  readonly #tls: TlsIdentity | undefined;
 
-  constructor(adminUrl: string, hostId: string) {
+  /** tls: the agent's identity, presented to the storage server's admin API. */
+  constructor(adminUrl: string, hostId: string, tls?: TlsIdentity) {
     this.adminUrl = adminUrl;
     this.#hostId = hostId;
+    this.#tls = tls;
   }
 
   /**
@@ -46,7 +50,7 @@ export class SharedWriterFence {
     for (const disk of tokenized.disks) {
       if (disk.source.kind !== 'nbd' || disk.readOnly) continue;
       const { volume } = parseExportName(disk.source.export);
-      await whileRestarting(signal, () => requestJson(this.adminUrl, 'GET', `/v1/volumes/${encodeURIComponent(volume)}`, { signal, timeoutMs: 10_000 }));
+      await whileRestarting(signal, () => requestJson(this.adminUrl, 'GET', `/v1/volumes/${encodeURIComponent(volume)}`, { signal, timeoutMs: 10_000, tls: this.#tls, server: { role: 'storage' } }));
       disk.source.export = `${volume}@${token}`;
     }
     return tokenized;
@@ -58,7 +62,7 @@ export class SharedWriterFence {
     for (const { volume, token } of tokenizedVolumes(spec)) {
       leases.push(
         await whileRestarting(signal, () =>
-          requestJson<WriterLease>(this.adminUrl, 'PUT', `/v1/volumes/${encodeURIComponent(volume)}/writer`, { body: { holder: token }, signal, timeoutMs: 40_000 }),
+          requestJson<WriterLease>(this.adminUrl, 'PUT', `/v1/volumes/${encodeURIComponent(volume)}/writer`, { body: { holder: token }, signal, timeoutMs: 40_000, tls: this.#tls, server: { role: 'storage' } }),
         ),
       );
     }
@@ -74,7 +78,7 @@ export class SharedWriterFence {
     for (const { volume, token } of tokenizedVolumes(spec)) {
       try {
         await whileRestarting(signal, () =>
-          requestJson(this.adminUrl, 'POST', `/v1/volumes/${encodeURIComponent(volume)}/writer/release`, { body: { holder: token }, signal, timeoutMs: 40_000 }),
+          requestJson(this.adminUrl, 'POST', `/v1/volumes/${encodeURIComponent(volume)}/writer/release`, { body: { holder: token }, signal, timeoutMs: 40_000, tls: this.#tls, server: { role: 'storage' } }),
         );
       } catch (err) {
         if (!(err instanceof VmferryError && err.code === 'VMF_VOLUME_NOT_FOUND')) throw err;

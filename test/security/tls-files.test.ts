@@ -1,0 +1,40 @@
+// Pointing a daemon or a command at its certificates: each mistake is one clear error naming the file or the option.
+import assert from 'node:assert/strict';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { hasCode } from '../../src/errors.ts';
+import { initCa, issueCertificate } from '../../src/security/pki.ts';
+import { loadTlsIdentity } from '../../src/security/tls-files.ts';
+
+let dir: string;
+let operator: string;
+
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'vmferry-tls-files-'));
+  await initCa(join(dir, 'pki'));
+  operator = (await issueCertificate(join(dir, 'pki'), { role: 'operator', id: 'alice' })).dir;
+});
+after(async () => {
+  await rm(dir, { recursive: true, force: true });
+});
+
+test('an identity directory gives the files of the end asked for', () => {
+  const client = loadTlsIdentity({ pkiDir: operator }, 'client');
+  assert.match(client?.cert ?? '', /BEGIN CERTIFICATE/);
+  assert.match(client?.key ?? '', /BEGIN PRIVATE KEY/);
+  assert.equal(loadTlsIdentity({}, 'server'), undefined, 'no options: plain HTTP');
+});
+
+test('mistakes are named', async () => {
+  await writeFile(join(dir, 'junk.pem'), 'hello\n');
+  const cert = join(operator, 'client-cert.pem');
+  const cases: [Parameters<typeof loadTlsIdentity>, RegExp][] = [
+    [[{ pkiDir: operator }, 'server'], /server certificate .*operator-alice\/server-cert.pem: ENOENT.*acts as a server/],
+    [[{ pkiDir: operator, cert }, 'client'], /either --pki-dir or --cert\/--key\/--ca, not both/],
+    [[{ cert }, 'client'], /--cert, --key and --ca go together/],
+    [[{ cert, key: join(dir, 'junk.pem'), ca: cert }, 'client'], /key .*junk.pem is not a PEM file/],
+  ];
+  for (const [args, message] of cases) assert.throws(() => loadTlsIdentity(...args), (err) => hasCode(err, 'VMF_INVALID_ARGUMENT') && message.test(err.message));
+});
