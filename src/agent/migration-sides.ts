@@ -19,7 +19,7 @@ import type { MigrationStatus } from '../qmp/commands.ts';
 import { probeDestination, probeSource, qemuCapabilities, type QemuCapabilities } from '../migration/probe.ts';
 import type { DestinationFacts, MigrationPlan, SourceFacts } from '../migration/plan.ts';
 import { QemuDestination } from '../migration/qemu-destination.ts';
-import { QemuSource } from '../migration/qemu-source.ts';
+import { QemuSource, removeLocalCopies } from '../migration/qemu-source.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { PreparedDestination } from '../migration/sides.ts';
 import { settlement, type DestinationFate } from '../migration/no-return.ts';
@@ -69,6 +69,13 @@ export class MigrationSides {
    * `incoming.json` answers for it after the oldest entries are dropped.
    */
   readonly #endedDestinations = new Map<string, DestinationFate>();
+  /**
+   * Source halves whose QEMU died with an earlier agent process (a power loss), by migration id: the
+   * guest is gone from this host, its disks are not. The controller says what they are: an old copy
+   * once the migration completed (retire deletes them), or the VM itself when it did not (rollback
+   * keeps them, the VM stopped here for its owner to start).
+   */
+  readonly #deadSources = new Map<string, string>();
   readonly #warned = new Set<string>();
   readonly #abandonAfterMs: number;
   readonly #sweeper: NodeJS.Timeout | undefined;
@@ -141,8 +148,10 @@ export class MigrationSides {
       if (!record) continue;
       const qemu = this.#registry.runningOrUndefined(vm);
       if (!qemu) {
-        this.#logger.warn({ vm, migration: record.migration }, 'the source QEMU of an unfinished migration is gone; nothing to take back');
-        await removeOutgoingRecord(vmDir);
+        this.#logger.warn({ vm, migration: record.migration }, 'the source QEMU of an unfinished migration is gone; its disks wait for the controller to retire or keep them');
+        // Held as migrating until then: a start now would run a guest the migration may have moved on.
+        this.#registry.setMigrating(vm, true);
+        this.#deadSources.set(record.migration, vm);
         continue;
       }
       const side = await QemuSource.recover({ hostId: this.#registry.hostId, vm: qemu, ...this.#fenceOption(), logger: this.#logger.child({ migration: record.migration }) }, record.wasRunning);
@@ -207,8 +216,12 @@ export class MigrationSides {
   /** What this host holds of migration `id`, for a controller settling it after a restart. */
   describe(id: string): MigrationHalves {
     const source = this.#sources.get(id);
+    const deadVm = this.#deadSources.get(id);
     const destination = this.#destinations.get(id);
-    return { source: source ? { vm: source.vm, settling: source.settling !== undefined } : null, destination: destination ? { state: destination.state } : null };
+    return {
+      source: source ? { vm: source.vm, settling: source.settling !== undefined } : deadVm !== undefined ? { vm: deadVm, settling: false } : null,
+      destination: destination ? { state: destination.state } : null,
+    };
   }
 
   async resumeDestination(id: string, signal: AbortSignal): Promise<void> {
@@ -248,6 +261,14 @@ export class MigrationSides {
   }
 
   async retireSource(id: string, keepLocalDisks: boolean): Promise<void> {
+    const deadVm = this.#deadSources.get(id);
+    if (deadVm !== undefined) {
+      // The migration completed: the guest runs on the destination, and these disks are an old copy of its.
+      if (!keepLocalDisks) await removeLocalCopies((await this.#registry.info(deadVm)).spec);
+      await this.#registry.forgetMigrated(deadVm);
+      this.#deadSources.delete(id);
+      return;
+    }
     await this.useSource(id, async (side) => {
       await side.retire(keepLocalDisks);
       await this.#registry.forgetMigrated(this.#requireSource(id).vm);
@@ -256,6 +277,14 @@ export class MigrationSides {
   }
 
   async rollbackSource(id: string): Promise<void> {
+    const deadVm = this.#deadSources.get(id);
+    if (deadVm !== undefined) {
+      // Nothing to resume: the guest died with its QEMU. The VM stays here, stopped, with its disks.
+      this.#registry.setMigrating(deadVm, false);
+      await removeOutgoingRecord(this.#registry.vmDir(deadVm));
+      this.#deadSources.delete(id);
+      return;
+    }
     let half = this.#sources.get(id);
     if (half?.settling) {
       // Two rollbacks of one QEMU at once would race on its block jobs: the controller's waits for the agent's, and its error.

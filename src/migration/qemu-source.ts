@@ -9,7 +9,7 @@ import type { Logger } from 'pino';
 import { VmferryError, describeError, hasCode } from '../errors.ts';
 import { memoryDigest, type MemoryDigest } from '../qemu/memory-digest.ts';
 import type { QemuProcess } from '../qemu/process.ts';
-import { diskNodeName } from '../qemu/spec.ts';
+import { diskNodeName, type VmSpec } from '../qemu/spec.ts';
 import { QmpCommandError, type QmpEvent, type QmpEventListener } from '../qmp/client.ts';
 import type { MigrationInfo, MigrationStatus, QemuMonitor } from '../qmp/commands.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
@@ -55,6 +55,13 @@ interface YankInstance {
   type: 'block-node' | 'chardev' | 'migration';
   'node-name'?: string;
   id?: string;
+}
+
+/** Deletes a retired source's local disks, durably: after a power loss the old host must not come back with them. */
+export async function removeLocalCopies(spec: VmSpec): Promise<void> {
+  for (const disk of spec.disks) {
+    if (disk.source.kind === 'file' && !disk.readOnly) await removeDurable(disk.source.path);
+  }
 }
 
 export class QemuSource implements SourceSide {
@@ -255,11 +262,7 @@ export class QemuSource implements SourceSide {
     this.#events?.close();
     await this.#vm.stop({ quitTimeoutMs: 10_000 });
     await this.#vm.cleanup();
-    if (keepLocalDisks) return;
-    for (const disk of this.#vm.spec.disks) {
-      // Durable: after a power loss the retired source must not come back with its old disks.
-      if (disk.source.kind === 'file' && !disk.readOnly) await removeDurable(disk.source.path);
-    }
+    if (!keepLocalDisks) await removeLocalCopies(this.#vm.spec);
   }
 
   async rollback(): Promise<void> {
