@@ -22,6 +22,7 @@ export const errorCodes = {
   VMF_MIGRATION_FAILED: 'A migration step failed; the VM still runs on the source.',
   VMF_UNRESOLVED: "A migration could not be settled yet: the destination may have been told to resume and has not said whether its guest ran, or the source's agent could not be reached to resume its guest. The guest never runs on two hosts meanwhile; vmferry keeps asking until it can settle it.",
   VMF_MEMORY_MISMATCH: "The guest's memory differed between source and destination after pre-copy; the destination was not resumed and the VM still runs on the source.",
+  VMF_NETWORK: "A VM's NIC could not be connected on this host: its bridge is missing, or its tap could not be set up.",
   VMF_NOT_FOUND: 'No such VM, host, migration or route.',
   VMF_CONFLICT: 'The request conflicts with the current state (a VM already migrating, a name in use, a VM in the wrong state).',
   VMF_UNREACHABLE: 'A vmferry server (agent, controller, storage) could not be reached.',

@@ -9,13 +9,15 @@
  *   DATA/vms/NAME/qemu/        QMP socket, pidfile, QEMU's own log
  *   DATA/quarantine/           what start-up could not account for (quarantine.ts)
  */
+import { randomBytes } from 'node:crypto';
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { Logger } from 'pino';
 import { VmferryError } from '../errors.ts';
 import { guestKernelAppend, testGuestPaths } from '../guest/test-guest.ts';
 import { QemuProcess, killOrphanQemu } from '../qemu/process.ts';
-import { validateVmSpec, type DiskSpec, type VmSpec } from '../qemu/spec.ts';
+import { validateVmSpec, type DiskSpec, type NicSpec, type VmSpec } from '../qemu/spec.ts';
+import { removeTapsOf } from '../qemu/taps.ts';
 import { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import type { CreateVmRequest, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
@@ -30,6 +32,11 @@ interface VmEntry {
   qemu: QemuProcess | undefined;
   /** Set while a migration uses this VM; start/stop/delete are refused meanwhile. */
   migrating: boolean;
+}
+
+/** A locally administered unicast MAC under QEMU's and libvirt's 52:54:00 prefix. */
+function generateMac(): string {
+  return ['52', '54', '00', ...[...randomBytes(3)].map((b) => b.toString(16).padStart(2, '0'))].join(':');
 }
 
 export class VmRegistry {
@@ -97,6 +104,8 @@ export class VmRegistry {
 
   async #load(spec: VmSpec): Promise<void> {
     const qemu = await QemuProcess.adopt(spec, join(this.vmDir(spec.name), 'qemu'), this.#logger);
+    // Its QEMU died while no agent watched: nothing else cleaned up its taps.
+    if (!qemu) await removeTapsOf(spec.name);
     this.#vms.set(spec.name, { spec, qemu, migrating: false });
     this.#logger.info({ vm: spec.name, running: qemu !== undefined }, qemu ? 're-adopted running VM' : 'loaded stopped VM');
   }
@@ -113,6 +122,8 @@ export class VmRegistry {
   async #settleInterruptedIncoming(name: string, problem: string): Promise<void> {
     if (await this.#takeOverResumedIncoming(name)) return;
     const killedPid = await killOrphanQemu(join(this.vmDir(name), 'qemu'));
+    // No VM of this name is loaded here, so no tap of that name belongs to anything.
+    await removeTapsOf(name);
     const inUse = new Set([...this.#vms.values()].flatMap((e) => e.spec.disks.flatMap((d) => (d.source.kind === 'file' ? [d.source.path] : []))));
     const images = (await readdir(this.pool.dir)).filter((file) => file.startsWith(`${name}-`) && !inUse.has(join(this.pool.dir, file)));
     const reason = `at agent start, VM directory ${name} had ${problem}${killedPid === undefined ? '' : ` (its QEMU, pid ${killedPid}, was killed)`}`;
@@ -235,6 +246,7 @@ export class VmRegistry {
         request.boot.kind === 'test-guest'
           ? { kind: 'kernel' as const, ...testGuestPaths(), append: guestKernelAppend({ mode: 'workload', ...request.boot.options }) }
           : request.boot;
+      const nics: NicSpec[] = (request.nics ?? []).map((nic, i) => ({ id: `net${i}`, bridge: nic.bridge, mac: nic.mac?.toLowerCase() ?? generateMac() }));
       const serialPorts = request.serialPorts ?? (request.boot.kind === 'test-guest' ? 2 : 1);
       const spec = validateVmSpec({
         name: request.name,
@@ -243,6 +255,7 @@ export class VmRegistry {
         ...(request.machine ? { machine: request.machine } : {}),
         boot,
         disks,
+        ...(nics.length ? { nics } : {}),
         serialLogs: Array.from({ length: serialPorts }, (_, i) => join(vmDir, `serial${i}.log`)),
       });
       await this.#persist(spec);

@@ -51,6 +51,8 @@ export const CreateVmRequestSchema = Type.Object(
                 dirtyRateMiBs: Type.Optional(Type.Integer({ minimum: 0, maximum: 1 << 20 })),
                 bulkMiBs: Type.Optional(Type.Integer({ minimum: 0, maximum: 1 << 20 })),
                 intervalMs: Type.Optional(Type.Integer({ minimum: 0, maximum: 60_000 })),
+                ip: Type.Optional(Type.String({ pattern: '^\\d{1,3}(\\.\\d{1,3}){3}/\\d{1,2}$', description: 'the address of its first NIC, CIDR' })),
+                streamPort: Type.Optional(Type.Integer({ minimum: 1, maximum: 65535 })),
               },
               { additionalProperties: false },
             ),
@@ -78,6 +80,18 @@ export const CreateVmRequestSchema = Type.Object(
         { additionalProperties: false },
       ),
       { maxItems: 16 },
+    ),
+    nics: Type.Optional(
+      Type.Array(
+        Type.Object(
+          {
+            bridge: Type.String({ pattern: '^[A-Za-z0-9_.-]{1,15}$', description: 'a bridge on the host' }),
+            mac: Type.Optional(Type.String({ pattern: '^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$' })),
+          },
+          { additionalProperties: false },
+        ),
+        { maxItems: 8 },
+      ),
     ),
     serialPorts: Type.Optional(Type.Integer({ minimum: 0, maximum: 4 })),
   },

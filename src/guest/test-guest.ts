@@ -42,6 +42,10 @@ export interface GuestOptions {
   bulkDisks?: string[];
   /** Pause between records on each disk. */
   intervalMs?: number;
+  /** Address of the first NIC (eth0), CIDR, e.g. 10.213.9.10/24: set by the guest's init. */
+  ip?: string;
+  /** Serve the numbered TCP stream (stream-check.ts) on this port. */
+  streamPort?: number;
 }
 
 export function guestKernelAppend(options: GuestOptions): string {
@@ -52,6 +56,8 @@ export function guestKernelAppend(options: GuestOptions): string {
   if (options.bulkMiBs !== undefined) words.push(`vmferry.bulk_mib_s=${options.bulkMiBs}`);
   if (options.bulkDisks?.length) words.push(`vmferry.bulk_disks=${options.bulkDisks.join(',')}`);
   if (options.intervalMs !== undefined) words.push(`vmferry.interval_ms=${options.intervalMs}`);
+  if (options.ip !== undefined) words.push(`vmferry.ip=${options.ip}`);
+  if (options.streamPort !== undefined) words.push(`vmferry.stream_port=${options.streamPort}`);
   return words.join(' ');
 }
 

@@ -25,7 +25,23 @@ export interface MigrationOptions {
   keepSource: boolean;
   /** write-blocking makes guest writes wait for the mirror: lower downtime under heavy writes. */
   copyMode: CopyMode;
+  /** How the destination announces the guest's NICs after the switch-over; default defaultAnnounce. */
+  announce?: AnnounceSettings;
 }
+
+/**
+ * After the switch-over the destination announces the guest's NICs (QMP
+ * announce-self): `rounds` announcements, the first after `initialMs`, each
+ * gap `stepMs` longer than the last, at most `maxMs`. QEMU's own defaults.
+ */
+export interface AnnounceSettings {
+  initialMs: number;
+  maxMs: number;
+  rounds: number;
+  stepMs: number;
+}
+
+export const defaultAnnounce: AnnounceSettings = { initialMs: 50, maxMs: 550, rounds: 5, stepMs: 100 };
 
 export const defaultMigrationOptions: MigrationOptions = {
   maxDowntimeMs: 300,
@@ -57,6 +73,8 @@ export interface DestinationFacts {
   reachableExports: Record<string, number>;
   /** VM names already present on the destination. */
   vmNames: string[];
+  /** The bridges named by the VM's NICs that exist on the destination (absent: it did not say, so none). */
+  bridges?: string[];
 }
 
 export interface SourceFacts {
@@ -185,6 +203,9 @@ export function planMigration(
     refusals.push(`${destination.hostId} (QEMU ${destination.qemuVersion}) does not support machine type ${source.machineType}`);
   }
   const disks = spec.disks.map((disk) => planDisk(disk, source, destination, refusals));
+  for (const nic of spec.nics ?? []) {
+    if (!destination.bridges?.includes(nic.bridge)) refusals.push(`NIC ${nic.id}: ${destination.hostId} has no bridge ${nic.bridge} for its tap`);
+  }
 
   const neededMiB = spec.memoryMiB + qemuOverheadMiB;
   if (destination.freeMemoryMiB < neededMiB) {

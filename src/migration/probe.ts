@@ -8,6 +8,7 @@ import { VmferryError } from '../errors.ts';
 import { defaultQemuBinary, type QemuProcess } from '../qemu/process.ts';
 import type { NbdServerAddress, VmSpec } from '../qemu/spec.ts';
 import type { LocalPool } from '../storage/local-pool.ts';
+import { existingBridges } from '../qemu/taps.ts';
 import { imageInfo } from '../storage/local-pool.ts';
 import { runProgram } from '../util/run.ts';
 import { exportKey, type DestinationFacts, type LocalDiskFacts, type SourceFacts } from './plan.ts';
@@ -88,5 +89,6 @@ export async function probeDestination(
     poolFreeBytes: await pool.freeBytes(),
     reachableExports,
     vmNames,
+    bridges: await existingBridges((spec.nics ?? []).map((nic) => nic.bridge)),
   };
 }

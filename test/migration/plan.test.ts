@@ -131,3 +131,11 @@ test('a KVM guest climbs a ladder of downtime limits; a TCG guest starts at the 
   assert.deepEqual(limits('tcg', 300), [300]);
   assert.deepEqual(limits('kvm', 2), [1, 2], 'steps below 1 ms are dropped, equal steps merged');
 });
+
+test('a NIC whose bridge the destination lacks refuses the plan, naming the NIC and the bridge', () => {
+  const spec: VmSpec = { ...vm([localRoot]), nics: [{ id: 'net0', bridge: 'vmbr0', mac: '52:54:00:12:34:56' }, { id: 'net1', bridge: 'storage', mac: '52:54:00:12:34:57' }] };
+  const refused = planMigration(spec, source, destination({ bridges: ['vmbr0'] }), defaultMigrationOptions);
+  assert.deepEqual(refused.refusals, ['NIC net1: B has no bridge storage for its tap']);
+  const allowed = planMigration(spec, source, destination({ bridges: ['vmbr0', 'storage'] }), defaultMigrationOptions);
+  assert.deepEqual(allowed.refusals, []);
+});
