@@ -1,6 +1,7 @@
 /** CLI commands that talk to the controller: hosts, VMs, migrations. */
 import type { Command } from 'commander';
 import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
+import { parseNicArg } from './nic-arg.ts';
 import { VmferryError } from '../errors.ts';
 import { defaultControllerUrl, parseListen, parsePositive, parseSize, printJson } from './common.ts';
 import { ControllerClient } from './controller-client.ts';
@@ -66,6 +67,7 @@ export function registerClusterCommands(program: Command): void {
     .option('--local-disk <id:size>', 'a local disk in the host\'s pool, e.g. root:1G (repeatable)', collect, [])
     .option('--shared-disk <id:volume>', 'a shared volume on the storage server (repeatable)', collect, [])
     .option('--ro-shared-disk <id:volume>', 'a read-only shared volume (repeatable)', collect, [])
+    .option('--nic <bridge=BR[,mac=MAC]>', 'a virtio-net NIC on host bridge BR; the MAC is generated (52:54:00:…) unless given (repeatable)', collect, [])
     .option('--storage-nbd <host:port>', 'NBD address of the storage server', '127.0.0.1:10809')
     .option('--kernel <path>', 'boot this kernel (direct kernel boot)')
     .option('--initrd <path>', 'initrd for --kernel')
@@ -102,6 +104,7 @@ export function registerClusterCommands(program: Command): void {
         vcpus: parsePositive(opts.vcpus as string, '--vcpus'),
         boot,
         disks,
+        ...((opts.nic as string[]).length ? { nics: (opts.nic as string[]).map(parseNicArg) } : {}),
       });
       if (json) printJson(created);
       else console.log(`created VM ${created.name} on ${created.host}`);
