@@ -50,6 +50,7 @@ export const defaultMigrationOptions: MigrationOptions = {
   allowPostcopy: false,
   keepSource: false,
   copyMode: 'write-blocking',
+  announce: defaultAnnounce,
 };
 
 /** Facts about a local disk on the source, read from its image. */
