@@ -14,6 +14,7 @@ const statusByCode: Partial<Record<ErrorCode, number>> = {
   VMF_VOLUME_EXISTS: 409,
   VMF_CONFLICT: 409,
   VMF_MIGRATION_REFUSED: 409,
+  VMF_NETWORK: 409,
   VMF_UNREACHABLE: 502,
   VMF_TIMEOUT: 504,
 };
