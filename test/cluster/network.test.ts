@@ -4,8 +4,8 @@
 // 10 ms and holds one TCP connection reading the guest's numbered stream. The
 // connection must survive the migration with every number once and in order,
 // and the pings lost must fit the guest's measured pause. A NIC whose bridge
-// the destination lacks refuses the plan; a cancelled migration leaves no tap
-// on the destination.
+// the destination lacks refuses the plan; a cancelled migration, or one whose
+// destination agent was killed and restarted, leaves no tap on the destination.
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -148,6 +148,27 @@ test('a cancelled migration removes the tap it made on the destination; the gues
   stream.mark();
   const window = await stream.window(50);
   assert.ok(window.intact, `stream after the rollback: ${stream.problem ?? JSON.stringify(window)}`);
+});
+
+test('a destination agent killed mid-migration: the migration fails, and the restarted agent removes the half with its tap', async () => {
+  assert.ok(stream);
+  const { id } = await live().api.migrate({ vm, to: 'A', bandwidthMiBs: 1 });
+  const deadline = Date.now() + 120_000;
+  while ((await live().api.migration(id as string)).phase !== 'migrating') {
+    assert.ok(Date.now() < deadline, 'the migration never reached the RAM phase');
+    await sleep(100);
+  }
+  await live().killAgent('A');
+  // The incoming QEMU outlives its agent, and so does its tap.
+  assert.equal((await tapsOn('A', vm)).length, 1);
+  const record = await finalReport(id as string);
+  assert.equal(record.phase, 'failed', record.report?.error?.message);
+  await live().startAgent('A');
+  assert.deepEqual(await tapsOn('A', vm), [], 'the restarted agent removed the tap of the half it could not account for');
+  assert.equal((await tapsOn('B', vm)).length, 1);
+  stream.mark();
+  const window = await stream.window(50);
+  assert.ok(window.intact, `stream after the failed migration: ${stream.problem ?? JSON.stringify(window)}`);
 });
 
 test('a NIC on a bridge the destination lacks: the plan is refused naming it, and that host cannot start such a VM either', async () => {
