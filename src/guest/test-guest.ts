@@ -8,6 +8,7 @@
  *   ACK <disk> <k>                  record k is durable on <disk>
  *   VERIFY <disk> highest=<k> intact=<n> corrupt=<m> missing=<x>
  *   VERIFY-DONE                     verify finished; the guest powers off
+ *   STREAM port=<n>                 the numbered TCP stream (demo/stream-check.ts) listens
  *   GUEST-ERROR <text>              the guest failed and powers off
  */
 import { existsSync } from 'node:fs';
