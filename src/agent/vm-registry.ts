@@ -13,7 +13,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { Logger } from 'pino';
-import { VmferryError } from '../errors.ts';
+import { VmferryError, describeError } from '../errors.ts';
 import { guestKernelAppend, testGuestPaths } from '../guest/test-guest.ts';
 import { QemuProcess, killOrphanQemu } from '../qemu/process.ts';
 import { validateVmSpec, type DiskSpec, type NicSpec, type VmSpec } from '../qemu/spec.ts';
@@ -105,7 +105,7 @@ export class VmRegistry {
   async #load(spec: VmSpec): Promise<void> {
     const qemu = await QemuProcess.adopt(spec, join(this.vmDir(spec.name), 'qemu'), this.#logger);
     // Its QEMU died while no agent watched: nothing else cleaned up its taps.
-    if (!qemu) await removeTapsOf(spec.name);
+    if (!qemu && spec.nics?.length) await this.#removeTaps(spec.name);
     this.#vms.set(spec.name, { spec, qemu, migrating: false });
     this.#logger.info({ vm: spec.name, running: qemu !== undefined }, qemu ? 're-adopted running VM' : 'loaded stopped VM');
   }
@@ -123,7 +123,7 @@ export class VmRegistry {
     if (await this.#takeOverResumedIncoming(name)) return;
     const killedPid = await killOrphanQemu(join(this.vmDir(name), 'qemu'));
     // No VM of this name is loaded here, so no tap of that name belongs to anything.
-    await removeTapsOf(name);
+    await this.#removeTaps(name);
     const inUse = new Set([...this.#vms.values()].flatMap((e) => e.spec.disks.flatMap((d) => (d.source.kind === 'file' ? [d.source.path] : []))));
     const images = (await readdir(this.pool.dir)).filter((file) => file.startsWith(`${name}-`) && !inUse.has(join(this.pool.dir, file)));
     const reason = `at agent start, VM directory ${name} had ${problem}${killedPid === undefined ? '' : ` (its QEMU, pid ${killedPid}, was killed)`}`;
@@ -384,6 +384,11 @@ export class VmRegistry {
   async #persist(spec: VmSpec): Promise<void> {
     const dir = await this.makeVmDir(spec.name);
     await writeFileDurable(join(dir, 'spec.json'), JSON.stringify(spec, null, 2));
+  }
+
+  /** At start-up: a tap that will not go is logged, never a reason for the agent not to serve. */
+  async #removeTaps(vm: string): Promise<void> {
+    await removeTapsOf(vm).catch((err: unknown) => this.#logger.error({ err: describeError(err), vm }, `could not remove the taps of ${vm}`));
   }
 
   #require(name: string): VmEntry {
