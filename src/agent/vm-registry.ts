@@ -17,7 +17,7 @@ import { VmferryError, describeError } from '../errors.ts';
 import { guestKernelAppend, testGuestPaths } from '../guest/test-guest.ts';
 import { QemuProcess, killOrphanQemu } from '../qemu/process.ts';
 import { validateVmSpec, type DiskSpec, type NicSpec, type VmSpec } from '../qemu/spec.ts';
-import { removeTapsOf } from '../qemu/taps.ts';
+import { existingBridges, removeTapsOf } from '../qemu/taps.ts';
 import { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import type { CreateVmRequest, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
@@ -247,6 +247,9 @@ export class VmRegistry {
           ? { kind: 'kernel' as const, ...testGuestPaths(), append: guestKernelAppend({ mode: 'workload', ...request.boot.options }) }
           : request.boot;
       const nics: NicSpec[] = (request.nics ?? []).map((nic, i) => ({ id: `net${i}`, bridge: nic.bridge, mac: nic.mac?.toLowerCase() ?? generateMac() }));
+      const bridges = await existingBridges(nics.map((nic) => nic.bridge));
+      const missing = nics.find((nic) => !bridges.includes(nic.bridge));
+      if (missing) throw new VmferryError('VMF_NETWORK', `NIC ${missing.id} of VM ${request.name}: ${this.hostId} has no bridge ${missing.bridge}`);
       const serialPorts = request.serialPorts ?? (request.boot.kind === 'test-guest' ? 2 : 1);
       const spec = validateVmSpec({
         name: request.name,
