@@ -13,6 +13,8 @@ export interface PingCount {
   lost: number;
   /** The time the lost ones stand for: lost × the measured mean interval between requests. */
   lostMs: number;
+  /** Runs of consecutive lost requests, with when the first of each was sent (ms since the epoch, from the mean interval). */
+  lostRuns: { first: number; count: number; sentAt: number }[];
 }
 
 export class Pinger {
@@ -74,7 +76,14 @@ export class Pinger {
     const first = this.#firstReply;
     const last = this.#lastReply;
     const meanIntervalMs = first && last && last.seq > first.seq ? (last.at - first.at) / (last.seq - first.seq) : this.#intervalMs;
-    return { sent, lost, lostMs: Math.round(lost * meanIntervalMs) };
+    const lostRuns: PingCount['lostRuns'] = [];
+    for (let seq = 0; seq < sent; seq++) {
+      if (this.#received.has(seq)) continue;
+      const run = lostRuns.at(-1);
+      if (run && run.first + run.count === seq) run.count++;
+      else lostRuns.push({ first: seq, count: 1, sentAt: Math.round((first?.at ?? 0) + (seq - (first?.seq ?? 0)) * meanIntervalMs) });
+    }
+    return { sent, lost, lostMs: Math.round(lost * meanIntervalMs), lostRuns };
   }
 
   /** Stops without counting (on an error path). */
