@@ -47,13 +47,13 @@ interface DemoSummary {
 
 function summarize(report: MigrationReport, network: NetworkSummary | undefined): DemoSummary['migrations'][number] {
   return {
-    ...(network ? { network } : {}),
     from: report.from,
     to: report.to,
     totalMs: report.totalMs,
     downtimeMs: report.downtimeMs,
     ramBytes: report.ram.transferredBytes,
     disks: report.disks.map((d) => ({ id: d.id, operation: d.operation, bytesSent: d.bytesSent })),
+    ...(network ? { network } : {}),
   };
 }
 
