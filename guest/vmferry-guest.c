@@ -12,9 +12,14 @@
  *   "VERIFY <disk> highest=<k> intact=<n> corrupt=<m> missing=<x>", then
  *   "VERIFY-DONE", and powers off.
  *
+ * stream (workload mode, with vmferry.stream_port=): a TCP server on that port
+ *   that sends every client a numbered stream: 8-byte big-endian numbers 0, 1,
+ *   2, … one every vmferry.stream_ms (default 10) ms, so the client sees any
+ *   number lost, repeated or out of order. init sets the address (vmferry.ip=).
+ *
  * Options come from the kernel command line: vmferry.mode=, vmferry.span_mib=,
  * vmferry.dirty_mib=, vmferry.dirty_rate_mib=, vmferry.bulk_mib_s=,
- * vmferry.bulk_disks=, vmferry.interval_ms=.
+ * vmferry.bulk_disks=, vmferry.interval_ms=, vmferry.stream_port=, vmferry.stream_ms=.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -33,6 +38,8 @@
 #include <time.h>
 #include <unistd.h>
 #include <linux/fs.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #define RECORD_SIZE 4096
 #define MAGIC "VMFREC01"
@@ -66,7 +73,8 @@ static struct {
 	char mode[16];
 	uint64_t span_mib, dirty_mib, dirty_rate_mib, bulk_mib_s, interval_ms;
 	char bulk_disks[256];
-} opt = { "workload", 64, 0, 8, 0, 0, "" };
+	uint64_t stream_port, stream_ms;
+} opt = { "workload", 64, 0, 8, 0, 0, "", 0, 10 };
 
 static void report(const char *fmt, ...)
 {
@@ -167,6 +175,10 @@ static void parse_cmdline(void)
 			snprintf(opt.bulk_disks, sizeof(opt.bulk_disks), "%s", val);
 		else if (!strcmp(key, "interval_ms"))
 			opt.interval_ms = strtoull(val, NULL, 10);
+		else if (!strcmp(key, "stream_port"))
+			opt.stream_port = strtoull(val, NULL, 10);
+		else if (!strcmp(key, "stream_ms"))
+			opt.stream_ms = strtoull(val, NULL, 10);
 	}
 }
 
@@ -335,6 +347,51 @@ static void *dirty_memory(void *arg)
 	return NULL;
 }
 
+static void *stream_client(void *arg)
+{
+	int fd = (int)(intptr_t)arg;
+	struct timespec gap = { (time_t)(opt.stream_ms / 1000), (long)(opt.stream_ms % 1000) * 1000000L };
+	for (uint64_t k = 0;; k++) {
+		unsigned char be[8];
+		for (int i = 0; i < 8; i++)
+			be[i] = (unsigned char)(k >> (56 - 8 * i));
+		/* A short send would split a number: the client would read it as two wrong ones. */
+		size_t off = 0;
+		while (off < sizeof(be)) {
+			ssize_t n = send(fd, be + off, sizeof(be) - off, MSG_NOSIGNAL);
+			if (n <= 0) {
+				close(fd);
+				return NULL;
+			}
+			off += (size_t)n;
+		}
+		nanosleep(&gap, NULL);
+	}
+}
+
+static void *stream_server(void *arg)
+{
+	(void)arg;
+	int s = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+	if (s < 0)
+		fail("socket");
+	setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	struct sockaddr_in addr = { .sin_family = AF_INET, .sin_port = htons((uint16_t)opt.stream_port), .sin_addr = { htonl(INADDR_ANY) } };
+	if (bind(s, (struct sockaddr *)&addr, sizeof(addr)) || listen(s, 16))
+		fail("bind/listen stream port");
+	report("STREAM port=%" PRIu64, opt.stream_port);
+	for (;;) {
+		int c = accept(s, NULL, NULL);
+		if (c < 0)
+			continue;
+		pthread_t t;
+		if (pthread_create(&t, NULL, stream_client, (void *)(intptr_t)c))
+			close(c);
+		else
+			pthread_detach(t);
+	}
+}
+
 static void workload(void)
 {
 	pthread_t t;
@@ -346,6 +403,8 @@ static void workload(void)
 		strncat(names, disks[i].name, sizeof(names) - strlen(names) - 1);
 	}
 	report("READY%s", names);
+	if (opt.stream_port && pthread_create(&t, NULL, stream_server, NULL))
+		fail("pthread_create");
 	if (opt.dirty_mib && pthread_create(&t, NULL, dirty_memory, NULL))
 		fail("pthread_create");
 	for (int i = 0; i < ndisks; i++) {

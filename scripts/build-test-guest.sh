@@ -30,9 +30,9 @@ cp /bin/busybox "$root/bin/busybox"
 gcc -O2 -static -Wall -Wextra -Werror -pthread -o "$root/bin/vmferry-guest" guest/vmferry-guest.c
 install -m 0755 guest/init "$root/init"
 
-# The virtio modules and their dependencies, in load order (modprobe resolves it).
+# The virtio modules (disks and NICs) and their dependencies, in load order (modprobe resolves it).
 : > "$root/etc/modules-order"
-for line in $(for m in virtio_pci virtio_blk; do modprobe -S "$kver" --show-depends "$m"; done | awk '$1 == "insmod" { print $2 }'); do
+for line in $(for m in virtio_pci virtio_blk virtio_net; do modprobe -S "$kver" --show-depends "$m"; done | awk '$1 == "insmod" { print $2 }'); do
   name=$(basename "$line")
   grep -qx "$name" "$root/etc/modules-order" && continue
   case "$line" in

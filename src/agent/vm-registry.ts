@@ -9,15 +9,17 @@
  *   DATA/vms/NAME/qemu/        QMP socket, pidfile, QEMU's own log
  *   DATA/quarantine/           what start-up could not account for (quarantine.ts)
  */
+import { randomBytes } from 'node:crypto';
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { Logger } from 'pino';
-import { VmferryError } from '../errors.ts';
+import { VmferryError, describeError } from '../errors.ts';
 import { guestKernelAppend, testGuestPaths } from '../guest/test-guest.ts';
 import type { HostAccelerator } from '../qemu/accel.ts';
 import { defaultCpuModel } from '../qemu/cpu-models.ts';
 import { QemuProcess, killOrphanQemu } from '../qemu/process.ts';
-import { validateVmSpec, type DiskSource, type DiskSpec, type VmSpec } from '../qemu/spec.ts';
+import { validateVmSpec, type DiskSource, type DiskSpec, type NicSpec, type VmSpec } from '../qemu/spec.ts';
+import { existingBridges, removeTapsOf } from '../qemu/taps.ts';
 import { createOverlay, importImage } from '../storage/disk-images.ts';
 import { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
@@ -35,6 +37,11 @@ interface VmEntry {
   qemu: QemuProcess | undefined;
   /** Set while a migration uses this VM; start/stop/delete are refused meanwhile. */
   migrating: boolean;
+}
+
+/** A locally administered unicast MAC under QEMU's and libvirt's 52:54:00 prefix. */
+function generateMac(): string {
+  return ['52', '54', '00', ...[...randomBytes(3)].map((b) => b.toString(16).padStart(2, '0'))].join(':');
 }
 
 export class VmRegistry {
@@ -105,6 +112,8 @@ export class VmRegistry {
 
   async #load(spec: VmSpec): Promise<void> {
     const qemu = await QemuProcess.adopt(spec, join(this.vmDir(spec.name), 'qemu'), this.#logger);
+    // Its QEMU died while no agent watched: nothing else cleaned up its taps.
+    if (!qemu && spec.nics?.length) await this.#removeTaps(spec.name);
     this.#vms.set(spec.name, { spec, qemu, migrating: false });
     this.#logger.info({ vm: spec.name, running: qemu !== undefined }, qemu ? 're-adopted running VM' : 'loaded stopped VM');
   }
@@ -121,6 +130,8 @@ export class VmRegistry {
   async #settleInterruptedIncoming(name: string, problem: string): Promise<void> {
     if (await this.#takeOverResumedIncoming(name)) return;
     const killedPid = await killOrphanQemu(join(this.vmDir(name), 'qemu'));
+    // No VM of this name is loaded here, so no tap of that name belongs to anything.
+    await this.#removeTaps(name);
     const inUse = new Set([...this.#vms.values()].flatMap((e) => e.spec.disks.flatMap((d) => (d.source.kind === 'file' ? [d.source.path] : []))));
     const images = (await readdir(this.pool.dir)).filter((file) => file.startsWith(`${name}-`) && !inUse.has(join(this.pool.dir, file)));
     const reason = `at agent start, VM directory ${name} had ${problem}${killedPid === undefined ? '' : ` (its QEMU, pid ${killedPid}, was killed)`}`;
@@ -241,6 +252,10 @@ export class VmRegistry {
         request.boot.kind === 'test-guest'
           ? { kind: 'kernel' as const, ...testGuestPaths(), append: guestKernelAppend({ mode: 'workload', ...request.boot.options }) }
           : request.boot;
+      const nics: NicSpec[] = (request.nics ?? []).map((nic, i) => ({ id: `net${i}`, bridge: nic.bridge, mac: nic.mac?.toLowerCase() ?? generateMac() }));
+      const bridges = await existingBridges(nics.map((nic) => nic.bridge));
+      const missing = nics.find((nic) => !bridges.includes(nic.bridge));
+      if (missing) throw new VmferryError('VMF_NETWORK', `NIC ${missing.id} of VM ${request.name}: ${this.hostId} has no bridge ${missing.bridge}`);
       const serialPorts = request.serialPorts ?? (request.boot.kind === 'test-guest' ? 2 : 1);
       const spec = validateVmSpec({
         name: request.name,
@@ -250,6 +265,7 @@ export class VmRegistry {
         cpu: request.cpu ?? defaultCpuModel,
         boot,
         disks,
+        ...(nics.length ? { nics } : {}),
         serialLogs: Array.from({ length: serialPorts }, (_, i) => join(vmDir, `serial${i}.log`)),
       });
       await this.#persist(spec);
@@ -405,6 +421,11 @@ export class VmRegistry {
   async #persist(spec: VmSpec): Promise<void> {
     const dir = await this.makeVmDir(spec.name);
     await writeFileDurable(join(dir, 'spec.json'), JSON.stringify(spec, null, 2));
+  }
+
+  /** At start-up: a tap that will not go is logged, never a reason for the agent not to serve. */
+  async #removeTaps(vm: string): Promise<void> {
+    await removeTapsOf(vm).catch((err: unknown) => this.#logger.error({ err: describeError(err), vm }, `could not remove the taps of ${vm}`));
   }
 
   #require(name: string): VmEntry {

@@ -39,15 +39,6 @@ export const CreateVmRequestSchema = Type.Object(
     machine: Type.Optional(Type.String({ pattern: '^[a-z0-9._-]+$' })),
     /** QEMU CPU model; default qemu64-v1 (defaultCpuModel in src/qemu/cpu-models.ts). */
     cpu: Type.Optional(Type.String({ pattern: cpuModelPattern.source, description: 'QEMU CPU model name, e.g. qemu64-v1, Westmere-v1' })),
-    nics: Type.Optional(
-      Type.Array(
-        Type.Object(
-          { bridge: Type.String({ pattern: '^[A-Za-z0-9_.-]{1,15}$' }), mac: Type.Optional(Type.String({ pattern: '^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$' })) },
-          { additionalProperties: false },
-        ),
-        { maxItems: 8 },
-      ),
-    ),
     boot: Type.Union([
       Type.Object(
         { kind: Type.Literal('kernel'), kernel: Type.String({ pattern: '^/' }), initrd: Type.Optional(Type.String({ pattern: '^/' })), append: Type.Optional(Type.String({ maxLength: 4096 })) },
@@ -65,6 +56,8 @@ export const CreateVmRequestSchema = Type.Object(
                 dirtyRateMiBs: Type.Optional(Type.Integer({ minimum: 0, maximum: 1 << 20 })),
                 bulkMiBs: Type.Optional(Type.Integer({ minimum: 0, maximum: 1 << 20 })),
                 intervalMs: Type.Optional(Type.Integer({ minimum: 0, maximum: 60_000 })),
+                ip: Type.Optional(Type.String({ pattern: '^\\d{1,3}(\\.\\d{1,3}){3}/\\d{1,2}$', description: 'the address of its first NIC, CIDR' })),
+                streamPort: Type.Optional(Type.Integer({ minimum: 1, maximum: 65535 })),
               },
               { additionalProperties: false },
             ),
@@ -107,6 +100,18 @@ export const CreateVmRequestSchema = Type.Object(
         { additionalProperties: false },
       ),
       { maxItems: 16 },
+    ),
+    nics: Type.Optional(
+      Type.Array(
+        Type.Object(
+          {
+            bridge: Type.String({ pattern: '^[A-Za-z0-9_.-]{1,15}$', description: 'a bridge on the host' }),
+            mac: Type.Optional(Type.String({ pattern: '^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$' })),
+          },
+          { additionalProperties: false },
+        ),
+        { maxItems: 8 },
+      ),
     ),
     serialPorts: Type.Optional(Type.Integer({ minimum: 0, maximum: 4 })),
   },

@@ -14,6 +14,18 @@ export const MigrateRequestSchema = Type.Object(
     allowPostcopy: Type.Optional(Type.Boolean()),
     keepSource: Type.Optional(Type.Boolean()),
     copyMode: Type.Optional(Type.Union([Type.Literal('background'), Type.Literal('write-blocking')])),
+    /** How the destination announces the guest's NICs after the switch-over (plan.ts AnnounceSettings). */
+    announce: Type.Optional(
+      Type.Object(
+        {
+          initialMs: Type.Integer({ minimum: 1, maximum: 100_000 }),
+          maxMs: Type.Integer({ minimum: 1, maximum: 100_000 }),
+          rounds: Type.Integer({ minimum: 1, maximum: 1000 }),
+          stepMs: Type.Integer({ minimum: 1, maximum: 10_000 }),
+        },
+        { additionalProperties: false },
+      ),
+    ),
   },
   { additionalProperties: false },
 );

@@ -2,6 +2,7 @@
 import type { Command } from 'commander';
 import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
 import type { HostStatus } from '../controller/inventory.ts';
+import { parseNicArg } from './nic-arg.ts';
 import { VmferryError } from '../errors.ts';
 import { defaultCpuModel } from '../qemu/cpu-models.ts';
 import { cpuModelPattern, type NbdServerAddress } from '../qemu/spec.ts';
@@ -97,6 +98,7 @@ export function registerClusterCommands(program: Command): void {
     )
     .option('--shared-disk <id:volume>', 'a shared volume on the storage server (repeatable)', collect, [])
     .option('--ro-shared-disk <id:volume>', 'a read-only shared volume (repeatable)', collect, [])
+    .option('--nic <bridge=BR[,mac=MAC]>', 'a virtio-net NIC on host bridge BR; the MAC is generated (52:54:00:…) unless given (repeatable)', collect, [])
     .option('--storage-nbd <host:port>', 'NBD address of the storage server', '127.0.0.1:10809')
     .option('--kernel <path>', 'boot this kernel (direct kernel boot)')
     .option('--initrd <path>', 'initrd for --kernel')
@@ -142,6 +144,7 @@ export function registerClusterCommands(program: Command): void {
         ...(typeof opts.cpu === 'string' ? { cpu: parseCpuModel(opts.cpu) } : {}),
         boot,
         disks,
+        ...((opts.nic as string[]).length ? { nics: (opts.nic as string[]).map(parseNicArg) } : {}),
       });
       if (json) printJson(created);
       else console.log(`created VM ${created.name} on ${created.host}`);

@@ -19,7 +19,7 @@ import { requestJson } from '../http/errors.ts';
 import type { AccelMode } from '../qemu/accel.ts';
 import { findFreePort } from '../util/ports.ts';
 import { runProgram } from '../util/run.ts';
-import { canUseNamespaces, createNamespaceNetwork, type NamespaceNetwork } from './netns.ts';
+import { canUseNamespaces, createGuestSegment, createNamespaceNetwork, type GuestSegment, type NamespaceNetwork } from './netns.ts';
 import { ClusterPki } from './cluster-pki.ts';
 
 const cliPath = resolve(import.meta.dirname, '../../bin/vmferry.js');
@@ -44,6 +44,11 @@ export interface LocalClusterOptions {
   namespaces?: boolean;
   /** Names and addresses of the namespaces, so several clusters can coexist (default vmfd, 10.213.7). */
   network?: { prefix: string; subnet: string; hostLinkSubnet?: string };
+  /**
+   * One L2 segment for the guests' NICs (netns.ts createGuestSegment): a bridge
+   * on every host, a switch and a client namespace, on a /24 of its own. Needs namespaces.
+   */
+  guestNetwork?: { subnet: string };
   /** Run the controller as its own process, so it can be killed like a crash would (default: in this process). */
   controllerProcess?: boolean;
   /** The agents' --abandon-after, in seconds (default: the agent's own, 60). */
@@ -73,6 +78,8 @@ export class LocalCluster {
   /** Where QEMU on every host reaches the storage server's NBD port. */
   storageNbd!: { host: string; port: number };
   network: NamespaceNetwork | undefined;
+  /** The guests' L2 segment, when the cluster was started with guestNetwork. */
+  guestSegment: GuestSegment | undefined;
   readonly #logger: Logger;
   #controller: FastifyInstance | undefined;
   #controllerProcess: { command: string[]; child: ChildProcess } | undefined;
@@ -120,6 +127,9 @@ export class LocalCluster {
     if (useNamespaces) {
       const { prefix, ...network } = options.network ?? { prefix: 'vmfd', subnet: '10.213.7' };
       this.network = await createNamespaceNetwork(prefix, options.hostIds, network);
+      if (options.guestNetwork) this.guestSegment = await createGuestSegment(prefix, this.network.hosts, options.guestNetwork);
+    } else if (options.guestNetwork) {
+      throw new VmferryError('VMF_INVALID_ARGUMENT', 'a guest network needs network namespaces (run as root, without --loopback)');
     }
     // Services of the "core" listen where every host reaches them: the bridge, or loopback.
     const serviceHost = this.network?.gateway ?? '127.0.0.1';
@@ -318,6 +328,7 @@ export class LocalCluster {
     if (this.#controllerProcess) await stopProcess(this.#controllerProcess.child);
     await this.#storage?.close().catch(() => undefined);
     if (this.#storageProcess) await stopProcess(this.#storageProcess.child);
+    await this.guestSegment?.remove();
     await this.network?.remove();
     await rm(this.workDir, { recursive: true, force: true });
   }

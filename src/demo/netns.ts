@@ -96,3 +96,62 @@ export async function createNamespaceNetwork(prefix: string, hostNames: string[]
     throw err;
   }
 }
+
+export interface GuestSegment {
+  /** The bridge every host has, for the VMs' NICs (`--nic bridge=…`). */
+  bridge: string;
+  /** The namespace of the client that pings the VMs and holds TCP connections to them. */
+  clientNamespace: string;
+  clientAddress: string;
+  /** First three octets of the segment's /24: VMs take addresses from .10 on. */
+  subnet: string;
+  remove(): Promise<void>;
+}
+
+/**
+ * One L2 segment for the guests of `hosts`: a bridge in each host's namespace,
+ * uplinked by a veth pair to a "switch" bridge in a namespace of its own, and a
+ * client namespace on that switch. A guest that moves from one host to another
+ * keeps its address; only the switch's MAC table has to learn where it went.
+ * Nothing of it is in the root namespace.
+ */
+export async function createGuestSegment(prefix: string, hosts: NamespaceHost[], options: { subnet: string; bridge?: string }): Promise<GuestSegment> {
+  const bridge = options.bridge ?? 'vmbr0';
+  const switchNs = `${prefix}-sw`;
+  const clientNamespace = `${prefix}-c`;
+  const clientAddress = `${options.subnet}.2`;
+  const created: (() => Promise<void>)[] = [];
+  const remove = async (): Promise<void> => {
+    for (const undo of created.reverse()) await undo().catch(() => undefined);
+  };
+  try {
+    for (const namespace of [switchNs, clientNamespace]) {
+      await ip('netns', 'del', namespace).catch(() => undefined);
+      await ip('netns', 'add', namespace);
+      created.push(() => ip('netns', 'del', namespace));
+      await ip('-n', namespace, 'link', 'set', 'lo', 'up');
+    }
+    await ip('-n', switchNs, 'link', 'add', 'switch', 'type', 'bridge');
+    await ip('-n', switchNs, 'link', 'set', 'switch', 'up');
+    for (const [index, host] of hosts.entries()) {
+      await ip('-n', host.namespace, 'link', 'add', bridge, 'type', 'bridge');
+      created.push(() => ip('-n', host.namespace, 'link', 'del', bridge));
+      await ip('-n', host.namespace, 'link', 'add', 'uplink', 'type', 'veth', 'peer', 'name', `port${index}`, 'netns', switchNs);
+      created.push(() => ip('-n', host.namespace, 'link', 'del', 'uplink'));
+      await ip('-n', host.namespace, 'link', 'set', 'uplink', 'master', bridge);
+      await ip('-n', host.namespace, 'link', 'set', 'uplink', 'up');
+      await ip('-n', host.namespace, 'link', 'set', bridge, 'up');
+      await ip('-n', switchNs, 'link', 'set', `port${index}`, 'master', 'switch');
+      await ip('-n', switchNs, 'link', 'set', `port${index}`, 'up');
+    }
+    await ip('-n', clientNamespace, 'link', 'add', 'eth0', 'type', 'veth', 'peer', 'name', 'client', 'netns', switchNs);
+    await ip('-n', switchNs, 'link', 'set', 'client', 'master', 'switch');
+    await ip('-n', switchNs, 'link', 'set', 'client', 'up');
+    await ip('-n', clientNamespace, 'addr', 'add', `${clientAddress}/24`, 'dev', 'eth0');
+    await ip('-n', clientNamespace, 'link', 'set', 'eth0', 'up');
+    return { bridge, clientNamespace, clientAddress, subnet: options.subnet, remove };
+  } catch (err) {
+    await remove();
+    throw err;
+  }
+}

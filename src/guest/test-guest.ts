@@ -8,6 +8,7 @@
  *   ACK <disk> <k>                  record k is durable on <disk>
  *   VERIFY <disk> highest=<k> intact=<n> corrupt=<m> missing=<x>
  *   VERIFY-DONE                     verify finished; the guest powers off
+ *   STREAM port=<n>                 the numbered TCP stream (demo/stream-check.ts) listens
  *   GUEST-ERROR <text>              the guest failed and powers off
  */
 import { existsSync } from 'node:fs';
@@ -53,6 +54,10 @@ export interface GuestOptions {
   bulkDisks?: string[];
   /** Pause between records on each disk. */
   intervalMs?: number;
+  /** Address of the first NIC (eth0), CIDR, e.g. 10.213.9.10/24: set by the guest's init. */
+  ip?: string;
+  /** Serve the numbered TCP stream (stream-check.ts) on this port. */
+  streamPort?: number;
 }
 
 export function guestKernelAppend(options: GuestOptions): string {
@@ -63,6 +68,8 @@ export function guestKernelAppend(options: GuestOptions): string {
   if (options.bulkMiBs !== undefined) words.push(`vmferry.bulk_mib_s=${options.bulkMiBs}`);
   if (options.bulkDisks?.length) words.push(`vmferry.bulk_disks=${options.bulkDisks.join(',')}`);
   if (options.intervalMs !== undefined) words.push(`vmferry.interval_ms=${options.intervalMs}`);
+  if (options.ip !== undefined) words.push(`vmferry.ip=${options.ip}`);
+  if (options.streamPort !== undefined) words.push(`vmferry.stream_port=${options.streamPort}`);
   return words.join(' ');
 }
 

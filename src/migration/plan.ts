@@ -26,7 +26,23 @@ export interface MigrationOptions {
   keepSource: boolean;
   /** write-blocking makes guest writes wait for the mirror: lower downtime under heavy writes. */
   copyMode: CopyMode;
+  /** How the destination announces the guest's NICs after the switch-over; default defaultAnnounce. */
+  announce?: AnnounceSettings;
 }
+
+/**
+ * After the switch-over the destination announces the guest's NICs (QMP
+ * announce-self): `rounds` announcements, the first after `initialMs`, each
+ * gap `stepMs` longer than the last, at most `maxMs`. QEMU's own defaults.
+ */
+export interface AnnounceSettings {
+  initialMs: number;
+  maxMs: number;
+  rounds: number;
+  stepMs: number;
+}
+
+export const defaultAnnounce: AnnounceSettings = { initialMs: 50, maxMs: 550, rounds: 5, stepMs: 100 };
 
 export const defaultMigrationOptions: MigrationOptions = {
   maxDowntimeMs: 300,
@@ -35,6 +51,7 @@ export const defaultMigrationOptions: MigrationOptions = {
   allowPostcopy: false,
   keepSource: false,
   copyMode: 'write-blocking',
+  announce: defaultAnnounce,
 };
 
 /** Facts about a local disk on the source, read from its image. */
@@ -62,6 +79,8 @@ export interface DestinationFacts {
   reachableExports: Record<string, number>;
   /** VM names already present on the destination. */
   vmNames: string[];
+  /** The bridges named by the VM's NICs that exist on the destination (absent: it did not say, so none). */
+  bridges?: string[];
 }
 
 export interface SourceFacts {
@@ -229,6 +248,9 @@ export function planMigration(
     );
   }
   const disks = spec.disks.map((disk) => planDisk(disk, source, destination, refusals));
+  for (const nic of spec.nics ?? []) {
+    if (!destination.bridges?.includes(nic.bridge)) refusals.push(`NIC ${nic.id}: ${destination.hostId} has no bridge ${nic.bridge} for its tap`);
+  }
 
   const neededMiB = spec.memoryMiB + qemuOverheadMiB;
   if (destination.freeMemoryMiB < neededMiB) {

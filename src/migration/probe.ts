@@ -12,6 +12,7 @@ import type { QemuProcess } from '../qemu/process.ts';
 import type { NbdServerAddress, VmSpec } from '../qemu/spec.ts';
 import { nbdUri } from '../storage/disk-images.ts';
 import type { LocalPool } from '../storage/local-pool.ts';
+import { existingBridges } from '../qemu/taps.ts';
 import { imageInfo } from '../storage/local-pool.ts';
 import { runProgram } from '../util/run.ts';
 import { exportKey, type DestinationFacts, type LocalDiskFacts, type SourceFacts } from './plan.ts';
@@ -96,5 +97,6 @@ export async function probeDestination(
     poolFreeBytes: await pool.freeBytes(),
     reachableExports,
     vmNames,
+    bridges: await existingBridges((spec.nics ?? []).map((nic) => nic.bridge)),
   };
 }

@@ -6,7 +6,7 @@
  */
 import { join } from 'node:path';
 import type { Logger } from 'pino';
-import { VmferryError } from '../errors.ts';
+import { VmferryError, describeError } from '../errors.ts';
 import { memoryDigest, type MemoryDigest } from '../qemu/memory-digest.ts';
 import type { Accelerator } from '../qemu/command-line.ts';
 import { QemuProcess } from '../qemu/process.ts';
@@ -19,7 +19,7 @@ import { removeDurable } from '../util/durable-file.ts';
 import { faultPoint } from '../util/fault-points.ts';
 import { findFreePort } from '../util/ports.ts';
 import type { DestinationFate } from './no-return.ts';
-import type { MigrationPlan } from './plan.ts';
+import { defaultAnnounce, type AnnounceSettings, type MigrationPlan } from './plan.ts';
 import type { DestinationSide, MirrorTarget, PreparedDestination } from './sides.ts';
 
 export interface QemuDestinationOptions {
@@ -56,6 +56,7 @@ export class QemuDestination implements DestinationSide {
   /** The source's spec, whose writer tokens get the shared volumes back if we claimed them and then failed. */
   #sourceSpec: VmSpec | undefined;
   #claimed = false;
+  #announce: AnnounceSettings = defaultAnnounce;
 
   constructor(options: QemuDestinationOptions) {
     this.hostId = options.hostId;
@@ -71,6 +72,7 @@ export class QemuDestination implements DestinationSide {
     const { pool, address } = this.#options;
     this.#vmName = spec.name;
     this.#sourceSpec = spec;
+    this.#announce = plan.options.announce ?? defaultAnnounce;
     const vmDir = this.#options.vmDir(spec.name);
     // The destination QEMU opens shared volumes under its own writer tokens: it may read now, write only once it claims them.
     const destinationSpec: VmSpec = this.#options.fence ? await this.#options.fence.tokenize(spec, signal) : structuredClone(spec);
@@ -88,7 +90,8 @@ export class QemuDestination implements DestinationSide {
     }
     signal.throwIfAborted();
 
-    const vm = await QemuProcess.start(destinationSpec, { mode: 'incoming', runDir: join(vmDir, 'qemu'), accel: this.#options.accel ?? 'tcg', logger: this.#options.logger });
+    // Its taps are made (on the NICs' bridges) before -incoming: the device state that arrives expects its backends.
+    const vm = await QemuProcess.start(destinationSpec, { mode: 'incoming', runDir: join(vmDir, 'qemu'), accel: this.#options.accel ?? 'tcg', logger: this.#options.logger, tapRole: 'incoming' });
     this.#vm = vm;
     // Opened before migrate-incoming, so the completion event cannot be missed.
     this.#events = vm.monitor.client.listen();
@@ -171,9 +174,21 @@ export class QemuDestination implements DestinationSide {
       await qmp.cont({ signal });
     });
     this.#resumed = true;
+    if (vm.spec.nics?.length) await this.#announceNics(vm);
     const status = await vm.status();
     if (!status.running) throw new VmferryError('VMF_MIGRATION_FAILED', `guest on ${this.hostId} is "${status.status}" after cont`);
     this.#events?.close();
+  }
+
+  /**
+   * Switches see the guest's MACs behind this host now instead of after the
+   * guest's next packet. Past the point of no return, so a failure is logged, not thrown.
+   */
+  async #announceNics(vm: QemuProcess): Promise<void> {
+    const { initialMs, maxMs, rounds, stepMs } = this.#announce;
+    await vm
+      .qmp('announcing the guest on its new host', (qmp) => qmp.announceSelf({ initial: initialMs, max: maxMs, rounds, step: stepMs }))
+      .catch((err: unknown) => this.#options.logger?.warn({ err: describeError(err) }, `announcing the NICs of ${vm.spec.name} on ${this.hostId} failed`));
   }
 
   async rollback(): Promise<void> {

@@ -3,7 +3,8 @@
  * sides (device ids, node names, PCI slots) is derived from the spec alone, so
  * a source VM and its `-incoming` twin built from the same spec line up.
  */
-import type { CacheMode, DiskSpec, NbdServerAddress, VmSpec } from './spec.ts';
+import { VmferryError } from '../errors.ts';
+import type { CacheMode, DiskSpec, NbdServerAddress, NicSpec, VmSpec } from './spec.ts';
 import { diskBaseNodeName, diskFileNodeName, diskNodeName } from './spec.ts';
 
 export const defaultQemuBinary = 'qemu-system-x86_64';
@@ -24,10 +25,14 @@ export interface CommandLineOptions {
   qmpSocket: string;
   pidFile: string;
   accel: Accelerator;
+  /** The host taps of the spec's NICs, in NIC order (src/qemu/taps.ts creates them before QEMU starts). */
+  taps?: string[];
 }
 
 /** First PCI slot for disks; slots below stay free for other devices. */
 const firstDiskSlot = 0x10;
+/** First PCI slot for NICs: 0x08-0x0f, below the disks. */
+const firstNicSlot = 0x08;
 
 interface CacheFlags {
   direct: boolean;
@@ -122,6 +127,14 @@ function deviceArgs(disk: DiskSpec, index: number, bootDiskId: string | undefine
   return ['-device', JSON.stringify(device)];
 }
 
+function nicArgs(nic: NicSpec, index: number, tap: string | undefined): string[] {
+  if (tap === undefined) throw new VmferryError('VMF_NETWORK', `NIC ${nic.id} has no host tap to use`);
+  // vhost=off: the in-kernel datapath needs KVM; under TCG QEMU moves the packets itself either way.
+  const netdev = `tap,id=netdev-${nic.id},ifname=${tap},script=no,downscript=no,vhost=off`;
+  const device = { driver: 'virtio-net-pci', id: nic.id, netdev: `netdev-${nic.id}`, mac: nic.mac, bus: 'pcie.0', addr: `0x${(firstNicSlot + index).toString(16)}` };
+  return ['-netdev', netdev, '-device', JSON.stringify(device)];
+}
+
 /** The id of the guest RAM's memfd backend of TCG guests (memory-digest.ts reads it). */
 export const guestRamBackendId = 'vmferry-ram';
 
@@ -155,6 +168,9 @@ export function qemuArguments(spec: VmSpec, options: CommandLineOptions): string
   const bootDiskId = spec.boot.kind === 'disk' ? spec.boot.diskId : undefined;
   spec.disks.forEach((disk, index) => {
     args.push(...blockdevArgs(disk), ...deviceArgs(disk, index, bootDiskId));
+  });
+  (spec.nics ?? []).forEach((nic, index) => {
+    args.push(...nicArgs(nic, index, options.taps?.[index]));
   });
   (spec.serialLogs ?? []).forEach((path, index) => {
     args.push('-chardev', `file,id=serial${index},path=${path}`, '-serial', `chardev:serial${index}`);

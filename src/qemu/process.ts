@@ -13,6 +13,7 @@ import { QmpClient } from '../qmp/client.ts';
 import { QemuMonitor, type StatusInfo } from '../qmp/commands.ts';
 import { defaultQemuBinary, qemuArguments, type Accelerator, type StartMode } from './command-line.ts';
 import type { VmSpec } from './spec.ts';
+import { createTaps, removeTap, type TapRole } from './taps.ts';
 
 export interface QemuStartOptions {
   mode?: StartMode;
@@ -24,6 +25,8 @@ export interface QemuStartOptions {
   logger?: Logger;
   /** How long QEMU may take to open its monitor. */
   startTimeoutMs?: number;
+  /** Which of the VM's tap names its NICs get (taps.ts); default 'run'. */
+  tapRole?: TapRole;
 }
 
 export interface QemuExit {
@@ -100,14 +103,17 @@ export class QemuProcess {
   readonly pid: number;
   readonly runDir: string;
   readonly monitor: QemuMonitor;
+  /** The host taps of its NICs, removed by cleanup() once QEMU is gone. */
+  readonly taps: string[];
   /** Settles when QEMU exits, however that happens. Never rejects. */
   readonly exited: Promise<QemuExit>;
   readonly #logger: Logger | undefined;
   #exitRequested = false;
   #exitInfo: QemuExit | undefined;
 
-  private constructor(spec: VmSpec, pid: number, monitor: QemuMonitor, runDir: string, exited: Promise<QemuExit>, logger?: Logger) {
+  private constructor(spec: VmSpec, pid: number, monitor: QemuMonitor, runDir: string, exited: Promise<QemuExit>, taps: string[], logger?: Logger) {
     this.spec = spec;
+    this.taps = taps;
     this.pid = pid;
     this.monitor = monitor;
     this.runDir = runDir;
@@ -129,7 +135,21 @@ export class QemuProcess {
     const pidFile = join(options.runDir, 'qemu.pid');
     const stderrPath = join(options.runDir, 'qemu.log');
     await rm(qmpSocket, { force: true });
-    const args = qemuArguments(spec, { mode, qmpSocket, pidFile, accel: options.accel ?? 'tcg' });
+    const taps = await createTaps(spec, options.tapRole ?? 'run');
+    try {
+      return await QemuProcess.#spawn(spec, options, { mode, qmpSocket, pidFile, stderrPath, taps });
+    } catch (err) {
+      for (const tap of taps) await removeTap(tap).catch(() => undefined);
+      throw err;
+    }
+  }
+
+  static async #spawn(
+    spec: VmSpec,
+    options: QemuStartOptions,
+    { mode, qmpSocket, pidFile, stderrPath, taps }: { mode: StartMode; qmpSocket: string; pidFile: string; stderrPath: string; taps: string[] },
+  ): Promise<QemuProcess> {
+    const args = qemuArguments(spec, { mode, qmpSocket, pidFile, accel: options.accel ?? 'tcg', taps });
     const binary = options.binary ?? defaultQemuBinary;
     const logger = options.logger?.child({ vm: spec.name });
     logger?.debug({ binary, args }, 'starting QEMU');
@@ -165,7 +185,7 @@ export class QemuProcess {
         died,
         spawnError,
       ]);
-      const vm = new QemuProcess(spec, child.pid as number, new QemuMonitor(client), options.runDir, exited, logger);
+      const vm = new QemuProcess(spec, child.pid as number, new QemuMonitor(client), options.runDir, exited, taps, logger);
       logger?.info({ pid: vm.pid, mode }, 'QEMU started');
       return vm;
     } catch (err) {
@@ -188,8 +208,11 @@ export class QemuProcess {
     const client = await QmpClient.connect(join(runDir, 'qmp.sock'), { timeoutMs: 5_000, logger }).catch(() => undefined);
     if (!client) return undefined;
     const exited = waitForAdoptedExit(pid, client.closed, join(runDir, 'qemu.log')).then((exit) => ({ ...exit, expected: false }));
+    // Which role's taps it was given is on its own command line.
+    const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+    const taps = [...cmdline.matchAll(/ifname=([^,\0]+)/g)].map((m) => m[1] as string);
     logger?.info({ pid, vm: spec.name }, 'adopted running QEMU');
-    return new QemuProcess(spec, pid, new QemuMonitor(client), runDir, exited, logger);
+    return new QemuProcess(spec, pid, new QemuMonitor(client), runDir, exited, taps, logger);
   }
 
   /** True until the process has exited. */
@@ -237,10 +260,11 @@ export class QemuProcess {
     return this.exited;
   }
 
-  /** Removes the run directory (socket, pidfile, log) once QEMU is gone. */
+  /** Removes the run directory (socket, pidfile, log) and the NICs' taps once QEMU is gone. */
   async cleanup(): Promise<void> {
     await this.exited;
     this.monitor.client.close();
+    for (const tap of this.taps) await removeTap(tap);
     await rm(this.runDir, { recursive: true, force: true });
   }
 

@@ -43,6 +43,16 @@ export type BootSpec =
   | { kind: 'kernel'; kernel: string; initrd?: string; append?: string }
   | { kind: 'disk'; diskId: string };
 
+/** A virtio-net NIC on a bridge of the host the VM runs on; its tap is the agent's (src/qemu/taps.ts). */
+export interface NicSpec {
+  /** Stable id (net0, net1, …): the QEMU device id, so both ends of a migration match. */
+  id: string;
+  /** The host bridge the NIC's tap joins; every host the VM runs on needs one of this name. */
+  bridge: string;
+  /** The guest's MAC, chosen once at creation and kept for the VM's life (aa:bb:cc:dd:ee:ff). */
+  mac: string;
+}
+
 export interface VmSpec {
   name: string;
   vcpus: number;
@@ -57,6 +67,7 @@ export interface VmSpec {
   cpu?: string;
   boot: BootSpec;
   disks: DiskSpec[];
+  nics?: NicSpec[];
   /** Log files for the guest's serial ports, in order: the first is ttyS0 (the console). */
   serialLogs?: string[];
 }
@@ -67,6 +78,11 @@ const diskIdPattern = /^[a-z][a-z0-9_-]{0,19}$/;
 export const cpuModelPattern = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const cacheModes: readonly CacheMode[] = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'];
 export const maxDisks = 16;
+export const maxNics = 8;
+const nicIdPattern = /^[a-z][a-z0-9_-]{0,14}$/;
+// What the kernel takes as an interface name: 1-15 bytes, no '/', ':', ',' (QEMU's separator) or space.
+const bridgePattern = /^[A-Za-z0-9_.-]{1,15}$/;
+const macPattern = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/;
 export const maxSerialPorts = 4;
 
 function invalid(field: string, problem: string): never {
@@ -153,6 +169,30 @@ function validateDisk(value: unknown, field: string): DiskSpec {
   return disk;
 }
 
+function validateNic(value: unknown, field: string): NicSpec {
+  if (!isRecord(value)) invalid(field, 'must be an object');
+  const id = requireString(value.id, `${field}.id`);
+  if (!nicIdPattern.test(id)) invalid(`${field}.id`, `must be 1-15 characters of a-z, 0-9, '-', '_', starting with a letter (got "${id}")`);
+  const bridge = requireString(value.bridge, `${field}.bridge`);
+  if (!bridgePattern.test(bridge)) invalid(`${field}.bridge`, `must be a host interface name: 1-15 characters of A-Z, a-z, 0-9, '.', '-', '_' (got "${bridge}")`);
+  const mac = requireString(value.mac, `${field}.mac`);
+  if (!macPattern.test(mac)) invalid(`${field}.mac`, `must be six lower-case hex pairs separated by ':' (got "${mac}")`);
+  // Bit 0 of the first octet marks a group address: a NIC with one would never get its frames.
+  if (parseInt(mac.slice(0, 2), 16) & 1) invalid(`${field}.mac`, `must be a unicast address (got multicast "${mac}")`);
+  return { id, bridge, mac };
+}
+
+function validateNics(value: unknown): NicSpec[] {
+  if (!Array.isArray(value)) invalid('nics', 'must be an array');
+  if (value.length > maxNics) invalid('nics', `must have at most ${maxNics} entries`);
+  const nics = value.map((nic, i) => validateNic(nic, `nics[${i}]`));
+  nics.forEach((nic, i) => {
+    if (nics.findIndex((n) => n.id === nic.id) !== i) invalid(`nics[${i}].id`, `repeats "${nic.id}"; NIC ids must be unique`);
+    if (nics.findIndex((n) => n.mac === nic.mac) !== i) invalid(`nics[${i}].mac`, `repeats "${nic.mac}"; MACs must be unique`);
+  });
+  return nics;
+}
+
 function validateBoot(value: unknown, diskIds: Set<string>): BootSpec {
   if (!isRecord(value)) invalid('boot', 'must be an object');
   if (value.kind === 'kernel') {
@@ -202,6 +242,7 @@ export function validateVmSpec(value: unknown): VmSpec {
   const spec: VmSpec = { name, vcpus, memoryMiB, boot, disks };
   if (value.machine !== undefined) spec.machine = value.machine;
   if (value.cpu !== undefined) spec.cpu = value.cpu;
+  if (value.nics !== undefined) spec.nics = validateNics(value.nics);
   if (value.serialLogs !== undefined) {
     if (!Array.isArray(value.serialLogs)) invalid('serialLogs', 'must be an array of paths');
     if (value.serialLogs.length > maxSerialPorts) invalid('serialLogs', `must have at most ${maxSerialPorts} entries`);

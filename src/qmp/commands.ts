@@ -133,6 +133,11 @@ export class QemuMonitor {
     return this.client.execute('cont', undefined, options);
   }
 
+  /** Makes the guest's NICs known on the network where it now runs: RARP/GARP rounds, timing in ms. */
+  announceSelf(timing: { initial: number; max: number; rounds: number; step: number }, options?: ExecuteOptions): Promise<void> {
+    return this.client.execute('announce-self', { ...timing }, options);
+  }
+
   quit(options?: ExecuteOptions): Promise<void> {
     return this.client.execute('quit', undefined, options);
   }

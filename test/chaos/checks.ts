@@ -12,6 +12,7 @@ import { AgentClient } from '../../src/agent/client.ts';
 import type { LocalCluster } from '../../src/demo/local-cluster.ts';
 import { readGuestReport } from '../../src/guest/test-guest.ts';
 import { requestJson } from '../../src/http/errors.ts';
+import { isTapOf } from '../../src/qemu/taps.ts';
 import type { Volume } from '../../src/storage/volumes.ts';
 import { runProgram } from '../../src/util/run.ts';
 import type { FaultCluster } from '../support/fault-cluster.ts';
@@ -64,6 +65,14 @@ async function listeningPids(cluster: LocalCluster, hostId: string): Promise<num
   return [...out.matchAll(/pid=(\d+)/g)].map((m) => Number(m[1]));
 }
 
+/** The taps of VM `vm` in a host's namespace (src/qemu/taps.ts names them). */
+async function tapsOn(cluster: LocalCluster, hostId: string, vm: string): Promise<string[]> {
+  const namespace = cluster.host(hostId).namespace;
+  if (!namespace) return [];
+  const out = await runProgram('ip', ['-n', namespace, '-j', 'link', 'show'], { timeoutMs: 10_000 }).catch(() => '[]');
+  return (JSON.parse(out) as { ifname: string }[]).map((l) => l.ifname).filter((name) => isTapOf(vm, name));
+}
+
 export interface Reality {
   /** The host whose guest writes, when exactly one does. */
   live: string | undefined;
@@ -107,6 +116,8 @@ export async function checkLeftovers(faults: FaultCluster, vm: string, migration
       continue;
     }
     if (pids.length) addFinding(findings, 'leftovers', `QEMU ${pids.join(', ')} of ${vm} left on ${host.id}`);
+    const taps = await tapsOn(cluster, host.id, vm);
+    if (taps.length) addFinding(findings, 'leftovers', `taps of ${vm} left on ${host.id}: ${taps.join(', ')}`);
     const pool = await readdir(join(host.dataDir, 'pool')).catch((): string[] => []);
     const files = pool.filter((f) => f.startsWith(`${vm}-`));
     if (files.length) addFinding(findings, 'leftovers', `pool files of ${vm} left on ${host.id}: ${files.join(', ')}`);

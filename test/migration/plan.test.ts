@@ -173,3 +173,11 @@ test('an overlay on a shared base: the overlay is mirrored (top only), its base 
   assert.equal(cut.disks[0]?.base?.reachable, false);
   assert.match(cut.disks[0]?.reason ?? '', /its base is NOT reachable from B$/);
 });
+
+test('a NIC whose bridge the destination lacks refuses the plan, naming the NIC and the bridge', () => {
+  const spec: VmSpec = { ...vm([localRoot]), nics: [{ id: 'net0', bridge: 'vmbr0', mac: '52:54:00:12:34:56' }, { id: 'net1', bridge: 'storage', mac: '52:54:00:12:34:57' }] };
+  const refused = planMigration(spec, source, destination({ bridges: ['vmbr0'] }), defaultMigrationOptions);
+  assert.deepEqual(refused.refusals, ['NIC net1: B has no bridge storage for its tap']);
+  const allowed = planMigration(spec, source, destination({ bridges: ['vmbr0', 'storage'] }), defaultMigrationOptions);
+  assert.deepEqual(allowed.refusals, []);
+});

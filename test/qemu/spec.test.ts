@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { validateVmSpec } from '../../src/qemu/spec.ts';
 import { qemuArguments } from '../../src/qemu/command-line.ts';
+import { isTapOf, tapName } from '../../src/qemu/taps.ts';
 import { hasCode } from '../../src/errors.ts';
 
 const valid = {
@@ -13,6 +14,10 @@ const valid = {
     { id: 'root', source: { kind: 'file', path: '/pool/web-1-root.qcow2', format: 'qcow2' } },
     { id: 'data', source: { kind: 'nbd', server: { type: 'inet', host: '127.0.0.1', port: 10809 }, export: 'data' }, cache: 'writeback' },
     { id: 'iso', source: { kind: 'nbd', server: { type: 'unix', path: '/run/storage.sock' }, export: 'iso' }, readOnly: true },
+  ],
+  nics: [
+    { id: 'net0', bridge: 'vmbr0', mac: '52:54:00:ab:cd:01' },
+    { id: 'net1', bridge: 'br-storage', mac: '52:54:00:ab:cd:02' },
   ],
   serialLogs: ['/run/web-1/console.log'],
 };
@@ -54,6 +59,12 @@ const invalidCases: { change: [(string | number)[], unknown]; field: RegExp }[] 
   { change: [['disks', 0, 'source'], { kind: 'file', path: '/pool/r.raw', format: 'raw', backing: { server: { type: 'unix', path: '/s' }, export: 'base' } }], field: /^invalid VM spec: disks\[0\]\.source\.backing needs format "qcow2"/ },
   { change: [['boot', 'kind'], 'pxe'], field: /^invalid VM spec: boot\.kind must be "kernel" or "disk"/ },
   { change: [['boot'], { kind: 'disk', diskId: 'nope' }], field: /^invalid VM spec: boot\.diskId names no disk of this VM/ },
+  { change: [['nics', 0, 'bridge'], 'br0; reboot'], field: /^invalid VM spec: nics\[0\]\.bridge must be a host interface name/ },
+  { change: [['nics', 0, 'bridge'], 'a-bridge-name-too-long'], field: /^invalid VM spec: nics\[0\]\.bridge must be a host interface name/ },
+  { change: [['nics', 1, 'id'], 'net0'], field: /^invalid VM spec: nics\[1\]\.id repeats "net0"/ },
+  { change: [['nics', 1, 'mac'], '52:54:00:ab:cd:01'], field: /^invalid VM spec: nics\[1\]\.mac repeats "52:54:00:ab:cd:01"/ },
+  { change: [['nics', 0, 'mac'], '52:54:00:ab:cd'], field: /^invalid VM spec: nics\[0\]\.mac must be six lower-case hex pairs/ },
+  { change: [['nics', 0, 'mac'], '01:00:5e:00:00:01'], field: /^invalid VM spec: nics\[0\]\.mac must be a unicast address/ },
   { change: [['serialLogs', 0], 'console.log'], field: /^invalid VM spec: serialLogs\[0\] must be an absolute path/ },
 ];
 
@@ -72,7 +83,7 @@ test('rejects something that is not an object at all', () => {
 });
 
 test('the command line derives node names, serials and PCI slots from disk ids', () => {
-  const args = qemuArguments(validateVmSpec(valid), { mode: 'incoming', qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'tcg' });
+  const args = qemuArguments(validateVmSpec(valid), { mode: 'incoming', qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'tcg', taps: ['tap-a', 'tap-b'] });
   const devices = args.flatMap((arg, i) => (args[i - 1] === '-device' ? [JSON.parse(arg) as Record<string, unknown>] : []));
   assert.deepEqual(
     devices.map((d) => [d.id, d.drive, d.serial, d.addr]),
@@ -80,6 +91,8 @@ test('the command line derives node names, serials and PCI slots from disk ids',
       ['root', 'disk-root', 'root', '0x10'],
       ['data', 'disk-data', 'data', '0x11'],
       ['iso', 'disk-iso', 'iso', '0x12'],
+      ['net0', undefined, undefined, '0x8'],
+      ['net1', undefined, undefined, '0x9'],
     ],
   );
   const nodes = args.flatMap((arg, i) => (args[i - 1] === '-blockdev' ? [JSON.parse(arg) as Record<string, unknown>] : []));
@@ -134,4 +147,24 @@ test('booting from a disk: SeaBIOS is pointed at that disk (bootindex 1), no oth
     ['iso', undefined],
   ]);
   for (const flag of ['-kernel', '-initrd', '-append']) assert.ok(!args.includes(flag), `no ${flag}`);
+});
+
+test('each NIC is a virtio-net device with its MAC on its own tap; the tap names fit the kernel and differ by VM, NIC and role', () => {
+  const args = qemuArguments(validateVmSpec(valid), { mode: 'run', qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'tcg', taps: ['tap-a', 'tap-b'] });
+  const netdevs = args.filter((_, i) => args[i - 1] === '-netdev');
+  assert.deepEqual(netdevs, [
+    'tap,id=netdev-net0,ifname=tap-a,script=no,downscript=no,vhost=off',
+    'tap,id=netdev-net1,ifname=tap-b,script=no,downscript=no,vhost=off',
+  ]);
+  const nics = args.flatMap((arg, i) => (args[i - 1] === '-device' && arg.includes('virtio-net') ? [JSON.parse(arg) as Record<string, unknown>] : []));
+  assert.deepEqual(nics.map((n) => [n.id, n.netdev, n.mac]), [['net0', 'netdev-net0', '52:54:00:ab:cd:01'], ['net1', 'netdev-net1', '52:54:00:ab:cd:02']]);
+  assert.throws(() => qemuArguments(validateVmSpec(valid), { mode: 'run', qmpSocket: '/q', pidFile: '/p', accel: 'tcg' }), (err: unknown) => hasCode(err, 'VMF_NETWORK'));
+
+  const longName = 'a'.repeat(63);
+  const names = new Set([tapName(longName, 7, 'run'), tapName(longName, 7, 'incoming'), tapName(`${longName.slice(1)}b`, 7, 'run'), tapName(longName, 6, 'run')]);
+  assert.equal(names.size, 4);
+  for (const name of names) assert.ok(name.length <= 15, name);
+  assert.equal(tapName('web-1', 0, 'run'), tapName('web-1', 0, 'run'));
+  assert.ok(isTapOf('web-1', tapName('web-1', 3, 'incoming')));
+  assert.ok(!isTapOf('web-2', tapName('web-1', 3, 'incoming')));
 });
