@@ -9,6 +9,7 @@ import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AgentClient } from '../../src/agent/client.ts';
+import type { MigrationHalves } from '../../src/api/agent-types.ts';
 import type { LocalCluster } from '../../src/demo/local-cluster.ts';
 import { readGuestReport } from '../../src/guest/test-guest.ts';
 import { requestJson } from '../../src/http/errors.ts';
@@ -98,6 +99,20 @@ export async function observe(faults: FaultCluster, vm: string, findings: Findin
   return { live: writing.length === 1 ? writing[0] : undefined, writing, pids };
 }
 
+/**
+ * What an agent holds of a migration, waiting a while for it to let go: the controller retires a
+ * completed migration's source in the background, retrying while that agent is away, so a host
+ * that just came back may still be retiring it (chaos seed 91642 run 44).
+ */
+async function halvesOnceSettled(agentUrl: string, migrationId: string): Promise<MigrationHalves | { error: string }> {
+  const deadline = Date.now() + 20_000;
+  for (;;) {
+    const halves = await new AgentClient(agentUrl).migrationHalves(migrationId).catch((err: unknown) => ({ error: String(err) }));
+    if (('source' in halves && !halves.source && !halves.destination) || Date.now() > deadline) return halves;
+    await sleep(500);
+  }
+}
+
 /** Everything of the VM and the migration that should be gone once the guest lives on `live` only. */
 export async function checkLeftovers(faults: FaultCluster, vm: string, migrationId: string, reality: Reality & { live: string }, findings: Findings): Promise<void> {
   const { cluster } = faults;
@@ -108,7 +123,7 @@ export async function checkLeftovers(faults: FaultCluster, vm: string, migration
     const listening = new Set(await listeningPids(cluster, host.id));
     const exporting = pids.filter((pid) => listening.has(pid));
     if (exporting.length) addFinding(findings, 'leftovers', `QEMU ${exporting.join(', ')} of ${vm} on ${host.id} still listens (NBD export or migration)`);
-    const halves = await new AgentClient(host.agentUrl).migrationHalves(migrationId).catch((err: unknown) => ({ error: String(err) }));
+    const halves = await halvesOnceSettled(host.agentUrl, migrationId);
     if (!('source' in halves) || halves.source || halves.destination) addFinding(findings, 'leftovers', `${host.id}'s agent still holds a half of migration ${migrationId}: ${JSON.stringify(halves)}`);
     if (host.id === reality.live) {
       const jobs = await new AgentClient(host.agentUrl).getVm(vm).then((info) => info.blockJobs, (err: unknown) => [`(unreadable: ${String(err)})`]);
