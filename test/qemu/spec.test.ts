@@ -109,7 +109,7 @@ test('the command line derives node names, serials and PCI slots from disk ids',
 });
 
 test('the CPU model is passed as -cpu MODEL,enforce; a spec without one leaves QEMU its own default', () => {
-  const options = { mode: 'run', qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'kvm' } as const;
+  const options = { mode: 'run' as const, qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'kvm' as const, taps: ['tap-a', 'tap-b'] };
   const args = qemuArguments(validateVmSpec({ ...valid, cpu: 'Westmere-v1' }), options);
   assert.deepEqual(args.slice(args.indexOf('-cpu'), args.indexOf('-cpu') + 2), ['-cpu', 'Westmere-v1,enforce']);
   assert.deepEqual(args.slice(args.indexOf('-accel'), args.indexOf('-accel') + 2), ['-accel', 'kvm']);
@@ -124,7 +124,7 @@ test('an overlay on a shared base: the qcow2 node reads through a read-only NBD 
   const base = { server: { type: 'inet' as const, host: '10.0.0.1', port: 10809 }, export: 'debian-12' };
   const spec = validateVmSpec(withChange(['disks', 0, 'source', 'backing'], base));
   assert.deepEqual(spec.disks[0]?.source, { kind: 'file', path: '/pool/web-1-root.qcow2', format: 'qcow2', backing: base });
-  const nodes = blockdevs(qemuArguments(spec, { mode: 'run', qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'tcg' }));
+  const nodes = blockdevs(qemuArguments(spec, { mode: 'run', qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'tcg', taps: ['tap-a', 'tap-b'] }));
   assert.deepEqual(nodes.slice(0, 3).map((n) => [n['node-name'], n.driver]), [
     ['disk-root-file', 'file'],
     ['disk-root-base', 'nbd'],
@@ -139,9 +139,9 @@ test('an overlay on a shared base: the qcow2 node reads through a read-only NBD 
 
 test('booting from a disk: SeaBIOS is pointed at that disk (bootindex 1), no other disk is bootable, no -kernel', () => {
   const spec = validateVmSpec(withChange(['boot'], { kind: 'disk', diskId: 'data' }));
-  const args = qemuArguments(spec, { mode: 'run', qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'tcg' });
+  const args = qemuArguments(spec, { mode: 'run', qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'tcg', taps: ['tap-a', 'tap-b'] });
   const devices = args.flatMap((arg, i) => (args[i - 1] === '-device' ? [JSON.parse(arg) as Record<string, unknown>] : []));
-  assert.deepEqual(devices.map((d) => [d.id, d.bootindex]), [
+  assert.deepEqual(devices.filter((d) => 'drive' in d).map((d) => [d.id, d.bootindex]), [
     ['root', undefined],
     ['data', 1],
     ['iso', undefined],
