@@ -13,6 +13,7 @@ import { commandTls } from './tls-options.ts';
 import { followMigration } from './progress.ts';
 import { registerQuarantineCommands } from './quarantine.ts';
 import { renderPlan, renderReport, table } from './render.ts';
+import type { CopyMode } from '../migration/plan.ts';
 
 interface GlobalOptions {
   controller: string;
@@ -187,8 +188,8 @@ export function registerClusterCommands(program: Command): void {
     .option('--stall-timeout <s>', 'give up and roll back when nothing moved for this many seconds (default 30)')
     .option('--allow-postcopy', 'switch to post-copy if pre-copy does not converge')
     .option('--keep-source', 'keep the source\'s local disk files after success')
-    .option('--copy-mode <mode>', 'mirror copy mode: write-blocking (default) or background')
-    .action(async (vmName: string, opts: Record<string, string | boolean | undefined>, command: Command) => {
+    .option('--copy-mode <mode>', 'mirror copy mode: write-blocking (default) or background', parseCopyMode)
+    .action(async (vmName: string, opts: Record<string, string | boolean | undefined> & { copyMode?: CopyMode }, command: Command) => {
       const { api, json } = client(command);
       const request = {
         vm: vmName,
@@ -200,11 +201,8 @@ export function registerClusterCommands(program: Command): void {
         ...(opts.stallTimeout !== undefined ? { stallTimeoutS: parsePositive(opts.stallTimeout as string, '--stall-timeout') } : {}),
         ...(opts.allowPostcopy ? { allowPostcopy: true } : {}),
         ...(opts.keepSource ? { keepSource: true } : {}),
-        ...(opts.copyMode !== undefined ? { copyMode: opts.copyMode as 'background' | 'write-blocking' } : {}),
+        ...(opts.copyMode !== undefined ? { copyMode: opts.copyMode } : {}),
       };
-      if (request.copyMode && !['background', 'write-blocking'].includes(request.copyMode)) {
-        throw new VmferryError('VMF_INVALID_ARGUMENT', `--copy-mode must be background or write-blocking (got "${request.copyMode}")`);
-      }
       const result = await api.migrate(request);
       if (!result.id) {
         if (json) printJson({ plan: result.plan });
@@ -268,4 +266,12 @@ function accelColumn(host: HostStatus): string {
 function vmState(vm: VmInfo): string {
   if (vm.migration?.phase === 'unresolved') return `${vm.state} (migration ${vm.migration.id} unresolved: ${vm.migration.reason ?? 'waiting for the destination'})`;
   return vm.migrating ? `${vm.state} (migrating)` : vm.state;
+}
+
+const copyModes: readonly CopyMode[] = ['write-blocking', 'background'];
+
+function parseCopyMode(text: string): CopyMode {
+  const mode = copyModes.find((m) => m === text);
+  if (!mode) throw new VmferryError('VMF_INVALID_ARGUMENT', `--copy-mode must be ${copyModes.join(' or ')} (got "${text}")`);
+  return mode;
 }

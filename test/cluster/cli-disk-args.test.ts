@@ -89,3 +89,11 @@ for (const { args, message } of badArguments) {
     assert.deepEqual(requests, []);
   });
 }
+
+test('migrate --copy-mode takes only the two modes, and says so before asking the controller', async () => {
+  requests.length = 0;
+  const result = await vmferry('migrate', 'web', '--to', 'B', '--copy-mode', 'turbo');
+  assert.equal(result.code, 1);
+  assert.match(result.stderr, /--copy-mode must be write-blocking or background \(got "turbo"\) \[VMF_INVALID_ARGUMENT\]/);
+  assert.deepEqual(requests, []);
+});
