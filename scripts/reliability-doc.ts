@@ -35,6 +35,20 @@ const failed = rows.filter((r) => !r.ok).length;
  * one per run, then its summary line), saved with
  * `npm run chaos -- --runs N --seed S --json > docs/chaos/NAME.log 2>&1`.
  */
+const findingColumns = ['doubleRunning', 'noneRunning', 'lostAcked', 'leftovers', 'misreported', 'unresolved'];
+type Summary = Record<string, unknown> & { faults?: Record<string, number> };
+
+/** What a campaign's summary line says, counted from its run lines ("run N (seed S): KIND aimed …; FINDING: …"). */
+function tallyRuns(runs: string[]): Summary {
+  const summary: Summary = { seed: /\(seed (\d+)\)/.exec(runs[0] ?? '')?.[1] ?? '?', faults: {} };
+  for (const run of runs) {
+    const kind = /^run \d+ \(seed \d+\): (\S+)/.exec(run)?.[1] ?? '?';
+    (summary.faults as Record<string, number>)[kind] = ((summary.faults as Record<string, number>)[kind] ?? 0) + 1;
+  }
+  for (const column of findingColumns) summary[column] = runs.filter((run) => run.includes(` ${column}: `)).length;
+  return summary;
+}
+
 const chaosDir = new URL('../docs/chaos/', import.meta.url);
 const campaigns = existsSync(chaosDir)
   ? readdirSync(chaosDir)
@@ -42,13 +56,15 @@ const campaigns = existsSync(chaosDir)
       .sort()
       .map((file) => {
         const lines = readFileSync(new URL(file, chaosDir), 'utf8').split('\n').filter((l) => l.trim() !== '');
-        const summary = JSON.parse(lines.findLast((l) => l.startsWith('{')) ?? '{}') as Record<string, unknown> & { faults?: Record<string, number> };
         const runs = lines.filter((l) => l.startsWith('run '));
+        const summaryLine = lines.findLast((l) => l.startsWith('{'));
+        // A campaign stopped before its end printed no summary: its run lines are counted instead.
+        const summary = summaryLine ? (JSON.parse(summaryLine) as Summary) : tallyRuns(runs);
         const withFinding = runs.filter((l) => !/; no finding \[/.test(l)).map((l) => `- ${l.replace(/ \[[\d.]+ s: .*\]$/, '')}`);
         return { file, summary, runs: runs.length, withFinding };
       })
   : [];
-const findingColumns = ['doubleRunning', 'noneRunning', 'lostAcked', 'leftovers', 'misreported', 'unresolved'];
+
 const chaosSection =
   campaigns.length === 0
     ? '_no campaign saved in docs/chaos/_\n'

@@ -56,7 +56,7 @@ export async function buildController(
             address: Type.String({ minLength: 1 }),
             // Optional: an agent of the previous version still registers.
             accelerator: Type.Optional(Type.Union([Type.Literal('kvm'), Type.Literal('tcg')])),
-            acceleratorReason: Type.Optional(Type.String({ maxLength: 1000 })),
+            acceleratorReason: Type.Optional(Type.String({ minLength: 1, maxLength: 1000 })),
           },
           { additionalProperties: false },
         ),
