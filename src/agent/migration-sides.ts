@@ -190,6 +190,7 @@ export class MigrationSides {
       vmDir: (name) => this.#registry.vmDir(name),
       address: this.#address,
       accel: this.#registry.accelerator.accelerator,
+      ...(this.#registry.qemuTlsDir === undefined ? {} : { tlsDir: this.#registry.qemuTlsDir }),
       ...(this.#registry.fence ? { fence: this.#registry.fence } : {}),
       logger: this.#logger.child({ migration: id }),
     });

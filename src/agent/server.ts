@@ -22,6 +22,8 @@ import { SharedWriterFence } from '../storage/writer-fence.ts';
 import { readFile } from 'node:fs/promises';
 import { timeoutSignal } from '../util/abort.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
+import { writeQemuTlsDir } from '../qemu/tls-creds.ts';
+import { join } from 'node:path';
 import type { AccessPolicy } from '../http/access.ts';
 
 export interface AgentOptions {
@@ -79,7 +81,9 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   const fence = options.storageUrl ? new SharedWriterFence(options.storageUrl, options.hostId, options.tls) : undefined;
   if (!fence) options.logger.warn('no storage admin URL: shared volumes are not fenced, a stale QEMU could still write to them');
   const accelerator = options.accelerator ?? { accelerator: 'tcg', reason: 'not probed: the embedding program chose no accelerator' };
-  const registry = new VmRegistry(options.hostId, options.dataDir, options.logger, accelerator, fence);
+  // Rewritten at every start: a rotated certificate reaches the next QEMU this agent starts.
+  const qemuTlsDir = options.tls ? await writeQemuTlsDir(options.tls, join(options.dataDir, 'tls')) : undefined;
+  const registry = new VmRegistry(options.hostId, options.dataDir, options.logger, accelerator, fence, qemuTlsDir);
   await registry.init();
   const sides = new MigrationSides(registry, options.address, options.logger, { abandonAfterMs: options.abandonAfterMs ?? defaultAbandonAfterMs });
   await sides.recoverSources();

@@ -52,12 +52,15 @@ export class VmRegistry {
   readonly quarantine: Quarantine;
   /** What runs this host's guests: every QEMU this agent starts, a VM's or a migration's destination, uses it. */
   readonly accelerator: HostAccelerator;
+  /** The agent's TLS identity in QEMU's layout, when it has one: every QEMU it starts gets it. */
+  readonly qemuTlsDir: string | undefined;
   readonly #dataDir: string;
   readonly #logger: Logger;
   readonly #vms = new Map<string, VmEntry>();
 
-  constructor(hostId: string, dataDir: string, logger: Logger, accelerator: HostAccelerator, fence?: SharedWriterFence) {
+  constructor(hostId: string, dataDir: string, logger: Logger, accelerator: HostAccelerator, fence?: SharedWriterFence, qemuTlsDir?: string) {
     this.hostId = hostId;
+    this.qemuTlsDir = qemuTlsDir;
     this.accelerator = accelerator;
     this.fence = fence;
     this.#dataDir = dataDir;
@@ -315,7 +318,7 @@ export class VmRegistry {
       await this.#persist(spec);
       entry.spec = spec;
     }
-    entry.qemu = await QemuProcess.start(entry.spec, { runDir: join(this.vmDir(name), 'qemu'), accel: this.accelerator.accelerator, logger: this.#logger });
+    entry.qemu = await QemuProcess.start(entry.spec, { runDir: join(this.vmDir(name), 'qemu'), accel: this.accelerator.accelerator, logger: this.#logger, ...(this.qemuTlsDir === undefined ? {} : { tlsDir: this.qemuTlsDir }) });
     return this.info(name);
   }
 

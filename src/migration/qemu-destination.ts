@@ -31,6 +31,8 @@ export interface QemuDestinationOptions {
   address: string;
   /** The host's accelerator for the incoming QEMU; default TCG, as tests start QEMU directly. */
   accel?: Accelerator;
+  /** The agent's TLS identity in QEMU's layout (src/qemu/tls-creds.ts), when it has one. */
+  tlsDir?: string;
   /** The one-writer fence of shared volumes; without it they are not fenced. */
   fence?: SharedWriterFence;
   logger?: Logger;
@@ -91,7 +93,7 @@ export class QemuDestination implements DestinationSide {
     signal.throwIfAborted();
 
     // Its taps are made (on the NICs' bridges) before -incoming: the device state that arrives expects its backends.
-    const vm = await QemuProcess.start(destinationSpec, { mode: 'incoming', runDir: join(vmDir, 'qemu'), accel: this.#options.accel ?? 'tcg', logger: this.#options.logger, tapRole: 'incoming' });
+    const vm = await QemuProcess.start(destinationSpec, { mode: 'incoming', runDir: join(vmDir, 'qemu'), accel: this.#options.accel ?? 'tcg', logger: this.#options.logger, tapRole: 'incoming', ...(this.#options.tlsDir === undefined ? {} : { tlsDir: this.#options.tlsDir }) });
     this.#vm = vm;
     // Opened before migrate-incoming, so the completion event cannot be missed.
     this.#events = vm.monitor.client.listen();

@@ -6,6 +6,7 @@
 import { VmferryError } from '../errors.ts';
 import type { CacheMode, DiskSpec, NbdServerAddress, NicSpec, VmSpec } from './spec.ts';
 import { diskBaseNodeName, diskFileNodeName, diskNodeName } from './spec.ts';
+import { qemuTlsArguments } from './tls-creds.ts';
 
 export const defaultQemuBinary = 'qemu-system-x86_64';
 
@@ -27,6 +28,8 @@ export interface CommandLineOptions {
   accel: Accelerator;
   /** The host taps of the spec's NICs, in NIC order (src/qemu/taps.ts creates them before QEMU starts). */
   taps?: string[];
+  /** The agent's TLS identity in QEMU's layout (tls-creds.ts): the VM gets its two credential objects. */
+  tlsDir?: string;
 }
 
 /** First PCI slot for disks; slots below stay free for other devices. */
@@ -159,6 +162,7 @@ export function qemuArguments(spec: VmSpec, options: CommandLineOptions): string
     '-mon', 'chardev=qmp,mode=control',
     '-pidfile', options.pidFile,
     '-msg', 'timestamp=on',
+    ...(options.tlsDir === undefined ? [] : qemuTlsArguments(options.tlsDir)),
   ];
   if (spec.boot.kind === 'kernel') {
     args.push('-kernel', spec.boot.kernel);

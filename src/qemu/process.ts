@@ -27,6 +27,8 @@ export interface QemuStartOptions {
   startTimeoutMs?: number;
   /** Which of the VM's tap names its NICs get (taps.ts); default 'run'. */
   tapRole?: TapRole;
+  /** The agent's TLS identity in QEMU's layout (tls-creds.ts); none: plain TCP on every stream. */
+  tlsDir?: string;
 }
 
 export interface QemuExit {
@@ -149,7 +151,7 @@ export class QemuProcess {
     options: QemuStartOptions,
     { mode, qmpSocket, pidFile, stderrPath, taps }: { mode: StartMode; qmpSocket: string; pidFile: string; stderrPath: string; taps: string[] },
   ): Promise<QemuProcess> {
-    const args = qemuArguments(spec, { mode, qmpSocket, pidFile, accel: options.accel ?? 'tcg', taps });
+    const args = qemuArguments(spec, { mode, qmpSocket, pidFile, accel: options.accel ?? 'tcg', taps, ...(options.tlsDir === undefined ? {} : { tlsDir: options.tlsDir }) });
     const binary = options.binary ?? defaultQemuBinary;
     const logger = options.logger?.child({ vm: spec.name });
     logger?.debug({ binary, args }, 'starting QEMU');

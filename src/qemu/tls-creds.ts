@@ -1,0 +1,44 @@
+/**
+ * QEMU's side of the cluster PKI: every QEMU an agent with a TLS identity
+ * starts carries two `tls-creds-x509` objects made from that identity, one to
+ * serve (the destination's RAM migration listener and mirror NBD export) and
+ * one to connect (the source's migration and mirror, every VM's shared disks on
+ * the storage server). QEMU reads credentials from a directory with fixed file
+ * names, so the agent writes its identity there once at start.
+ */
+import { chmod, mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { TlsIdentity } from '../security/tls-files.ts';
+import { identityFiles } from '../security/pki.ts';
+
+/** The ids of the two objects, for `tls-creds` of migration parameters, nbd-server-start and NBD blockdevs. */
+export const qemuTlsCreds = { server: 'vmf-tls-server', client: 'vmf-tls-client' } as const;
+
+/**
+ * Writes the identity in the layout QEMU's `dir=` expects. An agent's
+ * certificate is both a server and a client one (pki.ts gives it both extended
+ * key usages), so the same pair serves both ends.
+ */
+export async function writeQemuTlsDir(identity: TlsIdentity, dir: string): Promise<string> {
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  await chmod(dir, 0o700);
+  const files: [string, string][] = [
+    [identityFiles.ca, identity.ca],
+    [identityFiles.serverCert, identity.cert],
+    [identityFiles.serverKey, identity.key],
+    [identityFiles.clientCert, identity.cert],
+    [identityFiles.clientKey, identity.key],
+  ];
+  for (const [name, pem] of files) await writeFile(join(dir, name), pem, { mode: 0o600 });
+  return dir;
+}
+
+/** The `-object` arguments; verify-peer on both ends: a server asks every client for a certificate of the cluster's CA. */
+export function qemuTlsArguments(dir: string): string[] {
+  // A comma ends a QEMU option value unless doubled.
+  const escaped = dir.replaceAll(',', ',,');
+  return [
+    '-object', `tls-creds-x509,id=${qemuTlsCreds.server},endpoint=server,dir=${escaped},verify-peer=on`,
+    '-object', `tls-creds-x509,id=${qemuTlsCreds.client},endpoint=client,dir=${escaped},verify-peer=on`,
+  ];
+}
