@@ -89,7 +89,7 @@ async function startServer(dir: string, cleanup: Cleanup): Promise<{ pid: number
   try {
     // Its own process, so its CPU time is its own.
     child = spawn(process.execPath, [join(repoRoot, 'bin/vmferry.js'), 'storage', 'serve', '--data-dir', join(dir, 'storage'),
-      '--listen', `127.0.0.1:${nbdPort}`, '--admin', `127.0.0.1:${adminPort}`], { stdio: ['ignore', log, log] });
+      '--listen', `127.0.0.1:${nbdPort}`, '--admin', `127.0.0.1:${adminPort}`, '--insecure'], { stdio: ['ignore', log, log] });
   } finally {
     closeSync(log);
   }

@@ -6,7 +6,7 @@ import { buildController } from '../controller/server.ts';
 import { VmferryError } from '../errors.ts';
 import { chooseAccelerator, parseAccelMode } from '../qemu/accel.ts';
 import { daemonLogger, parseListen, untilSignal } from './common.ts';
-import { commandTls } from './tls-options.ts';
+import { daemonTls, insecureHelp } from './tls-options.ts';
 
 export function registerDaemonCommands(program: Command): void {
   program
@@ -19,6 +19,7 @@ export function registerDaemonCommands(program: Command): void {
     .option('--storage <url>', 'the storage server\'s admin URL, to fence shared volumes to one writer (or VMFERRY_STORAGE)', process.env.VMFERRY_STORAGE)
     .option('--advertise-url <url>', 'the URL the controller reaches this agent at, when not the --listen address (a proxy or NAT in front of it)')
     .option('--accel <mode>', 'what runs guests: auto (KVM when a probe guest runs under it, else TCG), kvm (refuse to start without it) or tcg', 'auto')
+    .option('--insecure', insecureHelp)
     .option('--abandon-after <seconds>', 'settle a migration half alone once no controller has touched it this long, where that is safe (0: never)', '60')
     .action(async (_opts, command: Command) => {
       // --controller is the global option: the controller this agent registers with and heartbeats to.
@@ -39,11 +40,11 @@ export function registerDaemonCommands(program: Command): void {
       const advertiseUrl = opts.advertiseUrl === undefined ? undefined : parseHttpUrl(opts.advertiseUrl, '--advertise-url');
       const accelMode = parseAccelMode(opts.accel, '--accel');
       const logger = daemonLogger(`agent-${opts.hostId}`);
+      const tls = daemonTls(command, 'agent', logger);
       // Before anything listens: with --accel kvm on a host whose KVM cannot run a guest, the agent does not start at all.
       const accelerator = await chooseAccelerator(accelMode);
       logger.info({ accelerator: accelerator.accelerator, reason: accelerator.reason }, `guests run under ${accelerator.accelerator.toUpperCase()}: ${accelerator.reason}`);
       const address = opts.address ?? listen.host;
-      const tls = commandTls(command, 'server');
       const { app } = await buildAgent({
         hostId: opts.hostId,
         dataDir: opts.dataDir,
@@ -73,10 +74,11 @@ export function registerDaemonCommands(program: Command): void {
     .description('run the controller: inventory, placement checks, migrations through the agents')
     .requiredOption('--listen <host:port>', 'address of the controller\'s HTTP API')
     .requiredOption('--db <file>', 'SQLite database file')
+    .option('--insecure', insecureHelp)
     .action(async (opts: { listen: string; db: string }, command: Command) => {
       const listen = parseListen(opts.listen, '--listen');
       const logger = daemonLogger('controller');
-      const tls = commandTls(command, 'server');
+      const tls = daemonTls(command, 'controller', logger);
       const { app } = await buildController({ dbPath: opts.db, logger, ...(tls ? { tls } : {}) });
       const url = await app.listen({ host: listen.host, port: listen.port });
       logger.info({ url }, 'controller listening');

@@ -42,6 +42,8 @@ interface DemoSummary {
     disks: { id: string; operation: string; bytesSent: number }[];
     network?: NetworkSummary;
   }[];
+  /** Whether the cluster ran with its own CA: mutual TLS on every API and every data stream. */
+  tls: boolean;
   verified: boolean;
 }
 
@@ -62,7 +64,8 @@ export function registerDemoCommand(program: Command): void {
     .command('demo')
     .description('run a two-host cluster here, migrate a writing VM there and back, verify every acknowledged write')
     .option('--loopback', 'use loopback addresses even as root (no network namespaces)')
-    .action(async (opts: { loopback?: boolean }, command: Command) => {
+    .option('--insecure', 'run the cluster without TLS (its daemons with --insecure), to compare')
+    .action(async (opts: { loopback?: boolean; insecure?: boolean }, command: Command) => {
       const json = command.optsWithGlobals<{ json?: boolean }>().json ?? false;
       const say = (line: string): void => {
         if (!json) console.log(line);
@@ -70,7 +73,7 @@ export function registerDemoCommand(program: Command): void {
       const logger = pino({ level: process.env.VMFERRY_LOG ?? 'silent' }, pino.destination(2));
       const workDir = await mkdtemp(join(tmpdir(), 'vmferry-demo-'));
       say('Starting a storage server, a controller and two hosts (A, B)…');
-      const cluster = await LocalCluster.start({ workDir, hostIds: ['A', 'B'], logger, ...(opts.loopback ? { namespaces: false } : { guestNetwork: { subnet: guestSubnet } }) });
+      const cluster = await LocalCluster.start({ workDir, hostIds: ['A', 'B'], logger, tls: !opts.insecure, ...(opts.loopback ? { namespaces: false } : { guestNetwork: { subnet: guestSubnet } }) });
       const interrupted = new Promise<never>((_, reject) => {
         const onSignal = (): void => reject(new VmferryError('VMF_ABORTED', 'demo interrupted; cleaning up'));
         process.once('SIGINT', onSignal);
@@ -91,6 +94,11 @@ async function runDemo(cluster: LocalCluster, say: (line: string) => void, json:
   const [a, b] = [cluster.host('A'), cluster.host('B')];
   say(`  host A at ${a.address}${a.namespace ? ` (namespace ${a.namespace})` : ''}, host B at ${b.address}${b.namespace ? ` (namespace ${b.namespace})` : ''}`);
   say(`  storage server NBD at ${cluster.storageNbd.host}:${cluster.storageNbd.port}, controller at ${cluster.controllerUrl}`);
+  say(
+    cluster.pki
+      ? `  TLS everywhere, with a throwaway CA in ${cluster.pki.dir}: every API call, the RAM stream, the disk mirror and the shared disk go over mutual TLS`
+      : '  INSECURE (--insecure): no TLS and no authentication on any port',
+  );
   for (const host of await api.hosts()) say(`  host ${host.id} runs guests under ${host.accelerator?.toUpperCase() ?? 'an unreported accelerator'}: ${host.acceleratorReason ?? ''}`);
 
   const segment = cluster.guestSegment;
@@ -161,7 +169,7 @@ async function runDemo(cluster: LocalCluster, say: (line: string) => void, json:
     say(`  ${result.disk}: acknowledged up to ${acked.get(result.disk) ?? 0}, highest intact ${result.highest}, corrupt ${result.corrupt}, missing ${result.missing}`);
   }
   say(problems.length ? `VERIFY FAILED:\n  ${problems.join('\n  ')}` : 'Every acknowledged record is intact.');
-  const summary: DemoSummary = { migrations: reports.map((report, i) => summarize(report, networks[i])), verified: problems.length === 0 };
+  const summary: DemoSummary = { migrations: reports.map((report, i) => summarize(report, networks[i])), tls: cluster.pki !== undefined, verified: problems.length === 0 };
   if (json) process.stdout.write(`${JSON.stringify(summary)}\n`);
   if (problems.length || networks.some((n) => n && !n.tcpIntact)) process.exitCode = 1;
 }

@@ -9,7 +9,7 @@ import type { QuarantinedFile } from '../storage/quarantine.ts';
 import type { Volume } from '../storage/volumes.ts';
 import { daemonLogger, parseListen, parsePositive, parseSize, printJson, untilSignal } from './common.ts';
 import { table } from './render.ts';
-import { commandTls } from './tls-options.ts';
+import { commandTls, daemonTls, insecureHelp } from './tls-options.ts';
 
 const MiB = 1024 * 1024;
 const defaultStorageUrl = process.env.VMFERRY_STORAGE ?? 'http://127.0.0.1:10810';
@@ -29,10 +29,11 @@ export function registerStorageCommands(program: Command): void {
     .option('--listen <host:port>', 'NBD over TCP', '127.0.0.1:10809')
     .option('--socket <path>', 'NBD over a unix socket as well')
     .option('--admin <host:port>', 'admin HTTP API', '127.0.0.1:10810')
+    .option('--insecure', insecureHelp)
     .option('--memory-budget-mib <MiB>', 'memory all NBD clients together may hold for requests and unsent replies; past it, they are read more slowly', String(defaultLimits.memoryBudgetBytes / MiB))
     .action(async (opts: { dataDir: string; listen: string; socket?: string; admin: string; memoryBudgetMib: string }, command: Command) => {
       const logger = daemonLogger('storage');
-      const tls = commandTls(command, 'server');
+      const tls = daemonTls(command, 'storage', logger);
       const server = await StorageServer.start({
         dataDir: opts.dataDir,
         logger,

@@ -174,6 +174,7 @@ export class LocalCluster {
       if (options.abandonAfterS !== undefined) args.push('--abandon-after', String(options.abandonAfterS));
       if (options.accel !== undefined) args.push('--accel', options.accel);
       if (this.pki) args.push('--pki-dir', await this.pki.issueAgent(id, [address, ...(namespaceHost?.linkAddress ? [namespaceHost.linkAddress] : [])]));
+      else args.push('--insecure');
       const command = namespaceHost ? ['ip', 'netns', 'exec', namespaceHost.namespace, process.execPath, ...args] : [process.execPath, ...args];
       this.hosts.push({ id, address, dataDir, agentUrl, command, process: this.#spawnDaemon(`host ${id}`, command, this.#agentEnv?.({ id, dataDir })), namespace: namespaceHost?.namespace });
     }
@@ -194,7 +195,7 @@ export class LocalCluster {
   }
 
   #pkiArgs(role: 'controller' | 'storage'): string[] {
-    return this.pki ? ['--pki-dir', this.pki.daemonDir(role)] : [];
+    return this.pki ? ['--pki-dir', this.pki.daemonDir(role)] : ['--insecure'];
   }
 
   #spawnDaemon(label: string, [command, ...args]: string[], env: Record<string, string> = {}): ChildProcess {

@@ -28,7 +28,7 @@ test('the agent heartbeats the --advertise-url to the controller, its own addres
   await once(controller, 'listening');
   const controllerUrl = `http://127.0.0.1:${(controller.address() as AddressInfo).port}`;
   const port = await findFreePort('127.0.0.1');
-  const agent = spawn(process.execPath, [cli, '--controller', controllerUrl, 'agent', '--host-id', 'P', '--listen', `127.0.0.1:${port}`, '--data-dir', work.path, '--advertise-url', 'http://127.0.0.9:18801', '--accel', 'tcg'], {
+  const agent = spawn(process.execPath, [cli, '--controller', controllerUrl, 'agent', '--host-id', 'P', '--listen', `127.0.0.1:${port}`, '--data-dir', work.path, '--advertise-url', 'http://127.0.0.9:18801', '--accel', 'tcg', '--insecure'], {
     stdio: 'ignore',
   });
   try {
@@ -55,7 +55,7 @@ test('an --advertise-url that is not an http URL without a path is refused, nami
   const work = await makeTempDir('advertise-bad');
   try {
     for (const bad of ['proxy:8080', 'ftp://10.0.0.2:21', 'http://10.0.0.2:10801/agent']) {
-      const agent = spawn(process.execPath, [cli, '--controller', 'http://127.0.0.1:9', 'agent', '--host-id', 'P', '--listen', '127.0.0.1:0', '--data-dir', work.path, '--advertise-url', bad], {
+      const agent = spawn(process.execPath, [cli, '--controller', 'http://127.0.0.1:9', 'agent', '--host-id', 'P', '--listen', '127.0.0.1:0', '--data-dir', work.path, '--advertise-url', bad, '--insecure'], {
         stdio: ['ignore', 'ignore', 'pipe'],
       });
       let stderr = '';

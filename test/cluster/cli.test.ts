@@ -76,7 +76,7 @@ test('an agent logs the accelerator it chose; with --accel kvm on a host whose K
   const dataDir = await mkdtemp(join(tmpdir(), 'vmferry-accel-agent-'));
   const agent = (accel: string, port: number) =>
     // No controller listens on port 1: this agent must not join the cluster the other tests count hosts of.
-    spawn(process.execPath, [cli, '--controller', 'http://127.0.0.1:1', 'agent', '--host-id', 'X', '--listen', `127.0.0.1:${port}`, '--data-dir', dataDir, '--accel', accel], {
+    spawn(process.execPath, [cli, '--controller', 'http://127.0.0.1:1', 'agent', '--host-id', 'X', '--listen', `127.0.0.1:${port}`, '--data-dir', dataDir, '--accel', accel, '--insecure'], {
       stdio: ['ignore', 'ignore', 'pipe'],
     });
   try {
@@ -94,6 +94,7 @@ test('an agent logs the accelerator it chose; with --accel kvm on a host whose K
       tcg.kill('SIGTERM');
     }
     assert.match(log, /"accelerator":"tcg","reason":"chosen with --accel tcg \(KVM not probed\)","msg":"guests run under TCG: chosen with --accel tcg/);
+    assert.match(log, /"level":40,.*"msg":"INSECURE: vmferry agent runs without TLS \(--insecure\)/, 'an agent without TLS says so loudly');
 
     // Takes the probe bound (3 s): the probe guest hangs under this machine's KVM.
     const kvm = agent('kvm', await findFreePort('127.0.0.1'));

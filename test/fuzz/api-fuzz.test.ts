@@ -58,17 +58,17 @@ before(async () => {
   servers.push({
     target: 'storage admin API',
     url: storageUrl,
-    daemon: await Daemon.start('storage server', ['storage', 'serve', '--data-dir', join(dir.path, 'storage'), '--listen', `127.0.0.1:${storageNbdPort}`, '--admin', `127.0.0.1:${storagePort}`], answers(`${storageUrl}/v1/volumes`)),
+    daemon: await Daemon.start('storage server', ['storage', 'serve', '--data-dir', join(dir.path, 'storage'), '--listen', `127.0.0.1:${storageNbdPort}`, '--admin', `127.0.0.1:${storagePort}`, '--insecure'], answers(`${storageUrl}/v1/volumes`)),
   });
   servers.push({
     target: 'controller API',
     url: controllerUrl,
-    daemon: await Daemon.start('controller', ['controller', '--listen', `127.0.0.1:${controllerPort}`, '--db', join(dir.path, 'controller.db')], answers(`${controllerUrl}/v1/hosts`)),
+    daemon: await Daemon.start('controller', ['controller', '--listen', `127.0.0.1:${controllerPort}`, '--db', join(dir.path, 'controller.db'), '--insecure'], answers(`${controllerUrl}/v1/hosts`)),
   });
   servers.push({
     target: 'agent API',
     url: agentUrl,
-    daemon: await Daemon.start('agent', ['--controller', controllerUrl, 'agent', '--host-id', 'A', '--listen', `127.0.0.1:${agentPort}`, '--data-dir', join(dir.path, 'agent')], async () => {
+    daemon: await Daemon.start('agent', ['--controller', controllerUrl, 'agent', '--host-id', 'A', '--listen', `127.0.0.1:${agentPort}`, '--data-dir', join(dir.path, 'agent'), '--insecure'], async () => {
       const hosts = (await (await fetch(`${controllerUrl}/v1/hosts`, { signal: AbortSignal.timeout(2_000) })).json()) as { id: string }[];
       return hosts.some((h) => h.id === 'A');
     }),

@@ -171,7 +171,7 @@ before(async () => {
   adminUrl = `http://127.0.0.1:${adminPort}`;
   server = await Daemon.start(
     'storage server',
-    ['storage', 'serve', '--data-dir', join(dir.path, 'data'), '--listen', `127.0.0.1:${nbdPort}`, '--admin', `127.0.0.1:${adminPort}`, '--memory-budget-mib', String(memoryBudgetMiB)],
+    ['storage', 'serve', '--data-dir', join(dir.path, 'data'), '--listen', `127.0.0.1:${nbdPort}`, '--admin', `127.0.0.1:${adminPort}`, '--memory-budget-mib', String(memoryBudgetMiB), '--insecure'],
     async () => (await fetch(`${adminUrl}/v1/volumes`, { signal: AbortSignal.timeout(2_000) })).ok,
   );
   await admin('POST', '/v1/volumes', { name: 'keep', sizeBytes: size });

@@ -18,7 +18,7 @@ let adminPort: number;
 let server: ChildProcess | undefined;
 
 async function startServer(): Promise<void> {
-  server = spawn(process.execPath, [cli, 'storage', 'serve', '--data-dir', join(dir.path, 'data'), '--listen', `127.0.0.1:${nbdPort}`, '--admin', `127.0.0.1:${adminPort}`], {
+  server = spawn(process.execPath, [cli, 'storage', 'serve', '--data-dir', join(dir.path, 'data'), '--listen', `127.0.0.1:${nbdPort}`, '--admin', `127.0.0.1:${adminPort}`, '--insecure'], {
     stdio: ['ignore', 'ignore', 'pipe'],
     env: { ...process.env, VMFERRY_LOG: 'warn' },
   });
