@@ -11,6 +11,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
+import { randomUUID } from 'node:crypto';
 import { dirname, join } from 'node:path';
 import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
@@ -26,7 +27,7 @@ import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import type { CreateVmRequest, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
 import type { DestinationFate } from '../migration/no-return.ts';
 import { guestNeverRan } from '../migration/qemu-destination.ts';
-import { fsyncDir, fsyncFile, mkdirDurable, removeDurable, writeFileDurable } from '../util/durable-file.ts';
+import { fsyncDir, fsyncFile, mkdirDurable, removeDurable, renameDurable, writeFileDurable } from '../util/durable-file.ts';
 import { readIncomingRecord } from './half-records.ts';
 import { Quarantine } from './quarantine.ts';
 
@@ -88,6 +89,8 @@ export class VmRegistry {
   async init(): Promise<void> {
     await mkdir(this.pool.dir, { recursive: true });
     await mkdir(join(this.#dataDir, 'vms'), { recursive: true });
+    // What an earlier process was removing when it died: already no VM, so finished first.
+    for (const name of await readdir(this.#trashDir).catch(() => [])) await removeDurable(join(this.#trashDir, name));
     const unreadable: { name: string; problem: string }[] = [];
     for (const name of await readdir(join(this.#dataDir, 'vms'))) {
       const loaded = await this.#readSpec(name);
@@ -339,7 +342,7 @@ export class VmRegistry {
     for (const disk of entry.spec.disks) {
       if (disk.source.kind === 'file' && disk.source.path.startsWith(this.pool.dir)) await removeDurable(disk.source.path);
     }
-    await removeDurable(this.vmDir(name));
+    await this.#removeVmDir(name);
     this.#vms.delete(name);
   }
 
@@ -411,8 +414,30 @@ export class VmRegistry {
   /** After a migration away from this host: the VM (whose QEMU has quit) is no longer ours. */
   async forgetMigrated(name: string): Promise<void> {
     // Durable: a power loss must not bring back a spec of a VM that now lives on another host.
-    await removeDurable(this.vmDir(name));
+    await this.#removeVmDir(name);
     this.#vms.delete(name);
+  }
+
+  get #trashDir(): string {
+    return join(this.#dataDir, 'trash');
+  }
+
+  /**
+   * A VM's directory goes in one step: a durable rename out of vms/, then the
+   * removal. Removed file by file in place, an agent killed half-way left a
+   * spec without the migration record beside it, and came back with a stopped
+   * copy of a VM that runs on another host (chaos seed 17767 run 37).
+   */
+  async #removeVmDir(name: string): Promise<void> {
+    const doomed = join(this.#trashDir, `${name}.${randomUUID()}`);
+    await mkdirDurable(this.#trashDir, this.#dataDir);
+    try {
+      await renameDurable(this.vmDir(name), doomed);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      throw err;
+    }
+    await removeDurable(doomed);
   }
 
   /**

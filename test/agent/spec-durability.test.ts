@@ -5,7 +5,10 @@
 // real VmRegistry makes: the spec's data, its rename and every directory
 // entry down from the data directory are fsynced before adoptMigrated resolves.
 import assert from 'node:assert/strict';
+import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import pino from 'pino';
+import { VmRegistry } from '../../src/agent/vm-registry.ts';
 import { test } from 'node:test';
 import { syncedPath, traceScript, type Syscall } from '../support/strace.ts';
 import { makeTempDir } from '../support/temp.ts';
@@ -41,4 +44,33 @@ test('adoptMigrated returns only once its images, the spec, and every directory 
   assert.ok(syncedAt(dataDir).length > 0, 'the data directory is fsynced: the vms/ entry is durable');
   assert.ok(syncedAt(join(dataDir, 'pool', 'web-root.qcow2')).length > 0, "the image's data is fsynced");
   assert.ok(syncedAt(join(dataDir, 'pool')).length > 0, "the pool is fsynced: the image's entry is durable");
+});
+
+test('a VM directory leaves in one durable rename: killed at any point, the agent finds the whole VM or none of it', async (t) => {
+  const dir = await makeTempDir('forget-sync');
+  t.after(() => dir.remove());
+  const dataDir = join(dir.path, 'data');
+  const vmDir = join(dataDir, 'vms', 'web');
+  const calls = await traceScript(join(import.meta.dirname, 'scripts/forget-migrated.ts'), [dataDir, 'web'], ['fsync', 'rename', 'renameat', 'renameat2', 'unlink', 'unlinkat', 'rmdir', 'write']);
+  const marker = (text: string): number => calls.findIndex((c) => c.name === 'write' && c.args.startsWith('1<') && c.args.includes(`"${text}\\n"`));
+  const [forgetting, forgotten] = [marker('forgetting'), marker('forgotten')];
+  assert.ok(forgetting >= 0 && forgotten > forgetting, 'the script ran to the end');
+  const during = calls.slice(forgetting + 1, forgotten).map((call, index) => ({ call, index }));
+  // Before the rename, nothing inside the directory may go: a spec left without its migration record is a VM again.
+  const first = during.find(({ call }) => call.name !== 'write' && call.name !== 'fsync' && call.args.includes(vmDir));
+  assert.ok(first, 'forgetMigrated touched the VM directory');
+  assert.ok(first.call.name.startsWith('rename') && renamePaths(first.call)?.[0] === vmDir, `the first change to ${vmDir} is its rename out of vms/, not ${first.call.name}(${first.call.args})`);
+  const [, doomed] = renamePaths(first.call) as [string, string];
+  assert.ok(!doomed.startsWith(join(dataDir, 'vms') + '/'), `the directory leaves vms/ (to ${doomed})`);
+  const syncs = during.filter(({ call }) => call.name === 'fsync' && call.result === '0');
+  assert.ok(syncs.some(({ call, index }) => index > first.index && syncedPath(call) === join(dataDir, 'vms')), 'vms/ is fsynced after the rename: the VM is durably gone');
+
+  // Killed right after the rename: the next agent finishes the removal and lists no VM.
+  const trash = join(dataDir, 'trash', 'web.killed');
+  await mkdir(trash, { recursive: true });
+  await writeFile(join(trash, 'spec.json'), '{"name":"web"}');
+  const registry = new VmRegistry('A', dataDir, pino({ level: 'silent' }), { accelerator: 'tcg', reason: 'test' });
+  await registry.init();
+  assert.deepEqual(registry.names(), []);
+  assert.deepEqual(await readdir(join(dataDir, 'trash')), [], 'what a killed agent was removing is removed at the next start');
 });
