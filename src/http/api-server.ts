@@ -49,8 +49,8 @@ export async function createApiServer(title: string, logger: Logger, bodyLimit: 
     },
   }) as unknown as FastifyInstance;
   installErrorHandler(base);
+  // Without TLS the daemon said so at start (--insecure, src/cli/tls-options.ts).
   if (security.tls) installAccessControl(base, security.access);
-  else logger.warn(`${title}: plain HTTP, no client certificates: anyone who reaches this port can use all of it (give --pki-dir; docs/SECURITY.md)`);
   const app = base.withTypeProvider<TypeBoxTypeProvider>();
   await app.register(swagger, { openapi: { info: { title, version: '0.1.0' } } });
   app.get('/openapi.json', { schema: { hide: true } }, () => app.swagger());
