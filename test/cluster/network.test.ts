@@ -158,7 +158,7 @@ test('a cancelled migration removes the tap it made on the destination; the gues
   assert.ok(window.intact, `stream after the rollback: ${stream.problem ?? JSON.stringify(window)}`);
 });
 
-test('a destination agent killed mid-migration: the migration fails, and the restarted agent removes the half with its tap', async () => {
+test('a destination agent killed mid-migration, the migration cancelled: the restarted agent removes the half with its tap', async () => {
   assert.ok(stream);
   const { id } = await live().api.migrate({ vm, to: 'A', bandwidthMiBs: 1 });
   const deadline = Date.now() + 120_000;
@@ -169,8 +169,10 @@ test('a destination agent killed mid-migration: the migration fails, and the res
   await live().killAgent('A');
   // The incoming QEMU outlives its agent, and so does its tap.
   assert.equal((await tapsOn('A', vm)).length, 1);
+  // Without the cancel the source would carry on sending RAM to that QEMU at the test's 1 MiB/s cap for a minute or more.
+  await live().api.cancel(id as string);
   const record = await finalReport(id as string);
-  assert.equal(record.phase, 'failed', record.report?.error?.message);
+  assert.ok(['cancelled', 'failed'].includes(record.phase), `${record.phase}: ${record.report?.error?.message}`);
   await live().startAgent('A');
   assert.deepEqual(await tapsOn('A', vm), [], 'the restarted agent removed the tap of the half it could not account for');
   assert.equal((await tapsOn('B', vm)).length, 1);
