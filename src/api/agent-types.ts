@@ -184,6 +184,7 @@ export const MigrationPlanSchema = Type.Object({
   vm: name,
   from: Type.String({ minLength: 1, maxLength: 64 }),
   to: Type.String({ minLength: 1, maxLength: 64 }),
+  toAddress: Type.String({ minLength: 1, maxLength: 255 }),
   disks: Type.Array(
     Type.Object({
       id: diskId,

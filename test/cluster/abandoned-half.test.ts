@@ -16,6 +16,7 @@ import { AgentClient, RemoteSource } from '../../src/agent/client.ts';
 import type { VmInfo } from '../../src/api/agent-types.ts';
 import { buildAgent } from '../../src/agent/server.ts';
 import { hasCode } from '../../src/errors.ts';
+import { testGuestDir } from '../../src/guest/test-guest.ts';
 import { defaultMigrationOptions, planMigration } from '../../src/migration/plan.ts';
 import { probeDestination, qemuCapabilities } from '../../src/migration/probe.ts';
 import { QemuDestination } from '../../src/migration/qemu-destination.ts';
@@ -29,7 +30,7 @@ let client: AgentClient;
 
 before(async () => {
   dir = await mkdtemp(join(tmpdir(), 'vmferry-abandon-'));
-  agent = (await buildAgent({ hostId: 'A', dataDir: join(dir, 'agent'), address: '127.0.0.1', logger: pino({ level: 'silent' }), abandonAfterMs })).app;
+  agent = (await buildAgent({ hostId: 'A', dataDir: join(dir, 'agent'), address: '127.0.0.1', logger: pino({ level: 'silent' }), abandonAfterMs, trustedDirs: [testGuestDir()] })).app;
   client = new AgentClient(await agent.listen({ host: '127.0.0.1', port: 0 }));
 });
 
@@ -55,9 +56,9 @@ async function pauseAtSwitchover(name: string, id: string, run: (paused: PausedA
   try {
     // Planned before the source half is bound, as the controller does: from then on the half counts the controller's silence.
     const qemu = await qemuCapabilities();
-    const plan = planMigration(vm.spec, await client.probeSource(vm.name), await probeDestination('B', vm.spec, pool, [], qemu), defaultMigrationOptions);
+    const plan = planMigration(vm.spec, await client.probeSource(vm.name), await probeDestination('B', '127.0.0.1', vm.spec, pool, [], qemu), defaultMigrationOptions);
     const source = new RemoteSource('A', client, id);
-    await source.begin(vm.name);
+    await source.begin(plan);
     const signal = AbortSignal.timeout(120_000);
     const prepared = await destination.prepare(vm.spec, plan, signal);
     assert.deepEqual(prepared.mirrorTargets.length, 1);
