@@ -117,6 +117,11 @@ const cases: BadRequest[] = [
   { server: 'agent', method: 'GET', path: '/v1/vms/%C0%AE', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /not a valid url component/ },
   { server: 'controller', method: 'POST', path: '/v1/migrations', raw: '<vm/>', contentType: 'application/xml', status: 415, code: 'VMF_INVALID_ARGUMENT', message: /unsupported content-type "application\/xml"/ },
   { server: 'controller', method: 'GET', path: '/v1/migrations/nope/events?after=1e400', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /after must be an integer/ },
+  // Every string of a body is bounded, and an address goes into QEMU URIs as it is:
+  { server: 'controller', method: 'POST', path: '/v1/hosts/heartbeat', body: { id: 'B', url: 'http://x', address: '10.0.0.2,x-fd=3' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /address must match pattern/ },
+  { server: 'controller', method: 'POST', path: '/v1/hosts/heartbeat', body: { id: 'B', url: `http://${'x'.repeat(3000)}`, address: 'b' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /url must NOT have more than 2048 characters/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, boot: { kind: 'kernel', kernel: `/${'k'.repeat(5000)}` } }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /kernel must NOT have more than 4096 characters/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/prepare', body: { spec: { ...rawDeviceSpec, boot: { kind: 'kernel', kernel: `/${'k'.repeat(5000)}` } }, plan: validPlan }, status: 400, code: 'VMF_INVALID_SPEC', message: /boot\.kernel must be at most 4096 bytes/ },
 ];
 
 for (const c of cases) {
