@@ -34,7 +34,7 @@ import { timeoutSignal } from '../util/abort.ts';
 interface SourceHalf {
   vm: string;
   side: QemuSource;
-  /** Where its disks and RAM may go: the destination address of the plan it was begun with; unset for a half taken back at start until the controller begins it again. */
+  /** Where its disks and RAM may go: the destination address of the plan it was begun with (kept in outgoing.json across agent restarts). */
   destination?: string;
   /** Set while the agent settles it alone: the controller's requests are refused, and its rollback waits for this. */
   settling?: Promise<void>;
@@ -144,7 +144,7 @@ export class MigrationSides {
       this.#sources.set(id, half);
       try {
         // Before anything moves: an agent restarted mid-migration must find this half again to roll it back.
-        await writeOutgoingRecord(this.#registry.vmDir(vm), { migration: id, wasRunning: (await running.status()).running });
+        await writeOutgoingRecord(this.#registry.vmDir(vm), { migration: id, wasRunning: (await running.status()).running, destination: plan.toAddress });
       } catch (err) {
         this.#sources.delete(id);
         this.#registry.setMigrating(vm, false);
@@ -173,7 +173,7 @@ export class MigrationSides {
       }
       const side = await QemuSource.recover({ hostId: this.#registry.hostId, vm: qemu, ...this.#fenceOption(), logger: this.#logger.child({ migration: record.migration }) }, record.wasRunning);
       this.#registry.setMigrating(vm, true);
-      this.#sources.set(record.migration, { vm, side });
+      this.#sources.set(record.migration, { vm, side, ...(record.destination === undefined ? {} : { destination: record.destination }) });
       this.#contact.touch(sourceKey(record.migration));
       this.#logger.warn({ vm, migration: record.migration }, 'took back the source half of an unfinished migration');
     }
@@ -203,7 +203,8 @@ export class MigrationSides {
 
   #destinationOf(id: string): string {
     const destination = this.#requireSource(id).destination;
-    if (destination === undefined) throw new VmferryError('VMF_CONFLICT', `migration ${id} was taken back by a restarted agent on ${this.#registry.hostId}: begin it again with its plan before sending anything`);
+    // Only a half an agent of an earlier version began, taken back after a restart.
+    if (destination === undefined) throw new VmferryError('VMF_CONFLICT', `migration ${id} on ${this.#registry.hostId} has no destination address: begin it again with its plan before sending anything`);
     return destination;
   }
 
