@@ -18,7 +18,7 @@ import { guestKernelAppend, testGuestPaths } from '../guest/test-guest.ts';
 import type { HostAccelerator } from '../qemu/accel.ts';
 import { defaultCpuModel } from '../qemu/cpu-models.ts';
 import { QemuProcess, killOrphanQemu } from '../qemu/process.ts';
-import { validateVmSpec, type DiskSource, type DiskSpec, type NicSpec, type VmSpec } from '../qemu/spec.ts';
+import { validateVmSpec, type BootSpec, type DiskSource, type DiskSpec, type NicSpec, type VmSpec } from '../qemu/spec.ts';
 import { existingBridges, removeTapsOf } from '../qemu/taps.ts';
 import { createOverlay, importImage } from '../storage/disk-images.ts';
 import { LocalPool } from '../storage/local-pool.ts';
@@ -241,12 +241,16 @@ export class VmRegistry {
   async create(request: CreateVmRequest): Promise<VmInfo> {
     if (this.#vms.has(request.name)) throw new VmferryError('VMF_CONFLICT', `VM ${request.name} already exists on ${this.hostId}`);
     const vmDir = this.vmDir(request.name);
-    const boot =
-      request.boot.kind === 'test-guest'
-        ? { kind: 'kernel' as const, ...testGuestPaths(), append: guestKernelAppend({ mode: 'workload', ...request.boot.options }) }
-        : request.boot;
     // Before anything is imported or created: a request that names what this host does not allow leaves nothing behind.
-    await this.guard.boot(boot);
+    let boot: BootSpec;
+    if (request.boot.kind === 'test-guest') {
+      const files = testGuestPaths();
+      for (const file of [files.kernel, files.initrd]) await this.guard.hostFile(file, 'the test guest (boot.kind "test-guest")');
+      boot = { kind: 'kernel', ...files, append: guestKernelAppend({ mode: 'workload', ...request.boot.options }) };
+    } else {
+      boot = request.boot;
+      await this.guard.boot(boot);
+    }
     for (const disk of request.disks) {
       if (disk.local?.import !== undefined) await this.guard.importFile(disk.local.import, `disks.${disk.id}.local.import`);
       if (disk.local?.baseServer) this.guard.storageServer(disk.local.baseServer, `disks.${disk.id}.local.baseServer`);

@@ -3,10 +3,12 @@
 // disks only in the pool or on the storage server; a migration's data only to its destination.
 // test/cluster/api.test.ts sends the same refusals over HTTP.
 import assert from 'node:assert/strict';
-import { mkdir, symlink, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
+import pino from 'pino';
 import { checkTargets, RequestGuard } from '../../src/agent/request-guard.ts';
+import { VmRegistry } from '../../src/agent/vm-registry.ts';
 import { hasCode } from '../../src/errors.ts';
 import type { VmSpec } from '../../src/qemu/spec.ts';
 import { runProgram } from '../../src/util/run.ts';
@@ -48,6 +50,18 @@ test('an agent that trusts no directory refuses every host file and says how to 
   const none = await RequestGuard.create({ trustedDirs: [], poolDir: join(dir, 'agent', 'pool'), vmsDir: join(dir, 'agent', 'vms'), storageNbd: undefined });
   await assert.rejects(none.hostFile(join(trusted, 'vmlinuz'), 'boot.kernel'), forbidden(/trusts no directory for host files: start it with --trusted-dir DIR/));
   await assert.rejects(RequestGuard.create({ trustedDirs: [join(dir, 'missing')], poolDir: dir, vmsDir: dir, storageNbd: undefined }), (err: unknown) => hasCode(err, 'VMF_INVALID_ARGUMENT') && /--trusted-dir \S+missing/.test((err as Error).message));
+});
+
+test('an agent that trusts no directory does not run even the test guest, and creates nothing trying', async () => {
+  const dataDir = join(dir, 'untrusting');
+  const none = await RequestGuard.create({ trustedDirs: [], poolDir: join(dataDir, 'pool'), vmsDir: join(dataDir, 'vms'), storageNbd: undefined });
+  const registry = new VmRegistry('A', dataDir, pino({ level: 'silent' }), { accelerator: 'tcg', reason: 'test' }, none);
+  await registry.init();
+  await assert.rejects(
+    registry.create({ name: 'web', boot: { kind: 'test-guest' }, disks: [{ id: 'root', local: { sizeBytes: 1 << 20 } }] }),
+    forbidden(/the test guest \(boot\.kind "test-guest"\) names the host file \S+vmlinuz, and this agent trusts no directory for host files: start it with --trusted-dir/),
+  );
+  assert.deepEqual([...(await readdir(join(dataDir, 'pool'))), ...(await readdir(join(dataDir, 'vms')))], []);
 });
 
 test('an image to import whose backing file lies outside the trusted directories is refused', async () => {
