@@ -10,7 +10,7 @@ import { namePatternSource, nameRule } from '../util/names.ts';
 const name = Type.String({ pattern: namePatternSource, description: `VM name: ${nameRule}` });
 const diskId = Type.String({ pattern: '^[a-z][a-z0-9_-]{0,19}$' });
 /** A host's address as others reach it (an IP address or a DNS name): it goes into QEMU URIs, so no ',' '/' or space. */
-export const hostAddressPattern = '^[A-Za-z0-9.:%_-]+$';
+export const hostAddressPattern = '^[A-Za-z0-9.:_-]+$';
 
 export const NbdServerSchema = Type.Union([
   Type.Object({ type: Type.Literal('inet'), host: Type.String({ minLength: 1, maxLength: 255 }), port: Type.Integer({ minimum: 1, maximum: 65535 }) }, { additionalProperties: false }),
