@@ -32,7 +32,7 @@ export const errorCodes = {
   VMF_MIGRATION_FAILED: { status: 502, meaning: 'A migration step failed; the VM still runs on the source.' },
   VMF_UNRESOLVED: { status: 409, meaning: "A migration could not be settled yet: the destination may have been told to resume and has not said whether its guest ran, or the source's agent could not be reached to resume its guest. The guest never runs on two hosts meanwhile; vmferry keeps asking until it can settle it." },
   VMF_MEMORY_MISMATCH: { status: 502, meaning: "The guest's memory differed between source and destination after pre-copy; the destination was not resumed and the VM still runs on the source." },
-  VMF_FORBIDDEN: { status: 403, meaning: "The caller's certificate does not carry a role allowed on this route (or names another host than the request); see docs/SECURITY.md." },
+  VMF_FORBIDDEN: { status: 403, meaning: "The caller's certificate does not carry a role allowed on this route (or names another host than the request), or the request asks an agent for what its operator did not allow: a host file outside its --trusted-dir directories, a disk outside its pool or off its storage server, a migration's data sent elsewhere than the destination of its plan; see docs/SECURITY.md." },
   VMF_NETWORK: { status: 409, meaning: "A VM's NIC could not be connected on this host: its bridge is missing, or its tap could not be set up." },
   VMF_NOT_FOUND: { status: 404, meaning: 'No such VM, host, migration or route.' },
   VMF_CONFLICT: { status: 409, meaning: 'The request conflicts with the current state (a VM already migrating, a name in use, a VM in the wrong state).' },

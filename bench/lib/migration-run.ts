@@ -195,7 +195,7 @@ async function runVmferry(host: Host, scenario: Scenario, options: RunOptions): 
   try {
     // As in production: the agent caches QEMU's capabilities, the controller probes both hosts at once.
     const qemu = await cachedCapabilities();
-    const [sourceFacts, destinationFacts] = await Promise.all([probeSource('A', source, qemu), probeDestination('B', host.spec, poolB, [], qemu)]);
+    const [sourceFacts, destinationFacts] = await Promise.all([probeSource('A', source, qemu), probeDestination('B', '127.0.0.1', host.spec, poolB, [], qemu)]);
     const plan = planMigration(host.spec, sourceFacts, destinationFacts, { ...defaultMigrationOptions, ...options.vmferry, keepSource: true });
     marks.push({ label: 'planned', t: performance.now() - t0 });
     const onEvent = (event: MigrationEvent): void => {

@@ -146,8 +146,9 @@ export class RemoteSource implements SourceSide {
     this.#path = `/v1/migrations/${encodeURIComponent(migrationId)}/source`;
   }
 
-  async begin(vm: string): Promise<void> {
-    await this.#agent.request('POST', `${this.#path}/begin`, { vm });
+  /** Binds the migration to its VM on the source, and to the plan's destination: the only address its disks and RAM may go to. */
+  async begin(plan: MigrationPlan): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/begin`, { plan });
   }
 
   async startMirrors(targets: MirrorTarget[], copyMode: CopyMode, bandwidthBytes: number | undefined, signal: AbortSignal): Promise<void> {

@@ -6,8 +6,9 @@
  *
  *   DATA/vms/NAME/incoming.json   destination: whether a resume may have reached its QEMU
  *                                 (src/migration/no-return.ts), and the QEMU's spec
- *   DATA/vms/NAME/outgoing.json   source: the migration it belongs to and whether the
- *                                 guest ran before, so a rollback can resume it
+ *   DATA/vms/NAME/outgoing.json   source: the migration it belongs to, whether the guest
+ *                                 ran before, so a rollback can resume it, and where
+ *                                 the plan lets its disks and RAM go
  */
 import { readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -26,6 +27,8 @@ export interface OutgoingRecord {
   migration: string;
   /** Whether the guest ran when the migration began: a rollback resumes it only then. */
   wasRunning: boolean;
+  /** The plan's destination address, the only place the guest's disks and RAM may go (absent in records of earlier versions). */
+  destination?: string;
 }
 
 const incomingFile = 'incoming.json';
@@ -46,7 +49,8 @@ export function writeOutgoingRecord(vmDir: string, record: OutgoingRecord): Prom
 
 export async function readOutgoingRecord(vmDir: string): Promise<OutgoingRecord | undefined> {
   const record = await readRecord<OutgoingRecord>(join(vmDir, outgoingFile));
-  return record && typeof record.migration === 'string' && typeof record.wasRunning === 'boolean' ? record : undefined;
+  if (!record || typeof record.migration !== 'string' || typeof record.wasRunning !== 'boolean') return undefined;
+  return typeof record.destination === 'string' ? record : { migration: record.migration, wasRunning: record.wasRunning };
 }
 
 export async function removeOutgoingRecord(vmDir: string): Promise<void> {

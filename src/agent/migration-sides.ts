@@ -17,22 +17,25 @@ import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
 import type { MigrationStatus } from '../qmp/commands.ts';
 import { probeDestination, probeSource, qemuCapabilities, type QemuCapabilities } from '../migration/probe.ts';
-import type { DestinationFacts, MigrationPlan, SourceFacts } from '../migration/plan.ts';
+import type { CopyMode, DestinationFacts, MigrationPlan, SourceFacts } from '../migration/plan.ts';
 import { QemuDestination } from '../migration/qemu-destination.ts';
 import { QemuSource, removeLocalCopies } from '../migration/qemu-source.ts';
 import type { VmSpec } from '../qemu/spec.ts';
-import type { PreparedDestination } from '../migration/sides.ts';
+import type { MigrationSettings, MirrorTarget, PreparedDestination } from '../migration/sides.ts';
 import { settlement, type DestinationFate } from '../migration/no-return.ts';
 import type { MigrationPhase } from '../migration/phases.ts';
 import { readOutgoingRecord, removeOutgoingRecord, writeIncomingRecord, writeOutgoingRecord } from './half-records.ts';
 import { ContactLog } from './contact-log.ts';
 import { faultPoint } from '../util/fault-points.ts';
 import type { VmRegistry } from './vm-registry.ts';
+import { checkTargets } from './request-guard.ts';
 import { timeoutSignal } from '../util/abort.ts';
 
 interface SourceHalf {
   vm: string;
   side: QemuSource;
+  /** Where its disks and RAM may go: the destination address of the plan it was begun with (kept in outgoing.json across agent restarts). */
+  destination?: string;
   /** Set while the agent settles it alone: the controller's requests are refused, and its rollback waits for this. */
   settling?: Promise<void>;
 }
@@ -115,19 +118,33 @@ export class MigrationSides {
   }
 
   async probeDestination(spec: VmSpec): Promise<DestinationFacts> {
-    return probeDestination(this.#registry.hostId, spec, this.#registry.pool, this.#registry.names(), await this.capabilities());
+    // The probe connects to the spec's shared volumes: only to the storage server's.
+    this.#registry.guard.sharedServers(spec);
+    return probeDestination(this.#registry.hostId, this.#address, spec, this.#registry.pool, this.#registry.names(), await this.capabilities());
   }
 
-  /** Binds a migration id to a running VM on this host, as its source. */
-  async beginSource(id: string, vm: string): Promise<void> {
-    if (!this.#sources.has(id)) {
+  /**
+   * Binds a migration id to a running VM on this host, as its source, and to
+   * the destination address of its plan: the only place its disks and RAM may go.
+   */
+  async beginSource(id: string, plan: Pick<MigrationPlan, 'vm' | 'from' | 'toAddress'>): Promise<void> {
+    const { vm } = plan;
+    if (plan.from !== this.#registry.hostId) throw new VmferryError('VMF_FORBIDDEN', `migration ${id} is planned from ${plan.from}, not from ${this.#registry.hostId}`);
+    const existing = this.#sources.get(id);
+    if (existing) {
+      if (existing.vm !== vm) throw new VmferryError('VMF_CONFLICT', `migration ${id} on ${this.#registry.hostId} is of VM ${existing.vm}, not ${vm}`);
+      if (existing.destination !== undefined && existing.destination !== plan.toAddress) {
+        throw new VmferryError('VMF_CONFLICT', `migration ${id} goes to ${existing.destination}; it cannot be re-pointed at ${plan.toAddress}`);
+      }
+      existing.destination = plan.toAddress;
+    } else {
       const running = this.#registry.running(vm);
       this.#registry.setMigrating(vm, true);
-      const half: SourceHalf = { vm, side: new QemuSource({ hostId: this.#registry.hostId, vm: running, ...this.#fenceOption(), logger: this.#logger.child({ migration: id }) }) };
+      const half: SourceHalf = { vm, destination: plan.toAddress, side: new QemuSource({ hostId: this.#registry.hostId, vm: running, ...this.#fenceOption(), logger: this.#logger.child({ migration: id }) }) };
       this.#sources.set(id, half);
       try {
         // Before anything moves: an agent restarted mid-migration must find this half again to roll it back.
-        await writeOutgoingRecord(this.#registry.vmDir(vm), { migration: id, wasRunning: (await running.status()).running });
+        await writeOutgoingRecord(this.#registry.vmDir(vm), { migration: id, wasRunning: (await running.status()).running, destination: plan.toAddress });
       } catch (err) {
         this.#sources.delete(id);
         this.#registry.setMigrating(vm, false);
@@ -156,7 +173,7 @@ export class MigrationSides {
       }
       const side = await QemuSource.recover({ hostId: this.#registry.hostId, vm: qemu, ...this.#fenceOption(), logger: this.#logger.child({ migration: record.migration }) }, record.wasRunning);
       this.#registry.setMigrating(vm, true);
-      this.#sources.set(record.migration, { vm, side });
+      this.#sources.set(record.migration, { vm, side, ...(record.destination === undefined ? {} : { destination: record.destination }) });
       this.#contact.touch(sourceKey(record.migration));
       this.#logger.warn({ vm, migration: record.migration }, 'took back the source half of an unfinished migration');
     }
@@ -172,6 +189,25 @@ export class MigrationSides {
     return this.#contact.during(sourceKey(id), () => call(half.side));
   }
 
+  /** Starts the mirrors of the source half of `id`, refused unless every target is its plan's destination. */
+  startMirrors(id: string, targets: MirrorTarget[], copyMode: CopyMode, bandwidthBytes: number | undefined, signal: AbortSignal): Promise<void> {
+    checkTargets(this.#destinationOf(id), { mirrors: targets });
+    return this.useSource(id, (side) => side.startMirrors(targets, copyMode, bandwidthBytes, signal));
+  }
+
+  /** Starts the RAM migration of the source half of `id`, refused unless `uri` is its plan's destination. */
+  startMigration(id: string, uri: string, settings: MigrationSettings, signal: AbortSignal): Promise<void> {
+    checkTargets(this.#destinationOf(id), { uri });
+    return this.useSource(id, (side) => side.startMigration(uri, settings, signal));
+  }
+
+  #destinationOf(id: string): string {
+    const destination = this.#requireSource(id).destination;
+    // Only a half an agent of an earlier version began, taken back after a restart.
+    if (destination === undefined) throw new VmferryError('VMF_CONFLICT', `migration ${id} on ${this.#registry.hostId} has no destination address: begin it again with its plan before sending anything`);
+    return destination;
+  }
+
   /** Runs one request of the controller's on the destination half of `id`. */
   useDestination<T>(id: string, call: (side: QemuDestination) => Promise<T>): Promise<T> {
     const destination = this.#requireDestination(id);
@@ -184,6 +220,7 @@ export class MigrationSides {
 
   async #prepareDestination(id: string, spec: VmSpec, plan: MigrationPlan, signal: AbortSignal): Promise<PreparedDestination> {
     if (this.#destinations.has(id)) throw new VmferryError('VMF_CONFLICT', `migration ${id} is already prepared on ${this.#registry.hostId}`);
+    await this.#registry.guard.incoming(spec, plan);
     const destination = new QemuDestination({
       hostId: this.#registry.hostId,
       pool: this.#registry.pool,

@@ -25,6 +25,8 @@ import type { TlsIdentity } from '../security/tls-files.ts';
 import { writeQemuTlsDir } from '../qemu/tls-creds.ts';
 import { join } from 'node:path';
 import type { AccessPolicy } from '../http/access.ts';
+import type { NbdServerAddress } from '../qemu/spec.ts';
+import { RequestGuard } from './request-guard.ts';
 
 export interface AgentOptions {
   hostId: string;
@@ -37,6 +39,13 @@ export interface AgentOptions {
   abandonAfterMs?: number;
   /** What runs this host's guests (chooseAccelerator in src/qemu/accel.ts); default TCG, unprobed, for agents built inside tests. */
   accelerator?: HostAccelerator;
+  /**
+   * Directories whose files requests may name: kernels, initrds, images to
+   * import (--trusted-dir). None: every request that names a host file is refused.
+   */
+  trustedDirs?: readonly string[];
+  /** The storage server's NBD address (--storage-nbd): the only server shared disks may be on. None: shared disks are refused. */
+  storageNbd?: NbdServerAddress;
   logger: Logger;
   /** Serve with mutual TLS, and present this identity to the storage server and the controller. */
   tls?: TlsIdentity;
@@ -64,7 +73,7 @@ const MirrorsBody = Type.Object({
   bandwidthBytes: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER })),
 }, strict);
 const MigrateBody = Type.Object({
-  uri: Type.String({ pattern: '^tcp:' }),
+  uri: Type.String({ pattern: '^tcp:', maxLength: 300 }),
   settings: Type.Object({
     maxBandwidthBytes: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER })),
     downtimeLimitMs: Type.Integer({ minimum: 1, maximum: maxDowntimeLimitMs }),
@@ -83,7 +92,9 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   const accelerator = options.accelerator ?? { accelerator: 'tcg', reason: 'not probed: the embedding program chose no accelerator' };
   // Rewritten at every start: a rotated certificate reaches the next QEMU this agent starts.
   const qemuTlsDir = options.tls ? await writeQemuTlsDir(options.tls, join(options.dataDir, 'tls')) : undefined;
-  const registry = new VmRegistry(options.hostId, options.dataDir, options.logger, accelerator, fence, qemuTlsDir);
+  const guard = await RequestGuard.create({ trustedDirs: options.trustedDirs ?? [], poolDir: join(options.dataDir, 'pool'), vmsDir: join(options.dataDir, 'vms'), storageNbd: options.storageNbd });
+  if (!options.trustedDirs?.length) options.logger.warn('no --trusted-dir: requests that name a kernel, an initrd or an image to import are refused');
+  const registry = new VmRegistry(options.hostId, options.dataDir, options.logger, accelerator, guard, fence, qemuTlsDir);
   await registry.init();
   const sides = new MigrationSides(registry, options.address, options.logger, { abandonAfterMs: options.abandonAfterMs ?? defaultAbandonAfterMs });
   await sides.recoverSources();
@@ -158,13 +169,13 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   });
 
   // Source half of a migration.
-  app.post('/v1/migrations/:id/source/begin', { schema: { params, body: Type.Object({ vm: VmNameParamsSchema.properties.name }, strict) } }, async (request) => {
-    await sides.beginSource(request.params.id, request.body.vm);
+  app.post('/v1/migrations/:id/source/begin', { schema: { params, body: Type.Object({ plan: MigrationPlanSchema }, strict) } }, async (request) => {
+    await sides.beginSource(request.params.id, request.body.plan);
     return {};
   });
   app.post('/v1/migrations/:id/source/mirrors', { schema: { params, body: MirrorsBody } }, async (request, reply) => {
     const { targets, copyMode, bandwidthBytes } = request.body;
-    await sides.useSource(request.params.id, (side) => side.startMirrors(targets, copyMode, bandwidthBytes, replySignal(reply)));
+    await sides.startMirrors(request.params.id, targets, copyMode, bandwidthBytes, replySignal(reply));
     return {};
   });
   app.get(
@@ -178,7 +189,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     },
   );
   app.post('/v1/migrations/:id/source/migrate', { schema: { params, body: MigrateBody } }, async (request, reply) => {
-    await sides.useSource(request.params.id, (side) => side.startMigration(request.body.uri, request.body.settings as MigrationSettings, replySignal(reply)));
+    await sides.startMigration(request.params.id, request.body.uri, request.body.settings as MigrationSettings, replySignal(reply));
     return {};
   });
   app.get('/v1/migrations/:id/source/info', { schema: { params } }, (request, reply) => sides.useSource(request.params.id, (side) => side.migrationInfo(replySignal(reply))));

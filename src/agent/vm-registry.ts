@@ -19,7 +19,7 @@ import { guestKernelAppend, testGuestPaths } from '../guest/test-guest.ts';
 import type { HostAccelerator } from '../qemu/accel.ts';
 import { defaultCpuModel } from '../qemu/cpu-models.ts';
 import { QemuProcess, killOrphanQemu } from '../qemu/process.ts';
-import { validateVmSpec, type DiskSource, type DiskSpec, type NicSpec, type VmSpec } from '../qemu/spec.ts';
+import { validateVmSpec, type BootSpec, type DiskSource, type DiskSpec, type NicSpec, type VmSpec } from '../qemu/spec.ts';
 import { existingBridges, removeTapsOf } from '../qemu/taps.ts';
 import { createOverlay, importImage } from '../storage/disk-images.ts';
 import { LocalPool } from '../storage/local-pool.ts';
@@ -30,6 +30,7 @@ import { guestNeverRan } from '../migration/qemu-destination.ts';
 import { fsyncDir, fsyncFile, mkdirDurable, removeDurable, renameDurable, writeFileDurable } from '../util/durable-file.ts';
 import { readIncomingRecord } from './half-records.ts';
 import { Quarantine } from './quarantine.ts';
+import type { RequestGuard } from './request-guard.ts';
 
 type LocalDiskRequest = NonNullable<CreateVmRequest['disks'][number]['local']>;
 
@@ -55,12 +56,15 @@ export class VmRegistry {
   readonly accelerator: HostAccelerator;
   /** The agent's TLS identity in QEMU's layout, when it has one: every QEMU it starts gets it. */
   readonly qemuTlsDir: string | undefined;
+  /** What a request may make this host open (request-guard.ts): checked before anything is created or started. */
+  readonly guard: RequestGuard;
   readonly #dataDir: string;
   readonly #logger: Logger;
   readonly #vms = new Map<string, VmEntry>();
 
-  constructor(hostId: string, dataDir: string, logger: Logger, accelerator: HostAccelerator, fence?: SharedWriterFence, qemuTlsDir?: string) {
+  constructor(hostId: string, dataDir: string, logger: Logger, accelerator: HostAccelerator, guard: RequestGuard, fence?: SharedWriterFence, qemuTlsDir?: string) {
     this.hostId = hostId;
+    this.guard = guard;
     this.qemuTlsDir = qemuTlsDir;
     this.accelerator = accelerator;
     this.fence = fence;
@@ -240,6 +244,21 @@ export class VmRegistry {
   async create(request: CreateVmRequest): Promise<VmInfo> {
     if (this.#vms.has(request.name)) throw new VmferryError('VMF_CONFLICT', `VM ${request.name} already exists on ${this.hostId}`);
     const vmDir = this.vmDir(request.name);
+    // Before anything is imported or created: a request that names what this host does not allow leaves nothing behind.
+    let boot: BootSpec;
+    if (request.boot.kind === 'test-guest') {
+      const files = testGuestPaths();
+      for (const file of [files.kernel, files.initrd]) await this.guard.hostFile(file, 'the test guest (boot.kind "test-guest")');
+      boot = { kind: 'kernel', ...files, append: guestKernelAppend({ mode: 'workload', ...request.boot.options }) };
+    } else {
+      boot = request.boot;
+      await this.guard.boot(boot);
+    }
+    for (const disk of request.disks) {
+      if (disk.local?.import !== undefined) await this.guard.importFile(disk.local.import, `disks.${disk.id}.local.import`);
+      if (disk.local?.baseServer) this.guard.storageServer(disk.local.baseServer, `disks.${disk.id}.local.baseServer`);
+      if (disk.shared) this.guard.storageServer(disk.shared.server, `disks.${disk.id}.shared.server`);
+    }
     const disks: DiskSpec[] = [];
     const created: string[] = [];
     try {
@@ -254,10 +273,6 @@ export class VmRegistry {
           throw new VmferryError('VMF_INVALID_SPEC', `invalid VM spec: disks.${disk.id} needs "local" or "shared"`);
         }
       }
-      const boot =
-        request.boot.kind === 'test-guest'
-          ? { kind: 'kernel' as const, ...testGuestPaths(), append: guestKernelAppend({ mode: 'workload', ...request.boot.options }) }
-          : request.boot;
       const nics: NicSpec[] = (request.nics ?? []).map((nic, i) => ({ id: `net${i}`, bridge: nic.bridge, mac: nic.mac?.toLowerCase() ?? generateMac() }));
       const bridges = await existingBridges(nics.map((nic) => nic.bridge));
       const missing = nics.find((nic) => !bridges.includes(nic.bridge));
@@ -314,6 +329,8 @@ export class VmRegistry {
   async start(name: string): Promise<VmInfo> {
     const entry = this.#idle(name);
     if (entry.qemu?.isAlive) throw new VmferryError('VMF_CONFLICT', `VM ${name} is already running on ${this.hostId}`);
+    // Its spec was checked when it came, but the operator may have trusted less since.
+    await this.guard.spec(entry.spec);
     if (this.fence) {
       // A new QEMU instance, new writer tokens: whatever ran this VM before, here or elsewhere, can no longer write.
       const spec = await this.fence.tokenize(entry.spec);

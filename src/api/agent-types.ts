@@ -9,6 +9,8 @@ import { namePatternSource, nameRule } from '../util/names.ts';
 
 const name = Type.String({ pattern: namePatternSource, description: `VM name: ${nameRule}` });
 const diskId = Type.String({ pattern: '^[a-z][a-z0-9_-]{0,19}$' });
+/** A host's address as others reach it (an IP address or a DNS name): it goes into QEMU URIs, so no ',' '/' or space. */
+export const hostAddressPattern = '^[A-Za-z0-9.:_-]+$';
 
 export const NbdServerSchema = Type.Union([
   Type.Object({ type: Type.Literal('inet'), host: Type.String({ minLength: 1, maxLength: 255 }), port: Type.Integer({ minimum: 1, maximum: 65535 }) }, { additionalProperties: false }),
@@ -36,12 +38,12 @@ export const CreateVmRequestSchema = Type.Object(
     name,
     vcpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 64 })),
     memoryMiB: Type.Optional(Type.Integer({ minimum: 16, maximum: 1024 * 1024 })),
-    machine: Type.Optional(Type.String({ pattern: '^[a-z0-9._-]+$' })),
+    machine: Type.Optional(Type.String({ pattern: '^[a-z0-9._-]+$', maxLength: 64 })),
     /** QEMU CPU model; default qemu64-v1 (defaultCpuModel in src/qemu/cpu-models.ts). */
     cpu: Type.Optional(Type.String({ pattern: cpuModelPattern.source, description: 'QEMU CPU model name, e.g. qemu64-v1, Westmere-v1' })),
     boot: Type.Union([
       Type.Object(
-        { kind: Type.Literal('kernel'), kernel: Type.String({ pattern: '^/' }), initrd: Type.Optional(Type.String({ pattern: '^/' })), append: Type.Optional(Type.String({ maxLength: 4096 })) },
+        { kind: Type.Literal('kernel'), kernel: Type.String({ pattern: '^/[^,]*$', maxLength: 4096 }), initrd: Type.Optional(Type.String({ pattern: '^/[^,]*$', maxLength: 4096 })), append: Type.Optional(Type.String({ maxLength: 4096 })) },
         { additionalProperties: false },
       ),
       Type.Object({ kind: Type.Literal('disk'), diskId }, { additionalProperties: false }),
@@ -184,6 +186,7 @@ export const MigrationPlanSchema = Type.Object({
   vm: name,
   from: Type.String({ minLength: 1, maxLength: 64 }),
   to: Type.String({ minLength: 1, maxLength: 64 }),
+  toAddress: Type.String({ pattern: hostAddressPattern, maxLength: 255 }),
   disks: Type.Array(
     Type.Object({
       id: diskId,
@@ -205,5 +208,5 @@ export const MigrationPlanSchema = Type.Object({
     allowPostcopy: Type.Boolean(),
   }),
   options: Type.Object({}),
-  refusals: Type.Array(Type.String()),
+  refusals: Type.Array(Type.String({ maxLength: 8192 }), { maxItems: 256 }),
 });

@@ -11,6 +11,11 @@ export function parseListen(value: string, what: string): { host: string; port: 
   return { host: match[1] as string, port };
 }
 
+/** Commander's accumulator for a repeatable option. */
+export function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
 const units: Record<string, number> = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 };
 
 /** "4G", "512M", "1048576" → bytes. */

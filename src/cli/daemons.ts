@@ -5,8 +5,9 @@ import { startHeartbeat } from '../agent/heartbeat.ts';
 import { buildController } from '../controller/server.ts';
 import { VmferryError } from '../errors.ts';
 import { chooseAccelerator, parseAccelMode } from '../qemu/accel.ts';
-import { daemonLogger, parseListen, untilSignal } from './common.ts';
+import { collect, daemonLogger, parseListen, untilSignal } from './common.ts';
 import { daemonTls, insecureHelp } from './tls-options.ts';
+import type { NbdServerAddress } from '../qemu/spec.ts';
 
 export function registerDaemonCommands(program: Command): void {
   program
@@ -17,6 +18,8 @@ export function registerDaemonCommands(program: Command): void {
     .requiredOption('--data-dir <dir>', 'where VM specs, logs and the local pool live')
     .option('--address <ip>', 'address other hosts reach this one at (default: the --listen host)')
     .option('--storage <url>', 'the storage server\'s admin URL, to fence shared volumes to one writer (or VMFERRY_STORAGE)', process.env.VMFERRY_STORAGE)
+    .option('--storage-nbd <host:port>', 'the storage server\'s NBD address, the only server shared disks may be on (default: the --storage host, port 10809)')
+    .option('--trusted-dir <dir>', 'a directory whose files (kernels, initrds, images to import) requests may name; repeatable (none: every request naming a host file is refused)', collect, [])
     .option('--advertise-url <url>', 'the URL the controller reaches this agent at, when not the --listen address (a proxy or NAT in front of it)')
     .option('--accel <mode>', 'what runs guests: auto (KVM when a probe guest runs under it, else TCG), kvm (refuse to start without it) or tcg', 'auto')
     .option('--insecure', insecureHelp)
@@ -29,6 +32,8 @@ export function registerDaemonCommands(program: Command): void {
         dataDir: string;
         address?: string;
         storage?: string;
+        storageNbd?: string;
+        trustedDir: string[];
         accel: string;
         abandonAfter: string;
         advertiseUrl?: string;
@@ -45,6 +50,7 @@ export function registerDaemonCommands(program: Command): void {
       const accelerator = await chooseAccelerator(accelMode);
       logger.info({ accelerator: accelerator.accelerator, reason: accelerator.reason }, `guests run under ${accelerator.accelerator.toUpperCase()}: ${accelerator.reason}`);
       const address = opts.address ?? listen.host;
+      const storageNbd = storageNbdAddress(opts.storageNbd, opts.storage);
       const { app } = await buildAgent({
         hostId: opts.hostId,
         dataDir: opts.dataDir,
@@ -52,6 +58,8 @@ export function registerDaemonCommands(program: Command): void {
         logger,
         abandonAfterMs: abandonAfterS * 1000,
         accelerator,
+        trustedDirs: opts.trustedDir,
+        ...(storageNbd ? { storageNbd } : {}),
         ...(opts.storage ? { storageUrl: opts.storage } : {}),
         ...(tls ? { tls } : {}),
       });
@@ -85,6 +93,12 @@ export function registerDaemonCommands(program: Command): void {
       await untilSignal();
       await app.close();
     });
+}
+
+/** The storage server's NBD address: --storage-nbd, else the --storage URL's host on NBD's port. */
+function storageNbdAddress(option: string | undefined, storageUrl: string | undefined): NbdServerAddress | undefined {
+  if (option !== undefined) return { type: 'inet', ...parseListen(option, '--storage-nbd') };
+  return storageUrl === undefined ? undefined : { type: 'inet', host: new URL(parseHttpUrl(storageUrl, '--storage')).hostname.replace(/^\[|\]$/g, ''), port: 10809 };
 }
 
 /** An http(s) URL without a path, as the controller joins API paths onto it. */

@@ -60,7 +60,7 @@ export class MigrationService {
     const abort = new AbortController();
     const logger = this.#logger.child({ migration: id, vm: request.vm });
     try {
-      await source.begin(request.vm);
+      await source.begin(plan);
     } catch (err) {
       // The agent may have bound the half and only its reply was lost: let go of it, or the VM stays "migrating" there.
       await source.rollback().catch((rollbackErr: unknown) => logger.warn({ err: describeError(rollbackErr) }, `could not release the source half on ${from}; its agent does after --abandon-after`));
@@ -74,7 +74,7 @@ export class MigrationService {
     const recordPhase = (phase: MigrationPhase): Promise<void> => this.#store.updateMigration(id, { phase });
     const done = runAttempts({
       run: (attemptEvent) => runMigration({ spec: vm.spec, plan, source, destination, signal: abort.signal, logger, onEvent: attemptEvent, recordPhase }),
-      beforeRetry: () => source.begin(request.vm),
+      beforeRetry: () => source.begin(plan),
       onEvent,
       signal: abort.signal,
     })

@@ -7,7 +7,7 @@ import { VmferryError } from '../errors.ts';
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
-import { CreateVmRequestSchema, MigrationParamsSchema, QuarantineParamsSchema, VmNameParamsSchema } from '../api/agent-types.ts';
+import { CreateVmRequestSchema, hostAddressPattern, MigrationParamsSchema, QuarantineParamsSchema, VmNameParamsSchema } from '../api/agent-types.ts';
 import { MigrateRequestSchema } from '../api/controller-types.ts';
 import { SqliteStore } from '../store/sqlite-store.ts';
 import type { Store } from '../store/store.ts';
@@ -52,8 +52,8 @@ export async function buildController(
         body: Type.Object(
           {
             id: Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' }),
-            url: Type.String({ pattern: '^https?://' }),
-            address: Type.String({ minLength: 1 }),
+            url: Type.String({ pattern: '^https?://', maxLength: 2048 }),
+            address: Type.String({ pattern: hostAddressPattern, maxLength: 255 }),
             // Optional: an agent of the previous version still registers.
             accelerator: Type.Optional(Type.Union([Type.Literal('kvm'), Type.Literal('tcg')])),
             acceleratorReason: Type.Optional(Type.String({ minLength: 1, maxLength: 1000 })),
@@ -86,7 +86,7 @@ export async function buildController(
   app.get('/v1/vms', () => inventory.vms());
   app.post(
     '/v1/vms',
-    { schema: { body: Type.Object({ host: Type.String({ minLength: 1 }), vm: CreateVmRequestSchema }, { additionalProperties: false }) } },
+    { schema: { body: Type.Object({ host: Type.String({ minLength: 1, maxLength: 64 }), vm: CreateVmRequestSchema }, { additionalProperties: false }) } },
     async (request, reply) => reply.status(201).send(await inventory.createVm(request.body.host, request.body.vm)),
   );
   app.get('/v1/vms/:name', { schema: nameParams }, (request) => inventory.vm(request.params.name));

@@ -21,6 +21,7 @@ import { findFreePort } from '../util/ports.ts';
 import { runProgram } from '../util/run.ts';
 import { canUseNamespaces, createGuestSegment, createNamespaceNetwork, type GuestSegment, type NamespaceNetwork } from './netns.ts';
 import { ClusterPki } from './cluster-pki.ts';
+import { testGuestDir } from '../guest/test-guest.ts';
 
 const cliPath = resolve(import.meta.dirname, '../../bin/vmferry.js');
 const agentPort = 10801;
@@ -65,6 +66,8 @@ export interface LocalClusterOptions {
   agentFront?: (host: { id: string; agentUrl: string; gateway: string }) => Promise<string>;
   /** Extra environment of a host's agent process (kept across restarts). */
   agentEnv?: (host: { id: string; dataDir: string }) => Record<string, string>;
+  /** Directories the agents trust for host files (--trusted-dir) besides the test guest's, e.g. of images to import. */
+  trustedDirs?: string[];
   /** Mutual TLS on every HTTP API, with a throwaway CA under workDir/pki (opt-in until TLS is the default). */
   tls?: boolean;
 }
@@ -168,6 +171,8 @@ export class LocalCluster {
       const dataDir = join(this.workDir, `host-${id}`);
       const agentUrl = `${scheme}://${address}:${agentPort}`;
       const args = [cliPath, '--controller', this.controllerUrl, 'agent', '--host-id', id, '--listen', `${address}:${agentPort}`, '--data-dir', dataDir, '--storage', this.storageAdminUrl];
+      args.push('--storage-nbd', `${this.storageNbd.host}:${this.storageNbd.port}`);
+      for (const dir of [testGuestDir(), ...(options.trustedDirs ?? [])]) args.push('--trusted-dir', dir);
       if (options.agentFront) args.push('--advertise-url', await options.agentFront({ id, agentUrl, gateway: serviceHost }));
       // Migration streams and mirror exports go over the direct link when there is one.
       if (namespaceHost?.linkAddress) args.push('--address', namespaceHost.linkAddress);

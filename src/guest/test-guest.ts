@@ -35,6 +35,11 @@ export function testGuestPaths(): { kernel: string; initrd: string } {
  * boot loader starts the workload with guestKernelAppend({ mode: 'workload' }),
  * and the records go to its second partition.
  */
+/** Where the test guest's kernel, initrd and disk image are: an agent that runs it trusts this directory (--trusted-dir). */
+export function testGuestDir(): string {
+  return buildDir;
+}
+
 export function testGuestDiskImage(): string {
   const image = join(buildDir, 'disk.qcow2');
   if (!existsSync(image)) throw new VmferryError('VMF_TOOL_MISSING', `the test guest's disk image is not built (${image}): run scripts/setup.sh`);

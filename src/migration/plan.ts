@@ -66,6 +66,8 @@ export interface LocalDiskFacts {
 /** What the destination reported when probed. */
 export interface DestinationFacts {
   hostId: string;
+  /** The address the source reaches it at (its agent's --address): where the plan lets the VM's disks and RAM go. */
+  address: string;
   qemuVersion: string;
   /** Machine types the destination's QEMU supports (aliases resolved, e.g. q35 → pc-q35-7.2). */
   machineTypes: string[];
@@ -124,6 +126,8 @@ export interface MigrationPlan {
   vm: string;
   from: string;
   to: string;
+  /** The destination's address: the source sends the VM's disks and RAM there and nowhere else (src/agent/request-guard.ts). */
+  toAddress: string;
   disks: DiskPlan[];
   ram: {
     memoryMiB: number;
@@ -266,6 +270,7 @@ export function planMigration(
     vm: spec.name,
     from: source.hostId,
     to: destination.hostId,
+    toAddress: destination.address,
     disks,
     ram: {
       memoryMiB: spec.memoryMiB,

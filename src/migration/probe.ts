@@ -74,6 +74,7 @@ export async function probeSource(hostId: string, vm: QemuProcess, qemu: QemuCap
 /** Facts about this host as the destination for `spec`; run on the destination host. */
 export async function probeDestination(
   hostId: string,
+  address: string,
   spec: VmSpec,
   pool: LocalPool,
   vmNames: string[],
@@ -89,6 +90,7 @@ export async function probeDestination(
   const cpuModel = spec.cpu ?? qemuBuiltinCpuModel;
   return {
     hostId,
+    address,
     qemuVersion: qemu.version,
     machineTypes: [...new Set(Object.values(qemu.machines))],
     accelerator: qemu.accelerator,

@@ -105,8 +105,12 @@ function requireInteger(value: unknown, field: string, min: number, max: number)
   return value;
 }
 
+/** Linux's PATH_MAX: a longer path is no file QEMU could open. */
+const maxPathBytes = 4096;
+
 function requireAbsolutePath(value: unknown, field: string): string {
   const path = requireString(value, field);
+  if (Buffer.byteLength(path) > maxPathBytes) invalid(field, `must be at most ${maxPathBytes} bytes`);
   if (!path.startsWith('/')) invalid(field, `must be an absolute path (got "${path}")`);
   if (path.includes(',')) invalid(field, `must not contain a comma (got "${path}")`);
   return path;
@@ -116,6 +120,7 @@ function validateNbdServer(value: unknown, field: string): NbdServerAddress {
   if (!isRecord(value)) invalid(field, 'must be an object');
   if (value.type === 'inet') {
     const host = requireString(value.host, `${field}.host`);
+    if (host.length > 255) invalid(`${field}.host`, 'must be at most 255 characters');
     const port = requireInteger(value.port, `${field}.port`, 1, 65535);
     return { type: 'inet', host, port };
   }
@@ -199,7 +204,7 @@ function validateBoot(value: unknown, diskIds: Set<string>): BootSpec {
     const boot: BootSpec = { kind: 'kernel', kernel: requireAbsolutePath(value.kernel, 'boot.kernel') };
     if (value.initrd !== undefined) boot.initrd = requireAbsolutePath(value.initrd, 'boot.initrd');
     if (value.append !== undefined) {
-      if (typeof value.append !== 'string') invalid('boot.append', 'must be a string');
+      if (typeof value.append !== 'string' || value.append.length > 4096) invalid('boot.append', 'must be a string of at most 4096 characters');
       boot.append = value.append;
     }
     return boot;

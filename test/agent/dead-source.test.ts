@@ -11,6 +11,8 @@ import pino from 'pino';
 import { AgentClient, RemoteSource } from '../../src/agent/client.ts';
 import { buildAgent } from '../../src/agent/server.ts';
 import { hasCode } from '../../src/errors.ts';
+import { testGuestDir } from '../../src/guest/test-guest.ts';
+import { defaultMigrationOptions, planMigration, type DestinationFacts } from '../../src/migration/plan.ts';
 import { makeTempDir } from '../support/temp.ts';
 
 const running: FastifyInstance[] = [];
@@ -19,7 +21,7 @@ after(async () => {
 });
 
 async function startAgent(dataDir: string): Promise<AgentClient> {
-  const { app } = await buildAgent({ hostId: 'A', dataDir, address: '127.0.0.1', logger: pino({ level: 'silent' }), abandonAfterMs: 0 });
+  const { app } = await buildAgent({ hostId: 'A', dataDir, address: '127.0.0.1', logger: pino({ level: 'silent' }), abandonAfterMs: 0, trustedDirs: [testGuestDir()] });
   running.push(app);
   return new AgentClient(await app.listen({ host: '127.0.0.1', port: 0 }));
 }
@@ -32,7 +34,8 @@ async function powerLossDuringMigration(name: string, id: string): Promise<{ cli
   const first = await startAgent(dataDir);
   const vm = await first.createVm({ name, memoryMiB: 128, boot: { kind: 'test-guest' }, disks: [{ id: 'root', local: { sizeBytes: 32 << 20 } }] });
   const started = await first.startVm(name);
-  await new RemoteSource('A', first, id).begin(name);
+  const destination: DestinationFacts = { hostId: 'B', address: '127.0.0.2', qemuVersion: '7.2.0', machineTypes: [], accelerator: 'tcg', cpu: { model: 'qemu64', unavailableFeatures: [] }, freeMemoryMiB: 0, poolFreeBytes: 0, reachableExports: {}, vmNames: [] };
+  await new RemoteSource('A', first, id).begin(planMigration(vm.spec, await first.probeSource(name), destination, defaultMigrationOptions));
   const disk = vm.spec.disks[0]?.source.kind === 'file' ? vm.spec.disks[0].source.path : assert.fail('a local disk');
   process.kill(started.pid as number, 'SIGKILL');
   await (running.pop() as FastifyInstance).close();

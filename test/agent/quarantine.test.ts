@@ -19,6 +19,7 @@ import { buildAgent } from '../../src/agent/server.ts';
 import type { QuarantineEntry } from '../../src/api/agent-types.ts';
 import { buildController } from '../../src/controller/server.ts';
 import { hasCode } from '../../src/errors.ts';
+import { testGuestDir } from '../../src/guest/test-guest.ts';
 import { requestJson } from '../../src/http/errors.ts';
 import { makeTempDir } from '../support/temp.ts';
 
@@ -38,7 +39,7 @@ let client: AgentClient;
 async function startAgent(): Promise<void> {
   stopHeartbeat?.();
   await agent?.close();
-  agent = (await buildAgent({ hostId: 'A', dataDir, address: '127.0.0.1', logger })).app;
+  agent = (await buildAgent({ hostId: 'A', dataDir, address: '127.0.0.1', logger, trustedDirs: [testGuestDir()] })).app;
   client = new AgentClient(await agent.listen({ host: '127.0.0.1', port: 0 }));
   const host = { id: 'A', url: client.url, address: '127.0.0.1' };
   await requestJson(controllerUrl, 'POST', '/v1/hosts/heartbeat', { body: host });
@@ -56,7 +57,7 @@ async function vmferry(...args: string[]): Promise<{ code: number; stdout: strin
 }
 
 async function createVm(name: string): Promise<string> {
-  const vm = await client.createVm({ name, memoryMiB: 128, boot: { kind: 'kernel', kernel: '/boot/vmlinuz' }, disks: [{ id: 'root', local: { sizeBytes: 16 << 20 } }] });
+  const vm = await client.createVm({ name, memoryMiB: 128, boot: { kind: 'test-guest' }, disks: [{ id: 'root', local: { sizeBytes: 16 << 20 } }] });
   const disk = vm.spec.disks[0]?.source;
   assert.ok(disk?.kind === 'file');
   return disk.path;

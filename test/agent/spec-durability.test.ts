@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import pino from 'pino';
+import { RequestGuard } from '../../src/agent/request-guard.ts';
 import { VmRegistry } from '../../src/agent/vm-registry.ts';
 import { test } from 'node:test';
 import { syncedPath, traceScript, type Syscall } from '../support/strace.ts';
@@ -69,7 +70,7 @@ test('a VM directory leaves in one durable rename: killed at any point, the agen
   const trash = join(dataDir, 'trash', 'web.killed');
   await mkdir(trash, { recursive: true });
   await writeFile(join(trash, 'spec.json'), '{"name":"web"}');
-  const registry = new VmRegistry('A', dataDir, pino({ level: 'silent' }), { accelerator: 'tcg', reason: 'test' });
+  const registry = new VmRegistry('A', dataDir, pino({ level: 'silent' }), { accelerator: 'tcg', reason: 'test' }, await RequestGuard.create({ trustedDirs: [], poolDir: join(dataDir, 'pool'), vmsDir: join(dataDir, 'vms'), storageNbd: undefined }));
   await registry.init();
   assert.deepEqual(registry.names(), []);
   assert.deepEqual(await readdir(join(dataDir, 'trash')), [], 'what a killed agent was removing is removed at the next start');

@@ -16,6 +16,7 @@ import { AgentClient, RemoteSource } from '../../src/agent/client.ts';
 import type { VmInfo } from '../../src/api/agent-types.ts';
 import { buildAgent } from '../../src/agent/server.ts';
 import { hasCode } from '../../src/errors.ts';
+import { testGuestDir } from '../../src/guest/test-guest.ts';
 import { defaultMigrationOptions, planMigration } from '../../src/migration/plan.ts';
 import { probeDestination, qemuCapabilities } from '../../src/migration/probe.ts';
 import { QemuDestination } from '../../src/migration/qemu-destination.ts';
@@ -29,7 +30,7 @@ let client: AgentClient;
 
 before(async () => {
   dir = await mkdtemp(join(tmpdir(), 'vmferry-abandon-'));
-  agent = (await buildAgent({ hostId: 'A', dataDir: join(dir, 'agent'), address: '127.0.0.1', logger: pino({ level: 'silent' }), abandonAfterMs })).app;
+  agent = (await buildAgent({ hostId: 'A', dataDir: join(dir, 'agent'), address: '127.0.0.1', logger: pino({ level: 'silent' }), abandonAfterMs, trustedDirs: [testGuestDir()] })).app;
   client = new AgentClient(await agent.listen({ host: '127.0.0.1', port: 0 }));
 });
 
@@ -55,12 +56,16 @@ async function pauseAtSwitchover(name: string, id: string, run: (paused: PausedA
   try {
     // Planned before the source half is bound, as the controller does: from then on the half counts the controller's silence.
     const qemu = await qemuCapabilities();
-    const plan = planMigration(vm.spec, await client.probeSource(vm.name), await probeDestination('B', vm.spec, pool, [], qemu), defaultMigrationOptions);
+    const plan = planMigration(vm.spec, await client.probeSource(vm.name), await probeDestination('B', '127.0.0.1', vm.spec, pool, [], qemu), defaultMigrationOptions);
     const source = new RemoteSource('A', client, id);
-    await source.begin(vm.name);
+    await source.begin(plan);
     const signal = AbortSignal.timeout(120_000);
     const prepared = await destination.prepare(vm.spec, plan, signal);
     assert.deepEqual(prepared.mirrorTargets.length, 1);
+    // Disks and RAM go only to the destination of the plan the half was begun with, whatever the controller forwards.
+    const elsewhere = prepared.mirrorTargets.map((t) => ({ ...t, server: { type: 'inet' as const, host: '127.0.0.66', port: 10809 } }));
+    await assert.rejects(source.startMirrors(elsewhere, 'write-blocking', undefined, signal), (err: unknown) => hasCode(err, 'VMF_FORBIDDEN') && /mirror of disk root would go to 127\.0\.0\.66:10809/.test((err as Error).message));
+    await assert.rejects(source.startMigration('tcp:127.0.0.66:4444', { maxBandwidthBytes: undefined, downtimeLimitMs: 300, allowPostcopy: false }, signal), (err: unknown) => hasCode(err, 'VMF_FORBIDDEN'));
     await source.startMirrors(prepared.mirrorTargets, 'write-blocking', undefined, signal);
     while (!(await source.mirrorStatus(signal, 1000)).every((m) => m.ready)) await sleep(10);
     assert.deepEqual((await client.getVm(vm.name)).blockJobs, ['mirror-root'], 'the agent lists the mirror its QEMU runs');

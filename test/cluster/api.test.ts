@@ -10,6 +10,7 @@ import type { FastifyInstance } from 'fastify';
 import pino from 'pino';
 import { buildAgent } from '../../src/agent/server.ts';
 import { buildController } from '../../src/controller/server.ts';
+import { testGuestDir } from '../../src/guest/test-guest.ts';
 import { recordReliability } from '../support/reliability.ts';
 
 let dir: string;
@@ -21,7 +22,7 @@ let controllerUrl: string;
 before(async () => {
   dir = await mkdtemp(join(tmpdir(), 'vmferry-api-'));
   const logger = pino({ level: 'silent' });
-  agent = (await buildAgent({ hostId: 'A', dataDir: join(dir, 'agent'), address: '127.0.0.1', logger })).app;
+  agent = (await buildAgent({ hostId: 'A', dataDir: join(dir, 'agent'), address: '127.0.0.1', logger, trustedDirs: [testGuestDir()] })).app;
   agentUrl = await agent.listen({ host: '127.0.0.1', port: 0 });
   controller = (await buildController({ dbPath: join(dir, 'controller.db'), logger })).app;
   controllerUrl = await controller.listen({ host: '127.0.0.1', port: 0 });
@@ -47,13 +48,24 @@ interface BadRequest {
 }
 
 const validVm = { name: 'ok', boot: { kind: 'test-guest' }, disks: [] };
-const validPlan = { vm: 'ok', from: 'A', to: 'B', disks: [], ram: { memoryMiB: 64, maxDowntimeMs: 300, allowPostcopy: false }, options: {}, refusals: [] };
+const validPlan = { vm: 'ok', from: 'A', to: 'B', toAddress: '127.0.0.2', disks: [], ram: { memoryMiB: 64, maxDowntimeMs: 300, allowPostcopy: false }, options: {}, refusals: [] };
+const guestKernel = join(testGuestDir(), 'vmlinuz');
+/** A migration's spec that tells the destination to open the host's first disk as it is. */
+const rawDeviceSpec = { name: 'ok', vcpus: 1, memoryMiB: 64, boot: { kind: 'kernel', kernel: guestKernel }, disks: [{ id: 'root', source: { kind: 'file', path: '/dev/sda', format: 'raw' } }] };
 
 const cases: BadRequest[] = [
   { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, name: '../x' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /name/ },
   { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, memoryMiB: 'lots' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /memoryMiB/ },
   { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'Root Disk', local: { sizeBytes: 1 << 20 } }] }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /disks\/0\/id/ },
-  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'root', local: { import: '/nonexistent/web.qcow2' } }] }, status: 400, code: 'VMF_IMAGE_INVALID', message: /cannot import \/nonexistent\/web\.qcow2: no such file/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'root', local: { import: join(testGuestDir(), 'web.qcow2') } }] }, status: 400, code: 'VMF_IMAGE_INVALID', message: /cannot import \/\S+\/web\.qcow2: no such file/ },
+  // What only the agent's operator may allow (src/agent/request-guard.ts):
+  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'root', local: { import: '/etc/shadow' } }] }, status: 403, code: 'VMF_FORBIDDEN', message: /disks\.root\.local\.import \/etc\/shadow is outside the agent's trusted directories .*--trusted-dir/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, boot: { kind: 'kernel', kernel: '/etc/shadow' } }, status: 403, code: 'VMF_FORBIDDEN', message: /boot\.kernel \/etc\/shadow is outside/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, boot: { kind: 'kernel', kernel: guestKernel, initrd: `${testGuestDir()}/${'../'.repeat(16)}etc/shadow` } }, status: 403, code: 'VMF_FORBIDDEN', message: /boot\.initrd \S+ \(which resolves to \/etc\/shadow\) is outside/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'd', shared: { server: { type: 'inet', host: '192.0.2.1', port: 10809 }, export: 'e' } }] }, status: 403, code: 'VMF_FORBIDDEN', message: /disks\.d\.shared\.server is on the NBD server 192\.0\.2\.1:10809, and this agent has no storage server/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/prepare', body: { spec: rawDeviceSpec, plan: validPlan }, status: 403, code: 'VMF_FORBIDDEN', message: /disk root is the file \/dev\/sda and its plan does not mirror it/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/prepare', body: { spec: { ...rawDeviceSpec, disks: [], boot: { kind: 'kernel', kernel: '/boot/../etc/passwd' } }, plan: validPlan }, status: 403, code: 'VMF_FORBIDDEN', message: /boot\.kernel/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/begin', body: { plan: { ...validPlan, from: 'B' } }, status: 403, code: 'VMF_FORBIDDEN', message: /planned from B, not from A/ },
   { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'root', local: { import: 'web.qcow2' } }] }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /disks\/0\/local\/import/ },
   { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'd', shared: { server: { type: 'inet', host: 'x', port: 99999 }, export: 'e' } }] }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /port|server/ },
   { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'd' }] }, status: 400, code: 'VMF_INVALID_SPEC', message: /needs "local" or "shared"/ },
@@ -70,7 +82,7 @@ const cases: BadRequest[] = [
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/prepare', body: { spec: { vcpus: 1 }, plan: validPlan }, status: 400, code: 'VMF_INVALID_SPEC', message: /name/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/resume', status: 404, code: 'VMF_NOT_FOUND', message: /migration m1 has no destination/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/wait-incoming', status: 404, code: 'VMF_NOT_FOUND', message: /no destination/ },
-  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/begin', body: { vm: 'nope' }, status: 404, code: 'VMF_NOT_FOUND', message: /no VM named nope/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/begin', body: { plan: { ...validPlan, vm: 'nope' } }, status: 404, code: 'VMF_NOT_FOUND', message: /no VM named nope/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/mirrors', body: { targets: [], copyMode: 'fast' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /copyMode/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/migrate', body: { uri: 'exec:rm -rf /', settings: { downtimeLimitMs: 1, allowPostcopy: false } }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /uri/ },
   { server: 'agent', method: 'GET', path: '/v1/migrations/m1/source/info', status: 404, code: 'VMF_NOT_FOUND', message: /migration m1 has no source/ },
@@ -105,6 +117,11 @@ const cases: BadRequest[] = [
   { server: 'agent', method: 'GET', path: '/v1/vms/%C0%AE', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /not a valid url component/ },
   { server: 'controller', method: 'POST', path: '/v1/migrations', raw: '<vm/>', contentType: 'application/xml', status: 415, code: 'VMF_INVALID_ARGUMENT', message: /unsupported content-type "application\/xml"/ },
   { server: 'controller', method: 'GET', path: '/v1/migrations/nope/events?after=1e400', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /after must be an integer/ },
+  // Every string of a body is bounded, and an address goes into QEMU URIs as it is:
+  { server: 'controller', method: 'POST', path: '/v1/hosts/heartbeat', body: { id: 'B', url: 'http://x', address: '10.0.0.2,x-fd=3' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /address must match pattern/ },
+  { server: 'controller', method: 'POST', path: '/v1/hosts/heartbeat', body: { id: 'B', url: `http://${'x'.repeat(3000)}`, address: 'b' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /url must NOT have more than 2048 characters/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, boot: { kind: 'kernel', kernel: `/${'k'.repeat(5000)}` } }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /kernel must NOT have more than 4096 characters/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/prepare', body: { spec: { ...rawDeviceSpec, boot: { kind: 'kernel', kernel: `/${'k'.repeat(5000)}` } }, plan: validPlan }, status: 400, code: 'VMF_INVALID_SPEC', message: /boot\.kernel must be at most 4096 bytes/ },
 ];
 
 for (const c of cases) {

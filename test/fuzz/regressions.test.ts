@@ -46,7 +46,7 @@ test('agent API: a destination prepare with a malformed plan is a 400, and a rea
   const plan = planMigration(
     structuredClone(spec) as never,
     { hostId: 'A', qemuVersion: '7.2.0', machineType: 'pc-q35-7.2', accelerator: 'tcg', localDisks: { root: { virtualSize: 2 ** 30, allocatedBytes: 2 ** 20, backingFile: undefined } } },
-    { hostId: 'B', qemuVersion: '7.2.0', machineTypes: ['pc-q35-7.2'], accelerator: 'tcg', cpu: { model: 'qemu64', unavailableFeatures: [] }, freeMemoryMiB: 8192, poolFreeBytes: 2 ** 40, reachableExports: { [exportKey(server, 'data')]: 2 ** 30 }, vmNames: [] },
+    { hostId: 'B', address: '127.0.0.1', qemuVersion: '7.2.0', machineTypes: ['pc-q35-7.2'], accelerator: 'tcg', cpu: { model: 'qemu64', unavailableFeatures: [] }, freeMemoryMiB: 8192, poolFreeBytes: 2 ** 40, reachableExports: { [exportKey(server, 'data')]: 2 ** 30 }, vmNames: [] },
     { ...defaultMigrationOptions, bandwidthMiBs: 100 },
   );
   // What the controller sends is the plan as JSON.

@@ -33,7 +33,8 @@ async function vmferry(controller: string, ...args: string[]): Promise<{ code: n
 
 before(async () => {
   temp = await makeTempDir('import-cli');
-  cluster = await LocalCluster.start({ workDir: temp.path, hostIds: ['A'], logger: pino({ level: 'silent' }), namespaces: false });
+  // The domain below boots /boot/vmlinuz: the agent must trust /boot for it.
+  cluster = await LocalCluster.start({ workDir: temp.path, hostIds: ['A'], logger: pino({ level: 'silent' }), namespaces: false, trustedDirs: ['/boot'] });
 });
 
 after(async () => {

@@ -29,6 +29,7 @@ function plan(timeoutS = 60): MigrationPlan {
     { hostId: 'A', qemuVersion: '7.2', machineType: 'q35', accelerator: 'tcg', localDisks: { root: { virtualSize: 1 << 20, allocatedBytes: 1 << 19, backingFile: undefined } } },
     {
       hostId: 'B',
+      address: '127.0.0.1',
       qemuVersion: '7.2',
       machineTypes: ['q35'],
       accelerator: 'tcg',

@@ -29,6 +29,7 @@ const source: SourceFacts = {
 function destination(overrides: Partial<DestinationFacts> = {}): DestinationFacts {
   return {
     hostId: 'B',
+    address: '10.0.0.2',
     qemuVersion: '7.2.0',
     machineTypes: ['pc-q35-7.2', 'pc-i440fx-7.2'],
     accelerator: 'tcg',
@@ -75,6 +76,7 @@ test('mixed disks and read-only shared media: one operation per disk', () => {
     ['scratch', 'mirror', 100 * 1024 ** 2],
   ]);
   assert.match(plan.disks[2]?.reason ?? '', /^read-only shared volume/);
+  assert.equal(plan.toAddress, '10.0.0.2', 'the only address the source agent will send the disks and RAM to');
 });
 
 test('a shared volume the destination cannot reach is refused with the reason', () => {

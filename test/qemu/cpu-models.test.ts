@@ -41,11 +41,11 @@ test('a destination whose QEMU cannot run the VM\'s CPU model is refused with th
   const source: SourceFacts = { hostId: 'A', qemuVersion: qemu.version, machineType: qemu.machines.q35 ?? 'q35', accelerator: 'tcg', localDisks: {} };
   const pool = new LocalPool(temp.path);
   const icelake = spec('icelake', 'Icelake-Server-v1');
-  const refused = planMigration(icelake, source, await probeDestination('B', icelake, pool, [], qemu), defaultMigrationOptions);
+  const refused = planMigration(icelake, source, await probeDestination('B', '127.0.0.1', icelake, pool, [], qemu), defaultMigrationOptions);
   assert.equal(refused.refusals.length, 1, refused.refusals.join('; '));
   assert.match(refused.refusals[0] as string, /^B cannot run CPU model Icelake-Server-v1 under TCG: its QEMU lacks .*\bavx512f\b/);
   const westmere = spec('westmere', 'Westmere-v1');
-  assert.deepEqual(planMigration(westmere, source, await probeDestination('B', westmere, pool, [], qemu), defaultMigrationOptions).refusals, []);
+  assert.deepEqual(planMigration(westmere, source, await probeDestination('B', '127.0.0.1', westmere, pool, [], qemu), defaultMigrationOptions).refusals, []);
 });
 
 test('a VM runs its CPU model: the guest\'s CPU is that model, and QEMU was told to enforce it', async () => {

@@ -9,10 +9,11 @@ import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import pino from 'pino';
+import { RequestGuard } from '../../src/agent/request-guard.ts';
 import { VmRegistry } from '../../src/agent/vm-registry.ts';
 import type { CreateVmRequest } from '../../src/api/agent-types.ts';
 import { hasCode } from '../../src/errors.ts';
-import { testGuestDiskImage } from '../../src/guest/test-guest.ts';
+import { testGuestDir, testGuestDiskImage } from '../../src/guest/test-guest.ts';
 import { createOverlay, importImage, nbdUri } from '../../src/storage/disk-images.ts';
 import { imageInfo, LocalPool } from '../../src/storage/local-pool.ts';
 import { runProgram } from '../../src/util/run.ts';
@@ -41,7 +42,9 @@ before(async () => {
   dir = temp.path;
   storage = await startTestStorage();
   cleanup.add('stop the storage server', () => storage.stop());
-  registry = new VmRegistry('A', join(dir, 'agent'), pino({ level: 'silent' }), { accelerator: 'tcg', reason: 'test' });
+  const agentDir = join(dir, 'agent');
+  const guard = await RequestGuard.create({ trustedDirs: [dir, testGuestDir()], poolDir: join(agentDir, 'pool'), vmsDir: join(agentDir, 'vms'), storageNbd: server() });
+  registry = new VmRegistry('A', agentDir, pino({ level: 'silent' }), { accelerator: 'tcg', reason: 'test' }, guard);
   await registry.init();
 });
 

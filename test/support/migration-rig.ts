@@ -96,7 +96,7 @@ export class MigrationRig {
   async plan(options: Partial<MigrationOptions> = {}, spec: VmSpec = this.spec): Promise<MigrationPlan> {
     const qemu = await qemuCapabilities();
     const sourceFacts = await probeSource('A', this.source, qemu);
-    const destinationFacts = await probeDestination('B', spec, this.poolB, [], qemu);
+    const destinationFacts = await probeDestination('B', '127.0.0.1', spec, this.poolB, [], qemu);
     return planMigration(spec, sourceFacts, destinationFacts, { ...defaultMigrationOptions, ...options });
   }
 

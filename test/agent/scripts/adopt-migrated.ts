@@ -5,12 +5,15 @@
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import pino from 'pino';
+import { RequestGuard } from '../../../src/agent/request-guard.ts';
 import { VmRegistry } from '../../../src/agent/vm-registry.ts';
 import type { QemuProcess } from '../../../src/qemu/process.ts';
 import { validateVmSpec } from '../../../src/qemu/spec.ts';
 
 const [dataDir, name] = process.argv.slice(2) as [string, string];
-const registry = new VmRegistry('B', dataDir, pino({ level: 'silent' }), { accelerator: 'tcg', reason: 'test' });
+// Adopting checks nothing a request names: the guard trusts nothing.
+const guard = await RequestGuard.create({ trustedDirs: [], poolDir: join(dataDir, 'pool'), vmsDir: join(dataDir, 'vms'), storageNbd: undefined });
+const registry = new VmRegistry('B', dataDir, pino({ level: 'silent' }), { accelerator: 'tcg', reason: 'test' }, guard);
 await registry.init();
 // The mirror target the destination filled during the migration.
 const image = join(dataDir, 'pool', `${name}-root.qcow2`);
