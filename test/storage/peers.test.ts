@@ -5,6 +5,8 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
+import { requestJson } from '../../src/http/errors.ts';
+import type { VolumeStats } from '../../src/storage/traffic.ts';
 import { makeTempDir } from '../support/temp.ts';
 import { startTestStorage, type TestStorage } from '../support/storage.ts';
 
@@ -34,6 +36,10 @@ async function qemuIoWith(flags: string[], uri: string, ...commands: string[]): 
   return stdout;
 }
 
+function volumeStats(volume: string): Promise<VolumeStats> {
+  return requestJson<VolumeStats>(storage.adminUrl, 'GET', `/v1/volumes/${volume}/stats`);
+}
+
 test('nbdinfo sees the flags, the base:allocation context, block sizes and the export list', async () => {
   const { stdout } = await execFile('nbdinfo', ['--json', storage.uri('vol')]);
   const info = JSON.parse(stdout) as { protocol: string; structured: boolean; exports: Record<string, unknown>[] };
@@ -56,7 +62,8 @@ test('nbdinfo sees the flags, the base:allocation context, block sizes and the e
   assert.match(list, /export="vol"/);
 });
 
-test('two qemu-io clients write and read patterns on one volume at the same time', async () => {
+test('two qemu-io clients write and read patterns on one volume at the same time; the server counts the bytes of each', async () => {
+  const before = await volumeStats('vol');
   await Promise.all([
     qemuIo(storage.uri('vol'), 'aio_write -P 0xa1 0 4M', 'aio_write -P 0xa2 8M 4M', 'aio_flush', 'flush'),
     qemuIo(storage.uri('vol'), 'aio_write -P 0xb1 4M 4M', 'aio_write -P 0xb2 12M 4M', 'aio_flush', 'flush'),
@@ -67,6 +74,20 @@ test('two qemu-io clients write and read patterns on one volume at the same time
     qemuIo(storage.uri('vol'), 'read -P 0xa1 0 4M', 'read -P 0xa2 8M 4M'),
   ]);
   for (const text of out) assert.doesNotMatch(text, /Pattern verification failed/);
+
+  // Four connections, each wrote or read 8 MiB: the volume's counters and each connection's agree with what the clients did.
+  const after = await volumeStats('vol');
+  const MiB = 1024 * 1024;
+  assert.equal(after.countingSince, before.countingSince);
+  assert.equal(after.bytesWritten - before.bytesWritten, 16 * MiB);
+  assert.equal(after.bytesRead - before.bytesRead, 16 * MiB);
+  const fresh = after.connections.slice(0, 4);
+  assert.ok(fresh.every((c) => c.disconnectedAt !== null && /^127\.0\.0\.1:\d+$/.test(c.client)), JSON.stringify(fresh));
+  assert.deepEqual(fresh.map((c) => [c.bytesRead, c.bytesWritten]).sort(), [[0, 8 * MiB], [0, 8 * MiB], [8 * MiB, 0], [8 * MiB, 0]]);
+  // A write the fence or a read-only export refuses moves nothing, and is not counted.
+  const iso = await volumeStats('iso');
+  await assert.rejects(qemuIo(storage.uri('iso'), 'write -P 0x11 0 1M'));
+  assert.equal((await volumeStats('iso')).bytesWritten, iso.bytesWritten);
 });
 
 test('qemu-img converts an image into a volume and compares it identical', async () => {
