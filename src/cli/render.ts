@@ -74,6 +74,7 @@ export function renderReport(report: MigrationReport): string {
   return lines.join('\n');
 }
 
+/** A figure that was not measured says so, rather than showing a number. */
 function msOrUnknown(ms: number | undefined): string {
-  return ms === undefined ? 'unknown ms' : `${ms} ms`;
+  return ms === undefined ? '(not measured)' : `${ms} ms`;
 }
