@@ -126,10 +126,11 @@ export interface MigrationReport {
   /** The guest's pause at switch-over as QEMU measured it (its `downtime`), last attempt; undefined unless completed. */
   downtimeMs: number | undefined;
   /**
-   * The guest's pause at the switch-over that completed, measured from QMP event timestamps: the source QEMU's
-   * STOP to the destination QEMU's RESUME (two hosts' clocks: keep them in step). It includes what QEMU's
+   * The guest's pause in the last attempt, measured from QMP event timestamps. Completed: the source QEMU's
+   * STOP to the destination QEMU's RESUME (two hosts' clocks: keep them in step); it includes what QEMU's
    * downtime leaves out (the wait at pre-switchover, the memory comparison, the lease hand-over and `cont`).
-   * Absent unless completed, or when an event was not seen.
+   * Rolled back: the source's STOP to its own RESUME; 0 when the guest was never stopped. Absent when an
+   * event was not seen (or the migration is unresolved: the guest is still paused).
    */
   pauseMs?: number;
   /** Attempts it took, when more than one (a rollback for a memory mismatch is retried). */
