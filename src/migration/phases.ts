@@ -128,7 +128,8 @@ export interface MigrationReport {
   /**
    * The guest's pause in the last attempt, measured from QMP event timestamps. Completed: the source QEMU's
    * STOP to the destination QEMU's RESUME (two hosts' clocks: keep them in step); it includes what QEMU's
-   * downtime leaves out (the wait at pre-switchover, the memory comparison, the lease hand-over and `cont`).
+   * downtime leaves out, everything after the source sent its last byte (the destination loading the
+   * state, the memory comparison, the lease hand-over and `cont`).
    * Rolled back: the source's STOP to its own RESUME; 0 when the guest was never stopped. Absent when an
    * event was not seen (or the migration is unresolved: the guest is still paused).
    */
