@@ -68,7 +68,7 @@ export function renderReport(report: MigrationReport): string {
   lines.push(
     table(['phase', 'duration'], [
       ...report.phases.filter((p) => p.durationMs > 0).map((p) => [p.phase, `${p.durationMs} ms`]),
-      ...(report.pauseMs === undefined ? [] : [["(guest paused: source's STOP → destination's RESUME)", `${report.pauseMs} ms`]]),
+      ...(report.pauseMs === undefined ? [] : [[report.outcome === 'completed' ? "(guest paused: source's STOP → destination's RESUME)" : "(guest paused: source's STOP → its RESUME)", `${report.pauseMs} ms`]]),
     ]),
   );
   return lines.join('\n');
