@@ -9,12 +9,15 @@ import { requestJson } from '../http/errors.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
 import type { DestinationFacts, MigrationPlan, SourceFacts, CopyMode } from '../migration/plan.ts';
 import type {
+  DestinationResumed,
   DestinationSide,
   MigrationMilestone,
   MigrationSettings,
   MirrorStatus,
   MirrorTarget,
   PreparedDestination,
+  SourceCompletion,
+  SourceRolledBack,
   SourceSide,
 } from '../migration/sides.ts';
 import type { MemoryDigest } from '../qemu/memory-digest.ts';
@@ -122,8 +125,10 @@ export class RemoteDestination implements DestinationSide {
     return this.#agent.request('POST', `${this.#path}/memory-digest`, {}, { signal, timeoutMs: memoryDigestTimeoutMs });
   }
 
-  async resume(signal: AbortSignal): Promise<void> {
-    await this.#agent.request('POST', `${this.#path}/resume`, {}, { signal, timeoutMs: 60_000 });
+  async resume(signal: AbortSignal): Promise<DestinationResumed> {
+    const reply = await this.#agent.request<Partial<DestinationResumed>>('POST', `${this.#path}/resume`, {}, { signal, timeoutMs: 60_000 });
+    // An agent of the previous version answers {}: the moment is then not known.
+    return { resumedAtUs: reply.resumedAtUs ?? null };
   }
 
   async fate(signal: AbortSignal): Promise<DestinationFate> {
@@ -195,7 +200,7 @@ export class RemoteSource implements SourceSide {
     return this.#agent.request('POST', `${this.#path}/memory-digest`, {}, { signal, timeoutMs: memoryDigestTimeoutMs });
   }
 
-  completedInfo(signal: AbortSignal): Promise<MigrationInfo> {
+  completedInfo(signal: AbortSignal): Promise<SourceCompletion> {
     return this.#agent.request('GET', `${this.#path}/completed-info`, undefined, { signal });
   }
 
@@ -203,7 +208,8 @@ export class RemoteSource implements SourceSide {
     await this.#agent.request('POST', `${this.#path}/retire`, { keepLocalDisks }, { timeoutMs: 60_000 });
   }
 
-  async rollback(): Promise<void> {
-    await this.#agent.request('POST', `${this.#path}/rollback`, {}, { timeoutMs: 120_000 });
+  async rollback(): Promise<SourceRolledBack> {
+    const reply = await this.#agent.request<Partial<SourceRolledBack>>('POST', `${this.#path}/rollback`, {}, { timeoutMs: 120_000 });
+    return { pauseMs: reply.pauseMs ?? null };
   }
 }

@@ -21,7 +21,7 @@ import type { CopyMode, DestinationFacts, MigrationPlan, SourceFacts } from '../
 import { QemuDestination } from '../migration/qemu-destination.ts';
 import { QemuSource, removeLocalCopies } from '../migration/qemu-source.ts';
 import type { VmSpec } from '../qemu/spec.ts';
-import type { MigrationSettings, MirrorTarget, PreparedDestination } from '../migration/sides.ts';
+import type { DestinationResumed, MigrationSettings, MirrorTarget, PreparedDestination, SourceRolledBack } from '../migration/sides.ts';
 import { settlement, type DestinationFate } from '../migration/no-return.ts';
 import type { MigrationPhase } from '../migration/phases.ts';
 import { readOutgoingRecord, removeOutgoingRecord, writeIncomingRecord, writeOutgoingRecord } from './half-records.ts';
@@ -262,19 +262,20 @@ export class MigrationSides {
     };
   }
 
-  async resumeDestination(id: string, signal: AbortSignal): Promise<void> {
-    await this.useDestination(id, async (destination) => {
+  resumeDestination(id: string, signal: AbortSignal): Promise<DestinationResumed> {
+    return this.useDestination(id, async (destination) => {
       const vm = destination.vm;
       if (!vm) throw new VmferryError('VMF_CONFLICT', `migration ${id} is not prepared on ${this.#registry.hostId}`);
       const vmDir = this.#registry.vmDir(vm.spec.name);
       // Before the cont can leave: a restarted agent then knows this QEMU may run the guest, and with which spec.
       await writeIncomingRecord(vmDir, { migration: id, phase: 'resume-sent', spec: vm.spec });
-      await destination.resume(signal);
+      const resumed = await destination.resume(signal);
       faultPoint('destination-after-cont');
       await this.#registry.adoptMigrated(vm);
       await writeIncomingRecord(vmDir, { migration: id, phase: 'resumed', spec: vm.spec });
       this.#forgetDestination(id);
       this.#rememberEnded(id, 'guest-ran');
+      return resumed;
     });
   }
 
@@ -314,14 +315,14 @@ export class MigrationSides {
     });
   }
 
-  async rollbackSource(id: string): Promise<void> {
+  async rollbackSource(id: string): Promise<SourceRolledBack> {
     const deadVm = this.#deadSources.get(id);
     if (deadVm !== undefined) {
       // Nothing to resume: the guest died with its QEMU. The VM stays here, stopped, with its disks.
       this.#registry.setMigrating(deadVm, false);
       await removeOutgoingRecord(this.#registry.vmDir(deadVm));
       this.#deadSources.delete(id);
-      return;
+      return { pauseMs: null };
     }
     let half = this.#sources.get(id);
     if (half?.settling) {
@@ -329,14 +330,14 @@ export class MigrationSides {
       await half.settling;
       half = this.#sources.get(id);
     }
-    if (!half) return;
-    await this.#contact.during(sourceKey(id), () => this.#rollBackSource(id, half));
+    if (!half) return { pauseMs: null };
+    return this.#contact.during(sourceKey(id), () => this.#rollBackSource(id, half));
   }
 
   /** `settledHere` says why, for a controller that asks after the agent settled the half alone; it is recorded before the half is forgotten, so no request sees neither. */
-  async #rollBackSource(id: string, half: SourceHalf, settledHere?: string): Promise<void> {
+  async #rollBackSource(id: string, half: SourceHalf, settledHere?: string): Promise<SourceRolledBack> {
     try {
-      await half.side.rollback();
+      return await half.side.rollback();
     } finally {
       // Even a rollback that failed half-way hands the VM back: its owner must be able to stop or inspect it.
       this.#registry.setMigrating(half.vm, false);

@@ -159,8 +159,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   );
   app.post('/v1/migrations/:id/destination/resume', { schema: { params } }, async (request) => {
     // Not cancelled when the caller goes away: a resume stopped half-way (lease taken, cont sent) is the one state nobody can settle.
-    await sides.resumeDestination(request.params.id, timeoutSignal(`the resume of migration ${request.params.id}`, 60_000));
-    return {};
+    return sides.resumeDestination(request.params.id, timeoutSignal(`the resume of migration ${request.params.id}`, 60_000));
   });
   app.post('/v1/migrations/:id/destination/fate', { schema: { params } }, async (request) => ({ fate: await sides.destinationFate(request.params.id) }));
   app.post('/v1/migrations/:id/destination/rollback', { schema: { params } }, async (request) => {
@@ -230,10 +229,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     await sides.retireSource(request.params.id, request.body.keepLocalDisks);
     return {};
   });
-  app.post('/v1/migrations/:id/source/rollback', { schema: { params } }, async (request) => {
-    await sides.rollbackSource(request.params.id);
-    return {};
-  });
+  app.post('/v1/migrations/:id/source/rollback', { schema: { params } }, (request) => sides.rollbackSource(request.params.id));
 
   return { app: base, registry };
 }

@@ -225,7 +225,12 @@ export function registerClusterCommands(program: Command): void {
       const records = await api.migrations();
       if (json) printJson(records);
       else {
-        console.log(table(['id', 'vm', 'from', 'to', 'phase', 'started', 'downtime'], records.map((r) => [r.id, r.vm, r.from, r.to, r.phase, new Date(r.createdAt).toISOString(), r.report?.downtimeMs === undefined ? '' : `${r.report.downtimeMs} ms`])));
+        console.log(
+          table(
+            ['id', 'vm', 'from', 'to', 'phase', 'started', 'pause', 'downtime (QEMU)'],
+            records.map((r) => [r.id, r.vm, r.from, r.to, r.phase, new Date(r.createdAt).toISOString(), r.report?.pauseMs === undefined ? '' : `${r.report.pauseMs} ms`, r.report?.downtimeMs === undefined ? '' : `${r.report.downtimeMs} ms`]),
+          ),
+        );
         for (const r of records.filter((r) => r.phase === 'unresolved')) console.log(`unresolved ${r.id}: ${r.report?.error?.message ?? 'waiting for the destination to answer'}`);
       }
     });

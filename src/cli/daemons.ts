@@ -82,12 +82,13 @@ export function registerDaemonCommands(program: Command): void {
     .description('run the controller: inventory, placement checks, migrations through the agents')
     .requiredOption('--listen <host:port>', 'address of the controller\'s HTTP API')
     .requiredOption('--db <file>', 'SQLite database file')
+    .option('--storage <url>', 'the storage server\'s admin URL: a migration\'s report then says what it read and wrote for each re-attached disk (or VMFERRY_STORAGE)', process.env.VMFERRY_STORAGE)
     .option('--insecure', insecureHelp)
-    .action(async (opts: { listen: string; db: string }, command: Command) => {
+    .action(async (opts: { listen: string; db: string; storage?: string }, command: Command) => {
       const listen = parseListen(opts.listen, '--listen');
       const logger = daemonLogger('controller');
       const tls = daemonTls(command, 'controller', logger);
-      const { app } = await buildController({ dbPath: opts.db, logger, ...(tls ? { tls } : {}) });
+      const { app } = await buildController({ dbPath: opts.db, logger, ...(tls ? { tls } : {}), ...(opts.storage ? { storage: { url: opts.storage, ...(tls ? { tls } : {}) } } : {}) });
       const url = await app.listen({ host: listen.host, port: listen.port });
       logger.info({ url }, 'controller listening');
       await untilSignal();

@@ -17,7 +17,7 @@ import { Pinger } from '../demo/pinger.ts';
 import { StreamCheck } from '../demo/stream-check.ts';
 import { checkVerify, readGuestReport, waitForAcks } from '../guest/test-guest.ts';
 import { verifyDisks } from '../guest/verify.ts';
-import type { MigrationReport } from '../migration/phases.ts';
+import type { MigrationReport, StorageIo } from '../migration/phases.ts';
 import { followMigration } from './progress.ts';
 import { renderReport } from './render.ts';
 
@@ -38,8 +38,12 @@ interface DemoSummary {
     to: string;
     totalMs: number;
     downtimeMs: number | undefined;
+    /** The guest's pause, the source's STOP to the destination's RESUME (MigrationReport.pauseMs); null when not measured. */
+    pauseMs: number | null;
     ramBytes: number;
-    disks: { id: string; operation: string; bytesSent: number }[];
+    disks: { id: string; operation: string; bytesSent: number; storageIo?: StorageIo }[];
+    /** When it took more than one: the sums over every attempt. */
+    allAttempts?: MigrationReport['allAttempts'];
     network?: NetworkSummary;
   }[];
   /** Whether the cluster ran with its own CA: mutual TLS on every API and every data stream. */
@@ -53,8 +57,10 @@ function summarize(report: MigrationReport, network: NetworkSummary | undefined)
     to: report.to,
     totalMs: report.totalMs,
     downtimeMs: report.downtimeMs,
+    pauseMs: report.pauseMs ?? null,
     ramBytes: report.ram.transferredBytes,
-    disks: report.disks.map((d) => ({ id: d.id, operation: d.operation, bytesSent: d.bytesSent })),
+    disks: report.disks.map((d) => ({ id: d.id, operation: d.operation, bytesSent: d.bytesSent, ...(d.storageIo ? { storageIo: d.storageIo } : {}) })),
+    ...(report.allAttempts && report.allAttempts.count > 1 ? { allAttempts: report.allAttempts } : {}),
     ...(network ? { network } : {}),
   };
 }

@@ -27,22 +27,54 @@ export function renderPlan(plan: MigrationPlan): string {
 }
 
 export function renderReport(report: MigrationReport): string {
+  const attempts = report.attemptLog ?? [];
   const lines = [
     `Migration of ${report.vm} from ${report.from} to ${report.to}: ${report.outcome}` +
-      (report.outcome === 'completed' ? ` in ${(report.totalMs / 1000).toFixed(1)} s, downtime ${report.downtimeMs ?? '?'} ms` : ''),
+      (report.outcome === 'completed' ? ` in ${(report.totalMs / 1000).toFixed(1)} s, guest paused ${msOrUnknown(report.pauseMs)} (QEMU's downtime ${msOrUnknown(report.downtimeMs)})` : '') +
+      (attempts.length > 1 ? `, ${attempts.length} attempts` : ''),
   ];
   if (report.error) lines.push(`  reason: ${report.error.message} [${report.error.code}]`);
   if (report.recovery && report.outcome === 'completed') lines.push(`  settled after a restart: ${report.recovery}`);
   if (report.ram.memoryCompared) lines.push('  guest memory identical at both ends before the destination ran (checked: TCG guest)');
+  if (attempts.length > 1) {
+    attempts.forEach((a, i) => {
+      const ended = a.error ? `${a.outcome} (${a.error.code})` : a.outcome;
+      lines.push(`  attempt ${i + 1}: ${ended} after ${(a.durationMs / 1000).toFixed(1)} s, RAM ${formatBytes(a.ramBytes)} and disks ${formatBytes(a.diskBytes)} sent, guest paused ${msOrUnknown(a.pauseMs)}`);
+    });
+    const all = report.allAttempts;
+    if (all) lines.push(`  all attempts: RAM ${formatBytes(all.ramBytes)} and disks ${formatBytes(all.diskBytes)} sent, guest paused ${msOrUnknown(all.pauseMs)} in all`);
+  }
+  const ramHow = [`${report.ram.passes} passes`, ...(report.ram.throttlePercent ? [`guest throttled up to ${report.ram.throttlePercent} %`] : [])];
   lines.push(
     table(
       ['disk', 'operation', 'size', 'bytes sent'],
       [
-        ...report.disks.flatMap((d) => [[d.id, d.operation, formatBytes(d.virtualSize), formatBytes(d.bytesSent)], ...(d.base ? [[`${d.id} (base ${d.base})`, 'reattach', '-', formatBytes(0)]] : [])]),
-        ['(RAM)', report.ram.passes > 0 ? `migrate (${report.ram.passes} passes)` : 'migrate', formatBytes(report.ram.totalBytes), formatBytes(report.ram.transferredBytes)],
+        ...report.disks.flatMap((d) => [
+          [d.id, d.operation, formatBytes(d.virtualSize), d.operation === 'reattach' ? `${formatBytes(0)} (no copy job)` : formatBytes(d.bytesSent)],
+          ...(d.base ? [[`${d.id} (base ${d.base})`, 'reattach', '-', `${formatBytes(0)} (no copy job)`]] : []),
+        ]),
+        ['(RAM)', report.ram.passes > 0 ? `migrate (${ramHow.join(', ')})` : 'migrate', formatBytes(report.ram.totalBytes), formatBytes(report.ram.transferredBytes)],
       ],
     ),
-    table(['phase', 'duration'], report.phases.filter((p) => p.durationMs > 0).map((p) => [p.phase, `${p.durationMs} ms`])),
+  );
+  for (const d of report.disks) {
+    if (!d.storageIo) continue;
+    lines.push(
+      d.storageIo.measured
+        ? `  ${d.id}: no copy job; the storage server saw ${formatBytes(d.storageIo.bytesRead)} read and ${formatBytes(d.storageIo.bytesWritten)} written for it during the migration`
+        : `  ${d.id}: no copy job; what the storage server saw of it is not known: ${d.storageIo.why}`,
+    );
+  }
+  lines.push(
+    table(['phase', 'duration'], [
+      ...report.phases.filter((p) => p.durationMs > 0).map((p) => [p.phase, `${p.durationMs} ms`]),
+      ...(report.pauseMs === undefined ? [] : [[report.outcome === 'completed' ? "(guest paused: source's STOP → destination's RESUME)" : "(guest paused: source's STOP → its RESUME)", `${report.pauseMs} ms`]]),
+    ]),
   );
   return lines.join('\n');
+}
+
+/** A figure that was not measured says so, rather than showing a number. */
+function msOrUnknown(ms: number | undefined): string {
+  return ms === undefined ? '(not measured)' : `${ms} ms`;
 }

@@ -8,11 +8,12 @@ import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
 import { RemoteDestination, RemoteSource } from '../agent/client.ts';
 import { runMigration } from '../migration/executor.ts';
-import { finalPhases, type MigrationEvent, type MigrationPhase } from '../migration/phases.ts';
+import { finalPhases, type MigrationEvent, type MigrationPhase, type MigrationReport } from '../migration/phases.ts';
 import { defaultMigrationOptions, planMigration, type MigrationOptions, type MigrationPlan } from '../migration/plan.ts';
 import type { MigrationRecord, Store } from '../store/store.ts';
 import { runAttempts } from './attempts.ts';
 import { retireUntilDone, settleUntilDone } from './recovery.ts';
+import { StorageIoWatch, type StorageServerAccess } from './storage-io.ts';
 import type { Inventory } from './inventory.ts';
 
 export interface MigrationRequest {
@@ -26,14 +27,16 @@ export class MigrationService {
   readonly #store: Store;
   readonly #inventory: Inventory;
   readonly #logger: Logger;
+  readonly #storage: StorageServerAccess | undefined;
   readonly #running = new Map<string, { abort: AbortController; done: Promise<void> }>();
   /** Ends the loops that keep asking about unresolved migrations, on shutdown. */
   readonly #stopping = new AbortController();
 
-  constructor(store: Store, inventory: Inventory, logger: Logger) {
+  constructor(store: Store, inventory: Inventory, logger: Logger, storage?: StorageServerAccess) {
     this.#store = store;
     this.#inventory = inventory;
     this.#logger = logger;
+    this.#storage = storage;
   }
 
   /** Plans the migration; unless a dry run, starts it and returns its id. */
@@ -72,12 +75,18 @@ export class MigrationService {
     };
     // Awaited before each step acts: a controller that restarts settles the migration from it (recovery.ts).
     const recordPhase = (phase: MigrationPhase): Promise<void> => this.#store.updateMigration(id, { phase });
-    const done = runAttempts({
-      run: (attemptEvent) => runMigration({ spec: vm.spec, plan, source, destination, signal: abort.signal, logger, onEvent: attemptEvent, recordPhase }),
-      beforeRetry: () => source.begin(plan),
-      onEvent,
-      signal: abort.signal,
-    })
+    const attempts = async (): Promise<MigrationReport> => {
+      // A re-attached disk has no copy job: the storage server's counters, before and after, say what crossed for it.
+      const storageIo = await StorageIoWatch.start(this.#storage, vm.spec, plan, logger);
+      const report = await runAttempts({
+        run: (attemptEvent) => runMigration({ spec: vm.spec, plan, source, destination, signal: abort.signal, logger, onEvent: attemptEvent, recordPhase }),
+        beforeRetry: () => source.begin(plan),
+        onEvent,
+        signal: abort.signal,
+      });
+      return storageIo.finish(report);
+    };
+    const done = attempts()
       .then(async (report) => {
         await this.#store.updateMigration(id, { phase: report.phases.at(-1)?.phase ?? 'failed', report });
         if (report.outcome === 'completed') await this.#store.setVmLocation({ name: request.vm, hostId: request.to });

@@ -14,6 +14,7 @@ import type { Store } from '../store/store.ts';
 import { Inventory } from './inventory.ts';
 import { MigrationService } from './migrations.ts';
 import { settleUnfinishedMigrations } from './recovery.ts';
+import type { StorageServerAccess } from './storage-io.ts';
 import { requireSameId, type AccessPolicy } from '../http/access.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
 
@@ -23,6 +24,8 @@ export interface ControllerOptions {
   store?: Store;
   /** Serve with mutual TLS, and present this identity to the agents. */
   tls?: TlsIdentity;
+  /** The storage server's admin API: a migration's report says what it saw of each re-attached disk (storage-io.ts). */
+  storage?: StorageServerAccess;
 }
 
 /** Agents only heartbeat (as themselves: see the route); operators use everything else (docs/SECURITY.md). */
@@ -33,7 +36,7 @@ export async function buildController(
 ): Promise<{ app: FastifyInstance; migrations: MigrationService; store: Store; settled: Promise<void> }> {
   const store = options.store ?? new SqliteStore(options.dbPath);
   const inventory = new Inventory(store, options.tls);
-  const migrations = new MigrationService(store, inventory, options.logger);
+  const migrations = new MigrationService(store, inventory, options.logger, options.storage);
   const { base, app } = await createApiServer('vmferry controller', options.logger, 1024 * 1024, { tls: options.tls, access: controllerAccess });
   // Migrations a previous controller process left behind: settled in the background while the API serves.
   const stopSettling = new AbortController();

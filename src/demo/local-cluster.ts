@@ -155,12 +155,17 @@ export class LocalCluster {
     const dbPath = join(this.workDir, 'controller.db');
     const controllerPort = await findFreePort(serviceHost);
     if (options.controllerProcess) {
-      const command = [process.execPath, cliPath, 'controller', '--listen', `${serviceHost}:${controllerPort}`, '--db', dbPath, ...this.#pkiArgs('controller')];
+      const command = [process.execPath, cliPath, 'controller', '--listen', `${serviceHost}:${controllerPort}`, '--db', dbPath, '--storage', this.storageAdminUrl, ...this.#pkiArgs('controller')];
       this.#controllerProcess = { command, child: this.#spawnDaemon('controller', command) };
       this.controllerUrl = `${scheme}://${serviceHost}:${controllerPort}`;
       await this.#waitController();
     } else {
-      const controller = await buildController({ dbPath, logger: this.#logger.child({ component: 'controller' }), ...(this.pki ? { tls: this.pki.controller } : {}) });
+      const controller = await buildController({
+        dbPath,
+        logger: this.#logger.child({ component: 'controller' }),
+        storage: { url: this.storageAdminUrl, ...(this.pki ? { tls: this.pki.controller } : {}) },
+        ...(this.pki ? { tls: this.pki.controller } : {}),
+      });
       this.#controller = controller.app;
       this.controllerUrl = await controller.app.listen({ host: serviceHost, port: controllerPort });
     }

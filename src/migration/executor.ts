@@ -28,7 +28,7 @@ import { StallWatch } from './stall-watch.ts';
 import { ConvergenceWatch } from './convergence.ts';
 import { finalPhases, type MigrationEvent, type MigrationPhase, type MigrationReport, type PhaseTiming, type RamProgress } from './phases.ts';
 import type { MigrationPlan } from './plan.ts';
-import type { DestinationSide, MigrationMilestone, SourceSide } from './sides.ts';
+import type { DestinationSide, MigrationMilestone, SourceCompletion, SourceSide } from './sides.ts';
 import { resumeMayHaveBeenSent, settlement, type DestinationFate } from './no-return.ts';
 
 export interface RunMigrationInput {
@@ -110,7 +110,9 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
   const deadline = new Deadline(`migration of ${plan.vm} to ${plan.to}`, plan.options.timeoutS * 1000, input.signal);
   const signal = deadline.signal;
   const bytesSent = new Map<string, number>();
-  let lastInfo: MigrationInfo = {};
+  const figures: Figures = { info: {}, throttlePercent: 0, stoppedAtUs: null, pauseMs: undefined };
+  /** The source's final figures, asked for as soon as its RAM migration completed. */
+  let completion: Promise<SourceCompletion | undefined> | undefined;
   // What a rollback has to undo: set before the step that touches it acts, so a half-done step is undone too. The
   // source is always rolled back: its half was bound to the migration before this ran (an agent's source/begin).
   let destinationTouched = false;
@@ -123,12 +125,14 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
     await record(phase);
     await input.beforePhase?.(phase);
   };
-  const finish = async (recovery?: string): Promise<MigrationReport> => {
+  const finish = async (recovery?: string, resumedAtUs: number | null = null): Promise<MigrationReport> => {
     // The guest runs on the destination: nothing may bring the source back.
-    lastInfo = await source.completedInfo(timeoutSignal('reading the final migration figures', 10_000)).catch((err: unknown) => {
-      logger?.warn({ err: describeError(err) }, 'could not read final migration figures');
-      return lastInfo;
-    });
+    const completed = await (completion ?? readCompletion(source, logger));
+    if (completed) {
+      figures.info = completed.info;
+      figures.stoppedAtUs = completed.stoppedAtUs;
+    }
+    figures.pauseMs = pauseBetween(figures.stoppedAtUs, resumedAtUs, logger);
     try {
       await source.retire(plan.options.keepSource);
       await record('source-retired');
@@ -136,7 +140,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       logger?.error({ err: describeError(err) }, `source ${source.hostId} did not retire cleanly; the guest runs on ${destination.hostId}`);
     }
     await record('completed');
-    const done = report(plan, timeline, 'completed', bytesSent, lastInfo, undefined);
+    const done = report(plan, timeline, 'completed', bytesSent, figures, undefined);
     if (recovery) done.recovery = recovery;
     return done;
   };
@@ -166,9 +170,12 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       },
       signal,
     );
-    const milestone = await convergeRam(source, plan, prepared.mirrorTargets.length > 0, pollMs, signal, emit, (info) => (lastInfo = info));
+    const milestone = await convergeRam(source, plan, prepared.mirrorTargets.length > 0, pollMs, signal, emit, (info) => {
+      figures.info = info;
+      figures.throttlePercent = Math.max(figures.throttlePercent, info['cpu-throttle-percentage'] ?? 0);
+    });
     if (milestone !== 'pre-switchover') {
-      throw new VmferryError('VMF_MIGRATION_FAILED', `RAM migration ended as "${milestone}" before switch-over: ${lastInfo['error-desc'] ?? 'no reason given'}`);
+      throw new VmferryError('VMF_MIGRATION_FAILED', `RAM migration ended as "${milestone}" before switch-over: ${figures.info['error-desc'] ?? 'no reason given'}`);
     }
 
     // 4. Switch over: mirrors drain in sync while the images are still active, then the rest of RAM moves.
@@ -182,6 +189,8 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       // drain, which QEMU counts as downtime (docs/BENCHMARKS.md).
       sourceDigest = plan.ram.compareMemory ? new PendingDigest(source, signal) : undefined;
       await destination.waitIncomingCompleted(signal);
+      // Read while the memory is compared, off the pause's path: the figures, and when the guest stopped.
+      completion = readCompletion(source, logger);
       if (sourceDigest) await compareMemory(sourceDigest, destination, signal);
     } finally {
       sourceDigest?.abandon();
@@ -190,9 +199,9 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
     // 5. The point of no return, stored before the request leaves. Neither a cancel nor the deadline
     // interrupts a resume: one stopped half-way (lease moved, cont sent) is what only the rule can settle.
     await enter('resume-sent');
-    await destination.resume(timeoutSignal(`the resume on ${destination.hostId}`, resumeTimeoutMs));
+    const { resumedAtUs } = await destination.resume(timeoutSignal(`the resume on ${destination.hostId}`, resumeTimeoutMs));
     await record('resumed');
-    return await finish();
+    return await finish(undefined, resumedAtUs);
   } catch (err) {
     const cancelled = input.signal?.aborted === true;
     const faultPhase = timeline.current;
@@ -205,7 +214,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       record(phase).catch((recordErr: unknown) => logger?.error({ err: describeError(recordErr) }, `could not record phase ${phase}`));
     const unresolved = async (why: string): Promise<MigrationReport> => {
       await recordQuietly('unresolved');
-      return report(plan, timeline, 'unresolved', bytesSent, lastInfo, { code: 'VMF_UNRESOLVED', message: `${failure.message}; ${why}` });
+      return report(plan, timeline, 'unresolved', bytesSent, figures, { code: 'VMF_UNRESOLVED', message: `${failure.message}; ${why}` });
     };
 
     let fate: DestinationFate | undefined;
@@ -236,8 +245,10 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       }
     }
     await recordQuietly('rolling-back');
+    const guestStopped = timeline.phases.some((p) => p.phase === 'paused-at-switchover');
     try {
-      await source.rollback();
+      const { pauseMs } = await source.rollback();
+      figures.pauseMs = guestStopped ? (pauseMs ?? undefined) : 0;
     } catch (undoErr) {
       // The source's guest may be paused with nobody to resume it: the migration is not over until its agent answers.
       if (hasCode(undoErr, 'VMF_UNREACHABLE') || hasCode(undoErr, 'VMF_TIMEOUT')) {
@@ -245,12 +256,41 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       }
       undoFailures.push(`roll back source ${source.hostId}: ${describeError(undoErr)}`);
     }
+    // The figures of an attempt whose RAM migration completed (a memory mismatch) are its final ones, not the last sample.
+    const completed = await completion;
+    if (completed) figures.info = completed.info;
     timeline.enter(cancelled ? 'cancelled' : 'failed');
     const undoText = undoFailures.length ? `; rollback problems: ${undoFailures.join('; ')}` : '';
-    return report(plan, timeline, cancelled ? 'cancelled' : 'failed', bytesSent, lastInfo, { code, message: `${failure.message}${undoText}` });
+    return report(plan, timeline, cancelled ? 'cancelled' : 'failed', bytesSent, figures, { code, message: `${failure.message}${undoText}` });
   } finally {
     deadline.dispose();
   }
+}
+
+/** What the report says of RAM and the guest's pause, as the attempt learns it. */
+interface Figures {
+  /** The source's latest query-migrate: a progress sample, or the final figures once completed. */
+  info: MigrationInfo;
+  throttlePercent: number;
+  stoppedAtUs: number | null;
+  pauseMs: number | undefined;
+}
+
+/** The source's final figures; undefined (logged) when they cannot be read: they are not worth failing a migration for. */
+function readCompletion(source: SourceSide, logger: Logger | undefined): Promise<SourceCompletion | undefined> {
+  return source.completedInfo(timeoutSignal('reading the final migration figures', 10_000)).catch((err: unknown) => {
+    logger?.warn({ err: describeError(err) }, 'could not read final migration figures');
+    return undefined;
+  });
+}
+
+/** The guest's pause from QMP event timestamps of two hosts; undefined when an event was not seen or the clocks disagree. */
+function pauseBetween(stoppedAtUs: number | null, resumedAtUs: number | null, logger: Logger | undefined): number | undefined {
+  if (stoppedAtUs === null || resumedAtUs === null) return undefined;
+  const pauseMs = Math.round((resumedAtUs - stoppedAtUs) / 1000);
+  if (pauseMs >= 0) return pauseMs;
+  logger?.warn({ stoppedAtUs, resumedAtUs }, "the destination resumed before the source stopped by the hosts' clocks: they are out of step, so the pause is not reported");
+  return undefined;
 }
 
 function destinationUnknown(plan: MigrationPlan, why: string): string {
@@ -382,9 +422,10 @@ function report(
   timeline: Timeline,
   outcome: MigrationReport['outcome'],
   bytesSent: Map<string, number>,
-  info: MigrationInfo,
+  figures: Figures,
   error: MigrationReport['error'],
 ): MigrationReport {
+  const { info } = figures;
   const result: MigrationReport = {
     vm: plan.vm,
     from: plan.from,
@@ -397,11 +438,18 @@ function report(
       virtualSize: disk.virtualSize,
       ...(disk.base ? { base: disk.base.export } : {}),
     })),
-    ram: { transferredBytes: info.ram?.transferred ?? 0, totalBytes: info.ram?.total ?? 0, passes: info.ram?.['dirty-sync-count'] ?? 0, memoryCompared: outcome === 'completed' && plan.ram.compareMemory },
+    ram: {
+      transferredBytes: info.ram?.transferred ?? 0,
+      totalBytes: info.ram?.total ?? 0,
+      passes: info.ram?.['dirty-sync-count'] ?? 0,
+      memoryCompared: outcome === 'completed' && plan.ram.compareMemory,
+      throttlePercent: figures.throttlePercent,
+    },
     phases: timeline.phases,
     totalMs: Date.now() - timeline.startedAt,
     downtimeMs: outcome === 'completed' ? info.downtime : undefined,
   };
+  if (figures.pauseMs !== undefined) result.pauseMs = figures.pauseMs;
   if (error) result.error = error;
   return result;
 }

@@ -69,6 +69,33 @@ export interface PhaseTiming {
   durationMs: number;
 }
 
+/** What the storage server counted for a re-attached disk's volume; a re-attached disk has no copy job. */
+export type StorageIo =
+  | {
+      measured: true;
+      /** Bytes the storage server read and wrote for the volume, from before the first attempt to after the last: the guest's own I/O, from either host. */
+      bytesRead: number;
+      bytesWritten: number;
+    }
+  | { measured: false; why: string };
+
+/** One attempt of a migration (see src/controller/attempts.ts), from its own report. */
+export interface AttemptSummary {
+  startedAt: number;
+  durationMs: number;
+  outcome: MigrationReport['outcome'];
+  /** Why it ended, when it did not complete. */
+  error?: { code: string; message: string };
+  /** RAM bytes QEMU sent: its final figure, or for an attempt rolled back mid-RAM the last progress sample. */
+  ramBytes: number;
+  /** Bytes its mirrors sent (known once the mirrors finished at the switch-over; 0 before). */
+  diskBytes: number;
+  /** QEMU's downtime figure, when the attempt's RAM migration completed. */
+  downtimeMs?: number;
+  /** The guest's pause (see MigrationReport.pauseMs); 0 when the attempt ended before the switch-over stopped the guest; absent when not measured. */
+  pauseMs?: number;
+}
+
 export interface MigrationReport {
   vm: string;
   from: string;
@@ -76,22 +103,43 @@ export interface MigrationReport {
   outcome: 'completed' | 'cancelled' | 'failed' | 'unresolved';
   /** Why it did not complete (or why it is unresolved): the first error, with undo failures attached. */
   error?: { code: string; message: string };
-  /** `base`: an overlay's shared base, re-attached on the destination (nothing of it sent). */
-  disks: { id: string; operation: DiskOperation; bytesSent: number; virtualSize: number; base?: string }[];
-  /** memoryCompared: both ends' guest memory was found identical before the destination resumed. */
+  /**
+   * Per disk, for the last attempt. `bytesSent`: what its mirror job copied (0 for a re-attached disk: no job
+   * exists; `storageIo` says what the storage server saw of it instead). `base`: an overlay's shared base,
+   * re-attached on the destination (nothing of it sent).
+   */
+  disks: { id: string; operation: DiskOperation; bytesSent: number; virtualSize: number; base?: string; storageIo?: StorageIo }[];
+  /** The last attempt's RAM figures. memoryCompared: both ends' guest memory was found identical before the destination resumed. */
   ram: {
     transferredBytes: number;
     totalBytes: number;
     /** Passes over memory (QEMU's dirty-sync-count): each one while the guest ran is a chance for TCG to lose a write. */
     passes: number;
     memoryCompared: boolean;
+    /** The highest auto-converge CPU throttle QEMU reported in the progress samples (percent; 0: never throttled). */
+    throttlePercent?: number;
   };
+  /** The last attempt's phases. */
   phases: PhaseTiming[];
+  /** The whole migration: from the first attempt's start to the end of the last. */
   totalMs: number;
-  /** The guest's pause at switch-over, as QEMU measured it; undefined unless completed. */
+  /** The guest's pause at switch-over as QEMU measured it (its `downtime`), last attempt; undefined unless completed. */
   downtimeMs: number | undefined;
+  /**
+   * The guest's pause in the last attempt, measured from QMP event timestamps. Completed: the source QEMU's
+   * STOP to the destination QEMU's RESUME (two hosts' clocks: keep them in step); it includes what QEMU's
+   * downtime leaves out, everything after the source sent its last byte (the destination loading the
+   * state, the memory comparison, the lease hand-over and `cont`).
+   * Rolled back: the source's STOP to its own RESUME; 0 when the guest was never stopped. Absent when an
+   * event was not seen (or the migration is unresolved: the guest is still paused).
+   */
+  pauseMs?: number;
   /** Attempts it took, when more than one (a rollback for a memory mismatch is retried). */
   attempts?: number;
+  /** Every attempt, oldest first, with why each ended (set by src/controller/attempts.ts). */
+  attemptLog?: AttemptSummary[];
+  /** Sums over every attempt: RAM and mirror bytes sent, and the guest's pauses (absent if one was not measured). */
+  allAttempts?: { count: number; ramBytes: number; diskBytes: number; pauseMs?: number };
   /** Set when a restarted controller settled the migration from what the agents reported. */
   recovery?: string;
 }

@@ -20,7 +20,7 @@ import { faultPoint } from '../util/fault-points.ts';
 import { findFreePort } from '../util/ports.ts';
 import type { DestinationFate } from './no-return.ts';
 import { defaultAnnounce, type AnnounceSettings, type MigrationPlan } from './plan.ts';
-import type { DestinationSide, MirrorTarget, PreparedDestination } from './sides.ts';
+import type { DestinationResumed, DestinationSide, MirrorTarget, PreparedDestination } from './sides.ts';
 
 export interface QemuDestinationOptions {
   hostId: string;
@@ -141,12 +141,12 @@ export class QemuDestination implements DestinationSide {
     return this.#resumed ? 'resumed' : this.#resuming ? 'resuming' : 'prepared';
   }
 
-  async resume(signal: AbortSignal): Promise<void> {
+  async resume(signal: AbortSignal): Promise<DestinationResumed> {
     if (this.#resuming) throw new VmferryError('VMF_CONFLICT', `the destination on ${this.hostId} is already resuming`);
     const resuming = this.#resume(signal);
-    this.#resuming = resuming.catch(() => undefined);
+    this.#resuming = resuming.then(() => undefined, () => undefined);
     try {
-      await resuming;
+      return { resumedAtUs: await resuming };
     } finally {
       this.#resuming = undefined;
     }
@@ -160,7 +160,8 @@ export class QemuDestination implements DestinationSide {
     return guestNeverRan(status) ? 'never-ran' : 'guest-ran';
   }
 
-  async #resume(signal: AbortSignal): Promise<void> {
+  /** Returns QEMU's timestamp of the guest's RESUME, the end of its pause (null if the event was not seen). */
+  async #resume(signal: AbortSignal): Promise<number | null> {
     const vm = this.#requireVm();
     await vm.qmp('resuming the migrated guest', async (qmp) => {
       for (const id of this.#exportIds) await qmp.blockExportDel(id, 'safe', { signal });
@@ -176,10 +177,13 @@ export class QemuDestination implements DestinationSide {
       await qmp.cont({ signal });
     });
     this.#resumed = true;
+    // QEMU sends RESUME before its reply to cont, so it is already in the buffer of the listener opened at prepare.
+    const resumedAtUs = this.#events?.takeBuffered('RESUME').at(-1)?.timestampUs ?? null;
     if (vm.spec.nics?.length) await this.#announceNics(vm);
     const status = await vm.status();
     if (!status.running) throw new VmferryError('VMF_MIGRATION_FAILED', `guest on ${this.hostId} is "${status.status}" after cont`);
     this.#events?.close();
+    return resumedAtUs;
   }
 
   /**

@@ -15,7 +15,7 @@ import type { MigrationInfo, MigrationStatus, QemuMonitor } from '../qmp/command
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import { removeDurable } from '../util/durable-file.ts';
 import type { CopyMode } from './plan.ts';
-import type { MigrationMilestone, MigrationSettings, MirrorStatus, MirrorTarget, SourceSide } from './sides.ts';
+import type { MigrationMilestone, MigrationSettings, MirrorStatus, MirrorTarget, SourceCompletion, SourceRolledBack, SourceSide } from './sides.ts';
 import { timeoutSignal } from '../util/abort.ts';
 
 export interface QemuSourceOptions {
@@ -48,6 +48,9 @@ const unresponsiveMs = 3_000;
 /** yank runs on the monitor thread and answers at once, unless the monitor itself is gone. */
 const yankTimeoutMs = 5_000;
 
+/** QEMU sends RESUME before its reply to cont: a wait this long only covers a slow monitor. */
+const resumeEventMs = 2_000;
+
 type YankKind = 'migration' | 'block-node';
 
 /** An entry of query-yank (qapi/yank.json). */
@@ -75,6 +78,8 @@ export class QemuSource implements SourceSide {
   #wasRunning: boolean | undefined;
   /** Once post-copy may have begun the migration is never yanked: the guest's memory would be split. */
   #postcopyRequested = false;
+  /** QEMU's timestamp of the guest's STOP during the migration, once read from the events. */
+  #stoppedAtUs: number | null = null;
 
   readonly #fence: SharedWriterFence | undefined;
 
@@ -246,16 +251,26 @@ export class QemuSource implements SourceSide {
     return memoryDigest(this.#vm, signal);
   }
 
-  async completedInfo(signal: AbortSignal): Promise<MigrationInfo> {
+  async completedInfo(signal: AbortSignal): Promise<SourceCompletion> {
     // Right after completion query-migrate may still report downtime 0 for a moment.
     for (;;) {
       const info = await this.migrationInfo(signal);
       if (info.status === 'failed' || info.status === 'cancelled') {
         throw new VmferryError('VMF_MIGRATION_FAILED', `migration on ${this.hostId} ended as "${info.status}": ${info['error-desc'] ?? ''}`);
       }
-      if (info.status === 'completed' && info.downtime !== undefined && info.downtime > 0) return info;
+      if (info.status === 'completed' && info.downtime !== undefined && info.downtime > 0) return { info, stoppedAtUs: this.#guestStoppedAtUs() };
       await sleep(20, undefined, { signal });
     }
+  }
+
+  /**
+   * When QEMU stopped the guest for the switch-over: the last STOP since the
+   * migration started (the migration's listener keeps the events nobody waited for).
+   */
+  #guestStoppedAtUs(): number | null {
+    const stop = this.#events?.takeBuffered('STOP').at(-1);
+    if (stop) this.#stoppedAtUs = stop.timestampUs;
+    return this.#stoppedAtUs;
   }
 
   async retire(keepLocalDisks: boolean): Promise<void> {
@@ -265,7 +280,7 @@ export class QemuSource implements SourceSide {
     if (!keepLocalDisks) await removeLocalCopies(this.#vm.spec);
   }
 
-  async rollback(): Promise<void> {
+  async rollback(): Promise<SourceRolledBack> {
     const signal = timeoutSignal(`the rollback of the source on ${this.hostId}`, 60_000);
     // First, out of band: after a cut link, requests stuck on the mirror targets hold QEMU's main loop, and a
     // migrate_cancel sent before this yank waits behind them (test/faults/link-cut.test.ts). What they carry
@@ -286,14 +301,21 @@ export class QemuSource implements SourceSide {
       listener.close();
     }
     await this.#removeTargets(signal);
+    const stoppedAtUs = this.#guestStoppedAtUs();
     this.#events?.close();
     this.#mirrorEvents?.close();
     const status = await this.#vm.status();
-    if (this.#wasRunning && !status.running) {
-      // A destination that claimed the shared volumes (then was killed) holds their leases: take them back first.
-      await this.#fence?.claim(this.#vm.spec, signal);
+    if (!this.#wasRunning || status.running) return { pauseMs: null };
+    // A destination that claimed the shared volumes (then was killed) holds their leases: take them back first.
+    await this.#fence?.claim(this.#vm.spec, signal);
+    const resumed = this.#vm.monitor.client.listen();
+    try {
       // After a completed migration the images are inactive; cont re-activates them.
       await this.#qmp('resuming the guest on the source', (qmp) => qmp.cont({ signal }));
+      const resume = await resumed.waitFor('RESUME', undefined, { signal, timeoutMs: resumeEventMs }).catch(() => undefined);
+      return { pauseMs: stoppedAtUs !== null && resume ? Math.round((resume.timestampUs - stoppedAtUs) / 1000) : null };
+    } finally {
+      resumed.close();
     }
   }
 

@@ -41,6 +41,23 @@ export interface MigrationSettings {
 /** Statuses at which the executor must act; the RAM phase waits for one of them. */
 export type MigrationMilestone = 'pre-switchover' | 'postcopy-active' | 'completed' | 'failed' | 'cancelled';
 
+/** The source's figures once its RAM migration completed. */
+export interface SourceCompletion {
+  info: MigrationInfo;
+  /** QEMU's timestamp (µs since the epoch, by the source host's clock) of the STOP that began the guest's pause; null if not seen. */
+  stoppedAtUs: number | null;
+}
+
+/** QEMU's timestamp (µs since the epoch, by the destination host's clock) of its RESUME; null if not seen. */
+export interface DestinationResumed {
+  resumedAtUs: number | null;
+}
+
+/** The guest's pause on a source that was stopped and then resumed by the rollback, STOP to RESUME by its one clock; null if it was not, or an event was not seen. */
+export interface SourceRolledBack {
+  pauseMs: number | null;
+}
+
 export interface DestinationSide {
   readonly hostId: string;
   /** Target volumes for mirrored disks, the VM started with -incoming, targets exported writable over NBD. */
@@ -50,7 +67,7 @@ export interface DestinationSide {
   /** Digest of the incoming guest's memory, once the incoming migration completed and before resume. */
   memoryDigest(signal: AbortSignal): Promise<MemoryDigest>;
   /** Stops the NBD exports and resumes the guest; from here on the guest lives on the destination. */
-  resume(signal: AbortSignal): Promise<void>;
+  resume(signal: AbortSignal): Promise<DestinationResumed>;
   /**
    * Whether the guest ran here, once a resume may have been sent (see
    * no-return.ts). A resume still in progress is waited for first. Rejects
@@ -89,10 +106,10 @@ export interface SourceSide {
   continueSwitchover(signal: AbortSignal): Promise<void>;
   /** Digest of the guest's memory once the migration completed (the source is stopped then). */
   memoryDigest(signal: AbortSignal): Promise<MemoryDigest>;
-  /** Final figures once completed (downtime appears a moment after completion). */
-  completedInfo(signal: AbortSignal): Promise<MigrationInfo>;
+  /** Final figures once completed (downtime appears a moment after completion), and when the guest stopped. */
+  completedInfo(signal: AbortSignal): Promise<SourceCompletion>;
   /** After the destination resumed: quit QEMU, and delete local disks unless kept. */
   retire(keepLocalDisks: boolean): Promise<void>;
   /** Undoes everything done on the source: migration cancelled, mirrors and targets gone, guest running as before. */
-  rollback(): Promise<void>;
+  rollback(): Promise<SourceRolledBack>;
 }

@@ -405,6 +405,13 @@ export class QmpEventListener implements AsyncIterable<QmpEvent> {
     });
   }
 
+  /** Removes and returns every buffered event named `event`, oldest first: facts read after the fact, such as when the guest stopped. */
+  takeBuffered(event: string): QmpEvent[] {
+    const taken = this.#buffer.filter((e) => e.event === event);
+    if (taken.length > 0) this.#buffer.splice(0, this.#buffer.length, ...this.#buffer.filter((e) => e.event !== event));
+    return taken;
+  }
+
   /** The next event of any kind. */
   next(options: ExecuteOptions = {}): Promise<QmpEvent> {
     return this.waitFor('*', undefined, options);

@@ -8,6 +8,7 @@ import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { NbdServer, defaultLimits } from '../nbd/server.ts';
 import { VolumeService, maxVolumeBytes, type VolumeServiceOptions } from './volumes.ts';
+import { VolumeStatsSchema } from './traffic.ts';
 import { parseExportName } from './writer-leases.ts';
 import { namePatternSource, nameRule } from '../util/names.ts';
 import type { AccessPolicy } from '../http/access.ts';
@@ -46,6 +47,8 @@ async function adminApi(volumes: VolumeService, nbd: NbdServer, logger: Logger, 
     async (request, reply) => reply.status(201).send(await volumes.create(request.body.name, request.body.sizeBytes, request.body.readOnly ?? false)),
   );
   app.get('/v1/volumes/:name', { schema: { params: nameParams } }, (request) => volumes.get(request.params.name));
+  // What the volume's NBD clients read and wrote: a migration's report asks before and after (src/controller/storage-io.ts).
+  app.get('/v1/volumes/:name/stats', { schema: { params: nameParams, response: { 200: VolumeStatsSchema } } }, (request) => volumes.stats(request.params.name));
   app.patch(
     '/v1/volumes/:name',
     { schema: { params: nameParams, body: Type.Object({ sizeBytes: SizeBytes }, { additionalProperties: false }) } },

@@ -28,6 +28,7 @@ import { KeyedQueue } from './keyed-queue.ts';
 import { Quarantine, type QuarantinedFile } from './quarantine.ts';
 import { fsyncDir } from '../util/durable-file.ts';
 import { FencedBackend, FileBackend, ReadOnlyBackend, StickyErrorBackend, VolumeHealth } from './volume-backends.ts';
+import { TrafficCounters, type VolumeStats } from './traffic.ts';
 import { WriterLeases, parseExportName, publicLease, writerTokenPattern, type PublicLease } from './writer-leases.ts';
 import { namePattern, nameRule } from '../util/names.ts';
 
@@ -99,6 +100,8 @@ export class VolumeService implements ExportProvider {
   readonly #connections = new Map<string, { name: string; id: string }>();
   /** When each volume (by id) last lost a client. */
   readonly #lastDetached = new Map<string, number>();
+  /** Bytes each volume's clients read and wrote (traffic.ts). */
+  readonly #traffic = new TrafficCounters();
   /** Set while the server shuts down: the clients leaving now will reconnect to the next server, so the catalog keeps them. */
   #stopping = false;
 
@@ -220,6 +223,7 @@ export class VolumeService implements ExportProvider {
       const open = this.#files.get(row.id);
       if (open) open.health.deleted = true;
       this.#lastDetached.delete(row.id);
+      this.#traffic.forget(row.id);
       await rm(this.#path(name), { force: true });
       await fsyncDir(this.#dir);
       this.#logger.info({ volume: name, ...(inUse ? { forcedWhile: inUse } : {}) }, 'volume deleted');
@@ -312,13 +316,22 @@ export class VolumeService implements ExportProvider {
     this.#db.prepare('INSERT OR REPLACE INTO attachments (volume, client, since) VALUES (?, ?, ?)').run(name, client, Date.now());
     const file = new FileBackend(entry.file, row.size_bytes, this.#helper);
     const backend = new StickyErrorBackend(this.#options.fileLayer ? this.#options.fileLayer(file, name) : file, entry.health);
-    return row.read_only ? new ReadOnlyBackend(backend) : new FencedBackend(backend, this.leases, name, token);
+    // Outermost: a request refused (read-only, fenced) or failed moved no data, so it is not counted.
+    return this.#traffic.connect(row.id, client, row.read_only ? new ReadOnlyBackend(backend) : new FencedBackend(backend, this.leases, name, token));
+  }
+
+  /** Bytes the volume's NBD clients read and wrote, in all and per connection (traffic.ts). */
+  stats(name: string): VolumeStats {
+    const row = this.#row(name);
+    if (!row) throw new VmferryError('VMF_VOLUME_NOT_FOUND', `no volume named "${name}"`);
+    return this.#traffic.stats(row.id, name);
   }
 
   release(_exportName: string, client: string): void {
     const connection = this.#connections.get(client);
     if (!connection) return;
     this.#connections.delete(client);
+    this.#traffic.disconnect(connection.id, client);
     if (!this.#stopping) this.#db.prepare('DELETE FROM attachments WHERE volume = ? AND client = ?').run(connection.name, client);
     this.#lastDetached.set(connection.id, Date.now());
     const entry = this.#files.get(connection.id);

@@ -55,6 +55,8 @@ function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: 
     }
   };
   const memory = ['a0', 'b1', 'c2', 'd3'];
+  /** QEMU's timestamp of the source's STOP; the destination's RESUME comes 350 ms later by the fakes' clocks. */
+  const stoppedAtUs = 1_700_000_000_000_000;
   const info: MigrationInfo = {
     status: 'completed',
     downtime: 42,
@@ -71,7 +73,10 @@ function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: 
       await act('dst.memoryDigest', signal);
       return { algorithm: 'xxh64', chunkBytes: 1 << 20, chunks: options.destinationMemory ?? memory };
     },
-    resume: (signal) => act('dst.resume', signal),
+    resume: async (signal) => {
+      await act('dst.resume', signal);
+      return { resumedAtUs: stoppedAtUs + 350_000 };
+    },
     fate: async (signal) => {
       await act('dst.fate', signal);
       return options.fate ?? 'never-ran';
@@ -105,10 +110,13 @@ function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: 
     },
     completedInfo: async (signal) => {
       await act('src.completedInfo', signal);
-      return info;
+      return { info, stoppedAtUs };
     },
     retire: () => act('src.retire'),
-    rollback: () => act('src.rollback'),
+    rollback: async () => {
+      await act('src.rollback');
+      return { pauseMs: 120 };
+    },
   };
   return { calls, source, destination };
 }
@@ -126,12 +134,14 @@ test('a successful migration walks the phases in order and reports per-disk oper
     calls.filter((c) => c !== 'src.mirrorStatus'),
     // The source's digest starts once the mirrors have drained and the rest of the RAM is on its way: it
     // overlaps the destination's completion, not the part of the pause QEMU counts as downtime.
+    // The final figures are asked for while the memory is compared, so reading them adds nothing to the pause.
     ['dst.prepare', 'src.startMirrors', 'src.startMigration', 'src.waitMilestone', 'src.finishMirrors', 'src.continueSwitchover', 'src.memoryDigest',
-      'dst.waitIncomingCompleted', 'dst.memoryDigest', 'dst.resume', 'src.completedInfo', 'src.retire'],
+      'dst.waitIncomingCompleted', 'src.completedInfo', 'dst.memoryDigest', 'dst.resume', 'src.retire'],
   );
   assert.equal(report.outcome, 'completed');
   assert.equal(report.ram.memoryCompared, true, 'a TCG guest has its memory compared before it resumes');
   assert.equal(report.downtimeMs, 42);
+  assert.equal(report.pauseMs, 350, "the source's STOP to the destination's RESUME, by QEMU's event timestamps");
   assert.equal(report.ram.passes, 1, "QEMU's dirty-sync-count");
   assert.deepEqual(report.disks.map((d) => [d.id, d.operation, d.bytesSent]), [['root', 'mirror', 200], ['data', 'reattach', 0]]);
   assert.deepEqual(report.phases.map((p) => p.phase), ['preparing', 'mirroring', 'migrating', 'paused-at-switchover', 'resume-sent', 'resumed', 'source-retired', 'completed']);
@@ -148,6 +158,21 @@ test('memory that differs between the ends keeps the guest on the source: the de
   assert.ok(!calls.includes('dst.resume'), 'the destination never ran');
   assert.deepEqual(calls.slice(-2), ['dst.rollback', 'src.rollback']);
   assert.equal(report.ram.memoryCompared, false);
+  assert.equal(report.pauseMs, 120, 'the pause the guest lived through on the source, STOP to its RESUME by the rollback');
+  assert.equal(report.ram.transferredBytes, 1000, "the attempt's final RAM figure");
+});
+
+test('a pause whose events were not seen is not reported (no default); a guest never stopped paused 0 ms', async () => {
+  const unseen = fakeSides();
+  unseen.destination.resume = () => Promise.resolve({ resumedAtUs: null });
+  const report = await runMigration({ spec, plan: plan(), source: unseen.source, destination: unseen.destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'completed');
+  assert.equal(report.pauseMs, undefined);
+  assert.equal(report.downtimeMs, 42);
+  const early = fakeSides({ fail: 'src.startMirrors' });
+  const failed = await runMigration({ spec, plan: plan(), source: early.source, destination: early.destination, pollIntervalMs: 1 });
+  assert.equal(failed.outcome, 'failed');
+  assert.equal(failed.pauseMs, 0);
 });
 
 test('digests from agents that hash differently are refused, not read as a memory mismatch', async () => {
@@ -314,7 +339,8 @@ test('a resume whose reply is lost, on a destination whose guest runs: the migra
   assert.ok(!calls.includes('src.rollback'), 'the source was not resumed beside the destination');
   assert.ok(!calls.includes('dst.rollback'));
   assert.equal(report.outcome, 'completed');
-  assert.deepEqual(calls.slice(calls.indexOf('dst.resume')), ['dst.resume', 'dst.fate', 'src.completedInfo', 'src.retire']);
+  assert.deepEqual(calls.slice(calls.indexOf('dst.resume')), ['dst.resume', 'dst.fate', 'src.retire']);
+  assert.equal(report.pauseMs, undefined, "the destination's RESUME was never reported, so the pause is not known");
   assert.match(report.recovery ?? '', /dst.resume broke; B then confirmed that the guest runs there/);
 });
 
@@ -353,6 +379,7 @@ test('a cancel while the resume is in flight does not interrupt it: the migratio
     sides.calls.push('dst.resume');
     controller.abort();
     await new Promise<void>((resolve) => (release = resolve));
+    return { resumedAtUs: null };
   };
   const running = runMigration({ spec, plan: plan(), source: sides.source, destination: sides.destination, signal: controller.signal, pollIntervalMs: 1 });
   while (!sides.calls.includes('dst.resume')) await new Promise((resolve) => setImmediate(resolve));

@@ -56,6 +56,8 @@ test('one local and one shared disk under heavy writes: every acked record intac
     assert.ok((local?.bytesSent ?? 0) <= 1.1 * allocated, `mirror sent ${local?.bytesSent} bytes for ${allocated} allocated`);
     assert.ok((local?.bytesSent ?? 0) >= 48 * 1024 * 1024, 'the prefilled data was sent');
     assert.ok(report.downtimeMs !== undefined && report.downtimeMs > 0);
+    // The guest's pause by QEMU's own event timestamps (source STOP → destination RESUME) contains QEMU's downtime.
+    assert.ok(report.pauseMs !== undefined && report.pauseMs >= report.downtimeMs, `pause ${report.pauseMs} ms, downtime ${report.downtimeMs} ms`);
     assert.deepEqual(rig.poolBFiles(), ['mixed-local0.qcow2']);
   } finally {
     await rig.cleanup.run();

@@ -19,6 +19,7 @@ import { NbdClient, NbdRequestError } from '../../src/nbd/client.ts';
 import { QemuProcess } from '../../src/qemu/process.ts';
 import type { DiskSpec } from '../../src/qemu/spec.ts';
 import { StorageServer } from '../../src/storage/server.ts';
+import type { VolumeStats } from '../../src/storage/traffic.ts';
 import type { Volume } from '../../src/storage/volumes.ts';
 import { SharedWriterFence } from '../../src/storage/writer-fence.ts';
 import { WriterLeases } from '../../src/storage/writer-leases.ts';
@@ -70,6 +71,10 @@ async function volumeBytes(name: string, offset: number, length: number): Promis
   return file.subarray(offset, offset + length);
 }
 
+function volumeStats(volume: string): Promise<VolumeStats> {
+  return requestJson<VolumeStats>(adminUrl, 'GET', `/v1/volumes/${volume}/stats`);
+}
+
 function grant(volume: string, holder: string): Promise<{ holder: string; generation: number; grantedAt: number }> {
   return requestJson(adminUrl, 'PUT', `/v1/volumes/${volume}/writer`, { body: { holder } });
 }
@@ -84,6 +89,8 @@ test('once a writer is granted, every other client gets EPERM and none of its by
   assert.match(stale, /Operation not permitted/, 'a writer without the lease is refused');
   assert.match(await qemuIoWrite('fenced', 0x44, 0, 65536), /Operation not permitted/, 'an anonymous writer is refused once the volume is fenced');
   assert.ok((await volumeBytes('fenced', 0, 65536)).every((b) => b === 0x22), 'only the holder\'s bytes are on disk');
+  const counted = await volumeStats('fenced');
+  assert.equal(counted.bytesWritten, 2 * 65536, 'the server counts the writes that landed, not the refused ones');
 
   assert.equal((await grant('fenced', 'host-b.2')).generation, 2, 'the server numbers the grants');
   assert.match(await qemuIoWrite('fenced@host-a.1', 0x55, 0, 65536), /Operation not permitted/, 'the old holder is fenced after the lease moved');
@@ -98,6 +105,9 @@ test('once a writer is granted, every other client gets EPERM and none of its by
   assert.equal(server.volumes.leases.get('fenced')?.holder, 'host-b.2', 'the lease is in the catalog, not only in memory');
   assert.match(await qemuIoWrite('fenced@host-a.1', 0x77, 0, 65536), /Operation not permitted/);
   assert.ok((await volumeBytes('fenced', 0, 65536)).every((b) => b === 0x66));
+  const restarted = await volumeStats('fenced');
+  assert.notEqual(restarted.countingSince, counted.countingSince, 'counters start again with the server, and say so');
+  assert.equal(restarted.bytesWritten, 0);
   recordReliability(import.meta.url, {
     kind: 'fault',
     target: 'storage server',

@@ -5,6 +5,14 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
+import pino from 'pino';
+import { StorageIoWatch } from '../../src/controller/storage-io.ts';
+import { requestJson } from '../../src/http/errors.ts';
+import type { MigrationReport } from '../../src/migration/phases.ts';
+import type { MigrationPlan } from '../../src/migration/plan.ts';
+import { NbdClient } from '../../src/nbd/client.ts';
+import type { VmSpec } from '../../src/qemu/spec.ts';
+import type { VolumeStats } from '../../src/storage/traffic.ts';
 import { makeTempDir } from '../support/temp.ts';
 import { startTestStorage, type TestStorage } from '../support/storage.ts';
 
@@ -34,6 +42,10 @@ async function qemuIoWith(flags: string[], uri: string, ...commands: string[]): 
   return stdout;
 }
 
+function volumeStats(volume: string): Promise<VolumeStats> {
+  return requestJson<VolumeStats>(storage.adminUrl, 'GET', `/v1/volumes/${volume}/stats`);
+}
+
 test('nbdinfo sees the flags, the base:allocation context, block sizes and the export list', async () => {
   const { stdout } = await execFile('nbdinfo', ['--json', storage.uri('vol')]);
   const info = JSON.parse(stdout) as { protocol: string; structured: boolean; exports: Record<string, unknown>[] };
@@ -56,7 +68,8 @@ test('nbdinfo sees the flags, the base:allocation context, block sizes and the e
   assert.match(list, /export="vol"/);
 });
 
-test('two qemu-io clients write and read patterns on one volume at the same time', async () => {
+test('two qemu-io clients write and read patterns on one volume at the same time; the server counts the bytes of each', async () => {
+  const before = await volumeStats('vol');
   await Promise.all([
     qemuIo(storage.uri('vol'), 'aio_write -P 0xa1 0 4M', 'aio_write -P 0xa2 8M 4M', 'aio_flush', 'flush'),
     qemuIo(storage.uri('vol'), 'aio_write -P 0xb1 4M 4M', 'aio_write -P 0xb2 12M 4M', 'aio_flush', 'flush'),
@@ -67,6 +80,17 @@ test('two qemu-io clients write and read patterns on one volume at the same time
     qemuIo(storage.uri('vol'), 'read -P 0xa1 0 4M', 'read -P 0xa2 8M 4M'),
   ]);
   for (const text of out) assert.doesNotMatch(text, /Pattern verification failed/);
+
+  // Four connections, each wrote or read 8 MiB: the volume's counters and each connection's agree with what the clients did.
+  const after = await volumeStats('vol');
+  const MiB = 1024 * 1024;
+  assert.equal(after.countingSince, before.countingSince);
+  assert.equal(after.bytesWritten - before.bytesWritten, 16 * MiB);
+  assert.equal(after.bytesRead - before.bytesRead, 16 * MiB);
+  const known = new Set(before.connections.map((c) => `${c.client}@${c.connectedAt}`));
+  const fresh = after.connections.filter((c) => !known.has(`${c.client}@${c.connectedAt}`));
+  assert.ok(fresh.every((c) => /^127\.0\.0\.1:\d+$/.test(c.client)), JSON.stringify(fresh));
+  assert.deepEqual(fresh.map((c) => [c.bytesRead, c.bytesWritten]).sort(), [[0, 8 * MiB], [0, 8 * MiB], [8 * MiB, 0], [8 * MiB, 0]]);
 });
 
 test('qemu-img converts an image into a volume and compares it identical', async () => {
@@ -104,4 +128,29 @@ test('a read-only volume is advertised read-only: QEMU will not open it for writ
   await assert.rejects(qemuIo(storage.uri('iso'), 'write -P 0x66 0 4k'), /Permission denied/);
   const text = await qemuIoWith(['-r'], storage.uri('iso'), 'read -P 0 0 4k');
   assert.doesNotMatch(text, /Pattern verification failed/);
+});
+
+test("a migration's report gives a re-attached disk what the storage server counted, or says why it cannot", async () => {
+  const spec: VmSpec = {
+    name: 'web',
+    vcpus: 1,
+    memoryMiB: 128,
+    boot: { kind: 'kernel', kernel: '/k' },
+    disks: [{ id: 'data', source: { kind: 'nbd', server: { type: 'inet', host: '127.0.0.1', port: storage.nbdPort }, export: 'io@A.0123abcd' } }],
+  };
+  const plan = { disks: [{ id: 'data', operation: 'reattach' }] } as MigrationPlan;
+  const report = { disks: [{ id: 'data', operation: 'reattach', bytesSent: 0, virtualSize: 1 << 20 }] } as MigrationReport;
+  await storage.server.volumes.create('io', 1 << 20);
+  const logger = pino({ level: 'silent' });
+  const watch = await StorageIoWatch.start({ url: storage.adminUrl }, spec, plan, logger);
+  const blind = await StorageIoWatch.start(undefined, spec, plan, logger);
+  // The guest's I/O while it migrates, through one connection (QEMU's) and then another.
+  for (const [write, read] of [[3 * 4096, 4096], [4096, 0]] as const) {
+    const client = await NbdClient.connect({ type: 'inet', host: '127.0.0.1', port: storage.nbdPort }, { exportName: 'io' });
+    await client.write(0, Buffer.alloc(write, 1));
+    if (read) await client.read(0, read);
+    await client.close();
+  }
+  assert.deepEqual((await watch.finish(report)).disks[0]?.storageIo, { measured: true, bytesRead: 4096, bytesWritten: 4 * 4096 });
+  assert.deepEqual((await blind.finish(report)).disks[0]?.storageIo, { measured: false, why: 'the controller was started without --storage, so it cannot ask the storage server' });
 });

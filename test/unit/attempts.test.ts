@@ -69,6 +69,36 @@ test('a memory mismatch is tried again, and the report says it took two attempts
   assert.match(retry?.type === 'escalation' ? retry.detail : '', /attempt 1 rolled back \(the guest's memory on B differs/);
 });
 
+test('the report covers every attempt: time from the first start, bytes and pauses of each, and why each ended', async () => {
+  const attempt = (outcome: MigrationReport['outcome'], ramBytes: number, diskBytes: number, pauseMs: number, error?: MigrationReport['error']): MigrationReport => ({
+    ...report(outcome, error),
+    disks: [{ id: 'root', operation: 'mirror', bytesSent: diskBytes, virtualSize: 1 << 30 }],
+    ram: { transferredBytes: ramBytes, totalBytes: 1 << 28, passes: 3, memoryCompared: outcome === 'completed' },
+    phases: [{ phase: 'preparing', startedAt: Date.now(), durationMs: 1 }],
+    totalMs: 40,
+    pauseMs,
+  });
+  const run = scripted([attempt('failed', 300e6, 5e6, 480, mismatch), attempt('completed', 200e6, 1e6, 350)]);
+  const options = run.options();
+  const slow = options.run;
+  // Each attempt takes 40 ms, as its own report says.
+  options.run = async (onEvent) => {
+    await new Promise((resolve) => setTimeout(resolve, 40));
+    return slow(onEvent);
+  };
+  const final = await runAttempts(options);
+  assert.equal(final.outcome, 'completed');
+  assert.ok(final.totalMs >= 80, `totalMs ${final.totalMs} counts both attempts, not the last one's 40 ms`);
+  // The last attempt's own figures keep their names and meaning.
+  assert.equal(final.ram.transferredBytes, 200e6);
+  assert.equal(final.pauseMs, 350);
+  assert.deepEqual(final.allAttempts, { count: 2, ramBytes: 500e6, diskBytes: 6e6, pauseMs: 830 });
+  assert.deepEqual(final.attemptLog?.map((a) => [a.outcome, a.error?.code, a.ramBytes, a.diskBytes, a.pauseMs]), [
+    ['failed', 'VMF_MEMORY_MISMATCH', 300e6, 5e6, 480],
+    ['completed', undefined, 200e6, 1e6, 350],
+  ]);
+});
+
 test('after two retries a third mismatch is final, with its error and one "failed" phase', async () => {
   const run = scripted([report('failed', mismatch), report('failed', mismatch), report('failed', mismatch), report('completed')]);
   const final = await runAttempts(run.options());
