@@ -115,7 +115,7 @@ export class MigrationSides {
   }
 
   async probeDestination(spec: VmSpec): Promise<DestinationFacts> {
-    return probeDestination(this.#registry.hostId, spec, this.#registry.pool, this.#registry.names(), await this.capabilities());
+    return probeDestination(this.#registry.hostId, spec, this.#registry.pool, this.#registry.names(), await this.capabilities(), this.#registry.qemuTlsDir);
   }
 
   /** Binds a migration id to a running VM on this host, as its source. */
