@@ -45,13 +45,14 @@ export async function qemuCapabilities(accel: Accelerator = 'tcg', binary = defa
  * credentials, `tlsDir`), and returns its size, or undefined when unreachable.
  */
 export async function probeExport(server: NbdServerAddress, exportName: string, tlsDir?: string): Promise<number | undefined> {
+  const image = nbdImageArgs(server, exportName, tlsDir);
   try {
-    const info = JSON.parse(await runProgram('qemu-img', ['info', '--output=json', ...nbdImageArgs(server, exportName, tlsDir)], { timeoutMs: 10_000 })) as {
+    const info = JSON.parse(await runProgram('qemu-img', ['info', '--output=json', ...image], { timeoutMs: 10_000 })) as {
       'virtual-size': number;
     };
     return info['virtual-size'];
   } catch (err) {
-    if (err instanceof VmferryError && (err.code === 'VMF_TOOL_MISSING' || err.code === 'VMF_INVALID_SPEC')) throw err;
+    if (err instanceof VmferryError && err.code === 'VMF_TOOL_MISSING') throw err;
     return undefined;
   }
 }

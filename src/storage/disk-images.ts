@@ -99,9 +99,10 @@ export async function importImage(pool: LocalPool, name: string, file: string, f
  */
 export async function inspectSharedBase(base: SharedBase, tlsDir?: string): Promise<{ virtualSize: number }> {
   const uri = nbdUri(base.server, base.export);
+  const image = nbdImageArgs(base.server, base.export, tlsDir);
   let info: QemuImgInfo;
   try {
-    info = JSON.parse(await runProgram('qemu-img', ['info', '--output=json', ...nbdImageArgs(base.server, base.export, tlsDir)], { timeoutMs: 20_000 })) as QemuImgInfo;
+    info = JSON.parse(await runProgram('qemu-img', ['info', '--output=json', ...image], { timeoutMs: 20_000 })) as QemuImgInfo;
   } catch (err) {
     if (err instanceof VmferryError && err.code === 'VMF_TOOL_MISSING') throw err;
     throw invalidImage(`base volume ${base.export} cannot be opened at ${uri} (no such volume, or the storage server is unreachable): ${err instanceof Error ? err.message : String(err)}`, err);
