@@ -5,6 +5,7 @@
 import assert from 'node:assert/strict';
 import { execFile as execFileCallback, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
+import { copyFile, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { connect as tlsConnect } from 'node:tls';
@@ -29,6 +30,8 @@ let storage: StorageServer;
 let port: number;
 /** Identity directories (vmferry pki issue's layout, which is also QEMU's and libnbd's). */
 const dirs = {} as Record<'agent' | 'controller' | 'operator' | 'rogue' | 'storage', string>;
+/** What the storage server logged. */
+const logs: { msg: string; peer?: string; problem?: string }[] = [];
 
 before(async () => {
   const temp = await makeTempDir('nbd-tls');
@@ -43,11 +46,15 @@ before(async () => {
   dirs.agent = await issue(pki, 'agent', 'A');
   dirs.controller = await issue(pki, 'controller', 'controller');
   dirs.operator = await issue(pki, 'operator', 'alice');
-  // The same role and id as a real agent, from a CA the cluster does not know.
-  dirs.rogue = await issue(rogue, 'agent', 'A');
+  // The same role and id as a real agent, from a CA the cluster does not know; it trusts the
+  // cluster's CA, so that it is the server that refuses it and not the client the server.
+  dirs.rogue = join(dir, 'rogue-client');
+  const rogueAgent = await issue(rogue, 'agent', 'A');
+  await mkdir(dirs.rogue);
+  for (const [from, name] of [[pki, 'ca-cert.pem'], [rogueAgent, 'client-cert.pem'], [rogueAgent, 'client-key.pem']] as const) await copyFile(join(from, name), join(dirs.rogue, name));
   storage = await StorageServer.start({
     dataDir: join(dir, 'storage'),
-    logger: pino({ level: process.env.VMFERRY_TEST_LOG ?? 'silent' }),
+    logger: pino({ level: 'debug' }, { write: (line: string) => void logs.push(JSON.parse(line) as (typeof logs)[number]) }),
     nbd: { host: '127.0.0.1', port: 0 },
     tls: loadTlsIdentity({ pkiDir: dirs.storage }, 'server'),
   });
@@ -109,15 +116,21 @@ test('a plaintext client is refused: nbdinfo, qemu-img and vmferry\'s client', a
   await assert.rejects(NbdClient.connect(address(), { exportName: 'vol' }), /NBD_REP_ERR_TLS_REQD/);
 });
 
-test('a certificate of another CA is refused, even with an agent\'s identity', async () => {
+test('a certificate of another CA is refused, even with an agent\'s identity; the log says whose it was', async () => {
+  logs.length = 0;
   await fails('nbdinfo', ['--size', tlsUri(dirs.rogue)]);
   await fails('qemu-img', ['info', ...qemuTls(dirs.rogue)]);
   await assert.rejects(NbdClient.connect(address(), { exportName: 'vol', tls: clientTls(dirs.rogue) }), (err: { code: string }) => ['VMF_NBD_CLOSED', 'VMF_NBD_REFUSED'].includes(err.code));
+  const refusals = logs.filter((l) => l.msg === 'NBD client refused at the TLS handshake');
+  assert.equal(refusals.length, 3, JSON.stringify(logs));
+  for (const refusal of refusals) assert.match(refusal.problem ?? '', /client certificate refused .*subject "O=vmferry,OU=agent,CN=A"/);
 });
 
 test('an operator\'s certificate of the cluster\'s CA is refused by its role', async () => {
-  assert.match(await fails('nbdinfo', ['--size', tlsUri(dirs.operator)]), /vmferry:operator:alice may not open volumes/);
+  logs.length = 0;
+  assert.match(await fails('nbdinfo', ['--size', tlsUri(dirs.operator)]), /server policy prevents NBD_OPT_GO/);
   await assert.rejects(NbdClient.connect(address(), { exportName: 'vol', tls: clientTls(dirs.operator) }), /NBD_REP_ERR_POLICY \(vmferry:operator:alice may not open volumes/);
+  assert.deepEqual(logs.filter((l) => l.msg.startsWith('NBD client refused')).map((l) => l.peer), ['vmferry:operator:alice', 'vmferry:operator:alice']);
 });
 
 test('before TLS only STARTTLS and ABORT are answered; EXPORT_NAME hangs up; STARTTLS twice is an error', async () => {
