@@ -3,12 +3,13 @@
  * qemu-storage-daemon (file export) and nbdkit (file plugin), each serving the
  * same preallocated file in turn, in one run. Prints IOPS, MiB/s and the ratio
  * to qemu-storage-daemon. With --tls every server requires TLS with client
- * certificates (a throwaway CA; fio's libnbd presents an agent's certificate).
+ * certificates (a throwaway CA; fio's libnbd presents an agent's certificate,
+ * and runs as user nobody for that: see asClient).
  *
  *   node --import tsx bench/storage-fio.ts [--seconds 10] [--size-mib 1024] [--tls]
  */
 import { execFile as execFileCallback, spawn, type ChildProcess } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { chmod, copyFile, mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs, promisify } from 'node:util';
@@ -25,15 +26,44 @@ const { values } = parseArgs({ options: { seconds: { type: 'string', default: '1
 const seconds = Number(values.seconds);
 const sizeMiB = Number(values['size-mib']);
 
-/** Identity directories (their layout is also QEMU's, nbdkit's and libnbd's): the servers', and the client's fio presents. */
 interface Pki {
+  /** The servers' identity directory (its layout is also QEMU's and nbdkit's). */
   server: string;
-  client: string;
+  /** A home whose .pki/libnbd holds the client's CA, certificate and key. */
+  clientHome: string;
 }
 
-/** The export's URI, under TLS with the client's certificates when there is a PKI. */
+/** The export's URI: under TLS when there is a PKI. */
 function exportUri(port: number, exportName: string, pki: Pki | undefined): string {
-  return pki ? `nbds://127.0.0.1:${port}/${exportName}?tls-certificates=${pki.client}` : `nbd://127.0.0.1:${port}/${exportName}`;
+  return `${pki ? 'nbds' : 'nbd'}://127.0.0.1:${port}/${exportName}`;
+}
+
+/**
+ * A libnbd client's command line. Under TLS it runs as nobody with the client
+ * home: fio's libnbd refuses certificates named in the URI (they are local
+ * files, which nbd_connect_uri allows only when asked), and as root it would
+ * read them from /etc/pki/libnbd, which is the host's, not the benchmark's.
+ */
+function asClient(command: string, args: string[], pki: Pki | undefined): [string, string[]] {
+  return pki ? ['setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', 'env', `HOME=${pki.clientHome}`, command, ...args]] : [command, args];
+}
+
+/** A throwaway CA, the servers' identity, and an agent's for the client, readable by nobody. */
+async function makePki(dir: string): Promise<Pki> {
+  const pkiDir = join(dir, 'pki');
+  await initCa(pkiDir);
+  const server = (await issueCertificate(pkiDir, { role: 'storage', id: 'storage' })).dir;
+  const client = (await issueCertificate(pkiDir, { role: 'agent', id: 'fio' })).dir;
+  const clientHome = join(dir, 'client-home');
+  const libnbdDir = join(clientHome, '.pki', 'libnbd');
+  await mkdir(libnbdDir, { recursive: true, mode: 0o755 });
+  for (const name of ['ca-cert.pem', 'client-cert.pem', 'client-key.pem']) {
+    await copyFile(join(client, name), join(libnbdDir, name));
+    await chmod(join(libnbdDir, name), 0o644);
+  }
+  // mkdtemp made the benchmark's directory 0700: let the client through to its home.
+  await chmod(dir, 0o711);
+  return { server, clientHome };
 }
 
 const jobs = [
@@ -49,17 +79,17 @@ interface Server {
   stop(): Promise<void>;
 }
 
-async function waitForNbd(uri: string): Promise<void> {
+async function waitForNbd(uri: string, pki: Pki | undefined): Promise<void> {
   for (let i = 0; i < 100; i++) {
-    if (await execFile('nbdinfo', ['--size', uri]).then(() => true, () => false)) return;
+    if (await execFile(...asClient('nbdinfo', ['--size', uri], pki)).then(() => true, () => false)) return;
     await sleep(100);
   }
   throw new Error(`no NBD server at ${uri}`);
 }
 
-async function child(name: string, command: string, args: string[], uri: string): Promise<Server> {
+async function child(name: string, command: string, args: string[], uri: string, pki: Pki | undefined): Promise<Server> {
   const process: ChildProcess = spawn(command, args, { stdio: 'ignore' });
-  await waitForNbd(uri);
+  await waitForNbd(uri, pki);
   return {
     name,
     uri,
@@ -92,20 +122,22 @@ async function qsd(file: string, pki: Pki | undefined): Promise<Server> {
       '--export', 'type=nbd,id=exp0,node-name=file0,name=bench,writable=on',
     ],
     exportUri(port, 'bench', pki),
+    pki,
   );
 }
 
 async function nbdkit(file: string, pki: Pki | undefined): Promise<Server> {
   const port = await findFreePort('127.0.0.1');
   const tls = pki ? ['--tls=require', `--tls-certificates=${pki.server}`, '--tls-verify-peer'] : [];
-  return child('nbdkit', 'nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(port), ...tls, 'file', file], exportUri(port, '', pki));
+  return child('nbdkit', 'nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(port), ...tls, 'file', file], exportUri(port, '', pki), pki);
 }
 
-async function runFio(uri: string, job: (typeof jobs)[number]): Promise<{ iops: number; mibs: number }> {
-  const { stdout } = await execFile('fio', [
+async function runFio(uri: string, job: (typeof jobs)[number], pki: Pki | undefined): Promise<{ iops: number; mibs: number }> {
+  const fioArgs = [
     '--name=bench', '--ioengine=nbd', `--uri=${uri}`, `--rw=${job.rw}`, `--bs=${job.bs}`, `--iodepth=${job.iodepth}`,
     `--size=${sizeMiB}M`, '--time_based', `--runtime=${seconds}`, '--output-format=json',
-  ], { maxBuffer: 16 * 1024 * 1024 });
+  ];
+  const { stdout } = await execFile(...asClient('fio', fioArgs, pki), { maxBuffer: 16 * 1024 * 1024 });
   // fio's nbd engine prints a line of its own before the JSON.
   const result = JSON.parse(stdout.slice(stdout.indexOf('{'))) as { jobs: { read: { iops: number; bw_bytes: number }; write: { iops: number; bw_bytes: number } }[] };
   const stats = job.rw.includes('write') ? result.jobs[0]?.write : result.jobs[0]?.read;
@@ -117,18 +149,13 @@ try {
   const file = join(dir, 'bench.raw');
   await execFile('fallocate', ['-l', `${sizeMiB}M`, file]);
   await execFile('dd', ['if=/dev/zero', `of=${file}`, 'bs=1M', `count=${sizeMiB}`, 'conv=notrunc']);
-  let pki: Pki | undefined;
-  if (values.tls) {
-    const pkiDir = join(dir, 'pki');
-    await initCa(pkiDir);
-    pki = { server: (await issueCertificate(pkiDir, { role: 'storage', id: 'storage' })).dir, client: (await issueCertificate(pkiDir, { role: 'agent', id: 'fio' })).dir };
-  }
+  const pki = values.tls ? await makePki(dir) : undefined;
   const results = new Map<string, Map<string, { iops: number; mibs: number }>>();
   for (const start of [() => qsd(file, pki), () => nbdkit(file, pki), () => vmferry(dir, file, pki)]) {
     const server = await start();
     const perJob = new Map<string, { iops: number; mibs: number }>();
     try {
-      for (const job of jobs) perJob.set(job.name, await runFio(server.uri, job));
+      for (const job of jobs) perJob.set(job.name, await runFio(server.uri, job, pki));
     } finally {
       await server.stop();
     }
