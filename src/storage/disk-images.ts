@@ -33,7 +33,8 @@ export function nbdUri(server: NbdServerAddress, exportName: string): string {
 export function nbdImageArgs(server: NbdServerAddress, exportName: string, tlsDir: string | undefined): string[] {
   if (tlsDir === undefined) return [nbdUri(server, exportName)];
   const node = { driver: 'nbd', server: qemuNbdServer(server), export: exportName, ...nbdClientTlsOptions(server) };
-  return ['--object', qemuClientTlsObject(tlsDir), `json:${JSON.stringify(node)}`];
+  // As "file", not at the top: qemu-img then probes the format on it, as it does on a URI.
+  return ['--object', qemuClientTlsObject(tlsDir), `json:${JSON.stringify({ file: node })}`];
 }
 
 interface QemuImgInfo {

@@ -12,11 +12,14 @@ import { connect as tlsConnect } from 'node:tls';
 import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
 import pino from 'pino';
+import { probeExport } from '../../src/migration/probe.ts';
 import { NbdClient, type NbdAddress, type NbdClientTls } from '../../src/nbd/client.ts';
 import { IHAVEOPT, Option, OptionReply } from '../../src/nbd/constants.ts';
 import type { Role } from '../../src/security/identity.ts';
 import { initCa, issueCertificate } from '../../src/security/pki.ts';
 import { loadTlsIdentity } from '../../src/security/tls-files.ts';
+import { writeQemuTlsDir } from '../../src/qemu/tls-creds.ts';
+import { inspectSharedBase } from '../../src/storage/disk-images.ts';
 import { StorageServer } from '../../src/storage/server.ts';
 import { Cleanup } from '../support/cleanup.ts';
 import { RawNbdConnection, u32, u64 } from '../support/raw-nbd.ts';
@@ -108,6 +111,14 @@ test('an agent\'s certificate: nbdinfo shows the size, qemu-io writes and reads 
   assert.deepEqual(await client.read(64 * 1024, 4), Buffer.alloc(4, 0xa5));
   assert.deepEqual(storage.nbd.connections().map((c) => c.peer), ['vmferry:agent:A']);
   await client.close();
+});
+
+test('an agent\'s qemu-img probes go under TLS with its QEMU credentials: a destination sees the volume, an overlay\'s base is checked', async () => {
+  const tlsDir = await writeQemuTlsDir(loadTlsIdentity({ pkiDir: dirs.agent }, 'server') as NbdClientTls, join(dir, 'agent-qemu-tls'));
+  const server = { type: 'inet' as const, host: '127.0.0.1', port };
+  assert.equal(await probeExport(server, 'vol', tlsDir), 8 * MiB);
+  assert.equal(await probeExport(server, 'vol'), undefined, 'without credentials the volume is out of reach');
+  assert.deepEqual(await inspectSharedBase({ server, export: 'vol' }, tlsDir), { virtualSize: 8 * MiB });
 });
 
 test('a plaintext client is refused: nbdinfo, qemu-img and vmferry\'s client', async () => {
