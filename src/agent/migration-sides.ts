@@ -120,7 +120,7 @@ export class MigrationSides {
   async probeDestination(spec: VmSpec): Promise<DestinationFacts> {
     // The probe connects to the spec's shared volumes: only to the storage server's.
     this.#registry.guard.sharedServers(spec);
-    return probeDestination(this.#registry.hostId, this.#address, spec, this.#registry.pool, this.#registry.names(), await this.capabilities());
+    return probeDestination(this.#registry.hostId, this.#address, spec, this.#registry.pool, this.#registry.names(), await this.capabilities(), this.#registry.qemuTlsDir);
   }
 
   /**

@@ -317,7 +317,11 @@ export class VmRegistry {
       if (local.format === 'raw') throw invalid('takes no "format": "raw" with "base": an overlay is a qcow2 image');
       const backing = { server: local.baseServer, export: local.base };
       const volume = `${vm}-${id}.qcow2`;
-      const path = await createOverlay(this.pool, volume, backing, { ...(local.sizeBytes === undefined ? {} : { sizeBytes: local.sizeBytes }), probe: true });
+      const path = await createOverlay(this.pool, volume, backing, {
+        ...(local.sizeBytes === undefined ? {} : { sizeBytes: local.sizeBytes }),
+        probe: true,
+        ...(this.qemuTlsDir === undefined ? {} : { tlsDir: this.qemuTlsDir }),
+      });
       return { volume, source: { kind: 'file', path, format: 'qcow2', backing } };
     }
     if (local.sizeBytes === undefined) throw invalid('needs "sizeBytes" (an empty disk), "import" (an image file) or "base" (an overlay on a shared volume)');

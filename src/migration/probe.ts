@@ -10,7 +10,7 @@ import { queryCpuModels, qemuBuiltinCpuModel, type CpuModels } from '../qemu/cpu
 import { defaultQemuBinary } from '../qemu/command-line.ts';
 import type { QemuProcess } from '../qemu/process.ts';
 import type { NbdServerAddress, VmSpec } from '../qemu/spec.ts';
-import { nbdUri } from '../storage/disk-images.ts';
+import { nbdImageArgs } from '../storage/disk-images.ts';
 import type { LocalPool } from '../storage/local-pool.ts';
 import { existingBridges } from '../qemu/taps.ts';
 import { imageInfo } from '../storage/local-pool.ts';
@@ -40,10 +40,14 @@ export async function qemuCapabilities(accel: Accelerator = 'tcg', binary = defa
   return { version, machines, accelerator: accel, cpuModels: await queryCpuModels(accel, binary) };
 }
 
-/** Connects to a shared export the way QEMU will, and returns its size, or undefined when unreachable. */
-export async function probeExport(server: NbdServerAddress, exportName: string): Promise<number | undefined> {
+/**
+ * Connects to a shared export the way QEMU will (under TLS with the host's QEMU
+ * credentials, `tlsDir`), and returns its size, or undefined when unreachable.
+ */
+export async function probeExport(server: NbdServerAddress, exportName: string, tlsDir?: string): Promise<number | undefined> {
+  const image = nbdImageArgs(server, exportName, tlsDir);
   try {
-    const info = JSON.parse(await runProgram('qemu-img', ['info', '--output=json', nbdUri(server, exportName)], { timeoutMs: 10_000 })) as {
+    const info = JSON.parse(await runProgram('qemu-img', ['info', '--output=json', ...image], { timeoutMs: 10_000 })) as {
       'virtual-size': number;
     };
     return info['virtual-size'];
@@ -71,7 +75,7 @@ export async function probeSource(hostId: string, vm: QemuProcess, qemu: QemuCap
   return { hostId, qemuVersion: qemu.version, machineType: qemu.machines[requested] ?? requested, accelerator: kvm.enabled ? 'kvm' : 'tcg', localDisks };
 }
 
-/** Facts about this host as the destination for `spec`; run on the destination host. */
+/** Facts about this host as the destination for `spec`; run on the destination host, with its QEMU credentials (`tlsDir`) if it has them. */
 export async function probeDestination(
   hostId: string,
   address: string,
@@ -79,12 +83,13 @@ export async function probeDestination(
   pool: LocalPool,
   vmNames: string[],
   qemu: QemuCapabilities,
+  tlsDir?: string,
 ): Promise<DestinationFacts> {
   const reachableExports: Record<string, number> = {};
   // Shared volumes, and the shared bases of overlays: both are re-attached, not copied.
   const shared = spec.disks.flatMap((disk) => (disk.source.kind === 'nbd' ? [disk.source] : disk.source.backing ? [disk.source.backing] : []));
   for (const { server, export: exportName } of shared) {
-    const size = await probeExport(server, exportName);
+    const size = await probeExport(server, exportName, tlsDir);
     if (size !== undefined) reachableExports[exportKey(server, exportName)] = size;
   }
   const cpuModel = spec.cpu ?? qemuBuiltinCpuModel;

@@ -9,8 +9,12 @@
  *   const client = await NbdClient.connect({ type: 'inet', host: '127.0.0.1', port: 10809 }, { exportName: 'vol' });
  *   client.size; await client.read(0, 4096); await client.close();
  *   const { size } = await probeNbdExport(address, 'vol');
+ *
+ * With `tls`, NBD_OPT_STARTTLS is the first option and the client goes no
+ * further without TLS: a server that declines is an error, not a downgrade.
  */
-import { connect, type Socket } from 'node:net';
+import { connect, isIP, type Socket } from 'node:net';
+import { checkServerIdentity, connect as tlsConnect } from 'node:tls';
 import { VmferryError, describeError } from '../errors.ts';
 import { Deadline, abortError } from '../util/abort.ts';
 import {
@@ -53,6 +57,15 @@ import { ConnectionClosedError, SocketReader } from './socket-reader.ts';
 
 export type NbdAddress = { type: 'inet'; host: string; port: number } | { type: 'unix'; path: string };
 
+/** TLS with a client certificate: PEM texts, and the name the server's certificate must carry. */
+export interface NbdClientTls {
+  ca: string;
+  cert: string;
+  key: string;
+  /** The server's certificate must name this (an IP address or DNS name); default: the TCP address's host. Needed over a unix socket. */
+  hostname?: string;
+}
+
 export interface NbdConnectOptions {
   /** The export to attach to; '' is the server's default export. */
   exportName?: string;
@@ -63,6 +76,8 @@ export interface NbdConnectOptions {
   /** Limit for connecting and the whole handshake (default 10 s). */
   timeoutMs?: number;
   signal?: AbortSignal;
+  /** Start TLS before anything else, and present this certificate. */
+  tls?: NbdClientTls;
 }
 
 /** What the handshake told us about the export. */
@@ -146,15 +161,55 @@ function openSocket(address: NbdAddress, signal: AbortSignal): Promise<Socket> {
   });
 }
 
-/** The handshake's state between its steps. */
+const readAheadBytes = 64 * 1024 * 1024;
+
+/** The handshake's state between its steps; socket and reader change at STARTTLS. */
 class Handshake {
-  readonly reader: SocketReader;
-  readonly socket: Socket;
+  reader: SocketReader;
+  socket: Socket;
   noZeroes = false;
 
   constructor(socket: Socket) {
     this.socket = socket;
-    this.reader = new SocketReader(socket, 64 * 1024 * 1024);
+    this.reader = new SocketReader(socket, readAheadBytes);
+  }
+
+  /** NBD_OPT_STARTTLS, then the TLS handshake over the same socket; refused or failed, the connection is of no further use. */
+  async startTls(tls: NbdClientTls, address: NbdAddress): Promise<void> {
+    const result = await this.option(Option.STARTTLS);
+    if (result.error) {
+      throw new VmferryError('VMF_NBD_REFUSED', `NBD server ${describeAddress(address)} did not start TLS: ${optionErrorName(result.error.type)}${result.error.message ? ` (${result.error.message})` : ''}`);
+    }
+    const hostname = tls.hostname ?? (address.type === 'inet' ? address.host : undefined);
+    if (hostname === undefined) throw new VmferryError('VMF_INVALID_ARGUMENT', `TLS to the NBD server at ${describeAddress(address)} needs the hostname its certificate names`);
+    this.reader.detach();
+    const plain = this.socket;
+    const secure = tlsConnect({
+      socket: plain,
+      ca: tls.ca,
+      cert: tls.cert,
+      key: tls.key,
+      minVersion: 'TLSv1.2',
+      // SNI takes DNS names only; the certificate is checked against the name either way.
+      ...(isIP(hostname) ? {} : { servername: hostname }),
+      checkServerIdentity: (_name, certificate) => checkServerIdentity(hostname, certificate),
+    });
+    this.socket = secure;
+    secure.on('error', () => undefined);
+    await new Promise<void>((resolve, reject) => {
+      const settle = (err?: Error): void => {
+        secure.off('secureConnect', settle);
+        secure.off('error', settle);
+        secure.off('close', closed);
+        if (err) reject(new VmferryError('VMF_NBD_REFUSED', `TLS with the NBD server at ${describeAddress(address)} failed: ${err.message}`, { cause: err }));
+        else resolve();
+      };
+      const closed = (): void => settle(new Error('the connection closed during the TLS handshake'));
+      secure.once('secureConnect', settle);
+      secure.once('error', settle);
+      secure.once('close', closed);
+    });
+    this.reader = new SocketReader(secure, readAheadBytes);
   }
 
   async greeting(): Promise<void> {
@@ -221,14 +276,17 @@ export class NbdClient {
     const exportName = options.exportName ?? '';
     const deadline = new Deadline(`NBD handshake with ${describeAddress(address)}`, options.timeoutMs ?? defaultTimeoutMs, options.signal);
     let socket: Socket | undefined;
+    let hs: Handshake | undefined;
     const onAbort = (): void => {
+      hs?.socket.destroy();
       socket?.destroy();
     };
     deadline.signal.addEventListener('abort', onAbort, { once: true });
     try {
       socket = await openSocket(address, deadline.signal);
-      const hs = new Handshake(socket);
+      hs = new Handshake(socket);
       await hs.greeting();
+      if (options.tls) await hs.startTls(options.tls, address);
 
       let structured = false;
       if (options.structuredReplies ?? true) {
@@ -253,7 +311,7 @@ export class NbdClient {
       const go = await hs.option(Option.GO, encodeInfoRequest(exportName, [Info.BLOCK_SIZE]));
       if (go.error?.type === OptionReply.ERR_UNSUP) {
         // A server from before NBD_OPT_GO: EXPORT_NAME has no error reply, only a hang-up.
-        socket.write(encodeOption(Option.EXPORT_NAME, Buffer.from(exportName, 'utf8')));
+        hs.socket.write(encodeOption(Option.EXPORT_NAME, Buffer.from(exportName, 'utf8')));
         const reply = await hs.reader.read(hs.noZeroes ? 10 : 134).catch((err: unknown) => {
           throw err instanceof ConnectionClosedError ? noExport(address, exportName, 'the server hung up on NBD_OPT_EXPORT_NAME') : err;
         });
@@ -290,14 +348,17 @@ export class NbdClient {
         structuredReplies: structured,
         metaContexts: [...contexts.keys()],
       };
-      return new NbdClient(socket, hs.reader, info, contexts.get(META_CONTEXT_BASE_ALLOCATION));
+      return new NbdClient(hs.socket, hs.reader, info, contexts.get(META_CONTEXT_BASE_ALLOCATION));
     } catch (err) {
-      if (socket && err instanceof VmferryError && (err.code === 'VMF_NBD_NO_EXPORT' || err.code === 'VMF_NBD_REFUSED')) {
+      if (hs && !hs.socket.destroyed && err instanceof VmferryError && (err.code === 'VMF_NBD_NO_EXPORT' || err.code === 'VMF_NBD_REFUSED')) {
         // The server is fine, only the export is not: leave politely, as the protocol asks.
-        const leaving = socket;
+        const leaving = hs.socket;
         leaving.end(encodeOption(Option.ABORT));
         setTimeout(() => leaving.destroy(), 1_000).unref();
-      } else socket?.destroy();
+      } else {
+        hs?.socket.destroy();
+        socket?.destroy();
+      }
       throw handshakeError(err, deadline.signal, address);
     } finally {
       deadline.signal.removeEventListener('abort', onAbort);
@@ -306,17 +367,20 @@ export class NbdClient {
   }
 
   /** The exports a server offers (NBD_OPT_LIST), then a polite NBD_OPT_ABORT. */
-  static async list(address: NbdAddress, options: Pick<NbdConnectOptions, 'timeoutMs' | 'signal'> = {}): Promise<{ name: string; description: string }[]> {
+  static async list(address: NbdAddress, options: Pick<NbdConnectOptions, 'timeoutMs' | 'signal' | 'tls'> = {}): Promise<{ name: string; description: string }[]> {
     const deadline = new Deadline(`NBD export list from ${describeAddress(address)}`, options.timeoutMs ?? defaultTimeoutMs, options.signal);
     let socket: Socket | undefined;
+    let hs: Handshake | undefined;
     const onAbort = (): void => {
+      hs?.socket.destroy();
       socket?.destroy();
     };
     deadline.signal.addEventListener('abort', onAbort, { once: true });
     try {
       socket = await openSocket(address, deadline.signal);
-      const hs = new Handshake(socket);
+      hs = new Handshake(socket);
       await hs.greeting();
+      if (options.tls) await hs.startTls(options.tls, address);
       const result = await hs.option(Option.LIST);
       if (result.error) throw new VmferryError('VMF_NBD_REFUSED', `NBD server ${describeAddress(address)} refused to list its exports: ${optionErrorName(result.error.type)} (${result.error.message})`);
       const exports = result.replies.filter((r) => r.type === OptionReply.SERVER).map((r) => decodeServerReply(r.data));
@@ -325,6 +389,7 @@ export class NbdClient {
     } catch (err) {
       throw handshakeError(err, deadline.signal, address);
     } finally {
+      hs?.socket.destroy();
       socket?.destroy();
       deadline.signal.removeEventListener('abort', onAbort);
       deadline.dispose();
@@ -559,7 +624,7 @@ function handshakeError(err: unknown, signal: AbortSignal, address: NbdAddress):
  * base:allocation), reads what the handshake says about it, and disconnects:
  * the answer to "can this host reach this export, and how big is it".
  */
-export async function probeNbdExport(address: NbdAddress, exportName: string, options: Pick<NbdConnectOptions, 'timeoutMs' | 'signal'> = {}): Promise<NbdExportInfo> {
+export async function probeNbdExport(address: NbdAddress, exportName: string, options: Pick<NbdConnectOptions, 'timeoutMs' | 'signal' | 'tls'> = {}): Promise<NbdExportInfo> {
   const client = await NbdClient.connect(address, { ...options, exportName });
   await client.close();
   return client.export;

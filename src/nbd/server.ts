@@ -7,14 +7,17 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { rm } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import type { ExportProvider } from './backend.ts';
+import { NbdChannel, TlsHandshakeError, type NbdServerTls } from './channel.ts';
 import { negotiate } from './handshake.ts';
 import { MemoryBudget, type BudgetAccount } from './memory-budget.ts';
-import { ConnectionClosedError, SocketReader } from './socket-reader.ts';
+import { ConnectionClosedError } from './socket-reader.ts';
 import { serveTransmission, type TransmissionLimits } from './transmission.ts';
 
 export interface ConnectionInfo {
   id: number;
   client: string;
+  /** Who the client's certificate says it is (with TLS), once verified. */
+  peer?: string;
   export: string | undefined;
   connectedAt: number;
 }
@@ -75,15 +78,18 @@ export class NbdServer {
   readonly #limits: TransmissionLimits;
   readonly #budget: MemoryBudget;
   readonly #servers: Server[] = [];
-  readonly #connections = new Map<number, { info: ConnectionInfo; socket: Socket; reader: SocketReader; budget: BudgetAccount; done: Promise<void> }>();
+  readonly #tls: NbdServerTls | undefined;
+  readonly #connections = new Map<number, { info: ConnectionInfo; channel: NbdChannel; budget: BudgetAccount; done: Promise<void> }>();
   #nextId = 1;
   #closing = false;
 
-  constructor(exports: ExportProvider, logger: Logger, limits: ServerLimits = defaultLimits) {
+  /** With `tls`, every client must start TLS and show a certificate (channel.ts, handshake.ts), on every listener. */
+  constructor(exports: ExportProvider, logger: Logger, limits: ServerLimits = defaultLimits, tls?: NbdServerTls) {
     this.#exports = exports;
     this.#logger = logger;
     this.#limits = limits;
     this.#budget = new MemoryBudget(limits.memoryBudgetBytes);
+    this.#tls = tls;
   }
 
   /** Listens on TCP; resolves with the bound port (useful with port 0). */
@@ -126,11 +132,11 @@ export class NbdServer {
     const listenersClosed = Promise.all(this.#servers.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
     this.#closing = true;
     for (const connection of this.#connections.values()) {
-      connection.reader.cancel(new ServerShutdownError());
+      connection.channel.cancel(new ServerShutdownError());
       connection.budget.cancel(new ServerShutdownError());
     }
     const timer = setTimeout(() => {
-      for (const connection of this.#connections.values()) connection.socket.destroy();
+      for (const connection of this.#connections.values()) connection.channel.destroy();
     }, graceMs);
     await Promise.allSettled([...this.#connections.values()].map((c) => c.done));
     clearTimeout(timer);
@@ -154,29 +160,30 @@ export class NbdServer {
     const info: ConnectionInfo = { id, client, export: undefined, connectedAt: Date.now() };
     const log = this.#logger.child({ connection: id, client });
     socket.on('error', () => undefined);
-    const reader = new SocketReader(socket, readAheadBytes);
+    const channel = new NbdChannel(socket, readAheadBytes);
     const budget = this.#budget.account();
-    const done = this.#serve(socket, reader, budget, info, log).finally(() =>
-      endSocket(socket).finally(() => {
+    const done = this.#serve(channel, budget, info, log).finally(() =>
+      endSocket(channel.socket).finally(() => {
         budget.close();
         this.#connections.delete(id);
       }),
     );
-    this.#connections.set(id, { info, socket, reader, budget, done });
+    this.#connections.set(id, { info, channel, budget, done });
   }
 
-  async #serve(socket: Socket, reader: SocketReader, budget: BudgetAccount, info: ConnectionInfo, log: Logger): Promise<void> {
+  async #serve(channel: NbdChannel, budget: BudgetAccount, info: ConnectionInfo, log: Logger): Promise<void> {
     const handshakeTimer = setTimeout(() => {
       log.warn('NBD handshake timed out');
-      socket.destroy();
+      channel.destroy();
     }, handshakeTimeoutMs);
     try {
-      const session = await negotiate(reader, socket, this.#exports, this.#limits, info.client, log).finally(() => clearTimeout(handshakeTimer));
+      const session = await negotiate(channel, this.#exports, this.#limits, info.client, log, this.#tls).finally(() => clearTimeout(handshakeTimer));
       if (!session) return;
       info.export = session.exportName;
-      log.info({ export: session.exportName, structured: session.structuredReplies }, 'NBD client attached');
+      if (session.peer !== undefined) info.peer = session.peer;
+      log.info({ export: session.exportName, structured: session.structuredReplies, peer: session.peer }, 'NBD client attached');
       try {
-        await serveTransmission(reader, socket, session, this.#limits, budget, log);
+        await serveTransmission(channel.reader, channel.socket, session, this.#limits, budget, log);
       } finally {
         this.#exports.release(session.exportName, info.client);
         log.info({ export: session.exportName }, 'NBD client detached');
@@ -184,6 +191,10 @@ export class NbdServer {
     } catch (err) {
       if (err instanceof ServerShutdownError) {
         log.info('NBD connection closed: the server is shutting down');
+        return;
+      }
+      if (err instanceof TlsHandshakeError) {
+        log.warn({ problem: err.message }, 'NBD client refused at the TLS handshake');
         return;
       }
       if (err instanceof ConnectionClosedError) {

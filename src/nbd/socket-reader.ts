@@ -20,13 +20,20 @@ export class SocketReader {
   #waiter: { bytes: number; resolve: (chunks: Buffer[]) => void; reject: (err: Error) => void } | undefined;
   #ended: Error | undefined;
 
+  readonly #listeners: { data: (chunk: Buffer) => void; end: () => void; error: (err: Error) => void };
+
   constructor(socket: Socket, highWaterBytes: number) {
     this.#socket = socket;
     this.#highWaterBytes = highWaterBytes;
-    socket.on('data', (chunk: Buffer) => this.#push(chunk));
-    socket.on('end', () => this.#end(new ConnectionClosedError()));
-    socket.on('close', () => this.#end(new ConnectionClosedError()));
-    socket.on('error', (err) => this.#end(new ConnectionClosedError(`connection error: ${err.message}`)));
+    this.#listeners = {
+      data: (chunk) => this.#push(chunk),
+      end: () => this.#end(new ConnectionClosedError()),
+      error: (err) => this.#end(new ConnectionClosedError(`connection error: ${err.message}`)),
+    };
+    socket.on('data', this.#listeners.data);
+    socket.on('end', this.#listeners.end);
+    socket.on('close', this.#listeners.end);
+    socket.on('error', this.#listeners.error);
   }
 
   get buffered(): number {
@@ -52,6 +59,22 @@ export class SocketReader {
   /** Ends the reader: a read waiting now, and every later one, rejects with `error` (the socket stays open). */
   cancel(error: Error): void {
     this.#end(error);
+  }
+
+  /**
+   * Stops reading the socket and lets go of it (paused, so what arrives next
+   * waits in the socket for whoever reads it after us: a TLS layer taking it
+   * over). Later reads reject. Only when nothing is buffered: bytes already
+   * taken off the socket cannot be handed back.
+   */
+  detach(): void {
+    if (this.#buffered > 0) throw new Error(`cannot detach a socket reader holding ${this.#buffered} unread bytes`);
+    this.#socket.pause();
+    this.#socket.off('data', this.#listeners.data);
+    this.#socket.off('end', this.#listeners.end);
+    this.#socket.off('close', this.#listeners.end);
+    this.#socket.off('error', this.#listeners.error);
+    this.#end(new ConnectionClosedError('the socket was handed over'));
   }
 
   /** Reads and drops `bytes` bytes without holding them all in memory. */

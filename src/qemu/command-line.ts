@@ -6,7 +6,7 @@
 import { VmferryError } from '../errors.ts';
 import type { CacheMode, DiskSpec, NbdServerAddress, NicSpec, VmSpec } from './spec.ts';
 import { diskBaseNodeName, diskFileNodeName, diskNodeName } from './spec.ts';
-import { qemuTlsArguments } from './tls-creds.ts';
+import { nbdClientTlsOptions, qemuTlsArguments } from './tls-creds.ts';
 
 export const defaultQemuBinary = 'qemu-system-x86_64';
 
@@ -63,13 +63,20 @@ export const sharedReconnectDelayS = 60;
 /** How long a QEMU starting up tries to reach the storage server before it gives up. */
 const sharedOpenTimeoutS = 15;
 
-/** An NBD client node of the storage server, riding through its restarts. */
-function nbdNode(nodeName: string, server: NbdServerAddress, exportName: string, readOnly: boolean, noFlush: boolean): Record<string, unknown> {
+/** QEMU's SocketAddress of an NBD server. */
+export function qemuNbdServer(server: NbdServerAddress): Record<string, string> {
+  return server.type === 'inet' ? { type: 'inet', host: server.host, port: String(server.port) } : { type: 'unix', path: server.path };
+}
+
+/** An NBD client node of the storage server, riding through its restarts; under TLS when the QEMU has credentials. */
+function nbdNode(nodeName: string, server: NbdServerAddress, exportName: string, readOnly: boolean, noFlush: boolean, tls: boolean): Record<string, unknown> {
   return {
     driver: 'nbd',
     'node-name': nodeName,
-    server: server.type === 'inet' ? { type: 'inet', host: server.host, port: String(server.port) } : { type: 'unix', path: server.path },
+    server: qemuNbdServer(server),
     export: exportName,
+    // With credentials, never in plain text: a storage server without TLS is refused rather than trusted.
+    ...(tls ? nbdClientTlsOptions(server) : {}),
     // A storage server restart or a short network outage is ridden through: requests wait up to
     // this many seconds for QEMU to reconnect instead of failing the guest's I/O at once.
     'reconnect-delay': sharedReconnectDelayS,
@@ -82,12 +89,12 @@ function nbdNode(nodeName: string, server: NbdServerAddress, exportName: string,
   };
 }
 
-function blockdevArgs(disk: DiskSpec): string[] {
+function blockdevArgs(disk: DiskSpec, tls: boolean): string[] {
   const cache = cacheFlags[disk.cache ?? 'none'];
   const readOnly = disk.readOnly ?? false;
   const source = disk.source;
   if (source.kind === 'nbd') {
-    return ['-blockdev', JSON.stringify(nbdNode(diskNodeName(disk.id), source.server, source.export, readOnly, cache.noFlush))];
+    return ['-blockdev', JSON.stringify(nbdNode(diskNodeName(disk.id), source.server, source.export, readOnly, cache.noFlush, tls))];
   }
   const fileNode = {
     driver: 'file',
@@ -109,7 +116,7 @@ function blockdevArgs(disk: DiskSpec): string[] {
   if (source.backing) {
     // The shared base by node, not by the file name in the overlay's header: always read-only, whatever the disk.
     const baseNode = diskBaseNodeName(disk.id);
-    args.push('-blockdev', JSON.stringify(nbdNode(baseNode, source.backing.server, source.backing.export, true, cache.noFlush)));
+    args.push('-blockdev', JSON.stringify(nbdNode(baseNode, source.backing.server, source.backing.export, true, cache.noFlush, tls)));
     formatNode.backing = baseNode;
   }
   args.push('-blockdev', JSON.stringify(formatNode));
@@ -171,7 +178,7 @@ export function qemuArguments(spec: VmSpec, options: CommandLineOptions): string
   }
   const bootDiskId = spec.boot.kind === 'disk' ? spec.boot.diskId : undefined;
   spec.disks.forEach((disk, index) => {
-    args.push(...blockdevArgs(disk), ...deviceArgs(disk, index, bootDiskId));
+    args.push(...blockdevArgs(disk, options.tlsDir !== undefined), ...deviceArgs(disk, index, bootDiskId));
   });
   (spec.nics ?? []).forEach((nic, index) => {
     args.push(...nicArgs(nic, index, options.taps?.[index]));

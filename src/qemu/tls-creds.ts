@@ -8,8 +8,10 @@
  */
 import { chmod, mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { VmferryError } from '../errors.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
 import { identityFiles } from '../security/pki.ts';
+import type { NbdServerAddress } from './spec.ts';
 
 /** The ids of the two objects, for `tls-creds` of migration parameters, nbd-server-start and NBD blockdevs. */
 export const qemuTlsCreds = { server: 'vmf-tls-server', client: 'vmf-tls-client' } as const;
@@ -41,4 +43,22 @@ export function qemuTlsArguments(dir: string): string[] {
     '-object', `tls-creds-x509,id=${qemuTlsCreds.server},endpoint=server,dir=${escaped},verify-peer=on`,
     '-object', `tls-creds-x509,id=${qemuTlsCreds.client},endpoint=client,dir=${escaped},verify-peer=on`,
   ];
+}
+
+/** The client object alone, for qemu-img and qemu-io (`--object`), which connect and never serve. */
+export function qemuClientTlsObject(dir: string): string {
+  return `tls-creds-x509,id=${qemuTlsCreds.client},endpoint=client,dir=${dir.replaceAll(',', ',,')},verify-peer=on`;
+}
+
+/**
+ * What an NBD client node of the storage server adds under TLS: our client
+ * credentials, and the name the server's certificate must carry (its address,
+ * as `vmferry pki issue --address` put it there). Over a unix socket there is
+ * no such name to check.
+ */
+export function nbdClientTlsOptions(server: NbdServerAddress): { 'tls-creds': string; 'tls-hostname': string } {
+  if (server.type === 'unix') {
+    throw new VmferryError('VMF_INVALID_SPEC', `the storage server at unix socket ${server.path} cannot be reached under TLS: no name to check its certificate against; give its TCP address`);
+  }
+  return { 'tls-creds': qemuTlsCreds.client, 'tls-hostname': server.host };
 }

@@ -7,7 +7,9 @@
  */
 import { stat } from 'node:fs/promises';
 import { VmferryError } from '../errors.ts';
+import { qemuNbdServer } from '../qemu/command-line.ts';
 import type { NbdServerAddress, SharedBase } from '../qemu/spec.ts';
+import { nbdClientTlsOptions, qemuClientTlsObject } from '../qemu/tls-creds.ts';
 import { removeDurable } from '../util/durable-file.ts';
 import { runProgram } from '../util/run.ts';
 import type { LocalPool } from './local-pool.ts';
@@ -22,6 +24,17 @@ export function nbdUri(server: NbdServerAddress, exportName: string): string {
   return server.type === 'inet'
     ? `nbd://${server.host}:${server.port}/${encodeURIComponent(exportName)}`
     : `nbd+unix:///${encodeURIComponent(exportName)}?socket=${server.path}`;
+}
+
+/**
+ * How qemu-img opens an export of the storage server: its URI, or with the
+ * host's QEMU credentials (tls-creds.ts) a json: node over TLS and the object it names.
+ */
+export function nbdImageArgs(server: NbdServerAddress, exportName: string, tlsDir: string | undefined): string[] {
+  if (tlsDir === undefined) return [nbdUri(server, exportName)];
+  const node = { driver: 'nbd', server: qemuNbdServer(server), export: exportName, ...nbdClientTlsOptions(server) };
+  // As "file", not at the top: qemu-img then probes the format on it, as it does on a URI.
+  return ['--object', qemuClientTlsObject(tlsDir), `json:${JSON.stringify({ file: node })}`];
 }
 
 interface QemuImgInfo {
@@ -83,13 +96,14 @@ export async function importImage(pool: LocalPool, name: string, file: string, f
 /**
  * Checks that a shared base exists and holds a raw disk (the storage server
  * exports bytes; a qcow2 copied onto a volume would be read as raw), and
- * returns its size. Connects the way QEMU will, read-only.
+ * returns its size. Connects the way QEMU will (under TLS with `tlsDir`), read-only.
  */
-export async function inspectSharedBase(base: SharedBase): Promise<{ virtualSize: number }> {
+export async function inspectSharedBase(base: SharedBase, tlsDir?: string): Promise<{ virtualSize: number }> {
   const uri = nbdUri(base.server, base.export);
+  const image = nbdImageArgs(base.server, base.export, tlsDir);
   let info: QemuImgInfo;
   try {
-    info = JSON.parse(await runProgram('qemu-img', ['info', '--output=json', uri], { timeoutMs: 20_000 })) as QemuImgInfo;
+    info = JSON.parse(await runProgram('qemu-img', ['info', '--output=json', ...image], { timeoutMs: 20_000 })) as QemuImgInfo;
   } catch (err) {
     if (err instanceof VmferryError && err.code === 'VMF_TOOL_MISSING') throw err;
     throw invalidImage(`base volume ${base.export} cannot be opened at ${uri} (no such volume, or the storage server is unreachable): ${err instanceof Error ? err.message : String(err)}`, err);
@@ -104,12 +118,13 @@ export async function inspectSharedBase(base: SharedBase): Promise<{ virtualSize
  * Creates a qcow2 overlay `name` in the pool on the shared base and returns
  * its path. `sizeBytes` (default: the base's size) may grow the disk, never
  * shrink it. With `probe` false the base is taken as checked already (a
- * migration's planner did): nothing connects to it here.
+ * migration's planner did): nothing connects to it here. `tlsDir`: the
+ * host's QEMU credentials, to probe under TLS.
  */
-export async function createOverlay(pool: LocalPool, name: string, base: SharedBase, options: { sizeBytes?: number; probe: boolean }): Promise<string> {
+export async function createOverlay(pool: LocalPool, name: string, base: SharedBase, options: { sizeBytes?: number; probe: boolean; tlsDir?: string }): Promise<string> {
   let sizeBytes = options.sizeBytes;
   if (options.probe) {
-    const { virtualSize } = await inspectSharedBase(base);
+    const { virtualSize } = await inspectSharedBase(base, options.tlsDir);
     if (sizeBytes !== undefined && sizeBytes < virtualSize) {
       throw invalidImage(`an overlay of ${sizeBytes} bytes cannot hold base volume ${base.export} of ${virtualSize} bytes; give at least its size, or none`);
     }

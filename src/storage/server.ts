@@ -5,6 +5,7 @@
 import { createApiServer } from '../http/api-server.ts';
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
+import type { PeerCertificate } from 'node:tls';
 import type { Logger } from 'pino';
 import { NbdServer, defaultLimits } from '../nbd/server.ts';
 import { VolumeService, maxVolumeBytes, type VolumeServiceOptions } from './volumes.ts';
@@ -12,6 +13,7 @@ import { VolumeStatsSchema } from './traffic.ts';
 import { parseExportName } from './writer-leases.ts';
 import { namePatternSource, nameRule } from '../util/names.ts';
 import type { AccessPolicy } from '../http/access.ts';
+import { identityFromSubjectAltName, identityUri, type Role } from '../security/identity.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
 
 export interface StorageServerOptions {
@@ -27,12 +29,27 @@ export interface StorageServerOptions {
   memoryBudgetBytes?: number;
   /** Test hooks and tuning of the volumes (volumes.ts). */
   volumes?: VolumeServiceOptions;
-  /** Serve the admin API with mutual TLS (the NBD port's TLS comes with phase 2 of docs/SECURITY.md). */
+  /** Mutual TLS on the admin API and on NBD (every listener): a client without a certificate of the CA is refused. */
   tls?: TlsIdentity;
 }
 
 /** The controller and the agents (writer leases) manage volumes; operators do not (docs/SECURITY.md). */
 export const storageAccess: AccessPolicy = () => ['controller', 'agent'];
+
+/** Who may open volumes over NBD: the agents (their QEMUs and probes) and the controller, as on the admin API. */
+const nbdClientRoles: readonly Role[] = ['controller', 'agent'];
+
+/** The NBD server's check of a client certificate the cluster CA issued: its role, from its SAN URI. */
+export function admitNbdClient(certificate: PeerCertificate): { peer: string; refusal?: string } {
+  const identity = identityFromSubjectAltName(certificate.subjectaltname);
+  if (!identity) {
+    const subject = Object.entries(certificate.subject ?? {}).map(([key, value]) => `${key}=${String(value)}`).join(',');
+    return { peer: `subject "${subject}"`, refusal: 'the client certificate names no vmferry identity (a SAN URI vmferry:ROLE:ID)' };
+  }
+  const peer = identityUri(identity);
+  if (!nbdClientRoles.includes(identity.role)) return { peer, refusal: `${peer} may not open volumes (allowed: ${nbdClientRoles.join(', ')})` };
+  return { peer };
+}
 
 const VolumeName = Type.String({ pattern: namePatternSource, description: nameRule });
 const SizeBytes = Type.Integer({ minimum: 512, maximum: maxVolumeBytes, multipleOf: 512 });
@@ -108,7 +125,7 @@ export class StorageServer {
   static async start(options: StorageServerOptions): Promise<StorageServer> {
     const volumes = await VolumeService.open(options.dataDir, options.logger, options.volumes);
     const limits = { ...defaultLimits, memoryBudgetBytes: options.memoryBudgetBytes ?? defaultLimits.memoryBudgetBytes };
-    const nbd = new NbdServer(volumes, options.logger.child({ component: 'nbd' }), limits);
+    const nbd = new NbdServer(volumes, options.logger.child({ component: 'nbd' }), limits, options.tls ? { ...options.tls, admit: admitNbdClient } : undefined);
     const server = new StorageServer(volumes, nbd, await adminApi(volumes, nbd, options.logger.child({ component: 'admin' }), options.tls));
     try {
       if (options.nbd) server.addresses.nbdPort = await nbd.listenTcp(options.nbd.host, options.nbd.port);

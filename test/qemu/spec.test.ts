@@ -137,6 +137,24 @@ test('an overlay on a shared base: the qcow2 node reads through a read-only NBD 
   assert.equal(nodes[2]?.['read-only'], false);
 });
 
+test('with a TLS dir, every NBD node of the storage server (shared disk, shared base) goes under TLS to its address; a unix socket is refused', () => {
+  const base = { server: { type: 'inet' as const, host: '10.0.0.1', port: 10809 }, export: 'debian-12' };
+  const onTcp = withChange(['disks', 0, 'source', 'backing'], base) as typeof valid;
+  onTcp.disks.pop();
+  const spec = validateVmSpec(onTcp);
+  const options = { mode: 'run' as const, qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'tcg' as const, taps: ['tap-a', 'tap-b'] };
+  const tlsOf = (nodes: Record<string, unknown>[]): unknown[][] => nodes.filter((n) => n.driver === 'nbd').map((n) => [n['node-name'], n['tls-creds'], n['tls-hostname']]);
+  assert.deepEqual(tlsOf(blockdevs(qemuArguments(spec, { ...options, tlsDir: '/var/lib/vmferry/tls' }))), [
+    ['disk-root-base', 'vmf-tls-client', '10.0.0.1'],
+    ['disk-data', 'vmf-tls-client', '127.0.0.1'],
+  ]);
+  assert.deepEqual(tlsOf(blockdevs(qemuArguments(spec, options))), [
+    ['disk-root-base', undefined, undefined],
+    ['disk-data', undefined, undefined],
+  ]);
+  assert.throws(() => qemuArguments(validateVmSpec(valid), { ...options, tlsDir: '/tls' }), /unix socket \/run\/storage.sock cannot be reached under TLS/);
+});
+
 test('booting from a disk: SeaBIOS is pointed at that disk (bootindex 1), no other disk is bootable, no -kernel', () => {
   const spec = validateVmSpec(withChange(['boot'], { kind: 'disk', diskId: 'data' }));
   const args = qemuArguments(spec, { mode: 'run', qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'tcg', taps: ['tap-a', 'tap-b'] });
