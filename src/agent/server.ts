@@ -22,7 +22,7 @@ import { SharedWriterFence } from '../storage/writer-fence.ts';
 import { readFile } from 'node:fs/promises';
 import { timeoutSignal } from '../util/abort.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
-import { writeQemuTlsDir } from '../qemu/tls-creds.ts';
+import { agentQemuTlsDir, writeQemuTlsDir } from '../qemu/tls-creds.ts';
 import { join } from 'node:path';
 import type { AccessPolicy } from '../http/access.ts';
 import type { NbdServerAddress } from '../qemu/spec.ts';
@@ -91,7 +91,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   if (!fence) options.logger.warn('no storage admin URL: shared volumes are not fenced, a stale QEMU could still write to them');
   const accelerator = options.accelerator ?? { accelerator: 'tcg', reason: 'not probed: the embedding program chose no accelerator' };
   // Rewritten at every start: a rotated certificate reaches the next QEMU this agent starts.
-  const qemuTlsDir = options.tls ? await writeQemuTlsDir(options.tls, join(options.dataDir, 'tls')) : undefined;
+  const qemuTlsDir = options.tls ? await writeQemuTlsDir(options.tls, agentQemuTlsDir(options.dataDir)) : undefined;
   const guard = await RequestGuard.create({ trustedDirs: options.trustedDirs ?? [], poolDir: join(options.dataDir, 'pool'), vmsDir: join(options.dataDir, 'vms'), storageNbd: options.storageNbd });
   if (!options.trustedDirs?.length) options.logger.warn('no --trusted-dir: requests that name a kernel, an initrd or an image to import are refused');
   const registry = new VmRegistry(options.hostId, options.dataDir, options.logger, accelerator, guard, fence, qemuTlsDir);

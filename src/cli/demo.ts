@@ -17,6 +17,7 @@ import { Pinger } from '../demo/pinger.ts';
 import { StreamCheck } from '../demo/stream-check.ts';
 import { checkVerify, readGuestReport, waitForAcks } from '../guest/test-guest.ts';
 import { verifyDisks } from '../guest/verify.ts';
+import { agentQemuTlsDir } from '../qemu/tls-creds.ts';
 import type { MigrationReport, StorageIo } from '../migration/phases.ts';
 import { followMigration } from './progress.ts';
 import { renderReport } from './render.ts';
@@ -169,7 +170,9 @@ async function runDemo(cluster: LocalCluster, say: (line: string) => void, json:
   const vm = await api.vm(vmName);
   await api.stopVm(vmName, true);
   const acked = (await readGuestReport(logs)).acks;
-  const verify = await verifyDisks(vm.spec.disks, join(cluster.workDir, 'verify'), { spanMiB: 16 });
+  // With the credentials of the host the VM ended on, as its QEMU had them: the storage server takes TLS only.
+  const tlsDir = cluster.pki ? agentQemuTlsDir(cluster.host(vm.host).dataDir) : undefined;
+  const verify = await verifyDisks(vm.spec.disks, join(cluster.workDir, 'verify'), { spanMiB: 16, ...(tlsDir === undefined ? {} : { tlsDir }) });
   const problems = checkVerify(verify, acked);
   for (const result of verify.values()) {
     say(`  ${result.disk}: acknowledged up to ${acked.get(result.disk) ?? 0}, highest intact ${result.highest}, corrupt ${result.corrupt}, missing ${result.missing}`);

@@ -193,9 +193,11 @@ export class QemuProcess {
     } catch (err) {
       connectAbort.abort();
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-      await exited;
+      const exit = await exited;
       if (err instanceof VmferryError && err.code !== 'VMF_QMP_CONNECT') throw err;
-      throw new VmferryError('VMF_QEMU_START', `QEMU for VM ${spec.name} did not open its monitor: ${describeError(err)}`, { cause: err });
+      // A QEMU that exits on an error as its monitor opens resets the connection before its exit is seen: its own words say why.
+      const said = exit.stderrTail ? `; QEMU said: ${exit.stderrTail}` : '';
+      throw new VmferryError('VMF_QEMU_START', `QEMU for VM ${spec.name} did not open its monitor: ${describeError(err)}${said}`, { cause: err });
     }
   }
 

@@ -13,6 +13,11 @@ import type { TlsIdentity } from '../security/tls-files.ts';
 import { identityFiles } from '../security/pki.ts';
 import type { NbdServerAddress } from './spec.ts';
 
+/** Where an agent keeps its identity in QEMU's layout: for its QEMUs, and for anyone opening its VMs' disks as they did. */
+export function agentQemuTlsDir(dataDir: string): string {
+  return join(dataDir, 'tls');
+}
+
 /** The ids of the two objects, for `tls-creds` of migration parameters, nbd-server-start and NBD blockdevs. */
 export const qemuTlsCreds = { server: 'vmf-tls-server', client: 'vmf-tls-client' } as const;
 
