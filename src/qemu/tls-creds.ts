@@ -6,8 +6,10 @@
  * the storage server). QEMU reads credentials from a directory with fixed file
  * names, so the agent writes its identity there once at start.
  */
+import { X509Certificate } from 'node:crypto';
 import { chmod, mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import type { Role } from '../security/identity.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
 import { identityFiles } from '../security/pki.ts';
 
@@ -41,4 +43,24 @@ export function qemuTlsArguments(dir: string): string[] {
     '-object', `tls-creds-x509,id=${qemuTlsCreds.server},endpoint=server,dir=${escaped},verify-peer=on`,
     '-object', `tls-creds-x509,id=${qemuTlsCreds.client},endpoint=client,dir=${escaped},verify-peer=on`,
   ];
+}
+
+/**
+ * The distinguished name QEMU gives a tls-authz object for a certificate of
+ * `vmferry pki issue ROLE ID` (subject O=vmferry, OU=ROLE, CN=ID): QEMU reads
+ * it from GnuTLS in RFC 4514's order, most specific part first
+ * (test/security/qemu-streams.test.ts holds it to what QEMU reports).
+ */
+export function qemuPeerName(role: Role, id: string): string {
+  return `CN=${id},OU=${role},O=vmferry`;
+}
+
+/**
+ * Whether a peer's certificate name can be known in advance, judged by this
+ * agent's own certificate: `vmferry pki` gives every agent the subject
+ * O=vmferry, OU=agent, CN=host id. Certificates of another CA carry subjects
+ * vmferry cannot predict; then the cluster's CA alone decides who connects.
+ */
+export function peerNamesPredictable(identity: TlsIdentity, hostId: string): boolean {
+  return new X509Certificate(identity.cert).subject === `O=vmferry\nOU=agent\nCN=${hostId}`;
 }

@@ -64,7 +64,7 @@ async function pauseAtSwitchover(name: string, id: string, run: (paused: PausedA
     await source.startMirrors(prepared.mirrorTargets, 'write-blocking', undefined, signal);
     while (!(await source.mirrorStatus(signal, 1000)).every((m) => m.ready)) await sleep(10);
     assert.deepEqual((await client.getVm(vm.name)).blockJobs, ['mirror-root'], 'the agent lists the mirror its QEMU runs');
-    await source.startMigration(prepared.migrationUri, { maxBandwidthBytes: undefined, downtimeLimitMs: 300, allowPostcopy: false }, signal);
+    await source.startMigration(prepared.migrationUri, { maxBandwidthBytes: undefined, downtimeLimitMs: 300, allowPostcopy: false, tls: prepared.tls }, signal);
     assert.equal(await source.waitMilestone(signal), 'pre-switchover');
     const paused = await client.getVm(vm.name);
     assert.equal(paused.state, 'paused', 'QEMU paused the guest for the switch-over');
