@@ -47,12 +47,12 @@ export function qemuTlsArguments(dir: string): string[] {
 
 /**
  * The distinguished name QEMU gives a tls-authz object for a certificate of
- * `vmferry pki issue ROLE ID` (subject O=vmferry, OU=ROLE, CN=ID): QEMU reads
- * it from GnuTLS in RFC 4514's order, most specific part first
- * (test/security/qemu-streams.test.ts holds it to what QEMU reports).
+ * `vmferry pki issue ROLE ID` (subject O=vmferry, OU=ROLE, CN=ID): GnuTLS's
+ * gnutls_x509_crt_get_dn, in the certificate's own order, not RFC 4514's
+ * reversed one (test/security/qemu-streams.test.ts holds it to what QEMU 7.2 reports).
  */
 export function qemuPeerName(role: Role, id: string): string {
-  return `CN=${id},OU=${role},O=vmferry`;
+  return `O=vmferry,OU=${role},CN=${id}`;
 }
 
 /**
