@@ -7,10 +7,11 @@ import { reportLogOf, testGuestSpec, waitForGuest, type VerifyResult } from './t
 export async function verifyDisks(
   disks: DiskSpec[],
   workDir: string,
-  options: { spanMiB?: number; timeoutMs?: number } = {},
+  /** tlsDir: an agent's identity in QEMU's layout, for disks behind a server that takes TLS only. */
+  options: { spanMiB?: number; timeoutMs?: number; tlsDir?: string } = {},
 ): Promise<Map<string, VerifyResult>> {
   const spec = testGuestSpec('verify', disks, workDir, { mode: 'verify', spanMiB: options.spanMiB });
-  const vm = await QemuProcess.start(spec, { runDir: join(workDir, 'verify-run') });
+  const vm = await QemuProcess.start(spec, { runDir: join(workDir, 'verify-run'), ...(options.tlsDir === undefined ? {} : { tlsDir: options.tlsDir }) });
   try {
     const report = await waitForGuest([reportLogOf(spec)], 'VERIFY-DONE', (r) => r.verifyDone, { timeoutMs: options.timeoutMs ?? 120_000 });
     return report.verify;

@@ -68,6 +68,7 @@ test('with TLS on every API and between QEMUs: hosts register, a VM is created, 
 
   // The guest's verify mode on its disks finds every record it acknowledged, on A and then on B.
   const stopped = await cluster.api.stopVm('tls-vm', true);
-  const verify = await verifyDisks(stopped.spec.disks, join(work.path, 'verify'));
+  // With B's credentials, as its QEMU had them, for a storage server that takes TLS only.
+  const verify = await verifyDisks(stopped.spec.disks, join(work.path, 'verify'), { tlsDir: join(cluster.host('B').dataDir, 'tls') });
   assert.deepEqual(checkVerify(verify, (await readGuestReport(logs)).acks), []);
 });
