@@ -23,6 +23,8 @@ import { libvirtMissing, startLibvirtHosts } from './lib/libvirt.ts';
 import { runOnce } from './lib/migration-run.ts';
 import type { Method, RunResult, Scenario } from './lib/run-types.ts';
 import { initCa, issueCertificate } from '../src/security/pki.ts';
+import { loadTlsIdentity, type TlsIdentity } from '../src/security/tls-files.ts';
+import { writeQemuTlsDir } from '../src/qemu/tls-creds.ts';
 import { makeTempDir } from '../test/support/temp.ts';
 
 export interface MigrationBenchOptions {
@@ -34,10 +36,13 @@ export interface MigrationBenchOptions {
   tls: boolean;
 }
 
-/** Host A's and B's agent identities from a throwaway CA, as `vmferry pki issue agent A --address 127.0.0.1` makes them. */
+/** Host A's and B's agent identities from a throwaway CA (`vmferry pki issue agent A --address 127.0.0.1`), written for QEMU as an agent writes them. */
 async function agentIdentities(dir: string): Promise<{ A: string; B: string }> {
   await initCa(dir);
-  const issue = async (id: string): Promise<string> => (await issueCertificate(dir, { role: 'agent', id, addresses: ['127.0.0.1'] })).dir;
+  const issue = async (id: string): Promise<string> => {
+    const issued = await issueCertificate(dir, { role: 'agent', id, addresses: ['127.0.0.1'] });
+    return writeQemuTlsDir(loadTlsIdentity({ pkiDir: issued.dir }, 'server') as TlsIdentity, join(dir, `qemu-${id}`));
+  };
   return { A: await issue('A'), B: await issue('B') };
 }
 

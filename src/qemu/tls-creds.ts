@@ -17,6 +17,22 @@ import { identityFiles } from '../security/pki.ts';
 export const qemuTlsCreds = { server: 'vmf-tls-server', client: 'vmf-tls-client' } as const;
 
 /**
+ * RFC 7919's ffdhe2048 group, as `openssl genpkey -genparam -algorithm DH
+ * -pkeyopt group:ffdhe2048` prints it. Without a dh-params.pem QEMU generates
+ * Diffie-Hellman parameters each time a server credential object is made,
+ * which added 0.3-0.6 s to every QEMU start here (docs/BENCHMARKS.md).
+ */
+const ffdhe2048 = `-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+`;
+
+/**
  * Writes the identity in the layout QEMU's `dir=` expects. An agent's
  * certificate is both a server and a client one (pki.ts gives it both extended
  * key usages), so the same pair serves both ends.
@@ -30,6 +46,7 @@ export async function writeQemuTlsDir(identity: TlsIdentity, dir: string): Promi
     [identityFiles.serverKey, identity.key],
     [identityFiles.clientCert, identity.cert],
     [identityFiles.clientKey, identity.key],
+    ['dh-params.pem', ffdhe2048],
   ];
   for (const [name, pem] of files) await writeFile(join(dir, name), pem, { mode: 0o600 });
   return dir;

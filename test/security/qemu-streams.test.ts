@@ -11,6 +11,8 @@ import { after, before, test } from 'node:test';
 import { checkVerify } from '../../src/guest/test-guest.ts';
 import type { MigrationParameters } from '../../src/qmp/commands.ts';
 import { initCa, issueCertificate } from '../../src/security/pki.ts';
+import { loadTlsIdentity, type TlsIdentity } from '../../src/security/tls-files.ts';
+import { writeQemuTlsDir } from '../../src/qemu/tls-creds.ts';
 import { MigrationRig } from '../support/migration-rig.ts';
 import { makeTempDir } from '../support/temp.ts';
 
@@ -27,8 +29,11 @@ before(async () => {
   await initCa(otherPki);
   const issue = async (dir: string, role: 'agent' | 'operator', id: string): Promise<string> =>
     (await issueCertificate(dir, { role, id, ...(role === 'agent' ? { addresses: ['127.0.0.1'] } : {}) })).dir;
-  const tls = { A: await issue(pki, 'agent', 'A'), B: await issue(pki, 'agent', 'B') };
-  clients.sourceAgent = tls.A;
+  const [a, b] = [await issue(pki, 'agent', 'A'), await issue(pki, 'agent', 'B')];
+  // As an agent writes its identity for QEMU.
+  const forQemu = (dir: string, id: string): Promise<string> => writeQemuTlsDir(loadTlsIdentity({ pkiDir: dir }, 'server') as TlsIdentity, join(work.path, `qemu-${id}`));
+  const tls = { A: await forQemu(a, 'A'), B: await forQemu(b, 'B') };
+  clients.sourceAgent = a;
   clients.operator = await issue(pki, 'operator', 'alice');
   // The source's own host id, from a CA the cluster does not trust.
   clients.otherCa = await issue(otherPki, 'agent', 'A');
