@@ -5,25 +5,45 @@
  * alternate within each round (and swap order between rounds) so the machine's
  * noise falls on both. What each column counts: bench/lib/migration-run.ts.
  *
- *   node --import tsx bench/migration.ts [--small] [--rounds 3] [--json out.json] [--no-libvirt]
+ *   node --import tsx bench/migration.ts [--small] [--rounds 3] [--json out.json] [--no-libvirt] [--tls]
  *
  * libvirt 9.0 runs as a third method when it is installed (bench/lib/libvirt.ts says what it needs).
  *
  * --small: 256 MiB RAM, 512 MiB local disk with 150 MiB written, 1 GiB shared, one round.
+ *
+ * --tls: the cost of TLS instead: vmferry with and without its agents' TLS identities (RAM and mirror
+ * over TLS between the QEMUs, a throwaway CA of `vmferry pki`), alternating the same way.
  */
 import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { table } from '../src/cli/render.ts';
 import { aim, isMain, machineLine, median, ratio, seconds, toMiB, withCleanup } from './lib/common.ts';
 import { libvirtMissing, startLibvirtHosts } from './lib/libvirt.ts';
 import { runOnce } from './lib/migration-run.ts';
 import type { Method, RunResult, Scenario } from './lib/run-types.ts';
+import { initCa, issueCertificate } from '../src/security/pki.ts';
+import { loadTlsIdentity, type TlsIdentity } from '../src/security/tls-files.ts';
+import { writeQemuTlsDir } from '../src/qemu/tls-creds.ts';
+import { makeTempDir } from '../test/support/temp.ts';
 
 export interface MigrationBenchOptions {
   small: boolean;
   rounds: number;
   /** Also run libvirt 9.0 where it can run here (see bench/lib/libvirt.ts). */
   libvirt: boolean;
+  /** Compare vmferry with and without TLS between the QEMUs instead of vmferry with the other methods. */
+  tls: boolean;
+}
+
+/** Host A's and B's agent identities from a throwaway CA (`vmferry pki issue agent A --address 127.0.0.1`), written for QEMU as an agent writes them. */
+async function agentIdentities(dir: string): Promise<{ A: string; B: string }> {
+  await initCa(dir);
+  const issue = async (id: string): Promise<string> => {
+    const issued = await issueCertificate(dir, { role: 'agent', id, addresses: ['127.0.0.1'] });
+    return writeQemuTlsDir(loadTlsIdentity({ pkiDir: issued.dir }, 'server') as TlsIdentity, join(dir, `qemu-${id}`));
+  };
+  return { A: await issue('A'), B: await issue('B') };
 }
 
 export function migrationScenarios(small: boolean): Scenario[] {
@@ -68,15 +88,21 @@ export async function migrationBench(options: MigrationBenchOptions): Promise<Ru
   const results: RunResult[] = [];
   const refused: string[] = [];
   const scenarios = migrationScenarios(options.small);
-  const missing = options.libvirt ? await libvirtMissing() : 'not asked for (--no-libvirt)';
-  const methods: Method[] = missing ? ['vmferry', 'plain'] : ['vmferry', 'plain', 'libvirt'];
+  const missing = options.tls ? 'not part of the TLS comparison' : options.libvirt ? await libvirtMissing() : 'not asked for (--no-libvirt)';
+  const methods: Method[] = options.tls ? ['vmferry', 'vmferry-tls'] : missing ? ['vmferry', 'plain'] : ['vmferry', 'plain', 'libvirt'];
   const first = scenarios[0] as Scenario;
-  console.log(`\n== Migration: vmferry vs plain QMP (${options.small ? 'small' : 'full'} sizes: ${first.memoryMiB} MiB RAM, ` +
+  console.log(`\n== Migration: ${options.tls ? 'vmferry with and without TLS between the QEMUs' : 'vmferry vs plain QMP'} (${options.small ? 'small' : 'full'} sizes: ${first.memoryMiB} MiB RAM, ` +
     `local ${first.localSizeMiB} MiB qcow2 with ${first.localFillMiB} MiB written, shared ${first.sharedSizeMiB} MiB; ${options.rounds} round(s))`);
   console.log(await machineLine());
   if (missing) console.log(`libvirt: not run, ${missing}`);
   await withCleanup(async (cleanup) => {
     const libvirt = missing ? undefined : await startLibvirtHosts(cleanup);
+    let tls: { A: string; B: string } | undefined;
+    if (options.tls) {
+      const pki = await makeTempDir('bench-pki');
+      cleanup.add('remove the throwaway CA', () => pki.remove());
+      tls = await agentIdentities(join(pki.path, 'pki'));
+    }
     for (let round = 0; round < options.rounds; round++) {
       for (const scenario of scenarios) {
         // Each round rotates the order, so no method always runs first (or right after the same one).
@@ -85,12 +111,12 @@ export async function migrationBench(options: MigrationBenchOptions): Promise<Ru
           const started = Date.now();
           let result: RunResult;
           try {
-            result = await runOnce(method, scenario, { libvirt });
+            result = await runOnce(method, scenario, { libvirt, tls });
           } catch (err) {
             // vmferry's memory comparison (TCG) refusing a corrupt destination is an outcome to count, not a crash of the benchmark.
-            if (method !== 'vmferry' || !/memory on B differs/.test(String(err))) throw err;
+            if (!method.startsWith('vmferry') || !/memory on B differs/.test(String(err))) throw err;
             refused.push(`round ${round + 1} ${scenario.name}: ${String(err).replace(/^Error: vmferry migration failed: /, '').slice(0, 90)}…`);
-            console.log(`  round ${round + 1} ${scenario.name} vmferry: rolled back, the destination's memory differed (QEMU TCG defect)`);
+            console.log(`  round ${round + 1} ${scenario.name} ${method}: rolled back, the destination's memory differed (QEMU TCG defect)`);
             continue;
           }
           results.push(result);
@@ -109,7 +135,7 @@ export async function migrationBench(options: MigrationBenchOptions): Promise<Ru
   const phases = ['planned', 'preparing', 'mirroring', 'migrating', 'paused-at-switchover', 'completed'];
   const phaseRows: (string | number)[][] = [];
   for (const scenario of scenarios) {
-    for (const method of ['vmferry', 'plain'] as Method[]) {
+    for (const method of methods.filter((m) => m !== 'libvirt')) {
       const runs = results.filter((r) => r.scenario === scenario.name && r.method === method);
       const at = (r: RunResult, label: string): number | undefined => r.marks.find((m) => m.label === label)?.t;
       const cells = phases.slice(0, -1).map((label, i) => {
@@ -126,6 +152,43 @@ export async function migrationBench(options: MigrationBenchOptions): Promise<Ru
   console.log('Phases, seconds (medians): probe+plan is vmferry only; switching-over runs to the source QEMU\'s exit');
   console.log(table(['scenario', 'method', 'probe+plan', 'preparing B', 'mirroring', 'RAM pre-copy', 'paused-at-switchover', 'total'], phaseRows));
 
+  const lines = options.tls ? tlsLines(scenarios, results) : aimLines(scenarios, results);
+  if (refused.length) lines.push(`vmferry refused to resume a destination whose memory differed from the source's (rolled back, guest unharmed on A):\n  ${refused.join('\n  ')}`);
+  lines.push(`guest went on at B without a reboot: ${methods.map((m) => `${m} ${results.filter((r) => r.method === m && r.guestAlive).length}/${results.filter((r) => r.method === m).length}`).join(', ')}`);
+  console.log(lines.join('\n'));
+  return results;
+}
+
+/** What TLS between the QEMUs costs, per scenario: medians with TLS over medians without, on the same VM and work. */
+function tlsLines(scenarios: Scenario[], results: RunResult[]): string[] {
+  const lines: string[] = [];
+  for (const scenario of scenarios) {
+    const of = (method: Method): RunResult[] => results.filter((r) => r.scenario === scenario.name && r.method === method);
+    const [plain, tls] = [of('vmferry'), of('vmferry-tls')];
+    const figure = (name: string, pick: (r: RunResult) => number, unit: (ms: number) => string): string => {
+      const [without, withTls] = [median(plain.map(pick)), median(tls.map(pick))];
+      return `${name} ${unit(withTls)} with TLS, ${unit(without)} without: ×${ratio(withTls, without)}`;
+    };
+    const s = (ms: number): string => `${seconds(ms)} s`;
+    const ms = (value: number): string => `${Math.round(value)} ms`;
+    lines.push(`${scenario.name} (medians of ${tls.length} with, ${plain.length} without):`);
+    lines.push(`  ${figure('total', (r) => r.totalMs, s)}`);
+    lines.push(`  ${figure('pause (STOP→RESUME)', (r) => r.pauseMs, ms)}`);
+    lines.push(`  ${figure('downtime (QEMU)', (r) => r.downtimeMs, ms)}`);
+    lines.push(`  ${figure('RAM pre-copy', (r) => phaseMs(r, 'migrating', 'paused-at-switchover'), s)}`);
+    lines.push(`  ${figure('mirroring', (r) => phaseMs(r, 'mirroring', 'migrating'), s)}`);
+  }
+  return lines;
+}
+
+function phaseMs(r: RunResult, from: string, to: string): number {
+  const at = (label: string): number | undefined => r.marks.find((m) => m.label === label)?.t;
+  const [start, end] = [at(from), at(to)];
+  return start === undefined || end === undefined ? Number.NaN : end - start;
+}
+
+/** The aims of issue 6 (vmferry against plain QMP and libvirt), per scenario. */
+function aimLines(scenarios: Scenario[], results: RunResult[]): string[] {
   const lines: string[] = [];
   for (const scenario of scenarios) {
     const of = (method: Method): RunResult[] => results.filter((r) => r.scenario === scenario.name && r.method === method);
@@ -152,17 +215,20 @@ export async function migrationBench(options: MigrationBenchOptions): Promise<Ru
     lines.push(`  plain QMP for reference: downtime ${p.map((r) => Math.round(r.downtimeMs)).join(', ')} ms; wire ÷ floor ` +
       `${p.map((r) => ratio(r.ramBytes + r.mirrorBytes, r.localAllocatedBytes + r.ramInUseBytes)).join(', ')}`);
   }
-  if (refused.length) lines.push(`vmferry refused to resume a destination whose memory differed from the source's (rolled back, guest unharmed on A):\n  ${refused.join('\n  ')}`);
-  lines.push(`guest went on at B without a reboot: ${(['vmferry', 'plain', 'libvirt'] as Method[]).map((m) => `${m} ${results.filter((r) => r.method === m && r.guestAlive).length}/${results.filter((r) => r.method === m).length}`).join(', ')}`);
-  console.log(lines.join('\n'));
-  return results;
+  return lines;
 }
 
 if (isMain(import.meta.url)) {
   const { values } = parseArgs({
-    options: { small: { type: 'boolean', default: false }, rounds: { type: 'string' }, json: { type: 'string' }, 'no-libvirt': { type: 'boolean', default: false } },
+    options: {
+      small: { type: 'boolean', default: false },
+      rounds: { type: 'string' },
+      json: { type: 'string' },
+      'no-libvirt': { type: 'boolean', default: false },
+      tls: { type: 'boolean', default: false },
+    },
   });
   const small = values.small ?? false;
-  const results = await migrationBench({ small, rounds: Number(values.rounds ?? (small ? 1 : 3)), libvirt: !values['no-libvirt'] });
+  const results = await migrationBench({ small, rounds: Number(values.rounds ?? (small ? 1 : 3)), libvirt: !values['no-libvirt'], tls: values.tls ?? false });
   if (values.json) await writeFile(values.json, JSON.stringify(results, null, 1));
 }

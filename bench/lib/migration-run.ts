@@ -41,6 +41,7 @@ import { probeDestination, probeSource, qemuCapabilities, type QemuCapabilities 
 import { QemuDestination } from '../../src/migration/qemu-destination.ts';
 import { QemuSource } from '../../src/migration/qemu-source.ts';
 import { QemuProcess } from '../../src/qemu/process.ts';
+import { qemuPeerName } from '../../src/qemu/tls-creds.ts';
 import type { DiskSpec } from '../../src/qemu/spec.ts';
 import type { QmpEventListener } from '../../src/qmp/client.ts';
 import { imageInfo, LocalPool } from '../../src/storage/local-pool.ts';
@@ -58,6 +59,8 @@ export interface RunOptions {
   sampleMs?: number;
   /** libvirt only: the two daemons, started once per benchmark. */
   libvirt?: LibvirtHosts;
+  /** vmferry-tls only: host A's and B's agent identities in QEMU's layout, made once per benchmark. */
+  tls?: { A: string; B: string };
 }
 
 const localId = 'local0';
@@ -175,16 +178,18 @@ export function cachedCapabilities(): Promise<QemuCapabilities> {
   return capabilities;
 }
 
-async function runVmferry(host: Host, scenario: Scenario, options: RunOptions): Promise<RunResult> {
+async function runVmferry(host: Host, scenario: Scenario, options: RunOptions, tls?: { A: string; B: string }): Promise<RunResult> {
   await cachedCapabilities();
-  const source = await QemuProcess.start(host.spec, { runDir: join(host.dir, 'runA', scenario.name) });
+  const source = await QemuProcess.start(host.spec, { runDir: join(host.dir, 'runA', scenario.name), ...(tls ? { tlsDir: tls.A } : {}) });
   host.cleanup.add('stop source QEMU', () => source.kill());
   await warmUp(host, scenario);
   const ramInUseBeforeBytes = await guestRamInUse((command, args) => source.monitor.client.execute(command, args), scenario.memoryMiB);
   await hostSync();
 
   const poolB = new LocalPool(host.poolB);
-  const destination = new QemuDestination({ hostId: 'B', pool: poolB, vmDir: (vm) => join(host.runB, vm), address: '127.0.0.1' });
+  // With TLS as an agent of `vmferry pki` has it: the destination lets in only A's certificate.
+  const destinationTls = tls ? { tlsDir: tls.B, agentPeerName: (id: string) => qemuPeerName('agent', id) } : {};
+  const destination = new QemuDestination({ hostId: 'B', pool: poolB, vmDir: (vm) => join(host.runB, vm), address: '127.0.0.1', ...destinationTls });
   host.cleanup.add('stop destination QEMU', () => destination.vm?.kill());
   const sourceEvents = source.monitor.client.listen();
   let destinationEvents: QmpEventListener | undefined;
@@ -204,7 +209,7 @@ async function runVmferry(host: Host, scenario: Scenario, options: RunOptions): 
       // The destination QEMU exists once "preparing" is over: listen for its RESUME from here on.
       if (event.phase === 'mirroring' && !destinationEvents) destinationEvents = destination.vm?.monitor.client.listen();
     };
-    const report = await runMigration({ spec: host.spec, plan, source: new QemuSource({ hostId: 'A', vm: source }), destination, onEvent });
+    const report = await runMigration({ spec: host.spec, plan, source: new QemuSource({ hostId: 'A', vm: source, tls: tls !== undefined }), destination, onEvent });
     const totalMs = performance.now() - t0;
     samples = await sampler.stop();
     if (report.outcome !== 'completed') throw new Error(`vmferry migration ${report.outcome}: ${report.error?.message ?? ''}`);
@@ -216,7 +221,7 @@ async function runVmferry(host: Host, scenario: Scenario, options: RunOptions): 
     host.destinationReportLog = reportLogOf(destinationVm.spec);
     const guestAlive = await guestGoesOn(host);
     return summarize(
-      'vmferry',
+      tls ? 'vmferry-tls' : 'vmferry',
       scenario,
       {
         totalMs,
@@ -274,7 +279,10 @@ export function runOnce(method: Method, scenario: Scenario, options: RunOptions 
     const host = await prepareHost(scenario, cleanup);
     // Host write-back of fresh images would compete with the mirror.
     await hostSync();
-    return method === 'vmferry' ? await runVmferry(host, scenario, options) : await runPlain(host, scenario, options);
+    if (method === 'plain') return await runPlain(host, scenario, options);
+    if (method === 'vmferry') return await runVmferry(host, scenario, options);
+    if (!options.tls) throw new Error('vmferry-tls runs need the agents\' TLS identities');
+    return await runVmferry(host, scenario, options, options.tls);
   });
 }
 

@@ -3,7 +3,8 @@ import type { GuestOptions } from '../../src/guest/test-guest.ts';
 import type { VmSpec } from '../../src/qemu/spec.ts';
 import type { Cleanup } from '../../test/support/cleanup.ts';
 
-export type Method = 'vmferry' | 'plain' | 'libvirt';
+/** vmferry-tls: vmferry with both agents' TLS identities, so RAM and mirror run over TLS (bench/migration.ts --tls). */
+export type Method = 'vmferry' | 'vmferry-tls' | 'plain' | 'libvirt';
 
 export interface Scenario {
   /** VM name (also the guest's) and label in tables. */

@@ -19,7 +19,7 @@ import type { MigrationStatus } from '../qmp/commands.ts';
 import { probeDestination, probeSource, qemuCapabilities, type QemuCapabilities } from '../migration/probe.ts';
 import type { CopyMode, DestinationFacts, MigrationPlan, SourceFacts } from '../migration/plan.ts';
 import { QemuDestination } from '../migration/qemu-destination.ts';
-import { QemuSource, removeLocalCopies } from '../migration/qemu-source.ts';
+import { QemuSource, removeLocalCopies, type QemuSourceOptions } from '../migration/qemu-source.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { DestinationResumed, MigrationSettings, MirrorTarget, PreparedDestination, SourceRolledBack } from '../migration/sides.ts';
 import { settlement, type DestinationFate } from '../migration/no-return.ts';
@@ -50,6 +50,8 @@ const sourceSafeToRollBack: readonly (MigrationStatus | undefined)[] = [undefine
 export interface MigrationSidesOptions {
   /** After this long without a request from the controller, a half is settled here where that is safe; 0: never. */
   abandonAfterMs: number;
+  /** The certificate name of a host's agent, when it can be known: a destination here lets in only its source (QemuDestinationOptions). */
+  agentPeerName?: (hostId: string) => string;
 }
 
 /** 60 s: far beyond any gap between the controller's requests, short enough for a guest paused at pre-switchover. */
@@ -81,6 +83,7 @@ export class MigrationSides {
   readonly #deadSources = new Map<string, string>();
   readonly #warned = new Set<string>();
   readonly #abandonAfterMs: number;
+  readonly #agentPeerName: ((hostId: string) => string) | undefined;
   readonly #sweeper: NodeJS.Timeout | undefined;
   #sweeping = false;
   /** Asked once (a short-lived QEMU answers the CPU models); concurrent first callers share the question. */
@@ -91,6 +94,7 @@ export class MigrationSides {
     this.#address = address;
     this.#logger = logger;
     this.#abandonAfterMs = options.abandonAfterMs;
+    this.#agentPeerName = options.agentPeerName;
     if (this.#abandonAfterMs > 0) {
       const everyMs = Math.min(5_000, Math.max(250, this.#abandonAfterMs / 4));
       this.#sweeper = setInterval(() => {
@@ -140,7 +144,7 @@ export class MigrationSides {
     } else {
       const running = this.#registry.running(vm);
       this.#registry.setMigrating(vm, true);
-      const half: SourceHalf = { vm, destination: plan.toAddress, side: new QemuSource({ hostId: this.#registry.hostId, vm: running, ...this.#fenceOption(), logger: this.#logger.child({ migration: id }) }) };
+      const half: SourceHalf = { vm, destination: plan.toAddress, side: new QemuSource({ ...this.#sourceOptions(id), vm: running }) };
       this.#sources.set(id, half);
       try {
         // Before anything moves: an agent restarted mid-migration must find this half again to roll it back.
@@ -171,7 +175,7 @@ export class MigrationSides {
         this.#deadSources.set(record.migration, vm);
         continue;
       }
-      const side = await QemuSource.recover({ hostId: this.#registry.hostId, vm: qemu, ...this.#fenceOption(), logger: this.#logger.child({ migration: record.migration }) }, record.wasRunning);
+      const side = await QemuSource.recover({ ...this.#sourceOptions(record.migration), vm: qemu }, record.wasRunning);
       this.#registry.setMigrating(vm, true);
       this.#sources.set(record.migration, { vm, side, ...(record.destination === undefined ? {} : { destination: record.destination }) });
       this.#contact.touch(sourceKey(record.migration));
@@ -179,8 +183,13 @@ export class MigrationSides {
     }
   }
 
-  #fenceOption(): { fence?: NonNullable<VmRegistry['fence']> } {
-    return this.#registry.fence ? { fence: this.#registry.fence } : {};
+  #sourceOptions(id: string): Omit<QemuSourceOptions, 'vm'> {
+    return {
+      hostId: this.#registry.hostId,
+      ...(this.#registry.fence ? { fence: this.#registry.fence } : {}),
+      tls: this.#registry.qemuTlsDir !== undefined,
+      logger: this.#logger.child({ migration: id }),
+    };
   }
 
   /** Runs one request of the controller's on the source half of `id`. */
@@ -228,6 +237,7 @@ export class MigrationSides {
       address: this.#address,
       accel: this.#registry.accelerator.accelerator,
       ...(this.#registry.qemuTlsDir === undefined ? {} : { tlsDir: this.#registry.qemuTlsDir }),
+      ...(this.#agentPeerName ? { agentPeerName: this.#agentPeerName } : {}),
       ...(this.#registry.fence ? { fence: this.#registry.fence } : {}),
       logger: this.#logger.child({ migration: id }),
     });

@@ -9,7 +9,7 @@ import { statfs } from 'node:fs/promises';
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
-import { CreateVmRequestSchema, MigrationParamsSchema, MigrationPlanSchema, MirrorTargetSchema, QuarantineParamsSchema, VmNameParamsSchema, type HostInfo } from '../api/agent-types.ts';
+import { CreateVmRequestSchema, MigrationParamsSchema, MigrationPlanSchema, MirrorTargetSchema, QuarantineParamsSchema, StreamTlsSchema, VmNameParamsSchema, type HostInfo } from '../api/agent-types.ts';
 import { replySignal } from '../http/request-signal.ts';
 import type { MigrationPlan } from '../migration/plan.ts';
 import type { MigrationSettings } from '../migration/sides.ts';
@@ -22,7 +22,7 @@ import { SharedWriterFence } from '../storage/writer-fence.ts';
 import { readFile } from 'node:fs/promises';
 import { timeoutSignal } from '../util/abort.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
-import { agentQemuTlsDir, writeQemuTlsDir } from '../qemu/tls-creds.ts';
+import { agentQemuTlsDir, peerNamesPredictable, qemuPeerName, writeQemuTlsDir } from '../qemu/tls-creds.ts';
 import { join } from 'node:path';
 import type { AccessPolicy } from '../http/access.ts';
 import type { NbdServerAddress } from '../qemu/spec.ts';
@@ -78,6 +78,7 @@ const MigrateBody = Type.Object({
     maxBandwidthBytes: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER })),
     downtimeLimitMs: Type.Integer({ minimum: 1, maximum: maxDowntimeLimitMs }),
     allowPostcopy: Type.Boolean(),
+    tls: StreamTlsSchema,
   }, strict),
 }, strict);
 
@@ -96,7 +97,10 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   if (!options.trustedDirs?.length) options.logger.warn('no --trusted-dir: requests that name a kernel, an initrd or an image to import are refused');
   const registry = new VmRegistry(options.hostId, options.dataDir, options.logger, accelerator, guard, fence, qemuTlsDir);
   await registry.init();
-  const sides = new MigrationSides(registry, options.address, options.logger, { abandonAfterMs: options.abandonAfterMs ?? defaultAbandonAfterMs });
+  const sides = new MigrationSides(registry, options.address, options.logger, {
+    abandonAfterMs: options.abandonAfterMs ?? defaultAbandonAfterMs,
+    ...(options.tls && peerNamesPredictable(options.tls, options.hostId) ? { agentPeerName: (id: string) => qemuPeerName('agent', id) } : {}),
+  });
   await sides.recoverSources();
   const { base, app } = await createApiServer('vmferry agent', options.logger, 1024 * 1024, { tls: options.tls, access: agentAccess });
   base.addHook('onClose', () => sides.close());

@@ -18,6 +18,14 @@ export const NbdServerSchema = Type.Union([
 ]);
 
 /**
+ * Whether a destination's QEMU takes the migration stream and its mirror
+ * exports over TLS only (PreparedDestination.tls in migration/sides.ts): in the
+ * destination's prepare answer, and on to the source with each mirror target
+ * and the migrate request, where the source holds it against its own.
+ */
+export const StreamTlsSchema = Type.Boolean({ description: 'the destination takes this stream over TLS only (its agent has a TLS identity)' });
+
+/**
  * Where the source mirrors one local disk (MirrorTarget in migration/sides.ts):
  * what the destination's prepare returned, passed on by the controller. Checked
  * here so a malformed target is a 400 naming its field, not a QMP error from
@@ -29,6 +37,7 @@ export const MirrorTargetSchema = Type.Object(
     sync: Type.Union([Type.Literal('full'), Type.Literal('top')]),
     server: NbdServerSchema,
     exportName: Type.String({ maxLength: 4096 }),
+    tls: StreamTlsSchema,
   },
   { additionalProperties: false },
 );

@@ -167,6 +167,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
         maxBandwidthBytes: bandwidthBytes,
         downtimeLimitMs: plan.ram.downtimeLimitsMs[0] ?? plan.ram.maxDowntimeMs,
         allowPostcopy: plan.ram.allowPostcopy,
+        tls: prepared.tls,
       },
       signal,
     );

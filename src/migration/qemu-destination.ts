@@ -18,6 +18,7 @@ import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import { removeDurable } from '../util/durable-file.ts';
 import { faultPoint } from '../util/fault-points.ts';
 import { findFreePort } from '../util/ports.ts';
+import { qemuTlsCreds } from '../qemu/tls-creds.ts';
 import type { DestinationFate } from './no-return.ts';
 import { defaultAnnounce, type AnnounceSettings, type MigrationPlan } from './plan.ts';
 import type { DestinationResumed, DestinationSide, MirrorTarget, PreparedDestination } from './sides.ts';
@@ -31,12 +32,25 @@ export interface QemuDestinationOptions {
   address: string;
   /** The host's accelerator for the incoming QEMU; default TCG, as tests start QEMU directly. */
   accel?: Accelerator;
-  /** The agent's TLS identity in QEMU's layout (src/qemu/tls-creds.ts), when it has one. */
+  /**
+   * The agent's TLS identity in QEMU's layout (src/qemu/tls-creds.ts), when it
+   * has one: the migration stream and the mirror exports then take TLS only,
+   * from clients with a certificate of the cluster's CA.
+   */
   tlsDir?: string;
+  /**
+   * The name QEMU reads from the certificate of a host's agent (qemuPeerName),
+   * when it can be known: then only the source's agent gets in, not any other
+   * holder of a cluster certificate (an operator, another agent).
+   */
+  agentPeerName?: (hostId: string) => string;
   /** The one-writer fence of shared volumes; without it they are not fenced. */
   fence?: SharedWriterFence;
   logger?: Logger;
 }
+
+/** The authz object of a destination QEMU: who may send it the guest. */
+const sourceAuthzId = 'vmf-authz-source';
 
 /** Name of the mirror target volume for a VM's disk in the destination pool. */
 export function targetVolumeName(vm: string, diskId: string, format: string): string {
@@ -97,11 +111,13 @@ export class QemuDestination implements DestinationSide {
     this.#vm = vm;
     // Opened before migrate-incoming, so the completion event cannot be missed.
     this.#events = vm.monitor.client.listen();
+    const tls = await this.#secureStreams(vm, plan.from, signal);
     await vm.qmp('setting up the incoming migration', async (qmp) => {
       await qmp.migrateSetCapabilities(
         { events: true, 'late-block-activate': true, 'return-path': true, 'postcopy-ram': plan.ram.allowPostcopy },
         { signal },
       );
+      if (tls) await qmp.migrateSetParameters({ 'tls-creds': tls.creds, ...(tls.authz === undefined ? {} : { 'tls-authz': tls.authz }) }, { signal });
       await qmp.migrateIncoming(`tcp:${address}:0`, { signal });
     });
     const migrationPort = await this.#incomingPort(signal);
@@ -111,17 +127,30 @@ export class QemuDestination implements DestinationSide {
     if (mirrored.length > 0) {
       const nbdPort = await findFreePort(address);
       await vm.qmp('exporting mirror targets', async (qmp) => {
-        await qmp.nbdServerStart({ type: 'inet', host: address, port: String(nbdPort) }, { signal });
+        await qmp.nbdServerStart({ type: 'inet', host: address, port: String(nbdPort) }, tls, { signal });
         this.#nbdServerStarted = true;
         for (const disk of mirrored) {
           const exportId = `mirror-${disk.id}`;
           await qmp.blockExportAdd({ id: exportId, nodeName: `disk-${disk.id}`, name: disk.id, writable: true }, { signal });
           this.#exportIds.push(exportId);
-          mirrorTargets.push({ diskId: disk.id, sync: disk.mirrorSync ?? 'full', server: { type: 'inet', host: address, port: nbdPort }, exportName: disk.id });
+          mirrorTargets.push({ diskId: disk.id, sync: disk.mirrorSync ?? 'full', server: { type: 'inet', host: address, port: nbdPort }, exportName: disk.id, tls: tls !== undefined });
         }
       });
     }
-    return { migrationUri: `tcp:${address}:${migrationPort}`, mirrorTargets };
+    return { migrationUri: `tcp:${address}:${migrationPort}`, tls: tls !== undefined, mirrorTargets };
+  }
+
+  /**
+   * With a TLS identity: the credentials both listeners take, and an authz
+   * object that lets in only the source's agent (when its certificate's name
+   * can be known). Without one, nothing: plain TCP, as before TLS.
+   */
+  async #secureStreams(vm: QemuProcess, sourceHost: string, signal: AbortSignal): Promise<{ creds: string; authz?: string } | undefined> {
+    if (this.#options.tlsDir === undefined) return undefined;
+    const peerName = this.#options.agentPeerName?.(sourceHost);
+    if (peerName === undefined) return { creds: qemuTlsCreds.server };
+    await vm.qmp('letting in only the source', (qmp) => qmp.objectAdd({ 'qom-type': 'authz-simple', id: sourceAuthzId, identity: peerName }, { signal }));
+    return { creds: qemuTlsCreds.server, authz: sourceAuthzId };
   }
 
   async waitIncomingCompleted(signal: AbortSignal): Promise<void> {

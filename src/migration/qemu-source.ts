@@ -14,6 +14,7 @@ import { QmpCommandError, type QmpEvent, type QmpEventListener } from '../qmp/cl
 import type { MigrationInfo, MigrationStatus, QemuMonitor } from '../qmp/commands.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import { removeDurable } from '../util/durable-file.ts';
+import { qemuTlsCreds } from '../qemu/tls-creds.ts';
 import type { CopyMode } from './plan.ts';
 import type { MigrationMilestone, MigrationSettings, MirrorStatus, MirrorTarget, SourceCompletion, SourceRolledBack, SourceSide } from './sides.ts';
 import { timeoutSignal } from '../util/abort.ts';
@@ -23,6 +24,12 @@ export interface QemuSourceOptions {
   vm: QemuProcess;
   /** The one-writer fence: a rollback takes the shared volumes' leases back before the guest runs again. */
   fence?: SharedWriterFence;
+  /**
+   * The agent has a TLS identity, so its QEMUs carry its client credentials
+   * (qemuTlsCreds): the guest's memory and disks leave only over TLS, and never
+   * for a destination that takes plain TCP.
+   */
+  tls?: boolean;
   logger?: Logger;
 }
 
@@ -60,6 +67,13 @@ interface YankInstance {
   id?: string;
 }
 
+/** The host of a `tcp:HOST:PORT` migration URI (an IPv6 address in brackets comes without them). */
+function uriHost(uri: string): string {
+  const host = /^tcp:(.+):\d+$/.exec(uri)?.[1];
+  if (host === undefined) throw new VmferryError('VMF_INVALID_ARGUMENT', `a migration URI must be tcp:HOST:PORT (got "${uri}")`);
+  return host.replace(/^\[(.*)\]$/, '$1');
+}
+
 /** Deletes a retired source's local disks, durably: after a power loss the old host must not come back with them. */
 export async function removeLocalCopies(spec: VmSpec): Promise<void> {
   for (const disk of spec.disks) {
@@ -82,11 +96,13 @@ export class QemuSource implements SourceSide {
   #stoppedAtUs: number | null = null;
 
   readonly #fence: SharedWriterFence | undefined;
+  readonly #tls: boolean;
 
   constructor(options: QemuSourceOptions) {
     this.hostId = options.hostId;
     this.#vm = options.vm;
     this.#fence = options.fence;
+    this.#tls = options.tls ?? false;
     this.#logger = options.logger;
   }
 
@@ -118,6 +134,7 @@ export class QemuSource implements SourceSide {
   }
 
   async startMirrors(targets: MirrorTarget[], copyMode: CopyMode, bandwidthBytes: number | undefined, signal: AbortSignal): Promise<void> {
+    for (const target of targets) this.#checkTls(target.tls, target.server.type === 'inet' ? target.server.host : target.server.path);
     await this.#rememberRunState();
     await this.#qmp('starting mirrors', async (qmp) => {
       this.#mirrorEvents ??= qmp.client.listen();
@@ -129,7 +146,9 @@ export class QemuSource implements SourceSide {
             : { type: 'unix', path: target.server.path };
         // No format layer over the target and discard=unmap: unallocated areas then cost a
         // zero-write, not a copy, and the job does not walk the whole virtual size.
-        await qmp.blockdevAdd({ driver: 'nbd', 'node-name': job.targetNode, server, export: target.exportName, discard: 'unmap' }, { signal });
+        // The destination's certificate must name the address connected to, as a browser checks a URL's host.
+        const tls = this.#tls ? { 'tls-creds': qemuTlsCreds.client, ...(server.type === 'inet' ? { 'tls-hostname': server.host } : {}) } : {};
+        await qmp.blockdevAdd({ driver: 'nbd', 'node-name': job.targetNode, server, export: target.exportName, discard: 'unmap', ...tls }, { signal });
         job.targetAttached = true;
         this.#mirrors.push(job);
         await qmp.blockdevMirror(
@@ -171,6 +190,8 @@ export class QemuSource implements SourceSide {
   }
 
   async startMigration(uri: string, settings: MigrationSettings, signal: AbortSignal): Promise<void> {
+    const host = uriHost(uri);
+    this.#checkTls(settings.tls, host);
     await this.#rememberRunState();
     await this.#qmp('starting the migration', async (qmp) => {
       await qmp.migrateSetCapabilities(
@@ -184,7 +205,14 @@ export class QemuSource implements SourceSide {
         { signal },
       );
       await qmp.migrateSetParameters(
-        { 'downtime-limit': settings.downtimeLimitMs, 'max-bandwidth': settings.maxBandwidthBytes ?? unlimitedBandwidth },
+        {
+          'downtime-limit': settings.downtimeLimitMs,
+          'max-bandwidth': settings.maxBandwidthBytes ?? unlimitedBandwidth,
+          // Set every time, either way: QEMU keeps parameters across migrations, and this QEMU may have been started
+          // (then re-adopted) by an agent of the other kind.
+          'tls-creds': this.#tls ? qemuTlsCreds.client : '',
+          'tls-hostname': this.#tls ? host : '',
+        },
         { signal },
       );
       // Opened before migrate, so no MIGRATION event can slip past.
@@ -317,6 +345,18 @@ export class QemuSource implements SourceSide {
     } finally {
       resumed.close();
     }
+  }
+
+  /** Before anything connects: TLS on one side only would fail in a handshake, or worse, send in the clear. */
+  #checkTls(destinationTls: boolean, destination: string): void {
+    if (destinationTls === this.#tls) return;
+    const fix = 'give every agent a TLS identity of the cluster\'s CA (--pki-dir), or none';
+    throw new VmferryError(
+      'VMF_MIGRATION_REFUSED',
+      destinationTls
+        ? `TLS mismatch: the destination at ${destination} takes migration streams over TLS only, but the agent on ${this.hostId} has no TLS identity to connect with; ${fix}`
+        : `TLS mismatch: the agent on ${this.hostId} has a TLS identity and sends a guest's memory and disks over TLS only, but the destination at ${destination} takes plain TCP (its agent has no TLS identity); ${fix}`,
+    );
   }
 
   async #drainAndCancel(mirror: MirrorJob, listener: QmpEventListener, signal: AbortSignal): Promise<void> {

@@ -16,11 +16,20 @@ export interface MirrorTarget {
   sync: 'full' | 'top';
   server: NbdServerAddress;
   exportName: string;
+  /** The export takes TLS only: PreparedDestination.tls, on each target since the source's mirror request carries only these. */
+  tls: boolean;
 }
 
 export interface PreparedDestination {
   /** QEMU migration URI the destination listens on, e.g. tcp:10.0.0.2:49152. */
   migrationUri: string;
+  /**
+   * The destination's QEMU takes the migration stream and its mirror exports
+   * over TLS only: true exactly when its agent has a TLS identity. The source
+   * holds it against its own before it connects, so a cluster with TLS on one
+   * side only fails at once, saying so, instead of in a handshake.
+   */
+  tls: boolean;
   mirrorTargets: MirrorTarget[];
 }
 
@@ -36,6 +45,8 @@ export interface MigrationSettings {
   maxBandwidthBytes: number | undefined;
   downtimeLimitMs: number;
   allowPostcopy: boolean;
+  /** The destination takes the stream over TLS only: PreparedDestination.tls, passed on. */
+  tls: boolean;
 }
 
 /** Statuses at which the executor must act; the RAM phase waits for one of them. */

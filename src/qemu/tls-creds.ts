@@ -6,9 +6,11 @@
  * the storage server). QEMU reads credentials from a directory with fixed file
  * names, so the agent writes its identity there once at start.
  */
+import { X509Certificate } from 'node:crypto';
 import { chmod, mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { VmferryError } from '../errors.ts';
+import type { Role } from '../security/identity.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
 import { identityFiles } from '../security/pki.ts';
 import type { NbdServerAddress } from './spec.ts';
@@ -20,6 +22,22 @@ export function agentQemuTlsDir(dataDir: string): string {
 
 /** The ids of the two objects, for `tls-creds` of migration parameters, nbd-server-start and NBD blockdevs. */
 export const qemuTlsCreds = { server: 'vmf-tls-server', client: 'vmf-tls-client' } as const;
+
+/**
+ * RFC 7919's ffdhe2048 group, as `openssl genpkey -genparam -algorithm DH
+ * -pkeyopt group:ffdhe2048` prints it. Without a dh-params.pem QEMU generates
+ * Diffie-Hellman parameters each time a server credential object is made,
+ * which added 0.3-0.6 s to every QEMU start here (docs/BENCHMARKS.md).
+ */
+const ffdhe2048 = `-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+`;
 
 /**
  * Writes the identity in the layout QEMU's `dir=` expects. An agent's
@@ -35,6 +53,7 @@ export async function writeQemuTlsDir(identity: TlsIdentity, dir: string): Promi
     [identityFiles.serverKey, identity.key],
     [identityFiles.clientCert, identity.cert],
     [identityFiles.clientKey, identity.key],
+    ['dh-params.pem', ffdhe2048],
   ];
   for (const [name, pem] of files) await writeFile(join(dir, name), pem, { mode: 0o600 });
   return dir;
@@ -66,4 +85,24 @@ export function nbdClientTlsOptions(server: NbdServerAddress): { 'tls-creds': st
     throw new VmferryError('VMF_INVALID_SPEC', `the storage server at unix socket ${server.path} cannot be reached under TLS: no name to check its certificate against; give its TCP address`);
   }
   return { 'tls-creds': qemuTlsCreds.client, 'tls-hostname': server.host };
+}
+
+/**
+ * The distinguished name QEMU gives a tls-authz object for a certificate of
+ * `vmferry pki issue ROLE ID` (subject O=vmferry, OU=ROLE, CN=ID): GnuTLS's
+ * gnutls_x509_crt_get_dn, in the certificate's own order, not RFC 4514's
+ * reversed one (test/security/qemu-streams.test.ts holds it to what QEMU 7.2 reports).
+ */
+export function qemuPeerName(role: Role, id: string): string {
+  return `O=vmferry,OU=${role},CN=${id}`;
+}
+
+/**
+ * Whether a peer's certificate name can be known in advance, judged by this
+ * agent's own certificate: `vmferry pki` gives every agent the subject
+ * O=vmferry, OU=agent, CN=host id. Certificates of another CA carry subjects
+ * vmferry cannot predict; then the cluster's CA alone decides who connects.
+ */
+export function peerNamesPredictable(identity: TlsIdentity, hostId: string): boolean {
+  return new X509Certificate(identity.cert).subject === `O=vmferry\nOU=agent\nCN=${hostId}`;
 }

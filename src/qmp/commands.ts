@@ -57,6 +57,12 @@ export interface MigrationParameters {
   'cpu-throttle-increment'?: number;
   'max-postcopy-bandwidth'?: number;
   'multifd-channels'?: number;
+  /** The id of a tls-creds object: the stream runs over TLS; empty: plain TCP. */
+  'tls-creds'?: string;
+  /** The name the source checks the destination's certificate against. */
+  'tls-hostname'?: string;
+  /** The id of an authz object the destination asks about each client's certificate name. */
+  'tls-authz'?: string;
 }
 
 export type BlockJobStatus =
@@ -146,6 +152,10 @@ export class QemuMonitor {
     return this.client.execute('system_powerdown', undefined, options);
   }
 
+  objectAdd(object: JsonObject & { 'qom-type': string; id: string }, options?: ExecuteOptions): Promise<void> {
+    return this.client.execute('object-add', object, options);
+  }
+
   blockdevAdd(node: JsonObject, options?: ExecuteOptions): Promise<void> {
     return this.client.execute('blockdev-add', node, options);
   }
@@ -182,10 +192,12 @@ export class QemuMonitor {
     return this.client.execute('query-blockstats', undefined, options);
   }
 
-  nbdServerStart(addr: SocketAddress, options?: ExecuteOptions): Promise<void> {
+  /** `tls`: clients must negotiate TLS with these credentials, and pass the authz object when one is named. */
+  nbdServerStart(addr: SocketAddress, tls?: { creds: string; authz?: string }, options?: ExecuteOptions): Promise<void> {
     // nbd-server-start still takes the legacy (nested "data") socket address form.
     const { type, ...data } = addr;
-    return this.client.execute('nbd-server-start', { addr: { type, data } }, options);
+    const security = tls ? { 'tls-creds': tls.creds, ...(tls.authz === undefined ? {} : { 'tls-authz': tls.authz }) } : {};
+    return this.client.execute('nbd-server-start', { addr: { type, data }, ...security }, options);
   }
 
   nbdServerStop(options?: ExecuteOptions): Promise<void> {
@@ -227,6 +239,10 @@ export class QemuMonitor {
 
   migrateSetParameters(parameters: MigrationParameters, options?: ExecuteOptions): Promise<void> {
     return this.client.execute('migrate-set-parameters', parameters as JsonObject, options);
+  }
+
+  queryMigrateParameters(options?: ExecuteOptions): Promise<MigrationParameters> {
+    return this.client.execute('query-migrate-parameters', undefined, options);
   }
 
   queryMigrate(options?: ExecuteOptions): Promise<MigrationInfo> {

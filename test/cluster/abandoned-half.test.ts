@@ -65,11 +65,11 @@ async function pauseAtSwitchover(name: string, id: string, run: (paused: PausedA
     // Disks and RAM go only to the destination of the plan the half was begun with, whatever the controller forwards.
     const elsewhere = prepared.mirrorTargets.map((t) => ({ ...t, server: { type: 'inet' as const, host: '127.0.0.66', port: 10809 } }));
     await assert.rejects(source.startMirrors(elsewhere, 'write-blocking', undefined, signal), (err: unknown) => hasCode(err, 'VMF_FORBIDDEN') && /mirror of disk root would go to 127\.0\.0\.66:10809/.test((err as Error).message));
-    await assert.rejects(source.startMigration('tcp:127.0.0.66:4444', { maxBandwidthBytes: undefined, downtimeLimitMs: 300, allowPostcopy: false }, signal), (err: unknown) => hasCode(err, 'VMF_FORBIDDEN'));
+    await assert.rejects(source.startMigration('tcp:127.0.0.66:4444', { maxBandwidthBytes: undefined, downtimeLimitMs: 300, allowPostcopy: false, tls: prepared.tls }, signal), (err: unknown) => hasCode(err, 'VMF_FORBIDDEN'));
     await source.startMirrors(prepared.mirrorTargets, 'write-blocking', undefined, signal);
     while (!(await source.mirrorStatus(signal, 1000)).every((m) => m.ready)) await sleep(10);
     assert.deepEqual((await client.getVm(vm.name)).blockJobs, ['mirror-root'], 'the agent lists the mirror its QEMU runs');
-    await source.startMigration(prepared.migrationUri, { maxBandwidthBytes: undefined, downtimeLimitMs: 300, allowPostcopy: false }, signal);
+    await source.startMigration(prepared.migrationUri, { maxBandwidthBytes: undefined, downtimeLimitMs: 300, allowPostcopy: false, tls: prepared.tls }, signal);
     assert.equal(await source.waitMilestone(signal), 'pre-switchover');
     const paused = await client.getVm(vm.name);
     assert.equal(paused.state, 'paused', 'QEMU paused the guest for the switch-over');

@@ -345,7 +345,7 @@ test('every route of the storage, controller and agent APIs refuses bad input wi
 // used to pass unchecked (Type.Unknown) into blockdev-add.
 test('agent API: source/mirrors refuses malformed mirror targets with a 400 naming the field', async () => {
   const agent = servers[2] as Server;
-  const good = { diskId: 'root', sync: 'full', server: { type: 'inet', host: '127.0.0.1', port: 10809 }, exportName: 'root' };
+  const good = { diskId: 'root', sync: 'full', server: { type: 'inet', host: '127.0.0.1', port: 10809 }, exportName: 'root', tls: false };
   const { server: _, ...withoutServer } = good;
   const cases: [string, unknown, RegExp][] = [
     ['a string', 'root', /targets\/0 must be object/],

@@ -66,7 +66,7 @@ function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: 
     hostId: 'B',
     prepare: async (_s, _p, signal) => {
       await act('dst.prepare', signal);
-      return { migrationUri: 'tcp:127.0.0.1:1', mirrorTargets: [{ diskId: 'root', sync: 'top', server: { type: 'unix', path: '/n' }, exportName: 'root' }] };
+      return { migrationUri: 'tcp:127.0.0.1:1', tls: false, mirrorTargets: [{ diskId: 'root', sync: 'top', server: { type: 'unix', path: '/n' }, exportName: 'root', tls: false }] };
     },
     waitIncomingCompleted: (signal) => act('dst.waitIncomingCompleted', signal),
     memoryDigest: async (signal) => {

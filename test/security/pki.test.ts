@@ -12,6 +12,8 @@ import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
 import { hasCode } from '../../src/errors.ts';
 import { issueCertificate, type IssueOptions } from '../../src/security/pki.ts';
+import { loadTlsIdentity, type TlsIdentity } from '../../src/security/tls-files.ts';
+import { peerNamesPredictable } from '../../src/qemu/tls-creds.ts';
 
 const cli = resolve(import.meta.dirname, '../../bin/vmferry.js');
 let dir: string;
@@ -134,4 +136,11 @@ test("QEMU's tls-creds-x509 loads every identity directory as it is", async () =
   const failed = await qemuLoads(broken, ['client']);
   assert.notEqual(failed.code, 0);
   assert.match(failed.stderr, /client certificate/);
+});
+
+test("an agent of `vmferry pki` has the subject a destination's tls-authz is told in advance; any other has not", () => {
+  const agent = loadTlsIdentity({ pkiDir: join(pki, 'agent-A') }, 'server') as TlsIdentity;
+  assert.equal(peerNamesPredictable(agent, 'A'), true);
+  assert.equal(peerNamesPredictable(agent, 'B'), false, 'the certificate of another host id');
+  assert.equal(peerNamesPredictable(loadTlsIdentity({ pkiDir: join(pki, 'controller') }, 'server') as TlsIdentity, 'controller'), false, 'another role');
 });

@@ -1,8 +1,8 @@
 // A whole cluster with mutual TLS on every HTTP API (LocalCluster's tls
 // option: controller, storage server and agent processes started with
 // --pki-dir): agents register over TLS, a VM with a local and a shared disk
-// is created, started and live-migrated, and keeps writing on its new host.
-// Its shared disk is reached under TLS (the storage server refuses plain NBD),
+// is created, started and live-migrated (RAM and mirror over TLS between the agents' QEMUs), keeps
+// writing on its new host, its shared disk is reached under TLS (the storage server refuses plain NBD),
 // and every write the guest had acknowledged is intact afterwards.
 import assert from 'node:assert/strict';
 import { execFile as execFileCallback } from 'node:child_process';
@@ -38,7 +38,7 @@ after(async () => {
   await work?.remove();
 });
 
-test('with TLS on every API: hosts register, a VM is created, started and migrated, and keeps writing', async () => {
+test('with TLS on every API and between QEMUs: hosts register, a VM is created, started and migrated, and keeps every acked record', async () => {
   for (const url of [cluster.controllerUrl, cluster.storageAdminUrl, ...cluster.hosts.map((h) => h.agentUrl)]) assert.match(url, /^https:/);
   // The agents heartbeat with their own certificates: the controller lists both.
   assert.deepEqual((await cluster.api.hosts()).map((h) => [h.id, h.state]).sort(), [['A', 'reachable'], ['B', 'reachable']]);

@@ -10,12 +10,14 @@ import { join } from 'node:path';
 import { reportLogOf, testGuestSpec, waitForAcks, type GuestOptions, type GuestReport, type VerifyResult } from '../../src/guest/test-guest.ts';
 import { verifyDisks } from '../../src/guest/verify.ts';
 import { runMigration } from '../../src/migration/executor.ts';
-import type { MigrationEvent, MigrationReport } from '../../src/migration/phases.ts';
+import type { MigrationEvent, MigrationPhase, MigrationReport } from '../../src/migration/phases.ts';
 import { defaultMigrationOptions, planMigration, type MigrationOptions, type MigrationPlan } from '../../src/migration/plan.ts';
 import { probeDestination, probeSource, qemuCapabilities } from '../../src/migration/probe.ts';
 import { QemuDestination } from '../../src/migration/qemu-destination.ts';
 import { QemuSource } from '../../src/migration/qemu-source.ts';
+import type { PreparedDestination } from '../../src/migration/sides.ts';
 import { QemuProcess } from '../../src/qemu/process.ts';
+import { qemuPeerName } from '../../src/qemu/tls-creds.ts';
 import type { DiskSpec, VmSpec } from '../../src/qemu/spec.ts';
 import { LocalPool } from '../../src/storage/local-pool.ts';
 import { Cleanup } from './cleanup.ts';
@@ -27,6 +29,22 @@ export interface RigLayout {
   shared: { id: string; sizeMiB: number; readOnly?: boolean }[];
 }
 
+/** Each host's agent TLS identity in QEMU's layout (`vmferry pki issue agent A|B`): every QEMU of the rig gets its host's credentials. */
+export interface RigTls {
+  A: string;
+  B: string;
+}
+
+/** A destination that keeps its prepare answer, so a test can reach its exports as an outsider would. */
+export class RigDestination extends QemuDestination {
+  prepared: PreparedDestination | undefined;
+
+  override async prepare(...args: Parameters<QemuDestination['prepare']>): Promise<PreparedDestination> {
+    this.prepared = await super.prepare(...args);
+    return this.prepared;
+  }
+}
+
 export class MigrationRig {
   readonly cleanup = new Cleanup();
   dir = '';
@@ -35,9 +53,11 @@ export class MigrationRig {
   spec!: VmSpec;
   source!: QemuProcess;
   destination: QemuDestination | undefined;
+  tls: RigTls | undefined;
 
-  static async start(name: string, layout: RigLayout, guest: GuestOptions): Promise<MigrationRig> {
+  static async start(name: string, layout: RigLayout, guest: GuestOptions, tls?: RigTls): Promise<MigrationRig> {
     const rig = new MigrationRig();
+    rig.tls = tls;
     try {
       await rig.#start(name, layout, guest);
     } catch (err) {
@@ -72,9 +92,14 @@ export class MigrationRig {
     // Host write-back of fresh images would compete with the mirror.
     execFileSync('sync');
     this.spec = testGuestSpec(name, disks, join(this.dir, 'logs'), guest);
-    this.source = await QemuProcess.start(this.spec, { runDir: join(this.dir, 'runA', name) });
+    this.source = await QemuProcess.start(this.spec, { runDir: join(this.dir, 'runA', name), ...(this.tls ? { tlsDir: this.tls.A } : {}) });
     this.cleanup.add('stop source QEMU', () => this.source.kill());
     this.cleanup.add('stop destination QEMU', () => this.destination?.vm?.kill());
+  }
+
+  /** What the last destination `migrate` made answered to prepare. */
+  get prepared(): PreparedDestination | undefined {
+    return this.destination instanceof RigDestination ? this.destination.prepared : undefined;
   }
 
   writableDiskIds(): string[] {
@@ -103,16 +128,27 @@ export class MigrationRig {
   /**
    * Migrates A → B. A rollback for a memory mismatch (QEMU's TCG defect,
    * docs/QEMU-TCG-PRECOPY.md) is retried, as the controller does, unless
-   * `memoryMismatchRetries` is 0.
+   * `memoryMismatchRetries` is 0. With the rig's TLS identities both sides use
+   * theirs (the destination lets in only A's), unless `withoutTls` names a side
+   * whose agent acts as if it had none.
    */
   async migrate(
     plan: MigrationPlan,
-    extra: { signal?: AbortSignal; onEvent?: (e: MigrationEvent) => void; memoryMismatchRetries?: number } = {},
+    extra: {
+      signal?: AbortSignal;
+      onEvent?: (e: MigrationEvent) => void;
+      beforePhase?: (phase: MigrationPhase) => Promise<void>;
+      memoryMismatchRetries?: number;
+      withoutTls?: 'source' | 'destination';
+    } = {},
   ): Promise<MigrationReport> {
-    const { memoryMismatchRetries = 2, ...input } = extra;
+    const { memoryMismatchRetries = 2, withoutTls, ...input } = extra;
+    const destinationTls = this.tls && withoutTls !== 'destination' ? { tlsDir: this.tls.B, agentPeerName: (id: string) => qemuPeerName('agent', id) } : {};
+    const sourceTls = this.tls !== undefined && withoutTls !== 'source';
     for (let attempt = 0; ; attempt++) {
-      this.destination = new QemuDestination({ hostId: 'B', pool: this.poolB, vmDir: (vm) => join(this.dir, 'runB', vm), address: '127.0.0.1' });
-      const report = await runMigration({ spec: this.spec, plan, source: new QemuSource({ hostId: 'A', vm: this.source }), destination: this.destination, ...input });
+      this.destination = new RigDestination({ hostId: 'B', pool: this.poolB, vmDir: (vm) => join(this.dir, 'runB', vm), address: '127.0.0.1', ...destinationTls });
+      const source = new QemuSource({ hostId: 'A', vm: this.source, tls: sourceTls });
+      const report = await runMigration({ spec: this.spec, plan, source, destination: this.destination, ...input });
       if (report.error?.code !== 'VMF_MEMORY_MISMATCH' || attempt >= memoryMismatchRetries) return report;
     }
   }
