@@ -19,6 +19,7 @@ import type { PreparedDestination } from '../../src/migration/sides.ts';
 import { QemuProcess } from '../../src/qemu/process.ts';
 import { qemuPeerName } from '../../src/qemu/tls-creds.ts';
 import type { DiskSpec, VmSpec } from '../../src/qemu/spec.ts';
+import type { TlsIdentity } from '../../src/security/tls-files.ts';
 import { LocalPool } from '../../src/storage/local-pool.ts';
 import { Cleanup } from './cleanup.ts';
 import { startTestStorage } from './storage.ts';
@@ -33,6 +34,8 @@ export interface RigLayout {
 export interface RigTls {
   A: string;
   B: string;
+  /** The storage server's identity (`vmferry pki issue storage --address 127.0.0.1`): it takes TLS only, as the hosts' QEMUs expect. */
+  storage: TlsIdentity;
 }
 
 /** A destination that keeps its prepare answer, so a test can reach its exports as an outsider would. */
@@ -82,7 +85,7 @@ export class MigrationRig {
       disks.push({ id: local.id, source: { kind: 'file', path, format: 'qcow2' } });
     }
     if (layout.shared.length > 0) {
-      const storage = await startTestStorage();
+      const storage = await startTestStorage(this.tls ? { tls: this.tls.storage } : {});
       this.cleanup.add('stop the storage server', () => storage.stop());
       for (const shared of layout.shared) {
         await storage.server.volumes.create(shared.id, shared.sizeMiB * 1024 * 1024, shared.readOnly ?? false);
@@ -121,7 +124,7 @@ export class MigrationRig {
   async plan(options: Partial<MigrationOptions> = {}, spec: VmSpec = this.spec): Promise<MigrationPlan> {
     const qemu = await qemuCapabilities();
     const sourceFacts = await probeSource('A', this.source, qemu);
-    const destinationFacts = await probeDestination('B', '127.0.0.1', spec, this.poolB, [], qemu);
+    const destinationFacts = await probeDestination('B', '127.0.0.1', spec, this.poolB, [], qemu, this.tls?.B);
     return planMigration(spec, sourceFacts, destinationFacts, { ...defaultMigrationOptions, ...options });
   }
 
@@ -162,6 +165,6 @@ export class MigrationRig {
     await this.source.kill();
     await this.destination?.vm?.kill();
     mkdirSync(join(this.dir, 'verify'), { recursive: true });
-    return verifyDisks(disks, join(this.dir, 'verify'), { spanMiB: 8 });
+    return verifyDisks(disks, join(this.dir, 'verify'), { spanMiB: 8, ...(this.tls ? { tlsDir: this.tls.B } : {}) });
   }
 }
