@@ -20,7 +20,7 @@ import { parseArgs } from 'node:util';
 import { table } from '../src/cli/render.ts';
 import { aim, isMain, machineLine, median, ratio, seconds, toMiB, withCleanup } from './lib/common.ts';
 import { libvirtMissing, startLibvirtHosts } from './lib/libvirt.ts';
-import { runOnce } from './lib/migration-run.ts';
+import { runOnce, type BenchTls } from './lib/migration-run.ts';
 import type { Method, RunResult, Scenario } from './lib/run-types.ts';
 import { initCa, issueCertificate } from '../src/security/pki.ts';
 import { loadTlsIdentity, type TlsIdentity } from '../src/security/tls-files.ts';
@@ -36,14 +36,15 @@ export interface MigrationBenchOptions {
   tls: boolean;
 }
 
-/** Host A's and B's agent identities from a throwaway CA (`vmferry pki issue agent A --address 127.0.0.1`), written for QEMU as an agent writes them. */
-async function agentIdentities(dir: string): Promise<{ A: string; B: string }> {
+/** Host A's and B's agent identities from a throwaway CA (`vmferry pki issue agent A --address 127.0.0.1`), written for QEMU as an agent writes them, and the storage server's. */
+async function clusterIdentities(dir: string): Promise<BenchTls> {
   await initCa(dir);
   const issue = async (id: string): Promise<string> => {
     const issued = await issueCertificate(dir, { role: 'agent', id, addresses: ['127.0.0.1'] });
     return writeQemuTlsDir(loadTlsIdentity({ pkiDir: issued.dir }, 'server') as TlsIdentity, join(dir, `qemu-${id}`));
   };
-  return { A: await issue('A'), B: await issue('B') };
+  const storage = await issueCertificate(dir, { role: 'storage', id: 'storage', addresses: ['127.0.0.1'] });
+  return { A: await issue('A'), B: await issue('B'), storage: loadTlsIdentity({ pkiDir: storage.dir }, 'server') as TlsIdentity };
 }
 
 export function migrationScenarios(small: boolean): Scenario[] {
@@ -97,11 +98,11 @@ export async function migrationBench(options: MigrationBenchOptions): Promise<Ru
   if (missing) console.log(`libvirt: not run, ${missing}`);
   await withCleanup(async (cleanup) => {
     const libvirt = missing ? undefined : await startLibvirtHosts(cleanup);
-    let tls: { A: string; B: string } | undefined;
+    let tls: BenchTls | undefined;
     if (options.tls) {
       const pki = await makeTempDir('bench-pki');
       cleanup.add('remove the throwaway CA', () => pki.remove());
-      tls = await agentIdentities(join(pki.path, 'pki'));
+      tls = await clusterIdentities(join(pki.path, 'pki'));
     }
     for (let round = 0; round < options.rounds; round++) {
       for (const scenario of scenarios) {

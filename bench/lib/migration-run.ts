@@ -42,6 +42,7 @@ import { QemuDestination } from '../../src/migration/qemu-destination.ts';
 import { QemuSource } from '../../src/migration/qemu-source.ts';
 import { QemuProcess } from '../../src/qemu/process.ts';
 import { qemuPeerName } from '../../src/qemu/tls-creds.ts';
+import type { TlsIdentity } from '../../src/security/tls-files.ts';
 import type { DiskSpec } from '../../src/qemu/spec.ts';
 import type { QmpEventListener } from '../../src/qmp/client.ts';
 import { imageInfo, LocalPool } from '../../src/storage/local-pool.ts';
@@ -59,8 +60,15 @@ export interface RunOptions {
   sampleMs?: number;
   /** libvirt only: the two daemons, started once per benchmark. */
   libvirt?: LibvirtHosts;
-  /** vmferry-tls only: host A's and B's agent identities in QEMU's layout, made once per benchmark. */
-  tls?: { A: string; B: string };
+  /** vmferry-tls only: host A's and B's agent identities in QEMU's layout, and the storage server's, made once per benchmark. */
+  tls?: BenchTls;
+}
+
+/** A TLS cluster's identities: its QEMUs open shared disks under TLS, so its storage server takes TLS only. */
+export interface BenchTls {
+  A: string;
+  B: string;
+  storage: TlsIdentity;
 }
 
 const localId = 'local0';
@@ -101,7 +109,7 @@ function startSampler(execute: (command: string) => Promise<unknown>, t0: number
   };
 }
 
-async function prepareHost(scenario: Scenario, cleanup: Cleanup): Promise<Host> {
+async function prepareHost(scenario: Scenario, cleanup: Cleanup, storageTls?: TlsIdentity): Promise<Host> {
   const temp = await makeTempDir(`bench-${scenario.name}`);
   cleanup.add('remove temp dir', () => temp.remove());
   const dir = temp.path;
@@ -117,7 +125,7 @@ async function prepareHost(scenario: Scenario, cleanup: Cleanup): Promise<Host> 
     }
     await execFile('qemu-io', ['-f', 'qcow2', ...commands, localPath], { timeout: 600_000 });
   }
-  const storage = await startTestStorage();
+  const storage = await startTestStorage(storageTls ? { tls: storageTls } : {});
   cleanup.add('stop the storage server', () => storage.stop());
   await storage.server.volumes.create(sharedId, scenario.sharedSizeMiB * mib, false);
   const disks: DiskSpec[] = [
@@ -178,7 +186,7 @@ export function cachedCapabilities(): Promise<QemuCapabilities> {
   return capabilities;
 }
 
-async function runVmferry(host: Host, scenario: Scenario, options: RunOptions, tls?: { A: string; B: string }): Promise<RunResult> {
+async function runVmferry(host: Host, scenario: Scenario, options: RunOptions, tls?: BenchTls): Promise<RunResult> {
   await cachedCapabilities();
   const source = await QemuProcess.start(host.spec, { runDir: join(host.dir, 'runA', scenario.name), ...(tls ? { tlsDir: tls.A } : {}) });
   host.cleanup.add('stop source QEMU', () => source.kill());
@@ -200,7 +208,7 @@ async function runVmferry(host: Host, scenario: Scenario, options: RunOptions, t
   try {
     // As in production: the agent caches QEMU's capabilities, the controller probes both hosts at once.
     const qemu = await cachedCapabilities();
-    const [sourceFacts, destinationFacts] = await Promise.all([probeSource('A', source, qemu), probeDestination('B', '127.0.0.1', host.spec, poolB, [], qemu)]);
+    const [sourceFacts, destinationFacts] = await Promise.all([probeSource('A', source, qemu), probeDestination('B', '127.0.0.1', host.spec, poolB, [], qemu, tls?.B)]);
     const plan = planMigration(host.spec, sourceFacts, destinationFacts, { ...defaultMigrationOptions, ...options.vmferry, keepSource: true });
     marks.push({ label: 'planned', t: performance.now() - t0 });
     const onEvent = (event: MigrationEvent): void => {
@@ -276,7 +284,7 @@ export function runOnce(method: Method, scenario: Scenario, options: RunOptions 
       if (!options.libvirt) throw new Error('libvirt runs need the libvirt hosts');
       return runLibvirtOnce(options.libvirt, scenario, cleanup);
     }
-    const host = await prepareHost(scenario, cleanup);
+    const host = await prepareHost(scenario, cleanup, method === 'vmferry-tls' ? options.tls?.storage : undefined);
     // Host write-back of fresh images would compete with the mirror.
     await hostSync();
     if (method === 'plain') return await runPlain(host, scenario, options);
