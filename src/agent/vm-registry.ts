@@ -9,9 +9,8 @@
  *   DATA/vms/NAME/qemu/        QMP socket, pidfile, QEMU's own log
  *   DATA/quarantine/           what start-up could not account for (quarantine.ts)
  */
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
-import { randomUUID } from 'node:crypto';
 import { dirname, join } from 'node:path';
 import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
