@@ -59,19 +59,20 @@ export async function writeQemuTlsDir(identity: TlsIdentity, dir: string): Promi
   return dir;
 }
 
-/** The `-object` arguments; verify-peer on both ends: a server asks every client for a certificate of the cluster's CA. */
-export function qemuTlsArguments(dir: string): string[] {
+/** One credential object; verify-peer on both ends: a server asks every client for a certificate of the cluster's CA. */
+function credsObject(endpoint: keyof typeof qemuTlsCreds, dir: string): string {
   // A comma ends a QEMU option value unless doubled.
-  const escaped = dir.replaceAll(',', ',,');
-  return [
-    '-object', `tls-creds-x509,id=${qemuTlsCreds.server},endpoint=server,dir=${escaped},verify-peer=on`,
-    '-object', `tls-creds-x509,id=${qemuTlsCreds.client},endpoint=client,dir=${escaped},verify-peer=on`,
-  ];
+  return `tls-creds-x509,id=${qemuTlsCreds[endpoint]},endpoint=${endpoint},dir=${dir.replaceAll(',', ',,')},verify-peer=on`;
+}
+
+/** The `-object` arguments of every QEMU an agent with an identity starts. */
+export function qemuTlsArguments(dir: string): string[] {
+  return ['-object', credsObject('server', dir), '-object', credsObject('client', dir)];
 }
 
 /** The client object alone, for qemu-img and qemu-io (`--object`), which connect and never serve. */
 export function qemuClientTlsObject(dir: string): string {
-  return `tls-creds-x509,id=${qemuTlsCreds.client},endpoint=client,dir=${dir.replaceAll(',', ',,')},verify-peer=on`;
+  return credsObject('client', dir);
 }
 
 /**
