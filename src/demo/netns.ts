@@ -36,6 +36,28 @@ async function ip(...args: string[]): Promise<void> {
   await runProgram('ip', args, { timeoutMs: 10_000 });
 }
 
+/**
+ * Removes what an earlier run that was killed left under one of our names. A
+ * namespace lives on while any process is in it, and with it the veth pair
+ * whose outer end then blocks the next `ip link add`: so the processes in it
+ * (ours: the name carries this cluster's prefix) go first.
+ */
+async function removeStaleNamespace(namespace: string, ...outerLinks: string[]): Promise<void> {
+  const pids = await runProgram('ip', ['netns', 'pids', namespace], { timeoutMs: 10_000 }).then(
+    (out) => out.split('\n').map(Number).filter((pid) => Number.isSafeInteger(pid) && pid > 0),
+    () => [],
+  );
+  for (const pid of pids) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // Gone already.
+    }
+  }
+  await ip('netns', 'del', namespace).catch(() => undefined);
+  for (const link of outerLinks) await ip('link', 'del', link).catch(() => undefined);
+}
+
 export function canUseNamespaces(): boolean {
   return process.getuid?.() === 0;
 }
@@ -61,7 +83,7 @@ export async function createNamespaceNetwork(prefix: string, hostNames: string[]
       const outside = `${prefix}${index}h`;
       const inside = `${prefix}${index}n`;
       const address = `${subnet}.${index + 2}`;
-      await ip('netns', 'del', namespace).catch(() => undefined);
+      await removeStaleNamespace(namespace, outside);
       await ip('netns', 'add', namespace);
       created.push(() => ip('netns', 'del', namespace));
       await ip('link', 'add', outside, 'type', 'veth', 'peer', 'name', inside);
@@ -126,7 +148,7 @@ export async function createGuestSegment(prefix: string, hosts: NamespaceHost[],
   };
   try {
     for (const namespace of [switchNs, clientNamespace]) {
-      await ip('netns', 'del', namespace).catch(() => undefined);
+      await removeStaleNamespace(namespace);
       await ip('netns', 'add', namespace);
       created.push(() => ip('netns', 'del', namespace));
       await ip('-n', namespace, 'link', 'set', 'lo', 'up');
