@@ -10,10 +10,10 @@
  * the guest and is gone; while that cannot be confirmed the source stays
  * paused and the migration is `unresolved`.
  */
-import type { MigrationPhase } from './phases.ts';
+import { migrationSteps, type MigrationPhase } from './phases.ts';
 
 /** Phases in which the destination may already have been asked to resume. */
-const pastNoReturn: readonly MigrationPhase[] = ['resume-sent', 'resumed', 'source-retired', 'completed', 'unresolved'];
+const pastNoReturn: readonly MigrationPhase[] = migrationSteps.filter((s) => s.pastNoReturn).map((s) => s.phase);
 
 export function resumeMayHaveBeenSent(phase: MigrationPhase): boolean {
   return pastNoReturn.includes(phase);

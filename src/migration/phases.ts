@@ -1,43 +1,96 @@
 /**
- * What a migration is doing, as a union of named phases, and the progress
+ * What a migration is doing, as a table of named phases, and the progress
  * events and final report it produces. A phase advances only on what QEMU
  * reported (an event or a query), never on a sleep.
  */
 import type { DiskOperation } from './plan.ts';
 
-export type MigrationPhase =
-  /** Accepted; nothing has moved yet. */
-  | 'pending'
-  /** Destination: target volumes created, incoming QEMU started, mirror targets exported over NBD. */
-  | 'preparing'
-  /** Source: every local disk is being copied into its target while the guest runs. */
-  | 'mirroring'
-  /** Mirrors are in sync; RAM and device state stream to the destination. */
-  | 'migrating'
-  /** Source paused before switch-over: mirrors drained and cancelled, the rest of RAM moves, memory compared. */
-  | 'paused-at-switchover'
-  /** The destination was asked to resume: past the point of no return (see no-return.ts). */
-  | 'resume-sent'
-  /** The guest runs on the destination; the source is still there, paused. */
-  | 'resumed'
-  /** The source QEMU has quit and its local copies are gone (unless kept). */
-  | 'source-retired'
-  /** The guest runs on the destination; the report is final. */
-  | 'completed'
-  /** Undoing after a cancel or a failure; the source keeps (or gets back) the guest. */
-  | 'rolling-back'
-  /** Cancelled on request; the VM runs on the source as before. */
-  | 'cancelled'
-  /** A step failed; the VM runs on the source as before. */
-  | 'failed'
-  /**
-   * A resume may have reached the destination and the destination has not said
-   * whether its guest ran: the source stays paused and vmferry keeps asking.
-   * Not final: it ends as completed or failed once the destination answers.
-   */
-  | 'unresolved';
+/** One phase of a migration: what happens once it is stored, and what undoes that. */
+export interface MigrationStep {
+  phase: string;
+  /** Who acts, and how, once the phase is stored (A: the source host, B: the destination). */
+  step: string;
+  /** What undoes the step after a fault or a cancel. */
+  undo: string;
+  /** B may have been asked to resume: a fault from here on is settled only by the rule of no-return.ts. */
+  pastNoReturn: boolean;
+  /** The migration is over; nothing acts any more. */
+  final: boolean;
+}
 
-export const finalPhases: readonly MigrationPhase[] = ['completed', 'cancelled', 'failed'];
+/**
+ * The migration as a state machine, in order: the one table of its steps.
+ * The controller stores each phase before the step acts (the executor's
+ * `recordPhase`); docs/ARCHITECTURE.md's table is generated from this one
+ * (scripts/steps-doc.ts).
+ */
+export const migrationSteps = [
+  { phase: 'pending', step: 'accepted; nothing has moved yet', undo: '—', pastNoReturn: false, final: false },
+  {
+    phase: 'preparing',
+    step: "B: target volumes in its pool, a tap per NIC on its bridge, QEMU started `-incoming defer -S`, targets exported over NBD (both listeners TLS only, for the source agent only, when B's agent has an identity: docs/SECURITY.md)",
+    undo: "B's rollback: QEMU killed and reaped, taps and targets removed",
+    pastNoReturn: false,
+    final: false,
+  },
+  {
+    phase: 'mirroring',
+    step: "A: B's TLS mode held against its own (a mismatch is refused here), then `blockdev-mirror` of every local disk into B's exports, until READY",
+    undo: "A's rollback: mirrors cancelled, targets detached",
+    pastNoReturn: false,
+    final: false,
+  },
+  {
+    phase: 'migrating',
+    step: 'A: pre-copy RAM migration with `pause-before-switchover`; escalation on stalls',
+    undo: "A's rollback: `migrate_cancel`, guest continued",
+    pastNoReturn: false,
+    final: false,
+  },
+  {
+    phase: 'paused-at-switchover',
+    step: "A paused: mirrors drained and cancelled in sync, `migrate-continue`, B's incoming completes, memory compared (TCG)",
+    undo: "A's rollback: `cont` re-activates its images",
+    pastNoReturn: false,
+    final: false,
+  },
+  {
+    phase: 'resume-sent',
+    step: "**the point of no return** — B: exports stopped, shared volumes' writer lease claimed, `cont`, the NICs announced (`announce-self`)",
+    undo: 'only the rule of no-return.ts: finish if B ran the guest, roll back once B confirmed it did not and its QEMU is gone, else wait (unresolved)',
+    pastNoReturn: true,
+    final: false,
+  },
+  { phase: 'resumed', step: 'B confirmed the guest runs there; A is still there, paused', undo: '— (the guest lives on B)', pastNoReturn: true, final: false },
+  {
+    phase: 'source-retired',
+    step: 'A: QEMU quit, its taps removed, local copies deleted (unless `--keep-source`)',
+    undo: '—',
+    pastNoReturn: true,
+    final: false,
+  },
+  { phase: 'completed', step: 'report stored: the guest runs on B', undo: '—', pastNoReturn: true, final: true },
+  {
+    phase: 'rolling-back',
+    step: "undoing after a cancel or a failure, B first (its QEMU killed and reaped), then A's guest continued",
+    undo: '—',
+    pastNoReturn: false,
+    final: false,
+  },
+  { phase: 'cancelled', step: 'cancelled on request; the guest runs on A as before', undo: '—', pastNoReturn: false, final: true },
+  { phase: 'failed', step: 'a step failed; the guest runs on A as before', undo: '—', pastNoReturn: false, final: true },
+  {
+    phase: 'unresolved',
+    step: "a resume may have reached B and B has not said whether its guest ran: A's guest stays paused and vmferry keeps asking; ends as completed or failed once B answers",
+    undo: 'the rule of no-return.ts, once B answers',
+    pastNoReturn: true,
+    final: false,
+  },
+] as const satisfies readonly MigrationStep[];
+
+export type MigrationPhase = (typeof migrationSteps)[number]['phase'];
+
+export const finalPhases: readonly MigrationPhase[] = migrationSteps.filter((s) => s.final).map((s) => s.phase);
 
 export interface DiskProgress {
   id: string;
