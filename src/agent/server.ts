@@ -18,6 +18,7 @@ import { validateVmSpec } from '../qemu/spec.ts';
 import { MigrationSides, defaultAbandonAfterMs } from './migration-sides.ts';
 import { faultPoint } from '../util/fault-points.ts';
 import { VmRegistry } from './vm-registry.ts';
+import { startIoErrorResume } from './io-error-resume.ts';
 import { SharedWriterFence } from '../storage/writer-fence.ts';
 import { readFile } from 'node:fs/promises';
 import { timeoutSignal } from '../util/abort.ts';
@@ -103,7 +104,11 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   });
   await sides.recoverSources();
   const { base, app } = await createApiServer('vmferry agent', options.logger, 1024 * 1024, { tls: options.tls, access: agentAccess });
-  base.addHook('onClose', () => sides.close());
+  const stopIoErrorResume = startIoErrorResume({ candidates: () => registry.vmsOutsideMigrations(), logger: options.logger });
+  base.addHook('onClose', () => {
+    stopIoErrorResume();
+    sides.close();
+  });
 
   app.get('/v1/host', async (): Promise<HostInfo> => {
     const fs = await statfs(registry.pool.dir);

@@ -28,6 +28,7 @@ import type { DestinationFate } from '../migration/no-return.ts';
 import { guestNeverRan } from '../migration/qemu-destination.ts';
 import { fsyncDir, fsyncFile, mkdirDurable, removeDurable, renameDurable, writeFileDurable } from '../util/durable-file.ts';
 import { readIncomingRecord } from './half-records.ts';
+import type { IoErrorCandidate } from './io-error-resume.ts';
 import { Quarantine } from './quarantine.ts';
 import type { RequestGuard } from './request-guard.ts';
 
@@ -232,6 +233,13 @@ export class VmRegistry {
   runningOrUndefined(name: string): QemuProcess | undefined {
     const qemu = this.#vms.get(name)?.qemu;
     return qemu?.isAlive ? qemu : undefined;
+  }
+
+  /** VMs whose QEMU runs here in no migration: the ones io-error-resume.ts may continue. */
+  vmsOutsideMigrations(): IoErrorCandidate[] {
+    return [...this.#vms.entries()].flatMap(([name, entry]) =>
+      entry.qemu?.isAlive && !entry.migrating ? [{ name, qemu: entry.qemu, spec: entry.spec, free: () => this.#vms.get(name) === entry && !entry.migrating }] : [],
+    );
   }
 
   setMigrating(name: string, migrating: boolean): void {

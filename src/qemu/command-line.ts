@@ -30,6 +30,8 @@ export interface CommandLineOptions {
   taps?: string[];
   /** The agent's TLS identity in QEMU's layout (tls-creds.ts): the VM gets its two credential objects. */
   tlsDir?: string;
+  /** How long a shared disk's requests wait for the storage server (default sharedReconnectDelayS); shorter only in tests. */
+  reconnectDelayS?: number;
 }
 
 /** First PCI slot for disks; slots below stay free for other devices. */
@@ -54,10 +56,11 @@ const cacheFlags: Record<CacheMode, CacheFlags> = {
 
 /**
  * How long a guest's I/O to a shared volume waits for the storage server to
- * come back before it fails. A guest that sees an I/O error on its root disk
- * typically remounts read-only or powers off, so this covers a storage
- * server's restart on a busy machine, in the spirit of iSCSI's replacement
- * timeout; the chaos campaign saw restarts near 15 s under load.
+ * come back before QEMU gives up on the request. It covers a storage server's
+ * restart on a busy machine, in the spirit of iSCSI's replacement timeout;
+ * the chaos campaign saw restarts near 15 s under load. A longer outage does
+ * not reach the guest either: its disk stops the VM (werror/rerror=stop) and
+ * the agent continues it once the server answers (src/agent/io-error-resume.ts).
  */
 export const sharedReconnectDelayS = 60;
 /** How long a QEMU starting up tries to reach the storage server before it gives up. */
@@ -69,7 +72,14 @@ export function qemuNbdServer(server: NbdServerAddress): Record<string, string> 
 }
 
 /** An NBD client node of the storage server, riding through its restarts; under TLS when the QEMU has credentials. */
-function nbdNode(nodeName: string, server: NbdServerAddress, exportName: string, readOnly: boolean, noFlush: boolean, tls: boolean): Record<string, unknown> {
+interface NbdNodeOptions {
+  readOnly: boolean;
+  noFlush: boolean;
+  tls: boolean;
+  reconnectDelayS: number;
+}
+
+function nbdNode(nodeName: string, server: NbdServerAddress, exportName: string, { readOnly, noFlush, tls, reconnectDelayS }: NbdNodeOptions): Record<string, unknown> {
   return {
     driver: 'nbd',
     'node-name': nodeName,
@@ -79,7 +89,7 @@ function nbdNode(nodeName: string, server: NbdServerAddress, exportName: string,
     ...(tls ? nbdClientTlsOptions(server) : {}),
     // A storage server restart or a short network outage is ridden through: requests wait up to
     // this many seconds for QEMU to reconnect instead of failing the guest's I/O at once.
-    'reconnect-delay': sharedReconnectDelayS,
+    'reconnect-delay': reconnectDelayS,
     // The same outage when QEMU starts (a VM's start, or a migration's destination): without this
     // QEMU tries once and exits, so a storage server restarting at that moment would fail the migration.
     'open-timeout': sharedOpenTimeoutS,
@@ -89,12 +99,12 @@ function nbdNode(nodeName: string, server: NbdServerAddress, exportName: string,
   };
 }
 
-function blockdevArgs(disk: DiskSpec, tls: boolean): string[] {
+function blockdevArgs(disk: DiskSpec, tls: boolean, reconnectDelayS: number): string[] {
   const cache = cacheFlags[disk.cache ?? 'none'];
   const readOnly = disk.readOnly ?? false;
   const source = disk.source;
   if (source.kind === 'nbd') {
-    return ['-blockdev', JSON.stringify(nbdNode(diskNodeName(disk.id), source.server, source.export, readOnly, cache.noFlush, tls))];
+    return ['-blockdev', JSON.stringify(nbdNode(diskNodeName(disk.id), source.server, source.export, { readOnly, noFlush: cache.noFlush, tls, reconnectDelayS }))];
   }
   const fileNode = {
     driver: 'file',
@@ -116,7 +126,7 @@ function blockdevArgs(disk: DiskSpec, tls: boolean): string[] {
   if (source.backing) {
     // The shared base by node, not by the file name in the overlay's header: always read-only, whatever the disk.
     const baseNode = diskBaseNodeName(disk.id);
-    args.push('-blockdev', JSON.stringify(nbdNode(baseNode, source.backing.server, source.backing.export, true, cache.noFlush, tls)));
+    args.push('-blockdev', JSON.stringify(nbdNode(baseNode, source.backing.server, source.backing.export, { readOnly: true, noFlush: cache.noFlush, tls, reconnectDelayS })));
     formatNode.backing = baseNode;
   }
   args.push('-blockdev', JSON.stringify(formatNode));
@@ -133,8 +143,20 @@ function deviceArgs(disk: DiskSpec, index: number, bootDiskId: string | undefine
     addr: `0x${(firstDiskSlot + index).toString(16)}`,
     'write-cache': cacheFlags[disk.cache ?? 'none'].writeCache ? 'on' : 'off',
   };
+  // A disk that reaches the storage server over the network stops the VM when a request fails (the server
+  // gone longer than QEMU waits) rather than hand the guest an I/O error it may answer by remounting
+  // read-only or crashing; QEMU retries the request when the VM continues (libvirt's error_policy='stop').
+  if (usesStorageServer(disk)) {
+    device.werror = 'stop';
+    device.rerror = 'stop';
+  }
   if (disk.id === bootDiskId) device.bootindex = 1;
   return ['-device', JSON.stringify(device)];
+}
+
+/** Whether any of the disk's data lives on the storage server (a shared volume, or an overlay's shared base). */
+export function usesStorageServer(disk: DiskSpec): boolean {
+  return disk.source.kind === 'nbd' || disk.source.backing !== undefined;
 }
 
 function nicArgs(nic: NicSpec, index: number, tap: string | undefined): string[] {
@@ -178,7 +200,7 @@ export function qemuArguments(spec: VmSpec, options: CommandLineOptions): string
   }
   const bootDiskId = spec.boot.kind === 'disk' ? spec.boot.diskId : undefined;
   spec.disks.forEach((disk, index) => {
-    args.push(...blockdevArgs(disk, options.tlsDir !== undefined), ...deviceArgs(disk, index, bootDiskId));
+    args.push(...blockdevArgs(disk, options.tlsDir !== undefined, options.reconnectDelayS ?? sharedReconnectDelayS), ...deviceArgs(disk, index, bootDiskId));
   });
   (spec.nics ?? []).forEach((nic, index) => {
     args.push(...nicArgs(nic, index, options.taps?.[index]));

@@ -29,6 +29,8 @@ export interface QemuStartOptions {
   tapRole?: TapRole;
   /** The agent's TLS identity in QEMU's layout (tls-creds.ts); none: plain TCP on every stream. */
   tlsDir?: string;
+  /** How long a shared disk's requests wait for the storage server (command-line.ts); shorter only in tests. */
+  reconnectDelayS?: number;
 }
 
 export interface QemuExit {
@@ -151,7 +153,7 @@ export class QemuProcess {
     options: QemuStartOptions,
     { mode, qmpSocket, pidFile, stderrPath, taps }: { mode: StartMode; qmpSocket: string; pidFile: string; stderrPath: string; taps: string[] },
   ): Promise<QemuProcess> {
-    const args = qemuArguments(spec, { mode, qmpSocket, pidFile, accel: options.accel ?? 'tcg', taps, ...(options.tlsDir === undefined ? {} : { tlsDir: options.tlsDir }) });
+    const args = qemuArguments(spec, { mode, qmpSocket, pidFile, accel: options.accel ?? 'tcg', taps, ...(options.tlsDir === undefined ? {} : { tlsDir: options.tlsDir }), ...(options.reconnectDelayS === undefined ? {} : { reconnectDelayS: options.reconnectDelayS }) });
     const binary = options.binary ?? defaultQemuBinary;
     const logger = options.logger?.child({ vm: spec.name });
     logger?.debug({ binary, args }, 'starting QEMU');
