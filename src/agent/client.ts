@@ -11,6 +11,7 @@ import type { DestinationFacts, MigrationPlan, SourceFacts, CopyMode } from '../
 import type {
   DestinationResumed,
   DestinationSide,
+  IncomingRunnable,
   MigrationMilestone,
   MigrationSettings,
   MirrorStatus,
@@ -119,6 +120,10 @@ export class RemoteDestination implements DestinationSide {
 
   async waitIncomingCompleted(signal: AbortSignal): Promise<void> {
     await this.#agent.request('POST', `${this.#path}/wait-incoming`, {}, { signal, timeoutMs: longWaitMs });
+  }
+
+  async waitIncomingRunnable(signal: AbortSignal): Promise<IncomingRunnable> {
+    return (await this.#agent.request<{ runnable: IncomingRunnable }>('POST', `${this.#path}/wait-runnable`, {}, { signal, timeoutMs: longWaitMs })).runnable;
   }
 
   memoryDigest(signal: AbortSignal): Promise<MemoryDigest> {

@@ -158,6 +158,9 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     await sides.useDestination(request.params.id, (side) => side.waitIncomingCompleted(replySignal(reply)));
     return {};
   });
+  app.post('/v1/migrations/:id/destination/wait-runnable', { schema: { params } }, async (request, reply) => ({
+    runnable: await sides.useDestination(request.params.id, (side) => side.waitIncomingRunnable(replySignal(reply))),
+  }));
   app.post('/v1/migrations/:id/destination/memory-digest', { schema: { params } }, (request, reply) =>
     sides.useDestination(request.params.id, (side) => side.memoryDigest(replySignal(reply))),
   );

@@ -16,6 +16,14 @@ export type MigrationPhase =
   | 'migrating'
   /** Source paused before switch-over: mirrors drained and cancelled, the rest of RAM moves, memory compared. */
   | 'paused-at-switchover'
+  /**
+   * Post-copy (RamMode `postcopy`, or a switch to it): the mirrors finished at pre-switchover and the
+   * source is about to be told to continue into post-copy. From here on the source never runs again
+   * (no-return.ts): the destination may run the guest while part of its RAM is only on the source.
+   */
+  | 'postcopy-started'
+  /** Post-copy: the guest runs on the destination, which pulls the rest of its RAM from the paused source. */
+  | 'postcopy-active'
   /** The destination was asked to resume: past the point of no return (see no-return.ts). */
   | 'resume-sent'
   /** The guest runs on the destination; the source is still there, paused. */
@@ -118,6 +126,12 @@ export interface MigrationReport {
     memoryCompared: boolean;
     /** The highest auto-converge CPU throttle QEMU reported in the progress samples (percent; 0: never throttled). */
     throttlePercent?: number;
+    /** Why the migration switched to post-copy, when it did (the memory comparison cannot run then: RAM is still in flight when the destination starts). */
+    postcopyWhy?: string;
+    /** How long the destination ran the guest while pulling the rest of RAM: the source QEMU's `postcopy-active` to its `completed`, by its event timestamps. */
+    postcopyMs?: number;
+    /** Pages the destination asked the source for during post-copy (its guest touched them first): QEMU's `postcopy-requests`. */
+    postcopyRequests?: number;
   };
   /** The last attempt's phases. */
   phases: PhaseTiming[];
