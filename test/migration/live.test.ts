@@ -3,7 +3,8 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { readFile } from 'node:fs/promises';
-import { checkVerify, reportLogOf } from '../../src/guest/test-guest.ts';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { checkVerify, readGuestReport, reportLogOf } from '../../src/guest/test-guest.ts';
 import { imageInfo } from '../../src/storage/local-pool.ts';
 import { hasCode } from '../../src/errors.ts';
 import { MigrationRig, type RigLayout } from '../support/migration-rig.ts';
@@ -196,6 +197,57 @@ test('a slow pre-copy of a TCG guest never resumes a destination whose memory di
           : `failed: "${report.error?.message.slice(0, 110)}…"; guest carried on at A, B clean, every acked record intact`,
       ok: true,
     });
+  } finally {
+    await rig.cleanup.run();
+  }
+});
+
+// Post-copy (issue 16): a guest dirtying memory faster than the bandwidth cap never converges in pre-copy. In post-copy
+// mode the switch comes after the first pass; B must run the guest while A still holds part of its RAM, and every
+// record the guest acknowledged, on either host, must be intact afterwards.
+test('post-copy moves a guest pre-copy cannot: B runs it while A is still postcopy-active, every acked record intact', { timeout: 240_000 }, async () => {
+  const rig = await MigrationRig.start('postcopy', { local: [{ id: 'local0', sizeMiB: 64, fillMiB: 8 }], shared: [{ id: 'shared0', sizeMiB: 64 }] }, { ...guest, dirtyMiB: 32, dirtyRateMiBs: 32 });
+  try {
+    await rig.waitForAcks(10);
+    const plan = await rig.plan({ bandwidthMiBs: 8, ramMode: 'postcopy' });
+    let seen: { sourceStatus?: string; destinationStatus?: string; remainingBytes?: number; ackedOnB: number; sourceAfterAck?: string } | undefined;
+    const report = await rig.migrate(plan, {
+      memoryMismatchRetries: 0,
+      beforePhase: async (phase) => {
+        if (phase !== 'postcopy-active') return;
+        const destinationSpec = rig.destination?.vm?.spec;
+        assert.ok(destinationSpec);
+        const info = await rig.source.qmp('reading the migration', (qmp) => qmp.queryMigrate());
+        seen = { sourceStatus: info.status, destinationStatus: (await rig.destination?.vm?.status())?.status, remainingBytes: info.ram?.remaining, ackedOnB: 0 };
+        // A record the guest writes on B now exists before A has sent all of its RAM.
+        const deadline = Date.now() + 60_000;
+        while (seen.ackedOnB === 0 && Date.now() < deadline) {
+          seen.ackedOnB = [...(await readGuestReport([reportLogOf(destinationSpec)])).acks.values()].reduce((a, b) => a + b, 0);
+          if (seen.ackedOnB === 0) await sleep(20);
+        }
+        seen.sourceAfterAck = (await rig.source.qmp('reading the migration', (qmp) => qmp.queryMigrate())).status;
+      },
+    });
+    assert.equal(report.outcome, 'completed', report.error?.message);
+    assert.deepEqual(seen && { source: seen.sourceStatus, destination: seen.destinationStatus }, { source: 'postcopy-active', destination: 'running' }, JSON.stringify(seen));
+    assert.ok((seen?.remainingBytes ?? 0) > 0, `A still had RAM to send when B ran the guest: ${JSON.stringify(seen)}`);
+    assert.ok((seen?.ackedOnB ?? 0) > 0 && seen?.sourceAfterAck === 'postcopy-active', `the guest acknowledged a record on B before A completed: ${JSON.stringify(seen)}`);
+    assert.match(report.ram.postcopyWhy ?? '', /the first pass of pre-copy is done/);
+    assert.ok((report.ram.postcopyMs ?? 0) > 0, `post-copy lasted ${report.ram.postcopyMs} ms`);
+    assert.equal(report.ram.memoryCompared, false, 'no comparison: RAM was still in flight when B started');
+    assert.ok(report.pauseMs !== undefined && report.pauseMs > 0, `pause ${report.pauseMs} ms`);
+    assert.deepEqual(
+      report.phases.map((p) => p.phase),
+      ['preparing', 'mirroring', 'migrating', 'paused-at-switchover', 'postcopy-started', 'postcopy-active', 'resumed', 'source-retired', 'completed'],
+    );
+    assert.equal(rig.source.isAlive, false, 'the source QEMU retired');
+    const before = (await rig.waitForAcks(0)).acks;
+    await rig.waitForAcks(10, before);
+    const destinationSpec = rig.destination?.vm?.spec;
+    assert.ok(destinationSpec);
+    assert.doesNotMatch(await readFile(reportLogOf(destinationSpec), 'utf8'), /READY/, 'the guest rebooted on the destination');
+    const verify = await rig.verify(destinationSpec.disks);
+    assert.deepEqual(checkVerify(verify, (await rig.waitForAcks(0)).acks), []);
   } finally {
     await rig.cleanup.run();
   }
