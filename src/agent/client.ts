@@ -130,6 +130,10 @@ export class RemoteDestination implements DestinationSide {
     return this.#agent.request('POST', `${this.#path}/memory-digest`, {}, { signal, timeoutMs: memoryDigestTimeoutMs });
   }
 
+  async recoverPostcopy(signal: AbortSignal): Promise<string> {
+    return (await this.#agent.request<{ uri: string }>('POST', `${this.#path}/postcopy-recover`, {}, { signal, timeoutMs: 60_000 })).uri;
+  }
+
   async resume(signal: AbortSignal): Promise<DestinationResumed> {
     const reply = await this.#agent.request<Partial<DestinationResumed>>('POST', `${this.#path}/resume`, {}, { signal, timeoutMs: 60_000 });
     // An agent of the previous version answers {}: the moment is then not known.
@@ -191,6 +195,14 @@ export class RemoteSource implements SourceSide {
 
   async startPostcopy(signal: AbortSignal): Promise<void> {
     await this.#agent.request('POST', `${this.#path}/postcopy`, {}, { signal });
+  }
+
+  async pausePostcopy(signal: AbortSignal): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/postcopy-pause`, {}, { signal, timeoutMs: 60_000 });
+  }
+
+  async resumePostcopy(uri: string, signal: AbortSignal): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/postcopy-resume`, { uri }, { signal });
   }
 
   finishMirrors(signal: AbortSignal): Promise<{ diskId: string; bytesSent: number }[]> {

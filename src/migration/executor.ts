@@ -66,6 +66,9 @@ const minPollGapMs = 10;
 const resumeTimeoutMs = 60_000;
 /** Asking the destination whether its guest ran; it first waits for a resume still in progress. */
 const fateTimeoutMs = 90_000;
+/** Recoveries of a broken post-copy stream per attempt; after one that failed (the link may still be down) the next waits this many progress polls. */
+const postcopyRecoveries = 3;
+const postcopyRecoveryGapPolls = 20;
 
 /** Phase changes with their timestamps, emitted as they happen. */
 class Timeline {
@@ -201,7 +204,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       await destination.waitIncomingRunnable(timeoutSignal(`${destination.hostId} loading the guest's device state for post-copy`, resumeTimeoutMs));
       const { resumedAtUs } = await destination.resume(timeoutSignal(`the resume on ${destination.hostId}`, resumeTimeoutMs));
       await enter('postcopy-active');
-      await followPostcopy(source, plan, pollMs, emit, (info) => (figures.info = info));
+      await followPostcopy(source, destination, plan, pollMs, emit, logger, (info) => (figures.info = info));
       completion = readCompletion(source, logger);
       await record('resumed');
       return await finish(undefined, resumedAtUs);
@@ -486,12 +489,48 @@ async function convergeRam(
 }
 
 /**
- * Post-copy once the destination runs the guest: the source sends the pages the destination has
- * not got, those its guest touches first on demand, until it reports completed. Neither a cancel
- * nor the deadline stops this (the guest's memory is split), only a stall or QEMU pausing it: a cut
- * link leaves both QEMUs waiting for each other (`postcopy-paused`), and the migration unfinished.
+ * Post-copy once the destination runs the guest, until the source reports completed. Neither a
+ * cancel nor the deadline stops this (the guest's memory is split). A broken stream (a cut link:
+ * QEMU's `postcopy-paused`, or no RAM byte moving for the stall timeout) is recovered as QEMU
+ * allows, a bounded number of times, each in the event stream: both ends paused, the destination
+ * listening anew (migrate-recover), the source resuming to it. Past that the error stands, and the
+ * migration is unresolved (no-return.ts).
  */
 async function followPostcopy(
+  source: SourceSide,
+  destination: DestinationSide,
+  plan: MigrationPlan,
+  pollMs: number,
+  emit: (event: MigrationEvent) => void,
+  logger: Logger | undefined,
+  remember: (info: MigrationInfo) => void,
+): Promise<void> {
+  for (let recoveries = 0; ; recoveries++) {
+    try {
+      await followPostcopyStream(source, plan, pollMs, emit, remember);
+      return;
+    } catch (broken) {
+      if (!hasCode(broken, 'VMF_MIGRATION_FAILED') || recoveries >= postcopyRecoveries) throw broken;
+      emit({
+        type: 'escalation',
+        action: 'postcopy-recover',
+        detail: `${describeError(broken)}: recovering post-copy (attempt ${recoveries + 1} of ${postcopyRecoveries}): ${destination.hostId} listens anew, ${source.hostId} resumes the stream`,
+      });
+    }
+    try {
+      const signal = timeoutSignal(`recovering post-copy between ${source.hostId} and ${destination.hostId}`, resumeTimeoutMs);
+      await source.pausePostcopy(signal);
+      await source.resumePostcopy(await destination.recoverPostcopy(signal), signal);
+    } catch (err) {
+      // The link may still be down: the next look finds the stream paused again, and tries again after a gap.
+      logger?.warn({ err: describeError(err) }, 'recovering post-copy failed');
+      await sleep(postcopyRecoveryGapPolls * pollMs);
+    }
+  }
+}
+
+/** Follows one post-copy stream until the source reports completed; rejects (VMF_MIGRATION_FAILED) when it paused, failed or stalled. */
+async function followPostcopyStream(
   source: SourceSide,
   plan: MigrationPlan,
   pollMs: number,
@@ -501,25 +540,25 @@ async function followPostcopy(
   const stall = new StallWatch('the post-copy RAM migration', plan.options.stallTimeoutS);
   const done = new AbortController();
   const signal = done.signal;
-  let reached: MigrationMilestone | undefined;
-  const milestone = (async () => {
-    // The source's own postcopy-active (reached at the continue) is behind us.
-    for (;;) {
-      const next = await source.waitMilestone(signal);
-      if (next !== 'postcopy-active') return (reached = next);
+  let completed = false;
+  // Only `completed` is taken from the events: whether the stream broke is asked each time, since the
+  // event of a break already recovered may still be queued.
+  const watch = (async () => {
+    for (let next = await source.waitMilestone(signal); next !== 'completed'; next = await source.waitMilestone(signal)) {
+      // Paused or failed: the progress query says so, with QEMU's reason.
     }
+    completed = true;
   })();
-  milestone.catch(() => undefined);
+  watch.catch(() => undefined);
   try {
     for (;;) {
-      await Promise.race([milestone, sleep(pollMs, undefined, { signal })]);
-      if (reached === 'completed') return;
-      const info = reached === undefined ? await stall.read((s) => source.migrationInfo(s), signal) : undefined;
-      const status = reached ?? info?.status;
+      await Promise.race([watch, sleep(pollMs, undefined, { signal })]);
+      if (completed) return;
+      const info = await stall.read((s) => source.migrationInfo(s), signal);
+      const { status } = info;
       if (status === 'postcopy-paused' || status === 'failed' || status === 'cancelled') {
-        throw new VmferryError('VMF_MIGRATION_FAILED', `post-copy ${status === 'postcopy-paused' ? 'paused' : `ended as "${status}"`} on ${source.hostId} before all of the guest's RAM reached ${plan.to}${info?.['error-desc'] ? `: ${info['error-desc']}` : ''}`);
+        throw new VmferryError('VMF_MIGRATION_FAILED', `post-copy ${status === 'postcopy-paused' ? 'paused' : `ended as "${status}"`} on ${source.hostId} before all of the guest's RAM reached ${plan.to}${info['error-desc'] ? `: ${info['error-desc']}` : ''}`);
       }
-      if (!info) continue;
       remember(info);
       const ram = ramProgress(info);
       if (ram) emit({ type: 'ram', ram });

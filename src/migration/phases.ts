@@ -69,7 +69,7 @@ export type MigrationEvent =
   | { type: 'phase'; phase: MigrationPhase; at: number }
   | { type: 'disks'; disks: DiskProgress[] }
   | { type: 'ram'; ram: RamProgress }
-  | { type: 'escalation'; action: 'downtime-limit' | 'postcopy' | 'retry'; detail: string };
+  | { type: 'escalation'; action: 'downtime-limit' | 'postcopy' | 'postcopy-recover' | 'retry'; detail: string };
 
 export interface PhaseTiming {
   phase: MigrationPhase;

@@ -12,9 +12,15 @@
  * state is sent). Until the executor continues from there, a rollback still
  * gives the guest back to the source whole.
  */
+import { setTimeout as sleep } from 'node:timers/promises';
+import { VmferryError } from '../errors.ts';
+import type { MigrationInfo } from '../qmp/commands.ts';
 import type { MigrationEvent } from './phases.ts';
 import type { MigrationPlan } from './plan.ts';
 import type { SourceSide } from './sides.ts';
+
+/** How often a post-copy being paused is asked whether it got there: QEMU takes milliseconds. */
+const pausePollMs = 20;
 
 /** Whether QEMU's postcopy-ram capability is needed on both ends: the migration may switch to post-copy. */
 export function postcopyCapable(ram: Pick<MigrationPlan['ram'], 'mode' | 'allowPostcopy'>): boolean {
@@ -46,5 +52,20 @@ export class PostcopySwitch {
     this.#why = why;
     this.#emit({ type: 'escalation', action: 'postcopy', detail: why });
     await this.#source.startPostcopy(signal);
+  }
+}
+
+/**
+ * Waits until a post-copy is `postcopy-paused` on one end: after migrate-pause QEMU gets there as soon
+ * as its migration thread sees the broken stream. Any other end state is a failure.
+ */
+export async function waitPostcopyPaused(what: string, query: () => Promise<MigrationInfo>, signal: AbortSignal): Promise<void> {
+  for (;;) {
+    const { status } = await query();
+    if (status === 'postcopy-paused') return;
+    if (status !== 'postcopy-active' && status !== 'postcopy-recover') {
+      throw new VmferryError('VMF_MIGRATION_FAILED', `${what} is "${status ?? 'unknown'}", not paused: it cannot be recovered`);
+    }
+    await sleep(pausePollMs, undefined, { signal });
   }
 }

@@ -13,6 +13,7 @@ import type { Accelerator } from '../qemu/command-line.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { QmpEventListener } from '../qmp/client.ts';
+import type { MigrationInfo } from '../qmp/commands.ts';
 import { createOverlay } from '../storage/disk-images.ts';
 import type { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
@@ -21,7 +22,7 @@ import { faultPoint } from '../util/fault-points.ts';
 import { findFreePort } from '../util/ports.ts';
 import { qemuTlsCreds } from '../qemu/tls-creds.ts';
 import type { DestinationFate } from './no-return.ts';
-import { postcopyCapable } from './postcopy.ts';
+import { postcopyCapable, waitPostcopyPaused } from './postcopy.ts';
 import { defaultAnnounce, type AnnounceSettings, type MigrationPlan } from './plan.ts';
 import type { DestinationResumed, DestinationSide, IncomingRunnable, MirrorTarget, PreparedDestination } from './sides.ts';
 
@@ -78,6 +79,7 @@ export class QemuDestination implements DestinationSide {
   #sourceSpec: VmSpec | undefined;
   #claimed = false;
   #announce: AnnounceSettings = defaultAnnounce;
+  #postcopy = false;
 
   constructor(options: QemuDestinationOptions) {
     this.hostId = options.hostId;
@@ -178,7 +180,10 @@ export class QemuDestination implements DestinationSide {
     for (;;) {
       const failed = events.takeBuffered('MIGRATION').find((e) => ended.includes(String(e.data.status)) && e.data.status !== 'completed');
       if (failed) throw this.#incomingEnded(String(failed.data.status));
-      if ((await vm.status()).status !== 'inmigrate') return 'postcopy';
+      if ((await vm.status()).status !== 'inmigrate') {
+        this.#postcopy = true;
+        return 'postcopy';
+      }
       await sleep(incomingPollMs, undefined, { signal });
     }
   }
@@ -189,6 +194,21 @@ export class QemuDestination implements DestinationSide {
 
   memoryDigest(signal: AbortSignal): Promise<MemoryDigest> {
     return memoryDigest(this.#requireVm(), signal);
+  }
+
+  async recoverPostcopy(signal: AbortSignal): Promise<string> {
+    const vm = this.#requireVm();
+    const info = (): Promise<MigrationInfo> => vm.qmp('reading the incoming post-copy', (qmp) => qmp.queryMigrate({ signal }));
+    if ((await info()).status === 'postcopy-active') await vm.qmp('pausing the incoming post-copy', (qmp) => qmp.migratePause({ signal }));
+    await waitPostcopyPaused(`the incoming post-copy on ${this.hostId}`, info, signal);
+    // The same TLS parameters and authz as the first stream still hold.
+    await vm.qmp('listening for the resumed post-copy', (qmp) => qmp.migrateRecover(`tcp:${this.#options.address}:0`, { signal }));
+    return `tcp:${this.#options.address}:${await this.#incomingPort(signal)}`;
+  }
+
+  /** Its guest may be continued before all of its RAM is here: the half may still have to recover the stream after resume. */
+  get inPostcopy(): boolean {
+    return this.#postcopy;
   }
 
   /** Where this side stands, for a restarted controller deciding whether to finish or roll back. */

@@ -18,6 +18,7 @@ import { qemuTlsCreds } from '../qemu/tls-creds.ts';
 import type { CopyMode } from './plan.ts';
 import type { MigrationMilestone, MigrationSettings, MirrorStatus, MirrorTarget, SourceCompletion, SourceRolledBack, SourceSide } from './sides.ts';
 import { timeoutSignal } from '../util/abort.ts';
+import { waitPostcopyPaused } from './postcopy.ts';
 
 export interface QemuSourceOptions {
   hostId: string;
@@ -263,6 +264,18 @@ export class QemuSource implements SourceSide {
   async startPostcopy(signal: AbortSignal): Promise<void> {
     this.#postcopyRequested = true;
     await this.#qmp('starting post-copy', (qmp) => qmp.migrateStartPostcopy({ signal }));
+  }
+
+  async pausePostcopy(signal: AbortSignal): Promise<void> {
+    await this.#qmp('pausing post-copy', async (qmp) => {
+      if ((await qmp.queryMigrate({ signal })).status === 'postcopy-active') await qmp.migratePause({ signal });
+    });
+    await waitPostcopyPaused(`post-copy on ${this.hostId}`, () => this.migrationInfo(signal), signal);
+  }
+
+  async resumePostcopy(uri: string, signal: AbortSignal): Promise<void> {
+    this.#checkTls(this.#tls, uriHost(uri));
+    await this.#qmp('resuming post-copy', (qmp) => qmp.migrateResume(uri, { signal }));
   }
 
   async finishMirrors(signal: AbortSignal): Promise<{ diskId: string; bytesSent: number }[]> {

@@ -92,6 +92,12 @@ export interface DestinationSide {
   waitIncomingRunnable(signal: AbortSignal): Promise<IncomingRunnable>;
   /** Digest of the incoming guest's memory, once the incoming migration completed and before resume. */
   memoryDigest(signal: AbortSignal): Promise<MemoryDigest>;
+  /**
+   * Post-copy whose stream broke: makes sure this end is `postcopy-paused` (breaking a stream its QEMU
+   * still thinks flows, over a dead link), then listens anew (migrate-recover). Returns the URI the
+   * source resumes to. Also after resume: the guest runs here and waits for its pages.
+   */
+  recoverPostcopy(signal: AbortSignal): Promise<string>;
   /** Stops the NBD exports and resumes the guest; from here on the guest lives on the destination. */
   resume(signal: AbortSignal): Promise<DestinationResumed>;
   /**
@@ -122,6 +128,10 @@ export interface SourceSide {
   waitMilestone(signal: AbortSignal): Promise<MigrationMilestone>;
   setDowntimeLimit(ms: number, signal: AbortSignal): Promise<void>;
   startPostcopy(signal: AbortSignal): Promise<void>;
+  /** Post-copy whose stream broke: makes sure this end is `postcopy-paused`, breaking a stream its QEMU still thinks flows. */
+  pausePostcopy(signal: AbortSignal): Promise<void>;
+  /** Continues a paused post-copy over a new connection to `uri` (DestinationSide.recoverPostcopy). */
+  resumePostcopy(uri: string, signal: AbortSignal): Promise<void>;
   /**
    * At pre-switchover: cancel every READY mirror so it drains in sync while the
    * images are still active, check each copied everything, drop the NBD targets.

@@ -82,6 +82,10 @@ function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: 
       await act('dst.resume', signal);
       return { resumedAtUs: stoppedAtUs + 350_000 };
     },
+    recoverPostcopy: async (signal) => {
+      await act('dst.recoverPostcopy', signal);
+      return 'tcp:127.0.0.1:2';
+    },
     fate: async (signal) => {
       await act('dst.fate', signal);
       return options.fate ?? 'never-ran';
@@ -104,6 +108,8 @@ function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: 
     },
     setDowntimeLimit: (_ms, signal) => act('src.setDowntimeLimit', signal),
     startPostcopy: (signal) => act('src.startPostcopy', signal),
+    pausePostcopy: (signal) => act('src.pausePostcopy', signal),
+    resumePostcopy: (_uri, signal) => act('src.resumePostcopy', signal),
     finishMirrors: async (signal) => {
       await act('src.finishMirrors', signal);
       return [{ diskId: 'root', bytesSent: 200 }];
@@ -417,9 +423,10 @@ test('a source whose agent cannot be reached for the rollback: unresolved, not f
 
 /**
  * Fake sides of a guest pre-copy cannot move: QEMU stops at pre-switchover only once post-copy was asked for, then
- * reports postcopy-active and `end` (completed, or postcopy-paused for a cut link).
+ * reports postcopy-active and `end` (completed, or postcopy-paused for a cut link). A resumed stream completes
+ * when `linkBack` (the link came back), and pauses again otherwise.
  */
-function postcopySides(options: Parameters<typeof fakeSides>[0] & { end?: MigrationMilestone } = {}) {
+function postcopySides(options: Parameters<typeof fakeSides>[0] & { end?: MigrationMilestone; linkBack?: boolean } = {}) {
   const sides = fakeSides(options);
   const { source, act } = sides;
   const queue: MigrationMilestone[] = [];
@@ -445,6 +452,10 @@ function postcopySides(options: Parameters<typeof fakeSides>[0] & { end?: Migrat
     }
   };
   source.migrationInfo = () => Promise.resolve({ status, ram: { ...ram, transferred: ram.transferred++ } });
+  source.resumePostcopy = async (_uri, signal) => {
+    await act('src.resumePostcopy', signal);
+    queue.push('postcopy-active', options.linkBack ? 'completed' : 'postcopy-paused');
+  };
   source.completedInfo = async (signal) => {
     await act('src.completedInfo', signal);
     return { info: { status: 'completed', downtime: 42, ram: { ...ram, remaining: 0, 'postcopy-requests': 7 } }, stoppedAtUs: 1_700_000_000_000_000, postcopyMs: 900 };
@@ -480,11 +491,23 @@ test('the post-copy phase is stored before the continue that lets QEMU start it'
   assert.ok(stored.includes(`postcopy-started@${calls.indexOf('src.continueSwitchover')}`), `stored ${stored.join(', ')}`);
 });
 
-test('a link cut during post-copy (QEMU postcopy-paused): unresolved, the source neither resumed nor retired, the destination kept', async () => {
+test('a link cut during post-copy that comes back: B listens anew, A resumes to it, and the migration completes', async () => {
+  const { calls, source, destination } = postcopySides({ end: 'postcopy-paused', linkBack: true });
+  const events: MigrationEvent[] = [];
+  const report = await runMigration({ spec, plan: plan(60, 'postcopy'), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'completed', report.error?.message);
+  assert.deepEqual(calls.filter((c) => /Postcopy|retire/.test(c)), ['src.startPostcopy', 'src.pausePostcopy', 'dst.recoverPostcopy', 'src.resumePostcopy', 'src.retire']);
+  const recovery = events.find((e) => e.type === 'escalation' && e.action === 'postcopy-recover');
+  assert.ok(recovery?.type === 'escalation' && /^post-copy paused on A before all of the guest's RAM reached B: recovering post-copy \(attempt 1 of 3\)/.test(recovery.detail), JSON.stringify(recovery));
+});
+
+test('a link cut during post-copy that stays down: after 3 recoveries unresolved, the source neither resumed nor retired, the destination kept', async () => {
   const { calls, source, destination } = postcopySides({ end: 'postcopy-paused', fate: 'guest-ran' });
   const stored: string[] = [];
-  const report = await runMigration({ spec, plan: plan(60, 'postcopy'), source, destination, pollIntervalMs: 1, recordPhase: (p) => Promise.resolve(void stored.push(p)) });
+  const events: MigrationEvent[] = [];
+  const report = await runMigration({ spec, plan: plan(60, 'postcopy'), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1, recordPhase: (p) => Promise.resolve(void stored.push(p)) });
   assert.equal(report.outcome, 'unresolved');
+  assert.equal(events.filter((e) => e.type === 'escalation' && e.action === 'postcopy-recover').length, 3);
   assert.equal(report.error?.code, 'VMF_UNRESOLVED');
   assert.match(report.error?.message ?? '', /post-copy paused on A before all of the guest's RAM reached B; post-copy had begun, so web's memory is split between A and B and A never runs it again/);
   assert.ok(!calls.some((c) => ['src.rollback', 'src.retire', 'dst.rollback'].includes(c)), calls.join(', '));

@@ -9,6 +9,7 @@ import { imageInfo } from '../../src/storage/local-pool.ts';
 import { hasCode } from '../../src/errors.ts';
 import { MigrationRig, type RigLayout } from '../support/migration-rig.ts';
 import { recordReliability } from '../support/reliability.ts';
+import { TcpRelay } from '../support/tcp-relay.ts';
 import type { MigrationEvent } from '../../src/migration/phases.ts';
 
 const guest = { mode: 'workload', spanMiB: 8 } as const;
@@ -241,6 +242,47 @@ test('post-copy moves a guest pre-copy cannot: B runs it while A is still postco
       ['preparing', 'mirroring', 'migrating', 'paused-at-switchover', 'postcopy-started', 'postcopy-active', 'resumed', 'source-retired', 'completed'],
     );
     assert.equal(rig.source.isAlive, false, 'the source QEMU retired');
+    const before = (await rig.waitForAcks(0)).acks;
+    await rig.waitForAcks(10, before);
+    const destinationSpec = rig.destination?.vm?.spec;
+    assert.ok(destinationSpec);
+    assert.doesNotMatch(await readFile(reportLogOf(destinationSpec), 'utf8'), /READY/, 'the guest rebooted on the destination');
+    const verify = await rig.verify(destinationSpec.disks);
+    assert.deepEqual(checkVerify(verify, (await rig.waitForAcks(0)).acks), []);
+  } finally {
+    await rig.cleanup.run();
+  }
+});
+
+test('a link cut during post-copy: both QEMUs pause, B listens anew, A resumes to it, and every acked record is intact', { timeout: 240_000 }, async () => {
+  const rig = await MigrationRig.start('pclink', { local: [{ id: 'local0', sizeMiB: 64 }], shared: [] }, { ...guest, dirtyMiB: 32, dirtyRateMiBs: 32 });
+  const relays: TcpRelay[] = [];
+  rig.cleanup.add('close the relays', () => Promise.all(relays.map((r) => r.close())));
+  try {
+    await rig.waitForAcks(10);
+    const plan = await rig.plan({ bandwidthMiBs: 8, ramMode: 'postcopy' });
+    const events: MigrationEvent[] = [];
+    let cutWhile: string | undefined;
+    const report = await rig.migrate(plan, {
+      memoryMismatchRetries: 0,
+      onEvent: (e) => events.push(e),
+      relay: async (uri) => {
+        const relay = await TcpRelay.start('127.0.0.1', Number(/:(\d+)$/.exec(uri)?.[1]));
+        relays.push(relay);
+        return `tcp:127.0.0.1:${relay.port}`;
+      },
+      beforePhase: async (phase) => {
+        if (phase !== 'postcopy-active') return;
+        cutWhile = (await rig.source.qmp('reading the migration', (qmp) => qmp.queryMigrate())).status;
+        relays[0]?.cut();
+      },
+    });
+    assert.equal(cutWhile, 'postcopy-active', 'the link was cut while RAM was still in flight');
+    assert.equal(report.outcome, 'completed', report.error?.message);
+    const recoveries = events.filter((e) => e.type === 'escalation' && e.action === 'postcopy-recover');
+    assert.ok(recoveries.length >= 1, 'the recovery is in the event stream');
+    assert.equal(relays.length, recoveries.length + 1, 'each recovery made a new connection');
+    assert.equal(rig.source.isAlive, false, 'the source QEMU retired once post-copy completed');
     const before = (await rig.waitForAcks(0)).acks;
     await rig.waitForAcks(10, before);
     const destinationSpec = rig.destination?.vm?.spec;
