@@ -11,6 +11,7 @@ import type { DestinationFacts, MigrationPlan, SourceFacts, CopyMode } from '../
 import type {
   DestinationResumed,
   DestinationSide,
+  IncomingRunnable,
   MigrationMilestone,
   MigrationSettings,
   MirrorStatus,
@@ -121,8 +122,16 @@ export class RemoteDestination implements DestinationSide {
     await this.#agent.request('POST', `${this.#path}/wait-incoming`, {}, { signal, timeoutMs: longWaitMs });
   }
 
+  async waitIncomingRunnable(signal: AbortSignal): Promise<IncomingRunnable> {
+    return (await this.#agent.request<{ runnable: IncomingRunnable }>('POST', `${this.#path}/wait-runnable`, {}, { signal, timeoutMs: longWaitMs })).runnable;
+  }
+
   memoryDigest(signal: AbortSignal): Promise<MemoryDigest> {
     return this.#agent.request('POST', `${this.#path}/memory-digest`, {}, { signal, timeoutMs: memoryDigestTimeoutMs });
+  }
+
+  async recoverPostcopy(signal: AbortSignal): Promise<string> {
+    return (await this.#agent.request<{ uri: string }>('POST', `${this.#path}/postcopy-recover`, {}, { signal, timeoutMs: 60_000 })).uri;
   }
 
   async resume(signal: AbortSignal): Promise<DestinationResumed> {
@@ -186,6 +195,14 @@ export class RemoteSource implements SourceSide {
 
   async startPostcopy(signal: AbortSignal): Promise<void> {
     await this.#agent.request('POST', `${this.#path}/postcopy`, {}, { signal });
+  }
+
+  async pausePostcopy(signal: AbortSignal): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/postcopy-pause`, {}, { signal, timeoutMs: 60_000 });
+  }
+
+  async resumePostcopy(uri: string, signal: AbortSignal): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/postcopy-resume`, { uri }, { signal });
   }
 
   finishMirrors(signal: AbortSignal): Promise<{ diskId: string; bytesSent: number }[]> {

@@ -75,6 +75,11 @@ export class MigrationSides {
    */
   readonly #endedDestinations = new Map<string, DestinationFate>();
   /**
+   * Destination halves resumed in post-copy, by migration id: the guest runs here (adopted) while its
+   * RAM still arrives, and a broken stream is recovered through them. Bounded as #endedDestinations.
+   */
+  readonly #postcopyDestinations = new Map<string, QemuDestination>();
+  /**
    * Source halves whose QEMU died with an earlier agent process (a power loss), by migration id: the
    * guest is gone from this host, its disks are not. The controller says what they are: an old copy
    * once the migration completed (retire deletes them), or the VM itself when it did not (rollback
@@ -204,6 +209,12 @@ export class MigrationSides {
     return this.useSource(id, (side) => side.startMirrors(targets, copyMode, bandwidthBytes, signal));
   }
 
+  /** Resumes a paused post-copy of the source half of `id`, refused unless `uri` is its plan's destination. */
+  resumePostcopy(id: string, uri: string, signal: AbortSignal): Promise<void> {
+    checkTargets(this.#destinationOf(id), { uri });
+    return this.useSource(id, (side) => side.resumePostcopy(uri, signal));
+  }
+
   /** Starts the RAM migration of the source half of `id`, refused unless `uri` is its plan's destination. */
   startMigration(id: string, uri: string, settings: MigrationSettings, signal: AbortSignal): Promise<void> {
     checkTargets(this.#destinationOf(id), { uri });
@@ -285,8 +296,16 @@ export class MigrationSides {
       await writeIncomingRecord(vmDir, { migration: id, phase: 'resumed', spec: vm.spec });
       this.#forgetDestination(id);
       this.#rememberEnded(id, 'guest-ran');
+      if (destination.inPostcopy) remember(this.#postcopyDestinations, id, destination);
       return resumed;
     });
+  }
+
+  /** Listens anew for the paused post-copy of `id`, before or after this half resumed; returns the URI. */
+  recoverDestinationPostcopy(id: string, signal: AbortSignal): Promise<string> {
+    const resumed = this.#postcopyDestinations.get(id);
+    if (resumed) return resumed.recoverPostcopy(signal);
+    return this.useDestination(id, (destination) => destination.recoverPostcopy(signal));
   }
 
   /** Whether the guest ran here (see no-return.ts); waits for a resume in progress. */
@@ -374,9 +393,7 @@ export class MigrationSides {
   }
 
   #rememberEnded(id: string, fate: DestinationFate): void {
-    this.#endedDestinations.set(id, fate);
-    const oldest = this.#endedDestinations.keys().next().value;
-    if (this.#endedDestinations.size > maxEndedDestinations && oldest !== undefined) this.#endedDestinations.delete(oldest);
+    remember(this.#endedDestinations, id, fate);
   }
 
   #forgetDestination(id: string): void {
@@ -444,6 +461,13 @@ export class MigrationSides {
 }
 
 const maxEndedDestinations = 4096;
+
+/** Adds to a map of ended halves, dropping the oldest beyond maxEndedDestinations. */
+function remember<T>(map: Map<string, T>, id: string, value: T): void {
+  map.set(id, value);
+  const oldest = map.keys().next().value;
+  if (map.size > maxEndedDestinations && oldest !== undefined) map.delete(oldest);
+}
 
 function sourceKey(id: string): string {
   return `source:${id}`;

@@ -163,6 +163,12 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     await sides.useDestination(request.params.id, (side) => side.waitIncomingCompleted(replySignal(reply)));
     return {};
   });
+  app.post('/v1/migrations/:id/destination/wait-runnable', { schema: { params } }, async (request, reply) => ({
+    runnable: await sides.useDestination(request.params.id, (side) => side.waitIncomingRunnable(replySignal(reply))),
+  }));
+  app.post('/v1/migrations/:id/destination/postcopy-recover', { schema: { params } }, async (request, reply) => ({
+    uri: await sides.recoverDestinationPostcopy(request.params.id, replySignal(reply)),
+  }));
   app.post('/v1/migrations/:id/destination/memory-digest', { schema: { params } }, (request, reply) =>
     sides.useDestination(request.params.id, (side) => side.memoryDigest(replySignal(reply))),
   );
@@ -218,6 +224,14 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   });
   app.post('/v1/migrations/:id/source/postcopy', { schema: { params } }, async (request, reply) => {
     await sides.useSource(request.params.id, (side) => side.startPostcopy(replySignal(reply)));
+    return {};
+  });
+  app.post('/v1/migrations/:id/source/postcopy-pause', { schema: { params } }, async (request, reply) => {
+    await sides.useSource(request.params.id, (side) => side.pausePostcopy(replySignal(reply)));
+    return {};
+  });
+  app.post('/v1/migrations/:id/source/postcopy-resume', { schema: { params, body: Type.Object({ uri: MigrateBody.properties.uri }, strict) } }, async (request, reply) => {
+    await sides.resumePostcopy(request.params.id, request.body.uri, replySignal(reply));
     return {};
   });
   app.post('/v1/migrations/:id/source/finish-mirrors', { schema: { params } }, (request, reply) =>

@@ -191,6 +191,9 @@ export interface QuarantineEntry {
  * reached QEMU's start before anything looked at it. Extra fields are allowed,
  * so the planner can add some without breaking agents of the previous version.
  */
+/** How RAM moves (src/migration/plan.ts RamMode). */
+export const RamModeSchema = Type.Union([Type.Literal('live'), Type.Literal('postcopy'), Type.Literal('stop-and-copy')]);
+
 export const MigrationPlanSchema = Type.Object({
   vm: name,
   from: Type.String({ minLength: 1, maxLength: 64 }),
@@ -214,6 +217,8 @@ export const MigrationPlanSchema = Type.Object({
     memoryMiB: Type.Integer({ minimum: 1 }),
     maxDowntimeMs: Type.Number({ exclusiveMinimum: 0 }),
     bandwidthMiBs: Type.Optional(Type.Number({ exclusiveMinimum: 0 })),
+    /** Absent from a controller of the previous version: `live`. The destination needs it to allow post-copy. */
+    mode: Type.Optional(RamModeSchema),
     allowPostcopy: Type.Boolean(),
   }),
   options: Type.Object({}),

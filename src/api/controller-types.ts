@@ -1,6 +1,6 @@
 /** Request bodies of the controller's API that its clients (the CLI, the demo) build too. */
 import { Type, type Static } from '@sinclair/typebox';
-import { VmNameParamsSchema } from './agent-types.ts';
+import { RamModeSchema, VmNameParamsSchema } from './agent-types.ts';
 
 export const MigrateRequestSchema = Type.Object(
   {
@@ -11,6 +11,8 @@ export const MigrateRequestSchema = Type.Object(
     maxDowntimeMs: Type.Optional(Type.Integer({ minimum: 1, maximum: 60_000 })),
     timeoutS: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 7 * 24 * 3600 })),
     stallTimeoutS: Type.Optional(Type.Number({ minimum: 1, maximum: 24 * 3600 })),
+    ramMode: Type.Optional(RamModeSchema),
+    /** `ramMode` live, switching to post-copy when pre-copy stops converging. */
     allowPostcopy: Type.Optional(Type.Boolean()),
     keepSource: Type.Optional(Type.Boolean()),
     copyMode: Type.Optional(Type.Union([Type.Literal('background'), Type.Literal('write-blocking')])),

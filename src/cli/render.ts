@@ -17,8 +17,9 @@ export function renderPlan(plan: MigrationPlan): string {
   ]);
   const ramHow = [
     `pre-copy, downtime limit ${plan.ram.downtimeLimitsMs.join(' → ')} ms`,
-    ...(plan.ram.allowPostcopy ? ['post-copy allowed'] : []),
-    ...(plan.ram.compareMemory ? ['both ends compared before B runs (TCG)'] : []),
+    ...(plan.ram.mode === 'postcopy' ? [`after the first pass post-copy: the guest runs on ${plan.to} while the rest of RAM follows, and ${plan.from} never runs it again`] : []),
+    ...(plan.ram.allowPostcopy ? ['post-copy if it does not converge'] : []),
+    ...(plan.ram.compareMemory ? [`both ends compared before B runs (TCG)${plan.ram.mode === 'postcopy' ? ', unless post-copy starts first' : ''}`] : []),
   ].join(', ');
   rows.push(['(RAM)', 'memory', 'migrate', `${plan.ram.memoryMiB} MiB`, `≤ ${plan.ram.memoryMiB} MiB`, ramHow]);
   const lines = [`Plan: ${plan.vm} from ${plan.from} to ${plan.to}`, table(['disk', 'kind', 'operation', 'size', 'to copy', 'why'], rows)];
@@ -36,6 +37,7 @@ export function renderReport(report: MigrationReport): string {
   if (report.error) lines.push(`  reason: ${report.error.message} [${report.error.code}]`);
   if (report.recovery && report.outcome === 'completed') lines.push(`  settled after a restart: ${report.recovery}`);
   if (report.ram.memoryCompared) lines.push('  guest memory identical at both ends before the destination ran (checked: TCG guest)');
+  if (report.ram.postcopyWhy !== undefined) lines.push(`  ${postcopyLine(report)}`);
   if (attempts.length > 1) {
     attempts.forEach((a, i) => {
       const ended = a.error ? `${a.outcome} (${a.error.code})` : a.outcome;
@@ -72,6 +74,16 @@ export function renderReport(report: MigrationReport): string {
     ]),
   );
   return lines.join('\n');
+}
+
+/** Post-copy in one line: why, how long the destination ran the guest while RAM arrived, and what that means for the memory comparison. */
+function postcopyLine(report: MigrationReport): string {
+  const { postcopyWhy, postcopyMs, postcopyRequests } = report.ram;
+  const ran =
+    postcopyMs === undefined
+      ? 'its length was not measured'
+      : `${report.to} ran the guest for ${postcopyMs} ms while the rest of RAM arrived${postcopyRequests === undefined ? '' : ` (${postcopyRequests} pages asked for on demand)`}`;
+  return `post-copy: ${postcopyWhy}; ${ran}; memory not compared (still in flight when ${report.to} started)`;
 }
 
 /** A figure that was not measured says so, rather than showing a number. */

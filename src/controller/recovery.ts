@@ -12,16 +12,33 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { RemoteDestination, RemoteSource } from '../agent/client.ts';
 import { describeError, hasCode } from '../errors.ts';
-import { resumeMayHaveBeenSent, settlement, type DestinationFate } from '../migration/no-return.ts';
+import { postcopyMayHaveBegun, resumeMayHaveBeenSent, settlement, type DestinationFate, type PostcopyRam } from '../migration/no-return.ts';
 import type { MigrationPhase, MigrationReport } from '../migration/phases.ts';
+import type { DestinationSide, SourceSide } from '../migration/sides.ts';
 import type { MigrationRecord, Store } from '../store/store.ts';
 import type { Inventory } from './inventory.ts';
 import { timeoutSignal } from '../util/abort.ts';
+
+/** What settling a migration asks of its two halves: the agents' (RemoteSource, RemoteDestination), or a test's. */
+export interface SettlingHalves {
+  source: Pick<SourceSide, 'hostId' | 'migrationInfo' | 'retire' | 'rollback'>;
+  destination: Pick<DestinationSide, 'hostId' | 'fate' | 'resume' | 'rollback'>;
+}
+
+/** The halves of a migration on its hosts' agents. */
+async function agentHalves(record: MigrationRecord, inventory: Inventory): Promise<SettlingHalves> {
+  return {
+    source: new RemoteSource(record.from, await inventory.agent(record.from), record.id),
+    destination: new RemoteDestination(record.to, await inventory.agent(record.to), record.id),
+  };
+}
 
 /** Between two attempts to settle a migration whose hosts do not answer yet (restarting, cut off). */
 const retryGapMs = 2_000;
 /** The destination first waits for a resume still in progress before it answers. */
 const fateTimeoutMs = 90_000;
+/** As the executor's: a few QMP commands and a lease grant. */
+const resumeTimeoutMs = 60_000;
 
 /** Never rejects: a migration it cannot settle is logged and retried until `signal` aborts. */
 export async function settleUnfinishedMigrations(store: Store, inventory: Inventory, logger: Logger, signal: AbortSignal): Promise<void> {
@@ -39,13 +56,21 @@ export async function settleUnfinishedMigrations(store: Store, inventory: Invent
  * Settles one migration, asking again every few seconds while a host does not
  * answer; resolves once it is completed or failed, or when `signal` aborts.
  */
-export async function settleUntilDone(id: string, store: Store, inventory: Inventory, logger: Logger, signal: AbortSignal, why: string): Promise<void> {
+export async function settleUntilDone(
+  id: string,
+  store: Store,
+  inventory: Inventory,
+  logger: Logger,
+  signal: AbortSignal,
+  why: string,
+  halves: (record: MigrationRecord) => Promise<SettlingHalves> = (record) => agentHalves(record, inventory),
+): Promise<void> {
   let lastProblem = '';
   while (!signal.aborted) {
     const record = await store.getMigration(id).catch(() => undefined);
     const log = logger.child({ migration: id, vm: record?.vm });
     try {
-      if (record) await settle(record, store, inventory, log, why, signal);
+      if (record) await settle(record, store, await halves(record), log, why, signal);
       return;
     } catch (err) {
       const problem = describeError(err);
@@ -75,11 +100,11 @@ export async function retireUntilDone(record: MigrationRecord, inventory: Invent
   }
 }
 
-async function settle(record: MigrationRecord, store: Store, inventory: Inventory, logger: Logger, why: string, signal: AbortSignal): Promise<void> {
-  const source = new RemoteSource(record.from, await inventory.agent(record.from), record.id);
-  const destination = new RemoteDestination(record.to, await inventory.agent(record.to), record.id);
+async function settle(record: MigrationRecord, store: Store, { source, destination }: SettlingHalves, logger: Logger, why: string, signal: AbortSignal): Promise<void> {
   const phase = record.phase;
   const interrupted = `${why} while the migration was ${phase}`;
+  // An unresolved migration's report keeps the phases it went through: `unresolved` alone does not say whether post-copy began.
+  const postcopy = postcopyMayHaveBegun([...(record.report?.phases.map((p) => p.phase) ?? []), phase]);
 
   let fate: DestinationFate | undefined;
   let fateUnknown = '';
@@ -90,12 +115,23 @@ async function settle(record: MigrationRecord, store: Store, inventory: Inventor
       fateUnknown = describeError(err);
     }
   }
-  const decision = settlement(phase, fate);
+  const sourceRam = postcopy ? await postcopyRam(source, signal) : undefined;
+  const decision = settlement(phase, fate, sourceRam);
   if (decision === 'wait') {
-    if (phase !== 'unresolved') await markUnresolved(store, record, `${interrupted}; ${record.to} could not say whether the guest ran there: ${fateUnknown}`);
-    throw new Error(`${record.to} could not say whether the guest ran there: ${fateUnknown}`);
+    const problem = postcopy
+      ? `post-copy had begun, so ${record.vm}'s memory is split between ${record.from} and ${record.to} and ${record.from} never runs it again; ` +
+        (sourceRam === 'completed'
+          ? `${record.from} sent all of its RAM, but ${record.to} ${fate === undefined ? `could not say whether the guest is there: ${fateUnknown}` : 'has no QEMU of this migration alive'}`
+          : `the RAM migration has not completed on ${record.from}, which still holds pages ${record.to} needs`)
+      : `${record.to} could not say whether the guest ran there: ${fateUnknown}`;
+    if (phase !== 'unresolved') await markUnresolved(store, record, `${interrupted}; ${problem}`, postcopy);
+    throw new Error(problem);
   }
-  if (decision === 'finish') {
+  if (decision === 'resume-destination') {
+    // Post-copy delivered every page to a destination that was never continued: the guest can only run there.
+    await destination.resume(AbortSignal.any([signal, timeoutSignal(`the resume on ${destination.hostId}`, resumeTimeoutMs)]));
+  }
+  if (decision === 'finish' || decision === 'resume-destination') {
     // The guest ran on the destination: from here on the source must never run again.
     await source.retire(record.plan.options.keepSource).catch((err: unknown) => {
       if (!hasCode(err, 'VMF_NOT_FOUND')) throw err;
@@ -120,9 +156,20 @@ async function settle(record: MigrationRecord, store: Store, inventory: Inventor
   logger.info(`migration ${record.id} rolled back: ${record.vm} runs on ${record.from}`);
 }
 
-async function markUnresolved(store: Store, record: MigrationRecord, message: string): Promise<void> {
+/** Whether the source's RAM migration completed, once post-copy may have begun; a source that cannot say has not. */
+async function postcopyRam(source: SettlingHalves['source'], signal: AbortSignal): Promise<PostcopyRam> {
+  const info = await source.migrationInfo(AbortSignal.any([signal, timeoutSignal(`asking ${source.hostId} how far post-copy got`, 10_000)])).catch(() => undefined);
+  return info?.status === 'completed' ? 'completed' : 'not-completed';
+}
+
+async function markUnresolved(store: Store, record: MigrationRecord, message: string, postcopy: boolean): Promise<void> {
   const report = emptyReport(record, 'unresolved', message);
-  report.error = { code: 'VMF_UNRESOLVED', message: `${message}. ${record.vm} stays paused on ${record.from}; vmferry keeps asking ${record.to}` };
+  // The phase it was in stays in the report: the next settle reads from it whether post-copy began.
+  report.phases = [{ phase: record.phase, startedAt: record.updatedAt, durationMs: Date.now() - record.updatedAt }];
+  const where = postcopy
+    ? `${record.from} stays paused with the pages ${record.to} still needs and never runs the guest again; ${record.to}'s QEMU is kept; vmferry keeps asking both`
+    : `${record.vm} stays paused on ${record.from}; vmferry keeps asking ${record.to}`;
+  report.error = { code: 'VMF_UNRESOLVED', message: `${message}. ${where}` };
   await store.appendEvent(record.id, { type: 'phase', phase: 'unresolved', at: Date.now() });
   await store.updateMigration(record.id, { phase: 'unresolved', report });
 }

@@ -9,6 +9,12 @@
  *   5. resume on the destination (the point of no return), retire the source
  *   6. report
  *
+ * In post-copy (RamMode `postcopy`, or a switch to it) steps 4 and 5 differ:
+ * the mirrors drain at pre-switchover as before, then the source continues
+ * into post-copy (from here on it never runs again), the destination resumes
+ * as soon as its device state is loaded, and the rest of RAM follows while
+ * the guest runs there; the source retires once it reports completed.
+ *
  * Each phase is recorded (durably, by the controller) before its step acts.
  * A failure or a cancel before the resume was sent rolls back, destination
  * first: the VM keeps running on the source as before and nothing is left on
@@ -27,9 +33,10 @@ import { Deadline, abortError, timeoutSignal } from '../util/abort.ts';
 import { StallWatch } from './stall-watch.ts';
 import { ConvergenceWatch } from './convergence.ts';
 import { finalPhases, type MigrationEvent, type MigrationPhase, type MigrationReport, type PhaseTiming, type RamProgress } from './phases.ts';
-import type { MigrationPlan } from './plan.ts';
+import { formatBytes, type MigrationPlan } from './plan.ts';
 import type { DestinationSide, MigrationMilestone, SourceCompletion, SourceSide } from './sides.ts';
-import { resumeMayHaveBeenSent, settlement, type DestinationFate } from './no-return.ts';
+import { postcopyMayHaveBegun, resumeMayHaveBeenSent, settlement, type DestinationFate, type PostcopyRam } from './no-return.ts';
+import { PostcopySwitch, postcopyCapable } from './postcopy.ts';
 
 export interface RunMigrationInput {
   spec: VmSpec;
@@ -59,6 +66,9 @@ const minPollGapMs = 10;
 const resumeTimeoutMs = 60_000;
 /** Asking the destination whether its guest ran; it first waits for a resume still in progress. */
 const fateTimeoutMs = 90_000;
+/** Recoveries of a broken post-copy stream per attempt; after one that failed (the link may still be down) the next waits this many progress polls. */
+const postcopyRecoveries = 3;
+const postcopyRecoveryGapPolls = 20;
 
 /** Phase changes with their timestamps, emitted as they happen. */
 class Timeline {
@@ -110,7 +120,8 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
   const deadline = new Deadline(`migration of ${plan.vm} to ${plan.to}`, plan.options.timeoutS * 1000, input.signal);
   const signal = deadline.signal;
   const bytesSent = new Map<string, number>();
-  const figures: Figures = { info: {}, throttlePercent: 0, stoppedAtUs: null, pauseMs: undefined };
+  const figures: Figures = { info: {}, throttlePercent: 0, stoppedAtUs: null, pauseMs: undefined, memoryCompared: false };
+  const postcopy = new PostcopySwitch(source, emit);
   /** The source's final figures, asked for as soon as its RAM migration completed. */
   let completion: Promise<SourceCompletion | undefined> | undefined;
   // What a rollback has to undo: set before the step that touches it acts, so a half-done step is undone too. The
@@ -131,6 +142,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
     if (completed) {
       figures.info = completed.info;
       figures.stoppedAtUs = completed.stoppedAtUs;
+      figures.postcopyMs = completed.postcopyMs;
     }
     figures.pauseMs = pauseBetween(figures.stoppedAtUs, resumedAtUs, logger);
     try {
@@ -140,7 +152,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       logger?.error({ err: describeError(err) }, `source ${source.hostId} did not retire cleanly; the guest runs on ${destination.hostId}`);
     }
     await record('completed');
-    const done = report(plan, timeline, 'completed', bytesSent, figures, undefined);
+    const done = report(plan, timeline, 'completed', bytesSent, figures, undefined, postcopy.why);
     if (recovery) done.recovery = recovery;
     return done;
   };
@@ -166,12 +178,12 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       {
         maxBandwidthBytes: bandwidthBytes,
         downtimeLimitMs: plan.ram.downtimeLimitsMs[0] ?? plan.ram.maxDowntimeMs,
-        allowPostcopy: plan.ram.allowPostcopy,
+        allowPostcopy: postcopyCapable(plan.ram),
         tls: prepared.tls,
       },
       signal,
     );
-    const milestone = await convergeRam(source, plan, prepared.mirrorTargets.length > 0, pollMs, signal, emit, (info) => {
+    const milestone = await convergeRam(source, plan, postcopy, prepared.mirrorTargets.length > 0, pollMs, signal, emit, (info) => {
       figures.info = info;
       figures.throttlePercent = Math.max(figures.throttlePercent, info['cpu-throttle-percentage'] ?? 0);
     });
@@ -181,9 +193,24 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
 
     // 4. Switch over: mirrors drain in sync while the images are still active, then the rest of RAM moves.
     await enter('paused-at-switchover');
+    for (const { diskId, bytesSent: sent } of await source.finishMirrors(signal)) bytesSent.set(diskId, sent);
+    if (postcopy.why !== undefined) {
+      // 4-5 in post-copy. Stored before the continue: from there QEMU inactivates the source's images and sends the device
+      // state, the destination may run the guest before all of its RAM is there, and the source never runs again.
+      // Neither a cancel nor the deadline interrupts what follows, only a stall.
+      await enter('postcopy-started');
+      await source.continueSwitchover(timeoutSignal(`continuing into post-copy on ${source.hostId}`, resumeTimeoutMs));
+      // The memory comparison cannot run: the destination starts before its RAM is complete.
+      await destination.waitIncomingRunnable(timeoutSignal(`${destination.hostId} loading the guest's device state for post-copy`, resumeTimeoutMs));
+      const { resumedAtUs } = await destination.resume(timeoutSignal(`the resume on ${destination.hostId}`, resumeTimeoutMs));
+      await enter('postcopy-active');
+      await followPostcopy(source, destination, plan, pollMs, emit, logger, (info) => (figures.info = info));
+      completion = readCompletion(source, logger);
+      await record('resumed');
+      return await finish(undefined, resumedAtUs);
+    }
     let sourceDigest: PendingDigest | undefined;
     try {
-      for (const { diskId, bytesSent: sent } of await source.finishMirrors(signal)) bytesSent.set(diskId, sent);
       await source.continueSwitchover(signal);
       // The source's RAM is final (its vCPUs stopped at pre-switchover): its digest runs while the rest of the
       // RAM moves and is ready before the destination's. Started earlier it would compete with the mirrors'
@@ -192,7 +219,10 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       await destination.waitIncomingCompleted(signal);
       // Read while the memory is compared, off the pause's path: the figures, and when the guest stopped.
       completion = readCompletion(source, logger);
-      if (sourceDigest) await compareMemory(sourceDigest, destination, signal);
+      if (sourceDigest) {
+        await compareMemory(sourceDigest, destination, signal);
+        figures.memoryCompared = true;
+      }
     } finally {
       sourceDigest?.abandon();
     }
@@ -215,9 +245,10 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       record(phase).catch((recordErr: unknown) => logger?.error({ err: describeError(recordErr) }, `could not record phase ${phase}`));
     const unresolved = async (why: string): Promise<MigrationReport> => {
       await recordQuietly('unresolved');
-      return report(plan, timeline, 'unresolved', bytesSent, figures, { code: 'VMF_UNRESOLVED', message: `${failure.message}; ${why}` });
+      return report(plan, timeline, 'unresolved', bytesSent, figures, { code: 'VMF_UNRESOLVED', message: `${failure.message}; ${why}` }, postcopy.why);
     };
 
+    const postcopyBegan = postcopyMayHaveBegun(timeline.phases.map((p) => p.phase));
     let fate: DestinationFate | undefined;
     let fateUnknown = '';
     if (resumeMayHaveBeenSent(faultPhase)) {
@@ -227,11 +258,24 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
         fateUnknown = describeError(fateErr);
       }
     }
-    const decision = settlement(faultPhase, fate);
+    const sourceRam = postcopyBegan ? await postcopyRam(source) : undefined;
+    let decision = settlement(faultPhase, fate, sourceRam);
+    let resumedAtUs: number | null = null;
+    if (decision === 'resume-destination') {
+      // Post-copy had delivered every page before the fault, to a destination not continued yet: the guest can only run there.
+      try {
+        ({ resumedAtUs } = await destination.resume(timeoutSignal(`the resume on ${destination.hostId}`, resumeTimeoutMs)));
+        decision = 'finish';
+      } catch (resumeErr) {
+        fateUnknown = `resuming it there failed: ${describeError(resumeErr)}`;
+        decision = 'wait';
+      }
+    }
     if (decision === 'finish') {
       await recordQuietly('resumed');
-      return await finish(`${describeError(cause)}; ${destination.hostId} then confirmed that the guest runs there`);
+      return await finish(`${describeError(cause)}; ${destination.hostId} then confirmed that the guest runs there`, resumedAtUs);
     }
+    if (decision === 'wait' && postcopyBegan) return await unresolved(postcopyUnfinished(plan, fate, fateUnknown));
     if (decision === 'wait') return await unresolved(destinationUnknown(plan, `${destination.hostId} could not say whether the guest ran there: ${fateUnknown}`));
 
     // Destination first: its QEMU killed and reaped, so the source can never run beside it.
@@ -262,7 +306,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
     if (completed) figures.info = completed.info;
     timeline.enter(cancelled ? 'cancelled' : 'failed');
     const undoText = undoFailures.length ? `; rollback problems: ${undoFailures.join('; ')}` : '';
-    return report(plan, timeline, cancelled ? 'cancelled' : 'failed', bytesSent, figures, { code, message: `${failure.message}${undoText}` });
+    return report(plan, timeline, cancelled ? 'cancelled' : 'failed', bytesSent, figures, { code, message: `${failure.message}${undoText}` }, postcopy.why);
   } finally {
     deadline.dispose();
   }
@@ -275,6 +319,16 @@ interface Figures {
   throttlePercent: number;
   stoppedAtUs: number | null;
   pauseMs: number | undefined;
+  /** Both ends' memory was found identical before the destination ran. */
+  memoryCompared: boolean;
+  /** SourceCompletion.postcopyMs. */
+  postcopyMs?: number;
+}
+
+/** Whether the source's RAM migration completed, once post-copy may have begun; anything but QEMU's word for it is not. */
+async function postcopyRam(source: SourceSide): Promise<PostcopyRam> {
+  const info = await source.migrationInfo(timeoutSignal(`asking ${source.hostId} how far post-copy got`, 10_000)).catch(() => undefined);
+  return info?.status === 'completed' ? 'completed' : 'not-completed';
 }
 
 /** The source's final figures; undefined (logged) when they cannot be read: they are not worth failing a migration for. */
@@ -292,6 +346,15 @@ function pauseBetween(stoppedAtUs: number | null, resumedAtUs: number | null, lo
   if (pauseMs >= 0) return pauseMs;
   logger?.warn({ stoppedAtUs, resumedAtUs }, "the destination resumed before the source stopped by the hosts' clocks: they are out of step, so the pause is not reported");
   return undefined;
+}
+
+function postcopyUnfinished(plan: MigrationPlan, fate: DestinationFate | undefined, fateUnknown: string): string {
+  const there = fate === 'guest-ran' ? 'the guest ran there and waits for its pages' : fate === 'never-ran' ? 'the guest is there, never continued' : `it could not say where the guest is (${fateUnknown || 'no answer'})`;
+  return (
+    `post-copy had begun, so ${plan.vm}'s memory is split between ${plan.from} and ${plan.to} and ${plan.from} never runs it again. ` +
+    `${plan.to}'s QEMU is kept (${there}); ${plan.from}'s QEMU stays paused with the pages ${plan.to} has not received. ` +
+    `vmferry keeps asking and finishes the migration once ${plan.from} reports its RAM migration completed`
+  );
 }
 
 function destinationUnknown(plan: MigrationPlan, why: string): string {
@@ -384,6 +447,7 @@ async function waitMirrorsReady(
 async function convergeRam(
   source: SourceSide,
   plan: MigrationPlan,
+  postcopy: PostcopySwitch,
   mirroring: boolean,
   pollMs: number,
   signal: AbortSignal,
@@ -407,14 +471,101 @@ async function convergeRam(
     const ram = ramProgress(info);
     if (ram) emit({ type: 'ram', ram });
     stall.observe(ram?.transferredBytes ?? 0);
+    // As libvirt's --postcopy-after-precopy: QEMU counts a pass done when it syncs the dirty bitmap for the next one.
+    if (plan.ram.mode === 'postcopy' && ram && ram.iteration >= 2) {
+      await postcopy.request(
+        `post-copy mode: the first pass of pre-copy is done (${formatBytes(ram.transferredBytes)} sent, ${formatBytes(ram.remainingBytes)} still to send); ${plan.to} takes over the guest and pulls the rest`,
+        signal,
+      );
+    }
     const escalation = watch.observe(info);
     if (escalation?.action === 'downtime-limit') {
       emit({ type: 'escalation', action: 'downtime-limit', detail: `not converging: downtime limit raised to ${escalation.downtimeLimitMs} ms` });
       await source.setDowntimeLimit(escalation.downtimeLimitMs, signal);
     } else if (escalation?.action === 'postcopy') {
-      emit({ type: 'escalation', action: 'postcopy', detail: 'not converging at the largest downtime limit: switching to post-copy' });
-      await source.startPostcopy(signal);
+      await postcopy.request('not converging at the largest downtime limit: switching to post-copy', signal);
     }
+  }
+}
+
+/**
+ * Post-copy once the destination runs the guest, until the source reports completed. Neither a
+ * cancel nor the deadline stops this (the guest's memory is split). A broken stream (a cut link:
+ * QEMU's `postcopy-paused`, or no RAM byte moving for the stall timeout) is recovered as QEMU
+ * allows, a bounded number of times, each in the event stream: both ends paused, the destination
+ * listening anew (migrate-recover), the source resuming to it. Past that the error stands, and the
+ * migration is unresolved (no-return.ts).
+ */
+async function followPostcopy(
+  source: SourceSide,
+  destination: DestinationSide,
+  plan: MigrationPlan,
+  pollMs: number,
+  emit: (event: MigrationEvent) => void,
+  logger: Logger | undefined,
+  remember: (info: MigrationInfo) => void,
+): Promise<void> {
+  for (let recoveries = 0; ; recoveries++) {
+    try {
+      await followPostcopyStream(source, plan, pollMs, emit, remember);
+      return;
+    } catch (broken) {
+      if (!hasCode(broken, 'VMF_MIGRATION_FAILED') || recoveries >= postcopyRecoveries) throw broken;
+      emit({
+        type: 'escalation',
+        action: 'postcopy-recover',
+        detail: `${describeError(broken)}: recovering post-copy (attempt ${recoveries + 1} of ${postcopyRecoveries}): ${destination.hostId} listens anew, ${source.hostId} resumes the stream`,
+      });
+    }
+    try {
+      const signal = timeoutSignal(`recovering post-copy between ${source.hostId} and ${destination.hostId}`, resumeTimeoutMs);
+      await source.pausePostcopy(signal);
+      await source.resumePostcopy(await destination.recoverPostcopy(signal), signal);
+    } catch (err) {
+      // The link may still be down: the next look finds the stream paused again, and tries again after a gap.
+      logger?.warn({ err: describeError(err) }, 'recovering post-copy failed');
+      await sleep(postcopyRecoveryGapPolls * pollMs);
+    }
+  }
+}
+
+/** Follows one post-copy stream until the source reports completed; rejects (VMF_MIGRATION_FAILED) when it paused, failed or stalled. */
+async function followPostcopyStream(
+  source: SourceSide,
+  plan: MigrationPlan,
+  pollMs: number,
+  emit: (event: MigrationEvent) => void,
+  remember: (info: MigrationInfo) => void,
+): Promise<void> {
+  const stall = new StallWatch('the post-copy RAM migration', plan.options.stallTimeoutS);
+  const done = new AbortController();
+  const signal = done.signal;
+  let completed = false;
+  // Only `completed` is taken from the events: whether the stream broke is asked each time, since the
+  // event of a break already recovered may still be queued.
+  const watch = (async () => {
+    for (let next = await source.waitMilestone(signal); next !== 'completed'; next = await source.waitMilestone(signal)) {
+      // Paused or failed: the progress query says so, with QEMU's reason.
+    }
+    completed = true;
+  })();
+  watch.catch(() => undefined);
+  try {
+    for (;;) {
+      await Promise.race([watch, sleep(pollMs, undefined, { signal })]);
+      if (completed) return;
+      const info = await stall.read((s) => source.migrationInfo(s), signal);
+      const { status } = info;
+      if (status === 'postcopy-paused' || status === 'failed' || status === 'cancelled') {
+        throw new VmferryError('VMF_MIGRATION_FAILED', `post-copy ${status === 'postcopy-paused' ? 'paused' : `ended as "${status}"`} on ${source.hostId} before all of the guest's RAM reached ${plan.to}${info['error-desc'] ? `: ${info['error-desc']}` : ''}`);
+      }
+      remember(info);
+      const ram = ramProgress(info);
+      if (ram) emit({ type: 'ram', ram });
+      stall.observe(ram?.transferredBytes ?? 0);
+    }
+  } finally {
+    done.abort();
   }
 }
 
@@ -425,6 +576,7 @@ function report(
   bytesSent: Map<string, number>,
   figures: Figures,
   error: MigrationReport['error'],
+  postcopyWhy: string | undefined,
 ): MigrationReport {
   const { info } = figures;
   const result: MigrationReport = {
@@ -443,8 +595,11 @@ function report(
       transferredBytes: info.ram?.transferred ?? 0,
       totalBytes: info.ram?.total ?? 0,
       passes: info.ram?.['dirty-sync-count'] ?? 0,
-      memoryCompared: outcome === 'completed' && plan.ram.compareMemory,
+      memoryCompared: outcome === 'completed' && figures.memoryCompared,
       throttlePercent: figures.throttlePercent,
+      ...(postcopyWhy === undefined ? {} : { postcopyWhy }),
+      ...(figures.postcopyMs === undefined ? {} : { postcopyMs: figures.postcopyMs }),
+      ...(postcopyWhy !== undefined && info.ram?.['postcopy-requests'] !== undefined ? { postcopyRequests: info.ram['postcopy-requests'] } : {}),
     },
     phases: timeline.phases,
     totalMs: Date.now() - timeline.startedAt,

@@ -55,6 +55,20 @@ export const migrationSteps = [
     final: false,
   },
   {
+    phase: 'postcopy-started',
+    step: "post-copy only, **its point of no return** — A: `migrate-continue` into post-copy (images inactivated, device state sent); B: incoming `postcopy-active`, then resumed as at `resume-sent`",
+    undo: 'nothing: the guest\'s RAM is split between the hosts, so A never runs again (no-return.ts); a fault waits (unresolved) until A completes',
+    pastNoReturn: true,
+    final: false,
+  },
+  {
+    phase: 'postcopy-active',
+    step: 'post-copy only — the guest runs on B, which pulls the rest of its RAM from A; a broken stream is recovered (`migrate-recover`, `migrate resume=true`)',
+    undo: 'nothing (as `postcopy-started`)',
+    pastNoReturn: true,
+    final: false,
+  },
+  {
     phase: 'resume-sent',
     step: "**the point of no return** — B: exports stopped, shared volumes' writer lease claimed, `cont`, the NICs announced (`announce-self`)",
     undo: 'only the rule of no-return.ts: finish if B ran the guest, roll back once B confirmed it did not and its QEMU is gone, else wait (unresolved)',
@@ -114,7 +128,7 @@ export type MigrationEvent =
   | { type: 'phase'; phase: MigrationPhase; at: number }
   | { type: 'disks'; disks: DiskProgress[] }
   | { type: 'ram'; ram: RamProgress }
-  | { type: 'escalation'; action: 'downtime-limit' | 'postcopy' | 'retry'; detail: string };
+  | { type: 'escalation'; action: 'downtime-limit' | 'postcopy' | 'postcopy-recover' | 'retry'; detail: string };
 
 export interface PhaseTiming {
   phase: MigrationPhase;
@@ -171,6 +185,12 @@ export interface MigrationReport {
     memoryCompared: boolean;
     /** The highest auto-converge CPU throttle QEMU reported in the progress samples (percent; 0: never throttled). */
     throttlePercent?: number;
+    /** Why the migration switched to post-copy, when it did (the memory comparison cannot run then: RAM is still in flight when the destination starts). */
+    postcopyWhy?: string;
+    /** How long the destination ran the guest while pulling the rest of RAM: the source QEMU's `postcopy-active` to its `completed`, by its event timestamps. */
+    postcopyMs?: number;
+    /** Pages the destination asked the source for during post-copy (its guest touched them first): QEMU's `postcopy-requests`. */
+    postcopyRequests?: number;
   };
   /** The last attempt's phases. */
   phases: PhaseTiming[];

@@ -11,6 +11,17 @@ import type { DiskSpec, NbdServerAddress, VmSpec } from '../qemu/spec.ts';
 
 export type CopyMode = 'background' | 'write-blocking';
 
+/**
+ * How RAM moves (docs/ARCHITECTURE.md):
+ * - `live`: pre-copy while the guest runs, the guest paused only for the last pass;
+ * - `postcopy`: pre-copy for one pass, then the destination runs the guest while
+ *   it pulls the rest of RAM from the source (src/migration/postcopy.ts);
+ * - `stop-and-copy`: the guest paused for the whole RAM phase (disks still mirrored live before it).
+ */
+export type RamMode = 'live' | 'postcopy' | 'stop-and-copy';
+
+export const ramModes: readonly RamMode[] = ['live', 'postcopy', 'stop-and-copy'];
+
 export interface MigrationOptions {
   /** Cap on RAM and mirror bandwidth, in MiB/s; unlimited when absent. */
   bandwidthMiBs?: number;
@@ -20,7 +31,9 @@ export interface MigrationOptions {
   timeoutS: number;
   /** Give up (and roll back) when neither the mirrors nor RAM moved a byte for this many seconds: a cut link, a hung peer. */
   stallTimeoutS: number;
-  /** Switch to post-copy when pre-copy does not converge. */
+  /** How RAM moves. */
+  ramMode: RamMode;
+  /** In `live` mode: switch to post-copy when pre-copy does not converge (`--allow-postcopy`). */
   allowPostcopy: boolean;
   /** Keep the source's local disk files after success instead of deleting them. */
   keepSource: boolean;
@@ -48,6 +61,7 @@ export const defaultMigrationOptions: MigrationOptions = {
   maxDowntimeMs: 300,
   timeoutS: 600,
   stallTimeoutS: 30,
+  ramMode: 'live',
   allowPostcopy: false,
   keepSource: false,
   copyMode: 'write-blocking',
@@ -142,6 +156,9 @@ export interface MigrationPlan {
      */
     downtimeLimitsMs: number[];
     bandwidthMiBs: number | undefined;
+    /** How RAM moves (RamMode); `postcopy` switches after the first pass of pre-copy. */
+    mode: RamMode;
+    /** In `live` mode: pre-copy that stops converging switches to post-copy (the last step of its escalation). */
     allowPostcopy: boolean;
     /**
      * Compare the guest's memory on both ends before the destination runs. Set
@@ -277,6 +294,7 @@ export function planMigration(
       maxDowntimeMs: options.maxDowntimeMs,
       downtimeLimitsMs: source.accelerator === 'tcg' ? [options.maxDowntimeMs] : downtimeSteps(options.maxDowntimeMs),
       bandwidthMiBs: options.bandwidthMiBs,
+      mode: options.ramMode,
       allowPostcopy: options.allowPostcopy,
       compareMemory: source.accelerator === 'tcg' && spec.memoryMiB <= memoryDigestMaxMiB,
     },

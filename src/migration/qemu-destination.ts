@@ -5,6 +5,7 @@
  * exports the targets writable over NBD for the source's mirrors.
  */
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
 import { memoryDigest, type MemoryDigest } from '../qemu/memory-digest.ts';
@@ -12,6 +13,7 @@ import type { Accelerator } from '../qemu/command-line.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { QmpEventListener } from '../qmp/client.ts';
+import type { MigrationInfo } from '../qmp/commands.ts';
 import { createOverlay } from '../storage/disk-images.ts';
 import type { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
@@ -20,8 +22,9 @@ import { faultPoint } from '../util/fault-points.ts';
 import { findFreePort } from '../util/ports.ts';
 import { qemuTlsCreds } from '../qemu/tls-creds.ts';
 import type { DestinationFate } from './no-return.ts';
+import { postcopyCapable, waitPostcopyPaused } from './postcopy.ts';
 import { defaultAnnounce, type AnnounceSettings, type MigrationPlan } from './plan.ts';
-import type { DestinationResumed, DestinationSide, MirrorTarget, PreparedDestination } from './sides.ts';
+import type { DestinationResumed, DestinationSide, IncomingRunnable, MirrorTarget, PreparedDestination } from './sides.ts';
 
 export interface QemuDestinationOptions {
   hostId: string;
@@ -49,6 +52,9 @@ export interface QemuDestinationOptions {
   logger?: Logger;
 }
 
+/** How often a post-copy destination is asked whether its device state is loaded: it takes milliseconds. */
+const incomingPollMs = 10;
+
 /** The authz object of a destination QEMU: who may send it the guest. */
 const sourceAuthzId = 'vmf-authz-source';
 
@@ -73,6 +79,7 @@ export class QemuDestination implements DestinationSide {
   #sourceSpec: VmSpec | undefined;
   #claimed = false;
   #announce: AnnounceSettings = defaultAnnounce;
+  #postcopy = false;
 
   constructor(options: QemuDestinationOptions) {
     this.hostId = options.hostId;
@@ -114,7 +121,7 @@ export class QemuDestination implements DestinationSide {
     const tls = await this.#secureStreams(vm, plan.from, signal);
     await vm.qmp('setting up the incoming migration', async (qmp) => {
       await qmp.migrateSetCapabilities(
-        { events: true, 'late-block-activate': true, 'return-path': true, 'postcopy-ram': plan.ram.allowPostcopy },
+        { events: true, 'late-block-activate': true, 'return-path': true, 'postcopy-ram': postcopyCapable(plan.ram) },
         { signal },
       );
       if (tls) await qmp.migrateSetParameters({ 'tls-creds': tls.creds, ...(tls.authz === undefined ? {} : { 'tls-authz': tls.authz }) }, { signal });
@@ -161,8 +168,47 @@ export class QemuDestination implements DestinationSide {
     }
   }
 
+  async waitIncomingRunnable(signal: AbortSignal): Promise<IncomingRunnable> {
+    const events = this.#requireEvents();
+    const ended = ['completed', 'failed', 'cancelled', 'postcopy-paused'];
+    const event = await events.waitFor('MIGRATION', (e) => ['postcopy-active', ...ended].includes(String(e.data.status)), { signal });
+    if (event.data.status === 'completed') return 'completed';
+    if (event.data.status !== 'postcopy-active') throw this.#incomingEnded(String(event.data.status));
+    // postcopy-active comes with the source's "listen" command, before the device state it sends next. QEMU leaves
+    // `inmigrate` once that is loaded and the "run" command came (for `paused`: -S keeps the vCPUs stopped for our cont).
+    const vm = this.#requireVm();
+    for (;;) {
+      const failed = events.takeBuffered('MIGRATION').find((e) => ended.includes(String(e.data.status)) && e.data.status !== 'completed');
+      if (failed) throw this.#incomingEnded(String(failed.data.status));
+      if ((await vm.status()).status !== 'inmigrate') {
+        this.#postcopy = true;
+        return 'postcopy';
+      }
+      await sleep(incomingPollMs, undefined, { signal });
+    }
+  }
+
+  #incomingEnded(status: string): VmferryError {
+    return new VmferryError('VMF_MIGRATION_FAILED', `incoming migration on ${this.hostId} became "${status}" before the guest could run here`);
+  }
+
   memoryDigest(signal: AbortSignal): Promise<MemoryDigest> {
     return memoryDigest(this.#requireVm(), signal);
+  }
+
+  async recoverPostcopy(signal: AbortSignal): Promise<string> {
+    const vm = this.#requireVm();
+    const info = (): Promise<MigrationInfo> => vm.qmp('reading the incoming post-copy', (qmp) => qmp.queryMigrate({ signal }));
+    if ((await info()).status === 'postcopy-active') await vm.qmp('pausing the incoming post-copy', (qmp) => qmp.migratePause({ signal }));
+    await waitPostcopyPaused(`the incoming post-copy on ${this.hostId}`, info, signal);
+    // The same TLS parameters and authz as the first stream still hold.
+    await vm.qmp('listening for the resumed post-copy', (qmp) => qmp.migrateRecover(`tcp:${this.#options.address}:0`, { signal }));
+    return `tcp:${this.#options.address}:${await this.#incomingPort(signal)}`;
+  }
+
+  /** Its guest may be continued before all of its RAM is here: the half may still have to recover the stream after resume. */
+  get inPostcopy(): boolean {
+    return this.#postcopy;
   }
 
   /** Where this side stands, for a restarted controller deciding whether to finish or roll back. */

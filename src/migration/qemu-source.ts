@@ -18,6 +18,7 @@ import { qemuTlsCreds } from '../qemu/tls-creds.ts';
 import type { CopyMode } from './plan.ts';
 import type { MigrationMilestone, MigrationSettings, MirrorStatus, MirrorTarget, SourceCompletion, SourceRolledBack, SourceSide } from './sides.ts';
 import { timeoutSignal } from '../util/abort.ts';
+import { waitPostcopyPaused } from './postcopy.ts';
 
 export interface QemuSourceOptions {
   hostId: string;
@@ -45,7 +46,7 @@ interface MirrorJob {
 
 /** Mirror job events after which progress is worth reading at once. */
 const mirrorEvents: readonly string[] = ['BLOCK_JOB_READY', 'BLOCK_JOB_ERROR', 'BLOCK_JOB_COMPLETED'];
-const milestones: readonly string[] = ['pre-switchover', 'postcopy-active', 'completed', 'failed', 'cancelled'];
+const milestones: readonly string[] = ['pre-switchover', 'postcopy-active', 'postcopy-paused', 'completed', 'failed', 'cancelled'];
 /** Statuses from which migrate_cancel brings the guest back on the source. */
 const cancellable: readonly (MigrationStatus | undefined)[] = ['setup', 'active', 'pre-switchover', 'device', 'wait-unplug'];
 /** QEMU's own default caps migration at 32 MiB/s; "unlimited" needs an explicit large value. */
@@ -94,6 +95,8 @@ export class QemuSource implements SourceSide {
   #postcopyRequested = false;
   /** QEMU's timestamp of the guest's STOP during the migration, once read from the events. */
   #stoppedAtUs: number | null = null;
+  /** QEMU's timestamps of the milestones waited for, for the post-copy phase's length. */
+  readonly #milestoneAtUs = new Map<MigrationMilestone, number>();
 
   readonly #fence: SharedWriterFence | undefined;
   readonly #tls: boolean;
@@ -208,6 +211,8 @@ export class QemuSource implements SourceSide {
         {
           'downtime-limit': settings.downtimeLimitMs,
           'max-bandwidth': settings.maxBandwidthBytes ?? unlimitedBandwidth,
+          // Post-copy has a cap of its own (0: none): the user's cap holds there too.
+          ...(settings.allowPostcopy ? { 'max-postcopy-bandwidth': settings.maxBandwidthBytes ?? 0 } : {}),
           // Set every time, either way: QEMU keeps parameters across migrations, and this QEMU may have been started
           // (then re-adopted) by an agent of the other kind.
           'tls-creds': this.#tls ? qemuTlsCreds.client : '',
@@ -242,7 +247,9 @@ export class QemuSource implements SourceSide {
     if (!this.#events) throw new VmferryError('VMF_CONFLICT', `no migration was started on ${this.hostId}`);
     try {
       const event = await this.#events.waitFor('MIGRATION', (e) => milestones.includes(String(e.data.status)), { signal, timeoutMs: waitMs });
-      return event.data.status as MigrationMilestone;
+      const milestone = event.data.status as MigrationMilestone;
+      this.#milestoneAtUs.set(milestone, event.timestampUs);
+      return milestone;
     } catch (err) {
       // Events that come meanwhile stay in the listener's buffer for the next wait.
       if (hasCode(err, 'VMF_TIMEOUT')) return undefined;
@@ -257,6 +264,18 @@ export class QemuSource implements SourceSide {
   async startPostcopy(signal: AbortSignal): Promise<void> {
     this.#postcopyRequested = true;
     await this.#qmp('starting post-copy', (qmp) => qmp.migrateStartPostcopy({ signal }));
+  }
+
+  async pausePostcopy(signal: AbortSignal): Promise<void> {
+    await this.#qmp('pausing post-copy', async (qmp) => {
+      if ((await qmp.queryMigrate({ signal })).status === 'postcopy-active') await qmp.migratePause({ signal });
+    });
+    await waitPostcopyPaused(`post-copy on ${this.hostId}`, () => this.migrationInfo(signal), signal);
+  }
+
+  async resumePostcopy(uri: string, signal: AbortSignal): Promise<void> {
+    // The TLS parameters set at startMigration still hold: the new stream goes to the same host.
+    await this.#qmp('resuming post-copy', (qmp) => qmp.migrateResume(uri, { signal }));
   }
 
   async finishMirrors(signal: AbortSignal): Promise<{ diskId: string; bytesSent: number }[]> {
@@ -286,9 +305,16 @@ export class QemuSource implements SourceSide {
       if (info.status === 'failed' || info.status === 'cancelled') {
         throw new VmferryError('VMF_MIGRATION_FAILED', `migration on ${this.hostId} ended as "${info.status}": ${info['error-desc'] ?? ''}`);
       }
-      if (info.status === 'completed' && info.downtime !== undefined && info.downtime > 0) return { info, stoppedAtUs: this.#guestStoppedAtUs() };
+      if (info.status === 'completed' && info.downtime !== undefined && info.downtime > 0) return { info, stoppedAtUs: this.#guestStoppedAtUs(), ...this.#postcopyLength() };
       await sleep(20, undefined, { signal });
     }
+  }
+
+  /** Post-copy's length by the source's own clock, when it ran and both its events were waited for. */
+  #postcopyLength(): { postcopyMs?: number } {
+    const started = this.#milestoneAtUs.get('postcopy-active');
+    const completed = this.#milestoneAtUs.get('completed');
+    return started === undefined || completed === undefined ? {} : { postcopyMs: Math.round((completed - started) / 1000) };
   }
 
   /**

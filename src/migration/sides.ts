@@ -44,19 +44,29 @@ export interface MirrorStatus {
 export interface MigrationSettings {
   maxBandwidthBytes: number | undefined;
   downtimeLimitMs: number;
+  /** QEMU's postcopy-ram capability: the migration may switch to post-copy (postcopyCapable in postcopy.ts). The bandwidth cap then holds in post-copy too. */
   allowPostcopy: boolean;
   /** The destination takes the stream over TLS only: PreparedDestination.tls, passed on. */
   tls: boolean;
 }
 
 /** Statuses at which the executor must act; the RAM phase waits for one of them. */
-export type MigrationMilestone = 'pre-switchover' | 'postcopy-active' | 'completed' | 'failed' | 'cancelled';
+export type MigrationMilestone = 'pre-switchover' | 'postcopy-active' | 'postcopy-paused' | 'completed' | 'failed' | 'cancelled';
+
+/**
+ * What the destination's incoming side reached once the source continued a post-copy switch-over:
+ * `postcopy` (post-copy runs and the device state is loaded: the guest may be continued while RAM
+ * still arrives) or `completed` (pre-copy had finished before the switch: all of RAM is there).
+ */
+export type IncomingRunnable = 'postcopy' | 'completed';
 
 /** The source's figures once its RAM migration completed. */
 export interface SourceCompletion {
   info: MigrationInfo;
   /** QEMU's timestamp (µs since the epoch, by the source host's clock) of the STOP that began the guest's pause; null if not seen. */
   stoppedAtUs: number | null;
+  /** After post-copy: its `postcopy-active` to its `completed` by the source QEMU's event timestamps; absent if it did not run post-copy or an event was not seen. */
+  postcopyMs?: number;
 }
 
 /** QEMU's timestamp (µs since the epoch, by the destination host's clock) of its RESUME; null if not seen. */
@@ -75,8 +85,19 @@ export interface DestinationSide {
   prepare(spec: VmSpec, plan: MigrationPlan, signal: AbortSignal): Promise<PreparedDestination>;
   /** Resolves when the destination QEMU itself reports the incoming migration completed. */
   waitIncomingCompleted(signal: AbortSignal): Promise<void>;
+  /**
+   * After the source continued a post-copy switch-over: resolves once this side's guest may be
+   * continued (see IncomingRunnable). Rejects when the incoming migration failed or paused first.
+   */
+  waitIncomingRunnable(signal: AbortSignal): Promise<IncomingRunnable>;
   /** Digest of the incoming guest's memory, once the incoming migration completed and before resume. */
   memoryDigest(signal: AbortSignal): Promise<MemoryDigest>;
+  /**
+   * Post-copy whose stream broke: makes sure this end is `postcopy-paused` (breaking a stream its QEMU
+   * still thinks flows, over a dead link), then listens anew (migrate-recover). Returns the URI the
+   * source resumes to. Also after resume: the guest runs here and waits for its pages.
+   */
+  recoverPostcopy(signal: AbortSignal): Promise<string>;
   /** Stops the NBD exports and resumes the guest; from here on the guest lives on the destination. */
   resume(signal: AbortSignal): Promise<DestinationResumed>;
   /**
@@ -107,6 +128,10 @@ export interface SourceSide {
   waitMilestone(signal: AbortSignal): Promise<MigrationMilestone>;
   setDowntimeLimit(ms: number, signal: AbortSignal): Promise<void>;
   startPostcopy(signal: AbortSignal): Promise<void>;
+  /** Post-copy whose stream broke: makes sure this end is `postcopy-paused`, breaking a stream its QEMU still thinks flows. */
+  pausePostcopy(signal: AbortSignal): Promise<void>;
+  /** Continues a paused post-copy over a new connection to `uri` (DestinationSide.recoverPostcopy). */
+  resumePostcopy(uri: string, signal: AbortSignal): Promise<void>;
   /**
    * At pre-switchover: cancel every READY mirror so it drains in sync while the
    * images are still active, check each copied everything, drop the NBD targets.

@@ -232,6 +232,21 @@ export class QemuMonitor {
     return this.client.execute('migrate-start-postcopy', undefined, options);
   }
 
+  /** Continues a post-copy whose stream broke (both ends `postcopy-paused`) over a new connection to `uri`, where the destination listens after migrate-recover. */
+  migrateResume(uri: string, options?: ExecuteOptions): Promise<void> {
+    return this.client.execute('migrate', { uri, resume: true }, options);
+  }
+
+  /** Destination only, in `postcopy-paused`: listens on `uri` for the source's resumed stream. */
+  migrateRecover(uri: string, options?: ExecuteOptions): Promise<void> {
+    return this.client.execute('migrate-recover', { uri }, options);
+  }
+
+  /** Breaks the post-copy stream on this end (`postcopy-active` → `postcopy-paused`): for a dead link QEMU has not noticed. Out of band when offered. */
+  migratePause(options?: ExecuteOptions): Promise<void> {
+    return this.client.execute('migrate-pause', undefined, { ...options, oob: this.client.oobEnabled });
+  }
+
   migrateSetCapabilities(capabilities: Partial<Record<MigrationCapability, boolean>>, options?: ExecuteOptions): Promise<void> {
     const list = Object.entries(capabilities).map(([capability, state]) => ({ capability, state }));
     return this.client.execute('migrate-set-capabilities', { capabilities: list }, options);

@@ -97,3 +97,19 @@ test('migrate --copy-mode takes only the two modes, and says so before asking th
   assert.match(result.stderr, /--copy-mode must be write-blocking or background \(got "turbo"\) \[VMF_INVALID_ARGUMENT\]/);
   assert.deepEqual(requests, []);
 });
+
+test('migrate --ram-mode: help shows the modes and the default, the choice reaches the controller, and a wrong one is refused first', async () => {
+  const help = await vmferry('migrate', '--help');
+  assert.match(help.stdout.replace(/\s+/g, ' '), /--ram-mode <mode> .*\(choices: "live", "postcopy", "stop-and-copy", default: "live"\)/);
+  requests.length = 0;
+  await vmferry('migrate', 'web', '--to', 'B', '--ram-mode', 'postcopy', '--dry-run');
+  assert.deepEqual(requests, [{ vm: 'web', to: 'B', dryRun: true, ramMode: 'postcopy' }]);
+  requests.length = 0;
+  const wrong = await vmferry('migrate', 'web', '--to', 'B', '--ram-mode', 'precopy');
+  assert.equal(wrong.code, 1);
+  assert.match(wrong.stderr, /option '--ram-mode <mode>' argument 'precopy' is invalid\. Allowed choices are live, postcopy, stop-and-copy/);
+  const mixed = await vmferry('migrate', 'web', '--to', 'B', '--ram-mode', 'stop-and-copy', '--allow-postcopy');
+  assert.equal(mixed.code, 1);
+  assert.match(mixed.stderr, /--allow-postcopy switches a live migration to post-copy; it does not go with --ram-mode stop-and-copy/);
+  assert.deepEqual(requests, []);
+});

@@ -3,12 +3,13 @@
 // runs against real QEMUs in test/migration/live.test.ts.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { VmferryError } from '../../src/errors.ts';
 import { runMigration } from '../../src/migration/executor.ts';
 import type { MigrationEvent, MigrationPhase } from '../../src/migration/phases.ts';
-import { defaultMigrationOptions, planMigration, type MigrationPlan } from '../../src/migration/plan.ts';
+import { defaultMigrationOptions, planMigration, type MigrationPlan, type RamMode } from '../../src/migration/plan.ts';
 import type { DestinationSide, MigrationMilestone, SourceSide } from '../../src/migration/sides.ts';
-import type { MigrationInfo } from '../../src/qmp/commands.ts';
+import type { MigrationInfo, MigrationStatus } from '../../src/qmp/commands.ts';
 import type { DestinationFate } from '../../src/migration/no-return.ts';
 import type { VmSpec } from '../../src/qemu/spec.ts';
 
@@ -23,7 +24,7 @@ const spec: VmSpec = {
   ],
 };
 
-function plan(timeoutS = 60): MigrationPlan {
+function plan(timeoutS = 60, ramMode: RamMode = 'live'): MigrationPlan {
   return planMigration(
     spec,
     { hostId: 'A', qemuVersion: '7.2', machineType: 'q35', accelerator: 'tcg', localDisks: { root: { virtualSize: 1 << 20, allocatedBytes: 1 << 19, backingFile: undefined } } },
@@ -39,7 +40,7 @@ function plan(timeoutS = 60): MigrationPlan {
       reachableExports: { 'nbd+unix:///s.sock/data': 1 << 20 },
       vmNames: [],
     },
-    { ...defaultMigrationOptions, timeoutS },
+    { ...defaultMigrationOptions, timeoutS, ramMode },
   );
 }
 
@@ -69,6 +70,10 @@ function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: 
       return { migrationUri: 'tcp:127.0.0.1:1', tls: false, mirrorTargets: [{ diskId: 'root', sync: 'top', server: { type: 'unix', path: '/n' }, exportName: 'root', tls: false }] };
     },
     waitIncomingCompleted: (signal) => act('dst.waitIncomingCompleted', signal),
+    waitIncomingRunnable: async (signal) => {
+      await act('dst.waitIncomingRunnable', signal);
+      return 'postcopy';
+    },
     memoryDigest: async (signal) => {
       await act('dst.memoryDigest', signal);
       return { algorithm: 'xxh64', chunkBytes: 1 << 20, chunks: options.destinationMemory ?? memory };
@@ -76,6 +81,10 @@ function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: 
     resume: async (signal) => {
       await act('dst.resume', signal);
       return { resumedAtUs: stoppedAtUs + 350_000 };
+    },
+    recoverPostcopy: async (signal) => {
+      await act('dst.recoverPostcopy', signal);
+      return 'tcp:127.0.0.1:2';
     },
     fate: async (signal) => {
       await act('dst.fate', signal);
@@ -99,6 +108,8 @@ function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: 
     },
     setDowntimeLimit: (_ms, signal) => act('src.setDowntimeLimit', signal),
     startPostcopy: (signal) => act('src.startPostcopy', signal),
+    pausePostcopy: (signal) => act('src.pausePostcopy', signal),
+    resumePostcopy: (_uri, signal) => act('src.resumePostcopy', signal),
     finishMirrors: async (signal) => {
       await act('src.finishMirrors', signal);
       return [{ diskId: 'root', bytesSent: 200 }];
@@ -118,7 +129,7 @@ function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: 
       return { pauseMs: 120 };
     },
   };
-  return { calls, source, destination };
+  return { calls, source, destination, act };
 }
 
 function phasesOf(events: MigrationEvent[]): MigrationPhase[] {
@@ -405,4 +416,142 @@ test('a source whose agent cannot be reached for the rollback: unresolved, not f
   assert.equal(report.outcome, 'unresolved');
   assert.match(report.error?.message ?? '', /the rollback of A could not reach its agent .*; vmferry keeps trying/);
   assert.ok(sides.calls.includes('dst.rollback'), 'the destination was rolled back first');
+});
+
+// Post-copy (issue 16): the destination runs the guest before all of its RAM is there, so from the continue into
+// post-copy the source never runs again, whatever fails.
+
+/**
+ * Fake sides of a guest pre-copy cannot move: QEMU stops at pre-switchover only once post-copy was asked for, then
+ * reports postcopy-active and `end` (completed, or postcopy-paused for a cut link). A resumed stream completes
+ * when `linkBack` (the link came back), and pauses again otherwise.
+ */
+function postcopySides(options: Parameters<typeof fakeSides>[0] & { end?: MigrationMilestone; linkBack?: boolean } = {}) {
+  const sides = fakeSides(options);
+  const { source, act } = sides;
+  const queue: MigrationMilestone[] = [];
+  let status: MigrationStatus = 'active';
+  const ram = { transferred: 5000, remaining: 9000, total: 20000, duplicate: 0, normal: 0, 'normal-bytes': 0, 'dirty-pages-rate': 0, 'dirty-sync-count': 2, 'page-size': 4096, mbps: 1 };
+  source.startPostcopy = async (signal) => {
+    await act('src.startPostcopy', signal);
+    queue.push('pre-switchover');
+  };
+  source.continueSwitchover = async (signal) => {
+    await act('src.continueSwitchover', signal);
+    queue.push('postcopy-active', options.end ?? 'completed');
+  };
+  source.waitMilestone = async (signal) => {
+    await act('src.waitMilestone', signal);
+    // Rejects with the signal's reason as soon as it aborts, as the real sides' waits do.
+    const aborted = new Promise<never>((_, reject) => signal.addEventListener('abort', () => reject(signal.reason as Error), { once: true }));
+    aborted.catch(() => undefined);
+    for (;;) {
+      const next = queue.shift();
+      if (next) return (status = next);
+      await Promise.race([aborted, sleep(1)]);
+    }
+  };
+  source.migrationInfo = () => Promise.resolve({ status, ram: { ...ram, transferred: ram.transferred++ } });
+  source.resumePostcopy = async (_uri, signal) => {
+    await act('src.resumePostcopy', signal);
+    queue.push('postcopy-active', options.linkBack ? 'completed' : 'postcopy-paused');
+  };
+  source.completedInfo = async (signal) => {
+    await act('src.completedInfo', signal);
+    return { info: { status: 'completed', downtime: 42, ram: { ...ram, remaining: 0, 'postcopy-requests': 7 } }, stoppedAtUs: 1_700_000_000_000_000, postcopyMs: 900 };
+  };
+  return sides;
+}
+
+test('post-copy mode: after the first pass the mirrors finish, the destination resumes in postcopy-active, the source retires once completed', async () => {
+  const { calls, source, destination } = postcopySides();
+  const events: MigrationEvent[] = [];
+  const report = await runMigration({ spec, plan: plan(60, 'postcopy'), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'completed', report.error?.message);
+  assert.deepEqual(phasesOf(events), ['preparing', 'mirroring', 'migrating', 'paused-at-switchover', 'postcopy-started', 'postcopy-active', 'resumed', 'source-retired', 'completed']);
+  assert.deepEqual(
+    calls.filter((c) => c !== 'src.mirrorStatus' && c !== 'src.waitMilestone'),
+    // The mirrors finish before the continue lets QEMU inactivate the images, and B runs only after both.
+    ['dst.prepare', 'src.startMirrors', 'src.startMigration', 'src.startPostcopy', 'src.finishMirrors', 'src.continueSwitchover', 'dst.waitIncomingRunnable', 'dst.resume', 'src.completedInfo', 'src.retire'],
+  );
+  assert.ok(!calls.some((c) => c.endsWith('memoryDigest')), 'no memory comparison: RAM is still in flight when B starts');
+  assert.equal(report.ram.memoryCompared, false);
+  assert.match(report.ram.postcopyWhy ?? '', /the first pass of pre-copy is done/);
+  assert.equal(report.ram.postcopyMs, 900);
+  assert.equal(report.ram.postcopyRequests, 7);
+  assert.equal(report.pauseMs, 350);
+  const escalation = events.find((e) => e.type === 'escalation');
+  assert.ok(escalation?.type === 'escalation' && escalation.action === 'postcopy' && /first pass/.test(escalation.detail), 'the switch is in the event stream with why');
+});
+
+test('the post-copy phase is stored before the continue that lets QEMU start it', async () => {
+  const { calls, source, destination } = postcopySides();
+  const stored: string[] = [];
+  await runMigration({ spec, plan: plan(60, 'postcopy'), source, destination, pollIntervalMs: 1, recordPhase: (p) => Promise.resolve(void stored.push(`${p}@${calls.length}`)) });
+  assert.ok(stored.includes(`postcopy-started@${calls.indexOf('src.continueSwitchover')}`), `stored ${stored.join(', ')}`);
+});
+
+test('a link cut during post-copy that comes back: B listens anew, A resumes to it, and the migration completes', async () => {
+  const { calls, source, destination } = postcopySides({ end: 'postcopy-paused', linkBack: true });
+  const events: MigrationEvent[] = [];
+  const report = await runMigration({ spec, plan: plan(60, 'postcopy'), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'completed', report.error?.message);
+  assert.deepEqual(calls.filter((c) => /Postcopy|retire/.test(c)), ['src.startPostcopy', 'src.pausePostcopy', 'dst.recoverPostcopy', 'src.resumePostcopy', 'src.retire']);
+  const recovery = events.find((e) => e.type === 'escalation' && e.action === 'postcopy-recover');
+  assert.ok(recovery?.type === 'escalation' && /^post-copy paused on A before all of the guest's RAM reached B: recovering post-copy \(attempt 1 of 3\)/.test(recovery.detail), JSON.stringify(recovery));
+});
+
+test('a link cut during post-copy that stays down: after 3 recoveries unresolved, the source neither resumed nor retired, the destination kept', async () => {
+  const { calls, source, destination } = postcopySides({ end: 'postcopy-paused', fate: 'guest-ran' });
+  const stored: string[] = [];
+  const events: MigrationEvent[] = [];
+  const report = await runMigration({ spec, plan: plan(60, 'postcopy'), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1, recordPhase: (p) => Promise.resolve(void stored.push(p)) });
+  assert.equal(report.outcome, 'unresolved');
+  assert.equal(events.filter((e) => e.type === 'escalation' && e.action === 'postcopy-recover').length, 3);
+  assert.equal(report.error?.code, 'VMF_UNRESOLVED');
+  assert.match(report.error?.message ?? '', /post-copy paused on A before all of the guest's RAM reached B; post-copy had begun, so web's memory is split between A and B and A never runs it again/);
+  assert.ok(!calls.some((c) => ['src.rollback', 'src.retire', 'dst.rollback'].includes(c)), calls.join(', '));
+  assert.equal(stored.at(-1), 'unresolved', 'stored, so that the controller keeps asking');
+});
+
+for (const step of ['src.continueSwitchover', 'dst.waitIncomingRunnable', 'dst.resume']) {
+  test(`a failure in ${step} after post-copy was started never rolls the source back`, async () => {
+    const { calls, source, destination } = postcopySides({ fail: step, fate: 'never-ran' });
+    const report = await runMigration({ spec, plan: plan(60, 'postcopy'), source, destination, pollIntervalMs: 1 });
+    assert.equal(report.outcome, 'unresolved');
+    assert.ok(!calls.some((c) => ['src.rollback', 'dst.rollback', 'src.retire'].includes(c)), calls.join(', '));
+  });
+}
+
+test('a fault after post-copy delivered all of RAM to a destination never continued: it is continued, and the migration completes', async () => {
+  const sides = postcopySides({ fail: 'dst.waitIncomingRunnable', fate: 'never-ran' });
+  const info = sides.source.migrationInfo.bind(sides.source);
+  sides.source.migrationInfo = async (signal) => ({ ...(await info(signal)), ...(sides.calls.includes('dst.waitIncomingRunnable') ? { status: 'completed' as const } : {}) });
+  const report = await runMigration({ spec, plan: plan(60, 'postcopy'), source: sides.source, destination: sides.destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'completed', report.error?.message);
+  assert.deepEqual(sides.calls.slice(sides.calls.indexOf('dst.waitIncomingRunnable')), ['dst.waitIncomingRunnable', 'dst.fate', 'dst.resume', 'src.completedInfo', 'src.retire']);
+});
+
+test('a cancel once post-copy began does not stop it: the guest ends on the destination', async () => {
+  const { calls, source, destination } = postcopySides();
+  const controller = new AbortController();
+  const report = await runMigration({
+    spec,
+    plan: plan(60, 'postcopy'),
+    source,
+    destination,
+    signal: controller.signal,
+    pollIntervalMs: 1,
+    beforePhase: (phase) => void (phase === 'postcopy-started' && controller.abort()),
+  });
+  assert.equal(report.outcome, 'completed', report.error?.message);
+  assert.ok(!calls.includes('src.rollback'));
+});
+
+test('live mode never asks for post-copy, even for a guest whose first pass is done', async () => {
+  const { calls, source, destination } = postcopySides();
+  const report = await runMigration({ spec, plan: plan(0.3, 'live'), source, destination, pollIntervalMs: 1 });
+  assert.equal(report.error?.code, 'VMF_TIMEOUT', report.error?.message);
+  assert.ok(!calls.includes('src.startPostcopy'));
+  assert.deepEqual(calls.slice(-2), ['dst.rollback', 'src.rollback']);
 });

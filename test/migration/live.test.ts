@@ -8,6 +8,7 @@ import { imageInfo } from '../../src/storage/local-pool.ts';
 import { hasCode } from '../../src/errors.ts';
 import { MigrationRig, type RigLayout } from '../support/migration-rig.ts';
 import { recordReliability } from '../support/reliability.ts';
+import { TcpRelay } from '../support/tcp-relay.ts';
 import type { MigrationEvent } from '../../src/migration/phases.ts';
 
 const guest = { mode: 'workload', spanMiB: 8 } as const;
@@ -195,6 +196,98 @@ test('a slow pre-copy of a TCG guest never resumes a destination whose memory di
           ? 'completed: memory identical at both ends, guest carried on at B without a reboot, every acked record intact'
           : `failed: "${report.error?.message.slice(0, 110)}…"; guest carried on at A, B clean, every acked record intact`,
       ok: true,
+    });
+  } finally {
+    await rig.cleanup.run();
+  }
+});
+
+// Post-copy (issue 16): a guest dirtying memory faster than the bandwidth cap never converges in pre-copy. In post-copy
+// mode the switch comes after the first pass; B must run the guest while A still holds part of its RAM, and every
+// record the guest acknowledged, on either host, must be intact afterwards.
+test('post-copy moves a guest pre-copy cannot: B runs it while A is still postcopy-active, every acked record intact', { timeout: 240_000 }, async () => {
+  const rig = await MigrationRig.start('postcopy', { local: [{ id: 'local0', sizeMiB: 64, fillMiB: 8 }], shared: [{ id: 'shared0', sizeMiB: 64 }] }, { ...guest, dirtyMiB: 32, dirtyRateMiBs: 32 });
+  try {
+    await rig.waitForAcks(10);
+    const plan = await rig.plan({ bandwidthMiBs: 8, ramMode: 'postcopy' });
+    let seen: { source?: string; destination?: string; remainingBytes?: number } | undefined;
+    const report = await rig.migrate(plan, {
+      memoryMismatchRetries: 0,
+      // B's run state and A's migration status at once, as soon as B was continued.
+      beforePhase: async (phase) => {
+        if (phase !== 'postcopy-active') return;
+        const [info, status] = await Promise.all([rig.source.qmp('reading the migration', (qmp) => qmp.queryMigrate()), rig.destination?.vm?.status()]);
+        seen = { source: info.status, destination: status?.status, remainingBytes: info.ram?.remaining };
+      },
+    });
+    assert.equal(report.outcome, 'completed', report.error?.message);
+    assert.deepEqual(seen && { source: seen.source, destination: seen.destination }, { source: 'postcopy-active', destination: 'running' }, JSON.stringify(seen));
+    assert.ok((seen?.remainingBytes ?? 0) > 0, `A still had RAM to send when B ran the guest: ${JSON.stringify(seen)}`);
+    assert.match(report.ram.postcopyWhy ?? '', /the first pass of pre-copy is done/);
+    assert.ok((report.ram.postcopyMs ?? 0) > 0, `post-copy lasted ${report.ram.postcopyMs} ms`);
+    assert.equal(report.ram.memoryCompared, false, 'no comparison: RAM was still in flight when B started');
+    assert.ok(report.pauseMs !== undefined && report.pauseMs > 0, `pause ${report.pauseMs} ms`);
+    assert.deepEqual(
+      report.phases.map((p) => p.phase),
+      ['preparing', 'mirroring', 'migrating', 'paused-at-switchover', 'postcopy-started', 'postcopy-active', 'resumed', 'source-retired', 'completed'],
+    );
+    assert.equal(rig.source.isAlive, false, 'the source QEMU retired');
+    const before = (await rig.waitForAcks(0)).acks;
+    await rig.waitForAcks(10, before);
+    const destinationSpec = rig.destination?.vm?.spec;
+    assert.ok(destinationSpec);
+    assert.doesNotMatch(await readFile(reportLogOf(destinationSpec), 'utf8'), /READY/, 'the guest rebooted on the destination');
+    const verify = await rig.verify(destinationSpec.disks);
+    assert.deepEqual(checkVerify(verify, (await rig.waitForAcks(0)).acks), []);
+  } finally {
+    await rig.cleanup.run();
+  }
+});
+
+test('a link cut during post-copy: both QEMUs pause, B listens anew, A resumes to it, and every acked record is intact', { timeout: 240_000 }, async () => {
+  const rig = await MigrationRig.start('pclink', { local: [{ id: 'local0', sizeMiB: 64 }], shared: [] }, { ...guest, dirtyMiB: 32, dirtyRateMiBs: 32 });
+  const relays: TcpRelay[] = [];
+  rig.cleanup.add('close the relays', () => Promise.all(relays.map((r) => r.close())));
+  try {
+    await rig.waitForAcks(10);
+    const plan = await rig.plan({ bandwidthMiBs: 8, ramMode: 'postcopy' });
+    const events: MigrationEvent[] = [];
+    let cutWhile: string | undefined;
+    const report = await rig.migrate(plan, {
+      memoryMismatchRetries: 0,
+      onEvent: (e) => events.push(e),
+      relay: async (uri) => {
+        const relay = await TcpRelay.start('127.0.0.1', Number(/:(\d+)$/.exec(uri)?.[1]));
+        relays.push(relay);
+        return `tcp:127.0.0.1:${relay.port}`;
+      },
+      beforePhase: async (phase) => {
+        if (phase !== 'postcopy-active') return;
+        cutWhile = (await rig.source.qmp('reading the migration', (qmp) => qmp.queryMigrate())).status;
+        relays[0]?.cut();
+      },
+    });
+    assert.equal(cutWhile, 'postcopy-active', 'the link was cut while RAM was still in flight');
+    assert.equal(report.outcome, 'completed', report.error?.message);
+    const recoveries = events.filter((e) => e.type === 'escalation' && e.action === 'postcopy-recover');
+    assert.ok(recoveries.length >= 1, 'the recovery is in the event stream');
+    assert.equal(relays.length, recoveries.length + 1, 'each recovery made a new connection');
+    assert.equal(rig.source.isAlive, false, 'the source QEMU retired once post-copy completed');
+    const before = (await rig.waitForAcks(0)).acks;
+    await rig.waitForAcks(10, before);
+    const destinationSpec = rig.destination?.vm?.spec;
+    assert.ok(destinationSpec);
+    // Not asserted: in 2 of 6 runs on the 2-core test machine the guest rebooted on B after the recovery (QEMU 7.2,
+    // TCG; cause not found, docs/ARCHITECTURE.md "Post-copy"). Its acknowledged records must be intact either way.
+    const rebooted = /READY/.test(await readFile(reportLogOf(destinationSpec), 'utf8'));
+    const verify = await rig.verify(destinationSpec.disks);
+    assert.deepEqual(checkVerify(verify, (await rig.waitForAcks(0)).acks), []);
+    recordReliability(import.meta.url, {
+      kind: 'fault',
+      target: 'migration',
+      tried: 'the migration stream reset while post-copy ran (both QEMUs postcopy-paused), then recovered over a new connection',
+      observed: `completed after ${recoveries.length} recovery, every acked record intact; the guest ${rebooted ? 'REBOOTED on B' : 'carried on at B without a reboot'}`,
+      ok: !rebooted,
     });
   } finally {
     await rig.cleanup.run();

@@ -38,13 +38,26 @@ export interface RigTls {
   storage: TlsIdentity;
 }
 
-/** A destination that keeps its prepare answer, so a test can reach its exports as an outsider would. */
+/** Routes a migration URI through a stand-in link (a TcpRelay) and returns the URI to send to instead. */
+export type StreamRelay = (uri: string) => Promise<string>;
+
+/**
+ * A destination that keeps its prepare answer, so a test can reach its exports as an outsider would,
+ * and that hands the source its migration URIs through the test's relay, if any.
+ */
 export class RigDestination extends QemuDestination {
   prepared: PreparedDestination | undefined;
+  relay: StreamRelay | undefined;
 
   override async prepare(...args: Parameters<QemuDestination['prepare']>): Promise<PreparedDestination> {
-    this.prepared = await super.prepare(...args);
+    const prepared = await super.prepare(...args);
+    this.prepared = this.relay ? { ...prepared, migrationUri: await this.relay(prepared.migrationUri) } : prepared;
     return this.prepared;
+  }
+
+  override async recoverPostcopy(signal: AbortSignal): Promise<string> {
+    const uri = await super.recoverPostcopy(signal);
+    return this.relay ? this.relay(uri) : uri;
   }
 }
 
@@ -143,13 +156,17 @@ export class MigrationRig {
       beforePhase?: (phase: MigrationPhase) => Promise<void>;
       memoryMismatchRetries?: number;
       withoutTls?: 'source' | 'destination';
+      /** The migration stream (and a recovered one) goes through this stand-in link. */
+      relay?: StreamRelay;
     } = {},
   ): Promise<MigrationReport> {
-    const { memoryMismatchRetries = 2, withoutTls, ...input } = extra;
+    const { memoryMismatchRetries = 2, withoutTls, relay, ...input } = extra;
     const destinationTls = this.tls && withoutTls !== 'destination' ? { tlsDir: this.tls.B, agentPeerName: (id: string) => qemuPeerName('agent', id) } : {};
     const sourceTls = this.tls !== undefined && withoutTls !== 'source';
     for (let attempt = 0; ; attempt++) {
-      this.destination = new RigDestination({ hostId: 'B', pool: this.poolB, vmDir: (vm) => join(this.dir, 'runB', vm), address: '127.0.0.1', ...destinationTls });
+      const destination = new RigDestination({ hostId: 'B', pool: this.poolB, vmDir: (vm) => join(this.dir, 'runB', vm), address: '127.0.0.1', ...destinationTls });
+      destination.relay = relay;
+      this.destination = destination;
       const source = new QemuSource({ hostId: 'A', vm: this.source, tls: sourceTls });
       const report = await runMigration({ spec: this.spec, plan, source, destination: this.destination, ...input });
       if (report.error?.code !== 'VMF_MEMORY_MISMATCH' || attempt >= memoryMismatchRetries) return report;

@@ -11,14 +11,15 @@ test("docs/ARCHITECTURE.md's table of steps is the code's (regenerate: node --im
   assert.equal(currentStepsTable(readFileSync(architectureDoc, 'utf8')), stepsTable());
 });
 
-test('from resume-sent on, a fault whose destination cannot answer leaves the source paused; before it, it rolls back', () => {
+test('past the point of no return (a resume may have been sent, or post-copy begun), a fault whose destination cannot answer leaves the source paused; before it, it rolls back', () => {
   const order = migrationSteps.map((s) => s.phase);
-  const noReturn = order.indexOf('resume-sent');
-  for (const phase of order.slice(0, order.indexOf('completed') + 1)) {
-    const past = order.indexOf(phase) >= noReturn;
-    assert.equal(resumeMayHaveBeenSent(phase), past, phase);
-    assert.equal(settlement(phase, undefined), past ? 'wait' : 'roll-back', phase);
+  const firstPast = order.findIndex((phase) => resumeMayHaveBeenSent(phase));
+  assert.equal(order[firstPast], 'postcopy-started', 'nothing before the continue into post-copy is past the point of no return');
+  for (const step of migrationSteps) {
+    assert.equal(resumeMayHaveBeenSent(step.phase), step.pastNoReturn, step.phase);
+    assert.equal(settlement(step.phase, undefined), step.pastNoReturn ? 'wait' : 'roll-back', step.phase);
   }
-  assert.equal(settlement('unresolved', undefined), 'wait');
-  assert.equal(settlement('unresolved', 'guest-ran'), 'finish');
+  for (const phase of order.slice(firstPast, order.indexOf('completed') + 1)) assert.ok(resumeMayHaveBeenSent(phase), phase);
+  assert.equal(settlement('resume-sent', 'guest-ran'), 'finish');
+  assert.equal(settlement('postcopy-active', 'gone'), 'wait', 'post-copy never rolls back');
 });
