@@ -185,6 +185,9 @@ export interface QuarantineEntry {
   }[];
 }
 
+/** How a migration's RAM moves (RamMode in src/migration/plan.ts). */
+export const RamModeSchema = Type.Union([Type.Literal('live'), Type.Literal('postcopy'), Type.Literal('stop-and-copy')]);
+
 /**
  * The plan a destination is prepared with. The controller computes it, so this
  * only checks the shape the destination relies on: without it a malformed plan
@@ -211,6 +214,8 @@ export const MigrationPlanSchema = Type.Object({
     { maxItems: 16 },
   ),
   ram: Type.Object({
+    /** Absent from a controller of the previous version: live. */
+    mode: Type.Optional(RamModeSchema),
     memoryMiB: Type.Integer({ minimum: 1 }),
     maxDowntimeMs: Type.Number({ exclusiveMinimum: 0 }),
     bandwidthMiBs: Type.Optional(Type.Number({ exclusiveMinimum: 0 })),

@@ -1,6 +1,6 @@
 /** Request bodies of the controller's API that its clients (the CLI, the demo) build too. */
 import { Type, type Static } from '@sinclair/typebox';
-import { VmNameParamsSchema } from './agent-types.ts';
+import { RamModeSchema, VmNameParamsSchema } from './agent-types.ts';
 
 export const MigrateRequestSchema = Type.Object(
   {
@@ -9,7 +9,14 @@ export const MigrateRequestSchema = Type.Object(
     dryRun: Type.Optional(Type.Boolean()),
     bandwidthMiBs: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 1e6 })),
     maxDowntimeMs: Type.Optional(Type.Integer({ minimum: 1, maximum: 60_000 })),
+    ramMode: Type.Optional(RamModeSchema),
+    /** Seconds from the start of the RAM phase after which timeoutAction is taken (virsh's --timeout). */
     timeoutS: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 7 * 24 * 3600 })),
+    timeoutAction: Type.Optional(Type.Union([Type.Literal('abort'), Type.Literal('pause'), Type.Literal('postcopy')])),
+    /** The most an attempt may take, disk mirrors included: rolled back after it. */
+    deadlineS: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 7 * 24 * 3600 })),
+    /** After two refusals for a memory mismatch, the last attempt runs in this RAM mode. */
+    fallback: Type.Optional(Type.Union([Type.Literal('none'), Type.Literal('stop-and-copy')])),
     stallTimeoutS: Type.Optional(Type.Number({ minimum: 1, maximum: 24 * 3600 })),
     allowPostcopy: Type.Optional(Type.Boolean()),
     keepSource: Type.Optional(Type.Boolean()),

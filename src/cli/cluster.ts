@@ -13,7 +13,7 @@ import { commandTls } from './tls-options.ts';
 import { followMigration } from './progress.ts';
 import { registerQuarantineCommands } from './quarantine.ts';
 import { renderPlan, renderReport, table } from './render.ts';
-import type { CopyMode } from '../migration/plan.ts';
+import { addMigrateOptions, migrateRequestOptions, type MigrateCliOptions } from './migrate-options.ts';
 
 interface GlobalOptions {
   controller: string;
@@ -177,32 +177,10 @@ export function registerClusterCommands(program: Command): void {
       else console.log(`deleted VM ${name}`);
     });
 
-  program
-    .command('migrate <vm>')
-    .description('live-migrate a VM: local disks are mirrored, shared volumes re-attached, RAM streamed')
-    .requiredOption('--to <host>', 'destination host')
-    .option('--dry-run', 'print the plan and stop')
-    .option('--bandwidth <MiB/s>', 'bandwidth cap for disks and RAM')
-    .option('--max-downtime <ms>', 'longest acceptable pause at switch-over')
-    .option('--timeout <s>', 'give up and roll back after this many seconds')
-    .option('--stall-timeout <s>', 'give up and roll back when nothing moved for this many seconds (default 30)')
-    .option('--allow-postcopy', 'switch to post-copy if pre-copy does not converge')
-    .option('--keep-source', 'keep the source\'s local disk files after success')
-    .option('--copy-mode <mode>', 'mirror copy mode: write-blocking (default) or background', parseCopyMode)
-    .action(async (vmName: string, opts: Record<string, string | boolean | undefined> & { copyMode?: CopyMode }, command: Command) => {
+  addMigrateOptions(program.command('migrate <vm>').description('live-migrate a VM: local disks are mirrored, shared volumes re-attached, RAM streamed'))
+    .action(async (vmName: string, opts: MigrateCliOptions, command: Command) => {
       const { api, json } = client(command);
-      const request = {
-        vm: vmName,
-        to: opts.to as string,
-        dryRun: opts.dryRun === true,
-        ...(opts.bandwidth !== undefined ? { bandwidthMiBs: parsePositive(opts.bandwidth as string, '--bandwidth') } : {}),
-        ...(opts.maxDowntime !== undefined ? { maxDowntimeMs: Math.round(parsePositive(opts.maxDowntime as string, '--max-downtime')) } : {}),
-        ...(opts.timeout !== undefined ? { timeoutS: parsePositive(opts.timeout as string, '--timeout') } : {}),
-        ...(opts.stallTimeout !== undefined ? { stallTimeoutS: parsePositive(opts.stallTimeout as string, '--stall-timeout') } : {}),
-        ...(opts.allowPostcopy ? { allowPostcopy: true } : {}),
-        ...(opts.keepSource ? { keepSource: true } : {}),
-        ...(opts.copyMode !== undefined ? { copyMode: opts.copyMode } : {}),
-      };
+      const request = { vm: vmName, to: opts.to, dryRun: opts.dryRun === true, ...migrateRequestOptions(opts) };
       const result = await api.migrate(request);
       if (!result.id) {
         if (json) printJson({ plan: result.plan });
@@ -271,12 +249,4 @@ function accelColumn(host: HostStatus): string {
 function vmState(vm: VmInfo): string {
   if (vm.migration?.phase === 'unresolved') return `${vm.state} (migration ${vm.migration.id} unresolved: ${vm.migration.reason ?? 'waiting for the destination'})`;
   return vm.migrating ? `${vm.state} (migrating)` : vm.state;
-}
-
-const copyModes: readonly CopyMode[] = ['write-blocking', 'background'];
-
-function parseCopyMode(text: string): CopyMode {
-  const mode = copyModes.find((m) => m === text);
-  if (!mode) throw new VmferryError('VMF_INVALID_ARGUMENT', `--copy-mode must be ${copyModes.join(' or ')} (got "${text}")`);
-  return mode;
 }

@@ -3,7 +3,7 @@
  * events and final report it produces. A phase advances only on what QEMU
  * reported (an event or a query), never on a sleep.
  */
-import type { DiskOperation } from './plan.ts';
+import type { DiskOperation, RamMode } from './plan.ts';
 
 export type MigrationPhase =
   /** Accepted; nothing has moved yet. */
@@ -12,6 +12,11 @@ export type MigrationPhase =
   | 'preparing'
   /** Source: every local disk is being copied into its target while the guest runs. */
   | 'mirroring'
+  /**
+   * The source's vCPUs are being stopped (QMP stop, recorded before it is sent) so the RAM moves in one pass:
+   * stop-and-copy, or the `pause` timeout action. A rollback from here on resumes the guest on the source.
+   */
+  | 'stopping'
   /** Mirrors are in sync; RAM and device state stream to the destination. */
   | 'migrating'
   /** Source paused before switch-over: mirrors drained and cancelled, the rest of RAM moves, memory compared. */
@@ -61,7 +66,24 @@ export type MigrationEvent =
   | { type: 'phase'; phase: MigrationPhase; at: number }
   | { type: 'disks'; disks: DiskProgress[] }
   | { type: 'ram'; ram: RamProgress }
-  | { type: 'escalation'; action: 'downtime-limit' | 'postcopy' | 'retry'; detail: string };
+  | { type: 'escalation'; action: EscalationAction; detail: string };
+
+/**
+ * Steps taken to get a migration through, in the order they apply
+ * (docs/ARCHITECTURE.md, "Escalation"): while pre-copy stalls, a higher
+ * downtime limit, then auto-converge throttling (then post-copy, if allowed);
+ * when the RAM phase outlasts --timeout, its action (`abort`, `pause`,
+ * `postcopy`); across attempts, a `retry` after a memory mismatch and the
+ * `fallback` to stop-and-copy.
+ */
+export type EscalationAction = 'downtime-limit' | 'auto-converge' | 'postcopy' | 'pause' | 'abort' | 'retry' | 'fallback';
+
+/** One escalation step as the report lists it: when (ms from the migration's start), what, and why. */
+export interface EscalationStep {
+  atMs: number;
+  action: EscalationAction;
+  detail: string;
+}
 
 export interface PhaseTiming {
   phase: MigrationPhase;
@@ -90,6 +112,8 @@ export interface AttemptSummary {
   ramBytes: number;
   /** Bytes its mirrors sent (known once the mirrors finished at the switch-over; 0 before). */
   diskBytes: number;
+  /** How its RAM moved: a fallback runs the last attempt in stop-and-copy. */
+  ramMode: RamMode;
   /** QEMU's downtime figure, when the attempt's RAM migration completed. */
   downtimeMs?: number;
   /** The guest's pause (see MigrationReport.pauseMs); 0 when the attempt ended before the switch-over stopped the guest; absent when not measured. */
@@ -134,6 +158,10 @@ export interface MigrationReport {
    * event was not seen (or the migration is unresolved: the guest is still paused).
    */
   pauseMs?: number;
+  /** How the last attempt's RAM moved (the plan's mode, or a fallback's). */
+  ramMode?: RamMode;
+  /** Every escalation step, oldest first: `atMs` from the migration's start (the first attempt's, once attempts.ts has merged them). */
+  escalations?: EscalationStep[];
   /** Attempts it took, when more than one (a rollback for a memory mismatch is retried). */
   attempts?: number;
   /** Every attempt, oldest first, with why each ended (set by src/controller/attempts.ts). */

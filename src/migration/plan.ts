@@ -11,13 +11,37 @@ import type { DiskSpec, NbdServerAddress, VmSpec } from '../qemu/spec.ts';
 
 export type CopyMode = 'background' | 'write-blocking';
 
+/**
+ * How the guest's RAM moves: `live` pre-copy while the guest runs; `postcopy`
+ * (the guest runs on the destination while the rest of its RAM follows);
+ * `stop-and-copy` the source's vCPUs stopped for the whole RAM phase, the
+ * disks still mirrored live before it (docs/ARCHITECTURE.md).
+ */
+export type RamMode = 'live' | 'postcopy' | 'stop-and-copy';
+export const ramModes: readonly RamMode[] = ['live', 'postcopy', 'stop-and-copy'];
+
+/** What happens when the RAM phase outlasts `timeoutS`, as virsh's --timeout-suspend / --timeout-postcopy: roll back, stop the guest so the rest converges, or switch to post-copy. */
+export type TimeoutAction = 'abort' | 'pause' | 'postcopy';
+export const timeoutActions: readonly TimeoutAction[] = ['abort', 'pause', 'postcopy'];
+
+/** The RAM mode the controller may fall back to after repeated memory mismatches (src/controller/attempts.ts). */
+export type RamFallback = 'none' | 'stop-and-copy';
+export const ramFallbacks: readonly RamFallback[] = ['none', 'stop-and-copy'];
+
 export interface MigrationOptions {
   /** Cap on RAM and mirror bandwidth, in MiB/s; unlimited when absent. */
   bandwidthMiBs?: number;
   /** Longest acceptable pause at switch-over, in ms. */
   maxDowntimeMs: number;
-  /** Give up (and roll back) when the migration has not completed after this many seconds. */
+  /** How the RAM moves. */
+  ramMode: RamMode;
+  /** Seconds from the start of the RAM phase after which `timeoutAction` is taken (virsh's --timeout). */
   timeoutS: number;
+  timeoutAction: TimeoutAction;
+  /** Give up (and roll back) when an attempt has not completed after this many seconds, the disk mirrors included. */
+  deadlineS: number;
+  /** Run the last attempt in this RAM mode when the earlier ones were refused for a memory mismatch. */
+  fallback: RamFallback;
   /** Give up (and roll back) when neither the mirrors nor RAM moved a byte for this many seconds: a cut link, a hung peer. */
   stallTimeoutS: number;
   /** Switch to post-copy when pre-copy does not converge. */
@@ -46,7 +70,11 @@ export const defaultAnnounce: AnnounceSettings = { initialMs: 50, maxMs: 550, ro
 
 export const defaultMigrationOptions: MigrationOptions = {
   maxDowntimeMs: 300,
+  ramMode: 'live',
   timeoutS: 600,
+  timeoutAction: 'abort',
+  deadlineS: 24 * 3600,
+  fallback: 'none',
   stallTimeoutS: 30,
   allowPostcopy: false,
   keepSource: false,
@@ -130,6 +158,7 @@ export interface MigrationPlan {
   toAddress: string;
   disks: DiskPlan[];
   ram: {
+    mode: RamMode;
     memoryMiB: number;
     maxDowntimeMs: number;
     /**
@@ -273,6 +302,7 @@ export function planMigration(
     toAddress: destination.address,
     disks,
     ram: {
+      mode: options.ramMode,
       memoryMiB: spec.memoryMiB,
       maxDowntimeMs: options.maxDowntimeMs,
       downtimeLimitsMs: source.accelerator === 'tcg' ? [options.maxDowntimeMs] : downtimeSteps(options.maxDowntimeMs),
@@ -283,6 +313,15 @@ export function planMigration(
     options,
     refusals,
   };
+}
+
+/**
+ * Whether QEMU must be ready for post-copy on both ends: QEMU takes the
+ * postcopy-ram capability only before the migration starts, so a timeout
+ * action that may switch to post-copy needs it from the start.
+ */
+export function postcopyCapable(plan: Pick<MigrationPlan, 'ram' | 'options'>): boolean {
+  return plan.ram.allowPostcopy || plan.ram.mode === 'postcopy' || plan.options.timeoutAction === 'postcopy';
 }
 
 export function formatBytes(bytes: number): string {

@@ -116,7 +116,7 @@ test('a read-only local image is refused with a way out', () => {
 test('the RAM settings carry the options through', () => {
   const options = { ...defaultMigrationOptions, maxDowntimeMs: 120, bandwidthMiBs: 200, allowPostcopy: true };
   const plan = planMigration(vm([sharedData]), source, destination(), options);
-  assert.deepEqual(plan.ram, { memoryMiB: 512, maxDowntimeMs: 120, downtimeLimitsMs: [120], bandwidthMiBs: 200, allowPostcopy: true, compareMemory: true });
+  assert.deepEqual(plan.ram, { mode: 'live', memoryMiB: 512, maxDowntimeMs: 120, downtimeLimitsMs: [120], bandwidthMiBs: 200, allowPostcopy: true, compareMemory: true });
 });
 
 test('TCG guests up to 2 GiB have their memory compared at switch-over; KVM guests and larger ones do not', () => {
