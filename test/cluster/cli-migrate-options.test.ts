@@ -57,7 +57,7 @@ test('migrate --help shows the default of every option that has one', async () =
   assert.equal(code, 0);
   // One entry per option: its line and the wrapped lines after it (indented deeper, never starting with '-').
   const entries = stdout.split(/\n(?= {2}-)/).map((entry) => entry.replace(/\s+/g, ' ').trim());
-  for (const [option, shown] of [
+  const defaults: [string, string][] = [
     ['--ram-mode <mode>', '(choices: "live", "postcopy", "stop-and-copy", default: "live")'],
     ['--bandwidth <MiB/s>', '(default: unlimited)'],
     ['--max-downtime <ms>', '(default: 300)'],
@@ -67,7 +67,8 @@ test('migrate --help shows the default of every option that has one', async () =
     ['--stall-timeout <s>', '(default: 30)'],
     ['--fallback <mode>', '(choices: "none", "stop-and-copy", default: "none")'],
     ['--copy-mode <mode>', '(choices: "write-blocking", "background", default: "write-blocking")'],
-  ]) {
+  ];
+  for (const [option, shown] of defaults) {
     const entry = entries.find((e) => e.startsWith(option));
     assert.ok(entry?.endsWith(shown), `${option} shows ${shown}: ${entry}`);
   }
