@@ -205,6 +205,14 @@ export class RemoteSource implements SourceSide {
     await this.#agent.request('POST', `${this.#path}/postcopy-resume`, { uri }, { signal });
   }
 
+  async releaseThrottle(signal: AbortSignal): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/release-throttle`, {}, { signal });
+  }
+
+  async stopGuest(signal: AbortSignal): Promise<void> {
+    await this.#agent.request('POST', `${this.#path}/stop-guest`, {}, { signal });
+  }
+
   finishMirrors(signal: AbortSignal): Promise<{ diskId: string; bytesSent: number }[]> {
     return this.#agent.request('POST', `${this.#path}/finish-mirrors`, {}, { signal, timeoutMs: longWaitMs });
   }

@@ -234,6 +234,14 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     await sides.resumePostcopy(request.params.id, request.body.uri, replySignal(reply));
     return {};
   });
+  app.post('/v1/migrations/:id/source/release-throttle', { schema: { params } }, async (request, reply) => {
+    await sides.useSource(request.params.id, (side) => side.releaseThrottle(replySignal(reply)));
+    return {};
+  });
+  app.post('/v1/migrations/:id/source/stop-guest', { schema: { params } }, async (request, reply) => {
+    await sides.useSource(request.params.id, (side) => side.stopGuest(replySignal(reply)));
+    return {};
+  });
   app.post('/v1/migrations/:id/source/finish-mirrors', { schema: { params } }, (request, reply) =>
     sides.useSource(request.params.id, (side) => side.finishMirrors(replySignal(reply))),
   );

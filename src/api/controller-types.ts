@@ -9,9 +9,15 @@ export const MigrateRequestSchema = Type.Object(
     dryRun: Type.Optional(Type.Boolean()),
     bandwidthMiBs: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 1e6 })),
     maxDowntimeMs: Type.Optional(Type.Integer({ minimum: 1, maximum: 60_000 })),
-    timeoutS: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 7 * 24 * 3600 })),
-    stallTimeoutS: Type.Optional(Type.Number({ minimum: 1, maximum: 24 * 3600 })),
     ramMode: Type.Optional(RamModeSchema),
+    /** Seconds from the start of the RAM phase after which timeoutAction is taken (virsh's --timeout). */
+    timeoutS: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 7 * 24 * 3600 })),
+    timeoutAction: Type.Optional(Type.Union([Type.Literal('abort'), Type.Literal('pause'), Type.Literal('postcopy')])),
+    /** The most an attempt may take, disk mirrors included: rolled back after it. */
+    deadlineS: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 7 * 24 * 3600 })),
+    /** After two refusals for a memory mismatch, the last attempt runs in this RAM mode. */
+    fallback: Type.Optional(Type.Union([Type.Literal('none'), Type.Literal('stop-and-copy')])),
+    stallTimeoutS: Type.Optional(Type.Number({ minimum: 1, maximum: 24 * 3600 })),
     /** `ramMode` live, switching to post-copy when pre-copy stops converging. */
     allowPostcopy: Type.Optional(Type.Boolean()),
     keepSource: Type.Optional(Type.Boolean()),

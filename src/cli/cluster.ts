@@ -1,5 +1,5 @@
 /** CLI commands that talk to the controller: hosts, VMs, migrations. */
-import { Option, type Command } from 'commander';
+import type { Command } from 'commander';
 import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
 import type { HostStatus } from '../controller/inventory.ts';
 import { parseNicArg } from './nic-arg.ts';
@@ -13,7 +13,7 @@ import { commandTls } from './tls-options.ts';
 import { followMigration } from './progress.ts';
 import { registerQuarantineCommands } from './quarantine.ts';
 import { renderPlan, renderReport, table } from './render.ts';
-import { ramModes, type CopyMode, type RamMode } from '../migration/plan.ts';
+import { addMigrateOptions, migrateRequestOptions, type MigrateCliOptions } from './migrate-options.ts';
 
 interface GlobalOptions {
   controller: string;
@@ -177,41 +177,13 @@ export function registerClusterCommands(program: Command): void {
       else console.log(`deleted VM ${name}`);
     });
 
-  program
-    .command('migrate <vm>')
-    .description('live-migrate a VM: local disks are mirrored, shared volumes re-attached, RAM streamed')
-    .requiredOption('--to <host>', 'destination host')
-    .option('--dry-run', 'print the plan and stop')
-    .option('--bandwidth <MiB/s>', 'bandwidth cap for disks and RAM')
-    .option('--max-downtime <ms>', 'longest acceptable pause at switch-over')
-    .option('--timeout <s>', 'give up and roll back after this many seconds')
-    .option('--stall-timeout <s>', 'give up and roll back when nothing moved for this many seconds (default 30)')
-    .addOption(
-      new Option('--ram-mode <mode>', 'how RAM moves: live (pre-copy, the guest paused for the last pass only), postcopy (the guest runs on the destination after one pass of pre-copy while the rest of RAM follows; from then on the source never runs again), stop-and-copy (the guest paused while RAM moves)')
-        .choices(ramModes)
-        .default('live'),
-    )
-    .option('--allow-postcopy', 'with --ram-mode live: switch to post-copy when pre-copy does not converge')
-    .option('--keep-source', 'keep the source\'s local disk files after success')
-    .option('--copy-mode <mode>', 'mirror copy mode: write-blocking (default) or background', parseCopyMode)
-    .action(async (vmName: string, opts: Record<string, string | boolean | undefined> & { copyMode?: CopyMode; ramMode: RamMode }, command: Command) => {
+  addMigrateOptions(program.command('migrate <vm>').description('live-migrate a VM: local disks are mirrored, shared volumes re-attached, RAM streamed'))
+    .action(async (vmName: string, opts: MigrateCliOptions, command: Command) => {
       const { api, json } = client(command);
       if (opts.allowPostcopy && opts.ramMode === 'stop-and-copy') {
         throw new VmferryError('VMF_INVALID_ARGUMENT', '--allow-postcopy switches a live migration to post-copy; it does not go with --ram-mode stop-and-copy');
       }
-      const request = {
-        vm: vmName,
-        to: opts.to as string,
-        dryRun: opts.dryRun === true,
-        ...(opts.bandwidth !== undefined ? { bandwidthMiBs: parsePositive(opts.bandwidth as string, '--bandwidth') } : {}),
-        ...(opts.maxDowntime !== undefined ? { maxDowntimeMs: Math.round(parsePositive(opts.maxDowntime as string, '--max-downtime')) } : {}),
-        ...(opts.timeout !== undefined ? { timeoutS: parsePositive(opts.timeout as string, '--timeout') } : {}),
-        ...(opts.stallTimeout !== undefined ? { stallTimeoutS: parsePositive(opts.stallTimeout as string, '--stall-timeout') } : {}),
-        ramMode: opts.ramMode,
-        ...(opts.allowPostcopy ? { allowPostcopy: true } : {}),
-        ...(opts.keepSource ? { keepSource: true } : {}),
-        ...(opts.copyMode !== undefined ? { copyMode: opts.copyMode } : {}),
-      };
+      const request = { vm: vmName, to: opts.to, dryRun: opts.dryRun === true, ...migrateRequestOptions(opts) };
       const result = await api.migrate(request);
       if (!result.id) {
         if (json) printJson({ plan: result.plan });
@@ -280,12 +252,4 @@ function accelColumn(host: HostStatus): string {
 function vmState(vm: VmInfo): string {
   if (vm.migration?.phase === 'unresolved') return `${vm.state} (migration ${vm.migration.id} unresolved: ${vm.migration.reason ?? 'waiting for the destination'})`;
   return vm.migrating ? `${vm.state} (migrating)` : vm.state;
-}
-
-const copyModes: readonly CopyMode[] = ['write-blocking', 'background'];
-
-function parseCopyMode(text: string): CopyMode {
-  const mode = copyModes.find((m) => m === text);
-  if (!mode) throw new VmferryError('VMF_INVALID_ARGUMENT', `--copy-mode must be ${copyModes.join(' or ')} (got "${text}")`);
-  return mode;
 }

@@ -16,8 +16,7 @@ export function renderPlan(plan: MigrationPlan): string {
     ...(d.base ? [[`${d.id} (base)`, 'shared', 'reattach', formatBytes(d.base.virtualSize), formatBytes(0), `${d.base.export}, read-only: ${d.base.reachable ? `reachable from ${plan.to}: re-attached, nothing copied` : `NOT reachable from ${plan.to}`}`]] : []),
   ]);
   const ramHow = [
-    `pre-copy, downtime limit ${plan.ram.downtimeLimitsMs.join(' → ')} ms`,
-    ...(plan.ram.mode === 'postcopy' ? [`after the first pass post-copy: the guest runs on ${plan.to} while the rest of RAM follows, and ${plan.from} never runs it again`] : []),
+    ...ramModeLines(plan),
     ...(plan.ram.allowPostcopy ? ['post-copy if it does not converge'] : []),
     ...(plan.ram.compareMemory ? [`both ends compared before B runs (TCG)${plan.ram.mode === 'postcopy' ? ', unless post-copy starts first' : ''}`] : []),
   ].join(', ');
@@ -25,6 +24,24 @@ export function renderPlan(plan: MigrationPlan): string {
   const lines = [`Plan: ${plan.vm} from ${plan.from} to ${plan.to}`, table(['disk', 'kind', 'operation', 'size', 'to copy', 'why'], rows)];
   if (plan.refusals.length) lines.push('Refused:', ...plan.refusals.map((r) => `  - ${r}`));
   return lines.join('\n');
+}
+
+/** How the plan moves RAM, and what it does when the RAM phase runs long. */
+function ramModeLines(plan: MigrationPlan): string[] {
+  const mode = plan.ram.mode;
+  const how =
+    mode === 'stop-and-copy'
+      ? 'stop-and-copy: the guest stopped once the disks are in sync, RAM in one pass'
+      : mode === 'postcopy'
+        ? `pre-copy for one pass, then post-copy: the guest runs on ${plan.to} while the rest of RAM follows, and ${plan.from} never runs it again`
+        : `pre-copy, downtime limit ${plan.ram.downtimeLimitsMs.join(' → ')} ms`;
+  const { timeoutS, timeoutAction, fallback } = plan.options;
+  return [
+    how,
+    // Plans stored by an earlier version have no timeout action.
+    ...(timeoutAction ? [`after ${timeoutS} s of RAM: ${timeoutAction}`] : []),
+    ...(fallback === 'stop-and-copy' ? ['stop-and-copy after two memory mismatches'] : []),
+  ];
 }
 
 export function renderReport(report: MigrationReport): string {
@@ -41,12 +58,14 @@ export function renderReport(report: MigrationReport): string {
   if (attempts.length > 1) {
     attempts.forEach((a, i) => {
       const ended = a.error ? `${a.outcome} (${a.error.code})` : a.outcome;
-      lines.push(`  attempt ${i + 1}: ${ended} after ${(a.durationMs / 1000).toFixed(1)} s, RAM ${formatBytes(a.ramBytes)} and disks ${formatBytes(a.diskBytes)} sent, guest paused ${msOrUnknown(a.pauseMs)}`);
+      const mode = a.ramMode === 'live' || a.ramMode === undefined ? '' : ` (${a.ramMode})`;
+      lines.push(`  attempt ${i + 1}${mode}: ${ended} after ${(a.durationMs / 1000).toFixed(1)} s, RAM ${formatBytes(a.ramBytes)} and disks ${formatBytes(a.diskBytes)} sent, guest paused ${msOrUnknown(a.pauseMs)}`);
     });
     const all = report.allAttempts;
     if (all) lines.push(`  all attempts: RAM ${formatBytes(all.ramBytes)} and disks ${formatBytes(all.diskBytes)} sent, guest paused ${msOrUnknown(all.pauseMs)} in all`);
   }
-  const ramHow = [`${report.ram.passes} passes`, ...(report.ram.throttlePercent ? [`guest throttled up to ${report.ram.throttlePercent} %`] : [])];
+  for (const step of report.escalations ?? []) lines.push(`  escalation at ${(step.atMs / 1000).toFixed(1)} s: ${step.action}: ${step.detail}`);
+  const ramHow = [...(report.ramMode === 'stop-and-copy' ? ['guest stopped'] : []), `${report.ram.passes} passes`, ...(report.ram.throttlePercent ? [`guest throttled up to ${report.ram.throttlePercent} %`] : [])];
   lines.push(
     table(
       ['disk', 'operation', 'size', 'bytes sent'],

@@ -9,7 +9,7 @@ import { VmferryError, describeError } from '../errors.ts';
 import { RemoteDestination, RemoteSource } from '../agent/client.ts';
 import { runMigration } from '../migration/executor.ts';
 import { finalPhases, type MigrationEvent, type MigrationPhase, type MigrationReport } from '../migration/phases.ts';
-import { defaultMigrationOptions, planMigration, type MigrationOptions, type MigrationPlan } from '../migration/plan.ts';
+import { defaultMigrationOptions, planMigration, type MigrationOptions, type MigrationPlan, type RamMode } from '../migration/plan.ts';
 import type { MigrationRecord, Store } from '../store/store.ts';
 import { runAttempts } from './attempts.ts';
 import { retireUntilDone, settleUntilDone } from './recovery.ts';
@@ -79,7 +79,10 @@ export class MigrationService {
       // A re-attached disk has no copy job: the storage server's counters, before and after, say what crossed for it.
       const storageIo = await StorageIoWatch.start(this.#storage, vm.spec, plan, logger);
       const report = await runAttempts({
-        run: (attemptEvent) => runMigration({ spec: vm.spec, plan, source, destination, signal: abort.signal, logger, onEvent: attemptEvent, recordPhase }),
+        run: (attemptEvent, ramMode) =>
+          runMigration({ spec: vm.spec, plan: withRamMode(plan, ramMode), source, destination, signal: abort.signal, logger, onEvent: attemptEvent, recordPhase }),
+        ramMode: plan.ram.mode,
+        fallback: plan.options.fallback,
         beforeRetry: () => source.begin(plan),
         onEvent,
         signal: abort.signal,
@@ -134,4 +137,9 @@ export class MigrationService {
     for (const { abort } of this.#running.values()) abort.abort(new VmferryError('VMF_ABORTED', 'the controller is shutting down'));
     await Promise.all([...this.#running.values()].map((r) => r.done));
   }
+}
+
+/** The plan an attempt runs: the stored one, or its fallback's RAM mode (attempts.ts). */
+function withRamMode(plan: MigrationPlan, mode: RamMode): MigrationPlan {
+  return mode === plan.ram.mode ? plan : { ...plan, ram: { ...plan.ram, mode } };
 }

@@ -7,6 +7,7 @@ import type { MigrationInfo } from '../qmp/commands.ts';
 
 export type Escalation =
   | { action: 'downtime-limit'; downtimeLimitMs: number }
+  | { action: 'auto-converge' }
   | { action: 'postcopy' };
 
 /** Passes over memory without a 10% improvement before the migration counts as stalled. */
@@ -26,10 +27,15 @@ export class ConvergenceWatch {
   #bestRemaining = Number.POSITIVE_INFINITY;
   #passesWithoutProgress = 0;
 
-  /** `downtimeLimitsMs`: the plan's steps; the migration starts at the first, the rest are escalations. */
+  /**
+   * `downtimeLimitsMs`: the plan's steps; the migration starts at the first, the
+   * rest are escalations. Then auto-converge throttling, which slows the guest
+   * rather than lengthening its pause, then post-copy if allowed.
+   */
   constructor(downtimeLimitsMs: number[], allowPostcopy: boolean) {
     const [, ...higher] = downtimeLimitsMs;
     this.#ladder = higher.map((ms): Escalation => ({ action: 'downtime-limit', downtimeLimitMs: ms }));
+    this.#ladder.push({ action: 'auto-converge' });
     if (allowPostcopy) this.#ladder.push({ action: 'postcopy' });
   }
 

@@ -4,7 +4,7 @@
  *
  *   1. prepare the destination   (volumes, incoming QEMU, NBD exports)
  *   2. copy local data           (one mirror per local disk, until all READY)
- *   3. move RAM and device state (pre-copy; escalate when it stalls)
+ *   3. move RAM and device state (pre-copy, or with the guest stopped; escalate when it stalls or times out)
  *   4. switch over               (drain mirrors at pre-switchover, continue, compare memory)
  *   5. resume on the destination (the point of no return), retire the source
  *   6. report
@@ -31,12 +31,12 @@ import { differingChunks, type MemoryDigest } from '../qemu/memory-digest.ts';
 import type { MigrationInfo } from '../qmp/commands.ts';
 import { Deadline, abortError, timeoutSignal } from '../util/abort.ts';
 import { StallWatch } from './stall-watch.ts';
-import { ConvergenceWatch } from './convergence.ts';
-import { finalPhases, type MigrationEvent, type MigrationPhase, type MigrationReport, type PhaseTiming, type RamProgress } from './phases.ts';
-import { formatBytes, type MigrationPlan } from './plan.ts';
+import { RamEscalation } from './escalation.ts';
+import { finalPhases, type EscalationStep, type MigrationEvent, type MigrationPhase, type MigrationReport, type PhaseTiming, type RamProgress } from './phases.ts';
+import { postcopyCapable, type MigrationPlan } from './plan.ts';
 import type { DestinationSide, MigrationMilestone, SourceCompletion, SourceSide } from './sides.ts';
 import { postcopyMayHaveBegun, resumeMayHaveBeenSent, settlement, type DestinationFate, type PostcopyRam } from './no-return.ts';
-import { PostcopySwitch, postcopyCapable } from './postcopy.ts';
+import { PostcopySwitch } from './postcopy.ts';
 
 export interface RunMigrationInput {
   spec: VmSpec;
@@ -117,10 +117,10 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
   const emit = (event: MigrationEvent): void => input.onEvent?.(event);
   const pollMs = input.pollIntervalMs ?? 250;
   const timeline = new Timeline(emit, logger);
-  const deadline = new Deadline(`migration of ${plan.vm} to ${plan.to}`, plan.options.timeoutS * 1000, input.signal);
+  const deadline = new Deadline(`migration of ${plan.vm} to ${plan.to} (--deadline)`, plan.options.deadlineS * 1000, input.signal);
   const signal = deadline.signal;
   const bytesSent = new Map<string, number>();
-  const figures: Figures = { info: {}, throttlePercent: 0, stoppedAtUs: null, pauseMs: undefined, memoryCompared: false };
+  const figures: Figures = { info: {}, throttlePercent: 0, stoppedAtUs: null, pauseMs: undefined, memoryCompared: false, escalations: [] };
   const postcopy = new PostcopySwitch(source, emit);
   /** The source's final figures, asked for as soon as its RAM migration completed. */
   let completion: Promise<SourceCompletion | undefined> | undefined;
@@ -136,6 +136,14 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
     await record(phase);
     await input.beforePhase?.(phase);
   };
+  // Recorded before the stop is sent: from here on a rollback must resume the guest on the source.
+  const stopGuest = async (s: AbortSignal): Promise<void> => {
+    await enter('stopping');
+    await source.stopGuest(s);
+    await enter('migrating');
+  };
+  const escalation = new RamEscalation({ plan, source, attemptStartedAt: timeline.startedAt, emit, stopGuest, postcopy });
+  figures.escalations = escalation.steps;
   const finish = async (recovery?: string, resumedAtUs: number | null = null): Promise<MigrationReport> => {
     // The guest runs on the destination: nothing may bring the source back.
     const completed = await (completion ?? readCompletion(source, logger));
@@ -171,19 +179,26 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       await waitMirrorsReady(source, plan, pollMs, signal, emit);
     }
 
-    // 3. RAM and device state: pre-copy until QEMU pauses the source before switch-over.
-    await enter('migrating');
+    // 3. RAM and device state: pre-copy until QEMU pauses the source before switch-over. In stop-and-copy the
+    // guest stops first (its disks are in sync by now), so the RAM moves in one pass and nothing is dirtied behind it.
+    if (plan.ram.mode === 'stop-and-copy') {
+      await stopGuest(signal);
+      escalation.guestStopped();
+    } else {
+      await enter('migrating');
+    }
+    escalation.ramStarted();
     await source.startMigration(
       prepared.migrationUri,
       {
         maxBandwidthBytes: bandwidthBytes,
         downtimeLimitMs: plan.ram.downtimeLimitsMs[0] ?? plan.ram.maxDowntimeMs,
-        allowPostcopy: postcopyCapable(plan.ram),
+        allowPostcopy: postcopyCapable(plan),
         tls: prepared.tls,
       },
       signal,
     );
-    const milestone = await convergeRam(source, plan, postcopy, prepared.mirrorTargets.length > 0, pollMs, signal, emit, (info) => {
+    const milestone = await convergeRam(source, escalation, plan, prepared.mirrorTargets.length > 0, pollMs, signal, emit, (info) => {
       figures.info = info;
       figures.throttlePercent = Math.max(figures.throttlePercent, info['cpu-throttle-percentage'] ?? 0);
     });
@@ -290,7 +305,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       }
     }
     await recordQuietly('rolling-back');
-    const guestStopped = timeline.phases.some((p) => p.phase === 'paused-at-switchover');
+    const guestStopped = timeline.phases.some((p) => p.phase === 'stopping' || p.phase === 'paused-at-switchover');
     try {
       const { pauseMs } = await source.rollback();
       figures.pauseMs = guestStopped ? (pauseMs ?? undefined) : 0;
@@ -323,6 +338,8 @@ interface Figures {
   memoryCompared: boolean;
   /** SourceCompletion.postcopyMs. */
   postcopyMs?: number;
+  /** The RAM phase's escalation steps, as taken. */
+  escalations: EscalationStep[];
 }
 
 /** Whether the source's RAM migration completed, once post-copy may have begun; anything but QEMU's word for it is not. */
@@ -443,18 +460,17 @@ async function waitMirrorsReady(
   }
 }
 
-/** Samples RAM progress and escalates on stalls until QEMU reaches a milestone. */
+/** Samples RAM progress and escalates (stalls, --timeout) until QEMU reaches a milestone. */
 async function convergeRam(
   source: SourceSide,
+  escalation: RamEscalation,
   plan: MigrationPlan,
-  postcopy: PostcopySwitch,
   mirroring: boolean,
   pollMs: number,
   signal: AbortSignal,
   emit: (event: MigrationEvent) => void,
   remember: (info: MigrationInfo) => void,
 ): Promise<MigrationMilestone> {
-  const watch = new ConvergenceWatch(plan.ram.downtimeLimitsMs, plan.ram.allowPostcopy);
   const stall = new StallWatch('the RAM migration', plan.options.stallTimeoutS);
   let reached: MigrationMilestone | undefined;
   const milestone = source.waitMilestone(signal).then((m) => (reached = m));
@@ -471,20 +487,7 @@ async function convergeRam(
     const ram = ramProgress(info);
     if (ram) emit({ type: 'ram', ram });
     stall.observe(ram?.transferredBytes ?? 0);
-    // As libvirt's --postcopy-after-precopy: QEMU counts a pass done when it syncs the dirty bitmap for the next one.
-    if (plan.ram.mode === 'postcopy' && ram && ram.iteration >= 2) {
-      await postcopy.request(
-        `post-copy mode: the first pass of pre-copy is done (${formatBytes(ram.transferredBytes)} sent, ${formatBytes(ram.remainingBytes)} still to send); ${plan.to} takes over the guest and pulls the rest`,
-        signal,
-      );
-    }
-    const escalation = watch.observe(info);
-    if (escalation?.action === 'downtime-limit') {
-      emit({ type: 'escalation', action: 'downtime-limit', detail: `not converging: downtime limit raised to ${escalation.downtimeLimitMs} ms` });
-      await source.setDowntimeLimit(escalation.downtimeLimitMs, signal);
-    } else if (escalation?.action === 'postcopy') {
-      await postcopy.request('not converging at the largest downtime limit: switching to post-copy', signal);
-    }
+    await escalation.observe(info, signal);
   }
 }
 
@@ -604,7 +607,9 @@ function report(
     phases: timeline.phases,
     totalMs: Date.now() - timeline.startedAt,
     downtimeMs: outcome === 'completed' ? info.downtime : undefined,
+    ramMode: plan.ram.mode,
   };
+  if (figures.escalations.length > 0) result.escalations = [...figures.escalations];
   if (figures.pauseMs !== undefined) result.pauseMs = figures.pauseMs;
   if (error) result.error = error;
   return result;

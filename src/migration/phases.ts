@@ -3,7 +3,7 @@
  * events and final report it produces. A phase advances only on what QEMU
  * reported (an event or a query), never on a sleep.
  */
-import type { DiskOperation } from './plan.ts';
+import type { DiskOperation, RamMode } from './plan.ts';
 
 /** One phase of a migration: what happens once it is stored, and what undoes that. */
 export interface MigrationStep {
@@ -37,6 +37,13 @@ export const migrationSteps = [
     phase: 'mirroring',
     step: "A: B's TLS mode held against its own (a mismatch is refused here), then `blockdev-mirror` of every local disk into B's exports, until READY",
     undo: "A's rollback: mirrors cancelled, targets detached",
+    pastNoReturn: false,
+    final: false,
+  },
+  {
+    phase: 'stopping',
+    step: 'stop-and-copy (or the `pause` timeout action) — A: QMP `stop`, so RAM moves in one pass with the guest paused',
+    undo: "A's rollback: `migrate_cancel`, guest continued",
     pastNoReturn: false,
     final: false,
   },
@@ -128,7 +135,24 @@ export type MigrationEvent =
   | { type: 'phase'; phase: MigrationPhase; at: number }
   | { type: 'disks'; disks: DiskProgress[] }
   | { type: 'ram'; ram: RamProgress }
-  | { type: 'escalation'; action: 'downtime-limit' | 'postcopy' | 'postcopy-recover' | 'retry'; detail: string };
+  | { type: 'escalation'; action: EscalationAction; detail: string };
+
+/**
+ * Steps taken to get a migration through, in the order they apply
+ * (docs/ARCHITECTURE.md, "Escalation"): while pre-copy stalls, a higher
+ * downtime limit, then auto-converge throttling (then post-copy, if allowed);
+ * when the RAM phase outlasts --timeout, its action (`abort`, `pause`,
+ * `postcopy`); a `postcopy-recover` of a broken post-copy stream; across attempts, a `retry` after a memory mismatch and the
+ * `fallback` to stop-and-copy.
+ */
+export type EscalationAction = 'downtime-limit' | 'auto-converge' | 'postcopy' | 'postcopy-recover' | 'pause' | 'abort' | 'retry' | 'fallback';
+
+/** One escalation step as the report lists it: when (ms from the migration's start), what, and why. */
+export interface EscalationStep {
+  atMs: number;
+  action: EscalationAction;
+  detail: string;
+}
 
 export interface PhaseTiming {
   phase: MigrationPhase;
@@ -157,6 +181,8 @@ export interface AttemptSummary {
   ramBytes: number;
   /** Bytes its mirrors sent (known once the mirrors finished at the switch-over; 0 before). */
   diskBytes: number;
+  /** How its RAM moved: a fallback runs the last attempt in stop-and-copy. */
+  ramMode: RamMode;
   /** QEMU's downtime figure, when the attempt's RAM migration completed. */
   downtimeMs?: number;
   /** The guest's pause (see MigrationReport.pauseMs); 0 when the attempt ended before the switch-over stopped the guest; absent when not measured. */
@@ -207,6 +233,10 @@ export interface MigrationReport {
    * event was not seen (or the migration is unresolved: the guest is still paused).
    */
   pauseMs?: number;
+  /** How the last attempt's RAM moved (the plan's mode, or a fallback's). */
+  ramMode?: RamMode;
+  /** Every escalation step, oldest first: `atMs` from the migration's start (the first attempt's, once attempts.ts has merged them). */
+  escalations?: EscalationStep[];
   /** Attempts it took, when more than one (a rollback for a memory mismatch is retried). */
   attempts?: number;
   /** Every attempt, oldest first, with why each ended (set by src/controller/attempts.ts). */

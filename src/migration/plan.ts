@@ -22,13 +22,26 @@ export type RamMode = 'live' | 'postcopy' | 'stop-and-copy';
 
 export const ramModes: readonly RamMode[] = ['live', 'postcopy', 'stop-and-copy'];
 
+/** What happens when the RAM phase outlasts `timeoutS`, as virsh's --timeout-suspend / --timeout-postcopy: roll back, stop the guest so the rest converges, or switch to post-copy. */
+export type TimeoutAction = 'abort' | 'pause' | 'postcopy';
+export const timeoutActions: readonly TimeoutAction[] = ['abort', 'pause', 'postcopy'];
+
+/** The RAM mode the controller may fall back to after repeated memory mismatches (src/controller/attempts.ts). */
+export type RamFallback = 'none' | 'stop-and-copy';
+export const ramFallbacks: readonly RamFallback[] = ['none', 'stop-and-copy'];
+
 export interface MigrationOptions {
   /** Cap on RAM and mirror bandwidth, in MiB/s; unlimited when absent. */
   bandwidthMiBs?: number;
   /** Longest acceptable pause at switch-over, in ms. */
   maxDowntimeMs: number;
-  /** Give up (and roll back) when the migration has not completed after this many seconds. */
+  /** Seconds from the start of the RAM phase after which `timeoutAction` is taken (virsh's --timeout). */
   timeoutS: number;
+  timeoutAction: TimeoutAction;
+  /** Give up (and roll back) when an attempt has not completed after this many seconds, the disk mirrors included. */
+  deadlineS: number;
+  /** Run the last attempt in this RAM mode when the earlier ones were refused for a memory mismatch. */
+  fallback: RamFallback;
   /** Give up (and roll back) when neither the mirrors nor RAM moved a byte for this many seconds: a cut link, a hung peer. */
   stallTimeoutS: number;
   /** How RAM moves. */
@@ -60,6 +73,9 @@ export const defaultAnnounce: AnnounceSettings = { initialMs: 50, maxMs: 550, ro
 export const defaultMigrationOptions: MigrationOptions = {
   maxDowntimeMs: 300,
   timeoutS: 600,
+  timeoutAction: 'abort',
+  deadlineS: 24 * 3600,
+  fallback: 'none',
   stallTimeoutS: 30,
   ramMode: 'live',
   allowPostcopy: false,
@@ -301,6 +317,15 @@ export function planMigration(
     options,
     refusals,
   };
+}
+
+/**
+ * Whether QEMU must be ready for post-copy on both ends: QEMU takes the
+ * postcopy-ram capability only before the migration starts, so a timeout
+ * action that may switch to post-copy needs it from the start.
+ */
+export function postcopyCapable(plan: Pick<MigrationPlan, 'ram' | 'options'>): boolean {
+  return plan.ram.allowPostcopy || plan.ram.mode === 'postcopy' || plan.options.timeoutAction === 'postcopy';
 }
 
 export function formatBytes(bytes: number): string {

@@ -22,8 +22,8 @@ import { faultPoint } from '../util/fault-points.ts';
 import { findFreePort } from '../util/ports.ts';
 import { qemuTlsCreds } from '../qemu/tls-creds.ts';
 import type { DestinationFate } from './no-return.ts';
-import { postcopyCapable, waitPostcopyPaused } from './postcopy.ts';
-import { defaultAnnounce, type AnnounceSettings, type MigrationPlan } from './plan.ts';
+import { waitPostcopyPaused } from './postcopy.ts';
+import { defaultAnnounce, postcopyCapable, type AnnounceSettings, type MigrationPlan } from './plan.ts';
 import type { DestinationResumed, DestinationSide, IncomingRunnable, MirrorTarget, PreparedDestination } from './sides.ts';
 
 export interface QemuDestinationOptions {
@@ -121,7 +121,7 @@ export class QemuDestination implements DestinationSide {
     const tls = await this.#secureStreams(vm, plan.from, signal);
     await vm.qmp('setting up the incoming migration', async (qmp) => {
       await qmp.migrateSetCapabilities(
-        { events: true, 'late-block-activate': true, 'return-path': true, 'postcopy-ram': postcopyCapable(plan.ram) },
+        { events: true, 'late-block-activate': true, 'return-path': true, 'postcopy-ram': postcopyCapable(plan) },
         { signal },
       );
       if (tls) await qmp.migrateSetParameters({ 'tls-creds': tls.creds, ...(tls.authz === undefined ? {} : { 'tls-authz': tls.authz }) }, { signal });

@@ -56,6 +56,16 @@ const unresponsiveMs = 3_000;
 /** yank runs on the monitor thread and answers at once, unless the monitor itself is gone. */
 const yankTimeoutMs = 5_000;
 
+/**
+ * QEMU takes migration capabilities only before a migration starts, so
+ * auto-converge is on from the start but held at a 1 % throttle (1 % of each
+ * 10 ms slice asleep) until the escalation ladder releases it
+ * (releaseThrottle). Then QEMU's own defaults apply: 20 % at first, 10 more
+ * per pass that still dirties faster than it sends, at most 99 %.
+ */
+const heldThrottle = { 'cpu-throttle-initial': 1, 'cpu-throttle-increment': 1, 'max-cpu-throttle': 1 };
+const releasedThrottle = { 'cpu-throttle-initial': 20, 'cpu-throttle-increment': 10, 'max-cpu-throttle': 99 };
+
 /** QEMU sends RESUME before its reply to cont: a wait this long only covers a slow monitor. */
 const resumeEventMs = 2_000;
 
@@ -217,11 +227,12 @@ export class QemuSource implements SourceSide {
           // (then re-adopted) by an agent of the other kind.
           'tls-creds': this.#tls ? qemuTlsCreds.client : '',
           'tls-hostname': this.#tls ? host : '',
+          ...heldThrottle,
         },
         { signal },
       );
-      // Opened before migrate, so no MIGRATION event can slip past.
-      this.#events = qmp.client.listen();
+      // Opened before migrate, so no MIGRATION event can slip past (or before stopGuest, whose STOP it keeps).
+      this.#events ??= qmp.client.listen();
       await qmp.migrate(uri, { signal });
     });
   }
@@ -259,6 +270,21 @@ export class QemuSource implements SourceSide {
 
   async setDowntimeLimit(ms: number, signal: AbortSignal): Promise<void> {
     await this.#qmp('raising the downtime limit', (qmp) => qmp.migrateSetParameters({ 'downtime-limit': ms }, { signal }));
+  }
+
+  async releaseThrottle(signal: AbortSignal): Promise<void> {
+    await this.#qmp('releasing the auto-converge throttle', (qmp) => qmp.migrateSetParameters(releasedThrottle, { signal }));
+  }
+
+  async stopGuest(signal: AbortSignal): Promise<void> {
+    // Remembered first: the rollback resumes only a guest that ran before the migration touched it.
+    await this.#rememberRunState();
+    await this.#qmp('stopping the guest', async (qmp) => {
+      // Opened before stop: a guest already stopped gets no STOP from the migration's switch-over, so this one
+      // is where its pause begins.
+      this.#events ??= qmp.client.listen();
+      await qmp.stop({ signal });
+    });
   }
 
   async startPostcopy(signal: AbortSignal): Promise<void> {
@@ -329,6 +355,7 @@ export class QemuSource implements SourceSide {
 
   async retire(keepLocalDisks: boolean): Promise<void> {
     this.#events?.close();
+    this.#events = undefined;
     await this.#vm.stop({ quitTimeoutMs: 10_000 });
     await this.#vm.cleanup();
     if (!keepLocalDisks) await removeLocalCopies(this.#vm.spec);
@@ -357,6 +384,7 @@ export class QemuSource implements SourceSide {
     await this.#removeTargets(signal);
     const stoppedAtUs = this.#guestStoppedAtUs();
     this.#events?.close();
+    this.#events = undefined;
     this.#mirrorEvents?.close();
     const status = await this.#vm.status();
     if (!this.#wasRunning || status.running) return { pauseMs: null };

@@ -44,7 +44,7 @@ export interface MirrorStatus {
 export interface MigrationSettings {
   maxBandwidthBytes: number | undefined;
   downtimeLimitMs: number;
-  /** QEMU's postcopy-ram capability: the migration may switch to post-copy (postcopyCapable in postcopy.ts). The bandwidth cap then holds in post-copy too. */
+  /** QEMU's postcopy-ram capability: the migration may switch to post-copy (postcopyCapable in plan.ts). The bandwidth cap then holds in post-copy too. */
   allowPostcopy: boolean;
   /** The destination takes the stream over TLS only: PreparedDestination.tls, passed on. */
   tls: boolean;
@@ -127,11 +127,19 @@ export interface SourceSide {
   /** Resolves with the first milestone QEMU reports from now on (or one already reached). */
   waitMilestone(signal: AbortSignal): Promise<MigrationMilestone>;
   setDowntimeLimit(ms: number, signal: AbortSignal): Promise<void>;
+  /** Auto-converge, held at a 1 % throttle since the migration started, may now slow the guest as QEMU sees fit (an escalation step). */
+  releaseThrottle(signal: AbortSignal): Promise<void>;
   startPostcopy(signal: AbortSignal): Promise<void>;
   /** Post-copy whose stream broke: makes sure this end is `postcopy-paused`, breaking a stream its QEMU still thinks flows. */
   pausePostcopy(signal: AbortSignal): Promise<void>;
   /** Continues a paused post-copy over a new connection to `uri` (DestinationSide.recoverPostcopy). */
   resumePostcopy(uri: string, signal: AbortSignal): Promise<void>;
+  /**
+   * Stops the guest's vCPUs (QMP stop) so its RAM stops changing: stop-and-copy,
+   * or the `pause` timeout action. Its STOP event begins the guest's pause, and
+   * a rollback resumes the guest, as after pre-switchover.
+   */
+  stopGuest(signal: AbortSignal): Promise<void>;
   /**
    * At pre-switchover: cancel every READY mirror so it drains in sync while the
    * images are still active, check each copied everything, drop the NBD targets.

@@ -55,6 +55,8 @@ export interface MigrationParameters {
   'downtime-limit'?: number;
   'cpu-throttle-initial'?: number;
   'cpu-throttle-increment'?: number;
+  /** The highest throttle auto-converge may reach (percent, at least cpu-throttle-initial). */
+  'max-cpu-throttle'?: number;
   'max-postcopy-bandwidth'?: number;
   'multifd-channels'?: number;
   /** The id of a tls-creds object: the stream runs over TLS; empty: plain TCP. */

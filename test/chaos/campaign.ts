@@ -424,7 +424,7 @@ async function restartAgent(cluster: LocalCluster, id: string): Promise<void> {
 async function startMigration(cluster: LocalCluster, vm: string, result: RunResult): Promise<string> {
   try {
     // Uncapped: a capped TCG pre-copy takes more passes and fails its memory comparison (docs/QEMU-TCG-PRECOPY.md), so switch-over would rarely be reached.
-    const { id } = await cluster.api.migrate({ vm, to: 'B', timeoutS: 120, stallTimeoutS: 10 });
+    const { id } = await cluster.api.migrate({ vm, to: 'B', deadlineS: 120, stallTimeoutS: 10 });
     if (id) return id;
     throw new Error('the controller accepted the migration without an id');
   } catch (err) {

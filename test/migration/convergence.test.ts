@@ -16,23 +16,29 @@ test('a pre-copy that keeps shrinking is left alone', () => {
   for (let pass = 1; pass <= 10; pass++) assert.equal(watch.observe(at(pass, 1e9 / pass)), undefined);
 });
 
-test('three passes without a 10% improvement raise the downtime limit one step, then the next, then go post-copy', () => {
+test('three passes without a 10% improvement raise the downtime limit one step, then the next, then release auto-converge, then go post-copy', () => {
   const watch = new ConvergenceWatch([75, 150, 300], true);
   const escalations = [];
-  for (let pass = 1; pass <= 13; pass++) {
+  for (let pass = 1; pass <= 16; pass++) {
     const escalation = watch.observe(at(pass, 100e6));
     if (escalation) escalations.push({ pass, escalation });
   }
   assert.deepEqual(escalations, [
     { pass: 4, escalation: { action: 'downtime-limit', downtimeLimitMs: 150 } },
     { pass: 7, escalation: { action: 'downtime-limit', downtimeLimitMs: 300 } },
-    { pass: 10, escalation: { action: 'postcopy' } },
+    { pass: 10, escalation: { action: 'auto-converge' } },
+    { pass: 13, escalation: { action: 'postcopy' } },
   ]);
 });
 
-test('samples within one pass count once; a plan with one limit and no post-copy never escalates', () => {
+test('samples within one pass count once; a plan with one limit and no post-copy escalates only to auto-converge', () => {
   const watch = new ConvergenceWatch([300], false);
-  for (let sample = 0; sample < 20; sample++) assert.equal(watch.observe(at(1 + Math.floor(sample / 5), 100e6)), undefined);
+  const steps = [];
+  for (let sample = 0; sample < 40; sample++) {
+    const escalation = watch.observe(at(1 + Math.floor(sample / 5), 100e6));
+    if (escalation) steps.push({ pass: 1 + Math.floor(sample / 5), escalation });
+  }
+  assert.deepEqual(steps, [{ pass: 4, escalation: { action: 'auto-converge' } }]);
   const ladder = new ConvergenceWatch([75, 300], false);
   // Pass 1 sets the best; passes 2-4 stall, but each pass is sampled many times.
   const seen = [];

@@ -7,7 +7,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { VmferryError } from '../../src/errors.ts';
 import { runMigration } from '../../src/migration/executor.ts';
 import type { MigrationEvent, MigrationPhase } from '../../src/migration/phases.ts';
-import { defaultMigrationOptions, planMigration, type MigrationPlan, type RamMode } from '../../src/migration/plan.ts';
+import { defaultMigrationOptions, planMigration, type MigrationOptions, type MigrationPlan } from '../../src/migration/plan.ts';
 import type { DestinationSide, MigrationMilestone, SourceSide } from '../../src/migration/sides.ts';
 import type { MigrationInfo, MigrationStatus } from '../../src/qmp/commands.ts';
 import type { DestinationFate } from '../../src/migration/no-return.ts';
@@ -24,32 +24,39 @@ const spec: VmSpec = {
   ],
 };
 
-function plan(timeoutS = 60, ramMode: RamMode = 'live'): MigrationPlan {
+function plan(deadlineS = 60, options: Partial<MigrationOptions> = {}, accelerator: 'tcg' | 'kvm' = 'tcg'): MigrationPlan {
   return planMigration(
     spec,
-    { hostId: 'A', qemuVersion: '7.2', machineType: 'q35', accelerator: 'tcg', localDisks: { root: { virtualSize: 1 << 20, allocatedBytes: 1 << 19, backingFile: undefined } } },
+    { hostId: 'A', qemuVersion: '7.2', machineType: 'q35', accelerator, localDisks: { root: { virtualSize: 1 << 20, allocatedBytes: 1 << 19, backingFile: undefined } } },
     {
       hostId: 'B',
       address: '127.0.0.1',
       qemuVersion: '7.2',
       machineTypes: ['q35'],
-      accelerator: 'tcg',
+      accelerator,
       cpu: { model: 'qemu64', unavailableFeatures: [] },
       freeMemoryMiB: 4096,
       poolFreeBytes: 1 << 30,
       reachableExports: { 'nbd+unix:///s.sock/data': 1 << 20 },
       vmNames: [],
     },
-    { ...defaultMigrationOptions, timeoutS, ramMode },
+    { ...defaultMigrationOptions, deadlineS, ...options },
   );
 }
 
-/** Fake sides that log every call; `hang` makes one call wait until the signal aborts. */
-function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: string[]; sourceAlgorithm?: string; fate?: DestinationFate } = {}) {
+/**
+ * Fake sides that log every call; `hang` makes one call wait until the signal aborts. `milestoneAfter`: pre-copy
+ * that never converges (each progress sample a new pass with as much left), reaching pre-switchover only once
+ * that call was made (never, for 'never').
+ */
+function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: string[]; sourceAlgorithm?: string; fate?: DestinationFate; milestoneAfter?: string } = {}) {
   const calls: string[] = [];
   let mirrorPolls = 0;
+  let pass = 0;
+  let called: (() => void) | undefined;
   const act = async (name: string, signal?: AbortSignal): Promise<void> => {
     calls.push(name);
+    called?.();
     if (options.fail === name) throw new Error(`${name} broke`);
     if (options.hang === name) {
       await new Promise((_, reject) => signal?.addEventListener('abort', () => reject(signal.reason as Error), { once: true }));
@@ -101,15 +108,30 @@ function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: 
       return [{ diskId: 'root', offset: mirrorPolls * 100, len: 200, ready: mirrorPolls >= 2 }];
     },
     startMigration: (_u, _s, signal) => act('src.startMigration', signal),
-    migrationInfo: () => Promise.resolve(info),
+    migrationInfo: () => {
+      if (!options.milestoneAfter) return Promise.resolve(info);
+      pass++;
+      return Promise.resolve({ status: 'active', ram: { ...(info.ram as NonNullable<MigrationInfo['ram']>), remaining: 500, 'dirty-sync-count': pass } });
+    },
     waitMilestone: async (signal): Promise<MigrationMilestone> => {
       await act('src.waitMilestone', signal);
+      const after = options.milestoneAfter;
+      // No timer: a migration that fails leaves this wait behind, and a timer would keep the test process alive.
+      if (after !== undefined) {
+        await new Promise<void>((resolve, reject) => {
+          called = () => calls.includes(after) && resolve();
+          called();
+          signal.addEventListener('abort', () => reject(signal.reason as Error), { once: true });
+        });
+      }
       return 'pre-switchover';
     },
     setDowntimeLimit: (_ms, signal) => act('src.setDowntimeLimit', signal),
+    releaseThrottle: (signal) => act('src.releaseThrottle', signal),
     startPostcopy: (signal) => act('src.startPostcopy', signal),
     pausePostcopy: (signal) => act('src.pausePostcopy', signal),
     resumePostcopy: (_uri, signal) => act('src.resumePostcopy', signal),
+    stopGuest: (signal) => act('src.stopGuest', signal),
     finishMirrors: async (signal) => {
       await act('src.finishMirrors', signal);
       return [{ diskId: 'root', bytesSent: 200 }];
@@ -261,12 +283,12 @@ for (const { step, phase, undo } of steps) {
   });
 }
 
-test('past the timeout the migration rolls back and says it timed out', async () => {
+test('past the deadline the migration rolls back and says it timed out', async () => {
   const { calls, source, destination } = fakeSides({ hang: 'src.waitMilestone' });
   const report = await runMigration({ spec, plan: plan(0.2), source, destination, pollIntervalMs: 1 });
   assert.equal(report.outcome, 'failed');
   assert.equal(report.error?.code, 'VMF_TIMEOUT');
-  assert.match(report.error?.message ?? '', /migration of web to B did not finish within 200 ms/);
+  assert.match(report.error?.message ?? '', /migration of web to B \(--deadline\) did not finish within 200 ms/);
   assert.deepEqual(calls.slice(-2), ['dst.rollback', 'src.rollback']);
 });
 
@@ -466,7 +488,7 @@ function postcopySides(options: Parameters<typeof fakeSides>[0] & { end?: Migrat
 test('post-copy mode: after the first pass the mirrors finish, the destination resumes in postcopy-active, the source retires once completed', async () => {
   const { calls, source, destination } = postcopySides();
   const events: MigrationEvent[] = [];
-  const report = await runMigration({ spec, plan: plan(60, 'postcopy'), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1 });
+  const report = await runMigration({ spec, plan: plan(60, { ramMode: 'postcopy' }), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1 });
   assert.equal(report.outcome, 'completed', report.error?.message);
   assert.deepEqual(phasesOf(events), ['preparing', 'mirroring', 'migrating', 'paused-at-switchover', 'postcopy-started', 'postcopy-active', 'resumed', 'source-retired', 'completed']);
   assert.deepEqual(
@@ -487,14 +509,14 @@ test('post-copy mode: after the first pass the mirrors finish, the destination r
 test('the post-copy phase is stored before the continue that lets QEMU start it', async () => {
   const { calls, source, destination } = postcopySides();
   const stored: string[] = [];
-  await runMigration({ spec, plan: plan(60, 'postcopy'), source, destination, pollIntervalMs: 1, recordPhase: (p) => Promise.resolve(void stored.push(`${p}@${calls.length}`)) });
+  await runMigration({ spec, plan: plan(60, { ramMode: 'postcopy' }), source, destination, pollIntervalMs: 1, recordPhase: (p) => Promise.resolve(void stored.push(`${p}@${calls.length}`)) });
   assert.ok(stored.includes(`postcopy-started@${calls.indexOf('src.continueSwitchover')}`), `stored ${stored.join(', ')}`);
 });
 
 test('a link cut during post-copy that comes back: B listens anew, A resumes to it, and the migration completes', async () => {
   const { calls, source, destination } = postcopySides({ end: 'postcopy-paused', linkBack: true });
   const events: MigrationEvent[] = [];
-  const report = await runMigration({ spec, plan: plan(60, 'postcopy'), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1 });
+  const report = await runMigration({ spec, plan: plan(60, { ramMode: 'postcopy' }), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1 });
   assert.equal(report.outcome, 'completed', report.error?.message);
   assert.deepEqual(calls.filter((c) => /Postcopy|retire/.test(c)), ['src.startPostcopy', 'src.pausePostcopy', 'dst.recoverPostcopy', 'src.resumePostcopy', 'src.retire']);
   const recovery = events.find((e) => e.type === 'escalation' && e.action === 'postcopy-recover');
@@ -505,7 +527,7 @@ test('a link cut during post-copy that stays down: after 3 recoveries unresolved
   const { calls, source, destination } = postcopySides({ end: 'postcopy-paused', fate: 'guest-ran' });
   const stored: string[] = [];
   const events: MigrationEvent[] = [];
-  const report = await runMigration({ spec, plan: plan(60, 'postcopy'), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1, recordPhase: (p) => Promise.resolve(void stored.push(p)) });
+  const report = await runMigration({ spec, plan: plan(60, { ramMode: 'postcopy' }), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1, recordPhase: (p) => Promise.resolve(void stored.push(p)) });
   assert.equal(report.outcome, 'unresolved');
   assert.equal(events.filter((e) => e.type === 'escalation' && e.action === 'postcopy-recover').length, 3);
   assert.equal(report.error?.code, 'VMF_UNRESOLVED');
@@ -517,7 +539,7 @@ test('a link cut during post-copy that stays down: after 3 recoveries unresolved
 for (const step of ['src.continueSwitchover', 'dst.waitIncomingRunnable', 'dst.resume']) {
   test(`a failure in ${step} after post-copy was started never rolls the source back`, async () => {
     const { calls, source, destination } = postcopySides({ fail: step, fate: 'never-ran' });
-    const report = await runMigration({ spec, plan: plan(60, 'postcopy'), source, destination, pollIntervalMs: 1 });
+    const report = await runMigration({ spec, plan: plan(60, { ramMode: 'postcopy' }), source, destination, pollIntervalMs: 1 });
     assert.equal(report.outcome, 'unresolved');
     assert.ok(!calls.some((c) => ['src.rollback', 'dst.rollback', 'src.retire'].includes(c)), calls.join(', '));
   });
@@ -527,7 +549,7 @@ test('a fault after post-copy delivered all of RAM to a destination never contin
   const sides = postcopySides({ fail: 'dst.waitIncomingRunnable', fate: 'never-ran' });
   const info = sides.source.migrationInfo.bind(sides.source);
   sides.source.migrationInfo = async (signal) => ({ ...(await info(signal)), ...(sides.calls.includes('dst.waitIncomingRunnable') ? { status: 'completed' as const } : {}) });
-  const report = await runMigration({ spec, plan: plan(60, 'postcopy'), source: sides.source, destination: sides.destination, pollIntervalMs: 1 });
+  const report = await runMigration({ spec, plan: plan(60, { ramMode: 'postcopy' }), source: sides.source, destination: sides.destination, pollIntervalMs: 1 });
   assert.equal(report.outcome, 'completed', report.error?.message);
   assert.deepEqual(sides.calls.slice(sides.calls.indexOf('dst.waitIncomingRunnable')), ['dst.waitIncomingRunnable', 'dst.fate', 'dst.resume', 'src.completedInfo', 'src.retire']);
 });
@@ -537,7 +559,7 @@ test('a cancel once post-copy began does not stop it: the guest ends on the dest
   const controller = new AbortController();
   const report = await runMigration({
     spec,
-    plan: plan(60, 'postcopy'),
+    plan: plan(60, { ramMode: 'postcopy' }),
     source,
     destination,
     signal: controller.signal,
@@ -550,8 +572,95 @@ test('a cancel once post-copy began does not stop it: the guest ends on the dest
 
 test('live mode never asks for post-copy, even for a guest whose first pass is done', async () => {
   const { calls, source, destination } = postcopySides();
-  const report = await runMigration({ spec, plan: plan(0.3, 'live'), source, destination, pollIntervalMs: 1 });
+  const report = await runMigration({ spec, plan: plan(0.3), source, destination, pollIntervalMs: 1 });
   assert.equal(report.error?.code, 'VMF_TIMEOUT', report.error?.message);
   assert.ok(!calls.includes('src.startPostcopy'));
   assert.deepEqual(calls.slice(-2), ['dst.rollback', 'src.rollback']);
+});
+
+test('stop-and-copy: the guest is stopped, its phase recorded first, once the disks are in sync and before RAM moves', async () => {
+  const { calls, source, destination } = fakeSides();
+  const recorded: MigrationPhase[] = [];
+  let stoppedInPhase: MigrationPhase | undefined;
+  const stop = source.stopGuest.bind(source);
+  source.stopGuest = (signal) => {
+    stoppedInPhase = recorded.at(-1);
+    return stop(signal);
+  };
+  const report = await runMigration({ spec, plan: plan(60, { ramMode: 'stop-and-copy' }), source, destination, pollIntervalMs: 1, recordPhase: (p) => Promise.resolve(void recorded.push(p)) });
+  assert.equal(report.outcome, 'completed');
+  assert.equal(report.ramMode, 'stop-and-copy');
+  assert.equal(stoppedInPhase, 'stopping', "the phase is stored before the stop is sent: a controller that restarts knows the guest may be stopped");
+  assert.deepEqual(report.phases.map((p) => p.phase).slice(0, 5), ['preparing', 'mirroring', 'stopping', 'migrating', 'paused-at-switchover']);
+  const order = ['src.mirrorStatus', 'src.stopGuest', 'src.startMigration'].map((c) => calls.lastIndexOf(c));
+  assert.deepEqual([...order].sort((a, b) => a - b), order, `calls: ${calls.join(', ')}`);
+  assert.equal(report.escalations, undefined, 'a stopped guest needs no escalation');
+});
+
+test('stop-and-copy that fails after the stop rolls back and the rollback resumes the guest (its pause reported)', async () => {
+  const { calls, source, destination } = fakeSides({ fail: 'src.waitMilestone' });
+  const report = await runMigration({ spec, plan: plan(60, { ramMode: 'stop-and-copy' }), source, destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'failed');
+  assert.deepEqual(calls.slice(-2), ['dst.rollback', 'src.rollback']);
+  assert.equal(report.pauseMs, 120, "the guest was stopped: its pause is the rollback's STOP to RESUME, not 0");
+});
+
+test('--timeout-action abort: past --timeout into the RAM phase the migration rolls back with VMF_TIMEOUT', async () => {
+  const { calls, source, destination } = fakeSides({ milestoneAfter: 'never' });
+  const report = await runMigration({ spec, plan: plan(60, { timeoutS: 0.1, timeoutAction: 'abort' }), source, destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'failed');
+  assert.equal(report.error?.code, 'VMF_TIMEOUT');
+  assert.match(report.error?.message ?? '', /the RAM phase ran 0.1 s \(--timeout\) without converging and --timeout-action is abort: rolled back, the guest runs on A/);
+  assert.deepEqual(calls.slice(-2), ['dst.rollback', 'src.rollback']);
+  assert.equal(report.escalations?.at(-1)?.action, 'abort');
+});
+
+test('--timeout counts from the start of the RAM phase, not the mirrors', async () => {
+  const { source, destination } = fakeSides({ milestoneAfter: 'never' });
+  const mirrorStatus = source.mirrorStatus.bind(source);
+  // The mirrors alone take longer than --timeout.
+  source.mirrorStatus = async (signal, waitMs) => {
+    await new Promise((resolve) => setTimeout(resolve, 30));
+    return mirrorStatus(signal, waitMs);
+  };
+  const started = Date.now();
+  const report = await runMigration({ spec, plan: plan(60, { timeoutS: 0.05 }), source, destination, pollIntervalMs: 1 });
+  const migrating = report.phases.find((p) => p.phase === 'migrating');
+  assert.equal(report.error?.code, 'VMF_TIMEOUT');
+  assert.ok(migrating && migrating.startedAt - started >= 50, 'the mirrors ran past --timeout without a rollback');
+  assert.ok((report.escalations?.at(-1)?.atMs ?? 0) >= migrating.startedAt - started + 50, 'the action came --timeout after the RAM phase began');
+});
+
+test('--timeout-action pause: the guest is stopped mid-flight, its phase recorded, and the migration completes as stop-and-copy', async () => {
+  const { calls, source, destination } = fakeSides({ milestoneAfter: 'src.stopGuest' });
+  const report = await runMigration({ spec, plan: plan(60, { timeoutS: 0.05, timeoutAction: 'pause' }), source, destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'completed');
+  assert.ok(calls.indexOf('src.startMigration') < calls.indexOf('src.stopGuest'));
+  const phases = report.phases.map((p) => p.phase);
+  assert.deepEqual(phases.slice(phases.indexOf('migrating'), phases.indexOf('paused-at-switchover') + 1), ['migrating', 'stopping', 'migrating', 'paused-at-switchover']);
+  assert.equal(report.escalations?.at(-1)?.action, 'pause');
+  assert.match(report.escalations?.at(-1)?.detail ?? '', /stopping the guest so the rest of its RAM moves in one pass/);
+});
+
+test('--timeout-action postcopy: migrate-start-postcopy is sent at the timeout', async () => {
+  const { calls, source, destination } = fakeSides({ milestoneAfter: 'src.startPostcopy' });
+  const report = await runMigration({ spec, plan: plan(60, { timeoutS: 0.05, timeoutAction: 'postcopy' }), source, destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'completed');
+  assert.equal(calls.filter((c) => c === 'src.startPostcopy').length, 1);
+  assert.ok(!calls.includes('src.stopGuest'));
+  assert.equal(report.escalations?.at(-1)?.action, 'postcopy');
+});
+
+test('escalation order: downtime steps, then auto-converge, then the timeout action, each in the event stream and the report', async () => {
+  const { calls, source, destination } = fakeSides({ milestoneAfter: 'never' });
+  const events: MigrationEvent[] = [];
+  // A KVM guest gets the whole downtime ladder (a TCG guest starts at its top).
+  const report = await runMigration({ spec, plan: plan(60, { timeoutS: 0.3, timeoutAction: 'abort' }, 'kvm'), source, destination, pollIntervalMs: 1, onEvent: (e) => events.push(e) });
+  const emitted = events.flatMap((e) => (e.type === 'escalation' ? [e.action] : []));
+  assert.deepEqual(emitted, ['downtime-limit', 'downtime-limit', 'auto-converge', 'abort']);
+  assert.deepEqual(report.escalations?.map((e) => e.action), emitted);
+  assert.deepEqual(report.escalations?.map((e) => e.detail.split(':')[0]), ['not converging', 'not converging', 'not converging at the largest downtime limit', 'the RAM phase ran 0.3 s (--timeout)']);
+  const times = report.escalations?.map((e) => e.atMs) ?? [];
+  assert.deepEqual([...times].sort((a, b) => a - b), times);
+  assert.deepEqual(calls.filter((c) => c === 'src.setDowntimeLimit' || c === 'src.releaseThrottle'), ['src.setDowntimeLimit', 'src.setDowntimeLimit', 'src.releaseThrottle']);
 });

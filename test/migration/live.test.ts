@@ -9,6 +9,7 @@ import { hasCode } from '../../src/errors.ts';
 import { MigrationRig, type RigLayout } from '../support/migration-rig.ts';
 import { recordReliability } from '../support/reliability.ts';
 import { TcpRelay } from '../support/tcp-relay.ts';
+import { AckClock } from '../support/ack-clock.ts';
 import type { MigrationEvent } from '../../src/migration/phases.ts';
 
 const guest = { mode: 'workload', spanMiB: 8 } as const;
@@ -290,6 +291,55 @@ test('a link cut during post-copy: both QEMUs pause, B listens anew, A resumes t
       ok: !rebooted,
     });
   } finally {
+    await rig.cleanup.run();
+  }
+});
+
+// Stop-and-copy: the disks are mirrored while the guest runs, then its vCPUs stop and the RAM moves in one pass.
+// The pause is measured twice: by QEMU's event timestamps (the report) and by when the guest's acknowledgements
+// stopped and resumed arriving on the host (AckClock), which knows nothing of QEMU.
+test('stop-and-copy: the guest is paused for the RAM phase, every acked record intact, the pause measured within 20 % of the guest\'s own silence', async (t) => {
+  const rig = await MigrationRig.start('stopcopy', { local: [{ id: 'local0', sizeMiB: 64, fillMiB: 8 }], shared: [] }, { ...guest, intervalMs: 0, dirtyMiB: 16, dirtyRateMiBs: 8 });
+  const clock = new AckClock(() => rig.reportLogs());
+  try {
+    await rig.waitForAcks(20);
+    const plan = await rig.plan({ ramMode: 'stop-and-copy' });
+    const runStates: Promise<string>[] = [];
+    const started = Date.now();
+    // No retry: with the guest stopped, QEMU's TCG defect has no running guest to lose writes of.
+    const report = await rig.migrate(plan, {
+      memoryMismatchRetries: 0,
+      onEvent: (e) => {
+        if (e.type === 'ram') runStates.push(rig.source.status().then((s) => s.status));
+      },
+    });
+    assert.equal(report.outcome, 'completed', report.error?.message);
+    assert.equal(report.ramMode, 'stop-and-copy');
+    assert.equal(report.ram.memoryCompared, true);
+    const before = (await rig.waitForAcks(0)).acks;
+    await rig.waitForAcks(10, before);
+    clock.stop();
+
+    const phases = report.phases.map((p) => p.phase);
+    assert.deepEqual(phases.slice(1, 5), ['mirroring', 'stopping', 'migrating', 'paused-at-switchover']);
+    const ramPhase = report.phases.find((p) => p.phase === 'migrating');
+    assert.ok(ramPhase);
+    // Paused through the RAM phase: QEMU said so whenever asked, and the guest acknowledged nothing on A once it began.
+    const states = await Promise.all(runStates);
+    assert.ok(states.length > 0 && states.every((s) => s !== 'running'), `A's run states during the RAM phase: ${states.join(', ')}`);
+    const [sourceLog] = rig.reportLogs();
+    // (An ACK written just before the stop may be seen up to a poll or two later.)
+    assert.deepEqual(clock.from(sourceLog as string).filter((at) => at > ramPhase.startedAt + 50), [], 'no record acknowledged on A during the RAM phase');
+
+    const pauseMs = report.pauseMs ?? 0;
+    assert.ok(pauseMs >= ramPhase.durationMs, `the pause (${pauseMs} ms) covers the RAM pass (${ramPhase.durationMs} ms)`);
+    const silence = clock.longestSilence(started, Date.now());
+    t.diagnostic(`paused ${pauseMs} ms by QEMU's STOP → RESUME, ${silence.ms} ms without acknowledgements; RAM phase ${ramPhase.durationMs} ms, ${report.ram.passes} passes`);
+    assert.ok(Math.abs(pauseMs - silence.ms) <= 0.2 * silence.ms, `pause ${pauseMs} ms by QEMU's timestamps, ${silence.ms} ms without acknowledgements`);
+    const verify = await rig.verify(rig.destination?.vm?.spec.disks ?? []);
+    assert.deepEqual(checkVerify(verify, (await rig.waitForAcks(0)).acks), []);
+  } finally {
+    clock.stop();
     await rig.cleanup.run();
   }
 });

@@ -5,8 +5,9 @@
 // source) is in test/migration/executor.test.ts.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { runAttempts } from '../../src/controller/attempts.ts';
-import type { MigrationEvent, MigrationReport } from '../../src/migration/phases.ts';
+import { nextRamMode, runAttempts } from '../../src/controller/attempts.ts';
+import type { AttemptSummary, MigrationEvent, MigrationReport } from '../../src/migration/phases.ts';
+import type { RamFallback, RamMode } from '../../src/migration/plan.ts';
 
 function report(outcome: MigrationReport['outcome'], error?: MigrationReport['error']): MigrationReport {
   return {
@@ -26,12 +27,14 @@ function report(outcome: MigrationReport['outcome'], error?: MigrationReport['er
 const mismatch = { code: 'VMF_MEMORY_MISMATCH', message: "the guest's memory on B differs from A in 3 of 512 1 MiB chunks" };
 
 /** Attempts that end as `outcomes` say, each emitting its phases as the executor does. */
-function scripted(outcomes: MigrationReport[]) {
+function scripted(outcomes: MigrationReport[], fallback: RamFallback = 'none') {
   const events: MigrationEvent[] = [];
+  const modes: RamMode[] = [];
   let ran = 0;
   let readied = 0;
   return {
     events,
+    modes,
     get ran() {
       return ran;
     },
@@ -39,7 +42,10 @@ function scripted(outcomes: MigrationReport[]) {
       return readied;
     },
     options: (signal = new AbortController().signal) => ({
-      run: (onEvent: (event: MigrationEvent) => void) => {
+      ramMode: 'live' as const,
+      fallback,
+      run: (onEvent: (event: MigrationEvent) => void, mode: RamMode = 'live') => {
+        modes.push(mode);
         const outcome = outcomes[ran++] as MigrationReport;
         onEvent({ type: 'phase', phase: 'mirroring', at: ran });
         onEvent({ type: 'phase', phase: outcome.outcome, at: ran });
@@ -126,4 +132,37 @@ test('a cancelled migration is not tried again, even after a mismatch', async ()
   assert.equal(run.ran, 1);
   assert.equal(run.readied, 0);
   assert.equal(final.outcome, 'failed');
+});
+
+test('with --fallback stop-and-copy, the attempt after two memory mismatches runs in stop-and-copy, and the report says so', async () => {
+  const steps = [{ atMs: 5, action: 'downtime-limit' as const, detail: 'not converging' }];
+  const run = scripted([{ ...report('failed', mismatch), escalations: steps }, report('failed', mismatch), { ...report('completed'), ramMode: 'stop-and-copy' }], 'stop-and-copy');
+  const final = await runAttempts(run.options());
+  assert.equal(final.outcome, 'completed');
+  assert.deepEqual(run.modes, ['live', 'live', 'stop-and-copy']);
+  assert.deepEqual(phases(run.events), ['mirroring', 'retry', 'mirroring', 'fallback', 'mirroring', 'completed']);
+  assert.deepEqual(final.attemptLog?.map((a) => [a.ramMode, a.error?.code]), [
+    ['live', 'VMF_MEMORY_MISMATCH'],
+    ['live', 'VMF_MEMORY_MISMATCH'],
+    ['stop-and-copy', undefined],
+  ]);
+  // Every step of the migration, in order: the first attempt's own, then the retry, then the fallback with why.
+  assert.deepEqual(final.escalations?.map((e) => e.action), ['downtime-limit', 'retry', 'fallback']);
+  assert.match(final.escalations?.[2]?.detail ?? '', /attempt 2 rolled back .*after 2 refusals for a memory mismatch, attempt 3 runs in stop-and-copy \(--fallback stop-and-copy\)/);
+});
+
+test('without --fallback, every attempt keeps the planned RAM mode', async () => {
+  const run = scripted([report('failed', mismatch), report('failed', mismatch), report('completed')]);
+  await runAttempts(run.options());
+  assert.deepEqual(run.modes, ['live', 'live', 'live']);
+  assert.deepEqual(phases(run.events), ['mirroring', 'retry', 'mirroring', 'retry', 'mirroring', 'completed']);
+});
+
+test('the fallback decision: only after two memory mismatches, only when allowed', () => {
+  const attempt = (code?: string): AttemptSummary => ({ startedAt: 0, durationMs: 1, outcome: code ? 'failed' : 'completed', ramBytes: 0, diskBytes: 0, ramMode: 'live', ...(code ? { error: { code, message: '' } } : {}) });
+  assert.equal(nextRamMode([], 'live', 'stop-and-copy'), 'live');
+  assert.equal(nextRamMode([attempt('VMF_MEMORY_MISMATCH')], 'live', 'stop-and-copy'), 'live');
+  assert.equal(nextRamMode([attempt('VMF_MEMORY_MISMATCH'), attempt('VMF_MEMORY_MISMATCH')], 'live', 'stop-and-copy'), 'stop-and-copy');
+  assert.equal(nextRamMode([attempt('VMF_MEMORY_MISMATCH'), attempt('VMF_MEMORY_MISMATCH')], 'live', 'none'), 'live');
+  assert.equal(nextRamMode([attempt('VMF_MEMORY_MISMATCH'), attempt('VMF_TIMEOUT')], 'live', 'stop-and-copy'), 'live', 'only memory mismatches count');
 });
