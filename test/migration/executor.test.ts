@@ -642,13 +642,15 @@ test('--timeout-action pause: the guest is stopped mid-flight, its phase recorde
   assert.match(report.escalations?.at(-1)?.detail ?? '', /stopping the guest so the rest of its RAM moves in one pass/);
 });
 
-test('--timeout-action postcopy: migrate-start-postcopy is sent at the timeout', async () => {
-  const { calls, source, destination } = fakeSides({ milestoneAfter: 'src.startPostcopy' });
+test('--timeout-action postcopy: at the timeout the migration switches to post-copy and completes there', async () => {
+  const { calls, source, destination } = postcopySides();
   const report = await runMigration({ spec, plan: plan(60, { timeoutS: 0.05, timeoutAction: 'postcopy' }), source, destination, pollIntervalMs: 1 });
-  assert.equal(report.outcome, 'completed');
+  assert.equal(report.outcome, 'completed', report.error?.message);
   assert.equal(calls.filter((c) => c === 'src.startPostcopy').length, 1);
   assert.ok(!calls.includes('src.stopGuest'));
   assert.equal(report.escalations?.at(-1)?.action, 'postcopy');
+  assert.match(report.ram.postcopyWhy ?? '', /the RAM phase ran 0\.05 s \(--timeout\): switching to post-copy/);
+  assert.ok(report.phases.some((p) => p.phase === 'postcopy-active'), 'the destination ran the guest in post-copy');
 });
 
 test('escalation order: downtime steps, then auto-converge, then the timeout action, each in the event stream and the report', async () => {
