@@ -123,13 +123,18 @@ function blockdevArgs(disk: DiskSpec, tls: boolean): string[] {
   return args;
 }
 
-function deviceArgs(disk: DiskSpec, index: number, bootDiskId: string | undefined): string[] {
+/** The machine's root PCI bus: q35's is PCI Express, pc's (i440FX) plain PCI. */
+function rootBus(machine: string): string {
+  return machine.includes('q35') ? 'pcie.0' : 'pci.0';
+}
+
+function deviceArgs(disk: DiskSpec, index: number, bootDiskId: string | undefined, bus: string): string[] {
   const device: Record<string, unknown> = {
     driver: 'virtio-blk-pci',
     id: disk.id,
     drive: diskNodeName(disk.id),
     serial: disk.id,
-    bus: 'pcie.0',
+    bus,
     addr: `0x${(firstDiskSlot + index).toString(16)}`,
     'write-cache': cacheFlags[disk.cache ?? 'none'].writeCache ? 'on' : 'off',
   };
@@ -137,11 +142,11 @@ function deviceArgs(disk: DiskSpec, index: number, bootDiskId: string | undefine
   return ['-device', JSON.stringify(device)];
 }
 
-function nicArgs(nic: NicSpec, index: number, tap: string | undefined): string[] {
+function nicArgs(nic: NicSpec, index: number, tap: string | undefined, bus: string): string[] {
   if (tap === undefined) throw new VmferryError('VMF_NETWORK', `NIC ${nic.id} has no host tap to use`);
   // vhost=off: the in-kernel datapath needs KVM; under TCG QEMU moves the packets itself either way.
   const netdev = `tap,id=netdev-${nic.id},ifname=${tap},script=no,downscript=no,vhost=off`;
-  const device = { driver: 'virtio-net-pci', id: nic.id, netdev: `netdev-${nic.id}`, mac: nic.mac, bus: 'pcie.0', addr: `0x${(firstNicSlot + index).toString(16)}` };
+  const device = { driver: 'virtio-net-pci', id: nic.id, netdev: `netdev-${nic.id}`, mac: nic.mac, bus, addr: `0x${(firstNicSlot + index).toString(16)}` };
   return ['-netdev', netdev, '-device', JSON.stringify(device)];
 }
 
@@ -178,10 +183,10 @@ export function qemuArguments(spec: VmSpec, options: CommandLineOptions): string
   }
   const bootDiskId = spec.boot.kind === 'disk' ? spec.boot.diskId : undefined;
   spec.disks.forEach((disk, index) => {
-    args.push(...blockdevArgs(disk, options.tlsDir !== undefined), ...deviceArgs(disk, index, bootDiskId));
+    args.push(...blockdevArgs(disk, options.tlsDir !== undefined), ...deviceArgs(disk, index, bootDiskId, rootBus(machine)));
   });
   (spec.nics ?? []).forEach((nic, index) => {
-    args.push(...nicArgs(nic, index, options.taps?.[index]));
+    args.push(...nicArgs(nic, index, options.taps?.[index], rootBus(machine)));
   });
   (spec.serialLogs ?? []).forEach((path, index) => {
     args.push('-chardev', `file,id=serial${index},path=${path}`, '-serial', `chardev:serial${index}`);
