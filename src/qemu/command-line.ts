@@ -150,14 +150,18 @@ function nicArgs(nic: NicSpec, index: number, tap: string | undefined, bus: stri
   return ['-netdev', netdev, '-device', JSON.stringify(device)];
 }
 
-/** The id of the guest RAM's memfd backend of TCG guests (memory-digest.ts reads it). */
+/**
+ * The id of TCG guests' RAM backend. Agents before 2026-11-30 made it a memfd
+ * (memory-digest.ts still reads those); the id stays, so such a VM migrates to
+ * a QEMU with the anonymous backend (the migration stream names RAM by it).
+ */
 export const guestRamBackendId = 'vmferry-ram';
 
 /** The argument list for qemu-system-x86_64 (without the program name). */
 export function qemuArguments(spec: VmSpec, options: CommandLineOptions): string[] {
   const machine = spec.machine ?? 'q35';
-  // TCG guests keep their RAM in a memfd, so the agent can read it for the memory comparison at switch-over without QEMU's help.
-  const ramBackend = options.accel === 'tcg' ? ['-object', `memory-backend-memfd,id=${guestRamBackendId},size=${spec.memoryMiB}M,share=on`] : [];
+  // Ordinary private RAM: shared memory (a memfd) gets allocated page by page as pre-copy reads it to find zero pages (memory-digest.ts).
+  const ramBackend = options.accel === 'tcg' ? ['-object', `memory-backend-ram,id=${guestRamBackendId},size=${spec.memoryMiB}M`] : [];
   const args = [
     '-name', `${spec.name},debug-threads=on`,
     '-machine', options.accel === 'tcg' ? `${machine},memory-backend=${guestRamBackendId}` : machine,

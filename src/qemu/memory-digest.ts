@@ -37,17 +37,26 @@ export interface MemoryDigest {
 }
 
 /**
- * Chunk reads kept in flight: each is a copy out of the memfd on one of libuv's
- * threads, so reads overlap each other and the hashing on the main thread.
+ * Chunk reads kept in flight: each is a copy out of QEMU's memory on one of
+ * libuv's threads, so reads overlap each other and the hashing on the main thread.
  */
 const readsInFlight = 4;
 
 let hasher: ReturnType<typeof xxhash> | undefined;
 
 /**
- * Digest of the guest RAM of a VM whose vCPUs are stopped: read straight from
- * the memfd that holds it (qemuArguments gives TCG guests one), or, for a QEMU
- * started without one, from a pmemsave dump (slower: QEMU copies 1 KiB at a time).
+ * Digest of the guest RAM of a VM whose vCPUs are stopped, read straight out
+ * of QEMU's address space (/proc/PID/mem at the host address QEMU gives for
+ * guest address 0), or out of the memfd of a QEMU started with its RAM in one
+ * (agents before 2026-11-30 started TCG guests so). Where the kernel does not
+ * let the agent read QEMU's memory, from a pmemsave dump (slower: QEMU copies
+ * 1 KiB at a time).
+ *
+ * Why not a memfd for every TCG guest, as before: every page of shared memory
+ * that is read gets allocated, and pre-copy reads every page of RAM on both
+ * ends to find the zero ones; a 512 MiB guest's first RAM pass took
+ * 2–2.5 times as long, and each host ended up holding all of the guest's RAM
+ * (docs/BENCHMARKS.md, "Issue 22").
  */
 export async function memoryDigest(vm: QemuProcess, signal: AbortSignal): Promise<MemoryDigest> {
   if (vm.spec.memoryMiB > memoryDigestMaxMiB) {
@@ -55,8 +64,27 @@ export async function memoryDigest(vm: QemuProcess, signal: AbortSignal): Promis
   }
   const status = await vm.status();
   if (status.running) throw new VmferryError('VMF_CONFLICT', `VM ${vm.spec.name} is running: its memory can only be compared while stopped`);
+  const size = vm.spec.memoryMiB * 1024 * 1024;
   const memfd = await guestRamMemfd(vm.pid);
-  return memfd ? hashChunks(memfd, signal) : dumpAndHash(vm, signal);
+  if (memfd) return hashChunks(memfd, 0, size, signal);
+  const address = await guestRamAddress(vm);
+  const memory = `/proc/${vm.pid}/mem`;
+  const readable = await open(memory, 'r').then(
+    (file) => file.close().then(() => true),
+    () => false,
+  );
+  return readable ? hashChunks(memory, address, size, signal) : dumpAndHash(vm, signal);
+}
+
+/**
+ * Where guest address 0 is in QEMU's address space. Guest RAM up to
+ * memoryDigestMaxMiB is one block from there on, in q35 and pc alike.
+ */
+async function guestRamAddress(vm: QemuProcess): Promise<number> {
+  const text = await vm.qmp('finding guest RAM', (qmp) => qmp.client.execute<string>('human-monitor-command', { 'command-line': 'gpa2hva 0' }));
+  const match = /is (0x[0-9a-f]+)/.exec(text);
+  if (!match) throw new VmferryError('VMF_MIGRATION_FAILED', `QEMU of VM ${vm.spec.name} did not say where guest RAM is: ${text.trim()}`);
+  return Number(match[1]);
 }
 
 /** QEMU names the memfd of a memory-backend-memfd after the backend type; a guest has one. */
@@ -75,25 +103,26 @@ async function dumpAndHash(vm: QemuProcess, signal: AbortSignal): Promise<Memory
   try {
     // pmemsave writes the whole range before it replies; QEMU's main loop is busy meanwhile, but the guest is stopped.
     await vm.qmp('dumping guest memory', (qmp) => qmp.client.execute('pmemsave', { val: 0, size, filename: dump }, { signal }));
-    return await hashChunks(dump, signal);
+    return await hashChunks(dump, 0, size, signal);
   } finally {
     await rm(dump, { force: true });
   }
 }
 
-async function hashChunks(path: string, signal: AbortSignal): Promise<MemoryDigest> {
+/** Hashes `size` bytes of `path` from `base` on, chunk by chunk. */
+async function hashChunks(path: string, base: number, size: number, signal: AbortSignal): Promise<MemoryDigest> {
   const hashes = await (hasher ??= xxhash());
   const file = await open(path, 'r');
   try {
-    const { size } = await file.stat();
     const chunks = new Array<string>(Math.ceil(size / memoryDigestChunkBytes));
     let next = 0;
     const reader = async (): Promise<void> => {
       const buffer = Buffer.allocUnsafe(memoryDigestChunkBytes);
       for (let index = next++; index < chunks.length; index = next++) {
         signal.throwIfAborted();
-        const { bytesRead } = await file.read(buffer, 0, buffer.length, index * memoryDigestChunkBytes);
-        // Only the last chunk of a dump can be short.
+        const length = Math.min(memoryDigestChunkBytes, size - index * memoryDigestChunkBytes);
+        const { bytesRead } = await file.read(buffer, 0, length, base + index * memoryDigestChunkBytes);
+        if (bytesRead !== length) throw new VmferryError('VMF_MIGRATION_FAILED', `read ${bytesRead} of ${length} bytes of guest RAM at chunk ${index} from ${path}`);
         chunks[index] = hashes.h64Raw(buffer.subarray(0, bytesRead)).toString(16).padStart(16, '0');
       }
     };
