@@ -161,9 +161,12 @@ export async function plainMigration(
   const completed = await b.waitEvent('MIGRATION', (d) => ['completed', 'failed'].includes(String(d.status)), 10 * 60_000);
   if (completed.data.status !== 'completed') throw new Error('plain migration failed on B');
   // Both ends stopped: what B would run on against what A ran on.
-  const ramDiffChunks = knobs.compareRam
-    ? await compareGuestRam((c, args) => a.execute(c, args), (c, args) => b.execute(c, args), host.spec.memoryMiB)
-    : undefined;
+  let ramDiffChunks: number[] | undefined;
+  if (knobs.compareRam) {
+    mark('comparing');
+    ramDiffChunks = await compareGuestRam((c, args) => a.execute(c, args), (c, args) => b.execute(c, args), host.spec.memoryMiB);
+    mark('compared');
+  }
   await b.execute('block-export-del', { id: `export-${localId}` });
   await b.execute('nbd-server-stop');
   await b.execute('cont');
