@@ -73,7 +73,42 @@ export async function memoryDigest(vm: QemuProcess, signal: AbortSignal): Promis
     (file) => file.close().then(() => true),
     () => false,
   );
-  return readable ? hashChunks(memory, address, size, signal) : dumpAndHash(vm, signal);
+  if (!readable) return dumpAndHash(vm, signal);
+  return hashChunks(memory, address, size, signal, await untouchedChunks(vm.pid, address, size));
+}
+
+const pageBytes = 4096;
+
+/**
+ * The chunks of QEMU's memory at [address, address + size) with no page in
+ * memory or swap (/proc/PID/pagemap): private anonymous memory never written
+ * reads as zeros, so they need no read. Most of an idle guest's RAM is such;
+ * reading it through /proc/PID/mem page by page took 3–4 times as long.
+ */
+async function untouchedChunks(pid: number, address: number, size: number): Promise<Set<number>> {
+  const pages = size / pageBytes;
+  const entries = Buffer.alloc(pages * 8);
+  const file = await open(`/proc/${pid}/pagemap`, 'r');
+  try {
+    for (let done = 0; done < entries.length; ) {
+      const { bytesRead } = await file.read(entries, done, entries.length - done, (address / pageBytes) * 8 + done);
+      if (bytesRead === 0) throw new VmferryError('VMF_MIGRATION_FAILED', `/proc/${pid}/pagemap ended early`);
+      done += bytesRead;
+    }
+  } finally {
+    await file.close();
+  }
+  const pagesPerChunk = memoryDigestChunkBytes / pageBytes;
+  const untouched = new Set<number>();
+  for (let chunk = 0; chunk < pages / pagesPerChunk; chunk++) {
+    let touched = false;
+    for (let page = chunk * pagesPerChunk; page < (chunk + 1) * pagesPerChunk && !touched; page++) {
+      // Bit 63: present in memory; bit 62: swapped out.
+      touched = (entries.readUInt32LE(page * 8 + 4) & 0xc0000000) !== 0;
+    }
+    if (!touched) untouched.add(chunk);
+  }
+  return untouched;
 }
 
 /**
@@ -109,17 +144,22 @@ async function dumpAndHash(vm: QemuProcess, signal: AbortSignal): Promise<Memory
   }
 }
 
-/** Hashes `size` bytes of `path` from `base` on, chunk by chunk. */
-async function hashChunks(path: string, base: number, size: number, signal: AbortSignal): Promise<MemoryDigest> {
+/** Hashes `size` bytes of `path` from `base` on, chunk by chunk; `zeroChunks` are known to be all zeros. */
+async function hashChunks(path: string, base: number, size: number, signal: AbortSignal, zeroChunks = new Set<number>()): Promise<MemoryDigest> {
   const hashes = await (hasher ??= xxhash());
   const file = await open(path, 'r');
   try {
     const chunks = new Array<string>(Math.ceil(size / memoryDigestChunkBytes));
+    const zeroHash = hashes.h64Raw(Buffer.alloc(memoryDigestChunkBytes)).toString(16).padStart(16, '0');
     let next = 0;
     const reader = async (): Promise<void> => {
       const buffer = Buffer.allocUnsafe(memoryDigestChunkBytes);
       for (let index = next++; index < chunks.length; index = next++) {
         signal.throwIfAborted();
+        if (zeroChunks.has(index)) {
+          chunks[index] = zeroHash;
+          continue;
+        }
         const length = Math.min(memoryDigestChunkBytes, size - index * memoryDigestChunkBytes);
         const { bytesRead } = await file.read(buffer, 0, length, base + index * memoryDigestChunkBytes);
         if (bytesRead !== length) throw new VmferryError('VMF_MIGRATION_FAILED', `read ${bytesRead} of ${length} bytes of guest RAM at chunk ${index} from ${path}`);
