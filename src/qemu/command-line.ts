@@ -161,10 +161,7 @@ export const guestRamBackendId = 'vmferry-ram';
 export function qemuArguments(spec: VmSpec, options: CommandLineOptions): string[] {
   const machine = spec.machine ?? 'q35';
   // Ordinary private RAM: shared memory (a memfd) gets allocated page by page as pre-copy reads it to find zero pages (memory-digest.ts).
-  // TEMPORARY (bench/variants.ts, issue 22): the former memfd, to measure what it cost; reverted before the branch ends.
-  const memfd = process.env.VMFERRY_BENCH_TCG_RAM === 'memfd';
-  const backend = memfd ? `memory-backend-memfd,id=${guestRamBackendId},size=${spec.memoryMiB}M,share=on` : `memory-backend-ram,id=${guestRamBackendId},size=${spec.memoryMiB}M`;
-  const ramBackend = options.accel === 'tcg' ? ['-object', backend] : [];
+  const ramBackend = options.accel === 'tcg' ? ['-object', `memory-backend-ram,id=${guestRamBackendId},size=${spec.memoryMiB}M`] : [];
   const args = [
     '-name', `${spec.name},debug-threads=on`,
     '-machine', options.accel === 'tcg' ? `${machine},memory-backend=${guestRamBackendId}` : machine,
