@@ -27,8 +27,6 @@ interface Variant {
   name: string;
   method: 'plain' | 'vmferry';
   options: RunOptions;
-  /** Environment for the run (the temporary knob of src/qemu/command-line.ts). */
-  env?: Record<string, string>;
 }
 
 const plainWith = (knobs: Partial<typeof userKnobs>): RunOptions => ({ plain: { ...userKnobs, ...knobs, compareRam: true } });
@@ -42,7 +40,6 @@ export const variants: Variant[] = [
   { name: 'plain+poll250', method: 'plain', options: plainWith({ pollMs: 250 }) },
   { name: 'plain+all-of-vmferry', method: 'plain', options: plainWith(vmferryKnobs) },
   { name: 'vmferry', method: 'vmferry', options: {} },
-  { name: 'vmferry+memfd', method: 'vmferry', options: {}, env: { VMFERRY_BENCH_TCG_RAM: 'memfd' } },
   { name: 'vmferry-background', method: 'vmferry', options: { vmferry: { copyMode: 'background' } } },
   { name: 'vmferry-writeback', method: 'vmferry', options: { vmferrySpec: { cache: 'writeback' } } },
   { name: 'vmferry-pc', method: 'vmferry', options: { vmferrySpec: { machine: 'pc' } } },
@@ -88,15 +85,12 @@ export async function variantsBench(options: { runs: number; only?: string[]; sc
     const order = chosen.map((_, i) => chosen[(i + round) % chosen.length] as Variant);
     for (const variant of order) {
       let outcome: Outcome;
-      Object.assign(process.env, variant.env);
       try {
         // No sampler: polling QMP is one of the things measured.
         const result = await runOnce(variant.method, scenario, { ...variant.options, variant: variant.name, sampleMs: 0 });
         outcome = { variant: variant.name, result };
       } catch (err) {
         outcome = { variant: variant.name, failed: String(err).slice(0, 200) };
-      } finally {
-        for (const name of Object.keys(variant.env ?? {})) Reflect.deleteProperty(process.env, name);
       }
       outcomes.push(outcome);
       const r = outcome.result;
