@@ -5,11 +5,18 @@
  * alternate within each round (and swap order between rounds) so the machine's
  * noise falls on both. What each column counts: bench/lib/migration-run.ts.
  *
- *   node --import tsx bench/migration.ts [--small] [--rounds 3] [--json out.json] [--no-libvirt] [--tls]
+ *   node --import tsx bench/migration.ts [--small] [--layout] [--rounds 3] [--json out.json] [--no-libvirt] [--tls]
  *
  * libvirt 9.0 runs as a third method when it is installed (bench/lib/libvirt.ts says what it needs).
+ * plain and libvirt start QEMU as their users do (pc, ordinary RAM, writeback cache): they are an
+ * independent baseline, not vmferry's command line driven by hand.
  *
  * --small: 256 MiB RAM, 512 MiB local disk with 150 MiB written, 1 GiB shared, one round.
+ *
+ * --layout: issue 22's layout instead (layoutScenarios): 512 MiB RAM, a 1 GiB local qcow2 with
+ * 270 MiB in 3 MiB stripes every 10 MiB above 128 MiB, a 4 GiB shared volume a quarter written the
+ * same way, a guest acknowledging small fsynced records on each disk (~50/s) and dirtying 64 MiB of
+ * RAM once a second; fragmented with 1 and 2 vCPUs, and contiguous. Two rounds.
  *
  * --tls: the cost of TLS instead: vmferry with and without its agents' TLS identities (RAM and mirror
  * over TLS between the QEMUs, a throwaway CA of `vmferry pki`), alternating the same way.
@@ -18,7 +25,7 @@ import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { table } from '../src/cli/render.ts';
-import { aim, isMain, machineLine, median, ratio, seconds, toMiB, withCleanup } from './lib/common.ts';
+import { aim, isMain, machineLine, median, mib, ratio, seconds, toMiB, withCleanup } from './lib/common.ts';
 import { libvirtMissing, startLibvirtHosts } from './lib/libvirt.ts';
 import { runOnce, type BenchTls } from './lib/migration-run.ts';
 import type { Method, RunResult, Scenario } from './lib/run-types.ts';
@@ -29,6 +36,8 @@ import { makeTempDir } from '../test/support/temp.ts';
 
 export interface MigrationBenchOptions {
   small: boolean;
+  /** Issue 22's layout and its variations instead of the idle/writing pair. */
+  layout?: boolean;
   rounds: number;
   /** Also run libvirt 9.0 where it can run here (see bench/lib/libvirt.ts). */
   libvirt: boolean;
@@ -66,6 +75,31 @@ export function migrationScenarios(small: boolean): Scenario[] {
   ];
 }
 
+/**
+ * Issue 22's layout: a guest vmferry's own benchmark never used. Fragmented
+ * (3 MiB stripes every 10 MiB, as a file system leaves data) or contiguous
+ * (the same bytes in one block), 1 or 2 vCPUs.
+ */
+export function layoutScenarios(): Scenario[] {
+  const base = {
+    memoryMiB: 512,
+    localSizeMiB: 1024,
+    localFillMiB: 270,
+    sharedSizeMiB: 4096,
+    sharedFillMiB: 1024,
+    // A small durable record per disk every ~20 ms (15 ms apart plus the fsync), 64 MiB of RAM rewritten every second.
+    guest: { mode: 'workload', spanMiB: 8, intervalMs: 15, dirtyMiB: 64, dirtyRateMiBs: 64 },
+    warmupAcks: 20,
+    warmupMs: 4000,
+  } as const;
+  const stripes = { fromMiB: 128, sizeMiB: 3, everyMiB: 10 };
+  return [
+    { name: 'layout', ...base, stripes },
+    { name: 'layout-contiguous', ...base },
+    { name: 'layout-2vcpu', ...base, stripes, vcpus: 2 },
+  ];
+}
+
 function rowOf(r: RunResult): (string | number)[] {
   const wire = r.ramBytes + r.mirrorBytes;
   const floor = r.localAllocatedBytes + r.ramInUseBytes;
@@ -85,10 +119,28 @@ function rowOf(r: RunResult): (string | number)[] {
   ];
 }
 
+const ms = (value: number | undefined): string | number => (value === undefined || Number.isNaN(value) ? '-' : Math.round(value));
+
+/** The figures issue 22 asks for, per run: the guest's view (pause, gap between acks) and every attempt. */
+function guestRowOf(r: RunResult): (string | number)[] {
+  return [
+    r.scenario,
+    r.method,
+    seconds(r.totalMs),
+    ms(r.pauseMs),
+    r.attempts > 1 ? `${ms(r.pausesMs)} (${r.attempts})` : r.attempts,
+    ms(r.ackGapMs),
+    `${ms(r.ackBeforeMs)} / ${ms(r.ackMirroringMs)}`,
+    toMiB(r.ramBytes),
+    r.passes ?? '-',
+    r.guestAlive ? 'yes' : 'NO',
+  ];
+}
+
 export async function migrationBench(options: MigrationBenchOptions): Promise<RunResult[]> {
   const results: RunResult[] = [];
   const refused: string[] = [];
-  const scenarios = migrationScenarios(options.small);
+  const scenarios = options.layout ? layoutScenarios() : migrationScenarios(options.small);
   const missing = options.tls ? 'not part of the TLS comparison' : options.libvirt ? await libvirtMissing() : 'not asked for (--no-libvirt)';
   const methods: Method[] = options.tls ? ['vmferry', 'vmferry-tls'] : missing ? ['vmferry', 'plain'] : ['vmferry', 'plain', 'libvirt'];
   const first = scenarios[0] as Scenario;
@@ -114,15 +166,16 @@ export async function migrationBench(options: MigrationBenchOptions): Promise<Ru
           try {
             result = await runOnce(method, scenario, { libvirt, tls });
           } catch (err) {
-            // vmferry's memory comparison (TCG) refusing a corrupt destination is an outcome to count, not a crash of the benchmark.
+            // vmferry's memory comparison (TCG) refusing a corrupt destination, every retry included, is an outcome to count, not a crash of the benchmark.
             if (!method.startsWith('vmferry') || !/memory on B differs/.test(String(err))) throw err;
             refused.push(`round ${round + 1} ${scenario.name}: ${String(err).replace(/^Error: vmferry migration failed: /, '').slice(0, 90)}…`);
             console.log(`  round ${round + 1} ${scenario.name} ${method}: rolled back, the destination's memory differed (QEMU TCG defect)`);
             continue;
           }
           results.push(result);
-          console.log(`  round ${round + 1} ${scenario.name} ${method}: total ${seconds(result.totalMs)} s, downtime ${Math.round(result.downtimeMs)} ms ` +
-            `(run with setup ${((Date.now() - started) / 1000).toFixed(0)} s)`);
+          console.log(`  round ${round + 1} ${scenario.name} ${method}: total ${seconds(result.totalMs)} s, downtime ${Math.round(result.downtimeMs)} ms, ` +
+            `gap ${ms(result.ackGapMs)} ms, attempts ${result.attempts} (run with setup ${((Date.now() - started) / 1000).toFixed(0)} s)`);
+          for (const refusal of result.refusals ?? []) refused.push(`round ${round + 1} ${scenario.name}, retried: ${refusal.slice(0, 90)}…`);
         }
       }
     }
@@ -130,6 +183,14 @@ export async function migrationBench(options: MigrationBenchOptions): Promise<Ru
   console.log(table(
     ['scenario', 'method', 'total s', 'downtime ms (QEMU)', 'pause ms (STOP→RESUME)', 'RAM MiB', 'mirror MiB', 'wire MiB', 'floor MiB (local + RAM)', 'wire ÷ floor', 'shared B', 'guest goes on'],
     results.map(rowOf),
+  ));
+
+  console.log('What the guest saw: pause = STOP on A → RESUME on B (QMP timestamps; libvirt: its own downtime figure); ' +
+    'gap = longest time between two acknowledged records of one disk around the migration, as the host received them; ' +
+    'ack pace = median time between records before the migration / while mirroring; RAM = every attempt\'s');
+  console.log(table(
+    ['scenario', 'method', 'total s', 'pause ms', 'attempts (pauses ms)', 'gap ms', 'ack pace ms before / mirroring', 'RAM MiB', 'passes', 'guest goes on'],
+    results.map((r) => (r.method === 'libvirt' ? [...guestRowOf(r).slice(0, 3), ms(r.downtimeMs), ...guestRowOf(r).slice(4)] : guestRowOf(r))),
   ));
 
   // Where the time goes: each phase from its start mark to the next (medians over rounds).
@@ -153,7 +214,7 @@ export async function migrationBench(options: MigrationBenchOptions): Promise<Ru
   console.log('Phases, seconds (medians): probe+plan is vmferry only; switching-over runs to the source QEMU\'s exit');
   console.log(table(['scenario', 'method', 'probe+plan', 'preparing B', 'mirroring', 'RAM pre-copy', 'paused-at-switchover', 'total'], phaseRows));
 
-  const lines = options.tls ? tlsLines(scenarios, results) : aimLines(scenarios, results);
+  const lines = options.tls ? tlsLines(scenarios, results) : options.layout ? ratioLines(scenarios, results) : aimLines(scenarios, results);
   if (refused.length) lines.push(`vmferry refused to resume a destination whose memory differed from the source's (rolled back, guest unharmed on A):\n  ${refused.join('\n  ')}`);
   lines.push(`guest went on at B without a reboot: ${methods.map((m) => `${m} ${results.filter((r) => r.method === m && r.guestAlive).length}/${results.filter((r) => r.method === m).length}`).join(', ')}`);
   console.log(lines.join('\n'));
@@ -186,6 +247,33 @@ function phaseMs(r: RunResult, from: string, to: string): number {
   const at = (label: string): number | undefined => r.marks.find((m) => m.label === label)?.t;
   const [start, end] = [at(from), at(to)];
   return start === undefined || end === undefined ? Number.NaN : end - start;
+}
+
+/** Issue 22's figures, per scenario: medians of vmferry ÷ medians of plain and of libvirt, and its aims. */
+function ratioLines(scenarios: Scenario[], results: RunResult[]): string[] {
+  const lines: string[] = [];
+  for (const scenario of scenarios) {
+    const of = (method: Method): RunResult[] => results.filter((r) => r.scenario === scenario.name && r.method === method);
+    const [v, p, l] = [of('vmferry'), of('plain'), of('libvirt')];
+    const m = (runs: RunResult[], pick: (r: RunResult) => number | undefined): number => median(runs.map((r) => pick(r) ?? Number.NaN).filter((x) => !Number.isNaN(x)));
+    const figure = (name: string, pick: (r: RunResult) => number | undefined, unit: string, scale = 1): string => {
+      const [vm, pm, lm] = [m(v, pick), m(p, pick), m(l, pick)];
+      const fmt = (x: number): string => (Number.isNaN(x) ? '-' : (x / scale).toFixed(scale === 1 ? 0 : 2));
+      return `${name}: vmferry ${fmt(vm)} ${unit}, plain ${fmt(pm)}, libvirt ${fmt(lm)}; ÷ plain ${ratio(vm, pm)}, ÷ libvirt ${ratio(vm, lm)}`;
+    };
+    lines.push(`${scenario.name} (medians; vmferry ${v.length}, plain ${p.length}, libvirt ${l.length} runs):`);
+    lines.push(`  ${figure('total', (r) => r.totalMs, 's', 1000)}`);
+    lines.push(`  ${figure('pause STOP→RESUME (libvirt: its downtime)', (r) => (r.method === 'libvirt' ? r.downtimeMs : r.pauseMs), 'ms')}`);
+    lines.push(`  ${figure('gap between acks', (r) => r.ackGapMs, 'ms')}`);
+    lines.push(`  ${figure('RAM bytes, every attempt', (r) => r.ramBytes / mib, 'MiB')}`);
+    const attempts = v.reduce((sum, r) => sum + r.attempts, 0);
+    lines.push(`  vmferry attempts: ${attempts} for ${v.length} migrations, ${attempts - v.length} refused for a memory mismatch`);
+    const totalRatio = m(v, (r) => r.totalMs) / m(p, (r) => r.totalMs);
+    lines.push(`  ${aim(totalRatio <= 1.1, `total vmferry ÷ plain ${totalRatio.toFixed(2)} ≤ 1.1`)}   ` +
+      `${aim(m(v, (r) => r.pauseMs) <= m(p, (r) => r.pauseMs) + 100, 'pause ≤ plain\'s + 100 ms')}   ` +
+      `${aim((attempts - v.length) * 10 < attempts, 'fewer than 1 in 10 attempts refused')}`);
+  }
+  return lines;
 }
 
 /** The aims of issue 6 (vmferry against plain QMP and libvirt), per scenario. */
@@ -227,9 +315,11 @@ if (isMain(import.meta.url)) {
       json: { type: 'string' },
       'no-libvirt': { type: 'boolean', default: false },
       tls: { type: 'boolean', default: false },
+      layout: { type: 'boolean', default: false },
     },
   });
   const small = values.small ?? false;
-  const results = await migrationBench({ small, rounds: Number(values.rounds ?? (small ? 1 : 3)), libvirt: !values['no-libvirt'], tls: values.tls ?? false });
+  const layout = values.layout ?? false;
+  const results = await migrationBench({ small, layout, rounds: Number(values.rounds ?? (small ? 1 : layout ? 2 : 3)), libvirt: !values['no-libvirt'], tls: values.tls ?? false });
   if (values.json) await writeFile(values.json, JSON.stringify(results, null, 1));
 }

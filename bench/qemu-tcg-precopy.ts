@@ -18,6 +18,7 @@ import { testGuestSpec } from '../src/guest/test-guest.ts';
 import type { DiskSpec } from '../src/qemu/spec.ts';
 import { makeTempDir } from '../test/support/temp.ts';
 import { freePort, isMain, machineLine, withCleanup } from './lib/common.ts';
+import { vmferryKnobs } from './lib/plain-command-line.ts';
 import { spawnPlainQemu, type PlainQemu } from './lib/plain-qmp.ts';
 
 const memoryMiB = 256;
@@ -47,9 +48,9 @@ async function migrateOnce(bandwidthMiBs: number): Promise<Outcome> {
     const guest = { mode: 'workload', spanMiB: 8, dirtyMiB: 16, dirtyRateMiBs: 1 } as const;
     const specA = testGuestSpec('a', [disk], temp.path, guest, memoryMiB);
     const specB = testGuestSpec('b', [disk], temp.path, guest, memoryMiB);
-    const a: PlainQemu = await spawnPlainQemu(specA, 'run', join(temp.path, 'runA'));
+    const a: PlainQemu = await spawnPlainQemu(specA, vmferryKnobs, 'run', join(temp.path, 'runA'));
     cleanup.add('stop QEMU A', () => a.kill());
-    const b: PlainQemu = await spawnPlainQemu(specB, 'incoming', join(temp.path, 'runB'));
+    const b: PlainQemu = await spawnPlainQemu(specB, vmferryKnobs, 'incoming', join(temp.path, 'runB'));
     cleanup.add('stop QEMU B', () => b.kill());
     const reportA = specA.serialLogs?.[1] ?? '';
     for (let i = 0; i < 120 && !readFileSync(reportA, 'utf8').includes('ACK disk0 10'); i++) await sleep(500);

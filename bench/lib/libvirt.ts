@@ -26,7 +26,9 @@ import { imageInfo } from '../../src/storage/local-pool.ts';
 import { StorageServer } from '../../src/storage/server.ts';
 import type { Cleanup } from '../../test/support/cleanup.ts';
 import { makeTempDir } from '../../test/support/temp.ts';
+import { ackGaps, watchAcks } from './ack-watch.ts';
 import { execFile, hostSync, mib, nonZeroPageBytes } from './common.ts';
+import { fillImage, volumeFile } from './layout.ts';
 import type { RunResult, Scenario } from './run-types.ts';
 
 const subnet = '10.213.61';
@@ -152,9 +154,9 @@ function domainXml(name: string, scenario: Scenario, diskPath: string, nbdPort: 
   return `<domain type='qemu'>
   <name>${name}</name>
   <memory unit='MiB'>${scenario.memoryMiB}</memory>
-  <vcpu>1</vcpu>
+  <vcpu>${scenario.vcpus ?? 1}</vcpu>
   <os>
-    <type arch='x86_64' machine='q35'>hvm</type>
+    <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>${kernel}</kernel>
     <initrd>${initrd}</initrd>
     <cmdline>${guestKernelAppend(scenario.guest)}</cmdline>
@@ -164,13 +166,13 @@ function domainXml(name: string, scenario: Scenario, diskPath: string, nbdPort: 
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2' cache='none' discard='unmap'/>
+      <driver name='qemu' type='qcow2' discard='unmap'/>
       <source file='${join(diskPath, `${name}-local0.qcow2`)}'/>
       <target dev='vda' bus='virtio'/>
       <serial>local0</serial>
     </disk>
     <disk type='network' device='disk'>
-      <driver name='qemu' type='raw' cache='none'/>
+      <driver name='qemu' type='raw'/>
       <source protocol='nbd' name='shared0'><host name='${libvirtGateway}' port='${nbdPort}'/></source>
       <target dev='vdb' bus='virtio'/>
       <serial>shared0</serial>
@@ -211,11 +213,7 @@ export async function runLibvirtOnce(lv: LibvirtHosts, scenario: Scenario, clean
   const target = join(lv.diskDirOf('b'), `${name}-local0.qcow2`);
   await execFile('qemu-img', ['create', '-q', '-f', 'qcow2', source, `${scenario.localSizeMiB}M`]);
   cleanup.add('remove source image', () => execFile('rm', ['-f', source]));
-  const commands: string[] = [];
-  for (let done = 0; done < scenario.localFillMiB; done += 1024) {
-    commands.push('-c', `write -P 0x6b ${(scenario.guest.spanMiB ?? 64) + done}M ${Math.min(1024, scenario.localFillMiB - done)}M`);
-  }
-  if (commands.length) await execFile('qemu-io', ['-f', 'qcow2', ...commands, source], { timeout: 600_000 });
+  await fillImage(source, 'qcow2', scenario, scenario.localFillMiB);
   // libvirt copies into an image that must already exist at the same path on B.
   await execFile('qemu-img', ['create', '-q', '-f', 'qcow2', target, `${scenario.localSizeMiB}M`]);
   cleanup.add('remove target image', () => execFile('rm', ['-f', target]));
@@ -224,6 +222,7 @@ export async function runLibvirtOnce(lv: LibvirtHosts, scenario: Scenario, clean
   const storage = await StorageServer.start({ dataDir: storageDir.path, logger: pino({ level: 'silent' }), nbd: { host: libvirtGateway, port: 0 } });
   cleanup.add('stop the storage server', () => storage.close());
   await storage.volumes.create('shared0', scenario.sharedSizeMiB * mib, false);
+  await fillImage(volumeFile(storageDir.path, 'shared0'), 'raw', scenario, scenario.sharedFillMiB ?? 0);
   const logs = join(lv.dir, 'logs');
   const xml = join(lv.dir, `${name}.xml`);
   writeFileSync(xml, domainXml(name, scenario, lv.diskPath, storage.addresses.nbdPort as number, logs));
@@ -238,8 +237,10 @@ export async function runLibvirtOnce(lv: LibvirtHosts, scenario: Scenario, clean
   const report = join(logs, `${name}-report.log`);
   const booted = Date.now();
   await waitForAcks([report], ['local0', 'shared0'], { atLeast: scenario.warmupAcks, timeoutMs: 180_000 });
-  const left = (scenario.warmupMs ?? 0) - (Date.now() - booted);
-  if (left > 0) await sleep(left);
+  // A's and B's QEMU log the report channel into the same file (the logs directory is not per host).
+  const acks = watchAcks([report]);
+  cleanup.add('stop timing acks', () => acks.stop().then(() => undefined));
+  await sleep(Math.max((scenario.warmupMs ?? 0) - (Date.now() - booted), 2000));
   const ramInUseBeforeBytes = await ramInUseVia('a', name, scenario.memoryMiB);
   await hostSync();
 
@@ -254,6 +255,8 @@ export async function runLibvirtOnce(lv: LibvirtHosts, scenario: Scenario, clean
   const ramInUseBytes = await ramInUseVia('b', name, scenario.memoryMiB);
   const before = (await waitForAcks([report], ['local0', 'shared0'], { atLeast: 0, timeoutMs: 1000 })).acks;
   const guestAlive = await waitForAcks([report], ['local0', 'shared0'], { atLeast: 2, since: before, timeoutMs: 60_000 }).then(() => true, () => false);
+  // libvirt's phases are not visible from outside: no mirroring window.
+  const gaps = ackGaps(await acks.stop(), t0, t0 + totalMs, Number.NaN, Number.NaN);
   return {
     method: 'libvirt',
     scenario: scenario.name,
@@ -271,5 +274,8 @@ export async function runLibvirtOnce(lv: LibvirtHosts, scenario: Scenario, clean
     marks: [],
     guestAlive,
     bridgeToDestinationBytes,
+    attempts: 1,
+    ackGapMs: gaps.maxGapMs,
+    ackBeforeMs: gaps.beforeMs,
   };
 }

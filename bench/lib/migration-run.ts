@@ -9,8 +9,9 @@
  *
  * vmferry and plain get the same setup, made with vmferry's helpers: a local qcow2 in host
  * A's pool with data written into it, a shared volume on an in-process vmferry
- * storage server, the test guest booted on both disks from the same command
- * line. Host A and host B are two directories; everything is on loopback.
+ * storage server, the test guest booted on both disks. vmferry starts QEMU from
+ * its own command line; plain from a user's (plain-command-line.ts: pc, ordinary
+ * RAM, writeback cache). Host A and host B are two directories; everything is on loopback.
  *
  * What is measured, the same way for vmferry and plain:
  *   total     wall time from the first step of the method (vmferry: probing both
@@ -34,9 +35,10 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { reportLogOf, testGuestSpec, waitForAcks } from '../../src/guest/test-guest.ts';
+import { runAttempts } from '../../src/controller/attempts.ts';
 import { runMigration } from '../../src/migration/executor.ts';
-import type { MigrationEvent, MigrationPhase } from '../../src/migration/phases.ts';
-import { defaultMigrationOptions, planMigration, type MigrationOptions } from '../../src/migration/plan.ts';
+import type { MigrationPhase } from '../../src/migration/phases.ts';
+import { defaultMigrationOptions, planMigration, withRamMode, type MigrationOptions } from '../../src/migration/plan.ts';
 import { probeDestination, probeSource, qemuCapabilities, type QemuCapabilities } from '../../src/migration/probe.ts';
 import { QemuDestination } from '../../src/migration/qemu-destination.ts';
 import { QemuSource } from '../../src/migration/qemu-source.ts';
@@ -44,19 +46,30 @@ import { QemuProcess } from '../../src/qemu/process.ts';
 import { qemuPeerName } from '../../src/qemu/tls-creds.ts';
 import type { TlsIdentity } from '../../src/security/tls-files.ts';
 import type { DiskSpec } from '../../src/qemu/spec.ts';
-import type { QmpEventListener } from '../../src/qmp/client.ts';
 import { imageInfo, LocalPool } from '../../src/storage/local-pool.ts';
 import type { Cleanup } from '../../test/support/cleanup.ts';
 import { startTestStorage } from '../../test/support/storage.ts';
 import { makeTempDir } from '../../test/support/temp.ts';
-import { execFile, guestRamInUse, hostSync, mib, withCleanup } from './common.ts';
+import { ackGaps, watchAcks, type AckWatch } from './ack-watch.ts';
+import { guestRamInUse, hostSync, mib, withCleanup } from './common.ts';
+import { fillImage, volumeFile } from './layout.ts';
 import { runLibvirtOnce, type LibvirtHosts } from './libvirt.ts';
+import { userKnobs, type PlainKnobs } from './plain-command-line.ts';
 import { plainMigration, spawnPlainQemu } from './plain-qmp.ts';
 import type { Host, Method, RunResult, Sample, Scenario } from './run-types.ts';
 
 export interface RunOptions {
   /** vmferry only: options over the defaults (keepSource is always on, to measure A's image). */
   vmferry?: Partial<MigrationOptions>;
+  /** vmferry only: the executor's progress polling interval (its default: 250 ms). */
+  vmferryPollMs?: number;
+  /** vmferry only: overrides of its VM spec (machine type, disks' cache mode). */
+  vmferrySpec?: { machine?: string; cache?: 'none' | 'writeback' };
+  /** plain only: which of vmferry's choices it makes (default: none, a user's QEMU). */
+  plain?: PlainKnobs;
+  /** Label of the settings, for tables (bench/variants.ts). */
+  variant?: string;
+  /** How often A's block jobs are sampled for the shared-bytes check; 0: not at all. Default 500 ms. */
   sampleMs?: number;
   /** libvirt only: the two daemons, started once per benchmark. */
   libvirt?: LibvirtHosts;
@@ -80,6 +93,7 @@ const rebootWatchMs = 5_000;
 /** Polls the source's block jobs and migration status until stopped (or the source is gone). */
 function startSampler(execute: (command: string) => Promise<unknown>, t0: number, intervalMs: number): { stop(): Promise<Sample[]> } {
   const samples: Sample[] = [];
+  if (intervalMs <= 0) return { stop: () => Promise.resolve(samples) };
   let stopped = false;
   const loop = (async () => {
     // Bounded: 30 minutes of samples at most.
@@ -116,31 +130,39 @@ async function prepareHost(scenario: Scenario, cleanup: Cleanup, storageTls?: Tl
   for (const sub of ['poolA', 'poolB', 'runA', 'runB', 'logs']) mkdirSync(join(dir, sub));
   const poolA = new LocalPool(join(dir, 'poolA'));
   const localPath = await poolA.create(`${scenario.name}-${localId}.qcow2`, 'qcow2', scenario.localSizeMiB * mib);
-  if (scenario.localFillMiB > 0) {
-    // Right after the record area, where the guest's bulk writes land too: they overwrite data, not grow it.
-    // qemu-io writes at most 2 GiB per request: 1 GiB pieces.
-    const commands: string[] = [];
-    for (let done = 0; done < scenario.localFillMiB; done += 1024) {
-      commands.push('-c', `write -P 0x6b ${(scenario.guest.spanMiB ?? 64) + done}M ${Math.min(1024, scenario.localFillMiB - done)}M`);
-    }
-    await execFile('qemu-io', ['-f', 'qcow2', ...commands, localPath], { timeout: 600_000 });
-  }
+  await fillImage(localPath, 'qcow2', scenario, scenario.localFillMiB);
   const storage = await startTestStorage(storageTls ? { tls: storageTls } : {});
   cleanup.add('stop the storage server', () => storage.stop());
   await storage.server.volumes.create(sharedId, scenario.sharedSizeMiB * mib, false);
+  // Straight into the volume's file: nothing has it open yet.
+  await fillImage(volumeFile(storage.dataDir, sharedId), 'raw', scenario, scenario.sharedFillMiB ?? 0);
   const disks: DiskSpec[] = [
     { id: localId, source: { kind: 'file', path: localPath, format: 'qcow2' } },
     { id: sharedId, source: { kind: 'nbd', server: { type: 'inet', host: '127.0.0.1', port: storage.nbdPort }, export: sharedId } },
   ];
-  const spec = testGuestSpec(scenario.name, disks, join(dir, 'logs'), scenario.guest, scenario.memoryMiB);
+  const spec = { ...testGuestSpec(scenario.name, disks, join(dir, 'logs'), scenario.guest, scenario.memoryMiB), vcpus: scenario.vcpus ?? 1 };
   return { dir, spec, localPath, poolB: join(dir, 'poolB'), runB: join(dir, 'runB'), cleanup };
 }
 
-async function warmUp(host: Host, scenario: Scenario): Promise<void> {
+/** Least time acks are watched before the migration starts: the guest's normal pace. */
+const paceWindowMs = 2000;
+
+/** Waits until the guest's workload is in full swing; from its first acks on, they are timed (the returned watch). */
+async function warmUp(host: Host, scenario: Scenario): Promise<AckWatch> {
   const booted = Date.now();
   await waitForAcks([reportLogOf(host.spec)], [localId, sharedId], { atLeast: scenario.warmupAcks, timeoutMs: 180_000 });
-  const left = (scenario.warmupMs ?? 0) - (Date.now() - booted);
-  if (left > 0) await sleep(left);
+  const watch = watchAcks([reportLogOf(host.spec)]);
+  host.cleanup.add('stop timing acks', () => watch.stop().then(() => undefined));
+  const left = Math.max((scenario.warmupMs ?? 0) - (Date.now() - booted), paceWindowMs);
+  await sleep(left);
+  return watch;
+}
+
+/** The ack figures of a run whose migration started at t0 (performance.now()) with `marks` relative to it. */
+function gapFigures(acks: Awaited<ReturnType<AckWatch['stop']>>, t0: number, totalMs: number, marks: { label: string; t: number }[]): Pick<RunResult, 'ackGapMs' | 'ackBeforeMs' | 'ackMirroringMs'> {
+  const at = (label: string): number => t0 + (marks.findLast((m) => m.label === label)?.t ?? Number.NaN);
+  const gaps = ackGaps(acks, t0, t0 + totalMs, at('mirroring'), at('migrating'));
+  return { ackGapMs: gaps.maxGapMs, ackBeforeMs: gaps.beforeMs, ackMirroringMs: gaps.mirroringMs };
 }
 
 /** The guest keeps acknowledging records on B: the migration delivered a live guest. */
@@ -188,92 +210,134 @@ export function cachedCapabilities(): Promise<QemuCapabilities> {
 
 async function runVmferry(host: Host, scenario: Scenario, options: RunOptions, tls?: BenchTls): Promise<RunResult> {
   await cachedCapabilities();
+  if (options.vmferrySpec?.machine) host.spec.machine = options.vmferrySpec.machine;
+  const cache = options.vmferrySpec?.cache;
+  if (cache) host.spec.disks = host.spec.disks.map((d) => ({ ...d, cache }));
   const source = await QemuProcess.start(host.spec, { runDir: join(host.dir, 'runA', scenario.name), ...(tls ? { tlsDir: tls.A } : {}) });
   host.cleanup.add('stop source QEMU', () => source.kill());
-  await warmUp(host, scenario);
+  const acks = await warmUp(host, scenario);
   const ramInUseBeforeBytes = await guestRamInUse((command, args) => source.monitor.client.execute(command, args), scenario.memoryMiB);
   await hostSync();
 
   const poolB = new LocalPool(host.poolB);
   // With TLS as an agent of `vmferry pki` has it: the destination lets in only A's certificate.
   const destinationTls = tls ? { tlsDir: tls.B, agentPeerName: (id: string) => qemuPeerName('agent', id) } : {};
-  const destination = new QemuDestination({ hostId: 'B', pool: poolB, vmDir: (vm) => join(host.runB, vm), address: '127.0.0.1', ...destinationTls });
-  host.cleanup.add('stop destination QEMU', () => destination.vm?.kill());
-  const sourceEvents = source.monitor.client.listen();
-  let destinationEvents: QmpEventListener | undefined;
+  let destination: QemuDestination | undefined;
+  host.cleanup.add('stop destination QEMU', () => destination?.vm?.kill());
   const marks: { label: string; t: number }[] = [];
   const t0 = performance.now();
-  const sampler = startSampler((command) => source.monitor.client.execute(command), t0, options.sampleMs ?? 100);
-  let samples: Sample[] = [];
+  const sampler = startSampler((command) => source.monitor.client.execute(command), t0, options.sampleMs ?? 500);
   try {
     // As in production: the agent caches QEMU's capabilities, the controller probes both hosts at once.
     const qemu = await cachedCapabilities();
     const [sourceFacts, destinationFacts] = await Promise.all([probeSource('A', source, qemu), probeDestination('B', '127.0.0.1', host.spec, poolB, [], qemu, tls?.B)]);
     const plan = planMigration(host.spec, sourceFacts, destinationFacts, { ...defaultMigrationOptions, ...options.vmferry, keepSource: true });
     marks.push({ label: 'planned', t: performance.now() - t0 });
-    const onEvent = (event: MigrationEvent): void => {
-      if (event.type !== 'phase') return;
-      marks.push({ label: event.phase, t: performance.now() - t0 });
-      // The destination QEMU exists once "preparing" is over: listen for its RESUME from here on.
-      if (event.phase === 'mirroring' && !destinationEvents) destinationEvents = destination.vm?.monitor.client.listen();
-    };
-    const report = await runMigration({ spec: host.spec, plan, source: new QemuSource({ hostId: 'A', vm: source, tls: tls !== undefined }), destination, onEvent });
+    // As the controller runs a migration: a memory mismatch is rolled back and tried again (src/controller/attempts.ts).
+    const report = await runAttempts({
+      run: (onEvent, ramMode) => {
+        const side = new QemuDestination({ hostId: 'B', pool: poolB, vmDir: (vm) => join(host.runB, vm), address: '127.0.0.1', ...destinationTls });
+        destination = side;
+        return runMigration({
+          spec: host.spec,
+          plan: withRamMode(plan, ramMode),
+          source: new QemuSource({ hostId: 'A', vm: source, tls: tls !== undefined }),
+          destination: side,
+          ...(options.vmferryPollMs ? { pollIntervalMs: options.vmferryPollMs } : {}),
+          onEvent: (event) => {
+            onEvent(event);
+            if (event.type !== 'phase') return;
+            marks.push({ label: event.phase, t: performance.now() - t0 });
+            // The destination QEMU exists once "preparing" is over: its report log from here on.
+            const vm = side.vm;
+            if (event.phase === 'mirroring' && vm) acks.add(reportLogOf(vm.spec));
+          },
+        });
+      },
+      ramMode: plan.ram.mode,
+      fallback: plan.options.fallback,
+      beforeRetry: () => Promise.resolve(),
+      onEvent: () => undefined,
+      signal: new AbortController().signal,
+    });
     const totalMs = performance.now() - t0;
-    samples = await sampler.stop();
-    if (report.outcome !== 'completed') throw new Error(`vmferry migration ${report.outcome}: ${report.error?.message ?? ''}`);
-    const stop = await sourceEvents.waitFor('STOP', undefined, { timeoutMs: 1000 });
-    const resume = await (destinationEvents?.waitFor('RESUME', undefined, { timeoutMs: 5000 }) ?? Promise.reject(new Error('no destination events')));
-    const destinationVm = destination.vm;
+    const samples = await sampler.stop();
+    const attempts = report.attempts ?? 1;
+    const refusals = (report.attemptLog ?? []).slice(0, -1).map((a) => a.error?.message.slice(0, 120) ?? a.outcome);
+    if (report.outcome !== 'completed') {
+      throw new Error(`vmferry migration ${report.outcome} after ${attempts} attempt(s): ${report.error?.message ?? ''}`);
+    }
+    const destinationVm = destination?.vm;
     if (!destinationVm) throw new Error('no destination QEMU after a completed migration');
     const ramInUseBytes = await guestRamInUse((command, args) => destinationVm.monitor.client.execute(command, args), scenario.memoryMiB);
     host.destinationReportLog = reportLogOf(destinationVm.spec);
     const guestAlive = await guestGoesOn(host);
+    const gaps = gapFigures(await acks.stop(), t0, totalMs, marks);
     return summarize(
       tls ? 'vmferry-tls' : 'vmferry',
       scenario,
       {
         totalMs,
         downtimeMs: report.downtimeMs ?? Number.NaN,
-        pauseMs: (resume.timestampUs - stop.timestampUs) / 1000,
-        ramBytes: report.ram.transferredBytes,
+        // QEMU's STOP (A) and RESUME (B) event timestamps, as vmferry reads them for its report.
+        pauseMs: report.pauseMs ?? Number.NaN,
+        pausesMs: report.allAttempts?.pauseMs ?? report.pauseMs ?? Number.NaN,
+        // Every attempt's RAM went over the wire.
+        ramBytes: report.allAttempts?.ramBytes ?? report.ram.transferredBytes,
         mirrorBytes: report.disks.filter((d) => d.operation === 'mirror').reduce((sum, d) => sum + d.bytesSent, 0),
         localAllocatedBytes: (await imageInfo(host.localPath, 'qcow2')).allocatedBytes,
         ramInUseBytes,
         ramInUseBeforeBytes,
         marks,
+        attempts,
+        refusals,
+        passes: report.ram.passes,
+        ...(options.variant ? { variant: options.variant } : {}),
+        ...gaps,
       },
       samples,
       guestAlive,
     );
   } finally {
     await sampler.stop();
-    sourceEvents.close();
-    destinationEvents?.close();
+    await acks.stop();
   }
 }
 
 async function runPlain(host: Host, scenario: Scenario, options: RunOptions): Promise<RunResult> {
-  const source = await spawnPlainQemu(host.spec, 'run', join(host.dir, 'runA', scenario.name));
+  const knobs = options.plain ?? userKnobs;
+  const source = await spawnPlainQemu(host.spec, knobs, 'run', join(host.dir, 'runA', scenario.name));
   host.cleanup.add('stop source QEMU', () => source.kill());
-  await warmUp(host, scenario);
+  const acks = await warmUp(host, scenario);
   const ramInUseBeforeBytes = await guestRamInUse((command, args) => source.qmp.execute(command, args), scenario.memoryMiB);
   await hostSync();
   const t0 = performance.now();
-  const sampler = startSampler((command) => source.qmp.execute(command), t0, options.sampleMs ?? 100);
+  const sampler = startSampler((command) => source.qmp.execute(command), t0, options.sampleMs ?? 500);
   try {
-    const { destination, ...result } = await plainMigration(host, source, localId, t0);
+    const { destination, ...result } = await plainMigration(host, source, localId, t0, knobs, (log) => acks.add(log));
     const samples = await sampler.stop();
     const ramInUseBytes = await guestRamInUse((command, args) => destination.qmp.execute(command, args), scenario.memoryMiB);
     const guestAlive = await guestGoesOn(host);
+    const gaps = gapFigures(await acks.stop(), t0, result.totalMs, result.marks);
     return summarize(
       'plain',
       scenario,
-      { ...result, localAllocatedBytes: (await imageInfo(host.localPath, 'qcow2')).allocatedBytes, ramInUseBytes, ramInUseBeforeBytes },
+      {
+        ...result,
+        localAllocatedBytes: (await imageInfo(host.localPath, 'qcow2')).allocatedBytes,
+        ramInUseBytes,
+        ramInUseBeforeBytes,
+        attempts: 1,
+        pausesMs: result.pauseMs,
+        ...(options.variant ? { variant: options.variant } : {}),
+        ...gaps,
+      },
       samples,
       guestAlive,
     );
   } finally {
     await sampler.stop();
+    await acks.stop();
   }
 }
 

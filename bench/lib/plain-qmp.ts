@@ -5,7 +5,7 @@
  * 7.2"), so the comparison measures what vmferry adds, not a known-bad order:
  *
  *   B: qemu-img create the target; start QEMU -incoming defer -S (same command
- *      line as A but for the target's path); late-block-activate, events,
+ *      line as A but for the target's path and the serial logs); late-block-activate, events,
  *      return-path; migrate-incoming tcp:127.0.0.1:0; nbd-server-start;
  *      block-export-add the target writable
  *   A: blockdev-add an NBD node on B's export (discard unmap, no format layer);
@@ -20,16 +20,18 @@
  *   A: query-migrate until downtime is reported; quit
  *
  * The shared volume needs nothing: B's command line already points at it.
- * Only the QEMU command line comes from vmferry (qemuArguments): it is the VM's
- * definition, and both ends of a migration must be started from the same one.
+ * The QEMU command line is the baseline's own (plain-command-line.ts), as a
+ * user writes it; PlainKnobs switch vmferry's choices on one at a time (copy
+ * mode, polling, a post-hoc comparison of both ends' RAM before `cont`).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, mkdirSync, openSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { qemuArguments } from '../../src/qemu/command-line.ts';
 import type { VmSpec } from '../../src/qemu/spec.ts';
 import { execFile, freePort } from './common.ts';
+import { plainDiskNode, plainQemuArguments, type PlainKnobs } from './plain-command-line.ts';
+import { compareGuestRam } from './ram-compare.ts';
 import type { Host, RunResult } from './run-types.ts';
 import { RawQmp } from './raw-qmp.ts';
 
@@ -41,13 +43,13 @@ export interface PlainQemu {
   kill(): Promise<void>;
 }
 
-export async function spawnPlainQemu(spec: VmSpec, mode: 'run' | 'incoming', runDir: string): Promise<PlainQemu> {
+export async function spawnPlainQemu(spec: VmSpec, knobs: PlainKnobs, mode: 'run' | 'incoming', runDir: string): Promise<PlainQemu> {
   mkdirSync(runDir, { recursive: true });
   const qmpSocket = join(runDir, 'qmp.sock');
   const log = openSync(join(runDir, 'qemu.log'), 'a');
   let child: ChildProcess;
   try {
-    child = spawn('qemu-system-x86_64', qemuArguments(spec, { mode, qmpSocket, pidFile: join(runDir, 'qemu.pid'), accel: 'tcg' }), {
+    child = spawn('qemu-system-x86_64', plainQemuArguments(spec, knobs, mode, qmpSocket), {
       stdio: ['ignore', log, log],
     });
   } finally {
@@ -78,7 +80,7 @@ interface QueryMigrate {
   status?: string;
   downtime?: number;
   'error-desc'?: string;
-  ram?: { transferred: number };
+  ram?: { transferred: number; 'dirty-sync-count'?: number };
   'socket-address'?: { port?: string }[];
 }
 
@@ -88,7 +90,9 @@ export async function plainMigration(
   source: PlainQemu,
   localId: string,
   t0: number,
-): Promise<Pick<RunResult, 'totalMs' | 'downtimeMs' | 'pauseMs' | 'ramBytes' | 'mirrorBytes' | 'marks'> & { destination: PlainQemu }> {
+  knobs: PlainKnobs,
+  onDestination?: (reportLog: string) => void,
+): Promise<Pick<RunResult, 'totalMs' | 'downtimeMs' | 'pauseMs' | 'ramBytes' | 'mirrorBytes' | 'marks' | 'passes' | 'ramDiffChunks'> & { destination: PlainQemu }> {
   const marks: { label: string; t: number }[] = [];
   // Each mark is the start of a phase, named as vmferry's executor names them.
   const mark = (label: string): void => void marks.push({ label, t: performance.now() - t0 });
@@ -107,21 +111,24 @@ export async function plainMigration(
   destinationSpec.disks = destinationSpec.disks.map((d) => (d.id === localId ? { ...d, source: { kind: 'file', path: target, format: 'qcow2' } } : d));
   destinationSpec.serialLogs = [join(runB, 'serial0.log'), join(runB, 'serial1.log')];
   mkdirSync(runB, { recursive: true });
-  const destination = await spawnPlainQemu(destinationSpec, 'incoming', join(runB, 'qemu'));
+  const destination = await spawnPlainQemu(destinationSpec, knobs, 'incoming', join(runB, 'qemu'));
   host.cleanup.add('stop destination QEMU', () => destination.kill());
-  host.destinationReportLog = destinationSpec.serialLogs[1];
+  const destinationReport = destinationSpec.serialLogs[1] as string;
+  host.destinationReportLog = destinationReport;
+  onDestination?.(destinationReport);
   const b = destination.qmp;
   await b.execute('migrate-set-capabilities', caps(['events', 'late-block-activate', 'return-path']));
   await b.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
   const incomingPort = Number((await b.execute<QueryMigrate>('query-migrate'))['socket-address']?.[0]?.port);
   const nbdPort = await freePort();
   await b.execute('nbd-server-start', { addr: { type: 'inet', data: { host: '127.0.0.1', port: String(nbdPort) } } });
-  await b.execute('block-export-add', { type: 'nbd', id: `export-${localId}`, 'node-name': `disk-${localId}`, name: localId, writable: true });
+  await b.execute('block-export-add', { type: 'nbd', id: `export-${localId}`, 'node-name': plainDiskNode(localId), name: localId, writable: true });
 
   // A: mirror the local disk until it is in sync.
   const job = `mirror-${localId}`;
   const targetNode = `target-${localId}`;
   mark('mirroring');
+  const poller = knobs.pollMs > 0 ? startPolling(a, knobs.pollMs) : undefined;
   await a.execute('blockdev-add', {
     driver: 'nbd',
     'node-name': targetNode,
@@ -129,7 +136,7 @@ export async function plainMigration(
     export: localId,
     discard: 'unmap',
   });
-  await a.execute('blockdev-mirror', { 'job-id': job, device: `disk-${localId}`, target: targetNode, sync: 'top', 'auto-dismiss': false });
+  await a.execute('blockdev-mirror', { 'job-id': job, device: plainDiskNode(localId), target: targetNode, sync: 'top', 'auto-dismiss': false, 'copy-mode': knobs.copyMode });
   await a.waitEvent('BLOCK_JOB_READY', (d) => d.device === job, 30 * 60_000);
 
   // A: RAM and device state, paused before the switch-over.
@@ -142,6 +149,7 @@ export async function plainMigration(
 
   // A at the switch-over point: drain and cancel the mirror while the images are still active.
   mark('paused-at-switchover');
+  await poller?.stop();
   await a.execute('block-job-cancel', { device: job });
   const done = await a.waitEvent('BLOCK_JOB_COMPLETED', (d) => d.device === job, 10 * 60_000);
   if (done.data.error !== undefined || done.data.offset !== done.data.len) throw new Error(`plain mirror did not finish in sync: ${JSON.stringify(done.data)}`);
@@ -152,6 +160,13 @@ export async function plainMigration(
   // B: once its own side completed, drop the export and run the guest.
   const completed = await b.waitEvent('MIGRATION', (d) => ['completed', 'failed'].includes(String(d.status)), 10 * 60_000);
   if (completed.data.status !== 'completed') throw new Error('plain migration failed on B');
+  // Both ends stopped: what B would run on against what A ran on.
+  let ramDiffChunks: number[] | undefined;
+  if (knobs.compareRam) {
+    mark('comparing');
+    ramDiffChunks = await compareGuestRam((c, args) => a.execute(c, args), (c, args) => b.execute(c, args), host.spec.memoryMiB);
+    mark('compared');
+  }
   await b.execute('block-export-del', { id: `export-${localId}` });
   await b.execute('nbd-server-stop');
   await b.execute('cont');
@@ -178,6 +193,29 @@ export async function plainMigration(
     ramBytes: info.ram?.transferred ?? 0,
     mirrorBytes: Number(done.data.offset),
     marks,
+    passes: info.ram?.['dirty-sync-count'] ?? Number.NaN,
+    ...(ramDiffChunks ? { ramDiffChunks } : {}),
     destination,
+  };
+}
+
+/** vmferry's progress polling, as a knob: query-migrate and query-block-jobs every `intervalMs` until stopped. */
+function startPolling(qmp: RawQmp, intervalMs: number): { stop(): Promise<void> } {
+  let stopped = false;
+  const loop = (async () => {
+    while (!stopped) {
+      try {
+        await Promise.all([qmp.execute('query-migrate'), qmp.execute('query-block-jobs')]);
+      } catch {
+        return;
+      }
+      await sleep(intervalMs);
+    }
+  })();
+  return {
+    stop: async () => {
+      stopped = true;
+      await loop;
+    },
   };
 }

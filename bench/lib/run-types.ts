@@ -11,9 +11,18 @@ export interface Scenario {
   name: string;
   memoryMiB: number;
   localSizeMiB: number;
-  /** MiB written into the local image before boot, right after the guest's record area. */
+  /** MiB written into the local image before boot, right after the guest's record area (one block unless `stripes`). */
   localFillMiB: number;
   sharedSizeMiB: number;
+  /** MiB written into the shared volume before boot, laid out like the local fill; default none. */
+  sharedFillMiB?: number;
+  /**
+   * Write the fills as `sizeMiB` stripes every `everyMiB` from `fromMiB` on (many
+   * extents, as a file system leaves them) instead of one block after the record area.
+   */
+  stripes?: { fromMiB: number; sizeMiB: number; everyMiB: number };
+  /** vCPUs; default 1. */
+  vcpus?: number;
   guest: GuestOptions;
   /** Acks per disk to wait for after boot, so the workload is in full swing. */
   warmupAcks: number;
@@ -49,6 +58,22 @@ export interface RunResult {
   guestAlive: boolean;
   /** libvirt only: bytes the bridge sent to B's namespace during the migration (its veth's tx counter). */
   bridgeToDestinationBytes?: number;
+  /** Which settings the method ran with when not its defaults (bench/variants.ts). */
+  variant?: string;
+  /** vmferry: attempts it took (a memory mismatch is rolled back and tried again); others: 1. */
+  attempts: number;
+  /** vmferry: why each attempt before the last ended. */
+  refusals?: string[];
+  /** Sum of the guest's pauses over every attempt (vmferry's rolled-back attempts paused it too), ms. */
+  pausesMs?: number;
+  /** QEMU's pre-copy passes (dirty-sync-count) of the last attempt. */
+  passes?: number;
+  /** plain with compareRam: 1 MiB chunks of guest RAM that differed between A and B before `cont`. */
+  ramDiffChunks?: number[];
+  /** Acknowledged records as the host saw them arrive (ack-watch.ts): worst gap around the migration, pace before, pace while mirroring. */
+  ackGapMs?: number;
+  ackBeforeMs?: number;
+  ackMirroringMs?: number;
 }
 
 /** What the methods get: the source QEMU running the guest, and where host B keeps things. */

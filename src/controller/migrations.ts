@@ -9,7 +9,7 @@ import { VmferryError, describeError } from '../errors.ts';
 import { RemoteDestination, RemoteSource } from '../agent/client.ts';
 import { runMigration } from '../migration/executor.ts';
 import { finalPhases, type MigrationEvent, type MigrationPhase, type MigrationReport } from '../migration/phases.ts';
-import { defaultMigrationOptions, planMigration, type MigrationOptions, type MigrationPlan, type RamMode } from '../migration/plan.ts';
+import { defaultMigrationOptions, planMigration, withRamMode, type MigrationOptions, type MigrationPlan } from '../migration/plan.ts';
 import type { MigrationRecord, Store } from '../store/store.ts';
 import { runAttempts } from './attempts.ts';
 import { retireUntilDone, settleUntilDone } from './recovery.ts';
@@ -137,9 +137,4 @@ export class MigrationService {
     for (const { abort } of this.#running.values()) abort.abort(new VmferryError('VMF_ABORTED', 'the controller is shutting down'));
     await Promise.all([...this.#running.values()].map((r) => r.done));
   }
-}
-
-/** The plan an attempt runs: the stored one, or its fallback's RAM mode (attempts.ts). */
-function withRamMode(plan: MigrationPlan, mode: RamMode): MigrationPlan {
-  return mode === plan.ram.mode ? plan : { ...plan, ram: { ...plan.ram, mode } };
 }

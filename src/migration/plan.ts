@@ -319,6 +319,11 @@ export function planMigration(
   };
 }
 
+/** The plan an attempt runs: the stored one, or its fallback's RAM mode (src/controller/attempts.ts). */
+export function withRamMode(plan: MigrationPlan, mode: RamMode): MigrationPlan {
+  return mode === plan.ram.mode ? plan : { ...plan, ram: { ...plan.ram, mode } };
+}
+
 /**
  * Whether QEMU must be ready for post-copy on both ends: QEMU takes the
  * postcopy-ram capability only before the migration starts, so a timeout

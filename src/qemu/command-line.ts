@@ -133,13 +133,18 @@ function blockdevArgs(disk: DiskSpec, tls: boolean, reconnectDelayS: number): st
   return args;
 }
 
-function deviceArgs(disk: DiskSpec, index: number, bootDiskId: string | undefined): string[] {
+/** The machine's root PCI bus: q35's is PCI Express, pc's (i440FX) plain PCI. */
+function rootBus(machine: string): string {
+  return machine.includes('q35') ? 'pcie.0' : 'pci.0';
+}
+
+function deviceArgs(disk: DiskSpec, index: number, bootDiskId: string | undefined, bus: string): string[] {
   const device: Record<string, unknown> = {
     driver: 'virtio-blk-pci',
     id: disk.id,
     drive: diskNodeName(disk.id),
     serial: disk.id,
-    bus: 'pcie.0',
+    bus,
     addr: `0x${(firstDiskSlot + index).toString(16)}`,
     'write-cache': cacheFlags[disk.cache ?? 'none'].writeCache ? 'on' : 'off',
   };
@@ -159,22 +164,26 @@ export function usesStorageServer(disk: DiskSpec): boolean {
   return disk.source.kind === 'nbd' || disk.source.backing !== undefined;
 }
 
-function nicArgs(nic: NicSpec, index: number, tap: string | undefined): string[] {
+function nicArgs(nic: NicSpec, index: number, tap: string | undefined, bus: string): string[] {
   if (tap === undefined) throw new VmferryError('VMF_NETWORK', `NIC ${nic.id} has no host tap to use`);
   // vhost=off: the in-kernel datapath needs KVM; under TCG QEMU moves the packets itself either way.
   const netdev = `tap,id=netdev-${nic.id},ifname=${tap},script=no,downscript=no,vhost=off`;
-  const device = { driver: 'virtio-net-pci', id: nic.id, netdev: `netdev-${nic.id}`, mac: nic.mac, bus: 'pcie.0', addr: `0x${(firstNicSlot + index).toString(16)}` };
+  const device = { driver: 'virtio-net-pci', id: nic.id, netdev: `netdev-${nic.id}`, mac: nic.mac, bus, addr: `0x${(firstNicSlot + index).toString(16)}` };
   return ['-netdev', netdev, '-device', JSON.stringify(device)];
 }
 
-/** The id of the guest RAM's memfd backend of TCG guests (memory-digest.ts reads it). */
+/**
+ * The id of TCG guests' RAM backend. Agents before 2026-11-30 made it a memfd
+ * (memory-digest.ts still reads those); the id stays, so such a VM migrates to
+ * a QEMU with the anonymous backend (the migration stream names RAM by it).
+ */
 export const guestRamBackendId = 'vmferry-ram';
 
 /** The argument list for qemu-system-x86_64 (without the program name). */
 export function qemuArguments(spec: VmSpec, options: CommandLineOptions): string[] {
   const machine = spec.machine ?? 'q35';
-  // TCG guests keep their RAM in a memfd, so the agent can read it for the memory comparison at switch-over without QEMU's help.
-  const ramBackend = options.accel === 'tcg' ? ['-object', `memory-backend-memfd,id=${guestRamBackendId},size=${spec.memoryMiB}M,share=on`] : [];
+  // Ordinary private RAM: shared memory (a memfd) gets allocated page by page as pre-copy reads it to find zero pages (memory-digest.ts).
+  const ramBackend = options.accel === 'tcg' ? ['-object', `memory-backend-ram,id=${guestRamBackendId},size=${spec.memoryMiB}M`] : [];
   const args = [
     '-name', `${spec.name},debug-threads=on`,
     '-machine', options.accel === 'tcg' ? `${machine},memory-backend=${guestRamBackendId}` : machine,
@@ -200,10 +209,10 @@ export function qemuArguments(spec: VmSpec, options: CommandLineOptions): string
   }
   const bootDiskId = spec.boot.kind === 'disk' ? spec.boot.diskId : undefined;
   spec.disks.forEach((disk, index) => {
-    args.push(...blockdevArgs(disk, options.tlsDir !== undefined, options.reconnectDelayS ?? sharedReconnectDelayS), ...deviceArgs(disk, index, bootDiskId));
+    args.push(...blockdevArgs(disk, options.tlsDir !== undefined, options.reconnectDelayS ?? sharedReconnectDelayS), ...deviceArgs(disk, index, bootDiskId, rootBus(machine)));
   });
   (spec.nics ?? []).forEach((nic, index) => {
-    args.push(...nicArgs(nic, index, options.taps?.[index]));
+    args.push(...nicArgs(nic, index, options.taps?.[index], rootBus(machine)));
   });
   (spec.serialLogs ?? []).forEach((path, index) => {
     args.push('-chardev', `file,id=serial${index},path=${path}`, '-serial', `chardev:serial${index}`);

@@ -37,17 +37,26 @@ export interface MemoryDigest {
 }
 
 /**
- * Chunk reads kept in flight: each is a copy out of the memfd on one of libuv's
- * threads, so reads overlap each other and the hashing on the main thread.
+ * Chunk reads kept in flight: each is a copy out of QEMU's memory on one of
+ * libuv's threads, so reads overlap each other and the hashing on the main thread.
  */
 const readsInFlight = 4;
 
 let hasher: ReturnType<typeof xxhash> | undefined;
 
 /**
- * Digest of the guest RAM of a VM whose vCPUs are stopped: read straight from
- * the memfd that holds it (qemuArguments gives TCG guests one), or, for a QEMU
- * started without one, from a pmemsave dump (slower: QEMU copies 1 KiB at a time).
+ * Digest of the guest RAM of a VM whose vCPUs are stopped, read straight out
+ * of QEMU's address space (/proc/PID/mem at the host address QEMU gives for
+ * guest address 0), or out of the memfd of a QEMU started with its RAM in one
+ * (agents before 2026-11-30 started TCG guests so). Where the kernel does not
+ * let the agent read QEMU's memory, from a pmemsave dump (slower: QEMU copies
+ * 1 KiB at a time).
+ *
+ * Why not a memfd for every TCG guest, as before: every page of shared memory
+ * that is read gets allocated, and pre-copy reads every page of RAM on both
+ * ends to find the zero ones; a 512 MiB guest's first RAM pass took
+ * 2–2.5 times as long, and each host ended up holding all of the guest's RAM
+ * (docs/BENCHMARKS.md, "Issue 22").
  */
 export async function memoryDigest(vm: QemuProcess, signal: AbortSignal): Promise<MemoryDigest> {
   if (vm.spec.memoryMiB > memoryDigestMaxMiB) {
@@ -55,8 +64,62 @@ export async function memoryDigest(vm: QemuProcess, signal: AbortSignal): Promis
   }
   const status = await vm.status();
   if (status.running) throw new VmferryError('VMF_CONFLICT', `VM ${vm.spec.name} is running: its memory can only be compared while stopped`);
+  const size = vm.spec.memoryMiB * 1024 * 1024;
   const memfd = await guestRamMemfd(vm.pid);
-  return memfd ? hashChunks(memfd, signal) : dumpAndHash(vm, signal);
+  if (memfd) return hashChunks(memfd, 0, size, signal);
+  const address = await guestRamAddress(vm);
+  const memory = `/proc/${vm.pid}/mem`;
+  const readable = await open(memory, 'r').then(
+    (file) => file.close().then(() => true),
+    () => false,
+  );
+  if (!readable) return dumpAndHash(vm, signal);
+  return hashChunks(memory, address, size, signal, await untouchedChunks(vm.pid, address, size));
+}
+
+const pageBytes = 4096;
+
+/**
+ * The chunks of QEMU's memory at [address, address + size) with no page in
+ * memory or swap (/proc/PID/pagemap): private anonymous memory never written
+ * reads as zeros, so they need no read. Most of an idle guest's RAM is such;
+ * reading it through /proc/PID/mem page by page took 3–4 times as long.
+ */
+async function untouchedChunks(pid: number, address: number, size: number): Promise<Set<number>> {
+  const pages = size / pageBytes;
+  const entries = Buffer.alloc(pages * 8);
+  const file = await open(`/proc/${pid}/pagemap`, 'r');
+  try {
+    for (let done = 0; done < entries.length; ) {
+      const { bytesRead } = await file.read(entries, done, entries.length - done, (address / pageBytes) * 8 + done);
+      if (bytesRead === 0) throw new VmferryError('VMF_MIGRATION_FAILED', `/proc/${pid}/pagemap ended early`);
+      done += bytesRead;
+    }
+  } finally {
+    await file.close();
+  }
+  const pagesPerChunk = memoryDigestChunkBytes / pageBytes;
+  const untouched = new Set<number>();
+  for (let chunk = 0; chunk < pages / pagesPerChunk; chunk++) {
+    let touched = false;
+    for (let page = chunk * pagesPerChunk; page < (chunk + 1) * pagesPerChunk && !touched; page++) {
+      // Bit 63: present in memory; bit 62: swapped out.
+      touched = (entries.readUInt32LE(page * 8 + 4) & 0xc0000000) !== 0;
+    }
+    if (!touched) untouched.add(chunk);
+  }
+  return untouched;
+}
+
+/**
+ * Where guest address 0 is in QEMU's address space. Guest RAM up to
+ * memoryDigestMaxMiB is one block from there on, in q35 and pc alike.
+ */
+async function guestRamAddress(vm: QemuProcess): Promise<number> {
+  const text = await vm.qmp('finding guest RAM', (qmp) => qmp.client.execute<string>('human-monitor-command', { 'command-line': 'gpa2hva 0' }));
+  const match = /is (0x[0-9a-f]+)/.exec(text);
+  if (!match) throw new VmferryError('VMF_MIGRATION_FAILED', `QEMU of VM ${vm.spec.name} did not say where guest RAM is: ${text.trim()}`);
+  return Number(match[1]);
 }
 
 /** QEMU names the memfd of a memory-backend-memfd after the backend type; a guest has one. */
@@ -75,25 +138,31 @@ async function dumpAndHash(vm: QemuProcess, signal: AbortSignal): Promise<Memory
   try {
     // pmemsave writes the whole range before it replies; QEMU's main loop is busy meanwhile, but the guest is stopped.
     await vm.qmp('dumping guest memory', (qmp) => qmp.client.execute('pmemsave', { val: 0, size, filename: dump }, { signal }));
-    return await hashChunks(dump, signal);
+    return await hashChunks(dump, 0, size, signal);
   } finally {
     await rm(dump, { force: true });
   }
 }
 
-async function hashChunks(path: string, signal: AbortSignal): Promise<MemoryDigest> {
+/** Hashes `size` bytes of `path` from `base` on, chunk by chunk; `zeroChunks` are known to be all zeros. */
+async function hashChunks(path: string, base: number, size: number, signal: AbortSignal, zeroChunks = new Set<number>()): Promise<MemoryDigest> {
   const hashes = await (hasher ??= xxhash());
   const file = await open(path, 'r');
   try {
-    const { size } = await file.stat();
     const chunks = new Array<string>(Math.ceil(size / memoryDigestChunkBytes));
+    const zeroHash = hashes.h64Raw(Buffer.alloc(memoryDigestChunkBytes)).toString(16).padStart(16, '0');
     let next = 0;
     const reader = async (): Promise<void> => {
       const buffer = Buffer.allocUnsafe(memoryDigestChunkBytes);
       for (let index = next++; index < chunks.length; index = next++) {
         signal.throwIfAborted();
-        const { bytesRead } = await file.read(buffer, 0, buffer.length, index * memoryDigestChunkBytes);
-        // Only the last chunk of a dump can be short.
+        if (zeroChunks.has(index)) {
+          chunks[index] = zeroHash;
+          continue;
+        }
+        const length = Math.min(memoryDigestChunkBytes, size - index * memoryDigestChunkBytes);
+        const { bytesRead } = await file.read(buffer, 0, length, base + index * memoryDigestChunkBytes);
+        if (bytesRead !== length) throw new VmferryError('VMF_MIGRATION_FAILED', `read ${bytesRead} of ${length} bytes of guest RAM at chunk ${index} from ${path}`);
         chunks[index] = hashes.h64Raw(buffer.subarray(0, bytesRead)).toString(16).padStart(16, '0');
       }
     };

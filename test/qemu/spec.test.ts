@@ -108,6 +108,25 @@ test('the command line derives node names, serials and PCI slots from disk ids',
   assert.deepEqual(args.slice(args.indexOf('-accel'), args.indexOf('-accel') + 2), ['-accel', 'tcg']);
 });
 
+test('devices sit on the machine type\'s root bus: pcie.0 on q35, pci.0 on pc (QEMU refuses pcie.0 there)', () => {
+  const options = { mode: 'run' as const, qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'tcg' as const, taps: ['tap-a', 'tap-b'] };
+  const buses = (machine: string | undefined): unknown[] => {
+    const args = qemuArguments(validateVmSpec(machine ? { ...valid, machine } : valid), options);
+    return args.flatMap((arg, i) => (args[i - 1] === '-device' ? [(JSON.parse(arg) as Record<string, unknown>).bus] : []));
+  };
+  assert.deepEqual(buses(undefined), Array(5).fill('pcie.0'));
+  assert.deepEqual(buses('pc-q35-7.2'), Array(5).fill('pcie.0'));
+  assert.deepEqual(buses('pc'), Array(5).fill('pci.0'));
+  assert.deepEqual(buses('pc-i440fx-7.2'), Array(5).fill('pci.0'));
+});
+
+test('a TCG guest\'s RAM is ordinary private memory under the backend id older agents gave their memfd (so their VMs still migrate)', () => {
+  const args = qemuArguments(validateVmSpec(valid), { mode: 'run', qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'tcg', taps: ['tap-a', 'tap-b'] });
+  assert.equal(args[args.indexOf('-object') + 1], 'memory-backend-ram,id=vmferry-ram,size=256M');
+  assert.equal(args[args.indexOf('-machine') + 1], 'q35,memory-backend=vmferry-ram');
+  assert.ok(!args.some((arg) => arg.includes('memfd') || arg.includes('share=on')));
+});
+
 test('the CPU model is passed as -cpu MODEL,enforce; a spec without one leaves QEMU its own default', () => {
   const options = { mode: 'run' as const, qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'kvm' as const, taps: ['tap-a', 'tap-b'] };
   const args = qemuArguments(validateVmSpec({ ...valid, cpu: 'Westmere-v1' }), options);
