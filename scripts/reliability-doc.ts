@@ -102,9 +102,14 @@ Last run: ${dates[0]} to ${dates[dates.length - 1]}, ${rows.length} rows from ${
   (\`bench/qemu-tcg-precopy.ts\`, docs/QEMU-TCG-PRECOPY.md). vmferry now compares both ends'
   memory before a TCG destination resumes and rolls back on a mismatch (the row "pre-copy of a
   busy TCG guest" below), so the guest is safe. Busy guests hit it even uncapped (about one
-  migration in three in the heavy-writes test), so the controller retries a mismatch up to twice;
-  a guest that cannot converge in few passes cannot be migrated live under TCG, and a
-  stop-and-copy RAM mode is not built.
+  migration in three in the heavy-writes test), so the controller retries a mismatch up to twice.
+  The plain QMP sequence loses writes the same way once pre-copy takes a fourth pass
+  (docs/BENCHMARKS.md, "Issue 22"). A guest that cannot converge in few passes moves with
+  \`--ram-mode stop-and-copy\` (or \`--fallback stop-and-copy\` after two refusals; 6 of 6 busy
+  migrations moved that way, paused 8.5–8.9 s each) or \`--ram-mode postcopy\`.
+- **After a post-copy stream is cut and recovered, the guest sometimes reboots on B** (2 of 6
+  runs of the link-cut test, QEMU 7.2 under TCG), its acknowledged records intact; cause not found
+  (docs/ARCHITECTURE.md, "Post-copy").
 - **A controller that stays down**: after \`--abandon-after\` (60 s by default) without a request,
   a source half not yet told to continue rolls back on its own, so a guest paused at
   pre-switchover runs again, and a destination whose QEMU exited is removed (the "controller

@@ -139,7 +139,9 @@ async function runDemo(cluster: LocalCluster, say: (line: string) => void, json:
       const pinger = segment && vmAddress ? Pinger.start(segment.clientNamespace, vmAddress) : undefined;
       let report: MigrationReport;
       try {
-        const started = await api.migrate({ vm: vmName, to });
+        // Under TCG (as here) QEMU 7.2 can lose a busy guest's writes in pre-copy; after two refusals the
+        // last attempt stops the guest for its RAM pass instead of giving up (docs/QEMU-TCG-PRECOPY.md).
+        const started = await api.migrate({ vm: vmName, to, fallback: 'stop-and-copy' });
         report = await followMigration(api, started.id as string, json ? 'silent' : 'plain');
       } catch (err) {
         await pinger?.stop();

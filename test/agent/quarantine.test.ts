@@ -22,9 +22,9 @@ import { hasCode } from '../../src/errors.ts';
 import { testGuestDir } from '../../src/guest/test-guest.ts';
 import { requestJson } from '../../src/http/errors.ts';
 import { makeTempDir } from '../support/temp.ts';
+import { runVmferry, type CliResult } from '../support/cli.ts';
 
 const execFile = promisify(execFileCallback);
-const cli = join(import.meta.dirname, '../../bin/vmferry.js');
 const logger = pino({ level: 'silent' });
 
 let dir: Awaited<ReturnType<typeof makeTempDir>>;
@@ -46,14 +46,8 @@ async function startAgent(): Promise<void> {
   stopHeartbeat = startHeartbeat(controllerUrl, host, logger);
 }
 
-async function vmferry(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const { stdout, stderr } = await execFile(process.execPath, [cli, '--controller', controllerUrl, ...args], { timeout: 60_000 });
-    return { code: 0, stdout, stderr };
-  } catch (err) {
-    const failed = err as { code: number; stdout: string; stderr: string };
-    return { code: failed.code, stdout: failed.stdout, stderr: failed.stderr };
-  }
+function vmferry(...args: string[]): Promise<CliResult> {
+  return runVmferry(controllerUrl, args);
 }
 
 async function createVm(name: string): Promise<string> {

@@ -2,43 +2,24 @@
 // controller for (a stand-in controller records the request), and the clear
 // errors it gives for arguments it cannot make sense of.
 import assert from 'node:assert/strict';
-import { execFile as execFileCallback } from 'node:child_process';
-import { createServer, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
-import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
+import { runVmferry, startRecordingController, type CliResult, type RecordingController } from '../support/cli.ts';
 
-const execFile = promisify(execFileCallback);
-const cli = join(import.meta.dirname, '../../bin/vmferry.js');
-let controller: Server;
-let controllerUrl: string;
-const requests: unknown[] = [];
+let controller: RecordingController;
+let requests: unknown[] = [];
 
 before(async () => {
-  controller = createServer((req, res) => {
-    let body = '';
-    req.on('data', (chunk: Buffer) => (body += chunk.toString()));
-    req.on('end', () => {
-      const parsed = JSON.parse(body) as { host: string; vm: { name: string } };
-      requests.push(parsed);
-      res.writeHead(201, { 'content-type': 'application/json' }).end(JSON.stringify({ name: parsed.vm.name, host: parsed.host }));
-    });
+  controller = await startRecordingController((body) => {
+    const { host, vm } = body as { host: string; vm: { name: string } };
+    return { status: 201, json: { name: vm.name, host } };
   });
-  await new Promise<void>((resolve) => controller.listen(0, '127.0.0.1', resolve));
-  controllerUrl = `http://127.0.0.1:${(controller.address() as AddressInfo).port}`;
+  requests = controller.requests;
 });
 
-after(() => new Promise<void>((resolve) => controller.close(() => resolve())));
+after(() => controller.close());
 
-async function vmferry(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const { stdout, stderr } = await execFile(process.execPath, [cli, '--controller', controllerUrl, ...args], { timeout: 60_000 });
-    return { code: 0, stdout, stderr };
-  } catch (err) {
-    const failed = err as { code: number; stdout: string; stderr: string };
-    return { code: failed.code, stdout: failed.stdout, stderr: failed.stderr };
-  }
+function vmferry(...args: string[]): Promise<CliResult> {
+  return runVmferry(controller.url, args);
 }
 
 test('import=, base= and --boot disk:ID become the request the agent acts on', async () => {

@@ -2,19 +2,12 @@
 // asks the controller for (a stand-in controller records the request and
 // answers a dry run's plan), defaults included.
 import assert from 'node:assert/strict';
-import { execFile as execFileCallback } from 'node:child_process';
-import { createServer, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
-import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
 import { defaultMigrationOptions } from '../../src/migration/plan.ts';
+import { runVmferry, startRecordingController, type CliResult, type RecordingController } from '../support/cli.ts';
 
-const execFile = promisify(execFileCallback);
-const cli = join(import.meta.dirname, '../../bin/vmferry.js');
-let controller: Server;
-let controllerUrl: string;
-const requests: Record<string, unknown>[] = [];
+let controller: RecordingController;
+let requests: Record<string, unknown>[] = [];
 
 const plan = {
   vm: 'web',
@@ -28,28 +21,14 @@ const plan = {
 };
 
 before(async () => {
-  controller = createServer((req, res) => {
-    let body = '';
-    req.on('data', (chunk: Buffer) => (body += chunk.toString()));
-    req.on('end', () => {
-      requests.push(JSON.parse(body) as Record<string, unknown>);
-      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ plan }));
-    });
-  });
-  await new Promise<void>((resolve) => controller.listen(0, '127.0.0.1', resolve));
-  controllerUrl = `http://127.0.0.1:${(controller.address() as AddressInfo).port}`;
+  controller = await startRecordingController(() => ({ status: 200, json: { plan } }));
+  requests = controller.requests as Record<string, unknown>[];
 });
 
-after(() => new Promise<void>((resolve) => controller.close(() => resolve())));
+after(() => controller.close());
 
-async function vmferry(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const { stdout, stderr } = await execFile(process.execPath, [cli, '--controller', controllerUrl, ...args], { timeout: 60_000 });
-    return { code: 0, stdout, stderr };
-  } catch (err) {
-    const failed = err as { code: number; stdout: string; stderr: string };
-    return { code: failed.code, stdout: failed.stdout, stderr: failed.stderr };
-  }
+function vmferry(...args: string[]): Promise<CliResult> {
+  return runVmferry(controller.url, args);
 }
 
 test('migrate --help shows the default of every option that has one', async () => {

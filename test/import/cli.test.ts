@@ -2,18 +2,15 @@
 // request and what is not carried over and creates nothing (it needs no
 // controller at all); without it, the VM is created through the controller.
 import assert from 'node:assert/strict';
-import { execFile as execFileCallback } from 'node:child_process';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
 import pino from 'pino';
 import { LocalCluster } from '../../src/demo/local-cluster.ts';
 import type { NotCarried } from '../../src/import/libvirt.ts';
 import { makeTempDir } from '../support/temp.ts';
+import { runVmferry, type CliResult } from '../support/cli.ts';
 
-const execFile = promisify(execFileCallback);
-const cli = join(import.meta.dirname, '../../bin/vmferry.js');
 const fixtures = join(import.meta.dirname, '../fixtures/libvirt');
 // Nothing listens there: a dry run that tried the controller would fail.
 const noController = 'http://127.0.0.1:9';
@@ -21,14 +18,8 @@ const noController = 'http://127.0.0.1:9';
 let temp: Awaited<ReturnType<typeof makeTempDir>>;
 let cluster: LocalCluster;
 
-async function vmferry(controller: string, ...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const { stdout, stderr } = await execFile(process.execPath, [cli, '--controller', controller, ...args], { timeout: 120_000 });
-    return { code: 0, stdout, stderr };
-  } catch (err) {
-    const failed = err as { code: number; stdout: string; stderr: string };
-    return { code: failed.code, stdout: failed.stdout, stderr: failed.stderr };
-  }
+function vmferry(controller: string, ...args: string[]): Promise<CliResult> {
+  return runVmferry(controller, args, 120_000);
 }
 
 before(async () => {
