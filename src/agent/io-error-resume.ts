@@ -64,16 +64,26 @@ export function startIoErrorResume(options: IoErrorResumeOptions): () => void {
   const { logger } = options;
   const intervalMs = options.intervalMs ?? 2_000;
   const probeTimeoutMs = options.probeTimeoutMs ?? 2_000;
+  const maxBackoffMs = 5 * 60_000;
   /** VMs already reported as stopped, so an outage is logged once, not every round. */
   const reported = new Set<string>();
+  /**
+   * VMs continued while their storage server answered that stopped again: a write the server refuses
+   * (a stale QEMU whose writer lease moved away) is no outage. Each such VM waits twice as long as the
+   * last time before the next `cont`, so it is not continued in a loop.
+   */
+  const backoff = new Map<string, { failures: number; notBefore: number }>();
   let busy = false;
 
   const resumeOne = async ({ name, qemu, spec, free }: IoErrorCandidate): Promise<void> => {
     const status = await qemu.statusUnlessExited();
     if (status?.status !== 'io-error') {
       reported.delete(name);
+      if (status?.running) backoff.delete(name);
       return;
     }
+    const last = backoff.get(name);
+    if (last && Date.now() < last.notBefore) return;
     const servers = storageServers(spec);
     const down = [];
     for (const server of servers) if (!(await accepts(server, probeTimeoutMs))) down.push(server);
@@ -85,7 +95,11 @@ export function startIoErrorResume(options: IoErrorResumeOptions): () => void {
     if (!free()) return;
     await qemu.qmp(`continuing ${name} after a storage outage`, (qmp) => qmp.cont());
     reported.delete(name);
-    logger.info({ vm: name }, `VM ${name} continued: its storage server answers again`);
+    const failures = (last?.failures ?? 0) + 1;
+    // Kept until the VM is seen running: if it stops again at once, the next try waits longer.
+    backoff.set(name, { failures, notBefore: Date.now() + Math.min(maxBackoffMs, intervalMs * 2 ** failures) });
+    if (last) logger.error({ vm: name, failures }, `VM ${name} stopped again on a shared disk's error although its storage server answers (are its writes fenced?); continued again, ${failures} times so far`);
+    else logger.info({ vm: name }, `VM ${name} continued: its storage server answers again`);
   };
 
   const round = async (): Promise<void> => {

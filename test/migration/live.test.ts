@@ -309,6 +309,13 @@ test('stop-and-copy: the guest is paused for the RAM phase, every acked record i
     // No retry: with the guest stopped, QEMU's TCG defect has no running guest to lose writes of.
     const report = await rig.migrate(plan, {
       memoryMismatchRetries: 0,
+      // A's run state as the RAM phase begins and ends, and at every progress sample between (a one-pass RAM phase may have none).
+      beforePhase: async (phase) => {
+        if (phase !== 'migrating' && phase !== 'paused-at-switchover') return;
+        const state = rig.source.status().then((s) => s.status);
+        runStates.push(state);
+        await state;
+      },
       onEvent: (e) => {
         if (e.type === 'ram') runStates.push(rig.source.status().then((s) => s.status));
       },
