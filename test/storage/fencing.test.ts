@@ -309,7 +309,7 @@ test('two QEMUs on one volume: the one holding the lease writes, the stale one i
     kind: 'fault',
     target: 'storage server',
     tried: 'two QEMUs running the test guest on one shared volume; the second claims the lease',
-    observed: `stale guest: I/O error, ${firstAcks - fencedAt} acks after the move; holder: ${acked.get('shared0')} acks, all intact`,
+    observed: `stale VM: stopped by its refused writes (io-error), ${firstAcks - fencedAt} acks after the move; holder: ${acked.get('shared0')} acks, all intact`,
     ok: true,
   });
 });
