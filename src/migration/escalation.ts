@@ -34,7 +34,6 @@ export class RamEscalation {
   readonly #watch: ConvergenceWatch;
   #ramStartedAt: number | undefined;
   #guestStopped: boolean;
-  #postcopy = false;
   #timeoutTaken = false;
 
   constructor(input: RamEscalationInput) {
@@ -57,7 +56,7 @@ export class RamEscalation {
   async observe(info: MigrationInfo, signal: AbortSignal, now = Date.now()): Promise<void> {
     const { source } = this.#input;
     // A stopped guest dirties nothing, and after post-copy began nothing of pre-copy applies.
-    const step = this.#guestStopped || this.#postcopy ? undefined : this.#watch.observe(info);
+    const step = this.#guestStopped || this.#input.postcopy.why !== undefined ? undefined : this.#watch.observe(info);
     if (step?.action === 'downtime-limit') {
       this.#take('downtime-limit', `not converging: downtime limit raised to ${step.downtimeLimitMs} ms`, now);
       await source.setDowntimeLimit(step.downtimeLimitMs, signal);
@@ -106,8 +105,7 @@ export class RamEscalation {
 
   /** The switch to post-copy, once: kept as a step here, its event emitted by the PostcopySwitch. */
   async #switchToPostcopy(why: string, signal: AbortSignal, now: number): Promise<void> {
-    if (this.#postcopy) return;
-    this.#postcopy = true;
+    if (this.#input.postcopy.why !== undefined) return;
     this.steps.push({ atMs: now - this.#input.attemptStartedAt, action: 'postcopy', detail: why });
     await this.#input.postcopy.request(why, signal);
   }
