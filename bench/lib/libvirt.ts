@@ -206,8 +206,11 @@ async function ramInUseVia(host: 'a' | 'b', name: string, memoryMiB: number): Pr
   }
 }
 
-/** One libvirt migration of the scenario's VM, measured as in migration-run.ts where libvirt lets us. */
-export async function runLibvirtOnce(lv: LibvirtHosts, scenario: Scenario, cleanup: Cleanup): Promise<RunResult> {
+/**
+ * One libvirt migration of the scenario's VM, measured as in migration-run.ts where libvirt lets us.
+ * `migrateFlags` go to `virsh migrate` after its own (e.g. `--postcopy --postcopy-after-precopy`).
+ */
+export async function runLibvirtOnce(lv: LibvirtHosts, scenario: Scenario, cleanup: Cleanup, migrateFlags: string[] = []): Promise<RunResult> {
   const name = `lv-${scenario.name}`;
   const source = join(lv.diskDirOf('a'), `${name}-local0.qcow2`);
   const target = join(lv.diskDirOf('b'), `${name}-local0.qcow2`);
@@ -248,7 +251,7 @@ export async function runLibvirtOnce(lv: LibvirtHosts, scenario: Scenario, clean
   const txBytes = (): Promise<number> => readFile(`/sys/class/net/${hosts[1].outside}/statistics/tx_bytes`, 'utf8').then(Number);
   const txBefore = await txBytes();
   const t0 = performance.now();
-  await virsh('a', 'migrate', '--live', '--copy-storage-all', '--migrate-disks', 'vda', name, `qemu+tcp://${hosts[1].address}/system`, `tcp://${hosts[1].address}`);
+  await virsh('a', 'migrate', '--live', '--copy-storage-all', '--migrate-disks', 'vda', ...migrateFlags, name, `qemu+tcp://${hosts[1].address}/system`, `tcp://${hosts[1].address}`);
   const totalMs = performance.now() - t0;
   const bridgeToDestinationBytes = (await txBytes()) - txBefore;
   const stats = rawStats(await virsh('a', 'domjobinfo', name, '--completed', '--rawstats', '--keep-completed'));

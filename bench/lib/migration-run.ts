@@ -73,6 +73,8 @@ export interface RunOptions {
   sampleMs?: number;
   /** libvirt only: the two daemons, started once per benchmark. */
   libvirt?: LibvirtHosts;
+  /** libvirt only: flags for `virsh migrate` beyond the hybrid-storage ones (bench/ram-modes.ts). */
+  libvirtMigrateFlags?: string[];
   /** vmferry-tls only: host A's and B's agent identities in QEMU's layout, and the storage server's, made once per benchmark. */
   tls?: BenchTls;
 }
@@ -292,6 +294,7 @@ async function runVmferry(host: Host, scenario: Scenario, options: RunOptions, t
         attempts,
         refusals,
         passes: report.ram.passes,
+        ...(report.ram.postcopyMs === undefined ? {} : { postcopyMs: report.ram.postcopyMs }),
         ...(options.variant ? { variant: options.variant } : {}),
         ...gaps,
       },
@@ -346,7 +349,7 @@ export function runOnce(method: Method, scenario: Scenario, options: RunOptions 
   return withCleanup(async (cleanup) => {
     if (method === 'libvirt') {
       if (!options.libvirt) throw new Error('libvirt runs need the libvirt hosts');
-      return runLibvirtOnce(options.libvirt, scenario, cleanup);
+      return runLibvirtOnce(options.libvirt, scenario, cleanup, options.libvirtMigrateFlags);
     }
     const host = await prepareHost(scenario, cleanup, method === 'vmferry-tls' ? options.tls?.storage : undefined);
     // Host write-back of fresh images would compete with the mirror.

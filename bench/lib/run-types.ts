@@ -66,6 +66,8 @@ export interface RunResult {
   refusals?: string[];
   /** Sum of the guest's pauses over every attempt (vmferry's rolled-back attempts paused it too), ms. */
   pausesMs?: number;
+  /** vmferry: how long B ran the guest while the rest of RAM arrived (post-copy), ms. */
+  postcopyMs?: number;
   /** QEMU's pre-copy passes (dirty-sync-count) of the last attempt. */
   passes?: number;
   /** plain with compareRam: 1 MiB chunks of guest RAM that differed between A and B before `cont`. */
