@@ -109,12 +109,13 @@ export async function ramModesBench(rounds: number, bandwidthMiBs: number, timeo
       ms(med((r) => r.ackGapMs)),
       ms(med((r) => r.postcopyMs)),
       done.length ? String(Math.round(med((r) => r.ramBytes) / 2 ** 20)) : '-',
+      done.length ? String(Math.round(med((r) => r.mirrorBytes) / 2 ** 20)) : '-',
       `${done.filter((r) => r.guestAlive).length}/${done.length}`,
     ];
   });
   console.log('Medians of completed runs. pause = STOP on A → RESUME on B (QMP timestamps; not visible in libvirt); downtime = QEMU\'s figure; ' +
     'gap = longest time between two acknowledged records of one disk, as the host received them; post-copy = B ran the guest while RAM still arrived');
-  console.log(table(['way out', 'completed', 'total s', 'pause ms', 'downtime ms (QEMU)', 'gap ms', 'post-copy ms', 'RAM MiB', 'guest goes on, no reboot'], rows));
+  console.log(table(['way out', 'completed', 'total s', 'pause ms', 'downtime ms (QEMU)', 'gap ms', 'post-copy ms', 'RAM MiB', 'mirror MiB', 'guest goes on, no reboot'], rows));
   for (const o of outcomes.filter((x) => x.failure)) console.log(`  ${o.way}: ${o.failure ?? ''}`);
   return outcomes;
 }
