@@ -37,6 +37,11 @@ CREATE TABLE migration_events (
   migration_id TEXT NOT NULL, seq BIGINT NOT NULL, at BIGINT NOT NULL, event JSON NOT NULL, PRIMARY KEY (migration_id, seq));
 `,
   },
+  {
+    version: 2,
+    // The leader lease (src/controller/leader-lease.ts): one row, its holder, its epoch, and until when, by the database's clock.
+    sql: 'CREATE TABLE vmferry_leader (id INTEGER PRIMARY KEY CHECK (id = 1), holder TEXT NOT NULL, epoch BIGINT NOT NULL, expires_at TIMESTAMPTZ NOT NULL);',
+  },
 ];
 
 /** Any fixed number: the key of the transaction-scoped advisory lock that serialises schema upgrades ("vmfsch" in ASCII). */
