@@ -104,3 +104,22 @@ test('--db values that are neither a SQLite file nor a usable PostgreSQL are nam
     });
   }
 });
+
+test('PostgreSQL: what a store acknowledged survives the server crashing, and the same store answers once it is back', async () => {
+  const store = await PostgresStore.open(await postgres.freshUrl());
+  try {
+    await store.createMigration({ id: 'm1', vm: 'web', from: 'A', to: 'B', phase: 'migrating', plan: {} as never, report: null, createdAt: 1, updatedAt: 1 });
+    await store.updateMigration('m1', { phase: 'resume-sent' });
+    await postgres.restart();
+    // The pool's connections died with the server: a query may fail once (VMF_DATABASE) while it notices, never twice.
+    const read = () => store.getMigration('m1');
+    const stored = await read().catch(async (err: unknown) => {
+      assert.ok(hasCode(err, 'VMF_DATABASE'), String(err));
+      return read();
+    });
+    assert.equal(stored?.phase, 'resume-sent');
+    await store.appendEvent('m1', { type: 'phase', phase: 'resume-sent', at: 2 });
+  } finally {
+    await store.close();
+  }
+});

@@ -25,6 +25,8 @@ export interface TestPostgres {
   query<Row extends pg.QueryResultRow>(sql: string, values?: unknown[]): Promise<Row[]>;
   /** Cuts every connection whose application_name is `name`, as a network partition or a server restart would; returns how many. */
   terminate(name: string): Promise<number>;
+  /** Crashes the server (`-m immediate`: no checkpoint, every connection cut) and starts it again on the same port. */
+  restart(): Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -63,8 +65,12 @@ export async function startPostgres(): Promise<TestPostgres> {
     await asPostgres('pg_ctl', ['start', '-D', data, '-l', join(dir, 'server.log'), '-w', '-t', '60', '-o', settings]);
     started = true;
     const url = `postgres://vmferry@127.0.0.1:${port}/postgres`;
-    const admin = new pg.Pool({ connectionString: url, max: 2, application_name: 'vmferry-test-admin' });
-    admin.on('error', () => undefined);
+    const adminPool = (): pg.Pool => {
+      const pool = new pg.Pool({ connectionString: url, max: 2, application_name: 'vmferry-test-admin' });
+      pool.on('error', () => undefined);
+      return pool;
+    };
+    let admin = adminPool();
     let schemas = 0;
     const query = async <Row extends pg.QueryResultRow>(sql: string, values: unknown[] = []): Promise<Row[]> => (await admin.query<Row>(sql, values)).rows;
     return {
@@ -78,6 +84,13 @@ export async function startPostgres(): Promise<TestPostgres> {
       async terminate(name) {
         const rows = await query<{ pid: number }>('SELECT pg_terminate_backend(pid) AS pid FROM pg_stat_activity WHERE application_name = $1', [name]);
         return rows.length;
+      },
+      async restart() {
+        await asPostgres('pg_ctl', ['stop', '-D', data, '-m', 'immediate', '-w']);
+        await asPostgres('pg_ctl', ['start', '-D', data, '-l', join(dir, 'server.log'), '-w', '-t', '60', '-o', settings]);
+        // Its connections died with the server: the next admin query must not be the one that finds out.
+        await admin.end();
+        admin = adminPool();
       },
       async stop() {
         await admin.end();
