@@ -92,9 +92,10 @@ async function requireDurableCommits(client: pg.PoolClient, name: string): Promi
 export interface PostgresStoreOptions {
   /** Where a broken idle connection is reported (the pool drops it and opens another for the next query). */
   logger?: Logger;
-  /** How long opening a connection may take before the query fails (default 10 s). */
-  connectTimeoutMs?: number;
 }
+
+/** How long opening a connection may take: a database host that drops packets fails the query, not hangs it. */
+const connectTimeoutMs = 10_000;
 
 export class PostgresStore implements Store {
   readonly #pool: pg.Pool;
@@ -109,14 +110,14 @@ export class PostgresStore implements Store {
   /** Connects to `url`, applies the schema steps the database lacks, and returns the store; a database it cannot reach is a VMF_DATABASE error naming it. */
   static async open(url: string, options: PostgresStoreOptions = {}): Promise<PostgresStore> {
     const name = redactedUrl(url);
-    const pool = new pg.Pool({ connectionString: url, max: 4, connectionTimeoutMillis: options.connectTimeoutMs ?? 10_000, application_name: 'vmferry-controller' });
+    const pool = new pg.Pool({ connectionString: url, max: 4, connectionTimeoutMillis: connectTimeoutMs, application_name: 'vmferry-controller' });
     pool.on('error', (err) => options.logger?.warn({ err: describeError(err), db: name }, 'an idle database connection broke'));
     const store = new PostgresStore(pool, name);
     try {
       const client = await pool.connect();
       try {
-        await applySchema(client, name);
         await requireDurableCommits(client, name);
+        await applySchema(client, name);
       } finally {
         client.release();
       }
