@@ -18,6 +18,7 @@ packages=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients # libvirt 9.0, the migration benchmark's peer (bench/lib/libvirt.ts)
   libvirt-daemon-system            # ...and the libvirt-qemu user its QEMU driver wants (no service is started here)
   openssl                          # the cluster PKI: vmferry pki init/issue (src/security/pki.ts)
+  postgresql-15                    # the PostgreSQL store's tests: a throwaway cluster per test file (test/support/postgres.ts)
 )
 
 missing=()

@@ -81,7 +81,7 @@ export function registerDaemonCommands(program: Command): void {
     .command('controller')
     .description('run the controller: inventory, placement checks, migrations through the agents')
     .requiredOption('--listen <host:port>', 'address of the controller\'s HTTP API')
-    .requiredOption('--db <file>', 'SQLite database file')
+    .requiredOption('--db <file|url>', 'where the controller keeps its state: a SQLite file, or a postgres://user@host:port/database URL shared by several controllers (or VMFERRY_DB)', process.env.VMFERRY_DB)
     .option('--storage <url>', 'the storage server\'s admin URL: a migration\'s report then says what it read and wrote for each re-attached disk (or VMFERRY_STORAGE)', process.env.VMFERRY_STORAGE)
     .option('--insecure', insecureHelp)
     .action(async (opts: { listen: string; db: string; storage?: string }, command: Command) => {

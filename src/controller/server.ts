@@ -9,7 +9,7 @@ import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { CreateVmRequestSchema, hostAddressPattern, MigrationParamsSchema, QuarantineParamsSchema, VmNameParamsSchema } from '../api/agent-types.ts';
 import { MigrateRequestSchema } from '../api/controller-types.ts';
-import { SqliteStore } from '../store/sqlite-store.ts';
+import { openStore } from '../store/open-store.ts';
 import type { Store } from '../store/store.ts';
 import { Inventory } from './inventory.ts';
 import { MigrationService } from './migrations.ts';
@@ -19,6 +19,7 @@ import { requireSameId, type AccessPolicy } from '../http/access.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
 
 export interface ControllerOptions {
+  /** A SQLite file, or a postgres:// URL (src/store/open-store.ts). */
   dbPath: string;
   logger: Logger;
   store?: Store;
@@ -34,7 +35,7 @@ export const controllerAccess: AccessPolicy = (method, route) => (method === 'PO
 export async function buildController(
   options: ControllerOptions,
 ): Promise<{ app: FastifyInstance; migrations: MigrationService; store: Store; settled: Promise<void> }> {
-  const store = options.store ?? new SqliteStore(options.dbPath);
+  const store = options.store ?? (await openStore(options.dbPath, options.logger));
   const inventory = new Inventory(store, options.tls);
   const migrations = new MigrationService(store, inventory, options.logger, options.storage);
   const { base, app } = await createApiServer('vmferry controller', options.logger, 1024 * 1024, { tls: options.tls, access: controllerAccess });

@@ -5,6 +5,7 @@
  * back the migration phase recovery relies on).
  */
 import Database from 'better-sqlite3';
+import { VmferryError } from '../errors.ts';
 import { finalPhases, type MigrationEvent, type MigrationPhase } from '../migration/phases.ts';
 import type { HostRecord, MigrationRecord, Store, StoredEvent, VmLocation } from './store.ts';
 
@@ -136,7 +137,7 @@ export class SqliteStore implements Store {
   }
 
   listMigrations(limit: number): Promise<MigrationRecord[]> {
-    const rows = this.#db.prepare('SELECT * FROM migrations ORDER BY created_at DESC LIMIT ?').all(limit) as MigrationRow[];
+    const rows = this.#db.prepare('SELECT * FROM migrations ORDER BY created_at DESC, rowid DESC LIMIT ?').all(limit) as MigrationRow[];
     return Promise.resolve(rows.map(toRecord));
   }
 
@@ -148,11 +149,14 @@ export class SqliteStore implements Store {
 
   unfinishedMigrations(): Promise<MigrationRecord[]> {
     const placeholders = finalPhases.map(() => '?').join(', ');
-    const rows = this.#db.prepare(`SELECT * FROM migrations WHERE phase NOT IN (${placeholders}) ORDER BY created_at`).all(...finalPhases) as MigrationRow[];
+    const rows = this.#db.prepare(`SELECT * FROM migrations WHERE phase NOT IN (${placeholders}) ORDER BY created_at, rowid`).all(...finalPhases) as MigrationRow[];
     return Promise.resolve(rows.map(toRecord));
   }
 
   appendEvent(migrationId: string, event: MigrationEvent): Promise<void> {
+    if (!this.#db.prepare('SELECT 1 FROM migrations WHERE id = ?').get(migrationId)) {
+      return Promise.reject(new VmferryError('VMF_NOT_FOUND', `no migration ${migrationId} to append an event to`));
+    }
     this.#db
       .prepare('INSERT INTO migration_events (migration_id, seq, at, event) SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ? FROM migration_events WHERE migration_id = ?')
       .run(migrationId, Date.now(), JSON.stringify(event), migrationId);

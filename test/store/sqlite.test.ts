@@ -1,19 +1,22 @@
-// The controller's hosts table keeps what each agent reports about its
-// accelerator, also in a database created before those columns existed.
+// The Store contract (test/store/contract.ts) on the SQLite file, and what only
+// that engine has: databases created by earlier releases.
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import Database from 'better-sqlite3';
 import { SqliteStore } from '../../src/store/sqlite-store.ts';
 import { makeTempDir } from '../support/temp.ts';
+import { storeContract } from './contract.ts';
 
 let temp: { path: string; remove(): Promise<void> };
 
 before(async () => {
-  temp = await makeTempDir('store-hosts');
+  temp = await makeTempDir('store-sqlite');
 });
 
 after(() => temp.remove());
+
+storeContract('SQLite', (name) => Promise.resolve(new SqliteStore(join(temp.path, `${name}.db`))));
 
 test('a database from before the accelerator columns opens, keeps its hosts, and stores the accelerator from then on', async () => {
   const path = join(temp.path, 'old.db');
