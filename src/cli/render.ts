@@ -33,7 +33,7 @@ function ramModeLines(plan: MigrationPlan): string[] {
     mode === 'stop-and-copy'
       ? 'stop-and-copy: the guest stopped once the disks are in sync, RAM in one pass'
       : mode === 'postcopy'
-        ? `pre-copy for one pass, then post-copy: the guest runs on ${plan.to} while the rest of RAM follows, and ${plan.from} never runs it again`
+        ? `${plan.ram.postcopyAtOnce ? 'post-copy as soon as RAM moves (TCG)' : 'pre-copy for one pass, then post-copy'}: the guest runs on ${plan.to} while the rest of RAM follows, and ${plan.from} never runs it again`
         : `pre-copy, downtime limit ${plan.ram.downtimeLimitsMs.join(' → ')} ms`;
   const { timeoutS, timeoutAction, fallback } = plan.options;
   return [
