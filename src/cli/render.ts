@@ -55,6 +55,10 @@ export function renderReport(report: MigrationReport): string {
   if (report.recovery && report.outcome === 'completed') lines.push(`  settled after a restart: ${report.recovery}`);
   if (report.ram.memoryCompared) lines.push('  guest memory identical at both ends before the destination ran (checked: TCG guest)');
   if (report.ram.postcopyWhy !== undefined) lines.push(`  ${postcopyLine(report)}`);
+  for (const reset of report.ram.postcopyResets ?? []) {
+    const when = reset.afterResumeMs === null ? '' : ` ${reset.afterResumeMs} ms after it resumed there`;
+    lines.push(`  WARNING: the guest reset on ${report.to}${when} (QEMU: ${reset.reason}): it did not carry on, its memory there was not what it had on ${report.from}`);
+  }
   if (attempts.length > 1) {
     attempts.forEach((a, i) => {
       const ended = a.error ? `${a.outcome} (${a.error.code})` : a.outcome;

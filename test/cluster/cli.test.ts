@@ -250,6 +250,7 @@ test('migrate --ram-mode postcopy through the CLI: a guest dirtying faster than 
   // B ran the guest while the rest of its RAM arrived: A's QEMU measured post-copy from its postcopy-active to completed.
   assert.ok((report.ram.postcopyMs ?? 0) > 0, `post-copy lasted ${report.ram.postcopyMs} ms`);
   assert.equal(report.ram.memoryCompared, false);
+  assert.deepEqual(report.ram.postcopyResets, [], "B's agent was asked whether the guest reset there while post-copy ran");
   const phases = report.phases.map((p) => p.phase);
   assert.ok(phases.includes('postcopy-started') && phases.includes('postcopy-active'), phases.join(' → '));
   assert.ok(!phases.includes('resume-sent'), 'post-copy resumes B at postcopy-active, not after all of RAM');

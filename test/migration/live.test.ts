@@ -227,6 +227,7 @@ test('post-copy moves a guest pre-copy cannot: B runs it while A is still postco
     assert.match(report.ram.postcopyWhy ?? '', /at once for a TCG guest/);
     assert.ok((report.ram.postcopyMs ?? 0) > 0, `post-copy lasted ${report.ram.postcopyMs} ms`);
     assert.equal(report.ram.memoryCompared, false, 'no comparison: RAM was still in flight when B started');
+    assert.deepEqual(report.ram.postcopyResets, [], 'QEMU on B reported no reset of the guest while post-copy ran');
     assert.ok(report.pauseMs !== undefined && report.pauseMs > 0, `pause ${report.pauseMs} ms`);
     assert.deepEqual(
       report.phases.map((p) => p.phase),
