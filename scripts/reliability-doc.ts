@@ -107,9 +107,13 @@ Last run: ${dates[0]} to ${dates[dates.length - 1]}, ${rows.length} rows from ${
   (docs/BENCHMARKS.md, "Issue 22"). A guest that cannot converge in few passes moves with
   \`--ram-mode stop-and-copy\` (or \`--fallback stop-and-copy\` after two refusals; 6 of 6 busy
   migrations moved that way, paused 8.5–8.9 s each) or \`--ram-mode postcopy\`.
-- **After a post-copy stream is cut and recovered, the guest sometimes reboots on B** (2 of 6
-  runs of the link-cut test, QEMU 7.2 under TCG), its acknowledged records intact; cause not found
-  (docs/ARCHITECTURE.md, "Post-copy").
+- **Post-copy of a busy TCG guest after a whole pass of pre-copy crashed the guest on B** (the link-cut
+  test: 2 of 6 runs; the CLI's post-copy test with no cut: 3 of 4). The cause is QEMU's TCG defect, not
+  the link cut or its recovery: a page pre-copy sent and TCG then lost a write to is never sent again
+  (reproduced without vmferry, \`bench/qemu-tcg-postcopy-recover.ts\`, docs/QEMU-TCG-PRECOPY.md,
+  "Post-copy"). A TCG guest now switches to post-copy as soon as RAM moves, and a reset of the guest on
+  B while RAM is still arriving is in the report (\`ram.postcopyResets\`). \`--allow-postcopy\` and
+  \`--timeout-action postcopy\` still switch late.
 - **A controller that stays down**: after \`--abandon-after\` (60 s by default) without a request,
   a source half not yet told to continue rolls back on its own, so a guest paused at
   pre-switchover runs again, and a destination whose QEMU exited is removed (the "controller

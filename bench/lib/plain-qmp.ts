@@ -43,7 +43,7 @@ export interface PlainQemu {
   kill(): Promise<void>;
 }
 
-export async function spawnPlainQemu(spec: VmSpec, knobs: PlainKnobs, mode: 'run' | 'incoming', runDir: string): Promise<PlainQemu> {
+export async function spawnPlainQemu(spec: VmSpec, knobs: PlainKnobs, mode: 'run' | 'incoming', runDir: string, qmpOptions: { oob?: boolean } = {}): Promise<PlainQemu> {
   mkdirSync(runDir, { recursive: true });
   const qmpSocket = join(runDir, 'qmp.sock');
   const log = openSync(join(runDir, 'qemu.log'), 'a');
@@ -64,7 +64,7 @@ export async function spawnPlainQemu(spec: VmSpec, knobs: PlainKnobs, mode: 'run
     await exited;
   };
   try {
-    const qmp = await RawQmp.connect(qmpSocket);
+    const qmp = await RawQmp.connect(qmpSocket, undefined, qmpOptions);
     return { child, qmp, exited, kill };
   } catch (err) {
     await kill();

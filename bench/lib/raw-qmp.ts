@@ -49,7 +49,7 @@ export class RawQmp {
   }
 
   /** Connects, retrying while QEMU has not created its socket yet (bounded by timeoutMs). */
-  static async connect(path: string, timeoutMs = 30_000): Promise<RawQmp> {
+  static async connect(path: string, timeoutMs = 30_000, options: { oob?: boolean } = {}): Promise<RawQmp> {
     const until = Date.now() + timeoutMs;
     for (;;) {
       let qmp: RawQmp | undefined;
@@ -60,7 +60,7 @@ export class RawQmp {
         });
         qmp = new RawQmp(socket);
         await qmp.#greeting(until - Date.now());
-        await qmp.execute('qmp_capabilities');
+        await qmp.execute('qmp_capabilities', options.oob ? { enable: ['oob'] } : undefined);
         return qmp;
       } catch (err) {
         qmp?.close();
@@ -71,12 +71,21 @@ export class RawQmp {
   }
 
   execute<T = unknown>(command: string, args?: Json): Promise<T> {
+    return this.#send('execute', command, args);
+  }
+
+  /** Out of band (connected with `oob`): QEMU runs it on the monitor's thread even while its main loop is blocked. */
+  executeOob<T = unknown>(command: string, args?: Json): Promise<T> {
+    return this.#send('exec-oob', command, args);
+  }
+
+  #send<T>(how: 'execute' | 'exec-oob', command: string, args?: Json): Promise<T> {
     if (this.#closed) return Promise.reject(this.#closed);
     const id = this.#nextId++;
     const reply = new Promise<T>((resolve, reject) => {
       this.#pending.set(id, { resolve: resolve as (value: unknown) => void, reject });
     });
-    this.#socket.write(`${JSON.stringify({ execute: command, id, ...(args ? { arguments: args } : {}) })}\n`);
+    this.#socket.write(`${JSON.stringify({ [how]: command, id, ...(args ? { arguments: args } : {}) })}\n`);
     return reply;
   }
 

@@ -23,6 +23,7 @@ import type {
 } from '../migration/sides.ts';
 import type { MemoryDigest } from '../qemu/memory-digest.ts';
 import type { DestinationFate } from '../migration/no-return.ts';
+import type { GuestReset } from '../migration/phases.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { MigrationInfo } from '../qmp/commands.ts';
 
@@ -132,6 +133,10 @@ export class RemoteDestination implements DestinationSide {
 
   async recoverPostcopy(signal: AbortSignal): Promise<string> {
     return (await this.#agent.request<{ uri: string }>('POST', `${this.#path}/postcopy-recover`, {}, { signal, timeoutMs: 60_000 })).uri;
+  }
+
+  async postcopyResets(signal: AbortSignal): Promise<GuestReset[]> {
+    return (await this.#agent.request<{ resets: GuestReset[] }>('POST', `${this.#path}/postcopy-resets`, {}, { signal })).resets;
   }
 
   async resume(signal: AbortSignal): Promise<DestinationResumed> {

@@ -23,7 +23,7 @@ import { QemuSource, removeLocalCopies, type QemuSourceOptions } from '../migrat
 import type { VmSpec } from '../qemu/spec.ts';
 import type { DestinationResumed, MigrationSettings, MirrorTarget, PreparedDestination, SourceRolledBack } from '../migration/sides.ts';
 import { settlement, type DestinationFate } from '../migration/no-return.ts';
-import type { MigrationPhase } from '../migration/phases.ts';
+import type { GuestReset, MigrationPhase } from '../migration/phases.ts';
 import { readOutgoingRecord, removeOutgoingRecord, writeIncomingRecord, writeOutgoingRecord } from './half-records.ts';
 import { ContactLog } from './contact-log.ts';
 import { faultPoint } from '../util/fault-points.ts';
@@ -306,6 +306,13 @@ export class MigrationSides {
     const resumed = this.#postcopyDestinations.get(id);
     if (resumed) return resumed.recoverPostcopy(signal);
     return this.useDestination(id, (destination) => destination.recoverPostcopy(signal));
+  }
+
+  /** The guest's resets since the post-copy of `id` resumed it here (DestinationSide.postcopyResets). */
+  destinationPostcopyResets(id: string): Promise<GuestReset[]> {
+    const resumed = this.#postcopyDestinations.get(id);
+    if (!resumed) return Promise.reject(new VmferryError('VMF_NOT_FOUND', `migration ${id} has no post-copy resumed on ${this.#registry.hostId}`));
+    return resumed.postcopyResets();
   }
 
   /** Whether the guest ran here (see no-return.ts); waits for a resume in progress. */

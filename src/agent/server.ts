@@ -169,6 +169,9 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   app.post('/v1/migrations/:id/destination/postcopy-recover', { schema: { params } }, async (request, reply) => ({
     uri: await sides.recoverDestinationPostcopy(request.params.id, replySignal(reply)),
   }));
+  app.post('/v1/migrations/:id/destination/postcopy-resets', { schema: { params } }, async (request) => ({
+    resets: await sides.destinationPostcopyResets(request.params.id),
+  }));
   app.post('/v1/migrations/:id/destination/memory-digest', { schema: { params } }, (request, reply) =>
     sides.useDestination(request.params.id, (side) => side.memoryDigest(replySignal(reply))),
   );

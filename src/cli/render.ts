@@ -33,7 +33,7 @@ function ramModeLines(plan: MigrationPlan): string[] {
     mode === 'stop-and-copy'
       ? 'stop-and-copy: the guest stopped once the disks are in sync, RAM in one pass'
       : mode === 'postcopy'
-        ? `pre-copy for one pass, then post-copy: the guest runs on ${plan.to} while the rest of RAM follows, and ${plan.from} never runs it again`
+        ? `${plan.ram.postcopyAtOnce ? 'post-copy as soon as RAM moves (TCG)' : 'pre-copy for one pass, then post-copy'}: the guest runs on ${plan.to} while the rest of RAM follows, and ${plan.from} never runs it again`
         : `pre-copy, downtime limit ${plan.ram.downtimeLimitsMs.join(' → ')} ms`;
   const { timeoutS, timeoutAction, fallback } = plan.options;
   return [
@@ -55,6 +55,10 @@ export function renderReport(report: MigrationReport): string {
   if (report.recovery && report.outcome === 'completed') lines.push(`  settled after a restart: ${report.recovery}`);
   if (report.ram.memoryCompared) lines.push('  guest memory identical at both ends before the destination ran (checked: TCG guest)');
   if (report.ram.postcopyWhy !== undefined) lines.push(`  ${postcopyLine(report)}`);
+  for (const reset of report.ram.postcopyResets ?? []) {
+    const when = reset.afterResumeMs === null ? '' : ` ${reset.afterResumeMs} ms after it resumed there`;
+    lines.push(`  WARNING: the guest reset on ${report.to}${when} (QEMU: ${reset.reason}): it did not carry on, its memory there was not what it had on ${report.from}`);
+  }
   if (attempts.length > 1) {
     attempts.forEach((a, i) => {
       const ended = a.error ? `${a.outcome} (${a.error.code})` : a.outcome;

@@ -66,14 +66,16 @@ export class RamEscalation {
     } else if (step?.action === 'postcopy') {
       await this.#switchToPostcopy('not converging with the guest throttled: switching to post-copy', signal, now);
     }
-    // As libvirt's --postcopy-after-precopy: QEMU counts a pass done when it syncs the dirty bitmap for the next one.
+    // As libvirt's --postcopy-after-precopy: QEMU counts a pass done when it syncs the dirty bitmap for the next one
+    // (its first sync is at the start). A TCG guest switches at once: every page pre-copy sends may go stale unseen.
     const ram = info.ram;
-    if (this.#input.plan.ram.mode === 'postcopy' && ram && ram['dirty-sync-count'] >= 2) {
-      await this.#switchToPostcopy(
-        `post-copy mode: the first pass of pre-copy is done (${formatBytes(ram.transferred)} sent, ${formatBytes(ram.remaining)} still to send); ${this.#input.plan.to} takes over the guest and pulls the rest`,
-        signal,
-        now,
-      );
+    const { mode, postcopyAtOnce } = this.#input.plan.ram;
+    if (mode === 'postcopy' && ram && ram['dirty-sync-count'] >= (postcopyAtOnce ? 1 : 2)) {
+      const sent = `${formatBytes(ram.transferred)} sent, ${formatBytes(ram.remaining)} still to send`;
+      const why = postcopyAtOnce
+        ? `post-copy mode, at once for a TCG guest (QEMU 7.2 under TCG loses writes to pages pre-copy already sent; ${sent})`
+        : `post-copy mode: the first pass of pre-copy is done (${sent})`;
+      await this.#switchToPostcopy(`${why}; ${this.#input.plan.to} takes over the guest and pulls the rest`, signal, now);
     }
     await this.#timeoutAction(signal, now);
   }

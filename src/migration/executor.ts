@@ -32,7 +32,7 @@ import type { MigrationInfo } from '../qmp/commands.ts';
 import { Deadline, abortError, timeoutSignal } from '../util/abort.ts';
 import { StallWatch } from './stall-watch.ts';
 import { RamEscalation } from './escalation.ts';
-import { finalPhases, type EscalationStep, type MigrationEvent, type MigrationPhase, type MigrationReport, type PhaseTiming, type RamProgress } from './phases.ts';
+import { finalPhases, type EscalationStep, type GuestReset, type MigrationEvent, type MigrationPhase, type MigrationReport, type PhaseTiming, type RamProgress } from './phases.ts';
 import { postcopyCapable, type MigrationPlan } from './plan.ts';
 import type { DestinationSide, MigrationMilestone, SourceCompletion, SourceSide } from './sides.ts';
 import { postcopyMayHaveBegun, resumeMayHaveBeenSent, settlement, type DestinationFate, type PostcopyRam } from './no-return.ts';
@@ -220,6 +220,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       const { resumedAtUs } = await destination.resume(timeoutSignal(`the resume on ${destination.hostId}`, resumeTimeoutMs));
       await enter('postcopy-active');
       await followPostcopy(source, destination, plan, pollMs, emit, logger, (info) => (figures.info = info));
+      figures.postcopyResets = await postcopyResets(destination, logger);
       completion = readCompletion(source, logger);
       await record('resumed');
       return await finish(undefined, resumedAtUs);
@@ -338,8 +339,25 @@ interface Figures {
   memoryCompared: boolean;
   /** SourceCompletion.postcopyMs. */
   postcopyMs?: number;
+  /** DestinationSide.postcopyResets, once all of RAM arrived; absent when not read. */
+  postcopyResets?: GuestReset[];
   /** The RAM phase's escalation steps, as taken. */
   escalations: EscalationStep[];
+}
+
+/**
+ * The guest's resets on the destination while post-copy ran, so that a guest resumed on stale memory that crashed
+ * is in the report, not passed off as carried on. Undefined when the destination could not say (logged).
+ */
+async function postcopyResets(destination: DestinationSide, logger: Logger | undefined): Promise<GuestReset[] | undefined> {
+  try {
+    const resets = await destination.postcopyResets(timeoutSignal(`reading the guest's resets on ${destination.hostId}`, resumeTimeoutMs));
+    if (resets.length > 0) logger?.error({ resets }, `the guest reset on ${destination.hostId} while post-copy ran: its memory there was not what it had on the source`);
+    return resets;
+  } catch (err) {
+    logger?.warn({ err: describeError(err) }, `whether the guest reset on ${destination.hostId} during post-copy is not known`);
+    return undefined;
+  }
 }
 
 /** Whether the source's RAM migration completed, once post-copy may have begun; anything but QEMU's word for it is not. */
@@ -603,6 +621,7 @@ function report(
       ...(postcopyWhy === undefined ? {} : { postcopyWhy }),
       ...(figures.postcopyMs === undefined ? {} : { postcopyMs: figures.postcopyMs }),
       ...(postcopyWhy !== undefined && info.ram?.['postcopy-requests'] !== undefined ? { postcopyRequests: info.ram['postcopy-requests'] } : {}),
+      ...(figures.postcopyResets === undefined ? {} : { postcopyResets: figures.postcopyResets }),
     },
     phases: timeline.phases,
     totalMs: Date.now() - timeline.startedAt,

@@ -154,6 +154,13 @@ export interface EscalationStep {
   detail: string;
 }
 
+/** A reset of the guest as QEMU reported it (its RESET event): why, and when, in ms after the guest resumed there. */
+export interface GuestReset {
+  /** QEMU's reason: `guest-reset` (the guest rebooted, or crashed with panic=reboot), `guest-panic`, `host-qmp-system-reset`… */
+  reason: string;
+  afterResumeMs: number | null;
+}
+
 export interface PhaseTiming {
   phase: MigrationPhase;
   startedAt: number;
@@ -217,6 +224,11 @@ export interface MigrationReport {
     postcopyMs?: number;
     /** Pages the destination asked the source for during post-copy (its guest touched them first): QEMU's `postcopy-requests`. */
     postcopyRequests?: number;
+    /**
+     * Post-copy: every reset of the guest the destination's QEMU reported from its resume until all of RAM was there
+     * (none: empty). A guest resumed on stale memory crashes and reboots (docs/QEMU-TCG-PRECOPY.md, "Post-copy").
+     */
+    postcopyResets?: GuestReset[];
   };
   /** The last attempt's phases. */
   phases: PhaseTiming[];

@@ -172,8 +172,15 @@ export interface MigrationPlan {
      */
     downtimeLimitsMs: number[];
     bandwidthMiBs: number | undefined;
-    /** How RAM moves (RamMode); `postcopy` switches after the first pass of pre-copy. */
+    /** How RAM moves (RamMode); `postcopy` switches after the first pass of pre-copy, or at once (postcopyAtOnce). */
     mode: RamMode;
+    /**
+     * `postcopy` mode switches as soon as RAM moves, not after the first pass. Set for TCG guests: QEMU 7.2 under
+     * TCG loses writes to pages pre-copy already sent, post-copy never sends those pages again, and nothing
+     * compares the memory before the destination runs (docs/QEMU-TCG-PRECOPY.md, "Post-copy"). Plans stored
+     * before it have none: after the first pass.
+     */
+    postcopyAtOnce?: boolean;
     /** In `live` mode: pre-copy that stops converging switches to post-copy (the last step of its escalation). */
     allowPostcopy: boolean;
     /**
@@ -311,6 +318,7 @@ export function planMigration(
       downtimeLimitsMs: source.accelerator === 'tcg' ? [options.maxDowntimeMs] : downtimeSteps(options.maxDowntimeMs),
       bandwidthMiBs: options.bandwidthMiBs,
       mode: options.ramMode,
+      postcopyAtOnce: source.accelerator === 'tcg',
       allowPostcopy: options.allowPostcopy,
       compareMemory: source.accelerator === 'tcg' && spec.memoryMiB <= memoryDigestMaxMiB,
     },

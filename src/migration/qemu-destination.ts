@@ -22,6 +22,7 @@ import { faultPoint } from '../util/fault-points.ts';
 import { findFreePort } from '../util/ports.ts';
 import { qemuTlsCreds } from '../qemu/tls-creds.ts';
 import type { DestinationFate } from './no-return.ts';
+import type { GuestReset } from './phases.ts';
 import { waitPostcopyPaused } from './postcopy.ts';
 import { defaultAnnounce, postcopyCapable, type AnnounceSettings, type MigrationPlan } from './plan.ts';
 import type { DestinationResumed, DestinationSide, IncomingRunnable, MirrorTarget, PreparedDestination } from './sides.ts';
@@ -68,6 +69,7 @@ export class QemuDestination implements DestinationSide {
   readonly #options: QemuDestinationOptions;
   #vm: QemuProcess | undefined;
   #events: QmpEventListener | undefined;
+  #resumedAtUs: number | null = null;
   #createdVolumes: string[] = [];
   #exportIds: string[] = [];
   #nbdServerStarted = false;
@@ -254,11 +256,27 @@ export class QemuDestination implements DestinationSide {
     this.#resumed = true;
     // QEMU sends RESUME before its reply to cont, so it is already in the buffer of the listener opened at prepare.
     const resumedAtUs = this.#events?.takeBuffered('RESUME').at(-1)?.timestampUs ?? null;
+    this.#resumedAtUs = resumedAtUs;
     if (vm.spec.nics?.length) await this.#announceNics(vm);
     const status = await vm.status();
     if (!status.running) throw new VmferryError('VMF_MIGRATION_FAILED', `guest on ${this.hostId} is "${status.status}" after cont`);
-    this.#events?.close();
+    // In post-copy the listener stays until postcopyResets: the guest's resets while the rest of its RAM arrives.
+    if (!this.#postcopy) this.#events?.close();
     return resumedAtUs;
+  }
+
+  postcopyResets(): Promise<GuestReset[]> {
+    const events = this.#events;
+    if (!this.#postcopy || !this.#resumed || !events) {
+      return Promise.reject(new VmferryError('VMF_CONFLICT', `the guest was not resumed in post-copy on ${this.hostId}, or its resets were already read`));
+    }
+    const resets = events.takeBuffered('RESET');
+    events.close();
+    this.#events = undefined;
+    const resumedAtUs = this.#resumedAtUs;
+    return Promise.resolve(
+      resets.map((e) => ({ reason: typeof e.data.reason === 'string' ? e.data.reason : 'unknown', afterResumeMs: resumedAtUs === null ? null : Math.round((e.timestampUs - resumedAtUs) / 1000) })),
+    );
   }
 
   /**

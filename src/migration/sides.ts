@@ -7,6 +7,7 @@ import type { MemoryDigest } from '../qemu/memory-digest.ts';
 import type { MigrationInfo } from '../qmp/commands.ts';
 import type { NbdServerAddress, VmSpec } from '../qemu/spec.ts';
 import type { DestinationFate } from './no-return.ts';
+import type { GuestReset } from './phases.ts';
 import type { CopyMode, MigrationPlan } from './plan.ts';
 
 /** Where the source sends one local disk's bytes. */
@@ -100,6 +101,11 @@ export interface DestinationSide {
   recoverPostcopy(signal: AbortSignal): Promise<string>;
   /** Stops the NBD exports and resumes the guest; from here on the guest lives on the destination. */
   resume(signal: AbortSignal): Promise<DestinationResumed>;
+  /**
+   * After a post-copy resume: the guest's resets QEMU reported here since the resume, oldest first; asked once, when
+   * all of RAM is here (a guest resumed on stale memory crashes and reboots, docs/QEMU-TCG-PRECOPY.md).
+   */
+  postcopyResets(signal: AbortSignal): Promise<GuestReset[]>;
   /**
    * Whether the guest ran here, once a resume may have been sent (see
    * no-return.ts). A resume still in progress is waited for first. Rejects

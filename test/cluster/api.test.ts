@@ -87,6 +87,7 @@ const cases: BadRequest[] = [
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/migrate', body: { uri: 'exec:rm -rf /', settings: { downtimeLimitMs: 1, allowPostcopy: false, tls: false } }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /uri/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/postcopy-resume', body: { uri: 'exec:rm -rf /' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /uri/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/postcopy-recover', status: 404, code: 'VMF_NOT_FOUND', message: /migration m1 has no destination/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/postcopy-resets', status: 404, code: 'VMF_NOT_FOUND', message: /migration m1 has no post-copy resumed on / },
   { server: 'agent', method: 'GET', path: '/v1/migrations/m1/source/info', status: 404, code: 'VMF_NOT_FOUND', message: /migration m1 has no source/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/wait-milestone?waitMs=1e400', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /waitMs must be an integer from 1 to 10000/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/wait-milestone?waitMs=0', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /waitMs/ },

@@ -6,7 +6,8 @@ import { test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { VmferryError } from '../../src/errors.ts';
 import { runMigration } from '../../src/migration/executor.ts';
-import type { MigrationEvent, MigrationPhase } from '../../src/migration/phases.ts';
+import { renderReport } from '../../src/cli/render.ts';
+import type { GuestReset, MigrationEvent, MigrationPhase } from '../../src/migration/phases.ts';
 import { defaultMigrationOptions, planMigration, type MigrationOptions, type MigrationPlan } from '../../src/migration/plan.ts';
 import type { DestinationSide, MigrationMilestone, SourceSide } from '../../src/migration/sides.ts';
 import type { MigrationInfo, MigrationStatus } from '../../src/qmp/commands.ts';
@@ -49,7 +50,7 @@ function plan(deadlineS = 60, options: Partial<MigrationOptions> = {}, accelerat
  * that never converges (each progress sample a new pass with as much left), reaching pre-switchover only once
  * that call was made (never, for 'never').
  */
-function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: string[]; sourceAlgorithm?: string; fate?: DestinationFate; milestoneAfter?: string } = {}) {
+function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: string[]; sourceAlgorithm?: string; fate?: DestinationFate; milestoneAfter?: string; resets?: GuestReset[] } = {}) {
   const calls: string[] = [];
   let mirrorPolls = 0;
   let pass = 0;
@@ -92,6 +93,10 @@ function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: 
     recoverPostcopy: async (signal) => {
       await act('dst.recoverPostcopy', signal);
       return 'tcp:127.0.0.1:2';
+    },
+    postcopyResets: async (signal) => {
+      await act('dst.postcopyResets', signal);
+      return options.resets ?? [];
     },
     fate: async (signal) => {
       await act('dst.fate', signal);
@@ -448,12 +453,12 @@ test('a source whose agent cannot be reached for the rollback: unresolved, not f
  * reports postcopy-active and `end` (completed, or postcopy-paused for a cut link). A resumed stream completes
  * when `linkBack` (the link came back), and pauses again otherwise.
  */
-function postcopySides(options: Parameters<typeof fakeSides>[0] & { end?: MigrationMilestone; linkBack?: boolean } = {}) {
+function postcopySides(options: Parameters<typeof fakeSides>[0] & { end?: MigrationMilestone; linkBack?: boolean; passes?: number } = {}) {
   const sides = fakeSides(options);
   const { source, act } = sides;
   const queue: MigrationMilestone[] = [];
   let status: MigrationStatus = 'active';
-  const ram = { transferred: 5000, remaining: 9000, total: 20000, duplicate: 0, normal: 0, 'normal-bytes': 0, 'dirty-pages-rate': 0, 'dirty-sync-count': 2, 'page-size': 4096, mbps: 1 };
+  const ram = { transferred: 5000, remaining: 9000, total: 20000, duplicate: 0, normal: 0, 'normal-bytes': 0, 'dirty-pages-rate': 0, 'dirty-sync-count': options.passes ?? 2, 'page-size': 4096, mbps: 1 };
   source.startPostcopy = async (signal) => {
     await act('src.startPostcopy', signal);
     queue.push('pre-switchover');
@@ -488,22 +493,44 @@ function postcopySides(options: Parameters<typeof fakeSides>[0] & { end?: Migrat
 test('post-copy mode: after the first pass the mirrors finish, the destination resumes in postcopy-active, the source retires once completed', async () => {
   const { calls, source, destination } = postcopySides();
   const events: MigrationEvent[] = [];
-  const report = await runMigration({ spec, plan: plan(60, { ramMode: 'postcopy' }), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1 });
+  const report = await runMigration({ spec, plan: plan(60, { ramMode: 'postcopy' }, 'kvm'), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1 });
   assert.equal(report.outcome, 'completed', report.error?.message);
   assert.deepEqual(phasesOf(events), ['preparing', 'mirroring', 'migrating', 'paused-at-switchover', 'postcopy-started', 'postcopy-active', 'resumed', 'source-retired', 'completed']);
   assert.deepEqual(
     calls.filter((c) => c !== 'src.mirrorStatus' && c !== 'src.waitMilestone'),
     // The mirrors finish before the continue lets QEMU inactivate the images, and B runs only after both.
-    ['dst.prepare', 'src.startMirrors', 'src.startMigration', 'src.startPostcopy', 'src.finishMirrors', 'src.continueSwitchover', 'dst.waitIncomingRunnable', 'dst.resume', 'src.completedInfo', 'src.retire'],
+    ['dst.prepare', 'src.startMirrors', 'src.startMigration', 'src.startPostcopy', 'src.finishMirrors', 'src.continueSwitchover', 'dst.waitIncomingRunnable', 'dst.resume', 'dst.postcopyResets', 'src.completedInfo', 'src.retire'],
   );
   assert.ok(!calls.some((c) => c.endsWith('memoryDigest')), 'no memory comparison: RAM is still in flight when B starts');
   assert.equal(report.ram.memoryCompared, false);
   assert.match(report.ram.postcopyWhy ?? '', /the first pass of pre-copy is done/);
   assert.equal(report.ram.postcopyMs, 900);
   assert.equal(report.ram.postcopyRequests, 7);
+  assert.deepEqual(report.ram.postcopyResets, [], 'B was asked whether the guest reset there: it did not');
   assert.equal(report.pauseMs, 350);
   const escalation = events.find((e) => e.type === 'escalation');
   assert.ok(escalation?.type === 'escalation' && escalation.action === 'postcopy' && /first pass/.test(escalation.detail), 'the switch is in the event stream with why');
+});
+
+// QEMU 7.2 under TCG loses writes to pages pre-copy already sent, and post-copy never sends those again: the guest
+// crashed on B (docs/QEMU-TCG-PRECOPY.md, "Post-copy"). Before the first pass ends (QEMU's one sync so far) it switches.
+test('post-copy mode of a TCG guest switches as soon as RAM moves, not after the first pass', async () => {
+  const { source, destination } = postcopySides({ passes: 1 });
+  const events: MigrationEvent[] = [];
+  const report = await runMigration({ spec, plan: plan(5, { ramMode: 'postcopy' }, 'tcg'), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'completed', report.error?.message);
+  assert.match(report.ram.postcopyWhy ?? '', /^post-copy mode, at once for a TCG guest \(QEMU 7\.2 under TCG loses writes to pages pre-copy already sent; .* sent, .* still to send\); B takes over the guest/);
+  assert.ok(events.some((e) => e.type === 'escalation' && e.action === 'postcopy' && /at once for a TCG guest/.test(e.detail)));
+});
+
+// A guest resumed on stale memory crashes and reboots (docs/QEMU-TCG-PRECOPY.md, "Post-copy"): the report says so.
+test('a guest that reset on B while post-copy ran is in the report and the CLI warns of it, not passed off as carried on', async () => {
+  const resets = [{ reason: 'guest-reset', afterResumeMs: 1200 }];
+  const { source, destination } = postcopySides({ resets });
+  const report = await runMigration({ spec, plan: plan(60, { ramMode: 'postcopy' }), source, destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'completed', report.error?.message);
+  assert.deepEqual(report.ram.postcopyResets, resets);
+  assert.match(renderReport(report), /WARNING: the guest reset on B 1200 ms after it resumed there \(QEMU: guest-reset\): it did not carry on/);
 });
 
 test('the post-copy phase is stored before the continue that lets QEMU start it', async () => {

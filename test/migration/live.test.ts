@@ -204,8 +204,8 @@ test('a slow pre-copy of a TCG guest never resumes a destination whose memory di
 });
 
 // Post-copy (issue 16): a guest dirtying memory faster than the bandwidth cap never converges in pre-copy. In post-copy
-// mode the switch comes after the first pass; B must run the guest while A still holds part of its RAM, and every
-// record the guest acknowledged, on either host, must be intact afterwards.
+// mode a TCG guest switches as soon as RAM moves (docs/QEMU-TCG-PRECOPY.md, "Post-copy"); B must run the guest while
+// A still holds part of its RAM, and every record the guest acknowledged, on either host, must be intact afterwards.
 test('post-copy moves a guest pre-copy cannot: B runs it while A is still postcopy-active, every acked record intact', { timeout: 240_000 }, async () => {
   const rig = await MigrationRig.start('postcopy', { local: [{ id: 'local0', sizeMiB: 64, fillMiB: 8 }], shared: [{ id: 'shared0', sizeMiB: 64 }] }, { ...guest, dirtyMiB: 32, dirtyRateMiBs: 32 });
   try {
@@ -224,9 +224,10 @@ test('post-copy moves a guest pre-copy cannot: B runs it while A is still postco
     assert.equal(report.outcome, 'completed', report.error?.message);
     assert.deepEqual(seen && { source: seen.source, destination: seen.destination }, { source: 'postcopy-active', destination: 'running' }, JSON.stringify(seen));
     assert.ok((seen?.remainingBytes ?? 0) > 0, `A still had RAM to send when B ran the guest: ${JSON.stringify(seen)}`);
-    assert.match(report.ram.postcopyWhy ?? '', /the first pass of pre-copy is done/);
+    assert.match(report.ram.postcopyWhy ?? '', /at once for a TCG guest/);
     assert.ok((report.ram.postcopyMs ?? 0) > 0, `post-copy lasted ${report.ram.postcopyMs} ms`);
     assert.equal(report.ram.memoryCompared, false, 'no comparison: RAM was still in flight when B started');
+    assert.deepEqual(report.ram.postcopyResets, [], 'QEMU on B reported no reset of the guest while post-copy ran');
     assert.ok(report.pauseMs !== undefined && report.pauseMs > 0, `pause ${report.pauseMs} ms`);
     assert.deepEqual(
       report.phases.map((p) => p.phase),
@@ -278,8 +279,8 @@ test('a link cut during post-copy: both QEMUs pause, B listens anew, A resumes t
     await rig.waitForAcks(10, before);
     const destinationSpec = rig.destination?.vm?.spec;
     assert.ok(destinationSpec);
-    // Not asserted: in 2 of 6 runs on the 2-core test machine the guest rebooted on B after the recovery (QEMU 7.2,
-    // TCG; cause not found, docs/ARCHITECTURE.md "Post-copy"). Its acknowledged records must be intact either way.
+    // It rebooted now and then while post-copy began after a whole pass of pre-copy: QEMU 7.2 under TCG had lost
+    // writes to pages already sent (docs/QEMU-TCG-PRECOPY.md, "Post-copy"), not the recovery.
     const rebooted = /READY/.test(await readFile(reportLogOf(destinationSpec), 'utf8'));
     const verify = await rig.verify(destinationSpec.disks);
     assert.deepEqual(checkVerify(verify, (await rig.waitForAcks(0)).acks), []);
@@ -290,6 +291,7 @@ test('a link cut during post-copy: both QEMUs pause, B listens anew, A resumes t
       observed: `completed after ${recoveries.length} recovery, every acked record intact; the guest ${rebooted ? 'REBOOTED on B' : 'carried on at B without a reboot'}`,
       ok: !rebooted,
     });
+    assert.equal(rebooted, false, 'the guest rebooted on B');
   } finally {
     await rig.cleanup.run();
   }
