@@ -306,6 +306,14 @@ export function planMigration(
     refusals.push(`${destination.hostId}'s pool has ${formatBytes(destination.poolFreeBytes)} free; the local disks need ${formatBytes(neededPoolBytes)}`);
   }
   if (options.maxDowntimeMs < 1) refusals.push('max downtime must be at least 1 ms');
+  if (source.accelerator === 'tcg' && options.ramMode === 'live' && (options.allowPostcopy || options.timeoutAction === 'postcopy')) {
+    // A late switch resumes B on pages pre-copy sent before TCG lost writes to them; post-copy never resends them and no comparison can run.
+    refusals.push(
+      `${options.allowPostcopy ? '--allow-postcopy' : '--timeout-action postcopy'} switches to post-copy after pre-copy passes, and under TCG QEMU 7.2 loses guest writes ` +
+        'to pages those passes sent: the destination would run the guest on stale memory (docs/QEMU-TCG-PRECOPY.md, "Post-copy"). ' +
+        'Use --ram-mode postcopy (a TCG guest switches at once) or --timeout-action pause',
+    );
+  }
   return {
     vm: spec.name,
     from: source.hostId,

@@ -114,10 +114,22 @@ test('a read-only local image is refused with a way out', () => {
 });
 
 test('the RAM settings carry the options through', () => {
-  const options = { ...defaultMigrationOptions, maxDowntimeMs: 120, bandwidthMiBs: 200, allowPostcopy: true };
+  const options = { ...defaultMigrationOptions, maxDowntimeMs: 120, bandwidthMiBs: 200 };
   const plan = planMigration(vm([sharedData]), source, destination(), options);
-  assert.deepEqual(plan.ram, { memoryMiB: 512, maxDowntimeMs: 120, downtimeLimitsMs: [120], bandwidthMiBs: 200, mode: 'live', postcopyAtOnce: true, allowPostcopy: true, compareMemory: true });
+  assert.deepEqual(plan.ram, { memoryMiB: 512, maxDowntimeMs: 120, downtimeLimitsMs: [120], bandwidthMiBs: 200, mode: 'live', postcopyAtOnce: true, allowPostcopy: false, compareMemory: true });
   assert.equal(planMigration(vm([sharedData]), source, destination(), { ...options, ramMode: 'postcopy' }).ram.mode, 'postcopy');
+  const kvm = planMigration(vm([sharedData]), { ...source, accelerator: 'kvm' }, destination({ accelerator: 'kvm' }), { ...options, allowPostcopy: true });
+  assert.deepEqual(kvm.refusals, []);
+  assert.equal(kvm.ram.allowPostcopy, true);
+});
+
+test('a late switch to post-copy is refused for a TCG guest, whose pre-copy passes lose writes post-copy never resends; KVM guests may', () => {
+  const refusals = (accelerator: 'kvm' | 'tcg', options: Partial<typeof defaultMigrationOptions>): string[] =>
+    planMigration(vm([sharedData]), { ...source, accelerator }, destination({ accelerator }), { ...defaultMigrationOptions, ...options }).refusals;
+  assert.match(refusals('tcg', { allowPostcopy: true }).join(), /--allow-postcopy switches to post-copy after pre-copy passes, and under TCG QEMU 7\.2 loses guest writes .* Use --ram-mode postcopy \(a TCG guest switches at once\) or --timeout-action pause/);
+  assert.match(refusals('tcg', { timeoutAction: 'postcopy' }).join(), /--timeout-action postcopy switches to post-copy after pre-copy passes/);
+  assert.deepEqual(refusals('tcg', { ramMode: 'postcopy' }), []);
+  assert.deepEqual(refusals('kvm', { allowPostcopy: true, timeoutAction: 'postcopy' }), []);
 });
 
 test('TCG guests up to 2 GiB have their memory compared at switch-over; KVM guests and larger ones do not', () => {

@@ -2,7 +2,7 @@
 // faster than the capped link carries it, so pre-copy never converges; past
 // --timeout, counted from the start of the RAM phase, the action decides:
 // abort rolls back, pause stops the guest so the rest moves in one pass,
-// postcopy switches QEMU to post-copy.
+// postcopy is refused for this TCG guest.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { checkVerify } from '../../src/guest/test-guest.ts';
@@ -51,34 +51,23 @@ test('abort rolls back with the guest running on A; pause then completes as stop
   }
 });
 
-// Until the post-copy that really runs (the destination resumed at postcopy-active) is merged, the executor does
-// not follow QEMU into post-copy; what this checks is that the action is sent and QEMU acts on it, and that the
-// guest ends on exactly one host with its records intact whichever way the attempt ended.
-test('postcopy: at --timeout QEMU is switched to post-copy; the guest ends on one host, every acked record intact', async (t) => {
+// The third action cannot be run here: under TCG the planner refuses a late switch to post-copy (QEMU 7.2 loses
+// writes to pages pre-copy already sent, docs/QEMU-TCG-PRECOPY.md), and this machine's KVM cannot run a guest. Its
+// mechanics are the executor's (test/migration/executor.test.ts); here, the user sees the refusal before anything moves.
+test('postcopy: refused for a TCG guest before anything moves, naming the defect and the ways that work', async () => {
   const rig = await MigrationRig.start('tpostcopy', layout, nonConverging);
-  const events = rig.source.monitor.client.listen();
   try {
-    await rig.waitForAcks(10);
-    const report = await rig.migrate(await rig.plan({ ...capped, timeoutAction: 'postcopy' }), { memoryMismatchRetries: 0 });
-    assert.equal(report.escalations?.at(-1)?.action, 'postcopy');
-    const statuses = events.takeBuffered('MIGRATION').map((e) => String(e.data.status));
-    assert.ok(statuses.includes('postcopy-active'), `A's migration went through: ${statuses.join(', ')}`);
-    t.diagnostic(`outcome ${report.outcome}${report.error ? ` (${report.error.code}: ${report.error.message.slice(0, 120)})` : ''}; A's migration: ${statuses.join(' → ')}`);
-    let disks;
-    if (report.outcome === 'completed') {
-      assert.equal(rig.source.isAlive, false, 'the source QEMU quit');
-      assert.equal((await rig.destination?.vm?.status())?.status, 'running');
-      disks = rig.destination?.vm?.spec.disks ?? [];
-    } else {
-      assert.equal((await rig.source.status()).status, 'running', `${report.outcome}: ${report.error?.message}`);
-      assert.equal(rig.destination?.vm, undefined, 'no destination QEMU left');
-      disks = rig.spec.disks;
-    }
-    await rig.waitForAcks(5, (await rig.waitForAcks(0)).acks);
-    const verify = await rig.verify(disks);
-    assert.deepEqual(checkVerify(verify, (await rig.waitForAcks(0)).acks), []);
+    await rig.waitForAcks(3);
+    const plan = await rig.plan({ ...capped, timeoutAction: 'postcopy' });
+    await assert.rejects(rig.migrate(plan), (err: Error & { code?: string }) => {
+      assert.equal(err.code, 'VMF_MIGRATION_REFUSED');
+      assert.match(err.message, /--timeout-action postcopy switches to post-copy after pre-copy passes.*Use --ram-mode postcopy/);
+      return true;
+    });
+    assert.equal((await rig.source.status()).status, 'running');
+    assert.equal(rig.destination?.vm, undefined, 'no destination QEMU started');
+    assert.deepEqual(rig.poolBFiles(), [], 'nothing created on B');
   } finally {
-    events.close();
     await rig.cleanup.run();
   }
 });
