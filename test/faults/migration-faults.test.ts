@@ -30,6 +30,8 @@ before(async () => {
     workDir: join(work.path, 'cluster'),
     hostIds: ['A', 'B'],
     logger: pino({ level: process.env.VMFERRY_TEST_LOG ?? 'silent' }),
+    // No KVM probe at each agent start (3 s where KVM hangs): test/qemu/accel.test.ts covers --accel auto.
+    accel: 'tcg',
     namespaces: true,
     network: { prefix: 'vmff', subnet: '10.213.17', hostLinkSubnet: '10.213.18' },
     // Its own process, so a test can kill it as a crash would.
