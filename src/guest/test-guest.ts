@@ -21,8 +21,12 @@ import { Deadline } from '../util/abort.ts';
 
 const buildDir = resolve(import.meta.dirname, '../../build/guest');
 
+/**
+ * The kernel is the uncompressed vmlinux, which QEMU boots through its PVH
+ * entry: a bzImage spends most of a TCG boot decompressing itself.
+ */
 export function testGuestPaths(): { kernel: string; initrd: string } {
-  const kernel = join(buildDir, 'vmlinuz');
+  const kernel = join(buildDir, 'vmlinux');
   const initrd = join(buildDir, 'initramfs.cpio.gz');
   if (!existsSync(kernel) || !existsSync(initrd)) {
     throw new VmferryError('VMF_TOOL_MISSING', `the test guest is not built (${buildDir}): run scripts/setup.sh`);

@@ -41,6 +41,8 @@ before(async () => {
     workDir: join(work.path, 'cluster'),
     hostIds: ['A', 'B'],
     logger: pino({ level: process.env.VMFERRY_TEST_LOG ?? 'silent' }),
+    // No KVM probe at each agent start (3 s where KVM hangs): test/qemu/accel.test.ts covers --accel auto.
+    accel: 'tcg',
     namespaces: true,
     network: { prefix: 'vmfw', subnet: '10.213.67' },
     guestNetwork: { subnet: '10.213.68' },

@@ -68,7 +68,7 @@ before(async () => {
   servers.push({
     target: 'agent API',
     url: agentUrl,
-    daemon: await Daemon.start('agent', ['--controller', controllerUrl, 'agent', '--host-id', 'A', '--listen', `127.0.0.1:${agentPort}`, '--data-dir', join(dir.path, 'agent'), '--insecure'], async () => {
+    daemon: await Daemon.start('agent', ['--controller', controllerUrl, 'agent', '--host-id', 'A', '--listen', `127.0.0.1:${agentPort}`, '--data-dir', join(dir.path, 'agent'), '--accel', 'tcg', '--insecure'], async () => {
       const hosts = (await (await fetch(`${controllerUrl}/v1/hosts`, { signal: AbortSignal.timeout(2_000) })).json()) as { id: string }[];
       return hosts.some((h) => h.id === 'A');
     }),

@@ -25,7 +25,7 @@ function vmferry(controller: string, ...args: string[]): Promise<CliResult> {
 before(async () => {
   temp = await makeTempDir('import-cli');
   // The domain below boots /boot/vmlinuz: the agent must trust /boot for it.
-  cluster = await LocalCluster.start({ workDir: temp.path, hostIds: ['A'], logger: pino({ level: 'silent' }), namespaces: false, trustedDirs: ['/boot'] });
+  cluster = await LocalCluster.start({ workDir: temp.path, hostIds: ['A'], logger: pino({ level: 'silent' }), namespaces: false, trustedDirs: ['/boot'], accel: 'tcg' });
 });
 
 after(async () => {
