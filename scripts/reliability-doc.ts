@@ -112,8 +112,8 @@ Last run: ${dates[0]} to ${dates[dates.length - 1]}, ${rows.length} rows from ${
   the link cut or its recovery: a page pre-copy sent and TCG then lost a write to is never sent again
   (reproduced without vmferry, \`bench/qemu-tcg-postcopy-recover.ts\`, docs/QEMU-TCG-PRECOPY.md,
   "Post-copy"). A TCG guest now switches to post-copy as soon as RAM moves, and a reset of the guest on
-  B while RAM is still arriving is in the report (\`ram.postcopyResets\`). \`--allow-postcopy\` and
-  \`--timeout-action postcopy\` still switch late.
+  B while RAM is still arriving is in the report (\`ram.postcopyResets\`). A late switch
+  (\`--allow-postcopy\`, \`--timeout-action postcopy\`) is refused for a TCG guest.
 - **A controller that stays down**: after \`--abandon-after\` (60 s by default) without a request,
   a source half not yet told to continue rolls back on its own, so a guest paused at
   pre-switchover runs again, and a destination whose QEMU exited is removed (the "controller
