@@ -34,7 +34,8 @@ function ramModeLines(plan: MigrationPlan): string[] {
       ? 'stop-and-copy: the guest stopped once the disks are in sync, RAM in one pass'
       : mode === 'postcopy'
         ? `pre-copy for one pass, then post-copy: the guest runs on ${plan.to} while the rest of RAM follows, and ${plan.from} never runs it again`
-        : `pre-copy, downtime limit ${plan.ram.downtimeLimitsMs.join(' → ')} ms`;
+        : `pre-copy, downtime limit ${plan.ram.downtimeLimitsMs.join(' → ')} ms` +
+          (plan.ram.stopAtPass === undefined ? '' : ', the guest stopped for the rest if its first pass does not converge (TCG; --no-tcg-stop-copy)');
   const { timeoutS, timeoutAction, fallback } = plan.options;
   return [
     how,

@@ -52,6 +52,11 @@ export interface MigrationOptions {
   keepSource: boolean;
   /** write-blocking makes guest writes wait for the mirror: lower downtime under heavy writes. */
   copyMode: CopyMode;
+  /**
+   * A TCG guest in `live` mode whose pre-copy did not converge after its first pass is stopped, so the rest of
+   * its RAM moves as stop-and-copy (`plan.ram.stopAtPass`); false lets pre-copy go on while it runs.
+   */
+  tcgStopCopy: boolean;
   /** How the destination announces the guest's NICs after the switch-over; default defaultAnnounce. */
   announce?: AnnounceSettings;
 }
@@ -81,6 +86,7 @@ export const defaultMigrationOptions: MigrationOptions = {
   allowPostcopy: false,
   keepSource: false,
   copyMode: 'write-blocking',
+  tcgStopCopy: true,
   announce: defaultAnnounce,
 };
 
@@ -183,6 +189,13 @@ export interface MigrationPlan {
      * crashes or corrupts its disks.
      */
     compareMemory: boolean;
+    /**
+     * QEMU's pass count (`dirty-sync-count`) at which a guest still running pre-copy is stopped, so the rest of
+     * its RAM moves as stop-and-copy; absent: never. Set for TCG guests in `live` mode (--no-tcg-stop-copy
+     * turns it off): QEMU 7.2 under TCG loses writes once pre-copy syncs a third time while the guest runs
+     * (docs/QEMU-TCG-PRECOPY.md), and the memory comparison then refuses the attempt.
+     */
+    stopAtPass?: number;
   };
   options: MigrationOptions;
   /** Reasons the migration must not start; empty when it may. */
@@ -193,6 +206,13 @@ export function exportKey(server: NbdServerAddress, exportName: string): string 
   const where = server.type === 'inet' ? `nbd://${server.host}:${server.port}` : `nbd+unix://${server.path}`;
   return `${where}/${exportName}`;
 }
+
+/**
+ * Passes a TCG guest runs through: QEMU syncs the dirty bitmap once as pre-copy starts and again at the end of
+ * the first pass; a migration that converges there stops the guest for its third. Those that synced a third time
+ * with the guest running were the ones whose memory differed (docs/QEMU-TCG-PRECOPY.md).
+ */
+const tcgLivePasses = 2;
 
 /** Memory the destination needs beyond the guest's RAM: QEMU's own overhead, generously. */
 const qemuOverheadMiB = 64;
@@ -313,6 +333,10 @@ export function planMigration(
       mode: options.ramMode,
       allowPostcopy: options.allowPostcopy,
       compareMemory: source.accelerator === 'tcg' && spec.memoryMiB <= memoryDigestMaxMiB,
+      // A user who allowed post-copy chose a guest that keeps running over a longer pause.
+      ...(source.accelerator === 'tcg' && options.ramMode === 'live' && options.tcgStopCopy !== false && !postcopyCapable({ ram: { allowPostcopy: options.allowPostcopy, mode: options.ramMode }, options })
+        ? { stopAtPass: tcgLivePasses }
+        : {}),
     },
     options,
     refusals,
@@ -329,7 +353,7 @@ export function withRamMode(plan: MigrationPlan, mode: RamMode): MigrationPlan {
  * postcopy-ram capability only before the migration starts, so a timeout
  * action that may switch to post-copy needs it from the start.
  */
-export function postcopyCapable(plan: Pick<MigrationPlan, 'ram' | 'options'>): boolean {
+export function postcopyCapable(plan: { ram: Pick<MigrationPlan['ram'], 'allowPostcopy' | 'mode'>; options: Pick<MigrationOptions, 'timeoutAction'> }): boolean {
   return plan.ram.allowPostcopy || plan.ram.mode === 'postcopy' || plan.options.timeoutAction === 'postcopy';
 }
 

@@ -633,13 +633,58 @@ test('--timeout counts from the start of the RAM phase, not the mirrors', async 
 
 test('--timeout-action pause: the guest is stopped mid-flight, its phase recorded, and the migration completes as stop-and-copy', async () => {
   const { calls, source, destination } = fakeSides({ milestoneAfter: 'src.stopGuest' });
-  const report = await runMigration({ spec, plan: plan(60, { timeoutS: 0.05, timeoutAction: 'pause' }), source, destination, pollIntervalMs: 1 });
+  // Without the TCG stop after the first pass, which would come first.
+  const report = await runMigration({ spec, plan: plan(60, { timeoutS: 0.05, timeoutAction: 'pause', tcgStopCopy: false }), source, destination, pollIntervalMs: 1 });
   assert.equal(report.outcome, 'completed');
   assert.ok(calls.indexOf('src.startMigration') < calls.indexOf('src.stopGuest'));
   const phases = report.phases.map((p) => p.phase);
   assert.deepEqual(phases.slice(phases.indexOf('migrating'), phases.indexOf('paused-at-switchover') + 1), ['migrating', 'stopping', 'migrating', 'paused-at-switchover']);
   assert.equal(report.escalations?.at(-1)?.action, 'pause');
   assert.match(report.escalations?.at(-1)?.detail ?? '', /stopping the guest so the rest of its RAM moves in one pass/);
+});
+
+test('a TCG guest whose first pass did not converge is stopped at QEMU pass 2, its phase recorded first, and the rest moves as stop-and-copy', async () => {
+  const { calls, source, destination } = fakeSides({ milestoneAfter: 'src.stopGuest' });
+  const recorded: MigrationPhase[] = [];
+  let stoppedInPhase: MigrationPhase | undefined;
+  let stoppedAtPass: number | undefined;
+  const stop = source.stopGuest.bind(source);
+  const info = source.migrationInfo.bind(source);
+  let lastPass = 0;
+  source.migrationInfo = async (signal) => {
+    const sample = await info(signal);
+    lastPass = sample.ram?.['dirty-sync-count'] ?? 0;
+    return sample;
+  };
+  source.stopGuest = (signal) => {
+    stoppedInPhase = recorded.at(-1);
+    stoppedAtPass = lastPass;
+    return stop(signal);
+  };
+  const events: MigrationEvent[] = [];
+  const report = await runMigration({ spec, plan: plan(5), source, destination, pollIntervalMs: 1, onEvent: (e) => events.push(e), recordPhase: (p) => Promise.resolve(void recorded.push(p)) });
+  assert.equal(report.outcome, 'completed', report.error?.message);
+  assert.equal(stoppedAtPass, 2, 'stopped once the first pass ended without converging, before a third sync with the guest running');
+  assert.equal(stoppedInPhase, 'stopping');
+  assert.equal(calls.filter((c) => c === 'src.stopGuest').length, 1);
+  const phases = report.phases.map((p) => p.phase);
+  assert.deepEqual(phases.slice(phases.indexOf('migrating'), phases.indexOf('paused-at-switchover') + 1), ['migrating', 'stopping', 'migrating', 'paused-at-switchover']);
+  assert.deepEqual(report.escalations?.map((e) => e.action), ['stop-copy']);
+  assert.match(report.escalations?.[0]?.detail ?? '', /^pre-copy did not converge in its first pass \(QEMU pass 2, 500 B still to send\): stopping the guest/);
+  assert.deepEqual(events.flatMap((e) => (e.type === 'escalation' ? [e.action] : [])), ['stop-copy'], 'the step is in the event stream too');
+});
+
+test('the stop after the first pass is for TCG guests in live mode only: not KVM, not with --no-tcg-stop-copy', async () => {
+  for (const [why, migrationPlan] of [
+    ['KVM', plan(60, { timeoutS: 0.1 }, 'kvm')],
+    ['--no-tcg-stop-copy', plan(60, { timeoutS: 0.1, tcgStopCopy: false })],
+  ] as const) {
+    const { calls, source, destination } = fakeSides({ milestoneAfter: 'never' });
+    const report = await runMigration({ spec, plan: migrationPlan, source, destination, pollIntervalMs: 1 });
+    assert.equal(report.error?.code, 'VMF_TIMEOUT', why);
+    assert.ok(!calls.includes('src.stopGuest'), `${why}: the guest ran on until --timeout`);
+    assert.ok(!report.escalations?.some((e) => e.action === 'stop-copy'), why);
+  }
 });
 
 test('--timeout-action postcopy: at the timeout the migration switches to post-copy and completes there', async () => {

@@ -61,6 +61,9 @@ test('one local and one shared disk under heavy writes: every acked record intac
     // The guest's pause by QEMU's own event timestamps (source STOP → destination RESUME) contains QEMU's downtime.
     assert.ok(report.pauseMs !== undefined && report.pauseMs >= report.downtimeMs, `pause ${report.pauseMs} ms, downtime ${report.downtimeMs} ms`);
     assert.deepEqual(rig.poolBFiles(), ['mixed-local0.qcow2']);
+    // A TCG guest runs through two passes at most (docs/QEMU-TCG-PRECOPY.md): pre-copy converged there, or the guest was stopped for the rest.
+    const stopped = report.escalations?.some((e) => e.action === 'stop-copy') ?? false;
+    assert.ok(report.ram.passes <= 3 || stopped, `${report.ram.passes} passes, escalations ${JSON.stringify(report.escalations)}`);
   } finally {
     await rig.cleanup.run();
   }
@@ -166,7 +169,8 @@ test('a slow pre-copy of a TCG guest never resumes a destination whose memory di
   const rig = await MigrationRig.start('slowram', { local: [{ id: 'local0', sizeMiB: 64 }], shared: [{ id: 'shared0', sizeMiB: 64 }] }, { ...guest, dirtyMiB: 16, dirtyRateMiBs: 1 });
   try {
     await rig.waitForAcks(10);
-    const plan = await rig.plan({ bandwidthMiBs: 4 });
+    // The guest keeps running for every pass (no stop after the first): the passes in which QEMU loses writes.
+    const plan = await rig.plan({ bandwidthMiBs: 4, tcgStopCopy: false });
     assert.equal(plan.ram.compareMemory, true);
     const report = await rig.migrate(plan, { memoryMismatchRetries: 0 });
     if (report.outcome === 'completed') {
