@@ -60,7 +60,8 @@ export function renderReport(report: MigrationReport): string {
     attempts.forEach((a, i) => {
       const ended = a.error ? `${a.outcome} (${a.error.code})` : a.outcome;
       const mode = a.ramMode === 'live' || a.ramMode === undefined ? '' : ` (${a.ramMode})`;
-      lines.push(`  attempt ${i + 1}${mode}: ${ended} after ${(a.durationMs / 1000).toFixed(1)} s, RAM ${formatBytes(a.ramBytes)} and disks ${formatBytes(a.diskBytes)} sent, guest paused ${msOrUnknown(a.pauseMs)}`);
+      const passes = a.passes === undefined ? '' : ` in ${a.passes} passes`;
+      lines.push(`  attempt ${i + 1}${mode}: ${ended} after ${(a.durationMs / 1000).toFixed(1)} s, RAM ${formatBytes(a.ramBytes)}${passes} and disks ${formatBytes(a.diskBytes)} sent, guest paused ${msOrUnknown(a.pauseMs)}`);
     });
     const all = report.allAttempts;
     if (all) lines.push(`  all attempts: RAM ${formatBytes(all.ramBytes)} and disks ${formatBytes(all.diskBytes)} sent, guest paused ${msOrUnknown(all.pauseMs)} in all`);

@@ -23,6 +23,10 @@ async function migrateAndJudge(name: string, layout: RigLayout, guestOptions = {
     assert.deepEqual(plan.refusals, []);
     const report = await rig.migrate(plan);
     assert.equal(report.outcome, 'completed', report.error?.message);
+    // The report covers every attempt (a rollback for a memory mismatch is tried again): the sums hold the last one's figures and more.
+    assert.equal(report.allAttempts?.count, report.attempts ?? 1);
+    assert.ok((report.allAttempts?.ramBytes ?? 0) >= report.ram.transferredBytes, JSON.stringify(report.allAttempts));
+    assert.ok((report.allAttempts?.pauseMs ?? 0) >= (report.pauseMs ?? 0), JSON.stringify(report.allAttempts));
     assert.equal(rig.source.isAlive, false, 'the source QEMU quit');
     assert.equal((await rig.destination?.vm?.status())?.status, 'running');
     // The guest keeps acknowledging records on the destination.
