@@ -218,6 +218,18 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
       return { milestone: (await sides.useSource(request.params.id, (side) => side.nextMilestone(replySignal(reply), waitMs))) ?? null };
     },
   );
+  app.post(
+    '/v1/migrations/:id/source/wait-pass',
+    { schema: { params, querystring: Type.Object({ atLeast: Type.Integer({ minimum: 1, maximum: 1_000_000 }), waitMs: Type.Optional(Type.Integer({ minimum: 1, maximum: maxMilestoneWaitMs })) }, strict) } },
+    async (request, reply) => {
+      const { atLeast } = request.query;
+      const waitMs = request.query.waitMs ?? maxMilestoneWaitMs;
+      // ajv coerces "1e400" to Infinity and lets it through every integer check.
+      if (!Number.isSafeInteger(waitMs) || !Number.isSafeInteger(atLeast)) throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid request: querystring/atLeast and waitMs must be integers (waitMs from 1 to ${maxMilestoneWaitMs})`);
+      // false: not there yet; ask again.
+      return { reached: await sides.useSource(request.params.id, (side) => side.nextPass(atLeast, replySignal(reply), waitMs)) };
+    },
+  );
   app.post('/v1/migrations/:id/source/downtime-limit', { schema: { params, body: Type.Object({ ms: Type.Integer({ minimum: 1, maximum: maxDowntimeLimitMs }) }, strict) } }, async (request, reply) => {
     await sides.useSource(request.params.id, (side) => side.setDowntimeLimit(request.body.ms, replySignal(reply)));
     return {};

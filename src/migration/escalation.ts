@@ -37,6 +37,8 @@ export class RamEscalation {
   #ramStartedAt: number | undefined;
   #guestStopped: boolean;
   #timeoutTaken = false;
+  /** A sample at the stop's pass whose rest looked as if it fits under the downtime limit was let by once. */
+  #stopCopyWaited = false;
 
   constructor(input: RamEscalationInput) {
     this.#input = input;
@@ -84,8 +86,16 @@ export class RamEscalation {
   /** plan.ram.stopAtPass: the guest stopped once QEMU's passes reach it with pre-copy still running. */
   async #stopCopy(info: MigrationInfo, signal: AbortSignal, now: number): Promise<void> {
     const { plan } = this.#input;
-    const passes = info.ram?.['dirty-sync-count'] ?? 0;
-    if (plan.ram.stopAtPass === undefined || this.#guestStopped || info.status !== 'active' || passes < plan.ram.stopAtPass) return;
+    const ram = info.ram;
+    const passes = ram?.['dirty-sync-count'] ?? 0;
+    if (!ram || plan.ram.stopAtPass === undefined || this.#guestStopped || info.status !== 'active' || passes < plan.ram.stopAtPass) return;
+    // QEMU decides at that same sync whether the rest fits under the downtime limit and then stops the guest itself;
+    // a sample taken meanwhile still says `active`. One whose rest looks as if it fits waits for the next sample.
+    const restMs = ram.mbps > 0 ? (ram.remaining * 8) / (ram.mbps * 1000) : Number.POSITIVE_INFINITY;
+    if (restMs <= plan.ram.maxDowntimeMs && !this.#stopCopyWaited) {
+      this.#stopCopyWaited = true;
+      return;
+    }
     this.#take(
       'stop-copy',
       `pre-copy did not converge in its first pass (QEMU pass ${passes}, ${formatBytes(info.ram?.remaining ?? 0)} still to send): ` +

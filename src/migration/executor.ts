@@ -474,20 +474,34 @@ async function convergeRam(
   const stall = new StallWatch('the RAM migration', plan.options.stallTimeoutS);
   let reached: MigrationMilestone | undefined;
   const milestone = source.waitMilestone(signal).then((m) => (reached = m));
-  for (;;) {
-    await Promise.race([milestone, sleep(pollMs, undefined, { signal })]);
-    if (reached !== undefined) return reached;
-    const info = await stall.read((s) => source.migrationInfo(s), signal);
-    remember(info);
-    // A mirror that fails now (its target's pool full, say) would otherwise surface only at switch-over, after all of RAM.
-    if (mirroring) {
-      const failed = (await stall.read((s) => source.mirrorStatus(s), signal)).find((s) => s.error);
-      if (failed) throw new VmferryError('VMF_MIGRATION_FAILED', `mirror of disk ${failed.diskId} failed during the RAM phase: ${failed.error}`);
+  // The pass at which a TCG guest is stopped, taken as QEMU reports it rather than at the next sample: the guest's
+  // writes in between are the ones QEMU may lose. A failed wait leaves it to the samples.
+  const passWait = new AbortController();
+  let pass: Promise<void> | undefined =
+    plan.ram.stopAtPass === undefined || !source.waitPass
+      ? undefined
+      : source.waitPass(plan.ram.stopAtPass, AbortSignal.any([signal, passWait.signal])).then(
+          () => (pass = undefined),
+          () => (pass = undefined),
+        );
+  try {
+    for (;;) {
+      await Promise.race([milestone, sleep(pollMs, undefined, { signal }), ...(pass ? [pass] : [])]);
+      if (reached !== undefined) return reached;
+      const info = await stall.read((s) => source.migrationInfo(s), signal);
+      remember(info);
+      // A mirror that fails now (its target's pool full, say) would otherwise surface only at switch-over, after all of RAM.
+      if (mirroring) {
+        const failed = (await stall.read((s) => source.mirrorStatus(s), signal)).find((s) => s.error);
+        if (failed) throw new VmferryError('VMF_MIGRATION_FAILED', `mirror of disk ${failed.diskId} failed during the RAM phase: ${failed.error}`);
+      }
+      const ram = ramProgress(info);
+      if (ram) emit({ type: 'ram', ram });
+      stall.observe(ram?.transferredBytes ?? 0);
+      await escalation.observe(info, signal);
     }
-    const ram = ramProgress(info);
-    if (ram) emit({ type: 'ram', ram });
-    stall.observe(ram?.transferredBytes ?? 0);
-    await escalation.observe(info, signal);
+  } finally {
+    passWait.abort();
   }
 }
 

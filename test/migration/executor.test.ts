@@ -651,10 +651,11 @@ test('a TCG guest whose first pass did not converge is stopped at QEMU pass 2, i
   const stop = source.stopGuest.bind(source);
   const info = source.migrationInfo.bind(source);
   let lastPass = 0;
+  // Far more left than fits under the downtime limit at the pace QEMU reports: pre-copy is not about to converge.
   source.migrationInfo = async (signal) => {
     const sample = await info(signal);
     lastPass = sample.ram?.['dirty-sync-count'] ?? 0;
-    return sample;
+    return { ...sample, ram: { ...(sample.ram as NonNullable<MigrationInfo['ram']>), remaining: 500e6 } };
   };
   source.stopGuest = (signal) => {
     stoppedInPhase = recorded.at(-1);
@@ -670,8 +671,46 @@ test('a TCG guest whose first pass did not converge is stopped at QEMU pass 2, i
   const phases = report.phases.map((p) => p.phase);
   assert.deepEqual(phases.slice(phases.indexOf('migrating'), phases.indexOf('paused-at-switchover') + 1), ['migrating', 'stopping', 'migrating', 'paused-at-switchover']);
   assert.deepEqual(report.escalations?.map((e) => e.action), ['stop-copy']);
-  assert.match(report.escalations?.[0]?.detail ?? '', /^pre-copy did not converge in its first pass \(QEMU pass 2, 500 B still to send\): stopping the guest/);
+  assert.match(report.escalations?.[0]?.detail ?? '', /^pre-copy did not converge in its first pass \(QEMU pass 2, 476\.8 MiB still to send\): stopping the guest/);
   assert.deepEqual(events.flatMap((e) => (e.type === 'escalation' ? [e.action] : [])), ['stop-copy'], 'the step is in the event stream too');
+});
+
+test("a sample at the stop's pass whose rest fits under the downtime limit is let by once: QEMU may be stopping the guest itself", async () => {
+  // 500 B left at 1 Mbit/s: 4 ms, well under 300 ms.
+  const { source, destination } = fakeSides({ milestoneAfter: 'src.stopGuest' });
+  const info = source.migrationInfo.bind(source);
+  const passes: number[] = [];
+  source.migrationInfo = async (signal) => {
+    const sample = await info(signal);
+    passes.push(sample.ram?.['dirty-sync-count'] ?? 0);
+    return sample;
+  };
+  const report = await runMigration({ spec, plan: plan(5), source, destination, pollIntervalMs: 1 });
+  assert.equal(report.outcome, 'completed', report.error?.message);
+  assert.deepEqual(passes, [1, 2, 3], 'stopped at the sample after the one that looked converging');
+  assert.match(report.escalations?.[0]?.detail ?? '', /QEMU pass 3/);
+});
+
+test("the stop's pass is taken when QEMU reports it (MIGRATION_PASS through waitPass), not at the next progress sample", async () => {
+  const { calls, source, destination } = fakeSides({ milestoneAfter: 'src.stopGuest' });
+  let qemuPass = 1;
+  source.migrationInfo = () =>
+    Promise.resolve({
+      status: 'active',
+      ram: { transferred: 1000, remaining: 500e6, total: 2000, duplicate: 0, normal: 0, 'normal-bytes': 0, 'dirty-pages-rate': 0, 'dirty-sync-count': qemuPass, 'page-size': 4096, mbps: 1 },
+    });
+  source.waitPass = async (atLeast, signal) => {
+    assert.equal(atLeast, 2);
+    await sleep(50, undefined, { signal });
+    qemuPass = 2;
+  };
+  const started = Date.now();
+  // Samples 3 s apart: only the pass event can bring the stop sooner.
+  const report = await runMigration({ spec, plan: plan(5), source, destination, pollIntervalMs: 3_000 });
+  assert.equal(report.outcome, 'completed', report.error?.message);
+  assert.ok(Date.now() - started < 2_000, `took ${Date.now() - started} ms`);
+  assert.equal(calls.filter((c) => c === 'src.stopGuest').length, 1);
+  assert.match(report.escalations?.[0]?.detail ?? '', /QEMU pass 2/);
 });
 
 test('the stop after the first pass is for TCG guests in live mode only: not KVM, not with --no-tcg-stop-copy', async () => {
