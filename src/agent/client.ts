@@ -189,14 +189,6 @@ export class RemoteSource implements SourceSide {
     }
   }
 
-  async waitPass(atLeast: number, signal: AbortSignal): Promise<void> {
-    // Bounded waits, as waitMilestone's.
-    for (;;) {
-      const reply = await this.#agent.request<{ reached: boolean }>('POST', `${this.#path}/wait-pass?atLeast=${atLeast}`, {}, { signal, timeoutMs: 60_000 });
-      if (reply.reached) return;
-    }
-  }
-
   async setDowntimeLimit(ms: number, signal: AbortSignal): Promise<void> {
     await this.#agent.request('POST', `${this.#path}/downtime-limit`, { ms }, { signal });
   }

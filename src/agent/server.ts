@@ -77,7 +77,8 @@ const MigrateBody = Type.Object({
   uri: Type.String({ pattern: '^tcp:', maxLength: 300 }),
   settings: Type.Object({
     maxBandwidthBytes: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER })),
-    downtimeLimitMs: Type.Integer({ minimum: 1, maximum: maxDowntimeLimitMs }),
+    // 0: a TCG guest runs through the first pass only (plan.ram.stopAfterFirstPass).
+    downtimeLimitMs: Type.Integer({ minimum: 0, maximum: maxDowntimeLimitMs }),
     allowPostcopy: Type.Boolean(),
     tls: StreamTlsSchema,
   }, strict),
@@ -216,18 +217,6 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
       if (!Number.isSafeInteger(waitMs)) throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid request: querystring/waitMs must be an integer from 1 to ${maxMilestoneWaitMs}`);
       // null: no milestone yet; ask again.
       return { milestone: (await sides.useSource(request.params.id, (side) => side.nextMilestone(replySignal(reply), waitMs))) ?? null };
-    },
-  );
-  app.post(
-    '/v1/migrations/:id/source/wait-pass',
-    { schema: { params, querystring: Type.Object({ atLeast: Type.Integer({ minimum: 1, maximum: 1_000_000 }), waitMs: Type.Optional(Type.Integer({ minimum: 1, maximum: maxMilestoneWaitMs })) }, strict) } },
-    async (request, reply) => {
-      const { atLeast } = request.query;
-      const waitMs = request.query.waitMs ?? maxMilestoneWaitMs;
-      // ajv coerces "1e400" to Infinity and lets it through every integer check.
-      if (!Number.isSafeInteger(waitMs) || !Number.isSafeInteger(atLeast)) throw new VmferryError('VMF_INVALID_ARGUMENT', `invalid request: querystring/atLeast and waitMs must be integers (waitMs from 1 to ${maxMilestoneWaitMs})`);
-      // false: not there yet; ask again.
-      return { reached: await sides.useSource(request.params.id, (side) => side.nextPass(atLeast, replySignal(reply), waitMs)) };
     },
   );
   app.post('/v1/migrations/:id/source/downtime-limit', { schema: { params, body: Type.Object({ ms: Type.Integer({ minimum: 1, maximum: maxDowntimeLimitMs }) }, strict) } }, async (request, reply) => {

@@ -34,8 +34,9 @@ function ramModeLines(plan: MigrationPlan): string[] {
       ? 'stop-and-copy: the guest stopped once the disks are in sync, RAM in one pass'
       : mode === 'postcopy'
         ? `pre-copy for one pass, then post-copy: the guest runs on ${plan.to} while the rest of RAM follows, and ${plan.from} never runs it again`
-        : `pre-copy, downtime limit ${plan.ram.downtimeLimitsMs.join(' → ')} ms` +
-          (plan.ram.stopAtPass === undefined ? '' : ', the guest stopped for the rest if its first pass does not converge (TCG; --no-tcg-stop-copy)');
+        : plan.ram.stopAfterFirstPass
+          ? 'pre-copy for one pass while the guest runs, then the guest stopped while what it dirtied meanwhile moves (TCG; --no-tcg-stop-copy)'
+          : `pre-copy, downtime limit ${plan.ram.downtimeLimitsMs.join(' → ')} ms`;
   const { timeoutS, timeoutAction, fallback } = plan.options;
   return [
     how,

@@ -4,9 +4,7 @@
  * (higher downtime limits, then auto-converge throttling, then post-copy if
  * allowed); once the phase outlasts --timeout, its action, as virsh's
  * --timeout: roll back (`abort`), stop the guest so the rest converges
- * (`pause`), or switch to post-copy (`postcopy`). Before either, a TCG guest
- * whose pre-copy did not converge in its first pass is stopped (`stop-copy`),
- * so QEMU 7.2 gets no pass in which to lose its writes. Each step is emitted as an
+ * (`pause`), or switch to post-copy (`postcopy`). Each step is emitted as an
  * `escalation` event with why, and kept for the report.
  */
 import { VmferryError } from '../errors.ts';
@@ -37,8 +35,6 @@ export class RamEscalation {
   #ramStartedAt: number | undefined;
   #guestStopped: boolean;
   #timeoutTaken = false;
-  /** A sample at the stop's pass whose rest looked as if it fits under the downtime limit was let by once. */
-  #stopCopyWaited = false;
 
   constructor(input: RamEscalationInput) {
     this.#input = input;
@@ -59,7 +55,6 @@ export class RamEscalation {
   /** Feeds one progress sample: applies the ladder's next step when pre-copy stalls, then the timeout action when its time has come. */
   async observe(info: MigrationInfo, signal: AbortSignal, now = Date.now()): Promise<void> {
     const { source } = this.#input;
-    await this.#stopCopy(info, signal, now);
     // A stopped guest dirties nothing, and after post-copy began nothing of pre-copy applies.
     const step = this.#guestStopped || this.#input.postcopy.why !== undefined ? undefined : this.#watch.observe(info);
     if (step?.action === 'downtime-limit') {
@@ -81,29 +76,6 @@ export class RamEscalation {
       );
     }
     await this.#timeoutAction(signal, now);
-  }
-
-  /** plan.ram.stopAtPass: the guest stopped once QEMU's passes reach it with pre-copy still running. */
-  async #stopCopy(info: MigrationInfo, signal: AbortSignal, now: number): Promise<void> {
-    const { plan } = this.#input;
-    const ram = info.ram;
-    const passes = ram?.['dirty-sync-count'] ?? 0;
-    if (!ram || plan.ram.stopAtPass === undefined || this.#guestStopped || info.status !== 'active' || passes < plan.ram.stopAtPass) return;
-    // QEMU decides at that same sync whether the rest fits under the downtime limit and then stops the guest itself;
-    // a sample taken meanwhile still says `active`. One whose rest looks as if it fits waits for the next sample.
-    const restMs = ram.mbps > 0 ? (ram.remaining * 8) / (ram.mbps * 1000) : Number.POSITIVE_INFINITY;
-    if (restMs <= plan.ram.maxDowntimeMs && !this.#stopCopyWaited) {
-      this.#stopCopyWaited = true;
-      return;
-    }
-    this.#take(
-      'stop-copy',
-      `pre-copy did not converge in its first pass (QEMU pass ${passes}, ${formatBytes(info.ram?.remaining ?? 0)} still to send): ` +
-        'stopping the guest so the rest of its RAM moves as stop-and-copy, before QEMU under TCG gets another pass in which to lose its writes (--no-tcg-stop-copy lets it run)',
-      now,
-    );
-    this.#guestStopped = true;
-    await this.#input.stopGuest(signal);
   }
 
   async #timeoutAction(signal: AbortSignal, now: number): Promise<void> {

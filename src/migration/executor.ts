@@ -192,7 +192,8 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       prepared.migrationUri,
       {
         maxBandwidthBytes: bandwidthBytes,
-        downtimeLimitMs: plan.ram.downtimeLimitsMs[0] ?? plan.ram.maxDowntimeMs,
+        // 0: QEMU syncs no dirty bitmap while the guest runs, stopping it at the end of the first pass instead.
+        downtimeLimitMs: plan.ram.stopAfterFirstPass ? 0 : (plan.ram.downtimeLimitsMs[0] ?? plan.ram.maxDowntimeMs),
         allowPostcopy: postcopyCapable(plan),
         tls: prepared.tls,
       },
@@ -474,34 +475,20 @@ async function convergeRam(
   const stall = new StallWatch('the RAM migration', plan.options.stallTimeoutS);
   let reached: MigrationMilestone | undefined;
   const milestone = source.waitMilestone(signal).then((m) => (reached = m));
-  // The pass at which a TCG guest is stopped, taken as QEMU reports it rather than at the next sample: the guest's
-  // writes in between are the ones QEMU may lose. A failed wait leaves it to the samples.
-  const passWait = new AbortController();
-  let pass: Promise<void> | undefined =
-    plan.ram.stopAtPass === undefined || !source.waitPass
-      ? undefined
-      : source.waitPass(plan.ram.stopAtPass, AbortSignal.any([signal, passWait.signal])).then(
-          () => (pass = undefined),
-          () => (pass = undefined),
-        );
-  try {
-    for (;;) {
-      await Promise.race([milestone, sleep(pollMs, undefined, { signal }), ...(pass ? [pass] : [])]);
-      if (reached !== undefined) return reached;
-      const info = await stall.read((s) => source.migrationInfo(s), signal);
-      remember(info);
-      // A mirror that fails now (its target's pool full, say) would otherwise surface only at switch-over, after all of RAM.
-      if (mirroring) {
-        const failed = (await stall.read((s) => source.mirrorStatus(s), signal)).find((s) => s.error);
-        if (failed) throw new VmferryError('VMF_MIGRATION_FAILED', `mirror of disk ${failed.diskId} failed during the RAM phase: ${failed.error}`);
-      }
-      const ram = ramProgress(info);
-      if (ram) emit({ type: 'ram', ram });
-      stall.observe(ram?.transferredBytes ?? 0);
-      await escalation.observe(info, signal);
+  for (;;) {
+    await Promise.race([milestone, sleep(pollMs, undefined, { signal })]);
+    if (reached !== undefined) return reached;
+    const info = await stall.read((s) => source.migrationInfo(s), signal);
+    remember(info);
+    // A mirror that fails now (its target's pool full, say) would otherwise surface only at switch-over, after all of RAM.
+    if (mirroring) {
+      const failed = (await stall.read((s) => source.mirrorStatus(s), signal)).find((s) => s.error);
+      if (failed) throw new VmferryError('VMF_MIGRATION_FAILED', `mirror of disk ${failed.diskId} failed during the RAM phase: ${failed.error}`);
     }
-  } finally {
-    passWait.abort();
+    const ram = ramProgress(info);
+    if (ram) emit({ type: 'ram', ram });
+    stall.observe(ram?.transferredBytes ?? 0);
+    await escalation.observe(info, signal);
   }
 }
 

@@ -142,10 +142,10 @@ export type MigrationEvent =
  * (docs/ARCHITECTURE.md, "Escalation"): while pre-copy stalls, a higher
  * downtime limit, then auto-converge throttling (then post-copy, if allowed);
  * when the RAM phase outlasts --timeout, its action (`abort`, `pause`,
- * `postcopy`); `stop-copy`, a TCG guest stopped after the first pass (plan.ram.stopAtPass); a `postcopy-recover` of a broken post-copy stream; across attempts, a `retry` after a memory mismatch and the
+ * `postcopy`); a `postcopy-recover` of a broken post-copy stream; across attempts, a `retry` after a memory mismatch and the
  * `fallback` to stop-and-copy.
  */
-export type EscalationAction = 'downtime-limit' | 'auto-converge' | 'postcopy' | 'postcopy-recover' | 'pause' | 'abort' | 'stop-copy' | 'retry' | 'fallback';
+export type EscalationAction = 'downtime-limit' | 'auto-converge' | 'postcopy' | 'postcopy-recover' | 'pause' | 'abort' | 'retry' | 'fallback';
 
 /** One escalation step as the report lists it: when (ms from the migration's start), what, and why. */
 export interface EscalationStep {

@@ -53,8 +53,8 @@ export interface MigrationOptions {
   /** write-blocking makes guest writes wait for the mirror: lower downtime under heavy writes. */
   copyMode: CopyMode;
   /**
-   * A TCG guest in `live` mode whose pre-copy did not converge after its first pass is stopped, so the rest of
-   * its RAM moves as stop-and-copy (`plan.ram.stopAtPass`); false lets pre-copy go on while it runs.
+   * A TCG guest in `live` mode runs through the first pass of pre-copy only, then QEMU stops it and moves the rest
+   * as stop-and-copy (`plan.ram.stopAfterFirstPass`); false lets pre-copy go on for more passes while it runs.
    */
   tcgStopCopy: boolean;
   /** How the destination announces the guest's NICs after the switch-over; default defaultAnnounce. */
@@ -190,12 +190,14 @@ export interface MigrationPlan {
      */
     compareMemory: boolean;
     /**
-     * QEMU's pass count (`dirty-sync-count`) at which a guest still running pre-copy is stopped, so the rest of
-     * its RAM moves as stop-and-copy; absent: never. Set for TCG guests in `live` mode (--no-tcg-stop-copy
-     * turns it off): QEMU 7.2 under TCG loses writes once pre-copy syncs a third time while the guest runs
-     * (docs/QEMU-TCG-PRECOPY.md), and the memory comparison then refuses the attempt.
+     * The guest runs through the first pass over its memory only: the migration starts with a downtime limit of
+     * 0 ms, so QEMU does not sync its dirty bitmap again while the guest runs; at the end of the pass it stops
+     * the guest and sends what was dirtied meanwhile, whatever --max-downtime says. Set for TCG guests in
+     * `live` mode (--no-tcg-stop-copy leaves it out): QEMU 7.2 under TCG loses writes made after a sync while
+     * the guest runs (docs/QEMU-TCG-PRECOPY.md), and the memory comparison then refuses the attempt. Absent in
+     * plans stored by earlier versions.
      */
-    stopAtPass?: number;
+    stopAfterFirstPass?: boolean;
   };
   options: MigrationOptions;
   /** Reasons the migration must not start; empty when it may. */
@@ -206,13 +208,6 @@ export function exportKey(server: NbdServerAddress, exportName: string): string 
   const where = server.type === 'inet' ? `nbd://${server.host}:${server.port}` : `nbd+unix://${server.path}`;
   return `${where}/${exportName}`;
 }
-
-/**
- * Passes a TCG guest runs through: QEMU syncs the dirty bitmap once as pre-copy starts and again at the end of
- * the first pass; a migration that converges there stops the guest for its third. Those that synced a third time
- * with the guest running were the ones whose memory differed (docs/QEMU-TCG-PRECOPY.md).
- */
-const tcgLivePasses = 2;
 
 /** Memory the destination needs beyond the guest's RAM: QEMU's own overhead, generously. */
 const qemuOverheadMiB = 64;
@@ -335,7 +330,7 @@ export function planMigration(
       compareMemory: source.accelerator === 'tcg' && spec.memoryMiB <= memoryDigestMaxMiB,
       // A user who allowed post-copy chose a guest that keeps running over a longer pause.
       ...(source.accelerator === 'tcg' && options.ramMode === 'live' && options.tcgStopCopy !== false && !postcopyCapable({ ram: { allowPostcopy: options.allowPostcopy, mode: options.ramMode }, options })
-        ? { stopAtPass: tcgLivePasses }
+        ? { stopAfterFirstPass: true }
         : {}),
     },
     options,

@@ -268,22 +268,6 @@ export class QemuSource implements SourceSide {
     }
   }
 
-  async waitPass(atLeast: number, signal: AbortSignal): Promise<void> {
-    for (;;) if (await this.nextPass(atLeast, signal, 60_000)) return;
-  }
-
-  /** Whether QEMU's pass count reached `atLeast` within `waitMs` (served in slices, as nextMilestone). */
-  async nextPass(atLeast: number, signal: AbortSignal, waitMs: number): Promise<boolean> {
-    if (!this.#events) throw new VmferryError('VMF_CONFLICT', `no migration was started on ${this.hostId}`);
-    try {
-      await this.#events.waitFor('MIGRATION_PASS', (e) => Number(e.data.pass) >= atLeast, { signal, timeoutMs: waitMs });
-      return true;
-    } catch (err) {
-      if (hasCode(err, 'VMF_TIMEOUT')) return false;
-      throw err;
-    }
-  }
-
   async setDowntimeLimit(ms: number, signal: AbortSignal): Promise<void> {
     await this.#qmp('raising the downtime limit', (qmp) => qmp.migrateSetParameters({ 'downtime-limit': ms }, { signal }));
   }

@@ -43,6 +43,7 @@ export interface MirrorStatus {
 
 export interface MigrationSettings {
   maxBandwidthBytes: number | undefined;
+  /** QEMU's downtime limit to start with; 0 for a guest that runs through the first pass only (plan.ram.stopAfterFirstPass). */
   downtimeLimitMs: number;
   /** QEMU's postcopy-ram capability: the migration may switch to post-copy (postcopyCapable in plan.ts). The bandwidth cap then holds in post-copy too. */
   allowPostcopy: boolean;
@@ -126,12 +127,6 @@ export interface SourceSide {
   migrationInfo(signal: AbortSignal): Promise<MigrationInfo>;
   /** Resolves with the first milestone QEMU reports from now on (or one already reached). */
   waitMilestone(signal: AbortSignal): Promise<MigrationMilestone>;
-  /**
-   * Resolves once QEMU's pass count (its MIGRATION_PASS event, the `dirty-sync-count` of query-migrate) reaches
-   * `atLeast`, as it happens; never, if the migration does not get there (the caller races it with its samples,
-   * and aborts it when done). Optional: without it the executor sees the pass at its next progress sample.
-   */
-  waitPass?(atLeast: number, signal: AbortSignal): Promise<void>;
   setDowntimeLimit(ms: number, signal: AbortSignal): Promise<void>;
   /** Auto-converge, held at a 1 % throttle since the migration started, may now slow the guest as QEMU sees fit (an escalation step). */
   releaseThrottle(signal: AbortSignal): Promise<void>;

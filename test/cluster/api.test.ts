@@ -90,8 +90,6 @@ const cases: BadRequest[] = [
   { server: 'agent', method: 'GET', path: '/v1/migrations/m1/source/info', status: 404, code: 'VMF_NOT_FOUND', message: /migration m1 has no source/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/wait-milestone?waitMs=1e400', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /waitMs must be an integer from 1 to 10000/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/wait-milestone?waitMs=0', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /waitMs/ },
-  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/wait-pass?atLeast=0', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /atLeast/ },
-  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/wait-pass?atLeast=2&waitMs=1e400', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /waitMs/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/downtime-limit', body: { ms: -5 }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /ms/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/bad%20id/source/retire', body: { keepLocalDisks: false }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /params\/id must match pattern/ },
   { server: 'agent', method: 'GET', path: '/v1/nothing-here', status: 404, code: 'VMF_NOT_FOUND', message: /no route GET \/v1\/nothing-here/ },
