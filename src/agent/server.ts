@@ -77,7 +77,8 @@ const MigrateBody = Type.Object({
   uri: Type.String({ pattern: '^tcp:', maxLength: 300 }),
   settings: Type.Object({
     maxBandwidthBytes: Type.Optional(Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER })),
-    downtimeLimitMs: Type.Integer({ minimum: 1, maximum: maxDowntimeLimitMs }),
+    // 0: a TCG guest runs through the first pass only (plan.ram.stopAfterFirstPass).
+    downtimeLimitMs: Type.Integer({ minimum: 0, maximum: maxDowntimeLimitMs }),
     allowPostcopy: Type.Boolean(),
     tls: StreamTlsSchema,
   }, strict),

@@ -22,6 +22,8 @@ export const MigrateRequestSchema = Type.Object(
     allowPostcopy: Type.Optional(Type.Boolean()),
     keepSource: Type.Optional(Type.Boolean()),
     copyMode: Type.Optional(Type.Union([Type.Literal('background'), Type.Literal('write-blocking')])),
+    /** false: a TCG guest's live pre-copy is not stopped after its first pass (plan.ts MigrationOptions.tcgStopCopy). */
+    tcgStopCopy: Type.Optional(Type.Boolean()),
     /** How the destination announces the guest's NICs after the switch-over (plan.ts AnnounceSettings). */
     announce: Type.Optional(
       Type.Object(

@@ -31,6 +31,8 @@ export interface MigrateCliOptions {
   allowPostcopy?: boolean;
   keepSource?: boolean;
   copyMode: CopyMode;
+  /** Commander's negation: true unless --no-tcg-stop-copy. */
+  tcgStopCopy: boolean;
 }
 
 const copyModes: readonly CopyMode[] = ['write-blocking', 'background'];
@@ -69,7 +71,11 @@ export function addMigrateOptions(command: Command): Command {
     )
     .option('--allow-postcopy', 'switch to post-copy if pre-copy does not converge, after the other escalation steps')
     .option('--keep-source', "keep the source's local disk files after success")
-    .addOption(new Option('--copy-mode <mode>', 'mirror copy mode').choices(copyModes).default(d.copyMode));
+    .addOption(new Option('--copy-mode <mode>', 'mirror copy mode').choices(copyModes).default(d.copyMode))
+    .option(
+      '--no-tcg-stop-copy',
+      'a TCG guest whose live pre-copy did not converge in its first pass keeps running for more passes instead of being stopped for the rest (QEMU 7.2 under TCG may lose its writes then; the memory comparison refuses such an attempt)',
+    );
 }
 
 /** The migrate request's option fields, every one explicit. */
@@ -86,5 +92,6 @@ export function migrateRequestOptions(opts: MigrateCliOptions): Omit<MigrateRequ
     ...(opts.allowPostcopy ? { allowPostcopy: true } : {}),
     ...(opts.keepSource ? { keepSource: true } : {}),
     copyMode: opts.copyMode,
+    ...(opts.tcgStopCopy ? {} : { tcgStopCopy: false }),
   };
 }

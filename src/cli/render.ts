@@ -34,7 +34,9 @@ function ramModeLines(plan: MigrationPlan): string[] {
       ? 'stop-and-copy: the guest stopped once the disks are in sync, RAM in one pass'
       : mode === 'postcopy'
         ? `${plan.ram.postcopyAtOnce ? 'post-copy as soon as RAM moves (TCG)' : 'pre-copy for one pass, then post-copy'}: the guest runs on ${plan.to} while the rest of RAM follows, and ${plan.from} never runs it again`
-        : `pre-copy, downtime limit ${plan.ram.downtimeLimitsMs.join(' → ')} ms`;
+        : plan.ram.stopAfterFirstPass
+          ? 'pre-copy for one pass while the guest runs, then the guest stopped while what it dirtied meanwhile moves (TCG; --no-tcg-stop-copy)'
+          : `pre-copy, downtime limit ${plan.ram.downtimeLimitsMs.join(' → ')} ms`;
   const { timeoutS, timeoutAction, fallback } = plan.options;
   return [
     how,
@@ -63,7 +65,8 @@ export function renderReport(report: MigrationReport): string {
     attempts.forEach((a, i) => {
       const ended = a.error ? `${a.outcome} (${a.error.code})` : a.outcome;
       const mode = a.ramMode === 'live' || a.ramMode === undefined ? '' : ` (${a.ramMode})`;
-      lines.push(`  attempt ${i + 1}${mode}: ${ended} after ${(a.durationMs / 1000).toFixed(1)} s, RAM ${formatBytes(a.ramBytes)} and disks ${formatBytes(a.diskBytes)} sent, guest paused ${msOrUnknown(a.pauseMs)}`);
+      const passes = a.passes === undefined ? '' : ` in ${a.passes} passes`;
+      lines.push(`  attempt ${i + 1}${mode}: ${ended} after ${(a.durationMs / 1000).toFixed(1)} s, RAM ${formatBytes(a.ramBytes)}${passes} and disks ${formatBytes(a.diskBytes)} sent, guest paused ${msOrUnknown(a.pauseMs)}`);
     });
     const all = report.allAttempts;
     if (all) lines.push(`  all attempts: RAM ${formatBytes(all.ramBytes)} and disks ${formatBytes(all.diskBytes)} sent, guest paused ${msOrUnknown(all.pauseMs)} in all`);

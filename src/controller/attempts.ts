@@ -96,6 +96,7 @@ export function summarizeAttempt(report: MigrationReport, ramMode: RamMode): Att
     ramBytes: report.ram.transferredBytes,
     diskBytes: report.disks.reduce((sum, disk) => sum + disk.bytesSent, 0),
     ramMode: report.ramMode ?? ramMode,
+    passes: report.ram.passes,
   };
   if (report.error) summary.error = report.error;
   if (report.downtimeMs !== undefined) summary.downtimeMs = report.downtimeMs;

@@ -192,7 +192,8 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       prepared.migrationUri,
       {
         maxBandwidthBytes: bandwidthBytes,
-        downtimeLimitMs: plan.ram.downtimeLimitsMs[0] ?? plan.ram.maxDowntimeMs,
+        // 0: QEMU syncs no dirty bitmap while the guest runs, stopping it at the end of the first pass instead.
+        downtimeLimitMs: plan.ram.stopAfterFirstPass ? 0 : (plan.ram.downtimeLimitsMs[0] ?? plan.ram.maxDowntimeMs),
         allowPostcopy: postcopyCapable(plan),
         tls: prepared.tls,
       },

@@ -190,6 +190,8 @@ export interface AttemptSummary {
   diskBytes: number;
   /** How its RAM moved: a fallback runs the last attempt in stop-and-copy. */
   ramMode: RamMode;
+  /** QEMU's passes over memory (MigrationReport.ram.passes): under TCG, each one the guest ran through was a chance to lose a write. Absent in logs stored by earlier versions. */
+  passes?: number;
   /** QEMU's downtime figure, when the attempt's RAM migration completed. */
   downtimeMs?: number;
   /** The guest's pause (see MigrationReport.pauseMs); 0 when the attempt ended before the switch-over stopped the guest; absent when not measured. */

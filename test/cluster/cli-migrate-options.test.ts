@@ -61,9 +61,13 @@ test('the options become the migrate request, every default explicit', async () 
   const defaults = await vmferry('migrate', 'web', '--to', 'B', '--dry-run');
   assert.equal(defaults.code, 0, defaults.stderr);
   const common = { vm: 'web', to: 'B', dryRun: true, maxDowntimeMs: 300, stallTimeoutS: 30, copyMode: 'write-blocking' };
+  const noStop = await vmferry('migrate', 'web', '--to', 'B', '--dry-run', '--no-tcg-stop-copy');
+  assert.equal(noStop.code, 0, noStop.stderr);
+  const live = { ...common, ramMode: 'live', timeoutS: 600, timeoutAction: 'abort', deadlineS: 86400, fallback: 'none' };
   assert.deepEqual(requests, [
     { ...common, ramMode: 'stop-and-copy', timeoutS: 5, timeoutAction: 'pause', deadlineS: 900, fallback: 'stop-and-copy' },
-    { ...common, ramMode: 'live', timeoutS: 600, timeoutAction: 'abort', deadlineS: 86400, fallback: 'none' },
+    live,
+    { ...live, tcgStopCopy: false },
   ]);
 });
 

@@ -669,6 +669,26 @@ test('--timeout-action pause: the guest is stopped mid-flight, its phase recorde
   assert.match(report.escalations?.at(-1)?.detail ?? '', /stopping the guest so the rest of its RAM moves in one pass/);
 });
 
+test('a TCG guest in live mode starts pre-copy with a downtime limit of 0 (QEMU stops it after the first pass); KVM and --no-tcg-stop-copy keep the limit', async () => {
+  const limits: Record<string, number> = {};
+  for (const [name, migrationPlan] of [
+    ['TCG', plan(5)],
+    ['KVM', plan(5, {}, 'kvm')],
+    ['--no-tcg-stop-copy', plan(5, { tcgStopCopy: false })],
+  ] as const) {
+    const { calls, source, destination } = fakeSides();
+    const start = source.startMigration.bind(source);
+    source.startMigration = (uri, settings, signal) => {
+      limits[name] = settings.downtimeLimitMs;
+      return start(uri, settings, signal);
+    };
+    const report = await runMigration({ spec, plan: migrationPlan, source, destination, pollIntervalMs: 1 });
+    assert.equal(report.outcome, 'completed', `${name}: ${report.error?.message}`);
+    assert.ok(!calls.includes('src.stopGuest'), `${name}: QEMU stops the guest itself, as at any switch-over`);
+  }
+  assert.deepEqual(limits, { TCG: 0, KVM: 75, '--no-tcg-stop-copy': 300 });
+});
+
 test('--timeout-action postcopy: at the timeout the migration switches to post-copy and completes there', async () => {
   const { calls, source, destination } = postcopySides();
   const report = await runMigration({ spec, plan: plan(60, { timeoutS: 0.05, timeoutAction: 'postcopy' }), source, destination, pollIntervalMs: 1 });

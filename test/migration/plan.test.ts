@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { defaultMigrationOptions, exportKey, planMigration, type DestinationFacts, type SourceFacts } from '../../src/migration/plan.ts';
+import { defaultMigrationOptions, exportKey, planMigration, type DestinationFacts, type MigrationOptions, type SourceFacts } from '../../src/migration/plan.ts';
 import type { DiskSpec, VmSpec } from '../../src/qemu/spec.ts';
 
 const gib = 1024 ** 3;
@@ -147,6 +147,18 @@ test('a KVM guest climbs a ladder of downtime limits; a TCG guest starts at the 
   assert.deepEqual(limits('kvm', 300), [75, 150, 300]);
   assert.deepEqual(limits('tcg', 300), [300]);
   assert.deepEqual(limits('kvm', 2), [1, 2], 'steps below 1 ms are dropped, equal steps merged');
+});
+
+test('a TCG guest in live pre-copy runs through its first pass only; not a KVM guest, nor with post-copy allowed or --no-tcg-stop-copy', () => {
+  const stopAt = (accelerator: 'kvm' | 'tcg', options: Partial<MigrationOptions> = {}): boolean | undefined =>
+    planMigration(vm([localRoot]), { ...source, accelerator }, destination({ accelerator }), { ...defaultMigrationOptions, ...options }).ram.stopAfterFirstPass;
+  assert.equal(stopAt('tcg'), true);
+  assert.equal(stopAt('kvm'), undefined);
+  assert.equal(stopAt('tcg', { tcgStopCopy: false }), undefined);
+  assert.equal(stopAt('tcg', { allowPostcopy: true }), undefined);
+  assert.equal(stopAt('tcg', { timeoutAction: 'postcopy' }), undefined);
+  assert.equal(stopAt('tcg', { ramMode: 'postcopy' }), undefined);
+  assert.equal(stopAt('tcg', { ramMode: 'stop-and-copy' }), undefined, 'stopped before RAM moves anyway');
 });
 
 test('a guest never moves between a KVM host and a TCG host, either way, and the refusal says which runs what', () => {

@@ -11,7 +11,8 @@ import { MigrationRig } from '../support/migration-rig.ts';
 
 const nonConverging = { mode: 'workload', spanMiB: 8, dirtyMiB: 32, dirtyRateMiBs: 64 } as const;
 const layout = { local: [{ id: 'local0', sizeMiB: 64, fillMiB: 8 }], shared: [] };
-const capped: Partial<MigrationOptions> = { bandwidthMiBs: 16, timeoutS: 4 };
+// Without the TCG stop after the first pass, which would stop this guest long before --timeout.
+const capped: Partial<MigrationOptions> = { bandwidthMiBs: 16, timeoutS: 4, tcgStopCopy: false };
 
 /** Read through a call: the abort's assertions narrowed rig.destination.vm to undefined, and the next migration made a new one. */
 function destinationDisks(rig: MigrationRig) {

@@ -9,9 +9,10 @@ import { mkdirSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { reportLogOf, testGuestSpec, waitForAcks, type GuestOptions, type GuestReport, type VerifyResult } from '../../src/guest/test-guest.ts';
 import { verifyDisks } from '../../src/guest/verify.ts';
+import { runAttempts } from '../../src/controller/attempts.ts';
 import { runMigration } from '../../src/migration/executor.ts';
 import type { MigrationEvent, MigrationPhase, MigrationReport } from '../../src/migration/phases.ts';
-import { defaultMigrationOptions, planMigration, type MigrationOptions, type MigrationPlan } from '../../src/migration/plan.ts';
+import { defaultMigrationOptions, planMigration, withRamMode, type MigrationOptions, type MigrationPlan, type RamMode } from '../../src/migration/plan.ts';
 import { probeDestination, probeSource, qemuCapabilities } from '../../src/migration/probe.ts';
 import { QemuDestination } from '../../src/migration/qemu-destination.ts';
 import { QemuSource } from '../../src/migration/qemu-source.ts';
@@ -143,8 +144,8 @@ export class MigrationRig {
 
   /**
    * Migrates A → B. A rollback for a memory mismatch (QEMU's TCG defect,
-   * docs/QEMU-TCG-PRECOPY.md) is retried, as the controller does, unless
-   * `memoryMismatchRetries` is 0. With the rig's TLS identities both sides use
+   * docs/QEMU-TCG-PRECOPY.md) is retried as the controller does (runAttempts,
+   * its report covering every attempt), unless `memoryMismatchRetries` is 0. With the rig's TLS identities both sides use
    * theirs (the destination lets in only A's), unless `withoutTls` names a side
    * whose agent acts as if it had none.
    */
@@ -163,14 +164,23 @@ export class MigrationRig {
     const { memoryMismatchRetries = 2, withoutTls, relay, ...input } = extra;
     const destinationTls = this.tls && withoutTls !== 'destination' ? { tlsDir: this.tls.B, agentPeerName: (id: string) => qemuPeerName('agent', id) } : {};
     const sourceTls = this.tls !== undefined && withoutTls !== 'source';
-    for (let attempt = 0; ; attempt++) {
+    const attempt = (ramMode: RamMode, onEvent = input.onEvent): Promise<MigrationReport> => {
       const destination = new RigDestination({ hostId: 'B', pool: this.poolB, vmDir: (vm) => join(this.dir, 'runB', vm), address: '127.0.0.1', ...destinationTls });
       destination.relay = relay;
       this.destination = destination;
       const source = new QemuSource({ hostId: 'A', vm: this.source, tls: sourceTls });
-      const report = await runMigration({ spec: this.spec, plan, source, destination: this.destination, ...input });
-      if (report.error?.code !== 'VMF_MEMORY_MISMATCH' || attempt >= memoryMismatchRetries) return report;
-    }
+      return runMigration({ spec: this.spec, plan: withRamMode(plan, ramMode), source, destination, ...input, ...(onEvent ? { onEvent } : {}) });
+    };
+    if (memoryMismatchRetries === 0) return attempt(plan.ram.mode);
+    // As the controller runs a migration, so the report covers every attempt (src/controller/attempts.ts).
+    return runAttempts({
+      run: (onEvent, ramMode) => attempt(ramMode, onEvent),
+      ramMode: plan.ram.mode,
+      fallback: plan.options.fallback,
+      beforeRetry: () => Promise.resolve(),
+      onEvent: input.onEvent ?? (() => undefined),
+      signal: input.signal ?? new AbortController().signal,
+    });
   }
 
   poolBFiles(): string[] {

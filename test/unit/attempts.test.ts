@@ -5,6 +5,7 @@
 // source) is in test/migration/executor.test.ts.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { renderReport } from '../../src/cli/render.ts';
 import { nextRamMode, runAttempts } from '../../src/controller/attempts.ts';
 import type { AttemptSummary, MigrationEvent, MigrationReport } from '../../src/migration/phases.ts';
 import type { RamFallback, RamMode } from '../../src/migration/plan.ts';
@@ -79,7 +80,7 @@ test('the report covers every attempt: time from the first start, bytes and paus
   const attempt = (outcome: MigrationReport['outcome'], ramBytes: number, diskBytes: number, pauseMs: number, error?: MigrationReport['error']): MigrationReport => ({
     ...report(outcome, error),
     disks: [{ id: 'root', operation: 'mirror', bytesSent: diskBytes, virtualSize: 1 << 30 }],
-    ram: { transferredBytes: ramBytes, totalBytes: 1 << 28, passes: 3, memoryCompared: outcome === 'completed' },
+    ram: { transferredBytes: ramBytes, totalBytes: 1 << 28, passes: error ? 5 : 3, memoryCompared: outcome === 'completed' },
     phases: [{ phase: 'preparing', startedAt: Date.now(), durationMs: 1 }],
     totalMs: 40,
     pauseMs,
@@ -99,10 +100,21 @@ test('the report covers every attempt: time from the first start, bytes and paus
   assert.equal(final.ram.transferredBytes, 200e6);
   assert.equal(final.pauseMs, 350);
   assert.deepEqual(final.allAttempts, { count: 2, ramBytes: 500e6, diskBytes: 6e6, pauseMs: 830 });
-  assert.deepEqual(final.attemptLog?.map((a) => [a.outcome, a.error?.code, a.ramBytes, a.diskBytes, a.pauseMs]), [
-    ['failed', 'VMF_MEMORY_MISMATCH', 300e6, 5e6, 480],
-    ['completed', undefined, 200e6, 1e6, 350],
+  assert.deepEqual(final.attemptLog?.map((a) => [a.outcome, a.error?.code, a.ramBytes, a.diskBytes, a.pauseMs, a.passes]), [
+    ['failed', 'VMF_MEMORY_MISMATCH', 300e6, 5e6, 480, 5],
+    ['completed', undefined, 200e6, 1e6, 350, 3],
   ]);
+  // What `vmferry migrate` prints: one line per attempt, then the sums.
+  const shown = renderReport(final).split('\n');
+  assert.match(shown[0] ?? '', /completed in [\d.]+ s, guest paused 350 ms \(QEMU's downtime 30 ms\), 2 attempts$/);
+  assert.deepEqual(
+    shown.filter((line) => /^ {2}(attempt \d|all attempts)/.test(line)).map((line) => line.replace(/after [\d.]+ s/, 'after T')),
+    [
+      '  attempt 1: failed (VMF_MEMORY_MISMATCH) after T, RAM 286.1 MiB in 5 passes and disks 4.8 MiB sent, guest paused 480 ms',
+      '  attempt 2: completed after T, RAM 190.7 MiB in 3 passes and disks 976.6 KiB sent, guest paused 350 ms',
+      '  all attempts: RAM 476.8 MiB and disks 5.7 MiB sent, guest paused 830 ms in all',
+    ],
+  );
 });
 
 test('after two retries a third mismatch is final, with its error and one "failed" phase', async () => {
@@ -159,7 +171,7 @@ test('without --fallback, every attempt keeps the planned RAM mode', async () =>
 });
 
 test('the fallback decision: only after two memory mismatches, only when allowed', () => {
-  const attempt = (code?: string): AttemptSummary => ({ startedAt: 0, durationMs: 1, outcome: code ? 'failed' : 'completed', ramBytes: 0, diskBytes: 0, ramMode: 'live', ...(code ? { error: { code, message: '' } } : {}) });
+  const attempt = (code?: string): AttemptSummary => ({ startedAt: 0, durationMs: 1, outcome: code ? 'failed' : 'completed', ramBytes: 0, diskBytes: 0, ramMode: 'live', passes: 3, ...(code ? { error: { code, message: '' } } : {}) });
   assert.equal(nextRamMode([], 'live', 'stop-and-copy'), 'live');
   assert.equal(nextRamMode([attempt('VMF_MEMORY_MISMATCH')], 'live', 'stop-and-copy'), 'live');
   assert.equal(nextRamMode([attempt('VMF_MEMORY_MISMATCH'), attempt('VMF_MEMORY_MISMATCH')], 'live', 'stop-and-copy'), 'stop-and-copy');
