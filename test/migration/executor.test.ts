@@ -691,7 +691,7 @@ test('a TCG guest in live mode starts pre-copy with a downtime limit of 0 (QEMU 
 
 test('--timeout-action postcopy: at the timeout the migration switches to post-copy and completes there', async () => {
   const { calls, source, destination } = postcopySides();
-  const report = await runMigration({ spec, plan: plan(60, { timeoutS: 0.05, timeoutAction: 'postcopy' }), source, destination, pollIntervalMs: 1 });
+  const report = await runMigration({ spec, plan: plan(60, { timeoutS: 0.05, timeoutAction: 'postcopy' }, 'kvm'), source, destination, pollIntervalMs: 1 });
   assert.equal(report.outcome, 'completed', report.error?.message);
   assert.equal(calls.filter((c) => c === 'src.startPostcopy').length, 1);
   assert.ok(!calls.includes('src.stopGuest'));

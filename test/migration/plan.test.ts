@@ -116,7 +116,7 @@ test('a read-only local image is refused with a way out', () => {
 test('the RAM settings carry the options through', () => {
   const options = { ...defaultMigrationOptions, maxDowntimeMs: 120, bandwidthMiBs: 200 };
   const plan = planMigration(vm([sharedData]), source, destination(), options);
-  assert.deepEqual(plan.ram, { memoryMiB: 512, maxDowntimeMs: 120, downtimeLimitsMs: [120], bandwidthMiBs: 200, mode: 'live', postcopyAtOnce: true, allowPostcopy: false, compareMemory: true });
+  assert.deepEqual(plan.ram, { memoryMiB: 512, maxDowntimeMs: 120, downtimeLimitsMs: [120], bandwidthMiBs: 200, mode: 'live', postcopyAtOnce: true, allowPostcopy: false, compareMemory: true, stopAfterFirstPass: true });
   assert.equal(planMigration(vm([sharedData]), source, destination(), { ...options, ramMode: 'postcopy' }).ram.mode, 'postcopy');
   const kvm = planMigration(vm([sharedData]), { ...source, accelerator: 'kvm' }, destination({ accelerator: 'kvm' }), { ...options, allowPostcopy: true });
   assert.deepEqual(kvm.refusals, []);
