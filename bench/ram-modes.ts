@@ -1,8 +1,8 @@
 /**
  * A guest that dirties its memory faster than the link carries it: pre-copy
  * alone never converges, so every method needs a way out. vmferry's three
- * (post-copy after the first pass, stop-and-copy, pre-copy with virsh-like
- * `--timeout N --timeout-action pause`) side by side with libvirt's two
+ * (post-copy, stop-and-copy, and live pre-copy, which for a TCG guest runs one
+ * pass while the guest runs and then stops it) side by side with libvirt's two
  * (`--postcopy --postcopy-after-precopy`, `--timeout N --timeout-suspend`), on
  * the same VM, guest and bandwidth cap, in one run. Methods rotate within each
  * round so the machine's noise falls on all. What each column counts:
@@ -54,7 +54,8 @@ function ways(bandwidthMiBs: number, timeoutS: number): Way[] {
     { label: 'vmferry post-copy', method: 'vmferry', vmferry: { ...capped, ramMode: 'postcopy' } },
     { label: 'libvirt post-copy', method: 'libvirt', libvirtFlags: [...libvirtCap, '--postcopy', '--postcopy-after-precopy', '--postcopy-bandwidth', String(bandwidthMiBs)] },
     { label: 'vmferry stop-and-copy', method: 'vmferry', vmferry: { ...capped, ramMode: 'stop-and-copy' } },
-    { label: `vmferry pause at ${timeoutS} s`, method: 'vmferry', vmferry: { ...capped, timeoutS, timeoutAction: 'pause' } },
+    // Under TCG, live pre-copy runs one pass while the guest runs and then stops it (plan.ram.stopAfterFirstPass).
+    { label: 'vmferry live (TCG: 1 pass, then stopped)', method: 'vmferry', vmferry: { ...capped } },
     { label: `libvirt suspend at ${timeoutS} s`, method: 'libvirt', libvirtFlags: [...libvirtCap, '--timeout', String(timeoutS), '--timeout-suspend'] },
   ];
 }
