@@ -7,6 +7,7 @@ import type { Logger } from 'pino';
 import type { TlsIdentity } from '../security/tls-files.ts';
 import { installAccessControl, type AccessPolicy } from './access.ts';
 import { installErrorHandler, strictValidation } from './errors.ts';
+import { vmferryVersion } from '../version.ts';
 
 type ValidatorFactory = NonNullable<NonNullable<NonNullable<Parameters<typeof Fastify>[0]>['schemaController']>['compilersFactory']>['buildValidator'];
 type RouteValidation = { httpPart?: string; schema: unknown };
@@ -52,7 +53,7 @@ export async function createApiServer(title: string, logger: Logger, bodyLimit: 
   // Without TLS the daemon said so at start (--insecure, src/cli/tls-options.ts).
   if (security.tls) installAccessControl(base, security.access);
   const app = base.withTypeProvider<TypeBoxTypeProvider>();
-  await app.register(swagger, { openapi: { info: { title, version: '0.1.0' } } });
+  await app.register(swagger, { openapi: { info: { title, version: vmferryVersion } } });
   app.get('/openapi.json', { schema: { hide: true } }, () => app.swagger());
   return { base, app };
 }
