@@ -38,7 +38,14 @@ export async function buildController(
   const store = options.store ?? (await openStore(options.dbPath, options.logger));
   const inventory = new Inventory(store, options.tls);
   const migrations = new MigrationService(store, inventory, options.logger, options.storage);
-  const { base, app } = await createApiServer('vmferry controller', options.logger, 1024 * 1024, { tls: options.tls, access: controllerAccess });
+  const { base, app } = await createApiServer('vmferry controller', options.logger, 1024 * 1024, { tls: options.tls, access: controllerAccess }, {
+    role: 'controller',
+    // Both read the store: an unreachable database makes the controller unhealthy, with the driver's reason.
+    facts: async () => {
+      const hosts = await inventory.hosts();
+      return { store: 'ok', hosts: hosts.length, hostsReachable: hosts.filter((h) => h.state === 'reachable').length, migrationsRunning: (await store.unfinishedMigrations()).length };
+    },
+  });
   // Migrations a previous controller process left behind: settled in the background while the API serves.
   const stopSettling = new AbortController();
   const settled = settleUnfinishedMigrations(store, inventory, options.logger, stopSettling.signal);
