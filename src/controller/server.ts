@@ -12,6 +12,7 @@ import { MigrateRequestSchema } from '../api/controller-types.ts';
 import { openStore } from '../store/open-store.ts';
 import type { Store } from '../store/store.ts';
 import { Inventory } from './inventory.ts';
+import { metricsContentType, renderMetrics } from './metrics.ts';
 import { MigrationService } from './migrations.ts';
 import { settleUnfinishedMigrations } from './recovery.ts';
 import type { StorageServerAccess } from './storage-io.ts';
@@ -56,6 +57,10 @@ export async function buildController(
     await store.close();
   });
 
+  // Every migration record is read at each scrape (metrics.ts): the store is the one place all controllers' figures are.
+  app.get('/metrics', { schema: { description: 'Prometheus text exposition; any role of the cluster may scrape it' } }, async (_request, reply) =>
+    reply.type(metricsContentType).send(renderMetrics(await store.listMigrations(Number.MAX_SAFE_INTEGER), await inventory.hosts())),
+  );
   app.post(
     '/v1/hosts/heartbeat',
     {

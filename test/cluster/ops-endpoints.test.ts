@@ -13,7 +13,8 @@ import { buildAgent } from '../../src/agent/server.ts';
 import { buildController } from '../../src/controller/server.ts';
 import { StorageServer } from '../../src/storage/server.ts';
 import { SqliteStore } from '../../src/store/sqlite-store.ts';
-import type { Store } from '../../src/store/store.ts';
+import type { MigrationRecord, Store } from '../../src/store/store.ts';
+import type { MigrationReport } from '../../src/migration/phases.ts';
 import { runProgram } from '../../src/util/run.ts';
 
 const packageVersion = (JSON.parse(await readFile(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
@@ -22,6 +23,7 @@ let dir: string;
 let controller: FastifyInstance;
 let agent: FastifyInstance;
 let storage: StorageServer;
+let store: SqliteStore;
 const urls = {} as Record<'controller' | 'agent' | 'storage', string>;
 /** While set, every read of the controller's store fails as a database that went away does. */
 let storeDown: Error | undefined;
@@ -40,7 +42,8 @@ function failableStore(store: Store): Store {
 before(async () => {
   dir = await mkdtemp(join(tmpdir(), 'vmferry-ops-'));
   const logger = pino({ level: 'silent' });
-  controller = (await buildController({ dbPath: join(dir, 'controller.db'), logger, store: failableStore(new SqliteStore(join(dir, 'controller.db'))) })).app;
+  store = new SqliteStore(join(dir, 'controller.db'));
+  controller = (await buildController({ dbPath: join(dir, 'controller.db'), logger, store: failableStore(store) })).app;
   urls.controller = await controller.listen({ host: '127.0.0.1', port: 0 });
   agent = (await buildAgent({ hostId: 'A', dataDir: join(dir, 'agent'), address: '127.0.0.1', logger })).app;
   urls.agent = await agent.listen({ host: '127.0.0.1', port: 0 });
@@ -98,4 +101,100 @@ test('GET /health on the storage server: its volumes and NBD connections', async
   const { status, body } = await health(urls.storage);
   assert.equal(status, 200);
   assert.deepEqual({ ...body, uptimeS: typeof body.uptimeS }, { status: 'ok', role: 'storage', version: packageVersion, uptimeS: 'number', volumes: 1, nbdConnections: 0 });
+});
+
+const MiB = 1024 * 1024;
+// The store keeps a plan as an opaque document; the metrics read only reports and phases.
+const plan = { vm: 'web', disks: [], options: {} } as unknown as MigrationRecord['plan'];
+
+function report(outcome: MigrationReport['outcome'], figures: Pick<MigrationReport, 'totalMs' | 'pauseMs' | 'allAttempts'> & { ramBytes: number; mirrorBytes: number[] }): MigrationReport {
+  return {
+    vm: 'web',
+    from: 'A',
+    to: 'B',
+    outcome,
+    disks: figures.mirrorBytes.map((bytesSent, i) => ({ id: `d${i}`, operation: 'mirror', bytesSent, virtualSize: 64 * MiB })),
+    ram: { transferredBytes: figures.ramBytes, totalBytes: 64 * MiB, passes: 3, memoryCompared: outcome === 'completed' },
+    phases: [],
+    totalMs: figures.totalMs,
+    downtimeMs: undefined,
+    ...(figures.pauseMs === undefined ? {} : { pauseMs: figures.pauseMs }),
+    ...(figures.allAttempts ? { allAttempts: figures.allAttempts } : {}),
+  };
+}
+
+async function addMigration(id: string, phase: MigrationRecord['phase'], finished?: MigrationReport): Promise<void> {
+  const now = Date.now();
+  await store.createMigration({ id, vm: `vm-${id}`, from: 'A', to: 'B', phase: 'pending', plan, report: null, createdAt: now, updatedAt: now });
+  await store.updateMigration(id, { phase, ...(finished ? { report: finished } : {}) });
+}
+
+/** The exposition's samples by series ("name{labels}"), after checking every line is a comment or a sample. */
+function samples(text: string): Map<string, number> {
+  assert.ok(text.endsWith('\n'), 'the exposition ends with a newline');
+  const found = new Map<string, number>();
+  for (const line of text.trimEnd().split('\n')) {
+    if (line.startsWith('# HELP ') || line.startsWith('# TYPE ')) continue;
+    const match = /^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*"(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*")*\})?) (\S+)$/.exec(line);
+    assert.ok(match, `not a sample line: ${line}`);
+    assert.ok(!found.has(match[1] as string), `series ${match[1]} twice`);
+    found.set(match[1] as string, Number(match[2]));
+  }
+  return found;
+}
+
+test('GET /metrics on the controller: outcomes, durations, pauses and bytes counted from the stored reports, running migrations and hosts', async () => {
+  await addMigration('m1', 'completed', report('completed', { totalMs: 4_200, pauseMs: 120, ramBytes: 100 * MiB, mirrorBytes: [50 * MiB, 2 * MiB] }));
+  // Two attempts: the sums over both count, not the last attempt's figures.
+  await addMigration('m2', 'completed', report('completed', { totalMs: 65_000, pauseMs: 900, ramBytes: 200 * MiB, mirrorBytes: [10 * MiB], allAttempts: { count: 2, ramBytes: 300 * MiB, diskBytes: 70 * MiB, pauseMs: 1_000 } }));
+  // A pause nobody measured adds nothing to the pause histogram.
+  await addMigration('m3', 'failed', report('failed', { totalMs: 1_500, ramBytes: 10 * MiB, mirrorBytes: [] }));
+  await addMigration('m4', 'cancelled', report('cancelled', { totalMs: 700, pauseMs: 0, ramBytes: 0, mirrorBytes: [1 * MiB] }));
+  await addMigration('m5', 'mirroring');
+  // A host whose agent stopped heartbeating an hour ago.
+  await store.upsertHost({ id: 'B', url: 'http://127.0.0.1:1', address: '127.0.0.2', lastSeen: Date.now() - 3_600_000 });
+
+  const response = await fetch(`${urls.controller}/metrics`);
+  assert.equal(response.status, 200);
+  assert.equal(response.headers.get('content-type'), 'text/plain; version=0.0.4; charset=utf-8');
+  const text = await response.text();
+  const values = samples(text);
+  for (const [name, type] of [['vmferry_migrations_total', 'counter'], ['vmferry_migration_duration_seconds', 'histogram'], ['vmferry_migration_pause_seconds', 'histogram'], ['vmferry_migrations_running', 'gauge'], ['vmferry_hosts', 'gauge']]) {
+    assert.match(text, new RegExp(`^# TYPE ${name} ${type}$`, 'm'));
+  }
+  const expected: Record<string, number> = {
+    [`vmferry_build_info{version="${packageVersion}"}`]: 1,
+    'vmferry_migrations_total{outcome="completed"}': 2,
+    'vmferry_migrations_total{outcome="cancelled"}': 1,
+    'vmferry_migrations_total{outcome="failed"}': 1,
+    'vmferry_migrations_total{outcome="unresolved"}': 0,
+    vmferry_migrations_running: 1,
+    'vmferry_migration_duration_seconds_bucket{le="1"}': 1,
+    'vmferry_migration_duration_seconds_bucket{le="2"}': 2,
+    'vmferry_migration_duration_seconds_bucket{le="5"}': 3,
+    'vmferry_migration_duration_seconds_bucket{le="60"}': 3,
+    'vmferry_migration_duration_seconds_bucket{le="120"}': 4,
+    'vmferry_migration_duration_seconds_bucket{le="+Inf"}': 4,
+    vmferry_migration_duration_seconds_sum: 4.2 + 65 + 1.5 + 0.7,
+    vmferry_migration_duration_seconds_count: 4,
+    'vmferry_migration_pause_seconds_bucket{le="0.01"}': 1,
+    'vmferry_migration_pause_seconds_bucket{le="0.1"}': 1,
+    'vmferry_migration_pause_seconds_bucket{le="0.25"}': 2,
+    'vmferry_migration_pause_seconds_bucket{le="1"}': 3,
+    'vmferry_migration_pause_seconds_bucket{le="+Inf"}': 3,
+    vmferry_migration_pause_seconds_count: 3,
+    vmferry_migration_ram_bytes_total: (100 + 300 + 10 + 0) * MiB,
+    vmferry_migration_mirror_bytes_total: (52 + 70 + 0 + 1) * MiB,
+    'vmferry_hosts{state="reachable"}': 1,
+    'vmferry_hosts{state="unreachable"}': 1,
+  };
+  for (const [series, value] of Object.entries(expected)) assert.ok(Math.abs((values.get(series) ?? NaN) - value) < 1e-9, `${series}: ${values.get(series)}, expected ${value}`);
+  assert.ok(Math.abs((values.get('vmferry_migration_pause_seconds_sum') ?? NaN) - 1.02) < 1e-9, 'pause sum: 0.12 + 0.9 + 0 (the last attempts\' pauses)');
+  // Buckets only grow, and +Inf holds every observation.
+  for (const name of ['vmferry_migration_duration_seconds', 'vmferry_migration_pause_seconds']) {
+    const buckets = [...values].filter(([series]) => series.startsWith(`${name}_bucket`)).map(([, v]) => v);
+    assert.deepEqual(buckets, [...buckets].sort((a, b) => a - b), `${name} buckets are cumulative`);
+  }
+  // The health check reads the same store.
+  assert.equal((await health(urls.controller)).body.migrationsRunning, 1);
 });
