@@ -9,53 +9,10 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { promisify } from 'node:util';
 import { runVmferry } from '../support/cli.ts';
+import { contribSystemd as contrib, environmentFile, execStartWords, installedCli, serviceSettings, serviceUnits as units } from '../support/systemd-unit.ts';
 
 const execFile = promisify(execFileCallback);
 const root = join(import.meta.dirname, '../..');
-const contrib = join(root, 'contrib/systemd');
-const installedCli = '/opt/vmferry/bin/vmferry.js';
-
-const units = [
-  { unit: 'vmferry-storage.service', env: 'storage.env.example', command: ['storage', 'serve'] },
-  { unit: 'vmferry-controller.service', env: 'controller.env.example', command: ['controller'] },
-  { unit: 'vmferry-agent.service', env: 'agent.env.example', command: ['agent'] },
-] as const;
-
-/** A unit file's [Service] settings: key → every value it is given, in order. */
-function serviceSettings(text: string): Map<string, string[]> {
-  const settings = new Map<string, string[]>();
-  let section = '';
-  for (const line of text.replace(/\\\n/g, ' ').split('\n').map((l) => l.trim())) {
-    if (line === '' || line.startsWith('#') || line.startsWith(';')) continue;
-    const header = /^\[(.+)\]$/.exec(line);
-    if (header) {
-      section = header[1] as string;
-      continue;
-    }
-    const eq = line.indexOf('=');
-    if (section !== 'Service' || eq < 0) continue;
-    const key = line.slice(0, eq);
-    settings.set(key, [...(settings.get(key) ?? []), line.slice(eq + 1)]);
-  }
-  return settings;
-}
-
-/** An environment file's variables (plain KEY=value lines, as the examples are written). */
-function environment(text: string): Record<string, string> {
-  return Object.fromEntries(text.split('\n').filter((l) => /^[A-Z_]+=/.test(l)).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
-}
-
-/** ExecStart's words as systemd makes them: ${VAR} replaced inside a word, a lone $VAR split into words. */
-function expand(execStart: string, env: Record<string, string>): string[] {
-  return execStart.split(/\s+/).flatMap((word) => {
-    const lone = /^\$([A-Z_]+)$/.exec(word);
-    if (lone) return (env[lone[1] as string] ?? '').split(/\s+/).filter(Boolean);
-    return [word.replace(/\$\{([A-Z_]+)\}/g, (_match, name: string) => {
-      assert.ok(name in env, `\${${name}} is set in the example environment file`);
-      return env[name] as string;
-    })];
-  });
-}
 
 /** The options a --help lists: name → whether it takes a value. */
 function helpOptions(help: string): Map<string, boolean> {
@@ -75,11 +32,9 @@ const globalOptions = help([]);
 
 for (const { unit, env, command } of units) {
   test(`${unit}: its ExecStart runs \`vmferry ${command.join(' ')}\` with only options the CLI accepts, each with its value`, async () => {
-    const settings = serviceSettings(await readFile(join(contrib, unit), 'utf8'));
-    assert.deepEqual(settings.get('Restart'), ['on-failure']);
-    const execStart = settings.get('ExecStart');
-    assert.equal(execStart?.length, 1, 'one ExecStart');
-    const words = expand(execStart?.[0] as string, environment(await readFile(join(contrib, env), 'utf8')));
+    const text = await readFile(join(contrib, unit), 'utf8');
+    assert.deepEqual(serviceSettings(text).get('Restart'), ['on-failure']);
+    const words = execStartWords(text, environmentFile(await readFile(join(contrib, env), 'utf8')));
     assert.equal(words[0], installedCli);
     const options = new Map([...(await globalOptions), ...(await help([...command]))]);
     assert.ok(options.has('--listen') || options.has('--admin'), 'the daemon\'s --help was read');
