@@ -97,6 +97,29 @@ test('GET /health on an agent: its accelerator and the version of its QEMU binar
   assert.deepEqual({ ...body, uptimeS: typeof body.uptimeS }, { status: 'ok', role: 'agent', version: packageVersion, uptimeS: 'number', hostId: 'A', accelerator: 'tcg', qemuVersion: expectedQemu, vms: 0 });
 });
 
+test('GET /health on an agent whose host has no QEMU answers 503 saying so, and ok once QEMU is there', async () => {
+  // A second agent, whose first check runs with a PATH where no QEMU binary is found.
+  const lonely = (await buildAgent({ hostId: 'Q', dataDir: join(dir, 'agent-q'), address: '127.0.0.1', logger: pino({ level: 'silent' }) })).app;
+  try {
+    const url = await lonely.listen({ host: '127.0.0.1', port: 0 });
+    const path = process.env.PATH;
+    process.env.PATH = join(dir, 'no-such-bin');
+    let missing: Awaited<ReturnType<typeof health>>;
+    try {
+      missing = await health(url);
+    } finally {
+      process.env.PATH = path;
+    }
+    assert.equal(missing.status, 503);
+    assert.deepEqual([missing.body.status, missing.body.role], ['unhealthy', 'agent']);
+    assert.equal(missing.body.reason, 'qemu-system-x86_64 --version: not installed (run scripts/setup.sh)');
+    // A failed check is not remembered: QEMU installed meanwhile is found at the next one.
+    assert.equal((await health(url)).status, 200);
+  } finally {
+    await lonely.close();
+  }
+});
+
 test('GET /health on the storage server: its volumes and NBD connections', async () => {
   const { status, body } = await health(urls.storage);
   assert.equal(status, 200);
