@@ -14,6 +14,7 @@ import { replySignal } from '../http/request-signal.ts';
 import type { MigrationPlan } from '../migration/plan.ts';
 import type { MigrationSettings } from '../migration/sides.ts';
 import type { HostAccelerator } from '../qemu/accel.ts';
+import { qemuVersion } from '../migration/probe.ts';
 import { validateVmSpec } from '../qemu/spec.ts';
 import { MigrationSides, defaultAbandonAfterMs } from './migration-sides.ts';
 import { faultPoint } from '../util/fault-points.ts';
@@ -104,7 +105,17 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     ...(options.tls && peerNamesPredictable(options.tls, options.hostId) ? { agentPeerName: (id: string) => qemuPeerName('agent', id) } : {}),
   });
   await sides.recoverSources();
-  const { base, app } = await createApiServer('vmferry agent', options.logger, 1024 * 1024, { tls: options.tls, access: agentAccess });
+  // Asked once, at the first health check; a failure (no QEMU binary) is asked again at the next.
+  let knownQemuVersion: Promise<string> | undefined;
+  const hostQemuVersion = (): Promise<string> =>
+    (knownQemuVersion ??= qemuVersion().catch((err: unknown) => {
+      knownQemuVersion = undefined;
+      throw err;
+    }));
+  const { base, app } = await createApiServer('vmferry agent', options.logger, 1024 * 1024, { tls: options.tls, access: agentAccess }, {
+    role: 'agent',
+    facts: async () => ({ hostId: options.hostId, accelerator: accelerator.accelerator, qemuVersion: await hostQemuVersion(), vms: registry.names().length }),
+  });
   const stopIoErrorResume = startIoErrorResume({ candidates: () => registry.vmsOutsideMigrations(), logger: options.logger });
   base.addHook('onClose', () => {
     stopIoErrorResume();

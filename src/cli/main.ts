@@ -11,9 +11,11 @@ import { registerStorageCommands } from './storage.ts';
 import { registerDemoCommand } from './demo.ts';
 import { registerPkiCommands } from './pki.ts';
 import { registerTlsOptions } from './tls-options.ts';
+import { vmferryVersion } from '../version.ts';
 
 const program = new Command('vmferry')
-  .description('Live-migrate QEMU/KVM virtual machines whose disks are partly local, partly shared')
+  .description(`Live-migrate QEMU/KVM virtual machines whose disks are partly local, partly shared (vmferry ${vmferryVersion})`)
+  .version(vmferryVersion, '-V, --version', 'print vmferry\'s version')
   .showHelpAfterError()
   .exitOverride();
 

@@ -12,6 +12,7 @@ import { MigrateRequestSchema } from '../api/controller-types.ts';
 import { openStore } from '../store/open-store.ts';
 import type { Store } from '../store/store.ts';
 import { Inventory } from './inventory.ts';
+import { metricsContentType, renderMetrics } from './metrics.ts';
 import { MigrationService } from './migrations.ts';
 import { settleUnfinishedMigrations } from './recovery.ts';
 import type { StorageServerAccess } from './storage-io.ts';
@@ -38,7 +39,14 @@ export async function buildController(
   const store = options.store ?? (await openStore(options.dbPath, options.logger));
   const inventory = new Inventory(store, options.tls);
   const migrations = new MigrationService(store, inventory, options.logger, options.storage);
-  const { base, app } = await createApiServer('vmferry controller', options.logger, 1024 * 1024, { tls: options.tls, access: controllerAccess });
+  const { base, app } = await createApiServer('vmferry controller', options.logger, 1024 * 1024, { tls: options.tls, access: controllerAccess }, {
+    role: 'controller',
+    // Both read the store: an unreachable database makes the controller unhealthy, with the driver's reason.
+    facts: async () => {
+      const hosts = await inventory.hosts();
+      return { store: 'ok', hosts: hosts.length, hostsReachable: hosts.filter((h) => h.state === 'reachable').length, migrationsRunning: (await store.unfinishedMigrations()).length };
+    },
+  });
   // Migrations a previous controller process left behind: settled in the background while the API serves.
   const stopSettling = new AbortController();
   const settled = settleUnfinishedMigrations(store, inventory, options.logger, stopSettling.signal);
@@ -49,6 +57,10 @@ export async function buildController(
     await store.close();
   });
 
+  // Every migration record is read at each scrape (metrics.ts): the store is the one place all controllers' figures are.
+  app.get('/metrics', { schema: { description: 'Prometheus text exposition; any role of the cluster may scrape it' } }, async (_request, reply) =>
+    reply.type(metricsContentType).send(renderMetrics(await store.listMigrations(Number.MAX_SAFE_INTEGER), await inventory.hosts())),
+  );
   app.post(
     '/v1/hosts/heartbeat',
     {

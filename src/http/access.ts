@@ -4,14 +4,26 @@
  * against the roles its server allows on that route, from the identity in the
  * caller's certificate (security/identity.ts). A route nobody listed is
  * refused: a new route is closed until its server's policy opens it.
+ * GET /health and GET /metrics are open to every role of the cluster on every
+ * server: a monitor holds whichever certificate it was given, and learns
+ * nothing there it could act on. Without a certificate of the cluster it
+ * still gets nothing.
  */
 import type { TLSSocket } from 'node:tls';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { VmferryError } from '../errors.ts';
-import { identityFromSubjectAltName, identityUri, type PeerIdentity, type Role } from '../security/identity.ts';
+import { identityFromSubjectAltName, identityUri, roles, type PeerIdentity, type Role } from '../security/identity.ts';
 
 /** The roles allowed on a route (its pattern, such as /v1/vms/:name; undefined for a path no route matches). */
 export type AccessPolicy = (method: string, route: string | undefined) => readonly Role[];
+
+const monitoringRoutes: readonly string[] = ['/health', '/metrics'];
+
+/** The roles allowed on a route: every role on the monitoring routes, else what the server's own policy says. */
+function allowedRoles(policy: AccessPolicy, method: string, route: string | undefined): readonly Role[] {
+  if ((method === 'GET' || method === 'HEAD') && route !== undefined && monitoringRoutes.includes(route)) return roles;
+  return policy(method, route);
+}
 
 const identities = new WeakMap<TLSSocket, PeerIdentity | null>();
 
@@ -39,7 +51,7 @@ export function installAccessControl(app: FastifyInstance, policy: AccessPolicy)
   app.addHook('onRequest', (request, _reply, done) => {
     try {
       const peer = peerIdentity(request);
-      const allowed = policy(request.method, request.routeOptions.url);
+      const allowed = allowedRoles(policy, request.method, request.routeOptions.url);
       if (peer && !allowed.includes(peer.role)) {
         throw new VmferryError('VMF_FORBIDDEN', `${identityUri(peer)} may not call ${request.method} ${request.routeOptions.url ?? request.url} (allowed: ${allowed.join(', ') || 'nobody'})`);
       }

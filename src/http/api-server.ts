@@ -7,6 +7,8 @@ import type { Logger } from 'pino';
 import type { TlsIdentity } from '../security/tls-files.ts';
 import { installAccessControl, type AccessPolicy } from './access.ts';
 import { installErrorHandler, strictValidation } from './errors.ts';
+import { vmferryVersion } from '../version.ts';
+import { installHealthRoute, type HealthCheck } from './health.ts';
 
 type ValidatorFactory = NonNullable<NonNullable<NonNullable<Parameters<typeof Fastify>[0]>['schemaController']>['compilersFactory']>['buildValidator'];
 type RouteValidation = { httpPart?: string; schema: unknown };
@@ -32,7 +34,8 @@ export interface ApiSecurity {
   access: AccessPolicy;
 }
 
-export async function createApiServer(title: string, logger: Logger, bodyLimit: number, security: ApiSecurity) {
+/** Every daemon's API: its routes are added by the caller; GET /health (with the daemon's `health` facts) is here, so none lacks one. */
+export async function createApiServer(title: string, logger: Logger, bodyLimit: number, security: ApiSecurity, health: HealthCheck) {
   // Widened to fastify's logger type, so the instance is the plain FastifyInstance the helpers take.
   const loggerInstance: FastifyBaseLogger = logger;
   // A client without a certificate of the cluster's CA fails the handshake: it never reaches a route.
@@ -52,7 +55,8 @@ export async function createApiServer(title: string, logger: Logger, bodyLimit: 
   // Without TLS the daemon said so at start (--insecure, src/cli/tls-options.ts).
   if (security.tls) installAccessControl(base, security.access);
   const app = base.withTypeProvider<TypeBoxTypeProvider>();
-  await app.register(swagger, { openapi: { info: { title, version: '0.1.0' } } });
+  await app.register(swagger, { openapi: { info: { title, version: vmferryVersion } } });
   app.get('/openapi.json', { schema: { hide: true } }, () => app.swagger());
+  installHealthRoute(base, health);
   return { base, app };
 }

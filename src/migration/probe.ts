@@ -27,10 +27,14 @@ export interface QemuCapabilities {
   cpuModels: CpuModels;
 }
 
+/** The QEMU binary's version, from `--version` alone: asking starts no QEMU. */
+export async function qemuVersion(binary = defaultQemuBinary): Promise<string> {
+  return /version (\S+)/.exec(await runProgram(binary, ['--version']))?.[1] ?? 'unknown';
+}
+
 /** What this host's QEMU runs under `accel` (default TCG, as tests and benchmarks start QEMU). */
 export async function qemuCapabilities(accel: Accelerator = 'tcg', binary = defaultQemuBinary): Promise<QemuCapabilities> {
-  const versionText = await runProgram(binary, ['--version']);
-  const version = /version (\S+)/.exec(versionText)?.[1] ?? 'unknown';
+  const version = await qemuVersion(binary);
   const machines: Record<string, string> = {};
   for (const line of (await runProgram(binary, ['-machine', 'help'])).split('\n')) {
     const match = /^(\S+)\s+.*?(?:\(alias of (\S+)\))?$/.exec(line);

@@ -55,7 +55,10 @@ const VolumeName = Type.String({ pattern: namePatternSource, description: nameRu
 const SizeBytes = Type.Integer({ minimum: 512, maximum: maxVolumeBytes, multipleOf: 512 });
 
 async function adminApi(volumes: VolumeService, nbd: NbdServer, logger: Logger, tls: TlsIdentity | undefined): Promise<FastifyInstance> {
-  const { base, app } = await createApiServer('vmferry storage', logger, 64 * 1024, { tls, access: storageAccess });
+  const { base, app } = await createApiServer('vmferry storage', logger, 64 * 1024, { tls, access: storageAccess }, {
+    role: 'storage',
+    facts: () => Promise.resolve({ volumes: volumes.volumes().length, nbdConnections: nbd.connections().length }),
+  });
   const nameParams = Type.Object({ name: VolumeName });
   app.get('/v1/volumes', () => volumes.volumes());
   app.post(

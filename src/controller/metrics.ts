@@ -1,0 +1,84 @@
+/**
+ * GET /metrics: the controller's figures in Prometheus' text exposition
+ * format (version 0.0.4), computed at each scrape from what the store holds:
+ * the report of every finished migration, the unfinished records, the hosts'
+ * heartbeats. Nothing is counted in memory, so a restarted controller, or
+ * another controller on the same PostgreSQL database, answers the same
+ * figures, and a figure is never a default: a migration without a report
+ * (or a report without a measured pause) adds nothing to it.
+ */
+import { finalPhases, type MigrationReport } from '../migration/phases.ts';
+import type { MigrationRecord } from '../store/store.ts';
+import { vmferryVersion } from '../version.ts';
+import type { HostStatus } from './inventory.ts';
+
+export const metricsContentType = 'text/plain; version=0.0.4; charset=utf-8';
+
+const outcomes: readonly MigrationReport['outcome'][] = ['completed', 'cancelled', 'failed', 'unresolved'];
+/** Seconds; from a small guest on a quiet link to a large one throttled hard. */
+const durationBuckets = [1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600];
+/** Seconds; around the default 300 ms downtime limit, up to a stop-and-copy's pause. */
+const pauseBuckets = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
+
+export function renderMetrics(migrations: readonly MigrationRecord[], hosts: readonly HostStatus[]): string {
+  const reports = migrations.flatMap((m) => (m.report && finalPhases.includes(m.phase) ? [m.report] : []));
+  const out = new Exposition();
+  out.metric('vmferry_build_info', 'gauge', 'The controller\'s version (always 1).', [[{ version: vmferryVersion }, 1]]);
+  out.metric('vmferry_migrations_total', 'counter', 'Finished migrations, by the outcome in their report.', outcomes.map((outcome) => [{ outcome }, reports.filter((r) => r.outcome === outcome).length]));
+  out.metric('vmferry_migrations_running', 'gauge', 'Migrations not yet in a final phase (in the store: any controller\'s).', [[{}, migrations.filter((m) => !finalPhases.includes(m.phase)).length]]);
+  out.histogram('vmferry_migration_duration_seconds', 'Whole migrations, every attempt, from their reports.', durationBuckets, reports.map((r) => r.totalMs / 1000));
+  out.histogram(
+    'vmferry_migration_pause_seconds',
+    'The guest\'s pause in a migration\'s last attempt (source STOP to RESUME), where its report measured one.',
+    pauseBuckets,
+    reports.flatMap((r) => (r.pauseMs === undefined ? [] : [r.pauseMs / 1000])),
+  );
+  out.metric('vmferry_migration_ram_bytes_total', 'counter', 'Guest RAM sent by finished migrations, every attempt.', [[{}, sum(reports.map(ramBytes))]]);
+  out.metric('vmferry_migration_mirror_bytes_total', 'counter', 'Local disk bytes the mirrors of finished migrations copied, every attempt.', [[{}, sum(reports.map(mirrorBytes))]]);
+  out.metric('vmferry_hosts', 'gauge', 'Hosts the controller knows, by whether their agent heartbeats.', (['reachable', 'unreachable'] as const).map((state) => [{ state }, hosts.filter((h) => h.state === state).length]));
+  return out.text();
+}
+
+function ramBytes(report: MigrationReport): number {
+  return report.allAttempts?.ramBytes ?? report.ram.transferredBytes;
+}
+
+function mirrorBytes(report: MigrationReport): number {
+  return report.allAttempts?.diskBytes ?? sum(report.disks.map((d) => d.bytesSent));
+}
+
+function sum(values: readonly number[]): number {
+  return values.reduce((a, b) => a + b, 0);
+}
+
+type Labels = Record<string, string>;
+
+class Exposition {
+  readonly #lines: string[] = [];
+
+  metric(name: string, type: 'counter' | 'gauge', help: string, samples: readonly (readonly [Labels, number])[]): void {
+    this.#header(name, type, help);
+    for (const [labels, value] of samples) this.#sample(name, labels, value);
+  }
+
+  histogram(name: string, help: string, buckets: readonly number[], observations: readonly number[]): void {
+    this.#header(name, 'histogram', help);
+    for (const le of buckets) this.#sample(`${name}_bucket`, { le: String(le) }, observations.filter((v) => v <= le).length);
+    this.#sample(`${name}_bucket`, { le: '+Inf' }, observations.length);
+    this.#sample(`${name}_sum`, {}, sum(observations));
+    this.#sample(`${name}_count`, {}, observations.length);
+  }
+
+  text(): string {
+    return `${this.#lines.join('\n')}\n`;
+  }
+
+  #header(name: string, type: string, help: string): void {
+    this.#lines.push(`# HELP ${name} ${help.replace(/\\/g, '\\\\').replace(/\n/g, '\\n')}`, `# TYPE ${name} ${type}`);
+  }
+
+  #sample(name: string, labels: Labels, value: number): void {
+    const pairs = Object.entries(labels).map(([key, text]) => `${key}="${text.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n')}"`);
+    this.#lines.push(`${name}${pairs.length ? `{${pairs.join(',')}}` : ''} ${value}`);
+  }
+}
