@@ -4,7 +4,7 @@
  * against the roles its server allows on that route, from the identity in the
  * caller's certificate (security/identity.ts). A route nobody listed is
  * refused: a new route is closed until its server's policy opens it.
- * GET /health and GET /metrics are open to every role of the cluster on every
+ * GET /healthz and GET /metrics are open to every role of the cluster on every
  * server: a monitor holds whichever certificate it was given, and learns
  * nothing there it could act on. Without a certificate of the cluster it
  * still gets nothing.
@@ -17,7 +17,7 @@ import { identityFromSubjectAltName, identityUri, roles, type PeerIdentity, type
 /** The roles allowed on a route (its pattern, such as /v1/vms/:name; undefined for a path no route matches). */
 export type AccessPolicy = (method: string, route: string | undefined) => readonly Role[];
 
-const monitoringRoutes: readonly string[] = ['/health', '/metrics'];
+const monitoringRoutes: readonly string[] = ['/healthz', '/metrics'];
 
 /** The roles allowed on a route: every role on the monitoring routes, else what the server's own policy says. */
 function allowedRoles(policy: AccessPolicy, method: string, route: string | undefined): readonly Role[] {

@@ -34,7 +34,7 @@ export interface ApiSecurity {
   access: AccessPolicy;
 }
 
-/** Every daemon's API: its routes are added by the caller; GET /health (with the daemon's `health` facts) is here, so none lacks one. */
+/** Every daemon's API: its routes are added by the caller; GET /healthz (with the daemon's `health` facts) is here, so none lacks one. */
 export async function createApiServer(title: string, logger: Logger, bodyLimit: number, security: ApiSecurity, health: HealthCheck) {
   // Widened to fastify's logger type, so the instance is the plain FastifyInstance the helpers take.
   const loggerInstance: FastifyBaseLogger = logger;

@@ -1,5 +1,5 @@
 /**
- * GET /health, on every vmferry daemon: what it is, its version and uptime,
+ * GET /healthz, on every vmferry daemon: what it is, its version and uptime,
  * and the few facts it knows without work (its own checks, no VM started). A
  * daemon that runs but cannot do its job (the controller's store does not
  * answer, the agent finds no QEMU) answers 503 with the reason, so a monitor
@@ -33,7 +33,7 @@ const HealthSchema = Type.Object(
 
 export function installHealthRoute(app: FastifyInstance, check: HealthCheck): void {
   const startedAt = performance.now();
-  app.get('/health', { schema: { description: 'liveness and readiness, for monitors and service managers; any role of the cluster may call it', response: { 200: HealthSchema, 503: HealthSchema } } }, async (_request, reply) => {
+  app.get('/healthz', { schema: { description: 'liveness and readiness, for monitors and service managers; any role of the cluster may call it', response: { 200: HealthSchema, 503: HealthSchema } } }, async (_request, reply) => {
     const about = { role: check.role, version: vmferryVersion };
     try {
       const facts = await withDeadline('the health check', checkTimeoutMs, undefined, () => check.facts());

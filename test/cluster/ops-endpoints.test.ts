@@ -1,4 +1,4 @@
-// The endpoints a service manager and a monitor use (GET /health on every
+// The endpoints a service manager and a monitor use (GET /healthz on every
 // daemon, GET /metrics on the controller), on in-process daemons over real
 // HTTP. No VM is started: the agent's health asks its QEMU binary for its
 // version only.
@@ -66,17 +66,17 @@ async function post(base: string, path: string, body: unknown): Promise<void> {
 }
 
 async function health(base: string): Promise<{ status: number; body: Record<string, unknown> }> {
-  const response = await fetch(`${base}/health`);
+  const response = await fetch(`${base}/healthz`);
   return { status: response.status, body: (await response.json()) as Record<string, unknown> };
 }
 
-test('GET /health on the controller: ok, with what its store says', async () => {
+test('GET /healthz on the controller: ok, with what its store says', async () => {
   const { status, body } = await health(urls.controller);
   assert.equal(status, 200);
   assert.deepEqual({ ...body, uptimeS: typeof body.uptimeS }, { status: 'ok', role: 'controller', version: packageVersion, uptimeS: 'number', store: 'ok', hosts: 1, hostsReachable: 1, migrationsRunning: 0 });
 });
 
-test('GET /health on the controller answers 503 with the reason while its store fails, and ok again once it is back', async () => {
+test('GET /healthz on the controller answers 503 with the reason while its store fails, and ok again once it is back', async () => {
   storeDown = new Error('connection to the database lost (test)');
   try {
     const { status, body } = await health(urls.controller);
@@ -90,14 +90,14 @@ test('GET /health on the controller answers 503 with the reason while its store 
   assert.equal((await health(urls.controller)).status, 200);
 });
 
-test('GET /health on an agent: its accelerator and the version of its QEMU binary', async () => {
+test('GET /healthz on an agent: its accelerator and the version of its QEMU binary', async () => {
   const expectedQemu = /version (\S+)/.exec(await runProgram('qemu-system-x86_64', ['--version']))?.[1];
   const { status, body } = await health(urls.agent);
   assert.equal(status, 200);
   assert.deepEqual({ ...body, uptimeS: typeof body.uptimeS }, { status: 'ok', role: 'agent', version: packageVersion, uptimeS: 'number', hostId: 'A', accelerator: 'tcg', qemuVersion: expectedQemu, vms: 0 });
 });
 
-test('GET /health on an agent whose host has no QEMU answers 503 saying so, and ok once QEMU is there', async () => {
+test('GET /healthz on an agent whose host has no QEMU answers 503 saying so, and ok once QEMU is there', async () => {
   // A second agent, whose first check runs with a PATH where no QEMU binary is found.
   const lonely = (await buildAgent({ hostId: 'Q', dataDir: join(dir, 'agent-q'), address: '127.0.0.1', logger: pino({ level: 'silent' }) })).app;
   try {
@@ -120,7 +120,7 @@ test('GET /health on an agent whose host has no QEMU answers 503 saying so, and 
   }
 });
 
-test('GET /health on the storage server: its volumes and NBD connections', async () => {
+test('GET /healthz on the storage server: its volumes and NBD connections', async () => {
   const { status, body } = await health(urls.storage);
   assert.equal(status, 200);
   assert.deepEqual({ ...body, uptimeS: typeof body.uptimeS }, { status: 'ok', role: 'storage', version: packageVersion, uptimeS: 'number', volumes: 1, nbdConnections: 0 });

@@ -1,6 +1,6 @@
 // The units' own command lines (contrib/systemd, ExecStart with the example
 // environment files' variables) start a storage server, a controller and an
-// agent as processes under mutual TLS; each answers /health to a monitor's
+// agent as processes under mutual TLS; each answers /healthz to a monitor's
 // operator certificate, the controller's /metrics sees the agent, and each
 // stops cleanly on SIGTERM, as `systemctl stop` sends it. Paths under /etc,
 // /var/lib and /srv are moved into a temporary directory; the agent runs with
@@ -71,7 +71,7 @@ function get(url: string, path: string, tls: TlsIdentity): Promise<{ status: num
   });
 }
 
-test('the units start the three daemons under mutual TLS; each answers /health, the controller\'s /metrics counts the agent, and SIGTERM stops each with exit 0', async () => {
+test('the units start the three daemons under mutual TLS; each answers /healthz, the controller\'s /metrics counts the agent, and SIGTERM stops each with exit 0', async () => {
   dir = await mkdtemp(join(tmpdir(), 'vmferry-units-'));
   const pki = join(dir, 'etc/pki');
   await initCa(pki);
@@ -91,13 +91,13 @@ test('the units start the three daemons under mutual TLS; each answers /health, 
   let controllerHealth: Record<string, unknown> = {};
   for (let i = 0; i < 100 && controllerHealth.hostsReachable !== 1; i++) {
     if (i > 0) await sleep(100);
-    const answer = await get(controllerUrl, '/health', monitor);
+    const answer = await get(controllerUrl, '/healthz', monitor);
     assert.equal(answer.status, 200, answer.body);
     controllerHealth = JSON.parse(answer.body) as Record<string, unknown>;
   }
   assert.deepEqual([controllerHealth.status, controllerHealth.role, controllerHealth.hosts, controllerHealth.hostsReachable], ['ok', 'controller', 1, 1]);
   for (const [url, role] of [[agentUrl, 'agent'], [storageUrl, 'storage']] as const) {
-    const answer = await get(url, '/health', monitor);
+    const answer = await get(url, '/healthz', monitor);
     assert.equal(answer.status, 200, answer.body);
     assert.deepEqual([(JSON.parse(answer.body) as { status: string }).status, (JSON.parse(answer.body) as { role: string }).role], ['ok', role]);
   }

@@ -25,7 +25,7 @@ type ServerName = 'agent' | 'controller' | 'storage';
 /** Who may call what, as docs/SECURITY.md promises it (written out here, not read from the code under test). */
 function allowed(server: ServerName, method: string, path: string): Role[] {
   // Monitoring: any certificate of the cluster, on every server (a storage certificate is a server's only: it never calls).
-  if (method === 'GET' && (path === '/health' || path === '/metrics')) return ['controller', 'agent', 'operator'];
+  if (method === 'GET' && (path === '/healthz' || path === '/metrics')) return ['controller', 'agent', 'operator'];
   if (server === 'agent') return ['controller'];
   if (server === 'storage') return ['controller', 'agent'];
   return method === 'POST' && path === '/v1/hosts/heartbeat' ? ['agent'] : ['operator'];
@@ -186,14 +186,14 @@ test('the right role gets through: operator → controller → agent, controller
   assert.deepEqual(volumes.map((v) => v.name), ['v1']);
 });
 
-test('GET /health: every role of the cluster that calls gets it from every server', async () => {
+test('GET /healthz: every role of the cluster that calls gets it from every server', async () => {
   const byRole = { controller: clients.controller, agent: clients.agentA, operator: clients.operator };
   const listed = await allRoutes();
   for (const server of ['agent', 'controller', 'storage'] as const) {
     // Listed, so the handshake tests above cover it too.
-    assert.ok(listed.some((r) => r.server === server && r.method === 'GET' && r.pattern === '/health'), `the ${server} lists /health`);
+    assert.ok(listed.some((r) => r.server === server && r.method === 'GET' && r.pattern === '/healthz'), `the ${server} lists /healthz`);
     for (const [role, tls] of Object.entries(byRole)) {
-      const health = await requestJson<{ status: string; role: string }>(urls[server], 'GET', '/health', { tls });
+      const health = await requestJson<{ status: string; role: string }>(urls[server], 'GET', '/healthz', { tls });
       assert.deepEqual([health.status, health.role], ['ok', server], `${role} on the ${server}`);
     }
   }
