@@ -1,8 +1,5 @@
 /** `vmferry agent` and `vmferry controller`: the two long-running processes. */
 import type { Command } from 'commander';
-import { buildAgent } from '../agent/server.ts';
-import { startHeartbeat } from '../agent/heartbeat.ts';
-import { buildController } from '../controller/server.ts';
 import { VmferryError } from '../errors.ts';
 import { chooseAccelerator, parseAccelMode } from '../qemu/accel.ts';
 import { collect, daemonLogger, parseListen, untilSignal } from './common.ts';
@@ -51,6 +48,8 @@ export function registerDaemonCommands(program: Command): void {
       logger.info({ accelerator: accelerator.accelerator, reason: accelerator.reason }, `guests run under ${accelerator.accelerator.toUpperCase()}: ${accelerator.reason}`);
       const address = opts.address ?? listen.host;
       const storageNbd = storageNbdAddress(opts.storageNbd, opts.storage);
+      // The daemons' code is loaded by the command that runs it, so the CLI's other commands start fast.
+      const [{ buildAgent }, { startHeartbeat }] = await Promise.all([import('../agent/server.ts'), import('../agent/heartbeat.ts')]);
       const { app } = await buildAgent({
         hostId: opts.hostId,
         dataDir: opts.dataDir,
@@ -88,6 +87,7 @@ export function registerDaemonCommands(program: Command): void {
       const listen = parseListen(opts.listen, '--listen');
       const logger = daemonLogger('controller');
       const tls = daemonTls(command, 'controller', logger);
+      const { buildController } = await import('../controller/server.ts');
       const { app } = await buildController({ dbPath: opts.db, logger, ...(tls ? { tls } : {}), ...(opts.storage ? { storage: { url: opts.storage, ...(tls ? { tls } : {}) } } : {}) });
       const url = await app.listen({ host: listen.host, port: listen.port });
       logger.info({ url }, 'controller listening');

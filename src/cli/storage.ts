@@ -4,7 +4,6 @@ import { requestJson, type ExpectedServer } from '../http/errors.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
 import { formatBytes } from '../migration/plan.ts';
 import { defaultLimits } from '../nbd/server.ts';
-import { StorageServer } from '../storage/server.ts';
 import type { QuarantinedFile } from '../storage/quarantine.ts';
 import type { Volume } from '../storage/volumes.ts';
 import { daemonLogger, parseListen, parsePositive, parseSize, printJson, untilSignal } from './common.ts';
@@ -34,6 +33,8 @@ export function registerStorageCommands(program: Command): void {
     .action(async (opts: { dataDir: string; listen: string; socket?: string; admin: string; memoryBudgetMib: string }, command: Command) => {
       const logger = daemonLogger('storage');
       const tls = daemonTls(command, 'storage', logger);
+      // Loaded by the command that runs it, so the CLI's other commands start fast.
+      const { StorageServer } = await import('../storage/server.ts');
       const server = await StorageServer.start({
         dataDir: opts.dataDir,
         logger,
