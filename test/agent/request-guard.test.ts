@@ -59,7 +59,7 @@ test('an agent that trusts no directory does not run even the test guest, and cr
   await registry.init();
   await assert.rejects(
     registry.create({ name: 'web', boot: { kind: 'test-guest' }, disks: [{ id: 'root', local: { sizeBytes: 1 << 20 } }] }),
-    forbidden(/the test guest \(boot\.kind "test-guest"\) names the host file \S+vmlinuz, and this agent trusts no directory for host files: start it with --trusted-dir/),
+    forbidden(/the test guest \(boot\.kind "test-guest"\) names the host file \S+vmlinux, and this agent trusts no directory for host files: start it with --trusted-dir/),
   );
   assert.deepEqual([...(await readdir(join(dataDir, 'pool'))), ...(await readdir(join(dataDir, 'vms')))], []);
 });
