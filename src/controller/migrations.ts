@@ -87,6 +87,8 @@ export class MigrationService {
         onEvent,
         signal: abort.signal,
       });
+      // Stored at once: the ending's reason must not wait on the storage server's counters (an unresolved phase is already stored).
+      await this.#store.updateMigration(id, { phase: report.phases.at(-1)?.phase ?? 'failed', report });
       return storageIo.finish(report);
     };
     const done = attempts()
