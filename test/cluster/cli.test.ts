@@ -163,7 +163,9 @@ function checkFigures(report: MigrationReport): void {
   // Independently: the controller's phases from the source paused at pre-switchover until B confirmed the guest runs.
   const phases = report.phases.filter((p) => p.phase === 'paused-at-switchover' || p.phase === 'resume-sent').reduce((sum, p) => sum + p.durationMs, 0);
   console.log(`# pause ${pauseMs} ms by QMP events, ${phases} ms by the controller's phases, QEMU's downtime ${downtimeMs} ms`);
-  assert.ok(Math.abs(pauseMs - phases) <= 0.2 * phases, `the pause by QMP events (${pauseMs} ms) is within 20 % of the controller's measure (${phases} ms)`);
+  // The phases also hold the agents' HTTP replies after B's RESUME: a fixed cost that a loaded machine stretches.
+  const slackMs = Math.max(0.2 * phases, 250);
+  assert.ok(Math.abs(pauseMs - phases) <= slackMs, `the pause by QMP events (${pauseMs} ms) is within ${Math.round(slackMs)} ms of the controller's measure (${phases} ms)`);
   // The shared disk has no copy job; the guest wrote records to it throughout, and the storage server saw them.
   const data = report.disks.find((d) => d.id === 'data');
   assert.equal(data?.bytesSent, 0);
