@@ -87,8 +87,9 @@ export class MigrationService {
         onEvent,
         signal: abort.signal,
       });
-      // Stored at once: the ending's reason must not wait on the storage server's counters (an unresolved phase is already stored).
-      await this.#store.updateMigration(id, { phase: report.phases.at(-1)?.phase ?? 'failed', report });
+      // The executor stored `unresolved` as it entered it: its reason must not wait on the storage server's counters.
+      // (A final phase is stored once, with the full report, below: whoever sees it final reads the whole report.)
+      if (report.outcome === 'unresolved') await this.#store.updateMigration(id, { phase: 'unresolved', report });
       return storageIo.finish(report);
     };
     const done = attempts()
