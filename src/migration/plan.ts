@@ -344,10 +344,8 @@ export function planMigration(
       postcopyAtOnce: source.accelerator === 'tcg',
       allowPostcopy: options.allowPostcopy,
       compareMemory: source.accelerator === 'tcg' && spec.memoryMiB <= memoryDigestMaxMiB,
-      // A user who allowed post-copy chose a guest that keeps running over a longer pause.
-      ...(source.accelerator === 'tcg' && options.ramMode === 'live' && options.tcgStopCopy !== false && !postcopyCapable({ ram: { allowPostcopy: options.allowPostcopy, mode: options.ramMode }, options })
-        ? { stopAfterFirstPass: true }
-        : {}),
+      // (A late switch to post-copy, which would need the guest running after the first pass, is refused for TCG above.)
+      ...(source.accelerator === 'tcg' && options.ramMode === 'live' && options.tcgStopCopy ? { stopAfterFirstPass: true } : {}),
     },
     options,
     refusals,
@@ -364,7 +362,7 @@ export function withRamMode(plan: MigrationPlan, mode: RamMode): MigrationPlan {
  * postcopy-ram capability only before the migration starts, so a timeout
  * action that may switch to post-copy needs it from the start.
  */
-export function postcopyCapable(plan: { ram: Pick<MigrationPlan['ram'], 'allowPostcopy' | 'mode'>; options: Pick<MigrationOptions, 'timeoutAction'> }): boolean {
+export function postcopyCapable(plan: Pick<MigrationPlan, 'ram' | 'options'>): boolean {
   return plan.ram.allowPostcopy || plan.ram.mode === 'postcopy' || plan.options.timeoutAction === 'postcopy';
 }
 

@@ -149,14 +149,16 @@ test('a KVM guest climbs a ladder of downtime limits; a TCG guest starts at the 
   assert.deepEqual(limits('kvm', 2), [1, 2], 'steps below 1 ms are dropped, equal steps merged');
 });
 
-test('a TCG guest in live pre-copy runs through its first pass only; not a KVM guest, nor with post-copy allowed or --no-tcg-stop-copy', () => {
-  const stopAt = (accelerator: 'kvm' | 'tcg', options: Partial<MigrationOptions> = {}): boolean | undefined =>
-    planMigration(vm([localRoot]), { ...source, accelerator }, destination({ accelerator }), { ...defaultMigrationOptions, ...options }).ram.stopAfterFirstPass;
+test('a TCG guest in live pre-copy runs through its first pass only; not a KVM guest, nor with --no-tcg-stop-copy; a late post-copy is refused instead', () => {
+  const planFor = (accelerator: 'kvm' | 'tcg', options: Partial<MigrationOptions> = {}) =>
+    planMigration(vm([localRoot]), { ...source, accelerator }, destination({ accelerator }), { ...defaultMigrationOptions, ...options });
+  const stopAt = (accelerator: 'kvm' | 'tcg', options: Partial<MigrationOptions> = {}): boolean | undefined => planFor(accelerator, options).ram.stopAfterFirstPass;
   assert.equal(stopAt('tcg'), true);
   assert.equal(stopAt('kvm'), undefined);
   assert.equal(stopAt('tcg', { tcgStopCopy: false }), undefined);
-  assert.equal(stopAt('tcg', { allowPostcopy: true }), undefined);
-  assert.equal(stopAt('tcg', { timeoutAction: 'postcopy' }), undefined);
+  assert.equal(stopAt('kvm', { allowPostcopy: true }), undefined);
+  assert.equal(planFor('tcg', { allowPostcopy: true }).refusals.length, 1);
+  assert.equal(planFor('tcg', { timeoutAction: 'postcopy' }).refusals.length, 1);
   assert.equal(stopAt('tcg', { ramMode: 'postcopy' }), undefined);
   assert.equal(stopAt('tcg', { ramMode: 'stop-and-copy' }), undefined, 'stopped before RAM moves anyway');
 });
