@@ -74,18 +74,21 @@ export async function memoryDigest(vm: QemuProcess, signal: AbortSignal): Promis
     () => false,
   );
   if (!readable) return dumpAndHash(vm, signal);
-  return hashChunks(memory, address, size, signal, await untouchedChunks(vm.pid, address, size));
+  return hashChunks(memory, address, size, signal, await zeroChunks(vm.pid, address, size));
 }
 
 const pageBytes = 4096;
 
 /**
- * The chunks of QEMU's memory at [address, address + size) with no page in
- * memory or swap (/proc/PID/pagemap): private anonymous memory never written
- * reads as zeros, so they need no read. Most of an idle guest's RAM is such;
- * reading it through /proc/PID/mem page by page took 3–4 times as long.
+ * The chunks of QEMU's memory at [address, address + size) that hold only zeros, known without a read
+ * (/proc/PID/pagemap): every page is either absent (private memory never written, neither in memory nor
+ * in swap) or mapped to the kernel's zero page. The second kind is most of a migrating guest's RAM on both
+ * ends: pre-copy reads every page of the source to find the zero ones, and the destination reads each page
+ * it is told is zero before deciding not to write it, and a read of never-written memory maps the zero page
+ * (the huge one under transparent huge pages). Without that, both ends read and hashed all of the guest's
+ * RAM while it was paused.
  */
-async function untouchedChunks(pid: number, address: number, size: number): Promise<Set<number>> {
+export async function zeroChunks(pid: number, address: number, size: number): Promise<Set<number>> {
   const pages = size / pageBytes;
   const entries = Buffer.alloc(pages * 8);
   const file = await open(`/proc/${pid}/pagemap`, 'r');
@@ -98,17 +101,62 @@ async function untouchedChunks(pid: number, address: number, size: number): Prom
   } finally {
     await file.close();
   }
+  const zeroFrames = await zeroPageFrames(entries);
   const pagesPerChunk = memoryDigestChunkBytes / pageBytes;
-  const untouched = new Set<number>();
+  const zero = new Set<number>();
   for (let chunk = 0; chunk < pages / pagesPerChunk; chunk++) {
-    let touched = false;
-    for (let page = chunk * pagesPerChunk; page < (chunk + 1) * pagesPerChunk && !touched; page++) {
+    let allZero = true;
+    for (let page = chunk * pagesPerChunk; page < (chunk + 1) * pagesPerChunk && allZero; page++) {
+      const high = entries.readUInt32LE(page * 8 + 4);
       // Bit 63: present in memory; bit 62: swapped out.
-      touched = (entries.readUInt32LE(page * 8 + 4) & 0xc0000000) !== 0;
+      if ((high & 0xc0000000) === 0) continue;
+      allZero = (high & 0x80000000) !== 0 && zeroFrames.has(frameNumber(entries, page));
     }
-    if (!touched) untouched.add(chunk);
+    if (allZero) zero.add(chunk);
   }
-  return untouched;
+  return zero;
+}
+
+/** Bits 0–54 of a present page's pagemap entry; 0 where the reader may not see frame numbers (no CAP_SYS_ADMIN). */
+function frameNumber(entries: Buffer, page: number): number {
+  return (entries.readUInt32LE(page * 8 + 4) & 0x7fffff) * 2 ** 32 + entries.readUInt32LE(page * 8);
+}
+
+const kpageflagsZeroPage = 1 << 24;
+
+/**
+ * The frames among `entries` that are the kernel's zero page or part of its huge zero page
+ * (/proc/kpageflags). Only present pages not mapped exclusively (bit 56 clear) can be: QEMU's own written
+ * RAM is. Empty where the agent may not read frame numbers or page flags, and every chunk is then read.
+ */
+async function zeroPageFrames(entries: Buffer): Promise<Set<number>> {
+  const candidates = new Set<number>();
+  for (let page = 0; page < entries.length / 8; page++) {
+    const high = entries.readUInt32LE(page * 8 + 4);
+    if ((high & 0x80000000) !== 0 && (high & 0x01000000) === 0) candidates.add(frameNumber(entries, page));
+  }
+  candidates.delete(0);
+  const zero = new Set<number>();
+  if (candidates.size === 0) return zero;
+  const flags = await open('/proc/kpageflags', 'r').catch(() => undefined);
+  if (!flags) return zero;
+  try {
+    const sorted = [...candidates].sort((a, b) => a - b);
+    // The huge zero page is one run of consecutive frames: read runs, not frames one by one.
+    for (let first = 0; first < sorted.length; ) {
+      let last = first;
+      while (last + 1 < sorted.length && sorted[last + 1] === sorted[last]! + 1) last++;
+      const run = Buffer.alloc((last - first + 1) * 8);
+      const { bytesRead } = await flags.read(run, 0, run.length, sorted[first]! * 8);
+      for (let i = 0; i < bytesRead / 8; i++) {
+        if ((run.readUInt32LE(i * 8) & kpageflagsZeroPage) !== 0) zero.add(sorted[first]! + i);
+      }
+      first = last + 1;
+    }
+  } finally {
+    await flags.close();
+  }
+  return zero;
 }
 
 /**
