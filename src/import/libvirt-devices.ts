@@ -191,7 +191,9 @@ function mapDiskDetails(disk: XmlElement, mapped: RequestDisk, findings: Finding
         for (const [key, value] of Object.entries(element.attrs)) {
           const detail = `${subject}: driver ${key}='${value}'`;
           if (key === 'cache' && cacheModes.includes(value)) mapped.cache = value as CacheMode;
-          else if (key === 'cache') findings.drop(element, `cache mode '${value}' is not one vmferry knows; it uses 'none'`, detail);
+          // libvirt's "default" is QEMU's default, which is what the guest ran with.
+          else if (key === 'cache' && value === 'default') mapped.cache = 'writeback';
+          else if (key === 'cache') findings.drop(element, `cache mode '${value}' is not one vmferry knows; it uses QEMU's default, 'writeback'`, detail);
           else if (key === 'discard') findings.ignore(element, 'vmferry always passes discards to the image', detail);
           else if (key !== 'name' && key !== 'type') findings.drop(element, 'vmferry does not set this disk option; QEMU\'s default applies', detail);
         }
@@ -223,6 +225,8 @@ function mapDiskDetails(disk: XmlElement, mapped: RequestDisk, findings: Finding
         findings.drop(element, 'vmferry does not set this disk option', `${subject}: ${describe(element)}`);
     }
   }
+  // No cache mode in the domain means QEMU's default, the one the guest ran with; vmferry's own default differs.
+  mapped.cache ??= 'writeback';
 }
 
 /** `<interface type='bridge'>` becomes a NIC on that host bridge with its MAC; any other kind is reported. */

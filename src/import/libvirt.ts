@@ -121,26 +121,23 @@ function mapVcpus(domain: XmlElement, findings: Findings): number {
 }
 
 /**
- * q35 stays q35, under its versioned name when this QEMU knows it (the guest
- * keeps the exact chipset it was installed on). vmferry places devices on the
- * PCIe root bus, so an i440FX VM becomes q35.
+ * The machine stays what the guest was installed on, under its versioned name when this QEMU knows it
+ * (the guest keeps the exact chipset): q35 stays q35 and i440FX (`pc`) stays i440FX, since Windows
+ * re-detects its hardware on a new chipset and interface names that follow the PCI path change.
  */
 function mapMachine(type: XmlElement | undefined, machines: readonly string[] | undefined, findings: Findings): string {
   const machine = type?.attrs.machine;
-  if (type === undefined || machine === undefined) return 'q35';
-  if (machine === 'q35') return 'q35';
-  if (machine.startsWith('pc-q35-')) {
-    if (machines?.includes(machine)) return machine;
-    const why = machines === undefined ? 'no QEMU here could be asked whether it knows it' : 'this QEMU does not know it';
-    findings.drop(type, `${why}; the VM gets QEMU's current q35 machine, a slightly different chipset version`, `machine type '${machine}'`);
+  if (type === undefined || machine === undefined || machine === 'q35') return 'q35';
+  if (machine === 'pc') return 'pc';
+  const family = machine.startsWith('pc-q35-') ? 'q35' : machine.startsWith('pc-') ? 'pc' : undefined;
+  if (family === undefined) {
+    findings.drop(type, 'vmferry runs q35 and i440FX (pc) PC machines; the guest sees a Q35 PC', `machine type '${machine}'`);
     return 'q35';
   }
-  const i440fx = machine === 'pc' || machine.startsWith('pc-i440fx-') || machine.startsWith('pc-');
-  const why = i440fx
-    ? 'vmferry runs q35 machines (its devices sit on the PCIe root bus): the guest sees a Q35 chipset instead of i440FX; Linux adapts, Windows may re-detect its hardware and interface names that follow the PCI path can change'
-    : 'vmferry runs q35 machines (its devices sit on the PCIe root bus); the guest sees a Q35 PC';
-  findings.drop(type, why, `machine type '${machine}'`);
-  return 'q35';
+  if (machines?.includes(machine)) return machine;
+  const why = machines === undefined ? 'no QEMU here could be asked whether it knows it' : 'this QEMU does not know it';
+  findings.drop(type, `${why}; the VM gets QEMU's current ${family} machine, a slightly different chipset version`, `machine type '${machine}'`);
+  return family;
 }
 
 function mapCpu(cpu: XmlElement | undefined, findings: Findings): string | undefined {

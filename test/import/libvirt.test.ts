@@ -96,13 +96,13 @@ test('a versioned q35 machine type this QEMU does not know (or no QEMU to ask) b
   assert.match(notCarriedAt(result, '/domain/os/type') ?? '', /no QEMU here could be asked/);
 });
 
-test('an i440fx VM with a raw IDE disk, a cdrom and a host-passthrough CPU: q35, no CPU model, the cdrom and passthrough named with why', () => {
+test('an i440fx VM with a raw IDE disk, a cdrom and a host-passthrough CPU: its i440FX machine kept, no CPU model, the cdrom and passthrough named with why', () => {
   const result = load('legacy-i440fx.xml');
   assert.deepEqual(result.request, {
     name: 'legacy-web',
     vcpus: 1,
     memoryMiB: 1024,
-    machine: 'q35',
+    machine: 'pc-i440fx-5.2',
     boot: { kind: 'disk', diskId: 'hda' },
     disks: [
       { id: 'hda', local: { import: '/srv/vms/legacy-web.img', format: 'raw' }, cache: 'none' },
@@ -110,7 +110,8 @@ test('an i440fx VM with a raw IDE disk, a cdrom and a host-passthrough CPU: q35,
     ],
   });
   assertValidRequest(result);
-  assert.match(notCarriedAt(result, '/domain/os/type') ?? '', /i440FX/);
+  assert.equal(notCarriedAt(result, '/domain/os/type'), undefined, 'the guest keeps the chipset it was installed on');
+  assert.equal(load('legacy-i440fx.xml', { machines: ['q35', 'pc'] }).request.machine, 'pc', 'a QEMU without pc-i440fx-5.2 runs its current i440FX');
   assert.match(notCarriedAt(result, '/domain/cpu') ?? '', /host-passthrough.*cannot be migrated by name/);
   assert.match(notCarriedAt(result, '/domain/devices/disk[2]') ?? '', /no removable media.*debian-12\.8\.0-amd64-netinst\.iso/);
   assert.match(notCarriedAt(result, '/domain/devices/disk[1]/target') ?? '', /virtio-blk/);
@@ -162,6 +163,8 @@ test('a kernel in <os> boots the kernel with its initrd and command line', () =>
   const result = load('direct-kernel.xml');
   assert.deepEqual(result.request.boot, { kind: 'kernel', kernel: '/var/lib/appliance/vmlinuz', initrd: '/var/lib/appliance/initrd.img', append: 'console=ttyS0 root=/dev/vda ro quiet' });
   assert.equal(result.request.machine, 'q35');
+  // No cache attribute: libvirt leaves QEMU's default, writeback, and that is what the guest ran with.
+  assert.deepEqual(result.request.disks.map((d) => d.cache), ['writeback']);
   assert.deepEqual(result.notCarried, []);
   assertValidRequest(result);
 });
