@@ -5,7 +5,7 @@
  * alternate within each round (and swap order between rounds) so the machine's
  * noise falls on both. What each column counts: bench/lib/migration-run.ts.
  *
- *   node --import tsx bench/migration.ts [--small] [--layout] [--rounds 3] [--json out.json] [--no-libvirt] [--tls]
+ *   node --import tsx bench/migration.ts [--small] [--layout] [--scenario NAME] [--rounds 3] [--json out.json] [--no-libvirt] [--tls]
  *
  * libvirt 9.0 runs as a third method when it is installed (bench/lib/libvirt.ts says what it needs).
  * plain and libvirt start QEMU as their users do (pc, ordinary RAM, writeback cache): they are an
@@ -16,7 +16,9 @@
  * --layout: issue 22's layout instead (layoutScenarios): 512 MiB RAM, a 1 GiB local qcow2 with
  * 270 MiB in 3 MiB stripes every 10 MiB above 128 MiB, a 4 GiB shared volume a quarter written the
  * same way, a guest acknowledging small fsynced records on each disk (~50/s) and dirtying 64 MiB of
- * RAM once a second; fragmented with 1 and 2 vCPUs, and contiguous. Two rounds.
+ * RAM once a second; fragmented with 1 and 2 vCPUs, and contiguous. Two rounds. vmferry runs twice:
+ * on its own defaults for a new VM (q35, cache=none) and on the user's VM as `vmferry vm import`
+ * carries it over (vmferry-imported: the machine and cache mode plain and libvirt run).
  *
  * --tls: the cost of TLS instead: vmferry with and without its agents' TLS identities (RAM and mirror
  * over TLS between the QEMUs, a throwaway CA of `vmferry pki`), alternating the same way.
@@ -43,6 +45,8 @@ export interface MigrationBenchOptions {
   libvirt: boolean;
   /** Compare vmferry with and without TLS between the QEMUs instead of vmferry with the other methods. */
   tls: boolean;
+  /** Only the scenario of this name. */
+  scenario?: string;
 }
 
 /** Host A's and B's agent identities from a throwaway CA (`vmferry pki issue agent A --address 127.0.0.1`), written for QEMU as an agent writes them, and the storage server's. */
@@ -140,9 +144,11 @@ function guestRowOf(r: RunResult): (string | number)[] {
 export async function migrationBench(options: MigrationBenchOptions): Promise<RunResult[]> {
   const results: RunResult[] = [];
   const refused: string[] = [];
-  const scenarios = options.layout ? layoutScenarios() : migrationScenarios(options.small);
+  const scenarios = (options.layout ? layoutScenarios() : migrationScenarios(options.small)).filter((s) => !options.scenario || s.name === options.scenario);
+  if (scenarios.length === 0) throw new Error(`no scenario named ${options.scenario}`);
   const missing = options.tls ? 'not part of the TLS comparison' : options.libvirt ? await libvirtMissing() : 'not asked for (--no-libvirt)';
-  const methods: Method[] = options.tls ? ['vmferry', 'vmferry-tls'] : missing ? ['vmferry', 'plain'] : ['vmferry', 'plain', 'libvirt'];
+  const vmferryMethods: Method[] = options.layout ? ['vmferry', 'vmferry-imported'] : ['vmferry'];
+  const methods: Method[] = options.tls ? ['vmferry', 'vmferry-tls'] : missing ? [...vmferryMethods, 'plain'] : [...vmferryMethods, 'plain', 'libvirt'];
   const first = scenarios[0] as Scenario;
   console.log(`\n== Migration: ${options.tls ? 'vmferry with and without TLS between the QEMUs' : 'vmferry vs plain QMP'} (${options.small ? 'small' : 'full'} sizes: ${first.memoryMiB} MiB RAM, ` +
     `local ${first.localSizeMiB} MiB qcow2 with ${first.localFillMiB} MiB written, shared ${first.sharedSizeMiB} MiB; ${options.rounds} round(s))`);
@@ -254,24 +260,29 @@ function ratioLines(scenarios: Scenario[], results: RunResult[]): string[] {
   const lines: string[] = [];
   for (const scenario of scenarios) {
     const of = (method: Method): RunResult[] => results.filter((r) => r.scenario === scenario.name && r.method === method);
-    const [v, p, l] = [of('vmferry'), of('plain'), of('libvirt')];
+    const [p, l] = [of('plain'), of('libvirt')];
     const m = (runs: RunResult[], pick: (r: RunResult) => number | undefined): number => median(runs.map((r) => pick(r) ?? Number.NaN).filter((x) => !Number.isNaN(x)));
-    const figure = (name: string, pick: (r: RunResult) => number | undefined, unit: string, scale = 1): string => {
-      const [vm, pm, lm] = [m(v, pick), m(p, pick), m(l, pick)];
-      const fmt = (x: number): string => (Number.isNaN(x) ? '-' : (x / scale).toFixed(scale === 1 ? 0 : 2));
-      return `${name}: vmferry ${fmt(vm)} ${unit}, plain ${fmt(pm)}, libvirt ${fmt(lm)}; ÷ plain ${ratio(vm, pm)}, ÷ libvirt ${ratio(vm, lm)}`;
-    };
-    lines.push(`${scenario.name} (medians; vmferry ${v.length}, plain ${p.length}, libvirt ${l.length} runs):`);
-    lines.push(`  ${figure('total', (r) => r.totalMs, 's', 1000)}`);
-    lines.push(`  ${figure('pause STOP→RESUME (libvirt: its downtime)', (r) => (r.method === 'libvirt' ? r.downtimeMs : r.pauseMs), 'ms')}`);
-    lines.push(`  ${figure('gap between acks', (r) => r.ackGapMs, 'ms')}`);
-    lines.push(`  ${figure('RAM bytes, every attempt', (r) => r.ramBytes / mib, 'MiB')}`);
-    const attempts = v.reduce((sum, r) => sum + r.attempts, 0);
-    lines.push(`  vmferry attempts: ${attempts} for ${v.length} migrations, ${attempts - v.length} refused for a memory mismatch`);
-    const totalRatio = m(v, (r) => r.totalMs) / m(p, (r) => r.totalMs);
-    lines.push(`  ${aim(totalRatio <= 1.1, `total vmferry ÷ plain ${totalRatio.toFixed(2)} ≤ 1.1`)}   ` +
-      `${aim(m(v, (r) => r.pauseMs) <= m(p, (r) => r.pauseMs) + 100, 'pause ≤ plain\'s + 100 ms')}   ` +
-      `${aim((attempts - v.length) * 10 < attempts, 'fewer than 1 in 10 attempts refused')}`);
+    lines.push(`${scenario.name} (medians; plain ${p.length}, libvirt ${l.length} runs):`);
+    for (const method of ['vmferry', 'vmferry-imported'] as const) {
+      const v = of(method);
+      if (v.length === 0) continue;
+      const figure = (name: string, pick: (r: RunResult) => number | undefined, unit: string, scale = 1): string => {
+        const [vm, pm, lm] = [m(v, pick), m(p, pick), m(l, pick)];
+        const fmt = (x: number): string => (Number.isNaN(x) ? '-' : (x / scale).toFixed(scale === 1 ? 0 : 2));
+        return `${name}: ${method} ${fmt(vm)} ${unit}, plain ${fmt(pm)}, libvirt ${fmt(lm)}; ÷ plain ${ratio(vm, pm)}, ÷ libvirt ${ratio(vm, lm)}`;
+      };
+      lines.push(`  ${method} (${v.length} runs):`);
+      lines.push(`    ${figure('total', (r) => r.totalMs, 's', 1000)}`);
+      lines.push(`    ${figure('pause STOP→RESUME (libvirt: its downtime)', (r) => (r.method === 'libvirt' ? r.downtimeMs : r.pauseMs), 'ms')}`);
+      lines.push(`    ${figure('gap between acks', (r) => r.ackGapMs, 'ms')}`);
+      lines.push(`    ${figure('RAM bytes, every attempt', (r) => r.ramBytes / mib, 'MiB')}`);
+      const attempts = v.reduce((sum, r) => sum + r.attempts, 0);
+      lines.push(`    attempts: ${attempts} for ${v.length} migrations, ${attempts - v.length} refused for a memory mismatch`);
+      const totalRatio = m(v, (r) => r.totalMs) / m(p, (r) => r.totalMs);
+      lines.push(`    ${aim(totalRatio <= 1.1, `total ÷ plain ${totalRatio.toFixed(2)} ≤ 1.1`)}   ` +
+        `${aim(m(v, (r) => r.pauseMs) <= m(p, (r) => r.pauseMs) + 100, 'pause ≤ plain\'s + 100 ms')}   ` +
+        `${aim((attempts - v.length) * 10 < attempts, 'fewer than 1 in 10 attempts refused')}`);
+    }
   }
   return lines;
 }
@@ -316,10 +327,11 @@ if (isMain(import.meta.url)) {
       'no-libvirt': { type: 'boolean', default: false },
       tls: { type: 'boolean', default: false },
       layout: { type: 'boolean', default: false },
+      scenario: { type: 'string' },
     },
   });
   const small = values.small ?? false;
   const layout = values.layout ?? false;
-  const results = await migrationBench({ small, layout, rounds: Number(values.rounds ?? (small ? 1 : layout ? 2 : 3)), libvirt: !values['no-libvirt'], tls: values.tls ?? false });
+  const results = await migrationBench({ small, layout, rounds: Number(values.rounds ?? (small ? 1 : layout ? 2 : 3)), libvirt: !values['no-libvirt'], tls: values.tls ?? false, ...(values.scenario ? { scenario: values.scenario } : {}) });
   if (values.json) await writeFile(values.json, JSON.stringify(results, null, 1));
 }

@@ -210,7 +210,7 @@ export function cachedCapabilities(): Promise<QemuCapabilities> {
   return capabilities;
 }
 
-async function runVmferry(host: Host, scenario: Scenario, options: RunOptions, tls?: BenchTls): Promise<RunResult> {
+async function runVmferry(method: Method, host: Host, scenario: Scenario, options: RunOptions, tls?: BenchTls): Promise<RunResult> {
   await cachedCapabilities();
   if (options.vmferrySpec?.machine) host.spec.machine = options.vmferrySpec.machine;
   const cache = options.vmferrySpec?.cache;
@@ -276,7 +276,7 @@ async function runVmferry(host: Host, scenario: Scenario, options: RunOptions, t
     const guestAlive = await guestGoesOn(host);
     const gaps = gapFigures(await acks.stop(), t0, totalMs, marks);
     return summarize(
-      tls ? 'vmferry-tls' : 'vmferry',
+      method,
       scenario,
       {
         totalMs,
@@ -355,9 +355,10 @@ export function runOnce(method: Method, scenario: Scenario, options: RunOptions 
     // Host write-back of fresh images would compete with the mirror.
     await hostSync();
     if (method === 'plain') return await runPlain(host, scenario, options);
-    if (method === 'vmferry') return await runVmferry(host, scenario, options);
+    if (method === 'vmferry') return await runVmferry(method, host, scenario, options);
+    if (method === 'vmferry-imported') return await runVmferry(method, host, scenario, { ...options, vmferrySpec: { machine: userKnobs.machine, cache: userKnobs.cache, ...options.vmferrySpec } });
     if (!options.tls) throw new Error('vmferry-tls runs need the agents\' TLS identities');
-    return await runVmferry(host, scenario, options, options.tls);
+    return await runVmferry(method, host, scenario, options, options.tls);
   });
 }
 

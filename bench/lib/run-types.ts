@@ -4,7 +4,11 @@ import type { VmSpec } from '../../src/qemu/spec.ts';
 import type { Cleanup } from '../../test/support/cleanup.ts';
 
 /** vmferry-tls: vmferry with both agents' TLS identities, so RAM and mirror run over TLS (bench/migration.ts --tls). */
-export type Method = 'vmferry' | 'vmferry-tls' | 'plain' | 'libvirt';
+/**
+ * vmferry-imported: vmferry migrating the user's VM as `vmferry vm import` carries over its libvirt definition
+ * (the same machine and cache mode as plain and libvirt run), where `vmferry` runs vmferry's own defaults.
+ */
+export type Method = 'vmferry' | 'vmferry-imported' | 'vmferry-tls' | 'plain' | 'libvirt';
 
 export interface Scenario {
   /** VM name (also the guest's) and label in tables. */
