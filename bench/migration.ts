@@ -132,6 +132,7 @@ function guestRowOf(r: RunResult): (string | number)[] {
     r.method,
     seconds(r.totalMs),
     ms(r.pauseMs),
+    ms(r.compareMs),
     r.attempts > 1 ? `${ms(r.pausesMs)} (${r.attempts})` : r.attempts,
     ms(r.ackGapMs),
     `${ms(r.ackBeforeMs)} / ${ms(r.ackMirroringMs)}`,
@@ -195,7 +196,7 @@ export async function migrationBench(options: MigrationBenchOptions): Promise<Ru
     'gap = longest time between two acknowledged records of one disk around the migration, as the host received them; ' +
     'ack pace = median time between records before the migration / while mirroring; RAM = every attempt\'s');
   console.log(table(
-    ['scenario', 'method', 'total s', 'pause ms', 'attempts (pauses ms)', 'gap ms', 'ack pace ms before / mirroring', 'RAM MiB', 'passes', 'guest goes on'],
+    ['scenario', 'method', 'total s', 'pause ms', 'of it comparing memory ms', 'attempts (pauses ms)', 'gap ms', 'ack pace ms before / mirroring', 'RAM MiB', 'passes', 'guest goes on'],
     results.map((r) => (r.method === 'libvirt' ? [...guestRowOf(r).slice(0, 3), ms(r.downtimeMs), ...guestRowOf(r).slice(4)] : guestRowOf(r))),
   ));
 

@@ -294,6 +294,7 @@ async function runVmferry(method: Method, host: Host, scenario: Scenario, option
         attempts,
         refusals,
         passes: report.ram.passes,
+        ...(report.ram.compareMs === undefined ? {} : { compareMs: report.ram.compareMs }),
         ...(report.ram.postcopyMs === undefined ? {} : { postcopyMs: report.ram.postcopyMs }),
         ...(options.variant ? { variant: options.variant } : {}),
         ...gaps,

@@ -74,6 +74,8 @@ export interface RunResult {
   postcopyMs?: number;
   /** QEMU's pre-copy passes (dirty-sync-count) of the last attempt. */
   passes?: number;
+  /** vmferry: the memory comparison's share of the pause (report.ram.compareMs), last attempt. */
+  compareMs?: number;
   /** plain with compareRam: 1 MiB chunks of guest RAM that differed between A and B before `cont`. */
   ramDiffChunks?: number[];
   /** Acknowledged records as the host saw them arrive (ack-watch.ts): worst gap around the migration, pace before, pace while mirroring. */

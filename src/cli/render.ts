@@ -55,7 +55,10 @@ export function renderReport(report: MigrationReport): string {
   ];
   if (report.error) lines.push(`  reason: ${report.error.message} [${report.error.code}]`);
   if (report.recovery && report.outcome === 'completed') lines.push(`  settled after a restart: ${report.recovery}`);
-  if (report.ram.memoryCompared) lines.push('  guest memory identical at both ends before the destination ran (checked: TCG guest)');
+  if (report.ram.memoryCompared) {
+    const cost = report.ram.compareMs === undefined ? '' : `, ${report.ram.compareMs} ms of the pause`;
+    lines.push(`  guest memory identical at both ends before the destination ran (checked: TCG guest${cost})`);
+  }
   if (report.ram.postcopyWhy !== undefined) lines.push(`  ${postcopyLine(report)}`);
   for (const reset of report.ram.postcopyResets ?? []) {
     const when = reset.afterResumeMs === null ? '' : ` ${reset.afterResumeMs} ms after it resumed there`;

@@ -237,8 +237,10 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       // Read while the memory is compared, off the pause's path: the figures, and when the guest stopped.
       completion = readCompletion(source, logger);
       if (sourceDigest) {
+        const compareStarted = performance.now();
         await compareMemory(sourceDigest, destination, signal);
         figures.memoryCompared = true;
+        figures.compareMs = Math.round(performance.now() - compareStarted);
       }
     } finally {
       sourceDigest?.abandon();
@@ -338,6 +340,8 @@ interface Figures {
   pauseMs: number | undefined;
   /** Both ends' memory was found identical before the destination ran. */
   memoryCompared: boolean;
+  /** MigrationReport's ram.compareMs. */
+  compareMs?: number;
   /** SourceCompletion.postcopyMs. */
   postcopyMs?: number;
   /** DestinationSide.postcopyResets, once all of RAM arrived; absent when not read. */
@@ -618,6 +622,7 @@ function report(
       totalBytes: info.ram?.total ?? 0,
       passes: info.ram?.['dirty-sync-count'] ?? 0,
       memoryCompared: outcome === 'completed' && figures.memoryCompared,
+      ...(outcome === 'completed' && figures.compareMs !== undefined ? { compareMs: figures.compareMs } : {}),
       throttlePercent: figures.throttlePercent,
       ...(postcopyWhy === undefined ? {} : { postcopyWhy }),
       ...(figures.postcopyMs === undefined ? {} : { postcopyMs: figures.postcopyMs }),

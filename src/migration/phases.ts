@@ -218,6 +218,11 @@ export interface MigrationReport {
     /** Passes over memory (QEMU's dirty-sync-count): each one while the guest ran is a chance for TCG to lose a write. */
     passes: number;
     memoryCompared: boolean;
+    /**
+     * The comparison's share of the guest's pause: from the destination's incoming completion to the verdict (the
+     * source's digest overlaps the last RAM transfer). Absent when memory was not compared.
+     */
+    compareMs?: number;
     /** The highest auto-converge CPU throttle QEMU reported in the progress samples (percent; 0: never throttled). */
     throttlePercent?: number;
     /** Why the migration switched to post-copy, when it did (the memory comparison cannot run then: RAM is still in flight when the destination starts). */

@@ -84,6 +84,7 @@ function fakeSides(options: { hang?: string; fail?: string; destinationMemory?: 
     },
     memoryDigest: async (signal) => {
       await act('dst.memoryDigest', signal);
+      await sleep(40);
       return { algorithm: 'xxh64', chunkBytes: 1 << 20, chunks: options.destinationMemory ?? memory };
     },
     resume: async (signal) => {
@@ -178,6 +179,8 @@ test('a successful migration walks the phases in order and reports per-disk oper
   );
   assert.equal(report.outcome, 'completed');
   assert.equal(report.ram.memoryCompared, true, 'a TCG guest has its memory compared before it resumes');
+  assert.ok((report.ram.compareMs ?? 0) >= 40 && (report.ram.compareMs ?? 0) < 1000, `the comparison's share of the pause is counted: ${report.ram.compareMs} ms`);
+  assert.match(renderReport(report), /guest memory identical at both ends before the destination ran \(checked: TCG guest, \d+ ms of the pause\)/);
   assert.equal(report.downtimeMs, 42);
   assert.equal(report.pauseMs, 350, "the source's STOP to the destination's RESUME, by QEMU's event timestamps");
   assert.equal(report.ram.passes, 1, "QEMU's dirty-sync-count");
