@@ -221,7 +221,7 @@ export async function serveTransmission(
         slotFreed = undefined;
       }
       while (socket.writableLength > limits.maxQueuedReplyBytes && !socket.destroyed) await drained(socket);
-      const { magic, ...request } = decodeRequest(await reader.read(REQUEST_HEADER_BYTES));
+      const { magic, ...request } = decodeRequest(reader.tryRead(REQUEST_HEADER_BYTES) ?? (await reader.read(REQUEST_HEADER_BYTES)));
       if (magic !== REQUEST_MAGIC) {
         log.warn({ magic: magic.toString(16) }, 'NBD request with a wrong magic: disconnecting');
         return;
@@ -234,8 +234,8 @@ export async function serveTransmission(
           return;
         }
         // The payload is held from the moment it is read, so it is paid for first; waiting here is the backpressure.
-        await budget.acquire(request.length);
-        const payload = await reader.readChunks(request.length);
+        if (!budget.tryAcquire(request.length)) await budget.acquire(request.length);
+        const payload = reader.tryReadChunks(request.length) ?? (await reader.readChunks(request.length));
         if (problem) {
           budget.release(request.length);
           log.warn({ command: 'WRITE', why: problem.why }, 'NBD request refused');
@@ -254,6 +254,10 @@ export async function serveTransmission(
         continue;
       }
       if (replyUndeliverable()) continue;
+      if (budget.tryAcquire(request.length)) {
+        run(request, undefined, request.length);
+        continue;
+      }
       await budget.acquire(request.length);
       if (replyUndeliverable()) budget.release(request.length);
       else run(request, undefined, request.length);
