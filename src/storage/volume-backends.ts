@@ -3,7 +3,7 @@
  * backend (sticky write errors, read-only, writer fencing). Each is a few
  * lines because the NBD server validated every request before it gets here.
  */
-import { read as readFd } from 'node:fs';
+import { read as readFd, writev as writevFd } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { NbdBackendError, type Extent, type NbdBackend } from '../nbd/backend.ts';
 import { NbdErrno, STATE_HOLE, STATE_ZERO } from '../nbd/constants.ts';
@@ -61,17 +61,27 @@ export class FileBackend implements NbdBackend {
     });
   }
 
-  async write(offset: number, data: readonly Buffer[], fua: boolean): Promise<void> {
-    const pending = [...data];
-    let position = offset;
-    while (pending.length > 0) {
-      let { bytesWritten } = await this.#file.writev(pending, position);
-      position += bytesWritten;
-      // A short writev leaves the rest for another round.
-      while (pending.length > 0 && bytesWritten >= (pending[0] as Buffer).length) bytesWritten -= (pending.shift() as Buffer).length;
-      if (pending.length > 0 && bytesWritten > 0) pending[0] = (pending[0] as Buffer).subarray(bytesWritten);
-    }
-    if (fua) await this.#file.datasync();
+  /** Through the descriptor and fs.writev's callback, as read() and for the same reason. */
+  write(offset: number, data: readonly Buffer[], fua: boolean): Promise<void> {
+    const fd = this.#file.fd;
+    const written = new Promise<void>((resolve, reject) => {
+      const writeFrom = (pending: Buffer[], position: number): void => {
+        writevFd(fd, pending, position, (err, bytesWritten) => {
+          if (err) {
+            reject(err);
+            return;
+          }
+          // A short writev leaves the rest for another round.
+          let left = bytesWritten;
+          while (pending.length > 0 && left >= (pending[0] as Buffer).length) left -= (pending.shift() as Buffer).length;
+          if (pending.length > 0 && left > 0) pending[0] = (pending[0] as Buffer).subarray(left);
+          if (pending.length > 0) writeFrom(pending, position + bytesWritten);
+          else resolve();
+        });
+      };
+      writeFrom([...data], offset);
+    });
+    return fua ? written.then(() => this.#file.datasync()) : written;
   }
 
   async writeZeroes(offset: number, length: number, fua: boolean, noHole: boolean): Promise<void> {
