@@ -53,7 +53,7 @@ export class SocketReader {
   tryRead(bytes: number): Buffer | undefined {
     if (this.#buffered < bytes) return undefined;
     const chunks = this.#take(bytes);
-    return chunks.length === 1 ? (chunks[0] as Buffer) : Buffer.concat(chunks, bytes);
+    return chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, bytes);
   }
 
   /** Like tryRead, as the chunks they arrived in. */
