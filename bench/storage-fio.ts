@@ -1,15 +1,18 @@
 /**
  * Storage server throughput: fio's nbd engine against vmferry storage,
  * qemu-storage-daemon (file export) and nbdkit (file plugin), each serving the
- * same preallocated file in turn, in one run. Prints IOPS, MiB/s and the ratio
- * to qemu-storage-daemon. With --tls every server requires TLS with client
+ * same preallocated file, in one run. All three run side by side and each job
+ * goes to each server in turn (job after job, not server after server), so a
+ * load that comes and goes on the machine hits all of them alike. Prints IOPS,
+ * MiB/s, the ratio to qemu-storage-daemon, and the server process's CPU time
+ * (user + system, all its threads) per GiB moved. With --tls every server requires TLS with client
  * certificates (a throwaway CA; fio's libnbd presents an agent's certificate,
  * and runs as user nobody for that: see asClient).
  *
- *   node --import tsx bench/storage-fio.ts [--seconds 10] [--size-mib 1024] [--tls]
+ *   node --import tsx bench/storage-fio.ts [--seconds 10] [--size-mib 1024] [--tls] [--rounds 1]
  */
 import { execFile as execFileCallback, spawn, type ChildProcess } from 'node:child_process';
-import { chmod, copyFile, mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { chmod, copyFile, mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs, promisify } from 'node:util';
@@ -22,9 +25,13 @@ import { findFreePort } from '../src/util/ports.ts';
 import { table } from '../src/cli/render.ts';
 
 const execFile = promisify(execFileCallback);
-const { values } = parseArgs({ options: { seconds: { type: 'string', default: '10' }, 'size-mib': { type: 'string', default: '1024' }, tls: { type: 'boolean', default: false } } });
+const { values } = parseArgs({ options: { seconds: { type: 'string', default: '10' }, 'size-mib': { type: 'string', default: '1024' }, tls: { type: 'boolean', default: false }, rounds: { type: 'string', default: '1' } } });
 const seconds = Number(values.seconds);
 const sizeMiB = Number(values['size-mib']);
+const rounds = Number(values.rounds);
+for (const [name, value] of [['--seconds', seconds], ['--size-mib', sizeMiB], ['--rounds', rounds]] as const) {
+  if (!Number.isInteger(value) || value <= 0) throw new Error(`${name} must be a positive whole number (got ${String(value)})`);
+}
 
 interface Pki {
   /** The servers' identity directory (its layout is also QEMU's and nbdkit's). */
@@ -76,7 +83,19 @@ const jobs = [
 interface Server {
   name: string;
   uri: string;
+  /** CPU seconds (user + system, every thread) the server's process has used so far. */
+  cpuSeconds(): Promise<number>;
   stop(): Promise<void>;
+}
+
+/** Clock ticks per second of /proc/PID/stat's times (sysconf(_SC_CLK_TCK)). */
+const clockTicks = Number((await execFile('getconf', ['CLK_TCK'])).stdout.trim());
+
+/** utime + stime of a process, from /proc/PID/stat (fields 14 and 15, counted after the command name's closing parenthesis). */
+async function processCpuSeconds(pid: number): Promise<number> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / clockTicks;
 }
 
 async function waitForNbd(uri: string, pki: Pki | undefined): Promise<void> {
@@ -90,9 +109,12 @@ async function waitForNbd(uri: string, pki: Pki | undefined): Promise<void> {
 async function child(name: string, command: string, args: string[], uri: string, pki: Pki | undefined): Promise<Server> {
   const process: ChildProcess = spawn(command, args, { stdio: 'ignore' });
   await waitForNbd(uri, pki);
+  const pid = process.pid;
+  if (pid === undefined) throw new Error(`${command} did not start`);
   return {
     name,
     uri,
+    cpuSeconds: () => processCpuSeconds(pid),
     stop: async () => {
       const exited = new Promise((resolve) => process.once('exit', resolve));
       process.kill('SIGTERM');
@@ -106,8 +128,16 @@ async function vmferry(dir: string, file: string, pki: Pki | undefined): Promise
   const server = await StorageServer.start({ dataDir: join(dir, 'vmferry'), logger: pino({ level: 'silent' }), nbd: { host: '127.0.0.1', port: 0 }, ...(tls ? { tls } : {}) });
   await server.volumes.create('bench', sizeMiB * 1024 * 1024);
   // Serve the same preallocated file as the peers.
-  await execFile('cp', ['--sparse=never', file, join(dir, 'vmferry', 'volumes', 'bench.raw')]);
-  return { name: 'vmferry storage', uri: exportUri(server.addresses.nbdPort as number, 'bench', pki), stop: () => server.close() };
+  const copy = join(dir, 'vmferry', 'volumes', 'bench.raw');
+  await execFile('cp', ['--sparse=never', file, copy]);
+  // Written back now, not during the first job.
+  await execFile('sync', [copy]);
+  // The server runs in this process, which otherwise only waits for fio while a job runs.
+  const cpuSeconds = (): Promise<number> => {
+    const { user, system } = process.cpuUsage();
+    return Promise.resolve((user + system) / 1e6);
+  };
+  return { name: 'vmferry storage', uri: exportUri(server.addresses.nbdPort as number, 'bench', pki), cpuSeconds, stop: () => server.close() };
 }
 
 async function qsd(file: string, pki: Pki | undefined): Promise<Server> {
@@ -132,45 +162,58 @@ async function nbdkit(file: string, pki: Pki | undefined): Promise<Server> {
   return child('nbdkit', 'nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(port), ...tls, 'file', file], exportUri(port, '', pki), pki);
 }
 
-async function runFio(uri: string, job: (typeof jobs)[number], pki: Pki | undefined): Promise<{ iops: number; mibs: number }> {
+interface JobResult {
+  iops: number;
+  mibs: number;
+  /** The server's CPU seconds per GiB of data moved. */
+  cpuPerGiB: number;
+}
+
+async function runFio(server: Server, job: (typeof jobs)[number], pki: Pki | undefined, runSeconds = seconds): Promise<JobResult> {
+  const uri = server.uri;
   const fioArgs = [
     '--name=bench', '--ioengine=nbd', `--uri=${uri}`, `--rw=${job.rw}`, `--bs=${job.bs}`, `--iodepth=${job.iodepth}`,
-    `--size=${sizeMiB}M`, '--time_based', `--runtime=${seconds}`, '--output-format=json',
+    `--size=${sizeMiB}M`, '--time_based', `--runtime=${runSeconds}`, '--output-format=json',
   ];
+  const cpuBefore = await server.cpuSeconds();
   const { stdout } = await execFile(...asClient('fio', fioArgs, pki), { maxBuffer: 16 * 1024 * 1024 });
+  const cpu = (await server.cpuSeconds()) - cpuBefore;
   // fio's nbd engine prints a line of its own before the JSON.
-  const result = JSON.parse(stdout.slice(stdout.indexOf('{'))) as { jobs: { read: { iops: number; bw_bytes: number }; write: { iops: number; bw_bytes: number } }[] };
+  type Side = { iops: number; bw_bytes: number; io_bytes: number };
+  const result = JSON.parse(stdout.slice(stdout.indexOf('{'))) as { jobs: { read: Side; write: Side }[] };
   const stats = job.rw.includes('write') ? result.jobs[0]?.write : result.jobs[0]?.read;
-  return { iops: stats?.iops ?? 0, mibs: (stats?.bw_bytes ?? 0) / 1024 / 1024 };
+  if (!stats || stats.io_bytes === 0) throw new Error(`fio moved no data with ${server.name} (${job.name})`);
+  return { iops: stats.iops, mibs: stats.bw_bytes / 1024 / 1024, cpuPerGiB: cpu / (stats.io_bytes / 1024 ** 3) };
 }
 
 const dir = await mkdtemp(join(tmpdir(), 'vmferry-bench-'));
 try {
   const file = join(dir, 'bench.raw');
   await execFile('fallocate', ['-l', `${sizeMiB}M`, file]);
-  await execFile('dd', ['if=/dev/zero', `of=${file}`, 'bs=1M', `count=${sizeMiB}`, 'conv=notrunc']);
+  await execFile('dd', ['if=/dev/zero', `of=${file}`, 'bs=1M', `count=${sizeMiB}`, 'conv=notrunc,fsync']);
   const pki = values.tls ? await makePki(dir) : undefined;
-  const results = new Map<string, Map<string, { iops: number; mibs: number }>>();
-  for (const start of [() => qsd(file, pki), () => nbdkit(file, pki), () => vmferry(dir, file, pki)]) {
-    const server = await start();
-    const perJob = new Map<string, { iops: number; mibs: number }>();
-    try {
-      for (const job of jobs) perJob.set(job.name, await runFio(server.uri, job, pki));
-    } finally {
-      await server.stop();
+  const servers: Server[] = [];
+  try {
+    for (const start of [() => qsd(file, pki), () => nbdkit(file, pki), () => vmferry(dir, file, pki)]) servers.push(await start());
+    // One second of every job on every server first, not counted: vmferry's JIT compiles its hot path in it.
+    for (const job of jobs) for (const server of servers) await runFio(server, job, pki, 1);
+    console.log(`fio nbd engine, ${seconds} s per job, ${sizeMiB} MiB file, loopback TCP${pki ? ', TLS with client certificates on every server' : ''}`);
+    for (let round = 1; round <= rounds; round++) {
+      const rows: string[][] = [];
+      for (const job of jobs) {
+        const results = new Map<string, JobResult>();
+        for (const server of servers) results.set(server.name, await runFio(server, job, pki));
+        const base = results.get('qemu-storage-daemon');
+        for (const [server, r] of results) {
+          rows.push([job.name, server, String(Math.round(r.iops)), r.mibs.toFixed(1), r.cpuPerGiB.toFixed(2), base ? (r.iops / base.iops).toFixed(2) : '-', base ? (r.cpuPerGiB / base.cpuPerGiB).toFixed(2) : '-']);
+        }
+      }
+      if (rounds > 1) console.log(`round ${round} of ${rounds}`);
+      console.log(table(['job', 'server', 'IOPS', 'MiB/s', 'CPU s/GiB', 'speed vs qsd', 'CPU/GiB vs qsd'], rows));
     }
-    results.set(server.name, perJob);
+  } finally {
+    for (const server of servers) await server.stop();
   }
-  const baseline = results.get('qemu-storage-daemon');
-  const rows = jobs.flatMap((job) =>
-    [...results].map(([server, perJob]) => {
-      const r = perJob.get(job.name) ?? { iops: 0, mibs: 0 };
-      const base = baseline?.get(job.name)?.iops ?? 0;
-      return [job.name, server, Math.round(r.iops), r.mibs.toFixed(1), base ? (r.iops / base).toFixed(2) : '-'];
-    }),
-  );
-  console.log(`fio nbd engine, ${seconds} s per job, ${sizeMiB} MiB file, loopback TCP${pki ? ', TLS with client certificates on every server' : ''}`);
-  console.log(table(['job', 'server', 'IOPS', 'MiB/s', 'vs qemu-storage-daemon'], rows));
 } finally {
   await rm(dir, { recursive: true, force: true });
 }

@@ -243,8 +243,8 @@ export function decodeRequest(header: Buffer): RequestHeader & { magic: number }
     type: header.readUInt16BE(6),
     // Copied: the header's bytes belong to the socket reader's chunk.
     handle: Buffer.from(header.subarray(8, 16)),
-    // Offsets past 2^53 are past the end of any export; Number() keeps them comparable.
-    offset: Number(header.readBigUInt64BE(16)),
+    // Offsets past 2^53 are past the end of any export; as a rounded Number they still compare as such.
+    offset: header.readUInt32BE(16) * 2 ** 32 + header.readUInt32BE(20),
     length: header.readUInt32BE(24),
   };
 }

@@ -158,6 +158,17 @@ export class BudgetAccount {
     });
   }
 
+  /**
+   * Takes `bytes` at once if acquire() would not wait, and says whether it
+   * did: the common case costs no promise. When false, nothing was taken and
+   * the caller awaits acquire().
+   */
+  tryAcquire(bytes: number): boolean {
+    if (this.#ended || this.#reject || !this.#ledger.tryTake(this, bytes)) return false;
+    this.#heldBytes += bytes;
+    return true;
+  }
+
   /** Gives back bytes an earlier acquire took; once the account has been closed this does nothing. */
   release(bytes: number): void {
     const given = Math.min(bytes, this.#heldBytes);

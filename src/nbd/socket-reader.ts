@@ -46,6 +46,21 @@ export class SocketReader {
     return chunks.length === 1 ? (chunks[0] as Buffer) : Buffer.concat(chunks, bytes);
   }
 
+  /**
+   * Exactly `bytes` bytes if they are already here, else undefined (then read()):
+   * a burst of pipelined requests is taken off the buffer without a promise each.
+   */
+  tryRead(bytes: number): Buffer | undefined {
+    if (this.#buffered < bytes) return undefined;
+    const chunks = this.#take(bytes);
+    return chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, bytes);
+  }
+
+  /** Like tryRead, as the chunks they arrived in. */
+  tryReadChunks(bytes: number): Buffer[] | undefined {
+    return this.#buffered < bytes ? undefined : this.#take(bytes);
+  }
+
   /** Like read, but as the chunks they arrived in: a large payload is never copied into one buffer. */
   readChunks(bytes: number): Promise<Buffer[]> {
     if (this.#buffered >= bytes) return Promise.resolve(this.#take(bytes));

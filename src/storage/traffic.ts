@@ -109,11 +109,12 @@ class CountingBackend implements NbdBackend {
     return this.#next.readOnly;
   }
 
-  async read(offset: number, length: number): Promise<Buffer> {
-    const data = await this.#next.read(offset, length);
-    this.#volume.bytesRead += length;
-    this.#connection.bytesRead += length;
-    return data;
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.#next.read(offset, length).then((data) => {
+      this.#volume.bytesRead += length;
+      this.#connection.bytesRead += length;
+      return data;
+    });
   }
 
   async write(offset: number, data: readonly Buffer[], fua: boolean): Promise<void> {

@@ -82,6 +82,26 @@ test('a connection holding nothing always gets one request, past the budget; oth
   assert.equal(budget.usedBytes, 0, 'closing gives back everything each connection held');
 });
 
+test('tryAcquire takes at once only what acquire would grant without waiting, and takes nothing otherwise', async () => {
+  const budget = new MemoryBudget(4 * MiB);
+  const hog = budget.account();
+  const other = budget.account();
+  assert.equal(hog.tryAcquire(3 * MiB), true);
+  assert.equal(hog.tryAcquire(2 * MiB), false, 'past the budget, for a connection that holds some');
+  assert.equal(hog.heldBytes, 3 * MiB, 'a refused try takes nothing');
+  const hogMore = hog.acquire(2 * MiB);
+  assert.equal(other.tryAcquire(2 * MiB), true, 'the floor: a connection holding nothing gets one request');
+  assert.equal(other.tryAcquire(MiB), false, 'a newcomer that would fit still queues behind the earlier waiter');
+  assert.equal(hog.tryAcquire(MiB), false, 'not while its own acquire waits');
+  other.release(2 * MiB);
+  hog.release(3 * MiB);
+  assert.equal(await settled(hogMore), true);
+  other.cancel(new Error('gone'));
+  assert.equal(other.tryAcquire(MiB), false, 'not once cancelled');
+  for (const account of [hog, other]) account.close();
+  assert.equal(budget.usedBytes, 0);
+});
+
 test('a wait that is cancelled rejects, leaves the queue, and does not hold up those behind it', async () => {
   const budget = new MemoryBudget(2 * MiB);
   const a = budget.account();
