@@ -5,7 +5,7 @@ import type { HostStatus } from '../controller/inventory.ts';
 import { parseNicArg } from './nic-arg.ts';
 import { VmferryError } from '../errors.ts';
 import { defaultCpuModel } from '../qemu/cpu-models.ts';
-import { cpuModelPattern, type NbdServerAddress } from '../qemu/spec.ts';
+import { cpuModelPattern, type DiskSource, type NbdServerAddress } from '../qemu/spec.ts';
 import { defaultControllerUrl, parseListen, parsePositive, parseSize, printJson } from './common.ts';
 import { ControllerClient } from '../controller/client.ts';
 import { registerVmImport } from './import.ts';
@@ -77,7 +77,7 @@ export function registerClusterCommands(program: Command): void {
       const { api, json } = client(command);
       const vms = await api.vms();
       if (json) printJson(vms);
-      else console.log(table(['vm', 'host', 'state', 'memory', 'disks'], vms.map((v) => [v.name, v.host, vmState(v), `${v.spec.memoryMiB} MiB`, v.spec.disks.map((d) => `${d.id}:${d.source.kind === 'nbd' ? 'shared' : d.source.backing ? `local on ${d.source.backing.export}` : 'local'}`).join(' ')])));
+      else console.log(table(['vm', 'host', 'state', 'memory', 'disks'], vms.map((v) => [v.name, v.host, vmState(v), `${v.spec.memoryMiB} MiB`, v.spec.disks.map((d) => `${d.id}:${diskPlace(d.source)}`).join(' ')])));
     });
   vm.command('show <name>')
     .description('show one VM and its spec')
@@ -252,4 +252,11 @@ function accelColumn(host: HostStatus): string {
 function vmState(vm: VmInfo): string {
   if (vm.migration?.phase === 'unresolved') return `${vm.state} (migration ${vm.migration.id} unresolved: ${vm.migration.reason ?? 'waiting for the destination'})`;
   return vm.migrating ? `${vm.state} (migrating)` : vm.state;
+}
+
+/** Where a disk's data lives, as `vm list` shows it. */
+function diskPlace(source: DiskSource): string {
+  if (source.kind === 'nbd') return 'shared';
+  if (source.kind === 'rbd') return `rbd ${source.pool}/${source.image}`;
+  return source.backing ? `local on ${source.backing.export}` : 'local';
 }
