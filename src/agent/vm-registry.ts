@@ -23,6 +23,7 @@ import { existingBridges, removeTapsOf } from '../qemu/taps.ts';
 import { createOverlay, importImage } from '../storage/disk-images.ts';
 import { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
+import { fenceAllWriters } from '../storage/rbd-fence.ts';
 import type { CreateVmRequest, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
 import type { DestinationFate } from '../migration/no-return.ts';
 import { guestNeverRan } from '../migration/qemu-destination.ts';
@@ -349,6 +350,8 @@ export class VmRegistry {
       await this.#persist(spec);
       entry.spec = spec;
     }
+    // Likewise for RBD images: whoever has them open now is an earlier writer, cut off before this QEMU opens them.
+    await fenceAllWriters(entry.spec, this.#logger);
     entry.qemu = await QemuProcess.start(entry.spec, { runDir: join(this.vmDir(name), 'qemu'), accel: this.accelerator.accelerator, logger: this.#logger, ...(this.qemuTlsDir === undefined ? {} : { tlsDir: this.qemuTlsDir }) });
     return this.info(name);
   }
