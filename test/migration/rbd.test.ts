@@ -13,10 +13,11 @@ import { probeDestination, probeSource, qemuCapabilities } from '../../src/migra
 import { QemuDestination } from '../../src/migration/qemu-destination.ts';
 import { QemuSource } from '../../src/migration/qemu-source.ts';
 import type { VmSpec } from '../../src/qemu/spec.ts';
-import { createImage, imageWatchers, listImages, qemuImageJson, removeImage, resizeImage, type RbdImageRef } from '../../src/storage/rbd.ts';
+import { createImage, imageWatchers, listImages, qemuImageJson, removeImage, type RbdImageRef } from '../../src/storage/rbd.ts';
 import { RbdWriter, rbdWatchers } from '../../src/storage/rbd-fence.ts';
 import { runProgram } from '../../src/util/run.ts';
 import { startCeph, type TestCeph } from '../support/ceph.ts';
+import { runVmferry, type CliResult } from '../support/cli.ts';
 import { MigrationRig } from '../support/migration-rig.ts';
 
 let ceph: TestCeph;
@@ -35,24 +36,28 @@ after(async () => {
 
 const MiB = 1024 * 1024;
 
-test('RBD images: created, listed with their clients, grown (never shrunk), removed (refused while open)', async () => {
-  await createImage(ceph.client, ceph.pool, 'tools', 16 * MiB);
-  assert.deepEqual(
-    (await listImages(ceph.client, ceph.pool)).map((i) => [i.name, i.sizeBytes, i.watchers.length]),
-    [['tools', 16 * MiB, 0]],
-  );
-  await resizeImage(ceph.client, ceph.pool, 'tools', 32 * MiB);
-  await assert.rejects(resizeImage(ceph.client, ceph.pool, 'tools', 8 * MiB), /refusing to shrink/);
+test('vmferry volume … --backend rbd: created, listed with its clients, grown (never shrunk), removed (refused while open)', async () => {
+  const rbd = ['--backend', 'rbd', '--pool', ceph.pool, '--ceph-conf', ceph.client.conf, '--ceph-user', ceph.client.user];
+  const volume = (...args: string[]): Promise<CliResult> => runVmferry('http://127.0.0.1:9', ['volume', ...args, ...rbd]);
+  assert.match((await volume('create', 'tools', '--size', '16M')).stdout, /created RBD image rbd\/tools \(16\.0 MiB\)/);
+  const listed = await runVmferry('http://127.0.0.1:9', ['--json', 'volume', 'list', ...rbd]);
+  assert.deepEqual((JSON.parse(listed.stdout) as { name: string; sizeBytes: number; watchers: string[] }[]).map((i) => [i.name, i.sizeBytes, i.watchers]), [['tools', 16 * MiB, []]]);
+  assert.match((await volume('resize', 'tools', '--size', '32M')).stdout, /is now 32\.0 MiB/);
+  const shrink = await volume('resize', 'tools', '--size', '8M');
+  assert.notEqual(shrink.code, 0);
+  assert.match(shrink.stderr, /refusing to shrink/);
   const holder = await QemuIo.open({ pool: ceph.pool, image: 'tools', ...ceph.client });
   try {
-    assert.equal((await imageWatchers(ceph.client, ceph.pool, 'tools')).length, 1);
-    await assert.rejects(removeImage(ceph.client, ceph.pool, 'tools'), { code: 'VMF_CONFLICT' });
+    const refused = await volume('rm', 'tools');
+    assert.notEqual(refused.code, 0);
+    assert.match(refused.stderr, /open by 1 client/);
   } finally {
     await holder.close();
   }
-  await removeImage(ceph.client, ceph.pool, 'tools');
+  assert.equal((await volume('rm', 'tools')).code, 0);
   assert.deepEqual(await listImages(ceph.client, ceph.pool), []);
-  await assert.rejects(createImage(ceph.client, ceph.pool, 'a/b', MiB), { code: 'VMF_INVALID_ARGUMENT' });
+  const noPool = await runVmferry('http://127.0.0.1:9', ['volume', 'create', 'x', '--size', '1M', '--backend', 'rbd']);
+  assert.match(noPool.stderr, /--backend rbd needs --pool/);
 });
 
 test('a fenced writer: its writes fail at once, the new writer\'s land', async () => {
