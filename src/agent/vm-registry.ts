@@ -277,8 +277,11 @@ export class VmRegistry {
           disks.push({ id: disk.id, source, readOnly: disk.readOnly ?? false, cache: disk.cache ?? 'none' });
         } else if (disk.shared) {
           disks.push({ id: disk.id, source: { kind: 'nbd', server: disk.shared.server, export: disk.shared.export }, readOnly: disk.readOnly ?? false, cache: disk.cache ?? 'none' });
+        } else if (disk.rbd) {
+          await this.guard.hostFile(disk.rbd.conf, `disks.${disk.id}.rbd.conf`);
+          disks.push({ id: disk.id, source: { kind: 'rbd', ...disk.rbd }, readOnly: disk.readOnly ?? false, cache: disk.cache ?? 'none' });
         } else {
-          throw new VmferryError('VMF_INVALID_SPEC', `invalid VM spec: disks.${disk.id} needs "local" or "shared"`);
+          throw new VmferryError('VMF_INVALID_SPEC', `invalid VM spec: disks.${disk.id} needs "local", "shared" or "rbd"`);
         }
       }
       const nics: NicSpec[] = (request.nics ?? []).map((nic, i) => ({ id: `net${i}`, bridge: nic.bridge, mac: nic.mac?.toLowerCase() ?? generateMac() }));
