@@ -19,6 +19,7 @@ import { runProgram } from '../../src/util/run.ts';
 import { startCeph, type TestCeph } from '../support/ceph.ts';
 import { runVmferry, type CliResult } from '../support/cli.ts';
 import { MigrationRig } from '../support/migration-rig.ts';
+import { recordReliability } from '../support/reliability.ts';
 
 let ceph: TestCeph;
 
@@ -87,6 +88,13 @@ test('a fenced writer: its writes fail at once, the new writer\'s land', async (
     assert.match(await stale.run('write -P 0x33 0 64k'), /write failed/);
     assert.match(await next.run('write -P 0x22 0 64k'), /wrote 65536/);
     assert.match(await next.run('flush'), /^(?!.*failed)/s);
+    recordReliability(import.meta.url, {
+      kind: 'fault',
+      target: 'RBD volume',
+      tried: 'a stale writer keeps an RBD image open while a new writer takes it (the destination\'s switch-over fence)',
+      observed: `the stale writer blocklisted: its writes refused ${refusedAfterMs} ms after the fence and from then on; the new writer's writes land`,
+      ok: true,
+    });
   } finally {
     await stale.close();
     await next?.close();
@@ -109,6 +117,13 @@ test('a destination that cannot open the RBD image is refused before anything mo
     disk.source.image = 'no-such-image';
     const refused = await rig.plan({}, spec);
     assert.match(refused.refusals.join('\n'), /B cannot reach shared volume rbd:rbd\/no-such-image/);
+    recordReliability(import.meta.url, {
+      kind: 'fault',
+      target: 'RBD volume',
+      tried: 'the destination cannot open the VM\'s RBD image',
+      observed: 'migration refused at planning, naming the image; nothing started',
+      ok: true,
+    });
   } finally {
     await rig.cleanup.run();
   }
