@@ -69,6 +69,8 @@ export function plainQemuArguments(spec: VmSpec, knobs: PlainKnobs, mode: 'run' 
     if (source.kind === 'nbd') {
       if (source.server.type !== 'inet') throw new Error('the plain baseline reaches shared volumes over TCP only');
       args.push('-blockdev', JSON.stringify({ driver: 'nbd', 'node-name': node, server: { type: 'inet', host: source.server.host, port: String(source.server.port) }, export: source.export }));
+    } else if (source.kind === 'rbd') {
+      args.push('-blockdev', JSON.stringify({ driver: 'rbd', 'node-name': node, pool: source.pool, image: source.image, conf: source.conf, user: source.user }));
     } else {
       args.push('-blockdev', JSON.stringify({ driver: 'file', 'node-name': `${node}-file`, filename: source.path, cache: { direct }, discard: 'unmap' }));
       args.push('-blockdev', JSON.stringify({ driver: source.format, 'node-name': node, file: `${node}-file`, cache: { direct }, discard: 'unmap' }));

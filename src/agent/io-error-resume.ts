@@ -39,7 +39,7 @@ function storageServers(spec: VmSpec): NbdServerAddress[] {
   const servers = new Map<string, NbdServerAddress>();
   for (const disk of spec.disks) {
     if (!usesStorageServer(disk)) continue;
-    const server = disk.source.kind === 'nbd' ? disk.source.server : disk.source.backing?.server;
+    const server = disk.source.kind === 'nbd' ? disk.source.server : disk.source.kind === 'file' ? disk.source.backing?.server : undefined;
     if (server) servers.set(JSON.stringify(server), server);
   }
   return [...servers.values()];

@@ -157,7 +157,7 @@ export class RequestGuard {
   sharedServers(spec: VmSpec): void {
     for (const disk of spec.disks) {
       if (disk.source.kind === 'nbd') this.storageServer(disk.source.server, `disk ${disk.id}`);
-      else if (disk.source.backing) this.storageServer(disk.source.backing.server, `the base of disk ${disk.id}`);
+      else if (disk.source.kind === 'file' && disk.source.backing) this.storageServer(disk.source.backing.server, `the base of disk ${disk.id}`);
     }
   }
 
@@ -167,6 +167,8 @@ export class RequestGuard {
     this.sharedServers(spec);
     for (const disk of spec.disks) {
       if (disk.source.kind === 'file') await this.poolFile(disk.source.path, `disk ${disk.id}`);
+      // QEMU reads the Ceph conf it names (and the keyring that conf names): a host file like a kernel.
+      if (disk.source.kind === 'rbd') await this.hostFile(disk.source.conf, `disk ${disk.id}'s Ceph conf`);
     }
     const vmDir = await resolvePath(join(this.#options.vmsDir, spec.name));
     for (const [i, log] of (spec.serialLogs ?? []).entries()) {

@@ -23,6 +23,7 @@ import { existingBridges, removeTapsOf } from '../qemu/taps.ts';
 import { createOverlay, importImage } from '../storage/disk-images.ts';
 import { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
+import { fenceAllWriters } from '../storage/rbd-fence.ts';
 import type { CreateVmRequest, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
 import type { DestinationFate } from '../migration/no-return.ts';
 import { guestNeverRan } from '../migration/qemu-destination.ts';
@@ -276,8 +277,11 @@ export class VmRegistry {
           disks.push({ id: disk.id, source, readOnly: disk.readOnly ?? false, cache: disk.cache ?? 'none' });
         } else if (disk.shared) {
           disks.push({ id: disk.id, source: { kind: 'nbd', server: disk.shared.server, export: disk.shared.export }, readOnly: disk.readOnly ?? false, cache: disk.cache ?? 'none' });
+        } else if (disk.rbd) {
+          await this.guard.hostFile(disk.rbd.conf, `disks.${disk.id}.rbd.conf`);
+          disks.push({ id: disk.id, source: { kind: 'rbd', ...disk.rbd }, readOnly: disk.readOnly ?? false, cache: disk.cache ?? 'none' });
         } else {
-          throw new VmferryError('VMF_INVALID_SPEC', `invalid VM spec: disks.${disk.id} needs "local" or "shared"`);
+          throw new VmferryError('VMF_INVALID_SPEC', `invalid VM spec: disks.${disk.id} needs "local", "shared" or "rbd"`);
         }
       }
       const nics: NicSpec[] = (request.nics ?? []).map((nic, i) => ({ id: `net${i}`, bridge: nic.bridge, mac: nic.mac?.toLowerCase() ?? generateMac() }));
@@ -349,6 +353,8 @@ export class VmRegistry {
       await this.#persist(spec);
       entry.spec = spec;
     }
+    // Likewise for RBD images: whoever has them open now is an earlier writer, cut off before this QEMU opens them.
+    await fenceAllWriters(entry.spec, this.#logger);
     entry.qemu = await QemuProcess.start(entry.spec, { runDir: join(this.vmDir(name), 'qemu'), accel: this.accelerator.accelerator, logger: this.#logger, ...(this.qemuTlsDir === undefined ? {} : { tlsDir: this.qemuTlsDir }) });
     return this.info(name);
   }

@@ -4,7 +4,7 @@
  * imports the other's code.
  */
 import { Type, type Static } from '@sinclair/typebox';
-import { cpuModelPattern } from '../qemu/spec.ts';
+import { cephNamePattern, cpuModelPattern } from '../qemu/spec.ts';
 import { namePatternSource, nameRule } from '../util/names.ts';
 
 const name = Type.String({ pattern: namePatternSource, description: `VM name: ${nameRule}` });
@@ -103,6 +103,18 @@ export const CreateVmRequestSchema = Type.Object(
             ),
           ),
           shared: Type.Optional(Type.Object({ server: NbdServerSchema, export: Type.String({ maxLength: 4096 }) }, { additionalProperties: false })),
+          /** An RBD image on a Ceph cluster: the conf names the monitors and the keyring (no key in the request). */
+          rbd: Type.Optional(
+            Type.Object(
+              {
+                pool: Type.String({ pattern: cephNamePattern.source }),
+                image: Type.String({ pattern: cephNamePattern.source }),
+                conf: Type.String({ pattern: '^/[^,:]*$', maxLength: 4096 }),
+                user: Type.String({ pattern: cephNamePattern.source }),
+              },
+              { additionalProperties: false },
+            ),
+          ),
           readOnly: Type.Optional(Type.Boolean()),
           cache: Type.Optional(
             Type.Union([Type.Literal('none'), Type.Literal('writeback'), Type.Literal('writethrough'), Type.Literal('directsync'), Type.Literal('unsafe')]),

@@ -5,7 +5,7 @@ import type { HostStatus } from '../controller/inventory.ts';
 import { parseNicArg } from './nic-arg.ts';
 import { VmferryError } from '../errors.ts';
 import { defaultCpuModel } from '../qemu/cpu-models.ts';
-import { cpuModelPattern, type NbdServerAddress } from '../qemu/spec.ts';
+import { cpuModelPattern, type DiskSource, type NbdServerAddress } from '../qemu/spec.ts';
 import { defaultControllerUrl, parseListen, parsePositive, parseSize, printJson } from './common.ts';
 import { ControllerClient } from '../controller/client.ts';
 import { registerVmImport } from './import.ts';
@@ -77,7 +77,7 @@ export function registerClusterCommands(program: Command): void {
       const { api, json } = client(command);
       const vms = await api.vms();
       if (json) printJson(vms);
-      else console.log(table(['vm', 'host', 'state', 'memory', 'disks'], vms.map((v) => [v.name, v.host, vmState(v), `${v.spec.memoryMiB} MiB`, v.spec.disks.map((d) => `${d.id}:${d.source.kind === 'nbd' ? 'shared' : d.source.backing ? `local on ${d.source.backing.export}` : 'local'}`).join(' ')])));
+      else console.log(table(['vm', 'host', 'state', 'memory', 'disks'], vms.map((v) => [v.name, v.host, vmState(v), `${v.spec.memoryMiB} MiB`, v.spec.disks.map((d) => `${d.id}:${diskPlace(d.source)}`).join(' ')])));
     });
   vm.command('show <name>')
     .description('show one VM and its spec')
@@ -99,6 +99,9 @@ export function registerClusterCommands(program: Command): void {
     )
     .option('--shared-disk <id:volume>', 'a shared volume on the storage server (repeatable)', collect, [])
     .option('--ro-shared-disk <id:volume>', 'a read-only shared volume (repeatable)', collect, [])
+    .option('--rbd-disk <id:pool/image>', 'a shared RBD image on the Ceph cluster --ceph-conf names (repeatable)', collect, [])
+    .option('--ceph-conf <path>', 'the Ceph conf file every host has; it names the monitors and the keyring (or VMFERRY_CEPH_CONF)', process.env.VMFERRY_CEPH_CONF ?? '/etc/ceph/ceph.conf')
+    .option('--ceph-user <name>', 'the Ceph user, without "client." (or VMFERRY_CEPH_USER)', process.env.VMFERRY_CEPH_USER ?? 'admin')
     .option('--nic <bridge=BR[,mac=MAC]>', 'a virtio-net NIC on host bridge BR; the MAC is generated (52:54:00:…) unless given (repeatable)', collect, [])
     .option('--storage-nbd <host:port>', 'NBD address of the storage server', '127.0.0.1:10809')
     .option('--kernel <path>', 'boot this kernel (direct kernel boot)')
@@ -122,6 +125,12 @@ export function registerClusterCommands(program: Command): void {
         ...(opts.roSharedDisk as string[]).map((arg) => {
           const [id, volume] = parseDiskArg(arg, '--ro-shared-disk');
           return { id, shared: { server, export: volume }, readOnly: true };
+        }),
+        ...(opts.rbdDisk as string[]).map((arg) => {
+          const [id, image] = parseDiskArg(arg, '--rbd-disk');
+          const [pool, name, extra] = image.split('/');
+          if (!pool || !name || extra !== undefined) throw new VmferryError('VMF_INVALID_ARGUMENT', `--rbd-disk ${arg}: give ID:POOL/IMAGE`);
+          return { id, rbd: { pool, image: name, conf: opts.cephConf as string, user: opts.cephUser as string } };
         }),
       ];
       const bootChoices = [opts.testGuest && '--test-guest', typeof opts.kernel === 'string' && '--kernel', typeof opts.boot === 'string' && '--boot'].filter(Boolean);
@@ -252,4 +261,11 @@ function accelColumn(host: HostStatus): string {
 function vmState(vm: VmInfo): string {
   if (vm.migration?.phase === 'unresolved') return `${vm.state} (migration ${vm.migration.id} unresolved: ${vm.migration.reason ?? 'waiting for the destination'})`;
   return vm.migrating ? `${vm.state} (migrating)` : vm.state;
+}
+
+/** Where a disk's data lives, as `vm list` shows it. */
+function diskPlace(source: DiskSource): string {
+  if (source.kind === 'nbd') return 'shared';
+  if (source.kind === 'rbd') return `rbd ${source.pool}/${source.image}`;
+  return source.backing ? `local on ${source.backing.export}` : 'local';
 }

@@ -8,6 +8,8 @@ import type { QuarantinedFile } from '../storage/quarantine.ts';
 import type { Volume } from '../storage/volumes.ts';
 import { daemonLogger, parseListen, parsePositive, parseSize, printJson, untilSignal } from './common.ts';
 import { table } from './render.ts';
+import { VmferryError } from '../errors.ts';
+import { addRbdOptions, backendOf, createRbdVolume, listRbdVolumes, removeRbdVolume, resizeRbdVolume, type RbdCliOptions } from './rbd-volumes.ts';
 import { commandTls, daemonTls, insecureHelp } from './tls-options.ts';
 
 const MiB = 1024 * 1024;
@@ -52,13 +54,19 @@ export function registerStorageCommands(program: Command): void {
 
   const volume = program.command('volume').description('shared volumes on the storage server');
   const storageOption = ['--storage <url>', 'storage server admin URL (or VMFERRY_STORAGE)', defaultStorageUrl] as const;
-  volume
+  addRbdOptions(volume
     .command('create <name>')
     .description('create a shared volume')
     .requiredOption('--size <size>', 'size, e.g. 4G or 512M')
-    .option('--read-only', 'export it read-only')
-    .option(...storageOption)
-    .action(async (name: string, opts: { size: string; readOnly?: boolean; storage: string }, command: Command) => {
+    .option('--read-only', 'export it read-only (nbd only; an RBD disk is made read-only in the VM)')
+    .option(...storageOption))
+    .action(async (name: string, opts: { size: string; readOnly?: boolean; storage: string } & RbdCliOptions, command: Command) => {
+      const where = backendOf(opts);
+      if (where.backend === 'rbd') {
+        if (opts.readOnly) throw new VmferryError('VMF_INVALID_ARGUMENT', '--read-only is for --backend nbd: give the VM\'s disk readOnly instead');
+        await createRbdVolume(name, opts.size, where, command);
+        return;
+      }
       const created = await requestJson<Volume>(opts.storage, 'POST', '/v1/volumes', {
         ...storageTls(command),
         body: { name, sizeBytes: parseSize(opts.size, '--size'), readOnly: opts.readOnly ?? false },
@@ -66,31 +74,46 @@ export function registerStorageCommands(program: Command): void {
       if (command.optsWithGlobals<{ json?: boolean }>().json) printJson(created);
       else console.log(`created volume ${created.name} (${formatBytes(created.sizeBytes)}${created.readOnly ? ', read-only' : ''})`);
     });
-  volume
+  addRbdOptions(volume
     .command('list')
     .description('list shared volumes and their clients')
-    .option(...storageOption)
-    .action(async (opts: { storage: string }, command: Command) => {
+    .option(...storageOption))
+    .action(async (opts: { storage: string } & RbdCliOptions, command: Command) => {
+      const where = backendOf(opts);
+      if (where.backend === 'rbd') {
+        await listRbdVolumes(where, command);
+        return;
+      }
       const volumes = await requestJson<Volume[]>(opts.storage, 'GET', '/v1/volumes', { ...storageTls(command) });
       if (command.optsWithGlobals<{ json?: boolean }>().json) printJson(volumes);
       else console.log(table(['volume', 'size', 'read-only', 'created', 'writer', 'clients'], volumes.map((v) => [v.name, formatBytes(v.sizeBytes), v.readOnly ? 'yes' : 'no', new Date(v.createdAt).toISOString(), writerOf(v), v.attachments.join(' ') || '-'])));
     });
-  volume
+  addRbdOptions(volume
     .command('resize <name>')
-    .description('change a volume\'s size (new connections see it)')
+    .description('change a volume\'s size (new connections see it; an RBD image only grows)')
     .requiredOption('--size <size>', 'new size')
-    .option(...storageOption)
-    .action(async (name: string, opts: { size: string; storage: string }, command: Command) => {
+    .option(...storageOption))
+    .action(async (name: string, opts: { size: string; storage: string } & RbdCliOptions, command: Command) => {
+      const where = backendOf(opts);
+      if (where.backend === 'rbd') {
+        await resizeRbdVolume(name, opts.size, where);
+        return;
+      }
       const resized = await requestJson<Volume>(opts.storage, 'PATCH', `/v1/volumes/${encodeURIComponent(name)}`, { ...storageTls(command), body: { sizeBytes: parseSize(opts.size, '--size') } });
       console.log(`volume ${resized.name} is now ${formatBytes(resized.sizeBytes)}`);
     });
-  volume
+  addRbdOptions(volume
     .command('delete <name>')
     .alias('rm')
     .description('delete a volume (refused while clients are attached, a writer holds its lease, or a client may be reconnecting)')
-    .option('--force', 'delete it anyway; clients still attached get I/O errors')
-    .option(...storageOption)
-    .action(async (name: string, opts: { force?: boolean; storage: string }, command: Command) => {
+    .option('--force', 'delete it anyway; clients still attached get I/O errors (an RBD image\'s clients are blocklisted)')
+    .option(...storageOption))
+    .action(async (name: string, opts: { force?: boolean; storage: string } & RbdCliOptions, command: Command) => {
+      const where = backendOf(opts);
+      if (where.backend === 'rbd') {
+        await removeRbdVolume(name, opts.force ?? false, where);
+        return;
+      }
       await requestJson(opts.storage, 'DELETE', `/v1/volumes/${encodeURIComponent(name)}${opts.force ? '?force=true' : ''}`, { ...storageTls(command) });
       console.log(`deleted volume ${name}`);
     });

@@ -216,6 +216,11 @@ export function exportKey(server: NbdServerAddress, exportName: string): string 
   return `${where}/${exportName}`;
 }
 
+/** An RBD image's key in reachableExports (Ceph's own name for it; where the cluster is comes from the disk's conf). */
+export function rbdKey(pool: string, image: string): string {
+  return `rbd:${pool}/${image}`;
+}
+
 /** Memory the destination needs beyond the guest's RAM: QEMU's own overhead, generously. */
 const qemuOverheadMiB = 64;
 
@@ -260,7 +265,7 @@ function planDisk(disk: DiskSpec, source: SourceFacts, destination: DestinationF
       reason: `local ${disk.source.format} on ${source.hostId}: copied while the guest runs`,
     };
   }
-  const key = exportKey(disk.source.server, disk.source.export);
+  const key = disk.source.kind === 'rbd' ? rbdKey(disk.source.pool, disk.source.image) : exportKey(disk.source.server, disk.source.export);
   const seenSize = destination.reachableExports[key];
   const plan: DiskPlan = {
     id: disk.id,

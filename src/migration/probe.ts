@@ -15,7 +15,8 @@ import type { LocalPool } from '../storage/local-pool.ts';
 import { existingBridges } from '../qemu/taps.ts';
 import { imageInfo } from '../storage/local-pool.ts';
 import { runProgram } from '../util/run.ts';
-import { exportKey, type DestinationFacts, type LocalDiskFacts, type SourceFacts } from './plan.ts';
+import { qemuImageJson, type RbdImageRef } from '../storage/rbd.ts';
+import { exportKey, rbdKey, type DestinationFacts, type LocalDiskFacts, type SourceFacts } from './plan.ts';
 
 export interface QemuCapabilities {
   version: string;
@@ -61,6 +62,22 @@ export async function probeExport(server: NbdServerAddress, exportName: string, 
   }
 }
 
+/**
+ * Opens an RBD image the way QEMU will (librbd, the disk's conf and user) and
+ * returns its size, or undefined when this host cannot open it (no route to
+ * the monitors, no key, no such image). Bounded: an unreachable cluster makes
+ * librados wait for its monitors, so qemu-img is given up on after 20 s.
+ */
+export async function probeRbdImage(ref: RbdImageRef): Promise<number | undefined> {
+  try {
+    const info = JSON.parse(await runProgram('qemu-img', ['info', '--output=json', qemuImageJson(ref)], { timeoutMs: 20_000 })) as { 'virtual-size': number };
+    return info['virtual-size'];
+  } catch (err) {
+    if (err instanceof VmferryError && err.code === 'VMF_TOOL_MISSING') throw err;
+    return undefined;
+  }
+}
+
 async function availableMemoryMiB(): Promise<number> {
   const meminfo = await readFile('/proc/meminfo', 'utf8');
   const kib = Number(/^MemAvailable:\s+(\d+) kB/m.exec(meminfo)?.[1] ?? 0);
@@ -91,10 +108,15 @@ export async function probeDestination(
 ): Promise<DestinationFacts> {
   const reachableExports: Record<string, number> = {};
   // Shared volumes, and the shared bases of overlays: both are re-attached, not copied.
-  const shared = spec.disks.flatMap((disk) => (disk.source.kind === 'nbd' ? [disk.source] : disk.source.backing ? [disk.source.backing] : []));
+  const shared = spec.disks.flatMap((disk) => (disk.source.kind === 'nbd' ? [disk.source] : disk.source.kind === 'file' && disk.source.backing ? [disk.source.backing] : []));
   for (const { server, export: exportName } of shared) {
     const size = await probeExport(server, exportName, tlsDir);
     if (size !== undefined) reachableExports[exportKey(server, exportName)] = size;
+  }
+  for (const disk of spec.disks) {
+    if (disk.source.kind !== 'rbd') continue;
+    const size = await probeRbdImage(disk.source);
+    if (size !== undefined) reachableExports[rbdKey(disk.source.pool, disk.source.image)] = size;
   }
   const cpuModel = spec.cpu ?? qemuBuiltinCpuModel;
   return {

@@ -17,6 +17,7 @@ import type { MigrationInfo } from '../qmp/commands.ts';
 import { createOverlay } from '../storage/disk-images.ts';
 import type { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
+import { RbdWriter, rbdWatchers } from '../storage/rbd-fence.ts';
 import { removeDurable } from '../util/durable-file.ts';
 import { faultPoint } from '../util/fault-points.ts';
 import { findFreePort } from '../util/ports.ts';
@@ -80,6 +81,9 @@ export class QemuDestination implements DestinationSide {
   /** The source's spec, whose writer tokens get the shared volumes back if we claimed them and then failed. */
   #sourceSpec: VmSpec | undefined;
   #claimed = false;
+  /** This QEMU's RBD clients (rbd-fence.ts), and whether it fenced the others at switch-over. */
+  #rbd: RbdWriter | undefined;
+  #rbdFenced = false;
   #announce: AnnounceSettings = defaultAnnounce;
   #postcopy = false;
 
@@ -115,9 +119,12 @@ export class QemuDestination implements DestinationSide {
     }
     signal.throwIfAborted();
 
+    // Who has its RBD images open before it opens them: the source, and anyone the switch-over must fence with it.
+    const rbdBefore = await rbdWatchers(destinationSpec);
     // Its taps are made (on the NICs' bridges) before -incoming: the device state that arrives expects its backends.
     const vm = await QemuProcess.start(destinationSpec, { mode: 'incoming', runDir: join(vmDir, 'qemu'), accel: this.#options.accel ?? 'tcg', logger: this.#options.logger, tapRole: 'incoming', ...(this.#options.tlsDir === undefined ? {} : { tlsDir: this.#options.tlsDir }) });
     this.#vm = vm;
+    this.#rbd = await RbdWriter.learn(destinationSpec, rbdBefore, this.#options.logger);
     // Opened before migrate-incoming, so the completion event cannot be missed.
     this.#events = vm.monitor.client.listen();
     const tls = await this.#secureStreams(vm, plan.from, signal);
@@ -251,6 +258,11 @@ export class QemuDestination implements DestinationSide {
         await this.#options.fence.claim(vm.spec, signal);
         faultPoint('destination-after-claim');
       }
+      // The same for RBD images: the source, should it run on, and any stale writer are cut off before the guest runs here.
+      if (this.#rbd) {
+        this.#rbdFenced = true;
+        await this.#rbd.fenceOthers();
+      }
       await qmp.cont({ signal });
     });
     this.#resumed = true;
@@ -297,6 +309,10 @@ export class QemuDestination implements DestinationSide {
     this.#events?.close();
     if (this.#vm) {
       await this.#vm.kill();
+      // Its clients may have been the images' only writer for a moment: cut off, the source can take the images back at once.
+      if (this.#rbdFenced) await this.#rbd?.fenceSelf();
+      this.#rbdFenced = false;
+      this.#rbd = undefined;
       // Killed first, so it cannot write, then the source (which rollback resumes) gets the volumes back.
       if (this.#claimed && this.#options.fence && this.#sourceSpec) await this.#options.fence.claim(this.#sourceSpec);
       this.#claimed = false;

@@ -106,6 +106,11 @@ function blockdevArgs(disk: DiskSpec, tls: boolean, reconnectDelayS: number): st
   if (source.kind === 'nbd') {
     return ['-blockdev', JSON.stringify(nbdNode(diskNodeName(disk.id), source.server, source.export, { readOnly, noFlush: cache.noFlush, tls, reconnectDelayS }))];
   }
+  if (source.kind === 'rbd') {
+    // librbd talks to the Ceph cluster from inside QEMU: no kernel block device. The key stays in the keyring the conf names.
+    const node = { driver: 'rbd', 'node-name': diskNodeName(disk.id), pool: source.pool, image: source.image, conf: source.conf, user: source.user, 'read-only': readOnly, cache: { 'no-flush': cache.noFlush } };
+    return ['-blockdev', JSON.stringify(node)];
+  }
   const fileNode = {
     driver: 'file',
     'node-name': diskFileNodeName(disk.id),
@@ -148,10 +153,10 @@ function deviceArgs(disk: DiskSpec, index: number, bootDiskId: string | undefine
     addr: `0x${(firstDiskSlot + index).toString(16)}`,
     'write-cache': cacheFlags[disk.cache ?? 'none'].writeCache ? 'on' : 'off',
   };
-  // A disk that reaches the storage server over the network stops the VM when a request fails (the server
+  // A disk that reaches the storage server (or Ceph) over the network stops the VM when a request fails (the server
   // gone longer than QEMU waits) rather than hand the guest an I/O error it may answer by remounting
   // read-only or crashing; QEMU retries the request when the VM continues (libvirt's error_policy='stop').
-  if (usesStorageServer(disk)) {
+  if (usesStorageServer(disk) || disk.source.kind === 'rbd') {
     device.werror = 'stop';
     device.rerror = 'stop';
   }
@@ -161,7 +166,7 @@ function deviceArgs(disk: DiskSpec, index: number, bootDiskId: string | undefine
 
 /** Whether any of the disk's data lives on the storage server (a shared volume, or an overlay's shared base). */
 export function usesStorageServer(disk: DiskSpec): boolean {
-  return disk.source.kind === 'nbd' || disk.source.backing !== undefined;
+  return disk.source.kind === 'nbd' || (disk.source.kind === 'file' && disk.source.backing !== undefined);
 }
 
 function nicArgs(nic: NicSpec, index: number, tap: string | undefined, bus: string): string[] {

@@ -28,7 +28,13 @@ export type DiskSource =
    */
   | { kind: 'file'; path: string; format: 'qcow2' | 'raw'; backing?: SharedBase }
   /** An export on a storage server every host reaches: shared data, re-attached when the VM moves. */
-  | { kind: 'nbd'; server: NbdServerAddress; export: string };
+  | { kind: 'nbd'; server: NbdServerAddress; export: string }
+  /**
+   * An image on a Ceph cluster every host reaches (src/storage/rbd.ts): shared
+   * data, re-attached when the VM moves. `conf` and `user` say where Ceph is
+   * and who to be; the key stays in the keyring the conf names.
+   */
+  | { kind: 'rbd'; pool: string; image: string; conf: string; user: string };
 
 export interface DiskSpec {
   /** Stable id: the guest sees it as the disk's serial; migration addresses the disk by it. */
@@ -75,6 +81,8 @@ export interface VmSpec {
 // virtio-blk serials hold 20 bytes; QMP node names must start with a letter.
 const diskIdPattern = /^[a-z][a-z0-9_-]{0,19}$/;
 // A bare model name: a comma would smuggle -cpu properties (features, enforce=off) into the command line.
+// Ceph pool, image and user names: Ceph allows more, but these survive QEMU's rbd: filename syntax and a shell unquoted.
+export const cephNamePattern = /^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$/;
 export const cpuModelPattern = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const cacheModes: readonly CacheMode[] = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'];
 export const maxDisks = 16;
@@ -154,7 +162,17 @@ function validateDiskSource(value: unknown, field: string): DiskSource {
     const server = validateNbdServer(value.server, `${field}.server`);
     return { kind: 'nbd', server, export: validateExportName(value.export, `${field}.export`) };
   }
-  return invalid(`${field}.kind`, `must be "file" or "nbd" (got ${JSON.stringify(value.kind)})`);
+  if (value.kind === 'rbd') {
+    const name = (key: 'pool' | 'image' | 'user'): string => {
+      const text = requireString(value[key], `${field}.${key}`);
+      if (!cephNamePattern.test(text)) invalid(`${field}.${key}`, `must be 1-100 characters of A-Z, a-z, 0-9, '.', '-', '_', starting with a letter or digit (got "${text}")`);
+      return text;
+    };
+    const conf = requireAbsolutePath(value.conf, `${field}.conf`);
+    if (conf.includes(':')) invalid(`${field}.conf`, `must not contain a colon (got "${conf}")`);
+    return { kind: 'rbd', pool: name('pool'), image: name('image'), conf, user: name('user') };
+  }
+  return invalid(`${field}.kind`, `must be "file", "nbd" or "rbd" (got ${JSON.stringify(value.kind)})`);
 }
 
 function validateDisk(value: unknown, field: string): DiskSpec {

@@ -50,7 +50,7 @@ const invalidCases: { change: [(string | number)[], unknown]; field: RegExp }[] 
   { change: [['disks', 0, 'source', 'path'], 'relative.qcow2'], field: /^invalid VM spec: disks\[0\]\.source\.path must be an absolute path/ },
   { change: [['disks', 0, 'source', 'path'], '/a,b.qcow2'], field: /^invalid VM spec: disks\[0\]\.source\.path must not contain a comma/ },
   { change: [['disks', 0, 'source', 'format'], 'vmdk'], field: /^invalid VM spec: disks\[0\]\.source\.format must be "qcow2" or "raw" \(got "vmdk"\)/ },
-  { change: [['disks', 0, 'source', 'kind'], 'iscsi'], field: /^invalid VM spec: disks\[0\]\.source\.kind must be "file" or "nbd"/ },
+  { change: [['disks', 0, 'source', 'kind'], 'iscsi'], field: /^invalid VM spec: disks\[0\]\.source\.kind must be "file", "nbd" or "rbd"/ },
   { change: [['disks', 1, 'source', 'server', 'port'], 70000], field: /^invalid VM spec: disks\[1\]\.source\.server\.port must be an integer from 1 to 65535/ },
   { change: [['disks', 2, 'source', 'server', 'type'], 'vsock'], field: /^invalid VM spec: disks\[2\]\.source\.server\.type must be "inet" or "unix"/ },
   { change: [['disks', 1, 'cache'], 'fast'], field: /^invalid VM spec: disks\[1\]\.cache must be one of none, writeback/ },
@@ -204,4 +204,24 @@ test('each NIC is a virtio-net device with its MAC on its own tap; the tap names
   assert.equal(tapName('web-1', 0, 'run'), tapName('web-1', 0, 'run'));
   assert.ok(isTapOf('web-1', tapName('web-1', 3, 'incoming')));
   assert.ok(!isTapOf('web-2', tapName('web-1', 3, 'incoming')));
+});
+
+test('an RBD disk: one rbd node with pool, image, conf and user (no key anywhere), a device that stops the VM on I/O errors; bad names refused', () => {
+  const rbd = { kind: 'rbd', pool: 'vms', image: 'web-1-data', conf: '/etc/ceph/ceph.conf', user: 'vmferry' };
+  const spec = validateVmSpec(withChange(['disks', 1, 'source'], rbd));
+  assert.deepEqual(spec.disks[1]?.source, rbd);
+  const args = qemuArguments(spec, { mode: 'run', qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'tcg', taps: ['tap-a', 'tap-b'] });
+  const node = blockdevs(args).find((n) => n['node-name'] === 'disk-data');
+  assert.deepEqual(node, { driver: 'rbd', 'node-name': 'disk-data', pool: 'vms', image: 'web-1-data', conf: '/etc/ceph/ceph.conf', user: 'vmferry', 'read-only': false, cache: { 'no-flush': false } });
+  const device = args.map((a) => (a.startsWith('{"driver":"virtio-blk-pci"') ? (JSON.parse(a) as Record<string, unknown>) : undefined)).find((d) => d?.id === 'data');
+  assert.equal(device?.werror, 'stop');
+  assert.doesNotMatch(args.join(' '), /key/);
+  for (const [field, value, message] of [
+    ['pool', 'a/b', /disks\[1\]\.source\.pool must be 1-100 characters/],
+    ['image', 'x@snap', /disks\[1\]\.source\.image must be/],
+    ['conf', 'ceph.conf', /disks\[1\]\.source\.conf must be an absolute path/],
+    ['conf', '/etc/ceph:x', /must not contain a colon/],
+  ] as const) {
+    assert.throws(() => validateVmSpec(withChange(['disks', 1, 'source'], { ...rbd, [field]: value })), (err: unknown) => hasCode(err, 'VMF_INVALID_SPEC') && message.test((err as Error).message));
+  }
 });

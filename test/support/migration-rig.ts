@@ -22,6 +22,7 @@ import { qemuPeerName } from '../../src/qemu/tls-creds.ts';
 import type { DiskSpec, VmSpec } from '../../src/qemu/spec.ts';
 import type { TlsIdentity } from '../../src/security/tls-files.ts';
 import { LocalPool } from '../../src/storage/local-pool.ts';
+import { createImage, removeImage, type CephClient } from '../../src/storage/rbd.ts';
 import { Cleanup } from './cleanup.ts';
 import { startTestStorage } from './storage.ts';
 import { makeTempDir } from './temp.ts';
@@ -29,6 +30,8 @@ import { makeTempDir } from './temp.ts';
 export interface RigLayout {
   local: { id: string; sizeMiB: number; fillMiB?: number }[];
   shared: { id: string; sizeMiB: number; readOnly?: boolean }[];
+  /** Shared disks on RBD images, made in `pool` of the Ceph cluster `client` reaches (test/support/ceph.ts). */
+  rbd?: { id: string; sizeMiB: number; client: CephClient; pool: string }[];
 }
 
 /** Each host's agent TLS identity in QEMU's layout (`vmferry pki issue agent A|B`): every QEMU of the rig gets its host's credentials. */
@@ -105,6 +108,12 @@ export class MigrationRig {
         await storage.server.volumes.create(shared.id, shared.sizeMiB * 1024 * 1024, shared.readOnly ?? false);
         disks.push({ id: shared.id, source: { kind: 'nbd', server: { type: 'inet', host: '127.0.0.1', port: storage.nbdPort }, export: shared.id }, readOnly: shared.readOnly ?? false });
       }
+    }
+    for (const rbd of layout.rbd ?? []) {
+      const image = `${name}-${rbd.id}`;
+      await createImage(rbd.client, rbd.pool, image, rbd.sizeMiB * 1024 * 1024);
+      this.cleanup.add(`remove RBD image ${image}`, () => removeImage(rbd.client, rbd.pool, image, true));
+      disks.push({ id: rbd.id, source: { kind: 'rbd', pool: rbd.pool, image, ...rbd.client } });
     }
     // Host write-back of fresh images would compete with the mirror.
     execFileSync('sync');
