@@ -222,6 +222,11 @@ export class RemoteSource implements SourceSide {
     await this.#agent.request('POST', `${this.#path}/postcopy-resume`, { uri }, { signal });
   }
 
+  /** Caps its mirrors and RAM stream from now on (QemuSource.setBandwidth); setting the same cap twice is harmless, so it is retried. */
+  async setBandwidth(bytesPerSecond: number, signal: AbortSignal): Promise<void> {
+    await this.#agent.idempotent('POST', `${this.#path}/bandwidth`, { bytesPerSecond }, { signal });
+  }
+
   async releaseThrottle(signal: AbortSignal): Promise<void> {
     await this.#agent.idempotent('POST', `${this.#path}/release-throttle`, {}, { signal });
   }
