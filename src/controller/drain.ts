@@ -95,11 +95,11 @@ function unionMs(windows: { from: number; until: number }[]): number {
 export class DrainService {
   readonly #store: Store;
   readonly #inventory: Inventory;
-  readonly #migrations: MigrationService;
+  readonly #migrations: Pick<MigrationService, 'start' | 'get'>;
   readonly #logger: Logger;
   readonly #drains = new Map<string, { status: DrainStatus; stop: AbortController; done: Promise<void> }>();
 
-  constructor(store: Store, inventory: Inventory, migrations: MigrationService, logger: Logger) {
+  constructor(store: Store, inventory: Inventory, migrations: Pick<MigrationService, 'start' | 'get'>, logger: Logger) {
     this.#store = store;
     this.#inventory = inventory;
     this.#migrations = migrations;
