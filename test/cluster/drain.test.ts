@@ -1,7 +1,7 @@
-// Running a fleet (issue 19): a status poll whose connection is reset does not fail a migration (the
-// agent client retries it), and `vmferry host drain` moves every VM of a host within one bandwidth
+// Running a fleet (issue 19): `vmferry host drain` moves every VM of a host within one bandwidth
 // budget: each VM verified on exactly one destination, the budget held over the drain, the drained
-// host refused as a destination until `host undrain`.
+// host refused as a destination until `host undrain`. One RAM status poll's connection is reset on
+// the way: the agent client retries it, so no migration fails for it (one did before the retries).
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -49,27 +49,18 @@ after(async () => {
   await work?.remove();
 });
 
-test('a RAM status poll whose connection is reset is retried: the migration completes, the guest runs on B only', async () => {
-  const vm = 'retry1';
-  await faults.startVm(vm, { intervalMs: 0 }, rootMiB, small);
-  assert.ok(proxyA);
-  proxyA.arm({ route: '/source/info', mode: 'reset', delayMs: 0 });
-  const { id } = await cluster.api.migrate({ vm, to: 'B' });
-  assert.ok(id);
-  const record = await faults.finalRecord(id, 120_000);
-  assert.ok(proxyA.fired, 'the first RAM progress poll was reset');
-  assert.equal(record.phase, 'completed', record.report?.error?.message);
-  await faults.assertSettled(vm, 'B');
-});
-
-test('host drain moves three VMs under writes off A within one budget; A takes none until undrained', async () => {
+test('host drain moves three VMs under writes off A within one budget, through a reset status poll; A takes none until undrained', async () => {
   const vms = ['drain1', 'drain2', 'drain3'];
   await Promise.all(vms.map((vm) => faults.startVm(vm, { intervalMs: 0 }, rootMiB, small)));
 
+  // One reset connection on a RAM status poll: retried, it does not fail that VM's migration (it did before).
+  assert.ok(proxyA);
+  proxyA.arm({ route: '/source/info', mode: 'reset', delayMs: 0 });
   const result = await runVmferry(cluster.controllerUrl, ['--json', 'host', 'drain', 'A', '--parallel', '2', '--bandwidth', String(budgetMiBs)], 180_000);
   assert.equal(result.code, 0, result.stderr);
   const status = JSON.parse(result.stdout) as DrainStatus;
   assert.equal(status.state, 'done');
+  assert.ok(proxyA.fired, 'a RAM progress poll was reset');
   assert.deepEqual(status.vms.map((v) => [v.vm, v.state]).sort(), vms.map((vm) => [vm, 'completed']), JSON.stringify(status.vms));
   // The budget held: what the migrations sent, over the time any of them was sending.
   assert.ok(status.transfer && status.transfer.bytes > 3 * 8 * MiB, `the drain moved the guests' data (${JSON.stringify(status.transfer)})`);
