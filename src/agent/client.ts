@@ -6,6 +6,7 @@
 import { importTimeoutMs } from '../storage/disk-images.ts';
 import type { CreateVmRequest, HostInfo, MigrationHalves, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
 import { requestJson } from '../http/errors.ts';
+import { retryIdempotent } from '../http/retry.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
 import type { DestinationFacts, MigrationPlan, SourceFacts, CopyMode } from '../migration/plan.ts';
 import type {
@@ -49,21 +50,31 @@ export class AgentClient {
     return requestJson<T>(this.url, method, path, { body, ...options, tls: this.#tls, server: { role: 'agent', id: this.#hostId } });
   }
 
+  /**
+   * A request whose repetition cannot change what the first one did (a read,
+   * a status poll, a call the agent handles idempotently): a reset connection
+   * is retried with backoff (src/http/retry.ts). Every other call goes through
+   * request() once.
+   */
+  idempotent<T>(method: string, path: string, body?: unknown, options: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<T> {
+    return retryIdempotent(`${method} ${path} on ${this.#hostId ?? this.url}`, () => this.request<T>(method, path, body, options), { signal: options.signal });
+  }
+
   host(signal?: AbortSignal): Promise<HostInfo> {
-    return this.request('GET', '/v1/host', undefined, { signal, timeoutMs: 5_000 });
+    return this.idempotent('GET', '/v1/host', undefined, { signal, timeoutMs: 5_000 });
   }
 
   listVms(): Promise<VmInfo[]> {
-    return this.request('GET', '/v1/vms');
+    return this.idempotent('GET', '/v1/vms');
   }
 
   /** What this host holds of a migration (its source or destination half, if any). */
   migrationHalves(id: string): Promise<MigrationHalves> {
-    return this.request('GET', `/v1/migrations/${encodeURIComponent(id)}`, undefined, { timeoutMs: 10_000 });
+    return this.idempotent('GET', `/v1/migrations/${encodeURIComponent(id)}`, undefined, { timeoutMs: 10_000 });
   }
 
   getVm(name: string): Promise<VmInfo> {
-    return this.request('GET', `/v1/vms/${encodeURIComponent(name)}`);
+    return this.idempotent('GET', `/v1/vms/${encodeURIComponent(name)}`);
   }
 
   createVm(request: CreateVmRequest): Promise<VmInfo> {
@@ -84,7 +95,7 @@ export class AgentClient {
   }
 
   quarantine(): Promise<QuarantineEntry[]> {
-    return this.request('GET', '/v1/quarantine');
+    return this.idempotent('GET', '/v1/quarantine');
   }
 
   restoreQuarantined(id: string): Promise<QuarantineEntry> {
@@ -96,11 +107,11 @@ export class AgentClient {
   }
 
   probeSource(vm: string): Promise<SourceFacts> {
-    return this.request('POST', `/v1/vms/${encodeURIComponent(vm)}/probe-source`, {}, { timeoutMs: 60_000 });
+    return this.idempotent('POST', `/v1/vms/${encodeURIComponent(vm)}/probe-source`, {}, { timeoutMs: 60_000 });
   }
 
   probeDestination(spec: VmSpec): Promise<DestinationFacts> {
-    return this.request('POST', '/v1/probe-destination', { spec }, { timeoutMs: 60_000 });
+    return this.idempotent('POST', '/v1/probe-destination', { spec }, { timeoutMs: 60_000 });
   }
 }
 
@@ -146,7 +157,7 @@ export class RemoteDestination implements DestinationSide {
   }
 
   async fate(signal: AbortSignal): Promise<DestinationFate> {
-    return (await this.#agent.request<{ fate: DestinationFate }>('POST', `${this.#path}/fate`, {}, { signal, timeoutMs: 90_000 })).fate;
+    return (await this.#agent.idempotent<{ fate: DestinationFate }>('POST', `${this.#path}/fate`, {}, { signal, timeoutMs: 90_000 })).fate;
   }
 
   async rollback(): Promise<void> {
@@ -175,7 +186,7 @@ export class RemoteSource implements SourceSide {
   }
 
   mirrorStatus(signal: AbortSignal, waitMs = 0): Promise<MirrorStatus[]> {
-    return this.#agent.request('GET', `${this.#path}/mirrors?waitMs=${waitMs}`, undefined, { signal, timeoutMs: waitMs + 30_000 });
+    return this.#agent.idempotent('GET', `${this.#path}/mirrors?waitMs=${waitMs}`, undefined, { signal, timeoutMs: waitMs + 30_000 });
   }
 
   async startMigration(uri: string, settings: MigrationSettings, signal: AbortSignal): Promise<void> {
@@ -183,11 +194,12 @@ export class RemoteSource implements SourceSide {
   }
 
   migrationInfo(signal: AbortSignal): Promise<MigrationInfo> {
-    return this.#agent.request('GET', `${this.#path}/info`, undefined, { signal });
+    return this.#agent.idempotent('GET', `${this.#path}/info`, undefined, { signal });
   }
 
   async waitMilestone(signal: AbortSignal): Promise<MigrationMilestone> {
     // The agent answers within its own bound (10 s) with a milestone or null; a migration takes as many asks as it needs.
+    // Not retried: the agent hands each milestone out once, and a reply lost with it would leave a retry waiting for one that passed.
     for (;;) {
       const reply = await this.#agent.request<{ milestone: MigrationMilestone | null }>('POST', `${this.#path}/wait-milestone`, {}, { signal, timeoutMs: 60_000 });
       if (reply.milestone) return reply.milestone;
@@ -195,7 +207,7 @@ export class RemoteSource implements SourceSide {
   }
 
   async setDowntimeLimit(ms: number, signal: AbortSignal): Promise<void> {
-    await this.#agent.request('POST', `${this.#path}/downtime-limit`, { ms }, { signal });
+    await this.#agent.idempotent('POST', `${this.#path}/downtime-limit`, { ms }, { signal });
   }
 
   async startPostcopy(signal: AbortSignal): Promise<void> {
@@ -210,8 +222,13 @@ export class RemoteSource implements SourceSide {
     await this.#agent.request('POST', `${this.#path}/postcopy-resume`, { uri }, { signal });
   }
 
+  /** Caps its mirrors and RAM stream from now on (QemuSource.setBandwidth); setting the same cap twice is harmless, so it is retried. */
+  async setBandwidth(bytesPerSecond: number, signal: AbortSignal): Promise<void> {
+    await this.#agent.idempotent('POST', `${this.#path}/bandwidth`, { bytesPerSecond }, { signal });
+  }
+
   async releaseThrottle(signal: AbortSignal): Promise<void> {
-    await this.#agent.request('POST', `${this.#path}/release-throttle`, {}, { signal });
+    await this.#agent.idempotent('POST', `${this.#path}/release-throttle`, {}, { signal });
   }
 
   async stopGuest(signal: AbortSignal): Promise<void> {
@@ -231,7 +248,7 @@ export class RemoteSource implements SourceSide {
   }
 
   completedInfo(signal: AbortSignal): Promise<SourceCompletion> {
-    return this.#agent.request('GET', `${this.#path}/completed-info`, undefined, { signal });
+    return this.#agent.idempotent('GET', `${this.#path}/completed-info`, undefined, { signal });
   }
 
   async retire(keepLocalDisks: boolean): Promise<void> {

@@ -249,6 +249,15 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     await sides.resumePostcopy(request.params.id, request.body.uri, replySignal(reply));
     return {};
   });
+  // A host drain's share of its bandwidth budget, changed as its other migrations start and end.
+  app.post(
+    '/v1/migrations/:id/source/bandwidth',
+    { schema: { params, body: Type.Object({ bytesPerSecond: Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER }) }, strict) } },
+    async (request, reply) => {
+      await sides.useSource(request.params.id, (side) => side.setBandwidth(request.body.bytesPerSecond, replySignal(reply)));
+      return {};
+    },
+  );
   app.post('/v1/migrations/:id/source/release-throttle', { schema: { params } }, async (request, reply) => {
     await sides.useSource(request.params.id, (side) => side.releaseThrottle(replySignal(reply)));
     return {};

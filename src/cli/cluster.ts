@@ -12,6 +12,7 @@ import { registerVmImport } from './import.ts';
 import { commandTls } from './tls-options.ts';
 import { followMigration } from './progress.ts';
 import { registerQuarantineCommands } from './quarantine.ts';
+import { registerDrainCommands } from './drain.ts';
 import { renderPlan, renderReport, table } from './render.ts';
 import { addMigrateOptions, migrateRequestOptions, type MigrateCliOptions } from './migrate-options.ts';
 
@@ -64,11 +65,12 @@ export function registerClusterCommands(program: Command): void {
       const hosts = await api.hosts();
       if (json) printJson(hosts);
       else {
-        const rows = hosts.map((h) => [h.id, h.state, h.url, h.address, accelColumn(h), `${Math.round((Date.now() - h.lastSeen) / 1000)} s ago`]);
+        const rows = hosts.map((h) => [h.id, h.draining ? `${h.state}, draining` : h.state, h.url, h.address, accelColumn(h), `${Math.round((Date.now() - h.lastSeen) / 1000)} s ago`]);
         console.log(table(['host', 'state', 'agent', 'address', 'accelerator', 'last seen'], rows));
       }
     });
   registerQuarantineCommands(host);
+  registerDrainCommands(host);
 
   const vm = program.command('vm').description('virtual machines');
   vm.command('list')

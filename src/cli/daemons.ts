@@ -4,15 +4,16 @@ import { VmferryError } from '../errors.ts';
 import { chooseAccelerator, parseAccelMode } from '../qemu/accel.ts';
 import { collect, daemonLogger, parseListen, untilSignal } from './common.ts';
 import { daemonTls, insecureHelp } from './tls-options.ts';
+import { tlsGlobals, withConfigFile } from './config-file.ts';
 import type { NbdServerAddress } from '../qemu/spec.ts';
 
 export function registerDaemonCommands(program: Command): void {
-  program
+  const agent = program
     .command('agent')
     .description('run the per-host agent: VMs on this host and its half of each migration')
-    .requiredOption('--host-id <name>', 'this host\'s name in the cluster')
-    .requiredOption('--listen <host:port>', 'address of the agent\'s HTTP API')
-    .requiredOption('--data-dir <dir>', 'where VM specs, logs and the local pool live')
+    .option('--host-id <name>', 'this host\'s name in the cluster (required)')
+    .option('--listen <host:port>', 'address of the agent\'s HTTP API (required)')
+    .option('--data-dir <dir>', 'where VM specs, logs and the local pool live (required)')
     .option('--address <ip>', 'address other hosts reach this one at (default: the --listen host)')
     .option('--storage <url>', 'the storage server\'s admin URL, to fence shared volumes to one writer (or VMFERRY_STORAGE)', process.env.VMFERRY_STORAGE)
     .option('--storage-nbd <host:port>', 'the storage server\'s NBD address, the only server shared disks may be on (default: the --storage host, port 10809)')
@@ -20,7 +21,8 @@ export function registerDaemonCommands(program: Command): void {
     .option('--advertise-url <url>', 'the URL the controller reaches this agent at, when not the --listen address (a proxy or NAT in front of it)')
     .option('--accel <mode>', 'what runs guests: auto (KVM when a probe guest runs under it, else TCG), kvm (refuse to start without it) or tcg', 'auto')
     .option('--insecure', insecureHelp)
-    .option('--abandon-after <seconds>', 'settle a migration half alone once no controller has touched it this long, where that is safe (0: never)', '60')
+    .option('--abandon-after <seconds>', 'settle a migration half alone once no controller has touched it this long, where that is safe (0: never)', '60');
+  withConfigFile(agent, 'agent', { required: ['host-id', 'listen', 'data-dir'], globals: ['controller', ...tlsGlobals] })
     .action(async (_opts, command: Command) => {
       // --controller is the global option: the controller this agent registers with and heartbeats to.
       const opts = command.optsWithGlobals<{
@@ -76,13 +78,14 @@ export function registerDaemonCommands(program: Command): void {
       await app.close();
     });
 
-  program
+  const controller = program
     .command('controller')
     .description('run the controller: inventory, placement checks, migrations through the agents')
-    .requiredOption('--listen <host:port>', 'address of the controller\'s HTTP API')
-    .requiredOption('--db <file|url>', 'where the controller keeps its state: a SQLite file, or a postgres://user@host:port/database URL shared by several controllers (or VMFERRY_DB)', process.env.VMFERRY_DB)
+    .option('--listen <host:port>', 'address of the controller\'s HTTP API (required)')
+    .option('--db <file|url>', 'where the controller keeps its state: a SQLite file, or a postgres://user@host:port/database URL shared by several controllers (or VMFERRY_DB; required)', process.env.VMFERRY_DB)
     .option('--storage <url>', 'the storage server\'s admin URL: a migration\'s report then says what it read and wrote for each re-attached disk (or VMFERRY_STORAGE)', process.env.VMFERRY_STORAGE)
-    .option('--insecure', insecureHelp)
+    .option('--insecure', insecureHelp);
+  withConfigFile(controller, 'controller', { required: ['listen', 'db'], globals: tlsGlobals })
     .action(async (opts: { listen: string; db: string; storage?: string }, command: Command) => {
       const listen = parseListen(opts.listen, '--listen');
       const logger = daemonLogger('controller');

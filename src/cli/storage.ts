@@ -11,6 +11,7 @@ import { table } from './render.ts';
 import { VmferryError } from '../errors.ts';
 import { addRbdOptions, backendOf, createRbdVolume, listRbdVolumes, removeRbdVolume, resizeRbdVolume, type RbdCliOptions } from './rbd-volumes.ts';
 import { commandTls, daemonTls, insecureHelp } from './tls-options.ts';
+import { tlsGlobals, withConfigFile } from './config-file.ts';
 
 const MiB = 1024 * 1024;
 const defaultStorageUrl = process.env.VMFERRY_STORAGE ?? 'http://127.0.0.1:10810';
@@ -21,17 +22,18 @@ function storageTls(command: Command): { tls: TlsIdentity | undefined; server: E
 }
 
 export function registerStorageCommands(program: Command): void {
-  program
+  const serve = program
     .command('storage')
     .description('the shared storage server')
     .command('serve')
     .description('serve shared volumes over NBD, with an admin HTTP API')
-    .requiredOption('--data-dir <dir>', 'where volumes and the catalog live')
+    .option('--data-dir <dir>', 'where volumes and the catalog live (required)')
     .option('--listen <host:port>', 'NBD over TCP', '127.0.0.1:10809')
     .option('--socket <path>', 'NBD over a unix socket as well')
     .option('--admin <host:port>', 'admin HTTP API', '127.0.0.1:10810')
     .option('--insecure', insecureHelp)
-    .option('--memory-budget-mib <MiB>', 'memory all NBD clients together may hold for requests and unsent replies; past it, they are read more slowly', String(defaultLimits.memoryBudgetBytes / MiB))
+    .option('--memory-budget-mib <MiB>', 'memory all NBD clients together may hold for requests and unsent replies; past it, they are read more slowly', String(defaultLimits.memoryBudgetBytes / MiB));
+  withConfigFile(serve, 'storage', { required: ['data-dir'], globals: tlsGlobals })
     .action(async (opts: { dataDir: string; listen: string; socket?: string; admin: string; memoryBudgetMib: string }, command: Command) => {
       const logger = daemonLogger('storage');
       const tls = daemonTls(command, 'storage', logger);

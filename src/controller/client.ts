@@ -8,6 +8,7 @@ import type { MigrationReport } from '../migration/phases.ts';
 import type { MigrationRecord, StoredEvent } from '../store/store.ts';
 import type { MigrateRequest } from '../api/controller-types.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
+import type { DrainStatus } from './drain.ts';
 
 const controller = { role: 'controller' } as const;
 
@@ -76,6 +77,19 @@ export class ControllerClient {
 
   events(id: string, after: number): Promise<{ phase: string; events: StoredEvent[]; report: MigrationReport | null }> {
     return requestJson(this.#url, 'GET', `/v1/migrations/${encodeURIComponent(id)}/events?after=${after}`, { tls: this.#tls, server: controller });
+  }
+
+  drainHost(host: string, request: { to?: string[]; parallel?: number; bandwidthMiBs?: number }): Promise<DrainStatus> {
+    // Answered once every VM of the host has been listed, before any migration moves.
+    return requestJson(this.#url, 'POST', `/v1/hosts/${encodeURIComponent(host)}/drain`, { body: request, timeoutMs: 60_000, tls: this.#tls, server: controller });
+  }
+
+  undrainHost(host: string): Promise<{ host: string; draining: false }> {
+    return requestJson(this.#url, 'POST', `/v1/hosts/${encodeURIComponent(host)}/undrain`, { body: {}, tls: this.#tls, server: controller });
+  }
+
+  drain(id: string): Promise<DrainStatus> {
+    return requestJson(this.#url, 'GET', `/v1/drains/${encodeURIComponent(id)}`, { tls: this.#tls, server: controller });
   }
 
   cancel(id: string): Promise<MigrationRecord> {

@@ -13,6 +13,8 @@ export const heartbeatTimeoutMs = 15_000;
 
 export interface HostStatus extends HostRecord {
   state: 'reachable' | 'unreachable';
+  /** Being drained (`vmferry host drain`): no VM is created on it or migrated to it. */
+  draining: boolean;
 }
 
 export class Inventory {
@@ -31,7 +33,15 @@ export class Inventory {
 
   async hosts(): Promise<HostStatus[]> {
     const now = Date.now();
-    return (await this.#store.listHosts()).map((host) => ({ ...host, state: now - host.lastSeen <= heartbeatTimeoutMs ? 'reachable' : 'unreachable' }));
+    const draining = new Set(await this.#store.drainingHosts());
+    return (await this.#store.listHosts()).map((host) => ({ ...host, state: now - host.lastSeen <= heartbeatTimeoutMs ? 'reachable' : 'unreachable', draining: draining.has(host.id) }));
+  }
+
+  /** Refuses a host that is being drained as the place of a new or migrated VM. */
+  async refuseDraining(hostId: string, what: string): Promise<void> {
+    if ((await this.#store.drainingHosts()).includes(hostId)) {
+      throw new VmferryError('VMF_CONFLICT', `host ${hostId} is draining: ${what} refused (vmferry host undrain ${hostId} ends that)`);
+    }
   }
 
   /** The agent of a host, refusing hosts that are unknown or silent. */
@@ -75,6 +85,7 @@ export class Inventory {
 
   async createVm(hostId: string, request: CreateVmRequest): Promise<VmInfo> {
     if (await this.#store.getVmLocation(request.name)) throw new VmferryError('VMF_CONFLICT', `a VM named ${request.name} already exists`);
+    await this.refuseDraining(hostId, `creating VM ${request.name} there is`);
     const vm = await (await this.agent(hostId)).createVm(request);
     await this.#store.setVmLocation({ name: vm.name, hostId });
     return vm;

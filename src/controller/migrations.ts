@@ -43,6 +43,7 @@ export class MigrationService {
   async start(request: MigrationRequest): Promise<{ plan: MigrationPlan; id?: string }> {
     const active = await this.#store.activeMigration(request.vm);
     if (active) throw new VmferryError('VMF_CONFLICT', `VM ${request.vm} is already migrating (${active.id}, ${active.from} → ${active.to}, ${active.phase})`);
+    await this.#inventory.refuseDraining(request.to, `migrating ${request.vm} to it is`);
     const from = await this.#inventory.locateVm(request.vm);
     const sourceAgent = await this.#inventory.agent(from);
     const destinationAgent = await this.#inventory.agent(request.to);

@@ -14,6 +14,8 @@ import type { Store } from '../store/store.ts';
 import { Inventory } from './inventory.ts';
 import { metricsContentType, renderMetrics } from './metrics.ts';
 import { MigrationService } from './migrations.ts';
+import { registerDrainRoutes } from './drain-routes.ts';
+import { DrainService } from './drain.ts';
 import { settleUnfinishedMigrations } from './recovery.ts';
 import type { StorageServerAccess } from './storage-io.ts';
 import { requireSameId, type AccessPolicy } from '../http/access.ts';
@@ -39,6 +41,7 @@ export async function buildController(
   const store = options.store ?? (await openStore(options.dbPath, options.logger));
   const inventory = new Inventory(store, options.tls);
   const migrations = new MigrationService(store, inventory, options.logger, options.storage);
+  const drains = new DrainService(store, inventory, migrations, options.logger);
   const { base, app } = await createApiServer('vmferry controller', options.logger, 1024 * 1024, { tls: options.tls, access: controllerAccess }, {
     role: 'controller',
     // Both read the store: an unreachable database makes the controller unhealthy, with the driver's reason.
@@ -53,6 +56,7 @@ export async function buildController(
   app.addHook('onClose', async () => {
     stopSettling.abort();
     await settled;
+    await drains.close();
     await migrations.drain();
     await store.close();
   });
@@ -137,5 +141,6 @@ export async function buildController(
     },
   );
   app.post('/v1/migrations/:id/cancel', { schema: { params: MigrationParamsSchema } }, (request) => migrations.cancel(request.params.id));
+  registerDrainRoutes(app, drains);
   return { app: base, migrations, store, settled };
 }

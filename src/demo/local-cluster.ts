@@ -188,7 +188,8 @@ export class LocalCluster {
       const command = namespaceHost ? ['ip', 'netns', 'exec', namespaceHost.namespace, process.execPath, ...args] : [process.execPath, ...args];
       this.hosts.push({ id, address, dataDir, agentUrl, command, process: this.#spawnDaemon(`host ${id}`, command, this.#agentEnv?.({ id, dataDir })), namespace: namespaceHost?.namespace });
     }
-    await this.waitForHosts(options.hostIds, 30_000);
+    // Each agent compiles its TypeScript first: seconds apiece on a loaded machine.
+    await this.waitForHosts(options.hostIds, 60_000);
   }
 
   /** Waits until the controller sees every host as reachable. */

@@ -128,7 +128,14 @@ export async function requestJson<T>(baseUrl: string, method: string, path: stri
     const hint = url.protocol === 'https:' && !options.tls ? ' (a vmferry server with TLS: give --pki-dir, or --cert/--key/--ca)' : '';
     throw new VmferryError('VMF_UNREACHABLE', `cannot reach ${url.origin}: ${reason}${hint}`, { cause: err });
   }
-  const text = await response.text();
+  let text: string;
+  try {
+    text = await response.text();
+  } catch (err) {
+    if (signal.aborted) throw err;
+    // The connection closed while the reply came: the server may have acted, the caller cannot know its answer.
+    throw new VmferryError('VMF_UNREACHABLE', `the reply from ${url.origin} to ${method} ${url.pathname} was cut off: ${(err as Error).message}`, { cause: err });
+  }
   let body: unknown;
   try {
     body = text.length ? JSON.parse(text) : undefined;

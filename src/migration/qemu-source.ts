@@ -110,6 +110,8 @@ export class QemuSource implements SourceSide {
 
   readonly #fence: SharedWriterFence | undefined;
   readonly #tls: boolean;
+  /** A cap set while the migration runs (a host drain's share of its budget): it holds over the plan's, for jobs running and to come. */
+  #bandwidthBytes: number | undefined;
 
   constructor(options: QemuSourceOptions) {
     this.hostId = options.hostId;
@@ -172,7 +174,7 @@ export class QemuSource implements SourceSide {
             sync: target.sync,
             'copy-mode': copyMode,
             'auto-dismiss': false,
-            ...(bandwidthBytes === undefined ? {} : { speed: bandwidthBytes }),
+            ...((this.#bandwidthBytes ?? bandwidthBytes) === undefined ? {} : { speed: this.#bandwidthBytes ?? bandwidthBytes }),
           },
           { signal },
         );
@@ -202,8 +204,27 @@ export class QemuSource implements SourceSide {
     });
   }
 
+  /**
+   * Caps the mirrors and the RAM stream at `bytesPerSecond` from now on: QEMU's
+   * block-job-set-speed on every mirror still copying, and max-bandwidth (and
+   * its post-copy twin) on the migration, set before it starts as well.
+   */
+  async setBandwidth(bytesPerSecond: number, signal: AbortSignal): Promise<void> {
+    this.#bandwidthBytes = bytesPerSecond;
+    await this.#qmp('changing the bandwidth cap', async (qmp) => {
+      const jobs = await qmp.queryBlockJobs({ signal });
+      const own = new Set(this.#mirrors.map((m) => m.jobId));
+      // A concluded job refuses set-speed, and copies nothing more anyway.
+      for (const job of jobs.filter((j) => own.has(j.device) && (j.status === 'running' || j.status === 'ready'))) {
+        await qmp.client.execute('block-job-set-speed', { device: job.device, speed: bytesPerSecond }, { signal });
+      }
+      await qmp.migrateSetParameters({ 'max-bandwidth': bytesPerSecond, 'max-postcopy-bandwidth': bytesPerSecond }, { signal });
+    });
+  }
+
   async startMigration(uri: string, settings: MigrationSettings, signal: AbortSignal): Promise<void> {
     const host = uriHost(uri);
+    const maxBandwidthBytes = this.#bandwidthBytes ?? settings.maxBandwidthBytes;
     this.#checkTls(settings.tls, host);
     await this.#rememberRunState();
     await this.#qmp('starting the migration', async (qmp) => {
@@ -220,9 +241,9 @@ export class QemuSource implements SourceSide {
       await qmp.migrateSetParameters(
         {
           'downtime-limit': settings.downtimeLimitMs,
-          'max-bandwidth': settings.maxBandwidthBytes ?? unlimitedBandwidth,
+          'max-bandwidth': maxBandwidthBytes ?? unlimitedBandwidth,
           // Post-copy has a cap of its own (0: none): the user's cap holds there too.
-          ...(settings.allowPostcopy ? { 'max-postcopy-bandwidth': settings.maxBandwidthBytes ?? 0 } : {}),
+          ...(settings.allowPostcopy ? { 'max-postcopy-bandwidth': maxBandwidthBytes ?? 0 } : {}),
           // Set every time, either way: QEMU keeps parameters across migrations, and this QEMU may have been started
           // (then re-adopted) by an agent of the other kind.
           'tls-creds': this.#tls ? qemuTlsCreds.client : '',

@@ -42,6 +42,11 @@ CREATE TABLE migration_events (
     // The leader lease (src/controller/leader-lease.ts): one row, its holder, its epoch, and until when, by the database's clock.
     sql: 'CREATE TABLE vmferry_leader (id INTEGER PRIMARY KEY CHECK (id = 1), holder TEXT NOT NULL, epoch BIGINT NOT NULL, expires_at TIMESTAMPTZ NOT NULL);',
   },
+  {
+    version: 3,
+    // Hosts being drained (`vmferry host drain`): kept apart from `hosts`, which each heartbeat rewrites.
+    sql: 'CREATE TABLE draining_hosts (host_id TEXT PRIMARY KEY, since BIGINT NOT NULL);',
+  },
 ];
 
 /** Any fixed number: the key of the transaction-scoped advisory lock that serialises schema upgrades ("vmfsch" in ASCII). */

@@ -166,6 +166,15 @@ export class PostgresStore implements Store {
     return (await this.#query<VmLocation>('SELECT name, host_id AS "hostId" FROM vms WHERE name = $1', [name])).rows[0];
   }
 
+  async setHostDraining(id: string, draining: boolean): Promise<void> {
+    if (draining) await this.#query('INSERT INTO draining_hosts (host_id, since) VALUES ($1, $2) ON CONFLICT (host_id) DO NOTHING', [id, Date.now()]);
+    else await this.#query('DELETE FROM draining_hosts WHERE host_id = $1', [id]);
+  }
+
+  async drainingHosts(): Promise<string[]> {
+    return (await this.#query<{ host_id: string }>('SELECT host_id FROM draining_hosts ORDER BY host_id', [])).rows.map((r) => r.host_id);
+  }
+
   async deleteVmLocation(name: string): Promise<void> {
     await this.#query('DELETE FROM vms WHERE name = $1', [name]);
   }

@@ -13,6 +13,7 @@ const schema = `
 CREATE TABLE IF NOT EXISTS hosts (
   id TEXT PRIMARY KEY, url TEXT NOT NULL, address TEXT NOT NULL, last_seen INTEGER NOT NULL, accelerator TEXT, accelerator_reason TEXT);
 CREATE TABLE IF NOT EXISTS vms (name TEXT PRIMARY KEY, host_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS draining_hosts (host_id TEXT PRIMARY KEY, since INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS migrations (
   id TEXT PRIMARY KEY, vm TEXT NOT NULL, from_host TEXT NOT NULL, to_host TEXT NOT NULL, phase TEXT NOT NULL,
   plan TEXT NOT NULL, report TEXT, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
@@ -110,6 +111,16 @@ export class SqliteStore implements Store {
 
   getVmLocation(name: string): Promise<VmLocation | undefined> {
     return Promise.resolve(this.#db.prepare('SELECT name, host_id AS hostId FROM vms WHERE name = ?').get(name) as VmLocation | undefined);
+  }
+
+  setHostDraining(id: string, draining: boolean): Promise<void> {
+    if (draining) this.#db.prepare('INSERT INTO draining_hosts (host_id, since) VALUES (?, ?) ON CONFLICT (host_id) DO NOTHING').run(id, Date.now());
+    else this.#db.prepare('DELETE FROM draining_hosts WHERE host_id = ?').run(id);
+    return Promise.resolve();
+  }
+
+  drainingHosts(): Promise<string[]> {
+    return Promise.resolve((this.#db.prepare('SELECT host_id AS id FROM draining_hosts ORDER BY host_id').all() as { id: string }[]).map((r) => r.id));
   }
 
   deleteVmLocation(name: string): Promise<void> {

@@ -45,6 +45,10 @@ export interface Store {
   listHosts(): Promise<HostRecord[]>;
   getHost(id: string): Promise<HostRecord | undefined>;
 
+  /** Marks a host draining (`vmferry host drain`): no VM is created on it or migrated to it until it is undrained. */
+  setHostDraining(id: string, draining: boolean): Promise<void>;
+  drainingHosts(): Promise<string[]>;
+
   setVmLocation(location: VmLocation): Promise<void>;
   getVmLocation(name: string): Promise<VmLocation | undefined>;
   deleteVmLocation(name: string): Promise<void>;

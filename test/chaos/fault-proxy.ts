@@ -12,8 +12,11 @@ import { setTimeout as sleep } from 'node:timers/promises';
 export interface ReplyFault {
   /** The end of the request's path, e.g. "/destination/resume". */
   route: string;
-  /** lost: the agent answers, the caller never hears it; late: the answer arrives delayMs after the agent gave it. */
-  mode: 'lost' | 'late';
+  /**
+   * lost: the agent answers, the caller never hears it; late: the answer arrives delayMs after the agent gave it;
+   * reset: the caller's connection is reset before the request reaches the agent (any method, e.g. a GET status poll).
+   */
+  mode: 'lost' | 'late' | 'reset';
   delayMs: number;
 }
 
@@ -57,6 +60,13 @@ export class FaultProxy {
   }
 
   #forward(req: IncomingMessage, res: ServerResponse): void {
+    const armed = this.#armed;
+    if (armed?.mode === 'reset' && req.url?.split('?')[0]?.endsWith(armed.route)) {
+      this.#armed = undefined;
+      this.fired = { at: Date.now(), path: req.url };
+      req.socket.resetAndDestroy();
+      return;
+    }
     const upstream = httpRequest(
       { host: this.#target.hostname, port: this.#target.port, method: req.method, path: req.url, headers: req.headers, agent: false },
       (reply) => {

@@ -67,6 +67,18 @@ export function storeContract(engine: string, open: OpenStore): void {
       await store.deleteVmLocation('web');
     }));
 
+  test(`${engine}: a host is marked draining once, survives its heartbeats, and is undrained`, () =>
+    withStore(open, async (store) => {
+      await store.setHostDraining('B', true);
+      await store.setHostDraining('A', true);
+      await store.setHostDraining('A', true);
+      await store.upsertHost({ id: 'A', url: 'http://a', address: '10.0.0.1', lastSeen: 1 });
+      assert.deepEqual(await store.drainingHosts(), ['A', 'B']);
+      await store.setHostDraining('A', false);
+      await store.setHostDraining('A', false);
+      assert.deepEqual(await store.drainingHosts(), ['B']);
+    }));
+
   test(`${engine}: a migration keeps its plan and report as written, and its phase and report change independently`, () =>
     withStore(open, async (store) => {
       await store.createMigration(migration('m1', 'web', 1000));

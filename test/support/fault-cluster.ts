@@ -107,11 +107,12 @@ export class FaultCluster {
     assert.equal(info.host, host, `the controller places ${vm} on ${host}`);
     assert.equal(info.state, 'running');
     const pids = await this.qemuPids(vm);
-    const other = host === 'A' ? 'B' : 'A';
     assert.equal(pids.get(host)?.length, 1, `exactly one QEMU of ${vm} on ${host}`);
-    assert.deepEqual(pids.get(other), [], `no QEMU of ${vm} left on ${other}`);
-    const otherPool = await readdir(join(this.cluster.host(other).dataDir, 'pool'));
-    assert.deepEqual(otherPool.filter((f) => f.startsWith(`${vm}-`)), [], `no volume of ${vm} left in ${other}'s pool`);
+    for (const other of this.cluster.hosts.filter((h) => h.id !== host)) {
+      assert.deepEqual(pids.get(other.id), [], `no QEMU of ${vm} left on ${other.id}`);
+      const otherPool = await readdir(join(other.dataDir, 'pool'));
+      assert.deepEqual(otherPool.filter((f) => f.startsWith(`${vm}-`)), [], `no volume of ${vm} left in ${other.id}'s pool`);
+    }
     const before = (await readGuestReport(this.reportLogs(vm))).acks;
     await waitForAcks(this.reportLogs(vm), ['root', 'data'], { atLeast: 10, since: before, timeoutMs: 60_000 });
   }
@@ -132,6 +133,6 @@ export class FaultCluster {
     // Its QEMU is gone, but its writer lease and the verify run just now would hold the volume for the reconnect window.
     await this.cluster.removeVolume(`${vm}-data`, { force: true });
     const acked = [...report.acks.values()].reduce((a, b) => a + b, 0);
-    return `VM on ${host} only, guest kept writing, ${acked} acked records intact, nothing left on ${host === 'A' ? 'B' : 'A'}`;
+    return `VM on ${host} only, guest kept writing, ${acked} acked records intact, nothing left on ${this.cluster.hosts.filter((h) => h.id !== host).map((h) => h.id).join(', ')}`;
   }
 }
