@@ -69,7 +69,8 @@ async function lead(tenure: Tenure, { store, tls, migrations, logger }: TenureOp
   if (tenure.signal.aborted) return;
   migrations.lead({ store: tenureStore, inventory, signal: tenure.signal });
   if (tenure.epoch !== undefined) await announce(inventory, tenure, logger);
-  await settleUnfinishedMigrations(tenureStore, inventory, logger, tenure.signal);
+  const why = tenure.epoch === undefined ? 'the controller restarted' : `a new leader took over (epoch ${tenure.epoch})`;
+  await settleUnfinishedMigrations(tenureStore, inventory, logger, tenure.signal, why);
 }
 
 /** Every reachable host hears the new epoch at once (any request carries it), so none still obeys the former leader. */
