@@ -203,7 +203,8 @@ export class LocalCluster {
       const command = namespaceHost ? ['ip', 'netns', 'exec', namespaceHost.namespace, process.execPath, ...args] : [process.execPath, ...args];
       this.hosts.push({ id, address, dataDir, agentUrl, command, process: this.#spawnDaemon(`host ${id}`, command, this.#agentEnv?.({ id, dataDir })), namespace: namespaceHost?.namespace });
     }
-    await this.waitForHosts(options.hostIds, 30_000);
+    // An agent starts in seconds, and in half a minute on a loaded machine (its KVM probe, node itself).
+    await this.waitForHosts(options.hostIds, 60_000);
   }
 
   /** Waits until the controller sees every host as reachable. */
