@@ -40,6 +40,7 @@ const qemuFree = [
   'test/storage/holes.test.ts',
   'test/storage/peers.test.ts',
   'test/storage/volume-lifecycle.test.ts',
+  'test/store/ha-controllers.test.ts',
   'test/support/power-loss/',
 ];
 

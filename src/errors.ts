@@ -39,6 +39,8 @@ export const errorCodes = {
   VMF_UNREACHABLE: { status: 502, meaning: 'A vmferry server (agent, controller, storage) could not be reached.' },
   VMF_DATABASE: { status: 503, meaning: "The controller's database (`--db`: a SQLite file or a PostgreSQL server) could not be opened, reached or written; the message names it (without its password) and says why." },
   VMF_NOT_LEADER: { status: 503, meaning: 'This controller is a standby: another controller sharing its PostgreSQL database holds the leader lease; the message names it.' },
+  // Several controllers (issue 18).
+  VMF_STALE_LEADER: { status: 409, meaning: 'An agent refused a request stamped with an older leader epoch than one it has seen: the controller that sent it lost the leader lease (paused, cut off from PostgreSQL) and another leads now.' },
   VMF_INTERNAL: { status: 500, meaning: 'An unexpected server error; the log has the details.' },
   VMF_TOOL_MISSING: { status: 503, meaning: 'A required external program is not installed (run scripts/setup.sh).' },
   VMF_NBD_PROTOCOL: { status: 502, meaning: 'An NBD peer sent something that is not valid NBD.' },

@@ -27,6 +27,7 @@ import type { DestinationFate } from '../migration/no-return.ts';
 import type { GuestReset } from '../migration/phases.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { MigrationInfo } from '../qmp/commands.ts';
+import { epochHeaders, type EpochStamp } from './leader-epoch.ts';
 
 /** Waits that last as long as a phase of a migration: the migration's own deadline governs them. */
 const longWaitMs = 24 * 3600 * 1000;
@@ -38,16 +39,23 @@ export class AgentClient {
   readonly url: string;
   readonly #tls: TlsIdentity | undefined;
   readonly #hostId: string | undefined;
+  readonly #stamp: EpochStamp | undefined;
 
-  /** tls: the identity presented to the agent (the controller's, with mutual TLS); hostId: the host whose agent's certificate the server must show. */
-  constructor(url: string, tls?: TlsIdentity, hostId?: string) {
+  /**
+   * tls: the identity presented to the agent (the controller's, with mutual TLS); hostId: the host whose agent's
+   * certificate the server must show; stamp: the leader epoch requests carry, with several controllers.
+   */
+  constructor(url: string, tls?: TlsIdentity, hostId?: string, stamp?: EpochStamp) {
     this.url = url;
     this.#tls = tls;
     this.#hostId = hostId;
+    this.#stamp = stamp;
   }
 
   request<T>(method: string, path: string, body?: unknown, options: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<T> {
-    return requestJson<T>(this.url, method, path, { body, ...options, tls: this.#tls, server: { role: 'agent', id: this.#hostId } });
+    // Anything but a GET may make the host act: a controller that does not lead refuses to send it at all.
+    const headers = epochHeaders(method === 'GET' ? this.#stamp?.reading() : this.#stamp?.acting());
+    return requestJson<T>(this.url, method, path, { body, ...options, headers, tls: this.#tls, server: { role: 'agent', id: this.#hostId } });
   }
 
   /**

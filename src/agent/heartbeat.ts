@@ -1,4 +1,8 @@
-/** Tells the controller every few seconds that this agent is alive and where it is. */
+/**
+ * Tells the controller every few seconds that this agent is alive and where it
+ * is; with several controllers (`--controller URL1,URL2`), every one of them,
+ * so whichever leads (or takes over) knows the host is alive.
+ */
 import type { Logger } from 'pino';
 import { describeError } from '../errors.ts';
 import { requestJson } from '../http/errors.ts';
@@ -16,7 +20,14 @@ export interface HeartbeatHost {
 }
 
 /** tls: the agent's identity; the controller accepts a heartbeat only for the host its certificate names. */
-export function startHeartbeat(controllerUrl: string, host: HeartbeatHost, logger: Logger, tls?: TlsIdentity): () => void {
+export function startHeartbeat(controllerUrls: readonly string[], host: HeartbeatHost, logger: Logger, tls?: TlsIdentity): () => void {
+  const stops = controllerUrls.map((url) => startOne(url, host, logger, tls));
+  return () => {
+    for (const stop of stops) stop();
+  };
+}
+
+function startOne(controllerUrl: string, host: HeartbeatHost, logger: Logger, tls?: TlsIdentity): () => void {
   let failing = false;
   const beat = (): void => {
     requestJson(controllerUrl, 'POST', '/v1/hosts/heartbeat', { body: host, timeoutMs: 2_000, tls, server: { role: 'controller' } }).then(

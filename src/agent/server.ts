@@ -29,6 +29,7 @@ import { join } from 'node:path';
 import type { AccessPolicy } from '../http/access.ts';
 import type { NbdServerAddress } from '../qemu/spec.ts';
 import { RequestGuard } from './request-guard.ts';
+import { installEpochFence, LeaderEpochFence } from './leader-epoch.ts';
 
 export interface AgentOptions {
   hostId: string;
@@ -116,6 +117,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     role: 'agent',
     facts: async () => ({ hostId: options.hostId, accelerator: accelerator.accelerator, qemuVersion: await hostQemuVersion(), vms: registry.names().length }),
   });
+  installEpochFence(base, await LeaderEpochFence.load(options.dataDir, options.logger));
   const stopIoErrorResume = startIoErrorResume({ candidates: () => registry.vmsOutsideMigrations(), logger: options.logger });
   base.addHook('onClose', () => {
     stopIoErrorResume();

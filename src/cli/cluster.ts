@@ -54,7 +54,7 @@ function parseLocalDisk(id: string, value: string, storage: NbdServerAddress): L
 }
 
 export function registerClusterCommands(program: Command): void {
-  program.option('--controller <url>', 'controller URL (or VMFERRY_CONTROLLER)', defaultControllerUrl).option('--json', 'machine-readable output');
+  program.option('--controller <urls>', 'controller URL, or several separated by commas: requests go to whichever leads (or VMFERRY_CONTROLLER)', defaultControllerUrl).option('--json', 'machine-readable output');
 
   const host = program.command('host').description('hosts of the cluster');
   host

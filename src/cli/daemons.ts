@@ -6,6 +6,7 @@ import { collect, daemonLogger, parseListen, untilSignal } from './common.ts';
 import { daemonTls, insecureHelp } from './tls-options.ts';
 import { tlsGlobals, withConfigFile } from './config-file.ts';
 import type { NbdServerAddress } from '../qemu/spec.ts';
+import { parseControllerUrls } from '../controller/failover.ts';
 
 export function registerDaemonCommands(program: Command): void {
   const agent = program
@@ -67,7 +68,7 @@ export function registerDaemonCommands(program: Command): void {
       const url = await app.listen({ host: listen.host, port: listen.port });
       logger.info({ url }, `agent ${opts.hostId} listening`);
       const stopHeartbeat = startHeartbeat(
-        opts.controller,
+        parseControllerUrls(opts.controller),
         { id: opts.hostId, url: advertiseUrl ?? url, address, accelerator: accelerator.accelerator, acceleratorReason: accelerator.reason },
         logger,
         tls,
@@ -84,14 +85,27 @@ export function registerDaemonCommands(program: Command): void {
     .option('--listen <host:port>', 'address of the controller\'s HTTP API (required)')
     .option('--db <file|url>', 'where the controller keeps its state: a SQLite file, or a postgres://user@host:port/database URL shared by several controllers (or VMFERRY_DB; required)', process.env.VMFERRY_DB)
     .option('--storage <url>', 'the storage server\'s admin URL: a migration\'s report then says what it read and wrote for each re-attached disk (or VMFERRY_STORAGE)', process.env.VMFERRY_STORAGE)
+    .option('--advertise-url <url>', 'the URL clients and the other controllers reach this one at, when not the --listen address; with PostgreSQL, standbys name it as the leader')
+    .option('--lease-ttl <seconds>', 'with PostgreSQL: how long the leader lease holds unrenewed, so how soon a standby takes over from a dead leader', '5')
     .option('--insecure', insecureHelp);
   withConfigFile(controller, 'controller', { required: ['listen', 'db'], globals: tlsGlobals })
-    .action(async (opts: { listen: string; db: string; storage?: string }, command: Command) => {
+    .action(async (opts: { listen: string; db: string; storage?: string; advertiseUrl?: string; leaseTtl: string }, command: Command) => {
       const listen = parseListen(opts.listen, '--listen');
+      const leaseTtlS = Number(opts.leaseTtl);
+      // Below a second a renewal every third of it is a database query every few hundred milliseconds, and a GC pause loses the lease.
+      if (!Number.isFinite(leaseTtlS) || leaseTtlS < 1 || leaseTtlS > 600) throw new VmferryError('VMF_INVALID_ARGUMENT', `--lease-ttl must be a number of seconds from 1 to 600 (got "${opts.leaseTtl}")`);
       const logger = daemonLogger('controller');
       const tls = daemonTls(command, 'controller', logger);
+      const ownUrl = opts.advertiseUrl === undefined ? `${tls ? 'https' : 'http'}://${opts.listen}` : parseHttpUrl(opts.advertiseUrl, '--advertise-url');
       const { buildController } = await import('../controller/server.ts');
-      const { app } = await buildController({ dbPath: opts.db, logger, ...(tls ? { tls } : {}), ...(opts.storage ? { storage: { url: opts.storage, ...(tls ? { tls } : {}) } } : {}) });
+      const { app } = await buildController({
+        dbPath: opts.db,
+        logger,
+        url: ownUrl,
+        leaseTtlMs: leaseTtlS * 1000,
+        ...(tls ? { tls } : {}),
+        ...(opts.storage ? { storage: { url: opts.storage, ...(tls ? { tls } : {}) } } : {}),
+      });
       const url = await app.listen({ host: listen.host, port: listen.port });
       logger.info({ url }, 'controller listening');
       await untilSignal();

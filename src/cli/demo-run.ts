@@ -19,6 +19,9 @@ import { verifyDisks } from '../guest/verify.ts';
 import { agentQemuTlsDir } from '../qemu/tls-creds.ts';
 import type { MigrationReport, StorageIo } from '../migration/phases.ts';
 import { followMigration } from './progress.ts';
+import { startPostgres, type TestPostgres } from '../demo/postgres.ts';
+import type { ControllerClient } from '../controller/client.ts';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { renderReport } from './render.ts';
 
 const vmName = 'demo';
@@ -48,6 +51,8 @@ interface DemoSummary {
   }[];
   /** Whether the cluster ran with its own CA: mutual TLS on every API and every data stream. */
   tls: boolean;
+  /** With --ha: how many controllers shared the PostgreSQL database, and how often a standby took over. */
+  controllers?: { count: number; failovers: number };
   verified: boolean;
 }
 
@@ -66,14 +71,32 @@ function summarize(report: MigrationReport, network: NetworkSummary | undefined)
 }
 
 /** The demo's work, loaded only when `vmferry demo` runs: it brings every daemon's code with it. */
-export async function runDemoCommand(opts: { loopback?: boolean; insecure?: boolean }, json: boolean): Promise<void> {
+export async function runDemoCommand(opts: { loopback?: boolean; insecure?: boolean; ha?: boolean }, json: boolean): Promise<void> {
   const say = (line: string): void => {
     if (!json) console.log(line);
   };
   const logger = pino({ level: process.env.VMFERRY_LOG ?? 'silent' }, pino.destination(2));
   const workDir = await mkdtemp(join(tmpdir(), 'vmferry-demo-'));
-  say('Starting a storage server, a controller and two hosts (A, B)…');
-  const cluster = await LocalCluster.start({ workDir, hostIds: ['A', 'B'], logger, tls: !opts.insecure, ...(opts.loopback ? { namespaces: false } : { guestNetwork: { subnet: guestSubnet } }) });
+  let postgres: TestPostgres | undefined;
+  if (opts.ha) {
+    say('Starting a throwaway PostgreSQL for two controllers…');
+    postgres = await startPostgres();
+  }
+  say(`Starting a storage server, ${postgres ? 'two controllers' : 'a controller'} and two hosts (A, B)…`);
+  let cluster: LocalCluster;
+  try {
+    cluster = await LocalCluster.start({
+      workDir,
+      hostIds: ['A', 'B'],
+      logger,
+      tls: !opts.insecure,
+      ...(opts.loopback ? { namespaces: false } : { guestNetwork: { subnet: guestSubnet } }),
+      ...(postgres ? { controllerProcess: true, controllers: 2, db: postgres.url, leaseTtlS: haLeaseTtlS } : {}),
+    });
+  } catch (err) {
+    await postgres?.stop();
+    throw err;
+  }
   const interrupted = new Promise<never>((_, reject) => {
     const onSignal = (): void => reject(new VmferryError('VMF_ABORTED', 'demo interrupted; cleaning up'));
     process.once('SIGINT', onSignal);
@@ -81,18 +104,19 @@ export async function runDemoCommand(opts: { loopback?: boolean; insecure?: bool
   });
   interrupted.catch(() => undefined);
   try {
-    await Promise.race([runDemo(cluster, say, json), interrupted]);
+    await Promise.race([runDemo(cluster, say, json, postgres !== undefined), interrupted]);
   } finally {
     say('Tearing down the cluster…');
     await cluster.stop();
+    await postgres?.stop();
   }
 }
 
-async function runDemo(cluster: LocalCluster, say: (line: string) => void, json: boolean): Promise<void> {
+async function runDemo(cluster: LocalCluster, say: (line: string) => void, json: boolean, ha: boolean): Promise<void> {
   const api = cluster.api;
   const [a, b] = [cluster.host('A'), cluster.host('B')];
   say(`  host A at ${a.address}${a.namespace ? ` (namespace ${a.namespace})` : ''}, host B at ${b.address}${b.namespace ? ` (namespace ${b.namespace})` : ''}`);
-  say(`  storage server NBD at ${cluster.storageNbd.host}:${cluster.storageNbd.port}, controller at ${cluster.controllerUrl}`);
+  say(`  storage server NBD at ${cluster.storageNbd.host}:${cluster.storageNbd.port}, ${ha ? `controllers at ${cluster.controllerUrls.join(' and ')} (the first leads)` : `controller at ${cluster.controllerUrl}`}`);
   say(
     cluster.pki
       ? `  TLS everywhere, with a throwaway CA in ${cluster.pki.dir}: every API call, the RAM stream, the disk mirror and the shared disk go over mutual TLS`
@@ -123,6 +147,7 @@ async function runDemo(cluster: LocalCluster, say: (line: string) => void, json:
   if (segment && stream) say(`A client (namespace ${segment.clientNamespace}, ${segment.clientAddress}) pings ${vmAddress} every 10 ms and reads its numbered TCP stream on port ${streamPort}.`);
 
   const reports: MigrationReport[] = [];
+  let failovers = 0;
   const networks: (NetworkSummary | undefined)[] = [];
   try {
     for (const to of ['B', 'A']) {
@@ -134,7 +159,21 @@ async function runDemo(cluster: LocalCluster, say: (line: string) => void, json:
         // Under TCG (as here) QEMU 7.2 can lose a busy guest's writes in pre-copy; after two refusals the
         // last attempt stops the guest for its RAM pass instead of giving up (docs/QEMU-TCG-PRECOPY.md).
         const started = await api.migrate({ vm: vmName, to, fallback: 'stop-and-copy' });
+        if (ha && failovers === 0) {
+          await killLeaderDuring(cluster, api, started.id as string, say);
+          failovers++;
+        }
         report = await followMigration(api, started.id as string, json ? 'silent' : 'plain');
+        if (ha && reports.length === 0) {
+          const leader = await cluster.leadership(1);
+          say(`  controller ${leader.self ?? '2'} (epoch ${leader.epoch ?? '?'}) ${report.outcome === 'completed' ? 'finished the migration' : `settled the migration: ${report.recovery ?? report.outcome}`}`);
+          if (report.outcome === 'failed') {
+            // Killed before any resume was sent: the new leader rolled it back, as the rules say; the guest kept running on A.
+            say(`Migrating ${vmName} to ${to} again, under controller ${leader.self ?? '2'}…`);
+            const again = await api.migrate({ vm: vmName, to, fallback: 'stop-and-copy' });
+            report = await followMigration(api, again.id as string, json ? 'silent' : 'plain');
+          }
+        }
       } catch (err) {
         await pinger?.stop();
         throw err;
@@ -172,7 +211,37 @@ async function runDemo(cluster: LocalCluster, say: (line: string) => void, json:
     say(`  ${result.disk}: acknowledged up to ${acked.get(result.disk) ?? 0}, highest intact ${result.highest}, corrupt ${result.corrupt}, missing ${result.missing}`);
   }
   say(problems.length ? `VERIFY FAILED:\n  ${problems.join('\n  ')}` : 'Every acknowledged record is intact.');
-  const summary: DemoSummary = { migrations: reports.map((report, i) => summarize(report, networks[i])), tls: cluster.pki !== undefined, verified: problems.length === 0 };
+  const summary: DemoSummary = {
+    migrations: reports.map((report, i) => summarize(report, networks[i])),
+    tls: cluster.pki !== undefined,
+    ...(ha ? { controllers: { count: cluster.controllerUrls.length, failovers } } : {}),
+    verified: problems.length === 0,
+  };
   if (json) process.stdout.write(`${JSON.stringify(summary)}\n`);
   if (problems.length || networks.some((n) => n && !n.tcpIntact)) process.exitCode = 1;
+}
+
+/** The lease TTL of the demo's controllers: the standby takes over within about this long of the kill. */
+const haLeaseTtlS = 3;
+
+/** Kills the leading controller (the first) once the migration has begun moving data, and waits until the standby leads. */
+async function killLeaderDuring(cluster: LocalCluster, api: ControllerClient, id: string, say: (line: string) => void): Promise<void> {
+  const deadline = Date.now() + 120_000;
+  let phase = (await api.migration(id)).phase;
+  while (phase === 'pending' && Date.now() < deadline) {
+    await sleep(100);
+    phase = (await api.migration(id)).phase;
+  }
+  const killedAt = Date.now();
+  await cluster.killController(0);
+  say(`  killed the leading controller ${cluster.controllerUrls[0] ?? ''} (SIGKILL) while the migration was ${phase}`);
+  for (;;) {
+    const status = await cluster.leadership(1).catch(() => undefined);
+    if (status?.leader) {
+      say(`  the standby ${status.self ?? ''} took the lease ${((Date.now() - killedAt) / 1000).toFixed(1)} s later (epoch ${status.epoch ?? '?'}) and settles what the leader left`);
+      return;
+    }
+    if (Date.now() - killedAt > 60_000) throw new VmferryError('VMF_TIMEOUT', 'the standby controller did not take over within 60 s of the leader\'s death');
+    await sleep(100);
+  }
 }

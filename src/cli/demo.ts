@@ -11,7 +11,8 @@ export function registerDemoCommand(program: Command): void {
     .description('run a two-host cluster here, migrate a writing VM there and back, verify every acknowledged write')
     .option('--loopback', 'use loopback addresses even as root (no network namespaces)')
     .option('--insecure', 'run the cluster without TLS (its daemons with --insecure), to compare')
-    .action(async (opts: { loopback?: boolean; insecure?: boolean }, command: Command) => {
+    .option('--ha', 'two controllers on a throwaway PostgreSQL; the leader is killed during the first migration and the standby takes over')
+    .action(async (opts: { loopback?: boolean; insecure?: boolean; ha?: boolean }, command: Command) => {
       const { runDemoCommand } = await import('./demo-run.ts');
       await runDemoCommand(opts, command.optsWithGlobals<{ json?: boolean }>().json ?? false);
     });

@@ -1,7 +1,8 @@
 /** The controller's API as the CLI uses it. */
 import type { CreateVmRequest, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
 import type { HostStatus } from './inventory.ts';
-import { requestJson } from '../http/errors.ts';
+// Each request goes to whichever controller leads, when the URL lists several (failover.ts).
+import { requestController as requestJson } from './failover.ts';
 import { importTimeoutMs } from '../storage/disk-images.ts';
 import type { MigrationPlan } from '../migration/plan.ts';
 import type { MigrationReport } from '../migration/phases.ts';

@@ -7,6 +7,7 @@ import { AgentClient } from '../agent/client.ts';
 import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
 import type { HostRecord, Store } from '../store/store.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
+import type { EpochStamp } from '../agent/leader-epoch.ts';
 
 /** A host that has not reported for this long is unreachable. */
 export const heartbeatTimeoutMs = 15_000;
@@ -20,11 +21,13 @@ export interface HostStatus extends HostRecord {
 export class Inventory {
   readonly #store: Store;
   readonly #tls: TlsIdentity | undefined;
+  readonly #stamp: EpochStamp | undefined;
 
-  /** tls: the controller's identity, presented to every agent. */
-  constructor(store: Store, tls?: TlsIdentity) {
+  /** tls: the controller's identity, presented to every agent; stamp: the leader epoch its requests carry (src/controller/leadership.ts). */
+  constructor(store: Store, tls?: TlsIdentity, stamp?: EpochStamp) {
     this.#store = store;
     this.#tls = tls;
+    this.#stamp = stamp;
   }
 
   async heartbeat(host: Omit<HostRecord, 'lastSeen'>): Promise<void> {
@@ -51,13 +54,13 @@ export class Inventory {
     if (host.state === 'unreachable') {
       throw new VmferryError('VMF_UNREACHABLE', `host ${hostId} has not reported for ${Math.round((Date.now() - host.lastSeen) / 1000)} s; its agent at ${host.url} is unreachable`);
     }
-    return new AgentClient(host.url, this.#tls, host.id);
+    return new AgentClient(host.url, this.#tls, host.id, this.#stamp);
   }
 
   /** Every VM on every reachable host, as the agents report them now. */
   async vms(): Promise<VmInfo[]> {
     const reachable = (await this.hosts()).filter((h) => h.state === 'reachable');
-    const lists = await Promise.all(reachable.map((h) => new AgentClient(h.url, this.#tls, h.id).listVms().catch(() => [] as VmInfo[])));
+    const lists = await Promise.all(reachable.map((h) => new AgentClient(h.url, this.#tls, h.id, this.#stamp).listVms().catch(() => [] as VmInfo[])));
     const vms = lists.flat();
     // A source that a migration still holds (paused, or waiting to retire) is not where the VM lives.
     for (const vm of vms.filter((v) => !v.migrating)) await this.#store.setVmLocation({ name: vm.name, hostId: vm.host });

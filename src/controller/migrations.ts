@@ -23,30 +23,51 @@ export interface MigrationRequest {
   dryRun: boolean;
 }
 
+/** What a tenure as leader acts with (src/controller/tenure.ts): writes and agent requests refused once it is over. */
+export interface Tenancy {
+  store: Store;
+  inventory: Inventory;
+  /** Aborts when the tenure ends: its migrations stop without another write or request. */
+  signal: AbortSignal;
+}
+
 export class MigrationService {
+  /** For reads: any controller answers them. */
   readonly #store: Store;
-  readonly #inventory: Inventory;
   readonly #logger: Logger;
   readonly #storage: StorageServerAccess | undefined;
   readonly #running = new Map<string, { abort: AbortController; done: Promise<void> }>();
   /** Ends the loops that keep asking about unresolved migrations, on shutdown. */
   readonly #stopping = new AbortController();
+  #tenancy: Tenancy | undefined;
 
-  constructor(store: Store, inventory: Inventory, logger: Logger, storage?: StorageServerAccess) {
+  constructor(store: Store, logger: Logger, storage?: StorageServerAccess) {
     this.#store = store;
-    this.#inventory = inventory;
     this.#logger = logger;
     this.#storage = storage;
   }
 
+  /** From now on, migrations start under `tenancy`. */
+  lead(tenancy: Tenancy): void {
+    this.#tenancy = tenancy;
+  }
+
+  /** Resolves once no migration of this controller is running (a tenure that ended waits for its own to stop). */
+  async idle(): Promise<void> {
+    await Promise.all([...this.#running.values()].map((r) => r.done));
+  }
+
   /** Plans the migration; unless a dry run, starts it and returns its id. */
   async start(request: MigrationRequest): Promise<{ plan: MigrationPlan; id?: string }> {
-    const active = await this.#store.activeMigration(request.vm);
+    const tenancy = this.#tenancy;
+    if (!tenancy || tenancy.signal.aborted) throw new VmferryError('VMF_NOT_LEADER', 'this controller does not lead (yet): it takes migrations once it has settled those a previous leader left');
+    const { store, inventory } = tenancy;
+    const active = await store.activeMigration(request.vm);
     if (active) throw new VmferryError('VMF_CONFLICT', `VM ${request.vm} is already migrating (${active.id}, ${active.from} → ${active.to}, ${active.phase})`);
-    await this.#inventory.refuseDraining(request.to, `migrating ${request.vm} to it is`);
-    const from = await this.#inventory.locateVm(request.vm);
-    const sourceAgent = await this.#inventory.agent(from);
-    const destinationAgent = await this.#inventory.agent(request.to);
+    await inventory.refuseDraining(request.to, `migrating ${request.vm} to it is`);
+    const from = await inventory.locateVm(request.vm);
+    const sourceAgent = await inventory.agent(from);
+    const destinationAgent = await inventory.agent(request.to);
     const vm = await sourceAgent.getVm(request.vm);
     if (vm.state !== 'running') throw new VmferryError('VMF_CONFLICT', `VM ${request.vm} is ${vm.state} on ${from}; only a running VM migrates live`);
     const [sourceFacts, destinationFacts] = await Promise.all([sourceAgent.probeSource(request.vm), destinationAgent.probeDestination(vm.spec)]);
@@ -58,56 +79,63 @@ export class MigrationService {
 
     const id = randomUUID();
     const now = Date.now();
-    await this.#store.createMigration({ id, vm: request.vm, from, to: request.to, phase: 'pending', plan, report: null, createdAt: now, updatedAt: now });
+    await store.createMigration({ id, vm: request.vm, from, to: request.to, phase: 'pending', plan, report: null, createdAt: now, updatedAt: now });
     const source = new RemoteSource(from, sourceAgent, id);
     const destination = new RemoteDestination(request.to, destinationAgent, id);
     const abort = new AbortController();
+    // Cancelled by the user, or stopped by the end of the tenure.
+    const signal = AbortSignal.any([abort.signal, tenancy.signal]);
+    const loops = AbortSignal.any([this.#stopping.signal, tenancy.signal]);
     const logger = this.#logger.child({ migration: id, vm: request.vm });
     try {
       await source.begin(plan);
     } catch (err) {
       // The agent may have bound the half and only its reply was lost: let go of it, or the VM stays "migrating" there.
       await source.rollback().catch((rollbackErr: unknown) => logger.warn({ err: describeError(rollbackErr) }, `could not release the source half on ${from}; its agent does after --abandon-after`));
-      await this.#store.updateMigration(id, { phase: 'failed' });
+      await store.updateMigration(id, { phase: 'failed' });
       throw err;
     }
     const onEvent = (event: MigrationEvent): void => {
-      this.#store.appendEvent(id, event).catch((err: unknown) => logger.error({ err: describeError(err) }, 'could not store event'));
+      store.appendEvent(id, event).catch((err: unknown) => logger.error({ err: describeError(err) }, 'could not store event'));
     };
     // Awaited before each step acts: a controller that restarts settles the migration from it (recovery.ts).
-    const recordPhase = (phase: MigrationPhase): Promise<void> => this.#store.updateMigration(id, { phase });
+    const recordPhase = (phase: MigrationPhase): Promise<void> => store.updateMigration(id, { phase });
     const attempts = async (): Promise<MigrationReport> => {
       // A re-attached disk has no copy job: the storage server's counters, before and after, say what crossed for it.
       const storageIo = await StorageIoWatch.start(this.#storage, vm.spec, plan, logger);
       const report = await runAttempts({
         run: (attemptEvent, ramMode) =>
-          runMigration({ spec: vm.spec, plan: withRamMode(plan, ramMode), source, destination, signal: abort.signal, logger, onEvent: attemptEvent, recordPhase }),
+          runMigration({ spec: vm.spec, plan: withRamMode(plan, ramMode), source, destination, signal, logger, onEvent: attemptEvent, recordPhase }),
         ramMode: plan.ram.mode,
         fallback: plan.options.fallback,
         beforeRetry: () => source.begin(plan),
         onEvent,
-        signal: abort.signal,
+        signal,
       });
       // The executor stored `unresolved` as it entered it: its reason must not wait on the storage server's counters.
       // (A final phase is stored once, with the full report, below: whoever sees it final reads the whole report.)
-      if (report.outcome === 'unresolved') await this.#store.updateMigration(id, { phase: 'unresolved', report });
+      if (report.outcome === 'unresolved') await store.updateMigration(id, { phase: 'unresolved', report });
       return storageIo.finish(report);
     };
     const done = attempts()
       .then(async (report) => {
-        await this.#store.updateMigration(id, { phase: report.phases.at(-1)?.phase ?? 'failed', report });
-        if (report.outcome === 'completed') await this.#store.setVmLocation({ name: request.vm, hostId: request.to });
+        await store.updateMigration(id, { phase: report.phases.at(-1)?.phase ?? 'failed', report });
+        if (report.outcome === 'completed') await store.setVmLocation({ name: request.vm, hostId: request.to });
         // The guest runs on the destination, but the source's QEMU sits paused there until it retires.
         if (report.outcome === 'completed' && !report.phases.some((p) => p.phase === 'source-retired')) {
-          const record = await this.#store.getMigration(id);
-          if (record) await retireUntilDone(record, this.#inventory, logger, this.#stopping.signal);
+          const record = await store.getMigration(id);
+          if (record) await retireUntilDone(record, inventory, logger, loops);
         }
         // The source stays paused until the destination says whether its guest ran: keep asking.
-        if (report.outcome === 'unresolved') await settleUntilDone(id, this.#store, this.#inventory, logger, this.#stopping.signal, 'a fault came');
+        if (report.outcome === 'unresolved') await settleUntilDone(id, store, inventory, logger, loops, 'a fault came');
       })
       .catch(async (err: unknown) => {
+        if (tenancy.signal.aborted) {
+          logger.warn({ err: describeError(err) }, 'migration left to the new leader: this controller lost the leader lease');
+          return;
+        }
         logger.error({ err: describeError(err) }, 'migration crashed');
-        await this.#store.updateMigration(id, { phase: 'failed' });
+        await store.updateMigration(id, { phase: 'failed' }).catch((storeErr: unknown) => logger.error({ err: describeError(storeErr) }, 'could not store the migration as failed'));
       })
       .finally(() => this.#running.delete(id));
     this.#running.set(id, { abort, done });

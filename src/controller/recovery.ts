@@ -40,8 +40,8 @@ const fateTimeoutMs = 90_000;
 /** As the executor's: a few QMP commands and a lease grant. */
 const resumeTimeoutMs = 60_000;
 
-/** Never rejects: a migration it cannot settle is logged and retried until `signal` aborts. */
-export async function settleUnfinishedMigrations(store: Store, inventory: Inventory, logger: Logger, signal: AbortSignal): Promise<void> {
+/** Never rejects: a migration it cannot settle is logged and retried until `signal` aborts. `why` goes into each settled migration's report. */
+export async function settleUnfinishedMigrations(store: Store, inventory: Inventory, logger: Logger, signal: AbortSignal, why = 'the controller restarted'): Promise<void> {
   let unfinished: MigrationRecord[];
   try {
     unfinished = await store.unfinishedMigrations();
@@ -49,7 +49,7 @@ export async function settleUnfinishedMigrations(store: Store, inventory: Invent
     logger.error({ err: describeError(err) }, 'could not read unfinished migrations');
     return;
   }
-  await Promise.all(unfinished.map((record) => settleUntilDone(record.id, store, inventory, logger, signal, 'the controller restarted')));
+  await Promise.all(unfinished.map((record) => settleUntilDone(record.id, store, inventory, logger, signal, why)));
 }
 
 /**

@@ -16,7 +16,10 @@ import { metricsContentType, renderMetrics } from './metrics.ts';
 import { MigrationService } from './migrations.ts';
 import { registerDrainRoutes } from './drain-routes.ts';
 import { DrainService } from './drain.ts';
-import { settleUnfinishedMigrations } from './recovery.ts';
+import { sharedLeadership, soleLeadership, type Leadership } from './leadership.ts';
+import { installStandbyGuard } from './standby-guard.ts';
+import { runTenures } from './tenure.ts';
+import { isPostgresUrl } from '../store/postgres-store.ts';
 import type { StorageServerAccess } from './storage-io.ts';
 import { requireSameId, type AccessPolicy } from '../http/access.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
@@ -30,6 +33,19 @@ export interface ControllerOptions {
   tls?: TlsIdentity;
   /** The storage server's admin API: a migration's report says what it saw of each re-attached disk (storage-io.ts). */
   storage?: StorageServerAccess;
+  /** This controller's URL, its name in the leader lease: needed with a postgres:// database, where several controllers may share it. */
+  url?: string;
+  /** How long a leader's lease renewal holds (default 5 s): a standby takes over within about this long of the leader's death. */
+  leaseTtlMs?: number;
+}
+
+export const defaultLeaseTtlMs = 5_000;
+
+/** Several controllers may share a PostgreSQL database, and then one leads at a time; a SQLite file has one controller. */
+async function startLeadership(options: ControllerOptions): Promise<Leadership> {
+  if (!isPostgresUrl(options.dbPath)) return soleLeadership();
+  if (!options.url) throw new VmferryError('VMF_INVALID_ARGUMENT', 'a controller on a PostgreSQL database needs its own URL, which the other controllers name as leader (--advertise-url)');
+  return sharedLeadership(options.dbPath, { url: options.url, ttlMs: options.leaseTtlMs ?? defaultLeaseTtlMs, logger: options.logger });
 }
 
 /** Agents only heartbeat (as themselves: see the route); operators use everything else (docs/SECURITY.md). */
@@ -37,27 +53,33 @@ export const controllerAccess: AccessPolicy = (method, route) => (method === 'PO
 
 export async function buildController(
   options: ControllerOptions,
-): Promise<{ app: FastifyInstance; migrations: MigrationService; store: Store; settled: Promise<void> }> {
+): Promise<{ app: FastifyInstance; migrations: MigrationService; store: Store }> {
   const store = options.store ?? (await openStore(options.dbPath, options.logger));
-  const inventory = new Inventory(store, options.tls);
-  const migrations = new MigrationService(store, inventory, options.logger, options.storage);
+  const leadership = await startLeadership(options).catch(async (err: unknown) => {
+    await store.close();
+    throw err;
+  });
+  // Reads, heartbeats and the acting routes a standby refuses anyway; what a leader does goes through its tenure (tenure.ts).
+  const inventory = new Inventory(store, options.tls, leadership);
+  const migrations = new MigrationService(store, options.logger, options.storage);
   const drains = new DrainService(store, inventory, migrations, options.logger);
   const { base, app } = await createApiServer('vmferry controller', options.logger, 1024 * 1024, { tls: options.tls, access: controllerAccess }, {
     role: 'controller',
     // Both read the store: an unreachable database makes the controller unhealthy, with the driver's reason.
     facts: async () => {
       const hosts = await inventory.hosts();
-      return { store: 'ok', hosts: hosts.length, hostsReachable: hosts.filter((h) => h.state === 'reachable').length, migrationsRunning: (await store.unfinishedMigrations()).length };
+      return { store: 'ok', leader: leadership.status().leader, hosts: hosts.length, hostsReachable: hosts.filter((h) => h.state === 'reachable').length, migrationsRunning: (await store.unfinishedMigrations()).length };
     },
   });
-  // Migrations a previous controller process left behind: settled in the background while the API serves.
-  const stopSettling = new AbortController();
-  const settled = settleUnfinishedMigrations(store, inventory, options.logger, stopSettling.signal);
+  // Migrations a previous controller process or leader left behind: settled in the background while the API serves.
+  const tenures = runTenures({ leadership, store, tls: options.tls, migrations, logger: options.logger });
+  installStandbyGuard(base, leadership);
   app.addHook('onClose', async () => {
-    stopSettling.abort();
-    await settled;
     await drains.close();
     await migrations.drain();
+    // A leader gives the lease up: a standby takes over now rather than when it expires.
+    await leadership.stop();
+    await tenures.stopped();
     await store.close();
   });
 
@@ -142,5 +164,5 @@ export async function buildController(
   );
   app.post('/v1/migrations/:id/cancel', { schema: { params: MigrationParamsSchema } }, (request) => migrations.cancel(request.params.id));
   registerDrainRoutes(app, drains);
-  return { app: base, migrations, store, settled };
+  return { app: base, migrations, store };
 }

@@ -52,6 +52,12 @@ export interface LocalClusterOptions {
   guestNetwork?: { subnet: string };
   /** Run the controller as its own process, so it can be killed like a crash would (default: in this process). */
   controllerProcess?: boolean;
+  /** The controllers' database (default: a SQLite file in workDir); a postgres:// URL lets several share it. */
+  db?: string;
+  /** With controllerProcess and a postgres:// db: this many controller processes, the first the leader at start (default 1). */
+  controllers?: number;
+  /** The controllers' --lease-ttl, in seconds (default: the controller's own). */
+  leaseTtlS?: number;
   /** The agents' --abandon-after, in seconds (default: the agent's own, 60). */
   abandonAfterS?: number;
   /** The agents' --accel (default: the agent's own, auto: a KVM probe of a few seconds at each agent start where KVM hangs). */
@@ -77,7 +83,9 @@ export class LocalCluster {
   readonly workDir: string;
   /** The storage server's admin API, wherever it runs. */
   storageAdminUrl = '';
+  /** Every controller's URL, separated by commas (what `--controller` takes). */
   controllerUrl = '';
+  controllerUrls: string[] = [];
   /** Where QEMU on every host reaches the storage server's NBD port. */
   storageNbd!: { host: string; port: number };
   network: NamespaceNetwork | undefined;
@@ -85,7 +93,7 @@ export class LocalCluster {
   guestSegment: GuestSegment | undefined;
   readonly #logger: Logger;
   #controller: FastifyInstance | undefined;
-  #controllerProcess: { command: string[]; child: ChildProcess } | undefined;
+  readonly #controllerProcesses: { command: string[]; child: ChildProcess }[] = [];
   #storage: StorageServer | undefined;
   #storageProcess: { command: string[]; child: ChildProcess } | undefined;
   #agentEnv: ((host: { id: string; dataDir: string }) => Record<string, string>) | undefined;
@@ -152,13 +160,19 @@ export class LocalCluster {
     }
     this.#agentEnv = options.agentEnv;
 
-    const dbPath = join(this.workDir, 'controller.db');
+    const dbPath = options.db ?? join(this.workDir, 'controller.db');
     const controllerPort = await findFreePort(serviceHost);
     if (options.controllerProcess) {
-      const command = [process.execPath, cliPath, 'controller', '--listen', `${serviceHost}:${controllerPort}`, '--db', dbPath, '--storage', this.storageAdminUrl, ...this.#pkiArgs('controller')];
-      this.#controllerProcess = { command, child: this.#spawnDaemon('controller', command) };
-      this.controllerUrl = `${scheme}://${serviceHost}:${controllerPort}`;
-      await this.#waitController();
+      for (let index = 0; index < (options.controllers ?? 1); index++) {
+        const port = index === 0 ? controllerPort : await findFreePort(serviceHost);
+        const command = [process.execPath, cliPath, 'controller', '--listen', `${serviceHost}:${port}`, '--db', dbPath, '--storage', this.storageAdminUrl, ...this.#pkiArgs('controller')];
+        if (options.leaseTtlS !== undefined) command.push('--lease-ttl', String(options.leaseTtlS));
+        this.#controllerProcesses.push({ command, child: this.#spawnDaemon(`controller ${index}`, command) });
+        this.controllerUrls.push(`${scheme}://${serviceHost}:${port}`);
+        this.controllerUrl = this.controllerUrls.join(',');
+        // One at a time: the first to answer leads, so a test knows which one to kill.
+        await this.#waitController(index);
+      }
     } else {
       const controller = await buildController({
         dbPath,
@@ -168,6 +182,7 @@ export class LocalCluster {
       });
       this.#controller = controller.app;
       this.controllerUrl = await controller.app.listen({ host: serviceHost, port: controllerPort });
+      this.controllerUrls = [this.controllerUrl];
     }
 
     for (const [index, id] of options.hostIds.entries()) {
@@ -188,7 +203,7 @@ export class LocalCluster {
       const command = namespaceHost ? ['ip', 'netns', 'exec', namespaceHost.namespace, process.execPath, ...args] : [process.execPath, ...args];
       this.hosts.push({ id, address, dataDir, agentUrl, command, process: this.#spawnDaemon(`host ${id}`, command, this.#agentEnv?.({ id, dataDir })), namespace: namespaceHost?.namespace });
     }
-    // Each agent compiles its TypeScript first: seconds apiece on a loaded machine.
+    // An agent starts in seconds, and in half a minute on a loaded machine (its KVM probe, node itself).
     await this.waitForHosts(options.hostIds, 60_000);
   }
 
@@ -216,24 +231,40 @@ export class LocalCluster {
     return child;
   }
 
-  /** Kills the controller process with SIGKILL, as a crash would; agents and guests carry on. */
-  async killController(): Promise<void> {
-    if (!this.#controllerProcess) throw new VmferryError('VMF_INVALID_ARGUMENT', 'this cluster runs its controller in-process (start it with controllerProcess: true)');
-    await killProcess(this.#controllerProcess.child);
+  #controllerProcess(index: number): { command: string[]; child: ChildProcess } {
+    const controller = this.#controllerProcesses[index];
+    if (!controller) throw new VmferryError('VMF_INVALID_ARGUMENT', `this cluster has no controller process ${index} (start it with controllerProcess: true, and controllers for several)`);
+    return controller;
   }
 
-  /** Starts the controller process again on the same address and database, and waits until it answers. */
-  async startController(): Promise<void> {
-    if (!this.#controllerProcess) throw new VmferryError('VMF_INVALID_ARGUMENT', 'this cluster runs its controller in-process (start it with controllerProcess: true)');
-    this.#controllerProcess.child = this.#spawnDaemon('controller', this.#controllerProcess.command);
-    await this.#waitController();
+  /** Kills a controller process with SIGKILL, as a crash would; agents and guests carry on. */
+  async killController(index = 0): Promise<void> {
+    await killProcess(this.#controllerProcess(index).child);
   }
 
-  async #waitController(): Promise<void> {
-    const child = this.#controllerProcess?.child;
+  /** Sends a controller process a signal: SIGSTOP pauses it as a stalled machine would, SIGCONT lets it go on. */
+  signalController(index: number, signal: 'SIGSTOP' | 'SIGCONT'): void {
+    this.#controllerProcess(index).child.kill(signal);
+  }
+
+  /** Starts a controller process again on the same address and database, and waits until it answers. */
+  async startController(index = 0): Promise<void> {
+    const controller = this.#controllerProcess(index);
+    controller.child = this.#spawnDaemon(`controller ${index}`, controller.command);
+    await this.#waitController(index);
+  }
+
+  /** Which controller leads, as controller `index` sees it (GET /v1/leader). */
+  leadership(index: number): Promise<{ self: string | null; leader: boolean; leaderUrl: string | null; epoch: number | null }> {
+    return requestJson(this.controllerUrls[index] ?? '', 'GET', '/v1/leader', { timeoutMs: 5_000, tls: this.pki?.operator, server: { role: 'controller' } });
+  }
+
+  async #waitController(index: number): Promise<void> {
+    const child = this.#controllerProcesses[index]?.child;
+    const own = new ControllerClient(this.controllerUrls[index] ?? '', this.pki?.operator);
     const deadline = Date.now() + 30_000;
     for (;;) {
-      if (await this.api.hosts().then(() => true, () => false)) return;
+      if (await own.hosts().then(() => true, () => false)) return;
       if (child && child.exitCode !== null) throw new VmferryError('VMF_UNREACHABLE', `the controller exited with code ${child.exitCode}`);
       if (Date.now() > deadline) throw new VmferryError('VMF_TIMEOUT', 'the controller did not answer within 30 s');
       await sleep(200);
@@ -337,7 +368,11 @@ export class LocalCluster {
       for (const pid of pids.split('\n').map(Number).filter((p) => p > 0)) process.kill(pid, 'SIGKILL');
     }
     await this.#controller?.close();
-    if (this.#controllerProcess) await stopProcess(this.#controllerProcess.child);
+    for (const controller of this.#controllerProcesses) {
+      // A paused one would not hear SIGTERM.
+      controller.child.kill('SIGCONT');
+      await stopProcess(controller.child);
+    }
     await this.#storage?.close().catch(() => undefined);
     if (this.#storageProcess) await stopProcess(this.#storageProcess.child);
     await this.guestSegment?.remove();

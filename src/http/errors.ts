@@ -64,6 +64,8 @@ export interface RequestOptions {
   tls?: TlsIdentity | undefined;
   /** With tls: who the server must be, from its certificate (the agent of host A, not another host's). */
   server?: ExpectedServer | undefined;
+  /** Extra request headers (a leader's epoch: src/agent/leader-epoch.ts). */
+  headers?: Record<string, string> | undefined;
 }
 
 export interface ExpectedServer {
@@ -116,7 +118,7 @@ export async function requestJson<T>(baseUrl: string, method: string, path: stri
       method,
       ...(options.tls ? { dispatcher: dispatcherFor(options.tls, options.server) } : {}),
       signal,
-      headers: options.body === undefined ? {} : { 'content-type': 'application/json' },
+      headers: { ...options.headers, ...(options.body === undefined ? {} : { 'content-type': 'application/json' }) },
       body: options.body === undefined ? null : JSON.stringify(options.body),
     });
   } catch (err) {

@@ -43,7 +43,7 @@ async function startAgent(): Promise<void> {
   client = new AgentClient(await agent.listen({ host: '127.0.0.1', port: 0 }));
   const host = { id: 'A', url: client.url, address: '127.0.0.1' };
   await requestJson(controllerUrl, 'POST', '/v1/hosts/heartbeat', { body: host });
-  stopHeartbeat = startHeartbeat(controllerUrl, host, logger);
+  stopHeartbeat = startHeartbeat([controllerUrl], host, logger);
 }
 
 function vmferry(...args: string[]): Promise<CliResult> {

@@ -1,0 +1,113 @@
+// Two controllers on one real (throwaway) PostgreSQL, in-process, and an agent without guests:
+// the standby answers reads and refuses what would act, naming the leader; a client given both
+// URLs reaches the leader either way and follows a takeover; an agent refuses a request stamped
+// with an older leader epoch than it has seen, and still does after a restart.
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { FastifyInstance } from 'fastify';
+import pino from 'pino';
+import { buildAgent } from '../../src/agent/server.ts';
+import { leaderEpochHeader, LeaderEpochFence } from '../../src/agent/leader-epoch.ts';
+import { ControllerClient } from '../../src/controller/client.ts';
+import { buildController } from '../../src/controller/server.ts';
+import { hasCode } from '../../src/errors.ts';
+import { findFreePort } from '../../src/util/ports.ts';
+import { startPostgres, type TestPostgres } from '../support/postgres.ts';
+
+const logger = pino({ level: 'silent' });
+const leaseTtlMs = 1_500;
+let postgres: TestPostgres;
+let dir: string;
+
+before(async () => {
+  postgres = await startPostgres();
+  dir = await mkdtemp(join(tmpdir(), 'vmferry-ha-'));
+});
+
+after(async () => {
+  await postgres.stop();
+  await rm(dir, { recursive: true, force: true });
+});
+
+async function controller(db: string): Promise<{ app: FastifyInstance; url: string }> {
+  const url = `http://127.0.0.1:${await findFreePort('127.0.0.1')}`;
+  const { app } = await buildController({ dbPath: db, logger, url, leaseTtlMs });
+  await app.listen({ host: '127.0.0.1', port: Number(new URL(url).port) });
+  return { app, url };
+}
+
+async function until<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs: number): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await probe();
+    if (value !== undefined) return value;
+    assert.ok(Date.now() < deadline, `${what} did not happen within ${timeoutMs} ms`);
+    await sleep(100);
+  }
+}
+
+test('the standby answers reads and refuses writes naming the leader; a client with both URLs reaches the leader, and the standby after a takeover', async () => {
+  const db = await postgres.freshUrl();
+  const a = await controller(db);
+  const b = await controller(db);
+  try {
+    const leaderOf = async (url: string): Promise<{ leader: boolean; leaderUrl: string | null; self: string | null }> => (await fetch(`${url}/v1/leader`)).json() as never;
+    assert.deepEqual(await leaderOf(b.url), { ...(await leaderOf(b.url)), leader: false, leaderUrl: a.url, self: b.url });
+    assert.equal((await leaderOf(a.url)).leader, true);
+
+    // Reads: the standby answers from the shared database, heartbeats included.
+    const beat = await fetch(`${b.url}/v1/hosts/heartbeat`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ id: 'A', url: 'http://127.0.0.9:1', address: '127.0.0.9' }) });
+    assert.equal(beat.status, 200);
+    assert.deepEqual((await new ControllerClient(a.url).hosts()).map((h) => h.id), ['A']);
+    assert.equal((await fetch(`${b.url}/v1/migrations`)).status, 200);
+
+    // A write on the standby: refused, with the leader in the message and the header.
+    const refused = await fetch(`${b.url}/v1/vms/web/stop`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{}' });
+    assert.equal(refused.status, 503);
+    assert.equal(refused.headers.get('vmferry-leader'), a.url);
+    const body = (await refused.json()) as { code: string; message: string };
+    assert.equal(body.code, 'VMF_NOT_LEADER');
+    assert.match(body.message, new RegExp(`is a standby: the leader is ${a.url}`));
+
+    // Through the client: the standby first, and the request still reaches the leader (which knows no VM "web").
+    await assert.rejects(new ControllerClient(`${b.url},${a.url}`).deleteVm('web'), (err) => hasCode(err, 'VMF_NOT_FOUND'));
+    await assert.rejects(new ControllerClient(b.url).deleteVm('web'), (err) => hasCode(err, 'VMF_NOT_FOUND'), 'a standby\'s redirect is followed with one URL too');
+
+    // The leader stops (giving the lease up): the standby leads, and the same client list reaches it.
+    await a.app.close();
+    await until('the standby taking over', async () => ((await leaderOf(b.url)).leader ? true : undefined), leaseTtlMs * 3);
+    await assert.rejects(new ControllerClient(`${a.url},${b.url}`).deleteVm('web'), (err) => hasCode(err, 'VMF_NOT_FOUND'));
+  } finally {
+    await a.app.close();
+    await b.app.close();
+  }
+});
+
+test('an agent refuses a request stamped with an older leader epoch than it has seen, also after a restart; unstamped requests pass', async () => {
+  const dataDir = join(dir, 'agent');
+  let agent = (await buildAgent({ hostId: 'A', dataDir, address: '127.0.0.1', logger })).app;
+  try {
+    const list = (epoch?: string) => agent.inject({ method: 'GET', url: '/v1/vms', headers: epoch === undefined ? {} : { [leaderEpochHeader]: epoch } });
+    assert.equal((await list()).statusCode, 200);
+    assert.equal((await list('3')).statusCode, 200);
+    assert.equal((await list('3')).statusCode, 200);
+    const stale = await list('2');
+    assert.equal(stale.statusCode, 409);
+    assert.equal(stale.json<{ code: string }>().code, 'VMF_STALE_LEADER');
+    assert.match(stale.json<{ message: string }>().message, /carries leader epoch 2, and this agent has seen epoch 3/);
+    assert.equal((await list('x1')).statusCode, 400);
+    assert.equal((await list()).statusCode, 200, 'a single controller stamps nothing');
+
+    await agent.close();
+    agent = (await buildAgent({ hostId: 'A', dataDir, address: '127.0.0.1', logger })).app;
+    assert.equal((await list('2')).statusCode, 409, 'the highest epoch survives the agent\'s restart');
+    assert.equal((await LeaderEpochFence.load(dataDir, logger)).highest, 3);
+    assert.equal((await list('4')).statusCode, 200);
+  } finally {
+    await agent.close();
+  }
+});
