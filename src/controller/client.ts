@@ -2,6 +2,8 @@
 import type { CreateVmRequest, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
 import type { HostStatus } from './inventory.ts';
 import { requestJson } from '../http/errors.ts';
+import { readEventStream } from '../http/event-source.ts';
+import type { EventSourceMessage } from 'eventsource-parser';
 import { importTimeoutMs } from '../storage/disk-images.ts';
 import type { MigrationPlan } from '../migration/plan.ts';
 import type { MigrationReport } from '../migration/phases.ts';
@@ -76,6 +78,11 @@ export class ControllerClient {
 
   events(id: string, after: number): Promise<{ phase: string; events: StoredEvent[]; report: MigrationReport | null }> {
     return requestJson(this.#url, 'GET', `/v1/migrations/${encodeURIComponent(id)}/events?after=${after}`, { tls: this.#tls, server: controller });
+  }
+
+  /** The migration's live stream (event-stream.ts): `progress` messages after `after`, then its `report`. */
+  migrationStream(id: string, after: number, signal: AbortSignal): AsyncGenerator<EventSourceMessage> {
+    return readEventStream(this.#url, `/v1/migrations/${encodeURIComponent(id)}/stream?after=${after}`, { tls: this.#tls, server: controller, signal });
   }
 
   cancel(id: string): Promise<MigrationRecord> {

@@ -12,6 +12,9 @@ import { MigrateRequestSchema } from '../api/controller-types.ts';
 import { openStore } from '../store/open-store.ts';
 import type { Store } from '../store/store.ts';
 import { Inventory } from './inventory.ts';
+import { registerDashboard } from './dashboard.ts';
+import { announcingStore, MigrationChanges } from './events.ts';
+import { registerEventStreams } from './event-stream.ts';
 import { metricsContentType, renderMetrics } from './metrics.ts';
 import { MigrationService } from './migrations.ts';
 import { settleUnfinishedMigrations } from './recovery.ts';
@@ -36,7 +39,9 @@ export const controllerAccess: AccessPolicy = (method, route) => (method === 'PO
 export async function buildController(
   options: ControllerOptions,
 ): Promise<{ app: FastifyInstance; migrations: MigrationService; store: Store; settled: Promise<void> }> {
-  const store = options.store ?? (await openStore(options.dbPath, options.logger));
+  // Every write to a migration wakes the live streams (events.ts, event-stream.ts).
+  const changes = new MigrationChanges();
+  const store = announcingStore(options.store ?? (await openStore(options.dbPath, options.logger)), changes);
   const inventory = new Inventory(store, options.tls);
   const migrations = new MigrationService(store, inventory, options.logger, options.storage);
   const { base, app } = await createApiServer('vmferry controller', options.logger, 1024 * 1024, { tls: options.tls, access: controllerAccess }, {
@@ -136,6 +141,8 @@ export async function buildController(
       return { phase: record.phase, events: await store.eventsSince(request.params.id, after), report: record.report };
     },
   );
+  registerEventStreams(base, store, changes, options.logger);
+  registerDashboard(base, inventory);
   app.post('/v1/migrations/:id/cancel', { schema: { params: MigrationParamsSchema } }, (request) => migrations.cancel(request.params.id));
   return { app: base, migrations, store, settled };
 }
