@@ -19,6 +19,7 @@ packages=(
   libvirt-daemon-system            # ...and the libvirt-qemu user its QEMU driver wants (no service is started here)
   openssl                          # the cluster PKI: vmferry pki init/issue (src/security/pki.ts)
   postgresql-15                    # the PostgreSQL store's tests: a throwaway cluster per test file (test/support/postgres.ts)
+  chromium                         # the dashboard's test drives it headless through playwright-core (test/security/tls-cluster.test.ts)
 )
 
 missing=()

@@ -73,11 +73,12 @@ function Timeline({ phases, end }) {
   if (phases.length === 0) return html`<p class="muted">no phase yet</p>`;
   const start = phases[0].at;
   const stop = Math.max(end, phases.at(-1).at + 1);
-  const spans = phases.map((p, i) => ({ ...p, ms: (phases[i + 1]?.at ?? stop) - p.at }));
+  // A final phase lasts no time: it is where the migration ended.
+  const spans = phases.map((p, i) => ({ ...p, ms: finalPhases.includes(p.phase) ? 0 : (phases[i + 1]?.at ?? stop) - p.at }));
   return html`<div class="timeline" data-testid="timeline">
       ${spans.map((s) => html`<div title="${s.phase}: ${s.ms} ms" style=${{ flexGrow: Math.max(s.ms, (stop - start) / 100), background: phaseColors[s.phase] ?? '#667085' }}>${s.phase}</div>`)}
     </div>
-    <div class="legend">${spans.map((s) => html`<span style=${{ '--c': phaseColors[s.phase] ?? '#667085' }}>${s.phase} ${s.ms} ms</span>`)}</div>`;
+    <div class="legend">${spans.map((s) => html`<span style=${{ '--c': phaseColors[s.phase] ?? '#667085' }}>${s.phase}${finalPhases.includes(s.phase) ? '' : ` ${s.ms} ms`}</span>`)}</div>`;
 }
 
 /** RAM throughput and the guest's dirty rate over time (MiB/s), one uPlot chart redrawn as samples arrive. */
@@ -143,7 +144,7 @@ function LiveView({ record, progress, onCancel }) {
     ${record.plan.disks.filter((d) => d.operation === 'reattach').map((d) => html`<div class="bar"><span class="mono">disk ${d.id}</span><span class="muted">shared: re-attached, nothing copied</span><span></span></div>`)}
     <${Bar} testid="ram-bar" label="RAM" done=${ram?.transferredBytes ?? 0} total=${ram ? ram.transferredBytes + ram.remainingBytes : record.plan.ram.memoryMiB * 1048576}
       percent=${completed ? 100 : undefined}
-      note=${ram ? `${bytes(ram.transferredBytes)} sent, ${bytes(ram.remainingBytes)} left, pass ${ram.iteration}` : 'not started'} />
+      note=${completed ? `${bytes(record.report.ram.transferredBytes)} sent in ${record.report.ram.passes} passes` : ram ? `${bytes(ram.transferredBytes)} sent, ${bytes(ram.remainingBytes)} left, pass ${ram.iteration}` : 'not started'} />
     <h3>Phases</h3>
     <${Timeline} phases=${progress.phases} end=${end} />
     <h3>Throughput and dirty rate</h3>
@@ -191,7 +192,7 @@ function Hosts({ hosts, infos }) {
   </section>`;
 }
 
-function Vms({ vms, hosts, onPlan, onMigrate, busy }) {
+function Vms({ vms, hosts, onPlan, onMigrate, busy, plan }) {
   const [targets, setTargets] = useState({});
   return html`<section>
     <h2>VMs</h2>
@@ -199,7 +200,8 @@ function Vms({ vms, hosts, onPlan, onMigrate, busy }) {
       <tr><th>VM</th><th>host</th><th>state</th><th>memory</th><th>disks</th><th>move to</th></tr>
       ${vms.map((v) => {
         const others = hosts.filter((h) => h.id !== v.host && h.state === 'reachable');
-        const to = targets[v.name] ?? others[0]?.id;
+        // A choice made before the VM moved may name its own host now.
+        const to = others.some((h) => h.id === targets[v.name]) ? targets[v.name] : others[0]?.id;
         return html`<tr data-vm=${v.name}>
           <td class="mono">${v.name}</td><td>${v.host}</td><td>${v.migration ? `${v.state} (${v.migration.phase})` : v.state}</td>
           <td>${v.spec.memoryMiB} MiB</td>
@@ -214,6 +216,7 @@ function Vms({ vms, hosts, onPlan, onMigrate, busy }) {
         </tr>`;
       })}
     </table>
+    <${PlanView} plan=${plan} />
   </section>`;
 }
 
@@ -319,15 +322,14 @@ function App() {
     <header><h1>vmferry</h1><span class="live ${live ? 'on' : ''}" data-testid="live-state">${live ? 'live' : 'connecting…'}</span></header>
     <main>
       ${error ? html`<div class="error" data-testid="error">${error}</div>` : ''}
-      <${Hosts} hosts=${hosts} infos=${infos} />
+      <div class="column">
+        <${Hosts} hosts=${hosts} infos=${infos} />
+        <${Vms} vms=${vms} hosts=${hosts} onPlan=${onPlan} onMigrate=${onMigrate} busy=${busy} plan=${plan} />
+      </div>
       <section>
         <h2>Migration</h2>
         <${LiveView} record=${record} progress=${progress.get(selected) ?? emptyProgress()} onCancel=${onCancel} />
       </section>
-      <div style=${{ gridColumn: '1 / -1' }}>
-        <${Vms} vms=${vms} hosts=${hosts} onPlan=${onPlan} onMigrate=${onMigrate} busy=${busy} />
-        <${PlanView} plan=${plan} />
-      </div>
       <${Migrations} migrations=${migrations} selected=${selected} onSelect=${(id) => void select(id)} />
     </main>`;
 }
