@@ -3,7 +3,7 @@
  * and roles as its API (an operator's certificate; `vmferry dashboard` holds
  * one for a browser that has none). The page is plain files
  * (dashboard-web/) and two libraries from node_modules: Preact with htm (one
- * file, no build step) and uPlot. Live data comes from GET /v1/events
+ * file, no build step) and uPlot. Live data comes from GET /v1/live
  * (event-stream.ts).
  */
 import { readFile } from 'node:fs/promises';

@@ -1,7 +1,7 @@
 /**
  * Migrations live, as server-sent events: one migration's progress until its
  * report (`GET /v1/migrations/:id/stream`, for `vmferry migrate` and
- * `migration watch`), and every migration at once (`GET /v1/events`, for the
+ * `migration watch`), and every migration at once (`GET /v1/live`, for the
  * dashboard). Each stream reads the store, the one record of what happened,
  * and sleeps until the store announces a change (events.ts); nothing here asks
  * the agents anything. Behind the same TLS and roles as the rest of the API.
@@ -137,7 +137,7 @@ export function registerEventStreams(app: FastifyInstance, store: Store, changes
   );
 
   typed.get(
-    '/v1/events',
+    '/v1/live',
     {
       schema: {
         description: `Server-sent events of every migration: \`migration\` (the record) for the ${recentMigrations} latest and each one whose phase or report changes, and \`progress\` {id, seq, at, event} of every unfinished one from its start`,

@@ -1,6 +1,7 @@
 /**
  * The controller's HTTP API, for the CLI and the dashboard: hosts, VMs (through
- * their agents), and migrations with their events and reports.
+ * their agents), and migrations with their events, live streams and reports;
+ * and the dashboard's page (dashboard.ts).
  */
 import { createApiServer } from '../http/api-server.ts';
 import { VmferryError } from '../errors.ts';

@@ -101,7 +101,7 @@ test("every migration's stream: records and the progress of running ones, then c
   await createMigration('running');
   await store.appendEvent('running', ramEvent(10));
   const stop = new AbortController();
-  const stream = readEventStream(url, '/v1/events', { signal: stop.signal });
+  const stream = readEventStream(url, '/v1/live', { signal: stop.signal });
   /** The next message about this test's migrations (the stream also tells of the other tests'). */
   const next = async (): Promise<{ event: string | undefined; data: { id: string; phase?: string; seq?: number }; ms: number }> => {
     const start = Date.now();

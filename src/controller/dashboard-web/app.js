@@ -1,6 +1,6 @@
 // The vmferry dashboard: hosts, VMs and migrations, with a live view of the
 // migration selected. Lists are read once and again when a migration ends or
-// an action is taken; a migration's progress arrives over GET /v1/events
+// an action is taken; a migration's progress arrives over GET /v1/live
 // (server-sent events), never by polling. Served by the controller as is: no
 // build step (Preact with htm, and uPlot, from the controller's node_modules).
 import { html, render, useEffect, useRef, useState } from './vendor/preact-htm.js';
@@ -262,7 +262,7 @@ function App() {
 
   useEffect(() => {
     void refresh();
-    const events = new EventSource('/v1/events');
+    const events = new EventSource('/v1/live');
     events.onopen = () => setLive(true);
     events.onerror = () => setLive(false);
     events.addEventListener('migration', (message) => {
