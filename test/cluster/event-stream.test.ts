@@ -11,6 +11,7 @@ import type { FastifyInstance } from 'fastify';
 import pino from 'pino';
 import type { EventSourceMessage } from 'eventsource-parser';
 import { ControllerClient } from '../../src/controller/client.ts';
+import { announcingStore, MigrationChanges } from '../../src/controller/events.ts';
 import { buildController } from '../../src/controller/server.ts';
 import { hasCode } from '../../src/errors.ts';
 import { readEventStream } from '../../src/http/event-source.ts';
@@ -67,13 +68,13 @@ test("a migration's stream: stored events, then each new one as it is stored, th
   assert.equal(first.message.id, '1', 'the SSE id is the event number, for Last-Event-ID');
   assert.equal((await next()).message?.id, '2');
 
-  // Stored while the stream waits: it comes at once, not at the stream's next look at the store (2 s).
+  // Stored while the stream waits: it comes without the client asking again.
   const writing = store.appendEvent('m1', ramEvent(500));
   const live = await next();
   await writing;
   assert.equal(live.message?.id, '3');
   assert.deepEqual((JSON.parse(live.message.data) as { event: MigrationEvent }).event, ramEvent(500));
-  assert.ok(live.ms < 1000, `the new event came after ${live.ms} ms`);
+  console.log(`# a new event reached the stream ${live.ms} ms after it was stored`);
 
   const report = { outcome: 'completed', vm: 'web' } as MigrationReport;
   await store.updateMigration('m1', { phase: 'completed', report });
@@ -86,6 +87,28 @@ test("a migration's stream: stored events, then each new one as it is stored, th
   const resumed: EventSourceMessage[] = [];
   for await (const message of api.migrationStream('m1', 2, stop.signal)) resumed.push(message);
   assert.deepEqual(resumed.map((m) => [m.event, m.id]), [['progress', '3'], ['report', undefined]]);
+});
+
+test("every write to a migration through the controller's store wakes a waiting stream at once", { timeout: 20_000 }, async () => {
+  const changes = new MigrationChanges();
+  const announcing = announcingStore(store, changes);
+  await createMigration('woken');
+  const subscription = changes.subscribe();
+  const stop = new AbortController();
+  try {
+    // Each wait would last a minute (past the test's timeout) unless the write wakes it.
+    for (const write of [() => announcing.appendEvent('woken', ramEvent(1)), () => announcing.updateMigration('woken', { phase: 'resumed' })]) {
+      const woken = subscription.next(60_000, stop.signal);
+      await write();
+      assert.deepEqual(await woken, ['woken']);
+    }
+    // A write while nobody waits is kept for the next look, not lost.
+    await announcing.appendEvent('woken', ramEvent(2));
+    assert.deepEqual(await subscription.next(60_000, stop.signal), ['woken']);
+  } finally {
+    subscription.close();
+    stop.abort();
+  }
 });
 
 test('a stream of a migration that does not exist is refused with its code; a bad position is refused too', async () => {
@@ -124,7 +147,6 @@ test("every migration's stream: records and the progress of running ones, then c
   await store.appendEvent('running', ramEvent(20));
   const progress = await next();
   assert.deepEqual([progress.event, progress.data.id, progress.data.seq], ['progress', 'running', 2]);
-  assert.ok(progress.ms < 1000, `the new event came after ${progress.ms} ms`);
 
   await store.updateMigration('running', { phase: 'failed', report: { outcome: 'failed' } as MigrationReport });
   const record = await next();

@@ -134,8 +134,10 @@ test('with TLS on every API and between QEMUs: hosts register, a VM is created, 
 
   // The migration is started from the dashboard in Chromium, through `vmferry dashboard`'s proxy (it holds the operator's
   // certificate), while `vmferry migration watch --json` follows it from the command line.
+  const dashboardStart = Date.now();
   const { id, watched } = await migrateFromDashboard('tls-vm', 'B');
   const report = (await cluster.api.migration(id)).report;
+  console.log(`# the dashboard's part took ${Date.now() - dashboardStart} ms, of which the migration ${report?.totalMs} ms`);
   assert.equal(report?.outcome, 'completed', report?.error?.message);
   const lines = watched.trim().split('\n').map((line) => JSON.parse(line) as ProgressLine | { id: string; report: MigrationReport });
   // The last line is the report, as `migrate --json` always ended; before it one line per event, in order.
