@@ -25,4 +25,6 @@ export default tseslint.config(
   },
   { files: ['**/*.js'], ...tseslint.configs.disableTypeChecked },
   { files: ['**/*.js'], languageOptions: { globals: globals.node } },
+  // The dashboard's page runs in a browser (src/controller/dashboard.ts serves it).
+  { files: ['src/controller/dashboard-web/**/*.js'], languageOptions: { globals: globals.browser } },
 );

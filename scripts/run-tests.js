@@ -23,6 +23,7 @@ const qemuFree = [
   'test/chaos/advertise-url.test.ts',
   'test/chaos/fault-proxy.test.ts',
   'test/cluster/api.test.ts',
+  'test/cluster/event-stream.test.ts',
   'test/cluster/ops-endpoints.test.ts',
   'test/cluster/service-units.test.ts',
   'test/cluster/store-durability.test.ts',

@@ -22,6 +22,7 @@ packages=(
   ceph-mon ceph-osd ceph-common     # RBD shared volumes: the rbd and ceph tools, and a throwaway Ceph cluster in tests (test/support/ceph.ts)
   ceph-mgr                         # Ceph 16's packaging expects it with the others; the test cluster does not start one
   qemu-block-extra                 # QEMU's rbd block driver (librbd inside QEMU)
+  chromium                         # the dashboard's test drives it headless through playwright-core (test/security/tls-cluster.test.ts)
 )
 
 missing=()

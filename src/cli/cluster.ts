@@ -10,7 +10,7 @@ import { defaultControllerUrl, parseListen, parsePositive, parseSize, printJson 
 import { ControllerClient } from '../controller/client.ts';
 import { registerVmImport } from './import.ts';
 import { commandTls } from './tls-options.ts';
-import { followMigration } from './progress.ts';
+import { followToReport, registerWatchCommand } from './watch.ts';
 import { registerQuarantineCommands } from './quarantine.ts';
 import { registerDrainCommands } from './drain.ts';
 import { renderPlan, renderReport, table } from './render.ts';
@@ -201,11 +201,10 @@ export function registerClusterCommands(program: Command): void {
         else console.log(renderPlan(result.plan));
         return;
       }
-      if (!json) console.log(`migration ${result.id} started\n${renderPlan(result.plan)}`);
-      const report = await followMigration(api, result.id, json ? 'silent' : process.stdout.isTTY ? 'bars' : 'plain');
-      if (json) printJson({ id: result.id, report });
-      else console.log(renderReport(report));
-      if (report.outcome !== 'completed') process.exitCode = 1;
+      // --json: the plan first (with the id a script may cancel by), then the events as they come, the report last.
+      if (json) printJson({ id: result.id, plan: result.plan });
+      else console.log(`migration ${result.id} started\n${renderPlan(result.plan)}`);
+      await followToReport(api, result.id, json);
     });
 
   const migration = program.command('migration').description('migration records');
@@ -235,6 +234,7 @@ export function registerClusterCommands(program: Command): void {
       if (json) printJson(record);
       else console.log([`migration ${record.id}: ${record.vm} ${record.from} → ${record.to}, ${record.phase}`, renderPlan(record.plan), record.report ? renderReport(record.report) : '(running)'].join('\n'));
     });
+  registerWatchCommand(migration);
   migration
     .command('cancel <id>')
     .description('cancel a running migration (the VM stays on the source)')

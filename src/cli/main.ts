@@ -6,6 +6,7 @@
 import { Command, CommanderError } from 'commander';
 import { VmferryError, describeError } from '../errors.ts';
 import { registerClusterCommands } from './cluster.ts';
+import { registerDashboardCommand } from './dashboard.ts';
 import { registerDaemonCommands } from './daemons.ts';
 import { registerStorageCommands } from './storage.ts';
 import { registerDemoCommand } from './demo.ts';
@@ -22,6 +23,7 @@ const program = new Command('vmferry')
 // Subcommand registrations go here, one line per area.
 registerDaemonCommands(program);
 registerClusterCommands(program);
+registerDashboardCommand(program);
 registerStorageCommands(program);
 registerDemoCommand(program);
 registerPkiCommands(program);

@@ -1,14 +1,20 @@
 /**
  * Follows a migration's events from the controller until it ends: progress
- * bars in a terminal (one per mirrored disk, one for RAM), plain lines otherwise.
+ * bars in a terminal (one per mirrored disk, one for RAM), plain lines
+ * otherwise, JSON lines for scripts.
  */
 import cliProgress from 'cli-progress';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { MigrationEvent, MigrationReport } from '../migration/phases.ts';
 import { formatBytes } from '../migration/plan.ts';
 import type { ControllerClient } from '../controller/client.ts';
+import { hasCode, VmferryError } from '../errors.ts';
+import type { StoredEvent } from '../store/store.ts';
+import { printJson } from './common.ts';
 
-const pollMs = 300;
+/** A lost stream is opened again this many times in a row, this far apart, before the command gives up. */
+const reconnectTries = 10;
+const reconnectGapMs = 1_000;
 
 interface Display {
   show(event: MigrationEvent): void;
@@ -67,24 +73,43 @@ function barDisplay(): Display {
   };
 }
 
-export async function followMigration(
-  client: ControllerClient,
-  id: string,
-  mode: 'bars' | 'plain' | 'silent',
-): Promise<MigrationReport> {
+/** One line of `--json` while a migration runs: a stored event of migration `id`. */
+export interface ProgressLine extends StoredEvent {
+  id: string;
+}
+
+/**
+ * Follows a migration over the controller's live stream until its report:
+ * bars or plain lines for people, one JSON line per event (`ndjson`) for
+ * scripts, or nothing. A stream that ends early (the controller closed it, or
+ * restarted) is opened again where it left off.
+ */
+export async function followMigration(client: ControllerClient, id: string, mode: 'bars' | 'plain' | 'silent' | 'ndjson'): Promise<MigrationReport> {
   const display = mode === 'bars' ? barDisplay() : mode === 'plain' ? plainDisplay((line) => process.stdout.write(`${line}\n`)) : undefined;
   let after = 0;
+  const stop = new AbortController();
   try {
-    for (;;) {
-      const batch = await client.events(id, after);
-      for (const stored of batch.events) {
-        display?.show(stored.event);
-        after = stored.seq;
+    // Streams in a row that ended without a message: bounded, so a controller that keeps failing ends the command.
+    for (let fruitless = 0; ; fruitless++) {
+      try {
+        for await (const message of client.migrationStream(id, after, stop.signal)) {
+          fruitless = -1;
+          if (message.event === 'report') return (JSON.parse(message.data) as { report: MigrationReport }).report;
+          if (message.event !== 'progress') continue;
+          const line = JSON.parse(message.data) as ProgressLine;
+          display?.show(line.event);
+          if (mode === 'ndjson') printJson(line);
+          after = line.seq;
+        }
+      } catch (err) {
+        // A controller that restarts is back within seconds; anything else (a wrong id, a refused certificate) is final.
+        if ((!hasCode(err, 'VMF_UNREACHABLE') && !hasCode(err, 'VMF_TIMEOUT')) || fruitless >= reconnectTries) throw err;
       }
-      if (batch.report) return batch.report;
-      if (batch.events.length === 0) await sleep(pollMs);
+      if (fruitless >= reconnectTries) throw new VmferryError('VMF_UNREACHABLE', `the controller ended the stream of migration ${id} ${reconnectTries + 1} times without a word`);
+      await sleep(reconnectGapMs);
     }
   } finally {
+    stop.abort();
     display?.stop();
   }
 }

@@ -2,7 +2,9 @@
 import type { CreateVmRequest, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
 import type { HostStatus } from './inventory.ts';
 // Each request goes to whichever controller leads, when the URL lists several (failover.ts).
-import { requestController as requestJson } from './failover.ts';
+import { currentController, requestController as requestJson } from './failover.ts';
+import { readEventStream } from '../http/event-source.ts';
+import type { EventSourceMessage } from 'eventsource-parser';
 import { importTimeoutMs } from '../storage/disk-images.ts';
 import type { MigrationPlan } from '../migration/plan.ts';
 import type { MigrationReport } from '../migration/phases.ts';
@@ -91,6 +93,11 @@ export class ControllerClient {
 
   drain(id: string): Promise<DrainStatus> {
     return requestJson(this.#url, 'GET', `/v1/drains/${encodeURIComponent(id)}`, { tls: this.#tls, server: controller });
+  }
+
+  /** The migration's live stream (event-stream.ts): `progress` messages after `after`, then its `report`. A standby streams too. */
+  migrationStream(id: string, after: number, signal: AbortSignal): AsyncGenerator<EventSourceMessage> {
+    return readEventStream(currentController(this.#url), `/v1/migrations/${encodeURIComponent(id)}/stream?after=${after}`, { tls: this.#tls, server: controller, signal });
   }
 
   cancel(id: string): Promise<MigrationRecord> {

@@ -27,6 +27,12 @@ export function parseControllerUrls(text: string, option = '--controller'): stri
   return urls;
 }
 
+/** The controller of `urls` that answered last (else the first): where a stream, which any controller serves, is read. */
+export function currentController(urls: string): string {
+  const list = parseControllerUrls(urls);
+  return lastAnswered.get(urls) ?? (list[0] as string);
+}
+
 /** requestJson to whichever of `urls` (one URL, or several separated by commas) leads. */
 export async function requestController<T>(urls: string, method: string, path: string, options: RequestOptions = {}): Promise<T> {
   const list = parseControllerUrls(urls);

@@ -1,6 +1,7 @@
 /**
  * The controller's HTTP API, for the CLI and the dashboard: hosts, VMs (through
- * their agents), and migrations with their events and reports.
+ * their agents), and migrations with their events, live streams and reports;
+ * and the dashboard's page (dashboard.ts).
  */
 import { createApiServer } from '../http/api-server.ts';
 import { VmferryError } from '../errors.ts';
@@ -12,6 +13,9 @@ import { MigrateRequestSchema } from '../api/controller-types.ts';
 import { openStore } from '../store/open-store.ts';
 import type { Store } from '../store/store.ts';
 import { Inventory } from './inventory.ts';
+import { registerDashboard } from './dashboard.ts';
+import { announcingStore, MigrationChanges } from './events.ts';
+import { registerEventStreams } from './event-stream.ts';
 import { metricsContentType, renderMetrics } from './metrics.ts';
 import { MigrationService } from './migrations.ts';
 import { registerDrainRoutes } from './drain-routes.ts';
@@ -54,7 +58,9 @@ export const controllerAccess: AccessPolicy = (method, route) => (method === 'PO
 export async function buildController(
   options: ControllerOptions,
 ): Promise<{ app: FastifyInstance; migrations: MigrationService; store: Store }> {
-  const store = options.store ?? (await openStore(options.dbPath, options.logger));
+  // Every write to a migration wakes the live streams (events.ts, event-stream.ts).
+  const changes = new MigrationChanges();
+  const store = announcingStore(options.store ?? (await openStore(options.dbPath, options.logger)), changes);
   const leadership = await startLeadership(options).catch(async (err: unknown) => {
     await store.close();
     throw err;
@@ -162,6 +168,8 @@ export async function buildController(
       return { phase: record.phase, events: await store.eventsSince(request.params.id, after), report: record.report };
     },
   );
+  registerEventStreams(base, store, changes, options.logger);
+  registerDashboard(base, inventory);
   app.post('/v1/migrations/:id/cancel', { schema: { params: MigrationParamsSchema } }, (request) => migrations.cancel(request.params.id));
   registerDrainRoutes(app, drains);
   return { app: base, migrations, store };

@@ -81,7 +81,7 @@ export interface ExpectedServer {
  */
 const dispatchers = new WeakMap<TlsIdentity, Map<string, Agent>>();
 
-function dispatcherFor(tls: TlsIdentity, server: ExpectedServer | undefined): Agent {
+export function dispatcherFor(tls: TlsIdentity, server: ExpectedServer | undefined): Agent {
   let byServer = dispatchers.get(tls);
   if (!byServer) {
     byServer = new Map();

@@ -181,7 +181,13 @@ test('migrate to B and back through the CLI; records and reports are kept', asyn
     const before = (await waitForAcks(reportLogs('web'), ['root', 'data'], { atLeast: 0, timeoutMs: 1000 })).acks;
     const result = await vmferry('--json', 'migrate', 'web', '--to', to);
     assert.equal(result.code, 0, result.stderr);
-    const { id, report } = JSON.parse(result.stdout) as { id: string; report: MigrationReport };
+    // NDJSON: the plan with the id first, one line per event while it runs, the report last (as the one line it used to be).
+    const lines = result.stdout.trim().split('\n').map((line) => JSON.parse(line) as { id: string; plan?: { to: string }; seq?: number; event?: { type: string }; report?: MigrationReport });
+    const { id, report } = lines.at(-1) as { id: string; report: MigrationReport };
+    assert.deepEqual(Object.keys(lines.at(-1) ?? {}), ['id', 'report']);
+    assert.equal(lines[0]?.plan?.to, to);
+    assert.ok(lines.slice(1, -1).every((line, i) => line.id === id && line.seq === i + 1 && line.event !== undefined), 'events in order between them');
+    assert.ok(lines.some((line) => line.event?.type === 'ram'), 'RAM progress while it ran');
     assert.equal(report.outcome, 'completed');
     assert.deepEqual(report.disks.map((d) => [d.id, d.operation]), [['root', 'mirror'], ['data', 'reattach']]);
     checkFigures(report);
@@ -244,7 +250,7 @@ test('migrate --ram-mode postcopy through the CLI: a guest dirtying faster than 
   await faults.startVm('busy', { intervalMs: 0, dirtyMiB: 32, dirtyRateMiBs: 32 });
   const result = await vmferry('--json', 'migrate', 'busy', '--to', 'B', '--ram-mode', 'postcopy', '--bandwidth', '8');
   assert.equal(result.code, 0, result.stderr);
-  const { id, report } = JSON.parse(result.stdout) as { id: string; report: MigrationReport };
+  const { id, report } = JSON.parse(result.stdout.trim().split('\n').at(-1) ?? '') as { id: string; report: MigrationReport };
   assert.equal(report.outcome, 'completed', report.error?.message);
   assert.equal(report.ramMode, 'postcopy');
   // The agents run TCG here: post-copy from the start, before pre-copy sends pages whose later writes QEMU may miss.
