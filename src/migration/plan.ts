@@ -177,7 +177,7 @@ export interface MigrationPlan {
      * at 75 ms, none of 18 starting at 300 ms).
      */
     downtimeLimitsMs: number[];
-    bandwidthMiBs: number | undefined;
+    bandwidthMiBs?: number;
     /** How RAM moves (RamMode); `postcopy` switches after the first pass of pre-copy, or at once (postcopyAtOnce). */
     mode: RamMode;
     /**
