@@ -4,11 +4,11 @@
  * imports the other's code.
  */
 import { Type, type Static } from '@sinclair/typebox';
-import { cpuModelPattern } from '../qemu/spec.ts';
+import { bridgePattern, cpuModelPattern, diskIdPattern } from '../qemu/spec.ts';
 import { namePatternSource, nameRule } from '../util/names.ts';
 
 const name = Type.String({ pattern: namePatternSource, description: `VM name: ${nameRule}` });
-const diskId = Type.String({ pattern: '^[a-z][a-z0-9_-]{0,19}$' });
+const diskId = Type.String({ pattern: diskIdPattern.source });
 /** A host's address as others reach it (an IP address or a DNS name): it goes into QEMU URIs, so no ',' '/' or space. */
 export const hostAddressPattern = '^[A-Za-z0-9.:_-]+$';
 
@@ -116,7 +116,7 @@ export const CreateVmRequestSchema = Type.Object(
       Type.Array(
         Type.Object(
           {
-            bridge: Type.String({ pattern: '^[A-Za-z0-9_.-]{1,15}$', description: 'a bridge on the host' }),
+            bridge: Type.String({ pattern: bridgePattern.source, description: 'a bridge on the host' }),
             mac: Type.Optional(Type.String({ pattern: '^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$' })),
           },
           { additionalProperties: false },
