@@ -8,6 +8,7 @@ import type { Accelerator } from '../qemu/command-line.ts';
 import { memoryDigestMaxMiB } from '../qemu/memory-digest.ts';
 import { downtimeSteps } from './convergence.ts';
 import type { DiskSpec, NbdServerAddress, VmSpec } from '../qemu/spec.ts';
+import { formatBytes } from '../util/format.ts';
 
 export type CopyMode = 'background' | 'write-blocking';
 
@@ -364,15 +365,4 @@ export function withRamMode(plan: MigrationPlan, mode: RamMode): MigrationPlan {
  */
 export function postcopyCapable(plan: Pick<MigrationPlan, 'ram' | 'options'>): boolean {
   return plan.ram.allowPostcopy || plan.ram.mode === 'postcopy' || plan.options.timeoutAction === 'postcopy';
-}
-
-export function formatBytes(bytes: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let value = bytes;
-  let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit++;
-  }
-  return `${unit === 0 ? value : value.toFixed(1)} ${units[unit]}`;
 }
