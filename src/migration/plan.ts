@@ -174,8 +174,7 @@ export interface MigrationPlan {
      * converging, up to maxDowntimeMs. Several steps buy a shorter pause for
      * guests that converge; a TCG guest gets only the last, because every extra
      * pass is another chance for QEMU 7.2's TCG defect to lose a write
-     * (bench/tcg-downtime-start.ts: 9 of 18 busy migrations differed starting
-     * at 75 ms, none of 18 starting at 300 ms).
+     * (docs/BENCHMARKS.md, "TCG: where pre-copy's downtime limit starts").
      */
     downtimeLimitsMs: number[];
     bandwidthMiBs?: number;
