@@ -11,7 +11,6 @@ import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { CreateVmRequestSchema, MigrationParamsSchema, MigrationPlanSchema, MirrorTargetSchema, QuarantineParamsSchema, StreamTlsSchema, VmNameParamsSchema, type HostInfo } from '../api/agent-types.ts';
 import { replySignal } from '../http/request-signal.ts';
-import type { MigrationPlan } from '../migration/plan.ts';
 import type { MigrationSettings } from '../migration/sides.ts';
 import type { HostAccelerator } from '../qemu/accel.ts';
 import { qemuVersion } from '../migration/probe.ts';
@@ -171,7 +170,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
   const params = MigrationParamsSchema;
   app.get('/v1/migrations/:id', { schema: { params } }, (request) => sides.describe(request.params.id));
   app.post('/v1/migrations/:id/destination/prepare', { schema: { params, body: Type.Object({ spec: Type.Unknown(), plan: MigrationPlanSchema }, strict) } }, (request, reply) =>
-    sides.prepareDestination(request.params.id, validateVmSpec(request.body.spec), request.body.plan as MigrationPlan, replySignal(reply)),
+    sides.prepareDestination(request.params.id, validateVmSpec(request.body.spec), request.body.plan, replySignal(reply)),
   );
   app.post('/v1/migrations/:id/destination/wait-incoming', { schema: { params } }, async (request, reply) => {
     await sides.useDestination(request.params.id, (side) => side.waitIncomingCompleted(replySignal(reply)));

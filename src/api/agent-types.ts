@@ -4,11 +4,11 @@
  * imports the other's code.
  */
 import { Type, type Static } from '@sinclair/typebox';
-import { cephNamePattern, cpuModelPattern } from '../qemu/spec.ts';
+import { bridgePattern, cephNamePattern, cpuModelPattern, diskIdPattern } from '../qemu/spec.ts';
 import { namePatternSource, nameRule } from '../util/names.ts';
 
 const name = Type.String({ pattern: namePatternSource, description: `VM name: ${nameRule}` });
-const diskId = Type.String({ pattern: '^[a-z][a-z0-9_-]{0,19}$' });
+const diskId = Type.String({ pattern: diskIdPattern.source });
 /** A host's address as others reach it (an IP address or a DNS name): it goes into QEMU URIs, so no ',' '/' or space. */
 export const hostAddressPattern = '^[A-Za-z0-9.:_-]+$';
 
@@ -128,7 +128,7 @@ export const CreateVmRequestSchema = Type.Object(
       Type.Array(
         Type.Object(
           {
-            bridge: Type.String({ pattern: '^[A-Za-z0-9_.-]{1,15}$', description: 'a bridge on the host' }),
+            bridge: Type.String({ pattern: bridgePattern.source, description: 'a bridge on the host' }),
             mac: Type.Optional(Type.String({ pattern: '^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$' })),
           },
           { additionalProperties: false },
@@ -197,15 +197,52 @@ export interface QuarantineEntry {
   }[];
 }
 
-/**
- * The plan a destination is prepared with. The controller computes it, so this
- * only checks the shape the destination relies on: without it a malformed plan
- * reached QEMU's start before anything looked at it. Extra fields are allowed,
- * so the planner can add some without breaking agents of the previous version.
- */
 /** How RAM moves (src/migration/plan.ts RamMode). */
 export const RamModeSchema = Type.Union([Type.Literal('live'), Type.Literal('postcopy'), Type.Literal('stop-and-copy')]);
+export const TimeoutActionSchema = Type.Union([Type.Literal('abort'), Type.Literal('pause'), Type.Literal('postcopy')]);
+export const RamFallbackSchema = Type.Union([Type.Literal('none'), Type.Literal('stop-and-copy')]);
+export const CopyModeSchema = Type.Union([Type.Literal('background'), Type.Literal('write-blocking')]);
 
+/** How the destination announces the guest's NICs after the switch-over (plan.ts AnnounceSettings). */
+export const AnnounceSettingsSchema = Type.Object(
+  {
+    initialMs: Type.Integer({ minimum: 1, maximum: 100_000 }),
+    maxMs: Type.Integer({ minimum: 1, maximum: 100_000 }),
+    rounds: Type.Integer({ minimum: 1, maximum: 1000 }),
+    stepMs: Type.Integer({ minimum: 1, maximum: 10_000 }),
+  },
+  { additionalProperties: false },
+);
+
+const seconds = Type.Number({ exclusiveMinimum: 0, maximum: 7 * 24 * 3600 });
+
+/** The settings a migration runs with (plan.ts MigrationOptions), as the controller completed them from defaults. */
+export const MigrationOptionsSchema = Type.Object({
+  bandwidthMiBs: Type.Optional(Type.Number({ exclusiveMinimum: 0 })),
+  maxDowntimeMs: Type.Number({ exclusiveMinimum: 0 }),
+  timeoutS: seconds,
+  timeoutAction: TimeoutActionSchema,
+  deadlineS: seconds,
+  fallback: RamFallbackSchema,
+  stallTimeoutS: seconds,
+  ramMode: RamModeSchema,
+  allowPostcopy: Type.Boolean(),
+  keepSource: Type.Boolean(),
+  copyMode: CopyModeSchema,
+  tcgStopCopy: Type.Boolean(),
+  announce: Type.Optional(AnnounceSettingsSchema),
+});
+
+const bytes = Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER });
+const downtimeMs = Type.Number({ exclusiveMinimum: 0 });
+
+/**
+ * The plan the controller computes (src/migration/plan.ts MigrationPlan, which
+ * a type test holds equal to this) and both agents run: checked at the agent,
+ * so a field missing or malformed between the two is a 400 naming it, not a
+ * migration that quietly runs without it. Extra fields are allowed, so the
+ * planner can add some without breaking agents of the previous version.
+ */
 export const MigrationPlanSchema = Type.Object({
   vm: name,
   from: Type.String({ minLength: 1, maxLength: 64 }),
@@ -217,22 +254,25 @@ export const MigrationPlanSchema = Type.Object({
       operation: Type.Union([Type.Literal('mirror'), Type.Literal('reattach')]),
       kind: Type.Union([Type.Literal('local'), Type.Literal('shared')]),
       readOnly: Type.Boolean(),
-      virtualSize: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER }),
-      bytesToCopy: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER }),
+      virtualSize: bytes,
+      bytesToCopy: bytes,
       mirrorSync: Type.Optional(Type.Union([Type.Literal('full'), Type.Literal('top')])),
-      base: Type.Optional(Type.Object({ export: Type.String({ maxLength: 8192 }), virtualSize: Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER }), reachable: Type.Boolean() })),
+      base: Type.Optional(Type.Object({ export: Type.String({ maxLength: 8192 }), virtualSize: bytes, reachable: Type.Boolean() })),
       reason: Type.String({ maxLength: 8192 }),
     }),
     { maxItems: 16 },
   ),
   ram: Type.Object({
     memoryMiB: Type.Integer({ minimum: 1 }),
-    maxDowntimeMs: Type.Number({ exclusiveMinimum: 0 }),
+    maxDowntimeMs: downtimeMs,
+    downtimeLimitsMs: Type.Array(downtimeMs, { minItems: 1, maxItems: 64 }),
     bandwidthMiBs: Type.Optional(Type.Number({ exclusiveMinimum: 0 })),
-    /** Absent from a controller of the previous version: `live`. The destination needs it to allow post-copy. */
-    mode: Type.Optional(RamModeSchema),
+    mode: RamModeSchema,
+    postcopyAtOnce: Type.Optional(Type.Boolean()),
     allowPostcopy: Type.Boolean(),
+    compareMemory: Type.Boolean(),
+    stopAfterFirstPass: Type.Optional(Type.Boolean()),
   }),
-  options: Type.Object({}),
+  options: MigrationOptionsSchema,
   refusals: Type.Array(Type.String({ maxLength: 8192 }), { maxItems: 256 }),
 });

@@ -1,6 +1,6 @@
 /** Request bodies of the controller's API that its clients (the CLI, the demo) build too. */
 import { Type, type Static } from '@sinclair/typebox';
-import { RamModeSchema, VmNameParamsSchema } from './agent-types.ts';
+import { AnnounceSettingsSchema, CopyModeSchema, RamFallbackSchema, RamModeSchema, TimeoutActionSchema, VmNameParamsSchema } from './agent-types.ts';
 
 export const MigrateRequestSchema = Type.Object(
   {
@@ -12,30 +12,20 @@ export const MigrateRequestSchema = Type.Object(
     ramMode: Type.Optional(RamModeSchema),
     /** Seconds from the start of the RAM phase after which timeoutAction is taken (virsh's --timeout). */
     timeoutS: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 7 * 24 * 3600 })),
-    timeoutAction: Type.Optional(Type.Union([Type.Literal('abort'), Type.Literal('pause'), Type.Literal('postcopy')])),
+    timeoutAction: Type.Optional(TimeoutActionSchema),
     /** The most an attempt may take, disk mirrors included: rolled back after it. */
     deadlineS: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 7 * 24 * 3600 })),
     /** After two refusals for a memory mismatch, the last attempt runs in this RAM mode. */
-    fallback: Type.Optional(Type.Union([Type.Literal('none'), Type.Literal('stop-and-copy')])),
+    fallback: Type.Optional(RamFallbackSchema),
     stallTimeoutS: Type.Optional(Type.Number({ minimum: 1, maximum: 24 * 3600 })),
     /** `ramMode` live, switching to post-copy when pre-copy stops converging. */
     allowPostcopy: Type.Optional(Type.Boolean()),
     keepSource: Type.Optional(Type.Boolean()),
-    copyMode: Type.Optional(Type.Union([Type.Literal('background'), Type.Literal('write-blocking')])),
+    copyMode: Type.Optional(CopyModeSchema),
     /** false: a TCG guest's live pre-copy is not stopped after its first pass (plan.ts MigrationOptions.tcgStopCopy). */
     tcgStopCopy: Type.Optional(Type.Boolean()),
     /** How the destination announces the guest's NICs after the switch-over (plan.ts AnnounceSettings). */
-    announce: Type.Optional(
-      Type.Object(
-        {
-          initialMs: Type.Integer({ minimum: 1, maximum: 100_000 }),
-          maxMs: Type.Integer({ minimum: 1, maximum: 100_000 }),
-          rounds: Type.Integer({ minimum: 1, maximum: 1000 }),
-          stepMs: Type.Integer({ minimum: 1, maximum: 10_000 }),
-        },
-        { additionalProperties: false },
-      ),
-    ),
+    announce: Type.Optional(AnnounceSettingsSchema),
   },
   { additionalProperties: false },
 );

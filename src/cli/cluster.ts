@@ -1,5 +1,5 @@
 /** CLI commands that talk to the controller: hosts, VMs, migrations. */
-import type { Command } from 'commander';
+import { Option, type Command } from 'commander';
 import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
 import type { HostStatus } from '../controller/inventory.ts';
 import { parseNicArg } from './nic-arg.ts';
@@ -15,6 +15,29 @@ import { registerQuarantineCommands } from './quarantine.ts';
 import { registerDrainCommands } from './drain.ts';
 import { renderPlan, renderReport, table } from './render.ts';
 import { addMigrateOptions, migrateRequestOptions, type MigrateCliOptions } from './migrate-options.ts';
+
+const defaultStorageNbd = '127.0.0.1:10809';
+
+/** `vm create`'s options as commander hands them over, parsed. */
+interface VmCreateOptions {
+  host: string;
+  memory: number;
+  vcpus: number;
+  cpu?: string;
+  localDisk: string[];
+  sharedDisk: string[];
+  roSharedDisk: string[];
+  rbdDisk: string[];
+  cephConf: string;
+  cephUser: string;
+  nic: string[];
+  storageNbd: { host: string; port: number };
+  kernel?: string;
+  initrd?: string;
+  append?: string;
+  testGuest?: boolean;
+  boot?: string;
+}
 
 interface GlobalOptions {
   controller: string;
@@ -90,8 +113,8 @@ export function registerClusterCommands(program: Command): void {
   vm.command('create <name>')
     .description('create a VM on a host (its local disks are created in the host\'s pool)')
     .requiredOption('--host <host>', 'host to create it on')
-    .option('--memory <MiB>', 'memory in MiB', '256')
-    .option('--vcpus <n>', 'virtual CPUs', '1')
+    .addOption(new Option('--memory <MiB>', 'memory in MiB').argParser((v) => parsePositive(v, '--memory')).default(256))
+    .addOption(new Option('--vcpus <n>', 'virtual CPUs').argParser((v) => parsePositive(v, '--vcpus')).default(1))
     .option('--cpu <model>', `QEMU CPU model, the same on every host it moves to (default ${defaultCpuModel}; e.g. Westmere-v1 for x86-64-v2 guests)`)
     .option(
       '--local-disk <spec>',
@@ -105,34 +128,37 @@ export function registerClusterCommands(program: Command): void {
     .option('--ceph-conf <path>', 'the Ceph conf file every host has; it names the monitors and the keyring (or VMFERRY_CEPH_CONF)', process.env.VMFERRY_CEPH_CONF ?? '/etc/ceph/ceph.conf')
     .option('--ceph-user <name>', 'the Ceph user, without "client." (or VMFERRY_CEPH_USER)', process.env.VMFERRY_CEPH_USER ?? 'admin')
     .option('--nic <bridge=BR[,mac=MAC]>', 'a virtio-net NIC on host bridge BR; the MAC is generated (52:54:00:…) unless given (repeatable)', collect, [])
-    .option('--storage-nbd <host:port>', 'NBD address of the storage server', '127.0.0.1:10809')
+    .addOption(
+      new Option('--storage-nbd <host:port>', 'NBD address of the storage server')
+        .argParser((v) => parseListen(v, '--storage-nbd'))
+        .default(parseListen(defaultStorageNbd, '--storage-nbd'), defaultStorageNbd),
+    )
     .option('--kernel <path>', 'boot this kernel (direct kernel boot)')
     .option('--initrd <path>', 'initrd for --kernel')
     .option('--append <cmdline>', 'kernel command line for --kernel')
     .option('--test-guest', 'boot vmferry\'s test guest, writing checkable records to every disk')
     .option('--boot <disk:ID>', 'boot from disk ID with the BIOS (its boot loader), e.g. disk:root')
-    .action(async (name: string, opts: Record<string, string | string[] | boolean | undefined>, command: Command) => {
+    .action(async (name: string, opts: VmCreateOptions, command: Command) => {
       const { api, json } = client(command);
-      const storage = parseListen(opts.storageNbd as string, '--storage-nbd');
-      const server = { type: 'inet' as const, host: storage.host, port: storage.port };
+      const server = { type: 'inet' as const, host: opts.storageNbd.host, port: opts.storageNbd.port };
       const disks: CreateVmRequest['disks'] = [
-        ...(opts.localDisk as string[]).map((arg) => {
+        ...opts.localDisk.map((arg) => {
           const [id, value] = parseDiskArg(arg, '--local-disk');
           return { id, local: parseLocalDisk(id, value, server) };
         }),
-        ...(opts.sharedDisk as string[]).map((arg) => {
+        ...opts.sharedDisk.map((arg) => {
           const [id, volume] = parseDiskArg(arg, '--shared-disk');
           return { id, shared: { server, export: volume } };
         }),
-        ...(opts.roSharedDisk as string[]).map((arg) => {
+        ...opts.roSharedDisk.map((arg) => {
           const [id, volume] = parseDiskArg(arg, '--ro-shared-disk');
           return { id, shared: { server, export: volume }, readOnly: true };
         }),
-        ...(opts.rbdDisk as string[]).map((arg) => {
+        ...opts.rbdDisk.map((arg) => {
           const [id, image] = parseDiskArg(arg, '--rbd-disk');
           const [pool, name, extra] = image.split('/');
           if (!pool || !name || extra !== undefined) throw new VmferryError('VMF_INVALID_ARGUMENT', `--rbd-disk ${arg}: give ID:POOL/IMAGE`);
-          return { id, rbd: { pool, image: name, conf: opts.cephConf as string, user: opts.cephUser as string } };
+          return { id, rbd: { pool, image: name, conf: opts.cephConf, user: opts.cephUser } };
         }),
       ];
       const bootChoices = [opts.testGuest && '--test-guest', typeof opts.kernel === 'string' && '--kernel', typeof opts.boot === 'string' && '--boot'].filter(Boolean);
@@ -149,14 +175,14 @@ export function registerClusterCommands(program: Command): void {
         if (!disks.some((d) => d.id === diskId)) throw new VmferryError('VMF_INVALID_ARGUMENT', `--boot disk:${diskId} names no disk of this VM`);
         boot = { kind: 'disk', diskId };
       } else throw new VmferryError('VMF_INVALID_ARGUMENT', 'say what to boot: --test-guest, --kernel PATH or --boot disk:ID');
-      const created = await api.createVm(opts.host as string, {
+      const created = await api.createVm(opts.host, {
         name,
-        memoryMiB: parsePositive(opts.memory as string, '--memory'),
-        vcpus: parsePositive(opts.vcpus as string, '--vcpus'),
+        memoryMiB: opts.memory,
+        vcpus: opts.vcpus,
         ...(typeof opts.cpu === 'string' ? { cpu: parseCpuModel(opts.cpu) } : {}),
         boot,
         disks,
-        ...((opts.nic as string[]).length ? { nics: (opts.nic as string[]).map(parseNicArg) } : {}),
+        ...(opts.nic.length ? { nics: opts.nic.map(parseNicArg) } : {}),
       });
       if (json) printJson(created);
       else console.log(`created VM ${created.name} on ${created.host}`);

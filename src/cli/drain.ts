@@ -7,7 +7,7 @@ import type { DrainedVm, DrainStatus } from '../controller/drain.ts';
 import { maxDrainParallel } from '../controller/drain-routes.ts';
 import { VmferryError } from '../errors.ts';
 import type { MigrationEvent } from '../migration/phases.ts';
-import { formatBytes } from '../migration/plan.ts';
+import { formatBytes } from '../util/format.ts';
 import { printJson } from './common.ts';
 import { table } from './render.ts';
 import { commandTls } from './tls-options.ts';

@@ -1,6 +1,7 @@
 /** `vm create --nic bridge=BR[,mac=MAC]`: one NIC of the VM, checked before anything is sent. */
 import { VmferryError } from '../errors.ts';
 import type { CreateVmRequest } from '../api/agent-types.ts';
+import { bridgePattern } from '../qemu/spec.ts';
 
 export type NicRequest = NonNullable<CreateVmRequest['nics']>[number];
 
@@ -15,7 +16,7 @@ export function parseNicArg(value: string): NicRequest {
   }
   const bridge = fields.get('bridge');
   if (!bridge) throw new VmferryError('VMF_INVALID_ARGUMENT', `--nic "${value}" names no bridge: bridge=BRIDGE is required`);
-  if (!/^[A-Za-z0-9_.-]{1,15}$/.test(bridge)) throw new VmferryError('VMF_INVALID_ARGUMENT', `--nic bridge "${bridge}" is not a host interface name (1-15 of A-Z a-z 0-9 . - _)`);
+  if (!bridgePattern.test(bridge)) throw new VmferryError('VMF_INVALID_ARGUMENT', `--nic bridge "${bridge}" is not a host interface name (1-15 of A-Z a-z 0-9 . - _)`);
   const mac = fields.get('mac');
   if (mac === undefined) return { bridge };
   if (!/^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i.test(mac)) throw new VmferryError('VMF_INVALID_ARGUMENT', `--nic mac "${mac}" is not a MAC address such as 52:54:00:12:34:56`);

@@ -6,7 +6,7 @@
 import cliProgress from 'cli-progress';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { MigrationEvent, MigrationReport } from '../migration/phases.ts';
-import { formatBytes } from '../migration/plan.ts';
+import { formatBytes } from '../util/format.ts';
 import type { ControllerClient } from '../controller/client.ts';
 import { hasCode, VmferryError } from '../errors.ts';
 import type { StoredEvent } from '../store/store.ts';

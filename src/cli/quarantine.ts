@@ -1,6 +1,6 @@
 /** `vmferry host quarantine …`: what a host's agent moved aside at start instead of deleting, through the controller. */
 import type { Command } from 'commander';
-import { formatBytes } from '../migration/plan.ts';
+import { formatBytes } from '../util/format.ts';
 import { printJson } from './common.ts';
 import { ControllerClient } from '../controller/client.ts';
 import { commandTls } from './tls-options.ts';

@@ -6,7 +6,7 @@
  */
 import type { Command } from 'commander';
 import { VmferryError } from '../errors.ts';
-import { formatBytes } from '../migration/plan.ts';
+import { formatBytes } from '../util/format.ts';
 import { createImage, listImages, removeImage, resizeImage, type CephClient } from '../storage/rbd.ts';
 import { parseSize, printJson } from './common.ts';
 import { table } from './render.ts';

@@ -1,7 +1,8 @@
 /** Tables and lines for people: plans, reports, hosts, VMs. */
 import Table from 'cli-table3';
 import type { MigrationReport } from '../migration/phases.ts';
-import { formatBytes, type MigrationPlan } from '../migration/plan.ts';
+import type { MigrationPlan } from '../migration/plan.ts';
+import { formatBytes } from '../util/format.ts';
 
 export function table(head: string[], rows: (string | number)[][]): string {
   const t = new Table({ head, style: { head: [], border: [] } });

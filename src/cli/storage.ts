@@ -2,7 +2,7 @@
 import type { Command } from 'commander';
 import { requestJson, type ExpectedServer } from '../http/errors.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
-import { formatBytes } from '../migration/plan.ts';
+import { formatBytes } from '../util/format.ts';
 import { defaultLimits } from '../nbd/server.ts';
 import type { QuarantinedFile } from '../storage/quarantine.ts';
 import type { Volume } from '../storage/volumes.ts';

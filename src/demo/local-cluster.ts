@@ -17,11 +17,16 @@ import { buildController } from '../controller/server.ts';
 import { StorageServer } from '../storage/server.ts';
 import { requestJson } from '../http/errors.ts';
 import type { AccelMode } from '../qemu/accel.ts';
+import { pollUntil } from '../util/poll.ts';
 import { findFreePort } from '../util/ports.ts';
 import { runProgram } from '../util/run.ts';
 import { canUseNamespaces, createGuestSegment, createNamespaceNetwork, type GuestSegment, type NamespaceNetwork } from './netns.ts';
 import { ClusterPki } from './cluster-pki.ts';
 import { testGuestDir } from '../guest/test-guest.ts';
+
+/** How long a daemon it started may take to answer, and how often it is asked meanwhile. */
+const daemonStartMs = 30_000;
+const daemonPollMs = 200;
 
 const cliPath = resolve(import.meta.dirname, '../../bin/vmferry.js');
 const agentPort = 10801;
@@ -209,15 +214,16 @@ export class LocalCluster {
 
   /** Waits until the controller sees every host as reachable. */
   async waitForHosts(ids: string[], timeoutMs: number): Promise<void> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const reachable = new Set((await this.api.hosts()).filter((h) => h.state === 'reachable').map((h) => h.id));
-      if (ids.every((id) => reachable.has(id))) return;
-      const dead = this.hosts.find((h) => h.process.exitCode !== null);
-      if (dead) throw new VmferryError('VMF_UNREACHABLE', `the agent of host ${dead.id} exited with code ${dead.process.exitCode}`);
-      if (Date.now() > deadline) throw new VmferryError('VMF_TIMEOUT', `hosts ${ids.join(', ')} did not all report within ${timeoutMs} ms`);
-      await sleep(200);
-    }
+    await pollUntil(
+      async () => {
+        const reachable = new Set((await this.api.hosts()).filter((h) => h.state === 'reachable').map((h) => h.id));
+        if (ids.every((id) => reachable.has(id))) return true;
+        const dead = this.hosts.find((h) => h.process.exitCode !== null);
+        if (dead) throw new VmferryError('VMF_UNREACHABLE', `the agent of host ${dead.id} exited with code ${dead.process.exitCode}`);
+        return undefined;
+      },
+      { timeoutMs, intervalMs: daemonPollMs, timeoutMessage: `hosts ${ids.join(', ')} did not all report within ${timeoutMs} ms` },
+    );
   }
 
   #pkiArgs(role: 'controller' | 'storage'): string[] {
@@ -262,13 +268,14 @@ export class LocalCluster {
   async #waitController(index: number): Promise<void> {
     const child = this.#controllerProcesses[index]?.child;
     const own = new ControllerClient(this.controllerUrls[index] ?? '', this.pki?.operator);
-    const deadline = Date.now() + 30_000;
-    for (;;) {
-      if (await own.hosts().then(() => true, () => false)) return;
-      if (child && child.exitCode !== null) throw new VmferryError('VMF_UNREACHABLE', `the controller exited with code ${child.exitCode}`);
-      if (Date.now() > deadline) throw new VmferryError('VMF_TIMEOUT', 'the controller did not answer within 30 s');
-      await sleep(200);
-    }
+    await pollUntil(
+      async () => {
+        if (await own.hosts().then(() => true, () => false)) return true;
+        if (child && child.exitCode !== null) throw new VmferryError('VMF_UNREACHABLE', `the controller exited with code ${child.exitCode}`);
+        return undefined;
+      },
+      { timeoutMs: daemonStartMs, intervalMs: daemonPollMs, timeoutMessage: `the controller did not answer within ${daemonStartMs / 1000} s` },
+    );
   }
 
   /** Kills one host's agent with SIGKILL, as a crash would (its QEMUs keep running). */
@@ -306,13 +313,14 @@ export class LocalCluster {
 
   async #waitStorage(): Promise<void> {
     const child = this.#storageProcess?.child;
-    const deadline = Date.now() + 30_000;
-    for (;;) {
-      if (await requestJson(this.storageAdminUrl, 'GET', '/v1/volumes', { timeoutMs: 2_000, tls: this.pki?.controller, server: { role: 'storage' } }).then(() => true, () => false)) return;
-      if (child && child.exitCode !== null) throw new VmferryError('VMF_UNREACHABLE', `the storage server exited with code ${child.exitCode}`);
-      if (Date.now() > deadline) throw new VmferryError('VMF_TIMEOUT', 'the storage server did not answer within 30 s');
-      await sleep(200);
-    }
+    await pollUntil(
+      async () => {
+        if (await requestJson(this.storageAdminUrl, 'GET', '/v1/volumes', { timeoutMs: 2_000, tls: this.pki?.controller, server: { role: 'storage' } }).then(() => true, () => false)) return true;
+        if (child && child.exitCode !== null) throw new VmferryError('VMF_UNREACHABLE', `the storage server exited with code ${child.exitCode}`);
+        return undefined;
+      },
+      { timeoutMs: daemonStartMs, intervalMs: daemonPollMs, timeoutMessage: `the storage server did not answer within ${daemonStartMs / 1000} s` },
+    );
   }
 
   /** Creates a shared volume on the storage server, wherever it runs. */
@@ -342,14 +350,14 @@ export class LocalCluster {
     host.process = this.#spawnDaemon(`host ${id}`, host.command, this.#agentEnv?.(host));
     // The controller may still count the old agent's last heartbeat: ask the new one itself.
     const agent = new AgentClient(host.agentUrl, this.pki?.controller, id);
-    const deadline = Date.now() + 30_000;
-    for (;;) {
-      const answered = await agent.host().then(() => true, () => false);
-      if (answered) return;
-      if (host.process.exitCode !== null) throw new VmferryError('VMF_UNREACHABLE', `the restarted agent of host ${id} exited with code ${host.process.exitCode}`);
-      if (Date.now() > deadline) throw new VmferryError('VMF_TIMEOUT', `the restarted agent of host ${id} did not answer within 30 s`);
-      await sleep(200);
-    }
+    await pollUntil(
+      async () => {
+        if (await agent.host().then(() => true, () => false)) return true;
+        if (host.process.exitCode !== null) throw new VmferryError('VMF_UNREACHABLE', `the restarted agent of host ${id} exited with code ${host.process.exitCode}`);
+        return undefined;
+      },
+      { timeoutMs: daemonStartMs, intervalMs: daemonPollMs, timeoutMessage: `the restarted agent of host ${id} did not answer within ${daemonStartMs / 1000} s` },
+    );
   }
 
   /** Deletes every VM (killing its QEMU), stops agents, controller and storage, removes the network. */

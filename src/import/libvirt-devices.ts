@@ -4,7 +4,7 @@
  * default), never dropped without a word.
  */
 import type { CreateVmRequest } from '../api/agent-types.ts';
-import type { NbdServerAddress } from '../qemu/spec.ts';
+import { bridgePattern, cacheModes, diskIdPattern, maxDisks, maxNics, type NbdServerAddress } from '../qemu/spec.ts';
 import type { Findings } from './findings.ts';
 import { child, describe, type XmlElement } from './xml-tree.ts';
 
@@ -27,13 +27,7 @@ export interface MappedDevices {
   firstHardDisk?: string;
 }
 
-// The limits of CreateVmRequestSchema and of the spec (src/qemu/spec.ts).
-const maxDisks = 16;
-const maxNics = 8;
-const diskIdPattern = /^[a-z][a-z0-9_-]{0,19}$/;
-const bridgePattern = /^[A-Za-z0-9_.-]{1,15}$/;
 const macPattern = /^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$/;
-const cacheModes: readonly string[] = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'];
 const defaultNbdPort = 10809;
 
 const headless = 'vmferry runs VMs headless (-display none); use the serial console (its log is in the VM directory)';
@@ -190,7 +184,7 @@ function mapDiskDetails(disk: XmlElement, mapped: RequestDisk, findings: Finding
       case 'driver':
         for (const [key, value] of Object.entries(element.attrs)) {
           const detail = `${subject}: driver ${key}='${value}'`;
-          if (key === 'cache' && cacheModes.includes(value)) mapped.cache = value as CacheMode;
+          if (key === 'cache' && (cacheModes as readonly string[]).includes(value)) mapped.cache = value as CacheMode;
           // libvirt's "default" is QEMU's default, which is what the guest ran with.
           else if (key === 'cache' && value === 'default') mapped.cache = 'writeback';
           else if (key === 'cache') findings.drop(element, `cache mode '${value}' is not one vmferry knows; it uses QEMU's default, 'writeback'`, detail);

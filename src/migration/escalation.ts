@@ -11,7 +11,8 @@ import { VmferryError } from '../errors.ts';
 import type { MigrationInfo } from '../qmp/commands.ts';
 import { ConvergenceWatch } from './convergence.ts';
 import type { EscalationAction, EscalationStep, MigrationEvent } from './phases.ts';
-import { formatBytes, type MigrationPlan } from './plan.ts';
+import type { MigrationPlan } from './plan.ts';
+import { formatBytes } from '../util/format.ts';
 import type { PostcopySwitch } from './postcopy.ts';
 import type { SourceSide } from './sides.ts';
 

@@ -8,6 +8,7 @@ import type { Accelerator } from '../qemu/command-line.ts';
 import { memoryDigestMaxMiB } from '../qemu/memory-digest.ts';
 import { downtimeSteps } from './convergence.ts';
 import type { DiskSpec, NbdServerAddress, VmSpec } from '../qemu/spec.ts';
+import { formatBytes } from '../util/format.ts';
 
 export type CopyMode = 'background' | 'write-blocking';
 
@@ -173,11 +174,10 @@ export interface MigrationPlan {
      * converging, up to maxDowntimeMs. Several steps buy a shorter pause for
      * guests that converge; a TCG guest gets only the last, because every extra
      * pass is another chance for QEMU 7.2's TCG defect to lose a write
-     * (bench/tcg-downtime-start.ts: 9 of 18 busy migrations differed starting
-     * at 75 ms, none of 18 starting at 300 ms).
+     * (docs/BENCHMARKS.md, "TCG: where pre-copy's downtime limit starts").
      */
     downtimeLimitsMs: number[];
-    bandwidthMiBs: number | undefined;
+    bandwidthMiBs?: number;
     /** How RAM moves (RamMode); `postcopy` switches after the first pass of pre-copy, or at once (postcopyAtOnce). */
     mode: RamMode;
     /**
@@ -369,15 +369,4 @@ export function withRamMode(plan: MigrationPlan, mode: RamMode): MigrationPlan {
  */
 export function postcopyCapable(plan: Pick<MigrationPlan, 'ram' | 'options'>): boolean {
   return plan.ram.allowPostcopy || plan.ram.mode === 'postcopy' || plan.options.timeoutAction === 'postcopy';
-}
-
-export function formatBytes(bytes: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let value = bytes;
-  let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit++;
-  }
-  return `${unit === 0 ? value : value.toFixed(1)} ${units[unit]}`;
 }

@@ -12,7 +12,7 @@ import { memoryDigest, type MemoryDigest } from '../qemu/memory-digest.ts';
 import type { Accelerator } from '../qemu/command-line.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import type { VmSpec } from '../qemu/spec.ts';
-import type { QmpEventListener } from '../qmp/client.ts';
+import type { QmpEventListener } from '../qmp/events.ts';
 import type { MigrationInfo } from '../qmp/commands.ts';
 import { createOverlay } from '../storage/disk-images.ts';
 import type { LocalPool } from '../storage/local-pool.ts';

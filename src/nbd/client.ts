@@ -54,8 +54,8 @@ import {
 } from './constants.ts';
 import { nbdErrnoName } from './errno.ts';
 import { ConnectionClosedError, SocketReader } from './socket-reader.ts';
+import type { NbdServerAddress as NbdAddress } from './address.ts';
 
-export type NbdAddress = { type: 'inet'; host: string; port: number } | { type: 'unix'; path: string };
 
 /** TLS with a client certificate: PEM texts, and the name the server's certificate must carry. */
 export interface NbdClientTls {

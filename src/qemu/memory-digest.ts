@@ -25,7 +25,7 @@ export const memoryDigestMaxMiB = 2048;
 /**
  * XXH64: the comparison looks for accidental differences (pages QEMU failed to
  * resend), not for an adversary, and it runs while the guest is paused, where
- * SHA-256 cost 6 times as much (0.58 against 0.1 ms per MiB here).
+ * SHA-256 cost several times as much CPU (docs/BENCHMARKS.md, "Figures from code comments").
  */
 export const memoryDigestAlgorithm = 'xxh64';
 
@@ -48,15 +48,14 @@ let hasher: ReturnType<typeof xxhash> | undefined;
  * Digest of the guest RAM of a VM whose vCPUs are stopped, read straight out
  * of QEMU's address space (/proc/PID/mem at the host address QEMU gives for
  * guest address 0), or out of the memfd of a QEMU started with its RAM in one
- * (agents before 2026-11-30 started TCG guests so). Where the kernel does not
+ * (agents of earlier versions started TCG guests so). Where the kernel does not
  * let the agent read QEMU's memory, from a pmemsave dump (slower: QEMU copies
  * 1 KiB at a time).
  *
  * Why not a memfd for every TCG guest, as before: every page of shared memory
  * that is read gets allocated, and pre-copy reads every page of RAM on both
- * ends to find the zero ones; a 512 MiB guest's first RAM pass took
- * 2–2.5 times as long, and each host ended up holding all of the guest's RAM
- * (docs/BENCHMARKS.md, "Issue 22").
+ * ends to find the zero ones, so the first RAM pass took longer and each host
+ * ended up holding all of the guest's RAM (docs/BENCHMARKS.md, "Issue 22").
  */
 export async function memoryDigest(vm: QemuProcess, signal: AbortSignal): Promise<MemoryDigest> {
   if (vm.spec.memoryMiB > memoryDigestMaxMiB) {

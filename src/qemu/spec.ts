@@ -5,13 +5,12 @@
  * sides (device ids, node names, PCI addresses) is derived from it.
  */
 import { VmferryError } from '../errors.ts';
+import type { NbdServerAddress } from '../nbd/address.ts';
 import { namePattern, nameRule } from '../util/names.ts';
 
-export type CacheMode = 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe';
+export type { NbdServerAddress };
 
-export type NbdServerAddress =
-  | { type: 'inet'; host: string; port: number }
-  | { type: 'unix'; path: string };
+export type CacheMode = 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe';
 
 /** A shared volume a local overlay reads through: opened read-only, never written, never copied. */
 export interface SharedBase {
@@ -79,17 +78,17 @@ export interface VmSpec {
 }
 
 // virtio-blk serials hold 20 bytes; QMP node names must start with a letter.
-const diskIdPattern = /^[a-z][a-z0-9_-]{0,19}$/;
+export const diskIdPattern = /^[a-z][a-z0-9_-]{0,19}$/;
 // A bare model name: a comma would smuggle -cpu properties (features, enforce=off) into the command line.
 // Ceph pool, image and user names: Ceph allows more, but these survive QEMU's rbd: filename syntax and a shell unquoted.
 export const cephNamePattern = /^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$/;
 export const cpuModelPattern = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
-const cacheModes: readonly CacheMode[] = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'];
+export const cacheModes: readonly CacheMode[] = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'];
 export const maxDisks = 16;
 export const maxNics = 8;
 const nicIdPattern = /^[a-z][a-z0-9_-]{0,14}$/;
 // What the kernel takes as an interface name: 1-15 bytes, no '/', ':', ',' (QEMU's separator) or space.
-const bridgePattern = /^[A-Za-z0-9_.-]{1,15}$/;
+export const bridgePattern = /^[A-Za-z0-9_.-]{1,15}$/;
 const macPattern = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/;
 export const maxSerialPorts = 4;
 

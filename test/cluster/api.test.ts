@@ -11,6 +11,7 @@ import pino from 'pino';
 import { buildAgent } from '../../src/agent/server.ts';
 import { buildController } from '../../src/controller/server.ts';
 import { testGuestDir } from '../../src/guest/test-guest.ts';
+import { defaultMigrationOptions } from '../../src/migration/plan.ts';
 import { recordReliability } from '../support/reliability.ts';
 
 let dir: string;
@@ -48,7 +49,17 @@ interface BadRequest {
 }
 
 const validVm = { name: 'ok', boot: { kind: 'test-guest' }, disks: [] };
-const validPlan = { vm: 'ok', from: 'A', to: 'B', toAddress: '127.0.0.2', disks: [], ram: { memoryMiB: 64, maxDowntimeMs: 300, allowPostcopy: false }, options: {}, refusals: [] };
+const validPlan = {
+  vm: 'ok',
+  from: 'A',
+  to: 'B',
+  toAddress: '127.0.0.2',
+  disks: [],
+  ram: { memoryMiB: 64, maxDowntimeMs: 300, downtimeLimitsMs: [300], mode: 'live', allowPostcopy: false, compareMemory: false },
+  options: defaultMigrationOptions,
+  refusals: [],
+};
+const { downtimeLimitsMs: _dropped, ...ramWithoutLimits } = validPlan.ram;
 const guestKernel = join(testGuestDir(), 'vmlinuz');
 /** A migration's spec that tells the destination to open the host's first disk as it is. */
 const rawDeviceSpec = { name: 'ok', vcpus: 1, memoryMiB: 64, boot: { kind: 'kernel', kernel: guestKernel }, disks: [{ id: 'root', source: { kind: 'file', path: '/dev/sda', format: 'raw' } }] };
@@ -83,6 +94,9 @@ const cases: BadRequest[] = [
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/resume', status: 404, code: 'VMF_NOT_FOUND', message: /migration m1 has no destination/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/wait-incoming', status: 404, code: 'VMF_NOT_FOUND', message: /no destination/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/begin', body: { plan: { ...validPlan, vm: 'nope' } }, status: 404, code: 'VMF_NOT_FOUND', message: /no VM named nope/ },
+  // Every field the planner sets is checked, not only those an agent once read (a plan without downtimeLimitsMs was taken).
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/begin', body: { plan: { ...validPlan, vm: 'nope', ram: ramWithoutLimits } }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /plan\/ram must have required property 'downtimeLimitsMs'/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/begin', body: { plan: { ...validPlan, vm: 'nope', options: { ...defaultMigrationOptions, copyMode: 'eventually' } } }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /plan\/options\/copyMode/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/mirrors', body: { targets: [], copyMode: 'fast' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /copyMode/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/migrate', body: { uri: 'exec:rm -rf /', settings: { downtimeLimitMs: 1, allowPostcopy: false, tls: false } }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /uri/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/postcopy-resume', body: { uri: 'exec:rm -rf /' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /uri/ },

@@ -59,6 +59,8 @@ const badArguments: { args: string[]; message: RegExp }[] = [
   { args: ['--local-disk', 'root:1G', '--boot', 'disk:data'], message: /--boot disk:data names no disk of this VM/ },
   { args: ['--local-disk', 'root:1G', '--boot', 'cdrom'], message: /--boot must be disk:ID \(got "cdrom"\)/ },
   { args: ['--local-disk', 'root:1G', '--boot', 'disk:root', '--test-guest'], message: /say what to boot once: --test-guest and --boot were both given/ },
+  { args: ['--test-guest', '--memory', 'lots'], message: /--memory must be a positive number \(got "lots"\)/ },
+  { args: ['--test-guest', '--storage-nbd', 'storage'], message: /--storage-nbd must be HOST:PORT \(got "storage"\)/ },
 ];
 
 for (const { args, message } of badArguments) {

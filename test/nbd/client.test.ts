@@ -9,7 +9,8 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, test } from 'node:test';
 import pino from 'pino';
-import { NbdClient, probeNbdExport, type NbdAddress } from '../../src/nbd/client.ts';
+import type { NbdServerAddress } from '../../src/nbd/address.ts';
+import { NbdClient, probeNbdExport } from '../../src/nbd/client.ts';
 import { StorageServer } from '../../src/storage/server.ts';
 import { Cleanup } from '../support/cleanup.ts';
 import { serveWithQemuNbd } from '../support/qemu-nbd.ts';
@@ -26,7 +27,7 @@ before(async () => {
 });
 after(() => cleanup.run());
 
-async function nbdkit(name: string, ...args: string[]): Promise<NbdAddress> {
+async function nbdkit(name: string, ...args: string[]): Promise<NbdServerAddress> {
   const path = join(dir, `${name}.sock`);
   const child = spawn('nbdkit', ['-f', '-U', path, ...args], { stdio: ['ignore', 'ignore', 'inherit'] });
   const exited = new Promise((resolve) => child.once('exit', resolve));
@@ -44,7 +45,7 @@ test('against qemu-nbd: size, flags, pipelined writes and reads, block status, f
   execFileSync('qemu-img', ['create', '-q', '-f', 'raw', image, '16M']);
   const server = await serveWithQemuNbd(image, 'raw', dir, 'disk');
   cleanup.add('qemu-nbd', () => server.stop());
-  const address: NbdAddress = { type: 'unix', path: server.socket };
+  const address: NbdServerAddress = { type: 'unix', path: server.socket };
 
   const client = await NbdClient.connect(address, { exportName: 'disk' });
   assert.equal(client.size, 16 * MiB);

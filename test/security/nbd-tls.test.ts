@@ -13,7 +13,8 @@ import { promisify } from 'node:util';
 import { after, before, test } from 'node:test';
 import pino from 'pino';
 import { probeExport } from '../../src/migration/probe.ts';
-import { NbdClient, type NbdAddress, type NbdClientTls } from '../../src/nbd/client.ts';
+import type { NbdServerAddress } from '../../src/nbd/address.ts';
+import { NbdClient, type NbdClientTls } from '../../src/nbd/client.ts';
 import { IHAVEOPT, Option, OptionReply } from '../../src/nbd/constants.ts';
 import type { Role } from '../../src/security/identity.ts';
 import { initCa, issueCertificate } from '../../src/security/pki.ts';
@@ -67,7 +68,7 @@ before(async () => {
 });
 after(() => cleanup.run());
 
-const address = (): NbdAddress => ({ type: 'inet', host: '127.0.0.1', port });
+const address = (): NbdServerAddress => ({ type: 'inet', host: '127.0.0.1', port });
 const clientTls = (identity: string): NbdClientTls => loadTlsIdentity({ pkiDir: identity }, 'client') as NbdClientTls;
 const plainUri = (): string => `nbd://127.0.0.1:${port}/vol`;
 const tlsUri = (identity: string): string => `nbds://127.0.0.1:${port}/vol?tls-certificates=${identity}`;

@@ -8,7 +8,7 @@
 import assert from 'node:assert/strict';
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
+import { pollUntil } from '../../src/util/poll.ts';
 import type { LocalCluster } from '../../src/demo/local-cluster.ts';
 import { checkVerify, readGuestReport, waitForAcks, type GuestOptions } from '../../src/guest/test-guest.ts';
 import { verifyDisks } from '../../src/guest/verify.ts';
@@ -75,27 +75,32 @@ export class FaultCluster {
   }
 
   async waitForPhase(id: string, phases: string[], timeoutMs: number): Promise<MigrationRecord> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const record = await this.cluster.api.migration(id);
-      if (phases.includes(record.phase)) return record;
-      if (terminalPhases.includes(record.phase)) {
-        throw new Error(`migration ${id} ended "${record.phase}" while waiting for ${phases.join('/')}: ${record.report?.error?.message ?? ''}`);
-      }
-      if (Date.now() > deadline) throw new Error(`migration ${id} is "${record.phase}", not ${phases.join('/')}, after ${timeoutMs} ms`);
-      await sleep(100);
-    }
+    let phase = '';
+    return pollUntil(
+      async () => {
+        const record = await this.cluster.api.migration(id);
+        phase = record.phase;
+        if (phases.includes(record.phase)) return record;
+        if (terminalPhases.includes(record.phase)) {
+          throw new Error(`migration ${id} ended "${record.phase}" while waiting for ${phases.join('/')}: ${record.report?.error?.message ?? ''}`);
+        }
+        return undefined;
+      },
+      { timeoutMs, intervalMs: 100, timeoutMessage: () => `migration ${id} is "${phase}", not ${phases.join('/')}, after ${timeoutMs} ms` },
+    );
   }
 
   /** The record once the migration has ended, however it ended. */
   async finalRecord(id: string, timeoutMs = 180_000): Promise<MigrationRecord> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const record = await this.cluster.api.migration(id);
-      if (terminalPhases.includes(record.phase)) return record;
-      if (Date.now() > deadline) throw new Error(`migration ${id} is still "${record.phase}" after ${timeoutMs} ms`);
-      await sleep(100);
-    }
+    let phase = '';
+    return pollUntil(
+      async () => {
+        const record = await this.cluster.api.migration(id);
+        phase = record.phase;
+        return terminalPhases.includes(record.phase) ? record : undefined;
+      },
+      { timeoutMs, intervalMs: 100, timeoutMessage: () => `migration ${id} is still "${phase}" after ${timeoutMs} ms` },
+    );
   }
 
   /**
