@@ -47,7 +47,8 @@ const qemuFree = [
 
 /**
  * Files with an npm script of their own, run only when named: they cost more than npm test's budget
- * allows (test/migration/rbd.test.ts starts a Ceph cluster and migrates twice: `npm run test:ceph`).
+ * allows (test/migration/rbd.test.ts starts a Ceph cluster and migrates twice: `npm run test:ceph`; the
+ * short version in npm test is test/storage/rbd-fence.test.ts, the fence and the probe on one Ceph cluster).
  */
 const ownScript = ['test/migration/rbd.test.ts'];
 
