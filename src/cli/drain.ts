@@ -4,7 +4,7 @@ import type { Command } from 'commander';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ControllerClient } from '../controller/client.ts';
 import type { DrainedVm, DrainStatus } from '../controller/drain.ts';
-import { maxDrainParallel } from '../controller/drain-routes.ts';
+import { maxDrainParallel } from '../api/drain-limits.ts';
 import { VmferryError } from '../errors.ts';
 import type { MigrationEvent } from '../migration/phases.ts';
 import { formatBytes } from '../util/format.ts';

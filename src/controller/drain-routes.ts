@@ -3,15 +3,13 @@ import { Type } from '@sinclair/typebox';
 import type { createApiServer } from '../http/api-server.ts';
 import { MigrationParamsSchema } from '../api/agent-types.ts';
 import type { DrainService } from './drain.ts';
+import { maxDrainParallel } from '../api/drain-limits.ts';
 
 type Api = Awaited<ReturnType<typeof createApiServer>>['app'];
 
 const strict = { additionalProperties: false };
 const hostId = Type.String({ minLength: 1, maxLength: 64 });
 const HostParams = Type.Object({ host: hostId }, strict);
-/** More at once only splits the same budget thinner, and each runs a destination QEMU. */
-export const maxDrainParallel = 16;
-
 export const DrainBodySchema = Type.Object(
   {
     to: Type.Optional(Type.Array(hostId, { minItems: 1, maxItems: 64 })),

@@ -13,7 +13,7 @@ import pino from 'pino';
 import { hasCode } from '../../src/errors.ts';
 import { LocalCluster } from '../../src/demo/local-cluster.ts';
 import { chromium } from 'playwright-core';
-import { startDashboardProxy } from '../../src/cli/dashboard.ts';
+import { startDashboardProxy } from '../../src/cli/dashboard-proxy.ts';
 import type { ProgressLine } from '../../src/cli/progress.ts';
 import type { MigrationReport } from '../../src/migration/phases.ts';
 import { checkVerify, readGuestReport, waitForAcks } from '../../src/guest/test-guest.ts';
