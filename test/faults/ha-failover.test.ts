@@ -88,8 +88,7 @@ async function migrateIntoMirror(vm: string): Promise<string> {
   return id as string;
 }
 
-// One guest for every fault of this file (its QEMU time is the cost of this file): after each it runs on one host only, as a
-// fresh one would; its records are verified after the last. The tests run in order and each starts where the last left it.
+// One guest for both faults (its QEMU time is the cost of this file): after the first it runs on A only, as a fresh one would.
 const vm = 'ha';
 
 test('the leader killed (SIGKILL), then a leader paused (SIGSTOP) past its lease, each during a migration\'s mirror: the standby takes over within seconds and rolls it back; the woken leader\'s epoch is refused; the guest runs on A only, intact', async () => {
@@ -143,14 +142,14 @@ test('the leader killed (SIGKILL), then a leader paused (SIGSTOP) past its lease
   // What it would send a host, stamped with its old epoch, is refused there: the VM is not stopped.
   const stale = new AgentClient(cluster.host('A').agentUrl, undefined, 'A', { acting: () => paused.epoch ?? 0, reading: () => paused.epoch ?? 0 });
   await assert.rejects(stale.stopVm(vm, true), (err) => hasCode(err, 'VMF_STALE_LEADER') && /carries leader epoch \d+, and this agent has seen epoch \d+/.test(err.message));
-  await faults.assertRunsOnlyOn(vm, 'A');
+  const outcome = await faults.assertSettled(vm, 'A');
   recordReliability(import.meta.url, {
     kind: 'fault',
     target: 'controllers (PostgreSQL)',
     tried: `the leading controller paused (SIGSTOP) past its ${leaseTtlS} s lease while a migration mirrored, continued once the standby had settled it`,
     observed:
       `the standby led ${(takeover.ms / 1000).toFixed(1)} s after the pause with epoch ${takeover.epoch} (was ${paused.epoch}) and rolled the migration back; ` +
-      `the woken controller called itself standby and wrote nothing; a request with its epoch was refused by A's agent (VMF_STALE_LEADER), the VM kept running; VM on A only, guest kept writing (its records verified after the last fault of this file)`,
+      `the woken controller called itself standby and wrote nothing; a request with its epoch was refused by A's agent (VMF_STALE_LEADER), the VM kept running; ${outcome}`,
     ok: true,
   });
 });
@@ -176,9 +175,14 @@ async function untilDead(index: number, timeoutMs: number): Promise<number> {
   return performance.now();
 }
 
+// The faults after the mirror: a second guest, as the first ends its test deleted. The tests run in order, each starting
+// where the last left the guest and the controllers; its records are verified after the last.
+const lateVm = 'ha-late';
+
 test('the leader killed (SIGKILL) while the RAM moves: the standby takes over and rolls the migration back; the guest runs on A only', async () => {
   assert.equal((await cluster.leadership(0)).leader, true, 'controller 0 leads since the pause of controller 1');
-  const { id } = await cluster.api.migrate({ vm, to: 'B', bandwidthMiBs: 2 });
+  await faults.startVm(lateVm, { intervalMs: 0, bulkMiBs: 4 }, 256);
+  const { id } = await cluster.api.migrate({ vm: lateVm, to: 'B', bandwidthMiBs: 2 });
   await faults.waitForPhase(id as string, ['migrating'], 90_000);
   const killedAt = performance.now();
   await cluster.killController(0);
@@ -186,8 +190,8 @@ test('the leader killed (SIGKILL) while the RAM moves: the standby takes over an
   assert.ok(takeover.ms < takeoverBoundMs, `the standby took over ${Math.round(takeover.ms)} ms after the kill (bound ${takeoverBoundMs} ms)`);
   const record = await finalRecordFrom(1, id as string);
   assert.equal(record.phase, 'failed');
-  assert.match(record.report?.recovery ?? '', /new leader .* while the migration was migrating; rolled back: ha runs on A/);
-  await faults.assertRunsOnlyOn(vm, 'A');
+  assert.match(record.report?.recovery ?? '', /new leader .* while the migration was migrating; rolled back: ha-late runs on A/);
+  await faults.assertRunsOnlyOn(lateVm, 'A');
   // Back as a standby, armed for the resume case after the next one.
   await restartController(0, 'controller-after-resume');
   recordReliability(import.meta.url, {
@@ -202,14 +206,14 @@ test('the leader killed (SIGKILL) while the RAM moves: the standby takes over an
 test('the leader killed (SIGKILL) at the switch-over, the source paused before it: the standby takes over and rolls back; the guest runs on A only', async () => {
   assert.equal((await cluster.leadership(1)).leader, true, 'controller 1 leads, armed since its start to die once it stored paused-at-switchover');
   // Uncapped: a long TCG pre-copy would be refused at switch-over (docs/QEMU-TCG-PRECOPY.md).
-  const { id } = await cluster.api.migrate({ vm, to: 'B' });
+  const { id } = await cluster.api.migrate({ vm: lateVm, to: 'B' });
   const diedAt = await untilDead(1, 120_000);
   const takeover = await untilLeads(0, diedAt);
   assert.ok(takeover.ms < takeoverBoundMs, `the standby took over ${Math.round(takeover.ms)} ms after the death (bound ${takeoverBoundMs} ms)`);
   const record = await finalRecordFrom(0, id as string);
   assert.equal(record.phase, 'failed');
-  assert.match(record.report?.recovery ?? '', /new leader .* while the migration was paused-at-switchover; rolled back: ha runs on A/);
-  await faults.assertRunsOnlyOn(vm, 'A');
+  assert.match(record.report?.recovery ?? '', /new leader .* while the migration was paused-at-switchover; rolled back: ha-late runs on A/);
+  await faults.assertRunsOnlyOn(lateVm, 'A');
   await restartController(1);
   recordReliability(import.meta.url, {
     kind: 'fault',
@@ -222,14 +226,14 @@ test('the leader killed (SIGKILL) at the switch-over, the source paused before i
 
 test('the leader killed (SIGKILL) once the destination resumed, before the source retired: the standby takes over and finishes on B; the guest runs on B only', async () => {
   assert.equal((await cluster.leadership(0)).leader, true, 'controller 0 leads, armed to die once it stored resumed');
-  const { id } = await cluster.api.migrate({ vm, to: 'B' });
+  const { id } = await cluster.api.migrate({ vm: lateVm, to: 'B' });
   const diedAt = await untilDead(0, 120_000);
   const takeover = await untilLeads(1, diedAt);
   assert.ok(takeover.ms < takeoverBoundMs, `the standby took over ${Math.round(takeover.ms)} ms after the death (bound ${takeoverBoundMs} ms)`);
   const record = await finalRecordFrom(1, id as string);
   assert.equal(record.phase, 'completed', record.report?.error?.message);
   assert.match(record.report?.recovery ?? '', /new leader .* while the migration was resumed; B confirmed the guest ran there, so the source was retired/);
-  await faults.assertRunsOnlyOn(vm, 'B');
+  await faults.assertRunsOnlyOn(lateVm, 'B');
   await restartController(0);
   recordReliability(import.meta.url, {
     kind: 'fault',
@@ -244,7 +248,7 @@ test('PostgreSQL restarted (crash, same data and port) under a running migration
   const before = await cluster.leadership(1);
   assert.ok(before.leader && before.epoch !== null, 'controller 1 leads');
   // Uncapped: over in seconds, and the restart lands in it.
-  const { id } = await cluster.api.migrate({ vm, to: 'A' });
+  const { id } = await cluster.api.migrate({ vm: lateVm, to: 'A' });
   await faults.waitForPhase(id as string, ['preparing', 'mirroring', 'stopping', 'migrating', 'paused-at-switchover', 'resume-sent', 'resumed', 'source-retired'], 60_000);
   const restartedAt = performance.now();
   await postgres.restart();
@@ -266,7 +270,7 @@ test('PostgreSQL restarted (crash, same data and port) under a running migration
   assert.ok(['completed', 'failed'].includes(record.phase), `the migration ended completed or failed, not ${record.phase}`);
   const host = record.phase === 'completed' ? 'A' : 'B';
   // The guest's records, and the API the leader serves (stop, delete): nothing wedged.
-  const outcome = await faults.assertSettled(vm, host);
+  const outcome = await faults.assertSettled(lateVm, host);
   const after = await leads();
   assert.ok(after, 'a controller leads after the restart');
   recordReliability(import.meta.url, {
