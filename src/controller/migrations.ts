@@ -13,6 +13,7 @@ import { defaultMigrationOptions, planMigration, withRamMode, type MigrationOpti
 import type { MigrationRecord, Store } from '../store/store.ts';
 import { runAttempts } from './attempts.ts';
 import { retireUntilDone, settleUntilDone } from './recovery.ts';
+import { faultPoint } from '../util/fault-points.ts';
 import { StorageIoWatch, type StorageServerAccess } from './storage-io.ts';
 import type { Inventory } from './inventory.ts';
 
@@ -99,7 +100,11 @@ export class MigrationService {
       store.appendEvent(id, event).catch((err: unknown) => logger.error({ err: describeError(err) }, 'could not store event'));
     };
     // Awaited before each step acts: a controller that restarts settles the migration from it (recovery.ts).
-    const recordPhase = (phase: MigrationPhase): Promise<void> => store.updateMigration(id, { phase });
+    const recordPhase = async (phase: MigrationPhase): Promise<void> => {
+      await store.updateMigration(id, { phase });
+      if (phase === 'paused-at-switchover') faultPoint('controller-at-switchover');
+      if (phase === 'resumed') faultPoint('controller-after-resume');
+    };
     const attempts = async (): Promise<MigrationReport> => {
       // A re-attached disk has no copy job: the storage server's counters, before and after, say what crossed for it.
       const storageIo = await StorageIoWatch.start(this.#storage, vm.spec, plan, logger);
@@ -134,8 +139,11 @@ export class MigrationService {
           logger.warn({ err: describeError(err) }, 'migration left to the new leader: this controller lost the leader lease');
           return;
         }
-        logger.error({ err: describeError(err) }, 'migration crashed');
-        await store.updateMigration(id, { phase: 'failed' }).catch((storeErr: unknown) => logger.error({ err: describeError(storeErr) }, 'could not store the migration as failed'));
+        // Its outcome is not known here: the final write itself may be what failed (the database restarting) after the
+        // guest moved to the destination. Stored as failed it would be placed back on the source; settled by the rules
+        // of recovery, the stored phase and the hosts' word decide, once the database answers again.
+        logger.error({ err: describeError(err) }, 'migration crashed; settling it as a restarted controller would');
+        await settleUntilDone(id, store, inventory, logger, loops, `its controller could not finish it (${describeError(err)})`);
       })
       .finally(() => this.#running.delete(id));
     this.#running.set(id, { abort, done });

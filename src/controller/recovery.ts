@@ -40,16 +40,32 @@ const fateTimeoutMs = 90_000;
 /** As the executor's: a few QMP commands and a lease grant. */
 const resumeTimeoutMs = 60_000;
 
-/** Never rejects: a migration it cannot settle is logged and retried until `signal` aborts. `why` goes into each settled migration's report. */
-export async function settleUnfinishedMigrations(store: Store, inventory: Inventory, logger: Logger, signal: AbortSignal, why = 'the controller restarted'): Promise<void> {
-  let unfinished: MigrationRecord[];
-  try {
-    unfinished = await store.unfinishedMigrations();
-  } catch (err) {
-    logger.error({ err: describeError(err) }, 'could not read unfinished migrations');
-    return;
+/**
+ * Never rejects: a migration it cannot settle is logged and retried until `signal` aborts. `why` goes into each
+ * settled migration's report. A database that does not answer (restarting) is asked again too: giving up would
+ * leave those migrations unfinished, and their VMs refused any new migration, until the next tenure.
+ */
+export async function settleUnfinishedMigrations(
+  store: Store,
+  inventory: Inventory,
+  logger: Logger,
+  signal: AbortSignal,
+  why = 'the controller restarted',
+  halves: (record: MigrationRecord) => Promise<SettlingHalves> = (record) => agentHalves(record, inventory),
+): Promise<void> {
+  let unfinished: MigrationRecord[] | undefined;
+  let lastProblem = '';
+  while (!unfinished && !signal.aborted) {
+    try {
+      unfinished = await store.unfinishedMigrations();
+    } catch (err) {
+      const problem = describeError(err);
+      if (problem !== lastProblem) logger.error({ err: problem }, `could not read unfinished migrations yet; asking again every ${retryGapMs / 1000} s`);
+      lastProblem = problem;
+      await sleep(retryGapMs, undefined, { signal }).catch(() => undefined);
+    }
   }
-  await Promise.all(unfinished.map((record) => settleUntilDone(record.id, store, inventory, logger, signal, why)));
+  await Promise.all((unfinished ?? []).map((record) => settleUntilDone(record.id, store, inventory, logger, signal, why, halves)));
 }
 
 /**
@@ -67,15 +83,16 @@ export async function settleUntilDone(
 ): Promise<void> {
   let lastProblem = '';
   while (!signal.aborted) {
-    const record = await store.getMigration(id).catch(() => undefined);
-    const log = logger.child({ migration: id, vm: record?.vm });
+    let record: MigrationRecord | undefined;
     try {
-      if (record) await settle(record, store, await halves(record), log, why, signal);
+      // A read that fails (the database restarting) is asked again: it says nothing of whether the migration is settled.
+      record = await store.getMigration(id);
+      if (record) await settle(record, store, await halves(record), logger.child({ migration: id, vm: record.vm }), why, signal);
       return;
     } catch (err) {
       const problem = describeError(err);
       // Logged once per new reason: an agent down for an hour must not fill the log.
-      if (problem !== lastProblem) log.error({ err: problem }, `could not settle migration ${id} yet (${record?.phase ?? 'unknown'}); asking again every ${retryGapMs / 1000} s`);
+      if (problem !== lastProblem) logger.error({ err: problem, migration: id, vm: record?.vm }, `could not settle migration ${id} yet (${record?.phase ?? 'unknown'}); asking again every ${retryGapMs / 1000} s`);
       lastProblem = problem;
     }
     await sleep(retryGapMs, undefined, { signal }).catch(() => undefined);

@@ -12,7 +12,11 @@ export type FaultPoint =
   /** The destination's QEMU was continued; the agent has not adopted it nor replied. */
   | 'destination-after-cont'
   /** The source's migration was told to continue; the agent has not replied. */
-  | 'source-after-continue';
+  | 'source-after-continue'
+  /** The leading controller stored `paused-at-switchover`: the source is paused before the switch-over, nothing resumed. */
+  | 'controller-at-switchover'
+  /** The leading controller stored `resumed`: the guest runs on the destination, the source is not retired yet. */
+  | 'controller-after-resume';
 
 /** SIGKILL of this process when `point` is armed: no handler runs, nothing is flushed. */
 export function faultPoint(point: FaultPoint): void {

@@ -33,18 +33,24 @@ before(async () => {
   assert.equal(process.getuid?.(), 0, 'the fault tests build network namespaces and need root (CI runs as root)');
   work = await makeTempDir('ha');
   postgres = await startPostgres();
-  cluster = await LocalCluster.start({
-    workDir: join(work.path, 'cluster'),
-    hostIds: ['A', 'B'],
-    logger: pino({ level: process.env.VMFERRY_TEST_LOG ?? 'silent' }),
-    accel: 'tcg',
-    namespaces: true,
-    network: { prefix: 'vmfh', subnet: '10.213.47', hostLinkSubnet: '10.213.48' },
-    controllerProcess: true,
-    controllers: 2,
-    db: postgres.url,
-    leaseTtlS,
-  });
+  // Both first controllers die where the leader stores `paused-at-switchover` (the switch-over case below); no migration before it gets that far.
+  process.env.VMFERRY_FAULT_POINTS = 'controller-at-switchover';
+  try {
+    cluster = await LocalCluster.start({
+      workDir: join(work.path, 'cluster'),
+      hostIds: ['A', 'B'],
+      logger: pino({ level: process.env.VMFERRY_TEST_LOG ?? 'silent' }),
+      accel: 'tcg',
+      namespaces: true,
+      network: { prefix: 'vmfh', subnet: '10.213.47', hostLinkSubnet: '10.213.48' },
+      controllerProcess: true,
+      controllers: 2,
+      db: postgres.url,
+      leaseTtlS,
+    });
+  } finally {
+    delete process.env.VMFERRY_FAULT_POINTS;
+  }
   faults = new FaultCluster(cluster, work.path);
 });
 after(async () => {
@@ -83,9 +89,10 @@ async function migrateIntoMirror(vm: string): Promise<string> {
 }
 
 // One guest for both faults (its QEMU time is the cost of this file): after the first it runs on A only, as a fresh one would.
+const vm = 'ha';
+
 test('the leader killed (SIGKILL), then a leader paused (SIGSTOP) past its lease, each during a migration\'s mirror: the standby takes over within seconds and rolls it back; the woken leader\'s epoch is refused; the guest runs on A only, intact', async () => {
   assert.equal((await cluster.leadership(0)).leader, true, 'the first controller started leads');
-  const vm = 'ha';
   // New data on the local disk keeps the (capped) mirror busy for seconds, long enough to fault the leader inside it.
   await faults.startVm(vm, { intervalMs: 0, bulkMiBs: 4 }, 256);
 
@@ -143,6 +150,136 @@ test('the leader killed (SIGKILL), then a leader paused (SIGSTOP) past its lease
     observed:
       `the standby led ${(takeover.ms / 1000).toFixed(1)} s after the pause with epoch ${takeover.epoch} (was ${paused.epoch}) and rolled the migration back; ` +
       `the woken controller called itself standby and wrote nothing; a request with its epoch was refused by A's agent (VMF_STALE_LEADER), the VM kept running; ${outcome}`,
+    ok: true,
+  });
+});
+
+/** Restarts controller `index` with the fault points `points` armed (none: an ordinary restart); it comes back as a standby. */
+async function restartController(index: number, points = ''): Promise<void> {
+  if (points) process.env.VMFERRY_FAULT_POINTS = points;
+  try {
+    await cluster.startController(index);
+  } finally {
+    delete process.env.VMFERRY_FAULT_POINTS;
+  }
+  assert.equal((await cluster.leadership(index)).leader, false, `the restarted controller ${index} is a standby`);
+}
+
+/** Waits until controller `index` no longer answers (killed at its fault point); returns when that was noticed. */
+async function untilDead(index: number, timeoutMs: number): Promise<number> {
+  const deadline = performance.now() + timeoutMs;
+  while (await cluster.leadership(index).then(() => true, () => false)) {
+    assert.ok(performance.now() < deadline, `controller ${index} did not reach its fault point within ${timeoutMs / 1000} s`);
+    await sleep(50);
+  }
+  return performance.now();
+}
+
+// The faults after the mirror: a second guest, as the first ends its test deleted. The tests run in order, each starting
+// where the last left the guest and the controllers; its records are verified after the last.
+const lateVm = 'ha-late';
+
+test('the leader killed (SIGKILL) while the RAM moves: the standby takes over and rolls the migration back; the guest runs on A only', async () => {
+  assert.equal((await cluster.leadership(0)).leader, true, 'controller 0 leads since the pause of controller 1');
+  await faults.startVm(lateVm, { intervalMs: 0, bulkMiBs: 4 }, 256);
+  const { id } = await cluster.api.migrate({ vm: lateVm, to: 'B', bandwidthMiBs: 2 });
+  await faults.waitForPhase(id as string, ['migrating'], 90_000);
+  const killedAt = performance.now();
+  await cluster.killController(0);
+  const takeover = await untilLeads(1, killedAt);
+  assert.ok(takeover.ms < takeoverBoundMs, `the standby took over ${Math.round(takeover.ms)} ms after the kill (bound ${takeoverBoundMs} ms)`);
+  const record = await finalRecordFrom(1, id as string);
+  assert.equal(record.phase, 'failed');
+  assert.match(record.report?.recovery ?? '', /new leader .* while the migration was migrating; rolled back: ha-late runs on A/);
+  await faults.assertRunsOnlyOn(lateVm, 'A');
+  // Back as a standby, armed for the resume case after the next one.
+  await restartController(0, 'controller-after-resume');
+  recordReliability(import.meta.url, {
+    kind: 'fault',
+    target: 'controllers (PostgreSQL)',
+    tried: 'the leading controller killed (SIGKILL) during the RAM phase (pre-copy, capped at 2 MiB/s); a standby on the same PostgreSQL',
+    observed: `the standby led ${(takeover.ms / 1000).toFixed(1)} s after the kill and rolled the migration back: "${record.report?.recovery}"; VM on A only, guest kept writing (records verified after the last fault)`,
+    ok: true,
+  });
+});
+
+test('the leader killed (SIGKILL) at the switch-over, the source paused before it: the standby takes over and rolls back; the guest runs on A only', async () => {
+  assert.equal((await cluster.leadership(1)).leader, true, 'controller 1 leads, armed since its start to die once it stored paused-at-switchover');
+  // Uncapped: a long TCG pre-copy would be refused at switch-over (docs/QEMU-TCG-PRECOPY.md).
+  const { id } = await cluster.api.migrate({ vm: lateVm, to: 'B' });
+  const diedAt = await untilDead(1, 120_000);
+  const takeover = await untilLeads(0, diedAt);
+  assert.ok(takeover.ms < takeoverBoundMs, `the standby took over ${Math.round(takeover.ms)} ms after the death (bound ${takeoverBoundMs} ms)`);
+  const record = await finalRecordFrom(0, id as string);
+  assert.equal(record.phase, 'failed');
+  assert.match(record.report?.recovery ?? '', /new leader .* while the migration was paused-at-switchover; rolled back: ha-late runs on A/);
+  await faults.assertRunsOnlyOn(lateVm, 'A');
+  await restartController(1);
+  recordReliability(import.meta.url, {
+    kind: 'fault',
+    target: 'controllers (PostgreSQL)',
+    tried: 'the leading controller killed (SIGKILL, a fault point) right after it stored paused-at-switchover: the source paused before the switch-over, nothing resumed',
+    observed: `the standby led ${(takeover.ms / 1000).toFixed(1)} s after the death and rolled the migration back (B's incoming QEMU first, then A's guest continued): "${record.report?.recovery}"; VM on A only, guest kept writing (records verified after the last fault)`,
+    ok: true,
+  });
+});
+
+test('the leader killed (SIGKILL) once the destination resumed, before the source retired: the standby takes over and finishes on B; the guest runs on B only', async () => {
+  assert.equal((await cluster.leadership(0)).leader, true, 'controller 0 leads, armed to die once it stored resumed');
+  const { id } = await cluster.api.migrate({ vm: lateVm, to: 'B' });
+  const diedAt = await untilDead(0, 120_000);
+  const takeover = await untilLeads(1, diedAt);
+  assert.ok(takeover.ms < takeoverBoundMs, `the standby took over ${Math.round(takeover.ms)} ms after the death (bound ${takeoverBoundMs} ms)`);
+  const record = await finalRecordFrom(1, id as string);
+  assert.equal(record.phase, 'completed', record.report?.error?.message);
+  assert.match(record.report?.recovery ?? '', /new leader .* while the migration was resumed; B confirmed the guest ran there, so the source was retired/);
+  await faults.assertRunsOnlyOn(lateVm, 'B');
+  await restartController(0);
+  recordReliability(import.meta.url, {
+    kind: 'fault',
+    target: 'controllers (PostgreSQL)',
+    tried: 'the leading controller killed (SIGKILL, a fault point) right after it stored resumed: the guest runs on B, A paused and not retired',
+    observed: `the standby led ${(takeover.ms / 1000).toFixed(1)} s after the death, B confirmed the guest ran there, A was retired: "${record.report?.recovery}"; VM on B only, guest kept writing (records verified after the last fault)`,
+    ok: true,
+  });
+});
+
+test('PostgreSQL restarted (crash, same data and port) under a running migration: the migration completes or rolls back, a controller leads again, nothing wedges; every record intact', async () => {
+  const before = await cluster.leadership(1);
+  assert.ok(before.leader && before.epoch !== null, 'controller 1 leads');
+  // Uncapped: over in seconds, and the restart lands in it.
+  const { id } = await cluster.api.migrate({ vm: lateVm, to: 'A' });
+  await faults.waitForPhase(id as string, ['preparing', 'mirroring', 'stopping', 'migrating', 'paused-at-switchover', 'resume-sent', 'resumed', 'source-retired'], 60_000);
+  const restartedAt = performance.now();
+  await postgres.restart();
+  const restartMs = performance.now() - restartedAt;
+  // Whichever controller holds the lease after the restart settles the migration; the API answers from either.
+  const leads = async (): Promise<{ index: number; epoch: number } | undefined> => {
+    for (const index of [0, 1]) {
+      const status = await cluster.leadership(index).catch(() => undefined);
+      if (status?.leader && status.epoch !== null) return { index, epoch: status.epoch };
+    }
+    return undefined;
+  };
+  let leader = await leads();
+  for (const deadline = performance.now() + 30_000; !leader; leader = await leads()) {
+    assert.ok(performance.now() < deadline, 'no controller leads 30 s after PostgreSQL came back');
+    await sleep(100);
+  }
+  const record = await finalRecordFrom(leader.index, id as string);
+  assert.ok(['completed', 'failed'].includes(record.phase), `the migration ended completed or failed, not ${record.phase}`);
+  const host = record.phase === 'completed' ? 'A' : 'B';
+  // The guest's records, and the API the leader serves (stop, delete): nothing wedged.
+  const outcome = await faults.assertSettled(lateVm, host);
+  const after = await leads();
+  assert.ok(after, 'a controller leads after the restart');
+  recordReliability(import.meta.url, {
+    kind: 'fault',
+    target: 'controllers (PostgreSQL)',
+    tried: `PostgreSQL crashed and started again (pg_ctl stop -m immediate, start; same data dir and port; ${(restartMs / 1000).toFixed(1)} s) while a migration B → A ran, lease TTL ${leaseTtlS} s`,
+    observed:
+      `migration ${record.phase}${record.report?.recovery ? ` ("${record.report.recovery}")` : ''}; controller ${after.index} leads with epoch ${after.epoch} (epoch ${before.epoch} before the restart); ` +
+      `${outcome}`,
     ok: true,
   });
 });
