@@ -156,6 +156,8 @@ export class DrainService {
 
   /** The host takes VMs again; a drain of it still running starts no more migrations (those running finish). */
   async undrain(host: string): Promise<void> {
+    const hosts = await this.#inventory.hosts();
+    if (!hosts.some((h) => h.id === host)) throw new VmferryError('VMF_NOT_FOUND', `no host named ${host} (known: ${hosts.map((h) => h.id).join(', ') || 'none'})`);
     for (const drain of this.#drains.values()) if (drain.status.host === host) drain.stop.abort();
     await this.#store.setHostDraining(host, false);
   }

@@ -79,7 +79,7 @@ const cases: BadRequest[] = [
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/begin', body: { plan: { ...validPlan, from: 'B' } }, status: 403, code: 'VMF_FORBIDDEN', message: /planned from B, not from A/ },
   { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'root', local: { import: 'web.qcow2' } }] }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /disks\/0\/local\/import/ },
   { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'd', shared: { server: { type: 'inet', host: 'x', port: 99999 }, export: 'e' } }] }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /port|server/ },
-  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'd' }] }, status: 400, code: 'VMF_INVALID_SPEC', message: /needs "local" or "shared"/ },
+  { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, disks: [{ id: 'd' }] }, status: 400, code: 'VMF_INVALID_SPEC', message: /needs "local", "shared" or "rbd"/ },
   { server: 'agent', method: 'POST', path: '/v1/vms', body: { ...validVm, extra: 1 }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /additional properties|extra/ },
   { server: 'agent', method: 'POST', path: '/v1/vms', raw: '{"name": ', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /JSON/ },
   { server: 'agent', method: 'POST', path: '/v1/vms', raw: JSON.stringify({ ...validVm, pad: 'x'.repeat(2 * 1024 * 1024) }), status: 413, code: 'VMF_INVALID_ARGUMENT', message: /too large/ },

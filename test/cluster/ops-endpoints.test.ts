@@ -73,7 +73,7 @@ async function health(base: string): Promise<{ status: number; body: Record<stri
 test('GET /healthz on the controller: ok, with what its store says', async () => {
   const { status, body } = await health(urls.controller);
   assert.equal(status, 200);
-  assert.deepEqual({ ...body, uptimeS: typeof body.uptimeS }, { status: 'ok', role: 'controller', version: packageVersion, uptimeS: 'number', store: 'ok', hosts: 1, hostsReachable: 1, migrationsRunning: 0 });
+  assert.deepEqual({ ...body, uptimeS: typeof body.uptimeS }, { status: 'ok', role: 'controller', version: packageVersion, uptimeS: 'number', store: 'ok', leader: true, hosts: 1, hostsReachable: 1, migrationsRunning: 0 });
 });
 
 test('GET /healthz on the controller answers 503 with the reason while its store fails, and ok again once it is back', async () => {
