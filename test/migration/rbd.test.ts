@@ -1,4 +1,4 @@
-// Shared volumes on Ceph RBD, on a real throwaway Ceph cluster (test/support/ceph.ts):
+// Shared volumes on Ceph RBD, on a real throwaway Ceph cluster (src/demo/ceph.ts):
 // the image tools through the CLI, and a VM with a local, an NBD and an RBD disk
 // migrating A → B and back while the test guest writes. Its own npm script
 // (`npm run test:ceph`): it takes minutes. The fence and the planner's probe run in
