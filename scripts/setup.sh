@@ -19,7 +19,7 @@ packages=(
   libvirt-daemon-system            # ...and the libvirt-qemu user its QEMU driver wants (no service is started here)
   openssl                          # the cluster PKI: vmferry pki init/issue (src/security/pki.ts)
   postgresql-15                    # the PostgreSQL store's tests: a throwaway cluster per test file (test/support/postgres.ts)
-  ceph-mon ceph-osd ceph-common     # RBD shared volumes: the rbd and ceph tools, and a throwaway Ceph cluster in tests (test/support/ceph.ts)
+  ceph-mon ceph-osd ceph-common     # RBD shared volumes: the rbd and ceph tools, and a throwaway Ceph cluster for tests and the demo (src/demo/ceph.ts)
   ceph-mgr                         # Ceph 16's packaging expects it with the others; the test cluster does not start one
   qemu-block-extra                 # QEMU's rbd block driver (librbd inside QEMU)
   chromium                         # the dashboard's test drives it headless through playwright-core (test/security/tls-cluster.test.ts)

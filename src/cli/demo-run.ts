@@ -4,9 +4,10 @@
  * test guest; live migration A → B and back while it writes; then the guest's
  * own verify mode checks every acknowledged record. In network namespaces the
  * VM also has a NIC on an L2 segment both hosts share, and a client pings it
- * and holds a TCP connection to it through both migrations.
+ * and holds a TCP connection to it through both migrations. With
+ * `--storage ceph` the shared disk is an RBD image on a throwaway Ceph cluster.
  */
-import { mkdtemp } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
@@ -20,14 +21,23 @@ import { agentQemuTlsDir } from '../qemu/tls-creds.ts';
 import type { MigrationReport, StorageIo } from '../migration/phases.ts';
 import { followMigration } from './progress.ts';
 import { startPostgres, type TestPostgres } from '../demo/postgres.ts';
+import { startCeph, type TestCeph } from '../demo/ceph.ts';
+import { createImage } from '../storage/rbd.ts';
+import type { DiskSpec } from '../qemu/spec.ts';
+import type { CreateVmRequest } from '../api/agent-types.ts';
 import type { ControllerClient } from '../controller/client.ts';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { renderReport } from './render.ts';
+
+type VmCreateDisk = CreateVmRequest['disks'][number];
 
 const vmName = 'demo';
 /** The guests' segment: a /24 that exists only inside the demo's namespaces. */
 const guestSubnet = '10.213.8';
 const streamPort = 7000;
+/** The shared disk's volume (or RBD image) and its size. */
+const sharedVolume = 'demo-data';
+const sharedBytes = 128 * 1024 * 1024;
 
 interface NetworkSummary {
   pingsSent: number;
@@ -44,7 +54,8 @@ interface DemoSummary {
     /** The guest's pause, the source's STOP to the destination's RESUME (MigrationReport.pauseMs); null when not measured. */
     pauseMs: number | null;
     ramBytes: number;
-    disks: { id: string; operation: string; bytesSent: number; storageIo?: StorageIo }[];
+    /** `backend`: where a shared disk lives, vmferry's storage server (nbd) or Ceph (rbd); local disks have none. */
+    disks: { id: string; operation: string; bytesSent: number; backend?: SharedBackend; storageIo?: StorageIo }[];
     /** When it took more than one: the sums over every attempt. */
     allAttempts?: MigrationReport['allAttempts'];
     network?: NetworkSummary;
@@ -56,7 +67,14 @@ interface DemoSummary {
   verified: boolean;
 }
 
-function summarize(report: MigrationReport, network: NetworkSummary | undefined): DemoSummary['migrations'][number] {
+type SharedBackend = 'nbd' | 'rbd';
+
+/** Each shared disk's backend, by disk id. */
+function sharedBackends(disks: DiskSpec[]): Map<string, SharedBackend> {
+  return new Map(disks.flatMap((d): [string, SharedBackend][] => (d.source.kind === 'nbd' || d.source.kind === 'rbd' ? [[d.id, d.source.kind]] : [])));
+}
+
+function summarize(report: MigrationReport, network: NetworkSummary | undefined, backends: Map<string, SharedBackend>): DemoSummary['migrations'][number] {
   return {
     from: report.from,
     to: report.to,
@@ -64,27 +82,40 @@ function summarize(report: MigrationReport, network: NetworkSummary | undefined)
     downtimeMs: report.downtimeMs,
     pauseMs: report.pauseMs ?? null,
     ramBytes: report.ram.transferredBytes,
-    disks: report.disks.map((d) => ({ id: d.id, operation: d.operation, bytesSent: d.bytesSent, ...(d.storageIo ? { storageIo: d.storageIo } : {}) })),
+    disks: report.disks.map((d) => {
+      const backend = backends.get(d.id);
+      return { id: d.id, operation: d.operation, bytesSent: d.bytesSent, ...(backend ? { backend } : {}), ...(d.storageIo ? { storageIo: d.storageIo } : {}) };
+    }),
     ...(report.allAttempts && report.allAttempts.count > 1 ? { allAttempts: report.allAttempts } : {}),
     ...(network ? { network } : {}),
   };
 }
 
 /** The demo's work, loaded only when `vmferry demo` runs: it brings every daemon's code with it. */
-export async function runDemoCommand(opts: { loopback?: boolean; insecure?: boolean; ha?: boolean }, json: boolean): Promise<void> {
+export async function runDemoCommand(opts: { loopback?: boolean; insecure?: boolean; ha?: boolean; storage?: 'nbd' | 'ceph' }, json: boolean): Promise<void> {
   const say = (line: string): void => {
     if (!json) console.log(line);
   };
   const logger = pino({ level: process.env.VMFERRY_LOG ?? 'silent' }, pino.destination(2));
   const workDir = await mkdtemp(join(tmpdir(), 'vmferry-demo-'));
+  // Made before the agents start: they must trust the dir of the Ceph conf their QEMUs are given.
+  const cephDir = opts.storage === 'ceph' ? await mkdtemp(join(tmpdir(), 'vmferry-demo-ceph-')) : undefined;
   let postgres: TestPostgres | undefined;
-  if (opts.ha) {
-    say('Starting a throwaway PostgreSQL for two controllers…');
-    postgres = await startPostgres();
-  }
-  say(`Starting a storage server, ${postgres ? 'two controllers' : 'a controller'} and two hosts (A, B)…`);
-  let cluster: LocalCluster;
+  let ceph: TestCeph | undefined;
+  let cluster: LocalCluster | undefined;
+  const tearDown = async (): Promise<void> => {
+    // The cluster first: a QEMU that still has an RBD image open when Ceph goes away hangs on quit.
+    await cluster?.stop();
+    if (ceph) await ceph.stop();
+    else if (cephDir) await rm(cephDir, { recursive: true, force: true });
+    await postgres?.stop();
+  };
   try {
+    if (opts.ha) {
+      say('Starting a throwaway PostgreSQL for two controllers…');
+      postgres = await startPostgres();
+    }
+    say(`Starting a storage server, ${postgres ? 'two controllers' : 'a controller'} and two hosts (A, B)…`);
     cluster = await LocalCluster.start({
       workDir,
       hostIds: ['A', 'B'],
@@ -92,9 +123,15 @@ export async function runDemoCommand(opts: { loopback?: boolean; insecure?: bool
       tls: !opts.insecure,
       ...(opts.loopback ? { namespaces: false } : { guestNetwork: { subnet: guestSubnet } }),
       ...(postgres ? { controllerProcess: true, controllers: 2, db: postgres.url, leaseTtlS: haLeaseTtlS } : {}),
+      ...(cephDir ? { trustedDirs: [cephDir] } : {}),
     });
+    if (cephDir) {
+      say('Starting a throwaway Ceph cluster (one monitor, one OSD) for the shared disk…');
+      // Where the hosts reach the root namespace: the bridge in namespaces, loopback otherwise.
+      ceph = await startCeph({ dir: cephDir, address: cluster.network?.gateway ?? '127.0.0.1' });
+    }
   } catch (err) {
-    await postgres?.stop();
+    await tearDown();
     throw err;
   }
   const interrupted = new Promise<never>((_, reject) => {
@@ -104,40 +141,53 @@ export async function runDemoCommand(opts: { loopback?: boolean; insecure?: bool
   });
   interrupted.catch(() => undefined);
   try {
-    await Promise.race([runDemo(cluster, say, json, postgres !== undefined), interrupted]);
+    await Promise.race([runDemo(cluster, say, json, postgres !== undefined, ceph), interrupted]);
   } finally {
-    say('Tearing down the cluster…');
-    await cluster.stop();
-    await postgres?.stop();
+    say(`Tearing down the cluster${ceph ? ' and Ceph' : ''}…`);
+    await tearDown();
   }
 }
 
-async function runDemo(cluster: LocalCluster, say: (line: string) => void, json: boolean, ha: boolean): Promise<void> {
+/** The shared disk: a volume of the storage server, or with `ceph` an RBD image in its pool. */
+async function createSharedDisk(cluster: LocalCluster, ceph: TestCeph | undefined): Promise<{ spec: VmCreateDisk; says: string }> {
+  if (ceph) {
+    await createImage(ceph.client, ceph.pool, sharedVolume, sharedBytes);
+    return {
+      spec: { id: 'data', rbd: { pool: ceph.pool, image: sharedVolume, ...ceph.client } },
+      says: `shared disk data (Ceph RBD image ${ceph.pool}/${sharedVolume}, 128 MiB)`,
+    };
+  }
+  await cluster.storage.volumes.create(sharedVolume, sharedBytes);
+  return { spec: { id: 'data', shared: { server: { type: 'inet', ...cluster.storageNbd }, export: sharedVolume } }, says: `shared disk data (volume ${sharedVolume}, 128 MiB)` };
+}
+
+async function runDemo(cluster: LocalCluster, say: (line: string) => void, json: boolean, ha: boolean, ceph: TestCeph | undefined): Promise<void> {
   const api = cluster.api;
   const [a, b] = [cluster.host('A'), cluster.host('B')];
   say(`  host A at ${a.address}${a.namespace ? ` (namespace ${a.namespace})` : ''}, host B at ${b.address}${b.namespace ? ` (namespace ${b.namespace})` : ''}`);
   say(`  storage server NBD at ${cluster.storageNbd.host}:${cluster.storageNbd.port}, ${ha ? `controllers at ${cluster.controllerUrls.join(' and ')} (the first leads)` : `controller at ${cluster.controllerUrl}`}`);
+  if (ceph) say(`  Ceph monitor at ${ceph.monitor.host}:${ceph.monitor.port} (conf ${ceph.client.conf}, pool ${ceph.pool}): the shared disk is on Ceph RBD, reached by each host's QEMU through librbd`);
   say(
     cluster.pki
-      ? `  TLS everywhere, with a throwaway CA in ${cluster.pki.dir}: every API call, the RAM stream, the disk mirror and the shared disk go over mutual TLS`
+      ? `  TLS everywhere, with a throwaway CA in ${cluster.pki.dir}: every API call, the RAM stream, the disk mirror and ${ceph ? 'the storage server\'s volumes go over mutual TLS; the RBD disk goes over Ceph\'s own protocol, authenticated by cephx' : 'the shared disk go over mutual TLS'}`
       : '  INSECURE (--insecure): no TLS and no authentication on any port',
   );
   for (const host of await api.hosts()) say(`  host ${host.id} runs guests under ${host.accelerator?.toUpperCase() ?? 'an unreported accelerator'}: ${host.acceleratorReason ?? ''}`);
 
   const segment = cluster.guestSegment;
   const vmAddress = segment ? `${segment.subnet}.10` : undefined;
-  await cluster.storage.volumes.create('demo-data', 128 * 1024 * 1024);
+  const shared = await createSharedDisk(cluster, ceph);
   await api.createVm('A', {
     name: vmName,
     memoryMiB: 256,
     boot: { kind: 'test-guest', options: { spanMiB: 16, dirtyMiB: 64, dirtyRateMiBs: 16, ...(vmAddress ? { ip: `${vmAddress}/24`, streamPort } : {}) } },
     disks: [
       { id: 'root', local: { sizeBytes: 512 * 1024 * 1024 } },
-      { id: 'data', shared: { server: { type: 'inet', ...cluster.storageNbd }, export: 'demo-data' } },
+      shared.spec,
     ],
     ...(segment ? { nics: [{ bridge: segment.bridge }] } : {}),
   });
-  say(`Created VM ${vmName} on A: local disk root (512 MiB, in A's pool), shared disk data (volume demo-data, 128 MiB)${segment ? `, a NIC on bridge ${segment.bridge} at ${vmAddress}` : ''}.`);
+  say(`Created VM ${vmName} on A: local disk root (512 MiB, in A's pool), ${shared.says}${segment ? `, a NIC on bridge ${segment.bridge} at ${vmAddress}` : ''}.`);
   await api.startVm(vmName);
   const logs = [join(a.dataDir, 'vms', vmName, 'serial1.log'), join(b.dataDir, 'vms', vmName, 'serial1.log')];
   const disks = ['root', 'data'];
@@ -212,7 +262,7 @@ async function runDemo(cluster: LocalCluster, say: (line: string) => void, json:
   }
   say(problems.length ? `VERIFY FAILED:\n  ${problems.join('\n  ')}` : 'Every acknowledged record is intact.');
   const summary: DemoSummary = {
-    migrations: reports.map((report, i) => summarize(report, networks[i])),
+    migrations: reports.map((report, i) => summarize(report, networks[i], sharedBackends(vm.spec.disks))),
     tls: cluster.pki !== undefined,
     ...(ha ? { controllers: { count: cluster.controllerUrls.length, failovers } } : {}),
     verified: problems.length === 0,

@@ -1,6 +1,7 @@
-// Shared volumes on Ceph RBD, on a real throwaway Ceph cluster (test/support/ceph.ts):
+// Shared volumes on Ceph RBD, on a real throwaway Ceph cluster (src/demo/ceph.ts):
 // the image tools through the CLI, and a VM with a local, an NBD and an RBD disk
-// migrating A → B and back while the test guest writes. Its own npm script
+// migrating A → B and back while the test guest writes; and `vmferry demo --storage ceph`,
+// which starts a Ceph cluster of its own. Its own npm script
 // (`npm run test:ceph`): it takes minutes. The fence and the planner's probe run in
 // npm test (test/storage/rbd-fence.test.ts).
 import assert from 'node:assert/strict';
@@ -109,6 +110,23 @@ test('local + NBD + RBD disks migrate A → B and back under writes: every acked
   } finally {
     await rig.cleanup.run();
   }
+});
+
+test('vmferry demo --storage ceph --json: the shared disk on RBD through both migrations, every acknowledged record verified', async () => {
+  const started = Date.now();
+  const demo = await runVmferry('http://127.0.0.1:9', ['--json', 'demo', '--storage', 'ceph'], 600_000);
+  assert.equal(demo.code, 0, `the demo failed:\n${demo.stderr}\n${demo.stdout}`);
+  const summary = JSON.parse(demo.stdout.trim().split('\n').at(-1) ?? '') as {
+    migrations: { from: string; to: string; disks: { id: string; operation: string; bytesSent: number; backend?: string }[] }[];
+    verified: boolean;
+  };
+  assert.deepEqual(summary.migrations.map((m) => [m.from, m.to]), [['A', 'B'], ['B', 'A']]);
+  for (const migration of summary.migrations) {
+    assert.deepEqual(migration.disks.map((d) => [d.id, d.operation, d.backend]), [['root', 'mirror', undefined], ['data', 'reattach', 'rbd']]);
+    assert.equal(migration.disks.find((d) => d.id === 'data')?.bytesSent, 0);
+  }
+  assert.equal(summary.verified, true);
+  console.log(`# vmferry demo --storage ceph took ${Date.now() - started} ms`);
 });
 
 function cephDisk(): { client: TestCeph['client']; pool: string } {

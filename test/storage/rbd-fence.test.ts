@@ -1,5 +1,5 @@
 // The one-writer guarantees of RBD shared volumes on a real throwaway Ceph cluster
-// (test/support/ceph.ts): the blocklist fence against a stale writer, and the
+// (src/demo/ceph.ts): the blocklist fence against a stale writer, and the
 // planner's probe from the destination. Migrations on RBD: test/migration/rbd.test.ts.
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
