@@ -349,7 +349,9 @@ test('stop-and-copy: the guest is paused for the RAM phase, every acked record i
     assert.ok(pauseMs >= ramPhase.durationMs, `the pause (${pauseMs} ms) covers the RAM pass (${ramPhase.durationMs} ms)`);
     const silence = clock.longestSilence(started, Date.now());
     t.diagnostic(`paused ${pauseMs} ms by QEMU's STOP → RESUME, ${silence.ms} ms without acknowledgements; RAM phase ${ramPhase.durationMs} ms, ${report.ram.passes} passes`);
-    assert.ok(Math.abs(pauseMs - silence.ms) <= 0.2 * silence.ms, `pause ${pauseMs} ms by QEMU's timestamps, ${silence.ms} ms without acknowledgements`);
+    // The guest's silence also holds the record in flight at the stop and the first one after the resume: a few of
+    // its records' time, more on a loaded machine.
+    assert.ok(Math.abs(pauseMs - silence.ms) <= Math.max(0.2 * silence.ms, 250), `pause ${pauseMs} ms by QEMU's timestamps, ${silence.ms} ms without acknowledgements`);
     const verify = await rig.verify(rig.destination?.vm?.spec.disks ?? []);
     assert.deepEqual(checkVerify(verify, (await rig.waitForAcks(0)).acks), []);
   } finally {

@@ -17,7 +17,7 @@ let temp: { path: string; remove(): Promise<void> };
 before(async () => (temp = await makeTempDir('memory-digest')));
 after(() => temp.remove());
 
-const memoryMiB = 128;
+const memoryMiB = 256;
 
 test("after pre-copy read a guest's RAM, the chunks the zero page backs are skipped and the digest still equals QEMU's dump", async () => {
   const vm = await QemuProcess.start(
@@ -37,7 +37,8 @@ test("after pre-copy read a guest's RAM, the chunks the zero page backs are skip
     const address = Number(/is (0x[0-9a-f]+)/.exec(await vm.monitor.client.execute<string>('human-monitor-command', { 'command-line': 'gpa2hva 0' }))?.[1]);
     const size = memoryMiB * 1024 * 1024;
     const zero = await zeroChunks(vm.pid, address, size);
-    assert.ok(zero.size >= memoryMiB / 2, `only ${zero.size} of ${memoryMiB} MiB known to be zero: the guest's RAM would be read nearly whole while it is paused`);
+    // The guest's kernel writes some tens of MiB; the rest pre-copy read and left on the zero page.
+    assert.ok(zero.size >= memoryMiB / 4, `only ${zero.size} of ${memoryMiB} MiB known to be zero: the guest's RAM would be read nearly whole while it is paused`);
     assert.ok(zero.size < memoryMiB, 'the guest wrote some of its RAM');
 
     const digest = await memoryDigest(vm, AbortSignal.timeout(30_000));
