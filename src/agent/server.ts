@@ -11,7 +11,6 @@ import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { CreateVmRequestSchema, MigrationParamsSchema, MigrationPlanSchema, MirrorTargetSchema, QuarantineParamsSchema, StreamTlsSchema, VmNameParamsSchema, type HostInfo } from '../api/agent-types.ts';
 import { replySignal } from '../http/request-signal.ts';
-import type { MigrationSettings } from '../migration/sides.ts';
 import type { HostAccelerator } from '../qemu/accel.ts';
 import { qemuVersion } from '../migration/probe.ts';
 import { validateVmSpec } from '../qemu/spec.ts';
@@ -219,7 +218,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     },
   );
   app.post('/v1/migrations/:id/source/migrate', { schema: { params, body: MigrateBody } }, async (request, reply) => {
-    await sides.startMigration(request.params.id, request.body.uri, request.body.settings as MigrationSettings, replySignal(reply));
+    await sides.startMigration(request.params.id, request.body.uri, request.body.settings, replySignal(reply));
     return {};
   });
   app.get('/v1/migrations/:id/source/info', { schema: { params } }, (request, reply) => sides.useSource(request.params.id, (side) => side.migrationInfo(replySignal(reply))));

@@ -43,7 +43,7 @@ export interface MirrorStatus {
 }
 
 export interface MigrationSettings {
-  maxBandwidthBytes: number | undefined;
+  maxBandwidthBytes?: number | undefined;
   /** QEMU's downtime limit to start with; 0 for a guest that runs through the first pass only (plan.ram.stopAfterFirstPass). */
   downtimeLimitMs: number;
   /** QEMU's postcopy-ram capability: the migration may switch to post-copy (postcopyCapable in plan.ts). The bandwidth cap then holds in post-copy too. */

@@ -123,7 +123,9 @@ test('a migration keeps the TCP connection with every number in order, loses pin
   assert.equal(stream.problem, undefined);
   assert.ok(window.intact, `stream: ${JSON.stringify(window)}`);
   const pauseMs = measuredPauseMs(report);
-  const allowed = Math.floor(pauseMs / 10) + 3;
+  // Beyond the pause: the ping in flight at the stop, and the first ones after the resume, answered once the guest's
+  // network runs again and the bridge has learnt B's port from the announce.
+  const allowed = Math.floor(pauseMs / 10) + 5;
   assert.ok(pings.sent > 100, `pinged throughout: ${JSON.stringify(pings)}`);
   const t0 = report.phases[0]?.startedAt ?? 0;
   const when = `lost runs (seq, count, sent at ms): ${pings.lostRuns.map((r) => `${r.first}×${r.count}@${r.sentAt - t0}`).join(' ')}; phases: ${report.phases.map((p) => `${p.phase}@${p.startedAt - t0}+${p.durationMs}`).join(' ')}`;
