@@ -20,6 +20,7 @@ import { probeDestination, probeSource, qemuCapabilities, type QemuCapabilities 
 import type { CopyMode, DestinationFacts, MigrationPlan, SourceFacts } from '../migration/plan.ts';
 import { QemuDestination } from '../migration/qemu-destination.ts';
 import { QemuSource, removeLocalCopies, type QemuSourceOptions } from '../migration/qemu-source.ts';
+import type { QemuProcess } from '../qemu/process.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { DestinationResumed, MigrationSettings, MirrorTarget, PreparedDestination, SourceRolledBack } from '../migration/sides.ts';
 import { settlement, type DestinationFate } from '../migration/no-return.ts';
@@ -290,15 +291,26 @@ export class MigrationSides {
       const vmDir = this.#registry.vmDir(vm.spec.name);
       // Before the cont can leave: a restarted agent then knows this QEMU may run the guest, and with which spec.
       await writeIncomingRecord(vmDir, { migration: id, phase: 'resume-sent', spec: vm.spec });
-      const resumed = await destination.resume(signal);
+      let resumed: DestinationResumed;
+      try {
+        resumed = await destination.resume(signal);
+      } catch (err) {
+        // A guest that ran here lives here, even if its QEMU died a moment later: adopted, its disks stay a VM of this host's to start again.
+        if ((await destination.fate().catch(() => undefined)) === 'guest-ran') await this.#adoptResumed(id, destination, vm);
+        throw err;
+      }
       faultPoint('destination-after-cont');
-      await this.#registry.adoptMigrated(vm);
-      await writeIncomingRecord(vmDir, { migration: id, phase: 'resumed', spec: vm.spec });
-      this.#forgetDestination(id);
-      this.#rememberEnded(id, 'guest-ran');
-      if (destination.inPostcopy) remember(this.#postcopyDestinations, id, destination);
+      await this.#adoptResumed(id, destination, vm);
       return resumed;
     });
+  }
+
+  async #adoptResumed(id: string, destination: QemuDestination, vm: QemuProcess): Promise<void> {
+    await this.#registry.adoptMigrated(vm);
+    await writeIncomingRecord(this.#registry.vmDir(vm.spec.name), { migration: id, phase: 'resumed', spec: vm.spec });
+    this.#forgetDestination(id);
+    this.#rememberEnded(id, 'guest-ran');
+    if (destination.inPostcopy) remember(this.#postcopyDestinations, id, destination);
   }
 
   /** Listens anew for the paused post-copy of `id`, before or after this half resumed; returns the URI. */

@@ -292,7 +292,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
     }
     if (decision === 'finish') {
       await recordQuietly('resumed');
-      return await finish(`${describeError(cause)}; ${destination.hostId} then confirmed that the guest runs there`, resumedAtUs);
+      return await finish(`${describeError(cause)}; ${destination.hostId} then confirmed that the guest ran there, so it lives there now`, resumedAtUs);
     }
     if (decision === 'wait' && postcopyBegan) return await unresolved(postcopyUnfinished(plan, fate, fateUnknown));
     if (decision === 'wait') return await unresolved(destinationUnknown(plan, `${destination.hostId} could not say whether the guest ran there: ${fateUnknown}`));

@@ -19,7 +19,8 @@ import type { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import { RbdWriter, rbdWatchers } from '../storage/rbd-fence.ts';
 import { removeDurable } from '../util/durable-file.ts';
-import { faultPoint } from '../util/fault-points.ts';
+import { faultPoint, faultPointKills } from '../util/fault-points.ts';
+import { raceAbort, timeoutSignal } from '../util/abort.ts';
 import { findFreePort } from '../util/ports.ts';
 import { qemuTlsCreds } from '../qemu/tls-creds.ts';
 import type { DestinationFate } from './no-return.ts';
@@ -57,6 +58,9 @@ export interface QemuDestinationOptions {
 /** How often a post-copy destination is asked whether its device state is loaded: it takes milliseconds. */
 const incomingPollMs = 10;
 
+/** A dead QEMU's monitor socket ends when the kernel closes it at exit; this only bounds the wait should it not. */
+const monitorEndTimeoutMs = 5_000;
+
 /** The authz object of a destination QEMU: who may send it the guest. */
 const sourceAuthzId = 'vmf-authz-source';
 
@@ -75,6 +79,10 @@ export class QemuDestination implements DestinationSide {
   #exportIds: string[] = [];
   #nbdServerStarted = false;
   #resumed = false;
+  /** A `cont` went to this QEMU: should it die without a reply, only its RESUME event can say whether the guest ran. */
+  #contSent = false;
+  /** What that event said of a QEMU that died with a `cont` in flight, once read: a fact, asked again by the agent and the controller. */
+  #ranBeforeItDied: boolean | undefined;
   /** The resume in progress: a rollback or a fate question waits for it instead of racing it on the same QEMU. */
   #resuming: Promise<void> | undefined;
   #vmName: string | undefined;
@@ -239,9 +247,32 @@ export class QemuDestination implements DestinationSide {
   async fate(): Promise<DestinationFate> {
     await this.#resuming;
     if (this.#resumed) return 'guest-ran';
-    const status = await this.#vm?.statusUnlessExited();
-    if (!status) return 'gone';
-    return guestNeverRan(status) ? 'never-ran' : 'guest-ran';
+    const vm = this.#vm;
+    const status = await vm?.statusUnlessExited();
+    if (status) return guestNeverRan(status) ? 'never-ran' : 'guest-ran';
+    if (!vm || !this.#contSent) return 'gone';
+    this.#ranBeforeItDied ??= await this.#resumeAnnounced(vm);
+    return this.#ranBeforeItDied ? 'guest-ran' : 'gone';
+  }
+
+  /**
+   * Whether a QEMU that died with a `cont` in flight had announced RESUME. QEMU
+   * sends the event before its vCPUs run (vm_prepare_start), on the connection
+   * this half's listener reads: once that connection has ended, a missing event
+   * means the guest never ran here. A connection that does not end leaves it
+   * unknown, and that is an error, so that nobody settles the migration on a guess.
+   */
+  async #resumeAnnounced(vm: QemuProcess): Promise<boolean> {
+    const unknown = `whether the guest ran on ${this.hostId} cannot be told: its QEMU died after a cont was sent`;
+    const events = this.#events;
+    if (!events) throw new VmferryError('VMF_MIGRATION_FAILED', `${unknown}, and its events were no longer read`);
+    const what = `the monitor connection of VM ${vm.spec.name}'s dead QEMU ending`;
+    try {
+      await raceAbort(vm.monitor.client.closed, timeoutSignal(what, monitorEndTimeoutMs), what);
+    } catch (err) {
+      throw new VmferryError('VMF_MIGRATION_FAILED', `${unknown}, and ${describeError(err)}`, { cause: err });
+    }
+    return events.takeBuffered('RESUME').length > 0;
   }
 
   /** Returns QEMU's timestamp of the guest's RESUME, the end of its pause (null if the event was not seen). */
@@ -263,9 +294,13 @@ export class QemuDestination implements DestinationSide {
         this.#rbdFenced = true;
         await this.#rbd.fenceOthers();
       }
+      this.#contSent = true;
       await qmp.cont({ signal });
+      // A test's crash of QEMU after it ran the cont and before its reply arrived: the next command finds it gone.
+      if (await faultPointKills('destination-qemu-dies-in-cont', vm)) await qmp.queryStatus();
     });
     this.#resumed = true;
+    await faultPointKills('destination-qemu-dies-after-cont', vm);
     // QEMU sends RESUME before its reply to cont, so it is already in the buffer of the listener opened at prepare.
     const resumedAtUs = this.#events?.takeBuffered('RESUME').at(-1)?.timestampUs ?? null;
     this.#resumedAtUs = resumedAtUs;

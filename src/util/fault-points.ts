@@ -11,6 +11,10 @@ export type FaultPoint =
   | 'destination-after-claim'
   /** The destination's QEMU was continued; the agent has not adopted it nor replied. */
   | 'destination-after-cont'
+  /** The destination's QEMU ran `cont` and dies before its reply is read: a cont whose reply was lost with its QEMU. */
+  | 'destination-qemu-dies-in-cont'
+  /** The destination's QEMU answered `cont` and dies before the agent adopted it: a guest that crashed right after the switch. */
+  | 'destination-qemu-dies-after-cont'
   /** The source's migration was told to continue; the agent has not replied. */
   | 'source-after-continue'
   /** The leading controller stored `paused-at-switchover`: the source is paused before the switch-over, nothing resumed. */
@@ -22,4 +26,12 @@ export type FaultPoint =
 export function faultPoint(point: FaultPoint): void {
   if (!armed.delete(point)) return;
   process.kill(process.pid, 'SIGKILL');
+}
+
+/** SIGKILL of a child process (a QEMU) when `point` is armed, resolving once it has exited: a crash of it, not of this process. */
+export async function faultPointKills(point: FaultPoint, child: { pid: number; exited: Promise<unknown> }): Promise<boolean> {
+  if (!armed.delete(point)) return false;
+  process.kill(child.pid, 'SIGKILL');
+  await child.exited;
+  return true;
 }

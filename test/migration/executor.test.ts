@@ -382,7 +382,7 @@ test('a resume whose reply is lost, on a destination whose guest runs: the migra
   assert.equal(report.outcome, 'completed');
   assert.deepEqual(calls.slice(calls.indexOf('dst.resume')), ['dst.resume', 'dst.fate', 'src.retire']);
   assert.equal(report.pauseMs, undefined, "the destination's RESUME was never reported, so the pause is not known");
-  assert.match(report.recovery ?? '', /dst.resume broke; B then confirmed that the guest runs there/);
+  assert.match(report.recovery ?? '', /dst.resume broke; B then confirmed that the guest ran there, so it lives there now/);
 });
 
 test('a resume that failed on a destination whose guest never ran: the destination is rolled back before the source resumes', async () => {
