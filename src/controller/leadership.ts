@@ -8,11 +8,14 @@
 import type { Logger } from 'pino';
 import { VmferryError } from '../errors.ts';
 import type { EpochStamp } from '../agent/leader-epoch.ts';
+import type { LeaseToken } from '../store/store.ts';
 import { LeaderLease, type LeaseView } from './leader-lease.ts';
 
 /** A tenure as leader: its epoch (none with a single controller), and a signal that aborts when it ends. */
 export interface Tenure {
   epoch: number | undefined;
+  /** The lease row this tenure holds, for a store that refuses its writes in the database once it is lost (none with a single controller). */
+  lease: LeaseToken | undefined;
   signal: AbortSignal;
   /** Throws (VMF_NOT_LEADER) once this tenure is over, even before its signal fired: call it before each write. */
   check(): void;
@@ -49,7 +52,7 @@ export function soleLeadership(): Leadership {
     reading: () => undefined,
     status: () => ({ self: null, leader: true, leaderUrl: null, epoch: null }),
     requireLeader: () => undefined,
-    onTenure: (run) => run({ epoch: undefined, signal: forever.signal, check: () => undefined, stamp: { acting: () => undefined, reading: () => undefined } }),
+    onTenure: (run) => run({ epoch: undefined, lease: undefined, signal: forever.signal, check: () => undefined, stamp: { acting: () => undefined, reading: () => undefined } }),
     stop: () => {
       forever.abort(new VmferryError('VMF_ABORTED', 'the controller is shutting down'));
       return Promise.resolve();
@@ -84,6 +87,7 @@ export async function sharedLeadership(dbUrl: string, options: SharedLeadershipO
       const reading = (): number | undefined => (abort.signal.aborted || box.lease?.view().epoch !== epoch || !box.lease.view().leader ? undefined : epoch);
       current = {
         epoch,
+        lease: { holder: options.url, epoch },
         signal: abort.signal,
         abort,
         check,

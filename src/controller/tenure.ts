@@ -4,7 +4,8 @@
  * not only by those the new one has reached), then settles the migrations a
  * previous leader left unfinished by the rules of recovery.ts, and takes new
  * migrations. Every store write and agent request of a tenure checks that the
- * tenure still holds first: a former leader writes and sends nothing.
+ * tenure still holds first, and PostgreSQL checks each write against the lease
+ * row in the write's own transaction: a former leader writes and sends nothing.
  */
 import type { Logger } from 'pino';
 import { describeError } from '../errors.ts';
@@ -25,6 +26,7 @@ export function fencedStore(store: Store, check: () => void): Store {
     return write(...args);
   };
   return {
+    fencedBy: (lease) => fencedStore(store.fencedBy(lease), check),
     upsertHost: (host) => store.upsertHost(host),
     listHosts: () => store.listHosts(),
     getHost: (id) => store.getHost(id),
@@ -64,7 +66,8 @@ export function runTenures(options: TenureOptions): { stopped(): Promise<void> }
 }
 
 async function lead(tenure: Tenure, { store, tls, migrations, logger }: TenureOptions): Promise<void> {
-  const tenureStore = fencedStore(store, () => tenure.check());
+  // Checked here before each write, and by the database inside it: a leader paused in between is refused there.
+  const tenureStore = fencedStore(tenure.lease ? store.fencedBy(tenure.lease) : store, () => tenure.check());
   const inventory = new Inventory(tenureStore, tls, tenure.stamp);
   // The previous tenure's migrations stop by themselves (their requests are refused); settling them waits until they have.
   await migrations.idle();

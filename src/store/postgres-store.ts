@@ -9,7 +9,7 @@ import type { Logger } from 'pino';
 import { describeError, VmferryError } from '../errors.ts';
 import { finalPhases, type MigrationEvent, type MigrationPhase } from '../migration/phases.ts';
 import { applySchema } from './postgres-schema.ts';
-import type { HostRecord, MigrationRecord, Store, StoredEvent, VmLocation } from './store.ts';
+import type { HostRecord, LeaseToken, MigrationRecord, Store, StoredEvent, VmLocation } from './store.ts';
 
 /** True when `db` (a `--db` value) names a PostgreSQL database rather than a SQLite file. */
 export function isPostgresUrl(db: string): boolean {
@@ -97,14 +97,25 @@ export interface PostgresStoreOptions {
 /** How long opening a connection may take: a database host that drops packets fails the query, not hangs it. */
 const connectTimeoutMs = 10_000;
 
+// Holds the lease row (FOR SHARE) until the write commits: a standby's takeover, an UPDATE of that row, waits
+// for the write, and a write after the takeover finds no row. No gap between the check and the write.
+const leaseHeldSql = 'SELECT 1 FROM vmferry_leader WHERE holder = $1 AND epoch = $2 AND expires_at > clock_timestamp() FOR SHARE';
+
 export class PostgresStore implements Store {
   readonly #pool: pg.Pool;
   /** The URL without its password, for error messages. */
   readonly #name: string;
+  /** Set on a view made by fencedBy: its writes commit only while this lease is held. */
+  readonly #lease: LeaseToken | undefined;
 
-  private constructor(pool: pg.Pool, name: string) {
+  private constructor(pool: pg.Pool, name: string, lease?: LeaseToken) {
     this.#pool = pool;
     this.#name = name;
+    this.#lease = lease;
+  }
+
+  fencedBy(lease: LeaseToken): Store {
+    return new PostgresStore(this.#pool, this.#name, lease);
   }
 
   /** Connects to `url`, applies the schema steps the database lacks, and returns the store; a database it cannot reach is a VMF_DATABASE error naming it. */
@@ -141,6 +152,35 @@ export class PostgresStore implements Store {
     }
   }
 
+  /** A write that acts for the leader: in one transaction with the lease check when this view is fenced. */
+  async #write(sql: string, values: unknown[]): Promise<pg.QueryResult> {
+    const lease = this.#lease;
+    if (!lease) return this.#query(sql, values);
+    let client: pg.PoolClient;
+    try {
+      client = await this.#pool.connect();
+    } catch (err) {
+      throw this.#wrap(err);
+    }
+    let broken: Error | undefined;
+    try {
+      await client.query('BEGIN');
+      const held = await client.query(leaseHeldSql, [lease.holder, lease.epoch]);
+      if (held.rowCount === 0) {
+        throw new VmferryError('VMF_NOT_LEADER', `database ${this.#name} refused a write of ${lease.holder}: its leader lease (epoch ${lease.epoch}) has expired or passed to another controller`);
+      }
+      const result = await client.query(sql, values);
+      await client.query('COMMIT');
+      return result;
+    } catch (err) {
+      await client.query('ROLLBACK').catch((rollbackErr: unknown) => (broken = rollbackErr as Error));
+      throw this.#wrap(err);
+    } finally {
+      // A connection whose ROLLBACK failed may still be inside the transaction: it goes, not back to the pool.
+      client.release(broken);
+    }
+  }
+
   async upsertHost(host: HostRecord): Promise<void> {
     await this.#query(
       'INSERT INTO hosts (id, url, address, last_seen, accelerator, accelerator_reason) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET ' +
@@ -159,7 +199,7 @@ export class PostgresStore implements Store {
   }
 
   async setVmLocation(location: VmLocation): Promise<void> {
-    await this.#query('INSERT INTO vms (name, host_id) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET host_id = excluded.host_id', [location.name, location.hostId]);
+    await this.#write('INSERT INTO vms (name, host_id) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET host_id = excluded.host_id', [location.name, location.hostId]);
   }
 
   async getVmLocation(name: string): Promise<VmLocation | undefined> {
@@ -167,8 +207,8 @@ export class PostgresStore implements Store {
   }
 
   async setHostDraining(id: string, draining: boolean): Promise<void> {
-    if (draining) await this.#query('INSERT INTO draining_hosts (host_id, since) VALUES ($1, $2) ON CONFLICT (host_id) DO NOTHING', [id, Date.now()]);
-    else await this.#query('DELETE FROM draining_hosts WHERE host_id = $1', [id]);
+    if (draining) await this.#write('INSERT INTO draining_hosts (host_id, since) VALUES ($1, $2) ON CONFLICT (host_id) DO NOTHING', [id, Date.now()]);
+    else await this.#write('DELETE FROM draining_hosts WHERE host_id = $1', [id]);
   }
 
   async drainingHosts(): Promise<string[]> {
@@ -176,11 +216,11 @@ export class PostgresStore implements Store {
   }
 
   async deleteVmLocation(name: string): Promise<void> {
-    await this.#query('DELETE FROM vms WHERE name = $1', [name]);
+    await this.#write('DELETE FROM vms WHERE name = $1', [name]);
   }
 
   async createMigration(record: MigrationRecord): Promise<void> {
-    await this.#query('INSERT INTO migrations (id, vm, from_host, to_host, phase, plan, report, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)', [
+    await this.#write('INSERT INTO migrations (id, vm, from_host, to_host, phase, plan, report, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)', [
       record.id,
       record.vm,
       record.from,
@@ -195,7 +235,7 @@ export class PostgresStore implements Store {
 
   async updateMigration(id: string, patch: { phase?: MigrationPhase; report?: MigrationRecord['report'] }): Promise<void> {
     if (!patch.phase && !patch.report) return;
-    await this.#query('UPDATE migrations SET phase = COALESCE($2, phase), report = COALESCE($3::json, report), updated_at = $4 WHERE id = $1', [
+    await this.#write('UPDATE migrations SET phase = COALESCE($2, phase), report = COALESCE($3::json, report), updated_at = $4 WHERE id = $1', [
       id,
       patch.phase ?? null,
       patch.report ? JSON.stringify(patch.report) : null,
@@ -225,7 +265,7 @@ export class PostgresStore implements Store {
     // One statement: the UPDATE locks the migration's row until the insert commits, so a concurrent append
     // (another request, another controller) waits, then numbers its event after this one. Events therefore
     // become visible in seq order, and a reader polling eventsSince never skips one.
-    const result = await this.#query(
+    const result = await this.#write(
       'WITH next AS (UPDATE migrations SET event_seq = event_seq + 1 WHERE id = $1 RETURNING event_seq) ' +
         'INSERT INTO migration_events (migration_id, seq, at, event) SELECT $1, event_seq, $2, $3 FROM next',
       [migrationId, Date.now(), JSON.stringify(event)],
@@ -242,6 +282,8 @@ export class PostgresStore implements Store {
   }
 
   close(): Promise<void> {
+    // A fenced view shares its store's pool, which its store ends.
+    if (this.#lease) return Promise.resolve();
     return this.#pool.end();
   }
 }

@@ -181,6 +181,11 @@ export class SqliteStore implements Store {
     return Promise.resolve(rows.map((r) => ({ seq: r.seq, at: r.at, event: JSON.parse(r.event) as MigrationEvent })));
   }
 
+  /** A SQLite file has one controller, which always leads: nothing to fence. */
+  fencedBy(): Store {
+    return this;
+  }
+
   close(): Promise<void> {
     this.#db.close();
     return Promise.resolve();

@@ -40,7 +40,20 @@ export interface StoredEvent {
   event: MigrationEvent;
 }
 
+/** A leader's hold on the lease row (src/controller/leader-lease.ts): who, under which epoch. */
+export interface LeaseToken {
+  holder: string;
+  epoch: number;
+}
+
 export interface Store {
+  /**
+   * This store, its writes of migrations, VM locations and drains refused by the database itself once `lease`
+   * is no longer held (expired or taken over): a leader paused between its own check and the write cannot
+   * overwrite what its successor stored. Host heartbeats and reads are unchanged. The view is not closed: the store is.
+   */
+  fencedBy(lease: LeaseToken): Store;
+
   upsertHost(host: HostRecord): Promise<void>;
   listHosts(): Promise<HostRecord[]>;
   getHost(id: string): Promise<HostRecord | undefined>;

@@ -7,6 +7,7 @@ import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import pino from 'pino';
 import { LeaderLease, type LeaseView } from '../../src/controller/leader-lease.ts';
+import { PostgresStore } from '../../src/store/postgres-store.ts';
 import { hasCode } from '../../src/errors.ts';
 import { startPostgres, type TestPostgres } from '../support/postgres.ts';
 import { TcpRelay } from '../support/tcp-relay.ts';
@@ -107,5 +108,42 @@ test('a leader that stops gives the lease up: the standby leads at its next atte
     assert.equal(b.lease.fence(), 2);
   } finally {
     await b.lease.stop();
+  }
+});
+
+test("the database refuses the writes of a leader whose lease passed to another, inside each write's transaction: a leader paused between its own check and its write cannot overwrite its successor", async () => {
+  const url = await postgres.freshUrl();
+  const store = await PostgresStore.open(url);
+  const a = await controller(url, 'http://a:10800');
+  const b = await controller(url, 'http://b:10800');
+  let aStopped = false;
+  try {
+    const asA = store.fencedBy({ holder: 'http://a:10800', epoch: 1 });
+    await asA.createMigration({ id: 'm1', vm: 'web', from: 'A', to: 'B', phase: 'migrating', plan: {} as never, report: null, createdAt: 1, updatedAt: 1 });
+    await asA.appendEvent('m1', { type: 'phase', phase: 'migrating', at: 1 });
+    // A lets go (as a paused leader's lease runs out); B takes over with epoch 2 and settles the migration.
+    await a.lease.stop();
+    aStopped = true;
+    await until('the standby taking over', () => b.lease.view().leader, 10 * ttlMs);
+    assert.equal(b.lease.view().epoch, 2);
+    const asB = store.fencedBy({ holder: 'http://b:10800', epoch: 2 });
+    await asB.updateMigration('m1', { phase: 'failed' });
+
+    // A wakes with its tenure's token: every write it tries is refused by the database, naming why; nothing changes.
+    const refused = (err: unknown): boolean => hasCode(err, 'VMF_NOT_LEADER') && /refused a write of http:\/\/a:10800: its leader lease \(epoch 1\) has expired or passed to another controller/.test((err as Error).message);
+    await assert.rejects(asA.updateMigration('m1', { phase: 'completed' }), refused);
+    await assert.rejects(asA.appendEvent('m1', { type: 'phase', phase: 'completed', at: 2 }), refused);
+    await assert.rejects(asA.setVmLocation({ name: 'web', hostId: 'B' }), refused);
+    await assert.rejects(asA.createMigration({ id: 'm2', vm: 'web', from: 'A', to: 'B', phase: 'preparing', plan: {} as never, report: null, createdAt: 2, updatedAt: 2 }), refused);
+    assert.equal((await store.getMigration('m1'))?.phase, 'failed');
+    assert.deepEqual((await store.eventsSince('m1', 0)).length, 1);
+    assert.equal(await store.getVmLocation('web'), undefined);
+    assert.equal(await store.getMigration('m2'), undefined);
+    // The same store's connections still serve the leader's writes: a refused transaction was rolled back, not left open.
+    for (let i = 0; i < 6; i++) await asB.appendEvent('m1', { type: 'phase', phase: 'failed', at: 3 + i });
+    assert.equal((await store.eventsSince('m1', 0)).length, 7);
+  } finally {
+    await Promise.all([aStopped ? undefined : a.lease.stop(), b.lease.stop()]);
+    await store.close();
   }
 });
