@@ -70,6 +70,8 @@ export class MigrationChanges {
  */
 export function announcingStore(store: Store, changes: MigrationChanges): Store {
   const announcing: Partial<Store> = {
+    // A leader's fenced view writes the same migrations: its writes are heard too.
+    fencedBy: (lease) => announcingStore(store.fencedBy(lease), changes),
     createMigration: async (record) => {
       await store.createMigration(record);
       changes.changed(record.id);

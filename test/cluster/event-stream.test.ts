@@ -89,7 +89,7 @@ test("a migration's stream: stored events, then each new one as it is stored, th
   assert.deepEqual(resumed.map((m) => [m.event, m.id]), [['progress', '3'], ['report', undefined]]);
 });
 
-test("every write to a migration through the controller's store wakes a waiting stream at once", { timeout: 20_000 }, async () => {
+test("every write to a migration through the controller's store, or a leader's fenced view of it, wakes a waiting stream at once", { timeout: 20_000 }, async () => {
   const changes = new MigrationChanges();
   const announcing = announcingStore(store, changes);
   await createMigration('woken');
@@ -97,7 +97,9 @@ test("every write to a migration through the controller's store wakes a waiting 
   const stop = new AbortController();
   try {
     // Each wait would last a minute (past the test's timeout) unless the write wakes it.
-    for (const write of [() => announcing.appendEvent('woken', ramEvent(1)), () => announcing.updateMigration('woken', { phase: 'resumed' })]) {
+    // A leader writes through its fenced view (PostgreSQL's check of its lease): that is heard too.
+    const leader = announcing.fencedBy({ holder: 'http://a:10800', epoch: 1 });
+    for (const write of [() => announcing.appendEvent('woken', ramEvent(1)), () => announcing.updateMigration('woken', { phase: 'resumed' }), () => leader.appendEvent('woken', ramEvent(3))]) {
       const woken = subscription.next(60_000, stop.signal);
       await write();
       assert.deepEqual(await woken, ['woken']);
