@@ -18,6 +18,7 @@ import { defaultMigrationOptions, planMigration } from '../migration/plan.ts';
 import type { Inventory } from './inventory.ts';
 import type { MigrationService } from './migrations.ts';
 import type { Store } from '../store/store.ts';
+import type { MigrationChanges } from './events.ts';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 const MiB = 1024 * 1024;
@@ -97,13 +98,16 @@ export class DrainService {
   readonly #inventory: Inventory;
   readonly #migrations: Pick<MigrationService, 'start' | 'get'>;
   readonly #logger: Logger;
+  readonly #changes: Pick<MigrationChanges, 'drainChanged'> | undefined;
   readonly #drains = new Map<string, { status: DrainStatus; stop: AbortController; done: Promise<void> }>();
 
-  constructor(store: Store, inventory: Inventory, migrations: Pick<MigrationService, 'start' | 'get'>, logger: Logger) {
+  /** `changes` hears of each change of a drain's status, for the live streams (the dashboard's drain view). */
+  constructor(store: Store, inventory: Inventory, migrations: Pick<MigrationService, 'start' | 'get'>, logger: Logger, changes?: Pick<MigrationChanges, 'drainChanged'>) {
     this.#store = store;
     this.#inventory = inventory;
     this.#migrations = migrations;
     this.#logger = logger;
+    this.#changes = changes;
   }
 
   /** Marks the host draining and starts moving its VMs; returns at once with the drain's status. */
@@ -140,6 +144,7 @@ export class DrainService {
       logger.error({ err: describeError(err) }, 'drain crashed');
     });
     this.#drains.set(status.id, { status, stop, done });
+    this.#changes?.drainChanged(status.id);
     logger.info({ vms: status.vms.length, parallel: request.parallel, bandwidthMiBs: request.bandwidthMiBs }, 'drain started');
     return structuredClone(status);
   }
@@ -169,6 +174,13 @@ export class DrainService {
   }
 
   async #run(status: DrainStatus, infos: Map<string, VmInfo>, stop: AbortSignal, logger: Logger): Promise<void> {
+    let announced = JSON.stringify(status);
+    const announce = (): void => {
+      const now = JSON.stringify(status);
+      if (now === announced) return;
+      announced = now;
+      this.#changes?.drainChanged(status.id);
+    };
     const budgetBytes = status.bandwidthMiBs === null ? undefined : status.bandwidthMiBs * MiB;
     const running: DrainedVm[] = [];
     const shareFor = (count: number): number | undefined => (budgetBytes === undefined ? undefined : Math.max(1, Math.floor(budgetBytes / count)));
@@ -190,6 +202,7 @@ export class DrainService {
           const incoming = (host: string): number => running.filter((r) => r.to === host).reduce((sum, r) => sum + (infos.get(r.vm)?.spec.memoryMiB ?? 0), 0);
           await this.#startOne(status, next, info, incoming, share, logger);
           if (next.state === 'migrating') running.push(next);
+          announce();
         }
         if (running.length === 0) break;
         await sleep(pollMs);
@@ -199,6 +212,7 @@ export class DrainService {
           running.splice(running.indexOf(entry), 1);
           ended = true;
         }
+        announce();
         if (ended) await rebalance(shareFor(Math.max(1, running.length)));
       }
     } finally {
@@ -208,6 +222,7 @@ export class DrainService {
       const busyMs = unionMs(reported.flatMap((v) => (v.transfer ? [v.transfer] : [])));
       const bytes = reported.reduce((sum, v) => sum + (v.sentBytes ?? 0), 0);
       status.transfer = { bytes, busyMs, bytesPerSecond: busyMs > 0 ? Math.round((bytes * 1000) / busyMs) : 0 };
+      announce();
       logger.info({ state: status.state, transfer: status.transfer }, 'drain ended');
     }
   }

@@ -9,7 +9,9 @@
  * Events: `progress` `{id, seq, at, event}` (a stored MigrationEvent, SSE id =
  * seq, so a reconnecting EventSource resumes with Last-Event-ID), `report`
  * `{id, report}` (the per-migration stream's last), `migration` (a record, on
- * the all-migrations stream, whenever its phase or report changes).
+ * the all-migrations stream, whenever its phase or report changes), `drain` (a
+ * host drain's status, on the all-migrations stream: each one this controller
+ * runs or ran at the start, then each change).
  */
 import type { ServerResponse } from 'node:http';
 import { Type } from '@sinclair/typebox';
@@ -20,7 +22,8 @@ import { describeError, VmferryError } from '../errors.ts';
 import { MigrationParamsSchema } from '../api/agent-types.ts';
 import { finalPhases } from '../migration/phases.ts';
 import type { MigrationRecord, Store } from '../store/store.ts';
-import type { MigrationChanges } from './events.ts';
+import { drainOfChange, type MigrationChanges } from './events.ts';
+import type { DrainService } from './drain.ts';
 
 /** The store is read again this often without an announcement: writes by another controller of a shared database. */
 const rereadMs = 2_000;
@@ -77,7 +80,7 @@ function resumeAfter(request: FastifyRequest, after: number | undefined): number
   return value;
 }
 
-export function registerEventStreams(app: FastifyInstance, store: Store, changes: MigrationChanges, logger: Logger): void {
+export function registerEventStreams(app: FastifyInstance, store: Store, changes: MigrationChanges, drains: Pick<DrainService, 'list' | 'get'>, logger: Logger): void {
   const closing = new AbortController();
   // A stream otherwise holds its connection open, and the server's close waits for it.
   app.addHook('preClose', (done) => {
@@ -140,7 +143,7 @@ export function registerEventStreams(app: FastifyInstance, store: Store, changes
     '/v1/live',
     {
       schema: {
-        description: `Server-sent events of every migration: \`migration\` (the record) for the ${recentMigrations} latest and each one whose phase or report changes, and \`progress\` {id, seq, at, event} of every unfinished one from its start`,
+        description: `Server-sent events of every migration: \`migration\` (the record) for the ${recentMigrations} latest and each one whose phase or report changes, \`progress\` {id, seq, at, event} of every unfinished one from its start, and \`drain\` (a host drain's status) for each drain and each change of one`,
       },
     },
     async (_request, reply) => {
@@ -166,12 +169,18 @@ export function registerEventStreams(app: FastifyInstance, store: Store, changes
         try {
           // Oldest first, so a client that lists them as they come shows the newest last.
           for (const record of (await store.listMigrations(recentMigrations)).reverse()) await look(record, !finalPhases.includes(record.phase));
+          for (const drain of drains.list()) writer.send('drain', drain);
           while (!signal.aborted && !writer.overflowing) {
             writer.keepAlive();
             const changed = await subscription.next(rereadMs, signal);
             // Without an announcement, the unfinished ones (another controller may run them) and any new one.
             const ids = changed.length > 0 ? changed : [...new Set([...unfinished, ...(await store.unfinishedMigrations()).map((r) => r.id)])];
             for (const id of ids) {
+              const drain = drainOfChange(id);
+              if (drain !== undefined) {
+                writer.send('drain', drains.get(drain));
+                continue;
+              }
               const record = await store.getMigration(id);
               if (record) await look(record, true);
             }

@@ -60,6 +60,18 @@ export class MigrationChanges {
   changed(id: string): void {
     for (const subscription of this.#subscriptions) subscription.note(id);
   }
+
+  /** A host drain's status changed (drain.ts): noted under an id no migration has, for the all-migrations stream. */
+  drainChanged(drainId: string): void {
+    this.changed(`${drainPrefix}${drainId}`);
+  }
+}
+
+const drainPrefix = 'drain:';
+
+/** The drain a changed id names, if it names one (MigrationChanges.drainChanged). */
+export function drainOfChange(id: string): string | undefined {
+  return id.startsWith(drainPrefix) ? id.slice(drainPrefix.length) : undefined;
 }
 
 /**

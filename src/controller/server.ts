@@ -68,7 +68,7 @@ export async function buildController(
   // Reads, heartbeats and the acting routes a standby refuses anyway; what a leader does goes through its tenure (tenure.ts).
   const inventory = new Inventory(store, options.tls, leadership);
   const migrations = new MigrationService(store, options.logger, options.storage);
-  const drains = new DrainService(store, inventory, migrations, options.logger);
+  const drains = new DrainService(store, inventory, migrations, options.logger, changes);
   const { base, app } = await createApiServer('vmferry controller', options.logger, 1024 * 1024, { tls: options.tls, access: controllerAccess }, {
     role: 'controller',
     // Both read the store: an unreachable database makes the controller unhealthy, with the driver's reason.
@@ -168,7 +168,7 @@ export async function buildController(
       return { phase: record.phase, events: await store.eventsSince(request.params.id, after), report: record.report };
     },
   );
-  registerEventStreams(base, store, changes, options.logger);
+  registerEventStreams(base, store, changes, drains, options.logger);
   registerDashboard(base, inventory);
   app.post('/v1/migrations/:id/cancel', { schema: { params: MigrationParamsSchema } }, (request) => migrations.cancel(request.params.id));
   registerDrainRoutes(app, drains);

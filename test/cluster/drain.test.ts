@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import pino from 'pino';
+import { chromium } from 'playwright-core';
 import { LocalCluster } from '../../src/demo/local-cluster.ts';
 import type { DrainStatus } from '../../src/controller/drain.ts';
 import { FaultProxy } from '../chaos/fault-proxy.ts';
@@ -78,4 +79,50 @@ test('host drain moves three VMs under writes off A within one budget, through a
   const undrained = await runVmferry(cluster.controllerUrl, ['host', 'undrain', 'A']);
   assert.equal(undrained.code, 0, undrained.stderr);
   assert.equal((await cluster.api.hosts()).find((h) => h.id === 'A')?.draining, false);
+});
+
+test('a drain started from the dashboard in Chromium: live bars for each VM, every one completed and verified, within the budget', async () => {
+  const vms = ['dash1', 'dash2', 'dash3'];
+  // Whatever the test before left: A takes VMs.
+  assert.equal((await runVmferry(cluster.controllerUrl, ['host', 'undrain', 'A'])).code, 0);
+  await Promise.all(vms.map((vm) => faults.startVm(vm, { intervalMs: 0 }, rootMiB, small)));
+  // Debian's chromium, never a downloaded browser; as root it runs only without its sandbox.
+  const browser = await chromium.launch({ executablePath: '/usr/lib/chromium/chromium', args: ['--no-sandbox'] });
+  let drainId: string;
+  try {
+    const page = await browser.newPage({ viewport: { width: 1400, height: 1300 } });
+    const pageErrors: string[] = [];
+    page.on('pageerror', (err) => pageErrors.push(err.message));
+    await page.goto(`${cluster.controllerUrl}/ui/`);
+    await page.getByTestId('live-state').getByText('live', { exact: true }).waitFor();
+    // Every percentage a drain bar shows, as it shows it: live bars pass through values between 0 and 100.
+    await page.evaluate(`{
+      const seen = (window.drainPercents = new Set());
+      new MutationObserver(() => {
+        for (const bar of document.querySelectorAll('[data-testid=drain-bar]')) seen.add(Number(bar.getAttribute('data-percent')));
+      }).observe(document.body, { subtree: true, childList: true, attributes: true });
+    }`);
+    const hostA = page.locator('tr[data-host="A"]');
+    await hostA.getByRole('combobox').selectOption('2');
+    await hostA.getByRole('textbox').fill(String(budgetMiBs));
+    await hostA.getByRole('button', { name: 'Drain' }).click();
+    const drain = page.getByTestId('drain').first();
+    await drain.waitFor();
+    drainId = (await drain.getAttribute('data-drain')) as string;
+    await page.locator(`[data-testid=drain][data-drain="${drainId}"][data-state="done"]`).waitFor({ timeout: 240_000 });
+    const rows = await Promise.all(vms.map(async (vm) => [vm, await drain.locator(`tr[data-vm="${vm}"] [data-testid=drain-state]`).innerText(), await drain.locator(`tr[data-vm="${vm}"] [data-testid=drain-bar]`).getAttribute('data-percent')]));
+    assert.deepEqual(rows, vms.map((vm) => [vm, 'completed', '100']));
+    const percents = await page.evaluate<number[]>('[...window.drainPercents]');
+    assert.ok(percents.some((p) => p > 0 && p < 100), `the bars moved while the drain ran (seen: ${percents.sort((a, b) => a - b).join(', ')})`);
+    // The host list followed: A is draining, and the Undrain button is there.
+    await hostA.getByRole('button', { name: 'Undrain' }).waitFor();
+    assert.deepEqual(pageErrors, []);
+  } finally {
+    await browser.close();
+  }
+  const status = await cluster.api.drain(drainId);
+  assert.deepEqual(status.vms.map((v) => [v.vm, v.state]).sort(), vms.map((vm) => [vm, 'completed']), JSON.stringify(status.vms));
+  assert.ok(status.transfer && status.transfer.bytesPerSecond <= budgetMiBs * MiB * 1.1, `${JSON.stringify(status.transfer)} against a budget of ${budgetMiBs} MiB/s`);
+  for (const v of status.vms) await faults.assertSettled(v.vm, v.to ?? '');
+  assert.equal((await runVmferry(cluster.controllerUrl, ['host', 'undrain', 'A'])).code, 0);
 });

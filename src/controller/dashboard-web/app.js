@@ -167,28 +167,70 @@ function PlanView({ plan }) {
   </div>`;
 }
 
-/**
- * Actions on a host. `host drain` / `undrain` belong here once the
- * controller has them (each a button calling its POST route, its migrations
- * then showing in the list like any other).
- */
-const hostActions = [];
+/** Drain and undrain on each host: a drain's migrations then show in the list like any other, and its progress below. */
+function HostActions({ host, busy, onDrain, onUndrain }) {
+  const [parallel, setParallel] = useState('2');
+  const [bandwidth, setBandwidth] = useState('');
+  if (host.draining) return html`<button disabled=${busy} onClick=${() => onUndrain(host.id)}>Undrain</button>`;
+  return html`<span class="drain-form">
+    <label>parallel <select aria-label="parallel migrations of a drain of ${host.id}" value=${parallel} onChange=${(e) => setParallel(e.target.value)}>
+      ${[1, 2, 3, 4].map((n) => html`<option value=${n}>${n}</option>`)}
+    </select></label>
+    <label>MiB/s <input aria-label="bandwidth budget of a drain of ${host.id}" size="4" inputmode="numeric" placeholder="any" value=${bandwidth} onInput=${(e) => setBandwidth(e.target.value)} /></label>
+    <button class="primary" disabled=${busy || host.state !== 'reachable'} onClick=${() => onDrain(host.id, Number(parallel), bandwidth.trim())}>Drain</button>
+  </span>`;
+}
 
-function Hosts({ hosts, infos }) {
+function Hosts({ hosts, infos, busy, onDrain, onUndrain }) {
   return html`<section>
     <h2>Hosts</h2>
     <table data-testid="hosts">
-      <tr><th>host</th><th>state</th><th>accelerator</th><th>free memory</th><th>pool free</th><th>VMs</th>${hostActions.length ? html`<th></th>` : ''}</tr>
+      <tr><th>host</th><th>state</th><th>accelerator</th><th>free memory</th><th>pool free</th><th>VMs</th><th></th></tr>
       ${hosts.map((h) => {
         const info = infos[h.id];
-        return html`<tr>
-          <td class="mono">${h.id}</td><td>${h.state}</td>
+        return html`<tr data-host=${h.id}>
+          <td class="mono">${h.id}</td><td>${h.state}${h.draining ? ', draining' : ''}</td>
           <td title=${h.acceleratorReason ?? ''}>${h.accelerator ?? 'unknown'}</td>
           <td>${info ? `${info.freeMemoryMiB} MiB` : '–'}</td><td>${info ? bytes(info.poolFreeBytes) : '–'}</td><td>${info?.vms ?? '–'}</td>
-          ${hostActions.length ? html`<td>${hostActions.map((a) => a.render(h))}</td>` : ''}
+          <td><${HostActions} host=${h} busy=${busy} onDrain=${onDrain} onUndrain=${onUndrain} /></td>
         </tr>`;
       })}
     </table>
+  </section>`;
+}
+
+/** How far a drained VM's migration is, from its live progress: disks and RAM together, by bytes. */
+function drainPercent(entry, record, progress) {
+  if (entry.state === 'completed' || record?.report?.outcome === 'completed') return 100;
+  if (!progress) return 0;
+  const disks = progress.disks.filter((d) => d.operation === 'mirror');
+  const done = disks.reduce((sum, d) => sum + d.bytesDone, 0) + (progress.ram?.transferredBytes ?? 0);
+  const total = disks.reduce((sum, d) => sum + d.bytesTotal, 0) + (progress.ram ? progress.ram.transferredBytes + progress.ram.remainingBytes : (record?.plan.ram.memoryMiB ?? 0) * 1048576);
+  return total > 0 ? Math.min(99, Math.floor((done / total) * 100)) : 0;
+}
+
+function Drains({ drains, migrations, progress, onSelect }) {
+  const list = [...drains.values()].sort((a, b) => b.startedAt - a.startedAt);
+  if (list.length === 0) return null;
+  return html`<section class="wide">
+    <h2>Drains</h2>
+    ${list.map((d) => html`<div class="drain" data-testid="drain" data-drain=${d.id} data-state=${d.state}>
+      <strong>drain of ${d.host}</strong> <span class="muted">${d.state}, ${d.parallel} at once, ${d.bandwidthMiBs === null ? 'no bandwidth budget' : `${d.bandwidthMiBs} MiB/s shared`}
+        ${d.transfer ? `, ${bytes(d.transfer.bytes)} moved at ${bytes(d.transfer.bytesPerSecond)}/s` : ''}</span>
+      <table>
+        <tr><th>VM</th><th>to</th><th>state</th><th>progress</th><th>pause</th></tr>
+        ${d.vms.map((v) => {
+          const record = v.migrationId ? migrations.get(v.migrationId) : undefined;
+          const phase = record?.phase ?? v.phase;
+          return html`<tr data-vm=${v.vm} class=${v.migrationId ? 'clickable' : ''} onClick=${() => v.migrationId && onSelect(v.migrationId)}>
+            <td class="mono">${v.vm}</td><td>${v.to ?? ''}</td>
+            <td data-testid="drain-state">${v.state}${v.state === 'migrating' && phase ? ` (${phase})` : ''}${v.reason ? html`<div class="refused">${v.reason}</div>` : ''}</td>
+            <td><${Bar} testid="drain-bar" label=${v.vm} percent=${drainPercent(v, record, v.migrationId ? progress.get(v.migrationId) : undefined)} note=${v.shareBytes ? `capped at ${bytes(v.shareBytes)}/s` : ''} /></td>
+            <td>${v.downtimeMs === undefined || v.downtimeMs === null ? '' : `${v.downtimeMs} ms`}</td>
+          </tr>`;
+        })}
+      </table>
+    </div>`)}
   </section>`;
 }
 
@@ -246,6 +288,7 @@ function App() {
   const [error, setError] = useState(undefined);
   const [busy, setBusy] = useState(false);
   const [live, setLive] = useState(false);
+  const [drains, setDrains] = useState(new Map());
   const [, tick] = useState(0);
 
   const refresh = async () => {
@@ -272,6 +315,14 @@ function App() {
         // A migration that just ended moved (or kept) a VM: the lists change.
         if (before && !before.report && record.report) void refresh();
         return new Map(previous).set(record.id, record);
+      });
+    });
+    events.addEventListener('drain', (message) => {
+      const drain = JSON.parse(message.data);
+      setDrains((previous) => {
+        // A drain that ended changed which hosts are draining and where the VMs are.
+        if (previous.get(drain.id)?.state === 'running' && drain.state !== 'running') void refresh();
+        return new Map(previous).set(drain.id, drain);
       });
     });
     events.addEventListener('progress', (message) => {
@@ -316,6 +367,19 @@ function App() {
       await refresh();
     });
   const onCancel = (id) => act(() => api('POST', `/v1/migrations/${id}/cancel`, {}));
+  const onDrain = (host, parallel, bandwidth) =>
+    act(async () => {
+      const budget = bandwidth === '' ? undefined : Number(bandwidth);
+      if (budget !== undefined && !(budget > 0)) throw new Error(`the bandwidth budget must be a number of MiB/s above 0 (got "${bandwidth}")`);
+      const started = await api('POST', `/v1/hosts/${encodeURIComponent(host)}/drain`, { parallel, ...(budget === undefined ? {} : { bandwidthMiBs: budget }) });
+      setDrains((previous) => new Map(previous).set(started.id, started));
+      await refresh();
+    });
+  const onUndrain = (host) =>
+    act(async () => {
+      await api('POST', `/v1/hosts/${encodeURIComponent(host)}/undrain`, {});
+      await refresh();
+    });
 
   const record = selected === undefined ? undefined : migrations.get(selected);
   return html`
@@ -323,13 +387,14 @@ function App() {
     <main>
       ${error ? html`<div class="error" data-testid="error">${error}</div>` : ''}
       <div class="column">
-        <${Hosts} hosts=${hosts} infos=${infos} />
+        <${Hosts} hosts=${hosts} infos=${infos} busy=${busy} onDrain=${onDrain} onUndrain=${onUndrain} />
         <${Vms} vms=${vms} hosts=${hosts} onPlan=${onPlan} onMigrate=${onMigrate} busy=${busy} plan=${plan} />
       </div>
       <section>
         <h2>Migration</h2>
         <${LiveView} record=${record} progress=${progress.get(selected) ?? emptyProgress()} onCancel=${onCancel} />
       </section>
+      <${Drains} drains=${drains} migrations=${migrations} progress=${progress} onSelect=${(id) => void select(id)} />
       <${Migrations} migrations=${migrations} selected=${selected} onSelect=${(id) => void select(id)} />
     </main>`;
 }
