@@ -160,9 +160,9 @@ export class MigrationService {
 
   /** An operator's choice of the host an unresolved migration's guest runs on (resolve.ts). */
   async resolve(id: string, runOn: string): Promise<MigrationRecord> {
+    const record = await this.get(id);
     const tenancy = this.#tenancy;
     if (!tenancy || tenancy.signal.aborted) throw new VmferryError('VMF_NOT_LEADER', 'this controller does not lead (yet): the leader settles migrations');
-    const record = await this.get(id);
     const { inventory } = tenancy;
     const [sourceAgent, destinationAgent] = await Promise.all([inventory.agent(record.from), inventory.agent(record.to)]);
     const source = new RemoteSource(record.from, sourceAgent, id);

@@ -154,12 +154,12 @@ test("destination QEMU and agent both killed right after the cont: B cannot tell
   await armFaultPoint('B', 'destination-dies-after-cont');
   const { id } = await cluster.api.migrate({ vm, to: 'B' });
   await waitAgentDead('B', 180_000);
-  await faults.waitForPhase(id as string, ['unresolved'], 120_000);
   await cluster.startAgent('B');
   // Back, B's agent finds its record at resume-sent and no QEMU: it says it cannot tell, and nothing rolls back by itself.
   const waiting = await pollUntil(
     async () => {
-      const record = await faults.waitForPhase(id as string, ['unresolved'], 1_000);
+      const record = await cluster.api.migration(id as string);
+      assert.ok(!['completed', 'failed', 'cancelled'].includes(record.phase), `migration ${id} ended ${record.phase} by itself: ${record.report?.recovery ?? ''}`);
       return /B cannot tell whether the guest ran there/.test(record.report?.error?.message ?? '') ? record : undefined;
     },
     { timeoutMs: 60_000, intervalMs: 200, timeoutMessage: () => `migration ${id} never said that B cannot tell` },
@@ -167,7 +167,7 @@ test("destination QEMU and agent both killed right after the cont: B cannot tell
   assert.match(waiting.report?.error?.message ?? '', new RegExp(`vmferry migration resolve ${id} --run-on A .* or vmferry migration resolve ${id} --run-on B`));
   assert.equal((await new AgentClient(cluster.host('A').agentUrl).getVm(vm)).state, 'paused', 'the source is kept paused');
   const acked = await acksOn(vm, 'A');
-  await sleep(3_000);
+  await sleep(2_000);
   assert.equal(await acksOn(vm, 'A'), acked, 'the guest does not run on A while nobody can tell');
   assert.equal((await cluster.api.migration(id as string)).phase, 'unresolved', 'still waiting for an operator');
 
