@@ -55,8 +55,12 @@ function validChoice(record: MigrationRecord, runOn: string): boolean {
   return runOn === record.from;
 }
 
-/** Refuses a choice the destination's own answer makes for vmferry; resolves when it cannot tell (or cannot be asked). */
-async function refuseWhereDestinationAnswers(record: MigrationRecord, destination: ResolvingHalves['destination']): Promise<void> {
+/**
+ * Refuses a choice the destination's own answer settles by the rule; resolves when it cannot tell (or
+ * cannot be asked), and for the destination once it says the guest ran there: a choice of it cut off
+ * half-way (the VM taken back, the source not yet retired) is then finished by repeating it.
+ */
+async function refuseWhereDestinationAnswers(record: MigrationRecord, onSource: boolean, destination: ResolvingHalves['destination']): Promise<void> {
   let fate: DestinationFate;
   try {
     fate = await destination.fate(timeoutSignal(`asking ${destination.hostId} whether the guest ran there`, fateTimeoutMs));
@@ -64,7 +68,7 @@ async function refuseWhereDestinationAnswers(record: MigrationRecord, destinatio
     // Its agent may be gone for good: the steps below still need it, and fail with their own reason if it is.
     return;
   }
-  if (fate === 'unknown') return;
+  if (fate === 'unknown' || (fate === 'guest-ran' && !onSource)) return;
   const said = fate === 'guest-ran' ? 'the guest ran there' : fate === 'never-ran' ? 'its QEMU never ran the guest' : 'no QEMU of this migration ran the guest there';
   throw new VmferryError('VMF_CONFLICT', `${record.to} answers that ${said}: vmferry settles migration ${record.id} by that itself, and no operator's choice is needed`);
 }
@@ -72,7 +76,7 @@ async function refuseWhereDestinationAnswers(record: MigrationRecord, destinatio
 /** Settles `record` as the operator chose; returns the final record. */
 export async function resolveMigration(record: MigrationRecord, runOn: string, store: Store, { source, destination }: ResolvingHalves, logger: Logger): Promise<MigrationRecord> {
   const onSource = validChoice(record, runOn);
-  await refuseWhereDestinationAnswers(record, destination);
+  await refuseWhereDestinationAnswers(record, onSource, destination);
   const chose = `an operator chose ${runOn} (vmferry migration resolve --run-on ${runOn}) because ${record.to} could not tell whether the guest ran there`;
   if (onSource) {
     // Destination first: its half is dropped (its disks kept in its quarantine) before the source may run.
@@ -84,7 +88,7 @@ export async function resolveMigration(record: MigrationRecord, runOn: string, s
       record,
       'failed',
       `${chose}: ${record.vm} resumed on ${record.from} from where it paused. If the guest did run on ${record.to} before its QEMU died, what it did there ` +
-        `(writes it acknowledged, data it wrote to shared volumes) is lost and may disagree with what it does now; ${record.to}'s disks of it are kept in its quarantine (vmferry quarantine list ${record.to})`,
+        `(writes it acknowledged, data it wrote to shared volumes) is lost and may disagree with what it does now; ${record.to}'s disks of it are kept in its quarantine (vmferry host quarantine list ${record.to})`,
     );
   } else {
     // The destination takes the VM first: should the source's agent fail next, the guest is paused there and stopped here, never lost.

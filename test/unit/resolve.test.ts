@@ -127,7 +127,7 @@ test('--run-on A: B drops its half first, then the paused source resumes; the mi
   const settled = await resolveMigration(record, 'A', store, halves, logger);
   assert.deepEqual(calls, ['dst.rollback', 'src.rollback']);
   assert.equal(settled.phase, 'failed');
-  assert.match(settled.report?.recovery ?? '', /an operator chose A .*: web resumed on A from where it paused\. If the guest did run on B .* is lost .*kept in its quarantine \(vmferry quarantine list B\)/);
+  assert.match(settled.report?.recovery ?? '', /an operator chose A .*: web resumed on A from where it paused\. If the guest did run on B .* is lost .*kept in its quarantine \(vmferry host quarantine list B\)/);
 });
 
 test('--run-on B: B takes the VM back stopped, then A stops its QEMU keeping its disks; the migration completes and the VM is placed on B', async () => {
@@ -138,6 +138,10 @@ test('--run-on B: B takes the VM back stopped, then A stops its QEMU keeping its
   assert.equal(settled.phase, 'completed');
   assert.equal((await store.getVmLocation('web'))?.hostId, 'B');
   assert.match(settled.report?.recovery ?? '', /web is kept on B, stopped.*vmferry vm start web.*A's QEMU was stopped and its RAM discarded; its local disks are kept on A at \/data\/pool\/web-root\.qcow2/);
+  // Cut off after the take-back, the choice is repeated: B now says the guest ran there, which does not refuse it.
+  const repeated = fakeHalves('guest-ran');
+  assert.equal((await resolveMigration(await storedMigration('b2', 'unresolved', ['resume-sent', 'unresolved']), 'B', store, repeated.halves, logger)).phase, 'completed');
+  assert.deepEqual(repeated.calls, ['dst.takeBack', 'src.retire(keep=true)']);
 });
 
 test('bad choices are refused, naming the problem, and touch nothing', async () => {
@@ -150,6 +154,7 @@ test('bad choices are refused, naming the problem, and touch nothing', async () 
   await refused(await storedMigration('r2', 'completed'), 'A', 'unknown', 'VMF_CONFLICT', /migration r2 is completed, not unresolved/);
   await refused(unresolved, 'C', 'unknown', 'VMF_INVALID_ARGUMENT', /--run-on C is neither side of migration r1: choose A \(its source\) or B \(its destination\)/);
   await refused(unresolved, 'A', 'guest-ran', 'VMF_CONFLICT', /B answers that the guest ran there: vmferry settles migration r1 by that itself/);
+  await refused(unresolved, 'B', 'gone', 'VMF_CONFLICT', /B answers that no QEMU of this migration ran the guest there/);
   const postcopy = await storedMigration('r3', 'unresolved', ['postcopy-active', 'unresolved']);
   await refused(postcopy, 'A', 'unknown', 'VMF_CONFLICT', /post-copy had begun in migration r3, so web's memory is split between A and B: A never runs it again; only --run-on B/);
   const { calls, halves } = fakeHalves('unknown');
