@@ -171,6 +171,11 @@ export class RemoteDestination implements DestinationSide {
   async rollback(): Promise<void> {
     await this.#agent.request('POST', `${this.#path}/rollback`, {}, { timeoutMs: 120_000 });
   }
+
+  /** An operator chose this host for a migration whose guest may have run here: the VM, stopped (MigrationSides.takeBackDestination). */
+  takeBack(): Promise<VmInfo> {
+    return this.#agent.request('POST', `${this.#path}/take-back`, {}, { timeoutMs: 60_000 });
+  }
 }
 
 export class RemoteSource implements SourceSide {

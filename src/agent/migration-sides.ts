@@ -12,7 +12,7 @@
  * for the controller's recovery, since only both sides together know which
  * copy of the guest may run.
  */
-import type { MigrationHalves } from '../api/agent-types.ts';
+import type { MigrationHalves, VmInfo } from '../api/agent-types.ts';
 import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
 import type { MigrationStatus } from '../qmp/commands.ts';
@@ -27,7 +27,7 @@ import { settlement, type DestinationFate } from '../migration/no-return.ts';
 import type { GuestReset, MigrationPhase } from '../migration/phases.ts';
 import { readOutgoingRecord, removeOutgoingRecord, writeIncomingRecord, writeOutgoingRecord } from './half-records.ts';
 import { ContactLog } from './contact-log.ts';
-import { faultPoint } from '../util/fault-points.ts';
+import { faultPoint, faultPointKillsAll } from '../util/fault-points.ts';
 import type { VmRegistry } from './vm-registry.ts';
 import { checkTargets } from './request-guard.ts';
 import { timeoutSignal } from '../util/abort.ts';
@@ -300,6 +300,7 @@ export class MigrationSides {
         throw err;
       }
       faultPoint('destination-after-cont');
+      await faultPointKillsAll('destination-dies-after-cont', vm);
       await this.#adoptResumed(id, destination, vm);
       return resumed;
     });
@@ -332,6 +333,15 @@ export class MigrationSides {
     const destination = this.#destinations.get(id);
     if (destination) return this.#contact.during(destinationKey(id), () => destination.fate());
     return this.#endedDestinations.get(id) ?? (await this.#registry.incomingFate(id));
+  }
+
+  /** An operator chose this host for migration `id`, whose guest may have run here: VmRegistry.takeBackIncoming. */
+  async takeBackDestination(id: string): Promise<VmInfo> {
+    await this.#preparing.get(id);
+    if (this.#destinations.has(id)) {
+      throw new VmferryError('VMF_CONFLICT', `the agent on ${this.#registry.hostId} still holds its half of migration ${id} and is finding out whether the guest ran here; vmferry settles it once it says`);
+    }
+    return this.#registry.takeBackIncoming(id);
   }
 
   async rollbackDestination(id: string): Promise<void> {

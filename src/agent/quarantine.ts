@@ -91,6 +91,16 @@ export class Quarantine {
     return entries;
   }
 
+  /** The VM directories held, where they are now: a restarted agent reads the records left in them (vm-registry.ts). */
+  async heldVmDirs(): Promise<{ entry: QuarantineEntry; dir: string }[]> {
+    const held: { entry: QuarantineEntry; dir: string }[] = [];
+    for (const entry of await this.list()) {
+      const note = await this.#note(entry.id);
+      for (const item of note.items) if (item.kind === 'vm-dir') held.push({ entry, dir: join(this.dir, entry.id, item.stored) });
+    }
+    return held;
+  }
+
   /**
    * Puts every file back where it came from. Refused when something already
    * exists at one of those places: a restore never overwrites.

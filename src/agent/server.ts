@@ -192,6 +192,8 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     return sides.resumeDestination(request.params.id, timeoutSignal(`the resume of migration ${request.params.id}`, 60_000));
   });
   app.post('/v1/migrations/:id/destination/fate', { schema: { params } }, async (request) => ({ fate: await sides.destinationFate(request.params.id) }));
+  // An operator's choice for a migration whose destination cannot tell whether the guest ran here (controller/resolve.ts).
+  app.post('/v1/migrations/:id/destination/take-back', { schema: { params } }, (request) => sides.takeBackDestination(request.params.id));
   app.post('/v1/migrations/:id/destination/rollback', { schema: { params } }, async (request) => {
     await sides.rollbackDestination(request.params.id);
     return {};

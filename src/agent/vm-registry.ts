@@ -28,7 +28,7 @@ import type { CreateVmRequest, QuarantineEntry, VmInfo } from '../api/agent-type
 import type { DestinationFate } from '../migration/no-return.ts';
 import { guestNeverRan } from '../migration/qemu-destination.ts';
 import { fsyncDir, fsyncFile, mkdirDurable, removeDurable, renameDurable, writeFileDurable } from '../util/durable-file.ts';
-import { readIncomingRecord } from './half-records.ts';
+import { readIncomingRecord, writeIncomingRecord, type IncomingRecord } from './half-records.ts';
 import type { IoErrorCandidate } from './io-error-resume.ts';
 import { Quarantine } from './quarantine.ts';
 import type { RequestGuard } from './request-guard.ts';
@@ -40,6 +40,16 @@ interface VmEntry {
   qemu: QemuProcess | undefined;
   /** Set while a migration uses this VM; start/stop/delete are refused meanwhile. */
   migrating: boolean;
+}
+
+/**
+ * What a destination half's durable record says once no QEMU of it is alive:
+ * a resume may have reached the QEMU that died after `resume-sent`, and with
+ * it (and its agent) gone nothing can tell whether it ran the guest.
+ */
+function fateOfRecord(phase: IncomingRecord['phase'] | undefined): DestinationFate {
+  if (phase === 'resumed') return 'guest-ran';
+  return phase === 'resume-sent' ? 'unknown' : 'gone';
 }
 
 /** A locally administered unicast MAC under QEMU's and libvirt's 52:54:00 prefix. */
@@ -180,6 +190,8 @@ export class VmRegistry {
     if (!qemu) return false;
     const ran = !guestNeverRan(await qemu.status());
     await this.#persist(spec);
+    // Said durably now: should this QEMU die later, its record still answers that the guest ran here.
+    if (ran) await writeIncomingRecord(this.vmDir(name), { migration: record.migration, phase: 'resumed', spec });
     this.#vms.set(name, { spec, qemu, migrating: !ran });
     this.#logger.warn({ vm: name, migration: record.migration, guestRan: ran }, `took over the QEMU of migration ${record.migration}, which was ${record.phase} here`);
     return true;
@@ -397,11 +409,51 @@ export class VmRegistry {
    */
   async incomingFate(id: string): Promise<DestinationFate> {
     const found = await this.#incoming(id);
-    if (!found) return 'gone';
+    if (!found) return fateOfRecord((await this.#heldIncoming(id))?.record.phase);
     if (found.phase === 'resumed') return 'guest-ran';
     const status = await found.entry.qemu?.statusUnlessExited();
-    if (!status) return 'gone';
-    return guestNeverRan(status) ? 'never-ran' : 'guest-ran';
+    if (status) return guestNeverRan(status) ? 'never-ran' : 'guest-ran';
+    return fateOfRecord(found.phase);
+  }
+
+  /**
+   * An operator's choice for migration `id`, whose guest may or may not have
+   * run here (incomingFate 'unknown'): it lives here now, as a stopped VM
+   * with the disks its QEMU had, taken back from the quarantine (where an
+   * agent restart put them) or from its directory. Refused while a QEMU of it
+   * is alive: then its own state says whether the guest ran, and the
+   * controller settles it.
+   */
+  async takeBackIncoming(id: string): Promise<VmInfo> {
+    const found = await this.#incoming(id);
+    if (found) {
+      const name = found.entry.spec.name;
+      if (found.entry.qemu?.isAlive) throw new VmferryError('VMF_CONFLICT', `the QEMU of migration ${id} is alive on ${this.hostId}: it says itself whether the guest ran, and vmferry settles the migration by it`);
+      await writeIncomingRecord(this.vmDir(name), { migration: id, phase: 'resumed', spec: found.entry.spec });
+      found.entry.migrating = false;
+      return this.info(name);
+    }
+    const held = await this.#heldIncoming(id);
+    if (!held) throw new VmferryError('VMF_NOT_FOUND', `${this.hostId} holds nothing of migration ${id}: no VM directory and no quarantine entry with its record`);
+    // Before the resume the disks here may still have been catching up with the source's: never a VM of their own.
+    if (held.record.phase === 'prepared' || !held.record.spec) throw new VmferryError('VMF_CONFLICT', `migration ${id} was never resumed on ${this.hostId}: its disks in quarantine ${held.entry.id} may be incomplete copies`);
+    const spec = validateVmSpec(held.record.spec);
+    if (this.#vms.has(spec.name)) throw new VmferryError('VMF_CONFLICT', `${this.hostId} already has a VM named ${spec.name}; move it away before taking back migration ${id}'s`);
+    // Repaired in the quarantine, so that the restore loads it: the spec its QEMU ran with, and the record that the guest lives here.
+    await writeFileDurable(join(held.dir, 'spec.json'), JSON.stringify(spec, null, 2));
+    await writeIncomingRecord(held.dir, { migration: id, phase: 'resumed', spec });
+    await this.restoreQuarantined(held.entry.id);
+    this.#logger.warn({ vm: spec.name, migration: id, quarantine: held.entry.id }, `took back VM ${spec.name} of migration ${id} from quarantine ${held.entry.id}: an operator chose this host`);
+    return this.info(spec.name);
+  }
+
+  /** The quarantined directory of migration `id`'s destination half (an agent start moved it there), with its record. */
+  async #heldIncoming(id: string): Promise<{ entry: QuarantineEntry; dir: string; record: IncomingRecord } | undefined> {
+    for (const held of await this.quarantine.heldVmDirs()) {
+      const record = await readIncomingRecord(held.dir);
+      if (record?.migration === id) return { ...held, record };
+    }
+    return undefined;
   }
 
   /**
@@ -430,7 +482,8 @@ export class VmRegistry {
     }
     // Its QEMU died without a word: whether it ran the guest is unknown, so its disks are kept, not deleted.
     const images = found.entry.spec.disks.flatMap((d) => (d.source.kind === 'file' && d.source.path.startsWith(this.pool.dir) ? [d.source.path] : []));
-    await this.quarantine.hold(name, `migration ${id} was rolled back after this host's QEMU of it died during its resume`, [
+    const why = fate === 'unknown' ? 'an operator chose the source for' : 'vmferry rolled back';
+    await this.quarantine.hold(name, `${why} migration ${id}, after this host's QEMU of it died during its resume`, [
       { kind: 'vm-dir', path: this.vmDir(name) },
       ...images.map((path) => ({ kind: 'pool-image' as const, path })),
     ]);

@@ -30,3 +30,6 @@ export const MigrateRequestSchema = Type.Object(
   { additionalProperties: false },
 );
 export type MigrateRequest = Static<typeof MigrateRequestSchema>;
+
+/** An operator's choice for an unresolved migration: the host its guest runs on (src/controller/resolve.ts). */
+export const ResolveRequestSchema = Type.Object({ runOn: Type.String({ minLength: 1, maxLength: 64 }) }, { additionalProperties: false });

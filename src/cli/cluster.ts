@@ -262,6 +262,16 @@ export function registerClusterCommands(program: Command): void {
     });
   registerWatchCommand(migration);
   migration
+    .command('resolve <id>')
+    .description("settle an unresolved migration whose destination cannot tell whether the guest ran there: the guest runs on the host chosen")
+    .requiredOption('--run-on <host>', "the source (its paused guest resumes; what the guest may have done on the destination is lost) or the destination (the VM is kept there stopped, to start as after a crash; the source's RAM is discarded)")
+    .action(async (id: string, opts: { runOn: string }, command: Command) => {
+      const { api, json } = client(command);
+      const record = await api.resolve(id, opts.runOn);
+      if (json) printJson(record);
+      else console.log(`migration ${record.id} ${record.phase}: ${record.report?.recovery ?? ''}`);
+    });
+  migration
     .command('cancel <id>')
     .description('cancel a running migration (the VM stays on the source)')
     .action(async (id: string, _opts, command: Command) => {

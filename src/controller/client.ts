@@ -100,6 +100,11 @@ export class ControllerClient {
     return readEventStream(currentController(this.#url), `/v1/migrations/${encodeURIComponent(id)}/stream?after=${after}`, { tls: this.#tls, server: controller, signal });
   }
 
+  /** Settles an unresolved migration on the host the operator chose; answers once it is settled. */
+  resolve(id: string, runOn: string): Promise<MigrationRecord> {
+    return requestJson(this.#url, 'POST', `/v1/migrations/${encodeURIComponent(id)}/resolve`, { body: { runOn }, timeoutMs: 240_000, tls: this.#tls, server: controller });
+  }
+
   cancel(id: string): Promise<MigrationRecord> {
     return requestJson(this.#url, 'POST', `/v1/migrations/${encodeURIComponent(id)}/cancel`, { body: {}, tls: this.#tls, server: controller });
   }

@@ -13,6 +13,7 @@ import { defaultMigrationOptions, planMigration, withRamMode, type MigrationOpti
 import type { MigrationRecord, Store } from '../store/store.ts';
 import { runAttempts } from './attempts.ts';
 import { retireUntilDone, settleUntilDone } from './recovery.ts';
+import { resolveMigration, type ResolvingHalves } from './resolve.ts';
 import { faultPoint } from '../util/fault-points.ts';
 import { StorageIoWatch, type StorageServerAccess } from './storage-io.ts';
 import type { Inventory } from './inventory.ts';
@@ -155,6 +156,26 @@ export class MigrationService {
     const record = await this.get(id);
     this.#running.get(id)?.abort.abort();
     return record;
+  }
+
+  /** An operator's choice of the host an unresolved migration's guest runs on (resolve.ts). */
+  async resolve(id: string, runOn: string): Promise<MigrationRecord> {
+    const record = await this.get(id);
+    const tenancy = this.#tenancy;
+    if (!tenancy || tenancy.signal.aborted) throw new VmferryError('VMF_NOT_LEADER', 'this controller does not lead (yet): the leader settles migrations');
+    const { inventory } = tenancy;
+    const [sourceAgent, destinationAgent] = await Promise.all([inventory.agent(record.from), inventory.agent(record.to)]);
+    const source = new RemoteSource(record.from, sourceAgent, id);
+    const halves: ResolvingHalves = {
+      source: {
+        hostId: record.from,
+        retire: (keep) => source.retire(keep),
+        rollback: () => source.rollback(),
+        localDisks: async () => (await sourceAgent.getVm(record.vm)).spec.disks.flatMap((d) => (d.source.kind === 'file' ? [d.source.path] : [])),
+      },
+      destination: new RemoteDestination(record.to, destinationAgent, id),
+    };
+    return resolveMigration(record, runOn, tenancy.store, halves, this.#logger.child({ migration: id, vm: record.vm }));
   }
 
   async get(id: string): Promise<MigrationRecord> {

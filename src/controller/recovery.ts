@@ -12,7 +12,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { RemoteDestination, RemoteSource } from '../agent/client.ts';
 import { describeError, hasCode } from '../errors.ts';
-import { postcopyMayHaveBegun, resumeMayHaveBeenSent, settlement, type DestinationFate, type PostcopyRam } from '../migration/no-return.ts';
+import { cannotTell, postcopyMayHaveBegun, resumeMayHaveBeenSent, settlement, type DestinationFate, type PostcopyRam } from '../migration/no-return.ts';
 import type { MigrationPhase, MigrationReport } from '../migration/phases.ts';
 import type { DestinationSide, SourceSide } from '../migration/sides.ts';
 import type { MigrationRecord, Store } from '../store/store.ts';
@@ -70,7 +70,9 @@ export async function settleUnfinishedMigrations(
 
 /**
  * Settles one migration, asking again every few seconds while a host does not
- * answer; resolves once it is completed or failed, or when `signal` aborts.
+ * answer; resolves once it is completed or failed, once its destination says
+ * that it cannot tell whether the guest ran there (then only an operator
+ * settles it: resolve.ts), or when `signal` aborts.
  */
 export async function settleUntilDone(
   id: string,
@@ -134,6 +136,11 @@ async function settle(record: MigrationRecord, store: Store, { source, destinati
   }
   const sourceRam = postcopy ? await postcopyRam(source, signal) : undefined;
   const decision = settlement(phase, fate, sourceRam);
+  if (fate === 'unknown') {
+    // Asking again cannot change the answer: the migration waits for a person, and nobody polls it meanwhile.
+    await awaitOperator(store, record, cannotTell(record, postcopy), postcopy, logger);
+    return;
+  }
   if (decision === 'wait') {
     const problem = postcopy
       ? `post-copy had begun, so ${record.vm}'s memory is split between ${record.from} and ${record.to} and ${record.from} never runs it again; ` +
@@ -141,7 +148,12 @@ async function settle(record: MigrationRecord, store: Store, { source, destinati
           ? `${record.from} sent all of its RAM, but ${record.to} ${fate === undefined ? `could not say whether the guest is there: ${fateUnknown}` : 'has no QEMU of this migration alive'}`
           : `the RAM migration has not completed on ${record.from}, which still holds pages ${record.to} needs`)
       : `${record.to} could not say whether the guest ran there: ${fateUnknown}`;
-    if (phase !== 'unresolved') await markUnresolved(store, record, `${interrupted}; ${problem}`, postcopy);
+    if (phase !== 'unresolved') {
+      const where = postcopy
+        ? `${record.from} stays paused with the pages ${record.to} still needs and never runs the guest again; ${record.to}'s QEMU is kept; vmferry keeps asking both`
+        : `${record.vm} stays paused on ${record.from}; vmferry keeps asking ${record.to}`;
+      await markUnresolved(store, record, `${interrupted}; ${problem}. ${where}`);
+    }
     throw new Error(problem);
   }
   if (decision === 'resume-destination') {
@@ -155,7 +167,7 @@ async function settle(record: MigrationRecord, store: Store, { source, destinati
       logger.warn(`${record.from} no longer holds the source half of ${record.id}; nothing to retire there`);
     });
     await store.setVmLocation({ name: record.vm, hostId: record.to });
-    await finish(store, record, 'completed', `${interrupted}; ${record.to} confirmed the guest ran there, so the source was retired`);
+    await finishMigration(store, record, 'completed', `${interrupted}; ${record.to} confirmed the guest ran there, so the source was retired`);
     logger.info(`migration ${record.id} finished: ${record.vm} runs on ${record.to}`);
     return;
   }
@@ -169,7 +181,7 @@ async function settle(record: MigrationRecord, store: Store, { source, destinati
   }
   await store.appendEvent(record.id, { type: 'phase', phase: 'rolling-back', at: Date.now() });
   await source.rollback();
-  await finish(store, record, 'failed', `${interrupted}; rolled back: ${record.vm} runs on ${record.from}`);
+  await finishMigration(store, record, 'failed', `${interrupted}; rolled back: ${record.vm} runs on ${record.from}`);
   logger.info(`migration ${record.id} rolled back: ${record.vm} runs on ${record.from}`);
 }
 
@@ -179,19 +191,30 @@ async function postcopyRam(source: SettlingHalves['source'], signal: AbortSignal
   return info?.status === 'completed' ? 'completed' : 'not-completed';
 }
 
-async function markUnresolved(store: Store, record: MigrationRecord, message: string, postcopy: boolean): Promise<void> {
-  const report = emptyReport(record, 'unresolved', message);
-  // The phase it was in stays in the report: the next settle reads from it whether post-copy began.
-  report.phases = [{ phase: record.phase, startedAt: record.updatedAt, durationMs: Date.now() - record.updatedAt }];
-  const where = postcopy
-    ? `${record.from} stays paused with the pages ${record.to} still needs and never runs the guest again; ${record.to}'s QEMU is kept; vmferry keeps asking both`
-    : `${record.vm} stays paused on ${record.from}; vmferry keeps asking ${record.to}`;
-  report.error = { code: 'VMF_UNRESOLVED', message: `${message}. ${where}` };
-  await store.appendEvent(record.id, { type: 'phase', phase: 'unresolved', at: Date.now() });
+/** Stores the migration as unresolved for `message`; one already unresolved keeps its report (its phases say whether post-copy began). */
+async function markUnresolved(store: Store, record: MigrationRecord, message: string): Promise<void> {
+  let report: MigrationReport;
+  if (record.phase === 'unresolved' && record.report) {
+    report = { ...record.report };
+  } else {
+    report = emptyReport(record, 'unresolved', message);
+    // The phase it was in stays in the report: the next settle reads from it whether post-copy began.
+    report.phases = [{ phase: record.phase, startedAt: record.updatedAt, durationMs: Date.now() - record.updatedAt }];
+    await store.appendEvent(record.id, { type: 'phase', phase: 'unresolved', at: Date.now() });
+  }
+  report.error = { code: 'VMF_UNRESOLVED', message };
   await store.updateMigration(record.id, { phase: 'unresolved', report });
 }
 
-async function finish(store: Store, record: MigrationRecord, outcome: 'completed' | 'failed', recovery: string): Promise<void> {
+/** A migration only an operator can settle: stored (and logged) once with why and the choices, however often it is asked about. */
+async function awaitOperator(store: Store, record: MigrationRecord, message: string, postcopy: boolean, logger: Logger): Promise<void> {
+  if (record.phase === 'unresolved' && record.report?.error?.message === message) return;
+  await markUnresolved(store, record, message);
+  logger.error({ postcopy }, `migration ${record.id} waits for an operator: ${message}`);
+}
+
+/** A migration's final write: its outcome and how it was reached (also an operator's choice: resolve.ts). */
+export async function finishMigration(store: Store, record: MigrationRecord, outcome: 'completed' | 'failed', recovery: string): Promise<void> {
   // What the executor measured before the fault is kept; only the outcome and how it was reached change.
   const report = record.report ? { ...record.report, outcome, recovery, totalMs: Date.now() - record.createdAt } : emptyReport(record, outcome, recovery);
   delete report.error;

@@ -9,7 +9,7 @@ import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { CreateVmRequestSchema, hostAddressPattern, MigrationParamsSchema, QuarantineParamsSchema, VmNameParamsSchema } from '../api/agent-types.ts';
-import { MigrateRequestSchema } from '../api/controller-types.ts';
+import { MigrateRequestSchema, ResolveRequestSchema } from '../api/controller-types.ts';
 import { openStore } from '../store/open-store.ts';
 import type { Store } from '../store/store.ts';
 import { Inventory } from './inventory.ts';
@@ -170,6 +170,7 @@ export async function buildController(
   );
   registerEventStreams(base, store, changes, drains, options.logger);
   registerDashboard(base, inventory);
+  app.post('/v1/migrations/:id/resolve', { schema: { params: MigrationParamsSchema, body: ResolveRequestSchema } }, (request) => migrations.resolve(request.params.id, request.body.runOn));
   app.post('/v1/migrations/:id/cancel', { schema: { params: MigrationParamsSchema } }, (request) => migrations.cancel(request.params.id));
   registerDrainRoutes(app, drains);
   return { app: base, migrations, store };

@@ -35,7 +35,7 @@ import { RamEscalation } from './escalation.ts';
 import { finalPhases, type EscalationStep, type GuestReset, type MigrationEvent, type MigrationPhase, type MigrationReport, type PhaseTiming, type RamProgress } from './phases.ts';
 import { postcopyCapable, type MigrationPlan } from './plan.ts';
 import type { DestinationSide, MigrationMilestone, SourceCompletion, SourceSide } from './sides.ts';
-import { postcopyMayHaveBegun, resumeMayHaveBeenSent, settlement, type DestinationFate, type PostcopyRam } from './no-return.ts';
+import { cannotTell, postcopyMayHaveBegun, resumeMayHaveBeenSent, settlement, type DestinationFate, type PostcopyRam } from './no-return.ts';
 import { PostcopySwitch } from './postcopy.ts';
 
 export interface RunMigrationInput {
@@ -294,6 +294,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       await recordQuietly('resumed');
       return await finish(`${describeError(cause)}; ${destination.hostId} then confirmed that the guest ran there, so it lives there now`, resumedAtUs);
     }
+    if (fate === 'unknown') return await unresolved(cannotTell(plan, postcopyBegan));
     if (decision === 'wait' && postcopyBegan) return await unresolved(postcopyUnfinished(plan, fate, fateUnknown));
     if (decision === 'wait') return await unresolved(destinationUnknown(plan, `${destination.hostId} could not say whether the guest ran there: ${fateUnknown}`));
 

@@ -41,9 +41,12 @@ export function postcopyMayHaveBegun(phases: readonly MigrationPhase[]): boolean
  * What the destination host says of its half of a migration.
  * - `guest-ran`: its QEMU was continued (it runs the guest, or did): the guest lives there now;
  * - `never-ran`: its QEMU is alive but was never continued: it can be killed, the source still holds the guest;
- * - `gone`: no QEMU of this migration is alive there, and none ran the guest there.
+ * - `gone`: no QEMU of this migration is alive there, and none ran the guest there;
+ * - `unknown`: a resume may have reached a QEMU of this migration that is gone now with nothing left to say
+ *   whether it ran the guest (its agent died with it). Nobody can ever tell, so vmferry never settles it:
+ *   the source stays paused until an operator chooses the host (`vmferry migration resolve ID --run-on`).
  */
-export type DestinationFate = 'guest-ran' | 'never-ran' | 'gone';
+export type DestinationFate = 'guest-ran' | 'never-ran' | 'gone' | 'unknown';
 
 /**
  * What to do after a fault or a cancel:
@@ -76,6 +79,24 @@ export function settlement(phase: MigrationPhase, fate: DestinationFate | undefi
   }
   // Before any resume was sent the destination's QEMU (started paused with -S) cannot have run the guest.
   if (!resumeMayHaveBeenSent(phase)) return 'roll-back';
-  if (fate === undefined) return 'wait';
+  if (fate === undefined || fate === 'unknown') return 'wait';
   return fate === 'guest-ran' ? 'finish' : 'roll-back';
+}
+
+/**
+ * Why a migration whose destination answered `unknown` waits for a person, with the choices left:
+ * the one text the executor and the controller store. Once post-copy may have begun, the source is
+ * no choice: its RAM is split with the destination.
+ */
+export function cannotTell(migration: { id?: string; vm: string; from: string; to: string }, postcopy: boolean): string {
+  const { vm, from, to } = migration;
+  const command = `vmferry migration resolve ${migration.id ?? '<id>'}`;
+  const runOnTo = `${command} --run-on ${to} (${from}'s QEMU is stopped, its RAM discarded and its disks kept; the VM is kept on ${to}, stopped, to start as after a crash)`;
+  return (
+    `${to} cannot tell whether the guest ran there: its QEMU and its agent died after the resume was sent, so the guest may have run there for a moment ` +
+    `(acknowledged writes, written shared volumes) or not at all, and nothing left can say which. vmferry does not guess: ${vm} stays paused on ${from} and ${to}'s disks are kept. ` +
+    (postcopy
+      ? `Post-copy had begun, so ${from} never runs the guest again; an operator decides: ${runOnTo}`
+      : `An operator decides: ${command} --run-on ${from} (the paused guest resumes there; whatever it did on ${to} in that moment is lost) or ${runOnTo}`)
+  );
 }

@@ -15,6 +15,8 @@ export type FaultPoint =
   | 'destination-qemu-dies-in-cont'
   /** The destination's QEMU answered `cont` and dies before the agent adopted it: a guest that crashed right after the switch. */
   | 'destination-qemu-dies-after-cont'
+  /** The destination's QEMU answered `cont`, then it and its agent die before the agent recorded that the guest ran: a power loss of that host. */
+  | 'destination-dies-after-cont'
   /** The source's migration was told to continue; the agent has not replied. */
   | 'source-after-continue'
   /** The leading controller stored `paused-at-switchover`: the source is paused before the switch-over, nothing resumed. */
@@ -34,4 +36,9 @@ export async function faultPointKills(point: FaultPoint, child: { pid: number; e
   process.kill(child.pid, 'SIGKILL');
   await child.exited;
   return true;
+}
+
+/** SIGKILL of a child process (a QEMU), then of this process, when `point` is armed: both die, as in a power loss. */
+export async function faultPointKillsAll(point: FaultPoint, child: { pid: number; exited: Promise<unknown> }): Promise<void> {
+  if (await faultPointKills(point, child)) process.kill(process.pid, 'SIGKILL');
 }

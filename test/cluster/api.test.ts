@@ -127,6 +127,9 @@ const cases: BadRequest[] = [
   { server: 'controller', method: 'GET', path: '/v1/migrations/nope', status: 404, code: 'VMF_NOT_FOUND', message: /no migration nope/ },
   { server: 'controller', method: 'GET', path: '/v1/migrations/nope/events?after=-1', status: 400, code: 'VMF_INVALID_ARGUMENT', message: /after/ },
   { server: 'controller', method: 'POST', path: '/v1/migrations/nope/cancel', status: 404, code: 'VMF_NOT_FOUND', message: /no migration nope/ },
+  { server: 'controller', method: 'POST', path: '/v1/migrations/nope/resolve', body: { runOn: 'A' }, status: 404, code: 'VMF_NOT_FOUND', message: /no migration nope/ },
+  { server: 'controller', method: 'POST', path: '/v1/migrations/nope/resolve', body: {}, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /runOn/ },
+  { server: 'agent', method: 'POST', path: '/v1/migrations/m1/destination/take-back', status: 404, code: 'VMF_NOT_FOUND', message: /A holds nothing of migration m1/ },
   // Found by test/fuzz/api-fuzz.test.ts:
   { server: 'controller', method: 'POST', path: '/v1/hosts/heartbeat', body: { id: 123, url: 'http://x', address: 'b' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /body\/id must be string/ },
   { server: 'agent', method: 'POST', path: '/v1/migrations/m1/source/retire', body: { keepLocalDisks: 'yes' }, status: 400, code: 'VMF_INVALID_ARGUMENT', message: /keepLocalDisks must be boolean/ },

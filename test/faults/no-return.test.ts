@@ -11,7 +11,9 @@ import pino from 'pino';
 import { AgentClient } from '../../src/agent/client.ts';
 import { LocalCluster } from '../../src/demo/local-cluster.ts';
 import { readGuestReport } from '../../src/guest/test-guest.ts';
+import { pollUntil } from '../../src/util/poll.ts';
 import { FaultCluster } from '../support/fault-cluster.ts';
+import { runVmferry } from '../support/cli.ts';
 import { recordReliability } from '../support/reliability.ts';
 import { makeTempDir } from '../support/temp.ts';
 
@@ -142,6 +144,47 @@ test("destination agent killed between its lease claim and cont: back, its QEMU 
     target: 'agent',
     tried: "destination agent killed (SIGKILL) after it claimed the shared volume's writer lease and before its QEMU's cont",
     observed: `unresolved while B's agent was down; B's restarted agent found its QEMU had never run the guest, killed it and released its lease; A claimed the lease back before it resumed, so the guest kept writing its shared disk; ${outcome}`,
+    ok: true,
+  });
+});
+
+test("destination QEMU and agent both killed right after the cont: B cannot tell whether the guest ran, so A stays paused until an operator chooses; resolve --run-on A resumes it there", async () => {
+  const vm = 'both-lost';
+  await faults.startVm(vm);
+  await armFaultPoint('B', 'destination-dies-after-cont');
+  const { id } = await cluster.api.migrate({ vm, to: 'B' });
+  await waitAgentDead('B', 180_000);
+  await cluster.startAgent('B');
+  // Back, B's agent finds its record at resume-sent and no QEMU: it says it cannot tell, and nothing rolls back by itself.
+  const waiting = await pollUntil(
+    async () => {
+      const record = await cluster.api.migration(id as string);
+      assert.ok(!['completed', 'failed', 'cancelled'].includes(record.phase), `migration ${id} ended ${record.phase} by itself: ${record.report?.recovery ?? ''}`);
+      return /B cannot tell whether the guest ran there/.test(record.report?.error?.message ?? '') ? record : undefined;
+    },
+    { timeoutMs: 60_000, intervalMs: 200, timeoutMessage: () => `migration ${id} never said that B cannot tell` },
+  );
+  assert.match(waiting.report?.error?.message ?? '', new RegExp(`vmferry migration resolve ${id} --run-on A .* or vmferry migration resolve ${id} --run-on B`));
+  assert.equal((await new AgentClient(cluster.host('A').agentUrl).getVm(vm)).state, 'paused', 'the source is kept paused');
+  const acked = await acksOn(vm, 'A');
+  await sleep(2_000);
+  assert.equal(await acksOn(vm, 'A'), acked, 'the guest does not run on A while nobody can tell');
+  assert.equal((await cluster.api.migration(id as string)).phase, 'unresolved', 'still waiting for an operator');
+
+  const resolved = await runVmferry(cluster.controllerUrl, ['migration', 'resolve', id as string, '--run-on', 'A'], 120_000);
+  assert.equal(resolved.code, 0, resolved.stderr);
+  assert.match(resolved.stdout, /failed: an operator chose A/);
+  const record = await cluster.api.migration(id as string);
+  assert.equal(record.phase, 'failed');
+  assert.match(record.report?.recovery ?? '', /both-lost resumed on A from where it paused/);
+  const held = (await cluster.api.quarantine('B')).filter((entry) => entry.vm === vm);
+  assert.ok(held.some((entry) => entry.items.some((item) => item.kind === 'pool-image' && item.sizeBytes !== null)), "B's disks of it are kept in its quarantine");
+  const outcome = await faults.assertSettled(vm, 'A');
+  recordReliability(import.meta.url, {
+    kind: 'fault',
+    target: 'agent',
+    tried: "destination QEMU and then its agent killed (SIGKILL) right after the cont, before the agent recorded that the guest ran: a power loss of B",
+    observed: `B's restarted agent found its record at resume-sent and no QEMU, and said it cannot tell whether the guest ran there; the migration stayed unresolved with A paused (no new acknowledged records) until an operator ran migration resolve --run-on A; A resumed, B's disks kept in its quarantine; ${outcome}`,
     ok: true,
   });
 });

@@ -6,7 +6,7 @@ import { test } from 'node:test';
 import { postcopyMayHaveBegun, settlement, type DestinationFate, type PostcopyRam } from '../../src/migration/no-return.ts';
 import type { MigrationPhase } from '../../src/migration/phases.ts';
 
-const fates: (DestinationFate | undefined)[] = ['guest-ran', 'never-ran', 'gone', undefined];
+const fates: (DestinationFate | undefined)[] = ['guest-ran', 'never-ran', 'gone', 'unknown', undefined];
 
 test('before a resume or post-copy, a fault rolls back whatever the destination says', () => {
   for (const phase of ['preparing', 'mirroring', 'migrating', 'paused-at-switchover'] as MigrationPhase[]) {
@@ -38,6 +38,7 @@ test('the live rule is unchanged: after resume-sent the destination decides', ()
   assert.equal(settlement('resume-sent', 'never-ran'), 'roll-back');
   assert.equal(settlement('resume-sent', 'gone'), 'roll-back');
   assert.equal(settlement('resume-sent', undefined), 'wait');
+  assert.equal(settlement('resume-sent', 'unknown'), 'wait', 'a destination that cannot tell never lets the source run: an operator decides');
 });
 
 test('post-copy is read from the whole history, since `unresolved` alone does not say', () => {
