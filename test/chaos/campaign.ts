@@ -32,6 +32,11 @@ const phaseOrder = ['pending', 'preparing', 'mirroring', 'migrating', 'paused-at
 const finalPhases = ['completed', 'cancelled', 'failed'];
 /** From the fault to a final phase, however slow the recovery (a late reply alone can hold 62 s). */
 const settleTimeoutMs = 240_000;
+/** An unresolved migration that vmferry leaves to an operator (no-return.ts, cannotTell): no grace makes it settle by itself. */
+function operatorDecides(record: MigrationRecord): boolean {
+  return record.phase === 'unresolved' && /cannot tell whether the guest ran there/.test(record.report?.error?.message ?? '');
+}
+
 /** How much longer an 'unresolved' migration gets, once every host is back, to resolve itself. */
 const unresolvedGraceMs = 90_000;
 
@@ -268,7 +273,14 @@ export class ChaosCampaign {
   async #check(faults: FaultCluster, vm: string, id: string, guestMayDieOn: string | undefined, result: RunResult, stage: (name: string) => void): Promise<void> {
     const { cluster } = faults;
     const findings = result.findings;
-    const record = await this.#settle(faults, id);
+    let record = await this.#settle(faults, id);
+    if (operatorDecides(record)) {
+      // vmferry cannot tell whether the guest ran on the destination, and leaves it to a person: the harness acts as
+      // one, choosing the destination, the choice that loses no acknowledged write (the guest restarts there from its disks).
+      await cluster.waitForHosts(['A', 'B'], 30_000);
+      record = await cluster.api.resolve(id, record.to);
+      result.note += `; an operator resolved it: --run-on ${record.to}`;
+    }
     result.outcome = record.phase;
     // What vmferry said went wrong, for reading a finding later (a rollback problem, say).
     if (record.report?.error) result.note += `; reported: ${record.report.error.message}`;
@@ -311,6 +323,7 @@ export class ChaosCampaign {
     for (;;) {
       const record = await faults.cluster.api.migration(id).catch(() => undefined);
       if (record && finalPhases.includes(record.phase)) return record;
+      if (record && operatorDecides(record)) return record;
       if ((record?.phase as string | undefined) === 'unresolved') unresolvedUntil ??= Date.now() + unresolvedGraceMs;
       if (record && (Date.now() > deadline || (unresolvedUntil !== undefined && Date.now() > unresolvedUntil))) return record;
       if (!record && Date.now() > deadline) throw new Error(`the controller does not show migration ${id}`);
