@@ -45,6 +45,7 @@ const qemuFree = [
   'test/storage/disk-images.test.ts',
   'test/storage/durability.test.ts',
   'test/storage/holes.test.ts',
+  'test/storage/metrics.test.ts',
   'test/storage/peers.test.ts',
   'test/storage/volume-lifecycle.test.ts',
   'test/store/ha-controllers.test.ts',
