@@ -5,7 +5,7 @@ import tseslint from 'typescript-eslint';
 import globals from 'globals';
 
 export default tseslint.config(
-  { ignores: ['node_modules/', 'build/', '.cache/', '.scratch/', 'eslint.config.js'] },
+  { ignores: ['node_modules/', 'build/', 'dist/', '.cache/', '.scratch/', 'eslint.config.js'] },
   eslint.configs.recommended,
   ...tseslint.configs.recommendedTypeChecked,
   {

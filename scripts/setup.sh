@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything vmferry needs on a fresh Debian 12 machine (run as root),
-# then the npm dependencies, then the test guest. Safe to run again: each step
+# then the npm dependencies, the compiled JavaScript (dist/), then the test guest. Safe to run again: each step
 # checks first and stays quiet when there is nothing to do.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +43,9 @@ if [[ ! -f node_modules/.vmferry-lock-hash || "$(cat node_modules/.vmferry-lock-
   npm ci --no-audit --no-fund --loglevel=error
   echo "$lock_hash" > node_modules/.vmferry-lock-hash
 fi
+
+# The compiled CLI and daemons (dist/); quiet when no source changed since the last build.
+node scripts/build.js
 
 scripts/build-test-guest.sh
 scripts/build-test-disk.sh

@@ -5,6 +5,8 @@
  */
 import { VmferryError } from '../errors.ts';
 import { createApiServer } from '../http/api-server.ts';
+import { metricsContentType } from '../http/prometheus.ts';
+import { renderAgentMetrics } from './metrics.ts';
 import { statfs } from 'node:fs/promises';
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
@@ -134,6 +136,11 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
       poolFreeBytes: fs.bavail * fs.bsize,
       vms: registry.names().length,
     };
+  });
+
+  app.get('/metrics', { schema: { description: 'Prometheus text exposition: VMs by state, migrating, block jobs, pool free space' } }, async (_request, reply) => {
+    const fs = await statfs(registry.pool.dir);
+    return reply.type(metricsContentType).send(renderAgentMetrics({ hostId: options.hostId, accelerator: accelerator.accelerator, vms: await registry.list(), poolFreeBytes: fs.bavail * fs.bsize }));
   });
 
   app.get('/v1/vms', () => registry.list());

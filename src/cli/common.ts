@@ -1,5 +1,7 @@
 /** What every vmferry subcommand shares: addresses, sizes, logging, output. */
-import pino, { type Logger } from 'pino';
+import { createRequire } from 'node:module';
+import type pino from 'pino';
+import type { Logger } from 'pino';
 import { VmferryError } from '../errors.ts';
 
 export const defaultControllerUrl = process.env.VMFERRY_CONTROLLER ?? 'http://127.0.0.1:10800';
@@ -32,9 +34,13 @@ export function parsePositive(value: string, what: string): number {
   return number;
 }
 
+const load = createRequire(import.meta.url);
+
 /** Daemon logs: JSON lines on stderr, level from VMFERRY_LOG (default info). */
 export function daemonLogger(name: string): Logger {
-  return pino({ name, level: process.env.VMFERRY_LOG ?? 'info' }, pino.destination(2));
+  // Required here, not imported: pino and its helpers are some thirty modules the CLI's other commands never use.
+  const createLogger = load('pino') as typeof pino;
+  return createLogger({ name, level: process.env.VMFERRY_LOG ?? 'info' }, createLogger.destination(2));
 }
 
 export function printJson(value: unknown): void {

@@ -9,7 +9,6 @@
 import type { Command, Option } from 'commander';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { parseDocument } from 'yaml';
 import { VmferryError } from '../errors.ts';
 
 export const defaultConfigDir = '/etc/vmferry';
@@ -82,6 +81,8 @@ export async function applyConfigFile(command: Command, daemon: string, settings
     }
   }
   if (text !== undefined) {
+    // yaml is some seventy modules, loaded only when a file is there to read.
+    const { parseDocument } = await import('yaml');
     const document = parseDocument(text, { uniqueKeys: true });
     const [error] = document.errors;
     if (error) throw new VmferryError('VMF_INVALID_ARGUMENT', `${path} is not valid YAML: ${error.message}`);

@@ -11,9 +11,8 @@ import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import { once } from 'node:events';
 import type { AddressInfo } from 'node:net';
-import { request } from 'undici';
 import { describeError } from '../errors.ts';
-import { dispatcherFor } from '../http/errors.ts';
+import { dispatcherFor, undici } from '../http/errors.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
 
 const cookieName = 'vmferry-dashboard';
@@ -61,7 +60,7 @@ export async function startDashboardProxy(options: { controllerUrl: string; tls:
     res.on('close', () => upstream.abort());
     const headers = Object.fromEntries(requestHeaders.flatMap((name) => (typeof req.headers[name] === 'string' ? [[name, req.headers[name]]] : [])));
     const hasBody = req.method !== 'GET' && req.method !== 'HEAD';
-    request(new URL(`${url.pathname}${url.search}`, options.controllerUrl), {
+    undici().request(new URL(`${url.pathname}${url.search}`, options.controllerUrl), {
       method: req.method as 'GET',
       headers,
       body: hasBody ? req : null,

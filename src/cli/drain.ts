@@ -1,5 +1,5 @@
 /** `vmferry host drain` and `host undrain`: one progress view for every VM of the drain, then a table per VM. */
-import cliProgress from 'cli-progress';
+import type { SingleBar } from 'cli-progress';
 import type { Command } from 'commander';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ControllerClient } from '../controller/client.ts';
@@ -58,8 +58,10 @@ function totals(progress: Progress | undefined): { done: number; total: number }
 /** Follows the drain until it ends: a bar per VM in a terminal, a line per change otherwise. */
 async function followDrain(api: ControllerClient, id: string, mode: 'bars' | 'plain' | 'silent'): Promise<DrainStatus> {
   const progress = new Map<string, Progress>();
+  // Loaded by the drain's own command, so the CLI's other commands start without it.
+  const { default: cliProgress } = await import('cli-progress');
   const bars = mode === 'bars' ? new cliProgress.MultiBar({ format: ' {label} |{bar}| {percentage}% {done}/{total} {note}', hideCursor: true, clearOnComplete: false }, cliProgress.Presets.shades_grey) : undefined;
-  const barOf = new Map<string, cliProgress.SingleBar>();
+  const barOf = new Map<string, SingleBar>();
   const said = new Map<string, string>();
   try {
     for (;;) {

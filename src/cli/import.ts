@@ -2,7 +2,7 @@
 import { readFile } from 'node:fs/promises';
 import type { Command } from 'commander';
 import { VmferryError } from '../errors.ts';
-import { fromLibvirtXml, type LibvirtImport } from '../import/libvirt.ts';
+import type { LibvirtImport } from '../import/libvirt.ts';
 import { qemuMachineTypes } from '../qemu/machines.ts';
 import { parseListen, printJson } from './common.ts';
 import { ControllerClient } from '../controller/client.ts';
@@ -45,6 +45,8 @@ export function registerVmImport(vm: Command): void {
     .action(async (opts: ImportOptions, command: Command) => {
       const globals = command.optsWithGlobals<{ controller: string; json?: boolean }>();
       const storage = parseListen(opts.storageNbd, '--storage-nbd');
+      // The XML reader (fast-xml-parser) is loaded by the command that reads XML, so the others start without it.
+      const { fromLibvirtXml } = await import('../import/libvirt.ts');
       const result = fromLibvirtXml(await readXml(opts.libvirtXml), {
         storage: { type: 'inet', host: storage.host, port: storage.port },
         // The versioned machine type is kept when the QEMU here knows it; hosts of a cluster run the same QEMU.

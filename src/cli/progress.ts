@@ -3,7 +3,7 @@
  * bars in a terminal (one per mirrored disk, one for RAM), plain lines
  * otherwise, JSON lines for scripts.
  */
-import cliProgress from 'cli-progress';
+import type { SingleBar } from 'cli-progress';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { MigrationEvent, MigrationReport } from '../migration/phases.ts';
 import { formatBytes } from '../util/format.ts';
@@ -38,12 +38,14 @@ function plainDisplay(write: (line: string) => void): Display {
   };
 }
 
-function barDisplay(): Display {
+/** cli-progress is loaded only when bars are drawn: `vmferry --help` and scripts' --json runs start without it. */
+async function barDisplay(): Promise<Display> {
+  const { default: cliProgress } = await import('cli-progress');
   const bars = new cliProgress.MultiBar(
     { format: ' {label} |{bar}| {percentage}% {done}/{total} {note}', hideCursor: true, clearOnComplete: false },
     cliProgress.Presets.shades_grey,
   );
-  const byName = new Map<string, cliProgress.SingleBar>();
+  const byName = new Map<string, SingleBar>();
   let phase = 'pending';
   const update = (name: string, done: number, total: number, note: string): void => {
     let bar = byName.get(name);
@@ -85,7 +87,7 @@ export interface ProgressLine extends StoredEvent {
  * restarted) is opened again where it left off.
  */
 export async function followMigration(client: ControllerClient, id: string, mode: 'bars' | 'plain' | 'silent' | 'ndjson'): Promise<MigrationReport> {
-  const display = mode === 'bars' ? barDisplay() : mode === 'plain' ? plainDisplay((line) => process.stdout.write(`${line}\n`)) : undefined;
+  const display = mode === 'bars' ? await barDisplay() : mode === 'plain' ? plainDisplay((line) => process.stdout.write(`${line}\n`)) : undefined;
   let after = 0;
   const stop = new AbortController();
   try {

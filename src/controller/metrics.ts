@@ -1,6 +1,6 @@
 /**
  * GET /metrics: the controller's figures in Prometheus' text exposition
- * format (version 0.0.4), computed at each scrape from what the store holds:
+ * format (http/prometheus.ts), computed at each scrape from what the store holds:
  * the report of every finished migration, the unfinished records, the hosts'
  * heartbeats. Nothing is counted in memory, so a restarted controller, or
  * another controller on the same PostgreSQL database, answers the same
@@ -11,8 +11,7 @@ import { finalPhases, type MigrationReport } from '../migration/phases.ts';
 import type { MigrationRecord } from '../store/store.ts';
 import { vmferryVersion } from '../version.ts';
 import type { HostStatus } from './inventory.ts';
-
-export const metricsContentType = 'text/plain; version=0.0.4; charset=utf-8';
+import { Exposition } from '../http/prometheus.ts';
 
 const outcomes: readonly MigrationReport['outcome'][] = ['completed', 'cancelled', 'failed', 'unresolved'];
 /** Seconds; from a small guest on a quiet link to a large one throttled hard. */
@@ -49,36 +48,4 @@ function mirrorBytes(report: MigrationReport): number {
 
 function sum(values: readonly number[]): number {
   return values.reduce((a, b) => a + b, 0);
-}
-
-type Labels = Record<string, string>;
-
-class Exposition {
-  readonly #lines: string[] = [];
-
-  metric(name: string, type: 'counter' | 'gauge', help: string, samples: readonly (readonly [Labels, number])[]): void {
-    this.#header(name, type, help);
-    for (const [labels, value] of samples) this.#sample(name, labels, value);
-  }
-
-  histogram(name: string, help: string, buckets: readonly number[], observations: readonly number[]): void {
-    this.#header(name, 'histogram', help);
-    for (const le of buckets) this.#sample(`${name}_bucket`, { le: String(le) }, observations.filter((v) => v <= le).length);
-    this.#sample(`${name}_bucket`, { le: '+Inf' }, observations.length);
-    this.#sample(`${name}_sum`, {}, sum(observations));
-    this.#sample(`${name}_count`, {}, observations.length);
-  }
-
-  text(): string {
-    return `${this.#lines.join('\n')}\n`;
-  }
-
-  #header(name: string, type: string, help: string): void {
-    this.#lines.push(`# HELP ${name} ${help.replace(/\\/g, '\\\\').replace(/\n/g, '\\n')}`, `# TYPE ${name} ${type}`);
-  }
-
-  #sample(name: string, labels: Labels, value: number): void {
-    const pairs = Object.entries(labels).map(([key, text]) => `${key}="${text.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n')}"`);
-    this.#lines.push(`${name}${pairs.length ? `{${pairs.join(',')}}` : ''} ${value}`);
-  }
 }

@@ -4,8 +4,9 @@
  * same code, so scripts see the same codes locally and remotely.
  */
 import type { FastifyError, FastifyInstance } from 'fastify';
+import { createRequire } from 'node:module';
 import { checkServerIdentity, type PeerCertificate } from 'node:tls';
-import { Agent, fetch, type Response } from 'undici';
+import type { Agent, Response } from 'undici';
 import { identityFromSubjectAltName, identityUri, type Role } from '../security/identity.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
 import { errorCodes, httpStatus, VmferryError, type ErrorCode } from '../errors.ts';
@@ -74,6 +75,16 @@ export interface ExpectedServer {
   id?: string;
 }
 
+const load = createRequire(import.meta.url);
+
+/**
+ * undici, required at the first request rather than imported: it is about a hundred modules, and a
+ * command that sends nothing (--help, --version, a daemon's argument error) starts faster without them.
+ */
+export function undici(): typeof import('undici') {
+  return load('undici') as typeof import('undici');
+}
+
 /**
  * One connection pool per identity and expected server, so a client keeps its
  * TLS sessions open across requests. undici's own fetch with its own Agent:
@@ -90,7 +101,7 @@ export function dispatcherFor(tls: TlsIdentity, server: ExpectedServer | undefin
   const key = server ? `${server.role}:${server.id ?? '*'}` : '';
   let agent = byServer.get(key);
   if (!agent) {
-    agent = new Agent({ connect: { ca: tls.ca, cert: tls.cert, key: tls.key, checkServerIdentity: (host: string, cert: PeerCertificate) => serverIdentityError(host, cert, server) } });
+    agent = new (undici().Agent)({ connect: { ca: tls.ca, cert: tls.cert, key: tls.key, checkServerIdentity: (host: string, cert: PeerCertificate) => serverIdentityError(host, cert, server) } });
     byServer.set(key, agent);
   }
   return agent;
@@ -114,7 +125,7 @@ export async function requestJson<T>(baseUrl: string, method: string, path: stri
   const signal = options.signal ? AbortSignal.any([options.signal, timeout]) : timeout;
   let response: Response;
   try {
-    response = await fetch(url, {
+    response = await undici().fetch(url, {
       method,
       ...(options.tls ? { dispatcher: dispatcherFor(options.tls, options.server) } : {}),
       signal,

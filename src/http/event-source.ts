@@ -5,9 +5,8 @@
  * than the server's keep-alive allows is taken as dead.
  */
 import { createParser, type EventSourceMessage } from 'eventsource-parser';
-import { fetch } from 'undici';
 import { errorCodes, VmferryError, type ErrorCode } from '../errors.ts';
-import { dispatcherFor, type RequestOptions } from './errors.ts';
+import { dispatcherFor, undici, type RequestOptions } from './errors.ts';
 
 /** Three of the server's 15 s keep-alives missed. */
 const silentMs = 45_000;
@@ -27,7 +26,7 @@ export async function* readEventStream(baseUrl: string, path: string, options: P
   try {
     let response;
     try {
-      response = await fetch(url, { headers: { accept: 'text/event-stream' }, signal, ...(options.tls ? { dispatcher: dispatcherFor(options.tls, options.server) } : {}) });
+      response = await undici().fetch(url, { headers: { accept: 'text/event-stream' }, signal, ...(options.tls ? { dispatcher: dispatcherFor(options.tls, options.server) } : {}) });
     } catch (err) {
       if (signal.aborted) throw signal.reason instanceof Error ? signal.reason : err;
       const cause = (err as { cause?: { code?: string; message?: string } }).cause;

@@ -10,6 +10,8 @@ import type { Logger } from 'pino';
 import { NbdServer, defaultLimits } from '../nbd/server.ts';
 import { VolumeService, maxVolumeBytes, type VolumeServiceOptions } from './volumes.ts';
 import { VolumeStatsSchema } from './traffic.ts';
+import { renderStorageMetrics } from './metrics.ts';
+import { metricsContentType } from '../http/prometheus.ts';
 import { parseExportName } from './writer-leases.ts';
 import { namePatternSource, nameRule } from '../util/names.ts';
 import type { AccessPolicy } from '../http/access.ts';
@@ -109,6 +111,9 @@ async function adminApi(volumes: VolumeService, nbd: NbdServer, logger: Logger, 
     return reply.status(204).send();
   });
   // Export names carry writer tokens, which no listing shows.
+  app.get('/metrics', { schema: { description: 'Prometheus text exposition: NBD requests, their time and bytes per volume, connections, writer leases' } }, (_request, reply) =>
+    reply.type(metricsContentType).send(renderStorageMetrics(volumes.metrics(), nbd.connections().length)),
+  );
   app.get('/v1/connections', () => nbd.connections().map((c) => ({ ...c, export: c.export === undefined ? undefined : parseExportName(c.export).volume })));
   return base;
 }

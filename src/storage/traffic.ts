@@ -1,14 +1,16 @@
 /**
  * What the storage server's NBD clients read from and wrote to each volume,
  * per volume and per connection: plain counters, bumped by a backend layer
- * once a request has succeeded, so the transmission path pays two additions.
+ * once a request has succeeded, so the transmission path pays a few additions.
  * Bytes of data only (READ replies, WRITE payloads): zeroing and trimming
- * carry no data and are not counted. In memory: a volume's counters start
+ * carry no data and are not counted. Per volume also every request by
+ * operation and result, and the time each took in the backend (GET /metrics). In memory: a volume's counters start
  * when the server starts or the volume is created (`countingSince`), so a
  * reader compares two readings only when that did not change between them.
  */
 import { Type, type Static } from '@sinclair/typebox';
 import type { Extent, NbdBackend } from '../nbd/backend.ts';
+import { bucketIndex, type BucketCounts } from '../http/prometheus.ts';
 
 const Bytes = Type.Integer({ minimum: 0 });
 /** Closed connections kept per volume: enough to see a migration's source and destination, bounded against reconnect storms. */
@@ -39,11 +41,37 @@ export interface IoCounts {
 
 type ConnectionCounts = VolumeStats['connections'][number];
 
+export const nbdOperations = ['read', 'write', 'write_zeroes', 'trim', 'flush', 'block_status'] as const;
+export type NbdOperation = (typeof nbdOperations)[number];
+
+/** Seconds a request spends in the backend: a page-cache read takes microseconds, a flush to a busy disk up to seconds. */
+export const requestSecondsBounds = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5];
+
+/** A volume's requests: by operation, those that succeeded and those that failed (refused by the fence or read-only, or an I/O error); their times. */
+export interface RequestCounts {
+  ok: Record<NbdOperation, number>;
+  failed: Record<NbdOperation, number>;
+  seconds: BucketCounts;
+}
+
 interface VolumeCounters {
   countingSince: number;
   totals: IoCounts;
+  requests: { ok: Record<NbdOperation, number>; failed: Record<NbdOperation, number>; seconds: { counts: number[]; sum: number; count: number } };
   open: ConnectionCounts[];
   closed: ConnectionCounts[];
+}
+
+/** What GET /metrics shows of one volume. */
+export interface VolumeTraffic {
+  countingSince: number;
+  totals: IoCounts;
+  requests: RequestCounts;
+  openConnections: number;
+}
+
+function perOperation(): Record<NbdOperation, number> {
+  return { read: 0, write: 0, write_zeroes: 0, trim: 0, flush: 0, block_status: 0 };
 }
 
 /** The counters of every volume, by the volume's id (a volume created again under an old name starts from zero). */
@@ -55,7 +83,7 @@ export class TrafficCounters {
     const volume = this.#volume(id);
     const connection: ConnectionCounts = { client, connectedAt: Date.now(), disconnectedAt: null, bytesRead: 0, bytesWritten: 0 };
     volume.open.push(connection);
-    return new CountingBackend(backend, volume.totals, connection);
+    return new CountingBackend(backend, volume, connection);
   }
 
   disconnect(id: string, client: string): void {
@@ -74,6 +102,17 @@ export class TrafficCounters {
     return { volume: name, countingSince, ...totals, connections: [...open, ...closed].map((c) => ({ ...c })) };
   }
 
+  /** The volume's counters for GET /metrics, copied. */
+  traffic(id: string): VolumeTraffic {
+    const { countingSince, totals, requests, open } = this.#volume(id);
+    return {
+      countingSince,
+      totals: { ...totals },
+      requests: { ok: { ...requests.ok }, failed: { ...requests.failed }, seconds: { ...requests.seconds, counts: [...requests.seconds.counts] } },
+      openConnections: open.length,
+    };
+  }
+
   /** The volume was deleted. */
   forget(id: string): void {
     this.#volumes.delete(id);
@@ -82,20 +121,26 @@ export class TrafficCounters {
   #volume(id: string): VolumeCounters {
     let volume = this.#volumes.get(id);
     if (!volume) {
-      volume = { countingSince: Date.now(), totals: { bytesRead: 0, bytesWritten: 0 }, open: [], closed: [] };
+      volume = {
+        countingSince: Date.now(),
+        totals: { bytesRead: 0, bytesWritten: 0 },
+        requests: { ok: perOperation(), failed: perOperation(), seconds: { counts: requestSecondsBounds.map(() => 0), sum: 0, count: 0 } },
+        open: [],
+        closed: [],
+      };
       this.#volumes.set(id, volume);
     }
     return volume;
   }
 }
 
-/** Counts the data of successful reads and writes into the volume's and the connection's counters. */
+/** Counts every request and its time, and the data of successful reads and writes, into the volume's and the connection's counters. */
 class CountingBackend implements NbdBackend {
   readonly #next: NbdBackend;
-  readonly #volume: IoCounts;
+  readonly #volume: VolumeCounters;
   readonly #connection: IoCounts;
 
-  constructor(next: NbdBackend, volume: IoCounts, connection: IoCounts) {
+  constructor(next: NbdBackend, volume: VolumeCounters, connection: IoCounts) {
     this.#next = next;
     this.#volume = volume;
     this.#connection = connection;
@@ -109,35 +154,54 @@ class CountingBackend implements NbdBackend {
     return this.#next.readOnly;
   }
 
-  read(offset: number, length: number): Promise<Buffer> {
-    return this.#next.read(offset, length).then((data) => {
-      this.#volume.bytesRead += length;
-      this.#connection.bytesRead += length;
-      return data;
-    });
+  async read(offset: number, length: number): Promise<Buffer> {
+    const data = await this.#count('read', () => this.#next.read(offset, length));
+    this.#volume.totals.bytesRead += length;
+    this.#connection.bytesRead += length;
+    return data;
   }
 
   async write(offset: number, data: readonly Buffer[], fua: boolean): Promise<void> {
-    await this.#next.write(offset, data, fua);
+    await this.#count('write', () => this.#next.write(offset, data, fua));
     let length = 0;
     for (const piece of data) length += piece.length;
-    this.#volume.bytesWritten += length;
+    this.#volume.totals.bytesWritten += length;
     this.#connection.bytesWritten += length;
   }
 
   writeZeroes(offset: number, length: number, fua: boolean, noHole: boolean): Promise<void> {
-    return this.#next.writeZeroes(offset, length, fua, noHole);
+    return this.#count('write_zeroes', () => this.#next.writeZeroes(offset, length, fua, noHole));
   }
 
   trim(offset: number, length: number, fua: boolean): Promise<void> {
-    return this.#next.trim(offset, length, fua);
+    return this.#count('trim', () => this.#next.trim(offset, length, fua));
   }
 
   flush(): Promise<void> {
-    return this.#next.flush();
+    return this.#count('flush', () => this.#next.flush());
   }
 
   blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return this.#next.blockStatus(offset, length);
+    return this.#count('block_status', () => this.#next.blockStatus(offset, length));
+  }
+
+  /** Runs `request`, counting it by its result and the time until it settled. */
+  async #count<T>(operation: NbdOperation, request: () => Promise<T>): Promise<T> {
+    const started = performance.now();
+    const { requests } = this.#volume;
+    try {
+      const value = await request();
+      requests.ok[operation]++;
+      return value;
+    } catch (err) {
+      requests.failed[operation]++;
+      throw err;
+    } finally {
+      const seconds = (performance.now() - started) / 1000;
+      const index = bucketIndex(requestSecondsBounds, seconds);
+      if (index < requests.seconds.counts.length) requests.seconds.counts[index] = (requests.seconds.counts[index] ?? 0) + 1;
+      requests.seconds.sum += seconds;
+      requests.seconds.count++;
+    }
   }
 }

@@ -29,6 +29,7 @@ import { Quarantine, type QuarantinedFile } from './quarantine.ts';
 import { fsyncDir } from '../util/durable-file.ts';
 import { FencedBackend, FileBackend, ReadOnlyBackend, StickyErrorBackend, VolumeHealth } from './volume-backends.ts';
 import { TrafficCounters, type VolumeStats } from './traffic.ts';
+import type { VolumeMetrics } from './metrics.ts';
 import { WriterLeases, parseExportName, publicLease, writerTokenPattern, type PublicLease } from './writer-leases.ts';
 import { namePattern, nameRule } from '../util/names.ts';
 
@@ -318,6 +319,12 @@ export class VolumeService implements ExportProvider {
     const backend = new StickyErrorBackend(this.#options.fileLayer ? this.#options.fileLayer(file, name) : file, entry.health);
     // Outermost: a request refused (read-only, fenced) or failed moved no data, so it is not counted.
     return this.#traffic.connect(row.id, client, row.read_only ? new ReadOnlyBackend(backend) : new FencedBackend(backend, this.leases, name, token));
+  }
+
+  /** Each volume's request and data counters, connections and writer lease, for GET /metrics (metrics.ts). */
+  metrics(): VolumeMetrics[] {
+    const rows = this.#db.prepare('SELECT * FROM volumes ORDER BY name').all() as VolumeRow[];
+    return rows.map((row) => ({ name: row.name, traffic: this.#traffic.traffic(row.id), writer: this.#toVolume(row).writer }));
   }
 
   /** Bytes the volume's NBD clients read and wrote, in all and per connection (traffic.ts). */

@@ -1,7 +1,7 @@
 // The units' own command lines (contrib/systemd, ExecStart with the example
 // environment files' variables) start a storage server, a controller and an
-// agent as processes under mutual TLS; each answers /healthz to a monitor's
-// operator certificate, the controller's /metrics sees the agent, and each
+// agent as processes under mutual TLS; each answers /healthz and /metrics to a
+// monitor's operator certificate, the controller's /metrics sees the agent, and each
 // stops cleanly on SIGTERM, as `systemctl stop` sends it. Paths under /etc,
 // /var/lib and /srv are moved into a temporary directory; the agent runs with
 // --accel tcg, so it starts no QEMU (its health asks the binary's --version).
@@ -71,7 +71,7 @@ function get(url: string, path: string, tls: TlsIdentity): Promise<{ status: num
   });
 }
 
-test('the units start the three daemons under mutual TLS; each answers /healthz, the controller\'s /metrics counts the agent, and SIGTERM stops each with exit 0', async () => {
+test('the units start the three daemons under mutual TLS; each answers /healthz and /metrics (the controller\'s counts the agent), and SIGTERM stops each with exit 0', async () => {
   dir = await mkdtemp(join(tmpdir(), 'vmferry-units-'));
   const pki = join(dir, 'etc/pki');
   await initCa(pki);
@@ -105,6 +105,13 @@ test('the units start the three daemons under mutual TLS; each answers /healthz,
   assert.equal(metrics.status, 200);
   assert.match(metrics.body, /^vmferry_hosts\{state="reachable"\} 1$/m);
   assert.match(metrics.body, /^vmferry_migrations_total\{outcome="completed"\} 0$/m);
+  const agentMetrics = await get(agentUrl, '/metrics', monitor);
+  assert.equal(agentMetrics.status, 200, agentMetrics.body);
+  assert.match(agentMetrics.body, /^vmferry_agent_build_info\{version="[^"]+",host="A",accelerator="tcg"\} 1$/m);
+  assert.match(agentMetrics.body, /^vmferry_agent_vms\{state="running"\} 0$/m);
+  const storageMetrics = await get(storageUrl, '/metrics', monitor);
+  assert.equal(storageMetrics.status, 200, storageMetrics.body);
+  assert.match(storageMetrics.body, /^vmferry_storage_volumes 0$/m);
 
   for (const [name, daemon] of [['agent', agent], ['controller', controller], ['storage', storage]] as const) {
     daemon.child.kill('SIGTERM');

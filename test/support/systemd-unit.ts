@@ -3,8 +3,8 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 
 export const contribSystemd = join(import.meta.dirname, '../../contrib/systemd');
-/** Where the units expect the checkout (README, "Running as a service"). */
-export const installedCli = '/opt/vmferry/bin/vmferry.js';
+/** Where the units expect the command: `npm install -g --prefix /opt/vmferry` (README, "Running as a service"). */
+export const installedCli = '/opt/vmferry/bin/vmferry';
 
 export const serviceUnits = [
   { unit: 'vmferry-storage.service', env: 'storage.env.example', command: ['storage', 'serve'] },
