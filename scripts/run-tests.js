@@ -9,6 +9,9 @@
 //
 //   node scripts/run-tests.js                 all tests
 //   node scripts/run-tests.js test/nbd        only files under a folder (or single files)
+//   node scripts/run-tests.js --lint          all tests, and `npm run lint` first in the second runner's
+//                                             turn (npm test): its two single-threaded minutes then use the
+//                                             core the QEMU files leave, instead of delaying them
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -64,7 +67,8 @@ function collect(path) {
     .flatMap((name) => collect(join(path, name)));
 }
 
-const targets = process.argv.slice(2);
+const lint = process.argv.includes('--lint');
+const targets = process.argv.slice(2).filter((arg) => arg !== '--lint');
 const files = (targets.length ? targets : ['test'])
   .flatMap((target) => collect(resolve(root, target)))
   .map((file) => relative(root, file))
@@ -97,14 +101,32 @@ function runGroup(group, index) {
   });
 }
 
+/** Lines of a failed lint's output the summary repeats. */
+const lintLines = 20;
+
+/** `npm run lint`, niced: the QEMU files beside it are the ones with timeouts. Its output is kept for the end. */
+function runLint() {
+  const child = spawn('nice', ['-n', '10', 'npm', 'run', '--silent', 'lint'], { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] });
+  const output = [];
+  child.stdout.on('data', (chunk) => output.push(chunk));
+  child.stderr.on('data', (chunk) => output.push(chunk));
+  return new Promise((resolveRun) => {
+    child.on('close', (code, signal) => resolveRun({ status: code ?? (signal ? 1 : 0), output: Buffer.concat(output) }));
+  });
+}
+
 /** How many of the slowest files the summary lists. */
 const slowestShown = 15;
 
 /** The failures and the slowest files of every group, for the end of the output. */
-function summary(results) {
+function summary(results, linted) {
   const failures = [];
   const files = [];
   const lines = ['', '# Summary'];
+  if (linted && linted.status !== 0) {
+    const output = linted.output.toString().trimEnd().split('\n');
+    lines.push('', `✖ npm run lint failed (exit ${linted.status}); its last lines:`, ...output.slice(-lintLines).map((line) => `    ${line}`), '');
+  }
   for (const [index, result] of results.entries()) {
     let gathered;
     try {
@@ -128,12 +150,24 @@ function summary(results) {
   return `${lines.join('\n')}\n`;
 }
 
-const results = await Promise.all(groups.map(runGroup));
-for (const [index, result] of results.entries()) {
-  if (index === 0) continue;
-  process.stdout.write(`\n# ${groups[index].length} files that start no QEMU, run alongside the ones above:\n\n`);
-  process.stdout.write(result.output);
+// The second turn: the lint, then the files that start no QEMU, while the first group runs.
+const [firstRun, secondTurn] = await Promise.all([
+  runGroup(groups[0], 0),
+  (async () => {
+    const linted = lint ? await runLint() : undefined;
+    return { linted, second: groups[1] ? await runGroup(groups[1], 1) : undefined };
+  })(),
+]);
+const { linted, second } = secondTurn;
+const results = second ? [firstRun, second] : [firstRun];
+if (linted) {
+  process.stdout.write(`\n# npm run lint, run alongside the files above: ${linted.status === 0 ? 'passed' : `FAILED (exit ${linted.status})`}\n\n`);
+  process.stdout.write(linted.output);
 }
-process.stdout.write(summary(results));
+if (second) {
+  process.stdout.write(`\n# ${groups[1].length} files that start no QEMU, run alongside the ones above:\n\n`);
+  process.stdout.write(second.output);
+}
+process.stdout.write(summary(results, linted));
 rmSync(summaryDir, { recursive: true, force: true });
-process.exit(results.some((r) => r.status !== 0) ? 1 : 0);
+process.exit(results.some((r) => r.status !== 0) || (linted && linted.status !== 0) ? 1 : 0);
