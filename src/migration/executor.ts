@@ -151,6 +151,9 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
       figures.info = completed.info;
       figures.stoppedAtUs = completed.stoppedAtUs;
       figures.postcopyMs = completed.postcopyMs;
+      // The RAM as QEMU finished it: a RAM phase shorter than one poll would otherwise leave the stream without any.
+      const ram = ramProgress(completed.info);
+      if (ram) emit({ type: 'ram', ram });
     }
     figures.pauseMs = pauseBetween(figures.stoppedAtUs, resumedAtUs, logger);
     try {

@@ -190,6 +190,19 @@ test('a successful migration walks the phases in order and reports per-disk oper
   assert.ok(diskEvents.length >= 2, 'mirror progress was reported');
 });
 
+// Found in CI: a RAM phase shorter than one poll left `vmferry --json migrate` without a single RAM line.
+test('a RAM phase shorter than one poll still reports its RAM: the stream holds the figures QEMU finished with, once the guest runs on B', async () => {
+  const { source, destination } = fakeSides();
+  const events: MigrationEvent[] = [];
+  // The milestone comes at once and the poll would wait a minute: no sample is taken while the RAM moves.
+  const report = await runMigration({ spec, plan: plan(), source, destination, onEvent: (e) => events.push(e), pollIntervalMs: 60_000 });
+  assert.equal(report.outcome, 'completed');
+  const ram = events.flatMap((e) => (e.type === 'ram' ? [e.ram] : []));
+  assert.deepEqual(ram.map((r) => [r.transferredBytes, r.remainingBytes]), [[report.ram.transferredBytes, 0]]);
+  const order = events.flatMap((e) => (e.type === 'phase' ? [e.phase] : e.type === 'ram' ? ['ram'] : []));
+  assert.ok(order.indexOf('ram') > order.indexOf('resumed'), order.join(' → '));
+});
+
 test('memory that differs between the ends keeps the guest on the source: the destination is never resumed', async () => {
   const { calls, source, destination } = fakeSides({ destinationMemory: ['a0', 'XX', 'c2', 'YY'] });
   const report = await runMigration({ spec, plan: plan(), source, destination, pollIntervalMs: 1 });
