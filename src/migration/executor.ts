@@ -29,7 +29,7 @@ import { VmferryError, describeError, hasCode } from '../errors.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import { differingChunks, type MemoryDigest } from '../qemu/memory-digest.ts';
 import type { MigrationInfo } from '../qmp/commands.ts';
-import { Deadline, abortError, timeoutSignal } from '../util/abort.ts';
+import { Deadline, abortError, timeoutSignal, waitAtMost } from '../util/abort.ts';
 import { StallWatch } from './stall-watch.ts';
 import { RamEscalation } from './escalation.ts';
 import { finalPhases, type EscalationStep, type GuestReset, type MigrationEvent, type MigrationPhase, type MigrationReport, type PhaseTiming, type RamProgress } from './phases.ts';
@@ -502,7 +502,7 @@ async function convergeRam(
   let reached: MigrationMilestone | undefined;
   const milestone = source.waitMilestone(signal).then((m) => (reached = m));
   for (;;) {
-    await Promise.race([milestone, sleep(pollMs, undefined, { signal })]);
+    await waitAtMost(milestone, pollMs, signal);
     if (reached !== undefined) return reached;
     const info = await stall.read((s) => source.migrationInfo(s), signal);
     remember(info);
@@ -582,7 +582,7 @@ async function followPostcopyStream(
   watch.catch(() => undefined);
   try {
     for (;;) {
-      await Promise.race([watch, sleep(pollMs, undefined, { signal })]);
+      await waitAtMost(watch, pollMs, signal);
       if (completed) return;
       const info = await stall.read((s) => source.migrationInfo(s), signal);
       const { status } = info;

@@ -3,6 +3,7 @@
  * says what timed out, and races that remove their listener afterwards.
  */
 import { VmferryError } from '../errors.ts';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 /** The error an aborted signal stands for; a bare abort() becomes VMF_ABORTED. */
 export function abortError(signal: AbortSignal, what: string): Error {
@@ -93,5 +94,19 @@ export async function withDeadline<T>(
     return await raceAbort(work(deadline.signal), deadline.signal, what);
   } finally {
     deadline.dispose();
+  }
+}
+
+/**
+ * Waits until `promise` settles or `ms` pass, whichever is first, and leaves no timer behind: a poll loop's
+ * sleep raced against a milestone would otherwise hold the process for a whole interval after the milestone.
+ * Rejects as `promise` rejects or `signal` aborts.
+ */
+export async function waitAtMost(promise: Promise<unknown>, ms: number, signal: AbortSignal): Promise<void> {
+  const timer = new AbortController();
+  try {
+    await Promise.race([promise, sleep(ms, undefined, { signal: AbortSignal.any([signal, timer.signal]) })]);
+  } finally {
+    timer.abort();
   }
 }
