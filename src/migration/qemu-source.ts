@@ -488,7 +488,9 @@ export class QemuSource implements SourceSide {
 
   /**
    * Runs a request that changes QEMU's state, unless a rollback began. Its
-   * signal aborts when one begins: what it holds back is then never sent.
+   * signal aborts when one begins, so it stops at its next wait (a command
+   * the QMP client still holds back is never sent), and the rollback sends
+   * nothing but its yank until it settled: what it did send, QEMU runs first.
    */
   #act<T>(signal: AbortSignal | undefined, request: (signal: AbortSignal) => Promise<T>): Promise<T> {
     if (this.#ending.signal.aborted) return Promise.reject(abortError(this.#ending.signal, 'a request to the source'));
