@@ -148,6 +148,9 @@ export class MigrationSides {
       }
       existing.destination = plan.toAddress;
     } else {
+      // One migration of a VM at a time: two halves would share its mirrors' names, and each would take the other's for its own leftovers.
+      const other = [...this.#sources].find(([, half]) => half.vm === vm)?.[0] ?? [...this.#deadSources].find(([, deadVm]) => deadVm === vm)?.[0];
+      if (other !== undefined) throw new VmferryError('VMF_CONFLICT', `VM ${vm} is still the source of migration ${other} on ${this.#registry.hostId}: that one must be settled first`);
       const running = this.#registry.running(vm);
       this.#registry.setMigrating(vm, true);
       const half: SourceHalf = { vm, destination: plan.toAddress, side: new QemuSource({ ...this.#sourceOptions(id), vm: running }) };

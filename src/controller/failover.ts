@@ -4,6 +4,14 @@
  * then to the others in turn; a standby's VMF_NOT_LEADER is followed to the
  * leader it names (GET /v1/leader). While no controller leads (a standby is
  * taking over from a dead leader) the round is tried again a few times.
+ *
+ * A controller that is paused (SIGSTOP, a host frozen) or hung still accepts
+ * connections, in its kernel, and never answers: a request would wait its
+ * whole timeout there (30 s, minutes for an import) before the next URL is
+ * tried. So with several URLs each is first asked GET /v1/leader, which a live
+ * controller answers at once from memory, within a short bound; one silent
+ * that long is passed over. The request itself keeps its own timeout, so a
+ * live leader's slow answer (a migration's plan, an import) is not cut short.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import { hasCode, VmferryError } from '../errors.ts';
@@ -13,6 +21,8 @@ import type { LeadershipStatus } from './leadership.ts';
 /** Rounds over every controller while none leads: a takeover lasts about a lease TTL (5 s by default). */
 const leaderlessRounds = 5;
 const leaderlessGapMs = 2_000;
+/** Far beyond a live controller's answer to GET /v1/leader, even on a loaded host; a lease TTL or less. */
+const answerProbeMs = 3_000;
 
 /** The controller that answered last, by URL list: the next request starts there. */
 const lastAnswered = new Map<string, string>();
@@ -42,6 +52,11 @@ export async function requestController<T>(urls: string, method: string, path: s
     const order = [...new Set([first, ...list])].filter((u): u is string => u !== undefined);
     let standbys = 0;
     for (const url of order) {
+      const silent = list.length > 1 ? await silence(url, options) : undefined;
+      if (silent) {
+        problems.set(url, silent);
+        continue;
+      }
       try {
         const result = await requestJson<T>(url, method, path, options);
         lastAnswered.set(urls, url);
@@ -70,4 +85,16 @@ export async function requestController<T>(urls: string, method: string, path: s
   if (errors.length === 1 && errors[0]) throw errors[0];
   const code = errors.some((e) => e.code === 'VMF_NOT_LEADER') ? 'VMF_NOT_LEADER' : 'VMF_UNREACHABLE';
   throw new VmferryError(code, `no controller took ${method} ${path}: ${[...problems].map(([url, err]) => `${url}: ${err.message}`).join('; ')}`);
+}
+
+/** Why the controller at `url` did not answer GET /v1/leader within answerProbeMs; undefined when it answered anything, a refusal included. */
+async function silence(url: string, options: RequestOptions): Promise<VmferryError | undefined> {
+  try {
+    await requestJson(url, 'GET', '/v1/leader', { timeoutMs: answerProbeMs, tls: options.tls, server: options.server, ...(options.signal ? { signal: options.signal } : {}) });
+    return undefined;
+  } catch (err) {
+    if (hasCode(err, 'VMF_TIMEOUT')) return new VmferryError('VMF_UNREACHABLE', `${url} accepted the connection but did not answer within ${answerProbeMs} ms (paused or hung)`, { cause: err });
+    if (hasCode(err, 'VMF_UNREACHABLE')) return err;
+    return undefined;
+  }
 }

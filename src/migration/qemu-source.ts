@@ -12,13 +12,13 @@ import type { QemuProcess } from '../qemu/process.ts';
 import { diskNodeName, type VmSpec } from '../qemu/spec.ts';
 import { QmpCommandError } from '../qmp/client.ts';
 import type { QmpEvent, QmpEventListener } from '../qmp/events.ts';
-import type { MigrationInfo, MigrationStatus, QemuMonitor } from '../qmp/commands.ts';
+import type { BlockJobStatus, MigrationInfo, MigrationStatus, QemuMonitor } from '../qmp/commands.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import { removeDurable } from '../util/durable-file.ts';
 import { qemuTlsCreds } from '../qemu/tls-creds.ts';
 import type { CopyMode } from './plan.ts';
 import type { MigrationMilestone, MigrationSettings, MirrorStatus, MirrorTarget, SourceCompletion, SourceRolledBack, SourceSide } from './sides.ts';
-import { timeoutSignal } from '../util/abort.ts';
+import { abortError, raceAbort, timeoutSignal } from '../util/abort.ts';
 import { waitPostcopyPaused } from './postcopy.ts';
 
 export interface QemuSourceOptions {
@@ -35,14 +35,25 @@ export interface QemuSourceOptions {
   logger?: Logger;
 }
 
+/**
+ * Where a mirror's NBD target node is on the source: `adding` from just before
+ * its blockdev-add is sent until the reply, so a rollback in between removes
+ * it if QEMU added it.
+ */
+type TargetState = 'adding' | 'attached' | 'removed';
+
 interface MirrorJob {
   diskId: string;
   jobId: string;
   targetNode: string;
   /** Bytes the job copied, known once it completed. */
   bytesSent?: number;
-  /** The NBD target node is still attached on the source. */
-  targetAttached: boolean;
+  target: TargetState;
+}
+
+/** vmferry's names for the mirror of disk `diskId` on the source: never one of the guest's own nodes (diskNodeName). */
+function mirrorNames(diskId: string): { jobId: string; targetNode: string } {
+  return { jobId: `mirror-${diskId}`, targetNode: `mirror-target-${diskId}` };
 }
 
 /** Mirror job events after which progress is worth reading at once. */
@@ -86,6 +97,11 @@ function uriHost(uri: string): string {
   return host.replace(/^\[(.*)\]$/, '$1');
 }
 
+async function namedNodes(qmp: QemuMonitor, signal: AbortSignal): Promise<Set<string>> {
+  const nodes = await qmp.client.execute<{ 'node-name': string }[]>('query-named-block-nodes', { flat: true }, { signal });
+  return new Set(nodes.map((n) => n['node-name']));
+}
+
 /** Deletes a retired source's local disks, durably: after a power loss the old host must not come back with them. */
 export async function removeLocalCopies(spec: VmSpec): Promise<void> {
   for (const disk of spec.disks) {
@@ -113,6 +129,12 @@ export class QemuSource implements SourceSide {
   readonly #tls: boolean;
   /** A cap set while the migration runs (a host drain's share of its budget): it holds over the plan's, for jobs running and to come. */
   #bandwidthBytes: number | undefined;
+  /** Aborted when a rollback begins: requests that change QEMU's state still in flight stop, and new ones are refused. */
+  readonly #ending = new AbortController();
+  /** Those requests in flight, settled or not: a rollback waits for them before it looks at what to undo. */
+  readonly #acting = new Set<Promise<void>>();
+  /** The rollback running, if any: a second one (two controllers', or an agent's and a controller's) waits for it. */
+  #rollingBack: Promise<unknown> | undefined;
 
   constructor(options: QemuSourceOptions) {
     this.hostId = options.hostId;
@@ -138,24 +160,30 @@ export class QemuSource implements SourceSide {
     const names = new Set(nodes.map((n) => n['node-name']));
     for (const job of jobs.filter((j) => j.device.startsWith('mirror-'))) {
       const diskId = job.device.slice('mirror-'.length);
-      source.#mirrors.push({ diskId, jobId: job.device, targetNode: `mirror-target-${diskId}`, targetAttached: names.has(`mirror-target-${diskId}`) });
+      const mirror = mirrorNames(diskId);
+      source.#mirrors.push({ diskId, ...mirror, target: names.has(mirror.targetNode) ? 'attached' : 'removed' });
     }
     for (const name of names) {
       // A target whose job already ended (finished at the switch-over) is still attached until removed.
       if (!name.startsWith('mirror-target-')) continue;
       const diskId = name.slice('mirror-target-'.length);
-      if (!source.#mirrors.some((m) => m.diskId === diskId)) source.#mirrors.push({ diskId, jobId: `mirror-${diskId}`, targetNode: name, targetAttached: true });
+      if (!source.#mirrors.some((m) => m.diskId === diskId)) source.#mirrors.push({ diskId, ...mirrorNames(diskId), target: 'attached' });
     }
     return source;
   }
 
   async startMirrors(targets: MirrorTarget[], copyMode: CopyMode, bandwidthBytes: number | undefined, signal: AbortSignal): Promise<void> {
     for (const target of targets) this.#checkTls(target.tls, target.server.type === 'inet' ? target.server.host : target.server.path);
+    await this.#act(signal, (signal) => this.#startMirrors(targets, copyMode, bandwidthBytes, signal));
+  }
+
+  async #startMirrors(targets: MirrorTarget[], copyMode: CopyMode, bandwidthBytes: number | undefined, signal: AbortSignal): Promise<void> {
     await this.#rememberRunState();
     await this.#qmp('starting mirrors', async (qmp) => {
       this.#mirrorEvents ??= qmp.client.listen();
+      await this.#removeLeftovers(qmp, targets.map((t) => t.diskId), signal);
       for (const target of targets) {
-        const job: MirrorJob = { diskId: target.diskId, jobId: `mirror-${target.diskId}`, targetNode: `mirror-target-${target.diskId}`, targetAttached: false };
+        const job: MirrorJob = { diskId: target.diskId, ...mirrorNames(target.diskId), target: 'adding' };
         const server =
           target.server.type === 'inet'
             ? { type: 'inet', host: target.server.host, port: String(target.server.port) }
@@ -164,9 +192,10 @@ export class QemuSource implements SourceSide {
         // zero-write, not a copy, and the job does not walk the whole virtual size.
         // The destination's certificate must name the address connected to, as a browser checks a URL's host.
         const tls = this.#tls ? { 'tls-creds': qemuTlsCreds.client, ...(server.type === 'inet' ? { 'tls-hostname': server.host } : {}) } : {};
-        await qmp.blockdevAdd({ driver: 'nbd', 'node-name': job.targetNode, server, export: target.exportName, discard: 'unmap', ...tls }, { signal });
-        job.targetAttached = true;
+        // Known before the request leaves: a rollback that looks while QEMU adds the node must remove it.
         this.#mirrors.push(job);
+        await qmp.blockdevAdd({ driver: 'nbd', 'node-name': job.targetNode, server, export: target.exportName, discard: 'unmap', ...tls }, { signal });
+        job.target = 'attached';
         await qmp.blockdevMirror(
           {
             'job-id': job.jobId,
@@ -211,6 +240,10 @@ export class QemuSource implements SourceSide {
    * its post-copy twin) on the migration, set before it starts as well.
    */
   async setBandwidth(bytesPerSecond: number, signal: AbortSignal): Promise<void> {
+    await this.#act(signal, (signal) => this.#setBandwidth(bytesPerSecond, signal));
+  }
+
+  async #setBandwidth(bytesPerSecond: number, signal: AbortSignal): Promise<void> {
     this.#bandwidthBytes = bytesPerSecond;
     await this.#qmp('changing the bandwidth cap', async (qmp) => {
       const jobs = await qmp.queryBlockJobs({ signal });
@@ -225,8 +258,12 @@ export class QemuSource implements SourceSide {
 
   async startMigration(uri: string, settings: MigrationSettings, signal: AbortSignal): Promise<void> {
     const host = uriHost(uri);
-    const maxBandwidthBytes = this.#bandwidthBytes ?? settings.maxBandwidthBytes;
     this.#checkTls(settings.tls, host);
+    await this.#act(signal, (signal) => this.#startMigration(uri, host, settings, signal));
+  }
+
+  async #startMigration(uri: string, host: string, settings: MigrationSettings, signal: AbortSignal): Promise<void> {
+    const maxBandwidthBytes = this.#bandwidthBytes ?? settings.maxBandwidthBytes;
     await this.#rememberRunState();
     await this.#qmp('starting the migration', async (qmp) => {
       await qmp.migrateSetCapabilities(
@@ -291,42 +328,52 @@ export class QemuSource implements SourceSide {
   }
 
   async setDowntimeLimit(ms: number, signal: AbortSignal): Promise<void> {
-    await this.#qmp('raising the downtime limit', (qmp) => qmp.migrateSetParameters({ 'downtime-limit': ms }, { signal }));
+    await this.#act(signal, (signal) => this.#qmp('raising the downtime limit', (qmp) => qmp.migrateSetParameters({ 'downtime-limit': ms }, { signal })));
   }
 
   async releaseThrottle(signal: AbortSignal): Promise<void> {
-    await this.#qmp('releasing the auto-converge throttle', (qmp) => qmp.migrateSetParameters(releasedThrottle, { signal }));
+    await this.#act(signal, (signal) => this.#qmp('releasing the auto-converge throttle', (qmp) => qmp.migrateSetParameters(releasedThrottle, { signal })));
   }
 
   async stopGuest(signal: AbortSignal): Promise<void> {
-    // Remembered first: the rollback resumes only a guest that ran before the migration touched it.
-    await this.#rememberRunState();
-    await this.#qmp('stopping the guest', async (qmp) => {
-      // Opened before stop: a guest already stopped gets no STOP from the migration's switch-over, so this one
-      // is where its pause begins.
-      this.#events ??= qmp.client.listen();
-      await qmp.stop({ signal });
+    await this.#act(signal, async (signal) => {
+      // Remembered first: the rollback resumes only a guest that ran before the migration touched it.
+      await this.#rememberRunState();
+      await this.#qmp('stopping the guest', async (qmp) => {
+        // Opened before stop: a guest already stopped gets no STOP from the migration's switch-over, so this one
+        // is where its pause begins.
+        this.#events ??= qmp.client.listen();
+        await qmp.stop({ signal });
+      });
     });
   }
 
   async startPostcopy(signal: AbortSignal): Promise<void> {
-    this.#postcopyRequested = true;
-    await this.#qmp('starting post-copy', (qmp) => qmp.migrateStartPostcopy({ signal }));
+    await this.#act(signal, async (signal) => {
+      this.#postcopyRequested = true;
+      await this.#qmp('starting post-copy', (qmp) => qmp.migrateStartPostcopy({ signal }));
+    });
   }
 
   async pausePostcopy(signal: AbortSignal): Promise<void> {
-    await this.#qmp('pausing post-copy', async (qmp) => {
-      if ((await qmp.queryMigrate({ signal })).status === 'postcopy-active') await qmp.migratePause({ signal });
+    await this.#act(signal, async (signal) => {
+      await this.#qmp('pausing post-copy', async (qmp) => {
+        if ((await qmp.queryMigrate({ signal })).status === 'postcopy-active') await qmp.migratePause({ signal });
+      });
+      await waitPostcopyPaused(`post-copy on ${this.hostId}`, () => this.migrationInfo(signal), signal);
     });
-    await waitPostcopyPaused(`post-copy on ${this.hostId}`, () => this.migrationInfo(signal), signal);
   }
 
   async resumePostcopy(uri: string, signal: AbortSignal): Promise<void> {
     // The TLS parameters set at startMigration still hold: the new stream goes to the same host.
-    await this.#qmp('resuming post-copy', (qmp) => qmp.migrateResume(uri, { signal }));
+    await this.#act(signal, (signal) => this.#qmp('resuming post-copy', (qmp) => qmp.migrateResume(uri, { signal })));
   }
 
-  async finishMirrors(signal: AbortSignal): Promise<{ diskId: string; bytesSent: number }[]> {
+  finishMirrors(signal: AbortSignal): Promise<{ diskId: string; bytesSent: number }[]> {
+    return this.#act(signal, (signal) => this.#finishMirrors(signal));
+  }
+
+  async #finishMirrors(signal: AbortSignal): Promise<{ diskId: string; bytesSent: number }[]> {
     const listener = this.#vm.monitor.client.listen();
     try {
       await Promise.all(this.#mirrors.map((mirror) => this.#drainAndCancel(mirror, listener, signal)));
@@ -339,7 +386,7 @@ export class QemuSource implements SourceSide {
   }
 
   async continueSwitchover(signal: AbortSignal): Promise<void> {
-    await this.#qmp('continuing the switch-over', (qmp) => qmp.migrateContinue('pre-switchover', { signal }));
+    await this.#act(signal, (signal) => this.#qmp('continuing the switch-over', (qmp) => qmp.migrateContinue('pre-switchover', { signal })));
   }
 
   memoryDigest(signal: AbortSignal): Promise<MemoryDigest> {
@@ -376,6 +423,11 @@ export class QemuSource implements SourceSide {
   }
 
   async retire(keepLocalDisks: boolean): Promise<void> {
+    // Never once a rollback began: it resumes the guest here.
+    await this.#act(undefined, () => this.#retire(keepLocalDisks));
+  }
+
+  async #retire(keepLocalDisks: boolean): Promise<void> {
     this.#events?.close();
     this.#events = undefined;
     await this.#vm.stop({ quitTimeoutMs: 10_000 });
@@ -383,12 +435,23 @@ export class QemuSource implements SourceSide {
     if (!keepLocalDisks) await removeLocalCopies(this.#vm.spec);
   }
 
-  async rollback(): Promise<SourceRolledBack> {
+  rollback(): Promise<SourceRolledBack> {
+    this.#ending.abort(new VmferryError('VMF_CONFLICT', `the source half of this migration on ${this.hostId} is rolling back: nothing more starts there`));
+    const rollback = (this.#rollingBack ?? Promise.resolve()).catch(() => undefined).then(() => this.#rollback());
+    this.#rollingBack = rollback;
+    return rollback;
+  }
+
+  async #rollback(): Promise<SourceRolledBack> {
     const signal = timeoutSignal(`the rollback of the source on ${this.hostId}`, 60_000);
     // First, out of band: after a cut link, requests stuck on the mirror targets hold QEMU's main loop, and a
     // migrate_cancel sent before this yank waits behind them (test/faults/link-cut.test.ts). What they carry
     // is abandoned anyway.
     await this.#yankTargets(signal);
+    // A request that was in flight when the rollback began (an old leader's, admitted before the new leader's
+    // epoch reached this agent) was aborted: once it settles it sends nothing more, and what it did send QEMU runs
+    // before the commands below (one monitor, in order), so they see all it added.
+    await raceAbort(Promise.all(this.#acting), signal, `the requests in flight on the source on ${this.hostId}`);
     const info = await this.#migrationInfoUnstuck(signal);
     if (info.status === 'postcopy-active' || info.status === 'postcopy-paused') {
       throw new VmferryError('VMF_MIGRATION_FAILED', `post-copy already started on ${this.hostId}: the guest's memory is split and cannot return`);
@@ -423,6 +486,23 @@ export class QemuSource implements SourceSide {
     }
   }
 
+  /**
+   * Runs a request that changes QEMU's state, unless a rollback began. Its
+   * signal aborts when one begins, so it stops at its next wait (a command
+   * the QMP client still holds back is never sent), and the rollback sends
+   * nothing but its yank until it settled: what it did send, QEMU runs first.
+   */
+  #act<T>(signal: AbortSignal | undefined, request: (signal: AbortSignal) => Promise<T>): Promise<T> {
+    if (this.#ending.signal.aborted) return Promise.reject(abortError(this.#ending.signal, 'a request to the source'));
+    const result = request(signal ? AbortSignal.any([signal, this.#ending.signal]) : this.#ending.signal);
+    const settled: Promise<void> = result.then(
+      () => void this.#acting.delete(settled),
+      () => void this.#acting.delete(settled),
+    );
+    this.#acting.add(settled);
+    return result;
+  }
+
   /** Before anything connects: TLS on one side only would fail in a handshake, or worse, send in the clear. */
   #checkTls(destinationTls: boolean, destination: string): void {
     if (destinationTls === this.#tls) return;
@@ -455,11 +535,25 @@ export class QemuSource implements SourceSide {
     const jobs = await this.#qmp('reading mirror jobs', (qmp) => qmp.queryBlockJobs({ signal }));
     const job = jobs.find((j) => j.device === mirror.jobId);
     if (!job) return;
-    if (job.status !== 'concluded') {
-      await this.#qmp(`cancelling mirror of disk ${mirror.diskId}`, (qmp) => qmp.blockJobCancel(mirror.jobId, true, { signal }));
+    if (job.status !== 'concluded' && (await this.#cancelUnlessEnding(mirror, signal)) !== 'concluded') {
       await listener.waitFor('JOB_STATUS_CHANGE', (e) => e.data.id === mirror.jobId && e.data.status === 'concluded', { signal });
     }
     await this.#qmp(`dismissing mirror of disk ${mirror.diskId}`, (qmp) => qmp.jobDismiss(mirror.jobId, { signal }));
+  }
+
+  /**
+   * Cancels a mirror job. QEMU refuses one that already ends by itself (its
+   * target yanked, its destination gone): then its status says whether it has.
+   */
+  async #cancelUnlessEnding(mirror: MirrorJob, signal: AbortSignal): Promise<BlockJobStatus | undefined> {
+    try {
+      await this.#qmp(`cancelling mirror of disk ${mirror.diskId}`, (qmp) => qmp.blockJobCancel(mirror.jobId, true, { signal }));
+      return undefined;
+    } catch (err) {
+      const status = (await this.#qmp('reading mirror jobs', (qmp) => qmp.queryBlockJobs({ signal }))).find((j) => j.device === mirror.jobId)?.status;
+      if (err instanceof QmpCommandError && (status === 'aborting' || status === 'concluded')) return status;
+      throw err;
+    }
   }
 
   /**
@@ -501,7 +595,7 @@ export class QemuSource implements SourceSide {
    * loop is stuck.
    */
   async #yank(kinds: YankKind[], signal: AbortSignal): Promise<void> {
-    const targets = new Set(this.#mirrors.filter((m) => m.targetAttached).map((m) => m.targetNode));
+    const targets = new Set(this.#mirrors.filter((m) => m.target !== 'removed').map((m) => m.targetNode));
     if (!kinds.includes('migration') && targets.size === 0) return;
     await this.#qmp(`yanking ${kinds.join(' and ')} connections`, async (qmp) => {
       const options = { signal, oob: qmp.client.oobEnabled, timeoutMs: yankTimeoutMs };
@@ -519,10 +613,41 @@ export class QemuSource implements SourceSide {
 
   /** The NBD target nodes go before the destination deletes its exports (which fails while a client is attached). */
   async #removeTargets(signal: AbortSignal): Promise<void> {
+    if (this.#mirrors.some((m) => m.target === 'adding')) {
+      // A blockdev-add that failed, or was never sent: only QEMU knows. Asked after it, so it has answered.
+      const nodes = await this.#qmp('listing block nodes', (qmp) => namedNodes(qmp, signal));
+      for (const mirror of this.#mirrors) if (mirror.target === 'adding') mirror.target = nodes.has(mirror.targetNode) ? 'attached' : 'removed';
+    }
     for (const mirror of this.#mirrors) {
-      if (!mirror.targetAttached) continue;
+      if (mirror.target !== 'attached') continue;
       await this.#qmp(`removing mirror target of disk ${mirror.diskId}`, (qmp) => qmp.blockdevDel(mirror.targetNode, { signal }));
-      mirror.targetAttached = false;
+      mirror.target = 'removed';
+    }
+  }
+
+  /**
+   * A mirror job or target node of an earlier migration of this VM that its
+   * rollback missed (an agent of an older version could, when a request raced
+   * it) would fail this one's blockdev-add with "Duplicate nodes". Only
+   * vmferry's own names are touched, and none of this migration's; what a job
+   * carried was abandoned with it.
+   */
+  async #removeLeftovers(qmp: QemuMonitor, diskIds: string[], signal: AbortSignal): Promise<void> {
+    const [jobs, nodes] = [await qmp.queryBlockJobs({ signal }), await namedNodes(qmp, signal)];
+    const leftovers = diskIds
+      .filter((diskId) => !this.#mirrors.some((m) => m.diskId === diskId))
+      .map((diskId) => ({ diskId, ...mirrorNames(diskId) }))
+      .filter((m) => nodes.has(m.targetNode) || jobs.some((j) => j.device === m.jobId));
+    if (leftovers.length === 0) return;
+    this.#logger?.warn({ leftovers: leftovers.map((m) => m.jobId) }, `removing mirror jobs and targets an earlier migration left on ${this.hostId}`);
+    const listener = qmp.client.listen();
+    try {
+      for (const leftover of leftovers) {
+        await this.#forceCancel({ ...leftover, target: nodes.has(leftover.targetNode) ? 'attached' : 'removed' }, listener, signal);
+        if (nodes.has(leftover.targetNode)) await qmp.blockdevDel(leftover.targetNode, { signal });
+      }
+    } finally {
+      listener.close();
     }
   }
 

@@ -59,6 +59,7 @@ async function pauseAtSwitchover(name: string, id: string, run: (paused: PausedA
     const plan = planMigration(vm.spec, await client.probeSource(vm.name), await probeDestination('B', '127.0.0.1', vm.spec, pool, [], qemu), defaultMigrationOptions);
     const source = new RemoteSource('A', client, id);
     await source.begin(plan);
+    await assert.rejects(new RemoteSource('A', client, `${id}-again`).begin(plan), (err: unknown) => hasCode(err, 'VMF_CONFLICT') && new RegExp(`still the source of migration ${id}`).test((err as Error).message), 'a second migration of the VM is refused while the first has a half here');
     const signal = AbortSignal.timeout(120_000);
     const prepared = await destination.prepare(vm.spec, plan, signal);
     assert.deepEqual(prepared.mirrorTargets.length, 1);

@@ -1,8 +1,10 @@
 // Two controllers on one real (throwaway) PostgreSQL, in-process, and an agent without guests:
 // the standby answers reads and refuses what would act, naming the leader; a client given both
-// URLs reaches the leader either way and follows a takeover; an agent refuses a request stamped
-// with an older leader epoch than it has seen, and still does after a restart.
+// URLs reaches the leader either way, follows a takeover, and passes over a paused one within
+// seconds; an agent refuses a request stamped with an older leader epoch than it has seen,
+// and still does after a restart.
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -16,6 +18,8 @@ import { ControllerClient } from '../../src/controller/client.ts';
 import { buildController } from '../../src/controller/server.ts';
 import { hasCode } from '../../src/errors.ts';
 import { findFreePort } from '../../src/util/ports.ts';
+import { runVmferry } from '../support/cli.ts';
+import { recordReliability } from '../support/reliability.ts';
 import { startPostgres, type TestPostgres } from '../support/postgres.ts';
 
 const logger = pino({ level: 'silent' });
@@ -84,6 +88,44 @@ test('the standby answers reads and refuses writes naming the leader; a client w
   } finally {
     await a.app.close();
     await b.app.close();
+  }
+});
+
+test('the CLI given a paused leader (SIGSTOP) first and a standby answers a read within seconds, not after its request timeout', async () => {
+  const db = await postgres.freshUrl();
+  const port = await findFreePort('127.0.0.1');
+  const pausedUrl = `http://127.0.0.1:${port}`;
+  // A process of its own, so it can be stopped as a frozen host would be: its kernel still accepts connections.
+  const paused = spawn(process.execPath, [join(import.meta.dirname, '../../bin/vmferry.js'), 'controller', '--listen', `127.0.0.1:${port}`, '--db', db, '--insecure'], { stdio: 'ignore' });
+  let standby: { app: FastifyInstance; url: string } | undefined;
+  try {
+    await until(
+      'the controller process leading',
+      async () => {
+        const status = await fetch(`${pausedUrl}/v1/leader`, { signal: AbortSignal.timeout(1_000) }).then((r) => r.json() as Promise<{ leader: boolean }>, () => undefined);
+        return status?.leader ? true : undefined;
+      },
+      30_000,
+    );
+    standby = await controller(db);
+    paused.kill('SIGSTOP');
+    const started = Date.now();
+    const read = await runVmferry(`${pausedUrl},${standby.url}`, ['host', 'list']);
+    const readMs = Date.now() - started;
+    assert.equal(read.code, 0, read.stderr);
+    // The CLI's own start, the paused one passed over, the standby's answer: not the 30 s a request to it waited.
+    assert.ok(readMs < 15_000, `host list answered after ${readMs} ms`);
+    recordReliability(import.meta.url, {
+      kind: 'fault',
+      target: 'controllers (PostgreSQL)',
+      tried: 'the leading controller paused (SIGSTOP: it accepts connections, never answers); `vmferry host list --controller PAUSED,STANDBY`',
+      observed: `the CLI passed over the paused one (no answer to GET /v1/leader within the probe's bound) and the standby answered: exit 0 ${(readMs / 1000).toFixed(1)} s after the CLI was started`,
+      ok: true,
+    });
+  } finally {
+    paused.kill('SIGCONT');
+    paused.kill('SIGKILL');
+    await standby?.app.close();
   }
 });
 
