@@ -2,7 +2,7 @@
 // storage server on a unix socket), and its errors: unreachable, no such
 // export, a server that never answers, a server that hangs up mid-request.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { join } from 'node:path';
@@ -27,15 +27,26 @@ before(async () => {
 });
 after(() => cleanup.run());
 
-async function nbdkit(name: string, ...args: string[]): Promise<NbdServerAddress> {
+/**
+ * nbdkit on a Unix socket, once it accepts connections: it writes its pid file only then (nbdkit(1), -P).
+ * The socket file alone appears at bind, before listen: a connection then was refused (CI, 2026-11-30).
+ */
+async function startNbdkit(name: string, args: string[], stdio: 'ignore' | 'inherit'): Promise<{ child: ChildProcess; path: string }> {
   const path = join(dir, `${name}.sock`);
-  const child = spawn('nbdkit', ['-f', '-U', path, ...args], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const pidFile = join(dir, `${name}.pid`);
+  const child = spawn('nbdkit', ['-f', '-U', path, '-P', pidFile, ...args], { stdio: ['ignore', 'ignore', stdio] });
+  for (let i = 0; i < 200 && !existsSync(pidFile); i++) await sleep(25);
+  assert.ok(existsSync(pidFile), `nbdkit ${name} did not get ready within 5 s`);
+  return { child, path };
+}
+
+async function nbdkit(name: string, ...args: string[]): Promise<NbdServerAddress> {
+  const { child, path } = await startNbdkit(name, args, 'inherit');
   const exited = new Promise((resolve) => child.once('exit', resolve));
   cleanup.add(`nbdkit ${name}`, async () => {
     if (child.exitCode === null) child.kill('SIGTERM');
     await exited;
   });
-  for (let i = 0; i < 100 && !existsSync(path); i++) await sleep(50);
   return { type: 'unix', path };
 }
 
@@ -114,10 +125,8 @@ test('errors: nobody listening, a server that never speaks, a server that hangs 
   await assert.rejects(NbdClient.connect({ type: 'unix', path: join(dir, 'silent.sock') }, { signal: aborted.signal }), (err: { code: string }) => err.code === 'VMF_ABORTED');
 
   // nbdkit's delay filter holds the read; killing the server fails it with VMF_NBD_CLOSED.
-  const path = join(dir, 'slow.sock');
-  const child = spawn('nbdkit', ['-f', '-U', path, '--filter=delay', 'memory', '1M', 'rdelay=10'], { stdio: 'ignore' });
+  const { child, path } = await startNbdkit('slow', ['--filter=delay', 'memory', '1M', 'rdelay=10'], 'ignore');
   cleanup.add('slow nbdkit', () => (child.exitCode === null ? child.kill('SIGKILL') : undefined));
-  for (let i = 0; i < 100 && !existsSync(path); i++) await sleep(50);
   const client = await NbdClient.connect({ type: 'unix', path });
   const read = client.read(0, 4096);
   await sleep(200);

@@ -189,14 +189,16 @@ test('half-done and garbled TLS handshakes do not stop the server serving others
 
 test('vmferry\'s client with TLS against nbdkit --tls=require', async () => {
   const socket = join(dir, 'nbdkit.sock');
+  // Written once nbdkit accepts connections; the socket file appears at bind, before listen.
+  const pidFile = join(dir, 'nbdkit.pid');
   // nbdkit reads ca-cert.pem, server-cert.pem and server-key.pem: a storage identity directory.
-  const child = spawn('nbdkit', ['-f', '-U', socket, '--tls=require', `--tls-certificates=${dirs.storage}`, '--tls-verify-peer', 'memory', '4M'], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const child = spawn('nbdkit', ['-f', '-U', socket, '-P', pidFile, '--tls=require', `--tls-certificates=${dirs.storage}`, '--tls-verify-peer', 'memory', '4M'], { stdio: ['ignore', 'ignore', 'inherit'] });
   const exited = new Promise((resolve) => child.once('exit', resolve));
   cleanup.add('nbdkit', async () => {
     if (child.exitCode === null) child.kill('SIGTERM');
     await exited;
   });
-  for (let i = 0; i < 100 && !existsSync(socket); i++) await sleep(50);
+  for (let i = 0; i < 200 && !existsSync(pidFile); i++) await sleep(25);
   const client = await NbdClient.connect({ type: 'unix', path: socket }, { tls: { ...clientTls(dirs.agent), hostname: '127.0.0.1' } });
   assert.equal(client.size, 4 * MiB);
   await client.write(0, Buffer.alloc(512, 3));
