@@ -1,8 +1,9 @@
 /** The controller's API as the CLI uses it. */
 import type { CreateVmRequest, QuarantineEntry, VmInfo } from '../api/agent-types.ts';
 import type { HostStatus } from './inventory.ts';
+import { hasCode } from '../errors.ts';
 // Each request goes to whichever controller leads, when the URL lists several (failover.ts).
-import { currentController, requestController as requestJson } from './failover.ts';
+import { currentController, passOver, requestController as requestJson } from './failover.ts';
 import { readEventStream } from '../http/event-source.ts';
 import type { EventSourceMessage } from 'eventsource-parser';
 import { importTimeoutMs } from '../storage/disk-images.ts';
@@ -96,8 +97,15 @@ export class ControllerClient {
   }
 
   /** The migration's live stream (event-stream.ts): `progress` messages after `after`, then its `report`. A standby streams too. */
-  migrationStream(id: string, after: number, signal: AbortSignal): AsyncGenerator<EventSourceMessage> {
-    return readEventStream(currentController(this.#url), `/v1/migrations/${encodeURIComponent(id)}/stream?after=${after}`, { tls: this.#tls, server: controller, signal });
+  async *migrationStream(id: string, after: number, signal: AbortSignal): AsyncGenerator<EventSourceMessage> {
+    const url = currentController(this.#url);
+    try {
+      yield* readEventStream(url, `/v1/migrations/${encodeURIComponent(id)}/stream?after=${after}`, { tls: this.#tls, server: controller, signal });
+    } catch (err) {
+      // The caller opens the stream again (followMigration): from the next controller, if this one is gone.
+      if (hasCode(err, 'VMF_UNREACHABLE')) passOver(this.#url, url);
+      throw err;
+    }
   }
 
   /** Settles an unresolved migration on the host the operator chose; answers once it is settled. */

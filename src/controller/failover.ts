@@ -43,6 +43,16 @@ export function currentController(urls: string): string {
   return lastAnswered.get(urls) ?? (list[0] as string);
 }
 
+/**
+ * `url` of `urls` could not be reached: the next stream is read from the next controller in the list. A stream
+ * (readEventStream) does not go through requestController, so without this a leader that died kept being asked.
+ */
+export function passOver(urls: string, url: string): void {
+  const list = parseControllerUrls(urls);
+  if (list.length < 2) return;
+  lastAnswered.set(urls, list[(list.indexOf(url) + 1) % list.length] as string);
+}
+
 /** requestJson to whichever of `urls` (one URL, or several separated by commas) leads. */
 export async function requestController<T>(urls: string, method: string, path: string, options: RequestOptions = {}): Promise<T> {
   const list = parseControllerUrls(urls);
