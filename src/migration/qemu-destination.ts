@@ -7,13 +7,13 @@
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
-import { VmferryError, describeError } from '../errors.ts';
+import { VmferryError, describeError, hasCode } from '../errors.ts';
 import { memoryDigest, type MemoryDigest } from '../qemu/memory-digest.ts';
 import type { Accelerator } from '../qemu/command-line.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { QmpEventListener } from '../qmp/events.ts';
-import type { MigrationInfo } from '../qmp/commands.ts';
+import { QmpCommandError } from '../qmp/client.ts';
 import { createOverlay } from '../storage/disk-images.ts';
 import type { LocalPool } from '../storage/local-pool.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
@@ -25,7 +25,6 @@ import { findFreePort } from '../util/ports.ts';
 import { qemuTlsCreds } from '../qemu/tls-creds.ts';
 import type { DestinationFate } from './no-return.ts';
 import type { GuestReset } from './phases.ts';
-import { waitPostcopyPaused } from './postcopy.ts';
 import { defaultAnnounce, postcopyCapable, type AnnounceSettings, type MigrationPlan } from './plan.ts';
 import type { DestinationResumed, DestinationSide, IncomingRunnable, MirrorTarget, PreparedDestination } from './sides.ts';
 
@@ -57,6 +56,12 @@ export interface QemuDestinationOptions {
 
 /** How often a post-copy destination is asked whether its device state is loaded: it takes milliseconds. */
 const incomingPollMs = 10;
+
+/** How long one look at an incoming post-copy's state may wait for QEMU's main loop before the recovery tries again. */
+const incomingLookMs = 1_000;
+
+/** How many ports a recovery tries to listen on: another process may take a port between its choice and QEMU's bind. */
+const recoverListenTries = 3;
 
 /** A dead QEMU's monitor socket ends when the kernel closes it at exit; this only bounds the wait should it not. */
 const monitorEndTimeoutMs = 5_000;
@@ -94,6 +99,8 @@ export class QemuDestination implements DestinationSide {
   #rbdFenced = false;
   #announce: AnnounceSettings = defaultAnnounce;
   #postcopy = false;
+  /** Where this half last listened for a resumed post-copy stream (recoverPostcopy). */
+  #recoverUri: string | undefined;
 
   constructor(options: QemuDestinationOptions) {
     this.hostId = options.hostId;
@@ -213,14 +220,61 @@ export class QemuDestination implements DestinationSide {
     return memoryDigest(this.#requireVm(), signal);
   }
 
+  /**
+   * Listens anew for a broken post-copy stream; returns the URI the source resumes to. Nothing here may wait for
+   * B's main loop: a vCPU that faulted on a page the cut stream never brought can hold it until the stream is back
+   * (docs/QEMU-TCG-PRECOPY.md, "Post-copy"). So the pause and the listen go out of band, to a port chosen here
+   * (query-migrate, which would tell QEMU's, is in-band), and QEMU's refusal of the listen says when the stream is
+   * not paused yet. QEMU 7.2 listens once per pause: after a resume that never connected, the listener it keeps
+   * is the one to resume to.
+   */
   async recoverPostcopy(signal: AbortSignal): Promise<string> {
     const vm = this.#requireVm();
-    const info = (): Promise<MigrationInfo> => vm.qmp('reading the incoming post-copy', (qmp) => qmp.queryMigrate({ signal }));
-    if ((await info()).status === 'postcopy-active') await vm.qmp('pausing the incoming post-copy', (qmp) => qmp.migratePause({ signal }));
-    await waitPostcopyPaused(`the incoming post-copy on ${this.hostId}`, info, signal);
-    // The same TLS parameters and authz as the first stream still hold.
-    await vm.qmp('listening for the resumed post-copy', (qmp) => qmp.migrateRecover(`tcp:${this.#options.address}:0`, { signal }));
-    return `tcp:${this.#options.address}:${await this.#incomingPort(signal)}`;
+    const { address } = this.#options;
+    await this.#pauseIncoming(vm, signal);
+    for (let bindTries = 0; ; ) {
+      const uri = `tcp:${address}:${await findFreePort(address)}`;
+      try {
+        await vm.qmp('listening for the resumed post-copy', (qmp) => qmp.migrateRecover(uri, { signal }));
+        this.#recoverUri = uri;
+        return uri;
+      } catch (err) {
+        if (!(err instanceof QmpCommandError)) throw err;
+        if (/triggered already/i.test(err.description) && this.#recoverUri) return this.#recoverUri;
+        if (/only be run when postcopy is paused/i.test(err.description)) {
+          await this.#awaitIncomingPaused(vm, signal);
+        } else if (++bindTries >= recoverListenTries) {
+          throw new VmferryError('VMF_MIGRATION_FAILED', `the incoming post-copy on ${this.hostId} cannot listen anew: ${err.description}`, { cause: err });
+        }
+      }
+    }
+  }
+
+  async #pauseIncoming(vm: QemuProcess, signal: AbortSignal): Promise<void> {
+    // Refused when the stream is not postcopy-active: already paused by the break itself, the usual case.
+    await vm.qmp('pausing the incoming post-copy', (qmp) => qmp.migratePause({ signal })).catch((err: unknown) => {
+      if (!(err instanceof QmpCommandError)) throw err;
+    });
+  }
+
+  /**
+   * One look at an incoming post-copy not paused yet, bounded: an end state fails the recovery at once, a live
+   * stream is paused again, and no answer (the main loop held) waits for the next try.
+   */
+  async #awaitIncomingPaused(vm: QemuProcess, signal: AbortSignal): Promise<void> {
+    const status = await vm.qmp('reading the incoming post-copy', (qmp) => qmp.queryMigrate({ signal, timeoutMs: incomingLookMs })).then(
+      (info) => info.status,
+      (err: unknown) => {
+        signal.throwIfAborted();
+        if (hasCode(err, 'VMF_TIMEOUT')) return undefined;
+        throw err;
+      },
+    );
+    if (status === 'postcopy-active') await this.#pauseIncoming(vm, signal);
+    else if (status !== undefined && status !== 'postcopy-paused' && status !== 'postcopy-recover') {
+      throw new VmferryError('VMF_MIGRATION_FAILED', `the incoming post-copy on ${this.hostId} is "${status}", not paused: it cannot be recovered`);
+    }
+    await sleep(incomingPollMs * 10, undefined, { signal });
   }
 
   /** Its guest may be continued before all of its RAM is here: the half may still have to recover the stream after resume. */

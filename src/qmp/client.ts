@@ -26,12 +26,15 @@ export interface QmpGreeting {
 export class QmpCommandError extends VmferryError {
   readonly errorClass: string;
   readonly command: string;
+  /** QEMU's own words, for the few callers that must tell one refusal from another. */
+  readonly description: string;
 
   constructor(command: string, errorClass: string, description: string) {
     super('VMF_QMP_COMMAND', `QMP ${command} failed: ${description} (${errorClass})`);
     this.name = 'QmpCommandError';
     this.command = command;
     this.errorClass = errorClass;
+    this.description = description;
   }
 }
 

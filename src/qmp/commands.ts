@@ -239,9 +239,12 @@ export class QemuMonitor {
     return this.client.execute('migrate', { uri, resume: true }, options);
   }
 
-  /** Destination only, in `postcopy-paused`: listens on `uri` for the source's resumed stream. */
+  /**
+   * Destination only, in `postcopy-paused`: listens on `uri` for the source's resumed stream. Out of band when
+   * offered: QEMU then accepts on the monitor's thread, so it works while a vCPU waiting for a page holds the main loop.
+   */
   migrateRecover(uri: string, options?: ExecuteOptions): Promise<void> {
-    return this.client.execute('migrate-recover', { uri }, options);
+    return this.client.execute('migrate-recover', { uri }, { ...options, oob: this.client.oobEnabled });
   }
 
   /** Breaks the post-copy stream on this end (`postcopy-active` → `postcopy-paused`): for a dead link QEMU has not noticed. Out of band when offered. */

@@ -3,12 +3,14 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { readFile } from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { checkVerify, reportLogOf } from '../../src/guest/test-guest.ts';
 import { imageInfo } from '../../src/storage/local-pool.ts';
 import { hasCode } from '../../src/errors.ts';
 import { MigrationRig, type RigLayout } from '../support/migration-rig.ts';
 import { recordReliability } from '../support/reliability.ts';
 import { TcpRelay } from '../support/tcp-relay.ts';
+import { holdMainLoop, type MainLoopHold } from '../support/main-loop-hold.ts';
 import { AckClock } from '../support/ack-clock.ts';
 import type { MigrationEvent } from '../../src/migration/phases.ts';
 
@@ -251,15 +253,20 @@ test('post-copy moves a guest pre-copy cannot: B runs it while A is still postco
   }
 });
 
-test('a link cut during post-copy: both QEMUs pause, B listens anew, A resumes to it, and every acked record is intact', { timeout: 240_000 }, async () => {
+// B's main loop is held through the cut, as a vCPU of B does when it faults on a page the cut stream never brought
+// while holding QEMU's big lock: the recovery must not wait for anything in-band on B (it once ended `unresolved`).
+test('a link cut during post-copy while B\'s main loop is held: both QEMUs pause, B listens anew out of band, A resumes to it, and every acked record is intact', { timeout: 240_000 }, async () => {
   const rig = await MigrationRig.start('pclink', { local: [{ id: 'local0', sizeMiB: 64 }], shared: [] }, { ...guest, dirtyMiB: 32, dirtyRateMiBs: 32 });
   const relays: TcpRelay[] = [];
   rig.cleanup.add('close the relays', () => Promise.all(relays.map((r) => r.close())));
+  let hold: MainLoopHold | undefined;
+  rig.cleanup.add('let go of B\'s main loop', () => hold?.release());
   try {
     await rig.waitForAcks(10);
     const plan = await rig.plan({ bandwidthMiBs: 8, ramMode: 'postcopy' });
     const events: MigrationEvent[] = [];
     let cutWhile: string | undefined;
+    let heldUntil: Promise<string> | undefined;
     const report = await rig.migrate(plan, {
       memoryMismatchRetries: 0,
       onEvent: (e) => events.push(e),
@@ -271,9 +278,29 @@ test('a link cut during post-copy: both QEMUs pause, B listens anew, A resumes t
       beforePhase: async (phase) => {
         if (phase !== 'postcopy-active') return;
         cutWhile = (await rig.source.qmp('reading the migration', (qmp) => qmp.queryMigrate())).status;
+        const destinationVm = rig.destination?.vm;
+        assert.ok(destinationVm, 'B runs the guest');
+        hold = await holdMainLoop(destinationVm.monitor.client, '127.0.0.1');
         relays[0]?.cut();
+        heldUntil = releaseOnceResumed();
+        heldUntil.catch(() => undefined);
       },
     });
+    // Let go only once A streams again: had the recovery waited for B's main loop, it could not have got there.
+    async function releaseOnceResumed(): Promise<string> {
+      let status = 'not recovered';
+      try {
+        for (const started = Date.now(); Date.now() - started < 200_000; await sleep(100)) {
+          if (!events.some((e) => e.type === 'escalation' && e.action === 'postcopy-recover')) continue;
+          status = (await rig.source.qmp('reading the migration', (qmp) => qmp.queryMigrate())).status ?? 'unknown';
+          if (status === 'postcopy-active' || status === 'completed') break;
+        }
+      } finally {
+        await hold?.release();
+      }
+      return status;
+    }
+    assert.match(await (heldUntil ?? Promise.resolve('never held')), /^(postcopy-active|completed)$/, 'A streamed again while B\'s main loop was held');
     assert.equal(cutWhile, 'postcopy-active', 'the link was cut while RAM was still in flight');
     assert.equal(report.outcome, 'completed', report.error?.message);
     const recoveries = events.filter((e) => e.type === 'escalation' && e.action === 'postcopy-recover');
