@@ -319,7 +319,7 @@ test('a link cut during post-copy while B\'s main loop is held: both QEMUs pause
     recordReliability(import.meta.url, {
       kind: 'fault',
       target: 'migration',
-      tried: 'the migration stream reset while post-copy ran (both QEMUs postcopy-paused), then recovered over a new connection',
+      tried: 'the migration stream reset while post-copy ran (both QEMUs postcopy-paused) and B\'s main loop held (as by a vCPU waiting for a page), then recovered over a new connection',
       observed: `completed after ${recoveries.length} recovery, every acked record intact; the guest ${rebooted ? 'REBOOTED on B' : 'carried on at B without a reboot'}`,
       ok: !rebooted,
     });
