@@ -58,6 +58,10 @@ export interface MigrationSidesOptions {
 /** 60 s: far beyond any gap between the controller's requests, short enough for a guest paused at pre-switchover. */
 export const defaultAbandonAfterMs = 60_000;
 
+function retiredDisksReason(id: string, vm: string): string {
+  return `migration ${id} was settled by an operator on its destination: ${vm}'s local disks as this source left them, an older state of the guest`;
+}
+
 export class MigrationSides {
   readonly #registry: VmRegistry;
   readonly #address: string;
@@ -360,18 +364,26 @@ export class MigrationSides {
     this.#rememberEnded(id, 'gone');
   }
 
+  /**
+   * Retires the source half of a completed migration. Its local disks are deleted, or, when an operator chose the
+   * destination of an unresolved migration (`keepLocalDisks`), kept in this host's quarantine.
+   */
   async retireSource(id: string, keepLocalDisks: boolean): Promise<void> {
     const deadVm = this.#deadSources.get(id);
     if (deadVm !== undefined) {
       // The migration completed: the guest runs on the destination, and these disks are an old copy of its.
-      if (!keepLocalDisks) await removeLocalCopies((await this.#registry.info(deadVm)).spec);
+      const { spec } = await this.#registry.info(deadVm);
+      if (keepLocalDisks) await this.#registry.holdRetiredDisks(spec, retiredDisksReason(id, deadVm));
+      else await removeLocalCopies(spec);
       await this.#registry.forgetMigrated(deadVm);
       this.#deadSources.delete(id);
       return;
     }
     await this.useSource(id, async (side) => {
       await side.retire(keepLocalDisks);
-      await this.#registry.forgetMigrated(this.#requireSource(id).vm);
+      const vm = this.#requireSource(id).vm;
+      if (keepLocalDisks) await this.#registry.holdRetiredDisks((await this.#registry.info(vm)).spec, retiredDisksReason(id, vm));
+      await this.#registry.forgetMigrated(vm);
       this.#forgetSource(id);
     });
   }

@@ -10,8 +10,8 @@
  *   DATA/quarantine/           what start-up could not account for (quarantine.ts)
  */
 import { randomBytes, randomUUID } from 'node:crypto';
-import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { lstat, mkdir, readdir, readFile, rm } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
 import { guestKernelAppend, testGuestPaths } from '../guest/test-guest.ts';
@@ -499,6 +499,21 @@ export class VmRegistry {
   }
 
   /** After a migration away from this host: the VM (whose QEMU has quit) is no longer ours. */
+  /**
+   * A retired source whose guest an operator chose to keep on the other host (resolve --run-on): its writable disks
+   * in the pool are an older state of the guest that someone may still have to compare or recover from. Moved to
+   * the quarantine, they are listed, restorable and purgeable there instead of lying in the pool as nobody's.
+   * Disks outside the pool stay where they are. Returns the entry's id, if anything was moved.
+   */
+  async holdRetiredDisks(spec: VmSpec, reason: string): Promise<string | undefined> {
+    const inPool = spec.disks.flatMap((d) => (d.source.kind === 'file' && !d.readOnly && dirname(resolve(d.source.path)) === resolve(this.pool.dir) ? [d.source.path] : []));
+    const present = (await Promise.all(inPool.map(async (path) => ((await lstat(path).catch(() => undefined)) ? path : undefined)))).filter((p) => p !== undefined);
+    if (present.length === 0) return undefined;
+    const entry = await this.quarantine.hold(spec.name, reason, present.map((path) => ({ kind: 'pool-image' as const, path })));
+    this.#logger.warn({ vm: spec.name, quarantine: entry.id, images: present }, `${reason}: moved to quarantine ${entry.id}`);
+    return entry.id;
+  }
+
   async forgetMigrated(name: string): Promise<void> {
     // Durable: a power loss must not bring back a spec of a VM that now lives on another host.
     await this.#removeVmDir(name);

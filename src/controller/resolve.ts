@@ -10,7 +10,7 @@
  *   quarantine), then the paused source resumes; outcome `failed`;
  * - the destination: it takes the VM back as a stopped VM (from its
  *   quarantine), then the source's QEMU is stopped, its RAM discarded and its
- *   local disks kept; outcome `completed`.
+ *   local disks moved to its quarantine; outcome `completed`.
  *
  * Refused while the destination answers for itself (the controller settles
  * those by the rule), and the source is never chosen once post-copy may have
@@ -102,13 +102,13 @@ export async function resolveMigration(record: MigrationRecord, runOn: string, s
       logger.warn(`${record.from} no longer holds the source half of ${record.id}; nothing to retire there`);
     });
     await store.setVmLocation({ name: record.vm, hostId: record.to });
-    const kept = disks === undefined ? 'in its pool' : disks.length ? `at ${disks.join(', ')}` : '(it had none)';
+    const kept = disks?.length === 0 ? '(it had none)' : `${disks === undefined ? '' : `(${disks.join(', ')}) `}in its quarantine (vmferry host quarantine list ${record.from}) where they were in its pool`;
     await finishMigration(
       store,
       record,
       'completed',
       `${chose}: ${record.vm} is kept on ${record.to}, stopped, with the disks its QEMU had there; start it (vmferry vm start ${record.vm}) and it boots as after a crash. ` +
-        `${record.from}'s QEMU was stopped and its RAM discarded; its local disks are kept on ${record.from} ${kept}, for whoever must compare or recover from them, until deleted by hand`,
+        `${record.from}'s QEMU was stopped and its RAM discarded; its local disks are kept on ${record.from} ${kept}, for whoever must compare or recover from them, until purged by hand`,
     );
   }
   logger.warn(`migration ${record.id} resolved by an operator: ${record.vm} is on ${runOn}`);

@@ -148,17 +148,21 @@ test("destination agent killed between its lease claim and cont: back, its QEMU 
   });
 });
 
-test("destination QEMU and agent both killed right after the cont: B cannot tell whether the guest ran, so A stays paused until an operator chooses; resolve --run-on A resumes it there", async () => {
-  const vm = 'both-lost';
+/**
+ * A power loss of B right after the cont: its QEMU and agent both killed before the agent recorded that the guest
+ * ran. Back, B cannot tell whether the guest ran there; nothing is settled by itself and A stays paused, writing
+ * nothing, until an operator chooses. Returns the migration's id once it waits for that choice.
+ */
+async function powerLossOfBAfterCont(vm: string): Promise<string> {
   await faults.startVm(vm);
   await armFaultPoint('B', 'destination-dies-after-cont');
   const { id } = await cluster.api.migrate({ vm, to: 'B' });
+  assert.ok(id);
   await waitAgentDead('B', 180_000);
   await cluster.startAgent('B');
-  // Back, B's agent finds its record at resume-sent and no QEMU: it says it cannot tell, and nothing rolls back by itself.
   const waiting = await pollUntil(
     async () => {
-      const record = await cluster.api.migration(id as string);
+      const record = await cluster.api.migration(id);
       assert.ok(!['completed', 'failed', 'cancelled'].includes(record.phase), `migration ${id} ended ${record.phase} by itself: ${record.report?.recovery ?? ''}`);
       return /B cannot tell whether the guest ran there/.test(record.report?.error?.message ?? '') ? record : undefined;
     },
@@ -169,12 +173,17 @@ test("destination QEMU and agent both killed right after the cont: B cannot tell
   const acked = await acksOn(vm, 'A');
   await sleep(2_000);
   assert.equal(await acksOn(vm, 'A'), acked, 'the guest does not run on A while nobody can tell');
-  assert.equal((await cluster.api.migration(id as string)).phase, 'unresolved', 'still waiting for an operator');
+  assert.equal((await cluster.api.migration(id)).phase, 'unresolved', 'still waiting for an operator');
+  return id;
+}
 
-  const resolved = await runVmferry(cluster.controllerUrl, ['migration', 'resolve', id as string, '--run-on', 'A'], 120_000);
+test("destination QEMU and agent both killed right after the cont: B cannot tell whether the guest ran, so A stays paused until an operator chooses; resolve --run-on A resumes it there", async () => {
+  const vm = 'both-lost';
+  const id = await powerLossOfBAfterCont(vm);
+  const resolved = await runVmferry(cluster.controllerUrl, ['migration', 'resolve', id, '--run-on', 'A'], 120_000);
   assert.equal(resolved.code, 0, resolved.stderr);
   assert.match(resolved.stdout, /failed: an operator chose A/);
-  const record = await cluster.api.migration(id as string);
+  const record = await cluster.api.migration(id);
   assert.equal(record.phase, 'failed');
   assert.match(record.report?.recovery ?? '', /both-lost resumed on A from where it paused/);
   const held = (await cluster.api.quarantine('B')).filter((entry) => entry.vm === vm);
@@ -185,6 +194,31 @@ test("destination QEMU and agent both killed right after the cont: B cannot tell
     target: 'agent',
     tried: "destination QEMU and then its agent killed (SIGKILL) right after the cont, before the agent recorded that the guest ran: a power loss of B",
     observed: `B's restarted agent found its record at resume-sent and no QEMU, and said it cannot tell whether the guest ran there; the migration stayed unresolved with A paused (no new acknowledged records) until an operator ran migration resolve --run-on A; A resumed, B's disks kept in its quarantine; ${outcome}`,
+    ok: true,
+  });
+});
+
+test("the same power loss of B, resolved --run-on B: B takes the VM back from its quarantine, stopped; A's QEMU stops; started on B, every acknowledged record is there", async () => {
+  const vm = 'both-lost-b';
+  const id = await powerLossOfBAfterCont(vm);
+  const resolved = await runVmferry(cluster.controllerUrl, ['migration', 'resolve', id, '--run-on', 'B'], 120_000);
+  assert.equal(resolved.code, 0, resolved.stderr);
+  const record = await cluster.api.migration(id);
+  assert.equal(record.phase, 'completed', record.report?.recovery);
+  const placed = await cluster.api.vm(vm);
+  assert.deepEqual([placed.host, placed.state], ['B', 'stopped'], `${vm} is B's now, stopped, to be started as after any crash`);
+  assert.deepEqual((await faults.qemuPids(vm)).get('A'), [], "A's copy of the guest, paused since the cont, is stopped");
+  assert.equal((await cluster.api.quarantine('B')).filter((entry) => entry.vm === vm).length, 0, "B's disks left its quarantine: they are the VM's now");
+  const keptOnA = (await cluster.api.quarantine('A')).filter((entry) => entry.vm === vm);
+  assert.ok(keptOnA.some((entry) => entry.items.some((item) => item.kind === 'pool-image' && (item.sizeBytes ?? 0) > 0)), "A's disks, an older state of the guest, are kept in A's quarantine, not left in its pool as nobody's");
+  assert.match(record.report?.recovery ?? '', /its local disks are kept on A .* in its quarantine/);
+  await cluster.api.startVm(vm);
+  const outcome = await faults.assertSettled(vm, 'B');
+  recordReliability(import.meta.url, {
+    kind: 'fault',
+    target: 'agent',
+    tried: 'the same power loss of B right after the cont, and an operator choosing B (migration resolve --run-on B)',
+    observed: `B took the VM back from its quarantine, stopped, and A stopped its paused QEMU and moved its disks to its quarantine (they lay in its pool as nobody's before); the migration completed with the VM placed on B; started there, ${outcome}`,
     ok: true,
   });
 });

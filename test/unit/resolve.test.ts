@@ -137,7 +137,7 @@ test('--run-on B: B takes the VM back stopped, then A stops its QEMU keeping its
   assert.deepEqual(calls, ['dst.takeBack', 'src.retire(keep=true)']);
   assert.equal(settled.phase, 'completed');
   assert.equal((await store.getVmLocation('web'))?.hostId, 'B');
-  assert.match(settled.report?.recovery ?? '', /web is kept on B, stopped.*vmferry vm start web.*A's QEMU was stopped and its RAM discarded; its local disks are kept on A at \/data\/pool\/web-root\.qcow2/);
+  assert.match(settled.report?.recovery ?? '', /web is kept on B, stopped.*vmferry vm start web.*A's QEMU was stopped and its RAM discarded; its local disks are kept on A \(\/data\/pool\/web-root\.qcow2\) in its quarantine \(vmferry host quarantine list A\)/);
   // Cut off after the take-back, the choice is repeated: B now says the guest ran there, which does not refuse it.
   const repeated = fakeHalves('guest-ran');
   assert.equal((await resolveMigration(await storedMigration('b2', 'unresolved', ['resume-sent', 'unresolved']), 'B', store, repeated.halves, logger)).phase, 'completed');
