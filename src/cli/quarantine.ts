@@ -1,4 +1,4 @@
-/** `vmferry host quarantine …`: what a host's agent moved aside at start instead of deleting, through the controller. */
+/** `vmferry host quarantine …`: what a host's agent moved aside instead of deleting (at start, or by an operator's resolve), through the controller. */
 import type { Command } from 'commander';
 import { formatBytes } from '../util/format.ts';
 import { printJson } from './common.ts';
@@ -12,7 +12,7 @@ function client(command: Command): { api: ControllerClient; json: boolean } {
 }
 
 export function registerQuarantineCommands(host: Command): void {
-  const quarantine = host.command('quarantine').description('files an agent could not account for at start, moved aside instead of deleted');
+  const quarantine = host.command('quarantine').description("files an agent moved aside instead of deleting: what it could not account for at start, a source's disks left by migration resolve");
   quarantine
     .command('list <host>')
     .description('list quarantine entries: what, from where, and why')
