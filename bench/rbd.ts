@@ -51,6 +51,8 @@ const jobs: Job[] = [
   { name: '4k strided read, qd32', write: false, blockBytes: 4 * KiB, depth: 32, stepBytes: 4 * mib + 4 * KiB },
   { name: '1M sequential write, qd16', write: true, blockBytes: mib, depth: 16, stepBytes: mib },
   { name: '1M sequential read, qd16', write: false, blockBytes: mib, depth: 16, stepBytes: mib },
+  // The test guest's own pattern, so its row below has QEMU's share without the guest's to compare with.
+  { name: '1M sequential write, qd1', write: true, blockBytes: mib, depth: 1, stepBytes: mib },
 ];
 
 interface Rate {
@@ -124,14 +126,14 @@ await withCleanup(async (cleanup) => {
     await execFile('rbd', ['-c', ceph.client.conf, 'bench', '--io-type', 'write', '--io-size', '4M', '--io-threads', '4', '--io-pattern', 'seq', '--io-total', `${imageMiB}M`, `${ceph.pool}/${image}`], { timeout: 600_000 });
   }
   const rows: string[][] = [];
+  let direct: Rate = { iops: 0, mibs: 0 };
   for (const job of jobs) {
-    const direct = await fio(ceph, 'fio', job);
+    direct = await fio(ceph, 'fio', job);
     const throughQemu = await qemuImgBench(ceph, 'qemu', job, Math.max(job.depth * 4, Math.round(direct.iops * seconds)));
     const big = job.blockBytes >= mib;
     rows.push([job.name, fmt(direct, big), fmt(throughQemu, big), ratio(big ? throughQemu.mibs : throughQemu.iops, big ? direct.mibs : direct.iops)]);
   }
-  const guestJob: Job = { name: '1M sequential write, qd1', write: true, blockBytes: mib, depth: 1, stepBytes: mib };
-  const direct = await fio(ceph, 'fio', guestJob);
+  // Against fio's 1M qd1 writes, the last job above.
   const guest = await guestWrites(ceph, temp.path, 'guest');
   rows.push(['1M sequential write, qd1: test guest (TCG) vs fio', fmt(direct, true), fmt(guest, true), ratio(guest.mibs, direct.mibs)]);
   console.log(table(['job', 'fio rbd engine', 'through QEMU', 'QEMU / fio'], rows));
