@@ -6,6 +6,12 @@
  * server the VM's disks use answers again, the guest continues as if its disk
  * had been slow, and no write it was told succeeded is lost.
  *
+ * An RBD disk never stops its VM on a Ceph outage: librbd holds the requests
+ * until the cluster is back (test/migration/rbd.test.ts). It stops only on an
+ * error Ceph itself returns, such as a fenced (blocklisted) client's, and a
+ * fenced VM must stay stopped: so VMs whose stop no storage server explains
+ * are left alone.
+ *
  * A VM in a migration is never touched here: whether its source may run is
  * the migration's decision (src/migration/no-return.ts).
  */

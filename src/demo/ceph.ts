@@ -29,6 +29,10 @@ export interface TestCeph {
   dir: string;
   /** Where its monitor listens, as a client reaches it. */
   monitor: { host: string; port: number };
+  /** Kills the monitor and the OSD with `signal` (a storage outage under its clients); returns once they exited. */
+  killDaemons(signal: 'SIGTERM' | 'SIGKILL'): Promise<void>;
+  /** Starts killed daemons again on the same data and addresses; returns once the pool answers. */
+  startDaemons(): Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -107,6 +111,17 @@ export async function startCeph(options: CephOptions = {}): Promise<TestCeph> {
     daemon.on('error', () => undefined);
     daemons.set(name, daemon);
   };
+  const killDaemons = async (signal: 'SIGTERM' | 'SIGKILL'): Promise<void> => {
+    const all = [...daemons.values()];
+    for (const daemon of all) daemon.kill(signal);
+    await Promise.all(all.map(exited));
+  };
+  const startDaemons = async (): Promise<void> => {
+    start('mon', 'ceph-mon', 'a');
+    start('osd', 'ceph-osd', '0');
+    // Reading the pool's directory needs the monitor and an active placement group on the OSD.
+    await tool('rbd', ['-c', confPath, 'ls', 'rbd']);
+  };
   const stop = async (): Promise<void> => {
     const all = [...daemons.values()];
     kill();
@@ -144,6 +159,8 @@ export async function startCeph(options: CephOptions = {}): Promise<TestCeph> {
       pool: 'rbd',
       dir,
       monitor: { host: address, port },
+      killDaemons,
+      startDaemons,
       stop,
     };
   } catch (err) {
