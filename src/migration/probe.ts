@@ -15,6 +15,9 @@ import type { LocalPool } from '../storage/local-pool.ts';
 import { existingBridges } from '../qemu/taps.ts';
 import { imageInfo } from '../storage/local-pool.ts';
 import { runProgram } from '../util/run.ts';
+import { pollUntil } from '../util/poll.ts';
+import { guestRamAddress, memoryDigestChunkBytes, memoryDigestMaxMiB, zeroChunks } from '../qemu/memory-digest.ts';
+import type { GuestRamFacts } from './prediction.ts';
 import { qemuImageJson, type RbdImageRef } from '../storage/rbd.ts';
 import { exportKey, rbdKey, type DestinationFacts, type LocalDiskFacts, type SourceFacts } from './plan.ts';
 
@@ -132,4 +135,45 @@ export async function probeDestination(
     vmNames,
     bridges: await existingBridges((spec.nics ?? []).map((nic) => nic.bridge)),
   };
+}
+
+/** Long enough for a guest that dirties a few MiB/s to show it in QEMU's whole-MiB/s figure; the dry run waits for it. */
+const dirtyRateCalcTimeS = 1;
+/** QEMU's upper bound: the more pages sampled, the less a small dirty rate is lost in the sampling. */
+const dirtyRateSamplePagesPerGiB = 4096;
+
+/**
+ * How fast the running guest dirties its memory and how much of it holds data, for the prediction
+ * (src/migration/prediction.ts). The dirty rate is QEMU's page-sampling estimate (it hashes sampled pages
+ * twice, `dirtyRateCalcTimeS` apart); the memory in use is read from the host's page tables of QEMU's guest
+ * RAM, as the memory digest reads them, so the guest is not touched.
+ */
+export async function measureGuestRam(vm: QemuProcess, signal?: AbortSignal): Promise<GuestRamFacts> {
+  await vm.qmp('starting the dirty-rate measurement', (qmp) => qmp.calcDirtyRate(dirtyRateCalcTimeS, dirtyRateSamplePagesPerGiB));
+  const inUse = await ramInUse(vm);
+  const mibPerS = await pollUntil(
+    async () => {
+      const info = await vm.qmp('asking for the dirty rate', (qmp) => qmp.queryDirtyRate());
+      return info.status === 'measured' ? (info['dirty-rate'] ?? 0) : undefined;
+    },
+    { timeoutMs: dirtyRateCalcTimeS * 1000 + 5000, intervalMs: 100, timeoutMessage: `QEMU of VM ${vm.spec.name} did not finish measuring its dirty rate`, ...(signal ? { signal } : {}) },
+  );
+  return {
+    dirtyRateBytesPerS: mibPerS * 1024 * 1024,
+    dirtyRateMethod: `page-sampling, ${dirtyRateSamplePagesPerGiB} pages per GiB`,
+    calcTimeS: dirtyRateCalcTimeS,
+    ...inUse,
+  };
+}
+
+async function ramInUse(vm: QemuProcess): Promise<Pick<GuestRamFacts, 'inUseBytes' | 'inUseBasis'>> {
+  const size = vm.spec.memoryMiB * 1024 * 1024;
+  // Larger guests' RAM is split around the PCI hole: not one block at guest address 0.
+  if (vm.spec.memoryMiB > memoryDigestMaxMiB) return { inUseBytes: size, inUseBasis: `all of its RAM (over ${memoryDigestMaxMiB} MiB: its page tables not read)` };
+  try {
+    const zero = await zeroChunks(vm.pid, await guestRamAddress(vm), size);
+    return { inUseBytes: size - zero.size * memoryDigestChunkBytes, inUseBasis: "MiB-chunks of the guest's RAM not all zero in the host's page tables" };
+  } catch (err) {
+    return { inUseBytes: size, inUseBasis: `all of its RAM (its page tables could not be read: ${err instanceof Error ? err.message : String(err)})` };
+  }
 }

@@ -162,7 +162,7 @@ async function zeroPageFrames(entries: Buffer): Promise<Set<number>> {
  * Where guest address 0 is in QEMU's address space. Guest RAM up to
  * memoryDigestMaxMiB is one block from there on, in q35 and pc alike.
  */
-async function guestRamAddress(vm: QemuProcess): Promise<number> {
+export async function guestRamAddress(vm: QemuProcess): Promise<number> {
   const text = await vm.qmp('finding guest RAM', (qmp) => qmp.client.execute<string>('human-monitor-command', { 'command-line': 'gpa2hva 0' }));
   const match = /is (0x[0-9a-f]+)/.exec(text);
   if (!match) throw new VmferryError('VMF_MIGRATION_FAILED', `QEMU of VM ${vm.spec.name} did not say where guest RAM is: ${text.trim()}`);
