@@ -35,8 +35,9 @@ function predictionLines(prediction: Prediction, maxDowntimeMs: number): string[
   const head =
     totalMs === undefined
       ? 'Predicted: not predicted'
-      : `Predicted: ${seconds(totalMs)} in all, ${passes === undefined ? 'passes until the timeout' : `${passes} passes`}, guest paused ${pauseMs ?? '?'} ms for RAM ` +
-        (converges ? `(within --max-downtime ${maxDowntimeMs} ms)` : `(does NOT fit --max-downtime ${maxDowntimeMs} ms)`);
+      : `Predicted: ${seconds(totalMs)} of copying, ${passes === undefined ? 'passes until the timeout' : `${passes} passes`}, ` +
+        (converges ? 'pre-copy converges' : 'pre-copy does NOT converge') +
+        `, guest paused at most ${pauseMs ?? '?'} ms for RAM${pauseMs !== undefined && pauseMs > maxDowntimeMs ? ` (over --max-downtime ${maxDowntimeMs} ms unless the link is faster than the cap)` : ''}`;
   return [head, ...prediction.basis.map((b) => `  - ${b}`)];
 }
 
@@ -76,7 +77,7 @@ export function renderReport(report: MigrationReport): string {
   if (predicted?.totalMs !== undefined) {
     lines.push(
       `  predicted ${seconds(predicted.totalMs)} / actual ${seconds(report.totalMs)}; passes predicted ${predicted.passes ?? '(until the timeout)'} / actual ${report.ram.passes}; ` +
-        `RAM pause predicted ${predicted.pauseMs ?? '?'} ms / QEMU's downtime ${msOrUnknown(report.downtimeMs)}`,
+        `RAM pause predicted at most ${predicted.pauseMs ?? '?'} ms / QEMU's downtime ${msOrUnknown(report.downtimeMs)}`,
     );
   }
   if (report.recovery && report.outcome === 'completed') lines.push(`  settled after a restart: ${report.recovery}`);

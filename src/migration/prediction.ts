@@ -34,13 +34,20 @@ export interface LinkFacts {
 }
 
 export interface Prediction {
-  /** From the first mirror byte to the guest running on the destination; absent when the link's speed is not known. */
+  /** The mirrors and every pass that runs at the cap; absent when the link's speed is not known. The switch-over's set-up and hand-over are not in it. */
   totalMs?: number;
   /** Passes over memory as QEMU counts them (its dirty-sync-count, the report's `ram.passes`). */
   passes?: number;
-  /** The RAM share of the guest's pause: what is left to send once the guest is stopped (the switch-over adds its own). */
+  /**
+   * The RAM share of the guest's pause, at most: what is left once the guest is stopped, sent at the cap. When QEMU
+   * stops the guest itself at the end of pre-copy it lifts the cap for that rest, which then moves at the link's own
+   * speed (not measured): shorter on a link faster than the cap. The switch-over adds its own share on top.
+   */
   pauseMs?: number;
-  /** What is left when the guest stops moves within --max-downtime; false: the pause runs over it, or pre-copy never gets there. */
+  /**
+   * Pre-copy reaches the switch-over: what is left moves within --max-downtime at the cap (QEMU's own test, with its
+   * measured, capped, bandwidth), or for a TCG guest that runs one pass only, always. False: it never gets there.
+   */
   converges?: boolean;
   dirtyRateBytesPerS: number;
   linkBytesPerS?: number;
@@ -73,10 +80,11 @@ export function predictMigration(plan: PlannedFigures, ram: GuestRamFacts, link:
   const limitS = plan.ram.maxDowntimeMs / 1000;
   // Pages dirtied over `seconds`: the guest cannot dirty more than its RAM (the model knows no smaller working set).
   const dirtied = (seconds: number): number => Math.min(ram.dirtyRateBytesPerS * seconds, memoryBytes);
-  const result = (ramS: number, passes: number | undefined, pauseS: number, converges: boolean): Prediction => ({
+  // `cappedRamS`: RAM sent at the cap; a rest that QEMU sends uncapped is in the pause's bound only.
+  const result = (cappedRamS: number, passes: number | undefined, pauseS: number, converges: boolean): Prediction => ({
     ...figures,
     linkBytesPerS: B,
-    totalMs: Math.round((mirrorS + ramS) * 1000),
+    totalMs: Math.round((mirrorS + cappedRamS) * 1000),
     ...(passes === undefined ? {} : { passes }),
     pauseMs: Math.round(pauseS * 1000),
     converges,
@@ -84,8 +92,8 @@ export function predictMigration(plan: PlannedFigures, ram: GuestRamFacts, link:
   });
 
   if (plan.ram.mode === 'stop-and-copy') {
-    basis.push('stop-and-copy: the guest stopped for the one pass over its RAM');
-    return result(ramBytes / B, 3, ramBytes / B, ramBytes / B <= limitS);
+    basis.push('stop-and-copy: the guest stopped for the one pass over its RAM, at the cap');
+    return result(ramBytes / B, 3, ramBytes / B, true);
   }
   if (plan.ram.mode === 'postcopy') {
     basis.push('post-copy: the guest runs on the destination while its RAM follows; the pause is the switch-over alone');
@@ -93,9 +101,8 @@ export function predictMigration(plan: PlannedFigures, ram: GuestRamFacts, link:
   }
   const firstS = ramBytes / B;
   if (plan.ram.stopAfterFirstPass) {
-    basis.push('TCG: one pass while the guest runs, then the guest stopped while what it dirtied during that pass moves');
-    const restS = dirtied(firstS) / B;
-    return result(firstS + restS, 2, restS, restS <= limitS);
+    basis.push('TCG: one pass while the guest runs, then QEMU stops the guest and sends what it dirtied during that pass, uncapped');
+    return result(firstS, 2, dirtied(firstS) / B, true);
   }
   // QEMU syncs its dirty bitmap as RAM starts to move, after each pass, and once more with the guest stopped.
   basis.push(`pre-copy: each pass sends what the guest dirtied during the one before, until it moves within ${plan.ram.maxDowntimeMs} ms`);
@@ -103,7 +110,7 @@ export function predictMigration(plan: PlannedFigures, ram: GuestRamFacts, link:
   let passS = firstS;
   for (let passes = 2; passes <= maxModelledPasses; passes++) {
     const restS = dirtied(passS) / B;
-    if (restS <= limitS) return result(ramS + restS, passes + 1, restS, true);
+    if (restS <= limitS) return result(ramS, passes + 1, restS, true);
     ramS += restS;
     passS = restS;
   }
