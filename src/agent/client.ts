@@ -9,6 +9,7 @@ import { requestJson } from '../http/errors.ts';
 import { retryIdempotent } from '../http/retry.ts';
 import type { TlsIdentity } from '../security/tls-files.ts';
 import type { DestinationFacts, MigrationPlan, SourceFacts, CopyMode } from '../migration/plan.ts';
+import type { GuestRamFacts } from '../migration/prediction.ts';
 import type {
   DestinationResumed,
   DestinationSide,
@@ -116,6 +117,10 @@ export class AgentClient {
 
   probeSource(vm: string): Promise<SourceFacts> {
     return this.idempotent('POST', `/v1/vms/${encodeURIComponent(vm)}/probe-source`, {}, { timeoutMs: 60_000 });
+  }
+
+  measureGuestRam(vm: string): Promise<GuestRamFacts> {
+    return this.idempotent('POST', `/v1/vms/${encodeURIComponent(vm)}/measure-ram`, {}, { timeoutMs: 30_000 });
   }
 
   probeDestination(spec: VmSpec): Promise<DestinationFacts> {

@@ -16,7 +16,8 @@ import type { MigrationHalves, VmInfo } from '../api/agent-types.ts';
 import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
 import type { MigrationStatus } from '../qmp/commands.ts';
-import { probeDestination, probeSource, qemuCapabilities, type QemuCapabilities } from '../migration/probe.ts';
+import { measureGuestRam, probeDestination, probeSource, qemuCapabilities, type QemuCapabilities } from '../migration/probe.ts';
+import type { GuestRamFacts } from '../migration/prediction.ts';
 import type { CopyMode, DestinationFacts, MigrationPlan, SourceFacts } from '../migration/plan.ts';
 import { QemuDestination } from '../migration/qemu-destination.ts';
 import { QemuSource, removeLocalCopies, type QemuSourceOptions } from '../migration/qemu-source.ts';
@@ -129,6 +130,11 @@ export class MigrationSides {
 
   async probeSource(vm: string): Promise<SourceFacts> {
     return probeSource(this.#registry.hostId, this.#registry.running(vm), await this.capabilities());
+  }
+
+  /** The running guest's dirty rate and memory in use, for the prediction of its migration. */
+  measureGuestRam(vm: string): Promise<GuestRamFacts> {
+    return measureGuestRam(this.#registry.running(vm));
   }
 
   async probeDestination(spec: VmSpec): Promise<DestinationFacts> {

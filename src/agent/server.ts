@@ -160,6 +160,7 @@ export async function buildAgent(options: AgentOptions): Promise<{ app: FastifyI
     return reply.status(204).send();
   });
   app.post('/v1/vms/:name/probe-source', { schema: { params: VmNameParamsSchema } }, (request) => sides.probeSource(request.params.name));
+  app.post('/v1/vms/:name/measure-ram', { schema: { params: VmNameParamsSchema } }, (request) => sides.measureGuestRam(request.params.name));
   app.post('/v1/probe-destination', { schema: { body: Type.Object({ spec: Type.Unknown() }, strict) } }, (request) =>
     sides.probeDestination(validateVmSpec(request.body.spec)),
   );

@@ -236,6 +236,21 @@ export const MigrationOptionsSchema = Type.Object({
 const bytes = Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER });
 const downtimeMs = Type.Number({ exclusiveMinimum: 0 });
 
+const milliseconds = Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER });
+
+/** src/migration/prediction.ts Prediction: carried with the plan for people; no agent acts on it. */
+const PredictionSchema = Type.Object({
+  totalMs: Type.Optional(milliseconds),
+  passes: Type.Optional(Type.Integer({ minimum: 0 })),
+  pauseMs: Type.Optional(milliseconds),
+  converges: Type.Optional(Type.Boolean()),
+  dirtyRateBytesPerS: Type.Number({ minimum: 0 }),
+  linkBytesPerS: Type.Optional(Type.Number({ exclusiveMinimum: 0 })),
+  diskBytes: bytes,
+  ramBytes: bytes,
+  basis: Type.Array(Type.String({ maxLength: 8192 }), { maxItems: 32 }),
+});
+
 /**
  * The plan the controller computes (src/migration/plan.ts MigrationPlan, which
  * a type test holds equal to this) and both agents run: checked at the agent,
@@ -275,4 +290,5 @@ export const MigrationPlanSchema = Type.Object({
   }),
   options: MigrationOptionsSchema,
   refusals: Type.Array(Type.String({ maxLength: 8192 }), { maxItems: 256 }),
+  prediction: Type.Optional(PredictionSchema),
 });

@@ -2,6 +2,7 @@
 import Table from 'cli-table3';
 import type { MigrationReport } from '../migration/phases.ts';
 import type { MigrationPlan } from '../migration/plan.ts';
+import type { Prediction } from '../migration/prediction.ts';
 import { formatBytes } from '../util/format.ts';
 
 export function table(head: string[], rows: (string | number)[][]): string {
@@ -23,8 +24,25 @@ export function renderPlan(plan: MigrationPlan): string {
   ].join(', ');
   rows.push(['(RAM)', 'memory', 'migrate', `${plan.ram.memoryMiB} MiB`, `≤ ${plan.ram.memoryMiB} MiB`, ramHow]);
   const lines = [`Plan: ${plan.vm} from ${plan.from} to ${plan.to}`, table(['disk', 'kind', 'operation', 'size', 'to copy', 'why'], rows)];
+  if (plan.prediction) lines.push(...predictionLines(plan.prediction, plan.ram.maxDowntimeMs));
   if (plan.refusals.length) lines.push('Refused:', ...plan.refusals.map((r) => `  - ${r}`));
   return lines.join('\n');
+}
+
+/** The prediction in one line, then how its figures were come by. */
+function predictionLines(prediction: Prediction, maxDowntimeMs: number): string[] {
+  const { totalMs, passes, pauseMs, converges } = prediction;
+  const head =
+    totalMs === undefined
+      ? 'Predicted: not predicted'
+      : `Predicted: ${seconds(totalMs)} of copying, ${passes === undefined ? 'passes until the timeout' : `${passes} passes`}, ` +
+        (converges ? 'pre-copy converges' : 'pre-copy does NOT converge') +
+        `, guest paused at most ${pauseMs ?? '?'} ms for RAM${pauseMs !== undefined && pauseMs > maxDowntimeMs ? ` (over --max-downtime ${maxDowntimeMs} ms unless the link is faster than the cap)` : ''}`;
+  return [head, ...prediction.basis.map((b) => `  - ${b}`)];
+}
+
+function seconds(ms: number): string {
+  return `${(ms / 1000).toFixed(1)} s`;
 }
 
 /** How the plan moves RAM, and what it does when the RAM phase runs long. */
@@ -55,6 +73,13 @@ export function renderReport(report: MigrationReport): string {
       (attempts.length > 1 ? `, ${attempts.length} attempts` : ''),
   ];
   if (report.error) lines.push(`  reason: ${report.error.message} [${report.error.code}]`);
+  const predicted = report.prediction;
+  if (predicted?.totalMs !== undefined) {
+    lines.push(
+      `  predicted ${seconds(predicted.totalMs)} / actual ${seconds(report.totalMs)}; passes predicted ${predicted.passes ?? '(until the timeout)'} / actual ${report.ram.passes}; ` +
+        `RAM pause predicted at most ${predicted.pauseMs ?? '?'} ms / QEMU's downtime ${msOrUnknown(report.downtimeMs)}`,
+    );
+  }
   if (report.recovery && report.outcome === 'completed') lines.push(`  settled after a restart: ${report.recovery}`);
   if (report.ram.memoryCompared) {
     const cost = report.ram.compareMs === undefined ? '' : `, ${report.ram.compareMs} ms of the pause`;

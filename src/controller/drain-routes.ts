@@ -28,6 +28,6 @@ export function registerDrainRoutes(app: Api, drains: DrainService): void {
     await drains.undrain(request.params.host);
     return { host: request.params.host, draining: false };
   });
-  app.get('/v1/drains', () => drains.list());
-  app.get('/v1/drains/:id', { schema: { params: MigrationParamsSchema } }, (request) => drains.get(request.params.id));
+  app.get('/v1/drains', () => drains.history());
+  app.get('/v1/drains/:id', { schema: { params: MigrationParamsSchema } }, (request) => drains.find(request.params.id));
 }

@@ -17,11 +17,13 @@ import { finalPhases, type MigrationReport } from '../migration/phases.ts';
 import { defaultMigrationOptions, planMigration } from '../migration/plan.ts';
 import type { Inventory } from './inventory.ts';
 import type { MigrationService } from './migrations.ts';
-import type { Store } from '../store/store.ts';
+import type { DrainedVm, DrainStatus, Store } from '../store/store.ts';
 import type { MigrationChanges } from './events.ts';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 const MiB = 1024 * 1024;
+/** Drains `list` returns at most. */
+const drainsListed = 100;
 /** How often the drain looks at its running migrations. */
 const pollMs = 500;
 
@@ -34,38 +36,7 @@ export interface DrainRequest {
   bandwidthMiBs?: number | undefined;
 }
 
-export interface DrainedVm {
-  vm: string;
-  state: 'waiting' | 'migrating' | 'completed' | 'failed' | 'cancelled' | 'unresolved' | 'skipped';
-  to?: string;
-  migrationId?: string;
-  /** The migration's phase while it runs. */
-  phase?: string;
-  /** Why it failed or was skipped. */
-  reason?: string;
-  /** The cap its migration has now, bytes/s (its share of the budget). */
-  shareBytes?: number;
-  /** From its report: RAM and mirrored disk bytes sent, the whole migration, the guest's pause. */
-  sentBytes?: number;
-  totalMs?: number;
-  downtimeMs?: number | null;
-  /** When its RAM or disks began to move and when that ended (the report's phases), for the budget check. */
-  transfer?: { from: number; until: number };
-}
-
-export interface DrainStatus {
-  id: string;
-  host: string;
-  to: string[] | null;
-  parallel: number;
-  bandwidthMiBs: number | null;
-  state: 'running' | 'done' | 'stopped';
-  startedAt: number;
-  endedAt: number | null;
-  vms: DrainedVm[];
-  /** Measured over the drain, from its migrations' reports: bytes sent, the time any of them was sending, and their ratio. */
-  transfer: { bytes: number; busyMs: number; bytesPerSecond: number } | null;
-}
+export type { DrainedVm, DrainStatus } from '../store/store.ts';
 
 /** Bytes a completed or failed migration sent: RAM and every mirror. */
 function sentBytes(report: MigrationReport): number {
@@ -144,6 +115,7 @@ export class DrainService {
       logger.error({ err: describeError(err) }, 'drain crashed');
     });
     this.#drains.set(status.id, { status, stop, done });
+    await this.#store.saveDrain(status);
     this.#changes?.drainChanged(status.id);
     logger.info({ vms: status.vms.length, parallel: request.parallel, bandwidthMiBs: request.bandwidthMiBs }, 'drain started');
     return structuredClone(status);
@@ -157,6 +129,27 @@ export class DrainService {
 
   list(): DrainStatus[] {
     return [...this.#drains.values()].map((d) => structuredClone(d.status));
+  }
+
+  /** A drain as it runs here, or as the store kept it (ended, or run by a controller that has stopped since). */
+  async find(id: string): Promise<DrainStatus> {
+    const drain = this.#drains.get(id);
+    if (drain) return structuredClone(drain.status);
+    const stored = await this.#store.getDrain(id);
+    if (!stored) throw new VmferryError('VMF_NOT_FOUND', `no drain ${id}`);
+    return this.#orphaned(stored);
+  }
+
+  /** Newest first: the drains running here and those the store kept. */
+  async history(): Promise<DrainStatus[]> {
+    const stored = await this.#store.listDrains(drainsListed);
+    const all = [...this.list(), ...stored.filter((d) => !this.#drains.has(d.id)).map((d) => this.#orphaned(d))];
+    return all.sort((a, b) => b.startedAt - a.startedAt);
+  }
+
+  /** A stored drain no controller runs now: its controller stopped; its migrations were settled as any other (recovery.ts). */
+  #orphaned(drain: DrainStatus): DrainStatus {
+    return drain.state === 'running' ? { ...drain, state: 'stopped' } : drain;
   }
 
   /** The host takes VMs again; a drain of it still running starts no more migrations (those running finish). */
@@ -175,10 +168,14 @@ export class DrainService {
 
   async #run(status: DrainStatus, infos: Map<string, VmInfo>, stop: AbortSignal, logger: Logger): Promise<void> {
     let announced = JSON.stringify(status);
+    let saving = Promise.resolve();
     const announce = (): void => {
       const now = JSON.stringify(status);
       if (now === announced) return;
       announced = now;
+      // Stored as it changes, in order, so its status and its VMs' outcomes outlive this controller.
+      const snapshot = structuredClone(status);
+      saving = saving.then(() => this.#store.saveDrain(snapshot)).catch((err: unknown) => logger.warn({ err: describeError(err) }, 'could not store the drain'));
       this.#changes?.drainChanged(status.id);
     };
     const budgetBytes = status.bandwidthMiBs === null ? undefined : status.bandwidthMiBs * MiB;
@@ -223,6 +220,7 @@ export class DrainService {
       const bytes = reported.reduce((sum, v) => sum + (v.sentBytes ?? 0), 0);
       status.transfer = { bytes, busyMs, bytesPerSecond: busyMs > 0 ? Math.round((bytes * 1000) / busyMs) : 0 };
       announce();
+      await saving;
       logger.info({ state: status.state, transfer: status.transfer }, 'drain ended');
     }
   }

@@ -12,6 +12,7 @@ import { finalPhases, type MigrationEvent, type MigrationPhase, type MigrationRe
 import { defaultMigrationOptions, planMigration, withRamMode, type MigrationOptions, type MigrationPlan } from '../migration/plan.ts';
 import type { MigrationRecord, Store } from '../store/store.ts';
 import { runAttempts } from './attempts.ts';
+import { capOf, predictMigration } from '../migration/prediction.ts';
 import { retireUntilDone, settleUntilDone } from './recovery.ts';
 import { resolveMigration, type ResolvingHalves } from './resolve.ts';
 import { faultPoint } from '../util/fault-points.ts';
@@ -72,8 +73,15 @@ export class MigrationService {
     const destinationAgent = await inventory.agent(request.to);
     const vm = await sourceAgent.getVm(request.vm);
     if (vm.state !== 'running') throw new VmferryError('VMF_CONFLICT', `VM ${request.vm} is ${vm.state} on ${from}; only a running VM migrates live`);
-    const [sourceFacts, destinationFacts] = await Promise.all([sourceAgent.probeSource(request.vm), destinationAgent.probeDestination(vm.spec)]);
-    const plan = planMigration(vm.spec, sourceFacts, destinationFacts, { ...defaultMigrationOptions, ...request.options });
+    const [sourceFacts, destinationFacts, ramFacts] = await Promise.all([
+      sourceAgent.probeSource(request.vm),
+      destinationAgent.probeDestination(vm.spec),
+      // The plan stands without a prediction: a measurement that fails only leaves it out, and says why.
+      sourceAgent.measureGuestRam(request.vm).catch((err: unknown) => describeError(err)),
+    ]);
+    const planned = planMigration(vm.spec, sourceFacts, destinationFacts, { ...defaultMigrationOptions, ...request.options });
+    const plan = typeof ramFacts === 'string' ? planned : { ...planned, prediction: predictMigration(planned, ramFacts, capOf(planned)) };
+    if (typeof ramFacts === 'string') this.#logger.warn({ vm: request.vm }, `no prediction for the migration of ${request.vm}: its dirty rate was not measured (${ramFacts})`);
     if (request.dryRun) return { plan };
     if (plan.refusals.length) {
       throw new VmferryError('VMF_MIGRATION_REFUSED', `migration of ${request.vm} to ${request.to} refused: ${plan.refusals.join('; ')}`);
@@ -121,7 +129,8 @@ export class MigrationService {
       // The executor stored `unresolved` as it entered it: its reason must not wait on the storage server's counters.
       // (A final phase is stored once, with the full report, below: whoever sees it final reads the whole report.)
       if (report.outcome === 'unresolved') await store.updateMigration(id, { phase: 'unresolved', report });
-      return storageIo.finish(report);
+      const finished = await storageIo.finish(report);
+      return plan.prediction ? { ...finished, prediction: plan.prediction } : finished;
     };
     const done = attempts()
       .then(async (report) => {

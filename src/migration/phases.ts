@@ -4,6 +4,7 @@
  * reported (an event or a query), never on a sleep.
  */
 import type { DiskOperation, RamMode } from './plan.ts';
+import type { Prediction } from './prediction.ts';
 
 /** One phase of a migration: what happens once it is stored, and what undoes that. */
 export interface MigrationStep {
@@ -264,4 +265,6 @@ export interface MigrationReport {
   allAttempts?: { count: number; ramBytes: number; diskBytes: number; pauseMs?: number };
   /** Set when a restarted controller settled the migration from what the agents reported. */
   recovery?: string;
+  /** What the plan predicted (its `prediction`), kept beside the figures above to compare with. */
+  prediction?: Prediction;
 }

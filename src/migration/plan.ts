@@ -8,6 +8,7 @@ import type { Accelerator } from '../qemu/command-line.ts';
 import { memoryDigestMaxMiB } from '../qemu/memory-digest.ts';
 import { downtimeSteps } from './convergence.ts';
 import type { DiskSpec, NbdServerAddress, VmSpec } from '../qemu/spec.ts';
+import type { Prediction } from './prediction.ts';
 import { formatBytes } from '../util/format.ts';
 
 export type CopyMode = 'background' | 'write-blocking';
@@ -209,6 +210,8 @@ export interface MigrationPlan {
   options: MigrationOptions;
   /** Reasons the migration must not start; empty when it may. */
   refusals: string[];
+  /** Time, passes and pause predicted from the guest's measured dirty rate (src/migration/prediction.ts); absent when not measured. */
+  prediction?: Prediction;
 }
 
 export function exportKey(server: NbdServerAddress, exportName: string): string {

@@ -3,7 +3,7 @@
  * allocation from qemu-img, shared volumes by actually connecting to them from
  * the host in question, machine types from the QEMU binary, memory from the kernel.
  */
-import { readFile } from 'node:fs/promises';
+import { open, readFile } from 'node:fs/promises';
 import { VmferryError } from '../errors.ts';
 import type { Accelerator } from '../qemu/command-line.ts';
 import { queryCpuModels, qemuBuiltinCpuModel, type CpuModels } from '../qemu/cpu-models.ts';
@@ -15,6 +15,9 @@ import type { LocalPool } from '../storage/local-pool.ts';
 import { existingBridges } from '../qemu/taps.ts';
 import { imageInfo } from '../storage/local-pool.ts';
 import { runProgram } from '../util/run.ts';
+import { pollUntil } from '../util/poll.ts';
+import { guestRamAddress, memoryDigestMaxMiB, pageBytes, writtenPages } from '../qemu/memory-digest.ts';
+import type { GuestRamFacts } from './prediction.ts';
 import { qemuImageJson, type RbdImageRef } from '../storage/rbd.ts';
 import { exportKey, rbdKey, type DestinationFacts, type LocalDiskFacts, type SourceFacts } from './plan.ts';
 
@@ -132,4 +135,68 @@ export async function probeDestination(
     vmNames,
     bridges: await existingBridges((spec.nics ?? []).map((nic) => nic.bridge)),
   };
+}
+
+/** Long enough for a guest that dirties a few MiB/s to show it in QEMU's whole-MiB/s figure; the dry run waits for it. */
+const dirtyRateCalcTimeS = 1;
+/** QEMU's upper bound: the more pages sampled, the less a small dirty rate is lost in the sampling. */
+const dirtyRateSamplePagesPerGiB = 4096;
+
+/**
+ * How fast the running guest dirties its memory and how much of it holds data, for the prediction
+ * (src/migration/prediction.ts). The dirty rate is QEMU's page-sampling estimate (it hashes sampled pages
+ * twice, `dirtyRateCalcTimeS` apart); the memory in use is read from the host's page tables of QEMU's guest
+ * RAM, as the memory digest reads them, so the guest is not touched.
+ */
+export async function measureGuestRam(vm: QemuProcess, signal?: AbortSignal): Promise<GuestRamFacts> {
+  await vm.qmp('starting the dirty-rate measurement', (qmp) => qmp.calcDirtyRate(dirtyRateCalcTimeS, dirtyRateSamplePagesPerGiB));
+  const inUse = await ramInUse(vm);
+  const mibPerS = await pollUntil(
+    async () => {
+      const info = await vm.qmp('asking for the dirty rate', (qmp) => qmp.queryDirtyRate());
+      return info.status === 'measured' ? (info['dirty-rate'] ?? 0) : undefined;
+    },
+    { timeoutMs: dirtyRateCalcTimeS * 1000 + 5000, intervalMs: 100, timeoutMessage: `QEMU of VM ${vm.spec.name} did not finish measuring its dirty rate`, ...(signal ? { signal } : {}) },
+  );
+  return {
+    dirtyRateBytesPerS: mibPerS * 1024 * 1024,
+    dirtyRateMethod: `page-sampling, ${dirtyRateSamplePagesPerGiB} pages per GiB`,
+    calcTimeS: dirtyRateCalcTimeS,
+    ...inUse,
+  };
+}
+
+/** Pages read to tell how many of those the page tables call written hold only zeros: a few ms of reads. */
+const inUseSamplePages = 2048;
+
+async function ramInUse(vm: QemuProcess): Promise<Pick<GuestRamFacts, 'inUseBytes' | 'inUseBasis'>> {
+  const size = vm.spec.memoryMiB * 1024 * 1024;
+  // Larger guests' RAM is split around the PCI hole: not one block at guest address 0.
+  if (vm.spec.memoryMiB > memoryDigestMaxMiB) return { inUseBytes: size, inUseBasis: `all of its RAM (over ${memoryDigestMaxMiB} MiB: its page tables not read)` };
+  try {
+    const address = await guestRamAddress(vm);
+    const written = await writtenPages(vm.pid, address, size);
+    // A guest kernel zeroes the pages it hands out: written, yet QEMU sends each as a zero page. A sample tells their share.
+    const step = Math.max(1, written.length / inUseSamplePages);
+    const page = Buffer.alloc(pageBytes);
+    const memory = await open(`/proc/${vm.pid}/mem`, 'r');
+    let sampled = 0;
+    let holdingData = 0;
+    try {
+      for (let i = 0; i < written.length; i += step) {
+        await memory.read(page, 0, pageBytes, address + (written[Math.floor(i)] as number) * pageBytes);
+        sampled++;
+        if (page.some((byte) => byte !== 0)) holdingData++;
+      }
+    } finally {
+      await memory.close();
+    }
+    const share = sampled === 0 ? 0 : holdingData / sampled;
+    return {
+      inUseBytes: Math.round(written.length * pageBytes * share),
+      inUseBasis: `pages of the guest's RAM the host's page tables show written (${Math.round((written.length * pageBytes) / 1048576)} MiB), ${Math.round(share * 100)} % of ${sampled} read holding data`,
+    };
+  } catch (err) {
+    return { inUseBytes: size, inUseBasis: `all of its RAM (its page tables could not be read: ${err instanceof Error ? err.message : String(err)})` };
+  }
 }

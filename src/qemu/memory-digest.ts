@@ -76,7 +76,7 @@ export async function memoryDigest(vm: QemuProcess, signal: AbortSignal): Promis
   return hashChunks(memory, address, size, signal, await zeroChunks(vm.pid, address, size));
 }
 
-const pageBytes = 4096;
+export const pageBytes = 4096;
 
 /**
  * The chunks of QEMU's memory at [address, address + size) that hold only zeros, known without a read
@@ -88,6 +88,18 @@ const pageBytes = 4096;
  * RAM while it was paused.
  */
 export async function zeroChunks(pid: number, address: number, size: number): Promise<Set<number>> {
+  const pagesPerChunk = memoryDigestChunkBytes / pageBytes;
+  const written = new Set((await writtenPages(pid, address, size)).map((page) => Math.floor(page / pagesPerChunk)));
+  const zero = new Set<number>();
+  for (let chunk = 0; chunk < size / memoryDigestChunkBytes; chunk++) if (!written.has(chunk)) zero.add(chunk);
+  return zero;
+}
+
+/**
+ * The pages of QEMU's memory at [address, address + size) that may hold data, by /proc/PID/pagemap alone:
+ * present or swapped out, and not the kernel's zero page. (A page the guest filled with zeros is among them.)
+ */
+export async function writtenPages(pid: number, address: number, size: number): Promise<number[]> {
   const pages = size / pageBytes;
   const entries = Buffer.alloc(pages * 8);
   const file = await open(`/proc/${pid}/pagemap`, 'r');
@@ -101,19 +113,15 @@ export async function zeroChunks(pid: number, address: number, size: number): Pr
     await file.close();
   }
   const zeroFrames = await zeroPageFrames(entries);
-  const pagesPerChunk = memoryDigestChunkBytes / pageBytes;
-  const zero = new Set<number>();
-  for (let chunk = 0; chunk < pages / pagesPerChunk; chunk++) {
-    let allZero = true;
-    for (let page = chunk * pagesPerChunk; page < (chunk + 1) * pagesPerChunk && allZero; page++) {
-      const high = entries.readUInt32LE(page * 8 + 4);
-      // Bit 63: present in memory; bit 62: swapped out.
-      if ((high & 0xc0000000) === 0) continue;
-      allZero = (high & 0x80000000) !== 0 && zeroFrames.has(frameNumber(entries, page));
-    }
-    if (allZero) zero.add(chunk);
+  const written: number[] = [];
+  for (let page = 0; page < pages; page++) {
+    const high = entries.readUInt32LE(page * 8 + 4);
+    // Bit 63: present in memory; bit 62: swapped out.
+    if ((high & 0xc0000000) === 0) continue;
+    if ((high & 0x80000000) !== 0 && zeroFrames.has(frameNumber(entries, page))) continue;
+    written.push(page);
   }
-  return zero;
+  return written;
 }
 
 /** Bits 0–54 of a present page's pagemap entry; 0 where the reader may not see frame numbers (no CAP_SYS_ADMIN). */
@@ -162,7 +170,7 @@ async function zeroPageFrames(entries: Buffer): Promise<Set<number>> {
  * Where guest address 0 is in QEMU's address space. Guest RAM up to
  * memoryDigestMaxMiB is one block from there on, in q35 and pc alike.
  */
-async function guestRamAddress(vm: QemuProcess): Promise<number> {
+export async function guestRamAddress(vm: QemuProcess): Promise<number> {
   const text = await vm.qmp('finding guest RAM', (qmp) => qmp.client.execute<string>('human-monitor-command', { 'command-line': 'gpa2hva 0' }));
   const match = /is (0x[0-9a-f]+)/.exec(text);
   if (!match) throw new VmferryError('VMF_MIGRATION_FAILED', `QEMU of VM ${vm.spec.name} did not say where guest RAM is: ${text.trim()}`);

@@ -117,6 +117,14 @@ export interface BlockStatsEntry {
   stats: { rd_bytes: number; wr_bytes: number; flush_operations: number; wr_operations: number; rd_operations: number };
 }
 
+export interface DirtyRateInfo {
+  status: 'unstarted' | 'measuring' | 'measured';
+  /** MiB/s, whole; present once measured. */
+  'dirty-rate'?: number;
+  mode: string;
+  'calc-time': number;
+}
+
 /** A QMP client with the commands vmferry uses, each typed. */
 export class QemuMonitor {
   readonly client: QmpClient;
@@ -271,5 +279,14 @@ export class QemuMonitor {
 
   migrateCancel(options?: ExecuteOptions): Promise<void> {
     return this.client.execute('migrate_cancel', undefined, options);
+  }
+
+  /** Starts QEMU's estimate of the guest's dirty rate over `calcTimeS` (page-sampling: under TCG, QEMU 7.2's dirty-bitmap and dirty-ring modes crash it). */
+  calcDirtyRate(calcTimeS: number, samplePagesPerGiB: number, options?: ExecuteOptions): Promise<void> {
+    return this.client.execute('calc-dirty-rate', { 'calc-time': calcTimeS, 'sample-pages': samplePagesPerGiB, mode: 'page-sampling' }, options);
+  }
+
+  queryDirtyRate(options?: ExecuteOptions): Promise<DirtyRateInfo> {
+    return this.client.execute('query-dirty-rate', undefined, options);
   }
 }

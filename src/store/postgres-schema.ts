@@ -47,6 +47,11 @@ CREATE TABLE migration_events (
     // Hosts being drained (`vmferry host drain`): kept apart from `hosts`, which each heartbeat rewrites.
     sql: 'CREATE TABLE draining_hosts (host_id TEXT PRIMARY KEY, since BIGINT NOT NULL);',
   },
+  {
+    version: 4,
+    // Host drains and their VMs' outcomes (src/controller/drain.ts), so `vmferry host drain` status outlives the controller that ran one.
+    sql: 'CREATE TABLE drains (id TEXT PRIMARY KEY, started_at BIGINT NOT NULL, status JSON NOT NULL);',
+  },
 ];
 
 /** Any fixed number: the key of the transaction-scoped advisory lock that serialises schema upgrades ("vmfsch" in ASCII). */

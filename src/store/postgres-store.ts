@@ -9,7 +9,7 @@ import type { Logger } from 'pino';
 import { describeError, VmferryError } from '../errors.ts';
 import { finalPhases, type MigrationEvent, type MigrationPhase } from '../migration/phases.ts';
 import { applySchema } from './postgres-schema.ts';
-import type { HostRecord, LeaseToken, MigrationRecord, Store, StoredEvent, VmLocation } from './store.ts';
+import type { DrainStatus, HostRecord, LeaseToken, MigrationRecord, Store, StoredEvent, VmLocation } from './store.ts';
 
 /** True when `db` (a `--db` value) names a PostgreSQL database rather than a SQLite file. */
 export function isPostgresUrl(db: string): boolean {
@@ -213,6 +213,18 @@ export class PostgresStore implements Store {
 
   async drainingHosts(): Promise<string[]> {
     return (await this.#query<{ host_id: string }>('SELECT host_id FROM draining_hosts ORDER BY host_id', [])).rows.map((r) => r.host_id);
+  }
+
+  async saveDrain(drain: DrainStatus): Promise<void> {
+    await this.#write('INSERT INTO drains (id, started_at, status) VALUES ($1, $2, $3) ON CONFLICT (id) DO UPDATE SET status = excluded.status', [drain.id, drain.startedAt, JSON.stringify(drain)]);
+  }
+
+  async getDrain(id: string): Promise<DrainStatus | undefined> {
+    return (await this.#query<{ status: DrainStatus }>('SELECT status FROM drains WHERE id = $1', [id])).rows[0]?.status;
+  }
+
+  async listDrains(limit: number): Promise<DrainStatus[]> {
+    return (await this.#query<{ status: DrainStatus }>('SELECT status FROM drains ORDER BY started_at DESC, id LIMIT $1', [limit])).rows.map((r) => r.status);
   }
 
   async deleteVmLocation(name: string): Promise<void> {

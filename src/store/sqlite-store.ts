@@ -7,13 +7,14 @@
 import Database from 'better-sqlite3';
 import { VmferryError } from '../errors.ts';
 import { finalPhases, type MigrationEvent, type MigrationPhase } from '../migration/phases.ts';
-import type { HostRecord, MigrationRecord, Store, StoredEvent, VmLocation } from './store.ts';
+import type { DrainStatus, HostRecord, MigrationRecord, Store, StoredEvent, VmLocation } from './store.ts';
 
 const schema = `
 CREATE TABLE IF NOT EXISTS hosts (
   id TEXT PRIMARY KEY, url TEXT NOT NULL, address TEXT NOT NULL, last_seen INTEGER NOT NULL, accelerator TEXT, accelerator_reason TEXT);
 CREATE TABLE IF NOT EXISTS vms (name TEXT PRIMARY KEY, host_id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS draining_hosts (host_id TEXT PRIMARY KEY, since INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS drains (id TEXT PRIMARY KEY, started_at INTEGER NOT NULL, status TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS migrations (
   id TEXT PRIMARY KEY, vm TEXT NOT NULL, from_host TEXT NOT NULL, to_host TEXT NOT NULL, phase TEXT NOT NULL,
   plan TEXT NOT NULL, report TEXT, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
@@ -121,6 +122,21 @@ export class SqliteStore implements Store {
 
   drainingHosts(): Promise<string[]> {
     return Promise.resolve((this.#db.prepare('SELECT host_id AS id FROM draining_hosts ORDER BY host_id').all() as { id: string }[]).map((r) => r.id));
+  }
+
+  saveDrain(drain: DrainStatus): Promise<void> {
+    this.#db.prepare('INSERT INTO drains (id, started_at, status) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = excluded.status').run(drain.id, drain.startedAt, JSON.stringify(drain));
+    return Promise.resolve();
+  }
+
+  getDrain(id: string): Promise<DrainStatus | undefined> {
+    const row = this.#db.prepare('SELECT status FROM drains WHERE id = ?').get(id) as { status: string } | undefined;
+    return Promise.resolve(row && (JSON.parse(row.status) as DrainStatus));
+  }
+
+  listDrains(limit: number): Promise<DrainStatus[]> {
+    const rows = this.#db.prepare('SELECT status FROM drains ORDER BY started_at DESC, id LIMIT ?').all(limit) as { status: string }[];
+    return Promise.resolve(rows.map((r) => JSON.parse(r.status) as DrainStatus));
   }
 
   deleteVmLocation(name: string): Promise<void> {

@@ -46,6 +46,40 @@ export interface LeaseToken {
   epoch: number;
 }
 
+export interface DrainedVm {
+  vm: string;
+  state: 'waiting' | 'migrating' | 'completed' | 'failed' | 'cancelled' | 'unresolved' | 'skipped';
+  to?: string;
+  migrationId?: string;
+  /** The migration's phase while it runs. */
+  phase?: string;
+  /** Why it failed or was skipped. */
+  reason?: string;
+  /** The cap its migration has now, bytes/s (its share of the budget). */
+  shareBytes?: number;
+  /** From its report: RAM and mirrored disk bytes sent, the whole migration, the guest's pause. */
+  sentBytes?: number;
+  totalMs?: number;
+  downtimeMs?: number | null;
+  /** When its RAM or disks began to move and when that ended (the report's phases), for the budget check. */
+  transfer?: { from: number; until: number };
+}
+
+/** A host drain (src/controller/drain.ts), stored as it changes so `vmferry host drain` status outlives its controller. */
+export interface DrainStatus {
+  id: string;
+  host: string;
+  to: string[] | null;
+  parallel: number;
+  bandwidthMiBs: number | null;
+  state: 'running' | 'done' | 'stopped';
+  startedAt: number;
+  endedAt: number | null;
+  vms: DrainedVm[];
+  /** Measured over the drain, from its migrations' reports: bytes sent, the time any of them was sending, and their ratio. */
+  transfer: { bytes: number; busyMs: number; bytesPerSecond: number } | null;
+}
+
 export interface Store {
   /**
    * This store, its writes of migrations, VM locations and drains refused by the database itself once `lease`
@@ -61,6 +95,11 @@ export interface Store {
   /** Marks a host draining (`vmferry host drain`): no VM is created on it or migrated to it until it is undrained. */
   setHostDraining(id: string, draining: boolean): Promise<void>;
   drainingHosts(): Promise<string[]>;
+  /** Stores a drain's status, replacing what was stored of it. */
+  saveDrain(drain: DrainStatus): Promise<void>;
+  getDrain(id: string): Promise<DrainStatus | undefined>;
+  /** The newest `limit` drains, newest first. */
+  listDrains(limit: number): Promise<DrainStatus[]>;
 
   setVmLocation(location: VmLocation): Promise<void>;
   getVmLocation(name: string): Promise<VmLocation | undefined>;

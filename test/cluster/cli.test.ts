@@ -13,6 +13,7 @@ import pino from 'pino';
 import { LocalCluster } from '../../src/demo/local-cluster.ts';
 import { waitForAcks } from '../../src/guest/test-guest.ts';
 import type { MigrationReport } from '../../src/migration/phases.ts';
+import type { MigrationPlan } from '../../src/migration/plan.ts';
 import { findFreePort } from '../../src/util/ports.ts';
 import { FaultCluster } from '../support/fault-cluster.ts';
 
@@ -149,6 +150,19 @@ test('migrate --dry-run prints the plan and moves nothing', async () => {
   assert.equal(result.code, 0, result.stderr);
   assert.match(result.stdout, /root\s+│ local\s+│ mirror/);
   assert.match(result.stdout, /data\s+│ shared\s+│ reattach/);
+  // No cap and no probe of the link: the measured dirty rate only, and why no time is given.
+  assert.match(result.stdout, /Predicted: not predicted\n {2}- dirty rate .*: QEMU's calc-dirty-rate \(page-sampling/);
+  assert.match(result.stdout, /no --bandwidth cap, and vmferry does not probe the link yet/);
+  // Capped: the time, passes and pause for a TCG guest that runs one pass only (issue 19).
+  const capped = await vmferry('--json', 'migrate', 'web', '--to', 'B', '--dry-run', '--bandwidth', '32');
+  assert.equal(capped.code, 0, capped.stderr);
+  const { prediction } = (JSON.parse(capped.stdout) as { plan: MigrationPlan }).plan;
+  assert.ok(prediction?.totalMs !== undefined && prediction.pauseMs !== undefined, JSON.stringify(prediction));
+  assert.equal(prediction.linkBytesPerS, 32 * 1024 * 1024);
+  assert.equal(prediction.passes, 2);
+  assert.ok(prediction.ramBytes > 0 && prediction.ramBytes <= 256 * 1024 * 1024, `RAM in use ${prediction.ramBytes}`);
+  // The root disk's allocation and the RAM in use, at 32 MiB/s, and the rest dirtied meanwhile.
+  assert.ok(prediction.totalMs >= ((prediction.diskBytes + prediction.ramBytes) / (32 * 1024 * 1024)) * 1000 - 1, `${prediction.totalMs} ms`);
   assert.match((await vmferry('vm', 'list')).stdout, /web\s+│ A\s+│ running/);
 });
 
@@ -185,7 +199,8 @@ function checkFigures(report: MigrationReport): void {
 test('migrate to B and back through the CLI; records and reports are kept', async () => {
   for (const to of ['B', 'A']) {
     const before = (await waitForAcks(reportLogs('web'), ['root', 'data'], { atLeast: 0, timeoutMs: 1000 })).acks;
-    const result = await vmferry('--json', 'migrate', 'web', '--to', to);
+    // Capped on the way there, so the report has a predicted time beside the actual one.
+    const result = await vmferry('--json', 'migrate', 'web', '--to', to, ...(to === 'B' ? ['--bandwidth', '100'] : []));
     assert.equal(result.code, 0, result.stderr);
     // NDJSON: the plan with the id first, one line per event while it runs, the report last (as the one line it used to be).
     const lines = result.stdout.trim().split('\n').map((line) => JSON.parse(line) as { id: string; plan?: { to: string }; seq?: number; event?: { type: string }; report?: MigrationReport });
@@ -211,6 +226,8 @@ test('migrate to B and back through the CLI; records and reports are kept', asyn
     const shown = await vmferry('migration', 'show', id);
     assert.match(shown.stdout, new RegExp(`migration ${id}: web .* → ${to}, completed`));
     assert.match(shown.stdout, new RegExp(`completed in [\\d.]+ s, guest paused ${report.pauseMs} ms \\(QEMU's downtime ${report.downtimeMs} ms\\)`));
+    if (to === 'B') assert.match(shown.stdout, new RegExp(`predicted [\\d.]+ s / actual ${(report.totalMs / 1000).toFixed(1)} s; passes predicted 2 / actual ${report.ram.passes}`));
+    else assert.doesNotMatch(shown.stdout, /predicted [\d.]+ s \//, 'no time predicted without a cap');
     assert.match(shown.stdout, /data: no copy job; the storage server saw [\d.]+ \w*B read and [\d.]+ \w*B written for it during the migration/);
   }
   const list = JSON.parse((await vmferry('--json', 'migration', 'list')).stdout) as { phase: string }[];

@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { hasCode } from '../../src/errors.ts';
-import type { MigrationRecord, Store } from '../../src/store/store.ts';
+import type { DrainStatus, MigrationRecord, Store } from '../../src/store/store.ts';
 
 export type OpenStore = (name: string) => Promise<Store>;
 
@@ -77,6 +77,21 @@ export function storeContract(engine: string, open: OpenStore): void {
       await store.setHostDraining('A', false);
       await store.setHostDraining('A', false);
       assert.deepEqual(await store.drainingHosts(), ['B']);
+    }));
+
+  test(`${engine}: a drain's status is kept as last saved, and drains list newest first`, () =>
+    withStore(open, async (store) => {
+      const drain = (id: string, startedAt: number, state: DrainStatus['state']): DrainStatus => ({
+        id, host: 'A', to: null, parallel: 2, bandwidthMiBs: 8, state, startedAt, endedAt: state === 'running' ? null : startedAt + 10,
+        vms: [{ vm: 'web', state: state === 'running' ? 'migrating' : 'completed', to: 'B', migrationId: 'm1', downtimeMs: null }], transfer: null,
+      });
+      await store.saveDrain(drain('d1', 1000, 'running'));
+      await store.saveDrain(drain('d2', 2000, 'running'));
+      await store.saveDrain(drain('d1', 1000, 'done'));
+      assert.deepEqual(await store.getDrain('d1'), drain('d1', 1000, 'done'));
+      assert.equal(await store.getDrain('nope'), undefined);
+      assert.deepEqual((await store.listDrains(10)).map((d) => [d.id, d.state]), [['d2', 'running'], ['d1', 'done']]);
+      assert.deepEqual((await store.listDrains(1)).map((d) => d.id), ['d2']);
     }));
 
   test(`${engine}: a migration keeps its plan and report as written, and its phase and report change independently`, () =>

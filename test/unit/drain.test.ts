@@ -111,6 +111,12 @@ test('a drain keeps the caps of its running migrations within one budget, re-spl
     assert.equal(status.transfer?.bytes, 3 * 12 * MiB);
     await drains.undrain('A');
     assert.equal((await inventory.hosts()).find((h) => h.id === 'A')?.draining, false);
+
+    // A controller started afterwards on the same store (a restart, or another leader) still shows the drain and each VM's outcome.
+    await drains.close();
+    const restarted = new DrainService(store, inventory, migrations, pino({ level: 'silent' }));
+    assert.deepEqual(await restarted.find(id), status);
+    assert.deepEqual((await restarted.history()).map((d) => d.id), [id]);
   } finally {
     // Its loop ends once no migration of it runs: ended here, also when an assertion failed first.
     for (const id of records.keys()) if (records.get(id)?.phase === 'migrating') finish(id);

@@ -32,6 +32,7 @@ function fakeAgent(id: string, calls: string[]): AgentClient {
   const agent = {
     getVm: () => Promise.resolve({ name: 'web', state: 'running', spec }),
     probeSource: () => Promise.resolve({ hostId: 'A', qemuVersion: '7.2', machineType: 'q35', accelerator: 'tcg', localDisks: {} }),
+    measureGuestRam: () => Promise.resolve({ dirtyRateBytesPerS: 0, dirtyRateMethod: 'page-sampling', calcTimeS: 1, inUseBytes: 1 << 20, inUseBasis: 'fake' }),
     probeDestination: () =>
       Promise.resolve({ hostId: 'B', address: '127.0.0.1', qemuVersion: '7.2', machineTypes: ['q35'], accelerator: 'tcg', cpu: { model: 'qemu64', unavailableFeatures: [] }, freeMemoryMiB: 4096, poolFreeBytes: 1 << 30, reachableExports: {}, vmNames: [] }),
     request: (method: string, path: string) => {
