@@ -13,8 +13,11 @@
 // builds it: QEMU 7.2 died of SIGSEGV (heap corrupted) in 2 of 8 runs of this test on a loaded machine when the
 // rollback's yank went out at once.
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
+import { open } from 'node:fs/promises';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { after, test } from 'node:test';
 import { checkVerify } from '../../src/guest/test-guest.ts';
 import { describeError } from '../../src/errors.ts';
@@ -80,6 +83,40 @@ async function mirrorLeftovers(qemu: QemuProcess): Promise<string[]> {
   ]);
   return [...jobs.map((j) => `job ${j.device} (${j.status})`), ...nodes.filter((n) => n['node-name'].startsWith('mirror-')).map((n) => `node ${n['node-name']}`)];
 }
+
+test("a source rollback while QEMU's main loop is stuck still yanks the mirror targets it built, within a bound; the guest runs on A", async (t) => {
+  const rig = await vmOnA();
+  const plan = await rig.plan();
+  const destination = destinationOf(rig);
+  const prepared = await destination.prepare(rig.spec, plan, AbortSignal.timeout(60_000));
+  const source = new QemuSource({ hostId: 'A', vm: rig.source });
+  await source.startMirrors(prepared.mirrorTargets, plan.options.copyMode, undefined, AbortSignal.timeout(60_000));
+  // blkdebug reads its config file in the main loop, and opening a FIFO blocks until a writer comes: the main
+  // loop stays stuck, as behind requests on a cut link (test/qmp/oob.test.ts), and answers nothing in-band.
+  const fifo = join(rig.dir, 'stuck.fifo');
+  execFileSync('mkfifo', [fifo]);
+  const stuck = rig.source.monitor.client.execute('blockdev-add', { driver: 'blkdebug', 'node-name': 'stuck', config: fifo, image: { driver: 'null-co' } }, { timeoutMs: 60_000 });
+  const started = Date.now();
+  let yankedAfterMs: number | undefined;
+  const unhook = onSent(rig.source, (command) => {
+    if (command === 'yank') yankedAfterMs ??= Date.now() - started;
+  });
+  const rolledBack = source.rollback();
+  while (yankedAfterMs === undefined && Date.now() - started < 15_000) await sleep(50);
+  await (await open(fifo, 'w')).close();
+  await stuck;
+  await rolledBack;
+  unhook();
+  await rig.source.monitor.blockdevDel('stuck');
+  await destination.rollback();
+  // The wait for what QEMU was running is bounded; the query-migrate left unanswered would yank only later.
+  t.diagnostic(`yanked ${yankedAfterMs} ms after the rollback began`);
+  assert.ok(yankedAfterMs !== undefined && yankedAfterMs < 5_000, `the mirror target was yanked while the main loop was stuck (after ${yankedAfterMs} ms)`);
+  assert.ok(rig.source.isAlive, 'the source QEMU lives');
+  assert.deepEqual(await mirrorLeftovers(rig.source), [], 'nothing of the mirrors is left on A');
+  assert.equal((await rig.source.status()).status, 'running', 'the guest runs on A');
+  assert.deepEqual(rig.poolBFiles(), [], 'nothing is left on B');
+});
 
 test('a source rollback that lands while its mirrors start leaves no mirror job or node behind; the next migration of the VM, even past an older leftover, completes, every acked record intact', async () => {
   const rig = await vmOnA();
