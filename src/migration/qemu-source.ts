@@ -75,8 +75,9 @@ const unresponsiveMs = 3_000;
 const yankTimeoutMs = 5_000;
 /**
  * How long a rollback waits for QEMU to finish what the requests in flight
- * sent before it yanks: a blockdev-add or blockdev-mirror to a live
- * destination takes milliseconds; a main loop silent this long is stuck.
+ * sent before it yanks, and then for its `stop` of the guest: a
+ * blockdev-add, blockdev-mirror or stop with a live destination takes
+ * milliseconds; a main loop silent this long is stuck (a cut link).
  */
 const buildsSettleMs = 2_000;
 
@@ -149,6 +150,8 @@ export class QemuSource implements SourceSide {
   #rollingBack: Promise<unknown> | undefined;
   /** QEMU answered every request sent before the rollback began: none still builds a mirror target or job. */
   #buildsAnswered = false;
+  /** When the rollback stopped the running guest (#pauseGuest), by performance.now(). */
+  #pausedAt: number | undefined;
 
   constructor(options: QemuSourceOptions) {
     this.hostId = options.hostId;
@@ -460,6 +463,7 @@ export class QemuSource implements SourceSide {
   async #rollback(): Promise<SourceRolledBack> {
     const signal = timeoutSignal(`the rollback of the source on ${this.hostId}`, 60_000);
     await this.#settleBuilds(signal);
+    await this.#pauseGuest(signal);
     // Then, out of band: after a cut link, requests stuck on the mirror targets hold QEMU's main loop, and a
     // migrate_cancel sent before this yank waits behind them (test/faults/link-cut.test.ts). What they carry
     // is abandoned anyway.
@@ -488,6 +492,11 @@ export class QemuSource implements SourceSide {
     this.#events = undefined;
     this.#mirrorEvents?.close();
     const status = await this.#vm.status();
+    if (this.#pausedAt !== undefined && !status.running) {
+      // It ran here until the rollback's own stop: no destination took its leases.
+      await this.#qmp('resuming the guest on the source', (qmp) => qmp.cont({ signal }));
+      return { pauseMs: Math.round(performance.now() - this.#pausedAt) };
+    }
     if (!this.#wasRunning || status.running) return { pauseMs: null };
     // A destination that claimed the shared volumes (then was killed) holds their leases: take them back first.
     await this.#fence?.claim(this.#vm.spec, signal);
@@ -619,6 +628,36 @@ export class QemuSource implements SourceSide {
       );
     }
   }
+
+  /**
+   * Stops the guest before its mirror jobs are yanked and cancelled; the end
+   * of the rollback continues it. An active (write-blocking) mirror of QEMU
+   * 7.2 ended while the guest writes, in its first moments, corrupted QEMU's
+   * heap (SIGSEGV or SIGABRT, test/migration/destination-death.test.ts); with
+   * the guest stopped none did in our runs. The pause lasts the rollback, tens of
+   * milliseconds. After a cut link `stop` waits on the requests stuck on the
+   * targets: it is waited for at most buildsSettleMs, and the yank that
+   * follows frees it.
+   */
+  async #pauseGuest(signal: AbortSignal): Promise<void> {
+    this.#pausedAt = undefined;
+    // A main loop that left the settle wait unanswered is stuck, and runs no guest I/O either.
+    if (this.#mirrors.length === 0 || !this.#buildsAnswered) return;
+    // A stop sent after the rollback moved on could land after its last look at the guest and leave it stopped.
+    let late = false;
+    const stopped = (async () => {
+      // A guest the migration paused already (its switch-over) is resumed as before, after its leases.
+      if (!(await this.#vm.status()).running || late) return;
+      this.#pausedAt = performance.now();
+      await this.#qmp('pausing the guest for the rollback', (qmp) => qmp.stop({ signal }));
+    })();
+    await waitAtMost(stopped, buildsSettleMs, signal).catch((err: unknown) => {
+      // The rollback's next command says what went wrong (QEMU gone); the guest then stays as it is.
+      this.#logger?.warn({ err: describeError(err) }, `pausing the guest on ${this.hostId} for the rollback failed`);
+    });
+    late = true;
+  }
+
 
   /**
    * Mirror requests stuck on a dead link (a cut cable retransmits for many

@@ -10,8 +10,9 @@
 // test/faults/ha-failover.test.ts: the rollback looked before the mirror's blockdev-add was sent, the node
 // stayed, and the next migration of the VM failed with "Duplicate nodes with node-name='mirror-target-root'".
 // Such a rollback must not yank a mirror target while QEMU still runs the blockdev-add or blockdev-mirror that
-// builds it: QEMU 7.2 died of SIGSEGV (heap corrupted) in 2 of 8 runs of this test on a loaded machine when the
-// rollback's yank went out at once.
+// builds it, and must stop the guest before it ends the mirror jobs: QEMU 7.2 died of SIGSEGV or SIGABRT (heap
+// corrupted) in 2 of 8 runs of this file on a loaded machine, and often within a few rollbacks that landed right
+// after an active mirror started while the guest wrote.
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
