@@ -18,7 +18,7 @@ import { removeDurable } from '../util/durable-file.ts';
 import { qemuTlsCreds } from '../qemu/tls-creds.ts';
 import type { CopyMode } from './plan.ts';
 import type { MigrationMilestone, MigrationSettings, MirrorStatus, MirrorTarget, SourceCompletion, SourceRolledBack, SourceSide } from './sides.ts';
-import { abortError, raceAbort, timeoutSignal } from '../util/abort.ts';
+import { abortError, raceAbort, timeoutSignal, waitAtMost } from '../util/abort.ts';
 import { waitPostcopyPaused } from './postcopy.ts';
 
 export interface QemuSourceOptions {
@@ -49,6 +49,12 @@ interface MirrorJob {
   /** Bytes the job copied, known once it completed. */
   bytesSent?: number;
   target: TargetState;
+  /**
+   * From just before its blockdev-add is sent until QEMU answered its
+   * blockdev-mirror: QEMU may be building its target node or job, and a yank
+   * of the target then must wait (#settleBuilds).
+   */
+  building: boolean;
 }
 
 /** vmferry's names for the mirror of disk `diskId` on the source: never one of the guest's own nodes (diskNodeName). */
@@ -67,6 +73,13 @@ const unlimitedBandwidth = 1e12;
 const unresponsiveMs = 3_000;
 /** yank runs on the monitor thread and answers at once, unless the monitor itself is gone. */
 const yankTimeoutMs = 5_000;
+/**
+ * How long a rollback waits for QEMU to finish what the requests in flight
+ * sent before it yanks, and then for its `stop` of the guest: a
+ * blockdev-add, blockdev-mirror or stop with a live destination takes
+ * milliseconds; a main loop silent this long is stuck (a cut link).
+ */
+const buildsSettleMs = 2_000;
 
 /**
  * QEMU takes migration capabilities only before a migration starts, so
@@ -135,6 +148,10 @@ export class QemuSource implements SourceSide {
   readonly #acting = new Set<Promise<void>>();
   /** The rollback running, if any: a second one (two controllers', or an agent's and a controller's) waits for it. */
   #rollingBack: Promise<unknown> | undefined;
+  /** QEMU answered every request sent before the rollback began: none still builds a mirror target or job. */
+  #buildsAnswered = false;
+  /** When the rollback stopped the running guest (#pauseGuest), by performance.now(). */
+  #pausedAt: number | undefined;
 
   constructor(options: QemuSourceOptions) {
     this.hostId = options.hostId;
@@ -161,13 +178,13 @@ export class QemuSource implements SourceSide {
     for (const job of jobs.filter((j) => j.device.startsWith('mirror-'))) {
       const diskId = job.device.slice('mirror-'.length);
       const mirror = mirrorNames(diskId);
-      source.#mirrors.push({ diskId, ...mirror, target: names.has(mirror.targetNode) ? 'attached' : 'removed' });
+      source.#mirrors.push({ diskId, ...mirror, target: names.has(mirror.targetNode) ? 'attached' : 'removed', building: false });
     }
     for (const name of names) {
       // A target whose job already ended (finished at the switch-over) is still attached until removed.
       if (!name.startsWith('mirror-target-')) continue;
       const diskId = name.slice('mirror-target-'.length);
-      if (!source.#mirrors.some((m) => m.diskId === diskId)) source.#mirrors.push({ diskId, ...mirrorNames(diskId), target: 'attached' });
+      if (!source.#mirrors.some((m) => m.diskId === diskId)) source.#mirrors.push({ diskId, ...mirrorNames(diskId), target: 'attached', building: false });
     }
     return source;
   }
@@ -183,7 +200,7 @@ export class QemuSource implements SourceSide {
       this.#mirrorEvents ??= qmp.client.listen();
       await this.#removeLeftovers(qmp, targets.map((t) => t.diskId), signal);
       for (const target of targets) {
-        const job: MirrorJob = { diskId: target.diskId, ...mirrorNames(target.diskId), target: 'adding' };
+        const job: MirrorJob = { diskId: target.diskId, ...mirrorNames(target.diskId), target: 'adding', building: true };
         const server =
           target.server.type === 'inet'
             ? { type: 'inet', host: target.server.host, port: String(target.server.port) }
@@ -208,6 +225,7 @@ export class QemuSource implements SourceSide {
           },
           { signal },
         );
+        job.building = false;
       }
     });
   }
@@ -444,7 +462,9 @@ export class QemuSource implements SourceSide {
 
   async #rollback(): Promise<SourceRolledBack> {
     const signal = timeoutSignal(`the rollback of the source on ${this.hostId}`, 60_000);
-    // First, out of band: after a cut link, requests stuck on the mirror targets hold QEMU's main loop, and a
+    await this.#settleBuilds(signal);
+    await this.#pauseGuest(signal);
+    // Then, out of band: after a cut link, requests stuck on the mirror targets hold QEMU's main loop, and a
     // migrate_cancel sent before this yank waits behind them (test/faults/link-cut.test.ts). What they carry
     // is abandoned anyway.
     await this.#yankTargets(signal);
@@ -472,6 +492,11 @@ export class QemuSource implements SourceSide {
     this.#events = undefined;
     this.#mirrorEvents?.close();
     const status = await this.#vm.status();
+    if (this.#pausedAt !== undefined && !status.running) {
+      // It ran here until the rollback's own stop: no destination took its leases.
+      await this.#qmp('resuming the guest on the source', (qmp) => qmp.cont({ signal }));
+      return { pauseMs: Math.round(performance.now() - this.#pausedAt) };
+    }
     if (!this.#wasRunning || status.running) return { pauseMs: null };
     // A destination that claimed the shared volumes (then was killed) holds their leases: take them back first.
     await this.#fence?.claim(this.#vm.spec, signal);
@@ -490,7 +515,8 @@ export class QemuSource implements SourceSide {
    * Runs a request that changes QEMU's state, unless a rollback began. Its
    * signal aborts when one begins, so it stops at its next wait (a command
    * the QMP client still holds back is never sent), and the rollback sends
-   * nothing but its yank until it settled: what it did send, QEMU runs first.
+   * nothing until it settled (its yank, for a bounded time, nothing until QEMU
+   * answered what it sent): what it did send, QEMU runs first.
    */
   #act<T>(signal: AbortSignal | undefined, request: (signal: AbortSignal) => Promise<T>): Promise<T> {
     if (this.#ending.signal.aborted) return Promise.reject(abortError(this.#ending.signal, 'a request to the source'));
@@ -579,6 +605,61 @@ export class QemuSource implements SourceSide {
   }
 
   /**
+   * Waits, at most buildsSettleMs, until the requests in flight settled (the
+   * rollback aborted them) and QEMU answered all they had sent. QEMU runs a
+   * yank on its monitor thread, beside what its main loop runs: a yank that
+   * landed while QEMU still ran the mirrors' blockdev-add or blockdev-mirror
+   * for the node yanked crashed QEMU 7.2 (SIGSEGV, its heap corrupted;
+   * test/migration/destination-death.test.ts). After a cut link the main loop
+   * may not answer for minutes: then #yank leaves out the targets still being
+   * built, and the others are yanked all the same.
+   */
+  async #settleBuilds(signal: AbortSignal): Promise<void> {
+    const client = this.#vm.monitor.client;
+    const answered = Promise.allSettled([...this.#acting])
+      .then(() => client.answered())
+      .then(() => {
+        this.#buildsAnswered = true;
+      });
+    await waitAtMost(answered, buildsSettleMs, signal);
+    if (!this.#buildsAnswered && this.#mirrors.some((m) => m.building && m.target !== 'removed')) {
+      this.#logger?.warn(
+        `QEMU on ${this.hostId} did not answer ${client.unanswered.join(', ')} within ${buildsSettleMs} ms: the mirror targets it is still building are not yanked`,
+      );
+    }
+  }
+
+  /**
+   * Stops the guest before its mirror jobs are yanked and cancelled; the end
+   * of the rollback continues it. An active (write-blocking) mirror of QEMU
+   * 7.2 ended while the guest writes, in its first moments, corrupted QEMU's
+   * heap (SIGSEGV or SIGABRT, test/migration/destination-death.test.ts); with
+   * the guest stopped none did in our runs. The pause lasts the rollback, tens of
+   * milliseconds. After a cut link `stop` waits on the requests stuck on the
+   * targets: it is waited for at most buildsSettleMs, and the yank that
+   * follows frees it.
+   */
+  async #pauseGuest(signal: AbortSignal): Promise<void> {
+    this.#pausedAt = undefined;
+    // A main loop that left the settle wait unanswered is stuck, and runs no guest I/O either.
+    if (this.#mirrors.length === 0 || !this.#buildsAnswered) return;
+    // A stop sent after the rollback moved on could land after its last look at the guest and leave it stopped.
+    let late = false;
+    const stopped = (async () => {
+      // A guest the migration paused already (its switch-over) is resumed as before, after its leases.
+      if (!(await this.#vm.status()).running || late) return;
+      this.#pausedAt = performance.now();
+      await this.#qmp('pausing the guest for the rollback', (qmp) => qmp.stop({ signal }));
+    })();
+    await waitAtMost(stopped, buildsSettleMs, signal).catch((err: unknown) => {
+      // The rollback's next command says what went wrong (QEMU gone); the guest then stays as it is.
+      this.#logger?.warn({ err: describeError(err) }, `pausing the guest on ${this.hostId} for the rollback failed`);
+    });
+    late = true;
+  }
+
+
+  /**
    * Mirror requests stuck on a dead link (a cut cable retransmits for many
    * minutes) would hold the job's cancel and the target's removal: yank
    * shuts the targets' sockets down so they fail at once. The data on them is
@@ -591,11 +672,12 @@ export class QemuSource implements SourceSide {
   /**
    * Yanks what of `kinds` QEMU lists as yankable: the migration stream, and of
    * the block nodes only the mirror targets still attached (never the VM's own
-   * disks). Out of band when the monitor allows it, so it works while the main
-   * loop is stuck.
+   * disks), and none QEMU may still be building (#settleBuilds). Out of band
+   * when the monitor allows it, so it works while the main loop is stuck.
    */
   async #yank(kinds: YankKind[], signal: AbortSignal): Promise<void> {
-    const targets = new Set(this.#mirrors.filter((m) => m.target !== 'removed').map((m) => m.targetNode));
+    const yankable = (m: MirrorJob): boolean => m.target !== 'removed' && (this.#buildsAnswered || !m.building);
+    const targets = new Set(this.#mirrors.filter(yankable).map((m) => m.targetNode));
     if (!kinds.includes('migration') && targets.size === 0) return;
     await this.#qmp(`yanking ${kinds.join(' and ')} connections`, async (qmp) => {
       const options = { signal, oob: qmp.client.oobEnabled, timeoutMs: yankTimeoutMs };
@@ -643,7 +725,7 @@ export class QemuSource implements SourceSide {
     const listener = qmp.client.listen();
     try {
       for (const leftover of leftovers) {
-        await this.#forceCancel({ ...leftover, target: nodes.has(leftover.targetNode) ? 'attached' : 'removed' }, listener, signal);
+        await this.#forceCancel({ ...leftover, target: nodes.has(leftover.targetNode) ? 'attached' : 'removed', building: false }, listener, signal);
         if (nodes.has(leftover.targetNode)) await qmp.blockdevDel(leftover.targetNode, { signal });
       }
     } finally {

@@ -69,6 +69,7 @@ interface PendingCommand {
 /** An in-band command held back until QEMU has room in its queue; see maxInBandAtQemu. */
 interface HeldCommand {
   id: number;
+  command: string;
   message: JsonObject;
 }
 
@@ -124,9 +125,11 @@ export class QmpClient {
   readonly #listeners = new Set<QmpEventListener>();
   readonly #logger: Logger | undefined;
   readonly #commandTimeoutMs: number;
-  /** In-band commands QEMU has and has not answered yet, by id. */
-  readonly #inBandAtQemu = new Set<number>();
+  /** In-band commands QEMU has and has not answered yet: id to command. */
+  readonly #inBandAtQemu = new Map<number, string>();
   readonly #heldInBand: HeldCommand[] = [];
+  /** Callers of answered(), each waiting for the in-band commands up to its id. */
+  readonly #answerWaits: { upTo: number; resolve: () => void }[] = [];
   #oobEnabled = false;
   #nextId = 1;
   #closeError: Error | undefined;
@@ -226,14 +229,48 @@ export class QmpClient {
     const message: JsonObject = { [options.oob ? 'exec-oob' : 'execute']: command, id };
     if (args !== undefined) message.arguments = args;
     if (options.oob) this.#send(message);
-    else this.#sendInBand({ id, message });
+    else this.#sendInBand({ id, command, message });
     return raceAbort(reply, deadline.signal, `QMP ${command}`).finally(() => {
       // A late reply after a timeout finds no entry and is dropped; a command still held back is never sent.
       this.#pending.delete(id);
       const held = this.#heldInBand.findIndex((h) => h.id === id);
-      if (held >= 0) this.#heldInBand.splice(held, 1);
+      if (held >= 0) {
+        this.#heldInBand.splice(held, 1);
+        this.#settleAnswerWaits();
+      }
       deadline.dispose();
     });
+  }
+
+  /**
+   * In-band commands QEMU was sent and has not answered, oldest first, by
+   * name: a command whose caller gave up (a timeout, an abort) stays until
+   * QEMU answers it, as QEMU is still running it.
+   */
+  get unanswered(): string[] {
+    return [...this.#inBandAtQemu.values()];
+  }
+
+  /**
+   * Resolves once QEMU has answered every in-band command requested before
+   * the call (those given up on included, those never sent aside), or the
+   * connection ended: from then on QEMU's main loop runs none of them, so an
+   * out-of-band command no longer lands beside one.
+   */
+  answered(): Promise<void> {
+    return new Promise((resolve) => {
+      this.#answerWaits.push({ upTo: this.#nextId - 1, resolve });
+      this.#settleAnswerWaits();
+    });
+  }
+
+  #settleAnswerWaits(): void {
+    const outstanding = [...this.#inBandAtQemu.keys(), ...this.#heldInBand.map((h) => h.id)];
+    for (const wait of [...this.#answerWaits]) {
+      if (outstanding.some((id) => id <= wait.upTo)) continue;
+      this.#answerWaits.splice(this.#answerWaits.indexOf(wait), 1);
+      wait.resolve();
+    }
   }
 
   /**
@@ -272,7 +309,7 @@ export class QmpClient {
       this.#heldInBand.push(command);
       return;
     }
-    this.#inBandAtQemu.add(command.id);
+    this.#inBandAtQemu.set(command.id, command.command);
     this.#send(command.message);
   }
 
@@ -292,6 +329,7 @@ export class QmpClient {
     if (typeof id === 'number' && this.#inBandAtQemu.delete(id)) {
       const next = this.#heldInBand.shift();
       if (next) this.#sendInBand(next);
+      this.#settleAnswerWaits();
     }
     const pending = typeof id === 'number' ? this.#pending.get(id) : undefined;
     if (!pending) {
@@ -323,6 +361,7 @@ export class QmpClient {
     this.#pending.clear();
     this.#heldInBand.length = 0;
     this.#inBandAtQemu.clear();
+    this.#settleAnswerWaits();
     for (const listener of this.#listeners) listener.end(this.#closedError('waiting for an event'));
     this.#listeners.clear();
     this.#closedResolve(error);

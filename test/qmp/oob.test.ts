@@ -149,6 +149,37 @@ describe('out-of-band QMP against a fake peer', () => {
       peer.close();
     }
   });
+
+  test('answered() waits for the in-band commands sent before it, one given up on included, and for none sent after', async () => {
+    const held = new Map<string, number>();
+    let peerSocket: Socket | undefined;
+    const peer = await fakePeer('answered', ['oob'], (socket, command) => {
+      peerSocket = socket;
+      if (command.execute === 'qmp_capabilities') reply(socket, command.id);
+      else if (command.execute) held.set(command.execute, command.id);
+    });
+    const client = await QmpClient.connect(peer.path, { timeoutMs: 2000 });
+    try {
+      // The caller gives up on blockdev-add (an abort, a timeout); QEMU is still running it.
+      await assert.rejects(client.execute('blockdev-add', { driver: 'null-co', 'node-name': 'n' }, { timeoutMs: 100 }));
+      let settled = false;
+      const answered = client.answered().then(() => {
+        settled = true;
+      });
+      const later = client.execute('query-status', undefined, { timeoutMs: 2000 });
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      assert.equal(settled, false, 'QEMU has not answered blockdev-add yet');
+      assert.deepEqual(client.unanswered, ['blockdev-add', 'query-status']);
+      reply(peerSocket as Socket, held.get('blockdev-add') as number);
+      await answered;
+      assert.deepEqual(client.unanswered, ['query-status'], 'a command sent after answered() was called is not waited for');
+      reply(peerSocket as Socket, held.get('query-status') as number);
+      await later;
+    } finally {
+      client.close();
+      peer.close();
+    }
+  });
 });
 
 describe('out-of-band QMP against a real QEMU', () => {
