@@ -493,7 +493,9 @@ export class QemuSource implements SourceSide {
     this.#mirrorEvents?.close();
     const status = await this.#vm.status();
     if (this.#pausedAt !== undefined && !status.running) {
-      // It ran here until the rollback's own stop: no destination took its leases.
+      // It ran here until the rollback's own stop, so no destination should hold its leases; taken back all the
+      // same, as every resume here does, since a guest must never write without them.
+      await this.#fence?.claim(this.#vm.spec, signal);
       await this.#qmp('resuming the guest on the source', (qmp) => qmp.cont({ signal }));
       return { pauseMs: Math.round(performance.now() - this.#pausedAt) };
     }
