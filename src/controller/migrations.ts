@@ -73,21 +73,18 @@ export class MigrationService {
     const destinationAgent = await inventory.agent(request.to);
     const vm = await sourceAgent.getVm(request.vm);
     if (vm.state !== 'running') throw new VmferryError('VMF_CONFLICT', `VM ${request.vm} is ${vm.state} on ${from}; only a running VM migrates live`);
+    // A real migration without a cap is not measured: with no link figure nothing is predicted but the dirty rate,
+    // and QEMU's measurement would add its second to the migration's start.
+    const predicted = request.dryRun === true || request.options?.bandwidthMiBs !== undefined;
     const [sourceFacts, destinationFacts, ramFacts] = await Promise.all([
       sourceAgent.probeSource(request.vm),
       destinationAgent.probeDestination(vm.spec),
-      // The plan stands without a prediction: a measurement that fails only leaves it out, and says why. A real
-      // migration without a cap is not measured: with no link figure nothing is predicted but the dirty rate, and
-      // QEMU's measurement would add its second to the migration's start.
-      request.dryRun || request.options?.bandwidthMiBs !== undefined
-        ? sourceAgent.measureGuestRam(request.vm).catch((err: unknown) => describeError(err))
-        : Promise.resolve('not measured: a migration without --bandwidth gets no predicted time'),
+      // The plan stands without a prediction: a measurement that fails only leaves it out, and says why.
+      predicted ? sourceAgent.measureGuestRam(request.vm).catch((err: unknown) => describeError(err)) : undefined,
     ]);
     const planned = planMigration(vm.spec, sourceFacts, destinationFacts, { ...defaultMigrationOptions, ...request.options });
-    const plan = typeof ramFacts === 'string' ? planned : { ...planned, prediction: predictMigration(planned, ramFacts, capOf(planned)) };
-    if (typeof ramFacts === 'string' && (request.dryRun || request.options?.bandwidthMiBs !== undefined)) {
-      this.#logger.warn({ vm: request.vm }, `no prediction for the migration of ${request.vm}: its dirty rate was not measured (${ramFacts})`);
-    }
+    const plan = typeof ramFacts === 'object' ? { ...planned, prediction: predictMigration(planned, ramFacts, capOf(planned)) } : planned;
+    if (typeof ramFacts === 'string') this.#logger.warn({ vm: request.vm }, `no prediction for the migration of ${request.vm}: its dirty rate was not measured (${ramFacts})`);
     if (request.dryRun) return { plan };
     if (plan.refusals.length) {
       throw new VmferryError('VMF_MIGRATION_REFUSED', `migration of ${request.vm} to ${request.to} refused: ${plan.refusals.join('; ')}`);

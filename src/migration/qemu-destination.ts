@@ -60,6 +60,9 @@ const incomingPollMs = 10;
 /** How long one look at an incoming post-copy's state may wait for QEMU's main loop before the recovery tries again. */
 const incomingLookMs = 1_000;
 
+/** How long a recovery waits before it asks QEMU to listen again, while the stream is not paused yet. */
+const recoverRetryMs = 100;
+
 /** How many ports a recovery tries to listen on: another process may take a port between its choice and QEMU's bind. */
 const recoverListenTries = 3;
 
@@ -274,7 +277,7 @@ export class QemuDestination implements DestinationSide {
     else if (status !== undefined && status !== 'postcopy-paused' && status !== 'postcopy-recover') {
       throw new VmferryError('VMF_MIGRATION_FAILED', `the incoming post-copy on ${this.hostId} is "${status}", not paused: it cannot be recovered`);
     }
-    await sleep(incomingPollMs * 10, undefined, { signal });
+    await sleep(recoverRetryMs, undefined, { signal });
   }
 
   /** Its guest may be continued before all of its RAM is here: the half may still have to recover the stream after resume. */

@@ -660,7 +660,6 @@ export class QemuSource implements SourceSide {
     late = true;
   }
 
-
   /**
    * Mirror requests stuck on a dead link (a cut cable retransmits for many
    * minutes) would hold the job's cancel and the target's removal: yank
