@@ -6,18 +6,12 @@
  * Without a C compiler the helper is unavailable and callers fall back to
  * writing zeros and reporting everything as data, which is slower but correct.
  */
-import { spawn, execFile as execFileCallback, type ChildProcessWithoutNullStreams } from 'node:child_process';
-import { mkdir, rename, stat } from 'node:fs/promises';
+import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { createInterface } from 'node:readline';
-import { join, resolve } from 'node:path';
-import { promisify } from 'node:util';
 import type { Logger } from 'pino';
 import type { Extent } from '../nbd/backend.ts';
 import { STATE_HOLE, STATE_ZERO } from '../nbd/constants.ts';
-
-const execFile = promisify(execFileCallback);
-const source = join(import.meta.dirname, 'native', 'fshelper.c');
-const binary = resolve(import.meta.dirname, '..', '..', 'build', 'native', 'vmferry-fshelper');
+import { buildNative } from './native-build.ts';
 
 /** An error the helper reported, with the errno name Node uses (EOPNOTSUPP, ENOSPC, …) as its code. */
 export class FsHelperError extends Error {
@@ -35,16 +29,10 @@ const errnoNames: Record<number, string> = {
 };
 
 /** Builds the helper if it is missing or older than its source; returns its path, or undefined without a compiler. */
-export async function buildFsHelper(logger: Logger): Promise<string | undefined> {
-  const [sourceStat, binaryStat] = await Promise.all([stat(source), stat(binary).catch(() => undefined)]);
-  if (binaryStat && binaryStat.mtimeMs >= sourceStat.mtimeMs) return binary;
-  await mkdir(join(binary, '..'), { recursive: true });
-  // Built beside and renamed into place, so servers starting at once never run a half-written file.
-  const temporary = `${binary}.${process.pid}.tmp`;
+async function buildFsHelper(logger: Logger): Promise<string | undefined> {
   try {
-    await execFile('cc', ['-O2', '-Wall', '-o', temporary, source], { timeout: 60_000 });
-    await rename(temporary, binary);
-    logger.info({ binary }, 'built the file-system helper');
+    const binary = await buildNative('fshelper.c', 'vmferry-fshelper', []);
+    logger.debug({ binary }, 'the file-system helper is built');
     return binary;
   } catch (err) {
     logger.warn({ err: (err as Error).message }, 'cannot build the file-system helper (no C compiler?): TRIM and WRITE_ZEROES write zeros, BLOCK_STATUS reports data');

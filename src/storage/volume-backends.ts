@@ -7,6 +7,7 @@ import { read as readFd, writev as writevFd } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { NbdBackendError, type Extent, type NbdBackend } from '../nbd/backend.ts';
 import { NbdErrno, STATE_HOLE, STATE_ZERO } from '../nbd/constants.ts';
+import type { CachedRead } from './cached-read.ts';
 import { FsHelperError, type FsHelper } from './fs-helper.ts';
 import type { WriterLeases } from './writer-leases.ts';
 
@@ -30,16 +31,19 @@ export class FileBackend implements NbdBackend {
   readonly #file: FileHandle;
   readonly #path: string;
   readonly #helper: FsHelper | undefined;
+  readonly #cachedRead: CachedRead | undefined;
 
-  constructor(file: FileHandle, size: number, helper: FsHelper | undefined) {
+  constructor(file: FileHandle, size: number, helper: FsHelper | undefined, cachedRead?: CachedRead) {
     this.#file = file;
     this.size = size;
     this.#path = `/proc/${process.pid}/fd/${file.fd}`;
     this.#helper = helper;
+    this.#cachedRead = cachedRead;
   }
 
   /**
-   * Reads through the descriptor with fs.read's callback, which spares the
+   * What the page cache holds is copied at once (cached-read.ts); the rest
+   * is read through the descriptor with fs.read's callback, which spares the
    * event loop FileHandle.read's promise machinery on every request.
    * The handle stays open meanwhile: volumes.ts closes it only once every
    * connection using it has ended, after their requests finished.
@@ -47,6 +51,11 @@ export class FileBackend implements NbdBackend {
   read(offset: number, length: number): Promise<Buffer> {
     const buffer = Buffer.allocUnsafe(length);
     const fd = this.#file.fd;
+    let cached = 0;
+    if (this.#cachedRead) {
+      for (let copied = -1; copied !== 0 && cached < length; cached += copied) copied = this.#cachedRead(fd, buffer, cached, length - cached, offset + cached);
+    }
+    if (cached === length) return Promise.resolve(buffer);
     return new Promise((resolve, reject) => {
       const readFrom = (filled: number): void => {
         readFd(fd, buffer, filled, length - filled, offset + filled, (err, bytesRead) => {
@@ -57,7 +66,7 @@ export class FileBackend implements NbdBackend {
           else resolve(buffer);
         });
       };
-      readFrom(0);
+      readFrom(cached);
     });
   }
 

@@ -24,6 +24,7 @@ import { VmferryError } from '../errors.ts';
 import type { ExportInfo, ExportProvider, NbdBackend } from '../nbd/backend.ts';
 import { sharedReconnectDelayS } from '../qemu/command-line.ts';
 import { FsHelper } from './fs-helper.ts';
+import { loadCachedRead, type CachedRead } from './cached-read.ts';
 import { KeyedQueue } from './keyed-queue.ts';
 import { Quarantine, type QuarantinedFile } from './quarantine.ts';
 import { fsyncDir } from '../util/durable-file.ts';
@@ -90,6 +91,7 @@ export class VolumeService implements ExportProvider {
   readonly #dir: string;
   readonly #logger: Logger;
   readonly #helper: FsHelper | undefined;
+  readonly #cachedRead: CachedRead | undefined;
   readonly #options: VolumeServiceOptions;
   readonly leases: WriterLeases;
   readonly quarantine: Quarantine;
@@ -106,11 +108,12 @@ export class VolumeService implements ExportProvider {
   /** Set while the server shuts down: the clients leaving now will reconnect to the next server, so the catalog keeps them. */
   #stopping = false;
 
-  private constructor(db: Database.Database, dataDir: string, logger: Logger, helper: FsHelper | undefined, options: VolumeServiceOptions) {
+  private constructor(db: Database.Database, dataDir: string, logger: Logger, helper: FsHelper | undefined, cachedRead: CachedRead | undefined, options: VolumeServiceOptions) {
     this.#db = db;
     this.#dir = join(dataDir, 'volumes');
     this.#logger = logger;
     this.#helper = helper;
+    this.#cachedRead = cachedRead;
     this.#options = options;
     this.leases = new WriterLeases(db, options.drainTimeoutMs === undefined ? {} : { drainTimeoutMs: options.drainTimeoutMs });
     this.quarantine = new Quarantine(join(dataDir, 'quarantine'));
@@ -127,7 +130,7 @@ export class VolumeService implements ExportProvider {
     `);
     if (!(db.pragma('table_info(volumes)') as { name: string }[]).some((column) => column.name === 'id')) db.exec('ALTER TABLE volumes ADD COLUMN id TEXT');
     db.exec('UPDATE volumes SET id = lower(hex(randomblob(16))) WHERE id IS NULL');
-    const service = new VolumeService(db, dataDir, logger, await FsHelper.start(logger), options);
+    const service = new VolumeService(db, dataDir, logger, await FsHelper.start(logger), await loadCachedRead(logger), options);
     // Clients attached when the server stopped are reconnecting now: their volumes are in use from this moment.
     const attached = db.prepare('SELECT DISTINCT v.id FROM attachments a JOIN volumes v ON v.name = a.volume').all() as { id: string }[];
     for (const { id } of attached) service.#lastDetached.set(id, Date.now());
@@ -315,7 +318,7 @@ export class VolumeService implements ExportProvider {
     this.#connections.set(client, { name, id: row.id });
     // Again: a forced delete while this open waited took the first one with it, and this may be a new volume of that name.
     this.#db.prepare('INSERT OR REPLACE INTO attachments (volume, client, since) VALUES (?, ?, ?)').run(name, client, Date.now());
-    const file = new FileBackend(entry.file, row.size_bytes, this.#helper);
+    const file = new FileBackend(entry.file, row.size_bytes, this.#helper, this.#cachedRead);
     const backend = new StickyErrorBackend(this.#options.fileLayer ? this.#options.fileLayer(file, name) : file, entry.health);
     // Outermost: a request refused (read-only, fenced) or failed moved no data, so it is not counted.
     return this.#traffic.connect(row.id, client, row.read_only ? new ReadOnlyBackend(backend) : new FencedBackend(backend, this.leases, name, token));
