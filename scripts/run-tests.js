@@ -48,6 +48,7 @@ const qemuFree = [
   'test/security/nbd-tls.test.ts',
   'test/security/tls-files.test.ts',
   'test/storage/bad-input.test.ts',
+  'test/storage/cached-read.test.ts',
   'test/storage/disk-images.test.ts',
   'test/storage/durability.test.ts',
   'test/storage/holes.test.ts',
