@@ -12,6 +12,13 @@
  *   "VERIFY <disk> highest=<k> intact=<n> corrupt=<m> missing=<x>", then
  *   "VERIFY-DONE", and powers off.
  *
+ * iobench: fio's four jobs on the first writable disk, for bench/storage-guest.ts:
+ *   vmferry.io_jobs=<rw>:<block KiB>:<depth>,... (rw: randread, randwrite, read,
+ *   write; depth is the number of threads, each with one O_DIRECT request in
+ *   flight) for vmferry.io_seconds= each over the first vmferry.span_mib= of the
+ *   disk; per job "IOBENCH-START <job>", then "IOBENCH <job> ios=<n> bytes=<n>
+ *   usec=<n>"; then "IOBENCH-DONE", and powers off.
+ *
  * stream (workload mode, with vmferry.stream_port=): a TCP server on that port
  *   that sends every client a numbered stream: 8-byte big-endian numbers 0, 1,
  *   2, … one every vmferry.stream_ms (default 10) ms, so the client sees any
@@ -19,7 +26,8 @@
  *
  * Options come from the kernel command line: vmferry.mode=, vmferry.span_mib=,
  * vmferry.dirty_mib=, vmferry.dirty_rate_mib=, vmferry.bulk_mib_s=,
- * vmferry.bulk_disks=, vmferry.interval_ms=, vmferry.stream_port=, vmferry.stream_ms=.
+ * vmferry.bulk_disks=, vmferry.interval_ms=, vmferry.stream_port=, vmferry.stream_ms=,
+ * vmferry.io_jobs=, vmferry.io_seconds=.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -74,7 +82,9 @@ static struct {
 	uint64_t span_mib, dirty_mib, dirty_rate_mib, bulk_mib_s, interval_ms;
 	char bulk_disks[256];
 	uint64_t stream_port, stream_ms;
-} opt = { "workload", 64, 0, 8, 0, 0, "", 0, 10 };
+	char io_jobs[256];
+	uint64_t io_seconds;
+} opt = { "workload", 64, 0, 8, 0, 0, "", 0, 10, "", 5 };
 
 static void report(const char *fmt, ...)
 {
@@ -179,6 +189,10 @@ static void parse_cmdline(void)
 			opt.stream_port = strtoull(val, NULL, 10);
 		else if (!strcmp(key, "stream_ms"))
 			opt.stream_ms = strtoull(val, NULL, 10);
+		else if (!strcmp(key, "io_jobs"))
+			snprintf(opt.io_jobs, sizeof(opt.io_jobs), "%s", val);
+		else if (!strcmp(key, "io_seconds"))
+			opt.io_seconds = strtoull(val, NULL, 10);
 	}
 }
 
@@ -392,6 +406,118 @@ static void *stream_server(void *arg)
 	}
 }
 
+#define MAX_IO_DEPTH 64
+
+static struct {
+	const struct disk *disk;
+	int write, random;
+	uint64_t block, blocks;
+	int depth;
+	volatile int stop;
+} io;
+
+struct io_worker {
+	pthread_t thread;
+	int index;
+	uint64_t ios;
+};
+
+static void *io_worker(void *arg)
+{
+	struct io_worker *w = arg;
+	int fd = open(io.disk->dev, (io.write ? O_RDWR : O_RDONLY) | O_DIRECT);
+	if (fd < 0)
+		fail(io.disk->dev);
+	unsigned char *buf;
+	if (posix_memalign((void **)&buf, 4096, io.block))
+		fail("posix_memalign");
+	memset(buf, 0x5a, io.block);
+	/* Sequential jobs: each thread walks its own stretch, so together they stream as fio's queue does. */
+	uint64_t next = io.blocks / (uint64_t)io.depth * (uint64_t)w->index;
+	uint64_t x = 0x9E3779B97F4A7C15ULL * (uint64_t)(w->index + 1);
+	while (!io.stop) {
+		x ^= x << 13;
+		x ^= x >> 7;
+		x ^= x << 17;
+		uint64_t block = io.random ? x % io.blocks : next++ % io.blocks;
+		off_t at = (off_t)(io.disk->base + block * io.block);
+		ssize_t n = io.write ? pwrite(fd, buf, io.block, at) : pread(fd, buf, io.block, at);
+		if (n != (ssize_t)io.block)
+			fail(io.write ? "pwrite iobench" : "pread iobench");
+		w->ios++;
+	}
+	free(buf);
+	close(fd);
+	return NULL;
+}
+
+static uint64_t now_us(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
+}
+
+static void iobench_job(const struct disk *d, const char *job)
+{
+	char rw[16];
+	unsigned long kib;
+	int depth;
+	if (sscanf(job, "%15[a-z]:%lu:%d", rw, &kib, &depth) != 3 || kib == 0 || depth < 1 || depth > MAX_IO_DEPTH) {
+		errno = EINVAL;
+		fail(job);
+	}
+	io.disk = d;
+	io.write = strstr(rw, "write") != NULL;
+	io.random = !strncmp(rw, "rand", 4);
+	io.block = (uint64_t)kib * 1024;
+	uint64_t span = opt.span_mib * 1024 * 1024;
+	if (span == 0 || span > d->room)
+		span = d->room;
+	io.blocks = span / io.block;
+	io.depth = depth;
+	io.stop = 0;
+	if (io.blocks < (uint64_t)depth) {
+		errno = ERANGE;
+		fail(job);
+	}
+	static struct io_worker workers[MAX_IO_DEPTH];
+	report("IOBENCH-START %s", job);
+	uint64_t started = now_us();
+	for (int i = 0; i < depth; i++) {
+		workers[i] = (struct io_worker){ .index = i };
+		if (pthread_create(&workers[i].thread, NULL, io_worker, &workers[i]))
+			fail("pthread_create");
+	}
+	sleep_ms(opt.io_seconds * 1000);
+	io.stop = 1;
+	uint64_t ios = 0;
+	for (int i = 0; i < depth; i++) {
+		pthread_join(workers[i].thread, NULL);
+		ios += workers[i].ios;
+	}
+	report("IOBENCH %s ios=%" PRIu64 " bytes=%" PRIu64 " usec=%" PRIu64, job, ios, ios * io.block, now_us() - started);
+}
+
+static void iobench(void)
+{
+	const struct disk *d = NULL;
+	for (int i = 0; i < ndisks && !d; i++)
+		if (!disks[i].readonly)
+			d = &disks[i];
+	if (!d) {
+		errno = ENODEV;
+		fail("iobench: no writable disk");
+	}
+	char jobs[sizeof(opt.io_jobs)];
+	snprintf(jobs, sizeof(jobs), "%s", opt.io_jobs);
+	char *save = NULL;
+	for (char *job = strtok_r(jobs, ",", &save); job; job = strtok_r(NULL, ",", &save))
+		iobench_job(d, job);
+	report("IOBENCH-DONE");
+	power_off();
+}
+
 static void workload(void)
 {
 	pthread_t t;
@@ -482,6 +608,8 @@ int main(void)
 	}
 	if (!strcmp(opt.mode, "workload"))
 		workload();
+	if (!strcmp(opt.mode, "iobench"))
+		iobench();
 	errno = EINVAL;
 	fail(opt.mode);
 }

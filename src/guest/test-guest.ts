@@ -51,7 +51,7 @@ export function testGuestDiskImage(): string {
 }
 
 export interface GuestOptions {
-  mode: 'workload' | 'verify';
+  mode: 'workload' | 'verify' | 'iobench';
   /** Size of the record area at the start of each disk, in MiB (default 64, capped by the disk). */
   spanMiB?: number;
   /** Memory the guest keeps dirtying, in MiB, and how fast (MiB/s). */
@@ -67,6 +67,9 @@ export interface GuestOptions {
   ip?: string;
   /** Serve the numbered TCP stream (stream-check.ts) on this port. */
   streamPort?: number;
+  /** iobench: its jobs, each `<rw>:<block KiB>:<depth>` (guest/vmferry-guest.c), and seconds per job. */
+  ioJobs?: string[];
+  ioSeconds?: number;
 }
 
 export function guestKernelAppend(options: GuestOptions): string {
@@ -82,6 +85,8 @@ export function guestKernelAppend(options: GuestOptions): string {
   if (options.intervalMs !== undefined) words.push(`vmferry.interval_ms=${options.intervalMs}`);
   if (options.ip !== undefined) words.push(`vmferry.ip=${options.ip}`);
   if (options.streamPort !== undefined) words.push(`vmferry.stream_port=${options.streamPort}`);
+  if (options.ioJobs?.length) words.push(`vmferry.io_jobs=${options.ioJobs.join(',')}`);
+  if (options.ioSeconds !== undefined) words.push(`vmferry.io_seconds=${options.ioSeconds}`);
   return words.join(' ');
 }
 
