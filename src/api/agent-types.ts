@@ -4,11 +4,9 @@
  * imports the other's code.
  */
 import { Type, type Static } from '@sinclair/typebox';
-import { bridgePattern, cephNamePattern, cpuModelPattern, diskIdPattern } from '../qemu/spec.ts';
-import { namePatternSource, nameRule } from '../util/names.ts';
+import { bridgeSchema, cephNameSchema, cpuModelSchema, diskIdSchema as diskId, vmNameSchema as name } from '../qemu/spec.ts';
+import { namePatternSource } from '../util/names.ts';
 
-const name = Type.String({ pattern: namePatternSource, description: `VM name: ${nameRule}` });
-const diskId = Type.String({ pattern: diskIdPattern.source });
 /** A host's address as others reach it (an IP address or a DNS name): it goes into QEMU URIs, so no ',' '/' or space. */
 export const hostAddressPattern = '^[A-Za-z0-9.:_-]+$';
 
@@ -49,7 +47,7 @@ export const CreateVmRequestSchema = Type.Object(
     memoryMiB: Type.Optional(Type.Integer({ minimum: 16, maximum: 1024 * 1024 })),
     machine: Type.Optional(Type.String({ pattern: '^[a-z0-9._-]+$', maxLength: 64 })),
     /** QEMU CPU model; default qemu64-v1 (defaultCpuModel in src/qemu/cpu-models.ts). */
-    cpu: Type.Optional(Type.String({ pattern: cpuModelPattern.source, description: 'QEMU CPU model name, e.g. qemu64-v1, Westmere-v1' })),
+    cpu: Type.Optional(cpuModelSchema),
     boot: Type.Union([
       Type.Object(
         { kind: Type.Literal('kernel'), kernel: Type.String({ pattern: '^/[^,]*$', maxLength: 4096 }), initrd: Type.Optional(Type.String({ pattern: '^/[^,]*$', maxLength: 4096 })), append: Type.Optional(Type.String({ maxLength: 4096 })) },
@@ -107,10 +105,10 @@ export const CreateVmRequestSchema = Type.Object(
           rbd: Type.Optional(
             Type.Object(
               {
-                pool: Type.String({ pattern: cephNamePattern.source }),
-                image: Type.String({ pattern: cephNamePattern.source }),
+                pool: cephNameSchema,
+                image: cephNameSchema,
                 conf: Type.String({ pattern: '^/[^,:]*$', maxLength: 4096 }),
-                user: Type.String({ pattern: cephNamePattern.source }),
+                user: cephNameSchema,
               },
               { additionalProperties: false },
             ),
@@ -128,7 +126,7 @@ export const CreateVmRequestSchema = Type.Object(
       Type.Array(
         Type.Object(
           {
-            bridge: Type.String({ pattern: bridgePattern.source, description: 'a bridge on the host' }),
+            bridge: bridgeSchema,
             mac: Type.Optional(Type.String({ pattern: '^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$' })),
           },
           { additionalProperties: false },
