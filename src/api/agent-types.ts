@@ -54,27 +54,6 @@ export const CreateVmRequestSchema = Type.Object(
         { additionalProperties: false },
       ),
       Type.Object({ kind: Type.Literal('disk'), diskId }, { additionalProperties: false }),
-      Type.Object(
-        {
-          kind: Type.Literal('test-guest'),
-          options: Type.Optional(
-            Type.Object(
-              {
-                spanMiB: Type.Optional(Type.Integer({ minimum: 1, maximum: 1 << 20 })),
-                dirtyMiB: Type.Optional(Type.Integer({ minimum: 0, maximum: 1 << 20 })),
-                dirtyRateMiBs: Type.Optional(Type.Integer({ minimum: 0, maximum: 1 << 20 })),
-                bulkMiBs: Type.Optional(Type.Integer({ minimum: 0, maximum: 1 << 20 })),
-                intervalMs: Type.Optional(Type.Integer({ minimum: 0, maximum: 60_000 })),
-                ip: Type.Optional(Type.String({ pattern: '^\\d{1,3}(\\.\\d{1,3}){3}/\\d{1,2}$', description: 'the address of its first NIC, CIDR' })),
-                streamPort: Type.Optional(Type.Integer({ minimum: 1, maximum: 65535 })),
-              },
-              { additionalProperties: false },
-            ),
-          ),
-        },
-        { additionalProperties: false },
-      ),
-      Type.Object({ kind: Type.Literal('disk'), diskId }, { additionalProperties: false }),
     ]),
     disks: Type.Array(
       Type.Object(
