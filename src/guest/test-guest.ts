@@ -189,20 +189,16 @@ export async function waitForGuest(
   done: (report: GuestReport) => boolean,
   options: { timeoutMs: number; signal?: AbortSignal },
 ): Promise<GuestReport> {
-  const deadline = new Deadline(`waiting for the test guest: ${what}`, options.timeoutMs, options.signal);
-  try {
-    for (;;) {
-      const report = await readGuestReport(logPaths);
-      if (report.errors.length) throw new VmferryError('VMF_MIGRATION_FAILED', `test guest failed: ${report.errors.join('; ')}`);
-      if (done(report)) return report;
-      if (deadline.signal.aborted) {
-        const acks = JSON.stringify(Object.fromEntries(report.acks));
-        throw new VmferryError('VMF_TIMEOUT', `test guest never reached "${what}" within ${options.timeoutMs} ms (acks so far: ${acks})`);
-      }
-      await sleep(100);
+  using deadline = new Deadline(`waiting for the test guest: ${what}`, options.timeoutMs, options.signal);
+  for (;;) {
+    const report = await readGuestReport(logPaths);
+    if (report.errors.length) throw new VmferryError('VMF_MIGRATION_FAILED', `test guest failed: ${report.errors.join('; ')}`);
+    if (done(report)) return report;
+    if (deadline.signal.aborted) {
+      const acks = JSON.stringify(Object.fromEntries(report.acks));
+      throw new VmferryError('VMF_TIMEOUT', `test guest never reached "${what}" within ${options.timeoutMs} ms (acks so far: ${acks})`);
     }
-  } finally {
-    deadline.dispose();
+    await sleep(100);
   }
 }
 

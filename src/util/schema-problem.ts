@@ -91,13 +91,13 @@ function describe(error: ValueError): string {
       if (typeof value !== 'string') return 'must be a non-empty string';
       const problem = typeof schema.format === 'string' && value !== '' ? formatProblems.get(schema.format)?.(value) : undefined;
       if (problem !== undefined) return problem;
-      if (schema.description !== undefined) return must(schema.description as string);
+      if (schema.description !== undefined) return must(schema.description);
       if (value === '') return 'must be a non-empty string';
       if (schema.maxLength !== undefined && value.length > (schema.maxLength as number)) return `must be at most ${schema.maxLength} characters`;
       return must(`a string matching ${schema.pattern}`);
     }
     case 'Union':
-      return must((schema.description as string | undefined) ?? oneOf((schema.anyOf as TSchema[]).map((variant) => variant.const)));
+      return must(schema.description ?? oneOf((schema.anyOf as TSchema[]).map((variant): unknown => variant.const)));
     default:
       return `is invalid: ${error.message}`;
   }
@@ -114,7 +114,7 @@ export function schemaProblem(schema: TSchema, value: unknown): SchemaProblem | 
     if (!isRecord(error.value)) return { field: fieldName(error.path), problem: 'must be an object' };
     const tag = error.value[key];
     const index = variants.findIndex((variant) => (variant.properties as Record<string, TSchema>)[key]?.const === tag);
-    if (index < 0) return { field: fieldName(`${error.path}/${key}`), problem: `must be ${oneOf(variants.map((v) => (v.properties as Record<string, TSchema>)[key]?.const))}${got(tag)}` };
+    if (index < 0) return { field: fieldName(`${error.path}/${key}`), problem: `must be ${oneOf(variants.map((v): unknown => (v.properties as Record<string, TSchema>)[key]?.const))}${got(tag)}` };
     error = error.errors[index]?.First();
   }
   return undefined;
