@@ -174,13 +174,13 @@ export interface QuarantineEntry {
   }[];
 }
 
-/** How RAM moves (src/migration/plan.ts RamMode). */
+/** How RAM moves (src/migration/plan-shape.ts RamMode). */
 export const RamModeSchema = Type.Union([Type.Literal('live'), Type.Literal('postcopy'), Type.Literal('stop-and-copy')]);
 export const TimeoutActionSchema = Type.Union([Type.Literal('abort'), Type.Literal('pause'), Type.Literal('postcopy')]);
 export const RamFallbackSchema = Type.Union([Type.Literal('none'), Type.Literal('stop-and-copy')]);
 export const CopyModeSchema = Type.Union([Type.Literal('background'), Type.Literal('write-blocking')]);
 
-/** How the destination announces the guest's NICs after the switch-over (plan.ts AnnounceSettings). */
+/** How the destination announces the guest's NICs after the switch-over (plan-shape.ts AnnounceSettings). */
 export const AnnounceSettingsSchema = Type.Object(
   {
     initialMs: Type.Integer({ minimum: 1, maximum: 100_000 }),
@@ -193,7 +193,7 @@ export const AnnounceSettingsSchema = Type.Object(
 
 const seconds = Type.Number({ exclusiveMinimum: 0, maximum: 7 * 24 * 3600 });
 
-/** The settings a migration runs with (plan.ts MigrationOptions), as the controller completed them from defaults. */
+/** The settings a migration runs with (plan-shape.ts MigrationOptions), as the controller completed them from defaults. */
 export const MigrationOptionsSchema = Type.Object({
   bandwidthMiBs: Type.Optional(Type.Number({ exclusiveMinimum: 0 })),
   maxDowntimeMs: Type.Number({ exclusiveMinimum: 0 }),
