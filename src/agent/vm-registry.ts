@@ -14,7 +14,6 @@ import { lstat, mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
-import { guestKernelAppend, testGuestPaths } from '../guest/test-guest.ts';
 import type { HostAccelerator } from '../qemu/accel.ts';
 import { defaultCpuModel } from '../qemu/cpu-models.ts';
 import { QemuProcess, killOrphanQemu } from '../qemu/process.ts';
@@ -265,15 +264,8 @@ export class VmRegistry {
     if (this.#vms.has(request.name)) throw new VmferryError('VMF_CONFLICT', `VM ${request.name} already exists on ${this.hostId}`);
     const vmDir = this.vmDir(request.name);
     // Before anything is imported or created: a request that names what this host does not allow leaves nothing behind.
-    let boot: BootSpec;
-    if (request.boot.kind === 'test-guest') {
-      const files = testGuestPaths();
-      for (const file of [files.kernel, files.initrd]) await this.guard.hostFile(file, 'the test guest (boot.kind "test-guest")');
-      boot = { kind: 'kernel', ...files, append: guestKernelAppend({ mode: 'workload', ...request.boot.options }) };
-    } else {
-      boot = request.boot;
-      await this.guard.boot(boot);
-    }
+    const boot: BootSpec = request.boot;
+    await this.guard.boot(boot);
     for (const disk of request.disks) {
       if (disk.local?.import !== undefined) await this.guard.importFile(disk.local.import, `disks.${disk.id}.local.import`);
       if (disk.local?.baseServer) this.guard.storageServer(disk.local.baseServer, `disks.${disk.id}.local.baseServer`);
@@ -300,7 +292,7 @@ export class VmRegistry {
       const bridges = await existingBridges(nics.map((nic) => nic.bridge));
       const missing = nics.find((nic) => !bridges.includes(nic.bridge));
       if (missing) throw new VmferryError('VMF_NETWORK', `NIC ${missing.id} of VM ${request.name}: ${this.hostId} has no bridge ${missing.bridge}`);
-      const serialPorts = request.serialPorts ?? (request.boot.kind === 'test-guest' ? 2 : 1);
+      const serialPorts = request.serialPorts ?? 1;
       const spec = validateVmSpec({
         name: request.name,
         vcpus: request.vcpus ?? 1,

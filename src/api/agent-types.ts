@@ -4,11 +4,9 @@
  * imports the other's code.
  */
 import { Type, type Static } from '@sinclair/typebox';
-import { bridgePattern, cephNamePattern, cpuModelPattern, diskIdPattern } from '../qemu/spec.ts';
-import { namePatternSource, nameRule } from '../util/names.ts';
+import { bridgeSchema, cephNameSchema, cpuModelSchema, diskIdSchema as diskId, vmNameSchema as name } from '../qemu/spec.ts';
+import { namePatternSource } from '../util/names.ts';
 
-const name = Type.String({ pattern: namePatternSource, description: `VM name: ${nameRule}` });
-const diskId = Type.String({ pattern: diskIdPattern.source });
 /** A host's address as others reach it (an IP address or a DNS name): it goes into QEMU URIs, so no ',' '/' or space. */
 export const hostAddressPattern = '^[A-Za-z0-9.:_-]+$';
 
@@ -49,31 +47,10 @@ export const CreateVmRequestSchema = Type.Object(
     memoryMiB: Type.Optional(Type.Integer({ minimum: 16, maximum: 1024 * 1024 })),
     machine: Type.Optional(Type.String({ pattern: '^[a-z0-9._-]+$', maxLength: 64 })),
     /** QEMU CPU model; default qemu64-v1 (defaultCpuModel in src/qemu/cpu-models.ts). */
-    cpu: Type.Optional(Type.String({ pattern: cpuModelPattern.source, description: 'QEMU CPU model name, e.g. qemu64-v1, Westmere-v1' })),
+    cpu: Type.Optional(cpuModelSchema),
     boot: Type.Union([
       Type.Object(
         { kind: Type.Literal('kernel'), kernel: Type.String({ pattern: '^/[^,]*$', maxLength: 4096 }), initrd: Type.Optional(Type.String({ pattern: '^/[^,]*$', maxLength: 4096 })), append: Type.Optional(Type.String({ maxLength: 4096 })) },
-        { additionalProperties: false },
-      ),
-      Type.Object({ kind: Type.Literal('disk'), diskId }, { additionalProperties: false }),
-      Type.Object(
-        {
-          kind: Type.Literal('test-guest'),
-          options: Type.Optional(
-            Type.Object(
-              {
-                spanMiB: Type.Optional(Type.Integer({ minimum: 1, maximum: 1 << 20 })),
-                dirtyMiB: Type.Optional(Type.Integer({ minimum: 0, maximum: 1 << 20 })),
-                dirtyRateMiBs: Type.Optional(Type.Integer({ minimum: 0, maximum: 1 << 20 })),
-                bulkMiBs: Type.Optional(Type.Integer({ minimum: 0, maximum: 1 << 20 })),
-                intervalMs: Type.Optional(Type.Integer({ minimum: 0, maximum: 60_000 })),
-                ip: Type.Optional(Type.String({ pattern: '^\\d{1,3}(\\.\\d{1,3}){3}/\\d{1,2}$', description: 'the address of its first NIC, CIDR' })),
-                streamPort: Type.Optional(Type.Integer({ minimum: 1, maximum: 65535 })),
-              },
-              { additionalProperties: false },
-            ),
-          ),
-        },
         { additionalProperties: false },
       ),
       Type.Object({ kind: Type.Literal('disk'), diskId }, { additionalProperties: false }),
@@ -107,10 +84,10 @@ export const CreateVmRequestSchema = Type.Object(
           rbd: Type.Optional(
             Type.Object(
               {
-                pool: Type.String({ pattern: cephNamePattern.source }),
-                image: Type.String({ pattern: cephNamePattern.source }),
+                pool: cephNameSchema,
+                image: cephNameSchema,
                 conf: Type.String({ pattern: '^/[^,:]*$', maxLength: 4096 }),
-                user: Type.String({ pattern: cephNamePattern.source }),
+                user: cephNameSchema,
               },
               { additionalProperties: false },
             ),
@@ -128,7 +105,7 @@ export const CreateVmRequestSchema = Type.Object(
       Type.Array(
         Type.Object(
           {
-            bridge: Type.String({ pattern: bridgePattern.source, description: 'a bridge on the host' }),
+            bridge: bridgeSchema,
             mac: Type.Optional(Type.String({ pattern: '^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$' })),
           },
           { additionalProperties: false },
@@ -197,13 +174,13 @@ export interface QuarantineEntry {
   }[];
 }
 
-/** How RAM moves (src/migration/plan.ts RamMode). */
+/** How RAM moves (src/migration/plan-shape.ts RamMode). */
 export const RamModeSchema = Type.Union([Type.Literal('live'), Type.Literal('postcopy'), Type.Literal('stop-and-copy')]);
 export const TimeoutActionSchema = Type.Union([Type.Literal('abort'), Type.Literal('pause'), Type.Literal('postcopy')]);
 export const RamFallbackSchema = Type.Union([Type.Literal('none'), Type.Literal('stop-and-copy')]);
 export const CopyModeSchema = Type.Union([Type.Literal('background'), Type.Literal('write-blocking')]);
 
-/** How the destination announces the guest's NICs after the switch-over (plan.ts AnnounceSettings). */
+/** How the destination announces the guest's NICs after the switch-over (plan-shape.ts AnnounceSettings). */
 export const AnnounceSettingsSchema = Type.Object(
   {
     initialMs: Type.Integer({ minimum: 1, maximum: 100_000 }),
@@ -216,7 +193,7 @@ export const AnnounceSettingsSchema = Type.Object(
 
 const seconds = Type.Number({ exclusiveMinimum: 0, maximum: 7 * 24 * 3600 });
 
-/** The settings a migration runs with (plan.ts MigrationOptions), as the controller completed them from defaults. */
+/** The settings a migration runs with (plan-shape.ts MigrationOptions), as the controller completed them from defaults. */
 export const MigrationOptionsSchema = Type.Object({
   bandwidthMiBs: Type.Optional(Type.Number({ exclusiveMinimum: 0 })),
   maxDowntimeMs: Type.Number({ exclusiveMinimum: 0 }),

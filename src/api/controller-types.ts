@@ -22,9 +22,9 @@ export const MigrateRequestSchema = Type.Object(
     allowPostcopy: Type.Optional(Type.Boolean()),
     keepSource: Type.Optional(Type.Boolean()),
     copyMode: Type.Optional(CopyModeSchema),
-    /** false: a TCG guest's live pre-copy is not stopped after its first pass (plan.ts MigrationOptions.tcgStopCopy). */
+    /** false: a TCG guest's live pre-copy is not stopped after its first pass (plan-shape.ts MigrationOptions.tcgStopCopy). */
     tcgStopCopy: Type.Optional(Type.Boolean()),
-    /** How the destination announces the guest's NICs after the switch-over (plan.ts AnnounceSettings). */
+    /** How the destination announces the guest's NICs after the switch-over (plan-shape.ts AnnounceSettings). */
     announce: Type.Optional(AnnounceSettingsSchema),
   },
   { additionalProperties: false },

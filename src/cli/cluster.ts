@@ -4,6 +4,7 @@ import type { CreateVmRequest, VmInfo } from '../api/agent-types.ts';
 import type { HostStatus } from '../controller/inventory.ts';
 import { parseNicArg } from './nic-arg.ts';
 import { VmferryError } from '../errors.ts';
+import { testGuestBoot } from '../guest/test-guest.ts';
 import { defaultCpuModel } from '../qemu/cpu-models.ts';
 import { cpuModelPattern, type DiskSource, type NbdServerAddress } from '../qemu/spec.ts';
 import { defaultControllerUrl, parseListen, parsePositive, parseSize, printJson } from './common.ts';
@@ -136,7 +137,7 @@ export function registerClusterCommands(program: Command): void {
     .option('--kernel <path>', 'boot this kernel (direct kernel boot)')
     .option('--initrd <path>', 'initrd for --kernel')
     .option('--append <cmdline>', 'kernel command line for --kernel')
-    .option('--test-guest', 'boot vmferry\'s test guest, writing checkable records to every disk')
+    .option('--test-guest', 'boot vmferry\'s test guest from this checkout\'s build/guest (the agent must trust that directory and see it at the same path), writing checkable records to every disk')
     .option('--boot <disk:ID>', 'boot from disk ID with the BIOS (its boot loader), e.g. disk:root')
     .action(async (name: string, opts: VmCreateOptions, command: Command) => {
       const { api, json } = client(command);
@@ -164,7 +165,8 @@ export function registerClusterCommands(program: Command): void {
       const bootChoices = [opts.testGuest && '--test-guest', typeof opts.kernel === 'string' && '--kernel', typeof opts.boot === 'string' && '--boot'].filter(Boolean);
       if (bootChoices.length > 1) throw new VmferryError('VMF_INVALID_ARGUMENT', `say what to boot once: ${bootChoices.join(' and ')} were both given`);
       let boot: CreateVmRequest['boot'];
-      if (opts.testGuest) boot = { kind: 'test-guest' };
+      let serialPorts: number | undefined;
+      if (opts.testGuest) ({ boot, serialPorts } = testGuestBoot());
       else if (typeof opts.kernel === 'string') {
         boot = { kind: 'kernel', kernel: opts.kernel };
         if (typeof opts.initrd === 'string') boot.initrd = opts.initrd;
@@ -183,6 +185,7 @@ export function registerClusterCommands(program: Command): void {
         boot,
         disks,
         ...(opts.nic.length ? { nics: opts.nic.map(parseNicArg) } : {}),
+        ...(serialPorts === undefined ? {} : { serialPorts }),
       });
       if (json) printJson(created);
       else console.log(`created VM ${created.name} on ${created.host}`);

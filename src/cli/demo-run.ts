@@ -15,7 +15,7 @@ import { VmferryError } from '../errors.ts';
 import { LocalCluster } from '../demo/local-cluster.ts';
 import { Pinger } from '../demo/pinger.ts';
 import { StreamCheck } from '../demo/stream-check.ts';
-import { checkVerify, readGuestReport, waitForAcks } from '../guest/test-guest.ts';
+import { checkVerify, readGuestReport, testGuestBoot, waitForAcks } from '../guest/test-guest.ts';
 import { verifyDisks } from '../guest/verify.ts';
 import { agentQemuTlsDir } from '../qemu/tls-creds.ts';
 import type { MigrationReport, StorageIo } from '../migration/phases.ts';
@@ -180,7 +180,7 @@ async function runDemo(cluster: LocalCluster, say: (line: string) => void, json:
   await api.createVm('A', {
     name: vmName,
     memoryMiB: 256,
-    boot: { kind: 'test-guest', options: { spanMiB: 16, dirtyMiB: 64, dirtyRateMiBs: 16, ...(vmAddress ? { ip: `${vmAddress}/24`, streamPort } : {}) } },
+    ...testGuestBoot({ spanMiB: 16, dirtyMiB: 64, dirtyRateMiBs: 16, ...(vmAddress ? { ip: `${vmAddress}/24`, streamPort } : {}) }),
     disks: [
       { id: 'root', local: { sizeBytes: 512 * 1024 * 1024 } },
       shared.spec,

@@ -1,7 +1,8 @@
 /**
  * The host side of vmferry's test guest (guest/vmferry-guest.c): its files,
- * its kernel command line, a VmSpec to run it, and the reader of what it
- * reports on its second serial port (ttyS1).
+ * its kernel command line, the boot that runs it (a VmSpec's, or a
+ * CreateVmRequest's for the demo and the tests: the agent's API knows no test
+ * guest), and the reader of what it reports on its second serial port (ttyS1).
  *
  * Lines the guest writes:
  *   READY <disk> <disk>…           workload started on these writable disks
@@ -16,7 +17,7 @@ import { readFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { VmferryError } from '../errors.ts';
-import type { DiskSpec, VmSpec } from '../qemu/spec.ts';
+import type { BootSpec, DiskSpec, VmSpec } from '../qemu/spec.ts';
 import { Deadline } from '../util/abort.ts';
 
 const buildDir = resolve(import.meta.dirname, '../../build/guest');
@@ -90,14 +91,29 @@ export function guestKernelAppend(options: GuestOptions): string {
   return words.join(' ');
 }
 
+/** The direct kernel boot of the test guest, its files as this machine has them. */
+function testGuestKernelBoot(options: GuestOptions): Extract<BootSpec, { kind: 'kernel' }> {
+  return { kind: 'kernel', ...testGuestPaths(), append: guestKernelAppend(options) };
+}
+
+/**
+ * What a CreateVmRequest needs to run the test guest's workload: its kernel
+ * boot and two serial ports, the console and the report channel (serial1.log).
+ * The agent knows no test guest: it boots these files as any kernel, so it
+ * must trust testGuestDir() (--trusted-dir) and see them at the same path,
+ * which the demo's and the tests' clusters on one machine do.
+ */
+export function testGuestBoot(options: Omit<GuestOptions, 'mode'> = {}): { boot: Extract<BootSpec, { kind: 'kernel' }>; serialPorts: number } {
+  return { boot: testGuestKernelBoot({ mode: 'workload', ...options }), serialPorts: 2 };
+}
+
 /** A VmSpec that runs the test guest on `disks`, its console and report channel logged under `logDir`. */
 export function testGuestSpec(name: string, disks: DiskSpec[], logDir: string, options: GuestOptions, memoryMiB = 256): VmSpec {
-  const { kernel, initrd } = testGuestPaths();
   return {
     name,
     vcpus: 1,
     memoryMiB,
-    boot: { kind: 'kernel', kernel, initrd, append: guestKernelAppend(options) },
+    boot: testGuestKernelBoot(options),
     disks,
     serialLogs: [join(logDir, `${name}-console.log`), join(logDir, `${name}-report.log`)],
   };
@@ -178,20 +194,16 @@ export async function waitForGuest(
   done: (report: GuestReport) => boolean,
   options: { timeoutMs: number; signal?: AbortSignal },
 ): Promise<GuestReport> {
-  const deadline = new Deadline(`waiting for the test guest: ${what}`, options.timeoutMs, options.signal);
-  try {
-    for (;;) {
-      const report = await readGuestReport(logPaths);
-      if (report.errors.length) throw new VmferryError('VMF_MIGRATION_FAILED', `test guest failed: ${report.errors.join('; ')}`);
-      if (done(report)) return report;
-      if (deadline.signal.aborted) {
-        const acks = JSON.stringify(Object.fromEntries(report.acks));
-        throw new VmferryError('VMF_TIMEOUT', `test guest never reached "${what}" within ${options.timeoutMs} ms (acks so far: ${acks})`);
-      }
-      await sleep(100);
+  using deadline = new Deadline(`waiting for the test guest: ${what}`, options.timeoutMs, options.signal);
+  for (;;) {
+    const report = await readGuestReport(logPaths);
+    if (report.errors.length) throw new VmferryError('VMF_MIGRATION_FAILED', `test guest failed: ${report.errors.join('; ')}`);
+    if (done(report)) return report;
+    if (deadline.signal.aborted) {
+      const acks = JSON.stringify(Object.fromEntries(report.acks));
+      throw new VmferryError('VMF_TIMEOUT', `test guest never reached "${what}" within ${options.timeoutMs} ms (acks so far: ${acks})`);
     }
-  } finally {
-    deadline.dispose();
+    await sleep(100);
   }
 }
 

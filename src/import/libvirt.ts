@@ -6,7 +6,8 @@
  */
 import type { CreateVmRequest } from '../api/agent-types.ts';
 import { VmferryError } from '../errors.ts';
-import type { NbdServerAddress } from '../qemu/spec.ts';
+import { cpuModelPattern, type NbdServerAddress } from '../qemu/spec.ts';
+import { namePattern } from '../util/names.ts';
 import { Findings, type NotCarried } from './findings.ts';
 import { mapDevices, type MappedDevices } from './libvirt-devices.ts';
 import { child, childrenNamed, describe, parseXml, type XmlElement } from './xml-tree.ts';
@@ -32,8 +33,6 @@ export interface LibvirtImport {
   ignored: string[];
 }
 
-const namePattern = /^[a-z0-9][a-z0-9._-]{0,62}$/;
-const cpuModelPattern = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const MiB = 1024 * 1024;
 const minMemoryMiB = 16;
 const maxMemoryMiB = 1024 * 1024;

@@ -117,7 +117,7 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
   const emit = (event: MigrationEvent): void => input.onEvent?.(event);
   const pollMs = input.pollIntervalMs ?? 250;
   const timeline = new Timeline(emit, logger);
-  const deadline = new Deadline(`migration of ${plan.vm} to ${plan.to} (--deadline)`, plan.options.deadlineS * 1000, input.signal);
+  using deadline = new Deadline(`migration of ${plan.vm} to ${plan.to} (--deadline)`, plan.options.deadlineS * 1000, input.signal);
   const signal = deadline.signal;
   const bytesSent = new Map<string, number>();
   const figures: Figures = { info: {}, throttlePercent: 0, stoppedAtUs: null, pauseMs: undefined, memoryCompared: false, escalations: [] };
@@ -330,8 +330,6 @@ export async function runMigration(input: RunMigrationInput): Promise<MigrationR
     timeline.enter(cancelled ? 'cancelled' : 'failed');
     const undoText = undoFailures.length ? `; rollback problems: ${undoFailures.join('; ')}` : '';
     return report(plan, timeline, cancelled ? 'cancelled' : 'failed', bytesSent, figures, { code, message: `${failure.message}${undoText}` }, postcopy.why);
-  } finally {
-    deadline.dispose();
   }
 }
 

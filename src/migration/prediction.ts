@@ -7,11 +7,13 @@
  * comes in as data, measured beforehand.
  */
 
-/** The parts of a plan (src/migration/plan.ts MigrationPlan) the model reads; the plan carries the prediction, so not imported from there. */
+import type { DiskPlan, MigrationOptions, RamPlan } from './plan-shape.ts';
+
+/** The parts of a plan (src/migration/plan.ts MigrationPlan) the model reads. */
 export interface PlannedFigures {
-  disks: { operation: 'mirror' | 'reattach'; bytesToCopy: number }[];
-  ram: { memoryMiB: number; maxDowntimeMs: number; bandwidthMiBs?: number; mode: 'live' | 'postcopy' | 'stop-and-copy'; stopAfterFirstPass?: boolean };
-  options: { timeoutS: number; timeoutAction: 'abort' | 'pause' | 'postcopy' };
+  disks: Pick<DiskPlan, 'operation' | 'bytesToCopy'>[];
+  ram: Pick<RamPlan, 'memoryMiB' | 'maxDowntimeMs' | 'bandwidthMiBs' | 'mode' | 'stopAfterFirstPass'>;
+  options: Pick<MigrationOptions, 'timeoutS' | 'timeoutAction'>;
 }
 
 /** What the source's agent measured of the running guest's RAM (src/migration/probe.ts measureGuestRam). */

@@ -392,12 +392,7 @@ export class QemuSource implements SourceSide {
   }
 
   async #finishMirrors(signal: AbortSignal): Promise<{ diskId: string; bytesSent: number }[]> {
-    const listener = this.#vm.monitor.client.listen();
-    try {
-      await Promise.all(this.#mirrors.map((mirror) => this.#drainAndCancel(mirror, listener, signal)));
-    } finally {
-      listener.close();
-    }
+    await this.#eachMirror((mirror, listener) => this.#drainAndCancel(mirror, listener, signal));
     await this.#removeTargets(signal);
     this.#mirrorEvents?.close();
     return this.#mirrors.map((m) => ({ diskId: m.diskId, bytesSent: m.bytesSent ?? 0 }));
@@ -480,12 +475,7 @@ export class QemuSource implements SourceSide {
       await this.#qmp('cancelling the migration', (qmp) => qmp.migrateCancel({ signal }));
       await this.#waitMigrationSettled(signal);
     }
-    const listener = this.#vm.monitor.client.listen();
-    try {
-      await Promise.all(this.#mirrors.map((mirror) => this.#forceCancel(mirror, listener, signal)));
-    } finally {
-      listener.close();
-    }
+    await this.#eachMirror((mirror, listener) => this.#forceCancel(mirror, listener, signal));
     await this.#removeTargets(signal);
     const stoppedAtUs = this.#guestStoppedAtUs();
     this.#events?.close();
@@ -502,15 +492,17 @@ export class QemuSource implements SourceSide {
     if (!this.#wasRunning || status.running) return { pauseMs: null };
     // A destination that claimed the shared volumes (then was killed) holds their leases: take them back first.
     await this.#fence?.claim(this.#vm.spec, signal);
-    const resumed = this.#vm.monitor.client.listen();
-    try {
-      // After a completed migration the images are inactive; cont re-activates them.
-      await this.#qmp('resuming the guest on the source', (qmp) => qmp.cont({ signal }));
-      const resume = await resumed.waitFor('RESUME', undefined, { signal, timeoutMs: resumeEventMs }).catch(() => undefined);
-      return { pauseMs: stoppedAtUs !== null && resume ? Math.round((resume.timestampUs - stoppedAtUs) / 1000) : null };
-    } finally {
-      resumed.close();
-    }
+    using resumed = this.#vm.monitor.client.listen();
+    // After a completed migration the images are inactive; cont re-activates them.
+    await this.#qmp('resuming the guest on the source', (qmp) => qmp.cont({ signal }));
+    const resume = await resumed.waitFor('RESUME', undefined, { signal, timeoutMs: resumeEventMs }).catch(() => undefined);
+    return { pauseMs: stoppedAtUs !== null && resume ? Math.round((resume.timestampUs - stoppedAtUs) / 1000) : null };
+  }
+
+  /** Runs `act` on every mirror at once, with one listener for their jobs' events, open from before the first command. */
+  async #eachMirror(act: (mirror: MirrorJob, listener: QmpEventListener) => Promise<void>): Promise<void> {
+    using listener = this.#vm.monitor.client.listen();
+    await Promise.all(this.#mirrors.map((mirror) => act(mirror, listener)));
   }
 
   /**
@@ -723,14 +715,10 @@ export class QemuSource implements SourceSide {
       .filter((m) => nodes.has(m.targetNode) || jobs.some((j) => j.device === m.jobId));
     if (leftovers.length === 0) return;
     this.#logger?.warn({ leftovers: leftovers.map((m) => m.jobId) }, `removing mirror jobs and targets an earlier migration left on ${this.hostId}`);
-    const listener = qmp.client.listen();
-    try {
-      for (const leftover of leftovers) {
-        await this.#forceCancel({ ...leftover, target: nodes.has(leftover.targetNode) ? 'attached' : 'removed', building: false }, listener, signal);
-        if (nodes.has(leftover.targetNode)) await qmp.blockdevDel(leftover.targetNode, { signal });
-      }
-    } finally {
-      listener.close();
+    using listener = qmp.client.listen();
+    for (const leftover of leftovers) {
+      await this.#forceCancel({ ...leftover, target: nodes.has(leftover.targetNode) ? 'attached' : 'removed', building: false }, listener, signal);
+      if (nodes.has(leftover.targetNode)) await qmp.blockdevDel(leftover.targetNode, { signal });
     }
   }
 

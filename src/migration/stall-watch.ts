@@ -26,14 +26,12 @@ export class StallWatch {
    * socket, and the query would otherwise wait out its own, longer timeout.
    */
   async read<T>(query: (signal: AbortSignal) => Promise<T>, signal: AbortSignal): Promise<T> {
-    const deadline = new Deadline(`reading the progress of ${this.#what}`, this.#limitMs, signal);
+    using deadline = new Deadline(`reading the progress of ${this.#what}`, this.#limitMs, signal);
     try {
       return await query(deadline.signal);
     } catch (err) {
       if (signal.aborted || !deadline.signal.aborted) throw err;
       throw new VmferryError('VMF_MIGRATION_FAILED', `${this.#what} made no progress: QEMU did not report any for ${this.#limitMs / 1000} s (${hint})`, { cause: err });
-    } finally {
-      deadline.dispose();
     }
   }
 

@@ -148,17 +148,13 @@ export class QmpClient {
   /** Connects (retrying while the socket does not exist yet), reads the greeting, negotiates capabilities. */
   static async connect(path: string, options: ConnectOptions = {}): Promise<QmpClient> {
     const timeoutMs = options.timeoutMs ?? defaultConnectTimeoutMs;
-    const deadline = new Deadline(`connecting to QMP socket ${path}`, timeoutMs, options.signal);
-    try {
-      const socket = await connectWithRetry(path, deadline.signal);
-      const client = await QmpClient.#handshake(socket, path, deadline.signal, options);
-      const offersOob = client.greeting.capabilities.includes('oob');
-      await client.execute('qmp_capabilities', offersOob ? { enable: ['oob'] } : undefined, { signal: deadline.signal });
-      client.#oobEnabled = offersOob;
-      return client;
-    } finally {
-      deadline.dispose();
-    }
+    using deadline = new Deadline(`connecting to QMP socket ${path}`, timeoutMs, options.signal);
+    const socket = await connectWithRetry(path, deadline.signal);
+    const client = await QmpClient.#handshake(socket, path, deadline.signal, options);
+    const offersOob = client.greeting.capabilities.includes('oob');
+    await client.execute('qmp_capabilities', offersOob ? { enable: ['oob'] } : undefined, { signal: deadline.signal });
+    client.#oobEnabled = offersOob;
+    return client;
   }
 
   static #handshake(socket: Socket, path: string, signal: AbortSignal, options: ConnectOptions): Promise<QmpClient> {
@@ -286,12 +282,8 @@ export class QmpClient {
 
   /** Waits for one event from now on; shorthand for a listener used once. */
   async waitFor(event: string, predicate?: (e: QmpEvent) => boolean, options: ExecuteOptions = {}): Promise<QmpEvent> {
-    const listener = this.listen();
-    try {
-      return await listener.waitFor(event, predicate, options);
-    } finally {
-      listener.close();
-    }
+    using listener = this.listen();
+    return await listener.waitFor(event, predicate, options);
   }
 
   /** Closes the connection; pending commands and waits reject with VMF_QMP_CLOSED. */

@@ -33,7 +33,7 @@ interface EventWaiter {
  * may be open at once (one per block job, say): each event goes to the
  * oldest wait it matches, or else to the buffer for a later wait.
  */
-export class QmpEventListener implements AsyncIterable<QmpEvent> {
+export class QmpEventListener implements AsyncIterable<QmpEvent>, Disposable {
   readonly #onClose: (listener: QmpEventListener) => void;
   readonly #buffer: QmpEvent[] = [];
   readonly #waiters: EventWaiter[] = [];
@@ -106,6 +106,11 @@ export class QmpEventListener implements AsyncIterable<QmpEvent> {
   close(): void {
     this.end(new VmferryError('VMF_QMP_CLOSED', 'event listener closed'));
     this.#onClose(this);
+  }
+
+  /** `using listener = client.listen()`: closed however the block ends, as QEMU's library scopes one with `with`. */
+  [Symbol.dispose](): void {
+    this.close();
   }
 
   async *[Symbol.asyncIterator](): AsyncIterator<QmpEvent> {

@@ -14,10 +14,11 @@ export function abortError(signal: AbortSignal, what: string): Error {
 
 /**
  * A signal that aborts when `parent` does or after `timeoutMs`, with a
- * VMF_TIMEOUT reason naming `what`. Call dispose() when the guarded work ends,
- * so neither the timer nor the parent listener outlives it.
+ * VMF_TIMEOUT reason naming `what`. Dispose of it when the guarded work ends
+ * (`using deadline = new Deadline(…)`, or dispose() where the work ends in a
+ * promise's callback), so neither the timer nor the parent listener outlives it.
  */
-export class Deadline {
+export class Deadline implements Disposable {
   readonly signal: AbortSignal;
   readonly #controller = new AbortController();
   readonly #timer: NodeJS.Timeout | undefined;
@@ -44,6 +45,10 @@ export class Deadline {
   dispose(): void {
     clearTimeout(this.#timer);
     this.#parent?.removeEventListener('abort', this.#onParentAbort);
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
   }
 }
 
@@ -89,12 +94,8 @@ export async function withDeadline<T>(
   parent: AbortSignal | undefined,
   work: (signal: AbortSignal) => Promise<T>,
 ): Promise<T> {
-  const deadline = new Deadline(what, timeoutMs, parent);
-  try {
-    return await raceAbort(work(deadline.signal), deadline.signal, what);
-  } finally {
-    deadline.dispose();
-  }
+  using deadline = new Deadline(what, timeoutMs, parent);
+  return await raceAbort(work(deadline.signal), deadline.signal, what);
 }
 
 /**

@@ -11,7 +11,7 @@ import pino from 'pino';
 import { AgentClient, RemoteSource } from '../../src/agent/client.ts';
 import { buildAgent } from '../../src/agent/server.ts';
 import { hasCode } from '../../src/errors.ts';
-import { testGuestDir } from '../../src/guest/test-guest.ts';
+import { testGuestBoot, testGuestDir } from '../../src/guest/test-guest.ts';
 import { defaultMigrationOptions, planMigration, type DestinationFacts } from '../../src/migration/plan.ts';
 import { makeTempDir } from '../support/temp.ts';
 
@@ -32,7 +32,7 @@ async function powerLossDuringMigration(name: string, id: string): Promise<{ cli
   after(() => dir.remove());
   const dataDir = join(dir.path, 'agent');
   const first = await startAgent(dataDir);
-  const vm = await first.createVm({ name, memoryMiB: 128, boot: { kind: 'test-guest' }, disks: [{ id: 'root', local: { sizeBytes: 32 << 20 } }] });
+  const vm = await first.createVm({ name, memoryMiB: 128, ...testGuestBoot(), disks: [{ id: 'root', local: { sizeBytes: 32 << 20 } }] });
   const started = await first.startVm(name);
   const destination: DestinationFacts = { hostId: 'B', address: '127.0.0.2', qemuVersion: '7.2.0', machineTypes: [], accelerator: 'tcg', cpu: { model: 'qemu64', unavailableFeatures: [] }, freeMemoryMiB: 0, poolFreeBytes: 0, reachableExports: {}, vmNames: [] };
   await new RemoteSource('A', first, id).begin(planMigration(vm.spec, await first.probeSource(name), destination, defaultMigrationOptions));

@@ -19,7 +19,7 @@ import { buildAgent } from '../../src/agent/server.ts';
 import type { QuarantineEntry } from '../../src/api/agent-types.ts';
 import { buildController } from '../../src/controller/server.ts';
 import { hasCode } from '../../src/errors.ts';
-import { testGuestDir } from '../../src/guest/test-guest.ts';
+import { testGuestBoot, testGuestDir } from '../../src/guest/test-guest.ts';
 import { requestJson } from '../../src/http/errors.ts';
 import { makeTempDir } from '../support/temp.ts';
 import { runVmferry, type CliResult } from '../support/cli.ts';
@@ -51,7 +51,7 @@ function vmferry(...args: string[]): Promise<CliResult> {
 }
 
 async function createVm(name: string): Promise<string> {
-  const vm = await client.createVm({ name, memoryMiB: 128, boot: { kind: 'test-guest' }, disks: [{ id: 'root', local: { sizeBytes: 16 << 20 } }] });
+  const vm = await client.createVm({ name, memoryMiB: 128, ...testGuestBoot(), disks: [{ id: 'root', local: { sizeBytes: 16 << 20 } }] });
   const disk = vm.spec.disks[0]?.source;
   assert.ok(disk?.kind === 'file');
   return disk.path;

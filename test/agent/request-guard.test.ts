@@ -9,6 +9,7 @@ import { after, before, test } from 'node:test';
 import pino from 'pino';
 import { checkTargets, RequestGuard } from '../../src/agent/request-guard.ts';
 import { VmRegistry } from '../../src/agent/vm-registry.ts';
+import { testGuestBoot } from '../../src/guest/test-guest.ts';
 import { hasCode } from '../../src/errors.ts';
 import type { VmSpec } from '../../src/qemu/spec.ts';
 import { runProgram } from '../../src/util/run.ts';
@@ -58,8 +59,8 @@ test('an agent that trusts no directory does not run even the test guest, and cr
   const registry = new VmRegistry('A', dataDir, pino({ level: 'silent' }), { accelerator: 'tcg', reason: 'test' }, none);
   await registry.init();
   await assert.rejects(
-    registry.create({ name: 'web', boot: { kind: 'test-guest' }, disks: [{ id: 'root', local: { sizeBytes: 1 << 20 } }] }),
-    forbidden(/the test guest \(boot\.kind "test-guest"\) names the host file \S+vmlinux, and this agent trusts no directory for host files: start it with --trusted-dir/),
+    registry.create({ name: 'web', ...testGuestBoot(), disks: [{ id: 'root', local: { sizeBytes: 1 << 20 } }] }),
+    forbidden(/boot\.kernel names the host file \S+vmlinux, and this agent trusts no directory for host files: start it with --trusted-dir/),
   );
   assert.deepEqual([...(await readdir(join(dataDir, 'pool'))), ...(await readdir(join(dataDir, 'vms')))], []);
 });

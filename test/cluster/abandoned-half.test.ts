@@ -16,7 +16,7 @@ import { AgentClient, RemoteSource } from '../../src/agent/client.ts';
 import type { VmInfo } from '../../src/api/agent-types.ts';
 import { buildAgent } from '../../src/agent/server.ts';
 import { hasCode } from '../../src/errors.ts';
-import { testGuestDir } from '../../src/guest/test-guest.ts';
+import { testGuestBoot, testGuestDir } from '../../src/guest/test-guest.ts';
 import { defaultMigrationOptions, planMigration } from '../../src/migration/plan.ts';
 import { probeDestination, qemuCapabilities } from '../../src/migration/probe.ts';
 import { QemuDestination } from '../../src/migration/qemu-destination.ts';
@@ -48,7 +48,7 @@ interface PausedAtSwitchover {
 
 /** What a controller does up to pre-switchover, then nothing: it "crashed". The guest is paused on A. */
 async function pauseAtSwitchover(name: string, id: string, run: (paused: PausedAtSwitchover) => Promise<void>): Promise<void> {
-  const vm = await client.createVm({ name, memoryMiB: 128, boot: { kind: 'test-guest', options: { intervalMs: 100 } }, disks: [{ id: 'root', local: { sizeBytes: 64 << 20 } }] });
+  const vm = await client.createVm({ name, memoryMiB: 128, ...testGuestBoot({ intervalMs: 100 }), disks: [{ id: 'root', local: { sizeBytes: 64 << 20 } }] });
   await client.startVm(vm.name);
   await mkdir(join(dir, `pool-${name}`));
   const pool = new LocalPool(join(dir, `pool-${name}`));

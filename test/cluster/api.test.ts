@@ -10,7 +10,7 @@ import type { FastifyInstance } from 'fastify';
 import pino from 'pino';
 import { buildAgent } from '../../src/agent/server.ts';
 import { buildController } from '../../src/controller/server.ts';
-import { testGuestDir } from '../../src/guest/test-guest.ts';
+import { testGuestBoot, testGuestDir } from '../../src/guest/test-guest.ts';
 import { defaultMigrationOptions } from '../../src/migration/plan.ts';
 import { recordReliability } from '../support/reliability.ts';
 
@@ -48,7 +48,7 @@ interface BadRequest {
   message: RegExp;
 }
 
-const validVm = { name: 'ok', boot: { kind: 'test-guest' }, disks: [] };
+const validVm = { name: 'ok', ...testGuestBoot(), disks: [] };
 const validPlan = {
   vm: 'ok',
   from: 'A',

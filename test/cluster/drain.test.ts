@@ -9,6 +9,7 @@ import pino from 'pino';
 import { chromium } from 'playwright-core';
 import { LocalCluster } from '../../src/demo/local-cluster.ts';
 import type { DrainStatus } from '../../src/controller/drain.ts';
+import { testGuestBoot } from '../../src/guest/test-guest.ts';
 import { FaultProxy } from '../chaos/fault-proxy.ts';
 import { runVmferry } from '../support/cli.ts';
 import { FaultCluster } from '../support/fault-cluster.ts';
@@ -72,7 +73,7 @@ test('host drain moves three VMs under writes off A within one budget, through a
   const moved = status.vms[0];
   assert.ok(moved?.to);
   await assert.rejects(cluster.api.migrate({ vm: moved.vm, to: 'A' }), (err: Error) => /host A is draining/.test(err.message));
-  await assert.rejects(cluster.api.createVm('A', { name: 'late', memoryMiB: 64, boot: { kind: 'test-guest', options: { spanMiB: 8 } }, disks: [] }), (err: Error) => /host A is draining/.test(err.message));
+  await assert.rejects(cluster.api.createVm('A', { name: 'late', memoryMiB: 64, ...testGuestBoot({ spanMiB: 8 }), disks: [] }), (err: Error) => /host A is draining/.test(err.message));
 
   for (const v of status.vms) await faults.assertSettled(v.vm, v.to ?? '');
 

@@ -15,7 +15,7 @@ import { LocalCluster } from '../../src/demo/local-cluster.ts';
 import { Pinger } from '../../src/demo/pinger.ts';
 import { StreamCheck } from '../../src/demo/stream-check.ts';
 import { hasCode } from '../../src/errors.ts';
-import { waitForAcks } from '../../src/guest/test-guest.ts';
+import { testGuestBoot, waitForAcks } from '../../src/guest/test-guest.ts';
 import type { MigrationReport } from '../../src/migration/phases.ts';
 import { isTapOf } from '../../src/qemu/taps.ts';
 import { runProgram } from '../../src/util/run.ts';
@@ -53,7 +53,7 @@ before(async () => {
   await cluster.api.createVm('A', {
     name: vm,
     memoryMiB: 256,
-    boot: { kind: 'test-guest', options: { spanMiB: 4, intervalMs: 50, ip: `${vmAddress}/24`, streamPort } },
+    ...testGuestBoot({ spanMiB: 4, intervalMs: 50, ip: `${vmAddress}/24`, streamPort }),
     disks: [{ id: 'root', local: { sizeBytes: 64 * 1024 * 1024 } }],
     nics: [{ bridge: segment.bridge }],
   });
@@ -192,7 +192,7 @@ test('a NIC on a bridge the destination lacks: the plan is refused naming it; a 
   await runProgram('ip', ['-n', live().host('B').namespace as string, 'link', 'add', onlyOnB, 'type', 'bridge']);
   await runProgram('ip', ['-n', live().host('B').namespace as string, 'link', 'set', onlyOnB, 'up']);
   const lonely = 'lonely';
-  await live().api.createVm('B', { name: lonely, memoryMiB: 64, boot: { kind: 'test-guest' }, disks: [], nics: [{ bridge: onlyOnB }], serialPorts: 2 });
+  await live().api.createVm('B', { name: lonely, memoryMiB: 64, ...testGuestBoot(), disks: [], nics: [{ bridge: onlyOnB }] });
   await live().api.startVm(lonely);
   assert.equal((await tapsOn('B', lonely)).length, 1);
 
@@ -204,7 +204,7 @@ test('a NIC on a bridge the destination lacks: the plan is refused naming it; a 
   assert.deepEqual(await tapsOn('A', lonely), []);
 
   await assert.rejects(
-    live().api.createVm('A', { name: 'nowhere', memoryMiB: 64, boot: { kind: 'test-guest' }, disks: [], nics: [{ bridge: onlyOnB }] }),
+    live().api.createVm('A', { name: 'nowhere', memoryMiB: 64, ...testGuestBoot(), disks: [], nics: [{ bridge: onlyOnB }] }),
     (err: unknown) => hasCode(err, 'VMF_NETWORK') && /NIC net0 of VM nowhere: A has no bridge vmbr-b/.test((err as Error).message),
   );
 

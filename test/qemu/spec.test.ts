@@ -36,6 +36,11 @@ test('a valid spec comes back unchanged', () => {
   assert.deepEqual(validateVmSpec(valid), valid);
 });
 
+test('a field the schema does not name is dropped, not refused: a spec.json another vmferry version wrote still loads', () => {
+  const spec = validateVmSpec({ ...withChange(['disks', 0, 'source', 'preallocate'], true) as object, balloon: true });
+  assert.deepEqual(spec, valid);
+});
+
 const invalidCases: { change: [(string | number)[], unknown]; field: RegExp }[] = [
   { change: [['name'], '../etc'], field: /^invalid VM spec: name must be 1-63 characters.*"\.\.\/etc"/ },
   { change: [['name'], undefined], field: /^invalid VM spec: name must be a non-empty string/ },

@@ -5,6 +5,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { QmpClient } from '../../src/qmp/client.ts';
+import type { QmpEventListener } from '../../src/qmp/events.ts';
 import { hasCode } from '../../src/errors.ts';
 import { makeTempDir } from '../support/temp.ts';
 
@@ -151,6 +152,31 @@ test('a line longer than the limit closes the connection with a protocol error',
     await assert.rejects(client.execute('query-status'), (err: unknown) => hasCode(err, 'VMF_QMP_CLOSED'));
     assert.ok(hasCode(await client.closed, 'VMF_QMP_PROTOCOL'));
   } finally {
+    server.close();
+  }
+});
+
+test('a listener scoped with `using` is closed when its block is left by a throw: a later wait on it is refused at once', async () => {
+  const { path, server } = await fakePeer(
+    'scoped',
+    qmpScript((socket, message) => {
+      socket.write(`${JSON.stringify({ event: 'STOP', data: {}, timestamp: { seconds: 1, microseconds: 0 } })}\r\n`);
+      socket.write(`${JSON.stringify({ return: {}, id: message.id })}\r\n`);
+    }),
+  );
+  const client = await QmpClient.connect(path, { timeoutMs: 2000 });
+  try {
+    let scoped: QmpEventListener | undefined;
+    const waitInScope = async (): Promise<void> => {
+      using listener = client.listen();
+      scoped = listener;
+      await client.execute('stop');
+      await listener.waitFor('RESUME', undefined, { timeoutMs: 100 });
+    };
+    await assert.rejects(waitInScope(), (err: unknown) => hasCode(err, 'VMF_TIMEOUT'));
+    await assert.rejects(scoped?.waitFor('RESUME', undefined, { timeoutMs: 1000 }) ?? Promise.resolve(), (err: unknown) => hasCode(err, 'VMF_QMP_CLOSED'));
+  } finally {
+    client.close();
     server.close();
   }
 });

@@ -16,7 +16,7 @@ import { chromium } from 'playwright-core';
 import { startDashboardProxy } from '../../src/cli/dashboard-proxy.ts';
 import type { ProgressLine } from '../../src/cli/progress.ts';
 import type { MigrationReport } from '../../src/migration/phases.ts';
-import { checkVerify, readGuestReport, waitForAcks } from '../../src/guest/test-guest.ts';
+import { checkVerify, readGuestReport, testGuestBoot, waitForAcks } from '../../src/guest/test-guest.ts';
 import { verifyDisks } from '../../src/guest/verify.ts';
 import { requestJson } from '../../src/http/errors.ts';
 import { makeTempDir } from '../support/temp.ts';
@@ -115,7 +115,7 @@ test('with TLS on every API and between QEMUs: hosts register, a VM is created, 
   await cluster.api.createVm('A', {
     name: 'tls-vm',
     memoryMiB: 128,
-    boot: { kind: 'test-guest', options: { intervalMs: 100 } },
+    ...testGuestBoot({ intervalMs: 100 }),
     disks: [
       { id: 'root', local: { sizeBytes: 64 << 20 } },
       // A writable shared disk: starting and migrating it moves its writer lease, an agent → storage call over TLS.

@@ -10,7 +10,7 @@ import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pollUntil } from '../../src/util/poll.ts';
 import type { LocalCluster } from '../../src/demo/local-cluster.ts';
-import { checkVerify, readGuestReport, waitForAcks, type GuestOptions } from '../../src/guest/test-guest.ts';
+import { checkVerify, type GuestOptions, readGuestReport, testGuestBoot, waitForAcks } from '../../src/guest/test-guest.ts';
 import { verifyDisks } from '../../src/guest/verify.ts';
 import type { MigrationRecord } from '../../src/store/store.ts';
 
@@ -64,7 +64,7 @@ export class FaultCluster {
     await this.cluster.api.createVm('A', {
       name: vm,
       memoryMiB: sizes.memoryMiB ?? 192,
-      boot: { kind: 'test-guest', options: { spanMiB, ...guest } },
+      ...testGuestBoot({ spanMiB, ...guest }),
       disks: [
         { id: 'root', local: { sizeBytes: rootMiB * MiB } },
         { id: 'data', shared: { server: { type: 'inet', host, port }, export: `${vm}-data` } },
