@@ -111,14 +111,15 @@ export class RbdWriter {
     if (this.#disks.length === 0 || this.#helper) return;
     try {
       this.#helper = await RbdFenceHelper.start(this.#disks.map(({ id, ref }) => ({ key: id, ref })));
+      this.#logger?.debug({ pid: this.#helper.pid }, 'the RBD fence helper is connected and holds the images');
     } catch (err) {
       this.#logger?.warn({ err: describeError(err) }, 'the RBD fence helper did not start: the switch-over fences with the rbd and ceph programs, which lengthens the guest\'s pause');
     }
   }
 
-  /** Whether fenceOthers goes through the helper readyFence started. */
-  get fenceReady(): boolean {
-    return this.#helper !== undefined;
+  /** The pid of the helper readyFence started, while fenceOthers is to go through it; undefined when it uses the CLI. */
+  get fenceHelperPid(): number | undefined {
+    return this.#helper?.pid;
   }
 
   /**
