@@ -66,7 +66,8 @@ export class RbdFenceHelper {
 
   /** The helper, connected and holding `images`; throws (and leaves nothing running) if it cannot get there. */
   static async start(images: HeldImage[]): Promise<RbdFenceHelper> {
-    const helper = new RbdFenceHelper(spawn(python, [script, String(opTimeoutS)], { stdio: ['pipe', 'pipe', 'pipe'] }));
+    // -I: isolated from PYTHONPATH, the user's site-packages and the working directory; it imports only what Debian installed.
+    const helper = new RbdFenceHelper(spawn(python, ['-I', script, String(opTimeoutS)], { stdio: ['pipe', 'pipe', 'pipe'] }));
     try {
       const open = images.map(({ key, ref }) => ({ key, conf: ref.conf, user: ref.user, pool: checkCephName(ref.pool, 'pool'), image: checkCephName(ref.image, 'image') }));
       await helper.#request('connect and open the images', { op: 'open', images: open }, startDeadlineMs);

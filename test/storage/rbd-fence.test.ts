@@ -8,7 +8,7 @@ import type { VmSpec } from '../../src/qemu/spec.ts';
 import { createImage, qemuImageJson, removeImage, type RbdImageRef } from '../../src/storage/rbd.ts';
 import { RbdWriter, rbdWatchers } from '../../src/storage/rbd-fence.ts';
 import { runProgram } from '../../src/util/run.ts';
-import { QemuIo, startCeph, waitGone, type TestCeph } from '../support/ceph.ts';
+import { fenceHelpers, QemuIo, startCeph, waitGone, type TestCeph } from '../support/ceph.ts';
 import { MigrationRig } from '../support/migration-rig.ts';
 import { recordReliability } from '../support/reliability.ts';
 
@@ -133,6 +133,20 @@ for (const failure of ['killed', 'stopped'] as const) {
     await removeImage(ceph.client, ceph.pool, image);
   });
 }
+
+test('a fence helper that cannot start: no process left, and the fence goes through the rbd and ceph programs instead', async () => {
+  await createImage(ceph.client, ceph.pool, 'fence-nostart', 16 * MiB);
+  const ref: RbdImageRef = { pool: ceph.pool, image: 'fence-nostart', ...ceph.client };
+  const spec = specWith(ref);
+  const writer = await RbdWriter.learn(spec, await rbdWatchers(spec));
+  // Gone before the helper could open it: the helper fails to start, as it would without python3-rados or a reachable cluster.
+  await removeImage(ceph.client, ceph.pool, 'fence-nostart');
+  await writer.readyFence();
+  assert.equal(writer.fenceHelperPid, undefined);
+  assert.deepEqual(await fenceHelpers(), [], 'the helper that failed to start does not run');
+  // The fence then runs the CLI, which names the missing image too.
+  await assert.rejects(writer.fenceOthers(), /rbd --conf .* status --format json rbd\/fence-nostart: .*No such file or directory/s);
+});
 
 test('a destination that cannot open the RBD image is refused before anything moves', async () => {
   const rig = await MigrationRig.start('rbdrefuse', { local: [], shared: [], rbd: [{ id: 'data', sizeMiB: 16, client: ceph.client, pool: ceph.pool }] }, { mode: 'workload', spanMiB: 4 });
