@@ -8,10 +8,10 @@ of the `rbd` and `ceph` programs.
 Requests and replies are JSON lines, each reply carrying its request's id:
   {"id": 1, "op": "open", "images": [{"key", "conf", "user", "pool", "image"}]}
       -> {"id": 1, "ok": true}
-  {"id": 2, "op": "watchers"}
-      -> {"id": 2, "ok": true, "watchers": {key: [address, ...]}}
-  {"id": 3, "op": "fence", "own": {key: [address, ...]}}
-      -> {"id": 3, "ok": true, "fenced": {key: [address, ...]}}
+  {"id": 2, "op": "fence", "own": {key: [address, ...]}}
+      -> {"id": 2, "ok": true, "fenced": {key: [address, ...]}}
+The fence lists each image's watchers anew, so a client that opened it
+since is fenced too, and blocklists every one not among its key's own.
 A failure answers {"id", "ok": false, "error"}. It exits when its stdin ends,
 and dies with its parent.
 """
@@ -57,9 +57,6 @@ class Fence:
             self.images[spec['key']] = (cluster, rbd.Image(ioctx, spec['image'], read_only=True))
         return {}
 
-    def watchers(self):
-        return {'watchers': {key: [w['addr'] for w in image.watchers_list()] for key, (_, image) in self.images.items()}}
-
     def fence(self, own):
         targets = []
         for key, (cluster, image) in self.images.items():
@@ -94,8 +91,6 @@ class Fence:
         op = request.get('op')
         if op == 'open':
             return self.open(request['images'])
-        if op == 'watchers':
-            return self.watchers()
         if op == 'fence':
             return self.fence(request['own'])
         raise ValueError('unknown op %r' % op)

@@ -4,8 +4,8 @@
  * while the migration prepares, it holds a connected librados client and each
  * image open read-only, so that the fence in the guest's pause is one message
  * and a few cluster round trips instead of starting `rbd status` and
- * `ceph osd blocklist add` (Python programs that take most of a second to
- * start and connect; docs/BENCHMARKS.md).
+ * `ceph osd blocklist add` (each a new cluster client, and `ceph` a Python
+ * program: together most of half a second; docs/BENCHMARKS.md).
  *
  * Bounded everywhere: librados gives up on each call after `opTimeoutS`, and
  * each request has a deadline after which the helper is killed and the request
@@ -38,7 +38,6 @@ interface Reply {
   id: number;
   ok: boolean;
   error?: string;
-  watchers?: Record<string, string[]>;
   fenced?: Record<string, string[]>;
 }
 
@@ -80,12 +79,6 @@ export class RbdFenceHelper {
 
   get pid(): number | undefined {
     return this.#child.pid;
-  }
-
-  /** Every client that has each held image open now, by key. */
-  async watchers(): Promise<Map<string, string[]>> {
-    const reply = await this.#request('list the watchers', { op: 'watchers' }, requestDeadlineMs);
-    return new Map(Object.entries(reply.watchers ?? {}));
   }
 
   /** Blocklists every watcher of each held image but its `own` ones, all at once; returns the fenced addresses by key. */
