@@ -61,7 +61,7 @@ const qemuFree = [
 
 /**
  * Files with an npm script of their own, run only when named: they cost more than npm test's budget
- * allows (test/migration/rbd.test.ts starts a Ceph cluster and migrates twice: `npm run test:ceph`; the
+ * allows (test/migration/rbd.test.ts starts a Ceph cluster and migrates five times: `npm run test:ceph`; the
  * short version in npm test is test/storage/rbd-fence.test.ts, the fence and the probe on one Ceph cluster;
  * test/cluster/drain.test.ts drains three writing guests off a host, about two minutes: `npm run test:drain`,
  * with the budget's arithmetic in npm test as test/unit/drain.test.ts and the retries as test/unit/retry.test.ts).

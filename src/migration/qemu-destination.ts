@@ -143,6 +143,8 @@ export class QemuDestination implements DestinationSide {
     const vm = await QemuProcess.start(destinationSpec, { mode: 'incoming', runDir: join(vmDir, 'qemu'), accel: this.#options.accel ?? 'tcg', logger: this.#options.logger, tapRole: 'incoming', ...(this.#options.tlsDir === undefined ? {} : { tlsDir: this.#options.tlsDir }) });
     this.#vm = vm;
     this.#rbd = await RbdWriter.learn(destinationSpec, rbdBefore, this.#options.logger);
+    // Its fence connected to the cluster now, so the guest's pause at switch-over holds a message, not a program's start.
+    await this.#rbd.readyFence();
     // Opened before migrate-incoming, so the completion event cannot be missed.
     this.#events = vm.monitor.client.listen();
     const tls = await this.#secureStreams(vm, plan.from, signal);
@@ -396,6 +398,7 @@ export class QemuDestination implements DestinationSide {
 
   async rollback(): Promise<void> {
     await this.#resuming;
+    this.#rbd?.release();
     // A cont whose reply was lost still counts: the guest's own state decides, not our bookkeeping.
     if ((await this.fate()) === 'guest-ran') throw new VmferryError('VMF_CONFLICT', `the guest already ran on ${this.hostId}; refusing to roll back`);
     this.#events?.close();

@@ -12,9 +12,18 @@
  * destination resumes, every other watcher is blocklisted. A VM starting
  * afresh blocklists every watcher before its QEMU opens the image.
  * The Ceph user needs the `osd blocklist` command (`profile rbd` grants it).
+ *
+ * The switch-over fence runs while the guest is paused, so it is made ready
+ * beforehand (`readyFence`): a helper process already connected to the
+ * cluster (rbd-fence-helper.ts) does it on one message. Should the helper not
+ * start, the fence runs the CLI as before, only slower; once it has started,
+ * its failure fails the fence, and so the switch-over: the guest is never
+ * resumed without it.
  */
 import type { Logger } from 'pino';
+import { VmferryError, describeError } from '../errors.ts';
 import type { VmSpec } from '../qemu/spec.ts';
+import { RbdFenceHelper } from './rbd-fence-helper.ts';
 import { blocklistClient, imageWatchers, type RbdImageRef } from './rbd.ts';
 
 interface RbdDisk {
@@ -67,6 +76,8 @@ export class RbdWriter {
   /** This QEMU's client addresses, by disk id. */
   readonly own: Map<string, string[]>;
   readonly #logger: Logger | undefined;
+  /** The fence made ready by readyFence, until fenceOthers or release ends it. */
+  #helper: RbdFenceHelper | undefined;
 
   private constructor(disks: RbdDisk[], own: Map<string, string[]>, logger: Logger | undefined) {
     this.#disks = disks;
@@ -91,17 +102,71 @@ export class RbdWriter {
     return new RbdWriter(disks, own, logger);
   }
 
-  /** Blocklists every client of this QEMU's RBD images but its own: from now on only it writes them. Returns the fenced addresses by disk id. */
+  /**
+   * Starts the helper that fences the others on one message (rbd-fence-helper.ts), so that
+   * fenceOthers, in the guest's pause, starts no program. Should it not start (no python3-rados,
+   * the cluster unreachable just now), it says so in the log, and fenceOthers uses the CLI.
+   */
+  async readyFence(): Promise<void> {
+    if (this.#disks.length === 0 || this.#helper) return;
+    try {
+      this.#helper = await RbdFenceHelper.start(this.#disks.map(({ id, ref }) => ({ key: id, ref })));
+      this.#logger?.debug({ pid: this.#helper.pid }, 'the RBD fence helper is connected and holds the images');
+    } catch (err) {
+      this.#logger?.warn({ err: describeError(err) }, 'the RBD fence helper did not start: the switch-over fences with the rbd and ceph programs, which lengthens the guest\'s pause');
+    }
+  }
+
+  /** The pid of the helper readyFence started, while fenceOthers is to go through it; undefined when it uses the CLI. */
+  get fenceHelperPid(): number | undefined {
+    return this.#helper?.pid;
+  }
+
+  /**
+   * Blocklists every client of this QEMU's RBD images but its own: from now on only it writes them.
+   * Returns the fenced addresses by disk id. Ends the helper, whatever the outcome: it fences once.
+   */
   async fenceOthers(): Promise<Map<string, string[]>> {
+    const helper = this.#helper;
+    if (!helper) return this.#fenceOthersWithCli();
+    this.#helper = undefined;
+    try {
+      const fenced = await helper.fence(this.own);
+      for (const [id, addresses] of fenced) this.#logFenced(id, addresses);
+      return fenced;
+    } catch (err) {
+      throw new VmferryError(err instanceof VmferryError ? err.code : 'VMF_COMMAND_FAILED', `could not fence the other clients of the RBD images (${this.#imageNames()}): ${describeError(err)}`, { cause: err });
+    } finally {
+      helper.stop();
+    }
+  }
+
+  /** Ends the helper readyFence started, unused: the switch-over is not coming. */
+  release(): void {
+    this.#helper?.stop();
+    this.#helper = undefined;
+  }
+
+  async #fenceOthersWithCli(): Promise<Map<string, string[]>> {
     const fenced = new Map<string, string[]>();
     for (const { id, ref } of this.#disks) {
       const own = new Set(this.own.get(id) ?? []);
       const others = (await imageWatchers(clientOf(ref), ref.pool, ref.image)).filter((address) => !own.has(address));
       if (others.length === 0) continue;
       fenced.set(id, await blocklist(ref, others));
-      this.#logger?.info({ disk: id, image: `${ref.pool}/${ref.image}`, fenced: others }, `fenced the other clients of RBD image ${ref.pool}/${ref.image}`);
+      this.#logFenced(id, others);
     }
     return fenced;
+  }
+
+  #logFenced(id: string, addresses: string[]): void {
+    const ref = this.#disks.find((disk) => disk.id === id)?.ref;
+    const image = ref ? `${ref.pool}/${ref.image}` : id;
+    this.#logger?.info({ disk: id, image, fenced: addresses }, `fenced the other clients of RBD image ${image}`);
+  }
+
+  #imageNames(): string {
+    return this.#disks.map(({ ref }) => `${ref.pool}/${ref.image}`).join(', ');
   }
 
   /**

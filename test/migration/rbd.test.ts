@@ -4,7 +4,8 @@
 // under a writing VM; and `vmferry demo --storage ceph`,
 // which starts a Ceph cluster of its own. Its own npm script
 // (`npm run test:ceph`): it takes minutes. The fence and the planner's probe run in
-// npm test (test/storage/rbd-fence.test.ts).
+// npm test (test/storage/rbd-fence.test.ts); here the switch-over fence is shown in a migration, through its helper and
+// with its helper killed.
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { join } from 'node:path';
@@ -16,7 +17,8 @@ import { QemuDestination } from '../../src/migration/qemu-destination.ts';
 import { QemuSource } from '../../src/migration/qemu-source.ts';
 import type { VmSpec } from '../../src/qemu/spec.ts';
 import { imageWatchers, listImages, type RbdImageRef } from '../../src/storage/rbd.ts';
-import { QemuIo, startCeph, type TestCeph } from '../support/ceph.ts';
+import type { QmpEventListener } from '../../src/qmp/events.ts';
+import { blocklistAddedAt, fenceHelpers, QemuIo, startCeph, type TestCeph } from '../support/ceph.ts';
 import { runVmferry, type CliResult } from '../support/cli.ts';
 import { MigrationRig } from '../support/migration-rig.ts';
 import { recordReliability } from '../support/reliability.ts';
@@ -109,6 +111,93 @@ test('local + NBD + RBD disks migrate A → B and back under writes: every acked
     const final = (await waitForAcks(allLogs, disks, { atLeast: 0, timeoutMs: 90_000 })).acks;
     assert.deepEqual(checkVerify(verify, final), []);
     console.log(`# migration test (two migrations, verify) took ${Date.now() - started} ms`);
+  } finally {
+    await rig.cleanup.run();
+  }
+});
+
+test('the switch-over fences A\'s RBD client through the helper B readied at prepare: blocklisted before B\'s guest runs, a stale writer\'s writes refused, no helper left', async () => {
+  const rig = await MigrationRig.start('rbdfence', { local: [{ id: 'root', sizeMiB: 32 }], shared: [], rbd: [{ id: 'rbd0', sizeMiB: 32, ...cephDisk() }] }, { mode: 'workload', spanMiB: 8 });
+  const ref = rbdSource(rig.spec);
+  let stale: QemuIo | undefined;
+  let resumes: QmpEventListener | undefined;
+  try {
+    await rig.waitForAcks(20);
+    const sourceClients = await imageWatchers(ref, ref.pool, ref.image);
+    assert.equal(sourceClients.length, 1, "A's QEMU is the image's one client");
+    // A stale writer besides A's QEMU (a host that lost its VM and did not die): the fence cuts off every client but B's own.
+    stale = await QemuIo.open(ref);
+    const staleClients = (await imageWatchers(ref, ref.pool, ref.image)).filter((address) => !sourceClients.includes(address));
+    let helpersAtSwitchover: number[] = [];
+    const report = await rig.migrate(await rig.plan(), {
+      beforePhase: async (phase) => {
+        if (phase !== 'resume-sent') return;
+        // The guest is paused on A, B not continued yet: the fence is to come, and its helper already runs.
+        helpersAtSwitchover = await fenceHelpers();
+        resumes = rig.destination?.vm?.monitor.client.listen();
+      },
+    });
+    assert.equal(report.outcome, 'completed', report.error?.message);
+    assert.equal(helpersAtSwitchover.length, 1, 'the fence helper ran, connected, when the switch-over began');
+    assert.deepEqual(await fenceHelpers(), [], 'no fence helper runs once the guest runs on B');
+    const resumedAtUs = resumes?.takeBuffered('RESUME').at(-1)?.timestampUs;
+    assert.ok(resumedAtUs !== undefined, "B's QEMU announced the guest's RESUME");
+    const blocklisted = await blocklistAddedAt(ceph.client);
+    for (const address of [...sourceClients, ...staleClients]) {
+      const addedAt = blocklisted.get(address);
+      assert.ok(addedAt !== undefined, `${address} is blocklisted`);
+      assert.ok(addedAt * 1000 < resumedAtUs, `${address} was blocklisted ${addedAt * 1000 - resumedAtUs} µs after B's guest resumed`);
+    }
+    // Past the workload's span, so that a write that got through would not touch the guest's records.
+    assert.match(await stale.run('write -P 0x55 24M 4k'), /write failed/);
+    const logs = [...rig.reportLogs()];
+    const acked = (await waitForAcks(logs, rig.writableDiskIds(), { atLeast: 0, timeoutMs: 90_000 })).acks;
+    await waitForAcks(logs, rig.writableDiskIds(), { atLeast: 10, since: acked, timeoutMs: 90_000 });
+    const resumeMs = report.phases.find((p) => p.phase === 'resume-sent')?.durationMs;
+    console.log(`# resume-sent (B's fence through the helper, then cont) took ${resumeMs} ms`);
+  } finally {
+    resumes?.close();
+    await stale?.close();
+    await rig.cleanup.run();
+  }
+});
+
+test('the fence helper killed at switch-over: the switch-over fails naming it, the guest runs on in A, A\'s client is not fenced', async () => {
+  const rig = await MigrationRig.start('rbdnofence', { local: [{ id: 'root', sizeMiB: 32 }], shared: [], rbd: [{ id: 'rbd0', sizeMiB: 32, ...cephDisk() }] }, { mode: 'workload', spanMiB: 8 });
+  const ref = rbdSource(rig.spec);
+  try {
+    await rig.waitForAcks(20);
+    const sourceClients = await imageWatchers(ref, ref.pool, ref.image);
+    let killed: number[] = [];
+    const report = await rig.migrate(await rig.plan(), {
+      beforePhase: async (phase) => {
+        if (phase !== 'resume-sent') return;
+        killed = await fenceHelpers();
+        for (const pid of killed) process.kill(pid, 'SIGKILL');
+      },
+    });
+    assert.equal(killed.length, 1, 'one fence helper ran when the switch-over began');
+    assert.equal(report.outcome, 'failed');
+    assert.match(report.error?.message ?? '', /could not fence the other clients of the RBD images \(rbd\/rbdnofence-rbd0\): the RBD fence helper \(pid \d+\) exited \(SIGKILL\)/);
+    assert.equal(rig.source.isAlive, true);
+    assert.equal((await rig.source.status()).status, 'running', 'the guest runs on A again');
+    assert.equal(rig.destination?.vm, undefined, "B's QEMU is gone");
+    assert.deepEqual(await fenceHelpers(), []);
+    const blocklisted = await blocklistAddedAt(ceph.client);
+    assert.deepEqual(sourceClients.filter((address) => blocklisted.has(address)), [], "A's client was not fenced");
+    const before = await rig.waitForAcks(0);
+    const after = await rig.waitForAcks(10, before.acks);
+    assert.deepEqual(after.errors, [], 'no I/O error reached the guest');
+    assert.ok((after.acks.get('rbd0') ?? 0) > (before.acks.get('rbd0') ?? 0), 'the guest writes its RBD disk on A');
+    const verify = await rig.verify(rig.spec.disks);
+    assert.deepEqual(checkVerify(verify, (await rig.waitForAcks(0)).acks), []);
+    recordReliability(import.meta.url, {
+      kind: 'fault',
+      target: 'RBD volume',
+      tried: 'the RBD fence helper killed (SIGKILL) after the guest paused on A for the switch-over, before B fenced A',
+      observed: `the migration failed naming the helper (${report.error?.code ?? '?'}); B never resumed, A's client was not blocklisted, the guest ran on in A and wrote its RBD disk; every acknowledged record intact`,
+      ok: true,
+    });
   } finally {
     await rig.cleanup.run();
   }
