@@ -9,7 +9,7 @@ import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import xxhash from 'xxhash-wasm';
 import { testGuestPaths } from '../../src/guest/test-guest.ts';
-import { memoryDigest, memoryDigestChunkBytes, zeroChunks } from '../../src/qemu/memory-digest.ts';
+import { locateGuestRam, memoryDigest, memoryDigestChunkBytes, zeroChunks } from '../../src/qemu/memory-digest.ts';
 import { QemuProcess } from '../../src/qemu/process.ts';
 import { makeTempDir } from '../support/temp.ts';
 
@@ -27,6 +27,8 @@ test("after pre-copy read a guest's RAM, the chunks the zero page backs are skip
   try {
     // Let the kernel write its pages, then read every page of RAM the way pre-copy does.
     await sleep(1500);
+    // Its status is asked at the same time as its page tables are read: a running guest is still refused.
+    await assert.rejects(memoryDigest(vm, AbortSignal.timeout(30_000)), (err: Error & { code?: string }) => err.code === 'VMF_CONFLICT');
     await vm.monitor.client.execute('migrate', { uri: 'exec:cat > /dev/null' });
     for (let i = 0; i < 300; i++) {
       const { status } = await vm.monitor.client.execute<{ status: string }>('query-migrate');
@@ -41,7 +43,18 @@ test("after pre-copy read a guest's RAM, the chunks the zero page backs are skip
     assert.ok(zero.size >= memoryMiB / 4, `only ${zero.size} of ${memoryMiB} MiB known to be zero: the guest's RAM would be read nearly whole while it is paused`);
     assert.ok(zero.size < memoryMiB, 'the guest wrote some of its RAM');
 
+    // Where its RAM is was found before the pause (as the migration sides do): inside it, QEMU is only asked its status.
+    await locateGuestRam(vm);
+    const client = vm.monitor.client;
+    const execute = client.execute.bind(client);
+    const asked: string[] = [];
+    client.execute = <T>(...args: Parameters<typeof execute>): Promise<T> => {
+      asked.push(args[0]);
+      return execute<T>(...args);
+    };
     const digest = await memoryDigest(vm, AbortSignal.timeout(30_000));
+    client.execute = execute;
+    assert.deepEqual(asked, ['query-status']);
     const dump = join(temp.path, 'ram.dump');
     await vm.monitor.client.execute('pmemsave', { val: 0, size, filename: dump });
     const ram = await readFile(dump);
