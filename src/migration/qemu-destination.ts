@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { VmferryError, describeError, hasCode } from '../errors.ts';
-import { memoryDigest, type MemoryDigest } from '../qemu/memory-digest.ts';
+import { locateGuestRam, memoryDigest, type MemoryDigest } from '../qemu/memory-digest.ts';
 import type { Accelerator } from '../qemu/command-line.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import type { VmSpec } from '../qemu/spec.ts';
@@ -157,6 +157,9 @@ export class QemuDestination implements DestinationSide {
       await qmp.migrateIncoming(`tcp:${address}:0`, { signal });
     });
     const migrationPort = await this.#incomingPort(signal);
+    // Found now, not in the pause: the digest would otherwise look for the guest's RAM while the guest waits.
+    // A failure here is the digest's to report, with its own context, when it asks again.
+    if (plan.ram.compareMemory) await locateGuestRam(vm).catch(() => undefined);
 
     const mirrorTargets: MirrorTarget[] = [];
     const mirrored = plan.disks.filter((d) => d.operation === 'mirror');

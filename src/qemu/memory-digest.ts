@@ -45,12 +45,53 @@ const readsInFlight = 4;
 let hasher: ReturnType<typeof xxhash> | undefined;
 
 /**
- * Digest of the guest RAM of a VM whose vCPUs are stopped, read straight out
- * of QEMU's address space (/proc/PID/mem at the host address QEMU gives for
- * guest address 0), or out of the memfd of a QEMU started with its RAM in one
- * (agents of earlier versions started TCG guests so). Where the kernel does not
- * let the agent read QEMU's memory, from a pmemsave dump (slower: QEMU copies
- * 1 KiB at a time).
+ * Where a digest reads a guest's RAM: the memfd of a QEMU started with its RAM in one (agents of earlier versions
+ * started TCG guests so), QEMU's own address space (/proc/PID/mem from the host address of guest address 0), or,
+ * where the kernel does not let the agent read QEMU's memory, a pmemsave dump (slower: QEMU copies 1 KiB at a time).
+ */
+type GuestRamSource = { kind: 'memfd'; path: string } | { kind: 'process'; path: string; address: number } | { kind: 'dump' };
+
+/**
+ * Per QEMU: where its RAM is does not change while it runs (RAM blocks are mapped once, at start), so it is found
+ * once, before the guest is paused (locateGuestRam), not inside the pause: the fd scan and the HMP round trip took
+ * tens of ms there, with both QEMUs busy (docs/BENCHMARKS.md, "Issue 22", where the comparison's time goes).
+ */
+const locations = new WeakMap<QemuProcess, Promise<GuestRamSource>>();
+const addresses = new WeakMap<QemuProcess, Promise<number>>();
+
+/** Memoizes `find` per QEMU; a failure is forgotten, so the next call tries again and reports its own error. */
+function once<T>(cache: WeakMap<QemuProcess, Promise<T>>, vm: QemuProcess, find: () => Promise<T>): Promise<T> {
+  let found = cache.get(vm);
+  if (!found) {
+    found = find();
+    cache.set(vm, found);
+    found.catch(() => {
+      if (cache.get(vm) === found) cache.delete(vm);
+    });
+  }
+  return found;
+}
+
+/**
+ * Finds where `vm`'s RAM is read from, ahead of its digest: the source calls it when its migration starts, the
+ * destination when its QEMU is ready for the incoming stream.
+ */
+export function locateGuestRam(vm: QemuProcess): Promise<GuestRamSource> {
+  return once(locations, vm, async () => {
+    const memfd = await guestRamMemfd(vm.pid);
+    if (memfd) return { kind: 'memfd', path: memfd };
+    const address = await guestRamAddress(vm);
+    const path = `/proc/${vm.pid}/mem`;
+    const readable = await open(path, 'r').then(
+      (file) => file.close().then(() => true),
+      () => false,
+    );
+    return readable ? { kind: 'process', path, address } : { kind: 'dump' };
+  });
+}
+
+/**
+ * Digest of the guest RAM of a VM whose vCPUs are stopped.
  *
  * Why not a memfd for every TCG guest, as before: every page of shared memory
  * that is read gets allocated, and pre-copy reads every page of RAM on both
@@ -61,19 +102,16 @@ export async function memoryDigest(vm: QemuProcess, signal: AbortSignal): Promis
   if (vm.spec.memoryMiB > memoryDigestMaxMiB) {
     throw new VmferryError('VMF_INVALID_ARGUMENT', `VM ${vm.spec.name} has ${vm.spec.memoryMiB} MiB of RAM; memory digests cover guests up to ${memoryDigestMaxMiB} MiB`);
   }
-  const status = await vm.status();
-  if (status.running) throw new VmferryError('VMF_CONFLICT', `VM ${vm.spec.name} is running: its memory can only be compared while stopped`);
   const size = vm.spec.memoryMiB * 1024 * 1024;
-  const memfd = await guestRamMemfd(vm.pid);
-  if (memfd) return hashChunks(memfd, 0, size, signal);
-  const address = await guestRamAddress(vm);
-  const memory = `/proc/${vm.pid}/mem`;
-  const readable = await open(memory, 'r').then(
-    (file) => file.close().then(() => true),
-    () => false,
-  );
-  if (!readable) return dumpAndHash(vm, signal);
-  return hashChunks(memory, address, size, signal, await zeroChunks(vm.pid, address, size));
+  // The status and the page tables are asked for at once: each waits on something else (QEMU's main loop, the kernel).
+  const [status, ram, skipped] = await Promise.all([
+    vm.status(),
+    locateGuestRam(vm),
+    locateGuestRam(vm).then((found) => (found.kind === 'process' ? zeroChunks(vm.pid, found.address, size) : new Set<number>())),
+  ]);
+  if (status.running) throw new VmferryError('VMF_CONFLICT', `VM ${vm.spec.name} is running: its memory can only be compared while stopped`);
+  if (ram.kind === 'dump') return dumpAndHash(vm, signal);
+  return hashChunks(ram.path, ram.kind === 'process' ? ram.address : 0, size, signal, skipped);
 }
 
 export const pageBytes = 4096;
@@ -89,9 +127,13 @@ export const pageBytes = 4096;
  */
 export async function zeroChunks(pid: number, address: number, size: number): Promise<Set<number>> {
   const pagesPerChunk = memoryDigestChunkBytes / pageBytes;
-  const written = new Set((await writtenPages(pid, address, size)).map((page) => Math.floor(page / pagesPerChunk)));
+  const pages = await pageTable(pid, address, size);
   const zero = new Set<number>();
-  for (let chunk = 0; chunk < size / memoryDigestChunkBytes; chunk++) if (!written.has(chunk)) zero.add(chunk);
+  for (let chunk = 0; chunk < size / memoryDigestChunkBytes; chunk++) {
+    let written = false;
+    for (let page = chunk * pagesPerChunk; page < (chunk + 1) * pagesPerChunk && !written; page++) written = pages.mayHoldData(page);
+    if (!written) zero.add(chunk);
+  }
   return zero;
 }
 
@@ -100,47 +142,75 @@ export async function zeroChunks(pid: number, address: number, size: number): Pr
  * present or swapped out, and not the kernel's zero page. (A page the guest filled with zeros is among them.)
  */
 export async function writtenPages(pid: number, address: number, size: number): Promise<number[]> {
+  const pages = await pageTable(pid, address, size);
+  const written: number[] = [];
+  for (let page = 0; page < size / pageBytes; page++) if (pages.mayHoldData(page)) written.push(page);
+  return written;
+}
+
+// Pagemap entry bits, in the entry's upper 32 bits: 63 present, 62 swapped out, 56 mapped exclusively; 0–54 the frame.
+const presentBit = 0x80000000;
+const swappedBit = 0x40000000;
+const exclusiveBit = 0x01000000;
+const frameHighBits = 0x7fffff;
+
+interface PageTable {
+  /** Whether a page may hold data: present or swapped out, and not the kernel's zero page. */
+  mayHoldData(page: number): boolean;
+}
+
+/**
+ * The pagemap entries of [address, address + size) of `pid`, and which of their frames are the kernel's zero page.
+ * Read as 32-bit words, not with Buffer's readers: the scan covers every page of the guest and ran inside the pause.
+ */
+async function pageTable(pid: number, address: number, size: number): Promise<PageTable> {
   const pages = size / pageBytes;
-  const entries = Buffer.alloc(pages * 8);
+  const words = new Uint32Array(pages * 2);
+  const bytes = new Uint8Array(words.buffer);
   const file = await open(`/proc/${pid}/pagemap`, 'r');
   try {
-    for (let done = 0; done < entries.length; ) {
-      const { bytesRead } = await file.read(entries, done, entries.length - done, (address / pageBytes) * 8 + done);
+    for (let done = 0; done < bytes.length; ) {
+      const { bytesRead } = await file.read(bytes, done, bytes.length - done, (address / pageBytes) * 8 + done);
       if (bytesRead === 0) throw new VmferryError('VMF_MIGRATION_FAILED', `/proc/${pid}/pagemap ended early`);
       done += bytesRead;
     }
   } finally {
     await file.close();
   }
-  const zeroFrames = await zeroPageFrames(entries);
-  const written: number[] = [];
-  for (let page = 0; page < pages; page++) {
-    const high = entries.readUInt32LE(page * 8 + 4);
-    // Bit 63: present in memory; bit 62: swapped out.
-    if ((high & 0xc0000000) === 0) continue;
-    if ((high & 0x80000000) !== 0 && zeroFrames.has(frameNumber(entries, page))) continue;
-    written.push(page);
-  }
-  return written;
+  const zeroFrames = await zeroPageFrames(words);
+  return {
+    mayHoldData(page: number): boolean {
+      const high = words[page * 2 + 1]!;
+      if ((high & (presentBit | swappedBit)) === 0) return false;
+      // Only a present page not mapped exclusively can be the zero page: QEMU's own written RAM is exclusive.
+      if ((high & presentBit) === 0 || (high & exclusiveBit) !== 0) return true;
+      return !zeroFrames.has(frameNumber(words, page));
+    },
+  };
 }
 
 /** Bits 0–54 of a present page's pagemap entry; 0 where the reader may not see frame numbers (no CAP_SYS_ADMIN). */
-function frameNumber(entries: Buffer, page: number): number {
-  return (entries.readUInt32LE(page * 8 + 4) & 0x7fffff) * 2 ** 32 + entries.readUInt32LE(page * 8);
+function frameNumber(words: Uint32Array, page: number): number {
+  return (words[page * 2 + 1]! & frameHighBits) * 2 ** 32 + words[page * 2]!;
 }
 
 const kpageflagsZeroPage = 1 << 24;
 
 /**
- * The frames among `entries` that are the kernel's zero page or part of its huge zero page
+ * The frames among the pagemap entries `words` that are the kernel's zero page or part of its huge zero page
  * (/proc/kpageflags). Only present pages not mapped exclusively (bit 56 clear) can be: QEMU's own written
  * RAM is. Empty where the agent may not read frame numbers or page flags, and every chunk is then read.
  */
-async function zeroPageFrames(entries: Buffer): Promise<Set<number>> {
+async function zeroPageFrames(words: Uint32Array): Promise<Set<number>> {
   const candidates = new Set<number>();
-  for (let page = 0; page < entries.length / 8; page++) {
-    const high = entries.readUInt32LE(page * 8 + 4);
-    if ((high & 0x80000000) !== 0 && (high & 0x01000000) === 0) candidates.add(frameNumber(entries, page));
+  let previous = -1;
+  for (let page = 0; page < words.length / 2; page++) {
+    const high = words[page * 2 + 1]!;
+    if ((high & presentBit) === 0 || (high & exclusiveBit) !== 0) continue;
+    const frame = frameNumber(words, page);
+    // The zero page backs long runs of pages: one lookup for a run.
+    if (frame !== previous) candidates.add(frame);
+    previous = frame;
   }
   candidates.delete(0);
   const zero = new Set<number>();
@@ -153,10 +223,10 @@ async function zeroPageFrames(entries: Buffer): Promise<Set<number>> {
     for (let first = 0; first < sorted.length; ) {
       let last = first;
       while (last + 1 < sorted.length && sorted[last + 1] === sorted[last]! + 1) last++;
-      const run = Buffer.alloc((last - first + 1) * 8);
-      const { bytesRead } = await flags.read(run, 0, run.length, sorted[first]! * 8);
+      const run = new Uint32Array((last - first + 1) * 2);
+      const { bytesRead } = await flags.read(new Uint8Array(run.buffer), 0, run.byteLength, sorted[first]! * 8);
       for (let i = 0; i < bytesRead / 8; i++) {
-        if ((run.readUInt32LE(i * 8) & kpageflagsZeroPage) !== 0) zero.add(sorted[first]! + i);
+        if ((run[i * 2]! & kpageflagsZeroPage) !== 0) zero.add(sorted[first]! + i);
       }
       first = last + 1;
     }
@@ -170,11 +240,13 @@ async function zeroPageFrames(entries: Buffer): Promise<Set<number>> {
  * Where guest address 0 is in QEMU's address space. Guest RAM up to
  * memoryDigestMaxMiB is one block from there on, in q35 and pc alike.
  */
-export async function guestRamAddress(vm: QemuProcess): Promise<number> {
-  const text = await vm.qmp('finding guest RAM', (qmp) => qmp.client.execute<string>('human-monitor-command', { 'command-line': 'gpa2hva 0' }));
-  const match = /is (0x[0-9a-f]+)/.exec(text);
-  if (!match) throw new VmferryError('VMF_MIGRATION_FAILED', `QEMU of VM ${vm.spec.name} did not say where guest RAM is: ${text.trim()}`);
-  return Number(match[1]);
+export function guestRamAddress(vm: QemuProcess): Promise<number> {
+  return once(addresses, vm, async () => {
+    const text = await vm.qmp('finding guest RAM', (qmp) => qmp.client.execute<string>('human-monitor-command', { 'command-line': 'gpa2hva 0' }));
+    const match = /is (0x[0-9a-f]+)/.exec(text);
+    if (!match) throw new VmferryError('VMF_MIGRATION_FAILED', `QEMU of VM ${vm.spec.name} did not say where guest RAM is: ${text.trim()}`);
+    return Number(match[1]);
+  });
 }
 
 /** QEMU names the memfd of a memory-backend-memfd after the backend type; a guest has one. */
