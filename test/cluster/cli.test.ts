@@ -48,6 +48,25 @@ function reportLogs(vm: string): string[] {
   return cluster.hosts.map((h) => join(h.dataDir, 'vms', vm, 'serial1.log'));
 }
 
+/** How the tests' VM `web` is made: a local and a shared disk, and a CPU model not the default (qemu64-v1). */
+function webCreateArgs(): string[] {
+  const { host, port } = cluster.storageNbd;
+  return ['vm', 'create', 'web', '--host', 'A', '--memory', '256', '--cpu', 'Westmere-v1', '--local-disk', 'root:256M', '--shared-disk', 'data:web-data', '--storage-nbd', `${host}:${port}`, '--test-guest'];
+}
+
+/**
+ * `web` running on A with its guest writing, as the create test leaves it for the tests after it. A test run
+ * alone (--test-name-pattern) makes it here.
+ */
+async function webRunningOnA(): Promise<void> {
+  if (await cluster.api.vm('web').then(() => true, () => false)) return;
+  const created = await vmferry(...webCreateArgs());
+  assert.equal(created.code, 0, created.stderr);
+  const started = await vmferry('vm', 'start', 'web');
+  assert.equal(started.code, 0, started.stderr);
+  await waitForAcks(reportLogs('web'), ['root', 'data'], { atLeast: 20, timeoutMs: 90_000 });
+}
+
 before(async () => {
   workDir = await mkdtemp(join(tmpdir(), 'vmferry-cluster-'));
   cluster = await LocalCluster.start({
@@ -113,11 +132,10 @@ test('an agent logs the accelerator it chose; with --accel kvm on a host whose K
 });
 
 test('create, start, list and show a VM with a local and a shared disk', async () => {
-  const { host, port } = cluster.storageNbd;
   let result = await vmferry('vm', 'create', 'web', '--host', 'A', '--cpu', 'bad,+avx', '--local-disk', 'root:256M', '--test-guest');
   assert.match(result.stderr, /^vmferry: --cpu must be a QEMU CPU model name such as Westmere-v1, without features or options \(got "bad,\+avx"\) \[VMF_INVALID_ARGUMENT\]\n$/);
-  // Not the default model (qemu64-v1), so the test sees the choice carried through to QEMU on every host the VM runs on.
-  result = await vmferry('vm', 'create', 'web', '--host', 'A', '--memory', '256', '--cpu', 'Westmere-v1', '--local-disk', 'root:256M', '--shared-disk', 'data:web-data', '--storage-nbd', `${host}:${port}`, '--test-guest');
+  // Not the default model, so the test sees the choice carried through to QEMU on every host the VM runs on.
+  result = await vmferry(...webCreateArgs());
   assert.equal(result.code, 0, result.stderr);
   assert.match(result.stdout, /created VM web on A/);
   result = await vmferry('vm', 'start', 'web');
@@ -133,6 +151,7 @@ test('create, start, list and show a VM with a local and a shared disk', async (
 });
 
 test('a second VM of the same name, an unknown VM, an unknown host: one clear line and a non-zero exit', async () => {
+  await webRunningOnA();
   let result = await vmferry('vm', 'create', 'web', '--host', 'B', '--local-disk', 'root:64M', '--test-guest');
   assert.notEqual(result.code, 0);
   assert.match(result.stderr, /^vmferry: a VM named web already exists \[VMF_CONFLICT\]\n$/);
@@ -146,6 +165,7 @@ test('a second VM of the same name, an unknown VM, an unknown host: one clear li
 });
 
 test('migrate --dry-run prints the plan and moves nothing', async () => {
+  await webRunningOnA();
   const result = await vmferry('migrate', 'web', '--to', 'B', '--dry-run');
   assert.equal(result.code, 0, result.stderr);
   assert.match(result.stdout, /root\s+│ local\s+│ mirror/);
@@ -197,6 +217,7 @@ function checkFigures(report: MigrationReport): void {
 }
 
 test('migrate to B and back through the CLI; records and reports are kept', async () => {
+  await webRunningOnA();
   for (const to of ['B', 'A']) {
     const before = (await waitForAcks(reportLogs('web'), ['root', 'data'], { atLeast: 0, timeoutMs: 1000 })).acks;
     // Capped on the way there, so the report has a predicted time beside the actual one.
@@ -235,6 +256,7 @@ test('migrate to B and back through the CLI; records and reports are kept', asyn
 });
 
 test('a second migration of a migrating VM is refused; cancel leaves it running where it was', async () => {
+  await webRunningOnA();
   // A 1 MiB/s cap keeps the first migration busy long enough.
   const started = await cluster.api.migrate({ vm: 'web', to: 'B', bandwidthMiBs: 1 });
   const second = await vmferry('migrate', 'web', '--to', 'B');
@@ -255,6 +277,7 @@ test('a second migration of a migrating VM is refused; cancel leaves it running 
 });
 
 test('restarting the agent leaves the guest running and re-adopts it', async () => {
+  await webRunningOnA();
   const before = await cluster.api.vm('web');
   await cluster.restartAgent('A');
   const after = await cluster.api.vm('web');
