@@ -16,8 +16,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs, promisify } from 'node:util';
-import { table } from '../src/cli/render.ts';
-import { asClient, makePki, nbdkit, preallocatedFile, qsd, storageJobs as jobs, vmferry, type Pki, type Server } from './lib/nbd-servers.ts';
+import { asClient, makePki, nbdkit, preallocatedFile, qsd, resultTable, storageJobs as jobs, vmferry, type JobResult, type Pki, type Server } from './lib/nbd-servers.ts';
 
 const execFile = promisify(execFileCallback);
 const { values } = parseArgs({ options: { seconds: { type: 'string', default: '10' }, 'size-mib': { type: 'string', default: '1024' }, tls: { type: 'boolean', default: false }, rounds: { type: 'string', default: '1' } } });
@@ -26,13 +25,6 @@ const sizeMiB = Number(values['size-mib']);
 const rounds = Number(values.rounds);
 for (const [name, value] of [['--seconds', seconds], ['--size-mib', sizeMiB], ['--rounds', rounds]] as const) {
   if (!Number.isInteger(value) || value <= 0) throw new Error(`${name} must be a positive whole number (got ${String(value)})`);
-}
-
-interface JobResult {
-  iops: number;
-  mibs: number;
-  /** The server's CPU seconds per GiB of data moved. */
-  cpuPerGiB: number;
 }
 
 async function runFio(server: Server, job: (typeof jobs)[number], pki: Pki | undefined, runSeconds = seconds): Promise<JobResult> {
@@ -63,17 +55,15 @@ try {
     for (const job of jobs) for (const server of servers) await runFio(server, job, pki, 1);
     console.log(`fio nbd engine, ${seconds} s per job, ${sizeMiB} MiB file, loopback TCP${pki ? ', TLS with client certificates on every server' : ''}`);
     for (let round = 1; round <= rounds; round++) {
-      const rows: string[][] = [];
+      const rows: Parameters<typeof resultTable>[0] = [];
       for (const job of jobs) {
         const results = new Map<string, JobResult>();
         for (const server of servers) results.set(server.name, await runFio(server, job, pki));
-        const base = results.get('qemu-storage-daemon');
-        for (const [server, r] of results) {
-          rows.push([job.name, server, String(Math.round(r.iops)), r.mibs.toFixed(1), r.cpuPerGiB.toFixed(2), base ? (r.iops / base.iops).toFixed(2) : '-', base ? (r.cpuPerGiB / base.cpuPerGiB).toFixed(2) : '-']);
-        }
+        const qsdResult = results.get('qemu-storage-daemon');
+        for (const [server, result] of results) rows.push({ job: job.name, server, result, qsd: qsdResult });
       }
       if (rounds > 1) console.log(`round ${round} of ${rounds}`);
-      console.log(table(['job', 'server', 'IOPS', 'MiB/s', 'CPU s/GiB', 'speed vs qsd', 'CPU/GiB vs qsd'], rows));
+      console.log(resultTable(rows));
     }
   } finally {
     for (const server of servers) await server.stop();

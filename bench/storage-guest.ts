@@ -12,12 +12,11 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { table } from '../src/cli/render.ts';
 import { reportLogOf, testGuestSpec } from '../src/guest/test-guest.ts';
 import { QemuProcess } from '../src/qemu/process.ts';
 import type { DiskSpec } from '../src/qemu/spec.ts';
 import { pollUntil } from '../src/util/poll.ts';
-import { preallocatedFile, qsd, storageJobs, vmferry, type Server } from './lib/nbd-servers.ts';
+import { preallocatedFile, qsd, resultTable, storageJobs, vmferry, type JobResult, type Server } from './lib/nbd-servers.ts';
 
 const { values } = parseArgs({ options: { seconds: { type: 'string', default: '5' }, 'size-mib': { type: 'string', default: '256' }, rounds: { type: 'string', default: '1' } } });
 const seconds = Number(values.seconds);
@@ -28,12 +27,6 @@ for (const [name, value] of [['--seconds', seconds], ['--size-mib', sizeMiB], ['
 }
 
 const guestJobs = storageJobs.map((job) => `${job.rw}:${job.blockKiB}:${job.iodepth}`);
-
-interface JobResult {
-  iops: number;
-  mibs: number;
-  cpuPerGiB: number;
-}
 
 const resultLine = /^IOBENCH (\S+) ios=(\d+) bytes=(\d+) usec=(\d+)$/;
 
@@ -85,19 +78,18 @@ try {
       const byServer = new Map<string, Map<string, JobResult>>();
       // Which server goes first alternates, so the first boot of a round (colder caches) is no one's handicap.
       for (const server of round % 2 === 1 ? servers : [...servers].reverse()) byServer.set(server.name, await runGuest(server, dir, round));
-      const base = byServer.get('qemu-storage-daemon');
-      const rows: string[][] = [];
+      const rows: Parameters<typeof resultTable>[0] = [];
       for (const [index, job] of storageJobs.entries()) {
         const guestJob = guestJobs[index] as string;
-        const baseResult = base?.get(guestJob);
+        const qsdResult = byServer.get('qemu-storage-daemon')?.get(guestJob);
         for (const server of servers) {
-          const r = byServer.get(server.name)?.get(guestJob);
-          if (!r) throw new Error(`no result for ${job.name} on ${server.name}`);
-          rows.push([job.name, server.name, String(Math.round(r.iops)), r.mibs.toFixed(1), r.cpuPerGiB.toFixed(2), baseResult ? (r.iops / baseResult.iops).toFixed(2) : '-', baseResult ? (r.cpuPerGiB / baseResult.cpuPerGiB).toFixed(2) : '-']);
+          const result = byServer.get(server.name)?.get(guestJob);
+          if (!result) throw new Error(`no result for ${job.name} on ${server.name}`);
+          rows.push({ job: job.name, server: server.name, result, qsd: qsdResult });
         }
       }
       if (rounds > 1) console.log(`round ${round} of ${rounds}`);
-      console.log(table(['job', 'server', 'IOPS', 'MiB/s', 'CPU s/GiB', 'speed vs qsd', 'CPU/GiB vs qsd'], rows));
+      console.log(resultTable(rows));
     }
   } finally {
     for (const server of servers) await server.stop();

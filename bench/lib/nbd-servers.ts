@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
 import pino from 'pino';
+import { table } from '../../src/cli/render.ts';
 import { initCa, issueCertificate } from '../../src/security/pki.ts';
 import { loadTlsIdentity } from '../../src/security/tls-files.ts';
 import { StorageServer } from '../../src/storage/server.ts';
@@ -63,6 +64,23 @@ export const storageJobs = [
   { name: '1M read qd8', rw: 'read', blockKiB: 1024, iodepth: 8 },
   { name: '1M write qd8', rw: 'write', blockKiB: 1024, iodepth: 8 },
 ] as const;
+
+/** One job's figures on one server. */
+export interface JobResult {
+  iops: number;
+  mibs: number;
+  /** The server's CPU seconds per GiB of data moved. */
+  cpuPerGiB: number;
+}
+
+/** One round's table: a row per job and server, with the ratios to qemu-storage-daemon's figures for that job. */
+export function resultTable(rows: { job: string; server: string; result: JobResult; qsd: JobResult | undefined }[]): string {
+  const cells = rows.map(({ job, server, result: r, qsd }) => [
+    job, server, String(Math.round(r.iops)), r.mibs.toFixed(1), r.cpuPerGiB.toFixed(2),
+    qsd ? (r.iops / qsd.iops).toFixed(2) : '-', qsd ? (r.cpuPerGiB / qsd.cpuPerGiB).toFixed(2) : '-',
+  ]);
+  return table(['job', 'server', 'IOPS', 'MiB/s', 'CPU s/GiB', 'speed vs qsd', 'CPU/GiB vs qsd'], cells);
+}
 
 export interface Server {
   name: string;
