@@ -26,14 +26,18 @@ after(async () => {
 
 const MiB = 1024 * 1024;
 
+/** A new 16 MiB image with a writer already on it (the stale one, as a source's QEMU would be), and its ref and spec. */
+async function imageWithStaleWriter(image: string): Promise<{ ref: RbdImageRef; spec: VmSpec; stale: QemuIo }> {
+  await createImage(ceph.client, ceph.pool, image, 16 * MiB);
+  const ref: RbdImageRef = { pool: ceph.pool, image, ...ceph.client };
+  return { ref, spec: specWith(ref), stale: await QemuIo.open(ref) };
+}
+
 for (const path of ['helper', 'cli'] as const) {
   const how = path === 'helper' ? 'through the fence helper started beforehand' : 'through the rbd and ceph programs (no helper started)';
   test(`a fenced writer: its writes fail at once, the new writer's land (${how})`, async () => {
     const image = `fence-${path}`;
-    await createImage(ceph.client, ceph.pool, image, 16 * MiB);
-    const ref: RbdImageRef = { pool: ceph.pool, image, ...ceph.client };
-    const spec = specWith(ref);
-    const stale = await QemuIo.open(ref);
+    const { ref, spec, stale } = await imageWithStaleWriter(image);
     let next: QemuIo | undefined;
     try {
       assert.match(await stale.run('write -P 0x11 0 64k'), /wrote 65536/);
@@ -85,10 +89,7 @@ for (const failure of ['killed', 'stopped'] as const) {
   const what = failure === 'killed' ? 'killed (SIGKILL)' : 'hung (SIGSTOP)';
   test(`a fence helper ${what} before the fence: the fence fails, naming it, fences nobody, and leaves no helper behind`, async () => {
     const image = `fence-${failure}`;
-    await createImage(ceph.client, ceph.pool, image, 16 * MiB);
-    const ref: RbdImageRef = { pool: ceph.pool, image, ...ceph.client };
-    const spec = specWith(ref);
-    const stale = await QemuIo.open(ref);
+    const { ref, spec, stale } = await imageWithStaleWriter(image);
     let next: QemuIo | undefined;
     try {
       const earlier = await rbdWatchers(spec);
