@@ -2,8 +2,9 @@
  * The storage server through a guest: the test guest's iobench (guest/vmferry-guest.c) runs issue 20's four
  * workloads with O_DIRECT on a shared disk that QEMU's own NBD client reaches, once served by vmferry's storage
  * server and once by qemu-storage-daemon, the same preallocated file behind both, the one that goes first
- * alternating from round to round. Prints IOPS, MiB/s and each server's CPU seconds per GiB (taken between the guest's start and end lines
- * of each job), with the ratios to qemu-storage-daemon. The guest runs under the host's accelerator as vmferry
+ * alternating from round to round. Prints IOPS, MiB/s and each server's CPU seconds per GiB (each server in a
+ * process of its own, its CPU time taken between the guest's start and end lines of each job), with the ratios
+ * to qemu-storage-daemon. The guest runs under the host's accelerator as vmferry
  * chooses it (TCG here, where the emulated guest is the bottleneck, so the ratios say more than the figures).
  *
  *   node --import tsx bench/storage-guest.ts [--seconds 5] [--size-mib 256] [--rounds 1]
@@ -16,7 +17,7 @@ import { reportLogOf, testGuestSpec } from '../src/guest/test-guest.ts';
 import { QemuProcess } from '../src/qemu/process.ts';
 import type { DiskSpec } from '../src/qemu/spec.ts';
 import { pollUntil } from '../src/util/poll.ts';
-import { preallocatedFile, qsd, resultTable, storageJobs, vmferry, type JobResult, type Server } from './lib/nbd-servers.ts';
+import { preallocatedFile, qsd, resultTable, storageJobs, vmferryProcess, type JobResult, type Server } from './lib/nbd-servers.ts';
 
 const { values } = parseArgs({ options: { seconds: { type: 'string', default: '5' }, 'size-mib': { type: 'string', default: '256' }, rounds: { type: 'string', default: '1' } } });
 const seconds = Number(values.seconds);
@@ -72,7 +73,7 @@ try {
   const file = await preallocatedFile(join(dir, 'bench.raw'), sizeMiB);
   const servers: Server[] = [];
   try {
-    servers.push(await qsd(file, undefined), await vmferry(dir, file, sizeMiB, undefined));
+    servers.push(await qsd(file, undefined), await vmferryProcess(dir, file, sizeMiB));
     console.log(`the test guest's iobench on a shared disk (QEMU's NBD client, loopback TCP), ${seconds} s per job, ${sizeMiB} MiB`);
     for (let round = 1; round <= rounds; round++) {
       const byServer = new Map<string, Map<string, JobResult>>();

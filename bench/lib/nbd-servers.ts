@@ -125,9 +125,10 @@ async function child(name: string, command: string, args: string[], uri: string,
   };
 }
 
-export async function vmferry(dir: string, file: string, sizeMiB: number, pki: Pki | undefined): Promise<Server> {
+/** vmferry's storage server in this process, serving a copy of `file` as volume `bench` (on `port`, or any free one). */
+export async function vmferry(dir: string, file: string, sizeMiB: number, pki: Pki | undefined, port = 0): Promise<Server> {
   const tls = pki ? loadTlsIdentity({ pkiDir: pki.server }, 'server') : undefined;
-  const server = await StorageServer.start({ dataDir: join(dir, 'vmferry'), logger: pino({ level: 'silent' }), nbd: { host: '127.0.0.1', port: 0 }, ...(tls ? { tls } : {}) });
+  const server = await StorageServer.start({ dataDir: join(dir, 'vmferry'), logger: pino({ level: 'silent' }), nbd: { host: '127.0.0.1', port }, ...(tls ? { tls } : {}) });
   await server.volumes.create('bench', sizeMiB * 1024 * 1024);
   // Serve the same preallocated file as the peers.
   const copy = join(dir, 'vmferry', 'volumes', 'bench.raw');
@@ -140,6 +141,16 @@ export async function vmferry(dir: string, file: string, sizeMiB: number, pki: P
     return Promise.resolve((user + system) / 1e6);
   };
   return { name: 'vmferry storage', uri: exportUri(server.addresses.nbdPort as number, 'bench', pki), cpuSeconds, stop: () => server.close() };
+}
+
+/**
+ * The same in a process of its own (storage-server-process.ts), for a benchmark whose own process does more than
+ * wait: its CPU time is then the server's alone.
+ */
+export async function vmferryProcess(dir: string, file: string, sizeMiB: number): Promise<Server> {
+  const port = await findFreePort('127.0.0.1');
+  const script = join(import.meta.dirname, 'storage-server-process.ts');
+  return child('vmferry storage', process.execPath, ['--import', 'tsx', script, dir, file, String(sizeMiB), String(port)], exportUri(port, 'bench', undefined), undefined);
 }
 
 export async function qsd(file: string, pki: Pki | undefined): Promise<Server> {
