@@ -490,7 +490,6 @@ export class VmRegistry {
     return undefined;
   }
 
-  /** After a migration away from this host: the VM (whose QEMU has quit) is no longer ours. */
   /**
    * A retired source whose guest an operator chose to keep on the other host (resolve --run-on): its writable disks
    * in the pool are an older state of the guest that someone may still have to compare or recover from. Moved to
@@ -506,6 +505,7 @@ export class VmRegistry {
     return entry.id;
   }
 
+  /** After a migration away from this host: the VM (whose QEMU has quit) is no longer ours. */
   async forgetMigrated(name: string): Promise<void> {
     // Durable: a power loss must not bring back a spec of a VM that now lives on another host.
     await this.#removeVmDir(name);

@@ -10,6 +10,8 @@
  *   VERIFY <disk> highest=<k> intact=<n> corrupt=<m> missing=<x>
  *   VERIFY-DONE                     verify finished; the guest powers off
  *   STREAM port=<n>                 the numbered TCP stream (demo/stream-check.ts) listens
+ *   IOBENCH-START <job>, IOBENCH <job> ios=<n> bytes=<n> usec=<n>, IOBENCH-DONE
+ *                                   iobench's jobs (read by bench/storage-guest.ts)
  *   GUEST-ERROR <text>              the guest failed and powers off
  */
 import { existsSync } from 'node:fs';
