@@ -21,6 +21,7 @@ packages=(
   postgresql-15                    # the PostgreSQL store's tests: a throwaway cluster per test file (test/support/postgres.ts)
   ceph-mon ceph-osd ceph-common     # RBD shared volumes: the rbd and ceph tools, and a throwaway Ceph cluster for tests and the demo (src/demo/ceph.ts)
   ceph-mgr                         # Ceph 16's packaging expects it with the others; the test cluster does not start one
+  libxxhash-dev                    # xxhash.h for the memory digest's native hasher (src/qemu/native/ram-hash.c)
   python3-rados python3-rbd        # the RBD switch-over fence's helper, connected before the pause (src/storage/rbd-fence-helper.py); ceph-common pulls them in too
   qemu-block-extra                 # QEMU's rbd block driver (librbd inside QEMU)
   chromium                         # the dashboard's test drives it headless through playwright-core (test/security/tls-cluster.test.ts)

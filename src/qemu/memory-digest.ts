@@ -10,9 +10,9 @@
  */
 import { open, readdir, readlink, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import xxhash from 'xxhash-wasm';
 import { VmferryError } from '../errors.ts';
 import type { QemuProcess } from './process.ts';
+import { hashOfZeros, hashRamChunks, loadRamHasher } from './ram-hasher.ts';
 
 export const memoryDigestChunkBytes = 1024 * 1024;
 
@@ -37,17 +37,10 @@ export interface MemoryDigest {
 }
 
 /**
- * Chunk reads kept in flight: each is a copy out of QEMU's memory on one of
- * libuv's threads, so reads overlap each other and the hashing on the main thread.
- */
-const readsInFlight = 4;
-
-let hasher: ReturnType<typeof xxhash> | undefined;
-
-/**
  * Where a digest reads a guest's RAM: the memfd of a QEMU started with its RAM in one (agents of earlier versions
- * started TCG guests so), QEMU's own address space (/proc/PID/mem from the host address of guest address 0), or,
- * where the kernel does not let the agent read QEMU's memory, a pmemsave dump (slower: QEMU copies 1 KiB at a time).
+ * started TCG guests so), QEMU's own address space (from the host address of guest address 0, with process_vm_readv;
+ * `path`, /proc/PID/mem, is for the page-writing tests and tells whether the kernel lets the agent read there at all:
+ * both need the same ptrace access), or, where it does not, a pmemsave dump (slower: QEMU copies 1 KiB at a time).
  */
 type GuestRamSource = { kind: 'memfd'; path: string } | { kind: 'process'; path: string; address: number } | { kind: 'dump' };
 
@@ -78,6 +71,8 @@ function once<T>(cache: WeakMap<QemuProcess, Promise<T>>, vm: QemuProcess, find:
  */
 export function locateGuestRam(vm: QemuProcess): Promise<GuestRamSource> {
   return once(locations, vm, async () => {
+    // Built now, if it must be, so a compiler's time is never inside the pause.
+    await loadRamHasher();
     const memfd = await guestRamMemfd(vm.pid);
     if (memfd) return { kind: 'memfd', path: memfd };
     const address = await guestRamAddress(vm);
@@ -111,7 +106,7 @@ export async function memoryDigest(vm: QemuProcess, signal: AbortSignal): Promis
   ]);
   if (status.running) throw new VmferryError('VMF_CONFLICT', `VM ${vm.spec.name} is running: its memory can only be compared while stopped`);
   if (ram.kind === 'dump') return dumpAndHash(vm, signal);
-  return hashChunks(ram.path, ram.kind === 'process' ? ram.address : 0, size, signal, skipped);
+  return hashChunks(ram.path, ram.kind === 'process' ? ram.address : 0, size, signal, skipped, ram.kind === 'process' ? vm.pid : undefined);
 }
 
 export const pageBytes = 4096;
@@ -271,33 +266,33 @@ async function dumpAndHash(vm: QemuProcess, signal: AbortSignal): Promise<Memory
   }
 }
 
-/** Hashes `size` bytes of `path` from `base` on, chunk by chunk; `zeroChunks` are known to be all zeros. */
-async function hashChunks(path: string, base: number, size: number, signal: AbortSignal, zeroChunks = new Set<number>()): Promise<MemoryDigest> {
-  const hashes = await (hasher ??= xxhash());
-  const file = await open(path, 'r');
-  try {
-    const chunks = new Array<string>(Math.ceil(size / memoryDigestChunkBytes));
-    const zeroHash = hashes.h64Raw(Buffer.alloc(memoryDigestChunkBytes)).toString(16).padStart(16, '0');
-    let next = 0;
-    const reader = async (): Promise<void> => {
-      const buffer = Buffer.allocUnsafe(memoryDigestChunkBytes);
-      for (let index = next++; index < chunks.length; index = next++) {
-        signal.throwIfAborted();
-        if (zeroChunks.has(index)) {
-          chunks[index] = zeroHash;
-          continue;
-        }
-        const length = Math.min(memoryDigestChunkBytes, size - index * memoryDigestChunkBytes);
-        const { bytesRead } = await file.read(buffer, 0, length, base + index * memoryDigestChunkBytes);
-        if (bytesRead !== length) throw new VmferryError('VMF_MIGRATION_FAILED', `read ${bytesRead} of ${length} bytes of guest RAM at chunk ${index} from ${path}`);
-        chunks[index] = hashes.h64Raw(buffer.subarray(0, bytesRead)).toString(16).padStart(16, '0');
-      }
-    };
-    await Promise.all(Array.from({ length: readsInFlight }, reader));
-    return { algorithm: memoryDigestAlgorithm, chunkBytes: memoryDigestChunkBytes, chunks };
-  } finally {
-    await file.close();
+/**
+ * Hashes `size` bytes of guest RAM from `base` on, chunk by chunk: in QEMU's memory when `pid` is given, else in the
+ * file `path`; `zeroChunks` are known to hold only zeros and are not read.
+ */
+async function hashChunks(path: string, base: number, size: number, signal: AbortSignal, zeroChunks = new Set<number>(), pid?: number): Promise<MemoryDigest> {
+  if (size % memoryDigestChunkBytes !== 0) throw new VmferryError('VMF_INVALID_ARGUMENT', `guest RAM of ${size} bytes is not whole chunks of ${memoryDigestChunkBytes} bytes`);
+  const chunks = new Array<string>(size / memoryDigestChunkBytes);
+  const zeroHash = await hashOfZeros(memoryDigestChunkBytes);
+  const toRead: number[] = [];
+  for (let index = 0; index < chunks.length; index++) {
+    if (zeroChunks.has(index)) chunks[index] = zeroHash;
+    else toRead.push(index);
   }
+  let hashes: string[];
+  if (pid !== undefined) {
+    hashes = await hashRamChunks({ pid, address: base }, memoryDigestChunkBytes, toRead);
+  } else {
+    const file = await open(path, 'r');
+    try {
+      hashes = await hashRamChunks({ fd: file.fd, address: base }, memoryDigestChunkBytes, toRead);
+    } finally {
+      await file.close();
+    }
+  }
+  signal.throwIfAborted();
+  toRead.forEach((index, i) => (chunks[index] = hashes[i]!));
+  return { algorithm: memoryDigestAlgorithm, chunkBytes: memoryDigestChunkBytes, chunks };
 }
 
 /** Indexes of the chunks that differ (a length mismatch counts the missing chunks as different). */

@@ -4,10 +4,9 @@
  * takes the hop to libuv's thread pool. Without a C compiler or Node's headers every read takes the hop,
  * as before: slower, equally correct.
  */
-import { createRequire } from 'node:module';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
 import type { Logger } from 'pino';
-import { buildNative } from './native-build.ts';
+import { loadAddon } from '../util/native-build.ts';
 
 /**
  * Copies into buffer[offset, offset + length) what the page cache holds of the file from `position` on, without
@@ -20,12 +19,9 @@ interface CachedReadAddon {
   readCached(fd: number, buffer: Buffer, offset: number, length: number, position: number): number;
 }
 
-/** Node's own headers, as the nodejs package installs them beside its binary. */
-const nodeHeaders = join(dirname(dirname(process.execPath)), 'include', 'node');
-
 export async function loadCachedRead(logger: Logger): Promise<CachedRead | undefined> {
   try {
-    const addon = createRequire(import.meta.url)(await buildNative('cached-read.c', 'vmferry-cached-read.node', ['-shared', '-fPIC', `-I${nodeHeaders}`])) as CachedReadAddon;
+    const addon = await loadAddon<CachedReadAddon>(join(import.meta.dirname, 'native', 'cached-read.c'), 'vmferry-cached-read.node');
     return (fd, buffer, offset, length, position) => Math.max(0, addon.readCached(fd, buffer, offset, length, position));
   } catch (err) {
     logger.warn({ err: (err as Error).message }, 'cannot build the cached-read addon (no C compiler or Node headers?): every read goes through the thread pool');

@@ -7,11 +7,12 @@
  * writing zeros and reporting everything as data, which is slower but correct.
  */
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import type { Logger } from 'pino';
 import type { Extent } from '../nbd/backend.ts';
 import { STATE_HOLE, STATE_ZERO } from '../nbd/constants.ts';
-import { buildNative } from './native-build.ts';
+import { buildNative } from '../util/native-build.ts';
 
 /** An error the helper reported, with the errno name Node uses (EOPNOTSUPP, ENOSPC, …) as its code. */
 export class FsHelperError extends Error {
@@ -31,7 +32,7 @@ const errnoNames: Record<number, string> = {
 /** Builds the helper if it is missing or older than its source; returns its path, or undefined without a compiler. */
 async function buildFsHelper(logger: Logger): Promise<string | undefined> {
   try {
-    const binary = await buildNative('fshelper.c', 'vmferry-fshelper', []);
+    const binary = await buildNative(join(import.meta.dirname, 'native', 'fshelper.c'), 'vmferry-fshelper', []);
     logger.debug({ binary }, 'the file-system helper is built');
     return binary;
   } catch (err) {

@@ -3,7 +3,9 @@
 // the RAM that only the kernel's zero page backs, which is most of a guest's
 // RAM once pre-copy has read it.
 import assert from 'node:assert/strict';
-import { open, readFile } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -11,6 +13,7 @@ import xxhash from 'xxhash-wasm';
 import { testGuestPaths } from '../../src/guest/test-guest.ts';
 import { differingChunks, locateGuestRam, memoryDigest, memoryDigestChunkBytes, zeroChunks } from '../../src/qemu/memory-digest.ts';
 import { QemuProcess } from '../../src/qemu/process.ts';
+import { hashRamChunks } from '../../src/qemu/ram-hasher.ts';
 import { makeTempDir } from '../support/temp.ts';
 
 let temp: { path: string; remove(): Promise<void> };
@@ -106,5 +109,28 @@ test('a chunk is hashed by its content alone: zeros written over the zero page h
     }
   } finally {
     await vm.kill();
+  }
+});
+
+test('the native hasher gives XXH64 as xxhash-wasm does, for chunks in any order, and names the chunk it could not read', async () => {
+  const chunkBytes = 64 * 1024;
+  const bytes = randomBytes(4 * chunkBytes);
+  const path = join(temp.path, 'chunks.bin');
+  await writeFile(path, bytes);
+  const hasher = await xxhash();
+  const file = await open(path, 'r');
+  try {
+    const order = [3, 0, 2];
+    const expected = order.map((i) => hasher.h64Raw(bytes.subarray(i * chunkBytes, (i + 1) * chunkBytes)).toString(16).padStart(16, '0'));
+    assert.deepEqual(await hashRamChunks({ fd: file.fd, address: 0 }, chunkBytes, order), expected);
+  } finally {
+    await file.close();
+  }
+  // A process with nothing mapped at the address: the error says which read of which chunk failed, and why.
+  const child = spawn('sleep', ['30']);
+  try {
+    await assert.rejects(hashRamChunks({ pid: child.pid!, address: 0x10000 }, chunkBytes, [2]), /process_vm_readv of chunk 2 at 0x30000: Bad address/);
+  } finally {
+    child.kill();
   }
 });
