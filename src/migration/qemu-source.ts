@@ -283,9 +283,12 @@ export class QemuSource implements SourceSide {
   async #startMigration(uri: string, host: string, settings: MigrationSettings, signal: AbortSignal): Promise<void> {
     const maxBandwidthBytes = this.#bandwidthBytes ?? settings.maxBandwidthBytes;
     await this.#rememberRunState();
-    // Found now, not in the pause, for a digest of the guest's RAM if the switch-over asks for one (TCG: a few ms
-    // spent for nothing under KVM). A failure here is the digest's to report, with its own context, when it asks again.
-    if (this.#vm.spec.memoryMiB <= memoryDigestMaxMiB) await locateGuestRam(this.#vm).catch(() => undefined);
+    // Found now, not in the pause, for the digest of the guest's RAM the switch-over asks for under TCG (the plan's
+    // compareMemory; KVM guests have none). A failure here is the digest's to report, with its own context, when it asks again.
+    if (this.#vm.spec.memoryMiB <= memoryDigestMaxMiB) {
+      const kvm = await this.#qmp('asking which accelerator runs the guest', (qmp) => qmp.queryKvm({ signal }));
+      if (!kvm.enabled) await locateGuestRam(this.#vm).catch(() => undefined);
+    }
     await this.#qmp('starting the migration', async (qmp) => {
       await qmp.migrateSetCapabilities(
         {
