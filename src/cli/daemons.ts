@@ -49,6 +49,11 @@ export function registerDaemonCommands(program: Command): void {
       // Before anything listens: with --accel kvm on a host whose KVM cannot run a guest, the agent does not start at all.
       const accelerator = await chooseAccelerator(accelMode);
       logger.info({ accelerator: accelerator.accelerator, reason: accelerator.reason }, `guests run under ${accelerator.accelerator.toUpperCase()}: ${accelerator.reason}`);
+      if (accelerator.accelerator === 'tcg') {
+        // TCG guests' switch-overs compare RAM with a native hasher: built now, in the background, not at the first migration.
+        const { loadRamHasher } = await import('../qemu/ram-hasher.ts');
+        loadRamHasher().catch((err: unknown) => logger.warn({ err: (err as Error).message }, 'memory digests cannot run: TCG guests will not migrate'));
+      }
       const address = opts.address ?? listen.host;
       const storageNbd = storageNbdAddress(opts.storageNbd, opts.storage);
       // The daemons' code is loaded by the command that runs it, so the CLI's other commands start fast.
