@@ -18,6 +18,7 @@ import { QemuSource } from '../../src/migration/qemu-source.ts';
 import type { VmSpec } from '../../src/qemu/spec.ts';
 import { imageWatchers, listImages, type RbdImageRef } from '../../src/storage/rbd.ts';
 import type { QmpEventListener } from '../../src/qmp/events.ts';
+import { armFaultPoint } from '../../src/util/fault-points.ts';
 import { blocklistAddedAt, fenceHelpers, QemuIo, startCeph, type TestCeph } from '../support/ceph.ts';
 import { runVmferry, type CliResult } from '../support/cli.ts';
 import { MigrationRig } from '../support/migration-rig.ts';
@@ -196,6 +197,47 @@ test('the fence helper killed at switch-over: the switch-over fails naming it, t
       target: 'RBD volume',
       tried: 'the RBD fence helper killed (SIGKILL) after the guest paused on A for the switch-over, before B fenced A',
       observed: `the migration failed naming the helper (${report.error?.code ?? '?'}); B never resumed, A's client was not blocklisted, the guest ran on in A and wrote its RBD disk; every acknowledged record intact`,
+      ok: true,
+    });
+  } finally {
+    await rig.cleanup.run();
+  }
+});
+
+test("B's QEMU killed right after its fence blocklisted A's RBD client: the rollback gives A's disk a new client, the guest runs on in A alone, and what it writes after is acknowledged and intact", async () => {
+  const rig = await MigrationRig.start('rbdswap', { local: [{ id: 'root', sizeMiB: 32 }], shared: [], rbd: [{ id: 'rbd0', sizeMiB: 32, ...cephDisk() }] }, { mode: 'workload', spanMiB: 8 });
+  const ref = rbdSource(rig.spec);
+  try {
+    await rig.waitForAcks(20);
+    const sourceClients = await imageWatchers(ref, ref.pool, ref.image);
+    assert.equal(sourceClients.length, 1, "A's QEMU is the image's one client");
+    armFaultPoint('destination-qemu-dies-after-fence');
+    // Not retried: a second attempt would complete, and this one's rollback is what is looked at.
+    const report = await rig.migrate(await rig.plan(), { memoryMismatchRetries: 0 });
+    assert.equal(report.outcome, 'failed', 'rolled back');
+    console.log(`# the migration failed with: ${report.error?.message ?? '?'}; the guest's pause, A's STOP to its RESUME: ${report.pauseMs ?? '?'} ms`);
+    const blocklisted = await blocklistAddedAt(ceph.client);
+    assert.deepEqual(sourceClients.filter((address) => !blocklisted.has(address)), [], "B's fence blocklisted A's client before B's QEMU died");
+    assert.equal(rig.destination?.vm, undefined, "B's QEMU is gone");
+    assert.deepEqual(await fenceHelpers(), []);
+    // Without a new client the guest would stop at its first write to rbd0 (werror=stop): no new acks at all.
+    const before = await rig.waitForAcks(0);
+    const after = await waitForAcks(rig.reportLogs(), rig.writableDiskIds(), { atLeast: 10, since: before.acks, timeoutMs: 30_000 });
+    assert.deepEqual(after.errors, [], 'no I/O error reached the guest');
+    assert.equal((await rig.source.status()).status, 'running', 'the guest runs in A, never stopped on an I/O error');
+    const clients = await imageWatchers(ref, ref.pool, ref.image);
+    assert.equal(clients.length, 1, "the image has one client: A's QEMU's new one");
+    assert.ok(!blocklisted.has(clients[0] ?? ''), "A's new client is not on the blocklist");
+    assert.ok(!sourceClients.includes(clients[0] ?? ''), "A's client is a new one");
+    const verify = await rig.verify(rig.spec.disks);
+    const final = (await rig.waitForAcks(0)).acks;
+    assert.ok((final.get('rbd0') ?? 0) >= (before.acks.get('rbd0') ?? 0) + 10);
+    assert.deepEqual(checkVerify(verify, final), []);
+    recordReliability(import.meta.url, {
+      kind: 'fault',
+      target: 'RBD volume',
+      tried: "B's QEMU killed (SIGKILL) right after B's switch-over fence blocklisted A's RBD client, before B's cont",
+      observed: `the migration rolled back (${report.error?.code ?? '?'}); A's RBD disk got a new librbd client before the guest continued there (A's old client blocklisted, the new one not); the guest ran on in A alone, wrote ${(final.get('rbd0') ?? 0) - (before.acks.get('rbd0') ?? 0)} records to its RBD disk after the rollback without an I/O error, every acknowledged record intact`,
       ok: true,
     });
   } finally {
