@@ -14,9 +14,14 @@
  * (command-line.ts puts one between the device and the client for this), and
  * the old client is deleted. The guest, paused since the switch-over, never
  * issued a request to the old client after it was fenced, so nothing it sees
- * failed. Its first write through the new client takes the image's exclusive
- * lock: librbd finds the old owner's watch gone (the OSD drops a blocklisted
- * client's watch), breaks the lock and takes it.
+ * failed; and the migration's completion flushed that client (librbd's
+ * write-back cache too) before the fence, so it holds nothing the OSDs lack.
+ * Only then is a swap safe: under a VM stopped on a fenced client's error the
+ * old cache may hold acknowledged writes, and a flush retried through a new
+ * client would report them durable. The guest's first write through the new
+ * client takes the image's exclusive lock: librbd finds the old owner's watch
+ * gone (the OSD drops a blocklisted client's watch), breaks the lock and
+ * takes it.
  *
  * The fence's blocklist entries are left to expire: they name clients that
  * are closed now (an address and nonce no client uses again), and should an
