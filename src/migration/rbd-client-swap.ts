@@ -32,7 +32,7 @@ import { describeError } from '../errors.ts';
 import type { QemuProcess } from '../qemu/process.ts';
 import { rbdClientNode, rbdFormatNode } from '../qemu/command-line.ts';
 import { diskFileNodeName, diskNodeName, type DiskSpec } from '../qemu/spec.ts';
-import { imageWatchers } from '../storage/rbd.ts';
+import { imageWatchers, type RbdImageRef } from '../storage/rbd.ts';
 
 /** One disk whose client was replaced: the node names before and after. */
 export interface RbdClientSwap {
@@ -41,8 +41,9 @@ export interface RbdClientSwap {
   to: string;
 }
 
-function writableRbdDisks(disks: DiskSpec[]): DiskSpec[] {
-  return disks.filter((disk) => disk.source.kind === 'rbd' && !disk.readOnly);
+/** The writable RBD disks, each with its image: only a client that writes is fenced. */
+function writableRbdDisks(disks: DiskSpec[]): { disk: DiskSpec; ref: RbdImageRef }[] {
+  return disks.flatMap((disk) => (disk.source.kind === 'rbd' && !disk.readOnly ? [{ disk, ref: disk.source }] : []));
 }
 
 /**
@@ -57,14 +58,14 @@ export async function renewRbdClients(vm: QemuProcess, signal: AbortSignal, logg
   // QEMU opens a new client in its main loop and waits for the monitors as long as librados lets it (minutes): asked
   // first with the rbd tool, which gives up within seconds, a cluster that does not answer leaves the clients as they are.
   try {
-    await Promise.all(disks.map(({ source }) => (source.kind === 'rbd' ? imageWatchers(source, source.pool, source.image) : undefined)));
+    await Promise.all(disks.map(({ ref }) => imageWatchers(ref, ref.pool, ref.image)));
   } catch (err) {
     logger?.warn({ err: describeError(err) }, `the Ceph cluster of VM ${vm.spec.name}'s RBD disks did not answer: they keep their clients, which the destination may have fenced`);
     return [];
   }
   const graph = await blockGraph(vm, signal);
   const swaps: RbdClientSwap[] = [];
-  for (const disk of disks) {
+  for (const { disk } of disks) {
     if (!graph.hasFileChild(diskNodeName(disk.id))) {
       // An agent before the raw node attached the device to the client itself, which cannot be replaced under it.
       logger?.warn(`RBD disk ${disk.id} of VM ${vm.spec.name} has no format node over its client (its QEMU was started by an older agent): it keeps its client, which the destination may have fenced`);

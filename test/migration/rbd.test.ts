@@ -5,7 +5,8 @@
 // which starts a Ceph cluster of its own. Its own npm script
 // (`npm run test:ceph`): it takes minutes. The fence and the planner's probe run in
 // npm test (test/storage/rbd-fence.test.ts); here the switch-over fence is shown in a migration, through its helper and
-// with its helper killed.
+// with its helper killed; a rollback after the fence, which gives the source's disk a new client; and a VM whose QEMU
+// an older agent started (no raw node over its RBD client) migrating.
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { join } from 'node:path';
