@@ -356,6 +356,8 @@ export class QemuDestination implements DestinationSide {
         this.#rbdFenced = true;
         await this.#rbd.fenceOthers();
       }
+      // A test's crash of QEMU between the fence and the cont: the next command finds it gone, and no cont was sent.
+      if (await faultPointKills('destination-qemu-dies-after-fence', vm)) await qmp.queryStatus();
       this.#contSent = true;
       await qmp.cont({ signal });
       // A test's crash of QEMU after it ran the cont and before its reply arrived: the next command finds it gone.

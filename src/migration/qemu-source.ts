@@ -20,6 +20,7 @@ import type { CopyMode } from './plan.ts';
 import type { MigrationMilestone, MigrationSettings, MirrorStatus, MirrorTarget, SourceCompletion, SourceRolledBack, SourceSide } from './sides.ts';
 import { abortError, raceAbort, timeoutSignal, waitAtMost } from '../util/abort.ts';
 import { waitPostcopyPaused } from './postcopy.ts';
+import { renewRbdClients } from './rbd-client-swap.ts';
 
 export interface QemuSourceOptions {
   hostId: string;
@@ -498,6 +499,9 @@ export class QemuSource implements SourceSide {
     if (!this.#wasRunning || status.running) return { pauseMs: null };
     // A destination that claimed the shared volumes (then was killed) holds their leases: take them back first.
     await this.#fence?.claim(this.#vm.spec, signal);
+    // A destination fences the RBD images' other clients only once the migration completed here: then this QEMU's may be
+    // blocklisted, and the guest would stop at its first write to them.
+    if (info.status === 'completed') await renewRbdClients(this.#vm, signal, this.#logger);
     using resumed = this.#vm.monitor.client.listen();
     // After a completed migration the images are inactive; cont re-activates them.
     await this.#qmp('resuming the guest on the source', (qmp) => qmp.cont({ signal }));

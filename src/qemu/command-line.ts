@@ -99,6 +99,29 @@ function nbdNode(nodeName: string, server: NbdServerAddress, exportName: string,
   };
 }
 
+/**
+ * An RBD disk's librbd client: librbd talks to the Ceph cluster from inside
+ * QEMU, no kernel block device; the key stays in the keyring the conf names.
+ * Each such node is a cluster client of its own, at an address of its own.
+ */
+export function rbdClientNode(disk: DiskSpec, nodeName: string): Record<string, unknown> {
+  const source = disk.source;
+  if (source.kind !== 'rbd') throw new VmferryError('VMF_INVALID_ARGUMENT', `disk ${disk.id} is not on an RBD image`);
+  const cache = cacheFlags[disk.cache ?? 'none'];
+  return { driver: 'rbd', 'node-name': nodeName, pool: source.pool, image: source.image, conf: source.conf, user: source.user, 'read-only': disk.readOnly ?? false, cache: { 'no-flush': cache.noFlush } };
+}
+
+/**
+ * The raw format node the device of an RBD disk is attached to, over its
+ * client `clientNode`. It is there so the client can be replaced under a
+ * running device (blockdev-reopen with another `file`): a client the
+ * OSD blocklist fenced never writes again (src/migration/rbd-client-swap.ts).
+ */
+export function rbdFormatNode(disk: DiskSpec, clientNode: string): Record<string, unknown> {
+  const cache = cacheFlags[disk.cache ?? 'none'];
+  return { driver: 'raw', 'node-name': diskNodeName(disk.id), file: clientNode, 'read-only': disk.readOnly ?? false, cache: { 'no-flush': cache.noFlush } };
+}
+
 function blockdevArgs(disk: DiskSpec, tls: boolean, reconnectDelayS: number): string[] {
   const cache = cacheFlags[disk.cache ?? 'none'];
   const readOnly = disk.readOnly ?? false;
@@ -107,9 +130,7 @@ function blockdevArgs(disk: DiskSpec, tls: boolean, reconnectDelayS: number): st
     return ['-blockdev', JSON.stringify(nbdNode(diskNodeName(disk.id), source.server, source.export, { readOnly, noFlush: cache.noFlush, tls, reconnectDelayS }))];
   }
   if (source.kind === 'rbd') {
-    // librbd talks to the Ceph cluster from inside QEMU: no kernel block device. The key stays in the keyring the conf names.
-    const node = { driver: 'rbd', 'node-name': diskNodeName(disk.id), pool: source.pool, image: source.image, conf: source.conf, user: source.user, 'read-only': readOnly, cache: { 'no-flush': cache.noFlush } };
-    return ['-blockdev', JSON.stringify(node)];
+    return ['-blockdev', JSON.stringify(rbdClientNode(disk, diskFileNodeName(disk.id))), '-blockdev', JSON.stringify(rbdFormatNode(disk, diskFileNodeName(disk.id)))];
   }
   const fileNode = {
     driver: 'file',

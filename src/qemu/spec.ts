@@ -168,9 +168,15 @@ export function diskNodeName(diskId: string): string {
   return `disk-${diskId}`;
 }
 
-/** Node name of the file protocol node under a file disk's format node. */
-export function diskFileNodeName(diskId: string): string {
-  return `disk-${diskId}-file`;
+/**
+ * Node name of the protocol node under a disk's format node: the file of a
+ * file disk, the librbd client of an RBD disk. An RBD disk's client can be
+ * replaced while the VM lives (src/migration/rbd-client-swap.ts): each new one
+ * takes the next `generation`, since the old one is still attached while the
+ * new one is added.
+ */
+export function diskFileNodeName(diskId: string, generation = 0): string {
+  return generation === 0 ? `disk-${diskId}-file` : `disk-${diskId}-file-${generation}`;
 }
 
 /** Node name of the read-only NBD node under an overlay: its shared base. */

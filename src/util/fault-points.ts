@@ -11,6 +11,8 @@ export type FaultPoint =
   | 'destination-after-claim'
   /** The destination's QEMU was continued; the agent has not adopted it nor replied. */
   | 'destination-after-cont'
+  /** The destination fenced the RBD images' other clients (the source's among them) and its QEMU dies before `cont` is sent. */
+  | 'destination-qemu-dies-after-fence'
   /** The destination's QEMU ran `cont` and dies before its reply is read: a cont whose reply was lost with its QEMU. */
   | 'destination-qemu-dies-in-cont'
   /** The destination's QEMU answered `cont` and dies before the agent adopted it: a guest that crashed right after the switch. */
@@ -23,6 +25,11 @@ export type FaultPoint =
   | 'controller-at-switchover'
   /** The leading controller stored `resumed`: the guest runs on the destination, the source is not retired yet. */
   | 'controller-after-resume';
+
+/** Arms `point` in this process: for a test that runs a migration's halves in its own process rather than in agents. */
+export function armFaultPoint(point: FaultPoint): void {
+  armed.add(point);
+}
 
 /** SIGKILL of this process when `point` is armed: no handler runs, nothing is flushed. */
 export function faultPoint(point: FaultPoint): void {

@@ -5,7 +5,8 @@
 // which starts a Ceph cluster of its own. Its own npm script
 // (`npm run test:ceph`): it takes minutes. The fence and the planner's probe run in
 // npm test (test/storage/rbd-fence.test.ts); here the switch-over fence is shown in a migration, through its helper and
-// with its helper killed.
+// with its helper killed; a rollback after the fence, which gives the source's disk a new client; and a VM whose QEMU
+// an older agent started (no raw node over its RBD client) migrating.
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { join } from 'node:path';
@@ -15,9 +16,11 @@ import { defaultMigrationOptions, planMigration } from '../../src/migration/plan
 import { probeDestination, probeSource, qemuCapabilities } from '../../src/migration/probe.ts';
 import { QemuDestination } from '../../src/migration/qemu-destination.ts';
 import { QemuSource } from '../../src/migration/qemu-source.ts';
+import type { QemuProcess } from '../../src/qemu/process.ts';
 import type { VmSpec } from '../../src/qemu/spec.ts';
 import { imageWatchers, listImages, type RbdImageRef } from '../../src/storage/rbd.ts';
 import type { QmpEventListener } from '../../src/qmp/events.ts';
+import { armFaultPoint } from '../../src/util/fault-points.ts';
 import { blocklistAddedAt, fenceHelpers, QemuIo, startCeph, type TestCeph } from '../support/ceph.ts';
 import { runVmferry, type CliResult } from '../support/cli.ts';
 import { MigrationRig } from '../support/migration-rig.ts';
@@ -203,6 +206,75 @@ test('the fence helper killed at switch-over: the switch-over fails naming it, t
   }
 });
 
+test("B's QEMU killed right after its fence blocklisted A's RBD client: the rollback gives A's disk a new client, the guest runs on in A alone, and what it writes after is acknowledged and intact", async () => {
+  const rig = await MigrationRig.start('rbdswap', { local: [{ id: 'root', sizeMiB: 32 }], shared: [], rbd: [{ id: 'rbd0', sizeMiB: 32, ...cephDisk() }] }, { mode: 'workload', spanMiB: 8 });
+  const ref = rbdSource(rig.spec);
+  let ioErrors: QmpEventListener | undefined;
+  try {
+    await rig.waitForAcks(20);
+    const sourceClients = await imageWatchers(ref, ref.pool, ref.image);
+    assert.equal(sourceClients.length, 1, "A's QEMU is the image's one client");
+    // QEMU reports every failed guest request, stop policy or not: none may fail on A from here on.
+    ioErrors = rig.source.monitor.client.listen();
+    armFaultPoint('destination-qemu-dies-after-fence');
+    // Not retried: a second attempt would complete, and this one's rollback is what is looked at.
+    const report = await rig.migrate(await rig.plan(), { memoryMismatchRetries: 0 });
+    assert.equal(report.outcome, 'failed', 'rolled back');
+    console.log(`# the migration failed with: ${report.error?.message ?? '?'}; the guest's pause, A's STOP to its RESUME: ${report.pauseMs ?? '?'} ms`);
+    const blocklisted = await blocklistAddedAt(ceph.client);
+    assert.deepEqual(sourceClients.filter((address) => !blocklisted.has(address)), [], "B's fence blocklisted A's client before B's QEMU died");
+    assert.equal(rig.destination?.vm, undefined, "B's QEMU is gone");
+    assert.deepEqual(await fenceHelpers(), []);
+    // Without a new client the guest would stop at its first write to rbd0 (werror=stop): no new acks at all.
+    const before = await rig.waitForAcks(0);
+    const after = await waitForAcks(rig.reportLogs(), rig.writableDiskIds(), { atLeast: 10, since: before.acks, timeoutMs: 30_000 });
+    assert.deepEqual(after.errors, [], 'no I/O error reached the guest');
+    assert.equal((await rig.source.status()).status, 'running', 'the guest runs in A, never stopped on an I/O error');
+    assert.deepEqual(ioErrors.takeBuffered('BLOCK_IO_ERROR').map((e) => e.data), [], 'no request of the guest failed on A, not even one retried after a stop');
+    const clients = await imageWatchers(ref, ref.pool, ref.image);
+    assert.equal(clients.length, 1, "the image has one client: A's QEMU's new one");
+    assert.ok(!blocklisted.has(clients[0] ?? ''), "A's new client is not on the blocklist");
+    assert.ok(!sourceClients.includes(clients[0] ?? ''), "A's client is a new one");
+    const verify = await rig.verify(rig.spec.disks);
+    const final = (await rig.waitForAcks(0)).acks;
+    assert.ok((final.get('rbd0') ?? 0) >= (before.acks.get('rbd0') ?? 0) + 10);
+    assert.deepEqual(checkVerify(verify, final), []);
+    recordReliability(import.meta.url, {
+      kind: 'fault',
+      target: 'RBD volume',
+      tried: "B's QEMU killed (SIGKILL) right after B's switch-over fence blocklisted A's RBD client, before B's cont",
+      observed: `the migration rolled back (${report.error?.code ?? '?'}); A's RBD disk got a new librbd client before the guest continued there (A's old client blocklisted, the new one not); the guest ran on in A alone, wrote ${(final.get('rbd0') ?? 0) - (before.acks.get('rbd0') ?? 0)} records to its RBD disk after the rollback without an I/O error, every acknowledged record intact`,
+      ok: true,
+    });
+  } finally {
+    ioErrors?.close();
+    await rig.cleanup.run();
+  }
+});
+
+test("a VM whose QEMU an agent before the raw node started (its RBD device on the rbd node itself) migrates to B under writes; there the disk has the raw node over its client; every acked record intact", async () => {
+  const sourceBinary = join(import.meta.dirname, '..', 'support', 'qemu-before-rbd-format-node.py');
+  const rig = await MigrationRig.start('rbdolder', { local: [{ id: 'root', sizeMiB: 32 }], shared: [], rbd: [{ id: 'rbd0', sizeMiB: 32, ...cephDisk() }], sourceBinary }, { mode: 'workload', spanMiB: 8 });
+  try {
+    assert.deepEqual(await fileChildren(rig.source), [['disk-root', 'disk-root-file']], "A's RBD device sits on the rbd node itself, as an older agent started it");
+    await rig.waitForAcks(20);
+    const report = await rig.migrate(await rig.plan());
+    assert.equal(report.outcome, 'completed', report.error?.message);
+    const onB = rig.destination?.vm;
+    assert.ok(onB);
+    assert.equal(rig.source.isAlive, false, 'the guest runs on B only');
+    assert.deepEqual(await fileChildren(onB), [['disk-rbd0', 'disk-rbd0-file'], ['disk-root', 'disk-root-file']]);
+    const acked = (await rig.waitForAcks(0)).acks;
+    const after = await rig.waitForAcks(10, acked);
+    assert.deepEqual(after.errors, []);
+    const logs = rig.reportLogs();
+    const verify = await rig.verify(onB.spec.disks);
+    assert.deepEqual(checkVerify(verify, (await waitForAcks(logs, rig.writableDiskIds(), { atLeast: 0, timeoutMs: 90_000 })).acks), []);
+  } finally {
+    await rig.cleanup.run();
+  }
+});
+
 test('the Ceph cluster killed and restarted under a running VM: the guest waits, sees no I/O error, writes again; every acked record intact', async () => {
   const rig = await MigrationRig.start('rbdrestart', { local: [{ id: 'root', sizeMiB: 32 }], shared: [], rbd: [{ id: 'rbd0', sizeMiB: 32, ...cephDisk() }] }, { mode: 'workload', spanMiB: 8 });
   try {
@@ -267,6 +339,13 @@ test('vmferry demo --storage ceph --json: the shared disk on RBD through both mi
   assert.equal(summary.verified, true);
   console.log(`# vmferry demo --storage ceph took ${Date.now() - started} ms`);
 });
+
+/** Each block node with a `file` child, and that child, by node name, sorted: read from QEMU's graph, as rbd-client-swap.ts reads it. */
+async function fileChildren(vm: QemuProcess): Promise<[string, string][]> {
+  const graph = await vm.monitor.client.execute<{ nodes: { id: number; name: string }[]; edges: { parent: number; child: number; name: string }[] }>('x-debug-query-block-graph');
+  const name = (id: number): string => graph.nodes.find((node) => node.id === id)?.name ?? '?';
+  return graph.edges.filter((edge) => edge.name === 'file').map((edge): [string, string] => [name(edge.parent), name(edge.child)]).sort(([a], [b]) => a.localeCompare(b));
+}
 
 function cephDisk(): { client: TestCeph['client']; pool: string } {
   return { client: ceph.client, pool: ceph.pool };

@@ -211,14 +211,18 @@ test('each NIC is a virtio-net device with its MAC on its own tap; the tap names
   assert.ok(!isTapOf('web-2', tapName('web-1', 3, 'incoming')));
 });
 
-test('an RBD disk: one rbd node with pool, image, conf and user (no key anywhere), a device that stops the VM on I/O errors; bad names refused', () => {
+test('an RBD disk: an rbd client node with pool, image, conf and user (no key anywhere) under a raw node the device uses, a device that stops the VM on I/O errors; bad names refused', () => {
   const rbd = { kind: 'rbd', pool: 'vms', image: 'web-1-data', conf: '/etc/ceph/ceph.conf', user: 'vmferry' };
   const spec = validateVmSpec(withChange(['disks', 1, 'source'], rbd));
   assert.deepEqual(spec.disks[1]?.source, rbd);
   const args = qemuArguments(spec, { mode: 'run', qmpSocket: '/run/q.sock', pidFile: '/run/q.pid', accel: 'tcg', taps: ['tap-a', 'tap-b'] });
-  const node = blockdevs(args).find((n) => n['node-name'] === 'disk-data');
-  assert.deepEqual(node, { driver: 'rbd', 'node-name': 'disk-data', pool: 'vms', image: 'web-1-data', conf: '/etc/ceph/ceph.conf', user: 'vmferry', 'read-only': false, cache: { 'no-flush': false } });
+  const client = blockdevs(args).find((n) => n['node-name'] === 'disk-data-file');
+  assert.deepEqual(client, { driver: 'rbd', 'node-name': 'disk-data-file', pool: 'vms', image: 'web-1-data', conf: '/etc/ceph/ceph.conf', user: 'vmferry', 'read-only': false, cache: { 'no-flush': false } });
+  // The format node keeps the name a device and a migration know a disk by; the client under it can be replaced (rbd-client-swap.ts).
+  const format = blockdevs(args).find((n) => n['node-name'] === 'disk-data');
+  assert.deepEqual(format, { driver: 'raw', 'node-name': 'disk-data', file: 'disk-data-file', 'read-only': false, cache: { 'no-flush': false } });
   const device = args.map((a) => (a.startsWith('{"driver":"virtio-blk-pci"') ? (JSON.parse(a) as Record<string, unknown>) : undefined)).find((d) => d?.id === 'data');
+  assert.equal(device?.drive, 'disk-data');
   assert.equal(device?.werror, 'stop');
   assert.doesNotMatch(args.join(' '), /key/);
   for (const [field, value, message] of [

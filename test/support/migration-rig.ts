@@ -32,6 +32,8 @@ export interface RigLayout {
   shared: { id: string; sizeMiB: number; readOnly?: boolean }[];
   /** Shared disks on RBD images, made in `pool` of the Ceph cluster `client` reaches (test/support/ceph.ts). */
   rbd?: { id: string; sizeMiB: number; client: CephClient; pool: string }[];
+  /** The program A's QEMU runs as (default qemu-system-x86_64): a wrapper that stands in for an older agent's command line. */
+  sourceBinary?: string;
 }
 
 /** Each host's agent TLS identity in QEMU's layout (`vmferry pki issue agent A|B`): every QEMU of the rig gets its host's credentials. */
@@ -118,7 +120,7 @@ export class MigrationRig {
     // Host write-back of fresh images would compete with the mirror.
     execFileSync('sync');
     this.spec = testGuestSpec(name, disks, join(this.dir, 'logs'), guest);
-    this.source = await QemuProcess.start(this.spec, { runDir: join(this.dir, 'runA', name), ...(this.tls ? { tlsDir: this.tls.A } : {}) });
+    this.source = await QemuProcess.start(this.spec, { runDir: join(this.dir, 'runA', name), ...(this.tls ? { tlsDir: this.tls.A } : {}), ...(layout.sourceBinary ? { binary: layout.sourceBinary } : {}) });
     this.cleanup.add('stop source QEMU', () => this.source.kill());
     this.cleanup.add('stop destination QEMU', () => this.destination?.vm?.kill());
   }
