@@ -8,7 +8,7 @@
  * chooses it (TCG here, where the emulated guest is the bottleneck, so the ratios say more than the figures).
  *
  *   node --import tsx bench/storage-guest.ts [--seconds 5] [--size-mib 256] [--rounds 1] [--jobs 1M,randread]
- *     [--server-node-args '--trace-gc'] [--server-output FILE]
+ *     [--server-node-args='--trace-gc'] [--server-output FILE]
  *
  * --jobs runs only the jobs whose names contain one of its words; --server-node-args (split at spaces) go to the
  * node of vmferry's server, whose output goes to --server-output (to profile it under one job: issue 20).
@@ -21,7 +21,7 @@ import { reportLogOf, testGuestSpec } from '../src/guest/test-guest.ts';
 import { QemuProcess } from '../src/qemu/process.ts';
 import type { DiskSpec } from '../src/qemu/spec.ts';
 import { pollUntil } from '../src/util/poll.ts';
-import { preallocatedFile, qsd, resultTable, storageJobs, vmferryProcess, type JobResult, type Server } from './lib/nbd-servers.ts';
+import { preallocatedFile, qsd, resultTable, selectJobs, vmferryProcess, type JobResult, type Server } from './lib/nbd-servers.ts';
 
 const { values } = parseArgs({
   options: {
@@ -40,9 +40,7 @@ for (const [name, value] of [['--seconds', seconds], ['--size-mib', sizeMiB], ['
   if (!Number.isInteger(value) || value <= 0) throw new Error(`${name} must be a positive whole number (got ${String(value)})`);
 }
 
-const jobWords = values.jobs?.split(',');
-const selectedJobs = jobWords ? storageJobs.filter((job) => jobWords.some((word) => job.name.includes(word))) : storageJobs;
-if (selectedJobs.length === 0) throw new Error(`--jobs ${String(values.jobs)} names none of: ${storageJobs.map((job) => job.name).join(', ')}`);
+const selectedJobs = selectJobs(values.jobs);
 const guestJobs = selectedJobs.map((job) => `${job.rw}:${job.blockKiB}:${job.iodepth}`);
 
 const resultLine = /^IOBENCH (\S+) ios=(\d+) bytes=(\d+) usec=(\d+)$/;

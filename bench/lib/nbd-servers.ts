@@ -66,6 +66,16 @@ export const storageJobs = [
   { name: '1M write qd8', rw: 'write', blockKiB: 1024, iodepth: 8 },
 ] as const;
 
+export type StorageJob = (typeof storageJobs)[number];
+
+/** The jobs whose names contain one of the comma-separated words of `--jobs` (all without it). */
+export function selectJobs(words: string | undefined): readonly StorageJob[] {
+  if (words === undefined) return storageJobs;
+  const selected = storageJobs.filter((job) => words.split(',').some((word) => job.name.includes(word)));
+  if (selected.length === 0) throw new Error(`--jobs ${words} names none of: ${storageJobs.map((job) => job.name).join(', ')}`);
+  return selected;
+}
+
 /** One job's figures on one server. */
 export interface JobResult {
   iops: number;
