@@ -1,9 +1,8 @@
 /**
  * Buffers for READ replies, used again instead of allocated per request. A
- * fresh buffer per request costs page faults, and worse: V8 counts every
- * buffer's memory as external memory and answers each few tens of MiB of it
- * with a full mark-compact of the heap, so large reads made the server spend
- * more CPU in the GC than in moving data (docs/BENCHMARKS.md, issue 20).
+ * fresh buffer per request costs page faults, and worse: with 1 MiB reads V8
+ * ran a full mark-compact of the heap every few tens of MiB, so the server
+ * spent more CPU in the GC than in moving data (docs/BENCHMARKS.md, issue 20).
  *
  * Buffers come in power-of-two sizes; a request gets a view of its exact
  * length on one. Only buffers this pool handed out, and each only once, are
@@ -13,7 +12,7 @@
  */
 
 const smallestBytes = 4 * 1024;
-/** Larger requests are rare (QEMU and libnbd split at 32 MiB, most guests far lower): they get a buffer of their own. */
+/** Larger requests are rare (QEMU's and fio's were 1–2 MiB): they get a buffer of their own, not kept. */
 const largestBytes = 4 * 1024 * 1024;
 
 function sizeClass(length: number): number {
