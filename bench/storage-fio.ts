@@ -9,17 +9,22 @@
  * certificates (a throwaway CA; fio's libnbd presents an agent's certificate,
  * and runs as user nobody for that: see asClient).
  *
- *   node --import tsx bench/storage-fio.ts [--seconds 10] [--size-mib 1024] [--tls] [--rounds 1]
+ *   node --import tsx bench/storage-fio.ts [--seconds 10] [--size-mib 1024] [--tls] [--rounds 1] [--jobs 1M,randread]
+ *
+ * --jobs runs only the jobs whose names contain one of its words.
  */
 import { execFile as execFileCallback } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs, promisify } from 'node:util';
-import { asClient, makePki, nbdkit, preallocatedFile, qsd, resultTable, storageJobs as jobs, vmferry, type JobResult, type Pki, type Server } from './lib/nbd-servers.ts';
+import { asClient, makePki, nbdkit, preallocatedFile, qsd, resultTable, selectJobs, vmferry, type JobResult, type Pki, type StorageJob, type Server } from './lib/nbd-servers.ts';
 
 const execFile = promisify(execFileCallback);
-const { values } = parseArgs({ options: { seconds: { type: 'string', default: '10' }, 'size-mib': { type: 'string', default: '1024' }, tls: { type: 'boolean', default: false }, rounds: { type: 'string', default: '1' } } });
+const { values } = parseArgs({
+  options: { seconds: { type: 'string', default: '10' }, 'size-mib': { type: 'string', default: '1024' }, tls: { type: 'boolean', default: false }, rounds: { type: 'string', default: '1' }, jobs: { type: 'string' } },
+});
+const jobs = selectJobs(values.jobs);
 const seconds = Number(values.seconds);
 const sizeMiB = Number(values['size-mib']);
 const rounds = Number(values.rounds);
@@ -27,7 +32,7 @@ for (const [name, value] of [['--seconds', seconds], ['--size-mib', sizeMiB], ['
   if (!Number.isInteger(value) || value <= 0) throw new Error(`${name} must be a positive whole number (got ${String(value)})`);
 }
 
-async function runFio(server: Server, job: (typeof jobs)[number], pki: Pki | undefined, runSeconds = seconds): Promise<JobResult> {
+async function runFio(server: Server, job: StorageJob, pki: Pki | undefined, runSeconds = seconds): Promise<JobResult> {
   const uri = server.uri;
   const fioArgs = [
     '--name=bench', '--ioengine=nbd', `--uri=${uri}`, `--rw=${job.rw}`, `--bs=${job.blockKiB}k`, `--iodepth=${job.iodepth}`,

@@ -7,7 +7,11 @@
  * to qemu-storage-daemon. The guest runs under the host's accelerator as vmferry
  * chooses it (TCG here, where the emulated guest is the bottleneck, so the ratios say more than the figures).
  *
- *   node --import tsx bench/storage-guest.ts [--seconds 5] [--size-mib 256] [--rounds 1]
+ *   node --import tsx bench/storage-guest.ts [--seconds 5] [--size-mib 256] [--rounds 1] [--jobs 1M,randread]
+ *     [--server-node-args='--trace-gc'] [--server-output FILE]
+ *
+ * --jobs runs only the jobs whose names contain one of its words; --server-node-args (split at spaces) go to the
+ * node of vmferry's server, whose output goes to --server-output (to profile it under one job: issue 20).
  */
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -17,9 +21,18 @@ import { reportLogOf, testGuestSpec } from '../src/guest/test-guest.ts';
 import { QemuProcess } from '../src/qemu/process.ts';
 import type { DiskSpec } from '../src/qemu/spec.ts';
 import { pollUntil } from '../src/util/poll.ts';
-import { preallocatedFile, qsd, resultTable, storageJobs, vmferryProcess, type JobResult, type Server } from './lib/nbd-servers.ts';
+import { preallocatedFile, qsd, resultTable, selectJobs, vmferryProcess, type JobResult, type Server } from './lib/nbd-servers.ts';
 
-const { values } = parseArgs({ options: { seconds: { type: 'string', default: '5' }, 'size-mib': { type: 'string', default: '256' }, rounds: { type: 'string', default: '1' } } });
+const { values } = parseArgs({
+  options: {
+    seconds: { type: 'string', default: '5' },
+    'size-mib': { type: 'string', default: '256' },
+    rounds: { type: 'string', default: '1' },
+    jobs: { type: 'string' },
+    'server-node-args': { type: 'string', default: '' },
+    'server-output': { type: 'string' },
+  },
+});
 const seconds = Number(values.seconds);
 const sizeMiB = Number(values['size-mib']);
 const rounds = Number(values.rounds);
@@ -27,7 +40,8 @@ for (const [name, value] of [['--seconds', seconds], ['--size-mib', sizeMiB], ['
   if (!Number.isInteger(value) || value <= 0) throw new Error(`${name} must be a positive whole number (got ${String(value)})`);
 }
 
-const guestJobs = storageJobs.map((job) => `${job.rw}:${job.blockKiB}:${job.iodepth}`);
+const selectedJobs = selectJobs(values.jobs);
+const guestJobs = selectedJobs.map((job) => `${job.rw}:${job.blockKiB}:${job.iodepth}`);
 
 const resultLine = /^IOBENCH (\S+) ios=(\d+) bytes=(\d+) usec=(\d+)$/;
 
@@ -73,14 +87,14 @@ try {
   const file = await preallocatedFile(join(dir, 'bench.raw'), sizeMiB);
   const servers: Server[] = [];
   try {
-    servers.push(await qsd(file, undefined), await vmferryProcess(dir, file, sizeMiB));
+    servers.push(await qsd(file, undefined), await vmferryProcess(dir, file, sizeMiB, values['server-node-args'].split(' ').filter(Boolean), values['server-output']));
     console.log(`the test guest's iobench on a shared disk (QEMU's NBD client, loopback TCP), ${seconds} s per job, ${sizeMiB} MiB`);
     for (let round = 1; round <= rounds; round++) {
       const byServer = new Map<string, Map<string, JobResult>>();
       // Which server goes first alternates, so the first boot of a round (colder caches) is no one's handicap.
       for (const server of round % 2 === 1 ? servers : [...servers].reverse()) byServer.set(server.name, await runGuest(server, dir, round));
       const rows: Parameters<typeof resultTable>[0] = [];
-      for (const [index, job] of storageJobs.entries()) {
+      for (const [index, job] of selectedJobs.entries()) {
         const guestJob = guestJobs[index] as string;
         const qsdResult = byServer.get('qemu-storage-daemon')?.get(guestJob);
         for (const server of servers) {

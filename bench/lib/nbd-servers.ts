@@ -4,6 +4,7 @@
  * With a PKI every one requires TLS with client certificates.
  */
 import { execFile as execFileCallback, spawn, type ChildProcess } from 'node:child_process';
+import { openSync } from 'node:fs';
 import { chmod, copyFile, mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -65,6 +66,16 @@ export const storageJobs = [
   { name: '1M write qd8', rw: 'write', blockKiB: 1024, iodepth: 8 },
 ] as const;
 
+export type StorageJob = (typeof storageJobs)[number];
+
+/** The jobs whose names contain one of the comma-separated words of `--jobs` (all without it). */
+export function selectJobs(words: string | undefined): readonly StorageJob[] {
+  if (words === undefined) return storageJobs;
+  const selected = storageJobs.filter((job) => words.split(',').some((word) => job.name.includes(word)));
+  if (selected.length === 0) throw new Error(`--jobs ${words} names none of: ${storageJobs.map((job) => job.name).join(', ')}`);
+  return selected;
+}
+
 /** One job's figures on one server. */
 export interface JobResult {
   iops: number;
@@ -108,8 +119,10 @@ async function waitForNbd(uri: string, pki: Pki | undefined): Promise<void> {
   throw new Error(`no NBD server at ${uri}`);
 }
 
-async function child(name: string, command: string, args: string[], uri: string, pki: Pki | undefined): Promise<Server> {
-  const process: ChildProcess = spawn(command, args, { stdio: 'ignore' });
+/** `outputFile`, when given, takes the process's stdout and stderr. */
+async function child(name: string, command: string, args: string[], uri: string, pki: Pki | undefined, outputFile?: string): Promise<Server> {
+  const output = outputFile === undefined ? 'ignore' : openSync(outputFile, 'w');
+  const process: ChildProcess = spawn(command, args, { stdio: ['ignore', output, output] });
   await waitForNbd(uri, pki);
   const pid = process.pid;
   if (pid === undefined) throw new Error(`${command} did not start`);
@@ -145,12 +158,14 @@ export async function vmferry(dir: string, file: string, sizeMiB: number, pki: P
 
 /**
  * The same in a process of its own (storage-server-process.ts), for a benchmark whose own process does more than
- * wait: its CPU time is then the server's alone.
+ * wait: its CPU time is then the server's alone. `nodeArgs` go to that node (a profiler's: `--cpu-prof`,
+ * `--perf-basic-prof`, `--trace-gc`), and its output to `outputFile`.
  */
-export async function vmferryProcess(dir: string, file: string, sizeMiB: number): Promise<Server> {
+export async function vmferryProcess(dir: string, file: string, sizeMiB: number, nodeArgs: readonly string[] = [], outputFile?: string): Promise<Server> {
   const port = await findFreePort('127.0.0.1');
   const script = join(import.meta.dirname, 'storage-server-process.ts');
-  return child('vmferry storage', process.execPath, ['--import', 'tsx', script, dir, file, String(sizeMiB), String(port)], exportUri(port, 'bench', undefined), undefined);
+  const args = [...nodeArgs, '--import', 'tsx', script, dir, file, String(sizeMiB), String(port)];
+  return child('vmferry storage', process.execPath, args, exportUri(port, 'bench', undefined), undefined, outputFile);
 }
 
 export async function qsd(file: string, pki: Pki | undefined): Promise<Server> {

@@ -22,7 +22,11 @@ export class NbdBackendError extends Error {
 export interface NbdBackend {
   readonly size: number;
   readonly readOnly: boolean;
-  read(offset: number, length: number): Promise<Buffer>;
+  /**
+   * Fills all of `target` with the export's bytes from `offset`. `target` is the server's, used again for
+   * later requests (buffer-pool.ts): nothing may touch it once the promise has settled, and nothing may keep it.
+   */
+  read(offset: number, target: Buffer): Promise<void>;
   /** `data` is the payload as it arrived, in pieces: written with one writev, never concatenated. */
   write(offset: number, data: readonly Buffer[], fua: boolean): Promise<void>;
   /** Zeroes a range; it may become a hole unless `noHole` (NBD_CMD_FLAG_NO_HOLE) asks to keep it allocated. */

@@ -4,7 +4,9 @@
  * finishes (replies may overtake each other, as the protocol allows).
  * In-flight work per connection is bounded in count and bytes, and the bytes
  * of reads and writes, until a read's reply has left, are charged to the
- * server-wide memory budget: past it, no new request is read.
+ * server-wide memory budget: past it, no new request is read. A read's data
+ * goes into one of the server's reused buffers (buffer-pool.ts), given back
+ * once its reply has left.
  */
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
@@ -19,6 +21,7 @@ import {
 } from './codec.ts';
 import { Command, CommandFlag, NbdErrno, REQUEST_HEADER_BYTES, REQUEST_MAGIC, ReplyFlag, ReplyType } from './constants.ts';
 import { nbdErrnoOf } from './errno.ts';
+import type { BufferPool } from './buffer-pool.ts';
 import type { BlockSizeLimits, NegotiatedSession } from './handshake.ts';
 import type { BudgetAccount } from './memory-budget.ts';
 import type { SocketReader } from './socket-reader.ts';
@@ -156,6 +159,7 @@ export async function serveTransmission(
   session: NegotiatedSession,
   limits: TransmissionLimits,
   budget: BudgetAccount,
+  buffers: BufferPool,
   log: Logger,
 ): Promise<void> {
   const replies = new ReplyWriter(socket, session.structuredReplies);
@@ -184,15 +188,24 @@ export async function serveTransmission(
     inFlight.add(work);
   };
 
-  /** Never rejects; resolves true when a read's reply holds on to its budget until it is sent. */
+  /** Never rejects; resolves true when a read's reply holds on to its budget (and buffer) until it is sent. */
   const execute = async (request: Request, payload: Buffer[] | undefined, cost: number): Promise<boolean> => {
     const fua = (request.flags & CommandFlag.FUA) !== 0;
     try {
       switch (request.type) {
         case Command.READ: {
-          const data = await backend.read(request.offset, request.length);
+          const data = buffers.take(request.length);
+          try {
+            await backend.read(request.offset, data);
+          } catch (err) {
+            buffers.give(data);
+            throw err;
+          }
           // Replies a client does not read pile up in our memory, so they count until the kernel has them.
-          replies.read(request.handle, request.offset, data, () => budget.release(cost));
+          replies.read(request.handle, request.offset, data, () => {
+            budget.release(cost);
+            buffers.give(data);
+          });
           return true;
         }
         case Command.WRITE:

@@ -155,14 +155,13 @@ class CountingBackend implements NbdBackend {
   }
 
   // One reaction per request, as before the metrics: the 4k path pays no extra promise (issue 20).
-  read(offset: number, length: number): Promise<Buffer> {
+  read(offset: number, target: Buffer): Promise<void> {
     const started = performance.now();
-    return this.#next.read(offset, length).then(
-      (data) => {
+    return this.#next.read(offset, target).then(
+      () => {
         this.#settled('read', true, started);
-        this.#volume.totals.bytesRead += length;
-        this.#connection.bytesRead += length;
-        return data;
+        this.#volume.totals.bytesRead += target.length;
+        this.#connection.bytesRead += target.length;
       },
       (err: unknown) => this.#failed('read', started, err),
     );

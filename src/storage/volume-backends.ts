@@ -48,22 +48,24 @@ export class FileBackend implements NbdBackend {
    * The handle stays open meanwhile: volumes.ts closes it only once every
    * connection using it has ended, after their requests finished.
    */
-  read(offset: number, length: number): Promise<Buffer> {
-    const buffer = Buffer.allocUnsafe(length);
+  read(offset: number, target: Buffer): Promise<void> {
     const fd = this.#file.fd;
+    const length = target.length;
     let cached = 0;
     if (this.#cachedRead) {
-      for (let copied = -1; copied !== 0 && cached < length; cached += copied) copied = this.#cachedRead(fd, buffer, cached, length - cached, offset + cached);
+      for (let copied = -1; copied !== 0 && cached < length; cached += copied) copied = this.#cachedRead(fd, target, cached, length - cached, offset + cached);
     }
-    if (cached === length) return Promise.resolve(buffer);
+    if (cached === length) return Promise.resolve();
     return new Promise((resolve, reject) => {
       const readFrom = (filled: number): void => {
-        readFd(fd, buffer, filled, length - filled, offset + filled, (err, bytesRead) => {
+        readFd(fd, target, filled, length - filled, offset + filled, (err, bytesRead) => {
           if (err) reject(err);
-          // Past the end of a sparse file that was grown: zeros.
-          else if (bytesRead === 0) resolve(buffer.fill(0, filled));
-          else if (filled + bytesRead < length) readFrom(filled + bytesRead);
-          else resolve(buffer);
+          // Past the end of a sparse file that was grown: zeros (the target holds an earlier request's bytes).
+          else if (bytesRead === 0) {
+            target.fill(0, filled);
+            resolve();
+          } else if (filled + bytesRead < length) readFrom(filled + bytesRead);
+          else resolve();
         });
       };
       readFrom(cached);
@@ -186,8 +188,8 @@ export class StickyErrorBackend implements NbdBackend {
     return this.#next.readOnly;
   }
 
-  read(offset: number, length: number): Promise<Buffer> {
-    return this.#health.deleted ? deletedVolume() : this.#next.read(offset, length);
+  read(offset: number, target: Buffer): Promise<void> {
+    return this.#health.deleted ? deletedVolume() : this.#next.read(offset, target);
   }
 
   write(offset: number, data: readonly Buffer[], fua: boolean): Promise<void> {
@@ -236,8 +238,8 @@ export class ReadOnlyBackend implements NbdBackend {
     return this.#next.size;
   }
 
-  read(offset: number, length: number): Promise<Buffer> {
-    return this.#next.read(offset, length);
+  read(offset: number, target: Buffer): Promise<void> {
+    return this.#next.read(offset, target);
   }
 
   write(): Promise<void> {
@@ -283,8 +285,8 @@ export class FencedBackend implements NbdBackend {
     return this.#next.readOnly;
   }
 
-  read(offset: number, length: number): Promise<Buffer> {
-    return this.#next.read(offset, length);
+  read(offset: number, target: Buffer): Promise<void> {
+    return this.#next.read(offset, target);
   }
 
   write(offset: number, data: readonly Buffer[], fua: boolean): Promise<void> {

@@ -223,7 +223,7 @@ class FailOnce {
       get readOnly(): boolean {
         return next.readOnly;
       },
-      read: (offset: number, length: number) => next.read(offset, length),
+      read: (offset: number, target: Buffer) => next.read(offset, target),
       write: (offset: number, data: readonly Buffer[], fua: boolean): Promise<void> => {
         if (!this.armed) return next.write(offset, data, fua);
         this.armed = false;

@@ -38,8 +38,8 @@ export class MemoryBackend implements NbdBackend {
     }
   }
 
-  read(offset: number, length: number): Promise<Buffer> {
-    return this.#op('read', offset, length, () => Buffer.from(this.data.subarray(offset, offset + length)));
+  read(offset: number, target: Buffer): Promise<void> {
+    return this.#op('read', offset, target.length, () => void this.data.copy(target, 0, offset, offset + target.length));
   }
 
   write(offset: number, data: readonly Buffer[], _fua: boolean): Promise<void> {
