@@ -5,17 +5,19 @@
  * 1 MiB writes arriving at disk speed their churn kept V8's full collector
  * running (docs/BENCHMARKS.md, issue 20).
  *
- * Since the read buffer is overwritten by the next read, every byte is copied
- * out before the read's callback returns: a payload straight into the buffer
- * it is read into (from the server's BufferPool), everything else into a
- * staging buffer of fixed size. Same backpressure as SocketReader: reading
- * stops while more than `highWaterBytes` wait unread.
+ * A read waiting for 64 KiB or more (a write's payload, in a buffer from the
+ * server's BufferPool) has the socket read straight into it. Otherwise the
+ * socket reads into the reused buffer, which the next read overwrites, so
+ * every byte is copied out before the read's callback returns: into the
+ * waiting read's buffer, the rest into a staging buffer of fixed size. Same
+ * backpressure as SocketReader: reading stops while more than
+ * `highWaterBytes` wait unread.
  */
 import { Socket, type OnReadOpts, type SocketConstructorOpts } from 'node:net';
 import type { BufferPool } from './buffer-pool.ts';
 import { ConnectionClosedError, type ByteReader } from './socket-reader.ts';
 
-/** Bytes one socket read may bring: Node's own read size. */
+/** Bytes one socket read into the reused buffer may bring (Node's own read size); a waiting read at least this large is read into directly. */
 const readBufferBytes = 64 * 1024;
 
 interface Fill {
@@ -28,7 +30,7 @@ interface Fill {
 export class ReusedBufferReader implements ByteReader {
   readonly #highWaterBytes: number;
   readonly #pool: BufferPool;
-  /** What the socket reads into. */
+  /** What the socket reads into unless #direct is set. */
   readonly #readBuffer = Buffer.allocUnsafeSlow(readBufferBytes);
   /** Bytes read and not yet taken: #staging[#start, #end). Reading stops at the high-water mark, so one read past it always fits. */
   #staging: Buffer;
@@ -36,6 +38,8 @@ export class ReusedBufferReader implements ByteReader {
   #end = 0;
   /** A read waiting for more bytes than are staged; while it waits, nothing is staged (all of it went into its target). */
   #waiter: Fill | undefined;
+  /** The read whose target the socket reads into next (the reused buffer when unset). */
+  #direct: Fill | undefined;
   #ended: Error | undefined;
   #socket: Socket | undefined;
 
@@ -66,7 +70,7 @@ export class ReusedBufferReader implements ByteReader {
       readable: true,
       writable: true,
       noDelay: true,
-      onread: { buffer: this.#readBuffer, callback: (bytes) => this.#onRead(bytes) },
+      onread: { buffer: () => this.#nextReadBuffer(), callback: (bytes) => this.#onRead(bytes) },
     };
     const socket = new Socket(options);
     this.#socket = socket;
@@ -138,8 +142,31 @@ export class ReusedBufferReader implements ByteReader {
     return target;
   }
 
-  /** Node's onread callback: `bytes` new bytes in the read buffer. Returns false to stop reading. */
+  /** Node asks for the memory of the socket's next read after every read. */
+  #nextReadBuffer(): Buffer {
+    const waiter = this.#waiter;
+    if (waiter && waiter.target.length - waiter.filled >= readBufferBytes) {
+      this.#direct = waiter;
+      return waiter.target.subarray(waiter.filled);
+    }
+    this.#direct = undefined;
+    return this.#readBuffer;
+  }
+
+  /** Node's onread callback: `bytes` new bytes in the memory #nextReadBuffer gave. Returns false to stop reading. */
   #onRead(bytes: number): boolean {
+    const direct = this.#direct;
+    if (direct) {
+      // A read of at most what the target lacks; if the reader ended meanwhile, the bytes go with it.
+      if (direct === this.#waiter) {
+        direct.filled += bytes;
+        if (direct.filled === direct.target.length) {
+          this.#waiter = undefined;
+          direct.done(direct.target);
+        }
+      }
+      return this.#waiter !== undefined || this.buffered < this.#highWaterBytes;
+    }
     let from = 0;
     const waiter = this.#waiter;
     if (waiter) {
@@ -175,7 +202,8 @@ export class ReusedBufferReader implements ByteReader {
     const waiter = this.#waiter;
     this.#waiter = undefined;
     if (!waiter) return;
-    this.#pool.give(waiter.target);
+    // A target the socket may still read into is not given back: another request would get those bytes.
+    if (waiter !== this.#direct) this.#pool.give(waiter.target);
     waiter.fail(this.#ended);
   }
 }

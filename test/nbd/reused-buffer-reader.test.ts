@@ -136,3 +136,21 @@ test('through the server, 1 MiB writes land intact in reused memory, and a paylo
   // At most 8 writes in flight, and the budget; fresh memory per socket read would be hundreds of buffers.
   assert.ok(payloadMemory.size <= 16, `${writes} payloads arrived in ${payloadMemory.size} buffers`);
 });
+
+test('a read cancelled while the socket reads straight into its buffer: that buffer goes to no other request', async () => {
+  const pool = new BufferPool(8 * MiB);
+  const { reader, client } = await pair(256 * KiB, pool);
+  const settle = (): Promise<unknown> => new Promise((resolve) => setTimeout(resolve, 100));
+  client.write(pattern(200 * KiB, 6));
+  await settle();
+  const pending = reader.readChunks(MiB);
+  // After one more read, the socket reads into the waiting payload's buffer itself.
+  client.write(pattern(100 * KiB, 7));
+  await settle();
+  reader.cancel(new Error('the server is shutting down'));
+  await assert.rejects(pending, /shutting down/);
+  const other = pool.take(MiB).fill(0xee);
+  client.write(pattern(300 * KiB, 8));
+  await settle();
+  assert.ok(other.every((byte) => byte === 0xee), 'bytes the client sent after the cancel did not land in another request\'s buffer');
+});
