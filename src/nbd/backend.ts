@@ -27,7 +27,11 @@ export interface NbdBackend {
    * later requests (buffer-pool.ts): nothing may touch it once the promise has settled, and nothing may keep it.
    */
   read(offset: number, target: Buffer): Promise<void>;
-  /** `data` is the payload as it arrived, in pieces: written with one writev, never concatenated. */
+  /**
+   * `data` is the payload as it arrived, in pieces: written with one writev, never concatenated. Its buffers
+   * may be the server's, used again for later payloads (reused-buffer-reader.ts): nothing may touch them once
+   * the promise has settled, and nothing may keep them.
+   */
   write(offset: number, data: readonly Buffer[], fua: boolean): Promise<void>;
   /** Zeroes a range; it may become a hole unless `noHole` (NBD_CMD_FLAG_NO_HOLE) asks to keep it allocated. */
   writeZeroes(offset: number, length: number, fua: boolean, noHole: boolean): Promise<void>;

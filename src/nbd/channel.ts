@@ -6,7 +6,7 @@
  */
 import type { Socket } from 'node:net';
 import { createServer as createTlsServer, type PeerCertificate, type TLSSocket } from 'node:tls';
-import { ConnectionClosedError, SocketReader } from './socket-reader.ts';
+import { ConnectionClosedError, SocketReader, type ByteReader } from './socket-reader.ts';
 
 /** TLS on an NBD server: mandatory (the protocol's FORCEDTLS), with client certificates. */
 export interface NbdServerTls {
@@ -35,17 +35,18 @@ function describeCertificate(certificate: PeerCertificate | undefined): string {
 
 export class NbdChannel {
   socket: Socket;
-  reader: SocketReader;
+  reader: ByteReader;
   readonly #plain: Socket;
   readonly #readAheadBytes: number;
   #cancelled: Error | undefined;
   #abortUpgrade: ((err: Error) => void) | undefined;
 
-  constructor(socket: Socket, readAheadBytes: number) {
+  /** `reader` reads `socket` (a SocketReader by default); only a SocketReader's socket can be upgraded to TLS. */
+  constructor(socket: Socket, readAheadBytes: number, reader: ByteReader = new SocketReader(socket, readAheadBytes)) {
     this.socket = socket;
     this.#plain = socket;
     this.#readAheadBytes = readAheadBytes;
-    this.reader = new SocketReader(socket, readAheadBytes);
+    this.reader = reader;
   }
 
   get secure(): boolean {

@@ -11,6 +11,7 @@ import { NbdChannel, TlsHandshakeError, type NbdServerTls } from './channel.ts';
 import { negotiate } from './handshake.ts';
 import { BufferPool } from './buffer-pool.ts';
 import { MemoryBudget, type BudgetAccount } from './memory-budget.ts';
+import { ReusedBufferReader } from './reused-buffer-reader.ts';
 import { ConnectionClosedError } from './socket-reader.ts';
 import { serveTransmission, type TransmissionLimits } from './transmission.ts';
 
@@ -148,23 +149,29 @@ export class NbdServer {
   }
 
   #createServer(): Server {
-    const server = createServer({ noDelay: true }, (socket) => this.#accept(socket));
+    // Without TLS, sockets arrive unread so that they can be read into reused buffers (reused-buffer-reader.ts);
+    // a TLS socket reads its own input, so with TLS (every client must start it) they are read as Node reads them.
+    const server = createServer({ noDelay: true, pauseOnConnect: !this.#tls }, (socket) => this.#accept(socket));
     server.on('error', (err) => this.#logger.error({ err }, 'NBD listener error'));
     this.#servers.push(server);
     return server;
   }
 
-  #accept(socket: Socket): void {
+  #accept(accepted: Socket): void {
     if (this.#closing) {
-      socket.destroy();
+      accepted.destroy();
       return;
     }
+    const reader = this.#tls ? undefined : new ReusedBufferReader(readAheadBytes, this.#buffers);
+    const adopted = reader?.adopt(accepted);
+    // Where it cannot be adopted, the socket is read as Node reads it (paused on accept, it starts at the first read).
+    const channel = reader && adopted ? new NbdChannel(adopted, readAheadBytes, reader) : new NbdChannel(accepted, readAheadBytes);
+    const { socket } = channel;
     const id = this.#nextId++;
     const client = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : `unix#${id}`;
     const info: ConnectionInfo = { id, client, export: undefined, connectedAt: Date.now() };
     const log = this.#logger.child({ connection: id, client });
     socket.on('error', () => undefined);
-    const channel = new NbdChannel(socket, readAheadBytes);
     const budget = this.#budget.account();
     const done = this.#serve(channel, budget, info, log).finally(() =>
       endSocket(channel.socket).finally(() => {

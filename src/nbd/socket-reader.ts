@@ -12,7 +12,26 @@ export class ConnectionClosedError extends Error {
   }
 }
 
-export class SocketReader {
+/**
+ * A connection's incoming bytes, read in exact counts. What read() and
+ * tryRead() return is the caller's; chunks from readChunks() and
+ * tryReadChunks() may be lent from the server's BufferPool, so whoever is
+ * done with them gives them to BufferPool.give (which ignores anything it did
+ * not lend).
+ */
+export interface ByteReader {
+  readonly buffered: number;
+  read(bytes: number): Promise<Buffer>;
+  tryRead(bytes: number): Buffer | undefined;
+  readChunks(bytes: number): Promise<Buffer[]>;
+  tryReadChunks(bytes: number): Buffer[] | undefined;
+  skip(bytes: number): Promise<void>;
+  cancel(error: Error): void;
+  detach(): void;
+}
+
+/** Reads a socket's 'data' chunks: each is a fresh buffer of Node's, handed on without a copy. */
+export class SocketReader implements ByteReader {
   readonly #socket: Socket;
   readonly #highWaterBytes: number;
   #chunks: Buffer[] = [];

@@ -6,7 +6,8 @@
  * of reads and writes, until a read's reply has left, are charged to the
  * server-wide memory budget: past it, no new request is read. A read's data
  * goes into one of the server's reused buffers (buffer-pool.ts), given back
- * once its reply has left.
+ * once its reply has left; so may a write's payload (reused-buffer-reader.ts),
+ * given back once the backend has written it.
  */
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
@@ -24,7 +25,7 @@ import { nbdErrnoOf } from './errno.ts';
 import type { BufferPool } from './buffer-pool.ts';
 import type { BlockSizeLimits, NegotiatedSession } from './handshake.ts';
 import type { BudgetAccount } from './memory-budget.ts';
-import type { SocketReader } from './socket-reader.ts';
+import type { ByteReader } from './socket-reader.ts';
 
 type Request = RequestHeader;
 
@@ -154,7 +155,7 @@ class ReplyWriter {
 
 /** Serves requests until the client disconnects (DISC or EOF) or breaks the protocol. */
 export async function serveTransmission(
-  reader: SocketReader,
+  reader: ByteReader,
   socket: Socket,
   session: NegotiatedSession,
   limits: TransmissionLimits,
@@ -180,6 +181,8 @@ export async function serveTransmission(
   const run = (request: Request, payload: Buffer[] | undefined, cost: number): void => {
     inFlightBytes += cost;
     const work = execute(request, payload, cost).then((replyHoldsBudget) => {
+      // The backend is done with a write's payload once its promise settled; pooled chunks serve the next payload.
+      if (payload) for (const chunk of payload) buffers.give(chunk);
       inFlight.delete(work);
       inFlightBytes -= cost;
       if (!replyHoldsBudget) budget.release(cost);
@@ -265,6 +268,7 @@ export async function serveTransmission(
         if (!budget.tryAcquire(request.length)) await budget.acquire(request.length);
         const payload = reader.tryReadChunks(request.length) ?? (await reader.readChunks(request.length));
         if (problem) {
+          for (const chunk of payload) buffers.give(chunk);
           budget.release(request.length);
           log.warn({ command: 'WRITE', why: problem.why }, 'NBD request refused');
           replies.done(request.handle, problem.errno, problem.why);
