@@ -4,23 +4,17 @@
 // each block's own bytes: a buffer used again before its reply had left would
 // send another request's data.
 import assert from 'node:assert/strict';
-import { afterEach, test } from 'node:test';
+import { test } from 'node:test';
 import pino from 'pino';
 import { BufferPool } from '../../src/nbd/buffer-pool.ts';
 import { NbdServer, defaultLimits } from '../../src/nbd/server.ts';
 import { MemoryBackend, MemoryExports } from '../support/memory-export.ts';
 import { RawNbdConnection } from '../support/raw-nbd.ts';
+import { closeAfterEachTest } from '../support/nbd-teardown.ts';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-let running: NbdServer | undefined;
-const raws: RawNbdConnection[] = [];
-
-afterEach(async () => {
-  for (const raw of raws.splice(0)) raw.close();
-  await running?.close(1_000);
-  running = undefined;
-});
+const { raws, serving } = closeAfterEachTest();
 
 test('a buffer given back is handed out again; given back twice, or never lent, it is not', () => {
   const pool = new BufferPool(4 * MiB);
@@ -68,7 +62,7 @@ test('a client that reads its replies late gets each block\'s own bytes: a read 
   const exports = new MemoryExports();
   exports.backends.set('disk', backend);
   // Few requests at a time, so that later reads run while the replies of earlier ones still wait to be sent.
-  running = new NbdServer(exports, pino({ level: process.env.VMFERRY_TEST_LOG ?? 'silent' }), { ...defaultLimits, maxInFlightRequests: 4 });
+  const running = serving(new NbdServer(exports, pino({ level: process.env.VMFERRY_TEST_LOG ?? 'silent' }), { ...defaultLimits, maxInFlightRequests: 4 }));
   const port = await running.listenTcp('127.0.0.1', 0);
   const raw = await RawNbdConnection.open(port);
   raws.push(raw);

@@ -4,30 +4,24 @@
 // another must still be served, and everything held comes back when it leaves.
 import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { afterEach, test } from 'node:test';
+import { test } from 'node:test';
 import { MemoryBudget } from '../../src/nbd/memory-budget.ts';
 import pino from 'pino';
 import { NbdClient } from '../../src/nbd/client.ts';
 import { NbdServer, defaultLimits } from '../../src/nbd/server.ts';
 import { MemoryBackend, MemoryExports } from '../support/memory-export.ts';
 import { RawNbdConnection, u32, u64 } from '../support/raw-nbd.ts';
+import { closeAfterEachTest } from '../support/nbd-teardown.ts';
 
 const MiB = 1024 * 1024;
-let running: NbdServer | undefined;
-const raws: RawNbdConnection[] = [];
-
-afterEach(async () => {
-  for (const raw of raws.splice(0)) raw.close();
-  await running?.close(1_000);
-  running = undefined;
-});
+const { raws, serving } = closeAfterEachTest();
 
 /** An NBD server over memory exports with a memory budget of `budgetMiB`, on a free loopback port. */
 async function serve(backends: Record<string, MemoryBackend>, budgetMiB: number): Promise<{ server: NbdServer; port: number; exports: MemoryExports }> {
   const exports = new MemoryExports();
   for (const [name, backend] of Object.entries(backends)) exports.backends.set(name, backend);
   const server = new NbdServer(exports, pino({ level: process.env.VMFERRY_TEST_LOG ?? 'silent' }), { ...defaultLimits, memoryBudgetBytes: budgetMiB * MiB });
-  running = server;
+  serving(server);
   return { server, port: await server.listenTcp('127.0.0.1', 0), exports };
 }
 
@@ -222,7 +216,7 @@ test('waits for budget end when the server shuts down, and everything held comes
   assert.equal(server.memoryBudget().usedBytes, 3 * MiB);
 
   const closing = server.close(5_000);
-  running = undefined;
+  serving(undefined);
   await until('shutting down ends both waits, though the budget is still spent', () => server.memoryBudget().waitingConnections === 0);
   releaseBackend();
   await closing;
