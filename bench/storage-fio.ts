@@ -14,11 +14,8 @@
  * --jobs runs only the jobs whose names contain one of its words.
  */
 import { execFile as execFileCallback } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { parseArgs, promisify } from 'node:util';
-import { asClient, makePki, nbdkit, preallocatedFile, qsd, resultTable, selectJobs, vmferry, type JobResult, type Pki, type StorageJob, type Server } from './lib/nbd-servers.ts';
+import { asClient, makePki, nbdkit, printRound, qsd, selectJobs, vmferry, withServedFile, type JobResult, type Pki, type StorageJob, type ResultRow, type Server } from './lib/nbd-servers.ts';
 
 const execFile = promisify(execFileCallback);
 const { values } = parseArgs({
@@ -49,30 +46,20 @@ async function runFio(server: Server, job: StorageJob, pki: Pki | undefined, run
   return { iops: stats.iops, mibs: stats.bw_bytes / 1024 / 1024, cpuPerGiB: cpu / (stats.io_bytes / 1024 ** 3) };
 }
 
-const dir = await mkdtemp(join(tmpdir(), 'vmferry-bench-'));
-try {
-  const file = await preallocatedFile(join(dir, 'bench.raw'), sizeMiB);
+await withServedFile('vmferry-bench-', sizeMiB, async ({ dir, file, servers }) => {
   const pki = values.tls ? await makePki(dir) : undefined;
-  const servers: Server[] = [];
-  try {
-    for (const start of [() => qsd(file, pki), () => nbdkit(file, pki), () => vmferry(dir, file, sizeMiB, pki)]) servers.push(await start());
-    // One second of every job on every server first, not counted: vmferry's JIT compiles its hot path in it.
-    for (const job of jobs) for (const server of servers) await runFio(server, job, pki, 1);
-    console.log(`fio nbd engine, ${seconds} s per job, ${sizeMiB} MiB file, loopback TCP${pki ? ', TLS with client certificates on every server' : ''}`);
-    for (let round = 1; round <= rounds; round++) {
-      const rows: Parameters<typeof resultTable>[0] = [];
-      for (const job of jobs) {
-        const results = new Map<string, JobResult>();
-        for (const server of servers) results.set(server.name, await runFio(server, job, pki));
-        const qsdResult = results.get('qemu-storage-daemon');
-        for (const [server, result] of results) rows.push({ job: job.name, server, result, qsd: qsdResult });
-      }
-      if (rounds > 1) console.log(`round ${round} of ${rounds}`);
-      console.log(resultTable(rows));
+  for (const start of [() => qsd(file, pki), () => nbdkit(file, pki), () => vmferry(dir, file, sizeMiB, pki)]) servers.push(await start());
+  // One second of every job on every server first, not counted: vmferry's JIT compiles its hot path in it.
+  for (const job of jobs) for (const server of servers) await runFio(server, job, pki, 1);
+  console.log(`fio nbd engine, ${seconds} s per job, ${sizeMiB} MiB file, loopback TCP${pki ? ', TLS with client certificates on every server' : ''}`);
+  for (let round = 1; round <= rounds; round++) {
+    const rows: ResultRow[] = [];
+    for (const job of jobs) {
+      const results = new Map<string, JobResult>();
+      for (const server of servers) results.set(server.name, await runFio(server, job, pki));
+      const qsdResult = results.get('qemu-storage-daemon');
+      for (const [server, result] of results) rows.push({ job: job.name, server, result, qsd: qsdResult });
     }
-  } finally {
-    for (const server of servers) await server.stop();
+    printRound(round, rounds, rows);
   }
-} finally {
-  await rm(dir, { recursive: true, force: true });
-}
+});

@@ -13,15 +13,14 @@
  * --jobs runs only the jobs whose names contain one of its words; --server-node-args (split at spaces) go to the
  * node of vmferry's server, whose output goes to --server-output (to profile it under one job: issue 20).
  */
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { reportLogOf, testGuestSpec } from '../src/guest/test-guest.ts';
 import { QemuProcess } from '../src/qemu/process.ts';
 import type { DiskSpec } from '../src/qemu/spec.ts';
 import { pollUntil } from '../src/util/poll.ts';
-import { preallocatedFile, qsd, resultTable, selectJobs, vmferryProcess, type JobResult, type Server } from './lib/nbd-servers.ts';
+import { printRound, qsd, selectJobs, vmferryProcess, withServedFile, type JobResult, type ResultRow, type Server } from './lib/nbd-servers.ts';
 
 const { values } = parseArgs({
   options: {
@@ -82,33 +81,23 @@ async function runGuest(server: Server, dir: string, round: number): Promise<Map
   return results;
 }
 
-const dir = await mkdtemp(join(tmpdir(), 'vmferry-bench-guest-'));
-try {
-  const file = await preallocatedFile(join(dir, 'bench.raw'), sizeMiB);
-  const servers: Server[] = [];
-  try {
-    servers.push(await qsd(file, undefined), await vmferryProcess(dir, file, sizeMiB, values['server-node-args'].split(' ').filter(Boolean), values['server-output']));
-    console.log(`the test guest's iobench on a shared disk (QEMU's NBD client, loopback TCP), ${seconds} s per job, ${sizeMiB} MiB`);
-    for (let round = 1; round <= rounds; round++) {
-      const byServer = new Map<string, Map<string, JobResult>>();
-      // Which server goes first alternates, so the first boot of a round (colder caches) is no one's handicap.
-      for (const server of round % 2 === 1 ? servers : [...servers].reverse()) byServer.set(server.name, await runGuest(server, dir, round));
-      const rows: Parameters<typeof resultTable>[0] = [];
-      for (const [index, job] of selectedJobs.entries()) {
-        const guestJob = guestJobs[index] as string;
-        const qsdResult = byServer.get('qemu-storage-daemon')?.get(guestJob);
-        for (const server of servers) {
-          const result = byServer.get(server.name)?.get(guestJob);
-          if (!result) throw new Error(`no result for ${job.name} on ${server.name}`);
-          rows.push({ job: job.name, server: server.name, result, qsd: qsdResult });
-        }
+await withServedFile('vmferry-bench-guest-', sizeMiB, async ({ dir, file, servers }) => {
+  servers.push(await qsd(file, undefined), await vmferryProcess(dir, file, sizeMiB, values['server-node-args'].split(' ').filter(Boolean), values['server-output']));
+  console.log(`the test guest's iobench on a shared disk (QEMU's NBD client, loopback TCP), ${seconds} s per job, ${sizeMiB} MiB`);
+  for (let round = 1; round <= rounds; round++) {
+    const byServer = new Map<string, Map<string, JobResult>>();
+    // Which server goes first alternates, so the first boot of a round (colder caches) is no one's handicap.
+    for (const server of round % 2 === 1 ? servers : [...servers].reverse()) byServer.set(server.name, await runGuest(server, dir, round));
+    const rows: ResultRow[] = [];
+    for (const [index, job] of selectedJobs.entries()) {
+      const guestJob = guestJobs[index] as string;
+      const qsdResult = byServer.get('qemu-storage-daemon')?.get(guestJob);
+      for (const server of servers) {
+        const result = byServer.get(server.name)?.get(guestJob);
+        if (!result) throw new Error(`no result for ${job.name} on ${server.name}`);
+        rows.push({ job: job.name, server: server.name, result, qsd: qsdResult });
       }
-      if (rounds > 1) console.log(`round ${round} of ${rounds}`);
-      console.log(resultTable(rows));
     }
-  } finally {
-    for (const server of servers) await server.stop();
+    printRound(round, rounds, rows);
   }
-} finally {
-  await rm(dir, { recursive: true, force: true });
-}
+});

@@ -5,7 +5,8 @@
  */
 import { execFile as execFileCallback, spawn, type ChildProcess } from 'node:child_process';
 import { openSync } from 'node:fs';
-import { chmod, copyFile, mkdir, readFile } from 'node:fs/promises';
+import { chmod, copyFile, mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -84,13 +85,46 @@ export interface JobResult {
   cpuPerGiB: number;
 }
 
+/** One server's figures for one job, beside qemu-storage-daemon's for the same job. */
+export interface ResultRow {
+  job: string;
+  server: string;
+  result: JobResult;
+  qsd: JobResult | undefined;
+}
+
 /** One round's table: a row per job and server, with the ratios to qemu-storage-daemon's figures for that job. */
-export function resultTable(rows: { job: string; server: string; result: JobResult; qsd: JobResult | undefined }[]): string {
+export function resultTable(rows: readonly ResultRow[]): string {
   const cells = rows.map(({ job, server, result: r, qsd }) => [
     job, server, String(Math.round(r.iops)), r.mibs.toFixed(1), r.cpuPerGiB.toFixed(2),
     qsd ? (r.iops / qsd.iops).toFixed(2) : '-', qsd ? (r.cpuPerGiB / qsd.cpuPerGiB).toFixed(2) : '-',
   ]);
   return table(['job', 'server', 'IOPS', 'MiB/s', 'CPU s/GiB', 'speed vs qsd', 'CPU/GiB vs qsd'], cells);
+}
+
+/** Prints one round's table, headed by its number when there are several. */
+export function printRound(round: number, rounds: number, rows: readonly ResultRow[]): void {
+  if (rounds > 1) console.log(`round ${round} of ${rounds}`);
+  console.log(resultTable(rows));
+}
+
+/**
+ * Runs `body` in a scratch directory holding a preallocated file of `sizeMiB` for the servers to serve; every server
+ * `body` adds to `servers` is stopped and the directory removed afterwards, whatever happened.
+ */
+export async function withServedFile(prefix: string, sizeMiB: number, body: (scratch: { dir: string; file: string; servers: Server[] }) => Promise<void>): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), prefix));
+  try {
+    const file = await preallocatedFile(join(dir, 'bench.raw'), sizeMiB);
+    const servers: Server[] = [];
+    try {
+      await body({ dir, file, servers });
+    } finally {
+      for (const server of servers) await server.stop();
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 }
 
 export interface Server {
