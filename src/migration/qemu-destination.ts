@@ -9,7 +9,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { VmferryError, describeError, hasCode } from '../errors.ts';
 import { locateGuestRam, memoryDigest, type MemoryDigest } from '../qemu/memory-digest.ts';
-import type { Accelerator } from '../qemu/command-line.ts';
+import { opensDirect, type Accelerator } from '../qemu/command-line.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import type { VmSpec } from '../qemu/spec.ts';
 import type { QmpEventListener } from '../qmp/events.ts';
@@ -23,6 +23,7 @@ import { faultPoint, faultPointKills } from '../util/fault-points.ts';
 import { raceAbort, timeoutSignal } from '../util/abort.ts';
 import { findFreePort } from '../util/ports.ts';
 import { qemuTlsCreds } from '../qemu/tls-creds.ts';
+import { FilledTargets } from './filled-targets.ts';
 import type { DestinationFate } from './no-return.ts';
 import type { GuestReset } from './phases.ts';
 import { defaultAnnounce, postcopyCapable, type AnnounceSettings, type MigrationPlan } from './plan.ts';
@@ -104,6 +105,8 @@ export class QemuDestination implements DestinationSide {
   #postcopy = false;
   /** Where this half last listened for a resumed post-copy stream (recoverPostcopy). */
   #recoverUri: string | undefined;
+  /** Mirror targets filled through the page cache, switched to their cache mode before the guest runs here. */
+  #filled: FilledTargets | undefined;
 
   constructor(options: QemuDestinationOptions) {
     this.hostId = options.hostId;
@@ -140,8 +143,19 @@ export class QemuDestination implements DestinationSide {
     // Who has its RBD images open before it opens them: the source, and anyone the switch-over must fence with it.
     const rbdBefore = await rbdWatchers(destinationSpec);
     // Its taps are made (on the NICs' bridges) before -incoming: the device state that arrives expects its backends.
-    const vm = await QemuProcess.start(destinationSpec, { mode: 'incoming', runDir: join(vmDir, 'qemu'), accel: this.#options.accel ?? 'tcg', logger: this.#options.logger, tapRole: 'incoming', ...(this.#options.tlsDir === undefined ? {} : { tlsDir: this.#options.tlsDir }) });
+    // The copies a mirror fills are opened through the page cache until the RAM phase starts (filled-targets.ts).
+    const filled = destinationSpec.disks.filter((disk) => opensDirect(disk) && plan.disks.find((d) => d.id === disk.id)?.operation === 'mirror');
+    const vm = await QemuProcess.start(destinationSpec, {
+      mode: 'incoming',
+      runDir: join(vmDir, 'qemu'),
+      accel: this.#options.accel ?? 'tcg',
+      logger: this.#options.logger,
+      tapRole: 'incoming',
+      bufferedDisks: filled.map((d) => d.id),
+      ...(this.#options.tlsDir === undefined ? {} : { tlsDir: this.#options.tlsDir }),
+    });
     this.#vm = vm;
+    if (filled.length > 0) this.#filled = new FilledTargets(vm, filled, vm.monitor.client.listen(), this.#options.logger);
     this.#rbd = await RbdWriter.learn(destinationSpec, rbdBefore, this.#options.logger);
     // Its fence connected to the cluster now, so the guest's pause at switch-over holds a message, not a program's start.
     await this.#rbd.readyFence();
@@ -345,6 +359,7 @@ export class QemuDestination implements DestinationSide {
       this.#exportIds = [];
       if (this.#nbdServerStarted) await qmp.nbdServerStop({ signal });
       this.#nbdServerStarted = false;
+      await this.#filled?.settled(signal);
       // The source has stopped and flushed (its images went inactive at completion): the shared volumes' writer moves here.
       if (this.#options.fence) {
         this.#claimed = true;
@@ -407,6 +422,7 @@ export class QemuDestination implements DestinationSide {
     // A cont whose reply was lost still counts: the guest's own state decides, not our bookkeeping.
     if ((await this.fate()) === 'guest-ran') throw new VmferryError('VMF_CONFLICT', `the guest already ran on ${this.hostId}; refusing to roll back`);
     this.#events?.close();
+    this.#filled?.abandon();
     if (this.#vm) {
       await this.#vm.kill();
       // Its clients may have been the images' only writer for a moment: cut off, the source can take the images back at once.

@@ -32,6 +32,8 @@ export interface CommandLineOptions {
   tlsDir?: string;
   /** How long a shared disk's requests wait for the storage server (default sharedReconnectDelayS); shorter only in tests. */
   reconnectDelayS?: number;
+  /** Image files opened through the page cache whatever their cache mode: mirror targets being filled (src/migration/filled-targets.ts). */
+  bufferedDisks?: string[];
 }
 
 /** First PCI slot for disks; slots below stay free for other devices. */
@@ -122,7 +124,34 @@ export function rbdFormatNode(disk: DiskSpec, clientNode: string): Record<string
   return { driver: 'raw', 'node-name': diskNodeName(disk.id), file: clientNode, 'read-only': disk.readOnly ?? false, cache: { 'no-flush': cache.noFlush } };
 }
 
-function blockdevArgs(disk: DiskSpec, tls: boolean, reconnectDelayS: number): string[] {
+/**
+ * Whether QEMU opens the disk's image file with O_DIRECT (cache none or
+ * directsync): only then does a mirror target gain from being filled through
+ * the page cache first (src/migration/filled-targets.ts).
+ */
+export function opensDirect(disk: DiskSpec): boolean {
+  return disk.source.kind === 'file' && cacheFlags[disk.cache ?? 'none'].direct;
+}
+
+/**
+ * An image file's two nodes, file and format, in the disk's cache mode or,
+ * with `buffered`, through the page cache. The same options are what
+ * blockdev-reopen takes to switch them (it resets every option not given).
+ */
+export function fileDiskNodes(disk: DiskSpec, { buffered = false } = {}): [Record<string, unknown>, Record<string, unknown>] {
+  const source = disk.source;
+  if (source.kind !== 'file') throw new VmferryError('VMF_INVALID_ARGUMENT', `disk ${disk.id} is not an image file`);
+  const flags = cacheFlags[disk.cache ?? 'none'];
+  const readOnly = disk.readOnly ?? false;
+  const cache = { direct: flags.direct && !buffered, 'no-flush': flags.noFlush };
+  const fileNode = { driver: 'file', 'node-name': diskFileNodeName(disk.id), filename: source.path, 'read-only': readOnly, cache, discard: 'unmap' };
+  const formatNode: Record<string, unknown> = { driver: source.format, 'node-name': diskNodeName(disk.id), file: diskFileNodeName(disk.id), 'read-only': readOnly, cache, discard: 'unmap' };
+  // The shared base by node, not by the file name in the overlay's header.
+  if (source.backing) formatNode.backing = diskBaseNodeName(disk.id);
+  return [fileNode, formatNode];
+}
+
+function blockdevArgs(disk: DiskSpec, tls: boolean, reconnectDelayS: number, buffered: boolean): string[] {
   const cache = cacheFlags[disk.cache ?? 'none'];
   const readOnly = disk.readOnly ?? false;
   const source = disk.source;
@@ -132,28 +161,11 @@ function blockdevArgs(disk: DiskSpec, tls: boolean, reconnectDelayS: number): st
   if (source.kind === 'rbd') {
     return ['-blockdev', JSON.stringify(rbdClientNode(disk, diskFileNodeName(disk.id))), '-blockdev', JSON.stringify(rbdFormatNode(disk, diskFileNodeName(disk.id)))];
   }
-  const fileNode = {
-    driver: 'file',
-    'node-name': diskFileNodeName(disk.id),
-    filename: source.path,
-    'read-only': readOnly,
-    cache: { direct: cache.direct, 'no-flush': cache.noFlush },
-    discard: 'unmap',
-  };
-  const formatNode: Record<string, unknown> = {
-    driver: source.format,
-    'node-name': diskNodeName(disk.id),
-    file: diskFileNodeName(disk.id),
-    'read-only': readOnly,
-    cache: { direct: cache.direct, 'no-flush': cache.noFlush },
-    discard: 'unmap',
-  };
+  const [fileNode, formatNode] = fileDiskNodes(disk, { buffered });
   const args = ['-blockdev', JSON.stringify(fileNode)];
   if (source.backing) {
-    // The shared base by node, not by the file name in the overlay's header: always read-only, whatever the disk.
-    const baseNode = diskBaseNodeName(disk.id);
-    args.push('-blockdev', JSON.stringify(nbdNode(baseNode, source.backing.server, source.backing.export, { readOnly: true, noFlush: cache.noFlush, tls, reconnectDelayS })));
-    formatNode.backing = baseNode;
+    // Always read-only, whatever the disk.
+    args.push('-blockdev', JSON.stringify(nbdNode(diskBaseNodeName(disk.id), source.backing.server, source.backing.export, { readOnly: true, noFlush: cache.noFlush, tls, reconnectDelayS })));
   }
   args.push('-blockdev', JSON.stringify(formatNode));
   return args;
@@ -235,7 +247,8 @@ export function qemuArguments(spec: VmSpec, options: CommandLineOptions): string
   }
   const bootDiskId = spec.boot.kind === 'disk' ? spec.boot.diskId : undefined;
   spec.disks.forEach((disk, index) => {
-    args.push(...blockdevArgs(disk, options.tlsDir !== undefined, options.reconnectDelayS ?? sharedReconnectDelayS), ...deviceArgs(disk, index, bootDiskId, rootBus(machine)));
+    const buffered = options.bufferedDisks?.includes(disk.id) ?? false;
+    args.push(...blockdevArgs(disk, options.tlsDir !== undefined, options.reconnectDelayS ?? sharedReconnectDelayS, buffered), ...deviceArgs(disk, index, bootDiskId, rootBus(machine)));
   });
   (spec.nics ?? []).forEach((nic, index) => {
     args.push(...nicArgs(nic, index, options.taps?.[index], rootBus(machine)));

@@ -31,6 +31,8 @@ export interface QemuStartOptions {
   tlsDir?: string;
   /** How long a shared disk's requests wait for the storage server (command-line.ts); shorter only in tests. */
   reconnectDelayS?: number;
+  /** Image files opened through the page cache whatever their cache mode (command-line.ts). */
+  bufferedDisks?: string[];
 }
 
 export interface QemuExit {
@@ -153,7 +155,7 @@ export class QemuProcess {
     options: QemuStartOptions,
     { mode, qmpSocket, pidFile, stderrPath, taps }: { mode: StartMode; qmpSocket: string; pidFile: string; stderrPath: string; taps: string[] },
   ): Promise<QemuProcess> {
-    const args = qemuArguments(spec, { mode, qmpSocket, pidFile, accel: options.accel ?? 'tcg', taps, ...(options.tlsDir === undefined ? {} : { tlsDir: options.tlsDir }), ...(options.reconnectDelayS === undefined ? {} : { reconnectDelayS: options.reconnectDelayS }) });
+    const args = qemuArguments(spec, { mode, qmpSocket, pidFile, accel: options.accel ?? 'tcg', taps, ...(options.tlsDir === undefined ? {} : { tlsDir: options.tlsDir }), ...(options.reconnectDelayS === undefined ? {} : { reconnectDelayS: options.reconnectDelayS }), ...(options.bufferedDisks === undefined ? {} : { bufferedDisks: options.bufferedDisks }) });
     const binary = options.binary ?? defaultQemuBinary;
     const logger = options.logger?.child({ vm: spec.name });
     logger?.debug({ binary, args }, 'starting QEMU');

@@ -12,23 +12,38 @@ import { recordReliability } from '../support/reliability.ts';
 import { TcpRelay } from '../support/tcp-relay.ts';
 import { holdMainLoop, type MainLoopHold } from '../support/main-loop-hold.ts';
 import { AckClock } from '../support/ack-clock.ts';
-import type { MigrationEvent } from '../../src/migration/phases.ts';
+import type { MigrationEvent, MigrationPhase } from '../../src/migration/phases.ts';
+import type { QemuProcess } from '../../src/qemu/process.ts';
 
 const guest = { mode: 'workload', spanMiB: 8 } as const;
+
+/** Whether QEMU has the node's image open with O_DIRECT (cache.direct), as it says itself. */
+async function opensDirect(vm: QemuProcess | undefined, node: string): Promise<boolean | undefined> {
+  const nodes = await vm?.qmp('listing block nodes', (qmp) => qmp.client.execute<{ 'node-name': string; cache: { direct: boolean } }[]>('query-named-block-nodes', { flat: true }));
+  return nodes?.find((n) => n['node-name'] === node)?.cache.direct;
+}
 
 /**
  * Migrates with the guest writing, then checks it kept writing on B and that every acked record is intact.
  * `first` runs on the writing guest before that, for a check that needs a running VM and leaves it as it was.
  */
-async function migrateAndJudge(name: string, layout: RigLayout, guestOptions = {}, first?: (rig: MigrationRig) => Promise<void>) {
+async function migrateAndJudge(
+  name: string,
+  layout: RigLayout,
+  guestOptions = {},
+  first?: (rig: MigrationRig) => Promise<void>,
+  hooks: { beforePhase?: (rig: MigrationRig, phase: MigrationPhase) => Promise<void>; migrated?: (rig: MigrationRig) => Promise<void> } = {},
+) {
   const rig = await MigrationRig.start(name, layout, { ...guest, ...guestOptions });
   try {
     await rig.waitForAcks(20);
     await first?.(rig);
     const plan = await rig.plan();
     assert.deepEqual(plan.refusals, []);
-    const report = await rig.migrate(plan);
+    const { beforePhase, migrated } = hooks;
+    const report = await rig.migrate(plan, beforePhase ? { beforePhase: (phase) => beforePhase(rig, phase) } : {});
     assert.equal(report.outcome, 'completed', report.error?.message);
+    await migrated?.(rig);
     // The report covers every attempt (a rollback for a memory mismatch is tried again): the sums hold the last one's figures and more.
     assert.equal(report.allAttempts?.count, report.attempts ?? 1);
     assert.ok((report.allAttempts?.ramBytes ?? 0) >= report.ram.transferredBytes, JSON.stringify(report.allAttempts));
@@ -50,13 +65,25 @@ async function migrateAndJudge(name: string, layout: RigLayout, guestOptions = {
   }
 }
 
-test('one local and one shared disk under heavy writes: every acked record intact, shared bytes 0, local bytes near the allocation', async () => {
+test('one local and one shared disk under heavy writes: every acked record intact, shared bytes 0, local bytes near the allocation; the copy filled through the page cache, run with cache=none', async () => {
+  const direct: (boolean | undefined)[] = [];
   const { rig, report, destinationDisks } = await migrateAndJudge(
     'mixed',
     { local: [{ id: 'local0', sizeMiB: 256, fillMiB: 48 }], shared: [{ id: 'shared0', sizeMiB: 64 }] },
     { bulkMiBs: 8, bulkDisks: ['local0'], dirtyMiB: 32 },
+    undefined,
+    {
+      beforePhase: async (rig, phase) => {
+        // The mirror is READY, the RAM phase about to start: B's copy is still written through the page cache.
+        if (phase === 'migrating') direct.push(await opensDirect(rig.destination?.vm, 'disk-local0-file'));
+      },
+      // The guest runs on B with the cache mode its spec asks for (cache=none: O_DIRECT).
+      migrated: async (rig) => void direct.push(await opensDirect(rig.destination?.vm, 'disk-local0-file'), await opensDirect(rig.destination?.vm, 'disk-local0')),
+    },
   );
   try {
+    assert.equal(rig.spec.disks.find((d) => d.id === 'local0')?.cache ?? 'none', 'none');
+    assert.deepEqual(direct, [false, true, true], 'O_DIRECT on B: while filled (file node), then with the guest running (file and format nodes)');
     const local = report.disks.find((d) => d.id === 'local0');
     const shared = report.disks.find((d) => d.id === 'shared0');
     assert.equal(shared?.operation, 'reattach');
