@@ -7,12 +7,13 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { VmferryError, describeError, hasCode } from '../errors.ts';
+import { readBlockGraph } from '../qemu/block-graph.ts';
 import { locateGuestRam, memoryDigest, memoryDigestMaxMiB, type MemoryDigest } from '../qemu/memory-digest.ts';
 import type { QemuProcess } from '../qemu/process.ts';
 import { diskNodeName, type VmSpec } from '../qemu/spec.ts';
 import { QmpCommandError } from '../qmp/client.ts';
 import type { QmpEvent, QmpEventListener } from '../qmp/events.ts';
-import type { BlockJobStatus, MigrationInfo, MigrationStatus, QemuMonitor } from '../qmp/commands.ts';
+import type { BlockJobStatus, MigrationInfo, MigrationStatus, MirrorArguments, QemuMonitor } from '../qmp/commands.ts';
 import type { SharedWriterFence } from '../storage/writer-fence.ts';
 import { removeDurable } from '../util/durable-file.ts';
 import { qemuTlsCreds } from '../qemu/tls-creds.ts';
@@ -94,6 +95,10 @@ const releasedThrottle = { 'cpu-throttle-initial': 20, 'cpu-throttle-increment':
 
 /** QEMU sends RESUME before its reply to cont: a wait this long only covers a slow monitor. */
 const resumeEventMs = 2_000;
+
+/** How long a disk node another user holds is asked again for a mirror, and how often (#mirrorDisk). */
+const rootWaitMs = 3_000;
+const rootRetryMs = 100;
 
 type YankKind = 'migration' | 'block-node';
 
@@ -214,7 +219,8 @@ export class QemuSource implements SourceSide {
         this.#mirrors.push(job);
         await qmp.blockdevAdd({ driver: 'nbd', 'node-name': job.targetNode, server, export: target.exportName, discard: 'unmap', ...tls }, { signal });
         job.target = 'attached';
-        await qmp.blockdevMirror(
+        await this.#mirrorDisk(
+          qmp,
           {
             'job-id': job.jobId,
             device: diskNodeName(target.diskId),
@@ -224,11 +230,38 @@ export class QemuSource implements SourceSide {
             'auto-dismiss': false,
             ...((this.#bandwidthBytes ?? bandwidthBytes) === undefined ? {} : { speed: this.#bandwidthBytes ?? bandwidthBytes }),
           },
-          { signal },
+          signal,
         );
         job.building = false;
       }
     });
+  }
+
+  /**
+   * blockdev-mirror, which QEMU refuses ("Need a root block node") while
+   * anything but the disk's device uses its node: another job, or the filter
+   * of a mirror that ended, which leaves the graph only once QEMU frees its
+   * job. A refusal is asked again for at most rootWaitMs (CI saw one once,
+   * after a rollback, its cause not known), then the error names the user.
+   */
+  async #mirrorDisk(qmp: QemuMonitor, args: MirrorArguments, signal: AbortSignal): Promise<void> {
+    const deadline = performance.now() + rootWaitMs;
+    for (;;) {
+      try {
+        return await qmp.blockdevMirror(args, { signal });
+      } catch (err) {
+        if (!(err instanceof QmpCommandError) || err.description !== 'Need a root block node') throw err;
+        const users = await readBlockGraph(this.#vm, signal).then(
+          (graph) => graph.nonRootParents(args.device).join(', ') || 'nothing the block graph shows',
+          (graphErr: unknown) => `something unknown (the block graph could not be read: ${describeError(graphErr)})`,
+        );
+        if (performance.now() >= deadline) {
+          throw new VmferryError('VMF_MIGRATION_FAILED', `QEMU on ${this.hostId} will not mirror ${args.device}: for ${rootWaitMs} ms it was in use by ${users}`, { cause: err });
+        }
+        this.#logger?.warn(`QEMU on ${this.hostId} will not mirror ${args.device} yet: it is in use by ${users}`);
+        await sleep(rootRetryMs, undefined, { signal });
+      }
+    }
   }
 
   async mirrorStatus(signal: AbortSignal, waitMs = 0): Promise<MirrorStatus[]> {

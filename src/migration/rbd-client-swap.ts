@@ -29,6 +29,7 @@
  */
 import type { Logger } from 'pino';
 import { describeError } from '../errors.ts';
+import { readBlockGraph } from '../qemu/block-graph.ts';
 import type { QemuProcess } from '../qemu/process.ts';
 import { rbdClientNode, rbdFormatNode } from '../qemu/command-line.ts';
 import { diskFileNodeName, diskNodeName, type DiskSpec } from '../qemu/spec.ts';
@@ -63,7 +64,7 @@ export async function renewRbdClients(vm: QemuProcess, signal: AbortSignal, logg
     logger?.warn({ err: describeError(err) }, `the Ceph cluster of VM ${vm.spec.name}'s RBD disks did not answer: they keep their clients, which the destination may have fenced`);
     return [];
   }
-  const graph = await blockGraph(vm, signal);
+  const graph = await readBlockGraph(vm, signal);
   const swaps: RbdClientSwap[] = [];
   for (const { disk } of disks) {
     if (!graph.hasFileChild(diskNodeName(disk.id))) {
@@ -79,25 +80,6 @@ export async function renewRbdClients(vm: QemuProcess, signal: AbortSignal, logg
   }
   if (swaps.length > 0) logger?.info({ swaps }, `gave VM ${vm.spec.name}'s RBD disks new clients before it continues`);
   return swaps;
-}
-
-/** QEMU's block graph, by node name: read without I/O, where query-named-block-nodes reads through each node and fails on a fenced client. */
-interface BlockGraph {
-  names: Set<string>;
-  hasFileChild(nodeName: string): boolean;
-}
-
-async function blockGraph(vm: QemuProcess, signal: AbortSignal): Promise<BlockGraph> {
-  // x-debug: QEMU's only I/O-free view of the graph (7.2 has no stable one); vmferry runs the QEMU it tests.
-  const graph = await vm.qmp('reading the block graph', (qmp) =>
-    qmp.client.execute<{ nodes: { id: number; type: string; name: string }[]; edges: { parent: number; child: number; name: string }[] }>('x-debug-query-block-graph', undefined, { signal }),
-  );
-  const drivers = graph.nodes.filter((node) => node.type === 'block-driver');
-  const idOf = new Map(drivers.map((node) => [node.name, node.id]));
-  return {
-    names: new Set(idOf.keys()),
-    hasFileChild: (nodeName) => graph.edges.some((edge) => edge.parent === idOf.get(nodeName) && edge.name === 'file'),
-  };
 }
 
 async function swapClient(vm: QemuProcess, disk: DiskSpec, names: Set<string>, signal: AbortSignal, logger: Logger | undefined): Promise<RbdClientSwap> {

@@ -119,6 +119,38 @@ test("a source rollback while QEMU's main loop is stuck still yanks the mirror t
   assert.deepEqual(rig.poolBFiles(), [], 'nothing is left on B');
 });
 
+test('a disk node that something else holds: the mirror waits for it to go, and after a bound names it', async () => {
+  const rig = await vmOnA();
+  await rig.waitForAcks(2);
+  const hold = (): Promise<void> =>
+    rig.source.qmp('holding the disk node', (qmp) => qmp.blockdevAdd({ driver: 'raw', 'node-name': 'holder', file: diskNodeName('root'), 'read-only': true }));
+  const release = (): Promise<void> => rig.source.qmp('releasing the disk node', (qmp) => qmp.blockdevDel('holder'));
+  for (const releasedAfterMs of [undefined, 500]) {
+    await hold();
+    const plan = await rig.plan();
+    const destination = destinationOf(rig);
+    const prepared = await destination.prepare(rig.spec, plan, AbortSignal.timeout(60_000));
+    const source = new QemuSource({ hostId: 'A', vm: rig.source });
+    const releasing = releasedAfterMs === undefined ? undefined : sleep(releasedAfterMs).then(release);
+    const started = await source.startMirrors(prepared.mirrorTargets, plan.options.copyMode, undefined, AbortSignal.timeout(60_000)).then(
+      () => 'started',
+      (err: unknown) => describeError(err),
+    );
+    await releasing;
+    await source.rollback();
+    await destination.rollback();
+    if (releasedAfterMs === undefined) {
+      assert.match(started, /QEMU on A will not mirror disk-root: for 3000 ms it was in use by node holder \(as its file\)/);
+      await release();
+    } else {
+      assert.equal(started, 'started', `the mirror started once the holder went, ${releasedAfterMs} ms in`);
+    }
+    assert.deepEqual(await mirrorLeftovers(rig.source), []);
+    assert.equal((await rig.source.status()).status, 'running', 'the guest runs on A');
+    assert.deepEqual(rig.poolBFiles(), [], 'nothing is left on B');
+  }
+});
+
 test('a source rollback that lands while its mirrors start leaves no mirror job or node behind; the next migration of the VM, even past an older leftover, completes, every acked record intact', async () => {
   const rig = await vmOnA();
   await rig.waitForAcks(5);
