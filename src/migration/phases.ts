@@ -29,7 +29,7 @@ export const migrationSteps = [
   { phase: 'pending', step: 'accepted; nothing has moved yet', undo: '—', pastNoReturn: false, final: false },
   {
     phase: 'preparing',
-    step: "B: target volumes in its pool, a tap per NIC on its bridge, QEMU started `-incoming defer -S`, targets exported over NBD (both listeners TLS only, for the source agent only, when B's agent has an identity: docs/SECURITY.md)",
+    step: "B: target volumes in its pool, a tap per NIC on its bridge, QEMU started `-incoming defer -S` with the targets opened through the page cache while they fill (filled-targets.ts), targets exported over NBD (both listeners TLS only, for the source agent only, when B's agent has an identity: docs/SECURITY.md)",
     undo: "B's rollback: QEMU killed and reaped, taps and targets removed",
     pastNoReturn: false,
     final: false,
@@ -78,7 +78,7 @@ export const migrationSteps = [
   },
   {
     phase: 'resume-sent',
-    step: "**the point of no return** — B: exports stopped, shared volumes' writer lease claimed, `cont`, the NICs announced (`announce-self`)",
+    step: "**the point of no return** — B: exports stopped, the targets back in their own cache mode (switched when the RAM phase began), shared volumes' writer lease claimed, `cont`, the NICs announced (`announce-self`)",
     undo: 'only the rule of no-return.ts: finish if B ran the guest, roll back once B confirmed it did not and its QEMU is gone, else wait (unresolved)',
     pastNoReturn: true,
     final: false,
