@@ -6,8 +6,8 @@
 // of their own, real QEMU and agents.
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
-import { readFile } from 'node:fs/promises';
+import { constants, createReadStream } from 'node:fs';
+import { readFile, readdir, readlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import pino from 'pino';
@@ -85,7 +85,22 @@ async function migrateToB(vm: string) {
   const report = record.report;
   assert.ok(report);
   await vms.assertRunsOnlyOn(vm, 'B');
+  // Filled through the page cache, the copy is then opened as the disk asks (cache=none: O_DIRECT) before the guest runs on it.
+  const info = await cluster.api.vm(vm);
+  const root = info.spec.disks.find((d) => d.id === 'root');
+  assert.ok(info.pid !== null && root?.source.kind === 'file' && (root.cache ?? 'none') === 'none');
+  assert.equal(await openedDirect(info.pid, root.source.path), true, `B's QEMU opens ${root.source.path} with O_DIRECT`);
   return report;
+}
+
+/** Whether process `pid` holds `path` open with O_DIRECT, as /proc says; undefined when it does not hold it. */
+async function openedDirect(pid: number, path: string): Promise<boolean | undefined> {
+  for (const fd of await readdir(`/proc/${pid}/fd`)) {
+    if ((await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '')) !== path) continue;
+    const flags = /^flags:\s*([0-7]+)/m.exec(await readFile(`/proc/${pid}/fdinfo/${fd}`, 'utf8'))?.[1];
+    return flags !== undefined && (parseInt(flags, 8) & constants.O_DIRECT) !== 0;
+  }
+  return undefined;
 }
 
 /** Stops the VM, checks every acknowledged record with verify mode, then boots it again on B from its migrated disk. */
