@@ -12,8 +12,11 @@
  * source starts it once every mirror is READY) the nodes are reopened with
  * the disk's own cache mode (blockdev-reopen, which flushes what the mirror
  * wrote since). The guest never runs on a copy in another mode than the one
- * it asked for: the resume waits for the switch.
+ * it asked for: the resume waits for the switch, and one that failed fails the
+ * migration.
  */
+import { constants } from 'node:fs';
+import { open } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { VmferryError, describeError } from '../errors.ts';
 import { fileDiskNodes } from '../qemu/command-line.ts';
@@ -25,6 +28,26 @@ import { raceAbort } from '../util/abort.ts';
 /** Incoming migration states from which the RAM phase has begun (or the migration ended without one). */
 const ramPhaseBegun = ['active', 'postcopy-active', 'completed'];
 const ended = ['failed', 'cancelled'];
+
+/**
+ * Refuses, before anything is copied, a copy in a directory whose file
+ * system cannot do direct I/O (ramfs, some FUSE mounts): the copy would fill
+ * and then fail its switch to the disk's cache mode.
+ */
+export async function checkDirectIo(disk: DiskSpec, hostId: string): Promise<void> {
+  if (disk.source.kind !== 'file') return;
+  const path = disk.source.path;
+  try {
+    await (await open(path, constants.O_RDWR | constants.O_DIRECT)).close();
+  } catch (err) {
+    throw new VmferryError(
+      'VMF_MIGRATION_FAILED',
+      `disk ${disk.id} has cache ${disk.cache ?? 'none'}, which opens its image with O_DIRECT, and its copy ${path} on ${hostId} cannot be (${describeError(err)}): ` +
+        'put that pool on a file system with direct I/O, or give the disk cache writeback',
+      { cause: err },
+    );
+  }
+}
 
 export class FilledTargets {
   readonly #vm: QemuProcess;
@@ -49,7 +72,9 @@ export class FilledTargets {
     try {
       const signal = this.#stop.signal;
       const event = await events.waitFor('MIGRATION', (e) => [...ramPhaseBegun, ...ended].includes(String(e.data.status)), { signal });
-      if (ended.includes(String(event.data.status))) return;
+      if (ended.includes(String(event.data.status))) {
+        throw new VmferryError('VMF_MIGRATION_FAILED', `the incoming migration ended as "${String(event.data.status)}" before its RAM phase began`);
+      }
       const startedAt = performance.now();
       for (const disk of this.#disks) {
         await this.#vm.qmp(`opening disk ${disk.id}'s copy with cache ${disk.cache ?? 'none'}`, (qmp) =>
@@ -63,14 +88,14 @@ export class FilledTargets {
   }
 
   /**
-   * Before the guest's `cont`: waits for the switch. One that failed is
-   * logged, and the guest runs on the page cache (its flushes still reach the
-   * disk) until its QEMU restarts with the spec's mode.
+   * Before the guest's `cont`: waits for the switch. One that failed fails
+   * the migration, which rolls back: a guest run on B in another mode than
+   * its spec's could not start again there with its own.
    */
   async settled(signal: AbortSignal): Promise<void> {
     const failure = await raceAbort(this.#switched, signal, `the switch of ${this.#vm.spec.name}'s mirror targets to their cache mode`);
-    if (failure !== undefined && !this.#stop.signal.aborted) {
-      this.#logger?.warn(`the mirror targets of ${this.#vm.spec.name} stay on the host's page cache until its QEMU restarts: ${failure}`);
+    if (failure !== undefined) {
+      throw new VmferryError('VMF_MIGRATION_FAILED', `the copies of ${this.#vm.spec.name}'s disks could not be switched to their cache mode: ${failure}`);
     }
   }
 

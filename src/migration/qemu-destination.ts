@@ -23,7 +23,7 @@ import { faultPoint, faultPointKills } from '../util/fault-points.ts';
 import { raceAbort, timeoutSignal } from '../util/abort.ts';
 import { findFreePort } from '../util/ports.ts';
 import { qemuTlsCreds } from '../qemu/tls-creds.ts';
-import { FilledTargets } from './filled-targets.ts';
+import { FilledTargets, checkDirectIo } from './filled-targets.ts';
 import type { DestinationFate } from './no-return.ts';
 import type { GuestReset } from './phases.ts';
 import { defaultAnnounce, postcopyCapable, type AnnounceSettings, type MigrationPlan } from './plan.ts';
@@ -145,6 +145,7 @@ export class QemuDestination implements DestinationSide {
     // Its taps are made (on the NICs' bridges) before -incoming: the device state that arrives expects its backends.
     // The copies a mirror fills are opened through the page cache until the RAM phase starts (filled-targets.ts).
     const filled = destinationSpec.disks.filter((disk) => opensDirect(disk) && plan.disks.find((d) => d.id === disk.id)?.operation === 'mirror');
+    for (const disk of filled) await checkDirectIo(disk, this.hostId);
     const vm = await QemuProcess.start(destinationSpec, {
       mode: 'incoming',
       runDir: join(vmDir, 'qemu'),

@@ -119,6 +119,22 @@ test("a source rollback while QEMU's main loop is stuck still yanks the mirror t
   assert.deepEqual(rig.poolBFiles(), [], 'nothing is left on B');
 });
 
+test('a destination pool on a file system without direct I/O: a cache=none disk is refused before anything is copied, naming the disk and the fix; the guest runs on A', async (t) => {
+  const rig = await vmOnA();
+  await rig.waitForAcks(2);
+  // Planned first: ramfs reports no free space, which the planner would refuse on its own.
+  const plan = await rig.plan();
+  // ramfs takes no O_DIRECT (tmpfs does since Linux 6.6).
+  execFileSync('mount', ['-t', 'ramfs', 'vmferry-test', rig.poolB.dir]);
+  t.after(() => execFileSync('umount', [rig.poolB.dir]));
+  const report = await rig.migrate(plan, { memoryMismatchRetries: 0 });
+  assert.equal(report.outcome, 'failed');
+  assert.match(report.error?.message ?? '', /disk root has cache none, which opens its image with O_DIRECT, and its copy .*poolB.* on B cannot be .*put that pool on a file system with direct I\/O, or give the disk cache writeback/);
+  assert.ok(!report.phases.some((p) => p.phase === 'mirroring'), `nothing was mirrored: ${report.phases.map((p) => p.phase).join(', ')}`);
+  assert.equal((await rig.source.status()).status, 'running', 'the guest runs on A');
+  assert.deepEqual(rig.poolBFiles(), [], 'nothing is left on B');
+});
+
 test('a disk node that something else holds: the mirror waits for it to go, and after a bound names it', async () => {
   const rig = await vmOnA();
   await rig.waitForAcks(2);
