@@ -78,7 +78,7 @@ export class FilledTargets {
       const startedAt = performance.now();
       for (const disk of this.#disks) {
         await this.#vm.qmp(`opening disk ${disk.id}'s copy with cache ${disk.cache ?? 'none'}`, (qmp) =>
-          qmp.client.execute('blockdev-reopen', { options: fileDiskNodes(disk).reverse() }, { signal }),
+          qmp.client.execute('blockdev-reopen', { options: fileDiskNodes(disk) }, { signal }),
         );
       }
       this.#logger?.info({ disks: this.#disks.map((d) => d.id), ms: Math.round(performance.now() - startedAt) }, `mirror targets of ${this.#vm.spec.name} switched to their cache mode`);
