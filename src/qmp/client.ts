@@ -176,6 +176,10 @@ export class QmpClient {
             client.#dispatch(message);
             return;
           }
+          // QEMU 7.2 may write an event to a connection it just accepted before its greeting (a monitor leaves the
+          // capabilities negotiation only when its connection's OPENED event is handled, and sends events to any other:
+          // seen as a RESUME of a guest started without -S). Nothing has been asked yet, so it is nobody's.
+          if (typeof message.event === 'string') return;
           const greeting = message.QMP as QmpGreeting | undefined;
           if (typeof greeting !== 'object' || greeting === null || !Array.isArray(greeting.capabilities)) {
             fail(new VmferryError('VMF_QMP_PROTOCOL', `expected a QMP greeting on ${path}, got ${JSON.stringify(message).slice(0, 200)}`));

@@ -18,7 +18,7 @@ import type { QemuProcess } from '../../src/qemu/process.ts';
 const guest = { mode: 'workload', spanMiB: 8 } as const;
 
 /** Whether QEMU has the node's image open with O_DIRECT (cache.direct), as it says itself. */
-async function opensDirect(vm: QemuProcess | undefined, node: string): Promise<boolean | undefined> {
+async function nodeOpenedDirect(vm: QemuProcess | undefined, node: string): Promise<boolean | undefined> {
   const nodes = await vm?.qmp('listing block nodes', (qmp) => qmp.client.execute<{ 'node-name': string; cache: { direct: boolean } }[]>('query-named-block-nodes', { flat: true }));
   return nodes?.find((n) => n['node-name'] === node)?.cache.direct;
 }
@@ -75,10 +75,10 @@ test('one local and one shared disk under heavy writes: every acked record intac
     {
       beforePhase: async (rig, phase) => {
         // The mirror is READY, the RAM phase about to start: B's copy is still written through the page cache.
-        if (phase === 'migrating') direct.push(await opensDirect(rig.destination?.vm, 'disk-local0-file'));
+        if (phase === 'migrating') direct.push(await nodeOpenedDirect(rig.destination?.vm, 'disk-local0-file'));
       },
       // The guest runs on B with the cache mode its spec asks for (cache=none: O_DIRECT).
-      migrated: async (rig) => void direct.push(await opensDirect(rig.destination?.vm, 'disk-local0-file'), await opensDirect(rig.destination?.vm, 'disk-local0')),
+      migrated: async (rig) => void direct.push(await nodeOpenedDirect(rig.destination?.vm, 'disk-local0-file'), await nodeOpenedDirect(rig.destination?.vm, 'disk-local0')),
     },
   );
   try {

@@ -83,6 +83,20 @@ test('something other than a greeting is a protocol error', async () => {
   }
 });
 
+test('an event before the greeting (QEMU 7.2 on a connection it just accepted) is passed over: the connect succeeds and commands work', async () => {
+  const { path, server } = await fakePeer('eventfirst', (socket) => {
+    socket.write(`${JSON.stringify({ timestamp: { seconds: 1, microseconds: 0 }, event: 'RESUME' })}\r\n`);
+    qmpScript((peer, message) => peer.write(`${JSON.stringify({ return: { status: 'running', running: true }, id: message.id })}\r\n`))(socket);
+  });
+  try {
+    const client = await QmpClient.connect(path, { timeoutMs: 2000 });
+    assert.deepEqual(await client.execute('query-status'), { status: 'running', running: true });
+    client.close();
+  } finally {
+    server.close();
+  }
+});
+
 test('garbage JSON rejects pending commands with a protocol error', async () => {
   const { path, server } = await fakePeer('garbage', qmpScript((socket) => socket.write('{not json at all\r\n')));
   try {
