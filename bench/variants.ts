@@ -45,6 +45,8 @@ export const variants: Variant[] = [
   { name: 'vmferry-pc', method: 'vmferry', options: { vmferrySpec: { machine: 'pc' } } },
   { name: 'vmferry-poll1000', method: 'vmferry', options: { vmferryPollMs: 1000 } },
   { name: 'vmferry-as-user', method: 'vmferry', options: { vmferry: { copyMode: 'background' }, vmferrySpec: { machine: 'pc', cache: 'writeback' } } },
+  // As an imported libvirt VM runs by default: pc and writeback, vmferry's copy mode (write-blocking).
+  { name: 'vmferry-as-imported', method: 'vmferry', options: { vmferrySpec: { machine: 'pc', cache: 'writeback' } } },
 ];
 
 interface Outcome {
