@@ -9,6 +9,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { VmferryError, describeError, hasCode } from '../errors.ts';
 import { locateGuestRam, memoryDigest, type MemoryDigest } from '../qemu/memory-digest.ts';
+import { preloadSetNoDelay, setNoDelay } from '../qemu/socket-nodelay.ts';
 import { opensDirect, type Accelerator } from '../qemu/command-line.ts';
 import { QemuProcess } from '../qemu/process.ts';
 import type { VmSpec } from '../qemu/spec.ts';
@@ -142,6 +143,7 @@ export class QemuDestination implements DestinationSide {
 
     // Who has its RBD images open before it opens them: the source, and anyone the switch-over must fence with it.
     const rbdBefore = await rbdWatchers(destinationSpec);
+    if (plan.disks.some((d) => d.operation === 'mirror')) preloadSetNoDelay();
     // Its taps are made (on the NICs' bridges) before -incoming: the device state that arrives expects its backends.
     // The copies a mirror fills are opened through the page cache until the RAM phase starts (filled-targets.ts).
     const filled = destinationSpec.disks.filter((disk) => opensDirect(disk) && plan.disks.find((d) => d.id === disk.id)?.operation === 'mirror');
@@ -183,6 +185,10 @@ export class QemuDestination implements DestinationSide {
       await vm.qmp('exporting mirror targets', async (qmp) => {
         await qmp.nbdServerStart({ type: 'inet', host: address, port: String(nbdPort) }, tls, { signal });
         this.#nbdServerStarted = true;
+        // Before the source connects: the socket it is accepted on inherits the option (socket-nodelay.ts).
+        await setNoDelay(vm.pid, nbdPort).catch((err: unknown) =>
+          this.#options.logger?.warn({ err: describeError(err) }, `the mirror targets' connections on ${this.hostId} keep Nagle's algorithm on: each waits for delayed ACKs`),
+        );
         for (const disk of mirrored) {
           const exportId = `mirror-${disk.id}`;
           await qmp.blockExportAdd({ id: exportId, nodeName: `disk-${disk.id}`, name: disk.id, writable: true }, { signal });

@@ -14,6 +14,7 @@ import { holdMainLoop, type MainLoopHold } from '../support/main-loop-hold.ts';
 import { AckClock } from '../support/ack-clock.ts';
 import type { MigrationEvent, MigrationPhase } from '../../src/migration/phases.ts';
 import type { QemuProcess } from '../../src/qemu/process.ts';
+import { tcpSocketsOn, type TcpSocketState } from '../support/tcp-nodelay.ts';
 
 const guest = { mode: 'workload', spanMiB: 8 } as const;
 
@@ -67,6 +68,7 @@ async function migrateAndJudge(
 
 test('one local and one shared disk under heavy writes: every acked record intact, shared bytes 0, local bytes near the allocation; the copy filled through the page cache, run with cache=none', async () => {
   const direct: (boolean | undefined)[] = [];
+  const mirrorSockets: TcpSocketState[] = [];
   const { rig, report, destinationDisks } = await migrateAndJudge(
     'mixed',
     { local: [{ id: 'local0', sizeMiB: 256, fillMiB: 48 }], shared: [{ id: 'shared0', sizeMiB: 64 }] },
@@ -75,7 +77,12 @@ test('one local and one shared disk under heavy writes: every acked record intac
     {
       beforePhase: async (rig, phase) => {
         // The mirror is READY, the RAM phase about to start: B's copy is still written through the page cache.
-        if (phase === 'migrating') direct.push(await nodeOpenedDirect(rig.destination?.vm, 'disk-local0-file'));
+        if (phase !== 'migrating') return;
+        direct.push(await nodeOpenedDirect(rig.destination?.vm, 'disk-local0-file'));
+        // The mirror's connection to B's NBD server, accepted with Nagle's algorithm off (src/qemu/socket-nodelay.ts).
+        const server = rig.prepared?.mirrorTargets[0]?.server;
+        assert.equal(server?.type, 'inet');
+        mirrorSockets.push(...(await tcpSocketsOn(rig.destination?.vm?.pid ?? 0, server.port)));
       },
       // The guest runs on B with the cache mode its spec asks for (cache=none: O_DIRECT).
       migrated: async (rig) => void direct.push(await nodeOpenedDirect(rig.destination?.vm, 'disk-local0-file'), await nodeOpenedDirect(rig.destination?.vm, 'disk-local0')),
@@ -84,6 +91,8 @@ test('one local and one shared disk under heavy writes: every acked record intac
   try {
     assert.equal(rig.spec.disks.find((d) => d.id === 'local0')?.cache ?? 'none', 'none');
     assert.deepEqual(direct, [false, true, true], 'O_DIRECT on B: while filled (file node), then with the guest running (file and format nodes)');
+    assert.ok(mirrorSockets.some((s) => !s.listening), `B accepted the mirror's connection: ${JSON.stringify(mirrorSockets)}`);
+    assert.ok(mirrorSockets.every((s) => s.noDelay), `B's NBD sockets with Nagle off: ${JSON.stringify(mirrorSockets)}`);
     const local = report.disks.find((d) => d.id === 'local0');
     const shared = report.disks.find((d) => d.id === 'shared0');
     assert.equal(shared?.operation, 'reattach');
