@@ -90,11 +90,12 @@ async function availableMemoryMiB(): Promise<number> {
 export async function probeSource(hostId: string, vm: QemuProcess, qemu: QemuCapabilities): Promise<SourceFacts> {
   const spec = vm.spec;
   const kvm = await vm.qmp('asking which accelerator runs the guest', (qmp) => qmp.queryKvm());
-  const localDisks: Record<string, LocalDiskFacts> = {};
-  for (const disk of spec.disks) {
-    // An overlay on a shared base moves alone: its own data is what the mirror sends.
-    if (disk.source.kind === 'file') localDisks[disk.id] = await imageInfo(disk.source.path, disk.source.format, { ownDataOnly: disk.source.backing !== undefined });
-  }
+  // An overlay on a shared base moves alone: its own data is what the mirror sends.
+  const localDisks: Record<string, LocalDiskFacts> = Object.fromEntries(
+    await Promise.all(
+      spec.disks.flatMap(({ id, source }) => (source.kind === 'file' ? [imageInfo(source.path, source.format, { ownDataOnly: source.backing !== undefined }).then((info) => [id, info] as const)] : [])),
+    ),
+  );
   const requested = spec.machine ?? 'q35';
   return { hostId, qemuVersion: qemu.version, machineType: qemu.machines[requested] ?? requested, accelerator: kvm.enabled ? 'kvm' : 'tcg', localDisks };
 }

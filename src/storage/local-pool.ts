@@ -32,13 +32,11 @@ const volumeNamePattern = /^[a-z0-9][a-z0-9._-]{0,127}$/;
  * closed: what a mirror of the overlay alone sends.
  */
 export async function imageInfo(path: string, format: string, options: { ownDataOnly?: boolean } = {}): Promise<ImageInfo> {
-  const info = JSON.parse(await runProgram('qemu-img', ['info', '-U', '--output=json', '-f', format, path])) as {
-    'virtual-size': number;
-    format: string;
-    'backing-filename'?: string;
-  };
   const image = options.ownDataOnly ? [`json:${JSON.stringify({ driver: format, backing: null, file: { driver: 'file', filename: path } })}`] : ['-f', format, path];
-  const extents = JSON.parse(await runProgram('qemu-img', ['map', '-U', '--output=json', ...image])) as QemuImgMapExtent[];
+  // Both at once: each is a program's start, and the probe before every migration waits for them.
+  const [infoJson, mapJson] = await Promise.all([runProgram('qemu-img', ['info', '-U', '--output=json', '-f', format, path]), runProgram('qemu-img', ['map', '-U', '--output=json', ...image])]);
+  const info = JSON.parse(infoJson) as { 'virtual-size': number; format: string; 'backing-filename'?: string };
+  const extents = JSON.parse(mapJson) as QemuImgMapExtent[];
   const allocatedBytes = extents.filter((e) => e.data && !e.zero).reduce((sum, e) => sum + e.length, 0);
   return { virtualSize: info['virtual-size'], allocatedBytes, format: info.format, backingFile: info['backing-filename'] };
 }
