@@ -29,7 +29,7 @@ export const migrationSteps = [
   { phase: 'pending', step: 'accepted; nothing has moved yet', undo: '—', pastNoReturn: false, final: false },
   {
     phase: 'preparing',
-    step: "B: target volumes in its pool, a tap per NIC on its bridge, QEMU started `-incoming defer -S` with the targets opened through the page cache while they fill (filled-targets.ts), targets exported over NBD (both listeners TLS only, for the source agent only, when B's agent has an identity: docs/SECURITY.md)",
+    step: "B: target volumes in its pool, a tap per NIC on its bridge, QEMU started `-incoming defer -S` with the targets opened through the page cache while they fill (filled-targets.ts), targets exported over NBD with Nagle off on its listener (socket-nodelay.ts; both listeners TLS only, for the source agent only, when B's agent has an identity: docs/SECURITY.md)",
     undo: "B's rollback: QEMU killed and reaped, taps and targets removed",
     pastNoReturn: false,
     final: false,
