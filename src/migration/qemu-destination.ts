@@ -129,9 +129,10 @@ export class QemuDestination implements DestinationSide {
     const destinationSpec: VmSpec = this.#options.fence ? await this.#options.fence.tokenize(spec, signal) : structuredClone(spec);
     destinationSpec.serialLogs = (spec.serialLogs ?? []).map((_, i) => join(vmDir, `serial${i}.log`));
 
+    const mirrored = plan.disks.filter((d) => d.operation === 'mirror');
     for (const disk of destinationSpec.disks) {
-      const planned = plan.disks.find((d) => d.id === disk.id);
-      if (planned?.operation !== 'mirror' || disk.source.kind !== 'file') continue;
+      const planned = mirrored.find((d) => d.id === disk.id);
+      if (!planned || disk.source.kind !== 'file') continue;
       const name = targetVolumeName(spec.name, disk.id, disk.source.format);
       // An overlay's target is an overlay on the same base (the planner saw this host reach it), so the mirror sends only the overlay's data.
       disk.source.path = disk.source.backing
@@ -143,10 +144,10 @@ export class QemuDestination implements DestinationSide {
 
     // Who has its RBD images open before it opens them: the source, and anyone the switch-over must fence with it.
     const rbdBefore = await rbdWatchers(destinationSpec);
-    if (plan.disks.some((d) => d.operation === 'mirror')) preloadSetNoDelay();
+    if (mirrored.length > 0) preloadSetNoDelay();
     // Its taps are made (on the NICs' bridges) before -incoming: the device state that arrives expects its backends.
     // The copies a mirror fills are opened through the page cache until the RAM phase starts (filled-targets.ts).
-    const filled = destinationSpec.disks.filter((disk) => opensDirect(disk) && plan.disks.find((d) => d.id === disk.id)?.operation === 'mirror');
+    const filled = destinationSpec.disks.filter((disk) => opensDirect(disk) && mirrored.some((d) => d.id === disk.id));
     for (const disk of filled) await checkDirectIo(disk, this.hostId);
     const vm = await QemuProcess.start(destinationSpec, {
       mode: 'incoming',
@@ -179,7 +180,6 @@ export class QemuDestination implements DestinationSide {
     if (plan.ram.compareMemory) await locateGuestRam(vm).catch(() => undefined);
 
     const mirrorTargets: MirrorTarget[] = [];
-    const mirrored = plan.disks.filter((d) => d.operation === 'mirror');
     if (mirrored.length > 0) {
       const nbdPort = await findFreePort(address);
       await vm.qmp('exporting mirror targets', async (qmp) => {
