@@ -42,6 +42,7 @@ const qemuFree = [
   'test/migration/convergence.test.ts',
   'test/migration/executor.test.ts',
   'test/migration/plan.test.ts',
+  'test/qemu/socket-nodelay.test.ts',
   'test/qemu/spec.test.ts',
   'test/qmp/malformed-peer.test.ts',
   'test/security/api-access.test.ts',
