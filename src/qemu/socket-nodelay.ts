@@ -2,7 +2,7 @@
  * Turns Nagle's algorithm off on a QEMU's listening TCP socket (native/socket-nodelay.c), so that what it
  * accepts answers small messages at once. QEMU 7.2's NBD server leaves Nagle on and writes a negotiation
  * reply's header and payload apart; the client holds its ACK, and each such reply waited for the delayed-ACK
- * timer: a mirror's connection to its target took ~90 ms, not ~5 (docs/BENCHMARKS.md, issue 22). QMP has no
+ * timer, in every mirror's connection to its target (docs/BENCHMARKS.md, issue 22). QMP has no
  * option for it, and handing QEMU a listener of our own needs fd passing over the monitor, which Node cannot do.
  */
 import { join } from 'node:path';

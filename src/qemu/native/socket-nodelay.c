@@ -7,8 +7,8 @@
  *
  * Why (src/qemu/socket-nodelay.ts): QEMU 7.2's NBD server writes its
  * negotiation replies in several small pieces with Nagle on, and the client
- * delays its ACK, so each multi-part reply waited ~40 ms: connecting a mirror
- * target took ~90 ms instead of a few (docs/BENCHMARKS.md, issue 22).
+ * delays its ACK, so each multi-part reply waited for the delayed-ACK timer
+ * (docs/BENCHMARKS.md, issue 22).
  *
  *   setNoDelay(pid, port) -> number of sockets set
  *
