@@ -61,7 +61,9 @@ export async function buildController(
 ): Promise<{ app: FastifyInstance; migrations: MigrationService; store: Store }> {
   // Every write to a migration wakes the live streams (events.ts, event-stream.ts).
   const changes = new MigrationChanges();
-  const store = announcingStore(options.store ?? (await openStore(options.dbPath, options.logger)), changes);
+  // A leader stalled inside a write is cut off by PostgreSQL within half a lease, so a standby's takeover never waits on it.
+  const leaseTtlMs = options.leaseTtlMs ?? defaultLeaseTtlMs;
+  const store = announcingStore(options.store ?? (await openStore(options.dbPath, options.logger, { idleInTransactionTimeoutMs: leaseTtlMs / 2 })), changes);
   const leadership = await startLeadership(options).catch(async (err: unknown) => {
     await store.close();
     throw err;

@@ -92,13 +92,31 @@ async function requireDurableCommits(client: pg.PoolClient, name: string): Promi
 export interface PostgresStoreOptions {
   /** Where a broken idle connection is reported (the pool drops it and opens another for the next query). */
   logger?: Logger;
+  /**
+   * How long PostgreSQL lets a transaction of this store sit idle before it ends the session. A leader's write
+   * holds the lease row until it commits, and a standby's takeover waits for that row: a leader stalled inside a
+   * write (a pause, SIGSTOP, a frozen VM) would otherwise keep every standby waiting for as long as it stalls.
+   */
+  idleInTransactionTimeoutMs?: number;
 }
 
 /** How long opening a connection may take: a database host that drops packets fails the query, not hangs it. */
 const connectTimeoutMs = 10_000;
 
+/** The store's connection pool settings (exported for the test that stalls a transaction the way a paused leader does). */
+export function storePoolConfig(url: string, options: PostgresStoreOptions): pg.PoolConfig {
+  return {
+    connectionString: url,
+    max: 4,
+    connectionTimeoutMillis: connectTimeoutMs,
+    application_name: 'vmferry-controller',
+    ...(options.idleInTransactionTimeoutMs === undefined ? {} : { idle_in_transaction_session_timeout: Math.max(1, Math.round(options.idleInTransactionTimeoutMs)) }),
+  };
+}
+
 // Holds the lease row (FOR SHARE) until the write commits: a standby's takeover, an UPDATE of that row, waits
-// for the write, and a write after the takeover finds no row. No gap between the check and the write.
+// for the write, and a write after the takeover finds no row. No gap between the check and the write. A write
+// its controller stalls in is ended by PostgreSQL (idleInTransactionTimeoutMs), so the wait has an end.
 const leaseHeldSql = 'SELECT 1 FROM vmferry_leader WHERE holder = $1 AND epoch = $2 AND expires_at > clock_timestamp() FOR SHARE';
 
 export class PostgresStore implements Store {
@@ -121,7 +139,7 @@ export class PostgresStore implements Store {
   /** Connects to `url`, applies the schema steps the database lacks, and returns the store; a database it cannot reach is a VMF_DATABASE error naming it. */
   static async open(url: string, options: PostgresStoreOptions = {}): Promise<PostgresStore> {
     const name = redactedUrl(url);
-    const pool = new pg.Pool({ connectionString: url, max: 4, connectionTimeoutMillis: connectTimeoutMs, application_name: 'vmferry-controller' });
+    const pool = new pg.Pool(storePoolConfig(url, options));
     pool.on('error', (err) => options.logger?.warn({ err: describeError(err), db: name }, 'an idle database connection broke'));
     const store = new PostgresStore(pool, name);
     try {

@@ -11,11 +11,14 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { FastifyInstance } from 'fastify';
+import pg from 'pg';
 import pino from 'pino';
 import { buildAgent } from '../../src/agent/server.ts';
 import { leaderEpochHeader, LeaderEpochFence } from '../../src/agent/leader-epoch.ts';
 import { ControllerClient } from '../../src/controller/client.ts';
+import { LeaderLease } from '../../src/controller/leader-lease.ts';
 import { buildController } from '../../src/controller/server.ts';
+import { storePoolConfig } from '../../src/store/postgres-store.ts';
 import { hasCode } from '../../src/errors.ts';
 import { findFreePort } from '../../src/util/ports.ts';
 import { runVmferry } from '../support/cli.ts';
@@ -127,6 +130,63 @@ test('the CLI given a paused leader (SIGSTOP) first and a standby answers a read
     paused.kill('SIGKILL');
     await standby?.app.close();
   }
+});
+
+// Found by test/faults/ha-failover.test.ts: a leader SIGSTOPped inside a write held the lease row, and the standby's
+// takeover waited for it as long as the leader stayed stopped. The stall is made here as such a write makes it: a
+// transaction that took the lease row FOR SHARE and then sends nothing.
+test('a leader stalled inside a write, holding the lease row, does not keep a standby from taking over: PostgreSQL ends the idle transaction', async () => {
+  const db = await postgres.freshUrl();
+  const ttlMs = 1_000;
+  const stalledWrite = async (config: pg.ClientConfig): Promise<pg.Client> => {
+    const client = new pg.Client(config);
+    client.on('error', () => undefined); // the server ending its session is the point
+    await client.connect();
+    await client.query('BEGIN');
+    const held = await client.query("SELECT 1 FROM vmferry_leader WHERE holder = 'stalled' FOR SHARE");
+    assert.equal(held.rowCount, 1);
+    return client;
+  };
+  const first = await LeaderLease.start(db, { id: 'first', ttlMs, logger });
+  await first.stop();
+  // The stalled leader's row: its lease runs out in a moment, as a stopped leader's does.
+  const setup = new pg.Client({ connectionString: db });
+  await setup.connect();
+  await setup.query("UPDATE vmferry_leader SET holder = 'stalled', expires_at = clock_timestamp() + interval '300 milliseconds'");
+  await setup.end();
+
+  // Without a timeout on the stalled side (the store before the fix) the standby waits for as long as the stall lasts.
+  const unbounded = await stalledWrite({ connectionString: db });
+  const blocked = await LeaderLease.start(db, { id: 'blocked', ttlMs, logger });
+  await sleep(3 * ttlMs);
+  assert.equal(blocked.view().leader, false, 'a standby took over while the stalled transaction held the row');
+  await unbounded.query('ROLLBACK');
+  await unbounded.end();
+  await until('the standby takes over once the stall ends', async () => (blocked.view().leader ? true : undefined), 3 * ttlMs);
+  await blocked.stop();
+  await sleep(ttlMs);
+  const reset = new pg.Client({ connectionString: db });
+  await reset.connect();
+  await reset.query("UPDATE vmferry_leader SET holder = 'stalled', expires_at = clock_timestamp() + interval '300 milliseconds'");
+  await reset.end();
+
+  // With the store's settings, as a controller's own write would stall: ended within half a lease.
+  const stalled = await stalledWrite(storePoolConfig(db, { idleInTransactionTimeoutMs: ttlMs / 2 }));
+  const standby = await LeaderLease.start(db, { id: 'standby', ttlMs, logger });
+  const started = performance.now();
+  try {
+    await until('the standby takes over from the stalled leader', async () => (standby.view().leader ? true : undefined), 4 * ttlMs);
+  } finally {
+    await standby.stop();
+    await stalled.end().catch(() => undefined);
+  }
+  recordReliability(import.meta.url, {
+    kind: 'fault',
+    target: 'controllers (PostgreSQL)',
+    tried: 'a leader stalled inside a write (its transaction holding the lease row FOR SHARE, then silent), its lease running out',
+    observed: `a standby led ${Math.round(performance.now() - started)} ms later (lease TTL ${ttlMs} ms): PostgreSQL ended the idle transaction after ${ttlMs / 2} ms (was: the standby waited for as long as the stall lasted)`,
+    ok: true,
+  });
 });
 
 test('an agent refuses a request stamped with an older leader epoch than it has seen, also after a restart; unstamped requests pass', async () => {
