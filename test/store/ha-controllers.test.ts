@@ -162,7 +162,7 @@ test('a leader stalled inside a write, holding the lease row, does not keep a st
   assert.equal(blocked.view().leader, false, 'a standby took over while the stalled transaction held the row');
   await unbounded.query('ROLLBACK');
   await unbounded.end();
-  await until('the standby takes over once the stall ends', async () => (blocked.view().leader ? true : undefined), 3 * ttlMs);
+  await until('the standby takes over once the stall ends', () => Promise.resolve(blocked.view().leader ? true : undefined), 3 * ttlMs);
   await blocked.stop();
   await sleep(ttlMs);
   const reset = new pg.Client({ connectionString: db });
@@ -175,7 +175,7 @@ test('a leader stalled inside a write, holding the lease row, does not keep a st
   const standby = await LeaderLease.start(db, { id: 'standby', ttlMs, logger });
   const started = performance.now();
   try {
-    await until('the standby takes over from the stalled leader', async () => (standby.view().leader ? true : undefined), 4 * ttlMs);
+    await until('the standby takes over from the stalled leader', () => Promise.resolve(standby.view().leader ? true : undefined), 4 * ttlMs);
   } finally {
     await standby.stop();
     await stalled.end().catch(() => undefined);
