@@ -55,7 +55,7 @@ test('a cached read is copied on the spot, an uncached one waits for the thread 
     for (let attempt = 0; attempt < 10 && refused === 0; attempt++) {
       await dropFromCache(path);
       const probe = Buffer.alloc(4096);
-      const copied = loaded(file.fd, probe, 0, 4096, 2 * MiB);
+      const copied: number = loaded(file.fd, probe, 0, 4096, 2 * MiB);
       if (copied === 0) refused++;
       else assert.deepEqual(probe.subarray(0, copied), data.subarray(2 * MiB, 2 * MiB + copied), 'a page the readahead brought in time is the file\'s');
     }
