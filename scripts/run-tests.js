@@ -57,6 +57,7 @@ const qemuFree = [
   'test/storage/peers.test.ts',
   'test/storage/volume-lifecycle.test.ts',
   'test/store/ha-controllers.test.ts',
+  'test/store/pg-checkout.test.ts',
   'test/support/power-loss/',
 ];
 

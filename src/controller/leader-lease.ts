@@ -13,6 +13,7 @@ import { performance } from 'node:perf_hooks';
 import pg from 'pg';
 import type { Logger } from 'pino';
 import { describeError, VmferryError } from '../errors.ts';
+import { withConnection } from '../store/pg-checkout.ts';
 import { applySchema } from '../store/postgres-schema.ts';
 import { redactedUrl } from '../store/postgres-store.ts';
 
@@ -77,12 +78,7 @@ export class LeaderLease {
     const pool = new pg.Pool({ connectionString: url, max: 1, connectionTimeoutMillis: options.ttlMs / 3, query_timeout: options.ttlMs / 3, application_name: `vmferry-lease ${options.id}` });
     pool.on('error', (err) => options.logger.warn({ err: describeError(err), db: name }, 'the lease connection broke'));
     try {
-      const client = await pool.connect();
-      try {
-        await applySchema(client, name);
-      } finally {
-        client.release();
-      }
+      await withConnection(pool, (client) => applySchema(client, name));
     } catch (err) {
       await pool.end();
       throw err instanceof VmferryError ? err : new VmferryError('VMF_DATABASE', `database ${name}: ${describeError(err)}`, { cause: err });

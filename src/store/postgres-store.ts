@@ -8,6 +8,7 @@ import pg from 'pg';
 import type { Logger } from 'pino';
 import { describeError, VmferryError } from '../errors.ts';
 import { finalPhases, type MigrationEvent, type MigrationPhase } from '../migration/phases.ts';
+import { withConnection } from './pg-checkout.ts';
 import { applySchema } from './postgres-schema.ts';
 import type { DrainStatus, HostRecord, LeaseToken, MigrationRecord, Store, StoredEvent, VmLocation } from './store.ts';
 
@@ -143,13 +144,10 @@ export class PostgresStore implements Store {
     pool.on('error', (err) => options.logger?.warn({ err: describeError(err), db: name }, 'an idle database connection broke'));
     const store = new PostgresStore(pool, name);
     try {
-      const client = await pool.connect();
-      try {
+      await withConnection(pool, async (client) => {
         await requireDurableCommits(client, name);
         await applySchema(client, name);
-      } finally {
-        client.release();
-      }
+      });
     } catch (err) {
       await pool.end();
       throw store.#wrap(err);
@@ -174,28 +172,25 @@ export class PostgresStore implements Store {
   async #write(sql: string, values: unknown[]): Promise<pg.QueryResult> {
     const lease = this.#lease;
     if (!lease) return this.#query(sql, values);
-    let client: pg.PoolClient;
     try {
-      client = await this.#pool.connect();
+      return await withConnection(this.#pool, async (client, discard) => {
+        try {
+          await client.query('BEGIN');
+          const held = await client.query(leaseHeldSql, [lease.holder, lease.epoch]);
+          if (held.rowCount === 0) {
+            throw new VmferryError('VMF_NOT_LEADER', `database ${this.#name} refused a write of ${lease.holder}: its leader lease (epoch ${lease.epoch}) has expired or passed to another controller`);
+          }
+          const result = await client.query(sql, values);
+          await client.query('COMMIT');
+          return result;
+        } catch (err) {
+          // A connection whose ROLLBACK failed may still be inside the transaction: it goes, not back to the pool.
+          await client.query('ROLLBACK').catch((rollbackErr: unknown) => discard(rollbackErr as Error));
+          throw err;
+        }
+      });
     } catch (err) {
       throw this.#wrap(err);
-    }
-    let broken: Error | undefined;
-    try {
-      await client.query('BEGIN');
-      const held = await client.query(leaseHeldSql, [lease.holder, lease.epoch]);
-      if (held.rowCount === 0) {
-        throw new VmferryError('VMF_NOT_LEADER', `database ${this.#name} refused a write of ${lease.holder}: its leader lease (epoch ${lease.epoch}) has expired or passed to another controller`);
-      }
-      const result = await client.query(sql, values);
-      await client.query('COMMIT');
-      return result;
-    } catch (err) {
-      await client.query('ROLLBACK').catch((rollbackErr: unknown) => (broken = rollbackErr as Error));
-      throw this.#wrap(err);
-    } finally {
-      // A connection whose ROLLBACK failed may still be inside the transaction: it goes, not back to the pool.
-      client.release(broken);
     }
   }
 

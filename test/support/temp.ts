@@ -11,8 +11,9 @@ export async function makeTempDir(prefix: string): Promise<{ path: string; remov
   if (process.env.VMFERRY_TEST_KEEP === '1') {
     return {
       path,
-      remove: async () => {
+      remove: () => {
         process.stderr.write(`kept ${path} (VMFERRY_TEST_KEEP=1)\n`);
+        return Promise.resolve();
       },
     };
   }
