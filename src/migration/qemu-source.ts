@@ -511,12 +511,15 @@ export class QemuSource implements SourceSide {
     if (info.status === 'postcopy-active' || info.status === 'postcopy-paused') {
       throw new VmferryError('VMF_MIGRATION_FAILED', `post-copy already started on ${this.hostId}: the guest's memory is split and cannot return`);
     }
+    // From pre-switchover on, QEMU paused the guest itself and resumes it on migrate_cancel, beside mirrors still
+    // ending (their targets yanked): the guest must not write while they end (#pauseGuest), so they go first.
+    const resumedByCancel = info.status === 'pre-switchover' || info.status === 'device';
+    if (resumedByCancel) await this.#endMirrors(signal);
     if (cancellable.includes(info.status)) {
       await this.#qmp('cancelling the migration', (qmp) => qmp.migrateCancel({ signal }));
       await this.#waitMigrationSettled(signal);
     }
-    await this.#eachMirror((mirror, listener) => this.#forceCancel(mirror, listener, signal));
-    await this.#removeTargets(signal);
+    if (!resumedByCancel) await this.#endMirrors(signal);
     const stoppedAtUs = this.#guestStoppedAtUs();
     this.#events?.close();
     this.#events = undefined;
@@ -540,6 +543,12 @@ export class QemuSource implements SourceSide {
     await this.#qmp('resuming the guest on the source', (qmp) => qmp.cont({ signal }));
     const resume = await resumed.waitFor('RESUME', undefined, { signal, timeoutMs: resumeEventMs }).catch(() => undefined);
     return { pauseMs: stoppedAtUs !== null && resume ? Math.round((resume.timestampUs - stoppedAtUs) / 1000) : null };
+  }
+
+  /** Cancels every mirror job and removes its target node, whatever state they are in. */
+  async #endMirrors(signal: AbortSignal): Promise<void> {
+    await this.#eachMirror((mirror, listener) => this.#forceCancel(mirror, listener, signal));
+    await this.#removeTargets(signal);
   }
 
   /** Runs `act` on every mirror at once, with one listener for their jobs' events, open from before the first command. */
