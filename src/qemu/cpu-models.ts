@@ -55,7 +55,9 @@ export async function queryCpuModels(accel: Accelerator, binary = defaultQemuBin
   spawnFailed.catch(() => undefined);
   let client: QmpClient | undefined;
   try {
-    client = await Promise.race([QmpClient.connect(socket, { timeoutMs: 10_000 }), spawnFailed]);
+    // A QEMU without a guest answers in a fraction of a second, but one started beside busy TCG guests on a loaded
+    // host has taken over 10 s (test/faults/no-return.test.ts, in a full run): the migration asking waits for it.
+    client = await Promise.race([QmpClient.connect(socket, { timeoutMs: 30_000 }), spawnFailed]);
     const definitions = await client.execute<CpuDefinition[]>('query-cpu-definitions');
     return Object.fromEntries(definitions.map((d) => [d.name, d['unavailable-features'] ?? []]));
   } catch (err) {
