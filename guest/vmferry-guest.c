@@ -286,6 +286,58 @@ static void find_disks(void)
 	closedir(dir);
 }
 
+struct scan {
+	uint64_t highest, intact, corrupt, missing;
+};
+
+/* Reads the record area: the highest intact record, and what is intact, corrupt or missing below it. */
+static struct scan scan_records(const struct disk *d)
+{
+	int fd = open(d->dev, O_RDONLY | O_DIRECT);
+	if (fd < 0)
+		fail(d->dev);
+	const size_t chunk = 1024 * 1024;
+	unsigned char *buf;
+	if (posix_memalign((void **)&buf, 4096, chunk))
+		fail("posix_memalign");
+	uint64_t *found = calloc(d->slots, sizeof(uint64_t)); /* intact record k per slot, 0 if none */
+	if (!found)
+		fail("calloc");
+	uint64_t highest = 0, intact = 0, corrupt = 0;
+	for (uint64_t off = 0; off < d->slots * RECORD_SIZE; off += chunk) {
+		size_t len = d->slots * RECORD_SIZE - off < chunk ? d->slots * RECORD_SIZE - off : chunk;
+		if (pread(fd, buf, len, (off_t)(d->base + off)) != (ssize_t)len)
+			fail("pread");
+		for (size_t i = 0; i < len; i += RECORD_SIZE) {
+			unsigned char *rec = buf + i;
+			uint64_t slot = (off + i) / RECORD_SIZE, sum;
+			struct record_header h;
+			memcpy(&h, rec, sizeof(h));
+			if (memcmp(h.magic, MAGIC, 8))
+				continue;
+			memcpy(&sum, rec + RECORD_SIZE - 8, 8);
+			if (sum != checksum(rec) || h.slot != slot || strncmp(h.disk, d->name, NAME_LEN) ||
+			    h.k == 0 || (h.k - 1) % d->slots != slot) {
+				corrupt++;
+				continue;
+			}
+			found[slot] = h.k;
+			intact++;
+			if (h.k > highest)
+				highest = h.k;
+		}
+	}
+	uint64_t missing = 0;
+	uint64_t first = highest > d->slots ? highest - d->slots + 1 : 1;
+	for (uint64_t k = first; highest && k <= highest; k++)
+		if (found[(k - 1) % d->slots] != k)
+			missing++;
+	free(found);
+	free(buf);
+	close(fd);
+	return (struct scan){ highest, intact, corrupt, missing };
+}
+
 static void *write_records(void *arg)
 {
 	struct disk *d = arg;
@@ -295,7 +347,16 @@ static void *write_records(void *arg)
 	unsigned char *buf;
 	if (posix_memalign((void **)&buf, RECORD_SIZE, RECORD_SIZE))
 		fail("posix_memalign");
-	for (uint64_t k = 1;; k++) {
+	/*
+	 * A guest started again on its disk (after a crash, on the host it moved to) goes on after the highest record it
+	 * finds, as a log would: numbered from 1 again, its records would overwrite a ring that wrapped with lower numbers,
+	 * and a verify would count the records they replaced as missing. What it found is reported for the host to check
+	 * against what was acknowledged before the restart.
+	 */
+	struct scan before = scan_records(d);
+	report("FOUND %s highest=%" PRIu64 " missing=%" PRIu64 " corrupt=%" PRIu64, d->name, before.highest, before.missing,
+	       before.corrupt);
+	for (uint64_t k = before.highest + 1;; k++) {
 		uint64_t slot = (k - 1) % d->slots;
 		fill_record(buf, d, k, slot);
 		if (pwrite(fd, buf, RECORD_SIZE, (off_t)(d->base + slot * RECORD_SIZE)) != RECORD_SIZE)
@@ -547,50 +608,9 @@ static void workload(void)
 
 static void verify_disk(struct disk *d)
 {
-	int fd = open(d->dev, O_RDONLY | O_DIRECT);
-	if (fd < 0)
-		fail(d->dev);
-	const size_t chunk = 1024 * 1024;
-	unsigned char *buf;
-	if (posix_memalign((void **)&buf, 4096, chunk))
-		fail("posix_memalign");
-	uint64_t *found = calloc(d->slots, sizeof(uint64_t)); /* intact record k per slot, 0 if none */
-	if (!found)
-		fail("calloc");
-	uint64_t highest = 0, intact = 0, corrupt = 0;
-	for (uint64_t off = 0; off < d->slots * RECORD_SIZE; off += chunk) {
-		size_t len = d->slots * RECORD_SIZE - off < chunk ? d->slots * RECORD_SIZE - off : chunk;
-		if (pread(fd, buf, len, (off_t)(d->base + off)) != (ssize_t)len)
-			fail("pread");
-		for (size_t i = 0; i < len; i += RECORD_SIZE) {
-			unsigned char *rec = buf + i;
-			uint64_t slot = (off + i) / RECORD_SIZE, sum;
-			struct record_header h;
-			memcpy(&h, rec, sizeof(h));
-			if (memcmp(h.magic, MAGIC, 8))
-				continue;
-			memcpy(&sum, rec + RECORD_SIZE - 8, 8);
-			if (sum != checksum(rec) || h.slot != slot || strncmp(h.disk, d->name, NAME_LEN) ||
-			    h.k == 0 || (h.k - 1) % d->slots != slot) {
-				corrupt++;
-				continue;
-			}
-			found[slot] = h.k;
-			intact++;
-			if (h.k > highest)
-				highest = h.k;
-		}
-	}
-	uint64_t missing = 0;
-	uint64_t first = highest > d->slots ? highest - d->slots + 1 : 1;
-	for (uint64_t k = first; highest && k <= highest; k++)
-		if (found[(k - 1) % d->slots] != k)
-			missing++;
-	report("VERIFY %s highest=%" PRIu64 " intact=%" PRIu64 " corrupt=%" PRIu64 " missing=%" PRIu64, d->name, highest,
-	       intact, corrupt, missing);
-	free(found);
-	free(buf);
-	close(fd);
+	struct scan r = scan_records(d);
+	report("VERIFY %s highest=%" PRIu64 " intact=%" PRIu64 " corrupt=%" PRIu64 " missing=%" PRIu64, d->name, r.highest,
+	       r.intact, r.corrupt, r.missing);
 }
 
 int main(void)

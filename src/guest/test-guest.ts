@@ -6,6 +6,8 @@
  *
  * Lines the guest writes:
  *   READY <disk> <disk>…           workload started on these writable disks
+ *   FOUND <disk> highest=<k> missing=<x> corrupt=<m>
+ *                                   at the workload's start: what its disk held (it writes on from k + 1)
  *   ACK <disk> <k>                  record k is durable on <disk>
  *   VERIFY <disk> highest=<k> intact=<n> corrupt=<m> missing=<x>
  *   VERIFY-DONE                     verify finished; the guest powers off
@@ -136,9 +138,18 @@ export interface VerifyResult {
   missing: number;
 }
 
+/** What a workload found on a disk when it started: its records go on after the highest. */
+export interface FoundRecords {
+  highest: number;
+  missing: number;
+  corrupt: number;
+}
+
 export interface GuestReport {
   /** Highest acknowledged record per disk. */
   acks: Map<string, number>;
+  /** Per disk, what the last workload to start found there. */
+  found: Map<string, FoundRecords>;
   ready: string[] | undefined;
   verify: Map<string, VerifyResult>;
   verifyDone: boolean;
@@ -146,10 +157,11 @@ export interface GuestReport {
 }
 
 const verifyLine = /^VERIFY (\S+) highest=(\d+) intact=(\d+) corrupt=(\d+) missing=(\d+)$/;
+const foundLine = /^FOUND (\S+) highest=(\d+) missing=(\d+) corrupt=(\d+)$/;
 
 /** Parses report-channel text; several logs (source, then destination) merge in order. */
 export function parseGuestReport(texts: string[]): GuestReport {
-  const report: GuestReport = { acks: new Map(), ready: undefined, verify: new Map(), verifyDone: false, errors: [] };
+  const report: GuestReport = { acks: new Map(), found: new Map(), ready: undefined, verify: new Map(), verifyDone: false, errors: [] };
   for (const text of texts) {
     for (const raw of text.split('\n')) {
       const line = raw.replace(/\r$/, '');
@@ -164,6 +176,9 @@ export function parseGuestReport(texts: string[]): GuestReport {
         report.verifyDone = true;
       } else if (words[0] === 'GUEST-ERROR') {
         report.errors.push(line.slice('GUEST-ERROR '.length));
+      } else if (foundLine.test(line)) {
+        const [, disk, highest, missing, corrupt] = foundLine.exec(line) ?? [];
+        report.found.set(disk as string, { highest: Number(highest), missing: Number(missing), corrupt: Number(corrupt) });
       } else {
         const m = verifyLine.exec(line);
         if (m) {

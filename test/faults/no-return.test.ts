@@ -201,6 +201,8 @@ test("destination QEMU and agent both killed right after the cont: B cannot tell
 test("the same power loss of B, resolved --run-on B: B takes the VM back from its quarantine, stopped; A's QEMU stops; started on B, every acknowledged record is there", async () => {
   const vm = 'both-lost-b';
   const id = await powerLossOfBAfterCont(vm);
+  // A's log (the guest paused there since the cont) goes to A's quarantine with its disks; B's starts anew with the VM.
+  const ackedBefore = await faults.acked(vm);
   const resolved = await runVmferry(cluster.controllerUrl, ['migration', 'resolve', id, '--run-on', 'B'], 120_000);
   assert.equal(resolved.code, 0, resolved.stderr);
   const record = await cluster.api.migration(id);
@@ -212,13 +214,13 @@ test("the same power loss of B, resolved --run-on B: B takes the VM back from it
   const keptOnA = (await cluster.api.quarantine('A')).filter((entry) => entry.vm === vm);
   assert.ok(keptOnA.some((entry) => entry.items.some((item) => item.kind === 'pool-image' && (item.sizeBytes ?? 0) > 0)), "A's disks, an older state of the guest, are kept in A's quarantine, not left in its pool as nobody's");
   assert.match(record.report?.recovery ?? '', /its local disks are kept on A .* in its quarantine/);
-  await cluster.api.startVm(vm);
+  const restarted = await faults.startAgain(vm, 'B', ackedBefore);
   const outcome = await faults.assertSettled(vm, 'B');
   recordReliability(import.meta.url, {
     kind: 'fault',
     target: 'agent',
     tried: 'the same power loss of B right after the cont, and an operator choosing B (migration resolve --run-on B)',
-    observed: `B took the VM back from its quarantine, stopped, and A stopped its paused QEMU and moved its disks to its quarantine (they lay in its pool as nobody's before); the migration completed with the VM placed on B; started there, ${outcome}`,
+    observed: `B took the VM back from its quarantine, stopped, and A stopped its paused QEMU and moved its disks to its quarantine (they lay in its pool as nobody's before); the migration completed with the VM placed on B; ${restarted}; ${outcome}`,
     ok: true,
   });
 });
@@ -238,8 +240,9 @@ async function destinationQemuDiesAtResume(vm: string, point: string): Promise<s
   const placed = await cluster.api.vm(vm);
   assert.deepEqual([placed.host, placed.state], ['B', 'stopped'], `${vm} stays B's, stopped, with its disks`);
   assert.deepEqual((await faults.qemuPids(vm)).get('A'), [], 'A, retired, runs no copy of the guest');
-  await cluster.api.startVm(vm);
-  return faults.assertSettled(vm, 'B');
+  // A's log left with A's half; what B's guest acknowledged in its moments there is in B's.
+  const restarted = await faults.startAgain(vm, 'B', await faults.acked(vm));
+  return `${restarted}; ${await faults.assertSettled(vm, 'B')}`;
 }
 
 test("destination QEMU killed after it ran the cont and before its reply: it announced RESUME, so the guest lives on B; B keeps the VM to start again, A never resumes", async () => {

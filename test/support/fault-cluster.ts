@@ -10,7 +10,7 @@ import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pollUntil } from '../../src/util/poll.ts';
 import type { LocalCluster } from '../../src/demo/local-cluster.ts';
-import { checkVerify, type GuestOptions, readGuestReport, testGuestBoot, waitForAcks } from '../../src/guest/test-guest.ts';
+import { checkVerify, type GuestOptions, readGuestReport, testGuestBoot, waitForAcks, waitForGuest } from '../../src/guest/test-guest.ts';
 import { verifyDisks } from '../../src/guest/verify.ts';
 import type { MigrationRecord } from '../../src/store/store.ts';
 
@@ -120,6 +120,34 @@ export class FaultCluster {
     }
     const before = (await readGuestReport(this.reportLogs(vm))).acks;
     await waitForAcks(this.reportLogs(vm), ['root', 'data'], { atLeast: 10, since: before, timeoutMs: 60_000 });
+  }
+
+  /** The highest record acknowledged per disk, in the logs of `vm` on every host as they are now. */
+  async acked(vm: string): Promise<Map<string, number>> {
+    return (await readGuestReport(this.reportLogs(vm))).acks;
+  }
+
+  /**
+   * Starts `vm` again where it lies stopped after a crash, on `host`, and checks what its guest found on its disks
+   * there: every record acknowledged before (`ackedBefore`, read while the logs were there: a host that retires or
+   * quarantines the VM takes its log along, and the restart begins the log on `host` anew), and nothing missing or
+   * corrupt below it. Returns the outcome in words, for the reliability tally.
+   */
+  async startAgain(vm: string, host: string, ackedBefore: Map<string, number>): Promise<string> {
+    await this.cluster.api.startVm(vm);
+    const log = join(this.cluster.host(host).dataDir, 'vms', vm, 'serial1.log');
+    const disks = ['root', 'data'];
+    const { found } = await waitForGuest([log], `its records found on ${disks.join(' and ')}`, (r) => disks.every((d) => r.found.has(d)), { timeoutMs: 90_000 });
+    const problems: string[] = [];
+    for (const disk of disks) {
+      const there = found.get(disk);
+      const acked = ackedBefore.get(disk) ?? 0;
+      if (!there) continue;
+      if (there.highest < acked) problems.push(`disk ${disk}: record ${acked} was acknowledged before the restart, but the highest on the disk is ${there.highest}`);
+      if (there.missing > 0 || there.corrupt > 0) problems.push(`disk ${disk}: ${there.missing} records missing and ${there.corrupt} corrupt below ${there.highest}`);
+    }
+    assert.deepEqual(problems, [], `every record acknowledged before ${vm} started again on ${host} is on its disks there`);
+    return `started again on ${host}, its guest found every record acknowledged before (${disks.map((d) => `${d} ${ackedBefore.get(d) ?? 0}, highest there ${found.get(d)?.highest}`).join('; ')})`;
   }
 
   /**
