@@ -168,8 +168,9 @@ test('a disk node that something else holds: the mirror waits for it to go, and 
   }
 });
 
-// Found by test/faults/ha-failover.test.ts: after a new leader rolled back a migration its predecessor had left at the
-// switch-over, A's QEMU was gone. From pre-switchover on QEMU resumes the guest itself when the migration is cancelled,
+// Found looking for why A's QEMU was gone once in test/faults/ha-failover.test.ts, after a new leader rolled back a
+// migration its predecessor had left at the switch-over (the likely cause, not proven). From pre-switchover on QEMU
+// resumes the guest itself when the migration is cancelled,
 // and the rollback cancelled it before it ended the mirrors (their targets yanked): the guest wrote while they ended,
 // which QEMU 7.2 does not always survive (see the rollback that lands while the mirrors start, below).
 test('a rollback at the switch-over (the guest paused by QEMU, the destination rolled back first) ends the mirrors before the guest runs again; it runs on A and writes on', async () => {
